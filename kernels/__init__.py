@@ -1,0 +1,52 @@
+"""Attention kernels: Triton (GPU, or CPU under TRITON_INTERPRET=1) and a torch path.
+
+Public entry points dispatch on `backend`: "triton", "torch", or "auto" (Triton for CUDA tensors,
+torch otherwise). Contracts are documented in reference.py.
+"""
+from __future__ import annotations
+
+from .torch_ops import attention_torch, merge_torch_, paged_decode_torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _pick(backend: str, t) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if t.is_cuda else "torch"
+    return backend
+
+
+def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
+              q_offset=0, q_stride=1, k_offset=0, k_stride=1, backend="auto"):
+    """Exact attention returning (out, lse); see reference.py for the contract."""
+    if _pick(backend, q) == "triton":
+        from .flash_fwd import flash_attn_fwd
+        return flash_attn_fwd(q, k, v, softmax_scale, causal, window_size,
+                              q_offset, q_stride, k_offset, k_stride)
+    return attention_torch(q, k, v, softmax_scale, causal, window_size,
+                           q_offset, q_stride, k_offset, k_stride)
+
+
+def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
+    """In-place online-softmax merge of a partial result into the accumulator."""
+    if _pick(backend, out_acc) == "triton":
+        from .merge import merge_triton_
+        return merge_triton_(out_acc, lse_acc, out_b, lse_b)
+    return merge_torch_(out_acc, lse_acc, out_b, lse_b)
+
+
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
+                 window_size=None, q_pos=None, kv_pos=None, backend="auto"):
+    """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards."""
+    if _pick(backend, q) == "triton":
+        from .flash_decode import paged_decode_triton
+        return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                   causal, window_size, q_pos, kv_pos)
+    return paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                              causal, window_size, q_pos, kv_pos)
+
+
+__all__ = ["attention", "merge_", "paged_decode", "attention_torch", "merge_torch_",
+           "paged_decode_torch", "BACKENDS"]
