@@ -1,0 +1,75 @@
+"""`ringserve` command line: serve, batch, demo, make-demo-model."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _serve(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="ringserve serve",
+                                description="Start the HTTP service (Ray Serve) for one model.")
+    p.add_argument("--model", required=True, help="local HuggingFace-format checkpoint directory")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="GPUs (or CPU actors) per actor group: the sequence is sharded over them")
+    p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--num-replicas", type=int, default=1, help="actor groups (replicas)")
+    p.add_argument("--max-kv-tokens", type=int, default=None,
+                   help="KV tokens per group (default: from free memory)")
+    p.add_argument("--max-queue", type=int, default=None, help="queued requests before 429")
+    p.add_argument("--request-timeout-s", type=float, default=None)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (recommended off loopback)")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    a = p.parse_args(argv)
+    from ringserve.serve import run
+
+    opts = {k: v for k, v in dict(dtype=a.dtype, max_kv_tokens=a.max_kv_tokens,
+                                  max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
+                                  api_key=a.api_key, num_replicas=a.num_replicas,
+                                  ray_address=a.ray_address, device=a.device).items()
+            if v is not None}
+    run(a.model, world_size=a.world_size, schedule=a.schedule, host=a.host, port=a.port,
+        blocking=True, **opts)
+    return 0
+
+
+def _make_demo_model(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="ringserve make-demo-model",
+                                description="Write the small random-weight demo checkpoint.")
+    p.add_argument("path")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from ringserve.demo_model import make_demo_model
+
+    print(make_demo_model(a.path, seed=a.seed))
+    return 0
+
+
+COMMANDS = {
+    "serve": _serve,
+    "batch": lambda argv: __import__("ringserve.batch", fromlist=["main"]).main(argv),
+    "demo": lambda argv: __import__("ringserve.demo", fromlist=["main"]).main(argv),
+    "make-demo-model": _make_demo_model,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: ringserve {serve,batch,demo,make-demo-model} [options]\n"
+              "  serve            start the HTTP service\n"
+              "  batch            process a JSONL of documents (also: python -m ringserve.batch)\n"
+              "  demo             the embedded default: demo model, local Ray, a long document\n"
+              "  make-demo-model  write the small random-weight demo checkpoint")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return int(COMMANDS[argv[0]](argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
