@@ -1,0 +1,350 @@
+"""Flash-attention forward returning (out, lse), for any affine global positions (Triton).
+
+One program computes BLOCK_M query rows of one (batch, q head) against the key blocks its mask
+lets through. Query row i sits at q_offset + i * q_stride, key row j at k_offset + j * k_stride
+(contiguous shards: stride 1; striped shards: stride N), so one kernel serves every block of a
+ring or striped schedule. Per query block the key-block loop bounds come from those affine
+positions: blocks the mask removes entirely are never visited, blocks every query of the block
+sees run without any mask arithmetic, and only the edge blocks (diagonal, window borders, the
+ragged end) pay for the mask.
+
+Contract (see reference.py): q (B, Sq, Hq, D), k, v (B, Sk, Hkv, D), Hq % Hkv == 0; returns
+out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32 (natural log); fully masked rows get
+lse = -inf and out = 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # host-side TMA descriptors (triton >= 3.3); the pointer path needs nothing
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _floor_div(a, b):
+    # b > 0. Triton's integer // truncates toward zero (C rules): negative numerators need care.
+    return tl.where(a >= 0, a // b, -((b - 1 - a) // b))
+
+
+@triton.jit
+def _key_block_bounds(q_lo, q_hi, Sk, k_offset, k_stride, window,
+                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key-block ranges for queries at positions q_lo..q_hi.
+
+    Returns (n_lo, f_lo, f_hi, n_hi): blocks [n_lo, n_hi) hold every key some query may see;
+    blocks [f_lo, f_hi) are entirely visible to every query and lie inside [0, Sk) (no mask).
+    """
+    j_lo = Sk * 0          # first key index any query sees
+    j_hi = Sk              # one past the last
+    jf_lo = Sk * 0         # keys every query sees: [jf_lo, jf_hi)
+    jf_hi = Sk
+    if CAUSAL:
+        j_hi = _floor_div(q_hi - k_offset, k_stride) + 1
+        jf_hi = _floor_div(q_lo - k_offset, k_stride) + 1
+    elif HAS_WINDOW:
+        j_hi = _floor_div(q_hi + window - k_offset, k_stride) + 1
+        jf_hi = _floor_div(q_lo + window - k_offset, k_stride) + 1
+    if HAS_WINDOW:
+        j_lo = -_floor_div(k_offset - (q_lo - window), k_stride)   # ceil division
+        jf_lo = -_floor_div(k_offset - (q_hi - window), k_stride)
+    j_lo = tl.minimum(tl.maximum(j_lo, 0), Sk)
+    j_hi = tl.minimum(tl.maximum(j_hi, 0), Sk)
+    jf_lo = tl.minimum(tl.maximum(jf_lo, 0), Sk)
+    jf_hi = tl.minimum(tl.maximum(jf_hi, 0), Sk)
+    n_lo = j_lo // BLOCK_N
+    n_hi = tl.maximum((j_hi + BLOCK_N - 1) // BLOCK_N, n_lo)
+    f_lo = tl.minimum(tl.maximum((jf_lo + BLOCK_N - 1) // BLOCK_N, n_lo), n_hi)
+    f_hi = tl.minimum(jf_hi // BLOCK_N, n_hi)
+    empty = f_hi <= f_lo
+    # no unmasked block: the whole range goes through the first masked loop
+    f_lo = tl.where(empty, n_hi, f_lo)
+    f_hi = tl.where(empty, n_hi, f_hi)
+    return n_lo, f_lo, f_hi, n_hi
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, stride_vs,
+                   desc_row0, desc_col, n_from, n_to, Sk, k_offset, k_stride, window, qk_scale,
+                   offs_n, offs_d,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [n_from, n_to)."""
+    for nb in tl.range(n_from, n_to, warp_specialize=WARP_SPEC):
+        start = nb * BLOCK_N
+        kidx = start + offs_n
+        if USE_TMA:
+            # (B*Sk, Hkv*D) view: rows past Sk belong to the next batch or are zero-filled by
+            # the copy engine; the masked path below gives them zero weight.
+            k = K.load([desc_row0 + start, desc_col])
+            v = V.load([desc_row0 + start, desc_col])
+            if MASKED:
+                v = tl.where(kidx[:, None] < Sk, v, 0.0)   # never let 0 * inf/nan through
+        else:
+            k_ptrs = k_ptrs0 + kidx[:, None].to(tl.int64) * stride_ks
+            v_ptrs = v_ptrs0 + kidx[:, None].to(tl.int64) * stride_vs
+            if MASKED or BLOCK_D != HEAD_DIM:
+                ld = (kidx[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+                k = tl.load(k_ptrs, mask=ld, other=0.0)
+                v = tl.load(v_ptrs, mask=ld, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)   # (BLOCK_M, BLOCK_N) fp32
+        if MASKED:
+            k_pos = k_offset + kidx * k_stride
+            vis = (kidx < Sk)[None, :]
+            if CAUSAL:
+                vis = vis & (k_pos[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (q_pos[:, None] - k_pos[None, :] <= window)
+                if not CAUSAL:
+                    vis = vis & (k_pos[None, :] - q_pos[:, None] <= window)
+            s = tl.where(vis, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
+            # exp2(-inf - -inf) never makes a NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+        else:
+            # every key visible: m_new is finite, one multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_fwd_kernel(
+        Q, K, V, Out, Lse,
+        stride_qb, stride_qs, stride_qh, stride_qd,
+        stride_kb, stride_ks, stride_kh, stride_kd,
+        stride_vb, stride_vs, stride_vh, stride_vd,
+        stride_ob, stride_os, stride_oh, stride_od,
+        Sq, Sk, Hq, GROUP, q_offset, q_stride, k_offset, k_stride, window, qk_scale,
+        SEQ_BUCKET,   # only part of the autotuning key
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = num_m - 1 - tl.program_id(0)   # under a causal mask the last rows cost most: start them first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP                        # GQA/MQA: K/V heads are shared, never repeated
+    b64 = b.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_pos = q_offset + offs_m * q_stride
+    row_ok = offs_m < Sq
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    if USE_TMA:   # K and V are descriptors: no pointer arithmetic on them
+        k_ptrs0 = 0
+        v_ptrs0 = 0
+    else:
+        k_ptrs0 = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
+        v_ptrs0 = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    desc_row0 = b * Sk
+    desc_col = hk * HEAD_DIM
+
+    # fp32 statistics and accumulator whatever the input dtype; m in the log2 domain because
+    # log2(e) is folded into qk_scale (exp2 is the native instruction)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    q_lo = q_offset + pid_m * BLOCK_M * q_stride
+    q_hi = q_offset + (tl.minimum((pid_m + 1) * BLOCK_M, Sq) - 1) * q_stride
+    n_lo, f_lo, f_hi, n_hi = _key_block_bounds(q_lo, q_hi, Sk, k_offset, k_stride, window,
+                                               BLOCK_N, CAUSAL, HAS_WINDOW)
+    # masked leading edge (window border, or everything when no block is fully visible)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
+                                   stride_vs, desc_row0, desc_col, n_lo, f_lo, Sk, k_offset,
+                                   k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC)
+    # interior: every key visible to every query, no mask
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
+                                   stride_vs, desc_row0, desc_col, f_lo, f_hi, Sk, k_offset,
+                                   k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, False, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC)
+    # masked trailing edge (causal diagonal, window border, ragged end of the keys)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
+                                   stride_vs, desc_row0, desc_col, f_hi, n_hi, Sk, k_offset,
+                                   k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
+                                   BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]     # fully masked rows: acc is 0, out stays 0
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
+    o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _tma_block_hook(nargs):
+    """Autotune pre-hook: a host descriptor's block shape must follow the config's BLOCK_N."""
+    for name in ("K", "V"):
+        d = nargs[name]
+        if TensorDescriptor is not None and isinstance(d, TensorDescriptor):
+            d.block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+def _gpu_configs(warp_spec: bool):
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages), kept short: every entry is one compile per key
+    shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+              (64, 64, 4, 3), (64, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
+                          pre_hook=_tma_block_hook)
+            for bm, bn, w, s in shapes
+            if not (warp_spec and w != 4 and bm == 64)]
+
+
+def _prune(configs, nargs, **kwargs):
+    d = nargs["BLOCK_D"]
+    keep = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d <= 64 and bm == 64:
+            continue                      # small heads: large tiles always win
+        if d >= 256 and (bm, bn) not in ((64, 64), (64, 32)):
+            continue                      # 256-wide heads: large tiles do not fit in registers
+        if d == 128 and bm == 64 and bn == 32:
+            continue
+        keep.append(c)
+    return keep or configs[-1:]
+
+
+_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "SEQ_BUCKET"]
+_tuned = {ws: triton.autotune(configs=_gpu_configs(ws), key=_KEY,
+                              prune_configs_by={"early_config_prune": _prune})(_flash_fwd_kernel)
+          for ws in (False, True)}
+
+# The interpreter (CPU) runs one small config: tuning there would only burn CI minutes.
+CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got "
+                             f"{getattr(t, 'shape', type(t))}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} not supported (fp16, bf16, fp32)")
+    B, Sq, Hq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch ({B}) "
+                         f"and head dim ({D})")
+    if k.shape[2] == 0 or Hq % k.shape[2]:
+        raise ValueError(f"num q heads ({Hq}) must be a multiple of num kv heads ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim ({D}) must be in 1..256")
+    if q_stride < 1 or k_stride < 1:
+        raise ValueError(f"position strides must be >= 1, got q_stride={q_stride}, "
+                         f"k_stride={k_stride}")
+    if window_size is not None and (int(window_size) != window_size or window_size < 0):
+        raise ValueError(f"window_size must be None or an int >= 0, got {window_size}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+
+
+def _tma_ok(t: torch.Tensor, D: int) -> bool:
+    """Can (B, S, H, D) be seen as a 2-D (B*S, H*D) tensor that the copy engine can tile?"""
+    B, S, H, _ = t.shape
+    es = t.element_size()
+    return (TensorDescriptor is not None and t.is_cuda
+            and torch.cuda.get_device_capability(t.device)[0] >= 9
+            and D >= 16 and D & (D - 1) == 0 and t.stride(3) == 1 and t.stride(2) == D
+            and (B == 1 or t.stride(0) == S * t.stride(1))
+            and (t.stride(1) * es) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+def _descriptor(t: torch.Tensor, block_n: int, D: int):
+    B, S, H, _ = t.shape
+    # a strided 2-D view: rows are (b, s), columns (h, d); no copy
+    return TensorDescriptor(t, [B * S, H * D], [t.stride(1), 1], [block_n, D])
+
+
+def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
+                   q_offset=0, q_stride=1, k_offset=0, k_stride=1, *,
+                   use_tma: Optional[bool] = None, warp_specialize: bool = False,
+                   config: Optional[dict] = None):
+    """Attention forward. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
+
+    use_tma: load K/V through tensor descriptors (Hopper copy engine); None picks it when the
+    layout allows. warp_specialize: tl.range(..., warp_specialize=True) on the key loops.
+    config: fixed {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+    """
+    _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride)
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    if B == 0 or Sq == 0 or Hq == 0 or D == 0 or Sk == 0:
+        return out, lse   # nothing visible: lse -inf, out 0
+    block_d = max(16, triton.next_power_of_2(D))
+    on_cpu = q.device.type == "cpu"
+    if config is None and on_cpu:
+        config = CPU_CONFIG
+    can_tma = (not on_cpu) and _tma_ok(k, D) and _tma_ok(v, D)
+    if use_tma is None:
+        use_tma = can_tma
+    elif use_tma and not (can_tma or (on_cpu and TensorDescriptor is not None and D == block_d
+                                      and k.stride(2) == D and v.stride(2) == D
+                                      and k.stride(3) == 1 and v.stride(3) == 1
+                                      and (B == 1 or (k.stride(0) == Sk * k.stride(1)
+                                                      and v.stride(0) == Sk * v.stride(1))))):
+        raise ValueError(f"use_tma=True but k/v layout (strides {k.stride()}, {v.stride()}, "
+                         f"head dim {D}) cannot be tiled by tensor descriptors")
+    if use_tma:
+        bn = config["BLOCK_N"] if config is not None else 64   # the pre-hook resets it per config
+        k_arg, v_arg = _descriptor(k, bn, D), _descriptor(v, bn, D)
+    else:
+        k_arg, v_arg = k, v
+    # fp32 inputs get true fp32 products (the GPU would use tf32 otherwise: ~3e-4 error)
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    window = int(window_size) if window_size is not None else 0
+    args = (q, k_arg, v_arg, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            Sq, Sk, Hq, Hq // Hkv, int(q_offset), int(q_stride), int(k_offset), int(k_stride),
+            window, scale * LOG2E, min(triton.next_power_of_2(max(Sq, Sk)), 1 << 14))
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal),
+                HAS_WINDOW=window_size is not None, USE_TMA=bool(use_tma),
+                WARP_SPEC=bool(warp_specialize), DOT_PREC=dot_prec)
+    if config is not None:
+        grid = (triton.cdiv(Sq, config["BLOCK_M"]), B * Hq)
+        _flash_fwd_kernel[grid](*args, **meta, **config)
+    else:
+        def grid(c):
+            return (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
+        _tuned[bool(warp_specialize)][grid](*args, **meta)
+    return out, lse
