@@ -1,0 +1,223 @@
+"""Model configuration parsed from a HuggingFace `config.json` (Llama, Mistral, Qwen2 families).
+
+Two spellings of the RoPE settings exist in the wild: transformers 4.x writes `rope_theta` plus an
+optional `rope_scaling` dict ({"rope_type" or "type", "factor", ...}); transformers 5 writes one
+`rope_parameters` dict ({"rope_type", "rope_theta", ...}). Both are read into `RopeConfig`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+# architecture name (config.json "architectures") -> model_type
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding settings; `rope_type` picks how the inverse frequencies are scaled."""
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: Optional[int] = None
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.theta <= 0:
+            raise ValueError(f"rope theta ({self.theta}) must be positive")
+        if self.rope_type == "dynamic":
+            # dynamic NTK rescales by the current sequence length, which no single shard of a
+            # sequence-parallel prefill knows; refusing beats silently differing from HF.
+            raise ValueError("rope_type 'dynamic' is not supported (it depends on the running "
+                             f"sequence length); supported rope types: {', '.join(ROPE_TYPES)}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported rope "
+                             f"types: {', '.join(ROPE_TYPES)}")
+        if self.rope_type != "default" and self.factor <= 0:
+            raise ValueError(f"rope scaling factor ({self.factor}) must be positive")
+        if self.rope_type in ("llama3", "yarn") and not self.original_max_position_embeddings:
+            raise ValueError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings "
+                             f"(got {self.original_max_position_embeddings})")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"llama3 rope: high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"low_freq_factor ({self.low_freq_factor})")
+
+    @classmethod
+    def from_hf(cls, d: Dict[str, Any]) -> "RopeConfig":
+        """Read either `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+        params = d.get("rope_parameters")
+        if isinstance(params, dict) and params and not ("rope_type" in params or
+                                                        "rope_theta" in params or "type" in params):
+            raise ValueError("per-layer-type rope_parameters are not supported for "
+                             f"{d.get('model_type')!r} (got keys {sorted(params)})")
+        scaling = dict(params) if isinstance(params, dict) else dict(d.get("rope_scaling") or {})
+        theta = scaling.pop("rope_theta", None)
+        if theta is None:
+            theta = d.get("rope_theta", 10000.0)
+        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        kw: Dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            if scaling.get(name) is not None:
+                kw[name] = float(scaling[name])
+        if scaling.get("attention_factor") is not None:
+            kw["attention_factor"] = float(scaling["attention_factor"])
+        if scaling.get("truncate") is not None:
+            kw["truncate"] = bool(scaling["truncate"])
+        ompe = scaling.get("original_max_position_embeddings")
+        if rope_type == "yarn" and ompe is None:
+            ompe = d.get("max_position_embeddings")
+        if ompe is not None:
+            kw["original_max_position_embeddings"] = int(ompe)
+        if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor "
+                             f"({scaling['partial_rotary_factor']}) != 1 is not supported")
+        if rope_type == "yarn" and (scaling.get("mscale") or scaling.get("mscale_all_dim")):
+            raise ValueError("yarn rope with mscale / mscale_all_dim is not supported")
+        return cls(**kw)
+
+
+@dataclass
+class ModelConfig:
+    """The settings the model, the weight loader and the engine need; see `from_hf_dict`."""
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    qkv_bias: bool = False           # Qwen2; Llama's attention_bias
+    o_bias: bool = False             # Llama's attention_bias also biases o_proj
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None   # HF's W: a query sees itself and the W-1 keys before it
+    hidden_act: str = "silu"
+    torch_dtype: Optional[str] = None      # the checkpoint's dtype as config.json states it
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, list]] = None
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be positive")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window ({self.sliding_window}) must be >= 1 or None")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps ({self.rms_norm_eps}) must be positive")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    @property
+    def model_type(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @property
+    def window_size(self) -> Optional[int]:
+        """The kernels' window_size (flash_attn's left window): HF sliding_window W -> W - 1."""
+        return None if self.sliding_window is None else self.sliding_window - 1
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
+        archs = d.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and archs:
+            raise ValueError(f"unsupported architecture {archs[0]!r}; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        if arch is None:  # a config saved on its own has no "architectures": use model_type
+            by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+            if d.get("model_type") not in by_type:
+                raise ValueError(f"unsupported model_type {d.get('model_type')!r} (no "
+                                 "'architectures' in config.json); supported architectures: "
+                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+            arch = by_type[d["model_type"]]
+        model_type = SUPPORTED_ARCHITECTURES[arch]
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"config.json lacks required keys: {', '.join(missing)}")
+        heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        kv_heads = d.get("num_key_value_heads") or heads
+
+        sliding = None
+        if model_type == "mistral":
+            sliding = d.get("sliding_window")
+        elif model_type == "qwen2" and d.get("use_sliding_window"):
+            # Qwen2 windows only layers >= max_window_layers; one window for all layers is what
+            # the engine supports, so accept the two uniform cases and refuse a mix.
+            n_layers, mwl = int(d["num_hidden_layers"]), int(d.get("max_window_layers", 0))
+            if mwl <= 0:
+                sliding = d.get("sliding_window")
+            elif mwl < n_layers:
+                raise ValueError(f"Qwen2 with use_sliding_window and max_window_layers ({mwl}) < "
+                                 f"num_hidden_layers ({n_layers}) mixes windowed and full layers; "
+                                 "not supported")
+        if model_type == "llama":
+            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+        elif model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = False
+        return cls(
+            architecture=arch,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope=RopeConfig.from_hf(d),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            sliding_window=int(sliding) if sliding is not None else None,
+            hidden_act=d.get("hidden_act", "silu"),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+        )
+
+    @classmethod
+    def from_dir(cls, path: Union[str, Path]) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"no config.json in model directory {Path(path)}")
+        with open(p) as f:
+            return cls.from_hf_dict(json.load(f))

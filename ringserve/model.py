@@ -1,0 +1,197 @@
+"""Llama / Mistral / Qwen2 decoder, with the attention step supplied from outside.
+
+No distributed code lives here. The engine passes `attn_fn(layer_idx, q, k, v) -> out` with
+q (1, T, Hq, D), k and v (1, T, Hkv, D) for this process's tokens (already rotated at their global
+positions); it runs ring attention, distributed decode, or plain local attention, and may keep
+k/v in its KV cache. K/V heads are never repeated for GQA/MQA.
+
+Parameter names equal HuggingFace's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+checkpoint's tensors load by name.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import Rotary
+
+AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, **factory):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, **factory))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in float32 whatever the activation dtype (bf16 sums of squares overflow
+        # precision long before they overflow range); cast back before the weight, as HF does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.qkv_bias, **factory)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias, **factory)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias, **factory)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.o_bias, **factory)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b, **factory)
+        self.up_proj = nn.Linear(h, i, bias=b, **factory)
+        self.down_proj = nn.Linear(i, h, bias=b, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.self_attn = Attention(cfg, **factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.mlp = MLP(cfg, **factory)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, **factory)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+
+
+def _spans(n: int, chunk: Optional[int]):
+    step = n if not chunk else chunk
+    for i in range(0, n, max(1, step)):
+        yield i, min(n, i + step)
+
+
+class CausalLM(nn.Module):
+    """The decoder plus LM head. `forward` returns final-norm hidden states, `logits` projects."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: Union[str, torch.device] = "cpu"):
+        super().__init__()
+        factory = {"dtype": dtype, "device": device}
+        self.config = config
+        self.model = Decoder(config, **factory)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(config.rope, config.head_dim)
+        # the kernels' window (HF sliding_window W -> W - 1), read by the engine
+        self.window_size: Optional[int] = config.window_size
+        self.softmax_scale = config.head_dim ** -0.5
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device] = "cpu") -> "CausalLM":
+        """Load config.json + safetensors from a local directory (never the hub)."""
+        from .weights import load_weights, resolve_dtype
+
+        config = ModelConfig.from_dir(path)
+        device = torch.device(device)
+        dtype = resolve_dtype(dtype, device, config)
+        # built on the meta device so no memory is spent on an initialisation that is
+        # overwritten; storage is allocated empty on the target device, then filled tensor by
+        # tensor by the loader
+        model = cls(config, dtype=dtype, device="meta")
+        model.to_empty(device=device)
+        if config.tie_word_embeddings:  # to_empty re-creates parameters: tie again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        load_weights(model, path)
+        model.eval()
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_fn: AttnFn,
+                chunk_tokens: Optional[int] = None) -> torch.Tensor:
+        """input_ids (T,) int64, positions (T,) int64 global -> hidden (T, hidden) after the norm.
+
+        chunk_tokens bounds activation memory: norms, projections and the MLP run over chunks of
+        that many tokens, so the peak is O(T * hidden) + O(chunk * intermediate), never
+        O(T * intermediate). Attention sees all T tokens at once.
+        """
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions "
+                             f"{tuple(positions.shape)} must be equal 1-D shapes")
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens ({chunk_tokens}) must be >= 1 or None")
+        cfg = self.config
+        T = input_ids.shape[0]
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dev = self.device
+        input_ids, positions = input_ids.to(dev), positions.to(dev)
+        cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D) float32: O(T * D), small
+        h = self.model.embed_tokens(input_ids)     # (T, hidden), the residual stream
+        spans = list(_spans(T, chunk_tokens))
+        for li, layer in enumerate(self.model.layers):
+            at = layer.self_attn
+            q = torch.empty(T, hq, d, dtype=h.dtype, device=dev)
+            k = torch.empty(T, hkv, d, dtype=h.dtype, device=dev)
+            v = torch.empty(T, hkv, d, dtype=h.dtype, device=dev)
+            for a, b in spans:
+                x = layer.input_layernorm(h[a:b])
+                q[a:b] = Rotary.apply(at.q_proj(x).view(b - a, hq, d), cos[a:b], sin[a:b])
+                k[a:b] = Rotary.apply(at.k_proj(x).view(b - a, hkv, d), cos[a:b], sin[a:b])
+                v[a:b] = at.v_proj(x).view(b - a, hkv, d)
+            o = attn_fn(li, q[None], k[None], v[None])  # (1, T, Hq, D)
+            if tuple(o.shape) != (1, T, hq, d):
+                raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
+                                 f"{(1, T, hq, d)}")
+            o = o[0].reshape(T, hq * d)
+            del q, k, v
+            for a, b in spans:
+                h[a:b] += at.o_proj(o[a:b].to(h.dtype))
+                h[a:b] += layer.mlp(layer.post_attention_layernorm(h[a:b]))
+            del o
+        for a, b in spans:
+            h[a:b] = self.model.norm(h[a:b])
+        return h
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (T, hidden) -> (T, vocab) float32."""
+        return self.lm_head(hidden.to(self.dtype)).float()
+
+
+def local_attention_fn(causal: bool = True, window_size: Optional[int] = None,
+                       backend: str = "auto", softmax_scale: Optional[float] = None) -> AttnFn:
+    """Single-process attention over exactly the tokens passed in (no KV cache, no ring).
+
+    Only position differences matter to the mask, so local offsets 0..T-1 serve any contiguous
+    run of global positions. Pass the model's `window_size` (None or W - 1).
+    """
+    from ringserve.kernels import attention
+
+    def fn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, _ = attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                           window_size=window_size, backend=backend)
+        return out
+
+    return fn

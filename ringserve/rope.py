@@ -1,0 +1,83 @@
+"""Rotary position embeddings at global positions (HF's rotate-half layout).
+
+Angles are formed in float64: at positions near a million a float32 product `pos * inv_freq`
+loses ~0.06 rad of phase, which long-context serving cannot afford. cos/sin are then float32 and
+the rotation itself runs in float32 before casting back, so the result does not depend on how the
+sequence is split into shards or chunks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from .config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> Tuple[torch.Tensor, float]:
+    """(head_dim // 2,) float64 inverse frequencies and the cos/sin scale (yarn's attention factor)."""
+    dim = head_dim
+    inv = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scale = 1.0
+    if rope.rope_type == "linear":
+        inv = inv / rope.factor
+    elif rope.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and the band in
+        # between interpolated linearly in 1/wavelength.
+        old = rope.original_max_position_embeddings
+        low_wl, high_wl = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wl = 2 * math.pi / inv
+        smooth = (old / wl - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        mid = (1 - smooth) * inv / rope.factor + smooth * inv
+        inv = torch.where(wl > low_wl, inv / rope.factor, torch.where(wl < high_wl, inv, mid))
+    elif rope.rope_type == "yarn":
+        # YaRN (arXiv 2309.00071): interpolate dims that rotate fewer than beta_slow times over
+        # the original context, extrapolate those that rotate more than beta_fast times, ramp
+        # between; cos/sin scaled by 0.1 ln(factor) + 1 unless attention_factor is given.
+        old = rope.original_max_position_embeddings
+
+        def dim_for(rotations: float) -> float:
+            return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+        lo, hi = dim_for(rope.beta_fast), dim_for(rope.beta_slow)
+        if rope.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001  # a zero-width ramp would divide by zero
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv = (inv / rope.factor) * (1 - extrapolate) + inv * extrapolate
+        if rope.attention_factor is not None:
+            scale = rope.attention_factor
+        else:
+            scale = 1.0 if rope.factor <= 1 else 0.1 * math.log(rope.factor) + 1.0
+    return inv, scale
+
+
+class Rotary:
+    """Applies RoPE to (T, H, D) tensors at given global positions."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        inv, scale = inv_frequencies(rope, head_dim)
+        self.inv_freq = inv   # float64, CPU; moved per call (tiny)
+        self.scale = scale
+        self.head_dim = head_dim
+
+    def cos_sin(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) int64 -> cos, sin (T, 1, D) float32."""
+        inv = self.inv_freq.to(positions.device)
+        ang = positions.to(torch.float64)[:, None] * inv[None, :]   # (T, D/2)
+        ang = torch.cat([ang, ang], dim=-1)                           # (T, D) rotate-half layout
+        cos = (torch.cos(ang) * self.scale).float()[:, None, :]
+        sin = (torch.sin(ang) * self.scale).float()[:, None, :]
+        return cos, sin
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (T, H, D) -> rotated, same dtype; math in float32."""
+        xf = x.float()
+        half = xf.shape[-1] // 2
+        rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+        return (xf * cos + rot * sin).to(x.dtype)
