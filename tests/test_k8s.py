@@ -285,3 +285,14 @@ def test_ray_and_image_versions_agree():
     # the installed Ray (what tests and the CPU path run) is the same release line
     assert ray.__version__.split(".")[:2] == ray_version.split(".")[:2], (
         ray.__version__, ray_version)
+
+
+def test_serve_args_are_accepted_by_the_app():
+    # the app checks its args (unknown keys, ranges) with ServeArgs; the deploy config must pass
+    from ringserve.serve.config import ServeArgs
+
+    (app,) = serve_config_file()["applications"]
+    args = ServeArgs.from_dict(app["args"])
+    assert (args.world_size, args.schedule, args.device) == (2, "striped", "cuda")
+    with pytest.raises(ValueError, match="unknown argument"):
+        ServeArgs.from_dict({**app["args"], "wrld_size": 2})
