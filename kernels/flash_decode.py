@@ -1,0 +1,254 @@
+"""Flash-decoding over a paged KV cache (Triton): a few query tokens against a long cache.
+
+Two launches. The split kernel gives each program one (batch, kv head, KV chunk): it reads that
+chunk of K/V once, through the block table, for all the q heads that share the kv head (GQA) and
+all Sq query tokens at once (rows = Sq * group), and writes a partial (out, lse) in float32. The
+reduce kernel merges the chunks with the log-sum-exp rule. Splitting the KV length is what fills
+the GPU when B * Hkv is small and the cache is long; the work is memory-bound, so the aim is to
+stream K/V at copy bandwidth.
+
+Contract (see reference.paged_decode_ref): q (B, Sq, Hq, D); k_cache, v_cache
+(num_pages, page_size, Hkv, D); block_table (B, max_pages) int; seq_lens (B,) int; optional
+q_pos (B, Sq) and kv_pos (num_pages, page_size) global positions for causal/window masking
+(defaults: q_pos = seq_len, kv_pos = the token's index in its sequence). Returns out
+(B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _decode_split_kernel(
+        Q, Kc, Vc, BlockTable, SeqLens, QPos, KvPos, OPart, LPart,
+        stride_qb, stride_qs, stride_qh, stride_qd,
+        stride_kp, stride_ks, stride_kh, stride_kd,
+        stride_vp, stride_vs, stride_vh, stride_vd,
+        stride_btb, stride_qpb, stride_qps, stride_kvp, stride_kvs,
+        Sq, Hq, Hkv, GROUP, chunk, num_splits, window, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    n = tl.load(SeqLens + b)
+    t_lo = split * chunk
+    t_hi = tl.minimum(t_lo + chunk, n)
+
+    # row r of this program = query token r // GROUP of q head hk * GROUP + r % GROUP
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq * GROUP
+    s_idx = rows // GROUP
+    hq = hk * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+
+    q = tl.load(Q + b64 * stride_qb + s_idx[:, None] * stride_qs + hq[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if CAUSAL or HAS_WINDOW:
+        if HAS_QPOS:
+            q_pos = tl.load(QPos + b64 * stride_qpb + s_idx * stride_qps, mask=row_ok, other=0)
+        else:
+            q_pos = tl.zeros([BLOCK_M], tl.int32) + n   # the reference's default: after the cache
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = Kc + hk.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
+    v_base = Vc + hk.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    for start in tl.range(t_lo, t_hi, BLOCK_N):
+        t = start + offs_n
+        t_ok = t < t_hi
+        # logical token -> (physical page, slot): one block-table entry per key row, so a tile
+        # may span several pages and page_size need not match BLOCK_N
+        page = tl.load(BlockTable + b64 * stride_btb + t // PAGE_SIZE, mask=t_ok, other=0)
+        slot = t % PAGE_SIZE
+        page64 = page.to(tl.int64)
+        ld = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + page64[:, None] * stride_kp + slot[:, None] * stride_ks,
+                    mask=ld, other=0.0)
+        v = tl.load(v_base + page64[:, None] * stride_vp + slot[:, None] * stride_vs,
+                    mask=ld, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale   # log2 domain
+        vis = t_ok[None, :]
+        if CAUSAL or HAS_WINDOW:
+            if HAS_KVPOS:
+                k_pos = tl.load(KvPos + page64 * stride_kvp + slot * stride_kvs, mask=t_ok, other=0)
+            else:
+                k_pos = t
+            if CAUSAL:
+                vis = vis & (k_pos[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (q_pos[:, None] - k_pos[None, :] <= window)
+                if not CAUSAL:
+                    vis = vis & (k_pos[None, :] - q_pos[:, None] <= window)
+        s = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # no exp2(-inf - -inf) NaNs
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    # partials: OPart (B, Hq, Sq, num_splits, D), LPart (B, Hq, Sq, num_splits), contiguous
+    prow = ((b64 * Hq + hq) * Sq + s_idx) * num_splits + split
+    tl.store(LPart + prow, lse, mask=row_ok)
+    tl.store(OPart + prow[:, None] * HEAD_DIM + offs_d[None, :], out,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
+                          stride_ob, stride_os, stride_oh, stride_od,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)            # flat (b, hq, s) of the partial buffers
+    s = row % Sq
+    hq = (row // Sq) % Hq
+    b = row // Sq // Hq
+    offs = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs < num_splits
+    d_ok = offs_d < HEAD_DIM
+    row64 = row.to(tl.int64)
+    lse_p = tl.load(LPart + row64 * num_splits + offs, mask=ok, other=float("-inf"))
+    m = tl.max(lse_p, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2((lse_p - m) * LOG2E)
+    tot = tl.sum(w, 0)
+    o_p = tl.load(OPart + (row64 * num_splits + offs)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=ok[:, None] & d_ok[None, :], other=0.0)
+    inv = 1.0 / tl.where(tot > 0.0, tot, 1.0)
+    out = tl.sum(o_p * (w * inv)[:, None], 0)
+    lse = tl.where(tot > 0.0, m + tl.math.log2(tl.where(tot > 0.0, tot, 1.0)) * LN2,
+                   float("-inf"))
+    tl.store(Lse + row64, lse)
+    tl.store(Out + b.to(tl.int64) * stride_ob + s * stride_os + hq * stride_oh
+             + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size):
+    for name, t, nd in (("q", q, 4), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
+                        ("block_table", block_table, 2), ("seq_lens", seq_lens, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != nd:
+            raise ValueError(f"{name} must be a {nd}-D tensor, got {getattr(t, 'shape', type(t))}")
+    B, Sq, Hq, D = q.shape
+    P, page, Hkv, Dk = k_cache.shape
+    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q/k_cache/v_cache dtypes must be one of fp16/bf16/fp32 and equal, got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if Dk != D:
+        raise ValueError(f"head dim of q ({D}) and of the cache ({Dk}) differ")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim ({D}) must be in 1..256")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"num q heads ({Hq}) must be a multiple of num kv heads ({Hkv})")
+    if block_table.shape[0] != B or seq_lens.shape[0] != B:
+        raise ValueError(f"block_table {tuple(block_table.shape)} and seq_lens "
+                         f"{tuple(seq_lens.shape)} must have batch {B} first")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if q_pos is not None and tuple(q_pos.shape) != (B, Sq):
+        raise ValueError(f"q_pos shape {tuple(q_pos.shape)} must be (B, Sq) = {(B, Sq)}")
+    if kv_pos is not None and tuple(kv_pos.shape) != (P, page):
+        raise ValueError(f"kv_pos shape {tuple(kv_pos.shape)} must be (num_pages, page_size) = "
+                         f"{(P, page)}")
+    if window_size is not None and (int(window_size) != window_size or window_size < 0):
+        raise ValueError(f"window_size must be None or an int >= 0, got {window_size}")
+    devs = {t.device for t in (q, k_cache, v_cache, block_table, seq_lens)
+            + tuple(t for t in (q_pos, kv_pos) if t is not None)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
+                        causal=False, window_size=None, q_pos=None, kv_pos=None, *,
+                        num_splits: Optional[int] = None, block_n: Optional[int] = None,
+                        num_warps: Optional[int] = None, num_stages: Optional[int] = None):
+    """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
+
+    num_splits / block_n / num_warps / num_stages override the launch heuristics (benchmarks).
+    """
+    _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size)
+    B, Sq, Hq, D = q.shape
+    P, page, Hkv, _ = k_cache.shape
+    group = Hq // Hkv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    if B == 0 or Sq == 0 or Hq == 0:
+        return out, lse
+    # The longest sequence sizes the chunks (one host sync; the caller knows the lengths anyway).
+    lens = seq_lens.tolist()
+    max_len = max(lens)
+    if min(lens) < 0 or max_len > block_table.shape[1] * page:
+        raise ValueError(f"seq_lens must be in 0..max_pages*page_size "
+                         f"({block_table.shape[1]}*{page}), got min {min(lens)}, max {max_len}")
+    if max_len == 0:
+        return out, lse
+    on_cpu = q.device.type == "cpu"
+    block_d = max(16, triton.next_power_of_2(D))
+    rows = Sq * group
+    block_m = min(128, max(16, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, block_m)
+    if block_n is None:
+        block_n = 32 if on_cpu else (64 if block_d <= 128 else 32)
+    tiles = triton.cdiv(max_len, block_n)
+    if num_splits is None:
+        if on_cpu:
+            num_splits = min(3, tiles)     # still exercises the split + reduce path
+        else:
+            # ~4 waves of programs over the SMs keeps enough loads in flight to stream K/V
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            num_splits = triton.cdiv(4 * sms, B * Hkv * row_blocks)
+    num_splits = max(1, min(num_splits, tiles))
+    chunk = triton.cdiv(tiles, num_splits) * block_n
+    num_splits = triton.cdiv(max_len, chunk)       # drop splits that would start past max_len
+    o_part = torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device)
+    masked = causal or window_size is not None
+    dummy = seq_lens   # stands in for absent position tensors (never read)
+    qp = q_pos if q_pos is not None else dummy
+    kp = kv_pos if kv_pos is not None else dummy
+    qp_strides = q_pos.stride() if q_pos is not None else (0, 0)
+    kp_strides = kv_pos.stride() if kv_pos is not None else (0, 0)
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 1 if on_cpu else 3
+    _decode_split_kernel[(num_splits, B * Hkv, row_blocks)](
+        q, k_cache, v_cache, block_table, seq_lens, qp, kp, o_part, l_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
+        *qp_strides, *kp_strides,
+        Sq, Hq, Hkv, group, chunk, num_splits, int(window_size or 0), scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
+        HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
+    _decode_reduce_kernel[(B * Hq * Sq,)](
+        o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4)
+    return out, lse

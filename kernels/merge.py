@@ -1,0 +1,88 @@
+"""In-place merge of a partial attention result into an accumulator (Triton).
+
+(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out_b, lse_b)) for two partials over disjoint
+key sets: lse = m + log(exp(a - m) + exp(b - m)), out = exp(a - lse) * out_a + exp(b - lse) * out_b,
+in float32 whatever the storage dtype. A side with lse = -inf weighs 0; both -inf gives lse -inf
+and out 0, never a NaN. out (B, S, H, D) any strides, lse (B, H, S).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _merge_kernel(OutA, LseA, OutB, LseB, R, S, H, D,
+                  s_oab, s_oas, s_oah, s_oad, s_lab, s_lah, s_las,
+                  s_obb, s_obs, s_obh, s_obd, s_lbb, s_lbh, s_lbs,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flat (b, s, h) index
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    h = rows % H
+    s = (rows // H) % S
+    b = (rows // H // S).to(tl.int64)
+    la = tl.load(LseA + b * s_lab + h * s_lah + s * s_las, mask=row_ok, other=float("-inf"))
+    lb = tl.load(LseB + b * s_lbb + h * s_lbh + s * s_lbs, mask=row_ok,
+                 other=float("-inf")).to(tl.float32)
+    m = tl.maximum(la, lb)
+    # both sides -inf: shift by 0 so that exp(-inf - -inf) never makes a NaN
+    m = tl.where(m == float("-inf"), 0.0, m)
+    wa = tl.math.exp2((la - m) * LOG2E)
+    wb = tl.math.exp2((lb - m) * LOG2E)
+    tot = wa + wb
+    seen = tot > 0.0
+    inv = 1.0 / tl.where(seen, tot, 1.0)
+    lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * LN2, float("-inf"))
+    mask = row_ok[:, None] & (offs_d < D)[None, :]
+    pa = OutA + (b * s_oab + s * s_oas + h * s_oah)[:, None] + offs_d[None, :] * s_oad
+    pb = OutB + (b * s_obb + s * s_obs + h * s_obh)[:, None] + offs_d[None, :] * s_obd
+    oa = tl.load(pa, mask=mask, other=0.0).to(tl.float32)
+    ob = tl.load(pb, mask=mask, other=0.0).to(tl.float32)
+    # a weight of exactly 0 must not multiply a NaN/inf left in an unused accumulator
+    oa = tl.where((wa > 0.0)[:, None], oa, 0.0)
+    ob = tl.where((wb > 0.0)[:, None], ob, 0.0)
+    out = oa * (wa * inv)[:, None] + ob * (wb * inv)[:, None]
+    tl.store(pa, out.to(OutA.dtype.element_ty), mask=mask)
+    tl.store(LseA + b * s_lab + h * s_lah + s * s_las, lse, mask=row_ok)
+
+
+def _check(out_acc, lse_acc, out_b, lse_b):
+    for name, t, nd in (("out_acc", out_acc, 4), ("lse_acc", lse_acc, 3),
+                        ("out_b", out_b, 4), ("lse_b", lse_b, 3)):
+        if not isinstance(t, torch.Tensor) or t.dim() != nd:
+            raise ValueError(f"{name} must be a {nd}-D tensor, got {getattr(t, 'shape', type(t))}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if out_acc.shape != out_b.shape:
+        raise ValueError(f"out_acc {tuple(out_acc.shape)} and out_b {tuple(out_b.shape)} differ")
+    B, S, H, _ = out_acc.shape
+    for name, t in (("lse_acc", lse_acc), ("lse_b", lse_b)):
+        if tuple(t.shape) != (B, H, S):
+            raise ValueError(f"{name} shape {tuple(t.shape)} must be (B, H, S) = {(B, H, S)}")
+    if lse_acc.dtype != torch.float32:
+        raise ValueError(f"lse_acc must be float32 (it is updated in place), got {lse_acc.dtype}")
+    devs = {t.device for t in (out_acc, lse_acc, out_b, lse_b)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def merge_triton_(out_acc, lse_acc, out_b, lse_b):
+    """In place on (out_acc, lse_acc); returns them. See the module docstring."""
+    _check(out_acc, lse_acc, out_b, lse_b)
+    B, S, H, D = out_acc.shape
+    R = B * S * H
+    if R == 0 or D == 0:
+        return out_acc, lse_acc
+    block_d = max(16, triton.next_power_of_2(D))
+    # ~4K elements a program: enough bytes in flight per SM, few programs in the interpreter
+    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_d))
+    grid = (triton.cdiv(R, block_r),)
+    _merge_kernel[grid](out_acc, lse_acc, out_b, lse_b, R, S, H, D,
+                        *out_acc.stride(), *lse_acc.stride(), *out_b.stride(), *lse_b.stride(),
+                        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return out_acc, lse_acc
