@@ -1,0 +1,116 @@
+"""ServeArgs: the arguments of `build_app(args)` (serve config YAML, `ringserve serve`), checked.
+
+Plain dataclass, no Ray: the HTTP edge uses pydantic for requests, but the application's own
+configuration follows the house style (dataclass + __post_init__ messages that show the values).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional
+
+SCHEDULES = ("ring", "striped")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+@dataclass
+class ServeArgs:
+    model: str
+    world_size: int = 1
+    schedule: str = "striped"
+    device: Optional[str] = None          # None: cuda when the Ray cluster has GPUs, else cpu
+    dtype: Optional[str] = None           # None: the engine's default (bf16 on cuda, fp32 on cpu)
+    max_kv_tokens: Optional[int] = None   # None: the engine sizes the KV cache from free memory
+    document_cache_tokens: Optional[int] = None
+    api_key: Optional[str] = None         # None: no authentication
+    max_queue: int = 64                   # requests that may wait for the engine; more -> 429
+    request_timeout_s: float = 600.0      # queueing + prefill + decode; beyond -> 504
+    max_body_mb: float = 64.0             # request bodies beyond -> 413
+    num_replicas: int = 1                 # one replica = one LLM = one actor group
+    model_name: Optional[str] = None      # name in /v1/models; None: the checkpoint folder's name
+    default_max_tokens: int = 256         # chat / ask requests that give no max_tokens
+    placement_strategy: str = "STRICT_PACK"
+    ray_address: Optional[str] = None     # passed to LLM(ray_address=...) inside the replica
+    # import path of the engine class; another engine with the same interface may be plugged in
+    llm_class: str = "ringserve.llm:LLM"
+    replica_num_cpus: float = 0.0         # the ingress replica itself: tokenizing and HTTP only
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a non-empty checkpoint path, got {self.model!r}")
+        for name, low in (("world_size", 1), ("num_replicas", 1), ("max_queue", 0),
+                          ("default_max_tokens", 1)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                raise ValueError(f"{name} ({v!r}) must be an integer >= {low}")
+        for name in ("max_kv_tokens", "document_cache_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise ValueError(f"{name} ({v!r}) must be null or an integer >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule ({self.schedule!r}) must be one of {SCHEDULES}")
+        if self.device is not None and self.device not in DEVICES:
+            raise ValueError(f"device ({self.device!r}) must be null or one of {DEVICES}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype ({self.dtype!r}) must be null or one of {DTYPES}")
+        for name in ("request_timeout_s", "max_body_mb"):
+            v = getattr(self, name)
+            if not _is_number(v) or not v > 0:
+                raise ValueError(f"{name} ({v!r}) must be a number > 0")
+        if not _is_number(self.replica_num_cpus) or self.replica_num_cpus < 0:
+            raise ValueError(f"replica_num_cpus ({self.replica_num_cpus!r}) must be >= 0")
+        if self.api_key is not None and (not isinstance(self.api_key, str)
+                                         or not self.api_key.strip()):
+            raise ValueError("api_key must be null (no authentication) or a non-empty string")
+        if self.model_name is not None and (not isinstance(self.model_name, str)
+                                            or not self.model_name):
+            raise ValueError(f"model_name ({self.model_name!r}) must be null or a non-empty string")
+        if ":" not in self.llm_class:
+            raise ValueError(f"llm_class ({self.llm_class!r}) must look like 'package.module:Class'")
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or os.path.basename(os.path.normpath(self.model))
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @classmethod
+    def from_dict(cls, args: Optional[Mapping[str, Any]]) -> "ServeArgs":
+        """Build from a serve-config `args` mapping; unknown keys are an error, not ignored."""
+        args = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(known)}")
+        if "model" not in args:
+            raise ValueError("the 'model' argument (checkpoint path) is required")
+        # YAML/CLI may give a float-looking integer such as 2.0: accept it only when exact
+        for f in fields(cls):
+            v = args.get(f.name)
+            if isinstance(v, float) and f.type in ("int", "Optional[int]") and v.is_integer():
+                args[f.name] = int(v)
+        return cls(**args)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def public_dict(self) -> Dict[str, Any]:
+        """For logs and /stats: everything but the key."""
+        d = self.to_dict()
+        d["api_key"] = None if self.api_key is None else "***"
+        return d
+
+
+__all__ = ["ServeArgs", "SCHEDULES", "DEVICES", "DTYPES"]

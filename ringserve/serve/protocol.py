@@ -1,0 +1,184 @@
+"""Request bodies (pydantic, at the HTTP edge only) and their translation to SamplingParams.
+
+OpenAI's parameters that the engine can not honour (n > 1, penalties, logit_bias, echo, tools)
+are refused with a 400 naming the parameter rather than silently ignored; unknown extra fields
+are ignored, as OpenAI-compatible servers commonly do. Extensions: top_k, ignore_eos,
+stop_token_ids, return_token_ids (each choice then carries the generated token ids).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ringserve.serve.errors import bad_request
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = 1
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    return_token_ids: bool = False
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError(f"at most 16 stop strings, got {len(v)}")
+        return v
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise bad_request(f"n ({self.n}) must be 1: one choice per request", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if v not in (None, 0, 0.0):
+                raise bad_request(f"{name} ({v}) is not supported; leave it out or 0", param=name)
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", param="logit_bias")
+        if self.top_k is not None and not (self.top_k == -1 or self.top_k >= 1):
+            raise bad_request(f"top_k ({self.top_k}) must be -1 (off) or >= 1", param="top_k")
+
+    def sampling_kwargs(self, default_max_tokens: int, logprobs: bool) -> Dict[str, Any]:
+        stop = self.stop
+        stop = () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
+        return dict(max_tokens=self.max_tokens or default_max_tokens,
+                    temperature=1.0 if self.temperature is None else self.temperature,
+                    top_p=1.0 if self.top_p is None else self.top_p,
+                    top_k=-1 if self.top_k is None else self.top_k,
+                    seed=self.seed, stop=tuple(s for s in stop if s),
+                    stop_token_ids=tuple(self.stop_token_ids or ()), logprobs=logprobs,
+                    ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+Prompt = Union[str, List[str], List[int], List[List[int]]]
+
+
+class CompletionRequest(_Sampling):
+    model: str
+    prompt: Prompt
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise bad_request("echo is not supported", param="echo")
+        if self.best_of not in (None, 1):
+            raise bad_request(f"best_of ({self.best_of}) must be 1", param="best_of")
+        if self.suffix:
+            raise bad_request("suffix is not supported", param="suffix")
+        if self.logprobs is not None and self.logprobs > 1:
+            raise bad_request(f"logprobs ({self.logprobs}): only the sampled token's logprob is "
+                              "available (0 or 1)", param="logprobs")
+
+    def prompts(self) -> List[Union[str, List[int]]]:
+        """The prompt as a list of prompts (text or token ids); OpenAI's four accepted forms."""
+        p = self.prompt
+        if isinstance(p, str):
+            out = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            out = [list(p)]
+        else:
+            out = list(p)
+        if not out or any(len(x) == 0 for x in out):
+            raise bad_request("prompt must not be empty", param="prompt")
+        return out
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, List[ContentPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"content part type {part.type!r} is not supported (text only)",
+                                  param="messages")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Sampling):
+    model: str
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    tools: Optional[List[Any]] = None
+    response_format: Optional[Dict[str, Any]] = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs:
+            raise bad_request("top_logprobs is not supported (only the sampled token's logprob)",
+                              param="top_logprobs")
+        if self.tools:
+            raise bad_request("tools are not supported", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise bad_request("response_format must be text", param="response_format")
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+
+    def template_messages(self) -> List[Dict[str, str]]:
+        # "developer" is OpenAI's newer name for "system"; chat templates know "system"
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]
+
+
+class DocumentCreate(BaseModel):
+    """JSON or msgpack: a text, or token ids (a list of ints, or in msgpack also the bytes of a
+    little-endian uint32 array, the compact form for millions of tokens)."""
+    model_config = ConfigDict(extra="ignore")
+    text: Optional[str] = None
+    token_ids: Optional[Union[List[int], bytes]] = None
+    name: Optional[str] = Field(default=None, max_length=512)
+    model: Optional[str] = None
+
+
+class AskRequest(_Sampling):
+    question: str = Field(min_length=1)
+    model: Optional[str] = None
+    logprobs: bool = False
+
+
+__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "DocumentCreate",
+           "AskRequest", "StreamOptions"]

@@ -1,0 +1,202 @@
+"""EngineRunner: the bridge between the async HTTP replica and the synchronous LLM.
+
+The LLM owns one actor group, so one request holds it at a time (the slot); requests beyond it
+wait in a bounded queue (full -> 429). Every LLM call runs in a worker thread so the event loop
+keeps answering /health, other clients and disconnects. A request has one deadline covering its
+wait, prefill and decode (past it -> 504).
+
+A worker thread can not be interrupted, so a request that times out or whose client goes away
+keeps the slot until its thread returns: streams check a cancel flag after every token and close
+the LLM iterator (which cancels the request in the engine); a blocking call (a document's
+prefill) runs to its end and `on_late_result` disposes of what it produced. This way the engine
+never sees two requests at once, even after a timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
+
+from ringserve.serve.errors import APIError
+
+_END = object()
+
+
+@dataclass
+class Deadline:
+    at: float  # time.monotonic()
+
+    @classmethod
+    def after(cls, seconds: float) -> "Deadline":
+        return cls(time.monotonic() + seconds)
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+
+def timeout_error(what: str, seconds: float) -> APIError:
+    return APIError(504, f"{what} did not finish within the request timeout ({seconds:g} s)",
+                    code="timeout")
+
+
+class EngineRunner:
+    def __init__(self, max_queue: int, timeout_s: float, on_queue_change: Callable[[int, int], None]
+                 = lambda waiting, running: None, threads: int = 4):
+        if max_queue < 0:
+            raise ValueError(f"max_queue ({max_queue}) must be >= 0")
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self._on_queue_change = on_queue_change
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ringserve")
+        self._slot: Optional[asyncio.Semaphore] = None  # made on the replica's event loop
+        self.waiting = 0
+        self.running = 0
+
+    def deadline(self) -> Deadline:
+        return Deadline.after(self.timeout_s)
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        if self._slot is None:
+            self._slot = asyncio.Semaphore(1)
+        return self._slot
+
+    def _changed(self) -> None:
+        self._on_queue_change(self.waiting, self.running)
+
+    async def _acquire(self, deadline: Deadline, what: str) -> None:
+        slot = self._semaphore()
+        if slot.locked() and self.waiting >= self.max_queue:
+            raise APIError(429, f"the request queue is full ({self.waiting} waiting, "
+                                f"max_queue={self.max_queue}); retry later", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.waiting += 1
+        self._changed()
+        try:
+            await asyncio.wait_for(slot.acquire(), max(deadline.left(), 0.0))
+        except asyncio.TimeoutError:
+            raise timeout_error(what + " (waiting in the queue)", self.timeout_s) from None
+        finally:
+            self.waiting -= 1
+            self._changed()
+        self.running += 1
+        self._changed()
+
+    def _release_from_thread(self, loop: asyncio.AbstractEventLoop) -> Callable[[Any], None]:
+        def release(_=None):
+            def on_loop():
+                self.running -= 1
+                self._semaphore().release()
+                self._changed()
+            try:
+                loop.call_soon_threadsafe(on_loop)
+            except RuntimeError:  # loop closed: the replica is shutting down
+                pass
+        return release
+
+    async def run_free(self, fn: Callable[..., Any], *args) -> Any:
+        """Run a call that does not need the engine slot (tokenizing) in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def call(self, fn: Callable[[], Any], deadline: Deadline, what: str,
+                   on_late_result: Optional[Callable[[Any], None]] = None) -> Any:
+        """Run `fn()` in a worker thread while holding the slot; 504 past the deadline."""
+        await self._acquire(deadline, what)
+        loop = asyncio.get_running_loop()
+        lock = threading.Lock()
+        state = {"abandoned": False, "done": False, "result": None}
+
+        def work():
+            result = fn()
+            with lock:  # decide atomically whether the waiter still takes the result
+                late = state["abandoned"]
+                state["done"], state["result"] = True, result
+            if late and on_late_result is not None:
+                on_late_result(result)
+            return result
+
+        fut = self._pool.submit(work)
+        fut.add_done_callback(self._release_from_thread(loop))
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)),
+                                          max(deadline.left(), 0.0))
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            with lock:
+                if state["done"] and not isinstance(exc, asyncio.CancelledError):
+                    return state["result"]  # finished in the instant of the timeout: keep it
+                state["abandoned"] = True
+                done, result = state["done"], state["result"]
+            if done and on_late_result is not None:  # cancelled after it finished
+                on_late_result(result)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise timeout_error(what, self.timeout_s) from None
+
+    async def stream(self, open_iter: Callable[[], Iterator[Any]], deadline: Deadline, what: str,
+                     after: Optional[Callable[[], None]] = None) -> AsyncIterator[Any]:
+        """Iterate an LLM stream in a worker thread; yields its items on the event loop.
+
+        Leaving the async iteration early (client gone, deadline, error) sets the cancel flag:
+        the thread stops after the current token and closes the LLM iterator. `after()` runs in
+        the thread once the stream is over, still holding the slot (e.g. reading KV stats).
+        """
+        await self._acquire(deadline, what)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(kind, value):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:
+                cancel.set()
+
+        def work():
+            it = None
+            try:
+                it = open_iter()
+                for item in it:
+                    if cancel.is_set():
+                        break
+                    put("item", item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+                put("error", exc)
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    try:
+                        close()  # cancels the request inside the engine if it is still running
+                    except Exception:  # noqa: BLE001
+                        pass
+                if after is not None:
+                    try:
+                        after()
+                    except Exception:  # noqa: BLE001
+                        pass
+                put("end", None)
+
+        fut = self._pool.submit(work)
+        fut.add_done_callback(self._release_from_thread(loop))
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(queue.get(), max(deadline.left(), 0.0))
+                except asyncio.TimeoutError:
+                    raise timeout_error(what, self.timeout_s) from None
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            cancel.set()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["EngineRunner", "Deadline", "timeout_error"]
