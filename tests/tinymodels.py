@@ -1,0 +1,238 @@
+"""Tiny random-weight HF checkpoints for tests, built with `transformers` and `tokenizers`.
+
+Usage from any test file:
+
+    from tinymodels import tiny_model, TINY_MODELS
+    def test_x(tmp_path_factory):
+        path = tiny_model(tmp_path_factory, "llama")     # built once per pytest session
+
+Each directory holds config.json, safetensors weights (sharded with an index for
+"llama-sharded"), tokenizer.json (trained here on ringserve.sample_document text),
+tokenizer_config.json with a chat template and generation_config.json. Names:
+
+  llama          Llama 3 style: GQA 4/2, rope_type llama3, byte-level BPE, BOS by post-processor,
+                 eos ids from generation_config ([<|end_of_text|>, <|eot_id|>])
+  llama-mha      Llama 2 style: MHA 4/4, linear rope scaling, attention_bias (q/k/v/o biases),
+                 SentencePiece-like (Metaspace + byte fallback) BPE, [INST] template
+  mistral        MQA 4/1, sliding_window 16 (kernels' window_size 15), Metaspace tokenizer
+  qwen2          GQA 4/2, QKV bias, tied embeddings, ChatML template, no BOS
+  llama-sharded  "llama" saved in several safetensors shards with model.safetensors.index.json
+
+Weights are re-drawn after HF's initialisation (seeded) with scales that make attention
+non-uniform and norms/biases non-trivial, so the comparisons have something to catch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from ringserve.sample_document import sample_document
+
+# extra text so the tokenizers meet accents, CJK and emoji (multi-byte UTF-8 for the streaming
+# decoder tests)
+UNICODE_LINES = [
+    "Café au lait, naïve façade, Zürich, São Paulo, Ærø, smörgåsbord.",
+    "日本語のテキスト、中文文本，한국어 텍스트。",
+    "Emoji: 🚢⚓🌊 and symbols: € £ ¥ © ° ± µ → ✓.",
+]
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% endif %}")
+INST_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+COMMON = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+              head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=4096)
+
+TINY_MODELS: Dict[str, dict] = {
+    "llama": dict(arch="llama", tokenizer="bytelevel-llama3", num_key_value_heads=2,
+                  rope_theta=500000.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama-mha": dict(arch="llama", tokenizer="metaspace-inst", num_key_value_heads=4,
+                      rope_theta=10000.0, attention_bias=True,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral": dict(arch="mistral", tokenizer="metaspace-inst", num_key_value_heads=1,
+                    rope_theta=10000.0, sliding_window=16),
+    "qwen2": dict(arch="qwen2", tokenizer="bytelevel-chatml", num_key_value_heads=2,
+                  rope_theta=1000000.0, tie_word_embeddings=True),
+    "llama-sharded": dict(arch="llama", tokenizer="bytelevel-llama3", num_key_value_heads=2,
+                          rope_theta=500000.0, shard="64KB",
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 64}),
+}
+
+
+def _corpus(seed: int) -> List[str]:
+    text = sample_document(n_words=12000, seed=seed)
+    return text.split("\n") + UNICODE_LINES * 20
+
+
+def build_tokenizer(path: Path, kind: str, seed: int = 0) -> int:
+    """Train a small BPE tokenizer of `kind`, write tokenizer files; return its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = _corpus(seed)
+    if kind.startswith("bytelevel"):
+        if kind == "bytelevel-llama3":
+            specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "<|eot_id|>"]
+        else:
+            specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+        if kind == "bytelevel-llama3":
+            bos = tok.token_to_id("<|begin_of_text|>")
+            tok.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                              pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                              special_tokens=[("<|begin_of_text|>", bos)])])
+            cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                   "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE,
+                   "clean_up_tokenization_spaces": False, "model_max_length": 4096}
+            gen = {"bos_token_id": bos, "eos_token_id": [tok.token_to_id("<|end_of_text|>"),
+                                                          tok.token_to_id("<|eot_id|>")]}
+        else:
+            tok.post_processor = processors.ByteLevel(trim_offsets=False)
+            cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
+                   "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "chat_template": CHATML_TEMPLATE, "clean_up_tokenization_spaces": False,
+                   "model_max_length": 4096}
+            gen = {"eos_token_id": [tok.token_to_id("<|im_end|>"),
+                                    tok.token_to_id("<|endoftext|>")]}
+    elif kind == "metaspace-inst":
+        # SentencePiece-like: "▁" for spaces, unknown characters fall back to <0xNN> byte tokens
+        specials = ["<unk>", "<s>", "</s>"]
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials,
+                                      limit_alphabet=80, show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+        # byte tokens at ids 3..258 as in Llama 2's vocabulary; merges are by string, so the
+        # renumbering keeps the trained merges valid
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        byte_toks = [f"<0x{i:02X}>" for i in range(256)]
+        ordered = ordered[:3] + byte_toks + [t for t in ordered[3:] if t not in byte_toks]
+        spec["model"]["vocab"] = {t: i for i, t in enumerate(ordered)}
+        for at in spec["added_tokens"]:
+            at["id"] = spec["model"]["vocab"][at["content"]]
+        tok = Tokenizer.from_str(json.dumps(spec))
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Metaspace(replacement="▁",
+                                                            prepend_scheme="first")])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+               "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+               "add_eos_token": False, "chat_template": INST_TEMPLATE,
+               "clean_up_tokenization_spaces": False, "model_max_length": 4096}
+        gen = {"bos_token_id": 1, "eos_token_id": 2}
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    tok.save(str(path / "tokenizer.json"))
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump(cfg, f, indent=1)
+    with open(path / "generation_config.json", "w") as f:
+        json.dump(gen, f, indent=1)
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+def hf_config(name: str, vocab_size: int, bos: int = None, eos=None):
+    """The transformers config object for a TINY_MODELS entry."""
+    import transformers
+
+    spec = dict(TINY_MODELS[name])
+    arch = spec.pop("arch")
+    for k in ("tokenizer", "shard"):
+        spec.pop(k, None)
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[arch]
+    kw = dict(COMMON, **spec)
+    if arch == "qwen2":
+        kw.pop("head_dim")  # Qwen2 derives it: 64 / 4 = 16
+    return cls(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, **kw)
+
+
+def _redraw(model: torch.nn.Module, seed: int) -> None:
+    """Seeded weights with O(1) activations: attention scores of order one, norms and biases
+    visibly different from their HF defaults (ones / zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+
+
+def build_tiny_model(path: Path, name: str, seed: int = 0) -> Path:
+    """Write the checkpoint `name` (a TINY_MODELS key) into `path`; returns `path`."""
+    import transformers
+
+    path = Path(path)
+    n_tok = build_tokenizer(path, TINY_MODELS[name]["tokenizer"], seed=seed)
+    gen = json.loads((path / "generation_config.json").read_text())
+    vocab = 64 * math.ceil((n_tok + 1) / 64)  # padded past the tokenizer, as real models are
+    cfg = hf_config(name, vocab, gen.get("bos_token_id"), gen.get("eos_token_id"))
+    torch.manual_seed(seed)
+    model = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+             "qwen2": transformers.Qwen2ForCausalLM}[TINY_MODELS[name]["arch"]](cfg)
+    _redraw(model, seed)
+    model.eval()
+    kw = {}
+    if TINY_MODELS[name].get("shard"):
+        kw["max_shard_size"] = TINY_MODELS[name]["shard"]
+    model.save_pretrained(str(path), **kw)
+    # save_pretrained may rewrite generation_config.json from the model config: restore ours
+    with open(path / "generation_config.json", "w") as f:
+        json.dump(gen, f, indent=1)
+    return path
+
+
+_CACHE: Dict[str, Path] = {}
+
+
+def tiny_model(tmp_path_factory, name: str) -> Path:
+    """The checkpoint directory for `name`, built on first use in this pytest session."""
+    if name not in _CACHE:
+        root = tmp_path_factory.mktemp(f"tiny-{name}")
+        _CACHE[name] = build_tiny_model(root, name, seed=sum(map(ord, name)))
+    return _CACHE[name]
+
+
+def load_hf(path: Path, attn_implementation: str = "eager"):
+    """The transformers model for a tiny checkpoint, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                attn_implementation=attn_implementation).eval()
