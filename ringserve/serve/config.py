@@ -40,7 +40,6 @@ class ServeArgs:
     model_name: Optional[str] = None      # name in /v1/models; None: the checkpoint folder's name
     default_max_tokens: int = 256         # chat / ask requests that give no max_tokens
     placement_strategy: str = "STRICT_PACK"
-    ray_address: Optional[str] = None     # passed to LLM(ray_address=...) inside the replica
     # import path of the engine class; another engine with the same interface may be plugged in
     llm_class: str = "ringserve.llm:LLM"
     replica_num_cpus: float = 0.0         # the ingress replica itself: tokenizing and HTTP only

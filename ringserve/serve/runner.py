@@ -67,9 +67,9 @@ class EngineRunner:
     def _changed(self) -> None:
         self._on_queue_change(self.waiting, self.running)
 
-    async def _acquire(self, deadline: Deadline, what: str) -> None:
+    async def _acquire(self, deadline: Deadline, what: str, bounded: bool = True) -> None:
         slot = self._semaphore()
-        if slot.locked() and self.waiting >= self.max_queue:
+        if bounded and slot.locked() and self.waiting >= self.max_queue:
             raise APIError(429, f"the request queue is full ({self.waiting} waiting, "
                                 f"max_queue={self.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
@@ -102,9 +102,11 @@ class EngineRunner:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def call(self, fn: Callable[[], Any], deadline: Deadline, what: str,
-                   on_late_result: Optional[Callable[[Any], None]] = None) -> Any:
-        """Run `fn()` in a worker thread while holding the slot; 504 past the deadline."""
-        await self._acquire(deadline, what)
+                   on_late_result: Optional[Callable[[Any], None]] = None,
+                   bounded: bool = True) -> Any:
+        """Run `fn()` in a worker thread while holding the slot; 504 past the deadline.
+        `bounded=False` (housekeeping that frees memory) waits even when the queue is full."""
+        await self._acquire(deadline, what, bounded)
         loop = asyncio.get_running_loop()
         lock = threading.Lock()
         state = {"abandoned": False, "done": False, "result": None}

@@ -1,0 +1,180 @@
+"""Handlers of the long-document API.
+
+POST /v1/documents               text (JSON, msgpack, multipart file) or token ids (JSON, msgpack)
+                                 -> tokenized, prefilled once and pinned with LLM.cache_document
+POST /v1/documents/{id}/ask      question -> answer; the prompt is the document's token ids plus
+                                 the question's, so the engine serves the document part from its
+                                 cached KV (reported as num_cached_tokens), streaming or not
+GET / DELETE /v1/documents/{id}, GET /v1/documents
+
+Documents live in the replica that prefilled them (their KV is in its actor group).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Dict, List
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+
+from ringserve import errors as engine_errors
+from ringserve.serve import openai_format as fmt
+from ringserve.serve.bodies import parse_model, read_payload, respond, wants_msgpack
+from ringserve.serve.errors import APIError, api_error_from, bad_request
+from ringserve.serve.protocol import AskRequest, DocumentCreate
+from ringserve.serve.service import Document, Service, is_final
+from ringserve.serve.streaming import sse_response
+
+# Appended to the document's tokens (without a BOS): plain text works for base and chat models
+# alike and keeps the document a pure prefix of every question's prompt.
+QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+
+
+def _token_ids(raw) -> np.ndarray:
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = bytes(raw)
+        if len(raw) % 4:
+            raise bad_request(f"token_ids bytes must be little-endian uint32 (length a multiple "
+                              f"of 4), got {len(raw)} bytes", param="token_ids")
+        return np.frombuffer(raw, dtype="<u4").astype(np.int64)
+    return np.asarray(raw, dtype=np.int64)
+
+
+async def create(svc: Service, request: Request, endpoint: str) -> Response:
+    data, kind = await read_payload(request, svc.cfg.max_body_bytes, multipart=True)
+    if kind == "multipart":
+        f = data.get("file")
+        if not isinstance(f, dict):
+            raise bad_request("a multipart upload needs a 'file' field", param="file")
+        try:
+            text = f["data"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise bad_request(f"the uploaded file is not UTF-8 text: {exc}", param="file") from None
+        name = data.get("name") if isinstance(data.get("name"), str) else f["filename"]
+        req = DocumentCreate(text=text, name=name or None)
+    else:
+        req = parse_model(DocumentCreate, data)
+    if req.model is not None:
+        svc.check_model(req.model)
+    llm = svc.require_ready()
+    if (req.text is None) == (req.token_ids is None):
+        raise bad_request("give exactly one of 'text' and 'token_ids'", param="text")
+
+    if req.text is not None:
+        if not req.text.strip():
+            raise bad_request("the document text is empty", param="text")
+        ids = np.asarray(await svc.encode(req.text), dtype=np.int64)
+    else:
+        ids = _token_ids(req.token_ids)
+        if ids.size == 0:
+            raise bad_request("token_ids is empty", param="token_ids")
+        vocab = llm.tokenizer.vocab_size
+        bad = (ids < 0) | (ids >= vocab)
+        if bad.any():
+            raise bad_request(f"token id {int(ids[bad][0])} is outside the vocabulary "
+                              f"[0, {vocab})", param="token_ids")
+    ids = ids.astype(np.int32)
+    n, capacity = int(ids.size), int(llm.capacity_tokens)
+    if n >= capacity:  # a question needs at least one more token of room
+        raise APIError(413, f"document too large: it has {n} tokens but the model's KV cache "
+                            f"holds at most {capacity} tokens", code="document_too_large",
+                       param="text" if req.text is not None else "token_ids")
+
+    id_list = ids.tolist()
+
+    def prefill():
+        t = time.perf_counter()
+        key = llm.cache_document(id_list)
+        seconds = time.perf_counter() - t
+        svc.refresh_kv()
+        return key, seconds
+
+    def abandon(result):  # the client never learnt the id: free the KV it pinned
+        llm.drop_document(result[0])
+
+    try:
+        key, prefill_s = await svc.runner.call(prefill, svc.deadline(), "the document's prefill",
+                                               on_late_result=abandon)
+    except engine_errors.CapacityError as exc:
+        raise api_error_from(exc, document=True) from None
+    doc = Document(id=svc.new_document_id(), key=key, name=req.name, token_ids=ids,
+                   created=fmt.now(), prefill_s=prefill_s)
+    svc.documents[doc.id] = doc
+    return respond(doc.card(), wants_msgpack(request))
+
+
+def get(svc: Service, doc_id: str) -> Dict[str, Any]:
+    return svc.get_document(doc_id).card()
+
+
+def listing(svc: Service) -> Dict[str, Any]:
+    return {"object": "list", "data": [d.card() for d in svc.documents.values()]}
+
+
+async def delete(svc: Service, doc_id: str) -> Dict[str, Any]:
+    doc = svc.get_document(doc_id)
+    svc.documents.pop(doc_id, None)  # from now on asks get 404
+    llm = svc.llm
+    if llm is not None and doc.key is not None:
+        key, doc.key = doc.key, None
+
+        def drop():
+            llm.drop_document(key)
+            svc.refresh_kv()
+
+        # housekeeping is never refused for a full queue: it frees memory for the others
+        await svc.runner.call(drop, svc.deadline(), "dropping the document", bounded=False)
+    return {"id": doc_id, "object": "document", "deleted": True}
+
+
+async def ask(svc: Service, request: Request, doc_id: str, endpoint: str) -> Response:
+    t0 = time.perf_counter()
+    data, _ = await read_payload(request, svc.cfg.max_body_bytes)
+    req = parse_model(AskRequest, data)
+    req.check_supported()
+    svc.check_model(req.model, required=False)
+    doc = svc.get_document(doc_id)
+    svc.require_ready()
+    question = await svc.encode(QUESTION_TEMPLATE.format(question=req.question),
+                                add_special_tokens=False)
+    prompt: List[int] = doc.token_ids.tolist() + list(question)
+    params = svc.sampling_params(**req.sampling_kwargs(svc.cfg.default_max_tokens, req.logprobs))
+    deadline = svc.deadline()
+    rid, created = fmt.new_id("ans"), fmt.now()
+    head = {"id": rid, "created": created, "model": svc.model_name, "document_id": doc_id}
+
+    def summary(out) -> Dict[str, Any]:
+        cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+        return {"finish_reason": out.finish_reason, "num_cached_tokens": cached,
+                "usage": fmt.usage(len(out.prompt_token_ids), len(out.token_ids), cached),
+                "timings": dict(getattr(out, "timings", None) or {})}
+
+    if req.stream:
+        async def chunks() -> AsyncIterator[bytes]:
+            async for item in svc.stream(endpoint, prompt, params, deadline, t0):
+                if is_final(item):
+                    yield fmt.sse({**head, "object": "document.answer.chunk", "delta": "",
+                                   **summary(item)})
+                    continue
+                chunk = {**head, "object": "document.answer.chunk", "delta": item.text,
+                         "finish_reason": None}
+                if req.return_token_ids:
+                    chunk["token_ids"] = [item.token_id]
+                if req.logprobs:
+                    chunk["logprobs"] = [item.logprob]
+                yield fmt.sse(chunk)
+            yield fmt.DONE
+
+        return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o))
+
+    out = await svc.generate(endpoint, prompt, params, deadline, t0)
+    body = {**head, "object": "document.answer", "answer": out.text, **summary(out)}
+    if req.return_token_ids:
+        body["token_ids"] = [int(t) for t in out.token_ids]
+    if req.logprobs:
+        body["logprobs"] = list(out.logprobs or [])
+    return respond(body, wants_msgpack(request))
+
+
+__all__ = ["create", "get", "listing", "delete", "ask", "QUESTION_TEMPLATE"]

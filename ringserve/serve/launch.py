@@ -1,0 +1,92 @@
+"""`build_app(args)` (the import path of `serve run` / `serve deploy` / KubeRay) and `run(...)`
+(what `ringserve serve` and the demo call: Ray, Serve's HTTP proxy and the app, then wait until
+the model is loaded)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, Optional
+
+from ringserve.serve.config import ServeArgs
+
+APP_NAME = "ringserve"
+# Requests a replica accepts at once beyond its own queue: probes, GETs, document housekeeping.
+# Serve must not hold requests back below our max_queue, or 429s would never be answered.
+_EXTRA_ONGOING = 32
+
+
+def build_app(args: Optional[Dict[str, Any]] = None):
+    """The Serve application for `args` (see ServeArgs); raises ValueError on bad arguments."""
+    cfg = ServeArgs.from_dict(args)
+    from ringserve.serve.app import RingServe
+
+    return RingServe.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_queue + 1 + _EXTRA_ONGOING,
+        ray_actor_options={"num_cpus": cfg.replica_num_cpus},
+    ).bind(cfg.to_dict())
+
+
+def wait_ready(url: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> Dict[str, Any]:
+    """Poll GET {url}/ready until the model is loaded; raise with the server's message if loading
+    failed or `timeout_s` passed."""
+    t_end = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < t_end:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/ready", timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            last = f"HTTP {e.code}: {body}"
+            if "model_load_failed" in body:
+                raise RuntimeError(f"the model failed to load: {body}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            last = str(e)
+        time.sleep(poll_s)
+    raise TimeoutError(f"{url} not ready after {timeout_s:g} s (last: {last})")
+
+
+def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 8000,
+        blocking: bool = True, ray_address: Optional[str] = None, name: str = APP_NAME,
+        ready_timeout_s: float = 900.0, **options) -> str:
+    """Start Ray (or join `ray_address`), Serve's HTTP proxy on host:port and the app; wait until
+    the model is loaded and return the base URL. `blocking=True` then serves until Ctrl-C.
+
+    options: the other build_app arguments (schedule, device, dtype, max_kv_tokens, api_key,
+    max_queue, request_timeout_s, max_body_mb, num_replicas, ...).
+    """
+    args = {"model": model, "world_size": world_size, **options}
+    ServeArgs.from_dict(args)  # fail on bad arguments before starting anything
+    if ray_address is None and not os.path.isdir(model):
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    if ray_address is None:  # a local model directory: hand Ray its absolute path
+        args["model"] = os.path.abspath(model)
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix="/")
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{probe_host}:{port}"
+    wait_ready(url, ready_timeout_s)
+    print(f"ringserve: {args['model']} ready at {url}/v1 (OpenAI-compatible; documents at "
+          f"{url}/v1/documents)", flush=True)
+    if not blocking:
+        return url
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(name)
+    return url
+
+
+__all__ = ["build_app", "run", "wait_ready", "APP_NAME"]

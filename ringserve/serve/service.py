@@ -1,0 +1,224 @@
+"""The state of one replica: its LLM (loaded in the background), runner, documents and metrics.
+
+Ray-free apart from the metrics; the Serve deployment (app.py) holds one Service and its routes
+call the handlers (openai_routes.py, document_routes.py) with it.
+"""
+from __future__ import annotations
+
+import hmac
+import importlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+from fastapi import Request
+
+from ringserve.serve.config import ServeArgs
+from ringserve.serve.errors import APIError
+from ringserve.serve.metrics import ServeMetrics
+from ringserve.serve.runner import Deadline, EngineRunner
+
+log = logging.getLogger("ringserve.serve")
+
+
+def import_class(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def is_final(item: Any) -> bool:
+    """The LLM stream yields StreamDelta(token_id, ...) items, then one RequestOutput."""
+    return hasattr(item, "finish_reason") and hasattr(item, "token_ids")
+
+
+@dataclass
+class Document:
+    id: str
+    key: Optional[str]          # the engine's document-cache key (None once dropped)
+    name: Optional[str]
+    token_ids: np.ndarray       # int32: the prompt prefix every question is appended to
+    created: int
+    prefill_s: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.size)
+
+    def card(self) -> Dict[str, Any]:
+        return {"id": self.id, "object": "document", "name": self.name,
+                "num_tokens": self.num_tokens, "created": self.created,
+                "prefill_s": round(self.prefill_s, 6)}
+
+
+class Service:
+    def __init__(self, cfg: ServeArgs, replica: str = ""):
+        self.cfg = cfg
+        self.model_name = cfg.served_model_name
+        self.created = int(time.time())
+        self.metrics = ServeMetrics(self.model_name, replica)
+        self.runner = EngineRunner(cfg.max_queue, cfg.request_timeout_s,
+                                   on_queue_change=self.metrics.queue)
+        self.llm = None
+        self.load_error: Optional[BaseException] = None
+        self.load_s: Optional[float] = None
+        self.documents: Dict[str, Document] = {}
+        self._closed = False
+        self._loader = threading.Thread(target=self._load, name="ringserve-load", daemon=True)
+        self._loader.start()
+
+    # ------------------------------------------------------------------ engine lifecycle
+    def _device(self) -> str:
+        if self.cfg.device is not None:
+            return self.cfg.device
+        import ray  # the replica runs inside Ray; a cluster with GPUs gets the GPU engine
+        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            cls = import_class(self.cfg.llm_class)
+            llm = cls(self.cfg.model, world_size=self.cfg.world_size, schedule=self.cfg.schedule,
+                      device=self._device(), dtype=self.cfg.dtype,
+                      max_kv_tokens=self.cfg.max_kv_tokens,
+                      document_cache_tokens=self.cfg.document_cache_tokens,
+                      placement_strategy=self.cfg.placement_strategy)
+            if self._closed:
+                llm.shutdown()
+                return
+            self.llm = llm
+            self.load_s = time.perf_counter() - t0
+            self.refresh_kv()
+            log.info("model %s loaded in %.1f s", self.cfg.model, self.load_s)
+        except BaseException as exc:  # noqa: BLE001 - reported by /ready and check_health
+            self.load_error = exc
+            log.exception("loading model %s failed", self.cfg.model)
+
+    @property
+    def ready(self) -> bool:
+        return self.llm is not None
+
+    def require_ready(self):
+        if self.llm is not None:
+            return self.llm
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {type(self.load_error).__name__}: "
+                                f"{self.load_error}", code="model_load_failed")
+        raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
+                       headers={"Retry-After": "5"})
+
+    def refresh_kv(self) -> None:
+        """Read KV usage into the gauges. Called in a worker thread that holds the slot."""
+        llm = self.llm
+        if llm is None:
+            return
+        try:
+            s = llm.stats()
+        except Exception:  # noqa: BLE001 - stats are best effort; the group may be rebuilding
+            return
+        self.metrics.kv_tokens(s.get("kv_tokens_used"), s.get("kv_tokens_free"))
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self.runner.shutdown()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            try:
+                llm.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("LLM shutdown failed")
+
+    # ------------------------------------------------------------------ request helpers
+    def check_auth(self, request: Request) -> None:
+        key = self.cfg.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(self, model: Optional[str], required: bool = True) -> None:
+        if model is None and not required:
+            return
+        if model not in (self.model_name, self.cfg.model):
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.model_name!r}", code="model_not_found", param="model")
+
+    def deadline(self) -> Deadline:
+        return self.runner.deadline()
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
+        llm = self.require_ready()
+        return await self.runner.run_free(
+            lambda: llm.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def piece(self, token_id: int) -> str:
+        llm = self.llm
+        return llm.tokenizer.decode([token_id], skip_special_tokens=False) if llm else ""
+
+    async def stream(self, endpoint: str, prompt: Union[str, Sequence[int]], params,
+                     deadline: Deadline, t0: float) -> AsyncIterator[Any]:
+        """The LLM's stream for one prompt (StreamDelta items, then the RequestOutput), with
+        time-to-first-token and throughput recorded."""
+        llm = self.require_ready()
+        first = True
+        async for item in self.runner.stream(lambda: llm.stream(prompt, params), deadline,
+                                             f"the {endpoint} request", after=self.refresh_kv):
+            if is_final(item):
+                timings = getattr(item, "timings", None) or {}
+                self.metrics.finished(endpoint, len(item.prompt_token_ids),
+                                      int(getattr(item, "num_cached_tokens", 0) or 0),
+                                      len(item.token_ids), timings.get("decode_s"))
+            elif first:
+                self.metrics.first_token(endpoint, time.perf_counter() - t0)
+                first = False
+            yield item
+
+    async def generate(self, endpoint: str, prompt, params, deadline: Deadline, t0: float):
+        """The final RequestOutput of one prompt (the stream, drained)."""
+        final = None
+        async for item in self.stream(endpoint, prompt, params, deadline, t0):
+            if is_final(item):
+                final = item
+        if final is None:
+            raise APIError(500, "the engine's stream ended without a result", code="internal_error")
+        return final
+
+    def sampling_params(self, **kwargs):
+        from ringserve.sampling import SamplingParams
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+
+    # ------------------------------------------------------------------ documents
+    def get_document(self, doc_id: str) -> Document:
+        doc = self.documents.get(doc_id)
+        if doc is None:
+            raise APIError(404, f"no document with id {doc_id!r} (never uploaded, or deleted)",
+                           code="document_not_found", param="document_id")
+        return doc
+
+    def new_document_id(self) -> str:
+        return f"doc-{uuid.uuid4().hex[:24]}"
+
+    def stats(self) -> Dict[str, Any]:
+        llm = self.llm
+        out = {"model": self.model_name, "ready": self.ready, "load_s": self.load_s,
+               "documents": len(self.documents), "args": self.cfg.public_dict(),
+               **self.metrics.snapshot()}
+        if llm is not None:
+            try:
+                out["capacity_tokens"] = int(llm.capacity_tokens)
+            except Exception:  # noqa: BLE001
+                pass
+        return out
+
+
+__all__ = ["Service", "Document", "import_class", "is_final"]
