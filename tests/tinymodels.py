@@ -16,6 +16,7 @@ tokenizer_config.json with a chat template and generation_config.json. Names:
                  SentencePiece-like (Metaspace + byte fallback) BPE, [INST] template
   mistral        MQA 4/1, sliding_window 16 (kernels' window_size 15), Metaspace tokenizer
   qwen2          GQA 4/2, QKV bias, tied embeddings, ChatML template, no BOS
+  qwen2-yarn     qwen2 untied, with YaRN rope scaling (factor 4 over 64 original positions)
   llama-sharded  "llama" saved in several safetensors shards with model.safetensors.index.json
 
 Weights are re-drawn after HF's initialisation (seeded) with scales that make attention
@@ -72,6 +73,10 @@ TINY_MODELS: Dict[str, dict] = {
                     rope_theta=10000.0, sliding_window=16),
     "qwen2": dict(arch="qwen2", tokenizer="bytelevel-chatml", num_key_value_heads=2,
                   rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen2-yarn": dict(arch="qwen2", tokenizer="bytelevel-chatml", num_key_value_heads=2,
+                       rope_theta=1000000.0, tie_word_embeddings=False,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                     "original_max_position_embeddings": 64}),
     "llama-sharded": dict(arch="llama", tokenizer="bytelevel-llama3", num_key_value_heads=2,
                           rope_theta=500000.0, shard="64KB",
                           rope_scaling={"rope_type": "llama3", "factor": 8.0,
