@@ -122,15 +122,28 @@ def _check_world(rank: int, world_size: int, timeout_s: float) -> None:
 
 
 class _GlooHandle(Handle):
-    def __init__(self, transport: "GlooTransport", works, peer: int):
-        self._t, self._works, self._peer = transport, works, peer
+    def __init__(self, transport: "GlooTransport", works, peer: Optional[int],
+                 what: str = "send_recv"):
+        self._t, self._works, self._peer, self._what = transport, works, peer, what
 
     def wait(self, timeout_s: Optional[float] = None) -> None:
+        # gloo's point-to-point work reports completion only through wait(), so wait with the
+        # remaining time; gloo raises RuntimeError when it runs out or the peer is gone.
         t = self._t._timeout(timeout_s)
-        if not _poll_until(lambda: all(w.is_completed() for w in self._works), t):
-            raise self._t._timeout_error("send_recv", self._peer, t)
+        deadline = time.monotonic() + t
         for w in self._works:
-            w.wait()  # completed: re-raises a gloo error if the op failed
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise RuntimeError("deadline passed")
+                w.wait(datetime.timedelta(seconds=left))
+            except RuntimeError as e:
+                self._t.broken = True  # gloo closes the pair: this communicator is done
+                if time.monotonic() >= deadline - 0.05 or "imed out" in str(e):
+                    raise self._t._timeout_error(self._what, self._peer, t) from e
+                who = f"rank {self._peer}" if self._peer is not None else "the other ranks"
+                raise TransportError(f"GlooTransport rank {self._t.rank}: communication with "
+                                     f"{who} failed (the group must be rebuilt): {e}") from e
 
 
 def make_store(host: str, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
@@ -167,6 +180,7 @@ class GlooTransport(Transport):
             store = dist.TCPStore(host, port, world_size, False,
                                   timeout=datetime.timedelta(seconds=timeout_s))
         self._store = store
+        self.broken = False
         # the process-group timeout bounds gloo's own blocking calls (connect, collectives)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -190,12 +204,12 @@ class GlooTransport(Transport):
     def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None):
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         work = self._dist.all_gather(out, tensor.contiguous(), async_op=True)
-        _GlooHandle(self, [work], None).wait(timeout_s)
+        _GlooHandle(self, [work], None, "all_gather").wait(timeout_s)
         return out
 
     def barrier(self, timeout_s: Optional[float] = None) -> None:
         work = self._dist.barrier(async_op=True)
-        _GlooHandle(self, [work], None).wait(timeout_s)
+        _GlooHandle(self, [work], None, "barrier").wait(timeout_s)
 
     def close(self) -> None:
         if not self._closed:
@@ -239,7 +253,7 @@ class _NcclHandle(Handle):
         # Host-side poll only to bound the wait; the compute stream itself waits on the event, so
         # kernels already queued keep running and nothing is copied through the host.
         if not _poll_until(self._event.query, t):
-            self._t._broken = True
+            self._t.broken = True
             raise self._t._timeout_error("NCCL send_recv", self._peer, t)
         torch.cuda.current_stream(self._t.device).wait_event(self._event)
 
@@ -258,7 +272,7 @@ class NcclTransport(Transport):
         self._cupy_device = cupy.cuda.Device(self.device.index)
         self._cupy_device.use()
         self.stream = torch.cuda.Stream(self.device)  # communication overlaps the compute stream
-        self._broken = False
+        self.broken = False
         self._comm = nccl.NcclCommunicator(world_size, unique_id, rank)  # blocks until all join
 
     def _dtype(self, t: torch.Tensor) -> int:
@@ -332,7 +346,7 @@ class NcclTransport(Transport):
         if self._comm is None:
             return
         comm, self._comm = self._comm, None
-        if self._broken:
+        if self.broken:
             comm.abort()  # a peer is gone: destroy would wait for it forever
         else:
             self.stream.synchronize()
