@@ -1,0 +1,318 @@
+"""Attention kernels (Triton under TRITON_INTERPRET=1 on CPU, and the torch path) vs reference.py.
+
+fp32 and fp16 only: the interpreter gets bf16 dots wrong (bf16 runs in test_kernels_gpu.py).
+Sizes stay small because the interpreter runs every program in Python.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from ringserve.kernels import attention, merge_, paged_decode
+from ringserve.kernels.reference import attention_ref, merge_ref, paged_decode_ref
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton on CPU needs TRITON_INTERPRET=1 (set by `bash dev test`)")
+
+BACKENDS = ["triton", "torch"]
+
+
+def rand(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def check_close(out, lse, ref_out, ref_lse, dtype, lowp_out=None):
+    """fp32: ~1e-5 relative. Low precision: at most 2x the error of a plain torch computation in
+    the same dtype (both against float64), plus a tiny absolute floor."""
+    ref_out = ref_out.double()
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin), "fully masked rows differ"
+    assert torch.all(lse[~fin] == float("-inf"))
+    assert torch.isfinite(out).all()
+    masked_rows = ~fin.transpose(1, 2)   # (B, S, H)
+    if masked_rows.any():
+        assert torch.all(out[masked_rows] == 0), "fully masked rows must give out = 0"
+    err = (out.double() - ref_out).abs().max().item()
+    lse_err = (lse[fin] - ref_lse[fin]).abs().max().item() if fin.any() else 0.0
+    if dtype == torch.float32:
+        rel = ((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-30)).item()
+        assert rel < 1e-5, f"relative error {rel:.3g}"
+        lse_mag = ref_lse[fin].abs().max().item() if fin.any() else 1.0
+        assert lse_err < 1e-5 * max(1.0, lse_mag), lse_err
+    else:
+        base = (lowp_out.double() - ref_out).abs().max().item()
+        assert err <= 2 * base + 1e-4, f"max error {err:.3g} vs torch {dtype} {base:.3g}"
+        assert lse_err < 1e-2, lse_err
+
+
+def qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (rand(B, Sq, Hq, D, dtype=dtype, gen=g), rand(B, Sk, Hkv, D, dtype=dtype, gen=g),
+            rand(B, Sk, Hkv, D, dtype=dtype, gen=g))
+
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, window, q_offset, q_stride, k_offset, k_stride, dtype)
+CASES = {
+    "plain-gqa": (1, 77, 211, 4, 2, 32, False, None, 0, 1, 0, 1, torch.float32),
+    "causal-mqa-tail": (1, 77, 211, 4, 1, 32, True, None, 134, 1, 0, 1, torch.float32),
+    "striped-causal-window": (2, 77, 211, 2, 1, 16, True, 40, 1, 3, 2, 3, torch.float32),
+    "window-masked-rows": (1, 77, 211, 2, 2, 16, False, 100, 300, 1, 0, 1, torch.float32),
+    "causal-long-window": (1, 77, 211, 2, 1, 16, True, 100, 134, 1, 0, 1, torch.float32),
+    "two-sided-long-window": (1, 77, 211, 2, 1, 16, False, 90, 60, 1, 0, 1, torch.float32),
+    "fp16-causal-gqa": (1, 77, 211, 4, 2, 64, True, None, 134, 1, 0, 1, torch.float16),
+    "fp16-strided-window": (1, 77, 211, 2, 1, 32, False, 25, 5, 2, 0, 1, torch.float16),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_matches_reference(case, backend):
+    B, Sq, Sk, Hq, Hkv, D, causal, window, qo, qs, ko, ks, dtype = CASES[case]
+    q, k, v = qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed=hash(case) % 10_000)
+    out, lse = attention(q, k, v, None, causal, window, qo, qs, ko, ks, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
+    ref_out, ref_lse = attention_ref(q, k, v, None, causal, window, qo, qs, ko, ks)
+    lowp = None
+    if dtype != torch.float32:
+        lowp, _ = attention_ref(q, k, v, None, causal, window, qo, qs, ko, ks, dtype=dtype)
+    check_close(out, lse, ref_out, ref_lse, dtype, lowp)
+
+
+def test_attention_random_positions_sweep():
+    """Random affine positions, masks and sizes: the per-block loop bounds must be exact."""
+    g = torch.Generator().manual_seed(1234)
+    for _ in range(30):
+        r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+        Sq, Sk = r(1, 70), r(1, 90)
+        causal = bool(r(0, 1))
+        window = None if r(0, 2) == 0 else r(0, 200)
+        qo, qs, ko, ks = r(0, 120), r(1, 4), r(0, 120), r(1, 4)
+        q, k, v = (rand(1, Sq, 2, 16, gen=g), rand(1, Sk, 1, 16, gen=g), rand(1, Sk, 1, 16, gen=g))
+        out, lse = attention(q, k, v, 0.3, causal, window, qo, qs, ko, ks, backend="triton")
+        ref_out, ref_lse = attention_ref(q, k, v, 0.3, causal, window, qo, qs, ko, ks)
+        check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
+def test_attention_strided_inputs_and_head_dim_padding():
+    """Views with odd strides (packed qkv, a (B, H, S, D) buffer permuted) and D=24 (padded)."""
+    g = torch.Generator().manual_seed(7)
+    B, S, H, D = 2, 45, 2, 24
+    packed = rand(B, S, 3, H, D, gen=g)
+    q = packed[:, :, 0]
+    k = rand(B, H, S, D, gen=g).permute(0, 2, 1, 3)
+    v = packed[:, :, 2]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out, lse = attention(q, k, v, None, True, None, backend="triton")
+    ref_out, ref_lse = attention_ref(q, k, v, None, True)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
+def test_attention_tma_descriptor_path():
+    """The tensor-descriptor (Hopper copy engine) load path, run by the interpreter."""
+    from ringserve.kernels.flash_fwd import flash_attn_fwd
+    q, k, v = qkv(2, 50, 90, 4, 2, 32, torch.float32, seed=11)
+    for causal, window in ((True, 20), (False, None)):
+        out, lse = flash_attn_fwd(q, k, v, None, causal, window, 40, 1, 0, 1, use_tma=True)
+        ref_out, ref_lse = attention_ref(q, k, v, None, causal, window, 40, 1, 0, 1)
+        check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipped_key_blocks_are_never_read(backend):
+    """K/V rows that no query can see are NaN: blocks the mask removes must not be touched.
+
+    Poisoned ranges are whole 64-key blocks, so this holds for any BLOCK_N dividing 64.
+    """
+    q, k, v = qkv(1, 77, 256, 2, 1, 16, torch.float32, seed=3)
+    # causal, queries at 0..76: keys >= 128 lie wholly past the diagonal
+    kp, vp = k.clone(), v.clone()
+    kp[:, 128:] = float("nan")
+    vp[:, 128:] = float("nan")
+    out, lse = attention(q, kp, vp, None, True, None, 0, 1, 0, 1, backend=backend)
+    ref_out, ref_lse = attention_ref(q, k, v, None, True, None, 0, 1, 0, 1)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+    # causal + window 20, queries at 100..176: keys < 64 and >= 192 are never visible
+    kp, vp = k.clone(), v.clone()
+    for sl in (slice(0, 64), slice(192, None)):
+        kp[:, sl] = float("nan")
+        vp[:, sl] = float("nan")
+    out, lse = attention(q, kp, vp, None, True, 20, 100, 1, 0, 1, backend=backend)
+    ref_out, ref_lse = attention_ref(q, k, v, None, True, 20, 100, 1, 0, 1)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_everything(backend):
+    q, k, v = qkv(1, 20, 30, 2, 2, 16, torch.float32, seed=5)
+    out, lse = attention(q, k, v, None, True, None, 0, 1, 1000, 1, backend=backend)
+    assert torch.all(lse == float("-inf")) and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_of_chunks_equals_whole(backend, dtype):
+    """Ring-style: striped queries vs each rank's striped keys, merged, == whole attention."""
+    N, total, H, D = 3, 100, 2, 16
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (rand(1, total, H, D, dtype=dtype, gen=g), rand(1, total, 1, D, dtype=dtype, gen=g),
+               rand(1, total, 1, D, dtype=dtype, gen=g))
+    ref_out, ref_lse = attention_ref(q, k, v, None, True, 30)
+    for r in range(N):   # this rank's queries: positions r, r+N, ...
+        qr = q[:, r::N]
+        acc = torch.zeros(qr.shape, dtype=torch.float32)
+        acc_lse = torch.full((1, H, qr.shape[1]), float("-inf"))
+        for src in [(r + s) % N for s in range(N)]:
+            o, l = attention(qr, k[:, src::N], v[:, src::N], None, True, 30, r, N, src, N,
+                             backend=backend)
+            res = merge_(acc, acc_lse, o, l, backend=backend)
+            assert res[0] is acc and res[1] is acc_lse   # in place
+        want_out, want_lse = ref_out[:, r::N], ref_lse[:, :, r::N]
+        tol = 1e-5 if dtype == torch.float32 else 3e-3
+        assert (acc.double() - want_out).abs().max() < tol
+        assert (acc_lse - want_lse).abs().max() < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_matches_reference_and_handles_inf(backend):
+    g = torch.Generator().manual_seed(9)
+    B, S, H, D = 2, 33, 3, 24
+    oa, ob = rand(B, S, H, D, gen=g), rand(B, S, H, D, gen=g)
+    la, lb = rand(B, H, S, gen=g) * 3, rand(B, H, S, gen=g) * 3
+    la[0, 0, :5] = float("-inf")      # accumulator empty
+    lb[0, 0, 3:8] = float("-inf")     # incoming partial empty (rows 3, 4: both)
+    lb[1, 2, :] = float("-inf")
+    ref_out, ref_lse = merge_ref(oa, la, ob, lb)
+    merge_(oa, la, ob, lb, backend=backend)
+    assert torch.equal(torch.isfinite(la), torch.isfinite(ref_lse))
+    assert torch.all(la[0, 0, 3:5] == float("-inf")) and torch.all(oa[0, 3:5, 0] == 0)
+    fin = torch.isfinite(ref_lse)
+    assert (la[fin] - ref_lse[fin]).abs().max() < 1e-5
+    assert (oa.double() - ref_out).abs().max() < 1e-5
+
+
+def test_merge_triton_low_precision_accumulator_and_nan_guard():
+    g = torch.Generator().manual_seed(10)
+    B, S, H, D = 1, 17, 2, 32
+    oa, ob = rand(B, S, H, D, gen=g), rand(B, S, H, D, gen=g)
+    la, lb = rand(B, H, S, gen=g), rand(B, H, S, gen=g)
+    acc = oa.half()
+    ref_out, ref_lse = merge_ref(acc, la, ob, lb)
+    merge_(acc, la, ob, lb, backend="triton")
+    # merged in fp32, rounded once to fp16: within half an fp16 ulp (2**-11 relative)
+    assert acc.dtype == torch.float16
+    assert torch.all((acc.double() - ref_out).abs() <= 2 ** -11 * ref_out.abs() + 1e-6)
+    # an empty accumulator may hold garbage (torch.empty): weight 0 must not let it through
+    junk = torch.full((B, S, H, D), float("nan"))
+    empty = torch.full((B, H, S), float("-inf"))
+    merge_(junk, empty, ob, lb, backend="triton")
+    assert (junk - ob).abs().max() < 1e-6 and (empty - lb).abs().max() < 1e-6
+
+
+def paged_case(B, Sq, Hq, Hkv, D, page, lens, dtype, seed, positions=False):
+    g = torch.Generator().manual_seed(seed)
+    max_pages = max(1, max(-(-n // page) for n in lens)) + 1
+    P = B * max_pages + 3
+    k_cache, v_cache = rand(P, page, Hkv, D, dtype=dtype, gen=g), rand(P, page, Hkv, D, dtype=dtype, gen=g)
+    block_table = torch.randperm(P, generator=g)[:B * max_pages].view(B, max_pages).int()  # shuffled
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = rand(B, Sq, Hq, D, dtype=dtype, gen=g)
+    q_pos = kv_pos = None
+    if positions:   # global positions of a striped shard: slot order != position order
+        kv_pos = torch.randperm(P * page, generator=g).view(P, page) * 2 + 1
+        q_pos = torch.randint(0, 2 * P * page, (B, Sq), generator=g)
+    return q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos
+
+
+DECODE_CASES = {
+    # B, Sq, Hq, Hkv, D, page, lens, causal, window, positions, dtype
+    "gqa-one-token": (2, 1, 4, 2, 32, 16, [200, 77], False, None, False, torch.float32),
+    "mqa-causal-default-pos": (2, 3, 4, 1, 32, 16, [150, 61], True, None, False, torch.float32),
+    "positions-window": (2, 4, 8, 2, 16, 8, [131, 100], True, 300, True, torch.float32),
+    "empty-seq-fp16": (2, 2, 4, 2, 32, 16, [0, 93], False, None, False, torch.float16),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_paged_decode_matches_reference(case, backend):
+    B, Sq, Hq, Hkv, D, page, lens, causal, window, positions, dtype = DECODE_CASES[case]
+    if backend == "torch" and (causal or window is not None) and not positions:
+        pytest.skip("the torch path needs explicit positions to mask")
+    q, kc, vc, bt, sl, qp, kp = paged_case(B, Sq, Hq, Hkv, D, page, lens, dtype,
+                                           seed=hash(case) % 10_000, positions=positions)
+    out, lse = paged_decode(q, kc, vc, bt, sl, None, causal, window, qp, kp, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, Sq)
+    ref_out, ref_lse = paged_decode_ref(q, kc, vc, bt, sl, None, causal, window, qp, kp)
+    lowp = None
+    if dtype != torch.float32:
+        lowp, _ = paged_decode_ref(q, kc, vc, bt, sl, None, causal, window, qp, kp, dtype=dtype)
+    check_close(out, lse, ref_out, ref_lse, dtype, lowp)
+
+
+def test_paged_decode_shards_merge_to_whole():
+    """Decode partials from two KV shards, merged, == decode over the union (pass-Q)."""
+    q, kc, vc, bt, sl, qp, kp = paged_case(1, 2, 4, 2, 32, 16, [180], torch.float32, seed=77,
+                                           positions=True)
+    whole_out, whole_lse = paged_decode_ref(q, kc, vc, bt, sl, None, True, None, qp, kp)
+    # shard 0 holds pages 0..5 of the table, shard 1 the rest
+    out0, lse0 = paged_decode(q, kc, vc, bt[:, :6].contiguous(), torch.tensor([96], dtype=torch.int32),
+                              None, True, None, qp, kp, backend="triton")
+    out1, lse1 = paged_decode(q, kc, vc, bt[:, 6:].contiguous(), torch.tensor([84], dtype=torch.int32),
+                              None, True, None, qp, kp, backend="triton")
+    acc, acc_lse = out0.float(), lse0.clone()
+    merge_(acc, acc_lse, out1, lse1, backend="triton")
+    assert (acc.double() - whole_out).abs().max() < 1e-5
+    fin = torch.isfinite(whole_lse)
+    assert torch.equal(torch.isfinite(acc_lse), fin)
+    assert (acc_lse[fin] - whole_lse[fin]).abs().max() < 1e-5
+
+
+def test_launchers_reject_bad_inputs():
+    from ringserve.kernels.flash_decode import paged_decode_triton
+    from ringserve.kernels.flash_fwd import flash_attn_fwd
+    from ringserve.kernels.merge import merge_triton_
+    q, k, v = qkv(1, 8, 8, 6, 4, 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=r"num q heads \(6\) must be a multiple of num kv heads \(4\)"):
+        flash_attn_fwd(q, k, v)
+    q, k, v = qkv(1, 8, 8, 4, 2, 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=r"head dim \(16\)"):
+        flash_attn_fwd(q, k[..., :8], v[..., :8])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        flash_attn_fwd(q, k.half(), v.half())
+    with pytest.raises(ValueError, match="not supported"):
+        flash_attn_fwd(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="q_stride=0"):
+        flash_attn_fwd(q, k, v, None, True, None, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match="window_size must be None or an int >= 0, got -1"):
+        flash_attn_fwd(q, k, v, None, False, -1)
+    with pytest.raises(ValueError, match="4-D"):
+        flash_attn_fwd(q[0], k, v)
+    o, l = torch.zeros(1, 8, 4, 16), torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match=r"lse_b shape \(1, 8, 4\) must be \(B, H, S\)"):
+        merge_triton_(o, l, o.clone(), torch.zeros(1, 8, 4))
+    with pytest.raises(ValueError, match="lse_acc must be float32"):
+        merge_triton_(o, l.half(), o.clone(), l.clone())
+    qd, kc, vc, bt, sl, _, _ = paged_case(1, 1, 4, 2, 16, 16, [40], torch.float32, seed=2)
+    with pytest.raises(ValueError, match=r"seq_lens must be in 0..max_pages\*page_size \(4\*16\)"):
+        paged_decode_triton(qd, kc, vc, bt, torch.tensor([65], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"q_pos shape \(2, 1\) must be \(B, Sq\) = \(1, 1\)"):
+        paged_decode_triton(qd, kc, vc, bt, sl, None, True, None, torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_table must be int32 or int64"):
+        paged_decode_triton(qd, kc, vc, bt.float(), sl)
+    kc3 = torch.zeros(kc.shape[0], 16, 3, 16)
+    with pytest.raises(ValueError, match=r"num q heads \(4\) must be a multiple of num kv heads \(3\)"):
+        paged_decode_triton(qd, kc3, kc3.clone(), bt, sl)
+
+
+def test_softmax_scale_is_used():
+    q, k, v = qkv(1, 20, 30, 2, 1, 16, torch.float32, seed=4)
+    for s in (0.05, 1.7):
+        out, lse = attention(q, k, v, s, False, None, backend="triton")
+        ref_out, ref_lse = attention_ref(q, k, v, s)
+        check_close(out, lse, ref_out, ref_lse, torch.float32)
+    assert not math.isclose(float(lse[0, 0, 0]), float(attention_ref(q, k, v, 0.05)[1][0, 0, 0]))
