@@ -5,10 +5,10 @@ rank that owns each of those tokens. A new prompt is matched against every entry
 common prefix: the engine forks the entry's pages on every rank (no copy of full pages), trims
 the fork to the matched prefix, and computes only the rest of the prompt.
 
-Eviction (the engine calls `victims`): least recently used first, unpinned entries before pinned
-ones. Pinned entries (made by `LLM.cache_document`) are evicted only when dropped, when the
-document-cache token budget cannot be met otherwise, or when a request needs their KV memory
-and freeing every unpinned entry was not enough.
+Eviction: least recently used first, unpinned entries before pinned ones. Pinned entries (made
+by `LLM.cache_document`) are evicted only when dropped or when the document-cache token budget
+cannot be met otherwise (caching another document past the budget); a request that needs KV
+memory evicts unpinned entries only, and fails with CapacityError if pinned ones are in the way.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ generator state has to live between decode steps.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -105,43 +105,45 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> Tuple[int
     return tok, logprob
 
 
-@dataclass
 class StopState:
     """Tracks the detokenized text of one request and decides when it stops.
 
-    Text is re-decoded from all generated ids each step (tokenizers merge bytes across tokens),
-    a trailing U+FFFD (half a UTF-8 character) is held back, and so is any tail that could still
-    grow into a stop string, so a stream never shows text that is later cut.
+    `decoder` turns tokens into text incrementally (`push(id) -> str`, `flush() -> str`, e.g.
+    `tokenizer.IncrementalDecoder`). Stop strings are searched only where a new piece could
+    complete one; the text is cut before the stop string. A tail that could still grow into a
+    stop string is held back, so a stream never shows text that is later cut. Stop token ids and
+    EOS end the request without adding their text.
     """
-    params: SamplingParams
-    eos_token_ids: Tuple[int, ...] = ()
-    text: str = ""
-    emitted: int = 0
-    finish_reason: Optional[str] = None
-    _hold: int = field(init=False, default=0)
 
-    def __post_init__(self):
-        self._hold = max((len(s) for s in self.params.stop), default=1) - 1
+    def __init__(self, params: SamplingParams, decoder, eos_token_ids: Sequence[int] = ()):
+        self.params = params
+        self.decoder = decoder
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: Optional[str] = None
+        self._hold = max((len(s) for s in params.stop), default=1) - 1
 
-    def update(self, token_id: int, num_generated: int, decode) -> str:
-        """Account for one new token; returns the text delta that may be shown now."""
+    def update(self, token_id: int, num_generated: int) -> str:
+        """Account for one new token (the num_generated-th); returns the text that may be shown
+        now. Sets `finish_reason` ("stop" or "length") when the request is over."""
         if token_id in self.params.stop_token_ids or (
                 not self.params.ignore_eos and token_id in self.eos_token_ids):
             self.finish_reason = "stop"
             return self._flush()
-        self.text = decode()
+        start = max(0, len(self.text) - self._hold)
+        self.text += self.decoder.push(token_id)
+        if num_generated >= self.params.max_tokens:
+            self.text += self.decoder.flush()
+            self.finish_reason = "length"
         for s in self.params.stop:
-            i = self.text.find(s)
+            i = self.text.find(s, start)
             if i >= 0:
                 self.text = self.text[:i]
                 self.finish_reason = "stop"
-                return self._flush()
-        if num_generated >= self.params.max_tokens:
-            self.finish_reason = "length"
+        if self.finish_reason:
             return self._flush()
         safe = len(self.text) - self._hold
-        if self.text.endswith("\ufffd"):
-            safe = min(safe, len(self.text) - 1)
         if safe > self.emitted:
             delta, self.emitted = self.text[self.emitted:safe], safe
             return delta

@@ -63,21 +63,24 @@ def test_top_k_top_p_and_temperature_filters():
     assert cold[1] > 0.7  # low temperature sharpens
 
 
-class _Tok:
+class _CharDecoder:
     """Characters as tokens: id i decodes to chr(ord('a') + i)."""
 
-    def decode(self, ids):
-        return "".join(chr(ord("a") + i) for i in ids)
+    def push(self, i):
+        return chr(ord("a") + i)
+
+    def flush(self):
+        return ""
 
 
 def run_stop(params, ids, eos=()):
-    st, out, gen = StopState(params, tuple(eos)), [], []
+    st, out, n = StopState(params, _CharDecoder(), eos), [], 0
     for t in ids:
-        gen.append(t)
-        out.append(st.update(t, len(gen), lambda: _Tok().decode(gen)))
+        n += 1
+        out.append(st.update(t, n))
         if st.finish_reason:
             break
-    return "".join(out), st.text, st.finish_reason, len(gen)
+    return "".join(out), st.text, st.finish_reason, n
 
 
 def test_stop_strings_truncate_and_never_leak_into_the_stream():

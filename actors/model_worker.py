@@ -1,0 +1,263 @@
+"""The model shard worker: full weights, this rank's paged KV cache, prefill / extend / score steps.
+
+The driver (ringserve.engine) calls the same method on every rank at once. Only token ids,
+positions, sampling parameters and small results cross Ray; activations stay on the device and
+ranks exchange K/V (ring prefill) or partial attention results (pass-Q extension) over the
+group's transport.
+
+- prefill: a new sequence's tokens are split by `layout.shard`; each rank runs the model on its
+  shard at global positions, attention is `ring_attention`, and each layer's K/V of the rank's
+  tokens go into its paged cache.
+- extend ("pass-Q"): T new tokens (T = 1 when decoding) run redundantly on every rank. In each
+  layer the K/V of token i are written to the cache of owners[i] only; every rank then attends
+  the T queries to its own cache with `paged_decode` (causal + window by global position), the
+  partial (out, lse) are all-gathered and merged in rank order, so every rank continues with the
+  same output bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from ringserve import kernels
+from ringserve.kv_cache import (KVCacheConfig, PagedKVCache, bytes_per_token, pages_for_budget)
+from ringserve.parallel import layout
+from ringserve.parallel.ring import ring_attention
+from ringserve.sampling import SamplingParams, sample
+from .worker import ShardWorker
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GiB = 1 << 30
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).replace("torch.", "") not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[str(dtype).replace("torch.", "")]
+
+
+def build_model(source: Union[str, dict], dtype, device: torch.device):
+    """A checkpoint directory, or {"config": hf_config_dict, "seed": int} for random weights
+    made on the device (benchmarks: no 16 GB checkpoint on disk)."""
+    from ringserve.model import CausalLM
+    from ringserve.config import ModelConfig
+    from ringserve.weights import resolve_dtype
+
+    if not isinstance(source, dict):
+        return CausalLM.from_pretrained(source, dtype=dtype, device=device)
+    cfg = ModelConfig.from_hf_dict(source["config"])
+    dtype = resolve_dtype(dtype, device, cfg)
+    with torch.device("meta"):
+        model = CausalLM(cfg, dtype=dtype, device="meta")
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    g = torch.Generator(device=device).manual_seed(int(source.get("seed", 0)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+    return model.eval()
+
+
+def activation_bytes_per_token(cfg, elem: int) -> int:
+    """Rough peak activation bytes per prefill token on one rank (hidden states, q/k/v/out,
+    the float32 attention accumulator, the ring's two K/V buffers), with 25% slack."""
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    per = elem * (2 * cfg.hidden_size + 3 * hq * d + 6 * hkv * d) + 4 * hq * d + 8 * hq
+    return int(per * 1.25)
+
+
+class ModelShardWorker(ShardWorker):
+    """One rank of the model group. Construct through `ActorGroup(worker_cls=ModelShardWorker,
+    worker_kwargs=...)`; the keyword arguments are those of `__init__` after `device`."""
+
+    def __init__(self, rank: int, world_size: int, device: str = "cpu", model=None,
+                 dtype=None, page_size: int = 16, kv_tokens: Optional[int] = None,
+                 cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
+                 chunk_tokens: Optional[int] = None, backend: str = "auto", **kwargs):
+        super().__init__(rank, world_size, device, **kwargs)
+        if model is None:
+            raise ValueError("model (a checkpoint directory or a random-weights spec) is needed")
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens ({chunk_tokens}) must be >= 1 or None")
+        self.model = build_model(model, parse_dtype(dtype), self.device)
+        self.cfg = self.model.config
+        self.chunk_tokens = chunk_tokens
+        self.backend = backend
+        self.window_size = self.model.window_size
+        self.softmax_scale = self.model.softmax_scale
+        cfg = self.cfg
+        per_tok = bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                  self.model.dtype)
+        if kv_tokens is not None:
+            num_pages = -(-int(kv_tokens) // page_size)
+        elif self.device.type == "cuda":
+            # what is free after the weights, minus a reserve for prefill activations that grows
+            # with the tokens this rank may hold (one token of cache ~ one token of activations)
+            free, total = torch.cuda.mem_get_info(self.device)
+            fixed = (memory_reserve_bytes if memory_reserve_bytes is not None
+                     else 3 * GiB + 3 * (chunk_tokens or 8192) * cfg.intermediate_size
+                     * self.model.dtype.itemsize)
+            act = activation_bytes_per_token(cfg, self.model.dtype.itemsize)
+            num_pages = pages_for_budget(max(0, free - fixed), page_size, per_tok + act)
+        else:
+            num_pages = pages_for_budget(cpu_kv_bytes, page_size, per_tok)
+        self.cache = PagedKVCache(KVCacheConfig(
+            num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim, num_pages=num_pages, page_size=page_size,
+            dtype=self.model.dtype, device=str(self.device)))
+
+    # ---- information ----
+
+    def kv_info(self) -> dict:
+        c = self.cache
+        return {"rank": self.rank, "num_pages": c.num_pages, "free_pages": c.num_free_pages,
+                "page_size": c.page_size, "capacity_tokens": c.capacity_tokens,
+                "bytes_per_token": c.cfg.bytes_per_token, "sequences": len(c.seq_ids()),
+                "vocab_size": self.cfg.vocab_size, "dtype": str(self.model.dtype),
+                "window_size": self.window_size,
+                "max_position_embeddings": self.cfg.max_position_embeddings}
+
+    def seq_lengths(self, seq_ids: Sequence[str]) -> List[int]:
+        return [self.cache.seq_len(s) for s in seq_ids]
+
+    # ---- sequence lifetime ----
+
+    def fork(self, src: str, dst: str, max_position: Optional[int] = None) -> int:
+        return self.cache.fork(src, dst, max_position)
+
+    def free(self, seq_ids: Sequence[str]) -> int:
+        for s in seq_ids:
+            self.cache.free(s)
+        return self.cache.num_free_pages
+
+    def clear(self) -> int:
+        self.cache.clear()
+        return self.cache.num_free_pages
+
+    # ---- steps ----
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    @torch.inference_mode()
+    def prefill(self, seq_id: str, token_ids, schedule: str, mode: Optional[str] = "sample",
+                params: Optional[SamplingParams] = None, step: int = 0):
+        """Ring prefill of a new sequence. mode "sample": the rank holding the last position
+        returns (token, logprob), others None; "score": every rank returns (positions,
+        logprobs of the next token) for its positions < S - 1; None: returns None."""
+        ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
+        S = ids.numel()
+        if self.cache.has(seq_id):
+            raise ValueError(f"sequence {seq_id!r} already exists on rank {self.rank}")
+        sh = layout.shard(S, self.world_size, self.rank, schedule)
+        pos = sh.positions()
+        try:
+            slots = self.cache.append_slots(seq_id, pos)
+            hidden = self.model(ids[pos], pos, self._prefill_attn(slots, S, schedule),
+                                chunk_tokens=self.chunk_tokens)
+            if mode == "sample":
+                if sh.length == 0 or int(pos[-1]) != S - 1:
+                    return None
+                logits = self.model.logits(hidden[-1:])[0]
+                return sample(logits, params, step)
+            if mode == "score":
+                keep = pos < S - 1
+                lp = self._next_logprobs(hidden[keep], ids[pos[keep] + 1])
+                return pos[keep].to(torch.int32), lp
+            self._sync()
+            return None
+        except BaseException:
+            self.cache.free(seq_id)
+            raise
+
+    def _prefill_attn(self, slots, total_len: int, schedule: str):
+        def attn(layer: int, q, k, v):
+            self.cache.write(layer, slots, k[0], v[0])
+            if self.world_size == 1:
+                out, _ = kernels.attention(q, k, v, softmax_scale=self.softmax_scale,
+                                           causal=True, window_size=self.window_size,
+                                           backend=self.backend)
+            else:
+                out, _ = ring_attention(q, k, v, total_len, schedule, self.transport,
+                                        causal=True, window_size=self.window_size,
+                                        softmax_scale=self.softmax_scale, backend=self.backend)
+            return out
+        return attn
+
+    def _next_logprobs(self, hidden, targets, rows: int = 1024) -> torch.Tensor:
+        """log p(targets[i] | hidden[i]) in float32 on the CPU, `rows` logits rows at a time."""
+        out = torch.empty(hidden.shape[0], dtype=torch.float32)
+        targets = targets.to(hidden.device)
+        for a in range(0, hidden.shape[0], rows):
+            lg = torch.log_softmax(self.model.logits(hidden[a:a + rows]), dim=-1)
+            out[a:a + rows] = lg.gather(1, targets[a:a + rows, None])[:, 0].cpu()
+        return out
+
+    @torch.inference_mode()
+    def extend(self, seq_id: str, token_ids, start_pos: int, owners: Sequence[int],
+               params: Optional[SamplingParams] = None, step: int = 0):
+        """Append T tokens at global positions start_pos.. to an existing (or new, empty)
+        sequence; token i's K/V go to rank owners[i]. With params, rank 0 samples the next
+        token from the last position's logits and returns (token, logprob); otherwise None."""
+        ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
+        T = ids.numel()
+        if len(owners) != T:
+            raise ValueError(f"owners has {len(owners)} entries for {T} tokens")
+        pos = start_pos + torch.arange(T, dtype=torch.int64)
+        mine = [i for i, o in enumerate(owners) if o == self.rank]
+        n_before = self.cache.seq_len(seq_id)
+        slots = self.cache.append_slots(seq_id, pos[mine])
+        try:
+            dev = self.device
+            mine_idx = torch.tensor(mine, dtype=torch.int64, device=dev)
+            table = self.cache.block_table(seq_id)
+            lens = self.cache.seq_lens(seq_id)
+            q_pos = pos[None].to(dev)
+
+            def attn(layer: int, q, k, v):
+                if mine:
+                    self.cache.write(layer, slots, k[0, mine_idx], v[0, mine_idx])
+                out, lse = kernels.paged_decode(
+                    q, self.cache.k[layer], self.cache.v[layer], table, lens,
+                    softmax_scale=self.softmax_scale, causal=True, window_size=self.window_size,
+                    q_pos=q_pos, kv_pos=self.cache.kv_pos, backend=self.backend)
+                if self.world_size > 1:
+                    out = self._merge_across_ranks(out, lse)
+                return out
+
+            hidden = self.model(ids, pos, attn, chunk_tokens=self.chunk_tokens)
+            if params is not None and self.rank == 0:
+                return sample(self.model.logits(hidden[-1:])[0], params, step)
+            self._sync()
+            return None
+        except BaseException:
+            # leave the sequence as it was before this call (its K/V may be half written)
+            if n_before:
+                self.cache.trim(seq_id, int(start_pos))
+            else:
+                self.cache.free(seq_id)
+            raise
+
+    def _merge_across_ranks(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """All-gather every rank's partial (out, lse) of the same queries, merge in rank order."""
+        n_out = out.numel()
+        packed = torch.cat([out.float().reshape(-1), lse.reshape(-1)])
+        parts = self.transport.all_gather(packed)
+        acc_out = parts[0][:n_out].view(out.shape).clone()
+        acc_lse = parts[0][n_out:].view(lse.shape).clone()
+        for p in parts[1:]:
+            kernels.merge_(acc_out, acc_lse, p[:n_out].view(out.shape), p[n_out:].view(lse.shape),
+                           backend=self.backend)
+        return acc_out.to(out.dtype)

@@ -1,0 +1,206 @@
+"""The public Python API: `ringserve.LLM` (see docs/architecture.md).
+
+One LLM = one actor group of `world_size` model shard workers (one GPU each, or CPU actors)
+plus the engine thread that runs requests through it in FIFO order. Safe to call from several
+threads: calls queue and are answered in order.
+"""
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOutput,
+                     StreamDelta)
+from .errors import InvalidRequestError
+from .parallel import layout
+from .sampling import SamplingParams
+
+Prompt = Union[str, Sequence[int]]
+_DONE = object()
+
+
+def _is_ids(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+class _Stream:
+    """Iterator of StreamDelta items, then the final RequestOutput. `close()` (or leaving a
+    for-loop early and dropping it) cancels the request between decode steps."""
+
+    def __init__(self, engine: Engine, ids: List[int], params: SamplingParams,
+                 timeout_s: Optional[float]):
+        self._q: "queue.Queue[Any]" = queue.Queue()
+        self.handle: RequestHandle = engine.submit("generate", ids, params, on_delta=self._q.put,
+                                                   timeout_s=timeout_s)
+        self.handle.future.add_done_callback(lambda _f: self._q.put(_DONE))
+        self._finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        item = self._q.get()
+        if item is _DONE:
+            self._finished = True
+            return self.handle.result()   # the RequestOutput, or the request's error
+        return item
+
+    def close(self) -> None:
+        if not self.handle.done():
+            self.handle.cancel()
+        self._finished = True
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class LLM:
+    def __init__(self, model: Union[str, Path, dict], world_size: int = 1,
+                 schedule: str = "striped", device: str = "cpu", dtype: Optional[str] = None,
+                 max_kv_tokens: Optional[int] = None,
+                 document_cache_tokens: Optional[int] = None,
+                 ray_address: Optional[str] = None, placement_strategy: str = "STRICT_PACK",
+                 page_size: Optional[int] = None, chunk_tokens: Optional[int] = None,
+                 extend_chunk: Optional[int] = None, num_cpus_per_worker: float = 1.0,
+                 cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
+                 backend: str = "auto", transport_timeout_s: float = 300.0,
+                 tokenizer: Any = "auto"):
+        """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
+        for random weights built on each worker (benchmarks; no tokenizer then).
+        max_kv_tokens is for the whole group; default: from free memory (CUDA) or
+        `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA."""
+        if world_size < 1:
+            raise ValueError(f"world_size ({world_size}) must be >= 1")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        layout.check_schedule(schedule)
+        if max_kv_tokens is not None and max_kv_tokens < world_size:
+            raise ValueError(f"max_kv_tokens ({max_kv_tokens}) must be >= world_size "
+                             f"({world_size})")
+        page_size = page_size or (64 if device == "cuda" else 16)
+        if isinstance(model, Path):
+            model = str(model)
+        self.model = model
+        self.world_size, self.schedule, self.device = world_size, schedule, device
+
+        self.tokenizer = None
+        eos: List[int] = []
+        if tokenizer == "auto" and not isinstance(model, dict):
+            from .tokenizer import Tokenizer
+            self.tokenizer = Tokenizer.from_dir(model)
+        elif tokenizer not in ("auto", None):
+            self.tokenizer = tokenizer
+        if self.tokenizer is not None:
+            eos = list(getattr(self.tokenizer, "eos_token_ids", []) or [])
+
+        import ray  # only now: `import ringserve` stays light
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address)
+        from ringserve.actors import ActorGroup
+        from ringserve.actors.model_worker import ModelShardWorker
+
+        kv_tokens = None if max_kv_tokens is None else -(-max_kv_tokens // world_size)
+        worker_kwargs = dict(model=model, dtype=dtype, page_size=page_size, kv_tokens=kv_tokens,
+                             cpu_kv_bytes=cpu_kv_bytes,
+                             memory_reserve_bytes=memory_reserve_bytes,
+                             chunk_tokens=chunk_tokens, backend=backend)
+        self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
+                                 placement_strategy=placement_strategy,
+                                 num_cpus_per_worker=num_cpus_per_worker,
+                                 worker_kwargs=worker_kwargs,
+                                 transport_timeout_s=transport_timeout_s)
+        try:
+            cfg = EngineConfig(schedule=schedule,
+                               extend_chunk=extend_chunk or (256 if device == "cpu" else 2048),
+                               document_cache_tokens=document_cache_tokens)
+            self._engine = Engine(self._group, self.tokenizer, eos, cfg)
+        except BaseException:
+            self._group.shutdown()
+            raise
+
+    # ---- helpers ----
+
+    def _encode(self, prompt: Prompt) -> List[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this LLM has no tokenizer: pass token ids")
+            return list(self.tokenizer.encode(prompt))
+        if _is_ids(prompt):
+            return [int(t) for t in prompt]
+        raise InvalidRequestError("a prompt is a string or a non-empty list of token ids, got "
+                                  f"{type(prompt).__name__} {str(prompt)[:60]!r}")
+
+    def _prompts(self, prompts) -> List[List[int]]:
+        if isinstance(prompts, str) or _is_ids(prompts):
+            return [self._encode(prompts)]
+        if isinstance(prompts, (list, tuple)) and prompts:
+            return [self._encode(p) for p in prompts]
+        raise InvalidRequestError("prompts must be a string, a list of token ids, or a "
+                                  "non-empty list of those")
+
+    # ---- the API ----
+
+    def generate(self, prompts, params: Optional[SamplingParams] = None,
+                 timeout_s: Optional[float] = None) -> List[RequestOutput]:
+        params = params or SamplingParams()
+        handles = [self._engine.submit("generate", ids, params, timeout_s=timeout_s)
+                   for ids in self._prompts(prompts)]
+        return [h.result() for h in handles]
+
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+               timeout_s: Optional[float] = None) -> Iterator[Union[StreamDelta, RequestOutput]]:
+        return _Stream(self._engine, self._encode(prompt), params or SamplingParams(), timeout_s)
+
+    def submit(self, prompt: Prompt, params: Optional[SamplingParams] = None, on_delta=None,
+               timeout_s: Optional[float] = None) -> RequestHandle:
+        """Queue one generation and return at once: `.result()` waits, `.cancel()` stops it;
+        `on_delta(StreamDelta)` is called from the engine thread for every token."""
+        return self._engine.submit("generate", self._encode(prompt), params or SamplingParams(),
+                                   on_delta=on_delta, timeout_s=timeout_s)
+
+    def score(self, texts, timeout_s: Optional[float] = None) -> List[ScoreOutput]:
+        handles = [self._engine.submit("score", ids, timeout_s=timeout_s)
+                   for ids in self._prompts(texts)]
+        return [h.result() for h in handles]
+
+    def cache_document(self, document: Prompt, timeout_s: Optional[float] = None) -> str:
+        """Prefill a document (text or token ids) and pin its KV; returns its key. A request
+        whose prompt starts with it reuses the KV (RequestOutput.num_cached_tokens)."""
+        return self._engine.submit("cache_document", self._encode(document),
+                                   timeout_s=timeout_s).result()
+
+    def drop_document(self, key: str) -> bool:
+        return self._engine.submit("drop_document", key).result()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self._engine.capacity_tokens
+
+    def stats(self) -> Dict[str, Any]:
+        return self._engine.stats()
+
+    def shutdown(self) -> None:
+        eng = getattr(self, "_engine", None)
+        if eng is not None:
+            eng.shutdown()
+        group = getattr(self, "_group", None)
+        if group is not None:
+            group.shutdown()
+            self._group = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "StreamDelta", "ScoreOutput"]
