@@ -3,8 +3,8 @@
 Routes are thin: authenticate, call a handler (openai_routes / document_routes) with the
 replica's Service, count the outcome. Errors of any kind leave in OpenAI's error shape.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: FastAPI reads the route signatures of the
+# class-based view, and string annotations would make `request: Request` a query parameter
 import asyncio
 from typing import Awaitable, Callable
 
