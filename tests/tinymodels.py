@@ -58,6 +58,11 @@ CHATML_TEMPLATE = (
     "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+# the split pattern of Qwen2's tokenizer.json: contractions, letter runs, single digits,
+# punctuation runs, newlines, spaces
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 COMMON = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
               head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=4096)
 
@@ -92,7 +97,8 @@ def _corpus(seed: int) -> List[str]:
 
 def build_tokenizer(path: Path, kind: str, seed: int = 0) -> int:
     """Train a small BPE tokenizer of `kind`, write tokenizer files; return its vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors, trainers)
 
     path.mkdir(parents=True, exist_ok=True)
     corpus = _corpus(seed)
@@ -103,7 +109,15 @@ def build_tokenizer(path: Path, kind: str, seed: int = 0) -> int:
         else:
             specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if kind == "bytelevel-chatml":
+            # as in Qwen2's tokenizer.json (transformers 5 rebuilds a Qwen2 tokenizer with these
+            # whatever the file says): NFC, then a regex split (digits one by one), then bytes
+            tok.normalizer = normalizers.NFC()
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
