@@ -112,6 +112,13 @@ class ShardWorker:
             raise RuntimeError(f"rank {self.rank}: ring ping got wrong bytes from {t.prev_rank}")
         return time.perf_counter() - t0
 
+    def check_collectives(self, timeout_s: Optional[float] = None) -> list:
+        """barrier + all_gather of every rank's id: the ranks as this rank sees them."""
+        t = self._need_transport()
+        t.barrier(timeout_s)
+        mine = torch.tensor([self.rank, os.getpid()], dtype=torch.int64, device=self.device)
+        return [x.cpu().tolist() for x in t.all_gather(mine, timeout_s)]
+
     # ---- attention (tests, benchmarks) ----
 
     def ring_attention_shard(self, q, k, v, total_len: int, schedule: str, causal: bool = True,
