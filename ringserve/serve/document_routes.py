@@ -82,19 +82,21 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
                        param="text" if req.text is not None else "token_ids")
 
     id_list = ids.tolist()
+    deadline = svc.deadline()
 
     def prefill():
         t = time.perf_counter()
-        key = llm.cache_document(id_list)
+        key = llm.cache_document(id_list, timeout_s=max(deadline.left(), 1e-3))
         seconds = time.perf_counter() - t
         svc.refresh_kv()
         return key, seconds
 
     def abandon(result):  # the client never learnt the id: free the KV it pinned
-        llm.drop_document(result[0])
+        if not any(d.key == result[0] for d in svc.documents.values()):
+            llm.drop_document(result[0])
 
     try:
-        key, prefill_s = await svc.runner.call(prefill, svc.deadline(), "the document's prefill",
+        key, prefill_s = await svc.runner.call(prefill, deadline, "the document's prefill",
                                                on_late_result=abandon)
     except engine_errors.CapacityError as exc:
         raise api_error_from(exc, document=True) from None
@@ -116,7 +118,7 @@ async def delete(svc: Service, doc_id: str) -> Dict[str, Any]:
     doc = svc.get_document(doc_id)
     svc.documents.pop(doc_id, None)  # from now on asks get 404
     llm = svc.llm
-    if llm is not None and doc.key is not None:
+    if llm is not None and doc.key is not None and not svc.key_shared(doc):
         key, doc.key = doc.key, None
 
         def drop():

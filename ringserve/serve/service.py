@@ -168,7 +168,10 @@ class Service:
         time-to-first-token and throughput recorded."""
         llm = self.require_ready()
         first = True
-        async for item in self.runner.stream(lambda: llm.stream(prompt, params), deadline,
+        # the engine checks the same deadline between decode steps, so a request that timed out
+        # stops there even if nobody is reading its stream any more
+        async for item in self.runner.stream(
+                lambda: llm.stream(prompt, params, timeout_s=max(deadline.left(), 1e-3)), deadline,
                                              f"the {endpoint} request", after=self.refresh_kv):
             if is_final(item):
                 timings = getattr(item, "timings", None) or {}
@@ -204,6 +207,11 @@ class Service:
             raise APIError(404, f"no document with id {doc_id!r} (never uploaded, or deleted)",
                            code="document_not_found", param="document_id")
         return doc
+
+    def key_shared(self, doc: Document) -> bool:
+        """The engine keys its document cache by the token ids: two uploads of the same text
+        share one pinned entry, which must stay until the last of them is deleted."""
+        return any(d.key == doc.key and d.id != doc.id for d in self.documents.values())
 
     def new_document_id(self) -> str:
         return f"doc-{uuid.uuid4().hex[:24]}"
