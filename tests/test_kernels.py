@@ -6,6 +6,7 @@ Sizes stay small because the interpreter runs every program in Python.
 from __future__ import annotations
 
 import math
+import zlib
 import os
 
 import pytest
@@ -72,7 +73,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_matches_reference(case, backend):
     B, Sq, Sk, Hq, Hkv, D, causal, window, qo, qs, ko, ks, dtype = CASES[case]
-    q, k, v = qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed=hash(case) % 10_000)
+    q, k, v = qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed=zlib.crc32(case.encode()) % 10_000)
     out, lse = attention(q, k, v, None, causal, window, qo, qs, ko, ks, backend=backend)
     assert out.dtype == dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
@@ -244,7 +245,7 @@ def test_paged_decode_matches_reference(case, backend):
     if backend == "torch" and (causal or window is not None) and not positions:
         pytest.skip("the torch path needs explicit positions to mask")
     q, kc, vc, bt, sl, qp, kp = paged_case(B, Sq, Hq, Hkv, D, page, lens, dtype,
-                                           seed=hash(case) % 10_000, positions=positions)
+                                           seed=zlib.crc32(case.encode()) % 10_000, positions=positions)
     out, lse = paged_decode(q, kc, vc, bt, sl, None, causal, window, qp, kp, backend=backend)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, Sq)
     ref_out, ref_lse = paged_decode_ref(q, kc, vc, bt, sl, None, causal, window, qp, kp)
