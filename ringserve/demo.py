@@ -64,7 +64,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t = time.perf_counter()
     # Logical CPUs: one per shard actor plus room for Serve's controller, proxy and replica.
-    ray.init(num_cpus=max(os.cpu_count() or 2, a.world_size + 3), include_dashboard=False,
+    # address="local": always a fresh local cluster, never one that happens to run here already
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 2, a.world_size + 3),
+             include_dashboard=False,
              log_to_driver=False)
     print(f"[demo] local Ray cluster up ({time.perf_counter() - t:.1f} s)", flush=True)
     t = time.perf_counter()

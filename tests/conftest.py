@@ -28,7 +28,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=int(os.environ.get("RINGSERVE_TEST_CPUS", "8")),
+        ray.init(address="local", num_cpus=int(os.environ.get("RINGSERVE_TEST_CPUS", "8")),
                  include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}})
     yield ray
