@@ -128,7 +128,9 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the engine keeps k/v and hidden states and may write into them
+    # later outside any inference-mode block, which inference tensors forbid
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_fn: AttnFn,
                 chunk_tokens: Optional[int] = None) -> torch.Tensor:
         """input_ids (T,) int64, positions (T,) int64 global -> hidden (T, hidden) after the norm.
@@ -147,7 +149,7 @@ class CausalLM(nn.Module):
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dev = self.device
         input_ids, positions = input_ids.to(dev), positions.to(dev)
-        cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D) float32: O(T * D), small
+        cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D/2) float32: O(T * D), small
         h = self.model.embed_tokens(input_ids)     # (T, hidden), the residual stream
         spans = list(_spans(T, chunk_tokens))
         for li, layer in enumerate(self.model.layers):
@@ -174,7 +176,7 @@ class CausalLM(nn.Module):
             h[a:b] = self.model.norm(h[a:b])
         return h
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (T, hidden) -> (T, vocab) float32."""
         return self.lm_head(hidden.to(self.dtype)).float()

@@ -66,18 +66,22 @@ class Rotary:
         self.head_dim = head_dim
 
     def cos_sin(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) int64 -> cos, sin (T, 1, D) float32."""
+        """positions (T,) int64 -> cos, sin (T, 1, D/2) float32 (half width: both halves of the
+        rotate-half layout share them, which halves their memory on million-token shards)."""
         inv = self.inv_freq.to(positions.device)
-        ang = positions.to(torch.float64)[:, None] * inv[None, :]   # (T, D/2)
-        ang = torch.cat([ang, ang], dim=-1)                           # (T, D) rotate-half layout
-        cos = (torch.cos(ang) * self.scale).float()[:, None, :]
-        sin = (torch.sin(ang) * self.scale).float()[:, None, :]
+        T = positions.shape[0]
+        cos = torch.empty(T, 1, self.head_dim // 2, dtype=torch.float32, device=positions.device)
+        sin = torch.empty_like(cos)
+        step = 1 << 16  # bounds the float64 temporaries
+        for a in range(0, T, step):
+            ang = positions[a:a + step].to(torch.float64)[:, None] * inv[None, :]  # (t, D/2)
+            cos[a:a + step, 0] = torch.cos(ang) * self.scale
+            sin[a:a + step, 0] = torch.sin(ang) * self.scale
         return cos, sin
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (T, H, D) -> rotated, same dtype; math in float32."""
+        """x (T, H, D) -> rotated, same dtype; math in float32. Pairs dim i with i + D/2."""
         xf = x.float()
-        half = xf.shape[-1] // 2
-        rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + rot * sin).to(x.dtype)
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -51,7 +51,11 @@ def checkpoint_files(path: Union[str, Path]) -> Dict[str, Path]:
                                         f"missing from {root}")
             out[name] = fp
         return out
-    files = sorted(root.glob("*.safetensors"))
+    if (root / SINGLE_NAME).is_file():
+        files = [root / SINGLE_NAME]
+    else:  # Mistral repos also ship consolidated*.safetensors in their own naming: not ours
+        files = sorted(p for p in root.glob("*.safetensors")
+                       if not p.name.startswith("consolidated"))
     if not files:
         raise FileNotFoundError(f"no {SINGLE_NAME}, {INDEX_NAME} or other *.safetensors file in "
                                 f"{root}")
@@ -88,7 +92,10 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     device = next(iter(params.values())).device
     # safe_open maps the file; with device="cuda:i" each tensor is materialised on the GPU
     # directly, without a host copy of the whole shard
-    open_dev = str(device) if device.type != "cpu" else "cpu"
+    if device.type == "cuda":
+        open_dev = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    else:
+        open_dev = "cpu"
     with torch.no_grad():
         for fp, names in by_file.items():
             with safe_open(str(fp), framework="pt", device=open_dev) as f:
