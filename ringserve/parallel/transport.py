@@ -224,6 +224,7 @@ class GlooTransport(Transport):
 
 # NCCL's ncclDataType_t values (nccl.h); cupy builds without bf16 lack NCCL_BFLOAT16 (= 9).
 _NCCL_DTYPE_NAMES = {torch.float32: ("NCCL_FLOAT32", 7), torch.float16: ("NCCL_FLOAT16", 6),
+                     torch.float64: ("NCCL_FLOAT64", 8),
                      torch.bfloat16: ("NCCL_BFLOAT16", 9), torch.uint8: ("NCCL_UINT8", 1),
                      torch.int32: ("NCCL_INT32", 2), torch.int64: ("NCCL_INT64", 4)}
 
