@@ -224,7 +224,8 @@ class Service:
         if llm is not None:
             try:
                 out["capacity_tokens"] = int(llm.capacity_tokens)
-            except Exception:  # noqa: BLE001
+                out["engine"] = llm.stats()  # the engine's own counters (cheap: no remote call)
+            except Exception:  # noqa: BLE001 - stats are best effort
                 pass
         return out
 

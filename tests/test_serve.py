@@ -1,0 +1,410 @@
+"""The Ray Serve app for real: Serve on the shared local cluster, the tiny llama checkpoint on CPU
+actors, the official `openai` client and httpx against it, answers compared with `LLM.generate`.
+
+Two applications share one Serve instance (one module-wide start, ~1 min on 2 cores):
+  main   world_size 2, API key, roomy queue: the API, documents, streaming, concurrency
+  tight  world_size 1, max_queue 1, a 2 s request timeout, a 1 MB body limit: 429, 504, 413
+"""
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import msgpack
+import numpy as np
+import openai
+import pytest
+
+from tinymodels import tiny_model
+
+pytestmark = pytest.mark.timeout(600)
+
+MODEL = "llama"
+SEED = random.SystemRandom().randrange(1 << 30)  # fresh inputs every run; printed on failure
+WORDS = ("ship cargo master owner port freight charter voyage clause tons harbour wind sail "
+         "deck anchor tide merchant lien bill lading crew").split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _phrase(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def rng():
+    print(f"test_serve seed {SEED}")
+    return random.Random(SEED)
+
+
+@pytest.fixture(scope="module")
+def stack(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from ringserve import LLM
+    from ringserve.serve import build_app, wait_ready
+
+    model_dir = str(tiny_model(tmp_path_factory, MODEL))
+    key = f"sk-test-{SEED:x}"
+    serve.shutdown()  # a Serve left by another module would keep its own port
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 2,
+                         "schedule": "striped", "max_kv_tokens": 4096, "api_key": key,
+                         "max_queue": 32, "request_timeout_s": 120}),
+              name="rs-main", route_prefix="/")
+    # serve.run returns once the replica is up; its LLM is still loading: readiness says so
+    early = httpx.get(base + "/ready", timeout=30)
+    serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
+                         "max_kv_tokens": 2048, "max_queue": 1, "request_timeout_s": 2.0,
+                         "max_body_mb": 1}),
+              name="rs-tight", route_prefix="/tight")
+    ref = LLM(model_dir, world_size=2, schedule="striped", device="cpu", max_kv_tokens=4096)
+    try:
+        wait_ready(base, 300)
+        wait_ready(base + "/tight", 300)
+        yield SimpleNamespace(
+            base=base, key=key, ref=ref, tok=ref.tokenizer, early=early,
+            http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
+                              timeout=120),
+            tight=httpx.Client(base_url=base + "/tight", timeout=120),
+            client=openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120))
+    finally:
+        ref.shutdown()
+        for name in ("rs-main", "rs-tight"):
+            serve.delete(name)
+        serve.shutdown()
+
+
+def _greedy(n, **kw):
+    from ringserve import SamplingParams
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+# --------------------------------------------------------------------------- probes, models
+
+def test_probes_and_models(stack):
+    assert stack.early.status_code == 503, stack.early.text  # before the model was loaded
+    assert stack.early.json()["error"]["code"] == "model_loading"
+    assert httpx.get(stack.base + "/health").json() == {"status": "ok"}  # no key needed
+    assert httpx.get(stack.base + "/ready").json()["model"] == MODEL
+    models = stack.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert stack.client.models.retrieve(MODEL).owned_by == "ringserve"
+    with pytest.raises(openai.NotFoundError) as e:
+        stack.client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+
+
+# --------------------------------------------------------------------------- OpenAI endpoints
+
+def test_completions_equal_llm_generate(stack, rng):
+    prompts = [_phrase(rng, rng.randint(3, 12)) for _ in range(2)]
+    n = rng.randint(6, 14)
+    r = stack.client.completions.create(model=MODEL, prompt=prompts, max_tokens=n,
+                                        temperature=0, logprobs=1,
+                                        extra_body={"return_token_ids": True})
+    refs = stack.ref.generate(prompts, _greedy(n, logprobs=True))
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice, ref in zip(r.choices, refs):
+        assert choice.model_extra["token_ids"] == ref.token_ids
+        assert choice.text == ref.text
+        assert choice.finish_reason == ref.finish_reason
+        assert choice.logprobs.token_logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    assert r.usage.prompt_tokens == sum(len(x.prompt_token_ids) for x in refs)
+    assert r.usage.completion_tokens == sum(len(x.token_ids) for x in refs)
+
+
+def test_seeded_sampling_equals_llm_generate(stack, rng):
+    from ringserve import SamplingParams
+
+    prompt, seed = _phrase(rng, 8), rng.randrange(1 << 31)
+    r = stack.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
+                                        temperature=0.9, top_p=0.95, seed=seed,
+                                        extra_body={"top_k": 50, "return_token_ids": True})
+    (ref,) = stack.ref.generate(prompt, SamplingParams(max_tokens=10, temperature=0.9,
+                                                       top_p=0.95, top_k=50, seed=seed))
+    assert r.choices[0].model_extra["token_ids"] == ref.token_ids
+
+
+def test_chat_equals_llm_generate(stack, rng):
+    messages = [{"role": "system", "content": "You answer about ships."},
+                {"role": "user", "content": _phrase(rng, 6) + "?"}]
+    r = stack.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9,
+                                             temperature=0,
+                                             extra_body={"return_token_ids": True})
+    prompt = stack.tok.apply_chat_template(messages, add_generation_prompt=True)
+    (ref,) = stack.ref.generate(prompt, _greedy(9))
+    c = r.choices[0]
+    assert c.model_extra["token_ids"] == ref.token_ids
+    assert c.message.role == "assistant" and c.message.content == ref.text
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
+def test_streaming_equals_llm_generate(stack, rng):
+    prompt = _phrase(rng, 7)
+    (ref,) = stack.ref.generate(prompt, _greedy(12, ignore_eos=True))
+    chunks = list(stack.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"return_token_ids": True,
+                                                            "ignore_eos": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    ids = [t for c in chunks if c.choices for t in (c.choices[0].model_extra.get("token_ids")
+                                                     or [])]
+    assert "".join(texts) == ref.text and ids == ref.token_ids
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+    messages = [{"role": "user", "content": _phrase(rng, 5)}]
+    (cref,) = stack.ref.generate(stack.tok.apply_chat_template(messages), _greedy(10))
+    stream = stack.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                                  temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cref.text
+    assert chunks[-1].choices[0].finish_reason == cref.finish_reason
+    # the raw wire format ends with OpenAI's sentinel
+    with stack.http.stream("POST", "/v1/chat/completions", json={
+            "model": MODEL, "messages": messages, "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_concurrent_clients_not_mixed_up(stack, rng):
+    prompts = [_phrase(rng, rng.randint(2, 10)) for _ in range(6)]
+    refs = stack.ref.generate(prompts, _greedy(8))
+
+    def one(i):
+        c = openai.OpenAI(base_url=stack.base + "/v1", api_key=stack.key, max_retries=0)
+        if i % 2:  # half of them stream
+            chunks = list(c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=8,
+                                               temperature=0, stream=True))
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        return c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=8,
+                                    temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(one, range(len(prompts))))
+    assert got == [r.text for r in refs]
+
+
+def test_client_disconnect_cancels_generation(stack, rng):
+    before = stack.http.get("/stats").json()
+    cancelled0 = before["engine"]["requests_cancelled"]
+    t0 = time.monotonic()
+    with stack.http.stream("POST", "/v1/completions", json={
+            "model": MODEL, "prompt": _phrase(rng, 5), "max_tokens": 3000, "temperature": 0,
+            "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        s = stack.http.get("/stats").json()
+        if s["engine"]["requests_cancelled"] > cancelled0 and s["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert s["engine"]["requests_cancelled"] == cancelled0 + 1, s
+    assert s["requests"].get("completions:cancelled", 0) >= 1
+    # the engine stopped long before 3000 tokens
+    assert s["engine"]["generated_tokens"] - before["engine"]["generated_tokens"] < 3000
+    assert time.monotonic() - t0 < 30
+
+
+# --------------------------------------------------------------------------- documents
+
+def test_document_upload_ask_twice_delete(stack, rng):
+    from ringserve.sample_document import sample_document
+    from ringserve.serve.document_routes import QUESTION_TEMPLATE
+
+    text = sample_document(n_words=rng.randint(500, 800), seed=rng.randrange(1000))
+    doc_ids = stack.tok.encode(text)
+    up = stack.http.post("/v1/documents", json={"text": text, "name": "charter"})
+    assert up.status_code == 200, up.text
+    doc = up.json()
+    assert doc["num_tokens"] == len(doc_ids) and doc["id"].startswith("doc-")
+    assert stack.http.get(f"/v1/documents/{doc['id']}").json()["num_tokens"] == len(doc_ids)
+    assert doc["id"] in [d["id"] for d in stack.http.get("/v1/documents").json()["data"]]
+
+    question = "Who is the master of the ship?"
+    q_ids = stack.tok.encode(QUESTION_TEMPLATE.format(question=question), add_special_tokens=False)
+    (ref,) = stack.ref.generate(doc_ids + q_ids, _greedy(8))
+
+    a1 = stack.http.post(f"/v1/documents/{doc['id']}/ask", json={
+        "question": question, "max_tokens": 8, "temperature": 0, "return_token_ids": True})
+    assert a1.status_code == 200, a1.text
+    a1 = a1.json()
+    # the document's KV came from the cache filled at upload: no prefill of those tokens
+    assert a1["num_cached_tokens"] >= len(doc_ids)
+    assert a1["usage"]["prompt_tokens"] == len(doc_ids) + len(q_ids)
+    assert a1["usage"]["prompt_tokens_details"]["cached_tokens"] == a1["num_cached_tokens"]
+    assert a1["token_ids"] == ref.token_ids and a1["answer"] == ref.text
+
+    # second question, streamed: again no prefill of the document
+    events = []
+    with stack.http.stream("POST", f"/v1/documents/{doc['id']}/ask", json={
+            "question": question + " Answer briefly.", "max_tokens": 6, "temperature": 0,
+            "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    final = events[-1]
+    assert final["finish_reason"] in ("stop", "length")
+    assert final["num_cached_tokens"] >= len(doc_ids)
+    assert "".join(e["delta"] for e in events) != "" or final["usage"]["completion_tokens"] == 0
+
+    gone = stack.http.delete(f"/v1/documents/{doc['id']}")
+    assert gone.json() == {"id": doc["id"], "object": "document", "deleted": True}
+    r = stack.http.post(f"/v1/documents/{doc['id']}/ask", json={"question": question})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "document_not_found"
+    assert stack.http.get(f"/v1/documents/{doc['id']}").status_code == 404
+    assert stack.http.delete(f"/v1/documents/{doc['id']}").status_code == 404
+
+
+def test_msgpack_and_multipart_uploads(stack, rng):
+    from ringserve.sample_document import sample_document
+
+    text = sample_document(n_words=300, seed=rng.randrange(1000))
+    ids = stack.tok.encode(text)
+    mp = {"Content-Type": "application/msgpack"}
+    # token ids as raw little-endian uint32 bytes (the compact form) ...
+    r = stack.http.post("/v1/documents", headers=mp, content=msgpack.packb(
+        {"token_ids": np.asarray(ids, dtype="<u4").tobytes(), "name": "raw"}))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/msgpack"
+    doc = msgpack.unpackb(r.content)
+    assert doc["num_tokens"] == len(ids)
+    # ... as a list, and as text: the same tokens
+    r2 = msgpack.unpackb(stack.http.post("/v1/documents", headers=mp, content=msgpack.packb(
+        {"token_ids": ids})).content)
+    r3 = msgpack.unpackb(stack.http.post("/v1/documents", headers=mp, content=msgpack.packb(
+        {"text": text})).content)
+    assert r2["num_tokens"] == r3["num_tokens"] == len(ids)
+    # a question in msgpack is answered in msgpack, from the cached document
+    a = stack.http.post(f"/v1/documents/{doc['id']}/ask", headers=mp,
+                        content=msgpack.packb({"question": "What cargo?", "max_tokens": 3}))
+    assert a.headers["content-type"] == "application/msgpack"
+    assert msgpack.unpackb(a.content)["num_cached_tokens"] >= len(ids)
+    # a multipart file upload
+    r4 = stack.http.post("/v1/documents", files={"file": ("charter.txt", text.encode(),
+                                                          "text/plain")})
+    assert r4.status_code == 200 and r4.json()["num_tokens"] == len(ids)
+    assert r4.json()["name"] == "charter.txt"
+    # deleting one of the uploads of the same tokens keeps the others answerable
+    for d in (doc, r2, r3):
+        assert stack.http.delete(f"/v1/documents/{d['id']}").status_code == 200
+    a = stack.http.post(f"/v1/documents/{r4.json()['id']}/ask",
+                        json={"question": "What cargo?", "max_tokens": 2})
+    assert a.status_code == 200
+    stack.http.delete(f"/v1/documents/{r4.json()['id']}")
+
+
+# --------------------------------------------------------------------------- errors
+
+def _err(r: httpx.Response, status: int, code: str = None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def test_400_invalid_parameters(stack):
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.client.completions.create(model=MODEL, prompt="x", temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        stack.client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    _err(stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2}), 400)
+    _err(stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                  "max_tokens": 0}), 400)
+    e = _err(stack.http.post("/v1/completions", json={"prompt": "x"}), 400)
+    assert e["param"] == "model"
+    _err(stack.http.post("/v1/completions", content=b"{not json",
+                         headers={"Content-Type": "application/json"}), 400)
+    _err(stack.http.post("/v1/documents", json={"text": "   "}), 400)
+    _err(stack.http.post("/v1/documents", json={"token_ids": [1, -3]}), 400)
+
+
+def test_401_without_the_key(stack):
+    bad = openai.OpenAI(base_url=stack.base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    _err(httpx.post(stack.base + "/v1/completions", json={"model": MODEL, "prompt": "x"}), 401,
+         "invalid_api_key")
+    _err(httpx.post(stack.base + "/v1/documents", json={"text": "x"}), 401, "invalid_api_key")
+
+
+def test_404_unknown_model_document_route(stack):
+    _err(stack.http.post("/v1/chat/completions", json={
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}), 404,
+        "model_not_found")
+    _err(stack.http.post("/v1/documents/doc-nope/ask", json={"question": "q"}), 404,
+         "document_not_found")
+    _err(stack.http.get("/v1/no-such-route"), 404)
+
+
+def test_413_document_beyond_capacity_and_body_too_large(stack, rng):
+    cap = stack.ref.capacity_tokens  # same max_kv_tokens as the main app
+    n = cap + rng.randint(1, 500)
+    ids = [rng.randrange(1, 200) for _ in range(n)]
+    e = _err(stack.http.post("/v1/documents", json={"token_ids": ids}), 413, "document_too_large")
+    assert str(n) in e["message"] and str(cap) in e["message"]
+    # the tight app takes at most 1 MB bodies
+    e = _err(stack.tight.post("/v1/documents", content=msgpack.packb({"text": "a" * (1 << 21)}),
+                              headers={"Content-Type": "application/msgpack"}), 413,
+             "body_too_large")
+    assert str(1 << 20) in e["message"]
+
+
+def test_429_when_the_queue_is_full(stack, rng):
+    body = {"model": MODEL, "prompt": _phrase(rng, 4), "max_tokens": 150, "ignore_eos": True,
+            "temperature": 0}
+    n = 5
+    barrier = threading.Barrier(n)
+
+    def one(_):
+        barrier.wait()
+        return stack.tight.post("/v1/completions", json=body)
+
+    with ThreadPoolExecutor(n) as pool:
+        rs = list(pool.map(one, range(n)))
+    codes = sorted(r.status_code for r in rs)
+    # max_queue=1: one request runs, one waits, the others are refused at once
+    assert codes.count(429) >= n - 2, codes
+    assert set(codes) <= {200, 429, 504}, codes
+    for r in rs:
+        if r.status_code == 429:
+            _err(r, 429, "queue_full")
+    ok = stack.tight.post("/v1/completions", json={**body, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text  # the queue drains
+
+
+def test_504_on_timeout_and_the_engine_stops(stack, rng):
+    t0 = time.monotonic()
+    r = stack.tight.post("/v1/completions", json={
+        "model": MODEL, "prompt": _phrase(rng, 4), "max_tokens": 1800, "ignore_eos": True})
+    elapsed = time.monotonic() - t0
+    _err(r, 504, "timeout")
+    assert elapsed < 15, elapsed  # the 2 s timeout, not 1800 tokens
+    # the timed-out generation was stopped: the next request is served at once
+    t1 = time.monotonic()
+    ok = stack.tight.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    assert time.monotonic() - t1 < 10
