@@ -408,3 +408,32 @@ def test_504_on_timeout_and_the_engine_stops(stack, rng):
     ok = stack.tight.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
     assert time.monotonic() - t1 < 10
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_prometheus_metrics_exported(stack):
+    """The replica's metrics reach Ray's Prometheus endpoint on the node (last test: by now the
+    earlier ones have produced every kind of sample)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    want = ["ray_ringserve_requests_total", "ray_ringserve_time_to_first_token_seconds_bucket",
+            "ray_ringserve_decode_tokens_per_second_bucket", "ray_ringserve_queue_depth",
+            "ray_ringserve_kv_tokens_used", "ray_ringserve_kv_tokens_free"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if all(w in text for w in want) and 'outcome="queue_full"' in text:
+            break
+        time.sleep(1)
+    missing = [w for w in want if w not in text]
+    assert not missing, missing
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_ringserve_requests_total")]
+    assert any('endpoint="completions"' in ln and 'outcome="ok"' in ln for ln in lines)
+    assert any('outcome="queue_full"' in ln for ln in lines)  # the 429s of the tight app
+    assert any('outcome="timeout"' in ln for ln in lines)
+    free = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+            if ln.startswith("ray_ringserve_kv_tokens_free{")]
+    assert free and all(0 <= f <= 4096 for f in free)

@@ -75,7 +75,8 @@ class ServeArgs:
                                             or not self.model_name):
             raise ValueError(f"model_name ({self.model_name!r}) must be null or a non-empty string")
         if ":" not in self.llm_class:
-            raise ValueError(f"llm_class ({self.llm_class!r}) must look like 'package.module:Class'")
+            raise ValueError(f"llm_class ({self.llm_class!r}) must look like "
+                             "'package.module:Class'")
 
     @property
     def served_model_name(self) -> str:

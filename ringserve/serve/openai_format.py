@@ -2,7 +2,8 @@
 
 Pure functions from the engine's outputs to dicts; no I/O. The shapes follow the OpenAI API
 reference (`text_completion`, `chat.completion`, `chat.completion.chunk`), and usage reports
-document-cache hits the way OpenAI reports prompt caching: usage.prompt_tokens_details.cached_tokens.
+document-cache hits the way OpenAI reports prompt caching:
+usage.prompt_tokens_details.cached_tokens.
 """
 from __future__ import annotations
 

@@ -1,0 +1,51 @@
+"""ServeArgs / build_app / run argument checks: clear errors before anything starts (no Ray)."""
+from __future__ import annotations
+
+import pytest
+
+from ringserve.serve import ServeArgs, build_app, run
+
+
+def test_defaults_and_served_name(tmp_path):
+    a = ServeArgs.from_dict({"model": str(tmp_path / "my-model") + "/"})
+    assert a.served_model_name == "my-model"
+    assert a.world_size == 1 and a.schedule == "striped" and a.api_key is None
+    assert a.max_body_bytes == 64 << 20
+    assert ServeArgs.from_dict({"model": "m", "model_name": "x"}).served_model_name == "x"
+    assert a.public_dict()["api_key"] is None
+    assert ServeArgs(model="m", api_key="s3cret").public_dict()["api_key"] == "***"
+
+
+@pytest.mark.parametrize("args, words", [
+    ({}, ["'model'", "required"]),
+    ({"model": "m", "world_sise": 2}, ["unknown", "world_sise"]),
+    ({"model": "m", "world_size": 0}, ["world_size (0)", ">= 1"]),
+    ({"model": "m", "world_size": 2.5}, ["world_size (2.5)"]),
+    ({"model": "m", "max_queue": -1}, ["max_queue (-1)"]),
+    ({"model": "m", "schedule": "zigzag"}, ["schedule ('zigzag')", "striped"]),
+    ({"model": "m", "device": "tpu"}, ["device ('tpu')"]),
+    ({"model": "m", "dtype": "int8"}, ["dtype ('int8')"]),
+    ({"model": "m", "request_timeout_s": 0}, ["request_timeout_s (0)", "> 0"]),
+    ({"model": "m", "max_body_mb": -3}, ["max_body_mb (-3)"]),
+    ({"model": "m", "max_kv_tokens": 0}, ["max_kv_tokens (0)"]),
+    ({"model": "m", "api_key": " "}, ["api_key"]),
+    ({"model": ""}, ["model"]),
+    ({"model": "m", "llm_class": "ringserve.llm.LLM"}, ["llm_class"]),
+])
+def test_bad_arguments_name_the_value(args, words):
+    with pytest.raises(ValueError) as e:
+        build_app(args)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_integral_floats_from_yaml_are_accepted():
+    a = ServeArgs.from_dict({"model": "m", "world_size": 2.0, "max_kv_tokens": 4096.0})
+    assert a.world_size == 2 and isinstance(a.world_size, int) and a.max_kv_tokens == 4096
+
+
+def test_run_checks_the_model_directory_before_starting_ray(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(str(tmp_path / "missing"), blocking=False)
+    with pytest.raises(ValueError, match="world_size"):
+        run(str(tmp_path), world_size=0, blocking=False)
