@@ -124,10 +124,12 @@ class BenchWorker(ShardWorker):
                 q = torch.randn(1, sh.length, hq, d, device=dev, dtype=dt)
                 k = torch.randn(1, sh.length, hkv, d, device=dev, dtype=dt)
                 v = torch.randn(1, sh.length, hkv, d, device=dev, dtype=dt)
-                stats = RingStats()
+                last = [RingStats()]
 
                 def ring():
-                    ring_attention(q, k, v, total, schedule, self.transport, True, stats=stats)
+                    last[0] = RingStats()  # the last call's counts (not summed over reps)
+                    ring_attention(q, k, v, total, schedule, self.transport, True,
+                                   stats=last[0])
 
                 nothing = NoTransfer(self.transport)
 
@@ -146,6 +148,7 @@ class BenchWorker(ShardWorker):
                 t_comp, _ = self._group_time(compute, reps, warm)
                 t_comm, _ = self._group_time(lambda: self._comm_only(moves, buf_a, buf_b),
                                              max(reps, 3), 1)
+                stats = last[0]
                 row[schedule] = {"t": t_ring, "t_all": all_ring, "compute": t_comp,
                                  "comm": t_comm, "bytes_sent": stats.bytes_sent,
                                  "steps_computed": stats.steps_computed}
@@ -379,7 +382,17 @@ def main(argv=None):
         except ImportError:
             launcher = "mp"
     t0 = time.time()
-    results = (run_ray if launcher == "ray" else run_mp)(cfg, a.world)
+    if launcher == "ray":
+        try:
+            results = run_ray(cfg, a.world)
+        except Exception as e:  # noqa: BLE001 - the numbers matter more than the launcher
+            if a.launcher == "ray":
+                raise
+            print(f"Ray launcher failed ({e!r:.300}); again with torch.multiprocessing",
+                  flush=True)
+            launcher = "mp"
+    if launcher == "mp":
+        results = run_mp(cfg, a.world)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cfg": cfg, "launcher": launcher, "results": results,
