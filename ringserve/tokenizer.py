@@ -29,11 +29,6 @@ def _read_json(p: Path) -> Dict[str, Any]:
         return json.load(f)
 
 
-# the cleanup transformers applies when clean_up_tokenization_spaces is set
-_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
 class Tokenizer:
     """encode / decode / apply_chat_template over a tokenizer.json, HF-compatible."""
 
@@ -48,7 +43,6 @@ class Tokenizer:
         self.pad_token = _token_str(config.get("pad_token"))
         self.bos_token_id = self._id(self.bos_token)
         self.eos_token_id = self._id(self.eos_token)
-        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.chat_template = chat_template
         eos = [] if self.eos_token_id is None else [self.eos_token_id]
         gen_eos = (generation_config or {}).get("eos_token_id")
@@ -94,11 +88,9 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        if self.clean_up_spaces:
-            for a, b in _CLEANUPS:
-                text = text.replace(a, b)
-        return text
+        # no clean_up_tokenization_spaces: transformers 5 ignores it for BPE models (it
+        # corrupts text such as " ." in code), and every supported family is BPE
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

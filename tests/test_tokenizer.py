@@ -122,3 +122,53 @@ def test_incremental_decoder_reproduces_decode(pair):
 def test_missing_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no tokenizer.json in model directory {tmp_path}"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_incremental_decoder_after_prompt(pair):
+    """Streaming the continuation of a prompt prints what decoding the whole sequence adds."""
+    name, ours, _ = pair
+    r = random.Random(11)
+    for seed in range(4):
+        prompt = ours.encode(sample_document(n_words=40, seed=seed))
+        gen = ours.encode(" " + sample_document(n_words=30, seed=seed + 10) + " 日本🚢",
+                          add_special_tokens=False)
+        dec = IncrementalDecoder(ours, prompt_ids=prompt[-r.randint(1, 8):])
+        text = "".join(dec.push(t) for t in gen) + dec.flush()
+        assert text == ours.decode(prompt + gen)[len(ours.decode(prompt)):], name
+
+
+def test_template_file_list_form_and_cleanup(tmp_path_factory, tmp_path):
+    """chat_template.jinja (where transformers >= 4.50 saves it), the list-of-named-templates
+    form, and clean_up_tokenization_spaces, each checked against transformers."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = tiny_model(tmp_path_factory, "qwen2")
+    msgs = [{"role": "user", "content": "Where is the ship ?"}]
+    for form in ("jinja", "list"):
+        d = tmp_path / form
+        d.mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy(src / f, d / f)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        template = cfg.pop("chat_template").replace("helpful", f"{form}-loaded")
+        if form == "jinja":
+            (d / "chat_template.jinja").write_text(template)
+        else:
+            cfg["chat_template"] = [{"name": "tool_use", "template": "{{ raise_exception('no') }}"},
+                                    {"name": "default", "template": template}]
+        cfg["clean_up_tokenization_spaces"] = form == "list"
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        ours, hf = Tokenizer.from_dir(d), AutoTokenizer.from_pretrained(str(d))
+        got = ours.apply_chat_template(msgs)
+        assert f"{form}-loaded" in got
+        assert got == hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = ours.encode("Where is it ? He said : they 're here , I 'm sure .")
+        assert ours.decode(ids) == hf.decode(ids)
+        assert "it ?" in ours.decode(ids)   # transformers 5 never cleans up BPE output
+    nothing = Tokenizer.from_dir(src)
+    nothing.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        nothing.apply_chat_template(msgs)
