@@ -61,7 +61,9 @@ _VALIDATORS: dict[str, jsonschema.Draft7Validator] = {}
 
 def validator(kind: str) -> jsonschema.Draft7Validator:
     if kind not in _VALIDATORS:
-        crd = yaml.safe_load((CRD_DIR / CRD_FILES[kind]).read_text())
+        # the C loader where PyYAML has it: these files are ~20k lines each
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        crd = yaml.load((CRD_DIR / CRD_FILES[kind]).read_text(), Loader=loader)
         assert crd["spec"]["names"]["kind"] == kind
         (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         schema = _strict(v1["schema"]["openAPIV3Schema"])
@@ -261,6 +263,12 @@ def test_serve_import_path_names_a_callable():
     module = importlib.import_module(module_name)
     builder = getattr(module, attr)
     assert callable(builder), f"{app['import_path']} is {builder!r}"
+    # an application builder: args in, a Serve Application out (nothing is started by this)
+    from ray import serve
+
+    assert isinstance(builder(app["args"]), serve.Application)
+    with pytest.raises(ValueError):
+        builder({**app["args"], "world_size": 0})
 
 
 # ------------------------------------------------------------------------------- versions
