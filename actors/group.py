@@ -27,6 +27,7 @@ class GroupConfig:
     transport_timeout_s: float = DEFAULT_TIMEOUT_S
     placement_timeout_s: float = 60.0        # how long to wait for the cluster's resources
     worker_kwargs: dict = field(default_factory=dict)
+    startup_timeout_s: float = 300.0         # actors' __init__ (imports, model load)
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -38,7 +39,7 @@ class GroupConfig:
                              f"got {self.placement_strategy!r}")
         if self.num_cpus_per_worker < 0:
             raise ValueError(f"num_cpus_per_worker ({self.num_cpus_per_worker}) must be >= 0")
-        for name in ("transport_timeout_s", "placement_timeout_s"):
+        for name in ("transport_timeout_s", "placement_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
 
@@ -51,10 +52,10 @@ class ActorGroup:
                  placement_strategy: str = "STRICT_PACK", num_cpus_per_worker: float = 1.0,
                  worker_kwargs: Optional[dict] = None,
                  transport_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 placement_timeout_s: float = 60.0):
+                 placement_timeout_s: float = 60.0, startup_timeout_s: float = 300.0):
         self.config = GroupConfig(world_size, device, placement_strategy, num_cpus_per_worker,
                                   transport_timeout_s, placement_timeout_s,
-                                  dict(worker_kwargs or {}))
+                                  dict(worker_kwargs or {}), startup_timeout_s)
         self.worker_cls = worker_cls
         self.actors: List[Any] = []
         self.placement_group = None
@@ -103,6 +104,13 @@ class ActorGroup:
         c = self.config
         t = c.transport_timeout_s
         try:
+            # actors import torch (and, in subclasses, build a model) before answering; that
+            # start-up must not count against the communicator's timeout `t` (maybe seconds)
+            try:
+                ray.get([a.health.remote() for a in self.actors], timeout=c.startup_timeout_s)
+            except ray.exceptions.GetTimeoutError as e:
+                raise GroupSetupError(f"{c.world_size} workers did not start within "
+                                      f"{c.startup_timeout_s:.0f} s") from e
             if c.device == "cuda":
                 uid = ray.get(self.actors[0].nccl_unique_id.remote(), timeout=t)
                 spec = TransportSpec("nccl", unique_id=uid, timeout_s=t)
