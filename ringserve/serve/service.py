@@ -85,7 +85,8 @@ class Service:
                       device=self._device(), dtype=self.cfg.dtype,
                       max_kv_tokens=self.cfg.max_kv_tokens,
                       document_cache_tokens=self.cfg.document_cache_tokens,
-                      placement_strategy=self.cfg.placement_strategy)
+                      placement_strategy=self.cfg.placement_strategy,
+                      transport_timeout_s=self.cfg.transport_timeout_s)
             if self._closed:
                 llm.shutdown()
                 return
