@@ -1,9 +1,10 @@
 """The Ray Serve app for real: Serve on the shared local cluster, the tiny llama checkpoint on CPU
 actors, the official `openai` client and httpx against it, answers compared with `LLM.generate`.
 
-Two applications share one Serve instance (one module-wide start, ~1 min on 2 cores):
+Three applications share one Serve instance (one module-wide start, ~1.5 min on 2 cores):
   main   world_size 2, API key, roomy queue: the API, documents, streaming, concurrency
   tight  world_size 1, max_queue 1, a 2 s request timeout, a 1 MB body limit: 429, 504, 413
+  multi  2 replicas of world_size 1: documents reachable from every replica
 """
 from __future__ import annotations
 
@@ -70,21 +71,38 @@ def stack(ray_session, tmp_path_factory):
                          "max_kv_tokens": 2048, "max_queue": 1, "request_timeout_s": 2.0,
                          "max_body_mb": 1}),
               name="rs-tight", route_prefix="/tight")
+    serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
+                         "num_replicas": 2, "max_kv_tokens": 2048}),
+              name="rs-multi", route_prefix="/multi")
     ref = LLM(model_dir, world_size=2, schedule="striped", device="cpu", max_kv_tokens=4096)
     try:
         wait_ready(base, 300)
         wait_ready(base + "/tight", 300)
+        multi = httpx.Client(base_url=base + "/multi", timeout=120)
+        _wait_all_replicas_ready(multi, 2)
         yield SimpleNamespace(
             base=base, key=key, ref=ref, tok=ref.tokenizer, early=early,
             http=httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
                               timeout=120),
-            tight=httpx.Client(base_url=base + "/tight", timeout=120),
+            tight=httpx.Client(base_url=base + "/tight", timeout=120), multi=multi,
             client=openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120))
     finally:
         ref.shutdown()
-        for name in ("rs-main", "rs-tight"):
+        for name in ("rs-main", "rs-tight", "rs-multi"):
             serve.delete(name)
         serve.shutdown()
+
+
+def _wait_all_replicas_ready(client: httpx.Client, n: int, timeout_s: float = 300):
+    """/ready until n distinct replicas (x-ringserve-replica) have answered 200."""
+    ready, t_end = set(), time.monotonic() + timeout_s
+    while len(ready) < n and time.monotonic() < t_end:
+        r = client.get("/ready")
+        if r.status_code == 200:
+            ready.add(r.headers["x-ringserve-replica"])
+        else:
+            time.sleep(0.3)
+    assert len(ready) == n, f"only {len(ready)} of {n} replicas ready"
 
 
 def _greedy(n, **kw):
@@ -312,6 +330,45 @@ def test_msgpack_and_multipart_uploads(stack, rng):
                         json={"question": "What cargo?", "max_tokens": 2})
     assert a.status_code == 200
     stack.http.delete(f"/v1/documents/{r4.json()['id']}")
+
+
+def test_documents_across_replicas(stack, rng):
+    """2 replicas, 2 actor groups: a document uploaded through one is answered by both (the
+    other prefills it once, from the shared registry), and deleted for both."""
+    from ringserve.sample_document import sample_document
+
+    text = sample_document(n_words=250, seed=rng.randrange(1000))
+    n_doc = len(stack.tok.encode(text))
+    up = stack.multi.post("/v1/documents", json={"text": text})
+    assert up.status_code == 200, up.text
+    doc_id = up.json()["id"]
+    body = {"question": "What is the cargo?", "max_tokens": 5, "temperature": 0,
+            "return_token_ids": True}
+
+    def ask(_):
+        return stack.multi.post(f"/v1/documents/{doc_id}/ask", json=body)
+
+    seen, answers = {}, set()
+    for _ in range(4):  # concurrent questions spread over both replicas
+        with ThreadPoolExecutor(4) as pool:
+            for r in pool.map(ask, range(4)):
+                assert r.status_code == 200, r.text
+                answers.add(tuple(r.json()["token_ids"]))
+                seen.setdefault(r.headers["x-ringserve-replica"], []).append(
+                    r.json()["num_cached_tokens"])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, seen
+    assert len(answers) == 1  # same greedy answer from both groups, cached or not
+    for cached in seen.values():  # each replica ends up serving the document from its KV
+        assert max(cached) >= n_doc, seen
+    for _ in range(4):  # whichever replica answers, the document is listed
+        assert doc_id in [d["id"] for d in stack.multi.get("/v1/documents").json()["data"]]
+    assert stack.multi.delete(f"/v1/documents/{doc_id}").status_code == 200
+    with ThreadPoolExecutor(4) as pool:
+        gone = list(pool.map(ask, range(8)))
+    assert [r.status_code for r in gone] == [404] * 8
+    assert stack.multi.get(f"/v1/documents/{doc_id}").status_code == 404
 
 
 # --------------------------------------------------------------------------- errors

@@ -25,13 +25,13 @@ install_error_handlers(api)
 @serve.deployment(name="RingServe")
 @serve.ingress(api)
 class RingServe:
-    def __init__(self, args: dict):
+    def __init__(self, args: dict, registry=None):
         cfg = ServeArgs.from_dict(args)
         try:
             replica = serve.get_replica_context().replica_tag
         except Exception:  # noqa: BLE001 - only outside Serve (never in production)
             replica = ""
-        self.svc = Service(cfg, replica)
+        self.svc = Service(cfg, replica, registry)
 
     def check_health(self):
         # a failed load makes the replica unhealthy, so Serve replaces it (a retry of the load)
@@ -55,9 +55,12 @@ class RingServe:
         except Exception as exc:  # noqa: BLE001 - every error leaves in OpenAI's shape
             err = api_error_from(exc, document=endpoint == "documents")
             metrics.request(endpoint, err.outcome)
-            return err.response()
+            resp = err.response()
+            resp.headers["x-ringserve-replica"] = self.svc.replica
+            return resp
         if not isinstance(resp, StreamingResponse):  # streams count their own outcome at the end
             metrics.request(endpoint, "ok")
+        resp.headers["x-ringserve-replica"] = self.svc.replica
         return resp
 
     # ------------------------------------------------------------------ probes
@@ -72,8 +75,12 @@ class RingServe:
         try:
             self.svc.require_ready()
         except Exception as exc:  # noqa: BLE001
-            return api_error_from(exc).response()
-        return {"status": "ready", "model": self.svc.model_name, "load_s": self.svc.load_s}
+            resp = api_error_from(exc).response()
+        else:
+            resp = JSONResponse({"status": "ready", "model": self.svc.model_name,
+                                 "load_s": self.svc.load_s})
+        resp.headers["x-ringserve-replica"] = self.svc.replica
+        return resp
 
     @api.get("/stats")
     async def stats(self, request: Request):
@@ -109,13 +116,15 @@ class RingServe:
 
     @api.get("/v1/documents")
     async def list_documents(self, request: Request):
-        return await self._handle("documents_get", request,
-                                  self._json(lambda: document_routes.listing(self.svc)))
+        async def run():
+            return JSONResponse(await document_routes.listing(self.svc))
+        return await self._handle("documents_get", request, run)
 
     @api.get("/v1/documents/{doc_id}")
     async def get_document(self, doc_id: str, request: Request):
-        return await self._handle("documents_get", request,
-                                  self._json(lambda: document_routes.get(self.svc, doc_id)))
+        async def run():
+            return JSONResponse(await document_routes.get(self.svc, doc_id))
+        return await self._handle("documents_get", request, run)
 
     @api.delete("/v1/documents/{doc_id}")
     async def delete_document(self, doc_id: str, request: Request):

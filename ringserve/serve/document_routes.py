@@ -7,7 +7,8 @@ POST /v1/documents/{id}/ask      question -> answer; the prompt is the document'
                                  cached KV (reported as num_cached_tokens), streaming or not
 GET / DELETE /v1/documents/{id}, GET /v1/documents
 
-Documents live in the replica that prefilled them (their KV is in its actor group).
+A document's KV lives in the replica that prefilled it; with several replicas the shared
+registry (registry.py) lets any replica answer (see there).
 """
 from __future__ import annotations
 
@@ -102,31 +103,21 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
         raise api_error_from(exc, document=True) from None
     doc = Document(id=svc.new_document_id(), key=key, name=req.name, token_ids=ids,
                    created=fmt.now(), prefill_s=prefill_s)
-    svc.documents[doc.id] = doc
+    await svc.publish(doc)
+    await svc.sweep()
     return respond(doc.card(), wants_msgpack(request))
 
 
-def get(svc: Service, doc_id: str) -> Dict[str, Any]:
-    return svc.get_document(doc_id).card()
+async def get(svc: Service, doc_id: str) -> Dict[str, Any]:
+    return await svc.document_card(doc_id)
 
 
-def listing(svc: Service) -> Dict[str, Any]:
-    return {"object": "list", "data": [d.card() for d in svc.documents.values()]}
+async def listing(svc: Service) -> Dict[str, Any]:
+    return {"object": "list", "data": await svc.document_cards()}
 
 
 async def delete(svc: Service, doc_id: str) -> Dict[str, Any]:
-    doc = svc.get_document(doc_id)
-    svc.documents.pop(doc_id, None)  # from now on asks get 404
-    llm = svc.llm
-    if llm is not None and doc.key is not None and not svc.key_shared(doc):
-        key, doc.key = doc.key, None
-
-        def drop():
-            llm.drop_document(key)
-            svc.refresh_kv()
-
-        # housekeeping is never refused for a full queue: it frees memory for the others
-        await svc.runner.call(drop, svc.deadline(), "dropping the document", bounded=False)
+    await svc.remove_document(doc_id)  # from now on asks get 404
     return {"id": doc_id, "object": "document", "deleted": True}
 
 
@@ -136,8 +127,8 @@ async def ask(svc: Service, request: Request, doc_id: str, endpoint: str) -> Res
     req = parse_model(AskRequest, data)
     req.check_supported()
     svc.check_model(req.model, required=False)
-    doc = svc.get_document(doc_id)
     svc.require_ready()
+    doc = await svc.find_document(doc_id)
     question = await svc.encode(QUESTION_TEMPLATE.format(question=req.question),
                                 add_special_tokens=False)
     prompt: List[int] = doc.token_ids.tolist() + list(question)

@@ -23,11 +23,15 @@ def build_app(args: Optional[Dict[str, Any]] = None):
     cfg = ServeArgs.from_dict(args)
     from ringserve.serve.app import RingServe
 
+    registry = None
+    if cfg.num_replicas > 1:  # documents must be reachable from every replica
+        from ringserve.serve.registry import DocumentRegistry
+        registry = DocumentRegistry.bind()
     return RingServe.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_queue + 1 + _EXTRA_ONGOING,
         ray_actor_options={"num_cpus": cfg.replica_num_cpus},
-    ).bind(cfg.to_dict())
+    ).bind(cfg.to_dict(), registry)
 
 
 def wait_ready(url: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> Dict[str, Any]:

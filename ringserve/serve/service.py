@@ -55,8 +55,11 @@ class Document:
 
 
 class Service:
-    def __init__(self, cfg: ServeArgs, replica: str = ""):
+    def __init__(self, cfg: ServeArgs, replica: str = "", registry=None):
         self.cfg = cfg
+        self.replica = replica
+        self.registry = registry  # DocumentRegistry handle when num_replicas > 1, else None
+        self._last_sweep = time.monotonic()
         self.model_name = cfg.served_model_name
         self.created = int(time.time())
         self.metrics = ServeMetrics(self.model_name, replica)
@@ -202,20 +205,103 @@ class Service:
             raise APIError(400, str(exc), code="invalid_value") from None
 
     # ------------------------------------------------------------------ documents
-    def get_document(self, doc_id: str) -> Document:
-        doc = self.documents.get(doc_id)
-        if doc is None:
-            raise APIError(404, f"no document with id {doc_id!r} (never uploaded, or deleted)",
-                           code="document_not_found", param="document_id")
-        return doc
+    def _not_found(self, doc_id: str) -> APIError:
+        return APIError(404, f"no document with id {doc_id!r} (never uploaded, or deleted)",
+                        code="document_not_found", param="document_id")
 
     def key_shared(self, doc: Document) -> bool:
         """The engine keys its document cache by the token ids: two uploads of the same text
         share one pinned entry, which must stay until the last of them is deleted."""
-        return any(d.key == doc.key and d.id != doc.id for d in self.documents.values())
+        return doc.key is not None and any(
+            d.key == doc.key and d.id != doc.id for d in self.documents.values())
 
     def new_document_id(self) -> str:
         return f"doc-{uuid.uuid4().hex[:24]}"
+
+    async def publish(self, doc: Document) -> None:
+        self.documents[doc.id] = doc
+        if self.registry is not None:
+            await self.registry.put.remote(doc.id, doc.card(),
+                                           doc.token_ids.astype("<i4").tobytes())
+
+    async def find_document(self, doc_id: str) -> Document:
+        """The document to answer a question on, with its token ids (fetched from the shared
+        registry when another replica uploaded it)."""
+        local = self.documents.get(doc_id)
+        if self.registry is None:
+            if local is None:
+                raise self._not_found(doc_id)
+            return local
+        await self.sweep()
+        if local is not None:
+            if await self.registry.card.remote(doc_id) is None:  # deleted via another replica
+                await self._forget(local)
+                raise self._not_found(doc_id)
+            return local
+        entry = await self.registry.get.remote(doc_id)
+        if entry is None:
+            raise self._not_found(doc_id)
+        card, raw = entry
+        doc = Document(id=doc_id, key=None, name=card.get("name"),
+                       token_ids=np.frombuffer(raw, dtype="<i4").astype(np.int32),
+                       created=int(card.get("created", 0)), prefill_s=0.0)
+        self.documents[doc_id] = doc  # not pinned here: the engine's LRU prefix cache keeps it
+        return doc
+
+    async def document_card(self, doc_id: str) -> Dict[str, Any]:
+        if self.registry is not None:
+            card = await self.registry.card.remote(doc_id)
+        else:
+            doc = self.documents.get(doc_id)
+            card = None if doc is None else doc.card()
+        if card is None:
+            raise self._not_found(doc_id)
+        return card
+
+    async def document_cards(self) -> List[Dict[str, Any]]:
+        if self.registry is not None:
+            return list(await self.registry.listing.remote())
+        return [d.card() for d in self.documents.values()]
+
+    async def remove_document(self, doc_id: str) -> Dict[str, Any]:
+        local = self.documents.get(doc_id)
+        card = None
+        if self.registry is not None:
+            card = await self.registry.delete.remote(doc_id)
+        if card is None and (local is None or self.registry is not None):
+            raise self._not_found(doc_id)
+        if local is not None:
+            await self._forget(local)
+        return card or local.card()
+
+    async def _forget(self, doc: Document) -> None:
+        """Drop `doc` from this replica; unpin its KV unless another upload shares it."""
+        self.documents.pop(doc.id, None)
+        llm, key = self.llm, doc.key
+        if llm is None or key is None or self.key_shared(doc):
+            return
+        doc.key = None
+
+        def drop():
+            llm.drop_document(key)
+            self.refresh_kv()
+
+        # housekeeping is never refused for a full queue: it frees memory for the others
+        await self.runner.call(drop, self.deadline(), "dropping the document", bounded=False)
+
+    async def sweep(self, every_s: float = 10.0) -> None:
+        """Unpin local copies of documents deleted through another replica."""
+        if self.registry is None or time.monotonic() - self._last_sweep < every_s:
+            return
+        self._last_sweep = time.monotonic()
+        pinned = [d.id for d in self.documents.values() if d.key is not None]
+        if not pinned:
+            return
+        alive = set(await self.registry.alive.remote(pinned))
+        for doc_id in pinned:
+            doc = self.documents.get(doc_id)
+            if doc_id not in alive and doc is not None:
+                await self._forget(doc)
 
     def stats(self) -> Dict[str, Any]:
         llm = self.llm
