@@ -1,0 +1,178 @@
+"""The engine and the model shard workers in one process: each rank a real ModelShardWorker
+on its own thread, joined by the in-process ThreadTransport (ringserve.parallel.transport), so the
+whole matrix (3 families x world sizes 1, 2, 3 x both schedules) is compared with HF transformers
+without paying Ray actor start-up per configuration. tests/test_llm*.py cover the same paths
+through Ray actors and gloo."""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tinymodels import load_hf, tiny_model
+from ringserve.actors.model_worker import ModelShardWorker
+from ringserve.engine import Engine, EngineConfig, balanced_counts
+from ringserve.errors import CapacityError
+from ringserve.parallel.transport import ThreadHub
+from ringserve.sampling import SamplingParams
+from ringserve.tokenizer import Tokenizer
+
+FAMILIES = ("llama", "mistral", "qwen2")
+CONFIGS = [(f, 1, "striped") for f in FAMILIES] + [
+    (f, n, s) for f in FAMILIES for n in (2, 3) for s in ("ring", "striped")]
+PROMPT_LENS = (37, 50)
+NEW_TOKENS = 32
+
+
+class ThreadGroup:
+    """The ActorGroup interface over in-process workers: call() runs a method on every rank
+    at once (one thread per rank), results in rank order, the first error re-raised."""
+
+    def __init__(self, world_size, **worker_kwargs):
+        self.world_size = world_size
+        self._kw = worker_kwargs
+        self._pool = ThreadPoolExecutor(world_size)
+        self._start()
+
+    def _start(self):
+        hub = ThreadHub(self.world_size)
+        self.workers = [ModelShardWorker(r, self.world_size, "cpu", **self._kw)
+                        for r in range(self.world_size)]
+        for r, w in enumerate(self.workers):
+            w.transport = hub.transport(r, timeout_s=60)
+
+    def call(self, method, *args, **kwargs):
+        futs = [self._pool.submit(getattr(w, method), *args) for w in self.workers]
+        return [f.result() for f in futs]
+
+    def rebuild(self):
+        self._start()
+
+    def shutdown(self):
+        self._pool.shutdown()
+
+
+_REF = {}
+
+
+def hf_greedy(hf, ids, n):
+    """HF `generate(do_sample=False)`; for sliding-window models, greedy decoding by full
+    forward passes instead: transformers' cached generate for Mistral drifts from its own full
+    forward once the sequence passes the window (seen with transformers 5.24), and the full
+    forward is the model's definition."""
+    with torch.no_grad():
+        if getattr(hf.config, "sliding_window", None) is None:
+            return hf.generate(torch.tensor([ids]), max_new_tokens=n,
+                               do_sample=False)[0, len(ids):].tolist()
+        x = list(ids)
+        for _ in range(n):
+            x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
+        return x[len(ids):]
+
+
+def reference(tmp_path_factory, family):
+    if family not in _REF:
+        path = tiny_model(tmp_path_factory, family)
+        hf = load_hf(path)
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        g = torch.Generator().manual_seed(7 + sum(map(ord, family)))
+        prompts = [torch.randint(0, hf.config.vocab_size, (n,), generator=g).tolist()
+                   for n in PROMPT_LENS]
+        out = []
+        with torch.no_grad():
+            for ids in prompts:
+                x = torch.tensor([ids])
+                lp = torch.log_softmax(hf(x).logits[0].double(), -1)[:-1]
+                lp = lp.gather(1, x[0, 1:, None])[:, 0]
+                out.append((ids, lp, hf_greedy(hf, ids, NEW_TOKENS)))
+        _REF[family] = (path, hf, out)
+    return _REF[family]
+
+
+def make_engine(path, ws, schedule, kv_tokens=1024, **cfg):
+    group = ThreadGroup(ws, model=str(path), kv_tokens=kv_tokens, page_size=8)
+    tok = Tokenizer.from_dir(path)
+    return Engine(group, tok, tok.eos_token_ids, EngineConfig(schedule=schedule, **cfg))
+
+
+@pytest.mark.parametrize("family,ws,schedule", CONFIGS,
+                         ids=[f"{c[0]}-ws{c[1]}-{c[2]}" for c in CONFIGS])
+def test_matrix_score_and_greedy_equal_transformers(tmp_path_factory, family, ws, schedule):
+    path, _, ref = reference(tmp_path_factory, family)
+    eng = make_engine(path, ws, schedule)
+    try:
+        for ids, lp_ref, gen_ref in ref:
+            sc = eng.submit("score", ids).result(120)
+            assert sc.logprobs[0] is None
+            torch.testing.assert_close(torch.tensor(sc.logprobs[1:], dtype=torch.float64),
+                                       lp_ref, rtol=0, atol=5e-5)
+            out = eng.submit("generate", ids, SamplingParams(
+                max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)).result(120)
+            assert out.token_ids == gen_ref and out.finish_reason == "length"
+        # every token of the last request stays cached (page-rounded), nothing else
+        s = eng.stats()
+        assert s["cached_documents"] == 2 and s["requests_failed"] == 0
+    finally:
+        eng.shutdown()
+        eng.group.shutdown()
+
+
+@pytest.mark.parametrize("ws,schedule", [(3, "ring"), (2, "striped")])
+def test_partial_prefix_reuse_fork_trim_matches_transformers(tmp_path_factory, ws, schedule):
+    """A pinned document; prompts sharing all of it or only part of it reuse its KV (fork,
+    trim to the shared prefix, copy-on-write of the partial page) and still decode exactly
+    like HF on the whole prompt. The ring layout makes a trimmed prefix lopsided across
+    ranks: the balanced appends must cope."""
+    path, hf, ref = reference(tmp_path_factory, "mistral")
+    doc = ref[1][0]                                   # 50 tokens, window 16
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(0, hf.config.vocab_size, (9,), generator=g).tolist()
+    eng = make_engine(path, ws, schedule)
+    try:
+        key = eng.submit("cache_document", doc).result(60)
+        for prompt, cached in ((doc + q, 50), (doc[:29] + q, 29), (doc, 49)):
+            out = eng.submit("generate", prompt, SamplingParams(
+                max_tokens=12, temperature=0, ignore_eos=True)).result(60)
+            exp = hf_greedy(hf, prompt, 12)
+            assert out.num_cached_tokens == cached
+            assert out.token_ids == exp
+        assert key in eng.doc_cache and eng.doc_cache.get(key).pinned
+        assert eng.submit("drop_document", key).result(10) is True
+        assert key not in eng.doc_cache
+    finally:
+        eng.shutdown()
+        eng.group.shutdown()
+
+
+def test_capacity_error_before_work_and_pinned_documents(tmp_path_factory):
+    path, _, ref = reference(tmp_path_factory, "llama")
+    eng = make_engine(path, 2, "striped", kv_tokens=48)   # per rank: 6 pages x 8
+    try:
+        assert eng.capacity_tokens == 96
+        with pytest.raises(CapacityError) as ei:
+            eng.submit("generate", ref[0][0], SamplingParams(max_tokens=60)).result(10)
+        assert (ei.value.requested, ei.value.capacity) == (37 + 60, 96)
+        assert "97" in str(ei.value) and "96" in str(ei.value)
+        assert eng.stats()["prefill_tokens"] == 0           # nothing was computed
+        key = eng.submit("cache_document", ref[1][0]).result(30)   # 50 pinned tokens
+        with pytest.raises(CapacityError, match="pinned"):
+            eng.submit("generate", ref[0][0][:30], SamplingParams(max_tokens=30)).result(10)
+        eng.submit("drop_document", key).result(10)
+        out = eng.submit("generate", ref[0][0][:30], SamplingParams(
+            max_tokens=30, temperature=0, ignore_eos=True)).result(60)
+        assert len(out.token_ids) == 30
+        # unpinned cached sequences are evicted for a request that needs their room
+        out = eng.submit("generate", ref[1][0][:40], SamplingParams(
+            max_tokens=40, temperature=0, ignore_eos=True)).result(60)
+        assert len(out.token_ids) == 40 and eng.stats()["cached_documents"] == 1
+    finally:
+        eng.shutdown()
+        eng.group.shutdown()
+
+
+def test_balanced_counts_follows_the_fewest_tokens_rule():
+    for counts, n in (([5, 0, 3], 7), ([0, 0], 5), ([4, 4, 4], 2), ([9, 1], 3), ([2, 7, 7], 40)):
+        c = list(counts)
+        for _ in range(n):
+            c[c.index(min(c))] += 1
+        assert balanced_counts(counts, n) == c

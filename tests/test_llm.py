@@ -1,0 +1,84 @@
+"""ringserve.LLM (Ray actors, gloo) against HuggingFace transformers on the same tiny checkpoints
+(fp32): prompt log-probabilities (`score`) and 32 greedy tokens, odd prompt lengths, Mistral (MQA,
+sliding window 16, prompts longer than the window) and Qwen2 (QKV bias, tied embeddings)."""
+import pytest
+import torch
+
+from tinymodels import load_hf, tiny_model
+from ringserve import LLM, SamplingParams
+
+# The full matrix (3 families x world sizes 1-3 x both schedules) runs in-process in
+# tests/test_engine.py; through Ray actors and gloo, two configurations that between them cover
+# both schedules, a window, QKV bias, MQA/GQA and world sizes 2 and 3.
+CONFIGS = [("mistral", 3, "ring"), ("qwen2", 2, "striped")]
+PROMPT_LENS = (37, 53)
+NEW_TOKENS = 32
+_REF = {}
+
+
+def hf_greedy(hf, ids, n):
+    """HF `generate(do_sample=False)`; for sliding-window models, greedy decoding by full
+    forward passes instead: transformers' cached generate for Mistral drifts from its own full
+    forward once the sequence passes the window (seen with transformers 5.24), and the full
+    forward is the model's definition."""
+    with torch.no_grad():
+        if getattr(hf.config, "sliding_window", None) is None:
+            return hf.generate(torch.tensor([ids]), max_new_tokens=n,
+                               do_sample=False)[0, len(ids):].tolist()
+        x = list(ids)
+        for _ in range(n):
+            x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
+        return x[len(ids):]
+
+
+def reference(tmp_path_factory, family):
+    """HF's prompt logprobs and greedy continuations, computed once per family."""
+    if family not in _REF:
+        path = tiny_model(tmp_path_factory, family)
+        hf = load_hf(path)
+        hf.generation_config.eos_token_id = None  # compare exactly NEW_TOKENS tokens
+        hf.generation_config.pad_token_id = 0
+        g = torch.Generator().manual_seed(sum(map(ord, family)))
+        vocab = hf.config.vocab_size
+        prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+        out = []
+        with torch.no_grad():
+            for ids in prompts:
+                x = torch.tensor([ids])
+                lp = torch.log_softmax(hf(x).logits[0].double(), -1)
+                lp = lp[:-1].gather(1, x[0, 1:, None])[:, 0]
+                out.append((ids, lp, hf_greedy(hf, ids, NEW_TOKENS)))
+        _REF[family] = (path, out)
+    return _REF[family]
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[0]}-ws{c[1]}-{c[2]}")
+def setup(request, ray_session, tmp_path_factory):
+    family, ws, schedule = request.param
+    path, ref = reference(tmp_path_factory, family)
+    llm = LLM(str(path), world_size=ws, schedule=schedule, max_kv_tokens=2048,
+              num_cpus_per_worker=0.5)
+    yield llm, ref
+    llm.shutdown()
+
+
+def test_score_equals_transformers(setup):
+    llm, ref = setup
+    outs = llm.score([ids for ids, _, _ in ref])
+    for (ids, lp_ref, _), out in zip(ref, outs):
+        assert out.token_ids == ids and out.logprobs[0] is None
+        got = torch.tensor(out.logprobs[1:], dtype=torch.float64)
+        torch.testing.assert_close(got, lp_ref, rtol=0, atol=5e-5)
+
+
+def test_greedy_tokens_equal_transformers(setup):
+    llm, ref = setup
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True,
+                            logprobs=True)
+    outs = llm.generate([ids for ids, _, _ in ref], params)
+    for (ids, _, gen_ref), out in zip(ref, outs):
+        assert out.token_ids == gen_ref
+        assert out.finish_reason == "length" and out.prompt_token_ids == ids
+        assert len(out.logprobs) == NEW_TOKENS and all(lp <= 0 for lp in out.logprobs)
+    s = llm.stats()
+    assert s["world_size"] == llm.world_size and s["kv_tokens_used"] > 0
