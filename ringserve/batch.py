@@ -164,12 +164,13 @@ class ResultsFile:
 
     Opening it repairs a torn tail: everything after the last complete, parseable line (the
     half-written record of a killed run) is truncated away, so that record is redone once.
+    Only ids and ok flags are kept in memory (a loglik result can be megabytes).
     """
 
     def __init__(self, path: Path, drop_errors: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: Dict[str, dict] = {}
+        self.done: Dict[str, bool] = {}   # id_key -> ok
         self.repaired_bytes = 0
         self.dropped_errors = 0
         self._scan()
@@ -177,44 +178,48 @@ class ResultsFile:
             self._drop_errors()
         self._f = open(self.path, "ab")
 
+    @staticmethod
+    def _parse(raw: bytes) -> Optional[Tuple[str, bool]]:
+        if not raw.endswith(b"\n"):
+            return None  # the last write never finished
+        try:
+            obj = json.loads(raw)
+            return id_key(obj["id"]), bool(obj.get("ok", False))
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def _scan(self) -> None:
         if not self.path.exists():
             return
         good_end = 0
         with open(self.path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                break  # no newline: the last write never finished
-            try:
-                obj = json.loads(data[pos:nl])
-                key = id_key(obj["id"])
-            except (ValueError, KeyError, TypeError):
-                break
-            self.done.setdefault(key, obj)
-            pos = good_end = nl + 1
-        if good_end < len(data):
-            self.repaired_bytes = len(data) - good_end
+            for raw in f:
+                parsed = self._parse(raw)
+                if parsed is None:
+                    break
+                self.done.setdefault(*parsed)
+                good_end += len(raw)
+            size = f.seek(0, os.SEEK_END)
+        if good_end < size:
+            self.repaired_bytes = size - good_end
             with open(self.path, "r+b") as f:
                 f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
 
     def _drop_errors(self) -> None:
-        keep = {k: v for k, v in self.done.items() if v.get("ok", False)}
-        self.dropped_errors = len(self.done) - len(keep)
+        self.dropped_errors = sum(not ok for ok in self.done.values())
         if not self.dropped_errors:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            for obj in keep.values():
-                f.write(_dump(obj))
-            f.flush()
-            os.fsync(f.fileno())
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            for raw in src:
+                if self._parse(raw)[1]:
+                    dst.write(raw)
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, self.path)   # atomic: a crash leaves the old file or the new one
-        self.done = keep
+        self.done = {k: ok for k, ok in self.done.items() if ok}
 
     def __contains__(self, rid: Any) -> bool:
         return id_key(rid) in self.done
@@ -222,10 +227,11 @@ class ResultsFile:
     def write(self, result: dict) -> None:
         key = id_key(result["id"])
         assert key not in self.done, f"id {result['id']!r} written twice"
-        self._f.write(_dump(result))   # one write per record: a crash tears at most this line
+        line = _dump(result)           # before writing: a NaN raises here, nothing is written
+        self._f.write(line)            # one write per record: a crash tears at most this line
         self._f.flush()
         os.fsync(self._f.fileno())
-        self.done[key] = result
+        self.done[key] = bool(result.get("ok", False))
 
     def close(self) -> None:
         self._f.close()
@@ -400,10 +406,10 @@ def _attempt(llm, prompter, rec, base, params) -> Tuple[dict, int, bool]:
     return {"id": rec.id, "task": rec.task, "ok": True, **fields}, tokens, False
 
 
-def process(llm, records_path: Path, results: ResultsFile, prompter: Prompter, params,
-            retries: int = 1, max_consecutive_failures: int = 10, out=sys.stdout) -> Progress:
+def plan(records_path: Path, results: ResultsFile) -> Tuple[int, int, int]:
+    """(documents left, their total size for the ETA, documents already in the output).
+    Reads the input once; texts are not kept."""
     base = records_path.parent
-    # first pass: what is left, and how big, for the ETA; texts are not kept
     pending, total_size, skipped, seen = 0, 0, 0, set()
     for n, raw in read_input(records_path):
         rid, rec, _ = parse_line(raw, n)
@@ -415,6 +421,13 @@ def process(llm, records_path: Path, results: ResultsFile, prompter: Prompter, p
         else:
             pending += 1
             total_size += size_hint(rec, base)
+    return pending, total_size, skipped
+
+
+def process(llm, records_path: Path, results: ResultsFile, prompter: Prompter, params,
+            retries: int = 1, max_consecutive_failures: int = 10, out=sys.stdout) -> Progress:
+    base = records_path.parent
+    pending, total_size, skipped = plan(records_path, results)
     prog = Progress(pending, total_size, skipped)
     print(f"[ringserve.batch] {pending} documents to process, {skipped} already in "
           f"{results.path}" + (f" (cut {results.repaired_bytes} bytes of a torn last line)"
@@ -465,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="results JSONL (appended to)")
     p.add_argument("--world-size", type=int, default=1, help="shards (GPUs) per actor group")
     p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when the Ray cluster has GPUs, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     p.add_argument("--max-kv-tokens", type=int, default=None,
                    help="KV tokens per group (default: from free memory)")
@@ -495,26 +509,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # inside `ray job submit` the job server sets RAY_ADDRESS: join that cluster
         ray_address = "auto"
 
-    from ringserve.llm import LLM
     from ringserve.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
     results = ResultsFile(a.output, drop_errors=a.retry_errors)
-    if results.dropped_errors:
-        print(f"[ringserve.batch] --retry-errors: {results.dropped_errors} error records "
-              f"dropped, retrying them", flush=True)
-    t0 = time.monotonic()
-    llm = LLM(a.model, world_size=a.world_size, schedule=a.schedule, device=a.device,
-              dtype=a.dtype, max_kv_tokens=a.max_kv_tokens, ray_address=ray_address)
-    print(f"[ringserve.batch] model {a.model} on {a.world_size} x {a.device} ({a.schedule}) "
-          f"ready in {time.monotonic() - t0:.1f}s; KV capacity {llm.capacity_tokens} tokens",
-          flush=True)
     try:
-        prompter = Prompter(llm.tokenizer, a.prompt_format)
-        prog = process(llm, a.input, results, prompter, params, retries=a.retries)
+        if results.dropped_errors:
+            print(f"[ringserve.batch] --retry-errors: {results.dropped_errors} error records "
+                  f"dropped, retrying them", flush=True)
+        if plan(a.input, results)[0] == 0:
+            # a rerun of a finished job: don't start an actor group (GPUs) for nothing
+            print(f"[ringserve.batch] nothing to do: every id is already in {a.output}",
+                  flush=True)
+            return 0
+        import ray
+
+        from ringserve.llm import LLM
+
+        t0 = time.monotonic()
+        if not ray.is_initialized():
+            ray.init(address=ray_address)
+        # the driver may sit on a CPU-only head (KubeRay): ask the cluster, not this machine
+        device = a.device or ("cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")
+        llm = LLM(a.model, world_size=a.world_size, schedule=a.schedule, device=device,
+                  dtype=a.dtype, max_kv_tokens=a.max_kv_tokens, ray_address=ray_address)
+        try:
+            print(f"[ringserve.batch] model {a.model} on {a.world_size} x {device} "
+                  f"({a.schedule}) ready in {time.monotonic() - t0:.1f}s; KV capacity "
+                  f"{llm.capacity_tokens} tokens", flush=True)
+            prompter = Prompter(llm.tokenizer, a.prompt_format)
+            prog = process(llm, a.input, results, prompter, params, retries=a.retries)
+        finally:
+            llm.shutdown()
     finally:
         results.close()
-        llm.shutdown()
     print(f"[ringserve.batch] finished: {prog.docs} documents ({prog.errors} errors), "
           f"{prog.skipped} skipped as already done; results in {a.output}", flush=True)
     return 0

@@ -239,6 +239,12 @@ def test_batch_job_submit_stop_resume(head, ray_session, tmp_path_factory):
     assert len(progress) == len(all_ids) - len(first), logs[-3000:]
     assert all("tokens/s" in x and "ETA" in x for x in progress)
 
+    # ---- run 3: a rerun of a finished job changes nothing (and starts no actor group)
+    before = out.read_bytes()
+    r = submit("ringserve-batch-3", wait=True)
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert out.read_bytes() == before
+
     # ---- every id exactly once; run 1's records kept as they were
     lines = out.read_text(encoding="utf-8").splitlines()
     assert lines[: len(first)] == first
