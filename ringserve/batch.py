@@ -1,7 +1,7 @@
 """Batch document jobs: `python -m ringserve.batch` (for `ray job submit`) and `ringserve batch`.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m ringserve.batch \
-        --model /models/model --input /data/docs.jsonl --output /data/results.jsonl \
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m ringserve.batch \\
+        --model /models/model --input /data/docs.jsonl --output /data/results.jsonl \\
         --world-size 2 --device cuda
 
 Input: JSONL, one document per line:
@@ -470,9 +470,8 @@ def process(llm, records_path: Path, results: ResultsFile, prompter: Prompter, p
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ringserve.batch",
-        description="Run a JSONL of long documents (qa / summary / loglik) through ringserve; "
-                    "resumable. Input format: see the module docstring.")
+        prog="python -m ringserve.batch", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF-format checkpoint directory")
     p.add_argument("--input", required=True, type=Path, help="input JSONL")
     p.add_argument("--output", required=True, type=Path, help="results JSONL (appended to)")

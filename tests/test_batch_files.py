@@ -214,3 +214,16 @@ def test_entrypoint_in_rayjob_parses():
     a = batch.build_parser().parse_args(argv[3:])
     assert (a.world_size, a.device, a.schedule) == (2, "cuda", "striped")
     assert str(a.input).startswith("/data/") and str(a.output).startswith("/data/")
+
+
+def test_cli_forwards_to_batch(capsys):
+    from ringserve import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["batch", "--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--retry-errors" in help_text and '"task": "qa"' in help_text
+    with pytest.raises(SystemExit) as e:  # required arguments are enforced
+        cli.main(["batch", "--model", "m"])
+    assert e.value.code == 2
