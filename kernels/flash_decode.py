@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634   # host side
+# inside kernels a global must be a constexpr
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -107,7 +109,7 @@ def _decode_split_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
     # partials: OPart (B, Hq, Sq, num_splits, D), LPart (B, Hq, Sq, num_splits), contiguous
     prow = ((b64 * Hq + hq) * Sq + s_idx) * num_splits + split
     tl.store(LPart + prow, lse, mask=row_ok)
@@ -132,13 +134,13 @@ def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
     lse_p = tl.load(LPart + row64 * num_splits + offs, mask=ok, other=float("-inf"))
     m = tl.max(lse_p, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2((lse_p - m) * LOG2E)
+    w = tl.math.exp2((lse_p - m) * _LOG2E)
     tot = tl.sum(w, 0)
     o_p = tl.load(OPart + (row64 * num_splits + offs)[:, None] * HEAD_DIM + offs_d[None, :],
                   mask=ok[:, None] & d_ok[None, :], other=0.0)
     inv = 1.0 / tl.where(tot > 0.0, tot, 1.0)
     out = tl.sum(o_p * (w * inv)[:, None], 0)
-    lse = tl.where(tot > 0.0, m + tl.math.log2(tl.where(tot > 0.0, tot, 1.0)) * LN2,
+    lse = tl.where(tot > 0.0, m + tl.math.log2(tl.where(tot > 0.0, tot, 1.0)) * _LN2,
                    float("-inf"))
     tl.store(Lse + row64, lse)
     tl.store(Out + b.to(tl.int64) * stride_ob + s * stride_os + hq * stride_oh

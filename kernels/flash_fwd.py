@@ -26,8 +26,10 @@ try:  # host-side TMA descriptors (triton >= 3.3); the pointer path needs nothin
 except ImportError:  # pragma: no cover - older triton
     TensorDescriptor = None
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634   # host side
+# inside kernels a global must be a constexpr
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -79,9 +81,11 @@ def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, s
                    offs_n, offs_d,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr):
+                   USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr,
+                   IDX64: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [n_from, n_to)."""
-    for nb in tl.range(n_from, n_to, warp_specialize=WARP_SPEC):
+    # warp specialization only on the unmasked interior loop (the hot one)
+    for nb in tl.range(n_from, n_to, warp_specialize=WARP_SPEC and not MASKED):
         start = nb * BLOCK_N
         kidx = start + offs_n
         if USE_TMA:
@@ -92,8 +96,11 @@ def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, s
             if MASKED:
                 v = tl.where(kidx[:, None] < Sk, v, 0.0)   # never let 0 * inf/nan through
         else:
-            k_ptrs = k_ptrs0 + kidx[:, None].to(tl.int64) * stride_ks
-            v_ptrs = v_ptrs0 + kidx[:, None].to(tl.int64) * stride_vs
+            # 32-bit row offsets unless the host saw they could overflow: 64-bit address math
+            # on every element costs registers (spills) in the pipelined loop
+            rows = kidx[:, None].to(tl.int64) if IDX64 else kidx[:, None]
+            k_ptrs = k_ptrs0 + rows * stride_ks
+            v_ptrs = v_ptrs0 + rows * stride_vs
             if MASKED or BLOCK_D != HEAD_DIM:
                 ld = (kidx[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
                 k = tl.load(k_ptrs, mask=ld, other=0.0)
@@ -141,7 +148,8 @@ def _flash_fwd_kernel(
         SEQ_BUCKET,   # only part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        DOT_PREC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = num_m - 1 - tl.program_id(0)   # under a causal mask the last rows cost most: start them first
     pid_bh = tl.program_id(1)
@@ -184,21 +192,24 @@ def _flash_fwd_kernel(
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, n_lo, f_lo, Sk, k_offset,
                                    k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC)
+                                   BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
+                                   IDX64)
     # interior: every key visible to every query, no mask
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, f_lo, f_hi, Sk, k_offset,
                                    k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, False, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC)
+                                   BLOCK_N, False, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
+                                   IDX64)
     # masked trailing edge (causal diagonal, window border, ragged end of the keys)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, f_hi, n_hi, Sk, k_offset,
                                    k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
-                                   BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC)
+                                   BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
+                                   IDX64)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]     # fully masked rows: acc is 0, out stays 0
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
     tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
     o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
@@ -215,7 +226,8 @@ def _tma_block_hook(nargs):
 
 def _gpu_configs(warp_spec: bool):
     # (BLOCK_M, BLOCK_N, num_warps, num_stages), kept short: every entry is one compile per key
-    shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+    # (checked with cuobjdump -res-usage for sm_90: BLOCK_M 128 with 4 warps spills at D=128)
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
               (64, 64, 4, 3), (64, 32, 4, 2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
                           pre_hook=_tma_block_hook)
@@ -224,7 +236,7 @@ def _gpu_configs(warp_spec: bool):
 
 
 def _prune(configs, nargs, **kwargs):
-    d = nargs["BLOCK_D"]
+    d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else nargs["BLOCK_D"]   # constexprs come as kwargs
     keep = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -232,13 +244,13 @@ def _prune(configs, nargs, **kwargs):
             continue                      # small heads: large tiles always win
         if d >= 256 and (bm, bn) not in ((64, 64), (64, 32)):
             continue                      # 256-wide heads: large tiles do not fit in registers
-        if d == 128 and bm == 64 and bn == 32:
+        if d == 128 and (bm == 64 or c.num_warps == 4):
             continue
         keep.append(c)
     return keep or configs[-1:]
 
 
-_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "SEQ_BUCKET"]
+_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "IDX64", "SEQ_BUCKET"]
 _tuned = {ws: triton.autotune(configs=_gpu_configs(ws), key=_KEY,
                               prune_configs_by={"early_config_prune": _prune})(_flash_fwd_kernel)
           for ws in (False, True)}
@@ -339,7 +351,8 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
             window, scale * LOG2E, min(triton.next_power_of_2(max(Sq, Sk)), 1 << 14))
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal),
                 HAS_WINDOW=window_size is not None, USE_TMA=bool(use_tma),
-                WARP_SPEC=bool(warp_specialize), DOT_PREC=dot_prec)
+                WARP_SPEC=bool(warp_specialize), DOT_PREC=dot_prec,
+                IDX64=max(Sk * max(k.stride(1), v.stride(1)), Sq * q.stride(1)) >= 2 ** 31)
     if config is not None:
         grid = (triton.cdiv(Sq, config["BLOCK_M"]), B * Hq)
         _flash_fwd_kernel[grid](*args, **meta, **config)

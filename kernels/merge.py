@@ -11,8 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634   # host side
+# inside kernels a global must be a constexpr
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -32,12 +34,12 @@ def _merge_kernel(OutA, LseA, OutB, LseB, R, S, H, D,
     m = tl.maximum(la, lb)
     # both sides -inf: shift by 0 so that exp(-inf - -inf) never makes a NaN
     m = tl.where(m == float("-inf"), 0.0, m)
-    wa = tl.math.exp2((la - m) * LOG2E)
-    wb = tl.math.exp2((lb - m) * LOG2E)
+    wa = tl.math.exp2((la - m) * _LOG2E)
+    wb = tl.math.exp2((lb - m) * _LOG2E)
     tot = wa + wb
     seen = tot > 0.0
     inv = 1.0 / tl.where(seen, tot, 1.0)
-    lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * LN2, float("-inf"))
+    lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * _LN2, float("-inf"))
     mask = row_ok[:, None] & (offs_d < D)[None, :]
     pa = OutA + (b * s_oab + s * s_oas + h * s_oah)[:, None] + offs_d[None, :] * s_oad
     pb = OutB + (b * s_obb + s * s_obs + h * s_obh)[:, None] + offs_d[None, :] * s_obd
