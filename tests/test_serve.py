@@ -160,13 +160,14 @@ def test_chat_equals_llm_generate(stack, rng):
     messages = [{"role": "system", "content": "You answer about ships."},
                 {"role": "user", "content": _phrase(rng, 6) + "?"}]
     r = stack.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9,
-                                             temperature=0,
+                                             temperature=0, logprobs=True,
                                              extra_body={"return_token_ids": True})
     prompt = stack.tok.apply_chat_template(messages, add_generation_prompt=True)
-    (ref,) = stack.ref.generate(prompt, _greedy(9))
+    (ref,) = stack.ref.generate(prompt, _greedy(9, logprobs=True))
     c = r.choices[0]
     assert c.model_extra["token_ids"] == ref.token_ids
     assert c.message.role == "assistant" and c.message.content == ref.text
+    assert [x.logprob for x in c.logprobs.content] == pytest.approx(ref.logprobs, abs=1e-4)
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
 
 
@@ -396,6 +397,12 @@ def test_400_invalid_parameters(stack):
     _err(stack.http.post("/v1/completions", content=b"{not json",
                          headers={"Content-Type": "application/json"}), 400)
     _err(stack.http.post("/v1/documents", json={"text": "   "}), 400)
+    # a prompt beyond the KV capacity: OpenAI's context-length error, both numbers in it
+    cap = stack.ref.capacity_tokens
+    e = _err(stack.http.post("/v1/completions", json={
+        "model": MODEL, "prompt": [5] * (cap - 3), "max_tokens": 10}), 400,
+        "context_length_exceeded")
+    assert str(cap) in e["message"] and str(cap - 3 + 10) in e["message"]
     _err(stack.http.post("/v1/documents", json={"token_ids": [1, -3]}), 400)
 
 

@@ -63,6 +63,9 @@ def api_error_from(exc: BaseException, *, document: bool = False) -> APIError:
     if isinstance(exc, engine_errors.CapacityError):
         msg = (f"the request needs {exc.requested} KV tokens but the model's KV cache can hold at "
                f"most {exc.capacity} for it")
+        detail = getattr(exc, "detail", "")
+        if detail:
+            msg += f" ({detail})"
         if document:
             return APIError(413, "document too large: " + msg, code="document_too_large",
                             param="text")

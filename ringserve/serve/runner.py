@@ -149,6 +149,7 @@ class EngineRunner:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
+        opened: list = []  # the iterator, once the worker thread has it
 
         def put(kind, value):
             try:
@@ -160,6 +161,7 @@ class EngineRunner:
             it = None
             try:
                 it = open_iter()
+                opened.append(it)
                 for item in it:
                     if cancel.is_set():
                         break
@@ -196,6 +198,14 @@ class EngineRunner:
                     return
         finally:
             cancel.set()
+            # Also close from here: the worker may be blocked waiting for the next token (a
+            # long prefill); LLM streams accept close() from another thread and cancel at once.
+            # A plain generator refuses while it runs (ValueError): the worker closes it then.
+            for it in opened:
+                try:
+                    it.close()
+                except (ValueError, AttributeError):
+                    pass
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
