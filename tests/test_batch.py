@@ -26,20 +26,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from batch_cases import MAX_KV, MAX_TOKENS, check_against_llm, make_inputs
 from tinymodels import tiny_model
-
-from ringserve.sample_document import sample_document
 
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-MAX_TOKENS = 16
-MAX_KV = 4096
-# the documented plain prompt format (ringserve/batch.py's docstring)
-QA = "\n\nQuestion: {q}\nAnswer:"
-SUMMARY = "\n\nSummary of the document above:\n"
 
 
 def _free_port() -> int:
@@ -143,49 +137,6 @@ def _complete_lines(path: Path):
     return data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines()
 
 
-def _make_inputs(work: Path, rng: random.Random):
-    """Good documents of every task (text and path), and records that must fail."""
-    good, n = [], 12
-    for i in range(n):
-        text = sample_document(n_words=rng.randint(50, 140), seed=rng.randrange(1 << 30))
-        task = ["qa", "qa", "summary", "loglik"][i % 4]
-        rec = {"id": f"doc-{i}" if i % 5 else i, "task": task}
-        if i % 3 == 2:  # read from a file, relative to the input file
-            (work / f"doc{i}.txt").write_text(text, encoding="utf-8")
-            rec["path"] = f"doc{i}.txt"
-        else:
-            rec["text"] = text
-        if task == "qa":
-            rec["questions"] = rng.sample(["Who is named first?", "What happened at the end?",
-                                           "Where does it take place?", "Why?"], k=1 + i % 2)
-        if i >= 2 and task != "loglik":
-            # longer answers after the first two documents: run 1 must still be busy when
-            # `ray job stop` (a CLI start-up of a few seconds) lands; also the per-record override
-            rec["max_tokens"] = rng.randint(64, 96)
-        good.append(rec)
-    (work / "bad-encoding.txt").write_bytes(b"Caf\xe9 au lait \xff\xfe, na\xefve.")
-    long_text = sample_document(n_words=4000, seed=rng.randrange(1 << 30))
-    bad = {
-        "missing": ({"id": "missing", "task": "summary", "path": "no-such-file.txt"},
-                    "FileNotFoundError"),
-        "bad-encoding": ({"id": "bad-encoding", "task": "qa", "path": "bad-encoding.txt",
-                          "questions": ["What?"]}, "UnicodeDecodeError"),
-        "too-long": ({"id": "too-long", "task": "summary", "text": long_text}, "CapacityError"),
-        "weird-task": ({"id": "weird-task", "task": "translate", "text": "x"}, "RecordError"),
-    }
-    lines = [json.dumps(r) for r in good[:2]]  # two quick good ones first: run 1 shows progress
-    rest = [json.dumps(r) for r in good[2:]] + [json.dumps(r) for r, _ in bad.values()]
-    rest.append('{"id": "truncated-json", "text": "abc", "tas')
-    rest.append(json.dumps({**good[0], "text": "a different text, same id: must be ignored"}))
-    rng.shuffle(rest)
-    lines += rest
-    (work / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    broken_line = lines.index('{"id": "truncated-json", "text": "abc", "tas') + 1
-    errors = {k: v for k, (_, v) in bad.items()}
-    errors[f"<input line {broken_line}>"] = "RecordError"
-    return good, errors
-
-
 def test_batch_job_submit_stop_resume(head, ray_session, tmp_path_factory):
     # Ray token auth is really on: the Jobs API refuses a request without the token
     assert head.api("/api/jobs/", auth=False).status_code == 401
@@ -193,7 +144,7 @@ def test_batch_job_submit_stop_resume(head, ray_session, tmp_path_factory):
     rng = random.Random(20261128)
     model = tiny_model(tmp_path_factory, "llama")
     work = tmp_path_factory.mktemp("batch-job")
-    good, errors = _make_inputs(work, rng)
+    good, errors = make_inputs(work, rng)
     out = work / "out" / "results.jsonl"
     argv = ["python", "-m", "ringserve.batch", "--model", str(model),
             "--input", str(work / "docs.jsonl"), "--output", str(out), "--world-size", "2",
@@ -262,42 +213,9 @@ def test_batch_job_submit_stop_resume(head, ray_session, tmp_path_factory):
 
     # ---- good records: the same as LLM run directly
     from ringserve.llm import LLM
-    from ringserve.sampling import SamplingParams
 
     llm = LLM(str(model), world_size=2, schedule="striped", device="cpu", max_kv_tokens=MAX_KV)
     try:
-        tok = llm.tokenizer
-        for rec in good:
-            res = by_id[json.dumps(rec["id"])]
-            assert res["ok"] is True and res["task"] == rec["task"], res
-            text = rec.get("text") or (work / rec["path"]).read_text(encoding="utf-8")
-            if rec["task"] == "loglik":
-                (sc,) = llm.score([text])
-                assert res["num_tokens"] == len(sc.token_ids)
-                assert res["logprobs"][0] is None
-                assert res["logprobs"][1:] == pytest.approx(sc.logprobs[1:], abs=1e-4)
-                mean = sum(sc.logprobs[1:]) / (len(sc.logprobs) - 1)
-                assert res["perplexity"] == pytest.approx(2.718281828459045 ** -mean, rel=1e-4)
-                continue
-            doc = tok.encode(text)
-            assert res["num_document_tokens"] == len(doc)
-            greedy = SamplingParams(max_tokens=rec.get("max_tokens", MAX_TOKENS), temperature=0)
-            if rec["task"] == "summary":
-                (o,) = llm.generate([doc + tok.encode(SUMMARY, add_special_tokens=False)], greedy)
-                assert (res["summary"], res["num_generated_tokens"]) == (o.text, len(o.token_ids))
-                continue
-            prompts = [doc + tok.encode(QA.format(q=q), add_special_tokens=False)
-                       for q in rec["questions"]]
-            key = llm.cache_document(doc) if len(prompts) > 1 else None
-            outs = llm.generate(prompts, greedy)
-            if key:
-                llm.drop_document(key)
-            assert [a["question"] for a in res["answers"]] == rec["questions"]
-            assert [a["answer"] for a in res["answers"]] == [o.text for o in outs]
-            assert [a["num_generated_tokens"] for a in res["answers"]] == \
-                [len(o.token_ids) for o in outs]
-            if key:  # the document was prefilled once and reused by every question (the
-                # engine may also reuse a previous question's common tokens: >=)
-                assert all(a["num_cached_tokens"] >= len(doc) for a in res["answers"]), res
+        check_against_llm(llm, by_id, good, work)
     finally:
         llm.shutdown()
