@@ -315,6 +315,21 @@ class Engine:
             raise CapacityError(requested, sum(free) * self.page_size,
                                 f"{what}; after evicting every unpinned cached sequence")
 
+    def _room_for(self, prompt, extra: int, entry: Optional[CachedSeq], m: int,
+                  requested: int, what: str):
+        """Make room for the request, reusing `entry`'s first m tokens if possible. The reused
+        entry is never evicted for its own request: if the room can only come from it, the
+        reuse is dropped and the prompt prefilled cold. Returns the (entry, m) to use."""
+        if entry is not None:
+            try:
+                self._make_room(self._plan(prompt, extra, entry, m), requested, what,
+                                keep=(entry.key,))
+                return entry, m
+            except CapacityError:
+                pass
+        self._make_room(self._plan(prompt, extra, None, 0), requested, what)
+        return None, 0
+
     def _check_static(self, n_tokens: int, what: str) -> None:
         if n_tokens > self.capacity_tokens:
             raise CapacityError(n_tokens, self.capacity_tokens, what)
@@ -418,10 +433,10 @@ class Engine:
         ids = torch.tensor(seq.tokens, dtype=torch.int32)
         e = CachedSeq(doc_key(ids), seq.seq_id, ids, torch.tensor(seq.owners, dtype=torch.int8),
                       pinned=pinned)
-        gone = self.doc_cache.add(e)
-        gone += self.doc_cache.over_budget(keep=(e.key,))
-        for g in gone:
+        gone = self.doc_cache.add(e)          # already out of the index (same key: same tokens)
+        for g in self.doc_cache.over_budget(keep=(e.key,)):
             self.doc_cache.remove(g.key)
+            gone.append(g)
         self._free_seqs([g.seq_id for g in gone])
         return e
 
@@ -436,8 +451,7 @@ class Engine:
         self._check_static(P + M, what)
         params = params.with_seed()
         entry, m = self._match(prompt, need_compute=True)
-        need = self._plan(prompt, M, entry, m)
-        self._make_room(need, P + M, what, keep=(entry.key,) if entry else ())
+        entry, m = self._room_for(prompt, M, entry, m, P + M, what)
         seq, first = self._build(h, prompt, params, entry, m)
         t_first = time.perf_counter()
         try:
@@ -527,8 +541,7 @@ class Engine:
             self.doc_cache.touch(e)
             return key
         entry, m = self._match(ids, need_compute=False)
-        self._make_room(self._plan(ids, 0, entry, m), P, what,
-                        keep=(entry.key,) if entry else ())
+        entry, m = self._room_for(ids, 0, entry, m, P, what)
         if entry is not None and m == P:   # a prefix of a cached sequence: fork, no compute
             sid = self._new_seq_id()
             self._call("fork", entry.seq_id, sid, m)

@@ -89,6 +89,18 @@ def reference(tmp_path_factory, family):
     return _REF[family]
 
 
+def assert_no_leak(eng):
+    """Every sequence on every rank is one the document cache knows (nothing leaked), and the
+    free pages are exactly those no cached sequence holds."""
+    known = {e.seq_id for e in eng.doc_cache.entries()}
+    for w in eng.group.workers:
+        assert set(w.cache.seq_ids()) == known
+        held = set()
+        for sid in known:
+            held.update(w.cache._seqs[sid].pages)
+        assert w.cache.num_free_pages == w.cache.num_pages - len(held)
+
+
 def make_engine(path, ws, schedule, kv_tokens=1024, **cfg):
     group = ThreadGroup(ws, model=str(path), kv_tokens=kv_tokens, page_size=8)
     tok = Tokenizer.from_dir(path)
@@ -109,9 +121,15 @@ def test_matrix_score_and_greedy_equal_transformers(tmp_path_factory, family, ws
             out = eng.submit("generate", ids, SamplingParams(
                 max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)).result(120)
             assert out.token_ids == gen_ref and out.finish_reason == "length"
-        # every token of the last request stays cached (page-rounded), nothing else
         s = eng.stats()
         assert s["cached_documents"] == 2 and s["requests_failed"] == 0
+        assert_no_leak(eng)
+        # the same prompt again: reuses the cached sequence, replaces it (same tokens)
+        again = eng.submit("generate", ids, SamplingParams(
+            max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)).result(120)
+        assert again.token_ids == gen_ref and again.num_cached_tokens == len(ids) - 1
+        assert eng.stats()["cached_documents"] == 2
+        assert_no_leak(eng)
     finally:
         eng.shutdown()
         eng.group.shutdown()
@@ -139,6 +157,7 @@ def test_partial_prefix_reuse_fork_trim_matches_transformers(tmp_path_factory, w
         assert key in eng.doc_cache and eng.doc_cache.get(key).pinned
         assert eng.submit("drop_document", key).result(10) is True
         assert key not in eng.doc_cache
+        assert_no_leak(eng)
     finally:
         eng.shutdown()
         eng.group.shutdown()
@@ -165,6 +184,7 @@ def test_capacity_error_before_work_and_pinned_documents(tmp_path_factory):
         out = eng.submit("generate", ref[1][0][:40], SamplingParams(
             max_tokens=40, temperature=0, ignore_eos=True)).result(60)
         assert len(out.token_ids) == 40 and eng.stats()["cached_documents"] == 1
+        assert_no_leak(eng)
     finally:
         eng.shutdown()
         eng.group.shutdown()

@@ -1,0 +1,155 @@
+"""ringserve.LLM features on real Ray actors (one shared 2-rank group, tiny Llama, fp32): streaming,
+the document cache, seeded sampling, stop strings and ids, concurrent callers, cancellation,
+timeouts, capacity errors, and recovery from a dead shard actor."""
+import threading
+
+import pytest
+import torch
+
+from tinymodels import load_hf, tiny_model
+from ringserve import LLM, RequestOutput, SamplingParams, StreamDelta
+from ringserve.errors import CapacityError, RequestTimeoutError, WorkerFailedError
+from ringserve.sample_document import sample_document
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(ray_session, tmp_path_factory):
+    path = tiny_model(tmp_path_factory, "llama")
+    m = LLM(str(path), world_size=2, schedule="striped", max_kv_tokens=2048,
+            num_cpus_per_worker=0.5)
+    m.hf = load_hf(path)
+    m.hf.generation_config.eos_token_id = None
+    m.hf.generation_config.pad_token_id = 0
+    yield m
+    m.shutdown()
+
+
+def hf_greedy(hf, ids, n):
+    """Greedy tokens from HF full forward passes. (transformers 5.24's cached `generate` on this
+    llama3-RoPE checkpoint drifts from its own full forward past position ~500: logit
+    differences of 0.03 flip a token, so the full forward is the reference.)"""
+    x = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
+    return x[len(ids):]
+
+
+def text(seed, words=60):
+    return sample_document(n_words=words, seed=seed)
+
+
+def test_stream_deltas_add_up_to_the_final_output(llm):
+    items = list(llm.stream(text(1), SamplingParams(max_tokens=20, **GREEDY)))
+    *deltas, final = items
+    assert isinstance(final, RequestOutput) and all(isinstance(d, StreamDelta) for d in deltas)
+    assert [d.token_id for d in deltas] == final.token_ids and len(deltas) == 20
+    assert "".join(d.text for d in deltas) == final.text
+    assert final.token_ids == llm.generate(text(1), SamplingParams(max_tokens=20, **GREEDY)
+                                           )[0].token_ids
+    assert final.prompt_token_ids == llm.tokenizer.encode(text(1))
+    t = final.timings
+    assert 0 < t["prefill_s"] <= t["ttft_s"] and t["decode_s"] > 0
+
+
+def test_document_cache_reuse_gives_cold_prefill_tokens(llm):
+    doc = llm.tokenizer.encode(text(2, 120))
+    question = llm.tokenizer.encode(" What is the ship called?", add_special_tokens=False)
+    key = llm.cache_document(doc)
+    before = llm.stats()
+    assert before["pinned_documents"] >= 1
+    out = llm.generate([doc + question], SamplingParams(max_tokens=16, **GREEDY))[0]
+    assert out.num_cached_tokens == len(doc)
+    assert out.token_ids == hf_greedy(llm.hf, doc + question, 16)
+    after = llm.stats()
+    assert after["prefill_tokens"] - before["prefill_tokens"] == len(question)
+    assert llm.drop_document(key) is True and llm.drop_document(key) is False
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    p = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234,
+                       ignore_eos=True, logprobs=True)
+    a, b = llm.generate([text(3), text(3)], p)
+    # b reuses a's cached prompt (pass-Q instead of ring prefill): same tokens, logprobs equal
+    # to float32 rounding
+    assert a.token_ids == b.token_ids and b.num_cached_tokens == len(a.prompt_token_ids) - 1
+    torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0,
+                               atol=1e-5)
+    c = llm.generate(text(3), SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95,
+                                              top_k=50, seed=99, ignore_eos=True))[0]
+    assert c.token_ids != a.token_ids
+    greedy = llm.generate(text(3), SamplingParams(max_tokens=24, **GREEDY))[0]
+    top1 = llm.generate(text(3), SamplingParams(max_tokens=24, top_k=1, seed=5,
+                                                 ignore_eos=True))[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_stop_strings_and_stop_token_ids(llm):
+    full = llm.generate(text(4), SamplingParams(max_tokens=30, **GREEDY))[0]
+    stop = full.text[8:11]
+    assert len(stop) == 3
+    cut = llm.generate(text(4), SamplingParams(max_tokens=30, stop=[stop], **GREEDY))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    assert cut.token_ids == full.token_ids[:len(cut.token_ids)]
+    tid = full.token_ids[5]
+    k = full.token_ids.index(tid)
+    by_id = llm.generate(text(4), SamplingParams(max_tokens=30, stop_token_ids=[tid],
+                                                  **GREEDY))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == full.token_ids[:k + 1]
+
+
+def test_concurrent_callers_each_get_their_own_answer(llm):
+    prompts = [text(10 + i, 30 + 7 * i) for i in range(6)]
+    p = SamplingParams(max_tokens=10, **GREEDY)
+    expected = [o.token_ids for o in llm.generate(prompts, p)]
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = llm.generate(prompts[i], p)[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == expected
+
+
+def test_closing_a_stream_cancels_it(llm):
+    before = llm.stats()["requests_cancelled"]
+    it = llm.stream(text(5), SamplingParams(max_tokens=500, **GREEDY))
+    first = next(it)
+    assert isinstance(first, StreamDelta)
+    it.close()
+    out = llm.generate(text(5), SamplingParams(max_tokens=3, **GREEDY))[0]  # queued behind it
+    assert len(out.token_ids) == 3
+    s = llm.stats()
+    assert s["requests_cancelled"] == before + 1
+    assert s["generated_tokens"] < 500 * 2  # the cancelled request stopped early
+
+
+def test_capacity_and_timeout_errors(llm):
+    ids = llm.tokenizer.encode(text(6))
+    before = llm.stats()["prefill_tokens"]
+    with pytest.raises(CapacityError) as ei:
+        llm.generate(ids, SamplingParams(max_tokens=llm.capacity_tokens))
+    assert ei.value.requested == len(ids) + llm.capacity_tokens
+    assert ei.value.capacity == llm.capacity_tokens == 2048
+    assert llm.stats()["prefill_tokens"] == before
+    with pytest.raises(RequestTimeoutError):
+        llm.generate(ids, SamplingParams(max_tokens=400, **GREEDY), timeout_s=0.05)
+
+
+def test_dead_worker_raises_then_the_group_is_rebuilt(llm):
+    import ray
+
+    p = SamplingParams(max_tokens=8, **GREEDY)
+    expected = llm.generate(text(7), p)[0].token_ids
+    ray.kill(llm._group.actors[1])
+    with pytest.raises(WorkerFailedError):
+        llm.generate(text(7), p)
+    assert llm.generate(text(7), p)[0].token_ids == expected
+    s = llm.stats()
+    assert s["worker_failures"] == 1 and s["cached_documents"] == 1
