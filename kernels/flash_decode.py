@@ -36,7 +36,7 @@ def _decode_split_kernel(
         stride_kp, stride_ks, stride_kh, stride_kd,
         stride_vp, stride_vs, stride_vh, stride_vd,
         stride_btb, stride_qpb, stride_qps, stride_kvp, stride_kvs,
-        Sq, Hq, Hkv, GROUP, chunk, num_splits, window, qk_scale,
+        Sq, Hq, Hkv, GROUP, chunk, num_splits, capacity, window, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
@@ -45,9 +45,10 @@ def _decode_split_kernel(
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
-    n = tl.load(SeqLens + b)
+    n = tl.minimum(tl.load(SeqLens + b), capacity)   # never read past the block table
     t_lo = split * chunk
-    t_hi = tl.minimum(t_lo + chunk, n)
+    # the last split takes whatever is left, so a too-small max_seq_len loses no keys
+    t_hi = tl.where(split == num_splits - 1, n, tl.minimum(t_lo + chunk, n))
 
     # row r of this program = query token r // GROUP of q head hk * GROUP + r % GROUP
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -186,29 +187,38 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_siz
 
 def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
                         causal=False, window_size=None, q_pos=None, kv_pos=None, *,
-                        num_splits: Optional[int] = None, block_n: Optional[int] = None,
+                        max_seq_len: Optional[int] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None):
     """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
 
+    max_seq_len: an upper bound of seq_lens that sizes the KV chunks (default: the block
+    table's capacity, max_pages * page_size; lengths are never read on the host, so no sync).
     num_splits / block_n / num_warps / num_stages override the launch heuristics (benchmarks).
+    seq_lens beyond the capacity raise ValueError for CPU tensors; on the GPU they are clamped
+    in the kernel (no out-of-bounds reads).
     """
     _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size)
     B, Sq, Hq, D = q.shape
     P, page, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    out = torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
-    if B == 0 or Sq == 0 or Hq == 0:
-        return out, lse
-    # The longest sequence sizes the chunks (one host sync; the caller knows the lengths anyway).
-    lens = seq_lens.tolist()
-    max_len = max(lens)
-    if min(lens) < 0 or max_len > block_table.shape[1] * page:
-        raise ValueError(f"seq_lens must be in 0..max_pages*page_size "
-                         f"({block_table.shape[1]}*{page}), got min {min(lens)}, max {max_len}")
-    if max_len == 0:
-        return out, lse
+    capacity = block_table.shape[1] * page
+    if seq_lens.device.type == "cpu":   # checking device-resident lengths would cost a sync
+        lo, hi = int(seq_lens.min()) if B else 0, int(seq_lens.max()) if B else 0
+        if lo < 0 or hi > capacity:
+            raise ValueError(f"seq_lens must be in 0..max_pages*page_size "
+                             f"({block_table.shape[1]}*{page}), got min {lo}, max {hi}")
+    if max_seq_len is None:
+        # No host sync (decode steps run back to back, or inside a CUDA graph): chunks are
+        # sized by the block table's capacity, and splits past a sequence's end exit at once.
+        max_seq_len = capacity
+    max_len = min(int(max_seq_len), capacity)
+    if B == 0 or Sq == 0 or Hq == 0 or max_len <= 0:
+        return (torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device),
+                torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device))
+    # the reduce kernel writes every element
+    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     on_cpu = q.device.type == "cpu"
     block_d = max(16, triton.next_power_of_2(D))
     rows = Sq * group
@@ -243,7 +253,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         q, k_cache, v_cache, block_table, seq_lens, qp, kp, o_part, l_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *qp_strides, *kp_strides,
-        Sq, Hq, Hkv, group, chunk, num_splits, int(window_size or 0), scale * LOG2E,
+        Sq, Hq, Hkv, group, chunk, num_splits, capacity, int(window_size or 0), scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
         HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,

@@ -273,6 +273,16 @@ def test_paged_decode_shards_merge_to_whole():
     assert (acc_lse[fin] - whole_lse[fin]).abs().max() < 1e-5
 
 
+def test_paged_decode_max_seq_len_bound():
+    """max_seq_len only sizes the chunks: exact, loose or too small, the result is the same."""
+    from ringserve.kernels.flash_decode import paged_decode_triton
+    q, kc, vc, bt, sl, _, _ = paged_case(2, 2, 4, 2, 16, 8, [150, 37], torch.float32, seed=31)
+    ref_out, ref_lse = paged_decode_ref(q, kc, vc, bt, sl)
+    for bound in (None, 150, 40):
+        out, lse = paged_decode_triton(q, kc, vc, bt, sl, max_seq_len=bound, num_splits=3)
+        check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
 def test_launchers_reject_bad_inputs():
     from ringserve.kernels.flash_decode import paged_decode_triton
     from ringserve.kernels.flash_fwd import flash_attn_fwd
