@@ -1,0 +1,106 @@
+"""A small run of benchmarks/bench_load.py against the real service: 8 clients for 15 s against
+a replica whose queue holds 2. Nothing may be lost (every request answered, 200 or a clean 429
+with OpenAI's error body), the queue limit must hold, the server's own counts must match what the
+clients saw, and every answer to one greedy prompt must be the tokens of that prompt run alone."""
+from __future__ import annotations
+
+import importlib.util
+import random
+import socket
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tinymodels import tiny_model
+
+pytestmark = pytest.mark.timeout(600)
+
+SEED = random.SystemRandom().randrange(1 << 30)
+MAX_QUEUE = 2
+CLIENTS = 8
+
+
+def _bench():
+    if "bench_load" in sys.modules:
+        return sys.modules["bench_load"]
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_load.py"
+    spec = importlib.util.spec_from_file_location("bench_load", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_load"] = mod  # its dataclasses look their module up while being built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from ringserve.serve import build_app, wait_ready
+
+    model_dir = str(tiny_model(tmp_path_factory, "llama"))
+    serve.shutdown()
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    serve.run(build_app({"model": model_dir, "world_size": 1, "max_kv_tokens": 2048,
+                         "max_queue": MAX_QUEUE, "request_timeout_s": 120,
+                         "model_name": "llama"}), name="rs-load", route_prefix="/")
+    try:
+        wait_ready(url, 300)
+        yield url
+    finally:
+        serve.delete("rs-load")
+        serve.shutdown()
+
+
+def test_load_nothing_lost_and_queue_limit_held(base):
+    bench = _bench()
+    print(f"test_load seed {SEED}")
+    before = httpx.get(base + "/stats").json()["requests"]
+    cfg = bench.LoadConfig(base, clients=CLIENTS, duration_s=15.0, max_tokens=6,
+                           prompt_words=10, num_prompts=4, seed=SEED, backoff_s=0.05)
+    r = bench.run_load(cfg)
+    print(bench.format_report(r))
+
+    assert r["lost"] == 0, r["lost_reasons"]
+    assert not r["bad_bodies"], r["bad_bodies"]
+    assert r["sent"] == r["answered"] == sum(r["by_status"].values())
+    assert set(r["by_status"]) <= {"200", "429"}, r["by_status"]
+    n429 = r["by_status"].get("429", 0)
+    assert r["ok"] > 0 and n429 > 0, r["by_status"]   # both paths exercised
+    assert r["by_code"] == {"queue_full": n429}
+    assert r["stats_samples"] > 10 and r["max_queue_seen"] <= MAX_QUEUE, r["max_queue_seen"]
+    assert r["max_running_seen"] <= 1
+
+    # the server counted exactly what the clients saw
+    after = httpx.get(base + "/stats").json()["requests"]
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert delta.get("completions:ok", 0) == r["ok"]
+    assert delta.get("completions:queue_full", 0) == n429
+
+    # concurrency mixed no request's KV with another's: answers equal each prompt run alone
+    assert not r["inconsistent_prompts"]
+    with httpx.Client(base_url=base, timeout=120) as http:
+        for i, answers in r["answers"].items():
+            alone = http.post("/v1/completions", json={
+                "model": "llama", "prompt": r["prompts"][i], "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}).json()
+            assert answers == [alone["choices"][0]["token_ids"]]
+
+
+def test_bench_refuses_non_loopback_urls():
+    bench = _bench()
+    for url in ("http://192.0.2.1:8000", "http://8.8.8.8"):
+        with pytest.raises(ValueError, match="loopback"):
+            bench.LoadConfig(url)
+    bench.LoadConfig("http://127.0.0.1:1")   # accepted (nothing is sent by the constructor)
+    assert bench.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert bench.percentile([3.0, 1.0, 2.0, 4.0], 99) == 4.0
