@@ -52,8 +52,7 @@ def build_model(source: Union[str, dict], dtype, device: torch.device):
         return CausalLM.from_pretrained(source, dtype=dtype, device=device)
     cfg = ModelConfig.from_hf_dict(source["config"])
     dtype = resolve_dtype(dtype, device, cfg)
-    with torch.device("meta"):
-        model = CausalLM(cfg, dtype=dtype, device="meta")
+    model = CausalLM(cfg, dtype=dtype, device="meta")  # parameters only: no init compute
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -261,3 +260,25 @@ class ModelShardWorker(ShardWorker):
             kernels.merge_(acc_out, acc_lse, p[:n_out].view(out.shape), p[n_out:].view(lse.shape),
                            backend=self.backend)
         return acc_out.to(out.dtype)
+
+    # ---- measurements (benchmarks) ----
+
+    def copy_bandwidth(self, nbytes: int = 1 << 30, iters: int = 10) -> float:
+        """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (the HBM
+        floor of decode reads weights and KV at this rate). CPU: 0.0."""
+        if self.device.type != "cuda":
+            return 0.0
+        a = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            b.copy_(a)
+        end.record()
+        end.synchronize()
+        secs = start.elapsed_time(end) / 1e3
+        del a, b
+        torch.cuda.empty_cache()
+        return 2.0 * nbytes * iters / secs

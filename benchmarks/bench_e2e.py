@@ -1,0 +1,243 @@
+"""End-to-end benchmark on GPUs: ringserve.LLM over N GPU actors vs HF transformers on one GPU.
+
+A Llama-3-8B-shaped model with random bf16 weights, built on each worker in GPU memory (nothing
+written to disk). For each context length L:
+  - cold prefill of L random tokens + the first token: prefill time, tokens/s, MFU, TTFT;
+  - a follow-up on the cached document (L tokens + a 32-token question): TTFT without re-prefill,
+    then decode ms/token at context ~L against the HBM floor (every rank reads all weights plus
+    its share of the KV cache once per token, at the measured device copy bandwidth);
+  - HF transformers (sdpa, bf16) prefill on one GPU at the same lengths until it runs out of
+    memory (run in a subprocess before the actors start, so the memory is its own).
+Prints a table last. Needs CUDA, Ray, cupy with NCCL.
+
+  python3 benchmarks/bench_e2e.py --world-size 2 --lengths 32768,131072,524288,max
+  python3 benchmarks/bench_e2e.py --world-size 2 --lengths 4096 --preset small --no-hf  # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+PRESETS = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    # same per-layer shapes, 4 layers: a quick check of the whole path
+    "small": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+def hf_config(preset: str, max_len: int) -> dict:
+    c = dict(PRESETS[preset])
+    c.update(architectures=["LlamaForCausalLM"], model_type="llama", head_dim=128,
+             rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+             max_position_embeddings=max(131072, max_len), hidden_act="silu",
+             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+             torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001)
+    return c
+
+
+def param_counts(c: dict) -> Dict[str, int]:
+    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    d = c.get("head_dim") or h // c["num_attention_heads"]
+    hq, hkv = c["num_attention_heads"], c["num_key_value_heads"]
+    per_layer = h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * i + 2 * h
+    embed = c["vocab_size"] * h
+    return {"layers": L * per_layer + h, "embed": embed, "lm_head": embed,
+            "total": L * per_layer + h + 2 * embed}
+
+
+def prefill_flops(c: dict, n: int) -> float:
+    """Matmul FLOPs of a causal prefill of n tokens: 2 * params * n for the layers (the embedding
+    is a lookup; the LM head runs on the last token only) + attention QK^T and PV (causal: half
+    of 4 * n^2 * d per head and layer)."""
+    d = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    attn = 2.0 * n * n * d * c["num_attention_heads"] * c["num_hidden_layers"]
+    return 2.0 * param_counts(c)["layers"] * n + 2.0 * param_counts(c)["lm_head"] + attn
+
+
+# --------------------------------------------------------------------------------------------
+# HF transformers baseline (own process)
+
+
+def run_hf(args) -> int:
+    import torch
+    import transformers
+
+    lengths = [int(x) for x in args.hf_lengths.split(",") if x]
+    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(args.preset, max(lengths)).items()
+                                      if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+    model.config._attn_implementation = "sdpa"
+    model.eval()
+    results = []
+    for n in lengths:
+        ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda", generator=g)
+        try:
+            with torch.no_grad():
+                model(ids[:, :1024], use_cache=False, logits_to_keep=1)  # warm-up
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                model(ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            results.append({"length": n, "prefill_s": dt,
+                            "peak_gb": torch.cuda.max_memory_allocated() / 1e9})
+            print(f"[hf] {n}: {dt:.2f} s", flush=True)
+        except torch.OutOfMemoryError:
+            results.append({"length": n, "oom": True})
+            print(f"[hf] {n}: out of memory", flush=True)
+            break
+        finally:
+            del ids
+            torch.cuda.empty_cache()
+    with open(args.hf_out, "w") as f:
+        json.dump(results, f)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# ringserve
+
+
+def run_ringserve(args, lengths: List[str]) -> List[dict]:
+    import torch
+    from ringserve import LLM, SamplingParams
+
+    numeric = [int(x) for x in lengths if x != "max"]
+    cfg = hf_config(args.preset, max(numeric + [1 << 20]) * 2)
+    t0 = time.perf_counter()
+    llm = LLM({"config": cfg, "seed": 0}, world_size=args.world_size, schedule=args.schedule,
+              device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,
+              max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
+              memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
+                                    else None), tokenizer=None)
+    print(f"[ringserve] group of {args.world_size} up in {time.perf_counter() - t0:.1f} s; "
+          f"capacity {llm.capacity_tokens} KV tokens", flush=True)
+    bw = max(llm._group.call("copy_bandwidth"))  # bytes/s counting read + write
+    w_bytes = param_counts(cfg)["total"] * 2
+    kv_tok = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 128 * 2
+    g = torch.Generator().manual_seed(0)
+    vocab = cfg["vocab_size"]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    llm.generate([torch.randint(0, vocab, (2048,), generator=g).tolist()],
+                 SamplingParams(max_tokens=4, **greedy))  # warm-up: kernels compiled
+    rows = []
+    for spec in lengths:
+        margin = args.question_tokens + args.decode_tokens + 2 * args.page_size * args.world_size
+        n = (llm.capacity_tokens - margin) // 1024 * 1024 if spec == "max" else int(spec)
+        row = {"length": n}
+        if n + margin > llm.capacity_tokens:
+            row["error"] = f"does not fit: capacity {llm.capacity_tokens}"
+            rows.append(row)
+            continue
+        doc = torch.randint(0, vocab, (n,), generator=g).tolist()
+        q = torch.randint(0, vocab, (args.question_tokens,), generator=g).tolist()
+        try:
+            for e in list(llm._engine.doc_cache.entries()):  # room for this length
+                llm.drop_document(e.key)
+            t0 = time.perf_counter()
+            key = llm.cache_document(doc)
+            wall = time.perf_counter() - t0
+            out = llm.generate([doc + q], SamplingParams(max_tokens=args.decode_tokens,
+                                                         **greedy))[0]
+            llm.drop_document(key)
+        except Exception as e:  # noqa: BLE001 - report and go on to the table
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+            print(f"[ringserve] {n}: {row['error']}", flush=True)
+            continue
+        fl = prefill_flops(cfg, n)
+        dec_s = out.timings["decode_s"] / max(1, len(out.token_ids) - 1)
+        floor = (w_bytes + kv_tok * (n + args.question_tokens) / args.world_size) / bw
+        row.update(prefill_s=wall, prefill_tok_s=n / wall,
+                   mfu=fl / wall / (args.world_size * args.peak_tflops * 1e12),
+                   followup_ttft_s=out.timings["ttft_s"], cached=out.num_cached_tokens,
+                   decode_ms=dec_s * 1e3, floor_ms=floor * 1e3, decode_vs_floor=dec_s / floor)
+        rows.append(row)
+        print(f"[ringserve] {json.dumps(row)}", flush=True)
+    row0 = {"capacity_tokens": llm.capacity_tokens, "copy_bw_tb_s": bw / 1e12}
+    llm.shutdown()
+    return [row0] + rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--lengths", default="32768,131072,524288,max",
+                   help="comma-separated token counts; 'max' = the longest that fits")
+    p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--chunk-tokens", type=int, default=16384)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--max-kv-tokens", type=int, default=None)
+    p.add_argument("--reserve-gb", type=float, default=None,
+                   help="GPU memory per rank kept free besides weights and KV (default: "
+                        "estimated per token)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 peak per GPU for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--hf-lengths", default=None, help="default: the numeric --lengths")
+    p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--hf-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.hf_only:
+        return run_hf(args)
+    lengths = [x.strip() for x in args.lengths.split(",") if x.strip()]
+    hf_rows: List[dict] = []
+    if not args.no_hf:
+        import tempfile
+        out = os.path.join(tempfile.mkdtemp(), "hf.json")
+        hf_lengths = args.hf_lengths or ",".join(x for x in lengths if x != "max")
+        cmd = [sys.executable, __file__, "--hf-only", "--hf-out", out, "--preset", args.preset,
+               "--hf-lengths", hf_lengths]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get(
+            "CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+        subprocess.run(cmd, env=env, check=False)
+        if os.path.exists(out):
+            hf_rows = json.load(open(out))
+    rs = run_ringserve(args, lengths)
+    info, rows = rs[0], rs[1:]
+    hf = {r["length"]: r for r in hf_rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "info": info, "ringserve": rows, "hf": hf_rows}, f,
+                      indent=1)
+    print(f"\nbench_e2e: {args.preset}, bf16, world_size {args.world_size}, {args.schedule}; "
+          f"capacity {info['capacity_tokens']} KV tokens; copy bandwidth "
+          f"{info['copy_bw_tb_s']:.2f} TB/s (read+write)")
+    print(f"{'tokens':>9} | {'prefill s':>9} | {'tok/s':>8} | {'MFU':>5} | {'follow-up TTFT':>14} | "
+          f"{'decode ms/tok':>13} | {'HBM floor':>9} | {'x floor':>7} | {'HF 1 GPU s':>10}")
+    for r in rows:
+        h = hf.get(r["length"], {})
+        hf_s = "OOM" if h.get("oom") else (f"{h['prefill_s']:.2f}" if "prefill_s" in h else "-")
+        if "error" in r:
+            print(f"{r['length']:>9} | {r['error']}  (HF: {hf_s})")
+            continue
+        print(f"{r['length']:>9} | {r['prefill_s']:>9.2f} | {r['prefill_tok_s']:>8.0f} | "
+              f"{r['mfu']:>5.1%} | {r['followup_ttft_s']:>12.3f} s | {r['decode_ms']:>13.2f} | "
+              f"{r['floor_ms']:>7.2f}ms | {r['decode_vs_floor']:>7.2f} | {hf_s:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
