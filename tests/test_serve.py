@@ -62,19 +62,20 @@ def stack(ray_session, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 2,
-                         "schedule": "striped", "max_kv_tokens": 4096, "api_key": key,
+                         "num_cpus_per_worker": 0.5, "schedule": "striped", "max_kv_tokens": 4096, "api_key": key,
                          "max_queue": 32, "request_timeout_s": 120}),
               name="rs-main", route_prefix="/")
     # serve.run returns once the replica is up; its LLM is still loading: readiness says so
     early = httpx.get(base + "/ready", timeout=30)
     serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
-                         "max_kv_tokens": 2048, "max_queue": 1, "request_timeout_s": 2.0,
+                         "num_cpus_per_worker": 0.5, "max_kv_tokens": 2048, "max_queue": 1, "request_timeout_s": 2.0,
                          "max_body_mb": 1}),
               name="rs-tight", route_prefix="/tight")
     serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
-                         "num_replicas": 2, "max_kv_tokens": 2048}),
+                         "num_cpus_per_worker": 0.5, "num_replicas": 2, "max_kv_tokens": 2048}),
               name="rs-multi", route_prefix="/multi")
-    ref = LLM(model_dir, world_size=2, schedule="striped", device="cpu", max_kv_tokens=4096)
+    ref = LLM(model_dir, world_size=2, schedule="striped", device="cpu", max_kv_tokens=4096,
+              num_cpus_per_worker=0.5)
     try:
         wait_ready(base, 300)
         wait_ready(base + "/tight", 300)
@@ -338,7 +339,7 @@ def test_documents_across_replicas(stack, rng):
     other prefills it once, from the shared registry), and deleted for both."""
     from ringserve.sample_document import sample_document
 
-    text = sample_document(n_words=250, seed=rng.randrange(1000))
+    text = sample_document(n_words=150, seed=rng.randrange(1000))
     n_doc = len(stack.tok.encode(text))
     up = stack.multi.post("/v1/documents", json={"text": text})
     assert up.status_code == 200, up.text
@@ -350,19 +351,19 @@ def test_documents_across_replicas(stack, rng):
         return stack.multi.post(f"/v1/documents/{doc_id}/ask", json=body)
 
     seen, answers = {}, set()
-    for _ in range(4):  # concurrent questions spread over both replicas
+    for _ in range(10):  # concurrent questions spread over both replicas
         with ThreadPoolExecutor(4) as pool:
             for r in pool.map(ask, range(4)):
                 assert r.status_code == 200, r.text
                 answers.add(tuple(r.json()["token_ids"]))
                 seen.setdefault(r.headers["x-ringserve-replica"], []).append(
                     r.json()["num_cached_tokens"])
-        if len(seen) == 2:
+        if len(seen) == 2 and min(len(v) for v in seen.values()) >= 2:
             break
-    assert len(seen) == 2, seen
+    assert len(seen) == 2 and min(len(v) for v in seen.values()) >= 2, seen
     assert len(answers) == 1  # same greedy answer from both groups, cached or not
-    for cached in seen.values():  # each replica ends up serving the document from its KV
-        assert max(cached) >= n_doc, seen
+    for cached in seen.values():  # after its first question a replica reuses the KV
+        assert cached[-1] >= n_doc, seen
     for _ in range(4):  # whichever replica answers, the document is listed
         assert doc_id in [d["id"] for d in stack.multi.get("/v1/documents").json()["data"]]
     assert stack.multi.delete(f"/v1/documents/{doc_id}").status_code == 200
@@ -486,18 +487,25 @@ def test_prometheus_metrics_exported(stack):
     want = ["ray_ringserve_requests_total", "ray_ringserve_time_to_first_token_seconds_bucket",
             "ray_ringserve_decode_tokens_per_second_bucket", "ray_ringserve_queue_depth",
             "ray_ringserve_kv_tokens_used", "ray_ringserve_kv_tokens_free"]
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
-        text = httpx.get(url, timeout=10).text
-        if all(w in text for w in want) and 'outcome="queue_full"' in text:
-            break
-        time.sleep(1)
-    missing = [w for w in want if w not in text]
-    assert not missing, missing
-    lines = [ln for ln in text.splitlines() if ln.startswith("ray_ringserve_requests_total")]
-    assert any('endpoint="completions"' in ln and 'outcome="ok"' in ln for ln in lines)
-    assert any('outcome="queue_full"' in ln for ln in lines)  # the 429s of the tight app
-    assert any('outcome="timeout"' in ln for ln in lines)
-    free = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-            if ln.startswith("ray_ringserve_kv_tokens_free{")]
-    assert free and all(0 <= f <= 4096 for f in free)
+
+    def check(text):
+        missing = [w for w in want if w not in text]
+        assert not missing, missing
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_ringserve_requests_total")]
+        assert any('endpoint="completions"' in ln and 'outcome="ok"' in ln for ln in lines)
+        assert any('outcome="queue_full"' in ln for ln in lines)  # the 429s of the tight app
+        assert any('outcome="timeout"' in ln for ln in lines)  # its 504
+        assert any('outcome="cancelled"' in ln for ln in lines)  # the disconnected stream
+        free = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                if ln.startswith("ray_ringserve_kv_tokens_free{")]
+        assert free and all(0 <= f <= 4096 for f in free)
+
+    deadline = time.monotonic() + 60  # Ray exports every few seconds
+    while True:
+        try:
+            check(httpx.get(url, timeout=10).text)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)

@@ -1,8 +1,50 @@
 """ringserve's HTTP service: a Ray Serve application (FastAPI ingress) in front of `LLM`.
 
-`build_app(args)` is the import path of the serve config (`ringserve.serve:build_app`);
-`run(model, ...)` starts it locally for `ringserve serve` and the demo. Importing this package
-does not import Ray; the deployment is built when `build_app` is called.
+`build_app(args)` is the import path of the serve config (`ringserve.serve:build_app`; args are
+`ServeArgs`' fields, checked with clear errors); `run(model, ...)` starts it locally for
+`ringserve serve` and the demo. Importing this package does not import Ray.
+
+One replica owns one LLM (one actor group of world_size shard actors in a placement group);
+num_replicas > 1 adds a small shared document registry (registry.py). A replica runs one request
+at a time on its group; up to max_queue more wait (beyond: 429); each request has
+request_timeout_s for waiting + prefill + decode (beyond: 504, and the engine stops it).
+
+Endpoints (all /v1 ones need `Authorization: Bearer <api_key>` when api_key is set):
+
+  GET  /health                     liveness (200 while the replica runs)
+  GET  /ready                      200 once the model is loaded, else 503 (OpenAI error body)
+  GET  /stats                      this replica's counters, queue, KV use, engine stats (JSON)
+  GET  /v1/models, /v1/models/{m}  the served model (its name: model_name or the folder's)
+  POST /v1/completions             OpenAI completions; prompt: text, ids, or a list of those
+  POST /v1/chat/completions        OpenAI chat; the checkpoint's chat template
+       both: stream=true -> server-sent events, OpenAI chunk format, ending `data: [DONE]`;
+       stream_options.include_usage; logprobs (the sampled token's); seed; stop; extensions:
+       top_k, ignore_eos, stop_token_ids, return_token_ids (choices carry token_ids);
+       usage.prompt_tokens_details.cached_tokens = prompt tokens served from the KV cache
+  POST /v1/documents               {"text"} | {"token_ids": [...]} as JSON or msgpack (in
+                                   msgpack token_ids may be little-endian uint32 bytes), or a
+                                   multipart upload (field "file", UTF-8 text; optional "name")
+                                   -> {"id", "object": "document", "num_tokens", "prefill_s", ...}
+                                   prefilled once and pinned in the engine's document cache
+  GET  /v1/documents[/{id}]        list / one document's card
+  DELETE /v1/documents/{id}        unpin and forget it; later questions get 404
+  POST /v1/documents/{id}/ask      {"question", "max_tokens", "temperature", "stream", ...} ->
+                                   {"answer", "finish_reason", "num_cached_tokens", "usage",
+                                   "timings"}; streaming: SSE "document.answer.chunk" events
+                                   with "delta", the last one carrying the same summary fields
+
+msgpack requests get msgpack answers (also when Accept asks for application/msgpack). Errors
+are always JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 invalid
+parameters (code context_length_exceeded for prompts beyond the KV cache), 401 API key, 404
+model / document / route, 413 document beyond the KV capacity (both numbers in the message) or
+body beyond max_body_mb, 415 content type, 429 queue full, 503 model loading / load failed /
+a shard actor failed (the group is rebuilt), 504 timeout. After a stream has started, an error
+arrives as a `data: {"error": ...}` event. A client that disconnects cancels its generation.
+
+Metrics (ray.util.metrics, exported by Ray's Prometheus endpoint on each node, prefixed ray_):
+ringserve_requests (endpoint, outcome), ringserve_time_to_first_token_seconds,
+ringserve_decode_tokens_per_second, ringserve_generated_tokens, ringserve_prompt_tokens (cached),
+ringserve_queue_depth, ringserve_requests_running, ringserve_kv_tokens_used / _free.
 """
 from ringserve.serve.config import ServeArgs
 from ringserve.serve.launch import build_app, run, wait_ready

@@ -46,6 +46,7 @@ class ServeArgs:
     # import path of the engine class; another engine with the same interface may be plugged in
     llm_class: str = "ringserve.llm:LLM"
     replica_num_cpus: float = 0.0         # the ingress replica itself: tokenizing and HTTP only
+    num_cpus_per_worker: float = 1.0      # Ray CPUs reserved by each shard actor
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
@@ -69,8 +70,10 @@ class ServeArgs:
             v = getattr(self, name)
             if not _is_number(v) or not v > 0:
                 raise ValueError(f"{name} ({v!r}) must be a number > 0")
-        if not _is_number(self.replica_num_cpus) or self.replica_num_cpus < 0:
-            raise ValueError(f"replica_num_cpus ({self.replica_num_cpus!r}) must be >= 0")
+        for name in ("replica_num_cpus", "num_cpus_per_worker"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise ValueError(f"{name} ({v!r}) must be a number >= 0")
         if self.api_key is not None and (not isinstance(self.api_key, str)
                                          or not self.api_key.strip()):
             raise ValueError("api_key must be null (no authentication) or a non-empty string")

@@ -93,7 +93,7 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
         return key, seconds
 
     def abandon(result):  # the client never learnt the id: free the KV it pinned
-        if not any(d.key == result[0] for d in svc.documents.values()):
+        if not any(d.key == result[0] for d in list(svc.documents.values())):
             llm.drop_document(result[0])
 
     try:

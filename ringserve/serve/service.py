@@ -89,7 +89,8 @@ class Service:
                       max_kv_tokens=self.cfg.max_kv_tokens,
                       document_cache_tokens=self.cfg.document_cache_tokens,
                       placement_strategy=self.cfg.placement_strategy,
-                      transport_timeout_s=self.cfg.transport_timeout_s)
+                      transport_timeout_s=self.cfg.transport_timeout_s,
+                      num_cpus_per_worker=self.cfg.num_cpus_per_worker)
             if self._closed:
                 llm.shutdown()
                 return
