@@ -62,14 +62,15 @@ def stack(ray_session, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 2,
-                         "num_cpus_per_worker": 0.5, "schedule": "striped", "max_kv_tokens": 4096, "api_key": key,
-                         "max_queue": 32, "request_timeout_s": 120}),
+                         "num_cpus_per_worker": 0.5, "schedule": "striped",
+                         "max_kv_tokens": 4096, "api_key": key, "max_queue": 32,
+                         "request_timeout_s": 120}),
               name="rs-main", route_prefix="/")
     # serve.run returns once the replica is up; its LLM is still loading: readiness says so
     early = httpx.get(base + "/ready", timeout=30)
     serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
-                         "num_cpus_per_worker": 0.5, "max_kv_tokens": 2048, "max_queue": 1, "request_timeout_s": 2.0,
-                         "max_body_mb": 1}),
+                         "num_cpus_per_worker": 0.5, "max_kv_tokens": 2048, "max_queue": 1,
+                         "request_timeout_s": 2.0, "max_body_mb": 1}),
               name="rs-tight", route_prefix="/tight")
     serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
                          "num_cpus_per_worker": 0.5, "num_replicas": 2, "max_kv_tokens": 2048}),
