@@ -334,6 +334,16 @@ class Engine:
         if n_tokens > self.capacity_tokens:
             raise CapacityError(n_tokens, self.capacity_tokens, what)
 
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        # a token id past the embedding table would fail inside the workers, and a worker
+        # failure rebuilds the whole group: refuse it here, as the caller's mistake
+        vocab = self._infos[0]["vocab_size"]
+        t = torch.as_tensor(ids, dtype=torch.int64)
+        out = (t < 0) | (t >= vocab)
+        if bool(out.any()):
+            bad = int(t[out][0])
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
     # ---- building a sequence's KV: reuse a cached prefix or prefill ----
 
     def _match(self, prompt: List[int], need_compute: bool) -> Tuple[Optional[CachedSeq], int]:
@@ -447,6 +457,7 @@ class Engine:
         P, M = len(prompt), params.max_tokens
         if P == 0:
             raise InvalidRequestError("the prompt is empty (0 tokens)")
+        self._check_ids(prompt)
         what = f"prompt {P} + max_tokens {M}"
         self._check_static(P + M, what)
         params = params.with_seed()
@@ -509,6 +520,7 @@ class Engine:
         P = len(ids)
         if P == 0:
             raise InvalidRequestError("the text to score is empty (0 tokens)")
+        self._check_ids(ids)
         self._check_static(P, f"scored text of {P} tokens")
         self._make_room(self._plan(ids, 0, None, 0), P, f"scored text of {P} tokens")
         sid = self._new_seq_id()
@@ -529,6 +541,7 @@ class Engine:
         P = len(ids)
         if P == 0:
             raise InvalidRequestError("the document is empty (0 tokens)")
+        self._check_ids(ids)
         what = f"document of {P} tokens"
         self._check_static(P, what)
         if P > self.doc_cache.budget_tokens:
