@@ -53,7 +53,7 @@ def stack(ray_session, tmp_path_factory):
     from ray import serve
 
     from ringserve import LLM
-    from ringserve.serve import build_app, wait_ready
+    from ringserve.serve import build_app, run, wait_ready
 
     model_dir = str(tiny_model(tmp_path_factory, MODEL))
     key = f"sk-test-{SEED:x}"
@@ -61,24 +61,26 @@ def stack(ray_session, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 2,
-                         "num_cpus_per_worker": 0.5, "schedule": "striped",
-                         "max_kv_tokens": 4096, "api_key": key, "max_queue": 32,
-                         "request_timeout_s": 120}),
-              name="rs-main", route_prefix="/")
-    # serve.run returns once the replica is up; its LLM is still loading: readiness says so
-    early = httpx.get(base + "/ready", timeout=30)
-    serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
-                         "num_cpus_per_worker": 0.5, "max_kv_tokens": 2048, "max_queue": 1,
-                         "request_timeout_s": 2.0, "max_body_mb": 1}),
-              name="rs-tight", route_prefix="/tight")
-    serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
-                         "num_cpus_per_worker": 0.5, "num_replicas": 2, "max_kv_tokens": 2048}),
-              name="rs-multi", route_prefix="/multi")
-    ref = LLM(model_dir, world_size=2, schedule="striped", device="cpu", max_kv_tokens=4096,
-              num_cpus_per_worker=0.5)
+    ref = None
     try:
-        wait_ready(base, 300)
+        serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
+                             "num_cpus_per_worker": 0.5, "max_kv_tokens": 2048, "max_queue": 1,
+                             "request_timeout_s": 2.0, "max_body_mb": 1}),
+                  name="rs-tight", route_prefix="/tight")
+        # serve.run returns once the replica is up; its LLM is still loading: readiness says so
+        early = httpx.get(base + "/tight/ready", timeout=30)
+        serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
+                             "num_cpus_per_worker": 0.5, "num_replicas": 2,
+                             "max_kv_tokens": 2048}),
+                  name="rs-multi", route_prefix="/multi")
+        ref = LLM(model_dir, world_size=2, schedule="striped", device="cpu", max_kv_tokens=4096,
+                  num_cpus_per_worker=0.5)
+        # the main app through run() (what `ringserve serve` calls): Serve is already up on
+        # this port, so run() adds the app and returns once its model is loaded
+        url = run(model_dir, world_size=2, port=port, blocking=False, name="rs-main",
+                  model_name=MODEL, num_cpus_per_worker=0.5, schedule="striped",
+                  max_kv_tokens=4096, api_key=key, max_queue=32, request_timeout_s=120)
+        assert url == base
         wait_ready(base + "/tight", 300)
         multi = httpx.Client(base_url=base + "/multi", timeout=120)
         _wait_all_replicas_ready(multi, 2)
@@ -89,11 +91,11 @@ def stack(ray_session, tmp_path_factory):
             tight=httpx.Client(base_url=base + "/tight", timeout=120), multi=multi,
             client=openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120))
     finally:
-        ref.shutdown()
+        if ref is not None:
+            ref.shutdown()
         for name in ("rs-main", "rs-tight", "rs-multi"):
             serve.delete(name)
         serve.shutdown()
-
 
 def _wait_all_replicas_ready(client: httpx.Client, n: int, timeout_s: float = 300):
     """/ready until n distinct replicas (x-ringserve-replica) have answered 200."""

@@ -57,7 +57,8 @@ def wait_ready(url: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> Dict[
 def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 8000,
         blocking: bool = True, ray_address: Optional[str] = None, name: str = APP_NAME,
         ready_timeout_s: float = 900.0, **options) -> str:
-    """Start Ray (or join `ray_address`), Serve's HTTP proxy on host:port and the app; wait until
+    """Start a local Ray cluster (or join `ray_address`; an already initialized Ray is used as
+    it is), Serve's HTTP proxy on host:port and the app; wait until
     the model is loaded and return the base URL. `blocking=True` then serves until Ctrl-C.
 
     options: the other build_app arguments (schedule, device, dtype, max_kv_tokens, api_key,
@@ -73,7 +74,9 @@ def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 80
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=ray_address)
+        # "local": a fresh cluster of this machine, never a stray one that happens to run here;
+        # pass ray_address="auto" (or host:port) to join a cluster on purpose
+        ray.init(address=ray_address or "local")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/")
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
