@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import re
 from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 import msgpack
@@ -97,6 +98,15 @@ async def read_payload(request: Request, limit: int, multipart: bool = False
             data = json.loads(body) if body else None
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request(f"body is not valid JSON: {exc}") from None
+        # JSON may spell a lone UTF-16 surrogate (\ud800..\udfff) that is no Unicode text and
+        # makes the tokenizer raise a TypeError (a 500); only escapes can carry one, so look
+        # only when the raw body has such an escape
+        if b"\\u" in body and re.search(rb"\\u[dD][89a-fA-F]", body):
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request("body has a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                                  "not valid Unicode text") from None
         kind = "json"
     else:
         accepted = "application/json or application/msgpack" + (
