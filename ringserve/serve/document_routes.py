@@ -39,7 +39,10 @@ def _token_ids(raw) -> np.ndarray:
             raise bad_request(f"token_ids bytes must be little-endian uint32 (length a multiple "
                               f"of 4), got {len(raw)} bytes", param="token_ids")
         return np.frombuffer(raw, dtype="<u4").astype(np.int64)
-    return np.asarray(raw, dtype=np.int64)
+    try:
+        return np.asarray(raw, dtype=np.int64)
+    except OverflowError:  # JSON integers have no bound; past int64 it is no token id (not a 500)
+        raise bad_request("a token id does not fit in 64 bits", param="token_ids") from None
 
 
 async def create(svc: Service, request: Request, endpoint: str) -> Response:
