@@ -96,7 +96,7 @@ async def read_payload(request: Request, limit: int, multipart: bool = False
     elif ctype in ("application/json", "") or ctype.endswith("+json"):
         try:
             data = json.loads(body) if body else None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise bad_request(f"body is not valid JSON: {exc}") from None
         # JSON may spell a lone UTF-16 surrogate (\ud800..\udfff) that is no Unicode text and
         # makes the tokenizer raise a TypeError (a 500); only escapes can carry one, so look

@@ -77,6 +77,8 @@ def api_error_from(exc: BaseException, *, document: bool = False) -> APIError:
                         code="worker_failed", headers={"Retry-After": "5"})
     if isinstance(exc, (engine_errors.RequestTimeoutError, TimeoutError)):
         return APIError(504, f"the request timed out: {exc}", code="timeout")
+    if isinstance(exc, UnicodeError):  # e.g. a lone surrogate reaching the tokenizer
+        return bad_request(f"text is not valid Unicode: {exc}", code="invalid_text")
     if isinstance(exc, ValueError):  # SamplingParams and friends check their values this way
         return bad_request(str(exc))
     log.exception("unexpected error", exc_info=exc)

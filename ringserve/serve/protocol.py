@@ -75,6 +75,7 @@ class _Sampling(BaseModel):
 
 
 Prompt = Union[str, List[str], List[int], List[List[int]]]
+MAX_TOKEN_ID = 1 << 31
 
 
 class CompletionRequest(_Sampling):
@@ -108,6 +109,13 @@ class CompletionRequest(_Sampling):
             out = list(p)
         if not out or any(len(x) == 0 for x in out):
             raise bad_request("prompt must not be empty", param="prompt")
+        for x in out:
+            # the engine checks ids against the model's vocabulary; this keeps absurd integers
+            # (negative, beyond int32) from reaching it at all
+            bad = [] if isinstance(x, str) else [t for t in x if t < 0 or t >= MAX_TOKEN_ID]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is outside [0, {MAX_TOKEN_ID})",
+                                  param="prompt")
         return out
 
 
