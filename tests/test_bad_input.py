@@ -230,6 +230,7 @@ def test_specific_bad_values(svc):
         ({"model": "llama", "prompt": "hi", "max_tokens": 100000}, 400),     # over capacity
         ({"model": "llama", "prompt": "hi", "temperature": float("nan")}, 400),
         ({"model": "llama", "prompt": [10 ** 12]}, 400),                # id outside int32
+        ({"model": "llama", "prompt": [2 ** 70]}, 400),                 # id outside int64
         ({"model": "llama", "prompt": [-1, 5]}, 400),                   # negative id
         ({"model": "llama", "prompt": [100000]}, 400),                  # id past the vocabulary
         ({"model": "llama", "prompt": "hi", "max_tokens": "4"}, None),  # lax, coerced or refused
