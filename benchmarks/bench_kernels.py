@@ -1,7 +1,7 @@
 """Kernel benchmark on one GPU: our Triton forward vs torch SDPA (flash and cuDNN backends), and
 the paged decode kernel's achieved bandwidth vs the card's copy bandwidth.
 
-    PYTHONPATH=<dir holding ringserve/> python3 benchmarks/bench_kernels.py [--variants] [--quick]
+    PYTHONPATH=<dir holding ringserve/> python3 benchmarks/bench_kernels.py [--variants] [--fwd-variants] [--quick]
 
 bf16, head dim 128, B = 1, S = 16K/32K/64K tokens, causal and not, MHA 32/32 and GQA 32/8.
 Causal FLOPs are counted as half of 4*B*S*S*Hq*D. SDPA gets (B, H, S, D) contiguous tensors and
@@ -158,7 +158,9 @@ def bench_decode(token_counts, copy_bw, variants):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", action="store_true", help="also time TMA/WS/pointer variants")
+    ap.add_argument("--variants", action="store_true", help="also time decode launch variants")
+    ap.add_argument("--fwd-variants", action="store_true",
+                    help="also time the forward's pointer-load and warp-specialized variants")
     ap.add_argument("--quick", action="store_true", help="32K forward and 128K/1M decode only")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -168,7 +170,7 @@ def main():
     log(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
 
     fwd_variants = {"ours": {}}
-    if args.variants:
+    if args.fwd_variants:
         fwd_variants.update({"ptr": {"use_tma": False}, "ws": {"warp_specialize": True}})
     sizes = [32768] if args.quick else [16384, 32768, 65536]
     fwd = bench_forward(sizes, fwd_variants, args)
