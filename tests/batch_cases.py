@@ -67,15 +67,22 @@ def check_against_llm(llm, by_id: dict, good: list, work: Path, atol=1e-4, rtol=
     from ringserve.sampling import SamplingParams
 
     tok = llm.tokenizer
-    for rec in good:
-        res = by_id[json.dumps(rec["id"])]
+    good_by_key = {json.dumps(rec["id"]): rec for rec in good}
+    assert set(good_by_key) <= set(by_id)
+    # in the job's order: the engine's prefix reuse then sees the same history of requests, so
+    # the same prefill chunks run (low-precision results depend on the chunking)
+    for key, res in by_id.items():
+        if key not in good_by_key:
+            continue
+        rec = good_by_key[key]
         assert res["ok"] is True and res["task"] == rec["task"], res
         text = rec.get("text") or (work / rec["path"]).read_text(encoding="utf-8")
         if rec["task"] == "loglik":
             (sc,) = llm.score([text])
             assert res["num_tokens"] == len(sc.token_ids)
             assert res["logprobs"][0] is None
-            assert res["logprobs"][1:] == approx(sc.logprobs[1:], abs=atol)
+            worst = max(abs(a - b) for a, b in zip(res["logprobs"][1:], sc.logprobs[1:]))
+            assert res["logprobs"][1:] == approx(sc.logprobs[1:], abs=atol), worst
             mean = sum(sc.logprobs[1:]) / (len(sc.logprobs) - 1)
             assert res["perplexity"] == approx(math.exp(-mean), rel=rtol)
             continue

@@ -36,8 +36,9 @@ def main(argv):
     llm = LLM(model, world_size=world_size, schedule="striped", device="cuda",
               max_kv_tokens=MAX_KV, ray_address="auto")
     try:
-        # bf16 on the GPU: same kernels in both runs, but allow rounding in the log-probs
-        check_against_llm(llm, by_id, cases["good"], work, atol=2e-2, rtol=2e-2)
+        # bf16 on the GPU: two runs of the same requests differ by bf16 rounding of logits of
+        # size ~10 (2^-8 relative: ~0.04); seen: 0.023 on H200
+        check_against_llm(llm, by_id, cases["good"], work, atol=6e-2, rtol=6e-2)
     finally:
         llm.shutdown()
     print(f"GPU BATCH CHECK OK: {len(results)} records, {len(cases['good'])} compared with LLM")

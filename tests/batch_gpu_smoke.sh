@@ -8,16 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/site && tar xJf .devsite/ray-bundle.tar.xz -C /tmp/site
+# the bundle leaves out the dashboard's web client, but the job server (same process) needs its folder
+mkdir -p /tmp/site/ray/dashboard/client/build/static
 # the source tree as the installed package: ringserve.kernels / ringserve.actors are package-dir
 # mappings in pyproject; mirror them with links in this throwaway copy
 ln -sfn ../kernels ringserve/kernels && ln -sfn ../actors ringserve/actors
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_USAGE_STATS_ENABLED=0
+ray stop --force >/dev/null 2>&1 || true   # a Ray left by an earlier try on this (throwaway) machine
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -c "import ray, torch; print('ray', ray.__version__, 'torch', torch.__version__, torch.cuda.device_count(), 'GPUs')"
 python3 -c "import sys; sys.path.insert(0, 'tests'); from tinymodels import build_tiny_model; build_tiny_model('/models/model', 'llama', seed=5)" >/dev/null 2>&1
-W=/tmp/bw; python3 tests/batch_gpu_check.py prepare $W
+W=/tmp/bw; rm -rf $W; python3 tests/batch_gpu_check.py prepare $W
 ray get-auth-token --generate >/dev/null; export RAY_AUTH_MODE=token
-ray start --head --num-cpus 8 --disable-usage-stats >/dev/null
+ray start --head --num-cpus 8 --disable-usage-stats > "$OUT/ray_start.log" 2>&1 || { tail -30 "$OUT/ray_start.log"; exit 1; }
 t0=$(date +%s)
 ray job submit --address http://127.0.0.1:8265 --submission-id gpu-batch -- \
   python3 -m ringserve.batch --model /models/model --input $W/docs.jsonl --output $W/results.jsonl \
