@@ -3,7 +3,8 @@ actors, the official `openai` client and httpx against it, answers compared with
 
 Three applications share one Serve instance (one module-wide start, ~1.5 min on 2 cores):
   main   world_size 2, API key, roomy queue: the API, documents, streaming, concurrency
-  tight  world_size 1, max_queue 1, a 2 s request timeout, a 1 MB body limit: 429, 504, 413
+  tight  world_size 1, max_queue 1, a 2 s request timeout, a 1 MB body limit, SSE keep-alive
+         after 0.25 s: 429, 504, 413, streams that wait
   multi  2 replicas of world_size 1: documents reachable from every replica
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def stack(ray_session, tmp_path_factory):
     try:
         serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
                              "num_cpus_per_worker": 0.5, "max_kv_tokens": 2048, "max_queue": 1,
-                             "request_timeout_s": 2.0, "max_body_mb": 1}),
+                             "request_timeout_s": 2.0, "max_body_mb": 1,
+                             "sse_keepalive_s": 0.25}),
                   name="rs-tight", route_prefix="/tight")
         # serve.run returns once the replica is up; its LLM is still loading: readiness says so
         early = httpx.get(base + "/tight/ready", timeout=30)
@@ -462,6 +464,45 @@ def test_429_when_the_queue_is_full(stack, rng):
             _err(r, 429, "queue_full")
     ok = stack.tight.post("/v1/completions", json={**body, "max_tokens": 2})
     assert ok.status_code == 200, ok.text  # the queue drains
+
+
+def _sse_lines_behind_a_busy_engine(stack, rng, stream_tokens: int):
+    """Start a request that holds the tight app's engine until its 2 s deadline, then (0.5 s
+    later) a stream that must wait ~1.5 s behind it; returns the stream's status and lines."""
+    blocker = threading.Thread(target=stack.tight.post, args=("/v1/completions",), kwargs={
+        "json": {"model": MODEL, "prompt": _phrase(rng, 4), "max_tokens": 1800,
+                 "ignore_eos": True}})
+    blocker.start()
+    time.sleep(0.5)
+    try:
+        with stack.tight.stream("POST", "/v1/completions", json={
+                "model": MODEL, "prompt": _phrase(rng, 4), "max_tokens": stream_tokens,
+                "ignore_eos": True, "stream": True}) as r:
+            return r.status_code, [ln for ln in r.iter_lines() if ln]
+    finally:
+        blocker.join()
+
+
+def test_stream_waiting_for_its_first_token_gets_keepalives(stack, rng):
+    # its own deadline (2 s from its arrival) leaves it ~0.5 s for 3 tokens after the wait
+    status, lines = _sse_lines_behind_a_busy_engine(stack, rng, 3)
+    assert status == 200
+    data = [i for i, ln in enumerate(lines) if ln.startswith("data: ")]
+    assert lines[0] == ": keep-alive" and data and all(
+        ln == ": keep-alive" for ln in lines[:data[0]]), lines
+    assert lines[-1] == "data: [DONE]", lines
+    chunks = [json.loads(lines[i][6:]) for i in data[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stream_that_times_out_after_it_started_gets_an_error_event(stack, rng):
+    # the stream, started with keep-alives while it waited, runs out of time generating 1800
+    # tokens: the 504 can only come in-band
+    status, lines = _sse_lines_behind_a_busy_engine(stack, rng, 1800)
+    assert status == 200 and lines[0] == ": keep-alive", lines[:3]
+    assert "data: [DONE]" not in lines
+    last = json.loads(lines[-1][6:])
+    assert last["error"]["code"] == "timeout", last
 
 
 def test_504_on_timeout_and_the_engine_stops(stack, rng):

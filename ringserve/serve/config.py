@@ -36,6 +36,9 @@ class ServeArgs:
     max_queue: int = 64                   # requests that may wait for the engine; more -> 429
     request_timeout_s: float = 600.0      # queueing + prefill + decode; beyond -> 504
     max_body_mb: float = 64.0             # request bodies beyond -> 413
+    # a stream whose first token takes longer starts anyway, with SSE keep-alive comments
+    # this often (a long prefill must not look like a dead connection to proxies and clients)
+    sse_keepalive_s: float = 15.0
     # a collective wait between shard actors (a hung or dead peer) beyond -> the group is rebuilt
     # and the request fails with 503; also bounds how long one hung peer can stall the replica
     transport_timeout_s: float = 300.0
@@ -66,7 +69,8 @@ class ServeArgs:
             raise ValueError(f"device ({self.device!r}) must be null or one of {DEVICES}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype ({self.dtype!r}) must be null or one of {DTYPES}")
-        for name in ("request_timeout_s", "max_body_mb", "transport_timeout_s"):
+        for name in ("request_timeout_s", "max_body_mb", "transport_timeout_s",
+                     "sse_keepalive_s"):
             v = getattr(self, name)
             if not _is_number(v) or not v > 0:
                 raise ValueError(f"{name} ({v!r}) must be a number > 0")

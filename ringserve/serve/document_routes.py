@@ -162,7 +162,8 @@ async def ask(svc: Service, request: Request, doc_id: str, endpoint: str) -> Res
                 yield fmt.sse(chunk)
             yield fmt.DONE
 
-        return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o))
+        return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o),
+                                  svc.cfg.sse_keepalive_s)
 
     out = await svc.generate(endpoint, prompt, params, deadline, t0)
     body = {**head, "object": "document.answer", "answer": out.text, **summary(out)}

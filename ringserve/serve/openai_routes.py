@@ -67,7 +67,8 @@ async def completions(svc: Service, request: Request, endpoint: str) -> Response
                                               total))
             yield fmt.DONE
 
-        return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o))
+        return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o),
+                                  svc.cfg.sse_keepalive_s)
 
     choices: List[Dict[str, Any]] = []
     total: Dict[str, Any] = {}
@@ -122,7 +123,8 @@ async def chat_completions(svc: Service, request: Request, endpoint: str) -> Res
                                              [item.token_id] if req.return_token_ids else None))
             yield fmt.DONE
 
-        return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o))
+        return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o),
+                                  svc.cfg.sse_keepalive_s)
 
     out = await svc.generate(endpoint, prompt, params, deadline, t0)
     lp = fmt.chat_logprobs(out.token_ids, out.logprobs, svc.piece) if req.logprobs else None
