@@ -105,8 +105,12 @@ def paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
         vb = v_cache[idx].reshape(npg * page, Hkv, D)[:n].float()
         s = torch.einsum("qhgd,khd->hgqk", q[b].float().reshape(Sq, Hkv, g, D), kb) * scale
         if causal or window_size is not None:
-            kp = kv_pos[idx].reshape(-1)[:n]
-            s = s.masked_fill(~visible_mask(q_pos[b].to(kp.device), kp, causal, window_size),
+            # same defaults as reference.paged_decode_ref: keys at 0..n-1, queries after them
+            kp = (kv_pos[idx].reshape(-1)[:n] if kv_pos is not None
+                  else torch.arange(n, device=q.device))
+            qp = (q_pos[b] if q_pos is not None
+                  else torch.full((Sq,), n, dtype=torch.int64, device=q.device))
+            s = s.masked_fill(~visible_mask(qp.to(kp.device), kp, causal, window_size),
                               float("-inf"))
         lb = torch.logsumexp(s, dim=-1)  # (Hkv, g, Sq)
         p = torch.exp(s - torch.where(torch.isinf(lb), torch.zeros_like(lb), lb)[..., None])
