@@ -8,7 +8,9 @@ written to disk). For each context length L:
     its share of the KV cache once per token, at the measured device copy bandwidth);
   - HF transformers (sdpa, bf16) prefill on one GPU at the same lengths until it runs out of
     memory (run in a subprocess before the actors start, so the memory is its own).
-Prints a table last. Needs CUDA, Ray, cupy with NCCL.
+Prints a table last. Needs CUDA, Ray, cupy with NCCL. Run it from a directory other than the
+repository root when ringserve is not pip-installed (Ray adds the working directory to the
+actors' sys.path, and the bare `ringserve/` there lacks ringserve.kernels / ringserve.actors).
 
   python3 benchmarks/bench_e2e.py --world-size 2 --lengths 32768,131072,524288,max
   python3 benchmarks/bench_e2e.py --world-size 2 --lengths 4096 --preset small --no-hf  # smoke
@@ -136,8 +138,18 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"]
     greedy = dict(temperature=0.0, ignore_eos=True)
-    llm.generate([torch.randint(0, vocab, (2048,), generator=g).tolist()],
-                 SamplingParams(max_tokens=4, **greedy))  # warm-up: kernels compiled
+    # warm-up: Triton compiles (and any autotuning) of the prefill, extension and decode paths
+    # happen here, not in the timed runs (a first 32K run measured 3.3 s prefill and 3.3 s
+    # follow-up TTFT cold, on 2x H200)
+    warm = torch.randint(0, vocab, (4096,), generator=g).tolist()
+    wq = torch.randint(0, vocab, (args.question_tokens,), generator=g).tolist()
+    wk = llm.cache_document(warm)
+    llm.generate([warm + wq], SamplingParams(max_tokens=4, **greedy))
+    llm.drop_document(wk)
+    first = next((int(x) for x in lengths if x != "max"), None)
+    if args.warmup_first and first:
+        wk = llm.cache_document(torch.randint(0, vocab, (first,), generator=g).tolist())
+        llm.drop_document(wk)
     rows = []
     for spec in lengths:
         margin = args.question_tokens + args.decode_tokens + 2 * args.page_size * args.world_size
@@ -194,6 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "estimated per token)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 peak per GPU for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--no-warmup-first", dest="warmup_first", action="store_false",
+                   help="skip the untimed prefill of the first length (kernel shapes warm-up)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--hf-lengths", default=None, help="default: the numeric --lengths")
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
