@@ -38,8 +38,10 @@ are always JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}
 parameters (code context_length_exceeded for prompts beyond the KV cache), 401 API key, 404
 model / document / route, 413 document beyond the KV capacity (both numbers in the message) or
 body beyond max_body_mb, 415 content type, 429 queue full, 503 model loading / load failed /
-a shard actor failed (the group is rebuilt), 504 timeout. After a stream has started, an error
-arrives as a `data: {"error": ...}` event. A client that disconnects cancels its generation.
+a shard actor failed (the group is rebuilt), 504 timeout. A stream starts when its first token
+is ready, or after sse_keepalive_s with ": keep-alive" SSE comments until then (a long prefill);
+after the start an error arrives as a `data: {"error": ...}` event. A client that disconnects
+cancels its generation.
 
 Metrics (ray.util.metrics, exported by Ray's Prometheus endpoint on each node, prefixed ray_):
 ringserve_requests (endpoint, outcome), ringserve_time_to_first_token_seconds,
