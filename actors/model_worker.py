@@ -253,6 +253,11 @@ class ModelShardWorker(ShardWorker):
         """All-gather every rank's partial (out, lse) of the same queries, merge in rank order."""
         n_out = out.numel()
         packed = torch.cat([out.float().reshape(-1), lse.reshape(-1)])
+        # Wait for this layer's kernels here (a CUDA stream sync returns within microseconds)
+        # rather than inside the transport, whose wait polls the all-gather's event with a
+        # sleep backoff: with the GPU still busy that backoff overshoots by up to milliseconds,
+        # once per layer per decode step.
+        self._sync()
         parts = self.transport.all_gather(packed)
         acc_out = parts[0][:n_out].view(out.shape).clone()
         acc_lse = parts[0][n_out:].view(lse.shape).clone()
