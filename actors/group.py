@@ -127,6 +127,9 @@ class ActorGroup:
 
     def call(self, method: str, *args, timeout_s: Optional[float] = None, **kwargs) -> list:
         """`method(*args, **kwargs)` on every rank at once; results in rank order."""
+        if not self.actors:  # shut down, or a rebuild failed: [] would pass for "no results"
+            raise GroupSetupError(f"the group has no actors (shut down, or its last start "
+                                  f"failed); rebuild() it before calling {method!r}")
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors],
                        timeout=timeout_s)
 
