@@ -173,3 +173,21 @@ def test_hung_peer_times_out_instead_of_hanging(llm, rng):
     _assert_rebuilt(llm, old, s0["worker_failures"])
     print(f"hung peer: WorkerFailedError after {took:.1f} s (transport timeout "
           f"{TRANSPORT_TIMEOUT_S} s, rebuild included)")
+
+
+def test_group_left_without_actors_is_rebuilt_by_the_next_request(llm, rng):
+    """A rebuild that failed (say the cluster lacked the resources then) leaves the group with no
+    actors. A call must then fail (not return [] as if every rank answered nothing), so that the
+    engine tries the rebuild again: that request gets WorkerFailedError, the next one works."""
+    from ringserve.actors.group import GroupSetupError
+
+    prompt = _ids(rng, rng.randint(20, 60))
+    fresh = llm.generate(prompt, _greedy(6))[0].token_ids
+    old, s0 = _pids(llm), llm.stats()
+    llm._group.shutdown()                       # the state a failed rebuild leaves behind
+    with pytest.raises(GroupSetupError):
+        llm._group.call("kv_info")
+    with pytest.raises(WorkerFailedError):
+        llm.generate(prompt, _greedy(6))
+    assert llm.generate(prompt, _greedy(6))[0].token_ids == fresh
+    _assert_rebuilt(llm, old, s0["worker_failures"])

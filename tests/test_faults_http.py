@@ -136,6 +136,12 @@ def test_kill_during_decode_gives_503_and_queued_request_is_answered(svc):
     rng = svc.rng
     prompt, other = _phrase(rng, rng.randint(4, 12)), _phrase(rng, rng.randint(4, 12))
     fresh = _tokens(_complete(svc, prompt, 10))
+    card = svc.http.post("/v1/documents", json={"text": _phrase(rng, 150)}).json()
+    doc, doc_tokens = card["id"], card["num_tokens"]
+    ask = {"question": _phrase(rng, 5), "max_tokens": 6, "temperature": 0,
+           "return_token_ids": True}
+    answer = svc.http.post(f"/v1/documents/{doc}/ask", json=ask).json()
+    assert answer["num_cached_tokens"] >= doc_tokens        # served from the pinned KV
     old = _ours(svc)
     out = {}
 
@@ -164,6 +170,15 @@ def test_kill_during_decode_gives_503_and_queued_request_is_answered(svc):
     new = _ours(svc)
     assert not new & old, f"old shard processes survived: {old} -> {new}"
     assert _tokens(_complete(svc, prompt, 10)) == fresh
+    # the document's pinned KV died with the old actors: the first question prefills it again
+    # (at most a short prefix such as BOS is shared with other cached prompts), with the same
+    # answer; the one after reuses the KV once more
+    again = svc.http.post(f"/v1/documents/{doc}/ask", json=ask).json()
+    assert again["token_ids"] == answer["token_ids"], again
+    assert again["num_cached_tokens"] < doc_tokens, again
+    again = svc.http.post(f"/v1/documents/{doc}/ask", json=ask).json()
+    assert again["token_ids"] == answer["token_ids"], again
+    assert again["num_cached_tokens"] >= doc_tokens, again
     stats = svc.http.get("/stats").json()
     assert stats["requests"].get("completions:worker_failed", 0) == 1, stats["requests"]
     print(f"HTTP kill during decode: 503 within {took:.1f} s")
