@@ -98,6 +98,8 @@ class BenchWorker(ShardWorker):
             kernels.attention(q, k, v, causal=True)
             torch.cuda.synchronize()
             del q, k, v
+        if cfg.get("check"):
+            res["check"] = self._check_exact(cfg, log)
         for total in cfg["lengths"]:
             reps = cfg["reps"] if total < 400_000 else cfg["large_reps"]
             warm = 1 if total == cfg["lengths"][0] else 0
@@ -161,6 +163,43 @@ class BenchWorker(ShardWorker):
         if not cfg["skip_cp"]:
             res["context_parallel"] = self._bench_cp(cfg, log)
         return res
+
+    def _check_exact(self, cfg, log, total=8192, hq=8, hkv=2):
+        """bf16 ring over NCCL vs one-GPU kernel vs float64, every schedule (rule: at most 2x
+        the error of plain bf16 PyTorch attention, + 1e-3). Same kernel keys as the timing."""
+        from ringserve.kernels.reference import attention_ref
+
+        n, rank, dev, d = self.world_size, self.rank, self.device, cfg["d"]
+        g = torch.Generator(device="cpu").manual_seed(42)  # the same full tensors on every rank
+        q, k, v = (torch.randn(1, total, h, d, generator=g).to(dev, torch.bfloat16)
+                   for h in (hq, hkv, hkv))
+        out = {}
+        for schedule in cfg["schedules"]:
+            parts = [layout.split(x, n, schedule)[rank].contiguous() for x in (q, k, v)]
+            o, lse = ring_attention(*parts, total, schedule, self.transport, True)
+            outs = self.transport.all_gather(o.contiguous())   # equal shard sizes: total % n == 0
+            lses = self.transport.all_gather(lse.contiguous())
+            if rank == 0:
+                full_o = layout.gather(list(outs), schedule, 1)
+                full_l = layout.gather(list(lses), schedule, 2)
+                ref_o, ref_l = attention_ref(q, k, v, None, True, None)
+                one_o, _ = kernels.attention(q, k, v, causal=True)
+                kk, vv = (x.repeat_interleave(hq // hkv, 2) for x in (k, v))
+                s_ = torch.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(d)
+                s_ = s_.masked_fill(torch.ones(total, total, dtype=torch.bool, device=dev)
+                                    .triu(1), float("-inf"))
+                plain = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s_, -1), vv)
+                err = lambda x: (x.double() - ref_o).abs().max().item()  # noqa: E731
+                e = {"ring": err(full_o), "one_gpu": err(one_o), "plain_bf16": err(plain),
+                     "lse": (full_l - ref_l).abs().max().item()}
+                e["ok"] = bool(e["ring"] <= 2 * e["plain_bf16"] + 1e-3 and e["lse"] < 2e-2)
+                out[schedule] = e
+                log(f"check {schedule} S={total}: max err ring {e['ring']:.2e}, one GPU "
+                    f"{e['one_gpu']:.2e}, plain bf16 {e['plain_bf16']:.2e}, lse "
+                    f"{e['lse']:.2e} -> {'OK' if e['ok'] else 'FAIL'}")
+                del ref_o, ref_l, s_, plain
+        torch.cuda.empty_cache()
+        return out
 
     # ---- torch's context_parallel on the same shapes ----
 
@@ -326,6 +365,10 @@ def table(results, cfg, world, launcher):
              f"Hq {cfg['hq']} Hkv {cfg['hkv']} D {cfg['d']}"]
     cp = r0.get("context_parallel") or {}
     lines.append(f"context_parallel mode: {cp.get('mode')}  (probe errors: {cp.get('modes')})")
+    if r0.get("check"):
+        lines.append("bf16 check (max abs err vs float64): " + "; ".join(
+            f"{k} ring {v['ring']:.1e} / plain bf16 {v['plain_bf16']:.1e} "
+            f"{'OK' if v['ok'] else 'FAIL'}" for k, v in r0["check"].items()))
     hdr = (f"{'tokens':>8} {'1 GPU ms':>9} {'TF/s':>5} | {'schedule':>8} {'ring ms':>8} "
            f"{'TF/s':>5} {'eff':>6} {'compute':>8} {'comm':>7} {'exposed':>7} {'hidden':>6} | "
            f"{'ctx_par ms':>10}"
@@ -365,13 +408,15 @@ def main(argv=None):
     p.add_argument("--launcher", choices=["auto", "ray", "mp"], default="auto")
     p.add_argument("--skip-cp", action="store_true")
     p.add_argument("--skip-single", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="first check bf16 exactness of each schedule at 8192 tokens")
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--json", default=None, help="write all numbers here")
     a = p.parse_args(argv)
     lengths = list(a.lengths) + ([1 << 20] if a.with_1m else [])
     cfg = dict(lengths=lengths, reps=a.reps, large_reps=a.large_reps, schedules=a.schedules,
                hq=a.hq, hkv=a.hkv, d=a.d, warmup_len=a.warmup_len, skip_cp=a.skip_cp,
-               skip_single=a.skip_single, timeout_s=a.timeout_s)
+               skip_single=a.skip_single, timeout_s=a.timeout_s, check=a.check)
     if torch.cuda.device_count() < a.world:
         sys.exit(f"needs {a.world} GPUs, found {torch.cuda.device_count()}")
     launcher = a.launcher
