@@ -97,10 +97,17 @@ class Bench:
             a, b = self.stream_one(phrase(rng, rng.randint(6, 16)), max_tokens)
             ttft.append(a)
             rate.append(b)
+        engine = ""
+        st = self.http.get("/stats")
+        if st.status_code == 200:  # the engine's own view of the last request, for comparison
+            t = st.json().get("engine", {}).get("last_timings", {})
+            if t:
+                engine = (f" (engine: TTFT {t.get('ttft_s', float('nan')) * 1e3:.0f} ms, "
+                          f"decode {t.get('decode_tokens_per_s', float('nan')):.1f} tok/s)")
         self.row("stream", f"{requests} requests x {max_tokens} tokens",
                  f"TTFT median {statistics.median(ttft) * 1e3:.0f} ms, p90 "
                  f"{pct(ttft, 0.9) * 1e3:.0f} ms; decode median {statistics.median(rate):.1f} "
-                 f"tok/s, p90-slowest {pct(rate, 0.1):.1f}")
+                 f"tok/s, p90-slowest {pct(rate, 0.1):.1f}" + engine)
 
     def bench_load(self, rng, concurrency: int, requests: int, max_tokens: int):
         prompts = [phrase(rng, rng.randint(6, 16)) for _ in range(requests)]

@@ -77,6 +77,11 @@ def api_error_from(exc: BaseException, *, document: bool = False) -> APIError:
                         code="worker_failed", headers={"Retry-After": "5"})
     if isinstance(exc, (engine_errors.RequestTimeoutError, TimeoutError)):
         return APIError(504, f"the request timed out: {exc}", code="timeout")
+    if isinstance(exc, engine_errors.RequestCancelledError):
+        return APIError(503, f"the request was cancelled: {exc}", code="cancelled")
+    if isinstance(exc, engine_errors.RingServeError):  # e.g. the engine is shutting down
+        return APIError(503, f"the engine can not serve this request now: {exc}",
+                        code="engine_unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, UnicodeError):  # e.g. a lone surrogate reaching the tokenizer
         return bad_request(f"text is not valid Unicode: {exc}", code="invalid_text")
     if isinstance(exc, ValueError):  # SamplingParams and friends check their values this way

@@ -70,6 +70,7 @@ class Service:
         self.load_s: Optional[float] = None
         self.documents: Dict[str, Document] = {}
         self._closed = False
+        self._load_started = time.monotonic()
         self._loader = threading.Thread(target=self._load, name="ringserve-load", daemon=True)
         self._loader.start()
 
@@ -112,8 +113,10 @@ class Service:
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {type(self.load_error).__name__}: "
                                 f"{self.load_error}", code="model_load_failed")
-        raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
-                       headers={"Retry-After": "5"})
+        waited = time.monotonic() - self._load_started
+        raise APIError(503, f"the model is still loading ({waited:.0f} s so far: weights, and "
+                            f"{self.cfg.world_size} shard actor(s) waiting for their resources); "
+                            "retry shortly", code="model_loading", headers={"Retry-After": "5"})
 
     def refresh_kv(self) -> None:
         """Read KV usage into the gauges. Called in a worker thread that holds the slot."""
