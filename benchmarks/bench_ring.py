@@ -160,6 +160,8 @@ class BenchWorker(ShardWorker):
                 del q, k, v, buf_a, buf_b
                 torch.cuda.empty_cache()
             res["lengths"][total] = row
+        if rank == 0:  # the ring numbers, in case the context_parallel part does not finish
+            print(table([res], cfg, n, "(ring part)"), flush=True)
         if not cfg["skip_cp"]:
             res["context_parallel"] = self._bench_cp(cfg, log)
         return res
