@@ -177,6 +177,8 @@ class Engine:
         return sum(self.rank_pages) * self.page_size
 
     def stats(self) -> Dict[str, Any]:
+        """Counters and KV usage (as of the end of the last request), from any thread."""
+        entries = self.doc_cache.entries()  # a snapshot: the engine thread may be changing it
         with self._lock:
             free = sum(self._free_pages) * self.page_size
             out = dict(self._counters)
@@ -185,9 +187,9 @@ class Engine:
                 "schedule": self.config.schedule, "page_size": self.page_size,
                 "capacity_tokens": self.capacity_tokens, "kv_tokens_free": free,
                 "kv_tokens_used": self.capacity_tokens - free,
-                "cached_documents": len(self.doc_cache),
-                "pinned_documents": sum(e.pinned for e in self.doc_cache.entries()),
-                "cached_tokens": self.doc_cache.total_tokens,
+                "cached_documents": len(entries),
+                "pinned_documents": sum(e.pinned for e in entries),
+                "cached_tokens": sum(e.num_tokens for e in entries),
                 "document_cache_budget_tokens": self.doc_cache.budget_tokens,
                 "last_timings": dict(self._last_timings)})
         return out
@@ -233,12 +235,21 @@ class Engine:
                 if h.cancelled.is_set():
                     raise RequestCancelledError("cancelled before it started")
                 self._check_deadline(h)
-                fn = getattr(self, "_run_" + h.kind)
-                h.future.set_result(fn(h, *h.args))
+                result = getattr(self, "_run_" + h.kind)(h, *h.args)
+                error = None
             except BaseException as e:  # noqa: BLE001 - the caller gets every error
+                result, error = None, e
                 with self._lock:
                     self._counters["requests_failed"] += 1
-                h.future.set_exception(e)
+            if h.kind in ("generate", "cache_document"):  # keep kv_tokens_used current
+                try:
+                    self._refresh_free()
+                except WorkerFailedError:
+                    pass
+            if error is None:
+                h.future.set_result(result)
+            else:
+                h.future.set_exception(error)
 
     def _check_deadline(self, h: RequestHandle) -> None:
         if h.deadline is not None and time.perf_counter() > h.deadline:

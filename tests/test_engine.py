@@ -99,6 +99,8 @@ def assert_no_leak(eng):
         for sid in known:
             held.update(w.cache._seqs[sid].pages)
         assert w.cache.num_free_pages == w.cache.num_pages - len(held)
+    free = sum(w.cache.num_free_pages * w.cache.page_size for w in eng.group.workers)
+    assert eng.stats()["kv_tokens_free"] == free    # stats are current after each request
 
 
 def make_engine(path, ws, schedule, kv_tokens=1024, **cfg):
