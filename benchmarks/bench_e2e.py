@@ -239,8 +239,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\nbench_e2e: {args.preset}, bf16, world_size {args.world_size}, {args.schedule}; "
           f"capacity {info['capacity_tokens']} KV tokens; copy bandwidth "
           f"{info['copy_bw_tb_s']:.2f} TB/s (read+write)")
-    print(f"{'tokens':>9} | {'prefill s':>9} | {'tok/s':>8} | {'MFU':>5} | {'follow-up TTFT':>14} | "
-          f"{'decode ms/tok':>13} | {'HBM floor':>9} | {'x floor':>7} | {'HF 1 GPU s':>10}")
+    print(f"{'tokens':>9} | {'prefill s':>9} | {'tok/s':>8} | {'MFU':>5} | "
+          f"{'follow-up TTFT':>14} | {'decode ms/tok':>13} | {'HBM floor':>9} | {'x floor':>7} | "
+          f"{'HF 1 GPU s':>10}")
     for r in rows:
         h = hf.get(r["length"], {})
         hf_s = "OOM" if h.get("oom") else (f"{h['prefill_s']:.2f}" if "prefill_s" in h else "-")
