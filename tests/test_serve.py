@@ -319,6 +319,40 @@ def test_document_upload_ask_twice_delete(stack, rng):
     assert stack.http.delete(f"/v1/documents/{doc['id']}").status_code == 404
 
 
+def test_upload_without_waiting(stack, rng):
+    from ringserve.sample_document import sample_document
+
+    text = sample_document(n_words=600, seed=rng.randrange(1000))
+    n = len(stack.tok.encode(text))
+    r = stack.http.post("/v1/documents?wait=false", json={"text": text})  # the query form
+    assert r.status_code == 202, r.text
+    card = r.json()
+    assert card["num_tokens"] == n and card["status"] in ("prefilling", "ready")
+    # a question right away waits behind the prefill, then reuses its KV
+    a = stack.http.post(f"/v1/documents/{card['id']}/ask",
+                        json={"question": "Who signed?", "max_tokens": 3})
+    assert a.status_code == 200, a.text
+    assert a.json()["num_cached_tokens"] >= n
+    got = stack.http.get(f"/v1/documents/{card['id']}").json()
+    assert got["status"] == "ready" and got["prefill_s"] > 0
+
+    # the body form; deleted while it prefills: gone, and its pinned KV freed when it finishes
+    pinned0 = stack.http.get("/stats").json()["engine"]["pinned_documents"]
+    text2 = sample_document(n_words=1300, seed=rng.randrange(1000, 2000))
+    r2 = stack.http.post("/v1/documents", json={"text": text2, "wait": False})
+    assert r2.status_code == 202, r2.text
+    assert stack.http.delete(f"/v1/documents/{r2.json()['id']}").status_code == 200
+    assert stack.http.get(f"/v1/documents/{r2.json()['id']}").status_code == 404
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = stack.http.get("/stats").json()
+        if s["running"] == 0 and s["queue_depth"] == 0:
+            break
+        time.sleep(0.2)
+    assert s["engine"]["pinned_documents"] == pinned0, s["engine"]
+    assert stack.http.delete(f"/v1/documents/{card['id']}").status_code == 200
+
+
 def test_msgpack_and_multipart_uploads(stack, rng):
     from ringserve.sample_document import sample_document
 

@@ -24,8 +24,11 @@ Endpoints (all /v1 ones need `Authorization: Bearer <api_key>` when api_key is s
   POST /v1/documents               {"text"} | {"token_ids": [...]} as JSON or msgpack (in
                                    msgpack token_ids may be little-endian uint32 bytes), or a
                                    multipart upload (field "file", UTF-8 text; optional "name")
-                                   -> {"id", "object": "document", "num_tokens", "prefill_s", ...}
-                                   prefilled once and pinned in the engine's document cache
+                                   -> {"id", "object": "document", "num_tokens", "status",
+                                   "prefill_s", ...} prefilled once and pinned in the engine's
+                                   document cache. wait=false (body field or ?wait=false): 202
+                                   at once with status "prefilling"; GET shows "ready" or
+                                   "failed" (+ error); questions asked meanwhile queue behind it
   GET  /v1/documents[/{id}]        list / one document's card
   DELETE /v1/documents/{id}        unpin and forget it; later questions get 404
   POST /v1/documents/{id}/ask      {"question", "max_tokens", "temperature", "stream", ...} ->
@@ -36,7 +39,8 @@ Endpoints (all /v1 ones need `Authorization: Bearer <api_key>` when api_key is s
 msgpack requests get msgpack answers (also when Accept asks for application/msgpack). Errors
 are always JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 invalid
 parameters (code context_length_exceeded for prompts beyond the KV cache), 401 API key, 404
-model / document / route, 413 document beyond the KV capacity (both numbers in the message) or
+model / document / route, 409 a question on a document whose background prefill failed, 413
+document beyond the KV capacity (both numbers in the message) or
 body beyond max_body_mb, 415 content type, 429 queue full, 503 model loading / load failed /
 a shard actor failed (the group is rebuilt), 504 timeout. A stream starts when its first token
 is ready, or after sse_keepalive_s with ": keep-alive" SSE comments until then (a long prefill);

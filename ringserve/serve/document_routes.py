@@ -1,7 +1,8 @@
 """Handlers of the long-document API.
 
 POST /v1/documents               text (JSON, msgpack, multipart file) or token ids (JSON, msgpack)
-                                 -> tokenized, prefilled once and pinned with LLM.cache_document
+                                 -> tokenized, prefilled once and pinned with LLM.cache_document;
+                                 wait=false (body or query): 202 at once, prefill in background
 POST /v1/documents/{id}/ask      question -> answer; the prompt is the document's token ids plus
                                  the question's, so the engine serves the document part from its
                                  cached KV (reported as num_cached_tokens), streaming or not
@@ -99,16 +100,44 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
         if not any(d.key == result[0] for d in list(svc.documents.values())):
             llm.drop_document(result[0])
 
+    doc = Document(id=svc.new_document_id(), key=None, name=req.name, token_ids=ids,
+                   created=fmt.now(), prefill_s=None, status="prefilling")
+    wait = req.wait and request.query_params.get("wait", "").lower() not in ("false", "0", "no")
+    if not wait:
+        svc.runner.check_room()  # a full queue is refused now, not after the 202
+        await svc.publish(doc)
+        svc.spawn(_prefill_in_background(svc, doc, prefill, deadline))
+        return respond(doc.card(), wants_msgpack(request), status=202)
     try:
         key, prefill_s = await svc.runner.call(prefill, deadline, "the document's prefill",
                                                on_late_result=abandon)
     except engine_errors.CapacityError as exc:
         raise api_error_from(exc, document=True) from None
-    doc = Document(id=svc.new_document_id(), key=key, name=req.name, token_ids=ids,
-                   created=fmt.now(), prefill_s=prefill_s)
+    doc.key, doc.prefill_s, doc.status = key, prefill_s, "ready"
     await svc.publish(doc)
     await svc.sweep()
     return respond(doc.card(), wants_msgpack(request))
+
+
+async def _prefill_in_background(svc: Service, doc: Document, prefill, deadline) -> None:
+    """An upload with wait=false: prefill under the upload's deadline, then mark the document
+    ready (or failed, with the error a waiting upload would have got)."""
+    try:
+        # already admitted when the 202 went out: never refused for a full queue now
+        key, prefill_s = await svc.runner.call(prefill, deadline, "the document's prefill",
+                                               bounded=False)
+    except Exception as exc:  # noqa: BLE001 - recorded on the document for GET / ask
+        err = api_error_from(exc, document=True)
+        doc.status, doc.error = "failed", err.body()["error"]
+        svc.metrics.request("documents_prefill", err.outcome)
+    else:
+        if svc.documents.get(doc.id) is not doc:  # deleted while it was prefilling
+            doc.key = key
+            await svc.forget(doc)
+            return
+        doc.key, doc.prefill_s, doc.status = key, prefill_s, "ready"
+        svc.metrics.request("documents_prefill", "ok")
+    await svc.republish(doc)
 
 
 async def get(svc: Service, doc_id: str) -> Dict[str, Any]:

@@ -180,6 +180,9 @@ class DocumentCreate(BaseModel):
     token_ids: Optional[Union[List[int], bytes]] = None
     name: Optional[str] = Field(default=None, max_length=512)
     model: Optional[str] = None
+    # false: answer 202 at once (status "prefilling") and prefill in the background; for
+    # documents whose prefill outlasts HTTP timeouts. GET the document to see its status.
+    wait: bool = True
 
 
 class AskRequest(_Sampling):

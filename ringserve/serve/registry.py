@@ -30,6 +30,12 @@ class DocumentRegistry:
         """token_ids: little-endian int32 bytes."""
         self._docs[doc_id] = (dict(card), bytes(token_ids))
 
+    async def update(self, doc_id: str, card: dict) -> None:
+        """A new card (status) for a document that still exists; a deleted one stays deleted."""
+        entry = self._docs.get(doc_id)
+        if entry is not None:
+            self._docs[doc_id] = (dict(card), entry[1])
+
     async def get(self, doc_id: str) -> Optional[Tuple[dict, bytes]]:
         return self._docs.get(doc_id)
 

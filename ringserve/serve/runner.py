@@ -67,12 +67,17 @@ class EngineRunner:
     def _changed(self) -> None:
         self._on_queue_change(self.waiting, self.running)
 
-    async def _acquire(self, deadline: Deadline, what: str, bounded: bool = True) -> None:
-        slot = self._semaphore()
-        if bounded and slot.locked() and self.waiting >= self.max_queue:
+    def check_room(self) -> None:
+        """429 if a request arriving now would find the queue full."""
+        if self._semaphore().locked() and self.waiting >= self.max_queue:
             raise APIError(429, f"the request queue is full ({self.waiting} waiting, "
                                 f"max_queue={self.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
+
+    async def _acquire(self, deadline: Deadline, what: str, bounded: bool = True) -> None:
+        slot = self._semaphore()
+        if bounded:
+            self.check_room()
         self.waiting += 1
         self._changed()
         try:

@@ -5,6 +5,7 @@ call the handlers (openai_routes.py, document_routes.py) with it.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import importlib
 import logging
@@ -42,16 +43,21 @@ class Document:
     name: Optional[str]
     token_ids: np.ndarray       # int32: the prompt prefix every question is appended to
     created: int
-    prefill_s: float
+    prefill_s: Optional[float]
+    status: str = "ready"       # "prefilling" (an upload with wait=false) | "ready" | "failed"
+    error: Optional[Dict[str, Any]] = None  # OpenAI error object when status is "failed"
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.size)
 
     def card(self) -> Dict[str, Any]:
-        return {"id": self.id, "object": "document", "name": self.name,
-                "num_tokens": self.num_tokens, "created": self.created,
-                "prefill_s": round(self.prefill_s, 6)}
+        card = {"id": self.id, "object": "document", "name": self.name,
+                "num_tokens": self.num_tokens, "created": self.created, "status": self.status,
+                "prefill_s": None if self.prefill_s is None else round(self.prefill_s, 6)}
+        if self.error is not None:
+            card["error"] = self.error
+        return card
 
 
 class Service:
@@ -70,6 +76,7 @@ class Service:
         self.load_s: Optional[float] = None
         self.documents: Dict[str, Document] = {}
         self._closed = False
+        self._tasks: set = set()  # background work (uploads with wait=false), kept referenced
         self._load_started = time.monotonic()
         self._loader = threading.Thread(target=self._load, name="ringserve-load", daemon=True)
         self._loader.start()
@@ -158,6 +165,11 @@ class Service:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", code="model_not_found", param="model")
 
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def deadline(self) -> Deadline:
         return self.runner.deadline()
 
@@ -228,6 +240,11 @@ class Service:
             await self.registry.put.remote(doc.id, doc.card(),
                                            doc.token_ids.astype("<i4").tobytes())
 
+    async def republish(self, doc: Document) -> None:
+        """The card changed (a background prefill finished): tell the registry, if any."""
+        if self.registry is not None and self.documents.get(doc.id) is doc:
+            await self.registry.update.remote(doc.id, doc.card())
+
     async def find_document(self, doc_id: str) -> Document:
         """The document to answer a question on, with its token ids (fetched from the shared
         registry when another replica uploaded it)."""
@@ -235,21 +252,36 @@ class Service:
         if self.registry is None:
             if local is None:
                 raise self._not_found(doc_id)
-            return local
+            return self._usable(local)
         await self.sweep()
         if local is not None:
             if await self.registry.card.remote(doc_id) is None:  # deleted via another replica
-                await self._forget(local)
+                await self.forget(local)
                 raise self._not_found(doc_id)
-            return local
+            return self._usable(local)
         entry = await self.registry.get.remote(doc_id)
         if entry is None:
             raise self._not_found(doc_id)
         card, raw = entry
+        if card.get("status") == "failed":
+            raise self._failed(doc_id, card.get("error"))
         doc = Document(id=doc_id, key=None, name=card.get("name"),
                        token_ids=np.frombuffer(raw, dtype="<i4").astype(np.int32),
                        created=int(card.get("created", 0)), prefill_s=0.0)
         self.documents[doc_id] = doc  # not pinned here: the engine's LRU prefix cache keeps it
+        return doc
+
+    def _failed(self, doc_id: str, error: Optional[Dict[str, Any]]) -> APIError:
+        why = (error or {}).get("message", "unknown error")
+        return APIError(409, f"document {doc_id!r} failed to prefill, so it can not be asked: "
+                             f"{why}; delete it and upload again", code="document_failed",
+                        param="document_id")
+
+    def _usable(self, doc: Document) -> Document:
+        """A document that can take questions. One still prefilling can: its question waits in
+        the engine queue behind that prefill and then reuses its KV."""
+        if doc.status == "failed":
+            raise self._failed(doc.id, doc.error)
         return doc
 
     async def document_card(self, doc_id: str) -> Dict[str, Any]:
@@ -275,10 +307,10 @@ class Service:
         if card is None and (local is None or self.registry is not None):
             raise self._not_found(doc_id)
         if local is not None:
-            await self._forget(local)
+            await self.forget(local)
         return card or local.card()
 
-    async def _forget(self, doc: Document) -> None:
+    async def forget(self, doc: Document) -> None:
         """Drop `doc` from this replica; unpin its KV unless another upload shares it."""
         self.documents.pop(doc.id, None)
         llm, key = self.llm, doc.key
@@ -305,7 +337,7 @@ class Service:
         for doc_id in pinned:
             doc = self.documents.get(doc_id)
             if doc_id not in alive and doc is not None:
-                await self._forget(doc)
+                await self.forget(doc)
 
     def stats(self) -> Dict[str, Any]:
         llm = self.llm
