@@ -18,7 +18,8 @@ from ringserve.tokenizer import Tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2")
 CONFIGS = [(f, 1, "striped") for f in FAMILIES] + [
-    (f, n, s) for f in FAMILIES for n in (2, 3) for s in ("ring", "striped")]
+    (f, n, s) for f in FAMILIES for n in (2, 3) for s in ("ring", "striped")] + [
+    ("llama-mha", 2, "ring"), ("llama-sharded", 3, "striped")]  # MHA + biases; sharded weights
 PROMPT_LENS = (37, 50)
 NEW_TOKENS = 32
 
