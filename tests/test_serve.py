@@ -4,7 +4,7 @@ actors, the official `openai` client and httpx against it, answers compared with
 Three applications share one Serve instance (one module-wide start, ~1.5 min on 2 cores):
   main   world_size 2, API key, roomy queue: the API, documents, streaming, concurrency
   tight  world_size 1, max_queue 1, a 2 s request timeout, a 1 MB body limit, SSE keep-alive
-         after 0.25 s: 429, 504, 413, streams that wait
+         after 0.25 s, a 1024-token document cache: 429, 504, 413, streams that wait
   multi  2 replicas of world_size 1: documents reachable from every replica
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def stack(ray_session, tmp_path_factory):
         serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
                              "num_cpus_per_worker": 0.5, "max_kv_tokens": 2048, "max_queue": 1,
                              "request_timeout_s": 2.0, "max_body_mb": 1,
-                             "sse_keepalive_s": 0.25}),
+                             "sse_keepalive_s": 0.25, "document_cache_tokens": 1024}),
                   name="rs-tight", route_prefix="/tight")
         # serve.run returns once the replica is up; its LLM is still loading: readiness says so
         early = httpx.get(base + "/tight/ready", timeout=30)
@@ -556,6 +556,28 @@ def test_stream_that_times_out_after_it_started_gets_an_error_event(stack, rng):
     assert "data: [DONE]" not in lines
     last = json.loads(lines[-1][6:])
     assert last["error"]["code"] == "timeout", last
+
+
+def test_background_prefill_that_fails_is_reported(stack, rng):
+    # within the tight app's KV capacity (2048) but beyond its document-cache budget (1024):
+    # the engine refuses it after the 202, and the document says why
+    ids = [rng.randrange(1, 200) for _ in range(rng.randint(1100, 1500))]
+    r = stack.tight.post("/v1/documents", json={"token_ids": ids, "wait": False})
+    assert r.status_code == 202, r.text
+    doc_id = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        card = stack.tight.get(f"/v1/documents/{doc_id}").json()
+        if card["status"] != "prefilling":
+            break
+        time.sleep(0.2)
+    assert card["status"] == "failed", card
+    assert card["error"]["code"] == "document_too_large" and "1024" in card["error"]["message"]
+    _err(stack.tight.post(f"/v1/documents/{doc_id}/ask", json={"question": "q"}), 409,
+         "document_failed")
+    assert stack.tight.delete(f"/v1/documents/{doc_id}").status_code == 200
+    # the same upload waiting for its answer gets the error as its status
+    _err(stack.tight.post("/v1/documents", json={"token_ids": ids}), 413, "document_too_large")
 
 
 def test_504_on_timeout_and_the_engine_stops(stack, rng):

@@ -106,7 +106,7 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
     if not wait:
         svc.runner.check_room()  # a full queue is refused now, not after the 202
         await svc.publish(doc)
-        svc.spawn(_prefill_in_background(svc, doc, prefill, deadline))
+        svc.spawn(_prefill_in_background(svc, doc, prefill, abandon, deadline))
         return respond(doc.card(), wants_msgpack(request), status=202)
     try:
         key, prefill_s = await svc.runner.call(prefill, deadline, "the document's prefill",
@@ -119,13 +119,14 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
     return respond(doc.card(), wants_msgpack(request))
 
 
-async def _prefill_in_background(svc: Service, doc: Document, prefill, deadline) -> None:
+async def _prefill_in_background(svc: Service, doc: Document, prefill, abandon,
+                                 deadline) -> None:
     """An upload with wait=false: prefill under the upload's deadline, then mark the document
     ready (or failed, with the error a waiting upload would have got)."""
     try:
         # already admitted when the 202 went out: never refused for a full queue now
         key, prefill_s = await svc.runner.call(prefill, deadline, "the document's prefill",
-                                               bounded=False)
+                                               on_late_result=abandon, bounded=False)
     except Exception as exc:  # noqa: BLE001 - recorded on the document for GET / ask
         err = api_error_from(exc, document=True)
         doc.status, doc.error = "failed", err.body()["error"]
