@@ -208,6 +208,14 @@ def test_streaming_equals_llm_generate(stack, rng):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
 
+    # two prompts in one streamed request: chunks carry each prompt's index
+    two = [_phrase(rng, 3), _phrase(rng, 9)]
+    refs = stack.ref.generate(two, _greedy(5))
+    chunks = list(stack.client.completions.create(model=MODEL, prompt=two, max_tokens=5,
+                                                  temperature=0, stream=True))
+    for i, r in enumerate(refs):
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) == r.text
+
     messages = [{"role": "user", "content": _phrase(rng, 5)}]
     (cref,) = stack.ref.generate(stack.tok.apply_chat_template(messages), _greedy(10))
     stream = stack.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
