@@ -50,6 +50,12 @@ def _rank_main(rank, world, uid, results):
         # collectives and a deadline: rank 1 answers late, rank 0 times out, then completes
         got = t.all_gather(torch.tensor([rank * 3.0 + 1], device=dev))
         results[("gather", rank)] = [x.item() for x in got]
+        # stream-ordered form: the host does not wait; a kernel queued after it sees the data
+        x = torch.full((1 << 16,), rank + 5.0, device=dev)
+        parts = t.all_gather(x * 2, blocking=False)
+        total = parts[0] + parts[1]
+        t.synchronize(60.0)
+        results[("gather_async", rank)] = total.mean().item()
         send = torch.full((1 << 20,), rank + 1, dtype=torch.bfloat16, device=dev)
         recv = torch.zeros_like(send)
         if rank == 1:
@@ -124,6 +130,7 @@ def test_nccl_ring_bf16_matches_one_gpu():
             # only Hkv heads travel: one packed K+V message of rank 0's shard
             assert stats[0]["bytes_sent"] == 2 * ((total + 1) // 2) * hkv * d * 2
     assert results[("gather", 0)] == results[("gather", 1)] == [1.0, 4.0]
+    assert results[("gather_async", 0)] == results[("gather_async", 1)] == 22.0  # 2*5 + 2*6
     peer, waited = results[("timeout", 0)]
     assert peer == 1 and 0.9 <= waited < 2.5
     assert results[("late", 0)] == 2.0 and results[("late", 1)] == 1.0

@@ -37,7 +37,12 @@ def test_thread_transport_all_gather():
     def main(r):
         t = hub.transport(r, timeout_s=10)
         t.barrier()
-        got[r] = t.all_gather(torch.tensor([r * 10.0, r + 0.5]))
+        first = t.all_gather(torch.tensor([r * 10.0, r + 0.5]))
+        # the non-blocking form gives the same answer once synchronize() returns
+        second = t.all_gather(torch.tensor([r * 10.0, r + 0.5]), blocking=False)
+        t.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        got[r] = first
 
     ts = [threading.Thread(target=main, args=(r,)) for r in range(3)]
     [t.start() for t in ts]

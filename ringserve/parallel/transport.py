@@ -92,9 +92,20 @@ class Transport:
         previous rank (either may be None: that half is skipped). Returns at once."""
         raise NotImplementedError
 
-    def all_gather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
-        """Every rank's `tensor` (same shape and dtype everywhere), in rank order."""
+    def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
+                   blocking: bool = True) -> List[torch.Tensor]:
+        """Every rank's `tensor` (same shape and dtype everywhere), in rank order.
+
+        blocking=False (NCCL): return at once, ordered on the compute stream like a kernel (the
+        host does not wait); a later `synchronize(timeout_s)` bounds the wait. CPU transports
+        always complete before returning.
+        """
         raise NotImplementedError
+
+    def synchronize(self, timeout_s: Optional[float] = None) -> None:
+        """Wait, with a deadline, until the work queued so far (communication included) is
+        done. Nothing to do for CPU transports."""
+        return None
 
     def barrier(self) -> None:
         raise NotImplementedError
@@ -204,7 +215,8 @@ class GlooTransport(Transport):
         return _GlooHandle(self, works, self.prev_rank if recv_tensor is not None
                            else self.next_rank)
 
-    def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None):
+    def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
+                   blocking: bool = True):
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         work = self._dist.all_gather(out, tensor.contiguous(), async_op=True)
         _GlooHandle(self, [work], None, "all_gather").wait(timeout_s)
@@ -249,8 +261,9 @@ def nccl_unique_id():
 
 
 class _NcclHandle(Handle):
-    def __init__(self, transport: "NcclTransport", event, peer: Optional[int]):
-        self._t, self._event, self._peer = transport, event, peer
+    def __init__(self, transport: "NcclTransport", event, peer: Optional[int],
+                 what: str = "NCCL send_recv"):
+        self._t, self._event, self._peer, self._what = transport, event, peer, what
 
     def wait(self, timeout_s: Optional[float] = None) -> None:
         t = self._t._timeout(timeout_s)
@@ -258,7 +271,7 @@ class _NcclHandle(Handle):
         # kernels already queued keep running and nothing is copied through the host.
         if not _poll_until(self._event.query, t):
             self._t.broken = True
-            raise self._t._timeout_error("NCCL send_recv", self._peer, t)
+            raise self._t._timeout_error(self._what, self._peer, t)
         torch.cuda.current_stream(self._t.device).wait_event(self._event)
 
 
@@ -328,7 +341,8 @@ class NcclTransport(Transport):
         return _NcclHandle(self, done, self.prev_rank if recv_tensor is not None
                            else self.next_rank)
 
-    def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None):
+    def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
+                   blocking: bool = True):
         tensor = tensor.contiguous()
         self._check(tensor, "tensor")
         out = torch.empty((self.world_size,) + tuple(tensor.shape), dtype=tensor.dtype,
@@ -337,10 +351,25 @@ class NcclTransport(Transport):
         self._comm.allGather(tensor.data_ptr(), out.data_ptr(), tensor.numel(),
                              self._dtype(tensor), self.stream.cuda_stream)
         tensor.record_stream(self.stream)
+        out.record_stream(self.stream)
         done = torch.cuda.Event()
         done.record(self.stream)
-        _NcclHandle(self, done, None).wait(timeout_s)
+        if blocking:
+            _NcclHandle(self, done, None, "all_gather").wait(timeout_s)
+        else:
+            # stream-ordered: the host runs ahead (decode launches its next layer at once);
+            # hangs surface at the caller's synchronize(), which has the deadline
+            torch.cuda.current_stream(self.device).wait_event(done)
         return list(out.unbind(0))
+
+    def synchronize(self, timeout_s: Optional[float] = None) -> None:
+        t = self._timeout(timeout_s)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        if not _poll_until(ev.query, t):
+            self.broken = True
+            raise self._timeout_error("synchronize (queued kernels and communication)",
+                                      None, t)
 
     def barrier(self, timeout_s: Optional[float] = None) -> None:
         self.all_gather(torch.zeros(1, device=self.device), timeout_s)
@@ -408,7 +437,8 @@ class ThreadTransport(Transport):
             self.hub.boxes[self.next_rank].put(send_tensor.detach().clone())
         return _ThreadHandle(self, recv_tensor)
 
-    def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None):
+    def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
+                   blocking: bool = True):
         t = self._timeout(timeout_s)
         key = self._gathers
         self._gathers += 1
