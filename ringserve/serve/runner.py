@@ -65,11 +65,18 @@ class EngineRunner:
         return self._slot
 
     def _changed(self) -> None:
-        self._on_queue_change(self.waiting, self.running)
+        # with the slot free, one admitted request is about to take it (its acquire task runs
+        # in the next loop iteration): report it as running, not waiting
+        busy = self.running or (1 if self.waiting else 0)
+        self._on_queue_change(self.waiting + self.running - busy, busy)
 
     def check_room(self) -> None:
         """429 if a request arriving now would find the queue full."""
-        if self._semaphore().locked() and self.waiting >= self.max_queue:
+        # Counted on our own numbers, not on the semaphore: a waiter is registered with the
+        # semaphore only when its acquire task first runs, so requests arriving in the same loop
+        # iteration while the slot was free all saw it "unlocked" and the queue grew past
+        # max_queue (7 of 2 seen under load). No await between this check and `waiting += 1`.
+        if self.waiting + self.running >= self.max_queue + 1:
             raise APIError(429, f"the request queue is full ({self.waiting} waiting, "
                                 f"max_queue={self.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
