@@ -104,3 +104,48 @@ def test_bench_refuses_non_loopback_urls():
     bench.LoadConfig("http://127.0.0.1:1")   # accepted (nothing is sent by the constructor)
     assert bench.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
     assert bench.percentile([3.0, 1.0, 2.0, 4.0], 99) == 4.0
+
+
+def test_queue_limit_holds_for_a_burst_on_an_idle_runner():
+    """The race test_load first caught (7 waiting with max_queue 2): requests arriving in the same
+    event-loop iteration while the engine slot is free must still be counted against the queue."""
+    import asyncio
+    import threading
+    import time as _time
+
+    from ringserve.serve.errors import APIError
+    from ringserve.serve.runner import Deadline, EngineRunner
+
+    rng = random.Random(SEED)
+    max_queue, burst = rng.randint(1, 3), rng.randint(6, 10)
+    seen = []
+    runner = EngineRunner(max_queue, 30.0, on_queue_change=lambda w, r: seen.append((w, r)))
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+
+    def work():
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        _time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return "done"
+
+    async def one():
+        try:
+            return await runner.call(work, Deadline.after(30.0), "burst")
+        except APIError as e:
+            return e.status
+
+    async def main():
+        return await asyncio.gather(*(one() for _ in range(burst)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        runner.shutdown()
+    assert results.count("done") == max_queue + 1, (max_queue, results)
+    assert results.count(429) == burst - max_queue - 1
+    assert max(w for w, _ in seen) <= max_queue and max(r for _, r in seen) <= 1, seen
+    assert running[1] == 1
