@@ -249,6 +249,32 @@ class ModelShardWorker(ShardWorker):
                 self.cache.free(seq_id)
             raise
 
+    def decode(self, seq_id: str, token: int, start_pos: int, owners: Sequence[int],
+               params: SamplingParams, step: int, stop_ids: Sequence[int] = ()):
+        """Up to len(owners) decode steps in one call (one Ray round trip): feed `token` at
+        start_pos, sample, feed the sample at start_pos + 1, ... Rank 0 samples and every rank
+        receives the token through a tiny all-gather, so all ranks feed the same one. Stops
+        early after a token in stop_ids. Returns [(token, logprob), ...] on every rank; the
+        driver trims the cache if it stops (stop string, cancel) before using them all."""
+        out = []
+        tok = int(token)
+        for i, owner in enumerate(owners):
+            res = self.extend(seq_id, [tok], start_pos + i, [owner], params, step + i)
+            if self.world_size > 1:
+                # token ids are exact in float32 below 2**24; the logprob is a float32 already
+                msg = torch.tensor(res if res is not None else (0.0, 0.0), dtype=torch.float32,
+                                   device=self.device)
+                res = tuple(self.transport.all_gather(msg)[0].tolist())
+            tok, lp = int(res[0]), float(res[1])
+            out.append((tok, lp))
+            if tok in stop_ids:
+                break
+        return out
+
+    def trim(self, seq_id: str, max_position: int) -> int:
+        """Drop seq_id's tokens at positions >= max_position on this rank."""
+        return self.cache.trim(seq_id, max_position)
+
     def _merge_across_ranks(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """All-gather every rank's partial (out, lse) of the same queries, merge in rank order."""
         n_out = out.numel()

@@ -15,6 +15,7 @@ The group object needs `world_size`, `call(method, *args)`, `rebuild()` and `shu
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import threading
@@ -62,9 +63,12 @@ class EngineConfig:
     extend_chunk: int = 256             # tokens per pass-Q extension call
     document_cache_tokens: Optional[int] = None  # None: the group's whole KV capacity
     step_timeout_s: Optional[float] = None       # bound on one Ray call (None: no bound)
+    decode_steps: int = 1               # decode steps per Ray call (tokens then come in bursts)
 
     def __post_init__(self):
         layout.check_schedule(self.schedule)
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps ({self.decode_steps}) must be >= 1")
         if self.extend_chunk < 1:
             raise ValueError(f"extend_chunk ({self.extend_chunk}) must be >= 1")
         if self.document_cache_tokens is not None and self.document_cache_tokens < 0:
@@ -118,6 +122,11 @@ class _Seq:
         self.tokens.append(token)
         self.owners.append(owner)
         self.counts[owner] += 1
+
+    def truncate(self, n: int) -> None:
+        for o in self.owners[n:]:
+            self.counts[o] -= 1
+        del self.tokens[n:], self.owners[n:]
 
 
 class RequestHandle:
@@ -389,6 +398,15 @@ class Engine:
         c = seq.counts
         return c.index(min(c))
 
+    def _owners(self, seq: _Seq, k: int) -> List[int]:
+        """Owners of the next k tokens under the fewest-tokens rule."""
+        c, out = list(seq.counts), []
+        for _ in range(k):
+            o = c.index(min(c))
+            c[o] += 1
+            out.append(o)
+        return out
+
     def _build(self, h: RequestHandle, prompt: List[int], params: Optional[SamplingParams],
                entry: Optional[CachedSeq], m: int):
         """Create a sequence holding the prompt's K/V. With params, also sample the first
@@ -505,9 +523,12 @@ class Engine:
         st = StopState(params, decoder, self.eos_token_ids)
         tokens: List[int] = []
         logprobs: List[float] = []
-        tok, lp = first
+        stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos
+                                                  else list(self.eos_token_ids))
+        pending = collections.deque([first])   # sampled, not yet shown to the caller
         reason = None
         while True:
+            tok, lp = pending.popleft()
             tokens.append(tok)
             logprobs.append(lp)
             delta = st.update(tok, len(tokens))
@@ -519,11 +540,26 @@ class Engine:
             if h.cancelled.is_set():
                 reason = "cancelled"
                 break
+            if pending:
+                continue
             self._check_deadline(h)
-            start, o = len(seq.tokens), self._owner(seq)
-            seq.add(tok, o)
-            res = self._call("extend", seq.seq_id, [tok], start, [o], params, len(tokens))
-            tok, lp = res[0]
+            k = min(self.config.decode_steps, params.max_tokens - len(tokens))
+            start, owners = len(seq.tokens), self._owners(seq, k)
+            if k == 1:
+                seq.add(tok, owners[0])
+                pending.append(self._call("extend", seq.seq_id, [tok], start, owners, params,
+                                          len(tokens))[0])
+            else:
+                res = self._call("decode", seq.seq_id, tok, start, owners, params, len(tokens),
+                                 stop_ids)[0]
+                for t, o in zip([tok] + [t for t, _ in res[:-1]], owners):
+                    seq.add(t, o)
+                pending.extend(res)
+        # a multi-step call may have fed tokens past a stop string or a cancel: drop their K/V
+        want = len(prompt) + len(tokens) - 1
+        if len(seq.tokens) > want:
+            self._call("trim", seq.seq_id, want)
+            seq.truncate(want)
         return RequestOutput(list(prompt), tokens, st.text, reason,
                              logprobs if params.logprobs else None, m)
 

@@ -68,7 +68,8 @@ class LLM:
                  document_cache_tokens: Optional[int] = None,
                  ray_address: Optional[str] = None, placement_strategy: str = "STRICT_PACK",
                  page_size: Optional[int] = None, chunk_tokens: Optional[int] = None,
-                 extend_chunk: Optional[int] = None, num_cpus_per_worker: float = 1.0,
+                 extend_chunk: Optional[int] = None, decode_steps: int = 1,
+                 num_cpus_per_worker: float = 1.0,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  backend: str = "auto", transport_timeout_s: float = 300.0,
                  tokenizer: Any = "auto"):
@@ -120,7 +121,8 @@ class LLM:
         try:
             cfg = EngineConfig(schedule=schedule,
                                extend_chunk=extend_chunk or (256 if device == "cpu" else 2048),
-                               document_cache_tokens=document_cache_tokens)
+                               document_cache_tokens=document_cache_tokens,
+                               decode_steps=decode_steps)
             self._engine = Engine(self._group, self.tokenizer, eos, cfg)
         except BaseException:
             self._group.shutdown()

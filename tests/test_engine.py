@@ -10,6 +10,7 @@ import torch
 
 from tinymodels import load_hf, tiny_model
 from ringserve.actors.model_worker import ModelShardWorker
+from ringserve.doc_cache import doc_key
 from ringserve.engine import Engine, EngineConfig, balanced_counts
 from ringserve.errors import CapacityError
 from ringserve.parallel.transport import ThreadHub
@@ -114,7 +115,8 @@ def make_engine(path, ws, schedule, kv_tokens=1024, **cfg):
                          ids=[f"{c[0]}-ws{c[1]}-{c[2]}" for c in CONFIGS])
 def test_matrix_score_and_greedy_equal_transformers(tmp_path_factory, family, ws, schedule):
     path, _, ref = reference(tmp_path_factory, family)
-    eng = make_engine(path, ws, schedule)
+    # several decode steps per call (tokens broadcast from rank 0) on the multi-rank configs
+    eng = make_engine(path, ws, schedule, decode_steps=1 if ws == 1 else 5)
     try:
         for ids, lp_ref, gen_ref in ref:
             sc = eng.submit("score", ids).result(120)
@@ -191,6 +193,47 @@ def test_capacity_error_before_work_and_pinned_documents(tmp_path_factory):
     finally:
         eng.shutdown()
         eng.group.shutdown()
+
+
+def test_multi_step_decode_stops_and_trims_like_single_steps(tmp_path_factory):
+    """decode_steps=4: a stop string, a stop id or max_tokens inside a 4-token burst gives the
+    same output as one step per call, and the K/V of tokens sampled past the stop are trimmed
+    (the cached sequence is prompt + output[:-1], reused exactly by the next request)."""
+    path, _, _ = reference(tmp_path_factory, "qwen2")
+    from ringserve.sample_document import sample_document
+
+    one = make_engine(path, 2, "ring", decode_steps=1)
+    four = make_engine(path, 2, "ring", decode_steps=4)
+    try:
+        tok = one.tokenizer
+        prompt = tok.encode(sample_document(n_words=40, seed=5))
+        full = one.submit("generate", prompt, SamplingParams(
+            max_tokens=23, temperature=0, ignore_eos=True)).result(60)
+        stop = full.text[9:12]
+        cases = [SamplingParams(max_tokens=23, temperature=0, ignore_eos=True),
+                 SamplingParams(max_tokens=23, temperature=0, ignore_eos=True, stop=[stop]),
+                 SamplingParams(max_tokens=23, temperature=0, ignore_eos=True,
+                                stop_token_ids=[full.token_ids[6]]),
+                 SamplingParams(max_tokens=23, temperature=0.8, seed=3, ignore_eos=True,
+                                logprobs=True)]
+        for p in cases:
+            a = one.submit("generate", prompt, p).result(60)
+            b = four.submit("generate", prompt, p).result(60)
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text,
+                                                              a.finish_reason)
+            if p.logprobs:
+                torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs),
+                                           rtol=0, atol=1e-5)
+            kept = prompt + b.token_ids[:-1]
+            e = four.doc_cache.get(doc_key(torch.tensor(kept, dtype=torch.int32)))
+            assert e is not None
+            assert sum(w.cache.seq_len(e.seq_id) for w in four.group.workers) == len(kept)
+            assert_no_leak(four)
+        assert cases[1].stop and four.stats()["requests_failed"] == 0
+    finally:
+        for eng in (one, four):
+            eng.shutdown()
+            eng.group.shutdown()
 
 
 def test_balanced_counts_follows_the_fewest_tokens_rule():
