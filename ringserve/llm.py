@@ -76,7 +76,8 @@ class LLM:
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
         max_kv_tokens is for the whole group; default: from free memory (CUDA) or
-        `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA."""
+        `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
+        `chunk_tokens` (activation chunk of the model) default 8192."""
         if world_size < 1:
             raise ValueError(f"world_size ({world_size}) must be >= 1")
         if device not in ("cpu", "cuda"):
@@ -112,7 +113,10 @@ class LLM:
         worker_kwargs = dict(model=model, dtype=dtype, page_size=page_size, kv_tokens=kv_tokens,
                              cpu_kv_bytes=cpu_kv_bytes,
                              memory_reserve_bytes=memory_reserve_bytes,
-                             chunk_tokens=chunk_tokens, backend=backend)
+                             # norms, projections and the MLP run over chunks of this many
+                             # tokens (the MLP's intermediate would otherwise be ~3.5x the
+                             # hidden states of the whole shard, unbudgeted)
+                             chunk_tokens=chunk_tokens or 8192, backend=backend)
         self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,
