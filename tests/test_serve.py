@@ -327,6 +327,34 @@ def test_document_upload_ask_twice_delete(stack, rng):
     assert stack.http.delete(f"/v1/documents/{doc['id']}").status_code == 404
 
 
+def test_document_in_the_chat_format(stack, rng):
+    """prompt_format chat: the question goes into the checkpoint's chat template after the
+    document; the served prompt is exactly the template rendered over the whole exchange."""
+    from ringserve.sample_document import sample_document
+
+    text = sample_document(n_words=rng.randint(200, 300), seed=rng.randrange(1000))
+    system, q = "Answer from the document only.", "Who is the master of the ship?"
+    up = stack.http.post("/v1/documents", json={"text": text, "prompt_format": "chat",
+                                                "system": system})
+    assert up.status_code == 200, up.text
+    doc = up.json()
+    assert doc["prompt_format"] == "chat"
+    whole = stack.tok.apply_chat_template([
+        {"role": "system", "content": system},
+        {"role": "user", "content": text + "\n\nQuestion: " + q}], add_generation_prompt=True)
+    ids = stack.tok.encode(whole, add_special_tokens=False)
+    (ref,) = stack.ref.generate(ids, _greedy(6))
+    a = stack.http.post(f"/v1/documents/{doc['id']}/ask", json={
+        "question": q, "max_tokens": 6, "temperature": 0, "return_token_ids": True}).json()
+    assert a["usage"]["prompt_tokens"] == len(ids)
+    assert a["num_cached_tokens"] >= doc["num_tokens"]
+    assert a["token_ids"] == ref.token_ids
+    _err(stack.http.post("/v1/documents", json={"token_ids": ids[:10], "prompt_format": "chat"}),
+         400)
+    _err(stack.http.post("/v1/documents", json={"text": "x y", "system": "s"}), 400)
+    assert stack.http.delete(f"/v1/documents/{doc['id']}").status_code == 200
+
+
 def test_upload_without_waiting(stack, rng):
     from ringserve.sample_document import sample_document
 

@@ -28,7 +28,9 @@ Endpoints (all /v1 ones need `Authorization: Bearer <api_key>` when api_key is s
                                    "prefill_s", ...} prefilled once and pinned in the engine's
                                    document cache. wait=false (body field or ?wait=false): 202
                                    at once with status "prefilling"; GET shows "ready" or
-                                   "failed" (+ error); questions asked meanwhile queue behind it
+                                   "failed" (+ error); questions asked meanwhile queue behind it.
+                                   prompt_format "plain" (default) or "chat" (the checkpoint's
+                                   chat template, optional "system"): see doc_prompts.py
   GET  /v1/documents[/{id}]        list / one document's card
   DELETE /v1/documents/{id}        unpin and forget it; later questions get 404
   POST /v1/documents/{id}/ask      {"question", "max_tokens", "temperature", "stream", ...} ->

@@ -23,14 +23,14 @@ from fastapi.responses import Response
 from ringserve import errors as engine_errors
 from ringserve.serve import openai_format as fmt
 from ringserve.serve.bodies import parse_model, read_payload, respond, wants_msgpack
+from ringserve.serve.doc_prompts import PLAIN_QUESTION, chat_document, question_text
 from ringserve.serve.errors import APIError, api_error_from, bad_request
 from ringserve.serve.protocol import AskRequest, DocumentCreate
 from ringserve.serve.service import Document, Service, is_final
 from ringserve.serve.streaming import sse_response
 
-# Appended to the document's tokens (without a BOS): plain text works for base and chat models
-# alike and keeps the document a pure prefix of every question's prompt.
-QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+# kept for callers that build the plain-format prompt themselves (tests, benchmarks)
+QUESTION_TEMPLATE = PLAIN_QUESTION
 
 
 def _token_ids(raw) -> np.ndarray:
@@ -66,10 +66,25 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
     if (req.text is None) == (req.token_ids is None):
         raise bad_request("give exactly one of 'text' and 'token_ids'", param="text")
 
+    template = PLAIN_QUESTION
+    if req.prompt_format == "chat" and req.text is None:
+        raise bad_request("prompt_format 'chat' needs the document as text", param="prompt_format")
+    if req.system is not None and req.prompt_format != "chat":
+        raise bad_request("'system' goes with prompt_format 'chat'", param="system")
     if req.text is not None:
         if not req.text.strip():
             raise bad_request("the document text is empty", param="text")
-        ids = np.asarray(await svc.encode(req.text), dtype=np.int64)
+        if req.prompt_format == "chat":
+            try:
+                head, template = await svc.runner.run_free(
+                    chat_document, llm.tokenizer, req.text, req.system)
+            except Exception as exc:  # noqa: BLE001 - no template, or one that rejects this
+                raise bad_request(f"the chat template can not frame this document: {exc}",
+                                  param="prompt_format") from None
+            # the rendered template carries its own special tokens (BOS and headers)
+            ids = np.asarray(await svc.encode(head, add_special_tokens=False), dtype=np.int64)
+        else:
+            ids = np.asarray(await svc.encode(req.text), dtype=np.int64)
     else:
         ids = _token_ids(req.token_ids)
         if ids.size == 0:
@@ -101,7 +116,8 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
             llm.drop_document(result[0])
 
     doc = Document(id=svc.new_document_id(), key=None, name=req.name, token_ids=ids,
-                   created=fmt.now(), prefill_s=None, status="prefilling")
+                   created=fmt.now(), prefill_s=None, status="prefilling",
+                   prompt_format=req.prompt_format, question_template=template)
     wait = req.wait and request.query_params.get("wait", "").lower() not in ("false", "0", "no")
     if not wait:
         svc.runner.check_room()  # a full queue is refused now, not after the 202
@@ -162,7 +178,7 @@ async def ask(svc: Service, request: Request, doc_id: str, endpoint: str) -> Res
     svc.check_model(req.model, required=False)
     svc.require_ready()
     doc = await svc.find_document(doc_id)
-    question = await svc.encode(QUESTION_TEMPLATE.format(question=req.question),
+    question = await svc.encode(question_text(doc.question_template, req.question),
                                 add_special_tokens=False)
     prompt: List[int] = doc.token_ids.tolist() + list(question)
     params = svc.sampling_params(**req.sampling_kwargs(svc.cfg.default_max_tokens, req.logprobs))

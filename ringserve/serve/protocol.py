@@ -183,6 +183,9 @@ class DocumentCreate(BaseModel):
     # false: answer 202 at once (status "prefilling") and prefill in the background; for
     # documents whose prefill outlasts HTTP timeouts. GET the document to see its status.
     wait: bool = True
+    # how questions are put to it (doc_prompts.py): "plain" text, or the model's chat template
+    prompt_format: Literal["plain", "chat"] = "plain"
+    system: Optional[str] = None  # chat format only: a system turn before the document
 
 
 class AskRequest(_Sampling):

@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import Request
 
 from ringserve.serve.config import ServeArgs
+from ringserve.serve.doc_prompts import PLAIN_QUESTION
 from ringserve.serve.errors import APIError
 from ringserve.serve.metrics import ServeMetrics
 from ringserve.serve.runner import Deadline, EngineRunner
@@ -46,6 +47,8 @@ class Document:
     prefill_s: Optional[float]
     status: str = "ready"       # "prefilling" (an upload with wait=false) | "ready" | "failed"
     error: Optional[Dict[str, Any]] = None  # OpenAI error object when status is "failed"
+    prompt_format: str = "plain"
+    question_template: str = PLAIN_QUESTION  # text after the document; "{question}" in it
 
     @property
     def num_tokens(self) -> int:
@@ -54,7 +57,8 @@ class Document:
     def card(self) -> Dict[str, Any]:
         card = {"id": self.id, "object": "document", "name": self.name,
                 "num_tokens": self.num_tokens, "created": self.created, "status": self.status,
-                "prefill_s": None if self.prefill_s is None else round(self.prefill_s, 6)}
+                "prefill_s": None if self.prefill_s is None else round(self.prefill_s, 6),
+                "prompt_format": self.prompt_format, "question_template": self.question_template}
         if self.error is not None:
             card["error"] = self.error
         return card
@@ -267,7 +271,9 @@ class Service:
             raise self._failed(doc_id, card.get("error"))
         doc = Document(id=doc_id, key=None, name=card.get("name"),
                        token_ids=np.frombuffer(raw, dtype="<i4").astype(np.int32),
-                       created=int(card.get("created", 0)), prefill_s=0.0)
+                       created=int(card.get("created", 0)), prefill_s=0.0,
+                       prompt_format=card.get("prompt_format", "plain"),
+                       question_template=card.get("question_template", PLAIN_QUESTION))
         self.documents[doc_id] = doc  # not pinned here: the engine's LRU prefix cache keeps it
         return doc
 
