@@ -1,8 +1,8 @@
 """How a document and a question become one prompt whose first part (the document) stays the same,
 so the engine can serve it from the KV it cached at upload.
 
-plain  document tokens (with the tokenizer's BOS) + "\\n\\nQuestion: {question}\\nAnswer:"; works for
-       base and chat models alike
+plain  document tokens (with the tokenizer's BOS) + "\\n\\nQuestion: {question}\\nAnswer:";
+       works for base and chat models alike
 chat   the checkpoint's chat template around one user turn "<document>\\n\\nQuestion: <question>"
        (and an optional system turn): the template is rendered once with a marker where the
        question goes; the text before the marker is the cached document, the text after it
