@@ -8,12 +8,14 @@ chat   the checkpoint's chat template around one user turn "<document>\\n\\nQues
        question goes; the text before the marker is the cached document, the text after it
        (the end of the turn and the assistant header) follows every question
 
-The cut sits after "\\n\\n", where byte-level BPE pre-tokenizers split anyway, so the document's
-tokens plus the question's tokens equal the tokens of the whole rendered prompt.
+The cut sits after the document's text, where pre-tokenizers split anyway, and the question part
+is encoded as a continuation (no SentencePiece dummy prefix), so the document's tokens plus the
+question's tokens equal the tokens of the whole prompt (checked on Llama-3, Llama-2/Mistral and
+Qwen2 style tokenizers).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 PLAIN_QUESTION = "\n\nQuestion: {question}\nAnswer:"
 # invisible separators around a name: never in real text, untouched by templates' trim filters
@@ -33,9 +35,25 @@ def chat_document(tokenizer, text: str, system: Optional[str] = None) -> Tuple[s
     return head, "Question: {question}" + tail
 
 
+def encode_continuation(tokenizer, text: str) -> List[int]:
+    """The tokens `text` gets when it follows other text, not when it starts one.
+
+    SentencePiece-style tokenizers (Metaspace) put a dummy "▁" before the first word of every
+    encode() call; the question part follows the document, so it must not get one. Encode it
+    behind an anchor ("." ends most documents) and drop the anchor's tokens, if they are a
+    clean prefix; byte-level BPE gives the same as a plain encode either way.
+    """
+    for anchor in (".", "\n"):
+        head = tokenizer.encode(anchor, add_special_tokens=False)
+        both = tokenizer.encode(anchor + text, add_special_tokens=False)
+        if head and both[:len(head)] == head:
+            return both[len(head):]
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def question_text(template: str, question: str) -> str:
     # str.replace, not str.format: the template's tail may contain braces
     return template.replace("{question}", question, 1)
 
 
-__all__ = ["PLAIN_QUESTION", "FORMATS", "chat_document", "question_text"]
+__all__ = ["PLAIN_QUESTION", "FORMATS", "chat_document", "question_text", "encode_continuation"]

@@ -23,7 +23,8 @@ from fastapi.responses import Response
 from ringserve import errors as engine_errors
 from ringserve.serve import openai_format as fmt
 from ringserve.serve.bodies import parse_model, read_payload, respond, wants_msgpack
-from ringserve.serve.doc_prompts import PLAIN_QUESTION, chat_document, question_text
+from ringserve.serve.doc_prompts import (PLAIN_QUESTION, chat_document, encode_continuation,
+                                         question_text)
 from ringserve.serve.errors import APIError, api_error_from, bad_request
 from ringserve.serve.protocol import AskRequest, DocumentCreate
 from ringserve.serve.service import Document, Service, is_final
@@ -176,10 +177,10 @@ async def ask(svc: Service, request: Request, doc_id: str, endpoint: str) -> Res
     req = parse_model(AskRequest, data)
     req.check_supported()
     svc.check_model(req.model, required=False)
-    svc.require_ready()
+    llm = svc.require_ready()
     doc = await svc.find_document(doc_id)
-    question = await svc.encode(question_text(doc.question_template, req.question),
-                                add_special_tokens=False)
+    question = await svc.runner.run_free(
+        encode_continuation, llm.tokenizer, question_text(doc.question_template, req.question))
     prompt: List[int] = doc.token_ids.tolist() + list(question)
     params = svc.sampling_params(**req.sampling_kwargs(svc.cfg.default_max_tokens, req.logprobs))
     deadline = svc.deadline()
