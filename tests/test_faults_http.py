@@ -96,7 +96,12 @@ def svc(ray_session, tmp_path_factory):
 
 
 def _ours(svc) -> set:
-    pids = shard_pids() - svc.before
+    t_end = time.monotonic() + 15  # a killed actor's process may take a moment to exit
+    while True:
+        pids = shard_pids() - svc.before
+        if len(pids) == 2 or time.monotonic() > t_end:
+            break
+        time.sleep(0.2)
     assert len(pids) == 2, f"expected the app's 2 shard processes, found {sorted(pids)}"
     return pids
 
