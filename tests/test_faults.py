@@ -141,7 +141,7 @@ def test_kill_during_decode_from_another_thread(llm, rng):
             assert len(got) < 3000, "the stream outlived its killed worker"
     took = time.monotonic() - t_kill
     assert killed.is_set() and took < FAIL_BOUND_S
-    assert "extend" in str(e.value)             # decode steps are `extend` calls
+    assert "extend" in str(e.value) or "decode" in str(e.value)  # the decode-step calls
     assert len(got) >= 4 and got[:12] == fresh[:len(got[:12])]  # what it gave was right
     assert llm.generate(prompt, _greedy(12))[0].token_ids == fresh
     _assert_rebuilt(llm, old, s0["worker_failures"])
