@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tinymodels import load_hf, tiny_model
+from tinymodels import hf_greedy, load_hf, tiny_model
 from ringserve.actors.model_worker import ModelShardWorker
 from ringserve.doc_cache import doc_key
 from ringserve.engine import Engine, EngineConfig, balanced_counts
@@ -55,20 +55,6 @@ class ThreadGroup:
 
 _REF = {}
 
-
-def hf_greedy(hf, ids, n):
-    """HF `generate(do_sample=False)`; for sliding-window models, greedy decoding by full
-    forward passes instead: transformers' cached generate for Mistral drifts from its own full
-    forward once the sequence passes the window (seen with transformers 5.24), and the full
-    forward is the model's definition."""
-    with torch.no_grad():
-        if getattr(hf.config, "sliding_window", None) is None:
-            return hf.generate(torch.tensor([ids]), max_new_tokens=n,
-                               do_sample=False)[0, len(ids):].tolist()
-        x = list(ids)
-        for _ in range(n):
-            x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
-        return x[len(ids):]
 
 
 def reference(tmp_path_factory, family):

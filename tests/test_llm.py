@@ -4,7 +4,7 @@ sliding window 16, prompts longer than the window) and Qwen2 (QKV bias, tied emb
 import pytest
 import torch
 
-from tinymodels import load_hf, tiny_model
+from tinymodels import hf_greedy, load_hf, tiny_model
 from ringserve import LLM, SamplingParams
 
 # The full matrix (3 families x world sizes 1-3 x both schedules) runs in-process in
@@ -15,20 +15,6 @@ PROMPT_LENS = (37, 53)
 NEW_TOKENS = 32
 _REF = {}
 
-
-def hf_greedy(hf, ids, n):
-    """HF `generate(do_sample=False)`; for sliding-window models, greedy decoding by full
-    forward passes instead: transformers' cached generate for Mistral drifts from its own full
-    forward once the sequence passes the window (seen with transformers 5.24), and the full
-    forward is the model's definition."""
-    with torch.no_grad():
-        if getattr(hf.config, "sliding_window", None) is None:
-            return hf.generate(torch.tensor([ids]), max_new_tokens=n,
-                               do_sample=False)[0, len(ids):].tolist()
-        x = list(ids)
-        for _ in range(n):
-            x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
-        return x[len(ids):]
 
 
 def reference(tmp_path_factory, family):

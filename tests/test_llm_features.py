@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from tinymodels import load_hf, tiny_model
+from tinymodels import hf_greedy, load_hf, tiny_model
 from ringserve import LLM, RequestOutput, SamplingParams, StreamDelta
 from ringserve.errors import CapacityError, RequestTimeoutError, WorkerFailedError
 from ringserve.sample_document import sample_document
@@ -24,17 +24,6 @@ def llm(ray_session, tmp_path_factory):
     m.hf.generation_config.pad_token_id = 0
     yield m
     m.shutdown()
-
-
-def hf_greedy(hf, ids, n):
-    """Greedy tokens from HF full forward passes. (transformers 5.24's cached `generate` on this
-    llama3-RoPE checkpoint drifts from its own full forward past position ~500: logit
-    differences of 0.03 flip a token, so the full forward is the reference.)"""
-    x = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
-    return x[len(ids):]
 
 
 def text(seed, words=60):
@@ -62,7 +51,7 @@ def test_document_cache_reuse_gives_cold_prefill_tokens(llm):
     assert before["pinned_documents"] >= 1
     out = llm.generate([doc + question], SamplingParams(max_tokens=16, **GREEDY))[0]
     assert out.num_cached_tokens == len(doc)
-    assert out.token_ids == hf_greedy(llm.hf, doc + question, 16)
+    assert out.token_ids == hf_greedy(llm.hf, doc + question, 16, full_forward=True)
     after = llm.stats()
     assert after["prefill_tokens"] - before["prefill_tokens"] == len(question)
     assert llm.drop_document(key) is True and llm.drop_document(key) is False

@@ -255,3 +255,19 @@ def load_hf(path: Path, attn_implementation: str = "eager"):
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                                 attn_implementation=attn_implementation).eval()
+
+
+def hf_greedy(hf, ids, n, full_forward=False):
+    """HF greedy continuation of `ids`: `generate(do_sample=False)`, or greedy decoding by full
+    forward passes for sliding-window models and wherever `full_forward` is asked: transformers
+    5.24's cached generate drifts from its own full forward for Mistral once the sequence passes
+    the window, and for the llama3-RoPE checkpoint past position ~500 (logit differences of 0.03
+    flip a token); the full forward is the model's definition."""
+    with torch.no_grad():
+        if not full_forward and getattr(hf.config, "sliding_window", None) is None:
+            return hf.generate(torch.tensor([ids]), max_new_tokens=n,
+                               do_sample=False)[0, len(ids):].tolist()
+        x = list(ids)
+        for _ in range(n):
+            x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
+        return x[len(ids):]
