@@ -22,7 +22,11 @@ def _serve(argv: List[str]) -> int:
     p.add_argument("--max-kv-tokens", type=int, default=None,
                    help="KV tokens per group (default: from free memory)")
     p.add_argument("--max-queue", type=int, default=None, help="queued requests before 429")
-    p.add_argument("--request-timeout-s", type=float, default=None)
+    p.add_argument("--request-timeout-s", type=float, default=None,
+                   help="a request's whole deadline (queue + prefill + decode) before 504")
+    p.add_argument("--transport-timeout-s", type=float, default=None,
+                   help="longest wait on a shard peer before the group is rebuilt (503)")
+    p.add_argument("--max-body-mb", type=float, default=None, help="larger bodies get 413")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (recommended off loopback)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
@@ -31,7 +35,8 @@ def _serve(argv: List[str]) -> int:
 
     opts = {k: v for k, v in dict(dtype=a.dtype, max_kv_tokens=a.max_kv_tokens,
                                   max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
-                                  api_key=a.api_key, num_replicas=a.num_replicas,
+                                  transport_timeout_s=a.transport_timeout_s,
+                                  max_body_mb=a.max_body_mb, api_key=a.api_key, num_replicas=a.num_replicas,
                                   ray_address=a.ray_address, device=a.device).items()
             if v is not None}
     run(a.model, world_size=a.world_size, schedule=a.schedule, host=a.host, port=a.port,
