@@ -39,8 +39,11 @@ def _serve(argv: List[str]) -> int:
                                   max_body_mb=a.max_body_mb, api_key=a.api_key, num_replicas=a.num_replicas,
                                   ray_address=a.ray_address, device=a.device).items()
             if v is not None}
-    run(a.model, world_size=a.world_size, schedule=a.schedule, host=a.host, port=a.port,
-        blocking=True, **opts)
+    try:
+        run(a.model, world_size=a.world_size, schedule=a.schedule, host=a.host, port=a.port,
+            blocking=True, **opts)
+    except (ValueError, FileNotFoundError) as exc:  # bad arguments: a message, not a traceback
+        p.error(str(exc))
     return 0
 
 

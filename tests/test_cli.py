@@ -1,0 +1,60 @@
+"""The `ringserve` command line: dispatch, help, and argument errors before anything starts."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ringserve import cli
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "ringserve.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_unknown_command_lists_the_commands():
+    r = _run("nonsense")
+    assert r.returncode == 2
+    for name in cli.COMMANDS:
+        assert name in r.stdout
+
+
+def test_serve_help_documents_the_options():
+    r = _run("serve", "--help")
+    assert r.returncode == 0
+    for opt in ("--model", "--world-size", "--schedule", "--api-key", "--transport-timeout-s"):
+        assert opt in r.stdout
+
+
+def test_serve_with_a_missing_model_fails_clearly(tmp_path):
+    missing = tmp_path / "no-such-model"
+    r = _run("serve", "--model", str(missing), "--world-size", "2")
+    assert r.returncode == 2
+    assert "no-such-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_rejects_a_bad_world_size(tmp_path):
+    r = _run("serve", "--model", str(tmp_path), "--world-size", "0")
+    assert r.returncode == 2
+    assert "world_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_make_demo_model_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "demo"
+    assert cli.main(["make-demo-model", str(out)]) == 0
+    from ringserve.config import ModelConfig
+    from ringserve.tokenizer import Tokenizer
+
+    cfg = ModelConfig.from_dir(out)
+    tok = Tokenizer.from_dir(out)
+    ids = tok.encode("The master of the ship")
+    assert ids and max(ids) < cfg.vocab_size
+    assert tok.decode(ids, skip_special_tokens=True).strip() == "The master of the ship"
+
+
+@pytest.mark.parametrize("argv", [["demo", "--doc-tokens", "3"], ["demo", "--world-size", "x"]])
+def test_demo_rejects_bad_arguments(argv):
+    r = _run(*argv)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
