@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from types import SimpleNamespace
 
 import httpx
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tinymodels import tiny_model
+from servehelpers import start_serve
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,11 +36,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 SEED = random.SystemRandom().randrange(1 << 30)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def svc(ray_session, tmp_path_factory):
@@ -49,10 +44,7 @@ def svc(ray_session, tmp_path_factory):
     from ringserve.serve import build_app, wait_ready
 
     model_dir = str(tiny_model(tmp_path_factory, "llama"))
-    serve.shutdown()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    base = start_serve()
     serve.run(build_app({"model": model_dir, "world_size": 1, "max_kv_tokens": 2048,
                          "max_queue": 16, "request_timeout_s": 60, "max_body_mb": MAX_BODY_MB,
                          "model_name": "llama", "default_max_tokens": 4}),

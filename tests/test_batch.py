@@ -16,7 +16,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import httpx
 import pytest
 from batch_cases import MAX_KV, MAX_TOKENS, check_against_llm, make_inputs
 from tinymodels import tiny_model
+from servehelpers import free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,11 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -77,7 +72,7 @@ def head(tmp_path_factory):
     token = secrets.token_hex(24)
     # short: Ray puts unix sockets under it (108-byte path limit)
     temp = tempfile.mkdtemp(prefix="rsb", dir="/tmp")
-    gcs, dash, client, agent = (_free_port() for _ in range(4))
+    gcs, dash, client, agent = (free_port() for _ in range(4))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, TRITON_INTERPRET="1",
                PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",

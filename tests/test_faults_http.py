@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ import httpx
 import pytest
 
 from tinymodels import tiny_model
+from servehelpers import start_serve
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,11 +36,6 @@ WORDS = ("ship cargo master owner port freight charter voyage clause tons harbou
 TRANSPORT_TIMEOUT_S = 4.0
 FAIL_BOUND_S = 150.0       # the wait, a hung actor's shutdown (10 s), a fresh group's start-up
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_pids() -> set:
@@ -76,10 +71,7 @@ def svc(ray_session, tmp_path_factory):
 
     model_dir = str(tiny_model(tmp_path_factory, "llama"))
     print(f"test_faults_http seed {SEED}")
-    serve.shutdown()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    base = start_serve()
     before = shard_pids()  # shard actors of other modules' groups, if any are left
     serve.run(build_app({"model": model_dir, "world_size": 2, "schedule": "striped",
                          "max_kv_tokens": 4096, "max_queue": 8, "request_timeout_s": 120,

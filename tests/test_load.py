@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import random
-import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from tinymodels import tiny_model
+from servehelpers import start_serve
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,11 +33,6 @@ def _bench():
     return mod
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def base(ray_session, tmp_path_factory):
@@ -46,10 +41,7 @@ def base(ray_session, tmp_path_factory):
     from ringserve.serve import build_app, wait_ready
 
     model_dir = str(tiny_model(tmp_path_factory, "llama"))
-    serve.shutdown()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    url = start_serve()
     serve.run(build_app({"model": model_dir, "world_size": 1, "max_kv_tokens": 2048,
                          "max_queue": MAX_QUEUE, "request_timeout_s": 120,
                          "model_name": "llama"}), name="rs-load", route_prefix="/")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import pickle
 import random
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +23,7 @@ import msgpack
 import pytest
 
 from tinymodels import tiny_model
+from servehelpers import start_serve
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,11 +34,6 @@ MAX_BODY_MB = 0.0625
 MAX_BODY = int(MAX_BODY_MB * 1024 * 1024)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def apps(ray_session, tmp_path_factory):
@@ -47,10 +42,7 @@ def apps(ray_session, tmp_path_factory):
     from ringserve.serve import build_app, wait_ready
 
     model_dir = str(tiny_model(tmp_path_factory, "llama"))
-    serve.shutdown()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    base = start_serve()
     common = {"model": model_dir, "world_size": 1, "max_kv_tokens": 1024, "model_name": "llama",
               "request_timeout_s": 60, "max_body_mb": MAX_BODY_MB}
     serve.run(build_app(common), name="rs-open", route_prefix="/open")

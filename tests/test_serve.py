@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import openai
 import pytest
 
 from tinymodels import tiny_model
+from servehelpers import start_serve
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -32,11 +32,6 @@ SEED = random.SystemRandom().randrange(1 << 30)  # fresh inputs every run; print
 WORDS = ("ship cargo master owner port freight charter voyage clause tons harbour wind sail "
          "deck anchor tide merchant lien bill lading crew").split()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _phrase(rng: random.Random, n: int) -> str:
@@ -58,10 +53,7 @@ def stack(ray_session, tmp_path_factory):
 
     model_dir = str(tiny_model(tmp_path_factory, MODEL))
     key = f"sk-test-{SEED:x}"
-    serve.shutdown()  # a Serve left by another module would keep its own port
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    base = start_serve()
     ref = None
     try:
         serve.run(build_app({"model": model_dir, "model_name": MODEL, "world_size": 1,
@@ -79,8 +71,8 @@ def stack(ray_session, tmp_path_factory):
                   num_cpus_per_worker=0.5)
         # the main app through run() (what `ringserve serve` calls): Serve is already up on
         # this port, so run() adds the app and returns once its model is loaded
-        url = run(model_dir, world_size=2, port=port, blocking=False, name="rs-main",
-                  model_name=MODEL, num_cpus_per_worker=0.5, schedule="striped",
+        url = run(model_dir, world_size=2, port=int(base.rsplit(":", 1)[1]), blocking=False,
+                  name="rs-main", model_name=MODEL, num_cpus_per_worker=0.5, schedule="striped",
                   max_kv_tokens=4096, api_key=key, max_queue=32, request_timeout_s=120)
         assert url == base
         wait_ready(base + "/tight", 300)
