@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU runs still owed by issues 3, 4 and 8, as ONE device call (device time is the scarce
-# thing). Not yet run: written at the end of the 2026-11-28 session, after its device time was
-# spent. On the device machine (repo root, .devsite carried):
-#   bash benchmarks/gpu_remaining.sh [N]      # N GPUs: 2 (default), 4 or 8
-# Writes logs and JSON under $OUT (or /tmp/out) and prints the tables last.
+# The GPU runs owed by issues 3, 4 and 8, in parts sized for one device call (<= 10 min) each.
+# On the device machine (repo root, .devsite carried):
+#   bash benchmarks/gpu_remaining.sh ring [N]            # test_ring_gpu.py + bench_ring.py --check
+#   bash benchmarks/gpu_remaining.sh e2e LENGTHS [N] [..] # bench_e2e.py (extra args passed on)
+# Writes logs and JSON under $OUT (or /tmp/out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-N=${1:-2}
+REPO=$PWD
+PART=${1:-ring}; shift || true
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # Ray from the bundle (the device image has none); the source tree as the installed package
@@ -18,12 +19,19 @@ mkdir -p /tmp/pkg && rm -rf /tmp/pkg/ringserve && cp -r ringserve /tmp/pkg/rings
   && cp -r kernels /tmp/pkg/ringserve/kernels && cp -r actors /tmp/pkg/ringserve/actors
 export PYTHONPATH=/tmp/pkg:$PYTHONPATH RAY_USAGE_STATS_ENABLED=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
-# issue 3: NCCL exactness (bf16) and deadlines, then the ring benchmark with its own check
-python3 -m pytest -q -x tests/test_ring_gpu.py 2>&1 | tee "$OUT/test_ring_gpu.log" | tail -3
-python3 benchmarks/bench_ring.py --world "$N" --check --json "$OUT/bench_ring.json" \
-  2>&1 | tee "$OUT/bench_ring.log" | tail -40
-# issue 4: the lengths not yet measured (512K and the longest that fits), decode with k steps
-# per Ray call; run from outside the repo root so `ringserve` resolves to /tmp/pkg
-(cd /tmp && python3 "$OLDPWD/benchmarks/bench_e2e.py" --world-size "$N" \
-  --lengths 131072,524288,max --decode-steps 8 --no-hf --json "$OUT/bench_e2e.json") \
-  2>&1 | tee "$OUT/bench_e2e.log" | tail -20
+# Run from /tmp: Ray puts the driver's working directory on the actors' sys.path, and the bare
+# ringserve/ of the repo root lacks ringserve.kernels / ringserve.actors.
+cd /tmp
+case "$PART" in
+  ring)
+    N=${1:-2}; shift || true
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/test_ring_gpu.py" \
+      2>&1 | tee "$OUT/test_ring_gpu.log" | tail -5
+    timeout 330 python3 "$REPO/benchmarks/bench_ring.py" --world "$N" --check \
+      --json "$OUT/bench_ring.json" "$@" 2>&1 | tee "$OUT/bench_ring.log" | grep -v '^(' ;;
+  e2e)
+    LENGTHS=$1; shift; N=${1:-2}; shift || true
+    python3 "$REPO/benchmarks/bench_e2e.py" --world-size "$N" --lengths "$LENGTHS" \
+      --json "$OUT/bench_e2e_${LENGTHS//,/_}.json" "$@" 2>&1 | tee "$OUT/bench_e2e.log" ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac
