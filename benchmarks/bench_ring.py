@@ -1,11 +1,13 @@
 """Ring / striped attention prefill on 2 GPUs vs one GPU vs torch's context_parallel.
 
 Causal attention only, Llama-3-8B shapes (32 q heads, 8 kv heads, head dim 128), bf16.
-For each total length: T1 (our kernel, one call, one GPU), then on N GPUs for each schedule:
+For each total length and per-block backend (--backends: our Triton kernel; cuDNN, which on one GPU
+is torch SDPA's cuDNN kernel, the baseline): T1 (one call, one GPU), then on N GPUs for each
+schedule:
   ring      the real thing (NCCL transfers overlapped with the kernel),
   compute   the same steps with a transport that moves nothing (compute-only time),
   comm      the same transfers with no compute (communication-only time),
-parallel efficiency T1 / (N * TN), and the share of communication hidden behind compute,
+parallel efficiency T1 / (N * TN) against the same backend's T1, and the share of communication hidden behind compute,
 1 - (ring - compute) / comm. Last, torch.distributed.tensor.experimental.context_parallel on the
 same shapes (SDPA, cuDNN backend if it runs else flash). Prints a table last.
 
@@ -107,37 +109,26 @@ class BenchWorker(ShardWorker):
             if rank == 0 and not cfg["skip_single"]:
                 q, k, v = (torch.randn(1, total, h, d, device=dev, dtype=dt)
                            for h in (hq, hkv, hkv))
-                ts = []
-                for i in range(warm + reps):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    kernels.attention(q, k, v, causal=True)
-                    torch.cuda.synchronize()
-                    if i >= warm:
-                        ts.append(time.perf_counter() - t0)
-                row["t1"] = statistics.median(ts)
-                row["t1_all"] = ts
+                for be in cfg["backends"]:  # cudnn here = torch SDPA's cuDNN kernel, 1 GPU
+                    ts = []
+                    for i in range(warm + reps):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        kernels.attention(q, k, v, causal=True, backend=be)
+                        torch.cuda.synchronize()
+                        if i >= warm:
+                            ts.append(time.perf_counter() - t0)
+                    row.setdefault("t1", {})[be] = statistics.median(ts)
+                    row.setdefault("t1_all", {})[be] = ts
+                    log(f"S={total} one GPU {be} {row['t1'][be] * 1e3:.1f} ms")
                 del q, k, v
                 torch.cuda.empty_cache()
-                log(f"S={total} one GPU {row['t1'] * 1e3:.1f} ms")
             self.transport.barrier()
             for schedule in cfg["schedules"]:
                 sh = layout.shard(total, n, rank, schedule)
                 q = torch.randn(1, sh.length, hq, d, device=dev, dtype=dt)
                 k = torch.randn(1, sh.length, hkv, d, device=dev, dtype=dt)
                 v = torch.randn(1, sh.length, hkv, d, device=dev, dtype=dt)
-                last = [RingStats()]
-
-                def ring():
-                    last[0] = RingStats()  # the last call's counts (not summed over reps)
-                    ring_attention(q, k, v, total, schedule, self.transport, True,
-                                   stats=last[0])
-
-                nothing = NoTransfer(self.transport)
-
-                def compute():
-                    ring_attention(q, k, v, total, schedule, nothing, True)
-
                 plan = plan_ring(total, n, rank, schedule, True, None)
                 maxlen = max(s.length for s in plan.shards)
                 buf_a = torch.empty(maxlen * 2 * hkv * d, device=dev, dtype=dt)
@@ -145,18 +136,30 @@ class BenchWorker(ShardWorker):
                 unit = 2 * hkv * d  # elements per token of packed K+V
                 moves = [(s.send, s.recv, s.send_len * unit, s.recv_len * unit)
                          for s in plan.steps]
-
-                t_ring, all_ring = self._group_time(ring, reps, warm)
-                t_comp, _ = self._group_time(compute, reps, warm)
                 t_comm, _ = self._group_time(lambda: self._comm_only(moves, buf_a, buf_b),
                                              max(reps, 3), 1)
-                stats = last[0]
-                row[schedule] = {"t": t_ring, "t_all": all_ring, "compute": t_comp,
-                                 "comm": t_comm, "bytes_sent": stats.bytes_sent,
-                                 "steps_computed": stats.steps_computed}
-                log(f"S={total} {schedule}: ring {t_ring * 1e3:.1f} ms, compute-only "
-                    f"{t_comp * 1e3:.1f}, comm-only {t_comm * 1e3:.1f}, sent "
-                    f"{stats.bytes_sent / 2**20:.0f} MiB")
+                nothing = NoTransfer(self.transport)
+                for be in cfg["backends"]:
+                    last = [RingStats()]
+
+                    def ring():
+                        last[0] = RingStats()  # the last call's counts (not summed over reps)
+                        ring_attention(q, k, v, total, schedule, self.transport, True,
+                                       stats=last[0], backend=be)
+
+                    def compute():
+                        ring_attention(q, k, v, total, schedule, nothing, True, backend=be)
+
+                    t_ring, all_ring = self._group_time(ring, reps, warm)
+                    t_comp, _ = self._group_time(compute, reps, warm)
+                    stats = last[0]
+                    row[f"{schedule}/{be}"] = {
+                        "schedule": schedule, "backend": be, "t": t_ring, "t_all": all_ring,
+                        "compute": t_comp, "comm": t_comm, "bytes_sent": stats.bytes_sent,
+                        "steps_computed": stats.steps_computed}
+                    log(f"S={total} {schedule}/{be}: ring {t_ring * 1e3:.1f} ms, compute-only "
+                        f"{t_comp * 1e3:.1f}, comm-only {t_comm * 1e3:.1f}, sent "
+                        f"{stats.bytes_sent / 2**20:.0f} MiB")
                 del q, k, v, buf_a, buf_b
                 torch.cuda.empty_cache()
             res["lengths"][total] = row
@@ -176,16 +179,16 @@ class BenchWorker(ShardWorker):
         q, k, v = (torch.randn(1, total, h, d, generator=g).to(dev, torch.bfloat16)
                    for h in (hq, hkv, hkv))
         out = {}
-        for schedule in cfg["schedules"]:
+        for schedule, be in ((s, b) for s in cfg["schedules"] for b in cfg["backends"]):
             parts = [layout.split(x, n, schedule)[rank].contiguous() for x in (q, k, v)]
-            o, lse = ring_attention(*parts, total, schedule, self.transport, True)
+            o, lse = ring_attention(*parts, total, schedule, self.transport, True, backend=be)
             outs = self.transport.all_gather(o.contiguous())   # equal shard sizes: total % n == 0
             lses = self.transport.all_gather(lse.contiguous())
             if rank == 0:
                 full_o = layout.gather(list(outs), schedule, 1)
                 full_l = layout.gather(list(lses), schedule, 2)
                 ref_o, ref_l = attention_ref(q, k, v, None, True, None)
-                one_o, _ = kernels.attention(q, k, v, causal=True)
+                one_o, _ = kernels.attention(q, k, v, causal=True, backend=be)
                 kk, vv = (x.repeat_interleave(hq // hkv, 2) for x in (k, v))
                 s_ = torch.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(d)
                 s_ = s_.masked_fill(torch.ones(total, total, dtype=torch.bool, device=dev)
@@ -195,8 +198,8 @@ class BenchWorker(ShardWorker):
                 e = {"ring": err(full_o), "one_gpu": err(one_o), "plain_bf16": err(plain),
                      "lse": (full_l - ref_l).abs().max().item()}
                 e["ok"] = bool(e["ring"] <= 2 * e["plain_bf16"] + 1e-3 and e["lse"] < 2e-2)
-                out[schedule] = e
-                log(f"check {schedule} S={total}: max err ring {e['ring']:.2e}, one GPU "
+                out[f"{schedule}/{be}"] = e
+                log(f"check {schedule}/{be} S={total}: max err ring {e['ring']:.2e}, one GPU "
                     f"{e['one_gpu']:.2e}, plain bf16 {e['plain_bf16']:.2e}, lse "
                     f"{e['lse']:.2e} -> {'OK' if e['ok'] else 'FAIL'}")
                 del ref_o, ref_l, s_, plain
@@ -371,27 +374,28 @@ def table(results, cfg, world, launcher):
         lines.append("bf16 check (max abs err vs float64): " + "; ".join(
             f"{k} ring {v['ring']:.1e} / plain bf16 {v['plain_bf16']:.1e} "
             f"{'OK' if v['ok'] else 'FAIL'}" for k, v in r0["check"].items()))
-    hdr = (f"{'tokens':>8} {'1 GPU ms':>9} {'TF/s':>5} | {'schedule':>8} {'ring ms':>8} "
-           f"{'TF/s':>5} {'eff':>6} {'compute':>8} {'comm':>7} {'exposed':>7} {'hidden':>6} | "
-           f"{'ctx_par ms':>10}"
-           f" {'ring/cp':>7}")
+    hdr = (f"{'tokens':>8} {'backend':>7} {'1 GPU ms':>9} {'TF/s':>5} | {'schedule':>8} "
+           f"{'ring ms':>8} {'TF/s':>5} {'eff':>6} {'compute':>8} {'comm':>7} {'exposed':>7} "
+           f"{'hidden':>6} | {'ctx_par ms':>10} {'cp/ring':>7}")
     lines += [hdr, "-" * len(hdr)]
+    nan = float("nan")
     for total, row in r0["lengths"].items():
-        t1 = row.get("t1")
-        tcp = (cp.get("t") or {}).get(total)
-        for schedule in cfg["schedules"]:
-            s = row[schedule]
-            eff = t1 / (world * s["t"]) if t1 else float("nan")
-            hidden = 1 - (s["t"] - s["compute"]) / s["comm"] if s["comm"] > 0 else float("nan")
-            hidden = min(1.0, max(0.0, hidden))
-            lines.append(
-                f"{int(total):>8} {t1 * 1e3 if t1 else float('nan'):>9.1f} "
-                f"{row['flops'] / t1 / 1e12 if t1 else float('nan'):>5.0f} | {schedule:>8} "
-                f"{s['t'] * 1e3:>8.1f} {row['flops'] / s['t'] / 1e12:>5.0f} {eff:>6.1%} "
-                f"{s['compute'] * 1e3:>8.1f} {s['comm'] * 1e3:>7.1f} "
-                f"{(s['t'] - s['compute']) * 1e3:>7.1f} {hidden:>6.1%} | "
-                f"{tcp * 1e3 if tcp else float('nan'):>10.1f} "
-                f"{(tcp / s['t']) if tcp else float('nan'):>7.2f}")
+        tcp = (cp.get("t") or {}).get(total) or (cp.get("t") or {}).get(str(total))
+        for be in cfg["backends"]:
+            t1 = (row.get("t1") or {}).get(be)
+            for schedule in cfg["schedules"]:
+                s = row[f"{schedule}/{be}"]
+                eff = t1 / (world * s["t"]) if t1 else nan
+                hidden = 1 - (s["t"] - s["compute"]) / s["comm"] if s["comm"] > 0 else nan
+                hidden = min(1.0, max(0.0, hidden))
+                lines.append(
+                    f"{int(total):>8} {be:>7} {t1 * 1e3 if t1 else nan:>9.1f} "
+                    f"{row['flops'] / t1 / 1e12 if t1 else nan:>5.0f} | {schedule:>8} "
+                    f"{s['t'] * 1e3:>8.1f} {row['flops'] / s['t'] / 1e12:>5.0f} {eff:>6.1%} "
+                    f"{s['compute'] * 1e3:>8.1f} {s['comm'] * 1e3:>7.1f} "
+                    f"{(s['t'] - s['compute']) * 1e3:>7.1f} {hidden:>6.1%} | "
+                    f"{tcp * 1e3 if tcp else nan:>10.1f} "
+                    f"{(tcp / s['t']) if tcp else nan:>7.2f}")
     return "\n".join(lines)
 
 
@@ -403,6 +407,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed runs below 400K tokens")
     p.add_argument("--large-reps", type=int, default=2, help="timed runs from 400K tokens")
     p.add_argument("--schedules", nargs="+", default=["striped", "ring"])
+    p.add_argument("--backends", nargs="+", default=["triton", "cudnn"],
+                   help="per-block attention: our Triton kernel, and/or cuDNN where its masks "
+                        "express the block (1-GPU cudnn = torch SDPA's cuDNN kernel)")
     p.add_argument("--hq", type=int, default=32)
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--d", type=int, default=128)
@@ -417,6 +424,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     lengths = list(a.lengths) + ([1 << 20] if a.with_1m else [])
     cfg = dict(lengths=lengths, reps=a.reps, large_reps=a.large_reps, schedules=a.schedules,
+               backends=a.backends,
                hq=a.hq, hkv=a.hkv, d=a.d, warmup_len=a.warmup_len, skip_cp=a.skip_cp,
                skip_single=a.skip_single, timeout_s=a.timeout_s, check=a.check)
     if torch.cuda.device_count() < a.world:

@@ -1,19 +1,21 @@
 """Attention kernels: Triton (GPU, or CPU under TRITON_INTERPRET=1) and a torch path.
 
 Public entry points dispatch on `backend`: "triton", "torch", or "auto" (Triton for CUDA tensors,
-torch otherwise). Contracts are documented in reference.py.
+torch otherwise); `attention` also takes "cudnn": cuDNN's fused attention for the blocks its own
+masks express exactly (cudnn_attn.py), the Triton kernel for the rest. Contracts are documented
+in reference.py.
 """
 from __future__ import annotations
 
 from .torch_ops import attention_torch, merge_torch_, paged_decode_torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cudnn")
 
 
 def _pick(backend: str, t) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend == "auto" or (backend == "cudnn" and not t.is_cuda):
         return "triton" if t.is_cuda else "torch"
     return backend
 
@@ -21,7 +23,13 @@ def _pick(backend: str, t) -> str:
 def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
               q_offset=0, q_stride=1, k_offset=0, k_stride=1, backend="auto"):
     """Exact attention returning (out, lse); see reference.py for the contract."""
-    if _pick(backend, q) == "triton":
+    b = _pick(backend, q)
+    if b == "cudnn":
+        from .cudnn_attn import attention_cudnn
+        from .flash_fwd import flash_attn_fwd
+        return attention_cudnn(q, k, v, softmax_scale, causal, window_size,
+                               q_offset, q_stride, k_offset, k_stride, fallback=flash_attn_fwd)
+    if b == "triton":
         from .flash_fwd import flash_attn_fwd
         return flash_attn_fwd(q, k, v, softmax_scale, causal, window_size,
                               q_offset, q_stride, k_offset, k_stride)
@@ -31,7 +39,7 @@ def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
 
 def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
     """In-place online-softmax merge of a partial result into the accumulator."""
-    if _pick(backend, out_acc) == "triton":
+    if _pick(backend, out_acc) in ("triton", "cudnn"):
         from .merge import merge_triton_
         return merge_triton_(out_acc, lse_acc, out_b, lse_b)
     return merge_torch_(out_acc, lse_acc, out_b, lse_b)
@@ -40,7 +48,7 @@ def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
                  window_size=None, q_pos=None, kv_pos=None, backend="auto"):
     """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards."""
-    if _pick(backend, q) == "triton":
+    if _pick(backend, q) in ("triton", "cudnn"):
         from .flash_decode import paged_decode_triton
         return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                    causal, window_size, q_pos, kv_pos)

@@ -325,3 +325,51 @@ def test_softmax_scale_is_used():
         ref_out, ref_lse = attention_ref(q, k, v, s)
         check_close(out, lse, ref_out, ref_lse, torch.float32)
     assert not math.isclose(float(lse[0, 0, 0]), float(attention_ref(q, k, v, 0.05)[1][0, 0, 0]))
+
+
+def test_cudnn_plan_matches_the_mask():
+    """The cuDNN backend's block mapping (plain Python) against the float64 visibility mask:
+    every block it accepts is exactly `rows q0.. see keys ..k1 top-left causal` (or full/empty),
+    and every striped/contiguous-ring block of the ring's layouts is accepted."""
+    from ringserve.kernels.cudnn_attn import sdpa_plan
+    from ringserve.kernels.reference import visible_mask
+    from ringserve.parallel import layout
+
+    def implied(plan, Sq, Sk):
+        mode, q0, k1 = plan
+        m = torch.zeros(Sq, Sk, dtype=torch.bool)
+        if mode == "full":
+            m[:] = True
+        elif mode == "causal":
+            assert Sq - q0 == k1 <= Sk
+            m[q0:, :k1] = torch.ones(k1, k1, dtype=torch.bool).tril()
+        return m
+
+    accepted = 0
+    for total in (1, 2, 7, 64, 1000, 1027):
+        for n in (1, 2, 3, 4, 8):
+            for schedule in ("striped", "ring"):
+                sh = [layout.shard(total, n, r, schedule) for r in range(n)]
+                for a in sh:
+                    for b in sh:
+                        for causal in (True, False):
+                            plan = sdpa_plan(a.length, b.length, causal, None, a.offset,
+                                             a.stride, b.offset, b.stride)
+                            assert plan is not None, (total, n, schedule, a, b)
+                            qp = a.offset + a.stride * torch.arange(a.length)
+                            kp = b.offset + b.stride * torch.arange(b.length)
+                            assert torch.equal(implied(plan, a.length, b.length),
+                                               visible_mask(qp, kp, causal, None))
+                            accepted += 1
+    assert accepted > 500
+    # not expressible: windows, keys before the queries' diagonal (c > 0), unequal strides
+    assert sdpa_plan(100, 100, True, 10, 0, 1, 0, 1) is None
+    assert sdpa_plan(100, 200, True, None, 150, 1, 100, 1) is None
+    assert sdpa_plan(100, 100, True, None, 0, 2, 0, 3) is None
+    # the CPU dispatch of backend="cudnn" is the torch path, exact
+    q, k, v = (torch.randn(1, 33, h, 16) for h in (4, 2, 2))
+    o1, l1 = attention(q, k, v, causal=True, q_offset=1, q_stride=2, k_stride=2,
+                               backend="cudnn")
+    o2, l2 = attention(q, k, v, causal=True, q_offset=1, q_stride=2, k_stride=2,
+                               backend="torch")
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)

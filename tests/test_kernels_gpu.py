@@ -140,3 +140,31 @@ def test_paged_decode_gpu(Sq, masked, D, dtype):
     lowp, _ = paged_decode_ref(q, kc, vc, bt, sl, None, masked, window, qp, kp, dtype=dtype)
     check_lowp(out, lse, ref_out.to(out.device), ref_lse.to(out.device), lowp.to(out.device),
                f"decode Sq={Sq} D={D}")
+
+
+# Blocks the ring produces (striped: offsets differ by < stride; contiguous diagonal / past
+# blocks), plus ones cuDNN cannot express (window, c > 0) that must fall back to Triton exactly.
+CUDNN_CASES = {
+    "striped-own": (1, 1024, 1024, 8, 2, True, None, 1, 2, 1, 2),
+    "striped-earlier-rank": (1, 1025, 1025, 8, 2, True, None, 0, 2, 1, 2),   # drops row 0
+    "striped-later-rank": (1, 1024, 1025, 8, 2, True, None, 1, 2, 0, 2),
+    "ring-past-block": (2, 700, 900, 4, 4, True, None, 900, 1, 0, 1),       # fully visible
+    "non-causal-mqa": (1, 513, 777, 8, 1, False, None, 0, 1, 0, 1),
+    "window-falls-back": (1, 777, 1500, 4, 1, True, 700, 1, 2, 0, 2),
+    "c-positive-falls-back": (1, 600, 1111, 4, 1, True, None, 1200, 1, 1000, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(CUDNN_CASES))
+def test_cudnn_backend_exact(case, dtype):
+    from ringserve import kernels
+    from ringserve.kernels import cudnn_attn
+    B, Sq, Sk, Hq, Hkv, causal, window, qo, qs, ko, ks = CUDNN_CASES[case]
+    q, k, v = make(B, Sq, Sk, Hq, Hkv, 128, dtype, seed=zlib.crc32(case.encode()) % 10_000)
+    ref_out, ref_lse = attention_ref(q, k, v, None, causal, window, qo, qs, ko, ks)
+    lowp, _ = attention_ref(q, k, v, None, causal, window, qo, qs, ko, ks, dtype=dtype)
+    out, lse = kernels.attention(q, k, v, None, causal, window, qo, qs, ko, ks, backend="cudnn")
+    assert cudnn_attn._BROKEN is None, cudnn_attn._BROKEN  # cuDNN really ran (no fallback)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    check_lowp(out, lse, ref_out, ref_lse, lowp, f"cudnn {case}")
