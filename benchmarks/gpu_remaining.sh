@@ -2,6 +2,7 @@
 # The GPU runs owed by issues 3, 4 and 8, in parts sized for one device call (<= 10 min) each.
 # On the device machine (repo root, .devsite carried):
 #   bash benchmarks/gpu_remaining.sh ring [N]            # test_ring_gpu.py + bench_ring.py --check
+#   bash benchmarks/gpu_remaining.sh cudnn [N] [..]       # cuDNN backend: GPU tests + bench_ring
 #   bash benchmarks/gpu_remaining.sh e2e LENGTHS [N] [..] # bench_e2e.py (extra args passed on)
 # Writes logs and JSON under $OUT (or /tmp/out).
 set -uo pipefail
@@ -29,6 +30,12 @@ case "$PART" in
       2>&1 | tee "$OUT/test_ring_gpu.log" | tail -5
     timeout 330 python3 "$REPO/benchmarks/bench_ring.py" --world "$N" --check \
       --json "$OUT/bench_ring.json" "$@" 2>&1 | tee "$OUT/bench_ring.log" | grep -v '^(' ;;
+  cudnn)
+    N=${1:-2}; shift || true
+    timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_kernels_gpu.py" \
+      -k cudnn 2>&1 | tee "$OUT/test_cudnn.log" | tail -5
+    timeout 400 python3 "$REPO/benchmarks/bench_ring.py" --world "$N" --check --backends cudnn \
+      --json "$OUT/bench_ring_cudnn.json" "$@" 2>&1 | tee "$OUT/bench_ring_cudnn.log" ;;
   e2e)
     LENGTHS=$1; shift; N=${1:-2}; shift || true
     python3 "$REPO/benchmarks/bench_e2e.py" --world-size "$N" --lengths "$LENGTHS" \
