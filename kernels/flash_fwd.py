@@ -15,6 +15,7 @@ lse = -inf and out = 0.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -357,7 +358,49 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
         grid = (triton.cdiv(Sq, config["BLOCK_M"]), B * Hq)
         _flash_fwd_kernel[grid](*args, **meta, **config)
     else:
+        if Sq * Sk > _PROXY_TOKENS ** 2:
+            _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, bool(warp_specialize))
+
         def grid(c):
             return (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
         _tuned[bool(warp_specialize)][grid](*args, **meta)
     return out, lse
+
+
+# Autotuning times every config several times (~8 runs each) on the first problem of a key. The
+# sequence bucket in the key stops at 16K, so the first long problem would be tuned at full size:
+# measured on an H200, ~2 minutes at 512K tokens (a 512K one-GPU call that takes 4 s read as
+# 75 s, and a 1M-token prefill spent ~2 minutes tuning inside its first layer). A key not tuned
+# yet is therefore tuned on a proxy of _PROXY_TOKENS tokens with the same key (same dtype, head
+# dim, mask kind, TMA choice, index width), which the real call then finds in the cache.
+_PROXY_TOKENS = 1 << 14
+_proxied: set = set()
+
+
+def _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, warp_specialize):
+    key = (q.device, q.dtype, Hq, Hkv, D, warp_specialize, tuple(sorted(meta.items())))
+    if key in _proxied:
+        return
+    _proxied.add(key)
+    try:
+        n = _PROXY_TOKENS
+        pq = torch.randn(1, n, Hq, D, device=q.device).to(q.dtype)
+        pk = torch.randn(1, n, Hkv, D, device=q.device).to(q.dtype)
+        pv = torch.randn(1, n, Hkv, D, device=q.device).to(q.dtype)
+        po = torch.empty_like(pq)
+        pl = torch.empty(1, Hq, n, dtype=torch.float32, device=q.device)
+        if meta["USE_TMA"]:
+            pk_arg, pv_arg = _descriptor(pk, 64, D), _descriptor(pv, 64, D)
+        else:
+            pk_arg, pv_arg = pk, pv
+        pargs = (pq, pk_arg, pv_arg, po, pl, *pq.stride(), *pk.stride(), *pv.stride(),
+                 *po.stride(), n, n, Hq, Hq // Hkv, 0, 1, 0, 1,
+                 1024 if meta["HAS_WINDOW"] else 0, (1.0 / math.sqrt(D)) * LOG2E,
+                 min(triton.next_power_of_2(n), 1 << 14))
+
+        def grid(c):
+            return (triton.cdiv(n, c["BLOCK_M"]), Hq)
+        _tuned[warp_specialize][grid](*pargs, **meta)
+    except Exception as e:  # noqa: BLE001 - the real call then tunes itself, as before
+        warnings.warn(f"flash_attn_fwd: tuning on a proxy failed ({e!r:.200}); tuning on the "
+                      f"real problem instead")

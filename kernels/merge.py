@@ -25,8 +25,10 @@ def _merge_kernel(OutA, LseA, OutB, LseB, R, S, H, D,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flat (b, s, h) index
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < R
-    h = rows % H
-    s = (rows // H) % S
+    # int64 offsets: a 1M-token shard's fp32 accumulator has more than 2**31 elements (a
+    # 1,176,576-token prefill on 2 GPUs failed with int32 offsets here)
+    h = (rows % H).to(tl.int64)
+    s = ((rows // H) % S).to(tl.int64)
     b = (rows // H // S).to(tl.int64)
     la = tl.load(LseA + b * s_lab + h * s_lah + s * s_las, mask=row_ok, other=float("-inf"))
     lb = tl.load(LseB + b * s_lbb + h * s_lbh + s * s_lbs, mask=row_ok,

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 from ringserve.kernels import attention, merge_, paged_decode
 from ringserve.kernels.reference import attention_ref, merge_ref, paged_decode_ref
@@ -373,3 +374,37 @@ def test_cudnn_plan_matches_the_mask():
     o2, l2 = attention(q, k, v, causal=True, q_offset=1, q_stride=2, k_stride=2,
                                backend="torch")
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, 24)])
+def test_autotune_proxy_runs_the_kernel_with_the_real_key(monkeypatch, causal, window):
+    """The first long problem of a key is tuned on a small proxy (GPU only; tuning at 512K took
+    ~2 minutes). Here the proxy's launch runs for real under the interpreter: its arguments
+    must be a valid problem (output equal to the reference) and carry the real call's key."""
+    from ringserve.kernels import flash_fwd
+
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                cfg = flash_fwd.CPU_CONFIG
+                flash_fwd._flash_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
+                calls.append((args, meta))
+            return launch
+
+    monkeypatch.setattr(flash_fwd, "_PROXY_TOKENS", 48)
+    monkeypatch.setattr(flash_fwd, "_tuned", {False: Recorder(), True: Recorder()})
+    monkeypatch.setattr(flash_fwd, "_proxied", set())
+    q = torch.randn(1, 8, 4, 16)
+    meta = dict(HEAD_DIM=16, BLOCK_D=16, CAUSAL=causal, HAS_WINDOW=window is not None,
+                USE_TMA=False, WARP_SPEC=False, DOT_PREC="ieee", IDX64=True)
+    flash_fwd._tune_on_proxy(q, q[:, :, :2], q[:, :, :2], 4, 2, 16, meta, False)
+    flash_fwd._tune_on_proxy(q, q[:, :, :2], q[:, :, :2], 4, 2, 16, meta, False)  # cached
+    assert len(calls) == 1
+    args, got_meta = calls[0]
+    assert got_meta == meta                       # the same constexpr key
+    assert args[-1] == min(triton.next_power_of_2(48), 1 << 14)  # SEQ_BUCKET
+    pq, pk, pv, po, pl = args[:5]
+    ref_o, ref_l = attention_ref(pq, pk, pv, None, causal, 1024 if window else None)
+    assert (po.double() - ref_o).abs().max().item() < 1e-4
