@@ -13,6 +13,11 @@ group's transport.
   the T queries to its own cache with `paged_decode` (causal + window by global position), the
   partial (out, lse) are all-gathered and merged in rank order, so every rank continues with the
   same output bit for bit.
+- decode with cuda_graphs=True (CUDA only; not yet run on a GPU): the one-token step (all layers,
+  their paged decode, the per-layer all-gathers, the LM head) is captured once per block-table
+  width bucket and replayed, so a step costs one launch instead of ~2,000 eager ones. Ranks that
+  do not own the token write its K/V to a scratch page; the width is agreed by all ranks at the
+  start of each decode call, so every rank captures and replays the same collectives.
 """
 from __future__ import annotations
 
@@ -83,8 +88,11 @@ class ModelShardWorker(ShardWorker):
     def __init__(self, rank: int, world_size: int, device: str = "cpu", model=None,
                  dtype=None, page_size: int = 16, kv_tokens: Optional[int] = None,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
-                 chunk_tokens: Optional[int] = None, backend: str = "auto", **kwargs):
+                 chunk_tokens: Optional[int] = None, backend: str = "auto",
+                 cuda_graphs: bool = False, **kwargs):
         super().__init__(rank, world_size, device, **kwargs)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs device='cuda'")
         if model is None:
             raise ValueError("model (a checkpoint directory or a random-weights spec) is needed")
         if chunk_tokens is not None and chunk_tokens < 1:
@@ -115,6 +123,10 @@ class ModelShardWorker(ShardWorker):
             num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, num_pages=num_pages, page_size=page_size,
             dtype=self.model.dtype, device=str(self.device)))
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs: dict = {}          # block-table width -> _DecodeGraph
+        self._graph_pool = None
+        self._scratch_slot = self.cache.reserve_scratch_page() if cuda_graphs else None
 
     # ---- information ----
 
@@ -214,6 +226,9 @@ class ModelShardWorker(ShardWorker):
         T = ids.numel()
         if len(owners) != T:
             raise ValueError(f"owners has {len(owners)} entries for {T} tokens")
+        if self.cuda_graphs and T == 1:  # one token: the captured step (same on every rank)
+            return self._graph_step(seq_id, int(ids[0]), start_pos, owners[0], params, step,
+                                    self._graph_width(seq_id, 1))
         pos = start_pos + torch.arange(T, dtype=torch.int64)
         mine = [i for i, o in enumerate(owners) if o == self.rank]
         n_before = self.cache.seq_len(seq_id)
@@ -262,8 +277,13 @@ class ModelShardWorker(ShardWorker):
         driver trims the cache if it stops (stop string, cancel) before using them all."""
         out = []
         tok = int(token)
+        width = self._graph_width(seq_id, len(owners)) if self.cuda_graphs else None
         for i, owner in enumerate(owners):
-            res = self.extend(seq_id, [tok], start_pos + i, [owner], params, step + i)
+            if width is not None:
+                res = self._graph_step(seq_id, tok, start_pos + i, owner, params, step + i,
+                                       width)
+            else:
+                res = self.extend(seq_id, [tok], start_pos + i, [owner], params, step + i)
             if self.world_size > 1:
                 # token ids are exact in float32 below 2**24; the logprob is a float32 already
                 msg = torch.tensor(res if res is not None else (0.0, 0.0), dtype=torch.float32,
@@ -274,6 +294,93 @@ class ModelShardWorker(ShardWorker):
             if tok in stop_ids:
                 break
         return out
+
+    # ---- decode as a CUDA graph ----
+
+    def _graph_width(self, seq_id: str, steps: int) -> int:
+        """The block-table width (pages) for the next `steps` decode steps, the same on every
+        rank: a power of two >= the most pages any rank can hold by the last of them."""
+        need = self.cache.pages_for(self.cache.seq_len(seq_id) + steps)
+        if self.world_size > 1:
+            got = self.transport.all_gather(torch.tensor([need], dtype=torch.int64,
+                                                         device=self.device))
+            need = max(int(x.item()) for x in got)
+        width = 16
+        while width < need:
+            width *= 2
+        return width
+
+    def _graph_body(self, g: "_DecodeGraph") -> torch.Tensor:
+        """One token through the model on static buffers; returns the (1, vocab) logits."""
+        def attn(layer: int, q, k, v):
+            self.cache.write(layer, g.slot, k[0], v[0])
+            out, lse = kernels.paged_decode(
+                q, self.cache.k[layer], self.cache.v[layer], g.table, g.lens,
+                softmax_scale=self.softmax_scale, causal=True, window_size=self.window_size,
+                q_pos=g.pos[None], kv_pos=self.cache.kv_pos, backend=self.backend)
+            if self.world_size > 1:
+                out = self._merge_across_ranks(out, lse)
+            return out
+
+        hidden = self.model(g.tok, g.pos, attn, chunk_tokens=self.chunk_tokens)
+        return self.model.logits(hidden[-1:])
+
+    def _capture(self, width: int) -> "_DecodeGraph":
+        g = _DecodeGraph(width, self.device)
+        g.slot.fill_(self._scratch_slot)
+        cur = torch.cuda.current_stream(self.device)
+        # one eager run first (Triton compiles, cuBLAS workspaces); every rank captures the same
+        # width at the same step, so these collectives match across ranks
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            self._graph_body(g)
+        cur.wait_stream(side)
+        if self.world_size > 1:
+            self.transport.synchronize()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            g.logits = self._graph_body(g)
+        g.graph = graph
+        self._graphs[width] = g
+        return g
+
+    @torch.inference_mode()
+    def _graph_step(self, seq_id: str, tok: int, pos: int, owner: int,
+                    params: Optional[SamplingParams], step: int, width: int):
+        """`extend(seq_id, [tok], pos, [owner], params, step)` by replaying a captured graph."""
+        n_before = self.cache.seq_len(seq_id)
+        try:
+            g = self._graphs.get(width) or self._capture(width)
+            if owner == self.rank:
+                g.slot.copy_(self.cache.append_slots(
+                    seq_id, torch.tensor([pos], dtype=torch.int64)))
+            else:
+                g.slot.fill_(self._scratch_slot)
+            pages = self.cache.pages(seq_id)
+            if len(pages) > width:
+                raise RuntimeError(f"rank {self.rank}: {len(pages)} pages exceed the agreed "
+                                   f"block-table width {width}")
+            if pages:
+                g.table[:, :len(pages)].copy_(self.cache.block_table(seq_id))
+            g.lens.fill_(self.cache.seq_len(seq_id))
+            g.tok.fill_(int(tok))
+            g.pos.fill_(int(pos))
+            g.graph.replay()
+            if self.world_size > 1:
+                self.transport.synchronize()
+            if params is not None and self.rank == 0:
+                return sample(g.logits[0], params, step)
+            self._sync()
+            return None
+        except BaseException:
+            if n_before:
+                self.cache.trim(seq_id, int(pos))
+            else:
+                self.cache.free(seq_id)
+            raise
 
     def trim(self, seq_id: str, max_position: int) -> int:
         """Drop seq_id's tokens at positions >= max_position on this rank."""
@@ -316,3 +423,18 @@ class ModelShardWorker(ShardWorker):
         del a, b
         torch.cuda.empty_cache()
         return 2.0 * nbytes * iters / secs
+
+
+class _DecodeGraph:
+    """Static inputs and the captured graph of a one-token decode step (block tables of
+    `width` pages; entries past the sequence's pages are never read: lens bounds the kernel)."""
+
+    def __init__(self, width: int, device: torch.device):
+        def z(dtype, *shape):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        self.width = width
+        self.tok, self.pos, self.slot = z(torch.int64, 1), z(torch.int64, 1), z(torch.int64, 1)
+        self.table = z(torch.int32, 1, width)
+        self.lens = z(torch.int32, 1)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None

@@ -128,7 +128,7 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
     llm = LLM({"config": cfg, "seed": 0}, world_size=args.world_size, schedule=args.schedule,
               device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,
               max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
-              decode_steps=args.decode_steps,
+              decode_steps=args.decode_steps, cuda_graphs=args.cuda_graphs,
               memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
                                     else None), tokenizer=None)
     print(f"[ringserve] group of {args.world_size} up in {time.perf_counter() - t0:.1f} s; "
@@ -199,6 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode steps replayed from captured CUDA graphs (LLM(cuda_graphs=True))")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)

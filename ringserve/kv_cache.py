@@ -74,6 +74,7 @@ class PagedKVCache:
         self._free = list(range(P - 1, -1, -1))  # a stack: low page ids first
         self._seqs: Dict[str, _Seq] = {}
         self._tables: Dict[str, torch.Tensor] = {}  # device block tables, rebuilt on change
+        self._scratch: Optional[int] = None  # a page set aside by reserve_scratch_page()
 
     # ---- sizes ----
     @property
@@ -90,7 +91,20 @@ class PagedKVCache:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.cfg.num_pages * self.cfg.page_size
+        return (self.cfg.num_pages - (self._scratch is not None)) * self.cfg.page_size
+
+    def reserve_scratch_page(self) -> int:
+        """Set one page aside for good, outside every sequence, and return its first slot.
+        A captured decode step writes its token's K/V on every rank; the ranks that do not own
+        the token write them here (never read: no block table holds this page)."""
+        if self._scratch is None:
+            self._scratch = self._take_page()
+        return self._scratch * self.cfg.page_size
+
+    def pages(self, seq_id: str) -> List[int]:
+        """seq_id's page ids in order (a copy)."""
+        s = self._seqs.get(seq_id)
+        return list(s.pages) if s else []
 
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.cfg.page_size)
@@ -154,17 +168,21 @@ class PagedKVCache:
         if n == 0:
             return torch.empty(0, dtype=torch.int64, device=self.cfg.device)
         page = self.cfg.page_size
+        changed = False  # the device block table is rebuilt only when the page list changes
         if s.length % page and self._ref[s.pages[-1]] > 1:
             self._cow(s, len(s.pages) - 1)
+            changed = True
         while len(s.pages) < self.pages_for(s.length + n):
             s.pages.append(self._take_page())
+            changed = True
         first = s.length // page  # only the pages this append touches go to the device
         idx = torch.arange(s.length, s.length + n, device=self.cfg.device)
         pages = torch.tensor(s.pages[first:], dtype=torch.int64, device=self.cfg.device)
         slots = pages[idx // page - first] * page + idx % page
         self.kv_pos.view(-1)[slots] = positions.to(device=self.cfg.device, dtype=torch.int32)
         s.length += n
-        self._tables.pop(seq_id, None)
+        if changed:
+            self._tables.pop(seq_id, None)
         return slots
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -72,16 +72,23 @@ class LLM:
                  num_cpus_per_worker: float = 1.0,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  backend: str = "auto", transport_timeout_s: float = 300.0,
-                 tokenizer: Any = "auto"):
+                 tokenizer: Any = "auto", cuda_graphs: bool = False):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
         max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
-        `chunk_tokens` (activation chunk of the model) default 8192."""
+        `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA only,
+        experimental: not yet run on a GPU) replays each one-token decode step as a captured
+        CUDA graph instead of ~2,000 eager launches."""
         if world_size < 1:
             raise ValueError(f"world_size ({world_size}) must be >= 1")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        from ringserve.kernels import BACKENDS
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if cuda_graphs and device != "cuda":
+            raise ValueError("cuda_graphs=True needs device='cuda'")
         layout.check_schedule(schedule)
         if max_kv_tokens is not None and max_kv_tokens < world_size:
             raise ValueError(f"max_kv_tokens ({max_kv_tokens}) must be >= world_size "
@@ -116,7 +123,8 @@ class LLM:
                              # norms, projections and the MLP run over chunks of this many
                              # tokens (the MLP's intermediate would otherwise be ~3.5x the
                              # hidden states of the whole shard, unbudgeted)
-                             chunk_tokens=chunk_tokens or 8192, backend=backend)
+                             chunk_tokens=chunk_tokens or 8192, backend=backend,
+                             cuda_graphs=bool(cuda_graphs))
         self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,

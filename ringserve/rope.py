@@ -61,14 +61,17 @@ class Rotary:
 
     def __init__(self, rope: RopeConfig, head_dim: int):
         inv, scale = inv_frequencies(rope, head_dim)
-        self.inv_freq = inv   # float64, CPU; moved per call (tiny)
+        self.inv_freq = inv   # float64, CPU
+        self._inv_on = {}     # device -> its copy (no host copy per call: CUDA-graph safe)
         self.scale = scale
         self.head_dim = head_dim
 
     def cos_sin(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) int64 -> cos, sin (T, 1, D/2) float32 (half width: both halves of the
         rotate-half layout share them, which halves their memory on million-token shards)."""
-        inv = self.inv_freq.to(positions.device)
+        inv = self._inv_on.get(positions.device)
+        if inv is None:
+            inv = self._inv_on[positions.device] = self.inv_freq.to(positions.device)
         T = positions.shape[0]
         cos = torch.empty(T, 1, self.head_dim // 2, dtype=torch.float32, device=positions.device)
         sin = torch.empty_like(cos)

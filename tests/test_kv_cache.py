@@ -130,3 +130,27 @@ def test_document_cache_match_budget_and_eviction_order():
     dc.add(c)                                           # 11 > 10: evict LRU unpinned first
     assert [x.seq_id for x in dc.over_budget()] == ["sa2"]
     assert [x.seq_id for x in dc.eviction_order()] == ["sa2", "sc", "sb"]
+
+
+def test_block_table_rebuilt_only_when_pages_change_and_scratch_page():
+    g = torch.Generator().manual_seed(5)
+    c = make(num_pages=6, page=4)
+    fill(c, "a", [0, 1], g)
+    t1 = c.block_table("a")
+    fill(c, "a", [2], g)                      # same page: the device table is reused
+    assert c.block_table("a") is t1
+    fill(c, "a", [3, 4], g)                   # a new page: rebuilt, and correct
+    t2 = c.block_table("a")
+    assert t2 is not t1 and t2[0].tolist() == c.pages("a") and len(c.pages("a")) == 2
+    c.fork("a", "b")
+    fill(c, "b", [5], g)                      # copy-on-write of the shared last page
+    assert c.block_table("b")[0].tolist() == c.pages("b") != c.pages("a")
+    assert c.block_table("a")[0].tolist() == c.pages("a")
+    # the scratch page (CUDA-graph decode): set aside once, outside every sequence
+    free, cap = c.num_free_pages, c.capacity_tokens
+    slot = c.reserve_scratch_page()
+    assert c.reserve_scratch_page() == slot and slot % 4 == 0
+    assert c.num_free_pages == free - 1 and c.capacity_tokens == cap - 4
+    assert slot // 4 not in c.pages("a") + c.pages("b")
+    c.clear()
+    assert c.num_free_pages == 5              # still set aside after clear()

@@ -142,3 +142,15 @@ def test_dead_worker_raises_then_the_group_is_rebuilt(llm):
     assert llm.generate(text(7), p)[0].token_ids == expected
     s = llm.stats()
     assert s["worker_failures"] == 1 and s["cached_documents"] == 1
+
+
+def test_bad_options_fail_before_any_work():
+    """Checked in the driver before Ray, a tokenizer or a checkpoint is touched."""
+    from ringserve import LLM
+
+    with pytest.raises(ValueError, match="cuda_graphs=True needs device='cuda'"):
+        LLM("/nonexistent", device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        LLM("/nonexistent", backend="fast")
+    with pytest.raises(ValueError, match=r"world_size \(0\)"):
+        LLM("/nonexistent", world_size=0)

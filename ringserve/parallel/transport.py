@@ -350,8 +350,10 @@ class NcclTransport(Transport):
         self._enter()
         self._comm.allGather(tensor.data_ptr(), out.data_ptr(), tensor.numel(),
                              self._dtype(tensor), self.stream.cuda_stream)
-        tensor.record_stream(self.stream)
-        out.record_stream(self.stream)
+        if not torch.cuda.is_current_stream_capturing():
+            # (inside a CUDA-graph capture the graph's memory pool keeps them for its lifetime)
+            tensor.record_stream(self.stream)
+            out.record_stream(self.stream)
         done = torch.cuda.Event()
         done.record(self.stream)
         if blocking:
