@@ -125,7 +125,6 @@ class ModelShardWorker(ShardWorker):
             dtype=self.model.dtype, device=str(self.device)))
         self.cuda_graphs = bool(cuda_graphs)
         self._graphs: dict = {}          # block-table width -> _DecodeGraph
-        self._graph_pool = None
         self._scratch_slot = self.cache.reserve_scratch_page() if cuda_graphs else None
 
     # ---- information ----
@@ -295,6 +294,10 @@ class ModelShardWorker(ShardWorker):
                 break
         return out
 
+    def shutdown(self) -> bool:
+        self._graphs.clear()  # their memory pools go back with them
+        return super().shutdown()
+
     # ---- decode as a CUDA graph ----
 
     def _graph_width(self, seq_id: str, steps: int) -> int:
@@ -338,10 +341,9 @@ class ModelShardWorker(ShardWorker):
         cur.wait_stream(side)
         if self.world_size > 1:
             self.transport.synchronize()
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # a private memory pool per graph: no graph's output can overlap another's buffers
+        with torch.cuda.graph(graph):
             g.logits = self._graph_body(g)
         g.graph = graph
         self._graphs[width] = g
