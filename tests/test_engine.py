@@ -228,3 +228,27 @@ def test_balanced_counts_follows_the_fewest_tokens_rule():
         for _ in range(n):
             c[c.index(min(c))] += 1
         assert balanced_counts(counts, n) == c
+
+
+def test_cuda_graph_width_is_agreed_by_every_rank():
+    """The decode-graph width comes from one all-gather, so ranks holding different numbers of
+    pages still pick the same bucket (a power of two >= the most pages any rank will need):
+    otherwise one rank would capture (running collectives) while another replays."""
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=100,
+               hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+               max_position_embeddings=4096, hidden_act="silu", tie_word_embeddings=False)
+    g = ThreadGroup(2, model={"config": cfg, "seed": 0}, dtype="float32", page_size=4,
+                    kv_tokens=512)
+    try:
+        # rank 0 holds 80 tokens (20 pages), rank 1 only 4 (1 page)
+        for w, n in zip(g.workers, (80, 4)):
+            w.cache.append_slots("s", torch.arange(n))
+        widths = g.call("_graph_width", "s", 8)
+        assert widths == [32, 32]          # pages_for(80 + 8) = 22 -> 32 on both ranks
+        assert g.call("_graph_width", "s", 1) == [32, 32]  # 21 pages
+        for w in g.workers:
+            w.cache.free("s")
+        assert g.call("_graph_width", "s", 1) == [16, 16]  # the smallest bucket
+    finally:
+        g.shutdown()
