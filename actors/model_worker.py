@@ -89,9 +89,13 @@ class ModelShardWorker(ShardWorker):
                  dtype=None, page_size: int = 16, kv_tokens: Optional[int] = None,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  chunk_tokens: Optional[int] = None, backend: str = "auto",
-                 cuda_graphs: bool = False, **kwargs):
+                 cuda_graphs: Union[bool, str] = False, **kwargs):
         super().__init__(rank, world_size, device, **kwargs)
-        if cuda_graphs and self.device.type != "cuda":
+        # "emulate" (tests, any device): the graph path's static buffers, scratch writes and
+        # width agreement, with the body run eagerly at each "replay" instead of captured
+        if cuda_graphs not in (False, True, "emulate"):
+            raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
+        if cuda_graphs is True and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'")
         if model is None:
             raise ValueError("model (a checkpoint directory or a random-weights spec) is needed")
@@ -124,6 +128,7 @@ class ModelShardWorker(ShardWorker):
             head_dim=cfg.head_dim, num_pages=num_pages, page_size=page_size,
             dtype=self.model.dtype, device=str(self.device)))
         self.cuda_graphs = bool(cuda_graphs)
+        self._emulate_graphs = cuda_graphs == "emulate"
         self._graphs: dict = {}          # block-table width -> _DecodeGraph
         self._scratch_slot = self.cache.reserve_scratch_page() if cuda_graphs else None
 
@@ -331,6 +336,10 @@ class ModelShardWorker(ShardWorker):
     def _capture(self, width: int) -> "_DecodeGraph":
         g = _DecodeGraph(width, self.device)
         g.slot.fill_(self._scratch_slot)
+        if self._emulate_graphs:
+            g.graph = _EagerReplay(lambda: setattr(g, "logits", self._graph_body(g)))
+            self._graphs[width] = g
+            return g
         cur = torch.cuda.current_stream(self.device)
         # one eager run first (Triton compiles, cuBLAS workspaces); every rank captures the same
         # width at the same step, so these collectives match across ranks
@@ -440,3 +449,10 @@ class _DecodeGraph:
         self.lens = z(torch.int32, 1)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None
+
+
+class _EagerReplay:
+    """Stands in for a CUDA graph under cuda_graphs="emulate": replay() runs the body."""
+
+    def __init__(self, body):
+        self.replay = body
