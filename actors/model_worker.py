@@ -256,21 +256,28 @@ class ModelShardWorker(ShardWorker):
                 return out
 
             hidden = self.model(ids, pos, attn, chunk_tokens=self.chunk_tokens)
-            if self.world_size > 1:
-                # one deadline for the step's queued kernels and all-gathers: a hung peer
-                # raises here instead of hanging the host in the sampling below
-                self.transport.synchronize()
-            if params is not None and self.rank == 0:
-                return sample(self.model.logits(hidden[-1:])[0], params, step)
-            self._sync()
-            return None
+            return self._end_step(lambda: self.model.logits(hidden[-1:])[0], params, step)
         except BaseException:
-            # leave the sequence as it was before this call (its K/V may be half written)
-            if n_before:
-                self.cache.trim(seq_id, int(start_pos))
-            else:
-                self.cache.free(seq_id)
+            self._roll_back(seq_id, n_before, start_pos)
             raise
+
+    def _end_step(self, last_logits, params: Optional[SamplingParams], step: int):
+        """After a step's kernels are queued: one deadline for them and their all-gathers (a
+        hung peer raises here instead of hanging the host in the sampling), then rank 0
+        samples from last_logits() when params are given."""
+        if self.world_size > 1:
+            self.transport.synchronize()
+        if params is not None and self.rank == 0:
+            return sample(last_logits(), params, step)
+        self._sync()
+        return None
+
+    def _roll_back(self, seq_id: str, n_before: int, start_pos: int) -> None:
+        """Leave the sequence as it was before a failed step (its K/V may be half written)."""
+        if n_before:
+            self.cache.trim(seq_id, int(start_pos))
+        else:
+            self.cache.free(seq_id)
 
     def decode(self, seq_id: str, token: int, start_pos: int, owners: Sequence[int],
                params: SamplingParams, step: int, stop_ids: Sequence[int] = ()):
@@ -380,17 +387,9 @@ class ModelShardWorker(ShardWorker):
             g.tok.fill_(int(tok))
             g.pos.fill_(int(pos))
             g.graph.replay()
-            if self.world_size > 1:
-                self.transport.synchronize()
-            if params is not None and self.rank == 0:
-                return sample(g.logits[0], params, step)
-            self._sync()
-            return None
+            return self._end_step(lambda: g.logits[0], params, step)
         except BaseException:
-            if n_before:
-                self.cache.trim(seq_id, int(pos))
-            else:
-                self.cache.free(seq_id)
+            self._roll_back(seq_id, n_before, pos)
             raise
 
     def trim(self, seq_id: str, max_position: int) -> int:
