@@ -40,9 +40,11 @@ case "$PART" in
       -k cudnn 2>&1 | tee "$OUT/test_cudnn.log" | tail -5
     timeout 400 python3 "$REPO/benchmarks/bench_ring.py" --world "$N" --check --backends cudnn \
       --json "$OUT/bench_ring_cudnn.json" "$@" 2>&1 | tee "$OUT/bench_ring_cudnn.log" ;;
-  graphs)   # CUDA-graph decode: equality with eager (1 and 2 GPUs), then its decode ms/token
+  graphs)   # CUDA-graph decode: equality with eager (1 and 2 GPUs), one-GPU profile, 128K e2e
     timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_llm_gpu.py" \
       -k cuda_graph 2>&1 | tee "$OUT/test_graphs.log" | tail -5
+    timeout 200 python3 "$REPO/benchmarks/profile_decode.py" --lengths 32768,131072 \
+      --json "$OUT/profile_decode.json" 2>&1 | tee "$OUT/profile_decode.log" | tail -8
     python3 "$REPO/benchmarks/bench_e2e.py" --world-size "${1:-2}" --lengths 131072 \
       --decode-steps 8 --cuda-graphs --no-hf --json "$OUT/bench_e2e_graphs.json" \
       2>&1 | tee "$OUT/bench_e2e_graphs.log" ;;

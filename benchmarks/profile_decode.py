@@ -1,0 +1,123 @@
+"""Where a decode step's time goes, on one device and without Ray: eager vs CUDA graphs.
+
+One in-process shard worker (world size 1) with a random-weight model. For each context length L:
+prefill L random tokens, then time `--steps` greedy decode steps eagerly and from captured CUDA
+graphs (`cuda_graphs`; on CPU the "emulate" mode, which only checks the path), both against the
+HBM floor (all weights plus the KV of L tokens read once per token at the measured copy
+bandwidth). Last, torch.profiler over one eager step: the number of kernels launched, host vs
+device time, and the ops that cost the host most. Tokens from both modes must be equal.
+
+  python3 benchmarks/profile_decode.py --lengths 32768,131072          # GPU, Llama-3-8B shape
+  python3 benchmarks/profile_decode.py --preset tiny --device cpu --lengths 300 --steps 8   # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+PRESETS = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+}
+
+
+def config(preset: str) -> dict:
+    c = dict(PRESETS[preset])
+    c.update(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
+             rope_theta=500000.0, max_position_embeddings=1 << 21, hidden_act="silu",
+             tie_word_embeddings=False)
+    return c
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--lengths", default="32768,131072")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per mode")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device (use --device cpu for a smoke run)")
+    from ringserve.actors.model_worker import ModelShardWorker
+    from ringserve.parallel.transport import ThreadHub
+    from ringserve.sampling import SamplingParams
+
+    lengths = [int(x) for x in a.lengths.split(",") if x]
+    cfg = config(a.preset)
+    dtype = "bfloat16" if a.device == "cuda" else "float32"
+    w = ModelShardWorker(0, 1, a.device, model={"config": cfg, "seed": 0}, dtype=dtype,
+                         page_size=a.page_size, kv_tokens=max(lengths) + 4 * a.steps + 1024,
+                         cuda_graphs=True if a.device == "cuda" else "emulate")
+    w.transport = ThreadHub(1).transport(0)
+    bw = w.copy_bandwidth()
+    n_params = sum(t.numel() for t in w.model.parameters())
+    w_bytes = n_params * w.model.dtype.itemsize
+    kv_tok = w.cache.cfg.bytes_per_token
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
+    g = torch.Generator().manual_seed(0)
+    sync = (lambda: torch.cuda.synchronize()) if a.device == "cuda" else (lambda: None)
+    rows = []
+    for L in lengths:
+        ids = torch.randint(0, cfg["vocab_size"], (L,), generator=g).tolist()
+        row = {"length": L}
+        for mode in ("eager", "graphs"):
+            w.cache.clear()
+            first = w.prefill("s", ids, "striped", mode="sample", params=greedy)[0]
+            w.cuda_graphs = mode == "graphs"
+            w.decode("s", first, L, [0] * 2, greedy, 0)   # warm-up (and capture)
+            sync()
+            t0 = time.perf_counter()
+            out = w.decode("s", first, L + 2, [0] * a.steps, greedy, 2)
+            sync()
+            dt = (time.perf_counter() - t0) / a.steps
+            row[mode] = {"ms_per_token": dt * 1e3, "tokens": [t for t, _ in out]}
+        floor = (w_bytes + kv_tok * L) / bw if bw else float("nan")
+        row["floor_ms"] = floor * 1e3
+        row["same_tokens"] = row["eager"]["tokens"] == row["graphs"]["tokens"]
+        # one eager step under the profiler
+        w.cuda_graphs = False
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if a.device == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            w.decode("s", 1, L + 2 + a.steps, [0], greedy, 0)
+            sync()
+        ka = prof.key_averages()
+        row["profile"] = {
+            "host_ms": sum(e.self_cpu_time_total for e in ka) / 1e3,
+            "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e3,
+            "kernels": sum(e.count for e in ka if getattr(e, "device_type", None) is not None
+                           and "cuda" in str(e.device_type).lower()),
+            "aten_ops": sum(e.count for e in ka if e.key.startswith("aten::")),
+        }
+        rows.append(row)
+        print(f"L={L}: eager {row['eager']['ms_per_token']:.2f} ms/token, graphs "
+              f"{row['graphs']['ms_per_token']:.2f}, floor {row['floor_ms']:.2f}, same tokens "
+              f"{row['same_tokens']}; one eager step: {row['profile']}", flush=True)
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    print(f"\nprofile_decode: {a.preset}, {dtype}, {a.device}, copy bandwidth "
+          f"{bw / 1e12:.2f} TB/s")
+    print(f"{'tokens':>9} | {'eager ms':>8} | {'graphs ms':>9} | {'floor ms':>8} | "
+          f"{'eager/floor':>11} | {'graphs/floor':>12} | same")
+    for r in rows:
+        e, gr, f = r["eager"]["ms_per_token"], r["graphs"]["ms_per_token"], r["floor_ms"]
+        print(f"{r['length']:>9} | {e:>8.2f} | {gr:>9.2f} | {f:>8.2f} | {e / f:>11.2f} | "
+              f"{gr / f:>12.2f} | {r['same_tokens']}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"args": vars(a), "rows": rows}, fh, indent=1)
+    w.shutdown()
+    return 0 if all(r["same_tokens"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
