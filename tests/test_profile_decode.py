@@ -1,0 +1,22 @@
+"""benchmarks/profile_decode.py on CPU (tiny model, emulated graphs): it runs, the eager and the
+graph paths give the same greedy tokens, and the profile of one step is filled in."""
+import importlib.util
+import json
+from pathlib import Path
+
+
+def test_profile_decode_cpu_smoke(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    rc = mod.main(["--preset", "tiny", "--device", "cpu", "--lengths", "200,333", "--steps", "6",
+                   "--page-size", "16", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["length"] for r in rows] == [200, 333]
+    for r in rows:
+        assert r["same_tokens"] and len(r["eager"]["tokens"]) == 6
+        assert r["eager"]["ms_per_token"] > 0 and r["graphs"]["ms_per_token"] > 0
+        assert r["profile"]["aten_ops"] > 100 and r["profile"]["host_ms"] > 0
