@@ -140,6 +140,7 @@ class ModelShardWorker(ShardWorker):
                 "page_size": c.page_size, "capacity_tokens": c.capacity_tokens,
                 "bytes_per_token": c.cfg.bytes_per_token, "sequences": len(c.seq_ids()),
                 "vocab_size": self.cfg.vocab_size, "dtype": str(self.model.dtype),
+                "num_layers": self.cfg.num_hidden_layers,
                 "window_size": self.window_size,
                 "max_position_embeddings": self.cfg.max_position_embeddings}
 
@@ -168,10 +169,12 @@ class ModelShardWorker(ShardWorker):
 
     @torch.inference_mode()
     def prefill(self, seq_id: str, token_ids, schedule: str, mode: Optional[str] = "sample",
-                params: Optional[SamplingParams] = None, step: int = 0):
+                params: Optional[SamplingParams] = None, step: int = 0, progress=None):
         """Ring prefill of a new sequence. mode "sample": the rank holding the last position
         returns (token, logprob), others None; "score": every rank returns (positions,
-        logprobs of the next token) for its positions < S - 1; None: returns None."""
+        logprobs of the next token) for its positions < S - 1; None: returns None.
+        progress: optional `report(layers_done, num_layers)` (ringserve.progress.Reporter),
+        called by rank 0 as each layer starts and once at the end."""
         ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         S = ids.numel()
         if self.cache.has(seq_id):
@@ -180,8 +183,11 @@ class ModelShardWorker(ShardWorker):
         pos = sh.positions()
         try:
             slots = self.cache.append_slots(seq_id, pos)
-            hidden = self.model(ids[pos], pos, self._prefill_attn(slots, S, schedule),
+            report = progress if self.rank == 0 else None
+            hidden = self.model(ids[pos], pos, self._prefill_attn(slots, S, schedule, report),
                                 chunk_tokens=self.chunk_tokens)
+            if report is not None:
+                report(self.cfg.num_hidden_layers, self.cfg.num_hidden_layers)
             if mode == "sample":
                 if sh.length == 0 or int(pos[-1]) != S - 1:
                     return None
@@ -197,8 +203,10 @@ class ModelShardWorker(ShardWorker):
             self.cache.free(seq_id)
             raise
 
-    def _prefill_attn(self, slots, total_len: int, schedule: str):
+    def _prefill_attn(self, slots, total_len: int, schedule: str, report=None):
         def attn(layer: int, q, k, v):
+            if report is not None:
+                report(layer, self.cfg.num_hidden_layers)
             self.cache.write(layer, slots, k[0], v[0])
             if self.world_size == 1:
                 out, _ = kernels.attention(q, k, v, softmax_scale=self.softmax_scale,

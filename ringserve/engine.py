@@ -64,11 +64,14 @@ class EngineConfig:
     document_cache_tokens: Optional[int] = None  # None: the group's whole KV capacity
     step_timeout_s: Optional[float] = None       # bound on one Ray call (None: no bound)
     decode_steps: int = 1               # decode steps per Ray call (tokens then come in bursts)
+    progress_min_tokens: int = 16384    # prefills at least this long report layer progress
 
     def __post_init__(self):
         layout.check_schedule(self.schedule)
         if self.decode_steps < 1:
             raise ValueError(f"decode_steps ({self.decode_steps}) must be >= 1")
+        if self.progress_min_tokens < 0:
+            raise ValueError(f"progress_min_tokens ({self.progress_min_tokens}) must be >= 0")
         if self.extend_chunk < 1:
             raise ValueError(f"extend_chunk ({self.extend_chunk}) must be >= 1")
         if self.document_cache_tokens is not None and self.document_cache_tokens < 0:
@@ -139,6 +142,24 @@ class RequestHandle:
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
         self.deadline = None if timeout_s is None else self.submitted + timeout_s
+        self.started: Optional[float] = None
+        self._progress: Dict[str, Any] = {"state": "queued"}  # replaced whole by the engine
+        self._reporter = None  # a prefill's layer reports (ringserve.progress.Reporter)
+
+    def progress(self) -> Dict[str, Any]:
+        """Where the request is, from any thread: {"state": "queued" | "running" | "done" |
+        "failed", and while running "phase": "prefill" (unit "layers": the ring prefill's layers
+        started on rank 0), "extend" (prompt tokens appended to a cached prefix), "decode"
+        (tokens generated), "done" and "total", "elapsed_s"}. Best effort, never raises."""
+        p = dict(self._progress)
+        rep = self._reporter
+        if p.get("phase") == "prefill" and rep is not None:
+            got = rep.read()
+            if got is not None:
+                p["done"], p["total"] = got
+        if self.started is not None and p["state"] == "running":
+            p["elapsed_s"] = round(time.perf_counter() - self.started, 3)
+        return p
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -166,6 +187,7 @@ class Engine:
                           "worker_failures": 0}
         self._last_timings: Dict[str, float] = {}
         self._running = True
+        self._board = None  # ringserve.progress board, made on the first long prefill
         self._read_info()
         budget = self.config.document_cache_tokens
         self.doc_cache = DocumentCache(self.capacity_tokens if budget is None else budget)
@@ -221,6 +243,13 @@ class Engine:
         self._running = False
         self._queue.put(None)
         self._thread.join(timeout_s)
+        board, self._board = self._board, None
+        if board is not None and hasattr(board.update, "remote"):
+            try:
+                import ray
+                ray.kill(board)
+            except Exception:  # noqa: BLE001 - Ray may be down already
+                pass
         while True:  # whatever was still queued fails instead of hanging its caller
             try:
                 h = self._queue.get_nowait()
@@ -240,6 +269,8 @@ class Engine:
                 continue
             with self._lock:
                 self._counters["requests_total"] += 1
+            h.started = time.perf_counter()
+            h._progress = {"state": "running", "phase": None}
             try:
                 if h.cancelled.is_set():
                     raise RequestCancelledError("cancelled before it started")
@@ -255,10 +286,31 @@ class Engine:
                     self._refresh_free()
                 except WorkerFailedError:
                     pass
+            h._progress = {"state": "done" if error is None else "failed"}
+            if h._reporter is not None:
+                h._reporter.drop()
+                h._reporter = None
             if error is None:
                 h.future.set_result(result)
             else:
                 h.future.set_exception(error)
+
+    @staticmethod
+    def _phase(h: RequestHandle, phase: str, done: int, total: int, unit: str) -> None:
+        h._progress = {"state": "running", "phase": phase, "done": int(done),
+                       "total": int(total), "unit": unit}
+
+    def _prefill_reporter(self, h: RequestHandle, n_tokens: int):
+        """Set the request's phase to prefill; a reporter for the workers if it is long."""
+        layers = int(self._infos[0].get("num_layers", 0))
+        self._phase(h, "prefill", 0, layers, "layers")
+        if n_tokens < self.config.progress_min_tokens or not layers:
+            return None
+        from .progress import Reporter, make_board
+        if self._board is None:
+            self._board = make_board(self.group)
+        h._reporter = Reporter(self._board, f"req{id(h)}")
+        return h._reporter
 
     def _check_deadline(self, h: RequestHandle) -> None:
         if h.deadline is not None and time.perf_counter() > h.deadline:
@@ -414,8 +466,10 @@ class Engine:
         N = self.world_size
         sid = self._new_seq_id()
         if entry is None:
+            rep = self._prefill_reporter(h, len(prompt))
             res = self._call("prefill", sid, torch.tensor(prompt, dtype=torch.int32),
-                             self.config.schedule, "sample" if params else None, params, 0)
+                             self.config.schedule, "sample" if params else None, params, 0,
+                             rep)
             owners = [0] * len(prompt)
             for s in layout.shards(len(prompt), N, self.config.schedule):
                 for p in s.positions().tolist():
@@ -434,6 +488,7 @@ class Engine:
         try:
             rest = prompt[m:]
             for a in range(0, len(rest), self.config.extend_chunk):
+                self._phase(h, "extend", a, len(rest), "tokens")
                 chunk = rest[a:a + self.config.extend_chunk]
                 last = a + len(chunk) >= len(rest)
                 start = len(seq.tokens)
@@ -531,6 +586,7 @@ class Engine:
             tok, lp = pending.popleft()
             tokens.append(tok)
             logprobs.append(lp)
+            self._phase(h, "decode", len(tokens), params.max_tokens, "tokens")
             delta = st.update(tok, len(tokens))
             if h.on_delta is not None:
                 h.on_delta(StreamDelta(tok, delta, lp if params.logprobs else None))
@@ -572,8 +628,9 @@ class Engine:
         self._make_room(self._plan(ids, 0, None, 0), P, f"scored text of {P} tokens")
         sid = self._new_seq_id()
         try:
+            rep = self._prefill_reporter(h, P)
             res = self._call("prefill", sid, torch.tensor(ids, dtype=torch.int32),
-                             self.config.schedule, "score", None, 0)
+                             self.config.schedule, "score", None, 0, rep)
         finally:
             self._free_after_error(sid)
         lps: List[Optional[float]] = [None] * P

@@ -7,8 +7,9 @@ threads: calls queue and are answered in order.
 from __future__ import annotations
 
 import queue
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOutput,
                      StreamDelta)
@@ -72,14 +73,17 @@ class LLM:
                  num_cpus_per_worker: float = 1.0,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  backend: str = "auto", transport_timeout_s: float = 300.0,
-                 tokenizer: Any = "auto", cuda_graphs: bool = False):
+                 tokenizer: Any = "auto", cuda_graphs: bool = False,
+                 progress_min_tokens: int = 16384):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
         max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA only,
         experimental: not yet run on a GPU) replays each one-token decode step as a captured
-        CUDA graph instead of ~2,000 eager launches."""
+        CUDA graph instead of ~2,000 eager launches. Prefills of at least `progress_min_tokens`
+        tokens report their layers as they go (`RequestHandle.progress()`, `cache_document(...,
+        on_progress=...)`)."""
         if world_size < 1:
             raise ValueError(f"world_size ({world_size}) must be >= 1")
         if device not in ("cpu", "cuda"):
@@ -134,7 +138,8 @@ class LLM:
             cfg = EngineConfig(schedule=schedule,
                                extend_chunk=extend_chunk or (256 if device == "cpu" else 2048),
                                document_cache_tokens=document_cache_tokens,
-                               decode_steps=decode_steps)
+                               decode_steps=decode_steps,
+                               progress_min_tokens=progress_min_tokens)
             self._engine = Engine(self._group, self.tokenizer, eos, cfg)
         except BaseException:
             self._group.shutdown()
@@ -185,11 +190,23 @@ class LLM:
                    for ids in self._prompts(texts)]
         return [h.result() for h in handles]
 
-    def cache_document(self, document: Prompt, timeout_s: Optional[float] = None) -> str:
+    def cache_document(self, document: Prompt, timeout_s: Optional[float] = None,
+                       on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+                       progress_interval_s: float = 1.0) -> str:
         """Prefill a document (text or token ids) and pin its KV; returns its key. A request
-        whose prompt starts with it reuses the KV (RequestOutput.num_cached_tokens)."""
-        return self._engine.submit("cache_document", self._encode(document),
-                                   timeout_s=timeout_s).result()
+        whose prompt starts with it reuses the KV (RequestOutput.num_cached_tokens).
+        on_progress(RequestHandle.progress()) is called every progress_interval_s while it
+        waits (queued, then the prefill's layers): a million tokens take minutes."""
+        if on_progress is not None and progress_interval_s <= 0:
+            raise ValueError(f"progress_interval_s ({progress_interval_s}) must be > 0")
+        h = self._engine.submit("cache_document", self._encode(document), timeout_s=timeout_s)
+        if on_progress is None:
+            return h.result()
+        # wait() rather than result(timeout): the request's own RequestTimeoutError is a
+        # TimeoutError too, and must reach the caller
+        while not futures_wait([h.future], timeout=progress_interval_s).done:
+            on_progress(h.progress())
+        return h.result()
 
     def drop_document(self, key: str) -> bool:
         return self._engine.submit("drop_document", key).result()

@@ -282,3 +282,57 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws, ste
     finally:
         eng.shutdown()
         eng.group.shutdown()
+
+
+def test_progress_reports_prefill_layers_extension_and_decode(tmp_path_factory, monkeypatch):
+    """RequestHandle.progress(): queued -> prefill (rank 0 reports every layer it starts, then
+    the end) -> decode (tokens so far) -> done; a cached prefix gives an "extend" phase."""
+    from ringserve import progress as progress_mod
+
+    path, _, ref = reference(tmp_path_factory, "llama")
+    reports = []
+    real_update = progress_mod.ProgressBoard.update
+
+    def spy(self, key, done, total):
+        reports.append((done, total))
+        real_update(self, key, done, total)
+
+    monkeypatch.setattr(progress_mod.ProgressBoard, "update", spy)
+    eng = make_engine(path, 2, "striped", progress_min_tokens=0)
+    try:
+        layers = eng._infos[0]["num_layers"]
+        ids = ref[0][0]
+        seen = []
+        box = []
+
+        def on_delta(d):
+            if box:
+                seen.append(box[0].progress())
+
+        h = eng.submit("generate", ids, SamplingParams(max_tokens=5, temperature=0,
+                                                        ignore_eos=True), on_delta=on_delta)
+        box.append(h)
+        h.result(60)
+        # one report per layer from rank 0 only (not one per rank), then the end
+        assert reports == [(i, layers) for i in range(layers)] + [(layers, layers)]
+        decode = [p for p in seen if p.get("phase") == "decode"]
+        assert decode and all(p["state"] == "running" and p["total"] == 5 for p in decode)
+        assert [p["done"] for p in decode] == sorted(p["done"] for p in decode)
+        assert h.progress() == {"state": "done"}
+        # the same prompt plus more tokens: its prefix is cached, the rest is an extension
+        reports.clear()
+        phases = []
+        real_phase = Engine._phase
+        monkeypatch.setattr(Engine, "_phase", staticmethod(
+            lambda hh, *a: (phases.append(a), real_phase(hh, *a))))
+        h2 = eng.submit("generate", ids + ids[:20], SamplingParams(max_tokens=1))
+        h2.result(60)
+        assert reports == [] and h2.progress() == {"state": "done"}
+        assert phases[0] == ("extend", 0, 20, "tokens")   # the 37-token prompt is cached
+        q = eng.submit("score", ids)
+        q.result(60)
+        assert q.progress()["state"] == "done"
+    finally:
+        eng.shutdown()
+        eng.group.shutdown()
+    assert {"state": "queued"} == type(h)("generate", (), None, None).progress()

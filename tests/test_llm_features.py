@@ -18,7 +18,7 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 def llm(ray_session, tmp_path_factory):
     path = tiny_model(tmp_path_factory, "llama")
     m = LLM(str(path), world_size=2, schedule="striped", max_kv_tokens=2048,
-            num_cpus_per_worker=0.5)
+            num_cpus_per_worker=0.5, progress_min_tokens=64)
     m.hf = load_hf(path)
     m.hf.generation_config.eos_token_id = None
     m.hf.generation_config.pad_token_id = 0
@@ -154,3 +154,24 @@ def test_bad_options_fail_before_any_work():
         LLM("/nonexistent", backend="fast")
     with pytest.raises(ValueError, match=r"world_size \(0\)"):
         LLM("/nonexistent", world_size=0)
+
+
+def test_cache_document_reports_progress_through_the_ray_board(llm):
+    """A prefill over Ray actors: on_progress sees the request queued or in its prefill (layer
+    counts come from rank 0 through a Ray actor), the document is cached all the same, and a
+    finished request reads "done"."""
+    seen = []
+    doc = text(41, words=400)
+    key = llm.cache_document(doc, on_progress=seen.append, progress_interval_s=0.002)
+    assert key in [e.key for e in llm._engine.doc_cache.entries()]
+    for p in seen:
+        assert p["state"] in ("queued", "running")
+        if p.get("phase") == "prefill":
+            assert p["unit"] == "layers" and 0 <= p["done"] <= p["total"] == 2
+    assert any(p.get("phase") == "prefill" for p in seen), seen
+    h = llm.submit(text(42, words=30), SamplingParams(max_tokens=3, **GREEDY))
+    h.result(60)
+    assert h.progress() == {"state": "done"}
+    with pytest.raises(ValueError, match="progress_interval_s"):
+        llm.cache_document(doc, on_progress=print, progress_interval_s=0)
+    assert llm.drop_document(key)
