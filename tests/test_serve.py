@@ -382,6 +382,22 @@ def test_upload_without_waiting(stack, rng):
     assert s["engine"]["pinned_documents"] == pinned0, s["engine"]
     assert stack.http.delete(f"/v1/documents/{card['id']}").status_code == 200
 
+    # polled while it prefills: a card shows the prefill's progress (once one was read) until
+    # it is ready, then no more
+    r3 = stack.http.post("/v1/documents", json={"text": text2, "wait": False})
+    assert r3.status_code == 202, r3.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = stack.http.get(f"/v1/documents/{r3.json()['id']}").json()
+        if "progress" in got:
+            assert got["status"] == "prefilling"
+            assert got["progress"]["state"] in ("queued", "running"), got
+        if got["status"] != "prefilling":
+            assert got["status"] == "ready" and "progress" not in got
+            break
+        time.sleep(0.05)
+    assert stack.http.delete(f"/v1/documents/{r3.json()['id']}").status_code == 200
+
 
 def test_msgpack_and_multipart_uploads(stack, rng):
     from ringserve.sample_document import sample_document

@@ -49,3 +49,18 @@ def test_run_checks_the_model_directory_before_starting_ray(tmp_path):
         run(str(tmp_path / "missing"), blocking=False)
     with pytest.raises(ValueError, match="world_size"):
         run(str(tmp_path), world_size=0, blocking=False)
+
+
+def test_document_card_shows_progress_only_while_prefilling():
+    import numpy as np
+
+    from ringserve.serve.service import Document
+
+    d = Document(id="doc-1", key=None, name=None, token_ids=np.arange(5, dtype=np.int32),
+                 created=0, prefill_s=None, status="prefilling")
+    assert "progress" not in d.card()
+    d.progress = {"state": "running", "phase": "prefill", "done": 3, "total": 32,
+                  "unit": "layers", "elapsed_s": 41.5}
+    assert d.card()["progress"] == d.progress and d.card()["progress"] is not d.progress
+    d.status = "ready"
+    assert "progress" not in d.card()

@@ -6,13 +6,15 @@ POST /v1/documents               text (JSON, msgpack, multipart file) or token i
 POST /v1/documents/{id}/ask      question -> answer; the prompt is the document's token ids plus
                                  the question's, so the engine serves the document part from its
                                  cached KV (reported as num_cached_tokens), streaming or not
-GET / DELETE /v1/documents/{id}, GET /v1/documents
+GET / DELETE /v1/documents/{id}, GET /v1/documents  (while prefilling, a card carries "progress":
+                                 RequestHandle.progress(), refreshed twice a second)
 
 A document's KV lives in the replica that prefilled it; with several replicas the shared
 registry (registry.py) lets any replica answer (see there).
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncIterator, Dict, List
 
@@ -104,10 +106,19 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
 
     id_list = ids.tolist()
     deadline = svc.deadline()
+    loop = asyncio.get_running_loop()
+    doc_box: list = []  # the Document, once made (a background upload shows the progress)
+
+    def show_progress(p):  # on the runner's thread, twice a second while it waits
+        if doc_box:
+            doc_box[0].progress = p
+            if svc.registry is not None:  # other replicas read the card from the registry
+                asyncio.run_coroutine_threadsafe(svc.republish(doc_box[0]), loop)
 
     def prefill():
         t = time.perf_counter()
-        key = llm.cache_document(id_list, timeout_s=max(deadline.left(), 1e-3))
+        key = llm.cache_document(id_list, timeout_s=max(deadline.left(), 1e-3),
+                                 on_progress=show_progress, progress_interval_s=0.5)
         seconds = time.perf_counter() - t
         svc.refresh_kv()
         return key, seconds
@@ -119,6 +130,7 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
     doc = Document(id=svc.new_document_id(), key=None, name=req.name, token_ids=ids,
                    created=fmt.now(), prefill_s=None, status="prefilling",
                    prompt_format=req.prompt_format, question_template=template)
+    doc_box.append(doc)
     wait = req.wait and request.query_params.get("wait", "").lower() not in ("false", "0", "no")
     if not wait:
         svc.runner.check_room()  # a full queue is refused now, not after the 202
@@ -153,7 +165,7 @@ async def _prefill_in_background(svc: Service, doc: Document, prefill, abandon,
             doc.key = key
             await svc.forget(doc)
             return
-        doc.key, doc.prefill_s, doc.status = key, prefill_s, "ready"
+        doc.key, doc.prefill_s, doc.status, doc.progress = key, prefill_s, "ready", None
         svc.metrics.request("documents_prefill", "ok")
     await svc.republish(doc)
 

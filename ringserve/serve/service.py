@@ -49,6 +49,7 @@ class Document:
     error: Optional[Dict[str, Any]] = None  # OpenAI error object when status is "failed"
     prompt_format: str = "plain"
     question_template: str = PLAIN_QUESTION  # text after the document; "{question}" in it
+    progress: Optional[Dict[str, Any]] = None  # while prefilling: RequestHandle.progress()
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +62,8 @@ class Document:
                 "prompt_format": self.prompt_format, "question_template": self.question_template}
         if self.error is not None:
             card["error"] = self.error
+        if self.status == "prefilling" and self.progress is not None:
+            card["progress"] = dict(self.progress)
         return card
 
 
