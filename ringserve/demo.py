@@ -31,6 +31,22 @@ def _post(url: str, body: Dict[str, Any], timeout: float) -> Dict[str, Any]:
         raise SystemExit(f"demo: {url} answered HTTP {e.code}: {e.read().decode(errors='replace')}")
 
 
+def _get(url: str, timeout: float) -> Dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"demo: {url} answered HTTP {e.code}: {e.read().decode(errors='replace')}")
+
+
+def _describe(progress: Dict[str, Any]) -> str:
+    if progress.get("state") == "queued":
+        return "queued"
+    if progress.get("phase") == "prefill":
+        return f"prefill: {progress['done']} of {progress['total']} layers done"
+    return progress.get("phase") or "starting"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="ringserve demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None,
@@ -79,7 +95,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"[demo] uploading a generated {len(text):,}-character document "
           f"(a charter party and ship's log)...", flush=True)
     t = time.perf_counter()
-    doc = _post(f"{url}/v1/documents", {"text": text, "name": "charter-party"}, timeout=3600)
+    # wait=false: 202 at once, the prefill runs in the background and the document's card shows
+    # its progress until it is ready
+    doc = _post(f"{url}/v1/documents", {"text": text, "name": "charter-party", "wait": False},
+                timeout=600)
+    last = None
+    while doc["status"] == "prefilling":
+        time.sleep(2.0)
+        doc = _get(f"{url}/v1/documents/{doc['id']}", timeout=60)
+        line = _describe(doc["progress"]) if "progress" in doc else None
+        if line is not None and line != last:
+            print(f"[demo]   {doc['num_tokens']:,} tokens, {line} "
+                  f"({doc['progress'].get('elapsed_s', 0):.0f} s)", flush=True)
+            last = line
+    if doc["status"] != "ready":
+        raise SystemExit(f"demo: the document's prefill failed: {doc.get('error')}")
     print(f"[demo] document {doc['id']}: {doc['num_tokens']:,} tokens, prefilled over "
           f"{a.world_size} shards in {doc['prefill_s']:.1f} s "
           f"(upload + tokenize + prefill {time.perf_counter() - t:.1f} s)", flush=True)
