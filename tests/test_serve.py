@@ -464,8 +464,11 @@ def test_documents_across_replicas(stack, rng):
             break
     assert len(seen) == 2 and min(len(v) for v in seen.values()) >= 2, seen
     assert len(answers) == 1  # same greedy answer from both groups, cached or not
-    for cached in seen.values():  # after its first question a replica reuses the KV
-        assert cached[-1] >= n_doc, seen
+    # after its first question a replica reuses the KV. The lists are in submission order,
+    # not the order a replica ran them (a CI run saw [583, 0]: the second-submitted question
+    # ran first, cold), so some question of each replica reused the whole document
+    for cached in seen.values():
+        assert max(cached) >= n_doc, seen
     for _ in range(4):  # whichever replica answers, the document is listed
         assert doc_id in [d["id"] for d in stack.multi.get("/v1/documents").json()["data"]]
     assert stack.multi.delete(f"/v1/documents/{doc_id}").status_code == 200
