@@ -15,9 +15,10 @@ group's transport.
   same output bit for bit.
 - decode with cuda_graphs=True (CUDA only; not yet run on a GPU): the one-token step (all layers,
   their paged decode, the per-layer all-gathers, the LM head) is captured once per block-table
-  width bucket and replayed, so a step costs one launch instead of ~2,000 eager ones. Ranks that
-  do not own the token write its K/V to a scratch page; the width is agreed by all ranks at the
-  start of each decode call, so every rank captures and replays the same collectives.
+  width bucket and replayed, so a step costs one launch instead of thousands of eager ones.
+  Ranks that do not own the token write its K/V to a scratch page; the width is agreed by all
+  ranks at the start of each decode call, so every rank captures and replays the same
+  collectives.
 """
 from __future__ import annotations
 

@@ -81,9 +81,9 @@ class LLM:
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA only,
         experimental: not yet run on a GPU) replays each one-token decode step as a captured
-        CUDA graph instead of ~2,000 eager launches. Prefills of at least `progress_min_tokens`
-        tokens report their layers as they go (`RequestHandle.progress()`, `cache_document(...,
-        on_progress=...)`)."""
+        CUDA graph instead of thousands of eager launches. Prefills of at least
+        `progress_min_tokens` tokens report their layers as they go (`RequestHandle.progress()`,
+        `cache_document(..., on_progress=...)`)."""
         if world_size < 1:
             raise ValueError(f"world_size ({world_size}) must be >= 1")
         if device not in ("cpu", "cuda"):
