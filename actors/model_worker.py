@@ -386,12 +386,13 @@ class ModelShardWorker(ShardWorker):
                     seq_id, torch.tensor([pos], dtype=torch.int64)))
             else:
                 g.slot.fill_(self._scratch_slot)
-            pages = self.cache.pages(seq_id)
-            if len(pages) > width:
-                raise RuntimeError(f"rank {self.rank}: {len(pages)} pages exceed the agreed "
+            table = self.cache.block_table(seq_id)  # device, rebuilt only when pages change
+            if table.shape[1] > width:
+                raise RuntimeError(f"rank {self.rank}: {table.shape[1]} pages exceed the agreed "
                                    f"block-table width {width}")
-            if pages:
-                g.table[:, :len(pages)].copy_(self.cache.block_table(seq_id))
+            if g.table_src is not table:  # copied into the graph's buffer only when it changed
+                g.table[:, :table.shape[1]].copy_(table)
+                g.table_src = table
             g.lens.fill_(self.cache.seq_len(seq_id))
             g.tok.fill_(int(tok))
             g.pos.fill_(int(pos))
@@ -454,6 +455,7 @@ class _DecodeGraph:
         self.width = width
         self.tok, self.pos, self.slot = z(torch.int64, 1), z(torch.int64, 1), z(torch.int64, 1)
         self.table = z(torch.int32, 1, width)
+        self.table_src: Optional[torch.Tensor] = None  # the block table last copied in
         self.lens = z(torch.int32, 1)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None

@@ -347,9 +347,8 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     # fp32 inputs get true fp32 products (the GPU would use tf32 otherwise: ~3e-4 error)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     window = int(window_size) if window_size is not None else 0
-    args = (q, k_arg, v_arg, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Sq, Sk, Hq, Hq // Hkv, int(q_offset), int(q_stride), int(k_offset), int(k_stride),
-            window, scale * LOG2E, min(triton.next_power_of_2(max(Sq, Sk)), 1 << 14))
+    args = _kernel_args(q, k, v, k_arg, v_arg, out, lse, q_offset, q_stride, k_offset,
+                        k_stride, window, scale)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal),
                 HAS_WINDOW=window_size is not None, USE_TMA=bool(use_tma),
                 WARP_SPEC=bool(warp_specialize), DOT_PREC=dot_prec,
@@ -365,6 +364,16 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
             return (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
         _tuned[bool(warp_specialize)][grid](*args, **meta)
     return out, lse
+
+
+def _kernel_args(q, k, v, k_arg, v_arg, out, lse, q_offset, q_stride, k_offset, k_stride,
+                 window, scale):
+    """The kernel's positional arguments (k_arg / v_arg: the tensors or their descriptors);
+    the last one, the sequence bucket, is part of the autotuning key."""
+    Sq, Hq, Sk, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    return (q, k_arg, v_arg, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            Sq, Sk, Hq, Hq // Hkv, int(q_offset), int(q_stride), int(k_offset), int(k_stride),
+            window, scale * LOG2E, min(triton.next_power_of_2(max(Sq, Sk)), 1 << 14))
 
 
 # Autotuning times every config several times (~8 runs each) on the first problem of a key. The
@@ -393,10 +402,8 @@ def _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, warp_specialize):
             pk_arg, pv_arg = _descriptor(pk, 64, D), _descriptor(pv, 64, D)
         else:
             pk_arg, pv_arg = pk, pv
-        pargs = (pq, pk_arg, pv_arg, po, pl, *pq.stride(), *pk.stride(), *pv.stride(),
-                 *po.stride(), n, n, Hq, Hq // Hkv, 0, 1, 0, 1,
-                 1024 if meta["HAS_WINDOW"] else 0, (1.0 / math.sqrt(D)) * LOG2E,
-                 min(triton.next_power_of_2(n), 1 << 14))
+        pargs = _kernel_args(pq, pk, pv, pk_arg, pv_arg, po, pl, 0, 1, 0, 1,
+                             1024 if meta["HAS_WINDOW"] else 0, 1.0 / math.sqrt(D))
 
         def grid(c):
             return (triton.cdiv(n, c["BLOCK_M"]), Hq)

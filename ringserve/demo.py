@@ -21,19 +21,13 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / ".cache" / "demo-mo
 QUESTIONS = ("Who is the master of the ship?", "What cargo was loaded, and in which port?")
 
 
-def _post(url: str, body: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+def _json(url: str, timeout: float, body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """GET url, or POST body as JSON; the JSON answer (an HTTP error ends the demo)."""
+    req = url if body is None else urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise SystemExit(f"demo: {url} answered HTTP {e.code}: {e.read().decode(errors='replace')}")
-
-
-def _get(url: str, timeout: float) -> Dict[str, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         raise SystemExit(f"demo: {url} answered HTTP {e.code}: {e.read().decode(errors='replace')}")
@@ -97,12 +91,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     t = time.perf_counter()
     # wait=false: 202 at once, the prefill runs in the background and the document's card shows
     # its progress until it is ready
-    doc = _post(f"{url}/v1/documents", {"text": text, "name": "charter-party", "wait": False},
-                timeout=600)
+    doc = _json(f"{url}/v1/documents", 600,
+                {"text": text, "name": "charter-party", "wait": False})
     last = None
     while doc["status"] == "prefilling":
         time.sleep(2.0)
-        doc = _get(f"{url}/v1/documents/{doc['id']}", timeout=60)
+        doc = _json(f"{url}/v1/documents/{doc['id']}", 60)
         line = _describe(doc["progress"]) if "progress" in doc else None
         if line is not None and line != last:
             print(f"[demo]   {doc['num_tokens']:,} tokens, {line} "
@@ -116,8 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for q in a.question or QUESTIONS:
         t = time.perf_counter()
-        ans = _post(f"{url}/v1/documents/{doc['id']}/ask",
-                    {"question": q, "max_tokens": a.max_tokens, "temperature": 0}, timeout=3600)
+        ans = _json(f"{url}/v1/documents/{doc['id']}/ask", 3600,
+                    {"question": q, "max_tokens": a.max_tokens, "temperature": 0})
         tim = ans.get("timings", {})
         print(f"\nQ: {q}\nA: {ans['answer'].strip()!r}\n   [{ans['usage']['completion_tokens']} "
               f"tokens; {ans['num_cached_tokens']:,} document tokens reused from the KV cache, "

@@ -101,11 +101,6 @@ class PagedKVCache:
             self._scratch = self._take_page()
         return self._scratch * self.cfg.page_size
 
-    def pages(self, seq_id: str) -> List[int]:
-        """seq_id's page ids in order (a copy)."""
-        s = self._seqs.get(seq_id)
-        return list(s.pages) if s else []
-
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.cfg.page_size)
 

@@ -152,40 +152,34 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D/2) float32: O(T * D), small
         h = self.model.embed_tokens(input_ids)     # (T, hidden), the residual stream
         spans = list(_spans(T, chunk_tokens))
-        one = len(spans) == 1  # decode / short extensions: no chunk buffers, no slice copies
+
+        def project(at, norm, hs, cs, sn):
+            x, t = norm(hs), hs.shape[0]
+            return (Rotary.apply(at.q_proj(x).view(t, hq, d), cs, sn),
+                    Rotary.apply(at.k_proj(x).view(t, hkv, d), cs, sn),
+                    at.v_proj(x).view(t, hkv, d))
+
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
-            if one:
-                x = layer.input_layernorm(h)
-                q = Rotary.apply(at.q_proj(x).view(T, hq, d), cos, sin)
-                k = Rotary.apply(at.k_proj(x).view(T, hkv, d), cos, sin)
-                v = at.v_proj(x).view(T, hkv, d)
-                del x
+            if len(spans) == 1:  # decode / short extensions: no chunk buffers, no copies
+                q, k, v = project(at, layer.input_layernorm, h, cos, sin)
             else:
                 q = torch.empty(T, hq, d, dtype=h.dtype, device=dev)
                 k = torch.empty(T, hkv, d, dtype=h.dtype, device=dev)
                 v = torch.empty(T, hkv, d, dtype=h.dtype, device=dev)
                 for a, b in spans:
-                    x = layer.input_layernorm(h[a:b])
-                    q[a:b] = Rotary.apply(at.q_proj(x).view(b - a, hq, d), cos[a:b], sin[a:b])
-                    k[a:b] = Rotary.apply(at.k_proj(x).view(b - a, hkv, d), cos[a:b], sin[a:b])
-                    v[a:b] = at.v_proj(x).view(b - a, hkv, d)
+                    q[a:b], k[a:b], v[a:b] = project(at, layer.input_layernorm, h[a:b],
+                                                     cos[a:b], sin[a:b])
             o = attn_fn(li, q[None], k[None], v[None])  # (1, T, Hq, D)
             if tuple(o.shape) != (1, T, hq, d):
                 raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
                                  f"{(1, T, hq, d)}")
             o = o[0].reshape(T, hq * d)
             del q, k, v
-            if one:
-                h += at.o_proj(o.to(h.dtype))
-                h += layer.mlp(layer.post_attention_layernorm(h))
-            else:
-                for a, b in spans:
-                    h[a:b] += at.o_proj(o[a:b].to(h.dtype))
-                    h[a:b] += layer.mlp(layer.post_attention_layernorm(h[a:b]))
+            for a, b in spans:
+                h[a:b] += at.o_proj(o[a:b].to(h.dtype))
+                h[a:b] += layer.mlp(layer.post_attention_layernorm(h[a:b]))
             del o
-        if one:
-            return self.model.norm(h)
         for a, b in spans:
             h[a:b] = self.model.norm(h[a:b])
         return h

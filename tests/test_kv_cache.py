@@ -141,16 +141,16 @@ def test_block_table_rebuilt_only_when_pages_change_and_scratch_page():
     assert c.block_table("a") is t1
     fill(c, "a", [3, 4], g)                   # a new page: rebuilt, and correct
     t2 = c.block_table("a")
-    assert t2 is not t1 and t2[0].tolist() == c.pages("a") and len(c.pages("a")) == 2
+    assert t2 is not t1 and t2[0].tolist() == c._seqs["a"].pages and len(c._seqs["a"].pages) == 2
     c.fork("a", "b")
     fill(c, "b", [5], g)                      # copy-on-write of the shared last page
-    assert c.block_table("b")[0].tolist() == c.pages("b") != c.pages("a")
-    assert c.block_table("a")[0].tolist() == c.pages("a")
+    assert c.block_table("b")[0].tolist() == c._seqs["b"].pages != c._seqs["a"].pages
+    assert c.block_table("a")[0].tolist() == c._seqs["a"].pages
     # the scratch page (CUDA-graph decode): set aside once, outside every sequence
     free, cap = c.num_free_pages, c.capacity_tokens
     slot = c.reserve_scratch_page()
     assert c.reserve_scratch_page() == slot and slot % 4 == 0
     assert c.num_free_pages == free - 1 and c.capacity_tokens == cap - 4
-    assert slot // 4 not in c.pages("a") + c.pages("b")
+    assert slot // 4 not in c._seqs["a"].pages + c._seqs["b"].pages
     c.clear()
     assert c.num_free_pages == 5              # still set aside after clear()
