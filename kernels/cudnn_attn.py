@@ -113,7 +113,8 @@ def attention_cudnn(q, k, v, softmax_scale=None, causal=False, window_size=None,
         o, lse = _call(q[:, q0:], k[:, :k1], v[:, :k1], scale, True)
     except RuntimeError as e:  # e.g. a torch build without cuDNN attention: Triton from now on
         _BROKEN = f"{type(e).__name__}: {e}"[:300]
-        warnings.warn(f"cuDNN attention unavailable, using the Triton kernel: {_BROKEN}")
+        warnings.warn(f"cuDNN attention unavailable, using the Triton kernel: {_BROKEN}",
+                      stacklevel=2)
         return fallback(q, k, v, softmax_scale, causal, window_size,
                         q_offset, q_stride, k_offset, k_stride)
     if q0 == 0:

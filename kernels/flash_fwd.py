@@ -410,4 +410,4 @@ def _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, warp_specialize):
         _tuned[warp_specialize][grid](*pargs, **meta)
     except Exception as e:  # noqa: BLE001 - the real call then tunes itself, as before
         warnings.warn(f"flash_attn_fwd: tuning on a proxy failed ({e!r:.200}); tuning on the "
-                      f"real problem instead")
+                      f"real problem instead", stacklevel=2)

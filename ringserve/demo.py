@@ -30,7 +30,8 @@ def _json(url: str, timeout: float, body: Optional[Dict[str, Any]] = None) -> Di
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise SystemExit(f"demo: {url} answered HTTP {e.code}: {e.read().decode(errors='replace')}")
+        raise SystemExit(f"demo: {url} answered HTTP {e.code}: "
+                         f"{e.read().decode(errors='replace')}") from None
 
 
 def _describe(progress: Dict[str, Any]) -> str:
