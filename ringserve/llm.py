@@ -196,7 +196,8 @@ class LLM:
         """Prefill a document (text or token ids) and pin its KV; returns its key. A request
         whose prompt starts with it reuses the KV (RequestOutput.num_cached_tokens).
         on_progress(RequestHandle.progress()) is called every progress_interval_s while it
-        waits (queued, then the prefill's layers): a million tokens take minutes."""
+        waits (queued, then the prefill's layers): a million tokens take minutes. It only ever
+        sees "queued" or "running": the end is what this returns or raises."""
         if on_progress is not None and progress_interval_s <= 0:
             raise ValueError(f"progress_interval_s ({progress_interval_s}) must be > 0")
         h = self._engine.submit("cache_document", self._encode(document), timeout_s=timeout_s)
@@ -205,7 +206,9 @@ class LLM:
         # wait() rather than result(timeout): the request's own RequestTimeoutError is a
         # TimeoutError too, and must reach the caller
         while not futures_wait([h.future], timeout=progress_interval_s).done:
-            on_progress(h.progress())
+            p = h.progress()
+            if p["state"] in ("queued", "running"):  # it may have ended since the wait
+                on_progress(p)
         return h.result()
 
     def drop_document(self, key: str) -> bool:

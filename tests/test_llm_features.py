@@ -156,6 +156,39 @@ def test_bad_options_fail_before_any_work():
         LLM("/nonexistent", world_size=0)
 
 
+def test_cache_document_never_reports_an_ended_request():
+    """The race behind a flaky run of the test below: the request ends between the progress
+    wait timing out and the progress read. on_progress only ever sees "queued" or "running"
+    (the end is what cache_document returns); here the engine is a stub that ends the request
+    exactly inside the second read, so the race happens every time."""
+    import concurrent.futures
+
+    class Handle:
+        def __init__(self):
+            self.future = concurrent.futures.Future()
+            self.reads = 0
+
+        def progress(self):
+            self.reads += 1
+            if self.reads == 1:
+                return {"state": "running", "phase": "prefill", "unit": "layers", "done": 1,
+                        "total": 2}
+            self.future.set_result("doc-key")  # the engine marks it done, then answers
+            return {"state": "done"}
+
+        def result(self, timeout=None):
+            return self.future.result(timeout)
+
+    h = Handle()
+    stub = object.__new__(LLM)
+    stub._engine = type("Eng", (), {"submit": lambda self, *a, **k: h})()
+    stub.tokenizer = None
+    seen = []
+    assert stub.cache_document([1, 2, 3], on_progress=seen.append,
+                               progress_interval_s=0.001) == "doc-key"
+    assert h.reads == 2 and [p["state"] for p in seen] == ["running"], seen
+
+
 def test_cache_document_reports_progress_through_the_ray_board(llm):
     """A prefill over Ray actors: on_progress sees the request queued or in its prefill (layer
     counts come from rank 0 through a Ray actor), the document is cached all the same, and a
