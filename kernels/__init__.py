@@ -7,7 +7,7 @@ in reference.py.
 """
 from __future__ import annotations
 
-from .torch_ops import attention_torch, merge_torch_, paged_decode_torch
+from .torch_ops import attention_torch, grouped_linear_torch, merge_torch_, paged_decode_torch
 
 BACKENDS = ("auto", "triton", "torch", "cudnn")
 
@@ -56,5 +56,14 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
                               causal, window_size, q_pos, kv_pos)
 
 
-__all__ = ["attention", "merge_", "paged_decode", "attention_torch", "merge_torch_",
-           "paged_decode_torch", "BACKENDS"]
+def grouped_linear(x, w, counts, backend="auto"):
+    """Mixture-of-experts GEMM: x (M, K) rows sorted by expert, w (E, N, K), counts (E,) rows per
+    expert -> (M, N), each row times its expert's weight transposed (grouped_gemm.py)."""
+    if _pick(backend, x) in ("triton", "cudnn"):
+        from .grouped_gemm import grouped_linear_triton
+        return grouped_linear_triton(x, w, counts)
+    return grouped_linear_torch(x, w, counts)
+
+
+__all__ = ["attention", "merge_", "paged_decode", "grouped_linear", "attention_torch",
+           "merge_torch_", "paged_decode_torch", "grouped_linear_torch", "BACKENDS"]

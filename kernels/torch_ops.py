@@ -117,3 +117,15 @@ def paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
         out[b] = torch.einsum("hgqk,khd->qhgd", p, vb).reshape(Sq, Hq, D).to(q.dtype)
         lse[b] = lb.reshape(Hq, Sq)
     return out, lse
+
+
+def grouped_linear_torch(x, w, counts):
+    """x (M, K) rows sorted by expert, w (E, N, K), counts (E,) -> (M, N): one GEMM per expert
+    that has rows (the CPU path; GPUs take the one-launch Triton kernel)."""
+    out = x.new_empty(x.shape[0], w.shape[1])
+    a = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out[a:a + n] = x[a:a + n] @ w[e].t()
+        a += n
+    return out

@@ -1,4 +1,8 @@
-"""Model configuration parsed from a HuggingFace `config.json` (Llama, Mistral, Qwen2 families).
+"""Model configuration parsed from a HuggingFace `config.json`.
+
+Families: Llama, Mistral, Qwen2, Qwen3 (q/k RMSNorm), Phi-3 (fused projections, longrope),
+Mixtral and Qwen3-MoE (mixture-of-experts MLP). Anything a family needs that the model does not
+implement is refused here, by name, rather than computed differently from `transformers`.
 
 Two spellings of the RoPE settings exist in the wild: transformers 4.x writes `rope_theta` plus an
 optional `rope_scaling` dict ({"rope_type" or "type", "factor", ...}); transformers 5 writes one
@@ -9,15 +13,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 # architecture name (config.json "architectures") -> model_type
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 @dataclass
@@ -35,6 +43,10 @@ class RopeConfig:
     beta_slow: float = 1.0
     attention_factor: Optional[float] = None
     truncate: bool = True
+    # longrope (Phi-3): per-frequency divisors, the long set used when the sequence is longer
+    # than original_max_position_embeddings
+    short_factor: Optional[Tuple[float, ...]] = None
+    long_factor: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self):
         if self.theta <= 0:
@@ -49,7 +61,10 @@ class RopeConfig:
                              f"types: {', '.join(ROPE_TYPES)}")
         if self.rope_type != "default" and self.factor <= 0:
             raise ValueError(f"rope scaling factor ({self.factor}) must be positive")
-        if self.rope_type in ("llama3", "yarn") and not self.original_max_position_embeddings:
+        if self.rope_type == "longrope" and not (self.short_factor and self.long_factor):
+            raise ValueError("longrope needs short_factor and long_factor lists")
+        if (self.rope_type in ("llama3", "yarn", "longrope")
+                and not self.original_max_position_embeddings):
             raise ValueError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings "
                              f"(got {self.original_max_position_embeddings})")
         if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
@@ -70,6 +85,8 @@ class RopeConfig:
             theta = d.get("rope_theta", 10000.0)
         rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
         scaling.pop("type", None)
+        if rope_type == "su":  # Phi-3's early name for longrope, renamed by transformers too
+            rope_type = "longrope"
         kw: Dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
         for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
             if scaling.get(name) is not None:
@@ -79,6 +96,14 @@ class RopeConfig:
         if scaling.get("truncate") is not None:
             kw["truncate"] = bool(scaling["truncate"])
         ompe = scaling.get("original_max_position_embeddings")
+        if rope_type == "longrope":
+            # Phi-3 states the pretraining length at the top level, and no factor: transformers
+            # then takes max / original positions as the factor (for the attention scaling)
+            ompe = ompe or d.get("original_max_position_embeddings")
+            kw["short_factor"] = tuple(float(x) for x in scaling.get("short_factor") or ())
+            kw["long_factor"] = tuple(float(x) for x in scaling.get("long_factor") or ())
+            if scaling.get("factor") is None and ompe:
+                kw["factor"] = float(d.get("max_position_embeddings") or ompe) / float(ompe)
         if rope_type == "yarn" and ompe is None:
             ompe = d.get("max_position_embeddings")
         if ompe is not None:
@@ -89,6 +114,39 @@ class RopeConfig:
         if rope_type == "yarn" and (scaling.get("mscale") or scaling.get("mscale_all_dim")):
             raise ValueError("yarn rope with mscale / mscale_all_dim is not supported")
         return cls(**kw)
+
+
+@dataclass
+class MoeConfig:
+    """A mixture-of-experts MLP: a linear router, softmax, the top-k experts (SwiGLU each)."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool              # top-k probabilities rescaled to sum to one (Mixtral: always)
+    dense_layers: Tuple[int, ...] = ()   # layers that keep a dense MLP (Qwen3-MoE)
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.top_k}) must be in 1..num_experts "
+                             f"({self.num_experts})")
+        if self.intermediate_size <= 0:
+            raise ValueError(f"expert intermediate size ({self.intermediate_size}) must be "
+                             "positive")
+
+    @classmethod
+    def from_hf(cls, d: Dict[str, Any], model_type: str) -> "MoeConfig":
+        n_layers = int(d["num_hidden_layers"])
+        # transformers 5 writes num_local_experts for Qwen3-MoE too; hub configs say num_experts
+        n_exp = int(d.get("num_local_experts") or d.get("num_experts") or 0)
+        if model_type == "mixtral":
+            return cls(n_exp, int(d.get("num_experts_per_tok", 2)), int(d["intermediate_size"]),
+                       renormalize=True)
+        step = int(d.get("decoder_sparse_step", 1) or 1)
+        only = set(int(i) for i in d.get("mlp_only_layers") or ())
+        dense = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
+        return cls(n_exp, int(d.get("num_experts_per_tok", 8)),
+                   int(d.get("moe_intermediate_size") or d["intermediate_size"]),
+                   renormalize=bool(d.get("norm_topk_prob", False)), dense_layers=dense)
 
 
 @dataclass
@@ -114,6 +172,9 @@ class ModelConfig:
     torch_dtype: Optional[str] = None      # the checkpoint's dtype as config.json states it
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, list]] = None
+    qk_norm: bool = False                  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    fused_projections: bool = False        # Phi-3: one qkv_proj and one gate_up_proj
+    moe: Optional[MoeConfig] = None        # Mixtral, Qwen3-MoE
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -175,17 +236,19 @@ class ModelConfig:
         sliding = None
         if model_type == "mistral":
             sliding = d.get("sliding_window")
-        elif model_type == "qwen2" and d.get("use_sliding_window"):
-            # Qwen2 windows only layers >= max_window_layers; one window for all layers is what
+        elif model_type in ("mixtral", "phi3"):
+            sliding = d.get("sliding_window")
+        elif model_type in ("qwen2", "qwen3", "qwen3_moe") and d.get("use_sliding_window"):
+            # Qwen2/3 window only layers >= max_window_layers; one window for all layers is what
             # the engine supports, so accept the two uniform cases and refuse a mix.
             n_layers, mwl = int(d["num_hidden_layers"]), int(d.get("max_window_layers", 0))
             if mwl <= 0:
                 sliding = d.get("sliding_window")
             elif mwl < n_layers:
-                raise ValueError(f"Qwen2 with use_sliding_window and max_window_layers ({mwl}) < "
+                raise ValueError(f"{model_type} with use_sliding_window and max_window_layers ({mwl}) < "
                                  f"num_hidden_layers ({n_layers}) mixes windowed and full layers; "
                                  "not supported")
-        if model_type == "llama":
+        if model_type in ("llama", "qwen3", "qwen3_moe"):
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
         elif model_type == "qwen2":
             qkv_bias, o_bias = True, False
@@ -212,6 +275,9 @@ class ModelConfig:
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            fused_projections=model_type == "phi3",
+            moe=MoeConfig.from_hf(d, model_type) if model_type in ("mixtral", "qwen3_moe") else None,
         )
 
     @classmethod

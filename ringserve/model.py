@@ -1,4 +1,5 @@
-"""Llama / Mistral / Qwen2 decoder, with the attention step supplied from outside.
+"""Llama-style decoders (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, Qwen3-MoE), with the attention
+step supplied from outside.
 
 No distributed code lives here. The engine passes `attn_fn(layer_idx, q, k, v) -> out` with
 q (1, T, Hq, D), k and v (1, T, Hkv, D) for this process's tokens (already rotated at their global
@@ -6,7 +7,8 @@ positions); it runs ring attention, distributed decode, or plain local attention
 k/v in its KV cache. K/V heads are never repeated for GQA/MQA.
 
 Parameter names equal HuggingFace's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
-checkpoint's tensors load by name.
+checkpoint's tensors load by name; stacked expert weights map onto per-expert checkpoint
+tensors through `checkpoint_slots`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .moe import MoE
 from .rope import Rotary
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,39 +44,72 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, **factory):
         super().__init__()
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.qkv_bias, **factory)
-        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias, **factory)
-        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias, **factory)
+        self.sizes = (hq * d, hkv * d, hkv * d)
+        self.fused = cfg.fused_projections
+        if self.fused:  # Phi-3: one projection, split q | k | v
+            self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.qkv_bias,
+                                      **factory)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.qkv_bias, **factory)
+            self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias, **factory)
+            self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias, **factory)
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.o_bias, **factory)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
+        self.qk_norm = cfg.qk_norm
+
+    def qkv(self, x: torch.Tensor):
+        """x (t, hidden) -> q (t, Hq*D), k, v (t, Hkv*D), unrotated, before any q/k norm."""
+        if self.fused:
+            return self.qkv_proj(x).split(self.sizes, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, **factory):
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=b, **factory)
-        self.up_proj = nn.Linear(h, i, bias=b, **factory)
+        self.fused = cfg.fused_projections
+        if self.fused:  # Phi-3: one projection, split gate | up
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=b, **factory)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=b, **factory)
+            self.up_proj = nn.Linear(h, i, bias=b, **factory)
         self.down_proj = nn.Linear(i, h, bias=b, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, **factory):
+    def __init__(self, cfg: ModelConfig, index: int, **factory):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
         self.self_attn = Attention(cfg, **factory)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
-        self.mlp = MLP(cfg, **factory)
+        # the MLP is registered under the checkpoint's name for it (Mixtral: block_sparse_moe)
+        self.ffn_name = "mlp"
+        if cfg.moe is not None and index not in cfg.moe.dense_layers:
+            self.ffn_name = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+            setattr(self, self.ffn_name, MoE(cfg.hidden_size, cfg.moe, cfg.model_type, **factory))
+        else:
+            self.mlp = MLP(cfg, **factory)
+
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.ffn_name)
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, **factory):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, **factory)
-                                    for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, **factory)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
 
 
@@ -120,6 +156,15 @@ class CausalLM(nn.Module):
         model.eval()
         return model
 
+    def checkpoint_slots(self) -> dict:
+        """checkpoint tensor name -> (parameter name, index) for parameters that hold several
+        checkpoint tensors (stacked experts); the loader fills those slices."""
+        out = {}
+        for name, mod in self.named_modules():
+            if isinstance(mod, MoE):
+                out.update(mod.checkpoint_slots(f"{name}."))
+        return out
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
@@ -132,8 +177,12 @@ class CausalLM(nn.Module):
     # later outside any inference-mode block, which inference tensors forbid
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_fn: AttnFn,
-                chunk_tokens: Optional[int] = None) -> torch.Tensor:
+                chunk_tokens: Optional[int] = None, seq_len: Optional[int] = None) -> torch.Tensor:
         """input_ids (T,) int64, positions (T,) int64 global -> hidden (T, hidden) after the norm.
+
+        seq_len: the whole sequence's length when this call holds one shard of it (a
+        sequence-parallel prefill); only longrope reads it, to pick its factors alike on every
+        shard. None: the highest position here plus one.
 
         chunk_tokens bounds activation memory: norms, projections and the MLP run over chunks of
         that many tokens, so the peak is O(T * hidden) + O(chunk * intermediate), never
@@ -149,15 +198,17 @@ class CausalLM(nn.Module):
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dev = self.device
         input_ids, positions = input_ids.to(dev), positions.to(dev)
-        cos, sin = self.rotary.cos_sin(positions)  # (T, 1, D/2) float32: O(T * D), small
+        cos, sin = self.rotary.cos_sin(positions, seq_len)  # (T, 1, D/2) float32: O(T * D)
         h = self.model.embed_tokens(input_ids)     # (T, hidden), the residual stream
         spans = list(_spans(T, chunk_tokens))
 
         def project(at, norm, hs, cs, sn):
             x, t = norm(hs), hs.shape[0]
-            return (Rotary.apply(at.q_proj(x).view(t, hq, d), cs, sn),
-                    Rotary.apply(at.k_proj(x).view(t, hkv, d), cs, sn),
-                    at.v_proj(x).view(t, hkv, d))
+            q, k, v = at.qkv(x)
+            q, k = q.reshape(t, hq, d), k.reshape(t, hkv, d)
+            if at.qk_norm:
+                q, k = at.q_norm(q), at.k_norm(k)
+            return Rotary.apply(q, cs, sn), Rotary.apply(k, cs, sn), v.reshape(t, hkv, d)
 
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
@@ -178,7 +229,7 @@ class CausalLM(nn.Module):
             del q, k, v
             for a, b in spans:
                 h[a:b] += at.o_proj(o[a:b].to(h.dtype))
-                h[a:b] += layer.mlp(layer.post_attention_layernorm(h[a:b]))
+                h[a:b] += layer.ffn()(layer.post_attention_layernorm(h[a:b]))
             del o
         for a, b in spans:
             h[a:b] = self.model.norm(h[a:b])

@@ -8,19 +8,36 @@ sequence is split into shards or chunks.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .config import RopeConfig
 
 
-def inv_frequencies(rope: RopeConfig, head_dim: int) -> Tuple[torch.Tensor, float]:
-    """(head_dim // 2,) float64 inverse frequencies and the cos/sin scale (yarn's attention factor)."""
+def inv_frequencies(rope: RopeConfig, head_dim: int,
+                    long: bool = False) -> Tuple[torch.Tensor, float]:
+    """(head_dim // 2,) float64 inverse frequencies and the cos/sin scale (yarn's attention factor).
+
+    `long` picks longrope's long factors (the short ones otherwise); other types ignore it.
+    """
     dim = head_dim
     inv = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scale = 1.0
-    if rope.rope_type == "linear":
+    if rope.rope_type == "longrope":
+        # LongRoPE (arXiv 2402.13753): a searched divisor per frequency; cos/sin scaled by
+        # sqrt(1 + ln(factor) / ln(original length)) unless attention_factor is given
+        factors = rope.long_factor if long else rope.short_factor
+        if len(factors) != dim // 2:
+            raise ValueError(f"longrope {'long' if long else 'short'}_factor has {len(factors)} "
+                             f"entries, head_dim {dim} needs {dim // 2}")
+        inv = inv / torch.tensor(factors, dtype=torch.float64)
+        if rope.attention_factor is not None:
+            scale = rope.attention_factor
+        elif rope.factor > 1:
+            scale = math.sqrt(1 + math.log(rope.factor)
+                              / math.log(rope.original_max_position_embeddings))
+    elif rope.rope_type == "linear":
         inv = inv / rope.factor
     elif rope.rope_type == "llama3":
         # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and the band in
@@ -57,7 +74,13 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> Tuple[torch.Tensor, floa
 
 
 class Rotary:
-    """Applies RoPE to (T, H, D) tensors at given global positions."""
+    """Applies RoPE to (T, H, D) tensors at given global positions.
+
+    longrope keeps two frequency sets and, as transformers does, uses the long one for a whole
+    call when the sequence is longer than the original context: `seq_len` when the caller knows
+    it (a sequence-parallel prefill: every shard must choose alike), else the highest position
+    in the call plus one, which is the sequence length in decode and extension.
+    """
 
     def __init__(self, rope: RopeConfig, head_dim: int):
         inv, scale = inv_frequencies(rope, head_dim)
@@ -65,13 +88,33 @@ class Rotary:
         self._inv_on = {}     # device -> its copy (no host copy per call: CUDA-graph safe)
         self.scale = scale
         self.head_dim = head_dim
+        self.long_after = None
+        if rope.rope_type == "longrope":
+            self.long_after = rope.original_max_position_embeddings
+            self.long_inv_freq = inv_frequencies(rope, head_dim, long=True)[0]
 
-    def cos_sin(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _inv(self, positions: torch.Tensor, seq_len) -> torch.Tensor:
+        dev = positions.device
+        inv = self._inv_on.get(dev)
+        if inv is None:
+            inv = self._inv_on[dev] = self.inv_freq.to(dev)
+        if self.long_after is None:
+            return inv
+        long = self._inv_on.get(("long", dev))
+        if long is None:
+            long = self._inv_on[("long", dev)] = self.long_inv_freq.to(dev)
+        if positions.numel() == 0:
+            return inv
+        if seq_len is not None:
+            return long if seq_len > self.long_after else inv
+        # a device-side choice: no host sync, so decode stays capturable in a CUDA graph
+        return torch.where(positions.max() + 1 > self.long_after, long, inv)
+
+    def cos_sin(self, positions: torch.Tensor,
+                seq_len: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) int64 -> cos, sin (T, 1, D/2) float32 (half width: both halves of the
         rotate-half layout share them, which halves their memory on million-token shards)."""
-        inv = self._inv_on.get(positions.device)
-        if inv is None:
-            inv = self._inv_on[positions.device] = self.inv_freq.to(positions.device)
+        inv = self._inv(positions, seq_len)
         T = positions.shape[0]
         cos = torch.empty(T, 1, self.head_dim // 2, dtype=torch.float32, device=positions.device)
         sin = torch.empty_like(cos)

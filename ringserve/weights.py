@@ -76,12 +76,17 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     where = checkpoint_files(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    wanted = {n for n in params if not (tied and n == "lm_head.weight")}
+    # checkpoint name -> (parameter, index): tensors that fill a slice of a stacked parameter
+    slots = model.checkpoint_slots() if hasattr(model, "checkpoint_slots") else {}
+    stacked = {pn for pn, _ in slots.values()}
+    wanted = {n for n in params if not (tied and n == "lm_head.weight") and n not in stacked}
+    wanted |= set(slots)
     missing = sorted(wanted - set(where))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise KeyError(f"checkpoint in {Path(path)} lacks tensor(s) {', '.join(missing[:5])}{more}")
-    unexpected = sorted(n for n in where if n not in params and not n.endswith(_IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in where if n not in wanted and n not in params
+                        and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise KeyError(f"checkpoint in {Path(path)} has tensor(s) the model does not use: "
@@ -101,7 +106,7 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
             with safe_open(str(fp), framework="pt", device=open_dev) as f:
                 for n in names:
                     t = f.get_tensor(n)
-                    p = params[n]
+                    p = params[slots[n][0]][slots[n][1]] if n in slots else params[n]
                     if tuple(t.shape) != tuple(p.shape):
                         raise ValueError(f"tensor {n!r} in {fp.name} has shape {tuple(t.shape)}, "
                                          f"the model expects {tuple(p.shape)}")

@@ -18,6 +18,13 @@ tokenizer_config.json with a chat template and generation_config.json. Names:
   qwen2          GQA 4/2, QKV bias, tied embeddings, ChatML template, no BOS
   qwen2-yarn     qwen2 untied, with YaRN rope scaling (factor 4 over 64 original positions)
   llama-sharded  "llama" saved in several safetensors shards with model.safetensors.index.json
+  qwen3          q/k RMSNorm, head_dim 32 != hidden / heads, GQA 4/2, tied embeddings
+  phi3           fused qkv_proj / gate_up_proj, longrope (short/long factors, 64 original
+                 positions: prompts below, continuations across), GQA 4/2
+  phi3-window    phi3 with sliding_window 24
+  mixtral        4 experts, top-2 (renormalised), GQA 4/2
+  qwen3-moe      8 experts, top-2 with norm_topk_prob, q/k norm, layer 1 a dense MLP
+  qwen3-moe-raw  qwen3-moe without norm_topk_prob, MoE every 2nd layer (decoder_sparse_step 2)
 
 Weights are re-drawn after HF's initialisation (seeded) with scales that make attention
 non-uniform and norms/biases non-trivial, so the comparisons have something to catch.
@@ -87,6 +94,29 @@ TINY_MODELS: Dict[str, dict] = {
                           rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                         "original_max_position_embeddings": 64}),
+    "qwen3": dict(arch="qwen3", tokenizer="bytelevel-chatml", num_key_value_heads=2,
+                  head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True),
+    "phi3": dict(arch="phi3", tokenizer="metaspace-inst", num_key_value_heads=2, pad_token_id=None,
+                 original_max_position_embeddings=64, sliding_window=None,
+                 rope_scaling={"rope_type": "longrope",
+                               "short_factor": [1.0 + 0.15 * i for i in range(8)],
+                               "long_factor": [1.5 + 2.0 * i for i in range(8)]}),
+    "phi3-window": dict(arch="phi3", tokenizer="metaspace-inst", num_key_value_heads=2,
+                        pad_token_id=None,
+                        original_max_position_embeddings=64, sliding_window=24,
+                        rope_scaling={"rope_type": "longrope",
+                                      "short_factor": [1.0 + 0.15 * i for i in range(8)],
+                                      "long_factor": [1.5 + 2.0 * i for i in range(8)]}),
+    "mixtral": dict(arch="mixtral", tokenizer="metaspace-inst", num_key_value_heads=2,
+                    rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2,
+                    intermediate_size=96),
+    "qwen3-moe": dict(arch="qwen3_moe", tokenizer="bytelevel-chatml", num_key_value_heads=2,
+                      rope_theta=1000000.0, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1]),
+    "qwen3-moe-raw": dict(arch="qwen3_moe", tokenizer="bytelevel-chatml", num_key_value_heads=2,
+                          rope_theta=1000000.0, num_experts=8, num_experts_per_tok=3,
+                          moe_intermediate_size=48, norm_topk_prob=False,
+                          decoder_sparse_step=2),
 }
 
 
@@ -191,10 +221,12 @@ def hf_config(name: str, vocab_size: int, bos: int = None, eos=None):
     for k in ("tokenizer", "shard"):
         spec.pop(k, None)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[arch]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "phi3": transformers.Phi3Config, "mixtral": transformers.MixtralConfig,
+           "qwen3_moe": transformers.Qwen3MoeConfig}[arch]
     kw = dict(COMMON, **spec)
-    if arch == "qwen2":
-        kw.pop("head_dim")  # Qwen2 derives it: 64 / 4 = 16
+    if arch in ("qwen2", "phi3"):
+        kw.pop("head_dim")  # derived: 64 / 4 = 16
     return cls(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, **kw)
 
 
@@ -225,7 +257,9 @@ def build_tiny_model(path: Path, name: str, seed: int = 0) -> Path:
     cfg = hf_config(name, vocab, gen.get("bos_token_id"), gen.get("eos_token_id"))
     torch.manual_seed(seed)
     model = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-             "qwen2": transformers.Qwen2ForCausalLM}[TINY_MODELS[name]["arch"]](cfg)
+             "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+             "phi3": transformers.Phi3ForCausalLM, "mixtral": transformers.MixtralForCausalLM,
+             "qwen3_moe": transformers.Qwen3MoeForCausalLM}[TINY_MODELS[name]["arch"]](cfg)
     _redraw(model, seed)
     model.eval()
     kw = {}

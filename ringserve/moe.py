@@ -1,0 +1,76 @@
+"""Mixture-of-experts MLP (Mixtral, Qwen3-MoE): a linear router, top-k, SwiGLU experts.
+
+Routing is transformers': softmax of the router logits in float32, the top-k experts, their
+probabilities renormalised to sum to one when the family says so; each token's output is the
+weighted sum of its experts' outputs (accumulated in float32).
+
+The experts are stored stacked, `gate_up` (E, 2I, H) and `down` (E, H, I), so that one grouped
+GEMM (`kernels.grouped_linear`: one Triton launch on GPU, a GEMM per expert on CPU) runs them all
+over the token copies sorted by expert. Checkpoints keep one tensor per expert and projection;
+`checkpoint_slots` maps those names onto slices of the stacks for the loader.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoeConfig
+
+# checkpoint names of each expert's (gate, up, down) projections
+EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"),
+                "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, inter: int, **factory):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, **factory))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, inter, **factory))
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden: int, moe: MoeConfig, model_type: str, **factory):
+        super().__init__()
+        self.cfg = moe
+        self.names = EXPERT_NAMES[model_type]
+        self.gate = nn.Linear(hidden, moe.num_experts, bias=False, **factory)   # the router
+        self.experts = Experts(moe.num_experts, hidden, moe.intermediate_size, **factory)
+
+    def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (T, H) -> weights (T, k) float32, expert ids (T, k)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        w, idx = torch.topk(probs, self.cfg.top_k, dim=-1)
+        if self.cfg.renormalize:
+            w = w / w.sum(-1, keepdim=True)
+        return w, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ringserve.kernels import grouped_linear
+
+        T, H = x.shape
+        k, E = self.cfg.top_k, self.cfg.num_experts
+        w, idx = self.route(x)
+        flat = idx.reshape(-1)                        # (T*k,) token-major
+        order = torch.argsort(flat, stable=True)      # token copies grouped by expert
+        counts = torch.bincount(flat, minlength=E)
+        xs = x[order // k]                            # (T*k, H)
+        gate, up = grouped_linear(xs, self.experts.gate_up, counts).chunk(2, dim=-1)
+        ys = grouped_linear(F.silu(gate) * up, self.experts.down, counts)   # (T*k, H)
+        y = torch.empty_like(ys)
+        y[order] = ys                                 # back to token-major order
+        return (y.view(T, k, H).float() * w[..., None]).sum(1).to(x.dtype)
+
+    def checkpoint_slots(self, prefix: str) -> Dict[str, Tuple[str, tuple]]:
+        """checkpoint tensor name -> (parameter name, index into it) for every expert."""
+        inter = self.experts.down.shape[-1]
+        g, u, d = self.names
+        out = {}
+        for e in range(self.cfg.num_experts):
+            base = f"{prefix}experts.{e}."
+            out[f"{base}{g}.weight"] = (f"{prefix}experts.gate_up", (e, slice(0, inter)))
+            out[f"{base}{u}.weight"] = (f"{prefix}experts.gate_up", (e, slice(inter, 2 * inter)))
+            out[f"{base}{d}.weight"] = (f"{prefix}experts.down", (e,))
+        return out
