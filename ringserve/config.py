@@ -282,6 +282,9 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: Union[str, Path]) -> "ModelConfig":
+        from .gguf import is_gguf, load_gguf_config
+        if is_gguf(path):  # a .gguf file: the config comes from its metadata
+            return load_gguf_config(path)
         p = Path(path) / "config.json"
         if not p.is_file():
             raise FileNotFoundError(f"no config.json in model directory {Path(path)}")

@@ -56,6 +56,10 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: Union[str, Path]) -> "Tokenizer":
         root = Path(path)
+        from .gguf import is_gguf
+        if is_gguf(root):  # vocabulary, merges and chat template from the file's metadata
+            from .gguf_tokenizer import gguf_tokenizer
+            return gguf_tokenizer(root)
         tj = root / "tokenizer.json"
         if not tj.is_file():
             raise FileNotFoundError(f"no tokenizer.json in model directory {root}")

@@ -73,6 +73,9 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     Raises naming the tensors missing from the checkpoint, or the checkpoint tensors the model
     has no place for (a sign of a wrong architecture), or a shape mismatch.
     """
+    from .gguf import is_gguf, load_gguf_weights
+    if is_gguf(path):
+        return load_gguf_weights(model, path)
     where = checkpoint_files(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
