@@ -1,6 +1,6 @@
 """Driver-side index of sequences whose sharded KV stays resident on the workers.
 
-An entry names a worker-side sequence (`seq_id`) and the token ids whose K/V it holds, plus the
+An entry holds a sequence's pages on the workers (`kv`, the driver's SeqKV) and the token ids whose K/V it holds, plus the
 rank that owns each of those tokens. A new prompt is matched against every entry by longest
 common prefix: the engine forks the entry's pages on every rank (no copy of full pages), trims
 the fork to the matched prefix, and computes only the rest of the prompt.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,7 +37,7 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 @dataclass
 class CachedSeq:
     key: str
-    seq_id: str                 # the workers' sequence holding the K/V
+    kv: Any                     # the driver's SeqKV holding the K/V (ringserve.kv_manager)
     token_ids: torch.Tensor     # (n,) int32 CPU: the tokens whose K/V are cached
     owners: torch.Tensor        # (n,) int8 CPU: the rank holding each token's K/V
     pinned: bool = False
@@ -98,7 +98,7 @@ class DocumentCache:
 
     def add(self, e: CachedSeq) -> List[CachedSeq]:
         """Insert `e`; returns the entries it makes redundant (unpinned entries whose tokens are
-        a prefix of e's, or an entry with the same key), already removed: free their seq_ids."""
+        a prefix of e's, or an entry with the same key), already removed: free their KV."""
         e.last_used = next(self._clock)
         gone = []
         for old in list(self._entries.values()):

@@ -262,5 +262,91 @@ class PagedKVCache:
             self.free(sid)
 
 
-__all__ = ["KVCacheConfig", "PagedKVCache", "KVCacheFullError", "bytes_per_token",
-           "pages_for_budget"]
+
+
+# ---- the split used by the continuous-batching engine: pages owned by the driver ----
+
+class KVPool:
+    """One rank's KV tensors and nothing else: pools k, v (num_layers, num_pages, page_size,
+    Hkv, D) and kv_pos (num_pages, page_size) int32 (the global position of every slot).
+
+    Which page belongs to which sequence is decided by the driver (`PageAllocator`, one per
+    rank, in `ringserve.scheduler`); a step tells the worker the slots to write and the pages
+    to read, so no page count is kept on both sides."""
+
+    def __init__(self, cfg: KVCacheConfig):
+        self.cfg = cfg
+        L, P, S, H, D = cfg.num_layers, cfg.num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim
+        self.k = torch.zeros(L, P, S, H, D, dtype=cfg.dtype, device=cfg.device)
+        self.v = torch.zeros(L, P, S, H, D, dtype=cfg.dtype, device=cfg.device)
+        self.kv_pos = torch.zeros(P, S, dtype=torch.int32, device=cfg.device)
+
+    @property
+    def page_size(self) -> int:
+        return self.cfg.page_size
+
+    @property
+    def num_pages(self) -> int:
+        return self.cfg.num_pages
+
+    def copy_pages(self, src: List[int], dst: List[int]) -> None:
+        """Copy-on-write: page dst[i] := page src[i] (all layers, K, V and positions)."""
+        if not src:
+            return
+        s = torch.tensor(src, dtype=torch.int64, device=self.cfg.device)
+        d = torch.tensor(dst, dtype=torch.int64, device=self.cfg.device)
+        self.k[:, d] = self.k[:, s]
+        self.v[:, d] = self.v[:, s]
+        self.kv_pos[d] = self.kv_pos[s]
+
+    def set_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        if slots.numel():
+            self.kv_pos.view(-1)[slots] = positions.to(device=self.cfg.device, dtype=torch.int32)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (n, Hkv, D) into flat slots (n,) int64 on the pool's device."""
+        if slots.numel() == 0:
+            return
+        H, D = self.cfg.num_kv_heads, self.cfg.head_dim
+        self.k[layer].view(-1, H, D).index_copy_(0, slots, k.reshape(-1, H, D).to(self.cfg.dtype))
+        self.v[layer].view(-1, H, D).index_copy_(0, slots, v.reshape(-1, H, D).to(self.cfg.dtype))
+
+
+class PageAllocator:
+    """The driver's bookkeeping of one rank's pages: a free stack and reference counts.
+
+    Pages are shared by reference (a cached document and the requests forked from it); a write
+    into a shared page goes to a private copy first (copy-on-write, done by the worker when the
+    step plan lists it)."""
+
+    def __init__(self, num_pages: int, reserved: int = 0):
+        self.num_pages = num_pages
+        self.ref = [0] * num_pages
+        # the lowest `reserved` pages are set aside for good (a captured decode step's scratch)
+        self.free = list(range(num_pages - 1, reserved - 1, -1))
+        self.usable = num_pages - reserved
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def take(self) -> int:
+        if not self.free:
+            raise KVCacheFullError(f"no free KV page (num_pages {self.num_pages})")
+        p = self.free.pop()
+        self.ref[p] = 1
+        return p
+
+    def share(self, pages: List[int]) -> None:
+        for p in pages:
+            self.ref[p] += 1
+
+    def release(self, pages: List[int]) -> None:
+        for p in pages:
+            self.ref[p] -= 1
+            if self.ref[p] == 0:
+                self.free.append(p)
+
+
+__all__ = ["KVCacheConfig", "PagedKVCache", "KVCacheFullError", "KVPool", "PageAllocator",
+           "bytes_per_token", "pages_for_budget"]

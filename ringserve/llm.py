@@ -1,12 +1,14 @@
 """The public Python API: `ringserve.LLM` (see docs/architecture.md).
 
 One LLM = one actor group of `world_size` model shard workers (one GPU each, or CPU actors)
-plus the engine thread that runs requests through it in FIFO order. Safe to call from several
-threads: calls queue and are answered in order.
+plus the engine thread that runs every request in flight through it as one batch per step
+(continuous batching). Safe to call from several threads; `generate(list)` runs the list
+concurrently.
 """
 from __future__ import annotations
 
 import queue
+import warnings
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -14,7 +16,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOutput,
                      StreamDelta)
 from .errors import InvalidRequestError
-from .parallel import layout
+from .parallel import layout as layouts
+from .parallel.transport import DEFAULT_TIMEOUT_S
 from .sampling import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
@@ -64,26 +67,50 @@ class _Stream:
 
 class LLM:
     def __init__(self, model: Union[str, Path, dict], world_size: int = 1,
-                 schedule: str = "striped", device: str = "cpu", dtype: Optional[str] = None,
+                 layout: str = "striped", device: str = "cpu", dtype: Optional[str] = None,
                  max_kv_tokens: Optional[int] = None,
                  document_cache_tokens: Optional[int] = None,
                  ray_address: Optional[str] = None, placement_strategy: str = "STRICT_PACK",
                  page_size: Optional[int] = None, chunk_tokens: Optional[int] = None,
-                 extend_chunk: Optional[int] = None, decode_steps: int = 1,
+                 max_num_seqs: Optional[int] = None,
+                 max_num_batched_tokens: Optional[int] = None,
+                 passq_max_tokens: Optional[int] = None,
                  num_cpus_per_worker: float = 1.0,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
-                 backend: str = "auto", transport_timeout_s: float = 300.0,
-                 tokenizer: Any = "auto", cuda_graphs: bool = False,
-                 progress_min_tokens: int = 16384):
+                 backend: str = "auto", transport_timeout_s: float = DEFAULT_TIMEOUT_S,
+                 tokenizer: Any = "auto", cuda_graphs: Union[bool, str] = False,
+                 step_timeout_s: Optional[float] = None, max_recoveries: int = 2,
+                 cascade: bool = True, schedule: Optional[str] = None,
+                 extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
+                 progress_min_tokens: int = 0):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
-        max_kv_tokens is for the whole group; default: from free memory (CUDA) or
+
+        Continuous batching: up to `max_num_seqs` requests run at once (default 64 on CPU, 256
+        on CUDA); every step decodes one token of each and adds prompt chunks of at most
+        `max_num_batched_tokens` tokens (default 512 on CPU, 8192 on CUDA), so a long prefill
+        never stops the streams; prompt continuations of at most `passq_max_tokens` (default
+        256 / 2048) run pass-Q. `layout` ("striped" or "ring") shards prompt chunks over the
+        ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
-        `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA only,
-        experimental: not yet run on a GPU) replays each one-token decode step as a captured
-        CUDA graph instead of thousands of eager launches. Prefills of at least
-        `progress_min_tokens` tokens report their layers as they go (`RequestHandle.progress()`,
-        `cache_document(..., on_progress=...)`)."""
+        `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA)
+        replays decode-only steps as captured graphs, one per (batch bucket, table width);
+        "emulate" runs that path eagerly on any device (tests). A worker fault rebuilds the
+        group and in-flight requests recompute (at most `max_recoveries` times each).
+        Deprecated: `schedule` (say `layout`), `extend_chunk` (`passq_max_tokens`),
+        `decode_steps` (ignored), `progress_min_tokens` (ignored: progress is per chunk)."""
+        if schedule is not None:
+            warnings.warn("LLM(schedule=...) is deprecated: the shard layout is now called "
+                          "layout=...", DeprecationWarning, stacklevel=2)
+            layout = schedule
+        if extend_chunk is not None:
+            warnings.warn("LLM(extend_chunk=...) is deprecated: say passq_max_tokens=...",
+                          DeprecationWarning, stacklevel=2)
+            passq_max_tokens = passq_max_tokens or extend_chunk
+        if decode_steps not in (None, 1):
+            warnings.warn("LLM(decode_steps=...) is deprecated and ignored: each engine step "
+                          "decodes one token of every running request", DeprecationWarning,
+                          stacklevel=2)
         if world_size < 1:
             raise ValueError(f"world_size ({world_size}) must be >= 1")
         if device not in ("cpu", "cuda"):
@@ -91,17 +118,30 @@ class LLM:
         from ringserve.kernels import BACKENDS
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if cuda_graphs and device != "cuda":
+        if cuda_graphs not in (False, True, "emulate"):
+            raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
+        if cuda_graphs is True and device != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'")
-        layout.check_schedule(schedule)
+        layouts.check_schedule(layout)
         if max_kv_tokens is not None and max_kv_tokens < world_size:
             raise ValueError(f"max_kv_tokens ({max_kv_tokens}) must be >= world_size "
                              f"({world_size})")
-        page_size = page_size or (64 if device == "cuda" else 16)
+        gpu = device == "cuda"
+        page_size = page_size or (64 if gpu else 16)
+        # built once here, checked before any actor starts
+        cfg = EngineConfig(layout=layout,
+                           max_num_seqs=max_num_seqs or (256 if gpu else 64),
+                           max_num_batched_tokens=max_num_batched_tokens or (8192 if gpu else 512),
+                           passq_max_tokens=passq_max_tokens or (2048 if gpu else 256),
+                           cascade=cascade, cuda_graphs=bool(cuda_graphs),
+                           document_cache_tokens=document_cache_tokens,
+                           step_timeout_s=step_timeout_s, max_recoveries=max_recoveries,
+                           progress_min_tokens=progress_min_tokens)
         if isinstance(model, Path):
             model = str(model)
         self.model = model
-        self.world_size, self.schedule, self.device = world_size, schedule, device
+        self.world_size, self.layout, self.device = world_size, layout, device
+        self.config = cfg
 
         self.tokenizer = None
         eos: List[int] = []
@@ -128,22 +168,24 @@ class LLM:
                              # tokens (the MLP's intermediate would otherwise be ~3.5x the
                              # hidden states of the whole shard, unbudgeted)
                              chunk_tokens=chunk_tokens or 8192, backend=backend,
-                             cuda_graphs=bool(cuda_graphs))
+                             cuda_graphs=cuda_graphs)
         self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,
                                  worker_kwargs=worker_kwargs,
                                  transport_timeout_s=transport_timeout_s)
         try:
-            cfg = EngineConfig(schedule=schedule,
-                               extend_chunk=extend_chunk or (256 if device == "cpu" else 2048),
-                               document_cache_tokens=document_cache_tokens,
-                               decode_steps=decode_steps,
-                               progress_min_tokens=progress_min_tokens)
             self._engine = Engine(self._group, self.tokenizer, eos, cfg)
         except BaseException:
             self._group.shutdown()
             raise
+
+    @property
+    def schedule(self) -> str:
+        """Deprecated name of `layout`."""
+        warnings.warn("LLM.schedule is deprecated: say LLM.layout", DeprecationWarning,
+                      stacklevel=2)
+        return self.layout
 
     # ---- helpers ----
 

@@ -1,6 +1,6 @@
 """The engine and the model shard workers in one process: each rank a real ModelShardWorker
 on its own thread, joined by the in-process ThreadTransport (ringserve.parallel.transport), so the
-whole matrix (3 families x world sizes 1, 2, 3 x both schedules) is compared with HF transformers
+whole matrix (3 families x world sizes 1, 2, 3 x both layouts) is compared with HF transformers
 without paying Ray actor start-up per configuration. tests/test_llm*.py cover the same paths
 through Ray actors and gloo."""
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +11,8 @@ import torch
 from tinymodels import hf_greedy, load_hf, tiny_model
 from ringserve.actors.model_worker import ModelShardWorker
 from ringserve.doc_cache import doc_key
-from ringserve.engine import Engine, EngineConfig, balanced_counts
+from ringserve.engine import Engine, EngineConfig
+from ringserve.kv_manager import balanced_counts
 from ringserve.errors import CapacityError
 from ringserve.parallel.transport import ThreadHub
 from ringserve.sampling import SamplingParams
@@ -46,6 +47,11 @@ class ThreadGroup:
         futs = [self._pool.submit(getattr(w, method), *args) for w in self.workers]
         return [f.result() for f in futs]
 
+    def call_per_rank(self, method, args_list, **kwargs):
+        futs = [self._pool.submit(getattr(w, method), *a)
+                for w, a in zip(self.workers, args_list)]
+        return [f.result() for f in futs]
+
     def rebuild(self):
         self._start()
 
@@ -77,34 +83,43 @@ def reference(tmp_path_factory, family):
     return _REF[family]
 
 
-def assert_no_leak(eng):
-    """Every sequence on every rank is one the document cache knows (nothing leaked), and the
-    free pages are exactly those no cached sequence holds."""
-    known = {e.seq_id for e in eng.doc_cache.entries()}
-    for w in eng.group.workers:
-        assert set(w.cache.seq_ids()) == known
-        held = set()
-        for sid in known:
-            held.update(w.cache._seqs[sid].pages)
-        scratch = w.cache._scratch is not None   # set aside for CUDA-graph decode
-        assert w.cache.num_free_pages == w.cache.num_pages - len(held) - scratch
-    free = sum(w.cache.num_free_pages * w.cache.page_size for w in eng.group.workers)
-    assert eng.stats()["kv_tokens_free"] == free    # stats are current after each request
+def assert_no_leak(eng, timeout=10.0):
+    """Once idle, the free pages of every rank are exactly those no cached sequence holds
+    (nothing leaked by finished, cancelled, preempted or failed requests), and every page's
+    reference count is the number of cached sequences holding it."""
+    import time
+    t0 = time.time()
+    while (eng.sched.running or eng.sched.waiting) and time.time() - t0 < timeout:
+        time.sleep(0.01)
+    assert not eng.sched.running and not eng.sched.waiting
+    entries = eng.doc_cache.entries()
+    for r, a in enumerate(eng.kv.ranks):
+        held = {}
+        for e in entries:
+            for p in e.kv.pages[r]:
+                held[p] = held.get(p, 0) + 1
+        assert a.num_free == a.usable - len(held)
+        assert all(a.ref[p] == n for p, n in held.items())
+    free = sum(eng.kv.free_pages()) * eng.page_size
+    assert eng.stats()["kv_tokens_free"] == free
 
 
-def make_engine(path, ws, schedule, kv_tokens=1024, worker_kwargs=None, **cfg):
+def make_engine(path, ws, layout, kv_tokens=1024, worker_kwargs=None, **cfg):
     group = ThreadGroup(ws, model=str(path), kv_tokens=kv_tokens, page_size=8,
                         **(worker_kwargs or {}))
     tok = Tokenizer.from_dir(path)
-    return Engine(group, tok, tok.eos_token_ids, EngineConfig(schedule=schedule, **cfg))
+    if (worker_kwargs or {}).get("cuda_graphs"):
+        cfg.setdefault("cuda_graphs", True)
+    return Engine(group, tok, tok.eos_token_ids, EngineConfig(layout=layout, **cfg))
 
 
 @pytest.mark.parametrize("family,ws,schedule", CONFIGS,
                          ids=[f"{c[0]}-ws{c[1]}-{c[2]}" for c in CONFIGS])
 def test_matrix_score_and_greedy_equal_transformers(tmp_path_factory, family, ws, schedule):
     path, _, ref = reference(tmp_path_factory, family)
-    # several decode steps per call (tokens broadcast from rank 0) on the multi-rank configs
-    eng = make_engine(path, ws, schedule, decode_steps=1 if ws == 1 else 5)
+    # small prompt chunks on the multi-rank configs: ring chunks against cached earlier ones
+    eng = make_engine(path, ws, schedule, **({} if ws == 1 else dict(
+        max_num_batched_tokens=16, passq_max_tokens=4)))
     try:
         for ids, lp_ref, gen_ref in ref:
             sc = eng.submit("score", ids).result(120)
@@ -183,19 +198,19 @@ def test_capacity_error_before_work_and_pinned_documents(tmp_path_factory):
         eng.group.shutdown()
 
 
-def test_multi_step_decode_stops_and_trims_like_single_steps(tmp_path_factory):
-    """decode_steps=4: a stop string, a stop id or max_tokens inside a 4-token burst gives the
-    same output as one step per call, and the K/V of tokens sampled past the stop are trimmed
-    (the cached sequence is prompt + output[:-1], reused exactly by the next request)."""
+def test_stops_keep_exactly_the_tokens_fed(tmp_path_factory):
+    """A stop string, a stop id, max_tokens and a seeded sampled run: the same output with big
+    and with tiny prompt chunks, and the cached sequence afterwards is prompt + output[:-1]
+    (the last sampled token is never fed), reused by the next request."""
     path, _, _ = reference(tmp_path_factory, "qwen2")
     from ringserve.sample_document import sample_document
 
-    one = make_engine(path, 2, "ring", decode_steps=1)
-    four = make_engine(path, 2, "ring", decode_steps=4)
+    big = make_engine(path, 2, "ring")
+    small = make_engine(path, 2, "ring", max_num_batched_tokens=8, passq_max_tokens=3)
     try:
-        tok = one.tokenizer
+        tok = big.tokenizer
         prompt = tok.encode(sample_document(n_words=40, seed=5))
-        full = one.submit("generate", prompt, SamplingParams(
+        full = big.submit("generate", prompt, SamplingParams(
             max_tokens=23, temperature=0, ignore_eos=True)).result(60)
         stop = full.text[9:12]
         cases = [SamplingParams(max_tokens=23, temperature=0, ignore_eos=True),
@@ -205,21 +220,20 @@ def test_multi_step_decode_stops_and_trims_like_single_steps(tmp_path_factory):
                  SamplingParams(max_tokens=23, temperature=0.8, seed=3, ignore_eos=True,
                                 logprobs=True)]
         for p in cases:
-            a = one.submit("generate", prompt, p).result(60)
-            b = four.submit("generate", prompt, p).result(60)
+            a = big.submit("generate", prompt, p).result(60)
+            b = small.submit("generate", prompt, p).result(60)
             assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text,
                                                               a.finish_reason)
             if p.logprobs:
                 torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs),
                                            rtol=0, atol=1e-5)
             kept = prompt + b.token_ids[:-1]
-            e = four.doc_cache.get(doc_key(torch.tensor(kept, dtype=torch.int32)))
-            assert e is not None
-            assert sum(w.cache.seq_len(e.seq_id) for w in four.group.workers) == len(kept)
-            assert_no_leak(four)
-        assert cases[1].stop and four.stats()["requests_failed"] == 0
+            e = small.doc_cache.get(doc_key(torch.tensor(kept, dtype=torch.int32)))
+            assert e is not None and len(e.kv) == len(kept) == sum(e.kv.counts)
+            assert_no_leak(small)
+        assert cases[1].stop and small.stats()["requests_failed"] == 0
     finally:
-        for eng in (one, four):
+        for eng in (big, small):
             eng.shutdown()
             eng.group.shutdown()
 
@@ -232,40 +246,46 @@ def test_balanced_counts_follows_the_fewest_tokens_rule():
         assert balanced_counts(counts, n) == c
 
 
-def test_cuda_graph_width_is_agreed_by_every_rank():
-    """The decode-graph width comes from one all-gather, so ranks holding different numbers of
-    pages still pick the same bucket (a power of two >= the most pages any rank will need):
-    otherwise one rank would capture (running collectives) while another replays."""
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=100,
-               hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-               max_position_embeddings=4096, hidden_act="silu", tie_word_embeddings=False)
-    g = ThreadGroup(2, model={"config": cfg, "seed": 0}, dtype="float32", page_size=4,
-                    kv_tokens=512)
+def test_graph_buckets_are_chosen_by_the_driver_for_every_rank(tmp_path_factory):
+    """A decode-only step carries its graph bucket (batch rounded up to a power of two, table
+    width a power of two >= 16 covering the most pages any rank holds), the same in every
+    rank's plan: otherwise one rank would capture (running collectives) while another
+    replays. Steps with prompt work carry none."""
+    path, _, ref = reference(tmp_path_factory, "llama")
+    eng = make_engine(path, 2, "striped", worker_kwargs={"cuda_graphs": "emulate"})
+    seen = []
+    real = eng._execute
+
+    def spy(step):
+        seen.append([(p.graph_batch, p.graph_width) for p in step.plans])
+        return real(step)
+
+    eng._execute = spy
     try:
-        # rank 0 holds 80 tokens (20 pages), rank 1 only 4 (1 page)
-        for w, n in zip(g.workers, (80, 4)):
-            w.cache.append_slots("s", torch.arange(n))
-        widths = g.call("_graph_width", "s", 8)
-        assert widths == [32, 32]          # pages_for(80 + 8) = 22 -> 32 on both ranks
-        assert g.call("_graph_width", "s", 1) == [32, 32]  # 21 pages
-        for w in g.workers:
-            w.cache.free("s")
-        assert g.call("_graph_width", "s", 1) == [16, 16]  # the smallest bucket
+        hs = [eng.submit("generate", ids, SamplingParams(max_tokens=6, temperature=0,
+                                                          ignore_eos=True))
+              for ids, _, _ in ref * 3]
+        for h in hs:
+            h.result(60)
+        buckets = {b for per_rank in seen for b in per_rank}
+        assert all(len(set(per_rank)) == 1 for per_rank in seen)
+        assert (0, 0) in buckets                       # the prefill steps
+        assert {b for b, w in buckets if b} <= {1, 2, 4, 8} and 8 in {b for b, _ in buckets}
+        assert {w for b, w in buckets if b} == {16}
+        assert_no_leak(eng)
     finally:
-        g.shutdown()
+        eng.shutdown()
+        eng.group.shutdown()
 
 
-@pytest.mark.parametrize("family,ws,steps", [("llama", 1, 1), ("mistral", 3, 5),
-                                             ("qwen2", 2, 1)])
-def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws, steps):
+@pytest.mark.parametrize("family,ws", [("llama", 1), ("mistral", 3), ("qwen2", 2)])
+def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws):
     """The CUDA-graph decode path run on CPU (cuda_graphs="emulate": same static buffers,
     scratch-page writes on non-owner ranks, agreed widths, the body run at each replay): greedy
     tokens equal HF's, also when a prompt reuses a cached document's prefix (fork, trim,
     copy-on-write) and past a width bucket (16 pages of 8 tokens)."""
     path, hf, ref = reference(tmp_path_factory, family)
-    eng = make_engine(path, ws, "striped", worker_kwargs={"cuda_graphs": "emulate"},
-                      decode_steps=steps)
+    eng = make_engine(path, ws, "striped", worker_kwargs={"cuda_graphs": "emulate"})
     try:
         for ids, _, gen_ref in ref:
             out = eng.submit("generate", ids, SamplingParams(
@@ -276,7 +296,7 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws, ste
             max_tokens=100, temperature=0, ignore_eos=True)).result(120)
         assert out.num_cached_tokens == 29
         assert out.token_ids == hf_greedy(hf, doc[:29] + ref[0][0][:8], 100)
-        widths = {w for wk in eng.group.workers for w in wk._graphs}
+        widths = {w for wk in eng.group.workers for _, w in wk._graphs}
         assert 16 in widths and (ws > 1 or 32 in widths)   # 137 tokens: 18 pages on one rank
         assert_no_leak(eng)
     finally:
@@ -284,51 +304,33 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws, ste
         eng.group.shutdown()
 
 
-def test_progress_reports_prefill_layers_extension_and_decode(tmp_path_factory, monkeypatch):
-    """RequestHandle.progress(): queued -> prefill (rank 0 reports every layer it starts, then
-    the end) -> decode (tokens so far) -> done; a cached prefix gives an "extend" phase."""
-    from ringserve import progress as progress_mod
-
+def test_progress_reports_prefill_tokens_and_decode(tmp_path_factory):
+    """RequestHandle.progress(): queued -> prefill (prompt tokens computed, chunk by chunk) ->
+    decode (tokens so far) -> done."""
     path, _, ref = reference(tmp_path_factory, "llama")
-    reports = []
-    real_update = progress_mod.ProgressBoard.update
-
-    def spy(self, key, done, total):
-        reports.append((done, total))
-        real_update(self, key, done, total)
-
-    monkeypatch.setattr(progress_mod.ProgressBoard, "update", spy)
-    eng = make_engine(path, 2, "striped", progress_min_tokens=0)
+    eng = make_engine(path, 2, "striped", max_num_batched_tokens=8)
     try:
-        layers = eng._infos[0]["num_layers"]
-        ids = ref[0][0]
+        ids = ref[1][0]
         seen = []
         box = []
+        real = eng._update
 
-        def on_delta(d):
+        def spy(step, results):
+            real(step, results)
             if box:
                 seen.append(box[0].progress())
 
+        eng._update = spy
         h = eng.submit("generate", ids, SamplingParams(max_tokens=5, temperature=0,
-                                                        ignore_eos=True), on_delta=on_delta)
+                                                        ignore_eos=True))
         box.append(h)
         h.result(60)
-        # one report per layer from rank 0 only (not one per rank), then the end
-        assert reports == [(i, layers) for i in range(layers)] + [(layers, layers)]
+        pre = [p for p in seen if p.get("phase") == "prefill"]
+        assert [p["done"] for p in pre] == list(range(8, 50, 8))   # 50 tokens, chunks of 8
+        assert all(p["total"] == 50 and p["unit"] == "tokens" for p in pre)
         decode = [p for p in seen if p.get("phase") == "decode"]
-        assert decode and all(p["state"] == "running" and p["total"] == 5 for p in decode)
-        assert [p["done"] for p in decode] == sorted(p["done"] for p in decode)
+        assert [p["done"] for p in decode] == [1, 2, 3, 4]
         assert h.progress() == {"state": "done"}
-        # the same prompt plus more tokens: its prefix is cached, the rest is an extension
-        reports.clear()
-        phases = []
-        real_phase = Engine._phase
-        monkeypatch.setattr(Engine, "_phase", staticmethod(
-            lambda hh, *a: (phases.append(a), real_phase(hh, *a))))
-        h2 = eng.submit("generate", ids + ids[:20], SamplingParams(max_tokens=1))
-        h2.result(60)
-        assert reports == [] and h2.progress() == {"state": "done"}
-        assert phases[0] == ("extend", 0, 20, "tokens")   # the 37-token prompt is cached
         q = eng.submit("score", ids)
         q.result(60)
         assert q.progress()["state"] == "done"

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TIMEOUT_S = 300.0
 
 
 class TransportError(RuntimeError):

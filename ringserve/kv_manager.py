@@ -1,0 +1,179 @@
+"""The driver's view of every sequence's KV: which rank holds each token, in which pages.
+
+This is the one owner of the pages (`PageAllocator` per rank). Workers hold only the tensors
+(`KVPool`); a step plan tells them the slots to write and the pages to read.
+
+A sequence's tokens sit at global positions 0..n-1; token i's K/V live on rank owners[i]. On a
+rank the sequence's tokens are stored in position order, so "the first c tokens on rank r" is a
+prefix of its page list: forking the first m tokens of a cached document shares whole pages
+(`fork`), and a later append into a shared, partly filled page copies it first (copy-on-write,
+listed in the step plan).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple
+
+from .kv_cache import KVCacheFullError, PageAllocator
+
+
+def pages_for(n: int, page_size: int) -> int:
+    return -(-n // page_size)
+
+
+def fewest_owner(counts: Sequence[int]) -> int:
+    """The balancing rule of pass-Q tokens: the rank holding the fewest tokens (lowest first)."""
+    return min(range(len(counts)), key=lambda r: (counts[r], r))
+
+
+def balanced_counts(counts: Sequence[int], n: int) -> List[int]:
+    """Per-rank token counts after n more tokens given one by one by `fewest_owner`."""
+    c = list(counts)
+    while n > 0:
+        lo = min(c)
+        idx = [i for i, x in enumerate(c) if x == lo]
+        higher = [x for x in c if x > lo]
+        room = (min(higher) - lo) * len(idx) if higher else None
+        if room is not None and room <= n:
+            for i in idx:
+                c[i] += room // len(idx)
+            n -= room
+            continue
+        q, r = divmod(n, len(idx))
+        for j, i in enumerate(idx):
+            c[i] += q + (1 if j < r else 0)
+        break
+    return c
+
+
+@dataclass
+class SeqKV:
+    """One sequence's cached tokens over the group."""
+    world_size: int
+    tokens: List[int] = field(default_factory=list)     # ids, position = index
+    owners: List[int] = field(default_factory=list)     # rank holding each token's K/V
+    pages: List[List[int]] = field(default_factory=list)
+    counts: List[int] = field(default_factory=list)     # tokens per rank
+
+    def __post_init__(self):
+        if not self.pages:
+            self.pages = [[] for _ in range(self.world_size)]
+            self.counts = [0] * self.world_size
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class KVManager:
+    def __init__(self, num_pages: Sequence[int], page_size: int, reserved: int = 0):
+        self.page_size = page_size
+        self.world_size = len(num_pages)
+        self.ranks = [PageAllocator(n, reserved) for n in num_pages]
+
+    # ---- sizes ----
+    @property
+    def capacity_tokens(self) -> int:
+        return sum(a.usable for a in self.ranks) * self.page_size
+
+    def free_pages(self) -> List[int]:
+        return [a.num_free for a in self.ranks]
+
+    def usable_pages(self) -> List[int]:
+        return [a.usable for a in self.ranks]
+
+    # ---- sequences ----
+    def new(self) -> SeqKV:
+        return SeqKV(self.world_size)
+
+    def fork(self, src: SeqKV, m: int) -> SeqKV:
+        """A new sequence holding src's first m tokens, sharing their pages."""
+        owners = src.owners[:m]
+        counts = [0] * self.world_size
+        for o in owners:
+            counts[o] += 1
+        pages = []
+        for r, c in enumerate(counts):
+            p = src.pages[r][:pages_for(c, self.page_size)]
+            self.ranks[r].share(p)
+            pages.append(list(p))
+        return SeqKV(self.world_size, list(src.tokens[:m]), list(owners), pages, counts)
+
+    def need(self, seq: SeqKV, new_counts: Sequence[int]) -> List[int]:
+        """Free pages each rank must find to append new_counts[r] tokens (copy-on-write too)."""
+        out = []
+        for r, n in enumerate(new_counts):
+            c, pages = seq.counts[r], seq.pages[r]
+            k = pages_for(c + n, self.page_size) - len(pages)
+            if n and c % self.page_size and self.ranks[r].ref[pages[-1]] > 1:
+                k += 1
+            out.append(max(0, k))
+        return out
+
+    def fits(self, need: Sequence[int]) -> bool:
+        return all(n <= a.num_free for n, a in zip(need, self.ranks))
+
+    def append(self, seq: SeqKV, tokens: Sequence[int], owners: Sequence[int]
+               ) -> Tuple[List[List[int]], List[List[Tuple[int, int]]]]:
+        """Give the tokens (at positions len(seq)..) slots on their owners. Returns per rank the
+        flat slots of that rank's new tokens (in order) and the page copies to do first."""
+        new = [0] * self.world_size
+        for o in owners:
+            new[o] += 1
+        need = self.need(seq, new)
+        if not self.fits(need):
+            raise KVCacheFullError(f"{need} pages needed, {self.free_pages()} free")
+        slots: List[List[int]] = [[] for _ in range(self.world_size)]
+        copies: List[List[Tuple[int, int]]] = [[] for _ in range(self.world_size)]
+        P = self.page_size
+        for r in range(self.world_size):
+            if not new[r]:
+                continue
+            a, pages, c = self.ranks[r], seq.pages[r], seq.counts[r]
+            if c % P and a.ref[pages[-1]] > 1:
+                fresh = a.take()
+                copies[r].append((pages[-1], fresh))
+                a.release([pages[-1]])
+                pages[-1] = fresh
+            while len(pages) < pages_for(c + new[r], P):
+                pages.append(a.take())
+            slots[r] = [pages[i // P] * P + i % P for i in range(c, c + new[r])]
+            seq.counts[r] += new[r]
+        seq.tokens.extend(int(t) for t in tokens)
+        seq.owners.extend(int(o) for o in owners)
+        return slots, copies
+
+    def free(self, seq: SeqKV) -> None:
+        for r, pages in enumerate(seq.pages):
+            self.ranks[r].release(pages)
+        seq.pages = [[] for _ in range(self.world_size)]
+        seq.counts = [0] * self.world_size
+        seq.tokens, seq.owners = [], []
+
+    def reset(self) -> None:
+        """Every page free (the workers were rebuilt with empty pools)."""
+        reserved = self.ranks[0].num_pages - self.ranks[0].usable
+        self.ranks = [PageAllocator(a.num_pages, reserved) for a in self.ranks]
+
+    def pages_of(self, seqs: Sequence[SeqKV]) -> List[int]:
+        """Pages per rank held by these sequences, shared pages counted once."""
+        out = []
+        for r in range(self.world_size):
+            s = set()
+            for q in seqs:
+                s.update(q.pages[r])
+            out.append(len(s))
+        return out
+
+    def exclusive_pages(self, seqs: Sequence[SeqKV]) -> List[int]:
+        """Pages per rank that freeing these sequences would give back (no other holder)."""
+        out = []
+        for r in range(self.world_size):
+            held: dict = {}
+            for q in seqs:
+                for p in q.pages[r]:
+                    held[p] = held.get(p, 0) + 1
+            out.append(sum(1 for p, n in held.items() if self.ranks[r].ref[p] == n))
+        return out
+
+
+__all__ = ["KVManager", "SeqKV", "pages_for", "fewest_owner", "balanced_counts"]

@@ -1,0 +1,214 @@
+"""Attention for one engine step's flat token batch on one rank (see `ringserve.plan`).
+
+`StepAttention(plan, pool, ...)` is the model's `attn_fn` for the step. Per layer it
+
+1. writes the K/V of the tokens this rank owns into its pool (one scatter for the whole batch);
+2. pass-Q rows (decodes, short extensions; the same rows on every rank): attends them to this
+   rank's cache with the paged flash-decoding kernel (all one-token rows in one batched launch;
+   rows sharing a cached document read its pages once: cascade attention, prefix part and
+   own-suffix part merged by log-sum-exp), then all-gathers the partial (out, lse) of every
+   pass-Q row at once and merges them in rank order, so every rank continues with the same rows;
+3. ring rows (a prefill chunk sharded by the layout): ring attention within the chunk, and, when
+   earlier chunks of the prompt are cached, pass-Q of the chunk's queries against them
+   (all-gather the queries, attend locally, all-gather the partials, keep one's own rows),
+   merged with the chunk part by log-sum-exp.
+
+Every collective is issued in plan order, identical on every rank.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ringserve import kernels
+from ringserve.plan import RankPlan
+from .ring import ring_attention
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """out (R, H, D) float32, lse (R, H) float32: merge b into a in place (the log-sum-exp
+    rule; a row with lse -inf on one side takes the other side unchanged)."""
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
+    tot = wa + wb
+    lse = torch.where(tot > 0, m_safe + torch.log(tot), torch.full_like(m, float("-inf")))
+    tot_safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    out_a.mul_((wa / tot_safe)[..., None]).add_(out_b * (wb / tot_safe)[..., None])
+    lse_a.copy_(lse)
+
+
+def merge_rows(transport, o: torch.Tensor, lse: torch.Tensor):
+    """All-gather every rank's partial (out (R, H, D), lse (R, H)) of the same rows, merge them
+    in rank order: every rank ends with the same rows, bit for bit."""
+    n = o.numel()
+    # stream-ordered on NCCL: the merge waits on the GPU, not the host; the step's one
+    # transport.synchronize bounds the wait
+    parts = transport.all_gather(torch.cat([o.reshape(-1), lse.reshape(-1)]), blocking=False)
+    acc_o = parts[0][:n].view(o.shape).clone()
+    acc_l = parts[0][n:].view(lse.shape).clone()
+    for p in parts[1:]:
+        _merge(acc_o, acc_l, p[:n].view(o.shape), p[n:].view(lse.shape))
+    return acc_o, acc_l
+
+
+class StepAttention:
+    def __init__(self, plan: RankPlan, pool, rank: int, world_size: int, transport,
+                 softmax_scale: float, window_size: Optional[int], backend: str):
+        self.plan, self.pool = plan, pool
+        self.rank, self.world_size, self.transport = rank, world_size, transport
+        self.scale, self.window, self.backend = softmax_scale, window_size, backend
+        dev = pool.k.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        i64 = dict(dtype=torch.int64, device=dev)
+        # row ranges of each sequence in the flat batch
+        self.rows: List[slice] = []
+        a = 0
+        for s in plan.seqs:
+            self.rows.append(slice(a, a + len(s.token_ids)))
+            a += len(s.token_ids)
+        self.num_rows = a
+        # one scatter of every owned token per layer
+        w_rows, w_slots, w_pos = [], [], []
+        for s, r in zip(plan.seqs, self.rows):
+            w_rows += [r.start + i for i in s.write_rows]
+            w_slots += s.slots
+            w_pos += [s.positions[i] for i in s.write_rows]
+        self.w_rows = torch.tensor(w_rows, **i64)
+        self.w_slots = torch.tensor(w_slots, **i64)
+        pool.set_positions(self.w_slots, torch.tensor(w_pos, **i64))
+        page = pool.page_size
+        # pass-Q one-token rows: one batched decode launch (suffix tables after cascade prefix)
+        self.dec = [i for i, s in enumerate(plan.seqs) if s.kind == "q" and len(s.token_ids) == 1]
+        self.ext = [i for i, s in enumerate(plan.seqs) if s.kind == "q" and len(s.token_ids) > 1]
+        self.ring = [i for i, s in enumerate(plan.seqs) if s.kind == "ring"]
+        if self.dec:
+            skip = [len(plan.groups[plan.seqs[i].group][0]) if plan.seqs[i].group >= 0 else 0
+                    for i in self.dec]
+            tabs = [plan.seqs[i].pages[k:] or [0] for i, k in zip(self.dec, skip)]
+            width = max(len(t) for t in tabs)
+            self.dec_table = torch.tensor([t + [0] * (width - len(t)) for t in tabs], **i32)
+            self.dec_lens = torch.tensor([plan.seqs[i].n_after - k * page
+                                          for i, k in zip(self.dec, skip)], **i32)
+            self.dec_rows = torch.tensor([self.rows[i].start for i in self.dec], **i64)
+            self.dec_qpos = torch.tensor([[plan.seqs[i].positions[0]] for i in self.dec], **i64)
+            self.groups = []
+            for g, (pages, n) in enumerate(plan.groups):
+                members = [j for j, i in enumerate(self.dec) if plan.seqs[i].group == g]
+                self.groups.append((torch.tensor([pages], **i32), torch.tensor([n], **i32),
+                                    torch.tensor(members, **i64)))
+        self.tables = {i: torch.tensor([plan.seqs[i].pages or [0]], **i32)
+                       for i in self.ext + self.ring}
+        self.q_rows = [i for i in range(len(plan.seqs)) if plan.seqs[i].kind == "q"]
+        self.q_index = torch.tensor([r for i in self.q_rows for r in range(
+            self.rows[i].start, self.rows[i].stop)], **i64)
+        self.positions = torch.tensor([p for s in plan.seqs for p in s.positions], **i64)
+
+    def _paged(self, layer, q, table, lens, q_pos):
+        return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
+                                    softmax_scale=self.scale, causal=True,
+                                    window_size=self.window, q_pos=q_pos,
+                                    kv_pos=self.pool.kv_pos, backend=self.backend)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        q, k, v = q[0], k[0], v[0]                      # (T, H, D)
+        self.pool.write(layer, self.w_slots, k.index_select(0, self.w_rows),
+                        v.index_select(0, self.w_rows))
+        out = torch.empty_like(q)
+        if self.q_rows:
+            o, lse = self._pass_q(layer, q)              # (Rq, Hq, D) f32, (Rq, Hq) f32
+            if self.world_size > 1:
+                o, lse = self._merge_ranks(o, lse)
+            out.index_copy_(0, self.q_index, o.to(q.dtype))
+        for i in self.ring:
+            r = self.rows[i]
+            out[r] = self._ring_chunk(layer, i, q[r], k[r], v[r])
+        return out[None]
+
+    # ---- pass-Q rows ----
+
+    def _pass_q(self, layer: int, q: torch.Tensor):
+        parts_o, parts_l = {}, {}
+        if self.dec:
+            qd = q.index_select(0, self.dec_rows)[:, None]          # (B, 1, Hq, D)
+            o, lse = self._paged(layer, qd, self.dec_table, self.dec_lens, self.dec_qpos)
+            o, lse = o[:, 0].float(), lse[:, :, 0].contiguous()     # (B, Hq, D), (B, Hq)
+            for table, lens, members in self.groups:                # shared prefix read once
+                qg = qd.index_select(0, members)[:, 0][None]         # (1, n, Hq, D)
+                po, pl = self._paged(layer, qg, table, lens,
+                                     self.dec_qpos.index_select(0, members).reshape(1, -1))
+                mo, ml = o.index_select(0, members), lse.index_select(0, members)
+                _merge(mo, ml, po[0].float(), pl[0].t().contiguous())
+                o.index_copy_(0, members, mo)
+                lse.index_copy_(0, members, ml)
+            for j, i in enumerate(self.dec):
+                parts_o[i], parts_l[i] = o[j:j + 1], lse[j:j + 1]
+        for i in self.ext:
+            s, r = self.plan.seqs[i], self.rows[i]
+            lens = torch.tensor([s.n_after], dtype=torch.int32, device=q.device)
+            o, lse = self._paged(layer, q[r][None], self.tables[i], lens,
+                                 self.positions[r][None])
+            parts_o[i], parts_l[i] = o[0].float(), lse[0].t()
+        order = self.q_rows
+        return (torch.cat([parts_o[i] for i in order]),
+                torch.cat([parts_l[i] for i in order]).contiguous())
+
+    def _merge_ranks(self, o: torch.Tensor, lse: torch.Tensor):
+        return merge_rows(self.transport, o, lse)
+
+    # ---- ring rows ----
+
+    def _ring_chunk(self, layer: int, i: int, q, k, v):
+        s = self.plan.seqs[i]
+        if self.world_size == 1:
+            o, lse = kernels.attention(q[None], k[None], v[None], softmax_scale=self.scale,
+                                       causal=True, window_size=self.window,
+                                       backend=self.backend)
+        else:
+            o, lse = ring_attention(q[None], k[None], v[None], s.chunk_len, self.plan.layout,
+                                    self.transport, causal=True, window_size=self.window,
+                                    softmax_scale=self.scale, backend=self.backend)
+        if s.chunk_start == 0:
+            return o[0]
+        o, lse = o[0].float(), lse[0].t().contiguous()                 # (S, Hq, D), (S, Hq)
+        po, pl = self._prefix(layer, i, q)
+        _merge(o, lse, po, pl)
+        return o.to(q.dtype)
+
+    def _prefix(self, layer: int, i: int, q):
+        """The chunk's queries (this rank's rows) against the sequence's earlier tokens on
+        every rank: pass-Q within the ring step."""
+        s, r = self.plan.seqs[i], self.rows[i]
+        dev = q.device
+        lens = torch.tensor([s.n_before], dtype=torch.int32, device=dev)
+        if self.world_size == 1:
+            o, lse = self._paged(layer, q[None], self.tables[i], lens, self.positions[r][None])
+            return o[0].float(), lse[0].t().contiguous()
+        N = self.world_size
+        width = -(-s.chunk_len // N)                      # the longest shard of the chunk
+        S = q.shape[0]
+        qp = torch.zeros(width, *q.shape[1:], dtype=q.dtype, device=dev)
+        qp[:S] = q
+        pp = torch.full((width,), -1, dtype=torch.int64, device=dev)   # -1: sees no key
+        pp[:S] = self.positions[r]
+        got = self.transport.all_gather(torch.cat([qp.reshape(-1).float(), pp.float()]),
+                                        blocking=False)
+        nq = qp.numel()
+        qa = torch.cat([g[:nq].view(qp.shape) for g in got]).to(q.dtype)   # (N*width, Hq, D)
+        pa = torch.cat([g[nq:] for g in got]).to(torch.int64)
+        o, lse = self._paged(layer, qa[None], self.tables[i], lens, pa[None])
+        o, lse = o[0].float(), lse[0].t().contiguous()                   # (N*w, Hq, D), (N*w, Hq)
+        parts = self.transport.all_gather(torch.cat([o.reshape(-1), lse.reshape(-1)]),
+                                          blocking=False)
+        n = o.numel()
+        me = slice(self.rank * width, self.rank * width + S)
+        acc_o = acc_l = None
+        for p in parts:
+            po = p[:n].view(o.shape)[me]
+            pl = p[n:].view(lse.shape)[me]
+            if acc_o is None:
+                acc_o, acc_l = po.clone(), pl.clone()
+            else:
+                _merge(acc_o, acc_l, po, pl)
+        return acc_o, acc_l

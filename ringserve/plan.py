@@ -1,0 +1,66 @@
+"""The step plan: what one engine step asks of each rank (built by `ringserve.scheduler`).
+
+A step is one flat token batch per rank. Every running sequence that has work in the step
+contributes one `SeqStep` to every rank's plan, in the same order on all ranks (the collectives
+of the step then match across ranks without talking):
+
+- kind "q" (pass-Q: decode tokens, short prompt extensions): every rank runs all the chunk's
+  tokens; each token's K/V are stored by one owner rank; every rank attends the chunk's queries
+  to its own cache and the partial (out, lse) are merged across ranks.
+- kind "ring": the chunk is sharded over the ranks by the layout (striped or ring); attention is
+  ring attention within the chunk, plus pass-Q against the sequence's tokens already cached
+  (the prompt's earlier chunks), merged by the log-sum-exp rule.
+
+The driver owns the pages: a step carries the slots to write and the pages to read. Workers keep
+no per-sequence state, so a rebuilt group or a preempted request needs nothing undone on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class SeqStep:
+    kind: str                       # "q" | "ring"
+    token_ids: List[int]            # the tokens this rank runs (q: whole chunk; ring: its shard)
+    positions: List[int]            # their global positions
+    write_rows: List[int]           # rows of token_ids whose K/V this rank stores ...
+    slots: List[int]                # ... in these flat slots of its pool
+    pages: List[int]                # this rank's pages of the sequence after the step
+    n_before: int                   # this rank's cached tokens of the sequence before the step
+    n_after: int                    # ... and after it
+    chunk_len: int = 0              # ring: the chunk's length over all ranks
+    chunk_start: int = 0            # ring: global position of the chunk's first token
+    sample: Optional[Tuple[SamplingParams, int]] = None  # (params, step): sample after last row
+    targets: Optional[List[int]] = None   # score: next-token id of each row (-1: none)
+    group: int = -1                 # cascade group of a one-token q step (-1: none)
+
+    def __post_init__(self):
+        if self.kind not in ("q", "ring"):
+            raise ValueError(f"kind must be 'q' or 'ring', got {self.kind!r}")
+        if len(self.positions) != len(self.token_ids) or len(self.write_rows) != len(self.slots):
+            raise ValueError("positions/token_ids and write_rows/slots must have equal lengths")
+
+
+@dataclass
+class RankPlan:
+    layout: str
+    seqs: List[SeqStep] = field(default_factory=list)
+    copy_src: List[int] = field(default_factory=list)   # copy-on-write before the step
+    copy_dst: List[int] = field(default_factory=list)
+    # cascade groups: (shared prefix pages, their token count) read once for all members
+    groups: List[Tuple[List[int], int]] = field(default_factory=list)
+    # a step of one-token rows only: the graph bucket (batch, table width), the same on every
+    # rank; 0 when the step is not graph-shaped
+    graph_batch: int = 0
+    graph_width: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+__all__ = ["SeqStep", "RankPlan"]

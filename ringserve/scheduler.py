@@ -1,0 +1,427 @@
+"""The scheduler: which requests run, which tokens each computes this step, where their K/V go.
+
+It only decides; `Engine` executes its `Step` on the actor group and feeds the results back
+(`Engine._update`). Policy:
+
+- FIFO admission from one waiting queue, up to `max_num_seqs` running requests. A request is
+  admitted only when the pages of its (uncached) prompt are free, after evicting unpinned cached
+  documents, least recently used first. Requests put back by preemption or a worker fault go to
+  the front of the queue, in arrival order.
+- Every running request that is decoding gets its one token in every step: decodes are never
+  starved by a prefill. Prefill work comes on top, in chunks, up to `max_num_batched_tokens`
+  prompt tokens per step (FIFO among running prompts).
+- When running sequences outgrow the caches, the newest running request is preempted: its KV is
+  freed and it recomputes later from its prompt plus the tokens it has already produced (so its
+  output is the same). Pinned documents are never evicted for this.
+
+A chunk is computed "ring" (sharded by the layout, ring attention, plus pass-Q against the
+prompt's tokens cached by earlier chunks) or "q" (every rank runs all of it: decode tokens and
+short extensions of a cached prefix; owners by the fewest-tokens rule).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .doc_cache import CachedSeq, DocumentCache
+from .errors import CapacityError
+from .kv_manager import KVManager, SeqKV, balanced_counts, fewest_owner, pages_for
+from .parallel import layout as layouts
+from .plan import RankPlan, SeqStep
+from .sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    """One request's state, owned by the engine thread."""
+    order: int                         # arrival number: FIFO and "newest" for preemption
+    kind: str                          # "generate" | "score" | "cache_document"
+    prompt: List[int]
+    params: Optional[SamplingParams]
+    handle: Any                        # engine.RequestHandle
+    out_tokens: List[int] = field(default_factory=list)
+    out_logprobs: List[float] = field(default_factory=list)
+    seq: Optional[SeqKV] = None        # its KV while running
+    num_cached_tokens: int = 0         # reused from the document cache at first admission
+    score_lps: Optional[List[Optional[float]]] = None
+    recoveries: int = 0                # worker faults survived
+    preemptions: int = 0
+    first_admitted: Optional[float] = None
+    first_token_at: Optional[float] = None
+    stop: Any = None                   # sampling.StopState (generate)
+    entry_key: Optional[str] = None    # the cached document it forked, if any
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.prompt + self.out_tokens
+
+    @property
+    def computed(self) -> int:
+        return len(self.seq) if self.seq is not None else 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) + len(self.out_tokens) - self.computed
+
+    @property
+    def decoding(self) -> bool:
+        return self.kind == "generate" and bool(self.out_tokens) and self.remaining == 1
+
+
+@dataclass
+class Work:
+    req: Request
+    start: int                         # first position computed
+    n: int                             # tokens computed
+    kind: str                          # "q" | "ring"
+    owners: List[int]
+    sample: bool
+    sample_rank: int = 0
+    # filled when the pages are taken (at scheduling, so later work in the step sees them gone)
+    before: List[int] = field(default_factory=list)     # the request's tokens per rank before
+    slots: List[List[int]] = field(default_factory=list)
+    copies: List[List[Tuple[int, int]]] = field(default_factory=list)
+    pages: List[List[int]] = field(default_factory=list)
+    after: List[int] = field(default_factory=list)
+
+
+@dataclass
+class Step:
+    works: List[Work]
+    plans: List[RankPlan]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(w.n for w in self.works)
+
+
+@dataclass
+class SchedulerConfig:
+    layout: str = "striped"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048     # prompt tokens per step (decodes come on top)
+    passq_max_tokens: int = 256            # a continuation chunk this short runs pass-Q
+    cascade: bool = True                   # shared-prefix decode (read a document once)
+    graphs: bool = False                   # mark decode-only steps with their graph bucket
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVManager, doc_cache: DocumentCache,
+                 world_size: int):
+        self.cfg, self.kv, self.doc_cache = cfg, kv, doc_cache
+        self.world_size = world_size
+        self.waiting: "collections.deque[Request]" = collections.deque()
+        self.running: List[Request] = []
+        self._orders = itertools.count()
+        self.on_preempt: Callable[[Request], None] = lambda r: None
+        self._preempted = False
+
+    # ---- queue ----
+
+    def next_order(self) -> int:
+        return next(self._orders)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def requeue(self, reqs: Sequence[Request]) -> None:
+        """Put requests back at the head of the queue in arrival order (preemption, faults)."""
+        for r in sorted(reqs, key=lambda r: r.order, reverse=True):
+            self.waiting.appendleft(r)
+
+    def remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.release(req)
+
+    def release(self, req: Request) -> None:
+        if req.seq is not None:
+            self.kv.free(req.seq)
+            req.seq = None
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- capacity ----
+
+    def _evictable(self) -> List[CachedSeq]:
+        return [e for e in self.doc_cache.eviction_order() if not e.pinned]
+
+    def _make_room(self, need: List[int], keep: Tuple[str, ...] = ()) -> bool:
+        """Evict unpinned cached sequences (LRU first) until `need` pages are free per rank."""
+        if self.kv.fits(need):
+            return True
+        for e in self._evictable():
+            if e.key in keep:
+                continue
+            self.doc_cache.remove(e.key)
+            self.kv.free(e.kv)
+            if self.kv.fits(need):
+                return True
+        return False
+
+    def pinned_pages(self, keep: Optional[CachedSeq] = None) -> List[int]:
+        pinned = [e.kv for e in self.doc_cache.entries() if e.pinned and e is not keep]
+        return self.kv.pages_of(pinned)
+
+    def check_static(self, req: Request, entry: Optional[CachedSeq], m: int) -> None:
+        """CapacityError if the request can never fit, whatever else is evicted or preempted."""
+        extra = req.params.max_tokens if req.kind == "generate" else 0
+        total = len(req.prompt) + extra
+        what = (f"prompt {len(req.prompt)} + max_tokens {extra}" if req.kind == "generate"
+                else f"{'document' if req.kind == 'cache_document' else 'scored text'} of "
+                     f"{len(req.prompt)} tokens")
+        cap = self.kv.capacity_tokens
+        if total > cap:
+            raise CapacityError(total, cap, what)
+        pinned = self.pinned_pages(keep=entry)
+        room = [u - p for u, p in zip(self.kv.usable_pages(), pinned)]
+        need = self._need_pages(req, extra, entry, m)
+        if any(n > r for n, r in zip(need, room)):
+            avail = sum(max(0, r) for r in room) * self.kv.page_size
+            tok = sum(e.num_tokens for e in self.doc_cache.entries() if e.pinned)
+            raise CapacityError(total, avail, f"{what}; group capacity {cap} tokens, {tok} held "
+                                "by pinned documents (drop_document frees them)")
+
+    def _need_pages(self, req: Request, extra: int, entry: Optional[CachedSeq], m: int):
+        """Pages per rank the request's KV will take beyond a reused prefix."""
+        P, N = self.kv.page_size, self.world_size
+        if entry is not None:
+            counts = entry.rank_counts(N, m)
+            shared = [c // P for c in counts]
+            final = balanced_counts(counts, len(req.prompt) - m + extra)
+        else:
+            counts = [s.length for s in layouts.shards(len(req.prompt), N, self.cfg.layout)]
+            shared = [0] * N
+            final = balanced_counts(counts, extra)
+        return [pages_for(f, P) - s for f, s in zip(final, shared)]
+
+    def match(self, req: Request) -> Tuple[Optional[CachedSeq], int]:
+        if req.kind == "score" or not len(self.doc_cache):
+            return None, 0
+        toks = req.tokens
+        entry, m = self.doc_cache.match(torch.tensor(toks, dtype=torch.int32))
+        if entry is None:
+            return None, 0
+        if req.kind == "generate" and m >= len(toks):
+            m = len(toks) - 1              # the last token must run to give logits
+        return (entry, m) if m > 0 else (None, 0)
+
+    # ---- one step ----
+
+    def schedule(self, now: float) -> Step:
+        works: List[Work] = []
+        # 1. every decoding request gets its token; preempt the newest if pages run out
+        for req in sorted(self.running, key=lambda r: r.order):
+            if req not in self.running or not req.decoding:
+                continue
+            owner = fewest_owner(req.seq.counts)
+            if not self._room_for(req, [owner]):
+                continue
+            works.append(self._work(req, 1, "q", [owner]))
+        # 2. prompt chunks of running requests, FIFO, within the token budget
+        budget = self.cfg.max_num_batched_tokens
+        for req in sorted(self.running, key=lambda r: r.order):
+            if budget <= 0:
+                break
+            if req not in self.running or req.decoding or any(w.req is req for w in works):
+                continue
+            w = self._chunk(req, budget)
+            if w is not None:
+                works.append(w)
+                budget -= w.n
+        # 3. admit waiting requests, FIFO, while there is room
+        self._preempted = False
+        while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
+               and not self._preempted):
+            req = self.waiting[0]
+            if not self._admit(req, now):
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            w = self._chunk(req, budget)
+            if w is not None:
+                works.append(w)
+                budget -= w.n
+        works = [w for w in works if w.req in self.running]
+        return Step(works, self._plans(works))
+
+    def _admit(self, req: Request, now: float) -> bool:
+        entry, m = self.match(req)
+        if entry is not None:
+            counts = entry.rank_counts(self.world_size, m)
+            final = balanced_counts(counts, len(req.tokens) - m)
+            need = [pages_for(f, self.kv.page_size) - c // self.kv.page_size
+                    for f, c in zip(final, counts)]
+        else:
+            n = len(req.tokens)
+            counts = [s.length for s in layouts.shards(n, self.world_size, self.cfg.layout)]
+            need = [pages_for(c, self.kv.page_size) for c in counts]
+        # the outstanding prompt chunks of running requests have a claim on the pages too
+        claims = [0] * self.world_size
+        for r in self.running:
+            if not r.decoding and r.remaining > 1:
+                for i, c in enumerate(balanced_counts([0] * self.world_size, r.remaining)):
+                    claims[i] += pages_for(c, self.kv.page_size) + 1
+        total = [a + b for a, b in zip(need, claims)]
+        keep = (entry.key,) if entry is not None else ()
+        if not self._make_room(total, keep):
+            if entry is not None or self.running:
+                return False
+            # nothing else runs: it must fit alone (check_static said it can)
+            if not self._make_room(need):
+                return False
+        if entry is not None:
+            self.doc_cache.touch(entry)
+            req.seq = self.kv.fork(entry.kv, m)
+            req.entry_key = entry.key
+        else:
+            req.seq = self.kv.new()
+        if req.first_admitted is None:
+            req.first_admitted = now
+            req.num_cached_tokens = m
+        return True
+
+    def _room_for(self, req: Request, owners: List[int]) -> bool:
+        """Pages for the request's next tokens, preempting the newest running requests (maybe
+        this one: then False) when evicting unpinned documents is not enough."""
+        new = [0] * self.world_size
+        for o in owners:
+            new[o] += 1
+        while True:
+            need = self.kv.need(req.seq, new)
+            if self._make_room(need):
+                return True
+            victim = max(self.running, key=lambda r: r.order)
+            self.preempt(victim)
+            if victim is req:
+                return False
+
+    def preempt(self, req: Request) -> None:
+        self._preempted = True
+        self.running.remove(req)
+        self.release(req)
+        req.preemptions += 1
+        self.requeue([req])
+        self.on_preempt(req)
+
+    def _chunk(self, req: Request, budget: int) -> Optional[Work]:
+        start, left = req.computed, req.remaining
+        n = min(left, budget)
+        N = self.world_size
+        kind = "ring"
+        if n < N or (start > 0 and n <= self.cfg.passq_max_tokens):
+            kind = "q"
+        if kind == "q":
+            c, owners = list(req.seq.counts), []
+            for _ in range(n):
+                o = fewest_owner(c)
+                c[o] += 1
+                owners.append(o)
+        else:
+            owners = [0] * n
+            for s in layouts.shards(n, N, self.cfg.layout):
+                for p in s.positions().tolist():
+                    owners[p] = s.rank
+        if not self._room_for(req, owners):
+            return None
+        return self._work(req, n, kind, owners)
+
+    def _work(self, req: Request, n: int, kind: str, owners: List[int]) -> Work:
+        """The work item, with its pages taken now (room was made by `_room_for`)."""
+        start = req.computed
+        sample = req.kind == "generate" and start + n == len(req.tokens)
+        rank = owners[-1] if kind == "ring" else 0
+        w = Work(req, start, n, kind, owners, sample, rank)
+        seq = req.seq
+        w.before = list(seq.counts)
+        w.slots, w.copies = self.kv.append(seq, req.tokens[start:start + n], owners)
+        w.pages = [list(p) for p in seq.pages]
+        w.after = list(seq.counts)
+        return w
+
+    # ---- the per-rank plans ----
+
+    def _plans(self, works: List[Work]) -> List[RankPlan]:
+        N = self.world_size
+        plans = [RankPlan(self.cfg.layout) for _ in range(N)]
+        for w in works:
+            toks = w.req.tokens[w.start:w.start + w.n]
+            slots, copies = w.slots, w.copies
+            targets = None
+            if w.req.kind == "score":
+                full = w.req.prompt
+                targets = [full[p + 1] if p + 1 < len(full) else -1
+                           for p in range(w.start, w.start + w.n)]
+            for r in range(N):
+                plan = plans[r]
+                for a, b in copies[r]:
+                    plan.copy_src.append(a)
+                    plan.copy_dst.append(b)
+                if w.kind == "q":
+                    rows = list(range(w.n))
+                    write = [i for i in rows if w.owners[i] == r]
+                else:
+                    rows = [i for i in range(w.n) if w.owners[i] == r]
+                    write = list(range(len(rows)))
+                step = SeqStep(
+                    w.kind, [toks[i] for i in rows], [w.start + i for i in rows], write,
+                    slots[r], w.pages[r], w.before[r], w.after[r],
+                    chunk_len=w.n, chunk_start=w.start,
+                    sample=((w.req.params, len(w.req.out_tokens))
+                            if w.sample and r == w.sample_rank else None),
+                    targets=([targets[i] for i in rows] if targets is not None
+                             and (w.kind == "ring" or r == 0) else None))
+                plan.seqs.append(step)
+        if self.cfg.graphs and works and all(w.kind == "q" and w.n == 1 for w in works):
+            batch = 1
+            while batch < len(works):
+                batch *= 2
+            width = 16
+            need = max(len(p) for w in works for p in w.pages)
+            while width < need:
+                width *= 2
+            for plan in plans:
+                plan.graph_batch, plan.graph_width = batch, width
+        elif self.cfg.cascade:
+            for plan in plans:
+                self._cascade(plan)
+        return plans
+
+    def _cascade(self, plan: RankPlan) -> None:
+        """Group one-token pass-Q steps whose first pages are the same pages (a shared cached
+        document on this rank): the shared full pages are read once for the whole group."""
+        P = self.kv.page_size
+        by_first: Dict[int, List[SeqStep]] = {}
+        for s in plan.seqs:
+            if s.kind == "q" and len(s.token_ids) == 1 and s.n_before >= P:
+                by_first.setdefault(s.pages[0], []).append(s)
+        for members in by_first.values():
+            if len(members) < 2:
+                continue
+            k = min(s.n_before // P for s in members)
+            for s in members[1:]:
+                j = 0
+                while j < k and s.pages[j] == members[0].pages[j]:
+                    j += 1
+                k = j
+            if k < 1:
+                continue
+            g = len(plan.groups)
+            plan.groups.append((list(members[0].pages[:k]), k * P))
+            for s in members:
+                s.group = g
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+__all__ = ["Request", "Work", "Step", "Scheduler", "SchedulerConfig"]
