@@ -1,4 +1,4 @@
-"""`ringserve` command line: serve, batch, demo, make-demo-model."""
+"""`ringserve` command line: serve, batch, demo, convert, make-demo-model."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ from typing import List, Optional
 def _serve(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="ringserve serve",
                                 description="Start the HTTP service (Ray Serve) for one model.")
-    p.add_argument("--model", required=True, help="local HuggingFace-format checkpoint directory")
+    p.add_argument("--model", required=True,
+                   help="local HuggingFace-format checkpoint directory, or a .gguf file")
     p.add_argument("--world-size", type=int, default=1,
                    help="GPUs (or CPU actors) per actor group: the sequence is sharded over them")
     p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
@@ -59,21 +60,42 @@ def _make_demo_model(argv: List[str]) -> int:
     return 0
 
 
+def _convert(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="ringserve convert",
+                                description="Write a GGUF checkpoint as a HuggingFace safetensors "
+                                            "directory (dequantized).")
+    p.add_argument("model", help="the .gguf file")
+    p.add_argument("out_dir", help="the directory to write (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of the written weights (default bfloat16)")
+    a = p.parse_args(argv)
+    from ringserve.gguf import convert_gguf
+
+    try:
+        out = convert_gguf(a.model, a.out_dir, dtype=a.dtype)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        p.error(str(exc))
+    print(out)
+    return 0
+
+
 COMMANDS = {
     "serve": _serve,
     "batch": lambda argv: __import__("ringserve.batch", fromlist=["main"]).main(argv),
     "demo": lambda argv: __import__("ringserve.demo", fromlist=["main"]).main(argv),
     "make-demo-model": _make_demo_model,
+    "convert": _convert,
 }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: ringserve {serve,batch,demo,make-demo-model} [options]\n"
+        print("usage: ringserve {serve,batch,demo,convert,make-demo-model} [options]\n"
               "  serve            start the HTTP service\n"
               "  batch            process a JSONL of documents (also: python -m ringserve.batch)\n"
               "  demo             the embedded default: demo model, local Ray, a long document\n"
+              "  convert          write a .gguf checkpoint as a HuggingFace safetensors directory\n"
               "  make-demo-model  write the small random-weight demo checkpoint")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return int(COMMANDS[argv[0]](argv[1:]) or 0)

@@ -350,3 +350,64 @@ def check_gguf(path: Union[str, Path]) -> List[str]:
 
     check_tokenizer_metadata(ckpt)
     return sorted({t.tensor_type.name for t in ckpt.tensors.values()})
+
+
+def convert_gguf(path: Union[str, Path], out_dir: Union[str, Path], dtype: str = "bfloat16",
+                 shard_bytes: int = 5 << 30) -> Path:
+    """Write the GGUF file as a HF checkpoint directory: config.json, safetensors (sharded with
+    an index past `shard_bytes`), tokenizer.json, tokenizer_config.json (with the chat template)
+    and generation_config.json. Weights are dequantized and stored as `dtype`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .config import ModelConfig
+    from .gguf_tokenizer import build_tokenizer
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
+    ckpt = open_gguf(path)
+    cfg = dict(ckpt.hf_config(), torch_dtype=dtype)
+    try:
+        ModelConfig.from_hf_dict(cfg)
+    except ValueError as exc:
+        raise GGUFError(f"{ckpt.path}: {exc}") from exc
+    tok, tok_cfg, template, gen = build_tokenizer(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in ckpt.hf_tensors():
+        t = t.to(dtypes[dtype]).contiguous()
+        if size and size + t.numel() * t.element_size() > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * t.element_size()
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok.save(str(out / "tokenizer.json"))
+    tok_cfg = dict(tok_cfg, tokenizer_class="PreTrainedTokenizerFast",
+                   model_max_length=cfg["max_position_embeddings"],
+                   clean_up_tokenization_spaces=False)
+    if template:
+        tok_cfg["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1, ensure_ascii=False))
+    (out / "generation_config.json").write_text(json.dumps(
+        {k: v for k, v in gen.items() if v is not None}, indent=1))
+    return out

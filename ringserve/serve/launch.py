@@ -67,8 +67,11 @@ def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 80
     args = {"model": model, "world_size": world_size, **options}
     ServeArgs.from_dict(args)  # fail on bad arguments before starting anything
     if ray_address is None and not os.path.isdir(model):
-        raise FileNotFoundError(f"model directory {model!r} does not exist")
-    if ray_address is None:  # a local model directory: hand Ray its absolute path
+        from ringserve.gguf import check_gguf, is_gguf
+        if not is_gguf(model):
+            raise FileNotFoundError(f"model directory {model!r} does not exist")
+        check_gguf(model)  # a bad GGUF file fails here, before any actor starts
+    if ray_address is None:  # a local model (directory or .gguf): hand Ray its absolute path
         args["model"] = os.path.abspath(model)
     import ray
     from ray import serve
