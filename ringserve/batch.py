@@ -476,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="input JSONL")
     p.add_argument("--output", required=True, type=Path, help="results JSONL (appended to)")
     p.add_argument("--world-size", type=int, default=1, help="shards (GPUs) per actor group")
-    p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
+    p.add_argument("--layout", choices=("striped", "ring"), default=None,
+                   help="shard layout of prompt chunks over the group (default striped)")
+    p.add_argument("--schedule", choices=("striped", "ring"), default=None,
+                   help=argparse.SUPPRESS)  # deprecated name of --layout
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when the Ray cluster has GPUs, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
@@ -530,11 +533,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ray.init(address=ray_address)
         # the driver may sit on a CPU-only head (KubeRay): ask the cluster, not this machine
         device = a.device or ("cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")
-        llm = LLM(a.model, world_size=a.world_size, schedule=a.schedule, device=device,
+        if a.schedule is not None:
+            print("[ringserve.batch] --schedule is deprecated, say --layout", file=sys.stderr)
+        a.layout = a.layout or a.schedule or "striped"
+        llm = LLM(a.model, world_size=a.world_size, layout=a.layout, device=device,
                   dtype=a.dtype, max_kv_tokens=a.max_kv_tokens, ray_address=ray_address)
         try:
             print(f"[ringserve.batch] model {a.model} on {a.world_size} x {device} "
-                  f"({a.schedule}) ready in {time.monotonic() - t0:.1f}s; KV capacity "
+                  f"({a.layout}) ready in {time.monotonic() - t0:.1f}s; KV capacity "
                   f"{llm.capacity_tokens} tokens", flush=True)
             prompter = Prompter(llm.tokenizer, a.prompt_format)
             prog = process(llm, a.input, results, prompter, params, retries=a.retries)

@@ -13,7 +13,15 @@ def _serve(argv: List[str]) -> int:
                    help="local HuggingFace-format checkpoint directory, or a .gguf file")
     p.add_argument("--world-size", type=int, default=1,
                    help="GPUs (or CPU actors) per actor group: the sequence is sharded over them")
-    p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
+    p.add_argument("--layout", choices=("striped", "ring"), default=None,
+                   help="shard layout of prompt chunks over the group (default striped)")
+    p.add_argument("--schedule", choices=("striped", "ring"), default=None,
+                   help=argparse.SUPPRESS)  # deprecated name of --layout
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests decoded together in each step (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prompt tokens per step; long prompts go in chunks of this size while "
+                        "running requests keep decoding (default 512 on CPU, 8192 on CUDA)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
@@ -32,16 +40,22 @@ def _serve(argv: List[str]) -> int:
                    help="require 'Authorization: Bearer KEY' (recommended off loopback)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     a = p.parse_args(argv)
+    if a.schedule is not None:
+        print("ringserve serve: --schedule is deprecated, say --layout", file=sys.stderr)
+        a.layout = a.layout or a.schedule
     from ringserve.serve import run
 
     opts = {k: v for k, v in dict(dtype=a.dtype, max_kv_tokens=a.max_kv_tokens,
                                   max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
                                   transport_timeout_s=a.transport_timeout_s,
                                   max_body_mb=a.max_body_mb, api_key=a.api_key, num_replicas=a.num_replicas,
-                                  ray_address=a.ray_address, device=a.device).items()
+                                  ray_address=a.ray_address, device=a.device,
+                                  max_num_seqs=a.max_num_seqs,
+                                  max_num_batched_tokens=a.max_num_batched_tokens).items()
             if v is not None}
     try:
-        run(a.model, world_size=a.world_size, schedule=a.schedule, host=a.host, port=a.port,
+        run(a.model, world_size=a.world_size, layout=a.layout or "striped", host=a.host,
+            port=a.port,
             blocking=True, **opts)
     except (ValueError, FileNotFoundError) as exc:  # bad arguments: a message, not a traceback
         p.error(str(exc))

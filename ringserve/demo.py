@@ -38,7 +38,7 @@ def _describe(progress: Dict[str, Any]) -> str:
     if progress.get("state") == "queued":
         return "queued"
     if progress.get("phase") == "prefill":
-        return f"prefill: {progress['done']} of {progress['total']} layers done"
+        return f"prefill: {progress['done']} of {progress['total']} tokens done"
     return progress.get("phase") or "starting"
 
 
@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", default=None,
                    help=f"checkpoint directory (default: the demo model, made in {DEFAULT_MODEL_DIR})")
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
+    p.add_argument("--layout", choices=("striped", "ring"), default="striped")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--doc-tokens", type=int, default=24000,
                    help="approximate length of the generated sample document, in tokens")
@@ -81,10 +81,10 @@ def main(argv: Optional[List[str]] = None) -> int:
              log_to_driver=False)
     print(f"[demo] local Ray cluster up ({time.perf_counter() - t:.1f} s)", flush=True)
     t = time.perf_counter()
-    url = run(model, world_size=a.world_size, schedule=a.schedule, device=a.device,
+    url = run(model, world_size=a.world_size, layout=a.layout, device=a.device,
               port=a.port, blocking=False)
-    print(f"[demo] service ready at {url} with {a.world_size} {a.device} shard actors, schedule "
-          f"{a.schedule} ({time.perf_counter() - t:.1f} s)", flush=True)
+    print(f"[demo] service ready at {url} with {a.world_size} {a.device} shard actors, layout "
+          f"{a.layout} ({time.perf_counter() - t:.1f} s)", flush=True)
 
     text = sample_document(n_tokens=a.doc_tokens, seed=7)
     print(f"[demo] uploading a generated {len(text):,}-character document "

@@ -604,4 +604,4 @@ class _StepFailed(Exception):
 
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestOutput", "StreamDelta",
-           "ScoreOutput", "SeqKV"]
+           "SamplingParams", "ScoreOutput", "SeqKV"]

@@ -27,15 +27,26 @@ def _is_number(x: Any) -> bool:
 class ServeArgs:
     model: str
     world_size: int = 1
-    schedule: str = "striped"
+    layout: str = "striped"               # shard layout of prompt chunks ("schedule": deprecated)
     device: Optional[str] = None          # None: cuda when the Ray cluster has GPUs, else cpu
     dtype: Optional[str] = None           # None: the engine's default (bf16 on cuda, fp32 on cpu)
     max_kv_tokens: Optional[int] = None   # None: the engine sizes the KV cache from free memory
     document_cache_tokens: Optional[int] = None
     api_key: Optional[str] = None         # None: no authentication
-    max_queue: int = 64                   # requests that may wait for the engine; more -> 429
+    # continuous batching: requests the engine runs at once, and prompt tokens per step (None:
+    # the engine's default, 512 on CPU, 8192 on CUDA): a long prefill goes in chunks of this
+    # size while the running requests keep decoding
+    max_num_seqs: int = 64
+    max_num_batched_tokens: Optional[int] = None
+    max_queue: int = 64                   # requests waiting beyond max_num_seqs; more -> 429
     request_timeout_s: float = 600.0      # queueing + prefill + decode; beyond -> 504
     max_body_mb: float = 64.0             # request bodies beyond -> 413
+    # a request body that pauses longer than this between two pieces, or that arrives slower
+    # than min_body_rate bytes/s on average once body_timeout_s has passed -> 408 (slow clients
+    # would otherwise hold a replica's request slots as long as they like)
+    body_timeout_s: float = 30.0
+    min_body_rate: float = 16384.0        # bytes/s; 0: only the pause limit
+    max_prompts: int = 32                 # prompts in one /v1/completions request; more -> 400
     # a stream whose first token takes longer starts anyway, with SSE keep-alive comments
     # this often (a long prefill must not look like a dead connection to proxies and clients)
     sse_keepalive_s: float = 15.0
@@ -50,31 +61,37 @@ class ServeArgs:
     llm_class: str = "ringserve.llm:LLM"
     replica_num_cpus: float = 0.0         # the ingress replica itself: tokenizing and HTTP only
     num_cpus_per_worker: float = 1.0      # Ray CPUs reserved by each shard actor
+    schedule: Optional[str] = None        # deprecated name of `layout`
 
     def __post_init__(self):
+        if self.schedule is not None:
+            import warnings
+            warnings.warn("the serve argument 'schedule' is deprecated: say 'layout'",
+                          DeprecationWarning, stacklevel=3)
+            self.layout, self.schedule = self.schedule, None
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty checkpoint path, got {self.model!r}")
         for name, low in (("world_size", 1), ("num_replicas", 1), ("max_queue", 0),
-                          ("default_max_tokens", 1)):
+                          ("default_max_tokens", 1), ("max_prompts", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < low:
                 raise ValueError(f"{name} ({v!r}) must be an integer >= {low}")
-        for name in ("max_kv_tokens", "document_cache_tokens"):
+        for name in ("max_kv_tokens", "document_cache_tokens", "max_num_batched_tokens"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} ({v!r}) must be null or an integer >= 1")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule ({self.schedule!r}) must be one of {SCHEDULES}")
+        if self.layout not in SCHEDULES:
+            raise ValueError(f"layout ({self.layout!r}) must be one of {SCHEDULES}")
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"device ({self.device!r}) must be null or one of {DEVICES}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype ({self.dtype!r}) must be null or one of {DTYPES}")
         for name in ("request_timeout_s", "max_body_mb", "transport_timeout_s",
-                     "sse_keepalive_s"):
+                     "sse_keepalive_s", "body_timeout_s"):
             v = getattr(self, name)
             if not _is_number(v) or not v > 0:
                 raise ValueError(f"{name} ({v!r}) must be a number > 0")
-        for name in ("replica_num_cpus", "num_cpus_per_worker"):
+        for name in ("replica_num_cpus", "num_cpus_per_worker", "min_body_rate"):
             v = getattr(self, name)
             if not _is_number(v) or v < 0:
                 raise ValueError(f"{name} ({v!r}) must be a number >= 0")

@@ -61,7 +61,7 @@ def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 80
     it is), Serve's HTTP proxy on host:port and the app; wait until
     the model is loaded and return the base URL. `blocking=True` then serves until Ctrl-C.
 
-    options: the other build_app arguments (schedule, device, dtype, max_kv_tokens, api_key,
+    options: the other build_app arguments (layout, max_num_seqs, device, dtype, max_kv_tokens, api_key,
     max_queue, request_timeout_s, max_body_mb, num_replicas, ...).
     """
     args = {"model": model, "world_size": world_size, **options}

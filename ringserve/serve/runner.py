@@ -1,15 +1,16 @@
 """EngineRunner: the bridge between the async HTTP replica and the synchronous LLM.
 
-The LLM owns one actor group, so one request holds it at a time (the slot); requests beyond it
-wait in a bounded queue (full -> 429). Every LLM call runs in a worker thread so the event loop
-keeps answering /health, other clients and disconnects. A request has one deadline covering its
-wait, prefill and decode (past it -> 504).
+The engine batches every request in flight (continuous batching: up to `concurrency` run at
+once, the rest wait in the engine's own FIFO queue), so the runner holds no slot: it hands each
+request to the engine at once and only bounds how many are in flight, `concurrency +
+max_queue` (beyond -> 429). Every LLM call runs in a worker thread so the event loop keeps
+answering /health, other clients and disconnects. A request has one deadline covering its wait,
+prefill and decode (past it -> 504).
 
-A worker thread can not be interrupted, so a request that times out or whose client goes away
-keeps the slot until its thread returns: streams check a cancel flag after every token and close
-the LLM iterator (which cancels the request in the engine); a blocking call (a document's
-prefill) runs to its end and `on_late_result` disposes of what it produced. This way the engine
-never sees two requests at once, even after a timeout.
+A worker thread can not be interrupted: a stream whose client goes away or whose deadline
+passes closes its LLM iterator (which cancels the request in the engine at its next step); a
+blocking call (a document's prefill) runs to its end and `on_late_result` disposes of what it
+produced.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
@@ -45,63 +45,55 @@ def timeout_error(what: str, seconds: float) -> APIError:
 
 class EngineRunner:
     def __init__(self, max_queue: int, timeout_s: float, on_queue_change: Callable[[int, int], None]
-                 = lambda waiting, running: None, threads: int = 4):
+                 = lambda waiting, running: None, concurrency: int = 1):
         if max_queue < 0:
             raise ValueError(f"max_queue ({max_queue}) must be >= 0")
+        if concurrency < 1:
+            raise ValueError(f"concurrency ({concurrency}) must be >= 1")
         self.max_queue = max_queue
+        self.concurrency = concurrency     # requests the engine runs at once (max_num_seqs)
         self.timeout_s = timeout_s
         self._on_queue_change = on_queue_change
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ringserve")
-        self._slot: Optional[asyncio.Semaphore] = None  # made on the replica's event loop
-        self.waiting = 0
-        self.running = 0
+        # one thread per request in flight (+ housekeeping): they mostly wait on the engine
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            concurrency + max_queue + 4, thread_name_prefix="ringserve")
+        self.in_flight = 0
+
+    @property
+    def running(self) -> int:
+        return min(self.in_flight, self.concurrency)
+
+    @property
+    def waiting(self) -> int:
+        return self.in_flight - self.running
 
     def deadline(self) -> Deadline:
         return Deadline.after(self.timeout_s)
 
-    def _semaphore(self) -> asyncio.Semaphore:
-        if self._slot is None:
-            self._slot = asyncio.Semaphore(1)
-        return self._slot
-
     def _changed(self) -> None:
-        # with the slot free, one admitted request is about to take it (its acquire task runs
-        # in the next loop iteration): report it as running, not waiting
-        busy = self.running or (1 if self.waiting else 0)
-        self._on_queue_change(self.waiting + self.running - busy, busy)
+        self._on_queue_change(self.waiting, self.running)
 
     def check_room(self) -> None:
         """429 if a request arriving now would find the queue full."""
-        # Counted on our own numbers, not on the semaphore: a waiter is registered with the
-        # semaphore only when its acquire task first runs, so requests arriving in the same loop
-        # iteration while the slot was free all saw it "unlocked" and the queue grew past
-        # max_queue (7 of 2 seen under load). No await between this check and `waiting += 1`.
-        if self.waiting + self.running >= self.max_queue + 1:
+        # no await between this check and `in_flight += 1`: requests arriving in the same loop
+        # iteration see each other
+        if self.in_flight >= self.concurrency + self.max_queue:
             raise APIError(429, f"the request queue is full ({self.waiting} waiting, "
                                 f"max_queue={self.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
 
     async def _acquire(self, deadline: Deadline, what: str, bounded: bool = True) -> None:
-        slot = self._semaphore()
         if bounded:
             self.check_room()
-        self.waiting += 1
-        self._changed()
-        try:
-            await asyncio.wait_for(slot.acquire(), max(deadline.left(), 0.0))
-        except asyncio.TimeoutError:
-            raise timeout_error(what + " (waiting in the queue)", self.timeout_s) from None
-        finally:
-            self.waiting -= 1
-            self._changed()
-        self.running += 1
+        if deadline.left() <= 0:
+            raise timeout_error(what + " (waiting in the queue)", self.timeout_s)
+        self.in_flight += 1
         self._changed()
 
     def _release_from_thread(self, loop: asyncio.AbstractEventLoop) -> Callable[[Any], None]:
         def release(_=None):
             def on_loop():
-                self.running -= 1
-                self._semaphore().release()
+                self.in_flight -= 1
                 self._changed()
             try:
                 loop.call_soon_threadsafe(on_loop)
@@ -116,7 +108,7 @@ class EngineRunner:
     async def call(self, fn: Callable[[], Any], deadline: Deadline, what: str,
                    on_late_result: Optional[Callable[[Any], None]] = None,
                    bounded: bool = True) -> Any:
-        """Run `fn()` in a worker thread while holding the slot; 504 past the deadline.
+        """Run `fn()` in a worker thread as one request in flight; 504 past the deadline.
         `bounded=False` (housekeeping that frees memory) waits even when the queue is full."""
         await self._acquire(deadline, what, bounded)
         loop = asyncio.get_running_loop()
@@ -155,7 +147,7 @@ class EngineRunner:
 
         Leaving the async iteration early (client gone, deadline, error) sets the cancel flag:
         the thread stops after the current token and closes the LLM iterator. `after()` runs in
-        the thread once the stream is over, still holding the slot (e.g. reading KV stats).
+        the thread once the stream is over (e.g. reading KV stats).
         """
         await self._acquire(deadline, what)
         loop = asyncio.get_running_loop()

@@ -18,9 +18,11 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Union
 import numpy as np
 from fastapi import Request
 
+from ringserve.serve.bodies import BodyLimits
 from ringserve.serve.config import ServeArgs
 from ringserve.serve.doc_prompts import PLAIN_QUESTION
 from ringserve.serve.errors import APIError
+from ringserve.serve.limits import max_bytes_per_token, min_tokens
 from ringserve.serve.metrics import ServeMetrics
 from ringserve.serve.runner import Deadline, EngineRunner
 
@@ -77,8 +79,13 @@ class Service:
         self.created = int(time.time())
         self.metrics = ServeMetrics(self.model_name, replica)
         self.runner = EngineRunner(cfg.max_queue, cfg.request_timeout_s,
-                                   on_queue_change=self.metrics.queue)
+                                   on_queue_change=self.metrics.queue,
+                                   concurrency=cfg.max_num_seqs)
         self.llm = None
+        self.body_limits = BodyLimits(cfg.max_body_bytes, cfg.body_timeout_s,
+                                      cfg.min_body_rate or None)
+        # UTF-8 bytes one token stands for at most (limits.py): None until the model is loaded
+        self.bytes_per_token: Optional[int] = None
         self.load_error: Optional[BaseException] = None
         self.load_s: Optional[float] = None
         self.documents: Dict[str, Document] = {}
@@ -99,8 +106,10 @@ class Service:
         t0 = time.perf_counter()
         try:
             cls = import_class(self.cfg.llm_class)
-            llm = cls(self.cfg.model, world_size=self.cfg.world_size, schedule=self.cfg.schedule,
+            llm = cls(self.cfg.model, world_size=self.cfg.world_size, layout=self.cfg.layout,
                       device=self._device(), dtype=self.cfg.dtype,
+                      max_num_seqs=self.cfg.max_num_seqs,
+                      max_num_batched_tokens=self.cfg.max_num_batched_tokens,
                       max_kv_tokens=self.cfg.max_kv_tokens,
                       document_cache_tokens=self.cfg.document_cache_tokens,
                       placement_strategy=self.cfg.placement_strategy,
@@ -109,6 +118,11 @@ class Service:
             if self._closed:
                 llm.shutdown()
                 return
+            if getattr(llm, "tokenizer", None) is not None:
+                try:
+                    self.bytes_per_token = max_bytes_per_token(llm.tokenizer)
+                except Exception:  # noqa: BLE001 - no early bound; the engine still checks
+                    log.exception("measuring the tokenizer's longest token failed")
             self.llm = llm
             self.load_s = time.perf_counter() - t0
             self.refresh_kv()
@@ -124,9 +138,9 @@ class Service:
     def require_ready(self):
         if self.llm is not None:
             return self.llm
-        if self.load_error is not None:
-            raise APIError(503, f"the model failed to load: {type(self.load_error).__name__}: "
-                                f"{self.load_error}", code="model_load_failed")
+        if self.load_error is not None:  # its details are in the server log, from _load
+            raise APIError(503, "the model failed to load; the server log says why",
+                           code="model_load_failed")
         waited = time.monotonic() - self._load_started
         raise APIError(503, f"the model is still loading ({waited:.0f} s so far: weights, and "
                             f"{self.cfg.world_size} shard actor(s) waiting for their resources); "
@@ -171,6 +185,24 @@ class Service:
         if model not in (self.model_name, self.cfg.model):
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", code="model_not_found", param="model")
+
+    def check_fits(self, texts: Sequence[str], extra_tokens: int = 0, document: bool = False,
+                   param: str = "prompt") -> None:
+        """Refuse, before tokenizing, texts that can not fit the KV cache: they have at least
+        len(utf8) / bytes_per_token tokens (limits.py), plus `extra_tokens` known ones."""
+        llm, bpt = self.llm, self.bytes_per_token
+        if llm is None or bpt is None:
+            return
+        capacity = int(llm.capacity_tokens)
+        need = min_tokens(texts, bpt) + int(extra_tokens)
+        if need < capacity:  # a prompt must leave room for at least one new token
+            return
+        msg = (f"the text has at least {need} tokens (its UTF-8 bytes / {bpt}, the most bytes "
+               f"one token stands for) but the model's KV cache holds at most {capacity} tokens")
+        if document:
+            raise APIError(413, "document too large: " + msg, code="document_too_large",
+                           param=param)
+        raise APIError(400, msg, code="context_length_exceeded", param=param)
 
     def spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
