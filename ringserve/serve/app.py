@@ -17,8 +17,12 @@ from ringserve.serve.config import ServeArgs
 from ringserve.serve.errors import api_error_from, install_error_handlers
 from ringserve.serve.service import Service
 
+# FastAPI's own /docs, /redoc and /openapi.json would answer without the API key: they are off,
+# and GET /openapi.json below serves the schema behind the key (the HTML pages load scripts from
+# a CDN, which a cluster without internet can not reach anyway)
 api = FastAPI(title="ringserve", version="0.1.0",
-              description="Long-context LLM inference: OpenAI-compatible API plus documents")
+              description="Long-context LLM inference: OpenAI-compatible API plus documents",
+              docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
 
 
@@ -86,6 +90,11 @@ class RingServe:
     async def stats(self, request: Request):
         self.svc.check_auth(request)
         return JSONResponse(self.svc.stats())
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        self.svc.check_auth(request)
+        return JSONResponse(api.openapi())
 
     # ------------------------------------------------------------------ OpenAI-compatible
     @api.get("/v1/models")

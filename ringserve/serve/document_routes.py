@@ -50,7 +50,7 @@ def _token_ids(raw) -> np.ndarray:
 
 
 async def create(svc: Service, request: Request, endpoint: str) -> Response:
-    data, kind = await read_payload(request, svc.cfg.max_body_bytes, multipart=True)
+    data, kind = await read_payload(request, svc.body_limits, multipart=True)
     if kind == "multipart":
         f = data.get("file")
         if not isinstance(f, dict):
@@ -60,7 +60,7 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
         except UnicodeDecodeError as exc:
             raise bad_request(f"the uploaded file is not UTF-8 text: {exc}", param="file") from None
         name = data.get("name") if isinstance(data.get("name"), str) else f["filename"]
-        req = DocumentCreate(text=text, name=name or None)
+        req = parse_model(DocumentCreate, {"text": text, "name": name or None})
     else:
         req = parse_model(DocumentCreate, data)
     if req.model is not None:
@@ -77,6 +77,8 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
     if req.text is not None:
         if not req.text.strip():
             raise bad_request("the document text is empty", param="text")
+        # refused before tokenizing when it can not fit whatever the tokens (limits.py)
+        svc.check_fits([req.text, req.system or ""], document=True, param="text")
         if req.prompt_format == "chat":
             try:
                 head, template = await svc.runner.run_free(
@@ -185,12 +187,13 @@ async def delete(svc: Service, doc_id: str) -> Dict[str, Any]:
 
 async def ask(svc: Service, request: Request, doc_id: str, endpoint: str) -> Response:
     t0 = time.perf_counter()
-    data, _ = await read_payload(request, svc.cfg.max_body_bytes)
+    data, _ = await read_payload(request, svc.body_limits)
     req = parse_model(AskRequest, data)
     req.check_supported()
     svc.check_model(req.model, required=False)
     llm = svc.require_ready()
     doc = await svc.find_document(doc_id)
+    svc.check_fits([req.question], extra_tokens=doc.num_tokens, param="question")
     question = await svc.runner.run_free(
         encode_continuation, llm.tokenizer, question_text(doc.question_template, req.question))
     prompt: List[int] = doc.token_ids.tolist() + list(question)

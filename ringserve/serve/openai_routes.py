@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from ringserve.serve import openai_format as fmt
 from ringserve.serve.bodies import parse_model, read_payload, respond, wants_msgpack
-from ringserve.serve.errors import bad_request
+from ringserve.serve.errors import bad_request, client_text
 from ringserve.serve.protocol import ChatCompletionRequest, CompletionRequest
 from ringserve.serve.service import Service, is_final
 from ringserve.serve.streaming import sse_response
@@ -32,12 +32,20 @@ def model(svc: Service, model_id: str) -> Dict[str, Any]:
 
 async def completions(svc: Service, request: Request, endpoint: str) -> Response:
     t0 = time.perf_counter()
-    data, _ = await read_payload(request, svc.cfg.max_body_bytes)
+    data, _ = await read_payload(request, svc.body_limits)
     req = parse_model(CompletionRequest, data)
     req.check_supported()
     svc.check_model(req.model)
     svc.require_ready()
     prompts = req.prompts()
+    if len(prompts) > svc.cfg.max_prompts:
+        raise bad_request(f"{len(prompts)} prompts in one request; at most {svc.cfg.max_prompts} "
+                          "(max_prompts)", param="prompt", code="too_many_prompts")
+    for p in prompts:  # before any tokenizing: texts that can not fit are refused at once
+        if isinstance(p, str):
+            svc.check_fits([p])
+    # tokenized here, in a worker thread, rather than inside the engine's slot
+    prompts = [await svc.encode(p) if isinstance(p, str) else p for p in prompts]
     want_lp = req.logprobs is not None
     params = svc.sampling_params(**req.sampling_kwargs(COMPLETIONS_DEFAULT_MAX_TOKENS, want_lp))
     deadline = svc.deadline()
@@ -85,18 +93,20 @@ async def completions(svc: Service, request: Request, endpoint: str) -> Response
 
 async def chat_completions(svc: Service, request: Request, endpoint: str) -> Response:
     t0 = time.perf_counter()
-    data, _ = await read_payload(request, svc.cfg.max_body_bytes)
+    data, _ = await read_payload(request, svc.body_limits)
     req = parse_model(ChatCompletionRequest, data)
     req.check_supported()
     svc.check_model(req.model)
     llm = svc.require_ready()
+    messages = req.template_messages()
+    svc.check_fits([m["content"] for m in messages], param="messages")
     try:
         prompt = await svc.runner.run_free(
-            lambda: llm.tokenizer.apply_chat_template(req.template_messages(),
-                                                      add_generation_prompt=True))
+            lambda: llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     except Exception as exc:  # noqa: BLE001 - a template that rejects the messages
-        raise bad_request(f"the chat template could not render these messages: {exc}",
-                          param="messages") from None
+        raise bad_request("the chat template could not render these messages: "
+                          + client_text(str(exc)), param="messages") from None
+    prompt = await svc.encode(prompt)  # in a worker thread, not inside the engine's slot
     params = svc.sampling_params(**req.sampling_kwargs(svc.cfg.default_max_tokens, req.logprobs))
     deadline = svc.deadline()
     rid, created = fmt.new_id("chatcmpl"), fmt.now()

@@ -4,39 +4,43 @@ OpenAI's parameters that the engine can not honour (n > 1, penalties, logit_bias
 are refused with a 400 naming the parameter rather than silently ignored; unknown extra fields
 are ignored, as OpenAI-compatible servers commonly do. Extensions: top_k, ignore_eos,
 stop_token_ids, return_token_ids (each choice then carries the generated token ids).
+
+Integers and booleans are strict: `true` is no token id and no max_tokens, "yes" is no boolean,
+and a JSON string is never read as raw token bytes (pydantic's lax mode would take all three).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt,
+                      field_validator)
 
 from ringserve.serve.errors import bad_request
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    top_k: Optional[int] = None
-    seed: Optional[int] = None
+    top_k: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = None
     stop: Optional[Union[str, List[str]]] = None
-    stop_token_ids: Optional[List[int]] = None
-    ignore_eos: bool = False
-    stream: bool = False
+    stop_token_ids: Optional[List[StrictInt]] = None
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = 1
+    n: StrictInt = 1
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[Dict[str, float]] = None
-    return_token_ids: bool = False
+    return_token_ids: StrictBool = False
     user: Optional[str] = None
 
     @field_validator("stop")
@@ -74,16 +78,16 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-Prompt = Union[str, List[str], List[int], List[List[int]]]
+Prompt = Union[str, List[str], List[StrictInt], List[List[StrictInt]]]
 MAX_TOKEN_ID = 1 << 31
 
 
 class CompletionRequest(_Sampling):
     model: str
     prompt: Prompt
-    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
-    echo: bool = False
-    best_of: Optional[int] = None
+    logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=5)
+    echo: StrictBool = False
+    best_of: Optional[StrictInt] = None
     suffix: Optional[str] = None
 
     def check_supported(self) -> None:
@@ -148,9 +152,9 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     model: str
     messages: List[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     tools: Optional[List[Any]] = None
     response_format: Optional[Dict[str, Any]] = None
 
@@ -177,12 +181,12 @@ class DocumentCreate(BaseModel):
     little-endian uint32 array, the compact form for millions of tokens)."""
     model_config = ConfigDict(extra="ignore")
     text: Optional[str] = None
-    token_ids: Optional[Union[List[int], bytes]] = None
+    token_ids: Optional[Union[List[StrictInt], StrictBytes]] = None
     name: Optional[str] = Field(default=None, max_length=512)
     model: Optional[str] = None
     # false: answer 202 at once (status "prefilling") and prefill in the background; for
     # documents whose prefill outlasts HTTP timeouts. GET the document to see its status.
-    wait: bool = True
+    wait: StrictBool = True
     # how questions are put to it (doc_prompts.py): "plain" text, or the model's chat template
     prompt_format: Literal["plain", "chat"] = "plain"
     system: Optional[str] = None  # chat format only: a system turn before the document
@@ -191,7 +195,7 @@ class DocumentCreate(BaseModel):
 class AskRequest(_Sampling):
     question: str = Field(min_length=1)
     model: Optional[str] = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
 
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "DocumentCreate",

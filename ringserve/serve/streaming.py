@@ -7,7 +7,10 @@ first chunk has not come within `keepalive_s`, the response starts anyway (200) 
 comment (": keep-alive", ignored by SSE clients) is sent every `keepalive_s` until it does.
 Errors after the start can only travel in-band: an SSE event {"error": {...}} (OpenAI's clients
 raise on it). When the client goes away, Serve cancels the request; the chunk generator is
-closed, which closes the engine stream and so cancels the generation.
+closed, which closes the engine stream and so cancels the generation, and the request counts as
+"cancelled": Serve may also report the disconnect as an exception from receive() or send()
+(TaskCancelledError, ClientDisconnect), which is swallowed here rather than logged as a server
+error.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from fastapi.responses import StreamingResponse
 
-from ringserve.serve.errors import api_error_from
+from ringserve.serve.errors import api_error_from, client_gone
 from ringserve.serve.openai_format import error_event
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -43,6 +46,21 @@ async def _stop(task: "asyncio.Future", chunks: AsyncIterator[bytes]) -> None:
         await chunks.aclose()
     except RuntimeError:
         pass
+
+
+class _SSEResponse(StreamingResponse):
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the client is gone
+            if not client_gone(exc):
+                raise
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:  # records "cancelled" (body's finally) now, not at GC
+                try:
+                    await aclose()
+                except RuntimeError:  # still running in a cancelled task: it closes itself
+                    pass
 
 
 async def sse_response(chunks: AsyncIterator[bytes], record: Callable[[str], None],
@@ -75,14 +93,15 @@ async def sse_response(chunks: AsyncIterator[bytes], record: Callable[[str], Non
         except Exception as exc:  # noqa: BLE001 - after the 200, errors go in-band
             err = api_error_from(exc)
             outcome = err.outcome
-            yield error_event(err.body())
+            if not client_gone(exc):
+                yield error_event(err.body())
         finally:
             try:
                 await _stop(first_task, chunks)
             finally:
                 record(outcome)
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _SSEResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 __all__ = ["sse_response", "SSE_HEADERS", "KEEPALIVE"]
