@@ -68,6 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[demo] demo model (random weights, trained BPE tokenizer): {model} "
               f"({time.perf_counter() - t:.1f} s)", flush=True)
 
+    from ringserve.serve.launch import ray_on_loopback
+
+    ray_on_loopback()  # the demo's cluster is this machine's alone: Ray's ports on loopback
     import ray
 
     from ringserve.sample_document import sample_document

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +55,31 @@ def wait_ready(url: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> Dict[
     raise TimeoutError(f"{url} not ready after {timeout_s:g} s (last: {last})")
 
 
+# Ray takes the loopback address as the node's address (so GCS, raylet, workers and the metrics
+# exporter listen on 127.0.0.1 only) when it believes clusters are off: the switch that Ray
+# reads for Windows and macOS, read on Linux too.
+_RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def ray_on_loopback() -> bool:
+    """Make the next local Ray cluster of this process listen on loopback only. Must run before
+    `import ray` (Ray reads the switch when it is imported); returns False when too late."""
+    if "ray" in sys.modules:
+        return False
+    os.environ.setdefault(_RAY_LOCAL_ONLY, "0")
+    return True
+
+
+def _check_ray_address() -> None:
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    if ip not in ("127.0.0.1", "::1", "localhost"):
+        print(f"ringserve: warning: this local Ray cluster listens on {ip} (Ray was imported "
+              "before ringserve could keep it on loopback): firewall its ports (docs/deploy.md)",
+              file=sys.stderr, flush=True)
+
+
 def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 8000,
         blocking: bool = True, ray_address: Optional[str] = None, name: str = APP_NAME,
         ready_timeout_s: float = 900.0, **options) -> str:
@@ -73,6 +99,9 @@ def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 80
         check_gguf(model)  # a bad GGUF file fails here, before any actor starts
     if ray_address is None:  # a local model (directory or .gguf): hand Ray its absolute path
         args["model"] = os.path.abspath(model)
+        # a cluster of this machine alone: nothing outside it needs Ray's ports, whatever `host`
+        # the HTTP service binds
+        ray_on_loopback()
     import ray
     from ray import serve
 
@@ -80,6 +109,8 @@ def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 80
         # "local": a fresh cluster of this machine, never a stray one that happens to run here;
         # pass ray_address="auto" (or host:port) to join a cluster on purpose
         ray.init(address=ray_address or "local")
+        if ray_address is None:
+            _check_ray_address()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/")
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -99,4 +130,4 @@ def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 80
     return url
 
 
-__all__ = ["build_app", "run", "wait_ready", "APP_NAME"]
+__all__ = ["build_app", "run", "wait_ready", "ray_on_loopback", "APP_NAME"]
