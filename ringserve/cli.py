@@ -36,6 +36,13 @@ def _serve(argv: List[str]) -> int:
     p.add_argument("--transport-timeout-s", type=float, default=None,
                    help="longest wait on a shard peer before the group is rebuilt (503)")
     p.add_argument("--max-body-mb", type=float, default=None, help="larger bodies get 413")
+    p.add_argument("--body-timeout-s", type=float, default=None,
+                   help="longest pause while a request body arrives before 408 (default 30)")
+    p.add_argument("--min-body-rate", type=float, default=None,
+                   help="bytes/s a body must average once --body-timeout-s has passed, else "
+                        "408 (default 16384; 0: no rate)")
+    p.add_argument("--max-prompts", type=int, default=None,
+                   help="prompts in one /v1/completions request before 400 (default 32)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (recommended off loopback)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
@@ -51,7 +58,10 @@ def _serve(argv: List[str]) -> int:
                                   max_body_mb=a.max_body_mb, api_key=a.api_key, num_replicas=a.num_replicas,
                                   ray_address=a.ray_address, device=a.device,
                                   max_num_seqs=a.max_num_seqs,
-                                  max_num_batched_tokens=a.max_num_batched_tokens).items()
+                                  max_num_batched_tokens=a.max_num_batched_tokens,
+                                  body_timeout_s=a.body_timeout_s,
+                                  min_body_rate=a.min_body_rate,
+                                  max_prompts=a.max_prompts).items()
             if v is not None}
     try:
         run(a.model, world_size=a.world_size, layout=a.layout or "striped", host=a.host,
