@@ -301,7 +301,8 @@ class Engine:
                 req = self._admit_new(h)
             except BaseException as e:  # noqa: BLE001 - the caller gets every error
                 with self._lock:
-                    self._counters["requests_failed"] += 1
+                    self._counters["requests_cancelled" if isinstance(
+                        e, RequestCancelledError) else "requests_failed"] += 1
                 h._progress = {"state": "failed"}
                 h.future.set_exception(e)
                 continue

