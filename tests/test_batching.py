@@ -313,3 +313,26 @@ def test_a_request_that_keeps_failing_the_group_fails_alone(tmp_path_factory):
         assert len(out.token_ids) == 3
     finally:
         close(eng)
+
+
+@pytest.mark.parametrize("ws", [1, 3])
+def test_chunk_attention_to_cached_tokens_in_pieces_and_splits(tmp_path_factory, monkeypatch,
+                                                               ws):
+    """A prompt chunk's attention to the tokens cached by earlier chunks is gathered a piece at a
+    time and split over several key ranges (merged by log-sum-exp): with tiny pieces and splits
+    the long prompt still decodes exactly as its solo run."""
+    from ringserve.parallel import step_attention as sa
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, ws, "striped")
+    monkeypatch.setattr(sa, "PIECE_TOKENS", 24)
+    monkeypatch.setattr(sa, "MIN_SPLIT_TOKENS", 5)
+    monkeypatch.setattr(sa, "SPLITS", 3)
+    g = torch.Generator().manual_seed(21)
+    prompt = torch.randint(0, VOCAB_TOKENS, (150,), generator=g).tolist()
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    eng = make(path, ws, "striped", max_num_batched_tokens=32, passq_max_tokens=4)
+    try:
+        out = eng.submit("generate", prompt, params).result(60)
+        assert (out.token_ids, out.finish_reason) == solo(prompt, params)
+    finally:
+        close(eng)

@@ -25,6 +25,12 @@ from ringserve import kernels
 from ringserve.plan import RankPlan
 from .ring import ring_attention
 
+# a chunk's attention to its sequence's cached tokens: gathered PIECE_TOKENS at a time, each
+# piece split into up to SPLITS key ranges of at least MIN_SPLIT_TOKENS run as one launch
+PIECE_TOKENS = 65536
+SPLITS = 8
+MIN_SPLIT_TOKENS = 2048
+
 
 def _merge(out_a, lse_a, out_b, lse_b):
     """out (R, H, D) float32, lse (R, H) float32: merge b into a in place (the log-sum-exp
@@ -176,15 +182,59 @@ class StepAttention:
         _merge(o, lse, po, pl)
         return o.to(q.dtype)
 
+    def _cached(self, layer: int, i: int, q, q_pos):
+        """q (R, Hq, D) at global positions q_pos against this rank's tokens of sequence i
+        cached before this step -> (out (R, Hq, D) f32, lse (R, Hq) f32).
+
+        Without a window every such token precedes every query of the chunk, so there is no
+        mask: the pages are gathered into contiguous K/V and the flash kernel runs with the keys
+        split into several batch entries (as flash-decoding does: a short chunk has few query
+        blocks, and one long key loop per block would leave most of the GPU idle), the
+        splits merged by the log-sum-exp rule. With a window, the paged kernel masks by
+        position."""
+        s = self.plan.seqs[i]
+        n = s.n_before
+        R, Hq, D = q.shape
+        if n == 0:
+            return (torch.zeros(R, Hq, D, dtype=torch.float32, device=q.device),
+                    torch.full((R, Hq), float("-inf"), dtype=torch.float32, device=q.device))
+        if self.window is not None:
+            lens = torch.tensor([n], dtype=torch.int32, device=q.device)
+            o, lse = self._paged(layer, q[None], self.tables[i], lens, q_pos[None])
+            return o[0].float(), lse[0].t().contiguous()
+        P = self.pool.page_size
+        acc_o = acc_l = None
+        for a in range(0, n, PIECE_TOKENS):      # bounded gather buffers for long prefixes
+            b = min(n, a + PIECE_TOKENS)
+            pages = self.tables[i][0, a // P: -(-b // P)].long()
+            H, Dk = self.pool.k.shape[-2:]
+            k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
+            v = self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
+            splits = max(1, min(SPLITS, (b - a) // MIN_SPLIT_TOKENS))
+            L = (b - a) // splits
+            parts = [(k[:splits * L].reshape(splits, L, H, Dk),
+                      v[:splits * L].reshape(splits, L, H, Dk), splits)]
+            if splits * L < b - a:
+                parts.append((k[splits * L:][None], v[splits * L:][None], 1))
+            for kk, vv, nb in parts:
+                o, lse = kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
+                                           softmax_scale=self.scale, causal=False,
+                                           backend=self.backend)
+                for j in range(nb):
+                    oj, lj = o[j].float(), lse[j].t().contiguous()
+                    if acc_o is None:
+                        acc_o, acc_l = oj.clone(), lj.clone()
+                    else:
+                        _merge(acc_o, acc_l, oj, lj)
+        return acc_o, acc_l
+
     def _prefix(self, layer: int, i: int, q):
         """The chunk's queries (this rank's rows) against the sequence's earlier tokens on
         every rank: pass-Q within the ring step."""
         s, r = self.plan.seqs[i], self.rows[i]
         dev = q.device
-        lens = torch.tensor([s.n_before], dtype=torch.int32, device=dev)
         if self.world_size == 1:
-            o, lse = self._paged(layer, q[None], self.tables[i], lens, self.positions[r][None])
-            return o[0].float(), lse[0].t().contiguous()
+            return self._cached(layer, i, q, self.positions[r])
         N = self.world_size
         width = -(-s.chunk_len // N)                      # the longest shard of the chunk
         S = q.shape[0]
@@ -197,8 +247,7 @@ class StepAttention:
         nq = qp.numel()
         qa = torch.cat([g[:nq].view(qp.shape) for g in got]).to(q.dtype)   # (N*width, Hq, D)
         pa = torch.cat([g[nq:] for g in got]).to(torch.int64)
-        o, lse = self._paged(layer, qa[None], self.tables[i], lens, pa[None])
-        o, lse = o[0].float(), lse[0].t().contiguous()                   # (N*w, Hq, D), (N*w, Hq)
+        o, lse = self._cached(layer, i, qa, pa)                          # (N*w, Hq, D), (N*w, Hq)
         parts = self.transport.all_gather(torch.cat([o.reshape(-1), lse.reshape(-1)]),
                                           blocking=False)
         n = o.numel()
