@@ -1,0 +1,276 @@
+"""Serving benchmark of the continuous-batching engine on GPUs (random-weight 8B-shaped model).
+
+Scenarios (each figure printed beside its target; raw JSON with --json):
+  concurrent  N = 1, 4, 16, 64 questions (128 output tokens each) on one cached document
+              (--doc-len, 128K): aggregate output tokens/s and per-stream inter-token latency.
+              Targets: tokens/s at 16 >= 8x the single-question rate; ITL at 16 <= 2x single.
+  prefill     a --prefill-len (256K) document prefilled while 8 streams decode, for each
+              prefill budget in --budgets (tokens per step): the streams' ITL during the
+              prefill vs their solo ITL (target <= 3x at the default budget), the prefill's
+              time vs its solo time (target <= 1.5x), and the TTFT of a 100-token request
+              submitted mid-prefill (target <= 2 s).
+  mixed       8 requests with different 4K prompts and 256 output tokens, arriving together,
+              vs the same 8 one after another (target >= 3x sooner).
+  single      one cold prefill (MFU), its follow-up TTFT and decode ms/token (compare with
+              bench_e2e.py of the previous engine in the same run).
+
+  python3 benchmarks/bench_serving.py --json out.json                # all scenarios, 8B
+  python3 benchmarks/bench_serving.py --preset small --doc-len 8192 --prefill-len 16384  # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_e2e  # noqa: E402
+from bench_e2e import hf_config, prefill_flops  # noqa: E402
+
+# a CPU smoke of the script itself (python3 benchmarks/bench_serving.py --device cpu ...)
+bench_e2e.PRESETS.setdefault("tiny", dict(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2))
+
+
+def _rand(g, vocab: int, n: int) -> List[int]:
+    import torch
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+class Streams:
+    """Requests submitted together; per-token arrival times kept per request."""
+
+    def __init__(self, llm, prompts, params):
+        self.times: List[List[float]] = [[] for _ in prompts]
+        self.t0 = time.perf_counter()
+        self.handles = [llm.submit(p, params, on_delta=self._cb(i))
+                        for i, p in enumerate(prompts)]
+
+    def _cb(self, i):
+        def cb(_d):
+            self.times[i].append(time.perf_counter())
+        return cb
+
+    def wait(self):
+        outs = [h.result() for h in self.handles]
+        self.t1 = time.perf_counter()
+        return outs
+
+    def cancel(self):
+        for h in self.handles:
+            h.cancel()
+
+    def itl_s(self, lo: float = 0.0, hi: float = float("inf")) -> Optional[float]:
+        """Median over streams of the mean gap between consecutive tokens arriving in [lo, hi]."""
+        per = []
+        for ts in self.times:
+            w = [t for t in ts if lo <= t <= hi]
+            if len(w) >= 2:
+                per.append((w[-1] - w[0]) / (len(w) - 1))
+        return statistics.median(per) if per else None
+
+
+def concurrent(llm, g, vocab, args) -> Dict:
+    from ringserve import SamplingParams
+    doc = _rand(g, vocab, args.doc_len)
+    key = llm.cache_document(doc)
+    params = SamplingParams(max_tokens=args.out_tokens, temperature=0.0, ignore_eos=True)
+    rows = []
+    for n in args.concurrency:
+        qs = [doc + _rand(g, vocab, 32) for _ in range(n)]
+        s = Streams(llm, qs, params)
+        outs = s.wait()
+        toks = sum(len(o.token_ids) for o in outs)
+        first = min(ts[0] for ts in s.times)
+        rows.append({"n": n, "tokens": toks, "wall_s": s.t1 - s.t0,
+                     "tok_s": toks / (s.t1 - s.t0),
+                     "decode_tok_s": (toks - n) / (s.t1 - first),
+                     "itl_ms": s.itl_s() * 1e3,
+                     "ttft_s": statistics.median(o.timings["ttft_s"] for o in outs),
+                     "cached": min(o.num_cached_tokens for o in outs)})
+        print(f"[concurrent] {json.dumps(rows[-1])}", flush=True)
+    llm.drop_document(key)
+    base = rows[0]
+    for r in rows:
+        r["tok_s_x"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["itl_x"] = r["itl_ms"] / base["itl_ms"]
+    return {"rows": rows}
+
+
+def prefill_under_load(llm, g, vocab, args) -> Dict:
+    from ringserve import SamplingParams
+    eng = llm._engine
+    doc = _rand(g, vocab, args.doc_len)
+    dkey = llm.cache_document(doc)
+    big = _rand(g, vocab, args.prefill_len)
+    stream_params = SamplingParams(max_tokens=args.stream_tokens, temperature=0.0,
+                                   ignore_eos=True)
+    out = {"budgets": []}
+    # solo: the prefill alone, and the 8 streams alone
+    t = time.perf_counter()
+    k = llm.cache_document(big)
+    out["prefill_solo_s"] = time.perf_counter() - t
+    llm.drop_document(k)
+    s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)],
+                SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    s.wait()
+    out["itl_solo_ms"] = s.itl_s() * 1e3
+    print(f"[prefill] solo prefill {out['prefill_solo_s']:.2f} s, 8-stream ITL "
+          f"{out['itl_solo_ms']:.2f} ms", flush=True)
+    default = eng.sched.cfg.max_num_batched_tokens
+    for budget in args.budgets:
+        eng.sched.cfg.max_num_batched_tokens = budget
+        s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)], stream_params)
+        while min((len(t) for t in s.times), default=0) < 8:   # streams decoding
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        h = eng.submit("cache_document", big)
+        time.sleep(min(2.0, out["prefill_solo_s"] / 3))
+        t_short = time.perf_counter()
+        short = llm.submit(_rand(g, vocab, 100), SamplingParams(max_tokens=4, temperature=0.0,
+                                                                 ignore_eos=True))
+        so = short.result()
+        key = h.result()
+        t1 = time.perf_counter()
+        s.cancel()
+        s.wait()
+        llm.drop_document(key)
+        row = {"budget": budget, "prefill_s": t1 - t0,
+               "prefill_x": (t1 - t0) / out["prefill_solo_s"],
+               "itl_ms": s.itl_s(t0, t1) * 1e3,
+               "short_ttft_s": so.timings["ttft_s"], "short_submitted_after_s": t_short - t0}
+        row["itl_x"] = row["itl_ms"] / out["itl_solo_ms"]
+        out["budgets"].append(row)
+        print(f"[prefill] {json.dumps(row)}", flush=True)
+    eng.sched.cfg.max_num_batched_tokens = default
+    llm.drop_document(dkey)
+    return out
+
+
+def mixed(llm, g, vocab, args) -> Dict:
+    from ringserve import SamplingParams
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+    prompts = [_rand(g, vocab, 4096) for _ in range(8)]
+    t = time.perf_counter()
+    for p in prompts:
+        llm.generate([p], params)
+    seq = time.perf_counter() - t
+    prompts = [_rand(g, vocab, 4096) for _ in range(8)]   # fresh: nothing cached
+    t = time.perf_counter()
+    llm.generate(prompts, params)
+    together = time.perf_counter() - t
+    row = {"sequential_s": seq, "together_s": together, "speedup": seq / together}
+    print(f"[mixed] {json.dumps(row)}", flush=True)
+    return row
+
+
+def single(llm, g, vocab, cfg, args) -> Dict:
+    from ringserve import SamplingParams
+    n = args.doc_len
+    doc = _rand(g, vocab, n)
+    t = time.perf_counter()
+    key = llm.cache_document(doc)
+    wall = time.perf_counter() - t
+    out = llm.generate([doc + _rand(g, vocab, 32)], SamplingParams(
+        max_tokens=64, temperature=0.0, ignore_eos=True))[0]
+    llm.drop_document(key)
+    row = {"length": n, "prefill_s": wall,
+           "mfu": prefill_flops(cfg, n) / wall / (args.peak_tflops * 1e12),
+           "followup_ttft_s": out.timings["ttft_s"],
+           "decode_ms": out.timings["decode_s"] / (len(out.token_ids) - 1) * 1e3}
+    print(f"[single] {json.dumps(row)}", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="llama3-8b")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--doc-len", type=int, default=131072)
+    p.add_argument("--prefill-len", type=int, default=262144)
+    p.add_argument("--out-tokens", type=int, default=128)
+    p.add_argument("--stream-tokens", type=int, default=8192,
+                   help="max tokens of the streams that run during the prefill (cancelled "
+                        "once it ends)")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--budgets", default="2048,8192,32768",
+                   help="prefill tokens per step to try under load")
+    p.add_argument("--scenarios", default="single,concurrent,mixed,prefill")
+    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    args.budgets = [int(x) for x in args.budgets.split(",")]
+    import ray
+    import torch
+    from ringserve import LLM, SamplingParams
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    cfg = hf_config(args.preset, max(args.prefill_len, args.doc_len) * 2)
+    t = time.perf_counter()
+    cpu = args.device == "cpu"
+    if cpu:
+        cfg["head_dim"] = 16
+    llm = LLM({"config": cfg, "seed": 0}, world_size=args.world_size, device=args.device,
+              dtype="float32" if cpu else "bfloat16", tokenizer=None,
+              cuda_graphs=args.cuda_graphs, max_num_batched_tokens=args.max_num_batched_tokens,
+              **({"max_kv_tokens": 4 * (args.prefill_len + args.doc_len)} if cpu else {}))
+    print(f"[serving] up in {time.perf_counter() - t:.1f} s, capacity {llm.capacity_tokens} "
+          f"tokens, budget {llm.config.max_num_batched_tokens}", flush=True)
+    g = torch.Generator().manual_seed(0)
+    vocab = cfg["vocab_size"]
+    # warm-up: compiles and autotuning of prefill, chunk-vs-cache, extension and batched decode
+    w = _rand(g, vocab, min(16384, args.doc_len))
+    k = llm.cache_document(w)
+    llm.generate([w + _rand(g, vocab, 32) for _ in range(4)], SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True))
+    llm.drop_document(k)
+    print(f"[serving] warm at {time.perf_counter() - t:.1f} s", flush=True)
+    res: Dict = {"args": vars(args), "default_budget": llm.config.max_num_batched_tokens}
+    for sc in args.scenarios.split(","):
+        t1 = time.perf_counter()
+        if sc == "single":
+            res["single"] = single(llm, g, vocab, cfg, args)
+        elif sc == "concurrent":
+            res["concurrent"] = concurrent(llm, g, vocab, args)
+        elif sc == "mixed":
+            res["mixed"] = mixed(llm, g, vocab, args)
+        elif sc == "prefill":
+            res["prefill"] = prefill_under_load(llm, g, vocab, args)
+        print(f"[serving] {sc} took {time.perf_counter() - t1:.1f} s", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+    res["stats"] = llm.stats()
+    llm.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    print("\nscenario                     figure                      target   measured")
+    if "concurrent" in res:
+        for r in res["concurrent"]["rows"]:
+            print(f"concurrent n={r['n']:<3}             decode tok/s {r['decode_tok_s']:9.1f}"
+                  f"  x{r['tok_s_x']:.2f}, ITL {r['itl_ms']:.2f} ms x{r['itl_x']:.2f}")
+    if "prefill" in res:
+        for r in res["prefill"]["budgets"]:
+            print(f"prefill budget {r['budget']:<6}        ITL x{r['itl_x']:.2f} (<=3)  prefill "
+                  f"x{r['prefill_x']:.2f} (<=1.5)  short TTFT {r['short_ttft_s']:.2f} s (<=2)")
+    if "mixed" in res:
+        print(f"mixed 8x4K                   speedup x{res['mixed']['speedup']:.2f} (>=3)")
+    if "single" in res:
+        s = res["single"]
+        print(f"single {s['length']}              prefill {s['prefill_s']:.2f} s MFU "
+              f"{s['mfu'] * 100:.1f}%, follow-up TTFT {s['followup_ttft_s']:.3f} s, decode "
+              f"{s['decode_ms']:.2f} ms/token")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
