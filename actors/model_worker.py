@@ -75,6 +75,15 @@ def activation_bytes_per_token(cfg, elem: int) -> int:
     return int(per * 1.25)
 
 
+def _seq_lengths(plan: RankPlan) -> torch.Tensor:
+    """(rows,) each row's sequence length once the step is done (a ring chunk's end over all
+    ranks, else the row's sequence's last position + 1): what longrope picks its factors by."""
+    ends = [s.chunk_start + s.chunk_len if s.kind == "ring" else max(s.positions) + 1
+            for s in plan.seqs]
+    return torch.repeat_interleave(torch.tensor(ends, dtype=torch.int64),
+                                   torch.tensor([len(s.token_ids) for s in plan.seqs]))
+
+
 class ModelShardWorker(ShardWorker):
     """One rank of the model group. Construct through `ActorGroup(worker_cls=ModelShardWorker,
     worker_kwargs=...)`; the keyword arguments are those of `__init__` after `device`."""
@@ -161,7 +170,8 @@ class ModelShardWorker(ShardWorker):
         attn = StepAttention(plan, self.pool, self.rank, self.world_size, self.transport,
                              self.softmax_scale, self.window_size, self.backend)
         ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
-        hidden = self.model(ids, attn.positions, attn, chunk_tokens=self.chunk_tokens)
+        hidden = self.model(ids, attn.positions, attn, chunk_tokens=self.chunk_tokens,
+                            seq_len=_seq_lengths(plan))
         return self._outputs(plan, attn.rows, lambda rows: self.model.logits(hidden[rows]),
                              hidden)
 
@@ -217,7 +227,8 @@ class ModelShardWorker(ShardWorker):
                 out = o[:, None].to(out.dtype)
             return out[:, 0][None]
 
-        hidden = self.model(g.tok, g.pos, attn, chunk_tokens=self.chunk_tokens)
+        hidden = self.model(g.tok, g.pos, attn, chunk_tokens=self.chunk_tokens,
+                            seq_len=g.pos + 1)   # one-token rows: each its sequence's end
         return self.model.logits(hidden)
 
     def _capture(self, batch: int, width: int) -> "_DecodeGraph":

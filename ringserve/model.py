@@ -62,7 +62,10 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor):
         """x (t, hidden) -> q (t, Hq*D), k, v (t, Hkv*D), unrotated, before any q/k norm."""
         if self.fused:
-            return self.qkv_proj(x).split(self.sizes, dim=-1)
+            # v leaves as its own tensor: the attention step may send it over the ring or
+            # store it, and a strided view of the fused output is not what transports expect
+            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+            return q, k, v.contiguous()
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
@@ -177,12 +180,13 @@ class CausalLM(nn.Module):
     # later outside any inference-mode block, which inference tensors forbid
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_fn: AttnFn,
-                chunk_tokens: Optional[int] = None, seq_len: Optional[int] = None) -> torch.Tensor:
+                chunk_tokens: Optional[int] = None,
+                seq_len: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
         """input_ids (T,) int64, positions (T,) int64 global -> hidden (T, hidden) after the norm.
 
-        seq_len: the whole sequence's length when this call holds one shard of it (a
-        sequence-parallel prefill); only longrope reads it, to pick its factors alike on every
-        shard. None: the highest position here plus one.
+        seq_len: the length of each token's sequence, an int or (T,) (a flat batch of several
+        sequences, or one shard of a sequence-parallel prefill); only longrope reads it, to pick
+        its factors per sequence and alike on every shard. None: the highest position plus one.
 
         chunk_tokens bounds activation memory: norms, projections and the MLP run over chunks of
         that many tokens, so the peak is O(T * hidden) + O(chunk * intermediate), never

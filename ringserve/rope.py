@@ -8,7 +8,7 @@ sequence is split into shards or chunks.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -76,10 +76,11 @@ def inv_frequencies(rope: RopeConfig, head_dim: int,
 class Rotary:
     """Applies RoPE to (T, H, D) tensors at given global positions.
 
-    longrope keeps two frequency sets and, as transformers does, uses the long one for a whole
-    call when the sequence is longer than the original context: `seq_len` when the caller knows
-    it (a sequence-parallel prefill: every shard must choose alike), else the highest position
-    in the call plus one, which is the sequence length in decode and extension.
+    longrope keeps two frequency sets and, as transformers does, uses the long one when the
+    sequence is longer than the original context. `seq_len` says how long: an int for every
+    token of the call, or (T,) per token (a flat batch of several sequences; a shard of a
+    sequence-parallel prefill, where every shard must choose alike). None: the highest position
+    in the call plus one, right for one sequence's decode or extension.
     """
 
     def __init__(self, rope: RopeConfig, head_dim: int):
@@ -94,24 +95,28 @@ class Rotary:
             self.long_inv_freq = inv_frequencies(rope, head_dim, long=True)[0]
 
     def _inv(self, positions: torch.Tensor, seq_len) -> torch.Tensor:
+        """(D/2,) float64 inverse frequencies for the call, or (T, D/2) when they vary by token."""
         dev = positions.device
         inv = self._inv_on.get(dev)
         if inv is None:
             inv = self._inv_on[dev] = self.inv_freq.to(dev)
-        if self.long_after is None:
+        if self.long_after is None or positions.numel() == 0:
             return inv
         long = self._inv_on.get(("long", dev))
         if long is None:
             long = self._inv_on[("long", dev)] = self.long_inv_freq.to(dev)
-        if positions.numel() == 0:
-            return inv
-        if seq_len is not None:
+        if isinstance(seq_len, int):
             return long if seq_len > self.long_after else inv
-        # a device-side choice: no host sync, so decode stays capturable in a CUDA graph
-        return torch.where(positions.max() + 1 > self.long_after, long, inv)
+        if seq_len is None:
+            # a device-side choice: no host sync, so decode stays capturable in a CUDA graph
+            return torch.where(positions.max() + 1 > self.long_after, long, inv)
+        if seq_len.shape != positions.shape:
+            raise ValueError(f"seq_len {tuple(seq_len.shape)} must match positions "
+                             f"{tuple(positions.shape)}")
+        return torch.where((seq_len.to(dev) > self.long_after)[:, None], long, inv)
 
     def cos_sin(self, positions: torch.Tensor,
-                seq_len: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                seq_len=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) int64 -> cos, sin (T, 1, D/2) float32 (half width: both halves of the
         rotate-half layout share them, which halves their memory on million-token shards)."""
         inv = self._inv(positions, seq_len)
@@ -120,7 +125,8 @@ class Rotary:
         sin = torch.empty_like(cos)
         step = 1 << 16  # bounds the float64 temporaries
         for a in range(0, T, step):
-            ang = positions[a:a + step].to(torch.float64)[:, None] * inv[None, :]  # (t, D/2)
+            inv_t = inv if inv.dim() == 1 else inv[a:a + step]
+            ang = positions[a:a + step].to(torch.float64)[:, None] * inv_t  # (t, D/2)
             cos[a:a + step, 0] = torch.cos(ang) * self.scale
             sin[a:a + step, 0] = torch.sin(ang) * self.scale
         return cos, sin

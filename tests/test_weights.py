@@ -71,7 +71,7 @@ def test_unexpected_and_misshapen_tensors(tmp_path_factory, tmp_path):
     dst = _copy(tmp_path, src, "extra")
     tensors = load_file(dst / "model.safetensors")
     extra = dict(tensors)
-    extra["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)   # a Qwen3 tensor
+    extra["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)   # Qwen3's, not Llama's
     extra["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # tolerated
     save_file(extra, dst / "model.safetensors")
     with pytest.raises(KeyError, match=r"does not use: model\.layers\.0\.self_attn\.q_norm"):
@@ -108,5 +108,6 @@ def test_unsupported_architecture_lists_supported(tmp_path_factory, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unsupported architecture 'GemmaForCausalLM'; "
                                          r"supported: LlamaForCausalLM, MistralForCausalLM, "
-                                         r"Qwen2ForCausalLM"):
+                                         r"Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
+                                         r"MixtralForCausalLM, Qwen3MoeForCausalLM"):
         CausalLM.from_pretrained(dst)
