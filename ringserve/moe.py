@@ -38,6 +38,7 @@ class MoE(nn.Module):
         self.names = EXPERT_NAMES[model_type]
         self.gate = nn.Linear(hidden, moe.num_experts, bias=False, **factory)   # the router
         self.experts = Experts(moe.num_experts, hidden, moe.intermediate_size, **factory)
+        self.backend = "auto"   # kernels.grouped_linear's; tests force "triton" on CPU
 
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> weights (T, k) float32, expert ids (T, k)."""
@@ -55,10 +56,13 @@ class MoE(nn.Module):
         w, idx = self.route(x)
         flat = idx.reshape(-1)                        # (T*k,) token-major
         order = torch.argsort(flat, stable=True)      # token copies grouped by expert
-        counts = torch.bincount(flat, minlength=E)
+        # scatter_add, not bincount: bincount reads the maximum on the host (a sync that would
+        # also break CUDA-graph capture of decode)
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         xs = x[order // k]                            # (T*k, H)
-        gate, up = grouped_linear(xs, self.experts.gate_up, counts).chunk(2, dim=-1)
-        ys = grouped_linear(F.silu(gate) * up, self.experts.down, counts)   # (T*k, H)
+        gate, up = grouped_linear(xs, self.experts.gate_up, counts, self.backend).chunk(2, dim=-1)
+        ys = grouped_linear(F.silu(gate) * up, self.experts.down, counts, self.backend)  # (T*k, H)
         y = torch.empty_like(ys)
         y[order] = ys                                 # back to token-major order
         return (y.view(T, k, H).float() * w[..., None]).sum(1).to(x.dtype)
