@@ -1,6 +1,7 @@
 """Helpers shared by the test modules that run a real Serve HTTP proxy or a Ray head."""
 from __future__ import annotations
 
+import os
 import socket
 
 
@@ -22,3 +23,29 @@ def start_serve() -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
+
+
+def shard_pids() -> set:
+    """pids of ModelShardWorker processes descending from this process (the local Ray cluster
+    of the test session; another cluster on the machine is not ours)."""
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    found, todo = set(), [os.getpid()]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            todo.append(c)
+            try:
+                with open(f"/proc/{c}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::ModelShardWorker"):
+                        found.add(c)
+            except OSError:
+                pass
+    return found

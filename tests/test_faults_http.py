@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tinymodels import tiny_model
-from servehelpers import start_serve
+from servehelpers import shard_pids, start_serve
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,31 +36,6 @@ WORDS = ("ship cargo master owner port freight charter voyage clause tons harbou
 TRANSPORT_TIMEOUT_S = 4.0
 FAIL_BOUND_S = 150.0       # the wait, a hung actor's shutdown (10 s), a fresh group's start-up
 
-
-
-def shard_pids() -> set:
-    """pids of ModelShardWorker processes descending from this process."""
-    children: dict = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    found, todo = set(), [os.getpid()]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            todo.append(c)
-            try:
-                with open(f"/proc/{c}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::ModelShardWorker"):
-                        found.add(c)
-            except OSError:
-                pass
-    return found
 
 
 @pytest.fixture(scope="module")
