@@ -30,12 +30,17 @@ def test_reads_what_transformers_writes(tmp_path, name):
     assert cfg.model_type == spec["arch"]
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (320, 64, 2)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
-        4, spec["num_key_value_heads"], 16)
-    assert cfg.rope.theta == spec["rope_theta"]
+        4, spec["num_key_value_heads"], spec.get("head_dim", 16))
+    assert cfg.rope.theta == spec.get("rope_theta", 10000.0)
     scaling = spec.get("rope_scaling")
     assert cfg.rope.rope_type == (scaling["rope_type"] if scaling else "default")
-    if scaling:
+    if scaling and "factor" in scaling:
         assert cfg.rope.factor == scaling["factor"]
+    if cfg.rope.rope_type == "longrope":   # no factor: max / original positions, as HF does
+        assert cfg.rope.factor == 4096 / 64 and cfg.rope.long_factor == tuple(
+            scaling["long_factor"])
+    assert (cfg.moe is not None) == (spec["arch"] in ("mixtral", "qwen3_moe"))
+    assert cfg.qk_norm == (spec["arch"] in ("qwen3", "qwen3_moe"))
     assert cfg.sliding_window == spec.get("sliding_window")
     assert cfg.tie_word_embeddings == bool(spec.get("tie_word_embeddings", False))
     assert cfg.qkv_bias == (spec["arch"] == "qwen2" or bool(spec.get("attention_bias")))
@@ -96,8 +101,8 @@ def test_errors_show_the_numbers():
         _cfg(head_dim=15)
     with pytest.raises(ValueError, match=r"rope_type 'dynamic' is not supported"):
         _cfg(rope_scaling={"type": "dynamic", "factor": 2.0})
-    with pytest.raises(ValueError, match=r"rope_type 'su' is not supported"):
-        _cfg(rope_scaling={"type": "su", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"longrope needs short_factor and long_factor"):
+        _cfg(rope_scaling={"type": "su", "factor": 2.0})   # Phi-3's early name for longrope
     with pytest.raises(ValueError, match=r"needs original_max_position_embeddings"):
         _cfg(rope_scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(ValueError, match=r"hidden_act 'gelu' is not supported"):
