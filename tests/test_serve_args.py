@@ -64,3 +64,28 @@ def test_document_card_shows_progress_only_while_prefilling():
     assert d.card()["progress"] == d.progress and d.card()["progress"] is not d.progress
     d.status = "ready"
     assert "progress" not in d.card()
+
+
+def test_registry_never_takes_a_late_progress_card_over_the_final_one():
+    """With several replicas a background prefill republishes its card on every progress
+    report, fire and forget; the last report can reach the registry after the "ready" card
+    (two calls, no ordering between them). A finished document never goes back to
+    "prefilling", so its card can not be stuck there."""
+    import asyncio
+
+    from ringserve.serve.registry import DocumentRegistry
+
+    reg = DocumentRegistry.func_or_class()
+
+    async def story():
+        await reg.put("d", {"id": "d", "status": "prefilling"}, b"\x01\x00\x00\x00")
+        await reg.update("d", {"id": "d", "status": "prefilling", "progress": {"done": 1}})
+        assert (await reg.card("d"))["progress"] == {"done": 1}
+        await reg.update("d", {"id": "d", "status": "ready"})
+        await reg.update("d", {"id": "d", "status": "prefilling", "progress": {"done": 2}})
+        assert (await reg.card("d"))["status"] == "ready"
+        await reg.delete("d")
+        await reg.update("d", {"id": "d", "status": "ready"})
+        assert await reg.card("d") is None
+
+    asyncio.run(story())

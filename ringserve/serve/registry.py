@@ -31,10 +31,16 @@ class DocumentRegistry:
         self._docs[doc_id] = (dict(card), bytes(token_ids))
 
     async def update(self, doc_id: str, card: dict) -> None:
-        """A new card (status) for a document that still exists; a deleted one stays deleted."""
+        """A new card (status) for a document that still exists; a deleted one stays deleted,
+        and a finished one never goes back to "prefilling": a progress report sent just before
+        the prefill ended may arrive after the final card (two calls, no ordering between them)."""
         entry = self._docs.get(doc_id)
-        if entry is not None:
-            self._docs[doc_id] = (dict(card), entry[1])
+        if entry is None:
+            return
+        if card.get("status") == "prefilling" and entry[0].get("status") not in (
+                None, "prefilling"):
+            return
+        self._docs[doc_id] = (dict(card), entry[1])
 
     async def get(self, doc_id: str) -> Optional[Tuple[dict, bytes]]:
         return self._docs.get(doc_id)
