@@ -38,13 +38,21 @@ Endpoints (all /v1 ones need `Authorization: Bearer <api_key>` when api_key is s
                                    "timings"}; streaming: SSE "document.answer.chunk" events
                                    with "delta", the last one carrying the same summary fields
 
+  GET  /openapi.json                the API schema (needs the key like /v1; no /docs pages)
+
 msgpack requests get msgpack answers (also when Accept asks for application/msgpack). Errors
-are always JSON in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 invalid
-parameters (code context_length_exceeded for prompts beyond the KV cache), 401 API key, 404
-model / document / route, 409 a question on a document whose background prefill failed, 413
-document beyond the KV capacity (both numbers in the message) or
+are always JSON in OpenAI's shape {"error": {"message", "type", "param", "code",
+"request_id"}}: a stable code, a short message written by the service (never an exception's own
+text from the server side) and the request id (Serve's x-request-id header; the replica's log
+has the details under it). 400 invalid parameters (code context_length_exceeded for prompts
+beyond the KV cache: text that can not fit is refused before it is tokenized;
+too_many_prompts past max_prompts; integers and booleans are strict), 401 API key, 404
+model / document / route, 408 body_timeout (a body pausing longer than body_timeout_s, or
+slower than min_body_rate bytes/s after that), 409 a question on a document whose background
+prefill failed, 413 document beyond the KV capacity (both numbers in the message) or
 body beyond max_body_mb, 415 content type, 429 queue full, 503 model loading / load failed /
-a shard actor failed (the group is rebuilt), 504 timeout. A stream starts when its first token
+a shard actor failed (the group is rebuilt), 504 timeout. A client that disconnects counts as
+"cancelled" in the metrics. A stream starts when its first token
 is ready, or after sse_keepalive_s with ": keep-alive" SSE comments until then (a long prefill);
 after the start an error arrives as a `data: {"error": ...}` event. A client that disconnects
 cancels its generation.
