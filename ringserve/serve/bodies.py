@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from ringserve.serve.errors import APIError, bad_request, validation_message
+from ringserve.serve.errors import APIError, bad_request, client_text, validation_message
 
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -157,7 +157,8 @@ async def read_payload(request: Request, limits, multipart: bool = False
         try:
             data = msgpack.unpackb(body, raw=False, strict_map_key=False)
         except Exception as exc:  # noqa: BLE001 - msgpack raises several types
-            raise bad_request(f"body is not valid msgpack: {exc}") from None
+            why = client_text(str(exc), "malformed")
+            raise bad_request(f"body is not valid msgpack: {why}") from None
         kind = "msgpack"
     elif ctype == "multipart/form-data" and multipart:
         return _multipart(body, request.headers["content-type"]), "multipart"

@@ -27,7 +27,7 @@ from ringserve.serve import openai_format as fmt
 from ringserve.serve.bodies import parse_model, read_payload, respond, wants_msgpack
 from ringserve.serve.doc_prompts import (PLAIN_QUESTION, chat_document, encode_continuation,
                                          question_text)
-from ringserve.serve.errors import APIError, api_error_from, bad_request
+from ringserve.serve.errors import APIError, api_error_from, bad_request, client_text
 from ringserve.serve.protocol import AskRequest, DocumentCreate
 from ringserve.serve.service import Document, Service, is_final
 from ringserve.serve.streaming import sse_response
@@ -84,7 +84,8 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
                 head, template = await svc.runner.run_free(
                     chat_document, llm.tokenizer, req.text, req.system)
             except Exception as exc:  # noqa: BLE001 - no template, or one that rejects this
-                raise bad_request(f"the chat template can not frame this document: {exc}",
+                raise bad_request("the chat template can not frame this document: "
+                                  + client_text(str(exc)),
                                   param="prompt_format") from None
             # the rendered template carries its own special tokens (BOS and headers)
             ids = np.asarray(await svc.encode(head, add_special_tokens=False), dtype=np.int64)

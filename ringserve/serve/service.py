@@ -21,7 +21,7 @@ from fastapi import Request
 from ringserve.serve.bodies import BodyLimits
 from ringserve.serve.config import ServeArgs
 from ringserve.serve.doc_prompts import PLAIN_QUESTION
-from ringserve.serve.errors import APIError
+from ringserve.serve.errors import APIError, client_text
 from ringserve.serve.limits import max_bytes_per_token, min_tokens
 from ringserve.serve.metrics import ServeMetrics
 from ringserve.serve.runner import Deadline, EngineRunner
@@ -257,7 +257,7 @@ class Service:
         try:
             return SamplingParams(**kwargs)
         except ValueError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from None
+            raise APIError(400, client_text(str(exc)), code="invalid_value") from None
 
     # ------------------------------------------------------------------ documents
     def _not_found(self, doc_id: str) -> APIError:
