@@ -16,6 +16,7 @@ the batch and rows a rank does not own write their K/V to a scratch page that no
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -136,6 +137,7 @@ class ModelShardWorker(ShardWorker):
             head_dim=cfg.head_dim, num_pages=num_pages + self.reserved_pages,
             page_size=page_size, dtype=self.model.dtype, device=str(self.device)))
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
+        self.step_times: List[float] = []
 
     # ---- information ----
 
@@ -161,6 +163,18 @@ class ModelShardWorker(ShardWorker):
         """Run one step's plan; returns one entry per sequence of the plan: (token, logprob)
         where this rank samples it, a list of next-token logprobs (float32, NaN where no
         target) for score rows this rank reports, else None."""
+        t0 = time.perf_counter()
+        try:
+            return self._execute(plan)
+        finally:
+            self.step_times.append(time.perf_counter() - t0)
+            del self.step_times[:-4096]
+
+    def recent_step_times(self, n: int = 4096) -> List[float]:
+        """Seconds spent in the last n `execute` calls on this rank (benchmarks)."""
+        return self.step_times[-n:]
+
+    def _execute(self, plan: RankPlan) -> list:
         self.pool.copy_pages(plan.copy_src, plan.copy_dst)
         if not plan.seqs:
             return []

@@ -1,8 +1,8 @@
 """Where a decode step's time goes, on one device and without Ray: eager vs CUDA graphs.
 
-One in-process shard worker (world size 1) with a random-weight model. For each context length L:
-prefill L random tokens, then time `--steps` greedy decode steps eagerly and from captured CUDA
-graphs (`cuda_graphs`; on CPU the "emulate" mode, which only checks the path), both against the
+One in-process shard worker (world size 1) under the engine, with a random-weight model. For each
+context length L: cache L random tokens, then time `--steps` greedy decode steps (the worker's
+`execute` time) eagerly and from captured CUDA graphs (`cuda_graphs`; on CPU the "emulate" mode, which only checks the path), both against the
 HBM floor (all weights plus the KV of L tokens read once per token at the measured copy
 bandwidth). Last, torch.profiler over one eager step: the number of kernels launched, host vs
 device time, and the ops that cost the host most. Tokens from both modes must be equal.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+
 
 import torch
 
@@ -36,6 +36,26 @@ def config(preset: str) -> dict:
     return c
 
 
+class _OneRank:
+    """The ActorGroup interface over one in-process worker (no Ray)."""
+    world_size = 1
+
+    def __init__(self, worker):
+        self.w = worker
+
+    def call(self, method, *args, **kw):
+        return [getattr(self.w, method)(*args)]
+
+    def call_per_rank(self, method, args_list, **kw):
+        return [getattr(self.w, method)(*args_list[0])]
+
+    def rebuild(self):
+        raise RuntimeError("profile_decode: the worker failed")
+
+    def shutdown(self):
+        self.w.shutdown()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
@@ -48,7 +68,7 @@ def main(argv=None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --device cpu for a smoke run)")
     from ringserve.actors.model_worker import ModelShardWorker
-    from ringserve.parallel.transport import ThreadHub
+    from ringserve.engine import Engine, EngineConfig
     from ringserve.sampling import SamplingParams
 
     lengths = [int(x) for x in a.lengths.split(",") if x]
@@ -57,41 +77,59 @@ def main(argv=None) -> int:
     w = ModelShardWorker(0, 1, a.device, model={"config": cfg, "seed": 0}, dtype=dtype,
                          page_size=a.page_size, kv_tokens=max(lengths) + 4 * a.steps + 1024,
                          cuda_graphs=True if a.device == "cuda" else "emulate")
-    w.transport = ThreadHub(1).transport(0)
+    eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=8192,
+                                                     cuda_graphs=True))
     bw = w.copy_bandwidth()
     n_params = sum(t.numel() for t in w.model.parameters())
     w_bytes = n_params * w.model.dtype.itemsize
-    kv_tok = w.cache.cfg.bytes_per_token
-    greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
+    kv_tok = w.pool.cfg.bytes_per_token
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.steps + 3)
     g = torch.Generator().manual_seed(0)
     sync = (lambda: torch.cuda.synchronize()) if a.device == "cuda" else (lambda: None)
     rows = []
+
+    def set_mode(graphs: bool):
+        w.cuda_graphs = graphs
+        eng.sched.cfg.graphs = graphs
+
     for L in lengths:
         ids = torch.randint(0, cfg["vocab_size"], (L,), generator=g).tolist()
+        key = eng.submit("cache_document", ids).result()
         row = {"length": L}
         for mode in ("eager", "graphs"):
-            w.cache.clear()
-            first = w.prefill("s", ids, "striped", mode="sample", params=greedy)[0]
-            w.cuda_graphs = mode == "graphs"
-            w.decode("s", first, L, [0] * 2, greedy, 0)   # warm-up (and capture)
+            set_mode(mode == "graphs")
+            n0 = len(w.step_times)
+            out = eng.submit("generate", ids + [1], greedy).result()
             sync()
-            t0 = time.perf_counter()
-            out = w.decode("s", first, L + 2, [0] * a.steps, greedy, 2)
-            sync()
-            dt = (time.perf_counter() - t0) / a.steps
-            row[mode] = {"ms_per_token": dt * 1e3, "tokens": [t for t, _ in out]}
+            dec = w.step_times[n0:][3:]        # after the extension and two warm-up steps
+            dt = sum(dec) / len(dec)
+            row[mode] = {"ms_per_token": dt * 1e3, "tokens": out.token_ids[3:]}
         floor = (w_bytes + kv_tok * L) / bw if bw else float("nan")
         row["floor_ms"] = floor * 1e3
         row["same_tokens"] = row["eager"]["tokens"] == row["graphs"]["tokens"]
-        # one eager step under the profiler
-        w.cuda_graphs = False
+        # one eager decode step under the profiler
+        set_mode(False)
         acts = [torch.profiler.ProfilerActivity.CPU]
         if a.device == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as prof:
-            w.decode("s", 1, L + 2 + a.steps, [0], greedy, 0)
-            sync()
-        ka = prof.key_averages()
+        real = eng._execute
+        box = {}
+
+        def profiled(step, real=real, box=box, acts=acts):
+            if "prof" in box or any(wk.n > 1 for wk in step.works):
+                return real(step)
+            with torch.profiler.profile(activities=acts) as prof:
+                r = real(step)
+                sync()
+            box["prof"] = prof
+            return r
+
+        eng._execute = profiled
+        eng.submit("generate", ids + [2], SamplingParams(temperature=0.0, ignore_eos=True,
+                                                          max_tokens=3)).result()
+        eng._execute = real
+        eng.submit("drop_document", key).result()
+        ka = box["prof"].key_averages()
         row["profile"] = {
             "host_ms": sum(e.self_cpu_time_total for e in ka) / 1e3,
             "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e3,
@@ -115,6 +153,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"args": vars(a), "rows": rows}, fh, indent=1)
+    eng.shutdown()
     w.shutdown()
     return 0 if all(r["same_tokens"] for r in rows) else 1
 

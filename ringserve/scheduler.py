@@ -36,7 +36,7 @@ from .plan import RankPlan, SeqStep
 from .sampling import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)   # identity: `req in running` must not compare prompts
 class Request:
     """One request's state, owned by the engine thread."""
     order: int                         # arrival number: FIFO and "newest" for preemption
@@ -59,6 +59,13 @@ class Request:
     @property
     def tokens(self) -> List[int]:
         return self.prompt + self.out_tokens
+
+    def token_slice(self, a: int, b: int) -> List[int]:
+        """tokens[a:b] without building the whole list (prompts can be millions of tokens)."""
+        P = len(self.prompt)
+        if b <= P:
+            return self.prompt[a:b]
+        return self.prompt[a:P] + self.out_tokens[max(0, a - P):b - P]
 
     @property
     def computed(self) -> int:
@@ -337,12 +344,12 @@ class Scheduler:
     def _work(self, req: Request, n: int, kind: str, owners: List[int]) -> Work:
         """The work item, with its pages taken now (room was made by `_room_for`)."""
         start = req.computed
-        sample = req.kind == "generate" and start + n == len(req.tokens)
+        sample = req.kind == "generate" and start + n == len(req.prompt) + len(req.out_tokens)
         rank = owners[-1] if kind == "ring" else 0
         w = Work(req, start, n, kind, owners, sample, rank)
         seq = req.seq
         w.before = list(seq.counts)
-        w.slots, w.copies = self.kv.append(seq, req.tokens[start:start + n], owners)
+        w.slots, w.copies = self.kv.append(seq, req.token_slice(start, start + n), owners)
         w.pages = [list(p) for p in seq.pages]
         w.after = list(seq.counts)
         return w
@@ -353,7 +360,7 @@ class Scheduler:
         N = self.world_size
         plans = [RankPlan(self.cfg.layout) for _ in range(N)]
         for w in works:
-            toks = w.req.tokens[w.start:w.start + w.n]
+            toks = w.req.token_slice(w.start, w.start + w.n)
             slots, copies = w.slots, w.copies
             targets = None
             if w.req.kind == "score":

@@ -24,7 +24,8 @@ def test_unknown_command_lists_the_commands():
 def test_serve_help_documents_the_options():
     r = _run("serve", "--help")
     assert r.returncode == 0
-    for opt in ("--model", "--world-size", "--schedule", "--api-key", "--transport-timeout-s"):
+    for opt in ("--model", "--world-size", "--layout", "--max-num-seqs", "--max-num-batched-tokens",
+                "--api-key", "--transport-timeout-s"):
         assert opt in r.stdout
 
 

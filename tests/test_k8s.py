@@ -301,6 +301,6 @@ def test_serve_args_are_accepted_by_the_app():
 
     (app,) = serve_config_file()["applications"]
     args = ServeArgs.from_dict(app["args"])
-    assert (args.world_size, args.schedule, args.device) == (2, "striped", "cuda")
+    assert (args.world_size, args.layout, args.device) == (2, "striped", "cuda")
     with pytest.raises(ValueError, match="unknown argument"):
         ServeArgs.from_dict({**app["args"], "wrld_size": 2})

@@ -128,8 +128,8 @@ def test_document_cache_match_budget_and_eviction_order():
     assert dc.total_tokens == 9 and dc.pinned_tokens == 3
     c = CachedSeq("k3", "sc", t([5, 5]), torch.zeros(2, dtype=torch.int8))
     dc.add(c)                                           # 11 > 10: evict LRU unpinned first
-    assert [x.seq_id for x in dc.over_budget()] == ["sa2"]
-    assert [x.seq_id for x in dc.eviction_order()] == ["sa2", "sc", "sb"]
+    assert [x.kv for x in dc.over_budget()] == ["sa2"]
+    assert [x.kv for x in dc.eviction_order()] == ["sa2", "sc", "sb"]
 
 
 def test_block_table_rebuilt_only_when_pages_change_and_scratch_page():

@@ -79,36 +79,40 @@ def test_one_gpu_bf16_matches_transformers(ref, ray_gpu):
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("schedule", ["striped", "ring"])
-def test_two_gpus_bf16_matches_transformers(ref, ray_gpu, schedule):
+@pytest.mark.parametrize("layout", ["striped", "ring"])
+def test_two_gpus_bf16_matches_transformers(ref, ray_gpu, layout):
     from ringserve import LLM
 
-    llm = LLM(str(ref[0]), world_size=2, schedule=schedule, device="cuda")
+    llm = LLM(str(ref[0]), world_size=2, layout=layout, device="cuda")
     try:
         check(llm, ref)
     finally:
         llm.shutdown()
 
 
-@pytest.mark.parametrize("world_size,decode_steps", [(1, 1), (2, 8)])
-def test_cuda_graph_decode_equals_eager(ref, ray_gpu, world_size, decode_steps):
-    """Decode replayed from captured CUDA graphs gives the eager path's tokens and logprobs
-    (greedy), across block-table width buckets (the prompt crosses 128 pages of 64 tokens)."""
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_cuda_graph_decode_equals_eager(ref, ray_gpu, world_size):
+    """Batched decode replayed from captured CUDA graphs gives the eager path's tokens and
+    logprobs (greedy), across block-table width buckets (the prompt crosses 128 pages of 64
+    tokens) and batch buckets (5 requests together: bucket 8, then fewer as they end)."""
     from ringserve import LLM, SamplingParams
 
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs")
     path, ids = ref[0], ref[1]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=True)
-    prompts = [ids[:8170], ids[:300]]  # 8170 + 40 tokens cross a width bucket on 1 and 2 GPUs
+    # 8170 + 40 tokens cross a width bucket on 1 and 2 GPUs
+    prompts = [ids[:8170], ids[:300], ids[100:400], ids[7:50], ids[900:1000]]
     outs = {}
     for graphs in (False, True):
-        llm = LLM(str(path), world_size=world_size, device="cuda", cuda_graphs=graphs,
-                  decode_steps=decode_steps)
+        llm = LLM(str(path), world_size=world_size, device="cuda", cuda_graphs=graphs)
         try:
             outs[graphs] = llm.generate(prompts, params)
         finally:
             llm.shutdown()
     for eager, graph in zip(outs[False], outs[True]):
         assert graph.token_ids == eager.token_ids
-        assert max(abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)) < 1e-3
+        # the graph runs the batch padded to its bucket (8 rows, not 5): bf16 GEMMs of another
+        # shape round differently, so logprobs agree to bf16 precision, not bit for bit
+        diff = [abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)]
+        assert sum(diff) / len(diff) < 5e-3 and max(diff) < 5e-2, (max(diff), diff)

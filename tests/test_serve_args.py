@@ -9,7 +9,8 @@ from ringserve.serve import ServeArgs, build_app, run
 def test_defaults_and_served_name(tmp_path):
     a = ServeArgs.from_dict({"model": str(tmp_path / "my-model") + "/"})
     assert a.served_model_name == "my-model"
-    assert a.world_size == 1 and a.schedule == "striped" and a.api_key is None
+    assert a.world_size == 1 and a.layout == "striped" and a.api_key is None
+    assert a.max_num_seqs == 64 and a.max_num_batched_tokens is None
     assert a.max_body_bytes == 64 << 20
     assert ServeArgs.from_dict({"model": "m", "model_name": "x"}).served_model_name == "x"
     assert a.public_dict()["api_key"] is None
@@ -22,7 +23,8 @@ def test_defaults_and_served_name(tmp_path):
     ({"model": "m", "world_size": 0}, ["world_size (0)", ">= 1"]),
     ({"model": "m", "world_size": 2.5}, ["world_size (2.5)"]),
     ({"model": "m", "max_queue": -1}, ["max_queue (-1)"]),
-    ({"model": "m", "schedule": "zigzag"}, ["schedule ('zigzag')", "striped"]),
+    ({"model": "m", "layout": "zigzag"}, ["layout ('zigzag')", "striped"]),
+    ({"model": "m", "max_num_seqs": 0}, ["max_num_seqs (0)", ">= 1"]),
     ({"model": "m", "device": "tpu"}, ["device ('tpu')"]),
     ({"model": "m", "dtype": "int8"}, ["dtype ('int8')"]),
     ({"model": "m", "request_timeout_s": 0}, ["request_timeout_s (0)", "> 0"]),

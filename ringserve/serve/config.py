@@ -72,7 +72,7 @@ class ServeArgs:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty checkpoint path, got {self.model!r}")
         for name, low in (("world_size", 1), ("num_replicas", 1), ("max_queue", 0),
-                          ("default_max_tokens", 1), ("max_prompts", 1)):
+                          ("default_max_tokens", 1), ("max_prompts", 1), ("max_num_seqs", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < low:
                 raise ValueError(f"{name} ({v!r}) must be an integer >= {low}")

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU runs of the continuous-batching issue, one device call (<= 10 min) per part.
+# On the device machine (repo root, .devsite carried: ray-bundle.tar.xz, and old.tar.gz =
+# `git archive <commit> ringserve kernels actors benchmarks` of the engine before the rewrite):
+#   bash benchmarks/gpu_serving.sh check      # GPU tests of the engine + a 4-layer serving smoke
+#   bash benchmarks/gpu_serving.sh baseline   # bench_e2e 128K, world size 1: previous engine vs
+#                                             # this one, eager and CUDA graphs, same machine
+#   bash benchmarks/gpu_serving.sh serving [args]  # bench_serving.py, 8B shape, all scenarios
+# Writes logs and JSON under $OUT (or /tmp/out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PART=${1:-check}; shift || true
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -f .devsite/ray-bundle.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .devsite/ray-bundle.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
+fi
+pkg() {  # $1: source tree, $2: target site dir: the tree as the installed package
+  mkdir -p "$2" && rm -rf "$2/ringserve" && cp -r "$1/ringserve" "$2/ringserve" \
+    && cp -r "$1/kernels" "$2/ringserve/kernels" && cp -r "$1/actors" "$2/ringserve/actors"
+}
+pkg "$REPO" /tmp/pkg
+export RAY_USAGE_STATS_ENABLED=0
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
+cd /tmp   # Ray puts the driver's cwd on the actors' sys.path: not the bare repo root
+case "$PART" in
+  check)
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 300 python3 -m pytest -q -x -p no:cacheprovider \
+      "$REPO/tests/test_llm_gpu.py" 2>&1 | tee "$OUT/test_llm_gpu.log" | tail -5
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 240 python3 "$REPO/benchmarks/bench_serving.py" \
+      --preset small --doc-len 16384 --prefill-len 65536 --concurrency 1,4,16 \
+      --budgets 8192 --json "$OUT/serving_small.json" 2>&1 | tee "$OUT/serving_small.log" \
+      | grep -v '^(' ;;
+  baseline)
+    mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
+    for v in old new; do
+      for g in "" "--cuda-graphs"; do
+        if [ $v = old ]; then P=/tmp/oldpkg; B=/tmp/old/benchmarks; else P=/tmp/pkg; B=$REPO/benchmarks; fi
+        tag=$v${g:+_graphs}
+        PYTHONPATH=$P:$PYTHONPATH timeout 200 python3 "$B/bench_e2e.py" --world-size 1 \
+          --lengths 131072 --no-hf --decode-tokens 64 $g --json "$OUT/e2e_$tag.json" \
+          2>&1 | tee "$OUT/e2e_$tag.log" | grep -E '^\[ringserve\] \{|Error|error' | tail -3
+      done
+    done ;;
+  serving)
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH python3 "$REPO/benchmarks/bench_serving.py" \
+      --json "$OUT/bench_serving.json" "$@" 2>&1 | tee "$OUT/bench_serving.log" | grep -v '^(' ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac

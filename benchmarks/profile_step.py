@@ -1,0 +1,150 @@
+"""Where an engine step's time goes on one GPU, without Ray: the engine over one in-process
+ModelShardWorker. Times decode-only steps at several batch sizes, a prefill chunk alone, and a
+prefill chunk with decodes beside it (median ms per step), then prints a torch profiler table of
+one mixed step.
+
+  python3 benchmarks/profile_step.py --preset small --doc-len 16384 --prefill-len 65536
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import hf_config  # noqa: E402
+
+
+class OneRank:
+    world_size = 1
+
+    def __init__(self, **kw):
+        from ringserve.actors.model_worker import ModelShardWorker
+        self.w = ModelShardWorker(0, 1, "cuda", **kw)
+
+    def call(self, m, *a, **k):
+        return [getattr(self.w, m)(*a)]
+
+    def call_per_rank(self, m, args_list, **k):
+        return [getattr(self.w, m)(*args_list[0])]
+
+    def rebuild(self):
+        raise RuntimeError("no rebuild here")
+
+    def shutdown(self):
+        pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--doc-len", type=int, default=16384)
+    p.add_argument("--prefill-len", type=int, default=65536)
+    p.add_argument("--budget", type=int, default=8192)
+    p.add_argument("--graphs", action="store_true")
+    p.add_argument("--ray", action="store_true", help="through a Ray actor (LLM) instead")
+    a = p.parse_args(argv)
+    import torch
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.sampling import SamplingParams
+
+    cfg = hf_config(a.preset, 2 * (a.doc_len + a.prefill_len))
+    if a.ray:
+        import ray
+        from ringserve import LLM
+        ray.init(include_dashboard=False)
+        llm = LLM({"config": cfg, "seed": 0}, device="cuda", dtype="bfloat16", tokenizer=None,
+                  max_num_batched_tokens=a.budget, cuda_graphs=a.graphs)
+        eng = llm._engine
+        grp = llm._group
+    else:
+        grp = OneRank(model={"config": cfg, "seed": 0}, dtype="bfloat16", page_size=64,
+                      chunk_tokens=8192, cuda_graphs=a.graphs)
+        eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=a.budget,
+                                                 passq_max_tokens=2048, cuda_graphs=a.graphs))
+    times = []
+    real = eng._execute
+
+    def timed(step):
+        if not a.ray:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        r = real(step)
+        if not a.ray:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t,
+                      sum(1 for w in step.works if w.n == 1), sum(w.n for w in step.works
+                                                                   if w.n > 1)))
+        return r
+
+    eng._execute = timed
+    g = torch.Generator().manual_seed(0)
+    V = cfg["vocab_size"]
+
+    def rnd(n):
+        return torch.randint(0, V, (n,), generator=g).tolist()
+
+    doc = rnd(a.doc_len)
+    eng.submit("cache_document", doc).result()
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    for n in (1, 1, 8, 16, 64):
+        times.clear()
+        hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=40, **greedy))
+              for _ in range(n)]
+        t = time.perf_counter()
+        for h in hs:
+            h.result()
+        dec = [x[0] for x in times if x[2] == 0 and x[1] == n]
+        inner = grp.call("recent_step_times", len(times))[0]
+        print(f"decode batch {n:3d}: step {statistics.median(dec) * 1e3:7.2f} ms "
+              f"(driver+worker; {len(dec)} steps; in execute {statistics.median(inner) * 1e3:.2f}"
+              f" ms), wall {time.perf_counter() - t:.2f} s")
+    for load in (0, 8):
+        times.clear()
+        hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=100000, **greedy))
+              for _ in range(load)]
+        time.sleep(0.5)
+        t = time.perf_counter()
+        eng.submit("cache_document", rnd(a.prefill_len)).result()
+        wall = time.perf_counter() - t
+        for h in hs:
+            h.cancel()
+        for h in hs:
+            h.result()
+        mixed = [x[0] for x in times if x[2] > 0]
+        inner = grp.call("recent_step_times", len(times))[0]
+        print(f"prefill {a.prefill_len} with {load} decodes: wall {wall:.2f} s, chunk steps "
+              f"{[round(x * 1e3) for x in mixed]} ms; in execute "
+              f"{[round(x * 1e3) for x in inner]}")
+    if a.ray:
+        eng.shutdown()
+        return
+    # profile one mixed step
+    from torch.profiler import ProfilerActivity, profile
+    hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=100000, **greedy))
+          for _ in range(8)]
+    time.sleep(0.5)
+    box = {}
+
+    def prof_step(step):
+        if "done" not in box and any(w.n > 1 for w in step.works):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+                r = real(step)
+                torch.cuda.synchronize()
+            box["done"] = pr
+            return r
+        return real(step)
+
+    eng._execute = prof_step
+    eng.submit("cache_document", rnd(a.prefill_len)).result()
+    for h in hs:
+        h.cancel()
+    print(box["done"].key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    print(box["done"].key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    eng.shutdown()
+
+
+if __name__ == "__main__":
+    main()
