@@ -83,8 +83,10 @@ def concurrent(llm, g, vocab, args) -> Dict:
     rows = []
     for n in args.concurrency:
         qs = [doc + _rand(g, vocab, 32) for _ in range(n)]
+        n0 = len(llm._group.call("recent_step_times", 4096)[0])
         s = Streams(llm, qs, params)
         outs = s.wait()
+        inner = llm._group.call("recent_step_times", 4096)[0][n0:]
         toks = sum(len(o.token_ids) for o in outs)
         first = min(ts[0] for ts in s.times)
         rows.append({"n": n, "tokens": toks, "wall_s": s.t1 - s.t0,
@@ -92,7 +94,8 @@ def concurrent(llm, g, vocab, args) -> Dict:
                      "decode_tok_s": (toks - n) / (s.t1 - first),
                      "itl_ms": s.itl_s() * 1e3,
                      "ttft_s": statistics.median(o.timings["ttft_s"] for o in outs),
-                     "cached": min(o.num_cached_tokens for o in outs)})
+                     "cached": min(o.num_cached_tokens for o in outs),
+                     "worker_step_ms": statistics.median(inner) * 1e3 if inner else None})
         print(f"[concurrent] {json.dumps(rows[-1])}", flush=True)
     llm.drop_document(key)
     base = rows[0]
@@ -128,6 +131,8 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)], stream_params)
         while min((len(t) for t in s.times), default=0) < 8:   # streams decoding
             time.sleep(0.01)
+        n_before = len(llm._group.call("recent_step_times", 4096)[0])
+        steps_before = eng.stats()["steps"]
         t0 = time.perf_counter()
         h = eng.submit("cache_document", big)
         time.sleep(min(2.0, out["prefill_solo_s"] / 3))
@@ -137,10 +142,14 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         so = short.result()
         key = h.result()
         t1 = time.perf_counter()
+        steps = eng.stats()["steps"] - steps_before
+        inner = llm._group.call("recent_step_times", 4096)[0][n_before:]
         s.cancel()
         s.wait()
         llm.drop_document(key)
-        row = {"budget": budget, "prefill_s": t1 - t0,
+        row = {"budget": budget, "prefill_s": t1 - t0, "steps": steps,
+               "worker_step_ms": [round(x * 1e3, 1) for x in inner[:steps]],
+               "stats": {k: v for k, v in eng.stats().items() if isinstance(v, int)},
                "prefill_x": (t1 - t0) / out["prefill_solo_s"],
                "itl_ms": s.itl_s(t0, t1) * 1e3,
                "short_ttft_s": so.timings["ttft_s"], "short_submitted_after_s": t_short - t0}

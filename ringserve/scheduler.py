@@ -233,14 +233,17 @@ class Scheduler:
             if not self._room_for(req, [owner]):
                 continue
             works.append(self._work(req, 1, "q", [owner]))
-        # 2. prompt chunks of running requests, FIFO, within the token budget
+        # 2. prompt chunks of running requests, FIFO, within the token budget; while requests
+        # wait for admission one prompt takes at most half of it, so a long prefill leaves room
+        # for a new short request in the very next step
         budget = self.cfg.max_num_batched_tokens
+        cap = budget if not self.waiting else max(1, budget // 2)
         for req in sorted(self.running, key=lambda r: r.order):
             if budget <= 0:
                 break
             if req not in self.running or req.decoding or any(w.req is req for w in works):
                 continue
-            w = self._chunk(req, budget)
+            w = self._chunk(req, min(budget, cap))
             if w is not None:
                 works.append(w)
                 budget -= w.n

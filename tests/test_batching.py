@@ -336,3 +336,26 @@ def test_chunk_attention_to_cached_tokens_in_pieces_and_splits(tmp_path_factory,
         assert (out.token_ids, out.finish_reason) == solo(prompt, params)
     finally:
         close(eng)
+
+
+def test_a_short_request_is_admitted_while_a_long_prompt_prefills(tmp_path_factory):
+    """A long prompt in chunks of the step budget: a short request that arrives meanwhile is
+    admitted at the next step (the long prompt then takes half the budget), finishes before
+    the long prefill does, and both equal their solo runs."""
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 2, "striped")
+    eng = make(path, 2, "striped", max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(8)
+    long_p = torch.randint(0, VOCAB_TOKENS, (400,), generator=g).tolist()
+    short_p = torch.randint(0, VOCAB_TOKENS, (6,), generator=g).tolist()
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        arrivals = [(0, long_p, params), (3, short_p, params)]
+        h_long, h_short = run_with_arrivals(eng, arrivals)
+        s_out, l_out = h_short.result(60), h_long.result(60)
+        assert s_out.timings["ttft_s"] < l_out.timings["ttft_s"]
+        assert (s_out.token_ids, s_out.finish_reason) == solo(short_p, params)
+        assert (l_out.token_ids, l_out.finish_reason) == solo(long_p, params)
+        assert s_out.timings["queue_s"] < l_out.timings["prefill_s"] / 4
+    finally:
+        close(eng)
