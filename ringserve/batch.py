@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ringserve.batch", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory or .gguf file")
     p.add_argument("--input", required=True, type=Path, help="input JSONL")
     p.add_argument("--output", required=True, type=Path, help="results JSONL (appended to)")
     p.add_argument("--world-size", type=int, default=1, help="shards (GPUs) per actor group")

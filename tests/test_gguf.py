@@ -129,11 +129,12 @@ def test_every_quant_type_loads_like_transformers(arch, tmp_path):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_original_weights_come_back(arch, tmp_path):
-    """A transformers model written the way llama.cpp's converter does (Llama's q/k rows
-    permuted; Qwen2 as is, with its QKV biases and tied embeddings) loads back to the original
-    weights exactly: the unpermutation is the converter's inverse."""
+    """A transformers model written the way llama.cpp's converter does (Llama's and Mistral's
+    q/k rows permuted, Mistral under architecture "llama"; Qwen2 as is, with its QKV biases and
+    tied embeddings) loads back to the original weights exactly: the unpermutation is the
+    converter's inverse."""
     import transformers
 
     kw = dict(vocab_size=TINY["vocab"], hidden_size=64, intermediate_size=128,
@@ -142,6 +143,9 @@ def test_original_weights_come_back(arch, tmp_path):
     torch.manual_seed(3)
     if arch == "llama":
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    elif arch == "mistral":
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None,
+                                                                        **kw)).eval()
     else:
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=True,
                                                                     **kw)).eval()
@@ -150,8 +154,12 @@ def test_original_weights_come_back(arch, tmp_path):
                 if n.endswith("bias"):
                     p.normal_(0, 0.5)
     cfg = dict(layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, vocab=TINY["vocab"])
-    path = write_gguf(tmp_path / "m.gguf", arch, cfg, from_hf_model(hf, arch))
+    stored = "llama" if arch == "mistral" else arch
+    path = write_gguf(tmp_path / "m.gguf", stored, cfg, from_hf_model(hf, stored),
+                      name=f"tiny {arch} test model")
     ours = CausalLM.from_pretrained(path)
+    assert ours.config.architecture == type(hf).__name__
+    assert ours.config.sliding_window is None
     sd = hf.state_dict()
     for name, p in ours.named_parameters():
         assert torch.equal(p, sd[name]), name
