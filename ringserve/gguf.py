@@ -96,6 +96,8 @@ class GGUFCheckpoint:
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             magic = f.read(4)
+        if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
+            raise GGUFError(f"{self.path} is truncated: {size} bytes, not even a GGUF header")
         if magic != MAGIC:
             raise GGUFError(f"{self.path} is not a GGUF file (it starts with {magic!r}, not "
                             f"{MAGIC!r})")
