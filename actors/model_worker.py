@@ -149,6 +149,11 @@ class ModelShardWorker(ShardWorker):
                 "bytes_per_token": p.cfg.bytes_per_token,
                 "vocab_size": self.cfg.vocab_size, "dtype": str(self.model.dtype),
                 "num_layers": self.cfg.num_hidden_layers,
+                # a token's projections + MLP, and its attention per key it sees (scheduler)
+                "flops_per_token": 2 * sum(p.numel() for n, p in self.model.named_parameters()
+                                           if "embed_tokens" not in n and "lm_head" not in n),
+                "attn_flops_per_key": 4 * self.cfg.num_attention_heads * self.cfg.head_dim
+                * self.cfg.num_hidden_layers,
                 "window_size": self.window_size,
                 "max_position_embeddings": self.cfg.max_position_embeddings}
 
@@ -220,6 +225,47 @@ class ModelShardWorker(ShardWorker):
             got = lg.gather(1, tt.clamp(min=0)[:, None])[:, 0]
             out[a:a + rows] = torch.where(tt >= 0, got, torch.nan).cpu()
         return out
+
+    @torch.inference_mode()
+    def warmup(self) -> float:
+        """Compile and tune, before the first request, the attention kernels of the shapes
+        serving meets (CUDA; nothing to do on CPU): the flash forward causal (prompt chunks)
+        and unmasked (a chunk against its cached tokens, keys split over batch entries) at
+        every sequence bucket of its autotuning key, and the paged decode at every query-row
+        tile and split count. Otherwise the first request of each new shape pays seconds of
+        compiling in the middle of serving. Returns the seconds spent."""
+        if self.device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        cfg, dt, dev = self.cfg, self.model.dtype, self.device
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        n = 128
+        while n <= 16384:
+            for causal in (True, False):
+                b = 1 if causal else max(1, min(8, 16384 // n))
+                q = torch.randn(b, n, hq, d, device=dev, dtype=dt)
+                k = torch.randn(b, n, hkv, d, device=dev, dtype=dt)
+                kernels.attention(q, k, k, softmax_scale=self.softmax_scale, causal=causal,
+                                  window_size=self.window_size if causal else None,
+                                  backend=self.backend)
+            n *= 2
+        pool = self.pool
+        page = pool.page_size
+        width = max(2, -(-4224 // page))         # enough key tiles for the largest split count
+        for sq in (1, 2, 4, 8, 16, 32, 64):
+            for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+                if b * sq > 4096:
+                    continue
+                q = torch.randn(b, sq, hq, d, device=dev, dtype=dt)
+                table = torch.zeros(b, width, dtype=torch.int32, device=dev)
+                lens = torch.full((b,), page, dtype=torch.int32, device=dev)
+                pos = torch.full((b, sq), page, dtype=torch.int64, device=dev)
+                kernels.paged_decode(q, pool.k[0], pool.v[0], table, lens,
+                                     softmax_scale=self.softmax_scale, causal=True,
+                                     window_size=self.window_size, q_pos=pos,
+                                     kv_pos=pool.kv_pos, backend=self.backend)
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
 
     def shutdown(self) -> bool:
         self._graphs.clear()  # their memory pools go back with them

@@ -84,9 +84,14 @@ def concurrent(llm, g, vocab, args) -> Dict:
     for n in args.concurrency:
         qs = [doc + _rand(g, vocab, 32) for _ in range(n)]
         n0 = len(llm._group.call("recent_step_times", 4096)[0])
+        st0 = llm.stats()
         s = Streams(llm, qs, params)
         outs = s.wait()
+        st1 = llm.stats()
         inner = llm._group.call("recent_step_times", 4096)[0][n0:]
+        nst = max(1, st1["steps"] - st0["steps"])
+        per_step = {k: round((st1["engine_time_s"][k] - st0["engine_time_s"][k]) / nst * 1e3, 2)
+                    for k in st1["engine_time_s"]}
         toks = sum(len(o.token_ids) for o in outs)
         first = min(ts[0] for ts in s.times)
         rows.append({"n": n, "tokens": toks, "wall_s": s.t1 - s.t0,
@@ -95,7 +100,8 @@ def concurrent(llm, g, vocab, args) -> Dict:
                      "itl_ms": s.itl_s() * 1e3,
                      "ttft_s": statistics.median(o.timings["ttft_s"] for o in outs),
                      "cached": min(o.num_cached_tokens for o in outs),
-                     "worker_step_ms": statistics.median(inner) * 1e3 if inner else None})
+                     "worker_step_ms": statistics.median(inner) * 1e3 if inner else None,
+                     "engine_ms_per_step": per_step, "steps": nst})
         print(f"[concurrent] {json.dumps(rows[-1])}", flush=True)
     llm.drop_document(key)
     base = rows[0]

@@ -75,6 +75,10 @@ class EngineConfig:
     passq_max_tokens: int = 256             # prompt continuations this short run pass-Q
     cascade: bool = True                    # shared-document decode reads the document once
     cuda_graphs: bool = False               # decode-only steps replay captured graphs
+    # "tokens": the budget counts prompt tokens; "flops": a chunk late in a long prompt costs
+    # more (its attention), so step times stay even (see SchedulerConfig.attn_equiv_tokens)
+    prefill_cost: str = "tokens"
+    solo_budget_factor: int = 1             # budget multiplier while one prompt runs alone
     document_cache_tokens: Optional[int] = None  # None: the group's whole KV capacity
     step_timeout_s: Optional[float] = None  # bound on one step's Ray call (None: no bound)
     max_recoveries: int = 2                 # worker faults one request may survive
@@ -103,7 +107,11 @@ class EngineConfig:
                               stacklevel=3)
             self.decode_steps = None
         layouts.check_schedule(self.layout)
-        for name in ("max_num_seqs", "max_num_batched_tokens", "passq_max_tokens"):
+        if self.prefill_cost not in ("tokens", "flops"):
+            raise ValueError(f"prefill_cost must be 'tokens' or 'flops', got "
+                             f"{self.prefill_cost!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "passq_max_tokens",
+                     "solo_budget_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
         if self.max_recoveries < 0:
@@ -115,9 +123,11 @@ class EngineConfig:
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s ({self.step_timeout_s}) must be > 0 or None")
 
-    def scheduler_config(self) -> SchedulerConfig:
+    def scheduler_config(self, attn_equiv_tokens: Optional[float] = None) -> SchedulerConfig:
         return SchedulerConfig(self.layout, self.max_num_seqs, self.max_num_batched_tokens,
-                               self.passq_max_tokens, self.cascade, bool(self.cuda_graphs))
+                               self.passq_max_tokens, self.cascade, bool(self.cuda_graphs),
+                               attn_equiv_tokens if self.prefill_cost == "flops" else None,
+                               self.solo_budget_factor)
 
 
 class _NullDecoder:
@@ -178,11 +188,15 @@ class Engine:
                           "worker_failures": 0, "preemptions": 0, "recovered_requests": 0,
                           "steps": 0}
         self._last_timings: Dict[str, float] = {}
+        self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         self._running = True
         self._read_info()
         budget = self.config.document_cache_tokens
         self.doc_cache = DocumentCache(self.capacity_tokens if budget is None else budget)
-        self.sched = Scheduler(self.config.scheduler_config(), self.kv, self.doc_cache,
+        info = self._infos[0]
+        equiv = (info["flops_per_token"] / info["attn_flops_per_key"]
+                 if info.get("attn_flops_per_key") else None)
+        self.sched = Scheduler(self.config.scheduler_config(equiv), self.kv, self.doc_cache,
                                self.world_size)
         self.sched.on_preempt = self._on_preempt
         self._thread = threading.Thread(target=self._loop, name="ringserve-engine", daemon=True)
@@ -220,7 +234,8 @@ class Engine:
                 "pinned_documents": sum(e.pinned for e in entries),
                 "cached_tokens": sum(e.num_tokens for e in entries),
                 "document_cache_budget_tokens": self.doc_cache.budget_tokens,
-                "last_timings": dict(self._last_timings)})
+                "last_timings": dict(self._last_timings),
+                "engine_time_s": {k: round(v, 3) for k, v in self._times.items()}})
         return out
 
     # ---- submission (any thread) ----
@@ -262,17 +277,25 @@ class Engine:
                 self._expire()
                 if not self.sched.has_work():
                     continue
-                step = self.sched.schedule(time.perf_counter())
+                t0 = time.perf_counter()
+                step = self.sched.schedule(t0)
                 self._finish_without_compute()
                 if not step.works:
                     self._stalled()
                     continue
+                t1 = time.perf_counter()
                 try:
                     results = self._execute(step)
                 except _StepFailed as e:
                     self._recover(e.cause)
                     continue
+                t2 = time.perf_counter()
                 self._update(step, results)
+                t3 = time.perf_counter()
+                with self._lock:   # where the engine thread's time goes (stats)
+                    self._times["schedule_s"] += t1 - t0
+                    self._times["execute_s"] += t2 - t1
+                    self._times["update_s"] += t3 - t2
         except BaseException as e:  # noqa: BLE001 - a bug here must not hang every caller
             err = RingServeError(f"engine loop failed: {type(e).__name__}: {e}")
             for req in list(self.sched.running) + list(self.sched.waiting):

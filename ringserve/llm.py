@@ -80,7 +80,7 @@ class LLM:
                  backend: str = "auto", transport_timeout_s: float = DEFAULT_TIMEOUT_S,
                  tokenizer: Any = "auto", cuda_graphs: Union[bool, str] = False,
                  step_timeout_s: Optional[float] = None, max_recoveries: int = 2,
-                 cascade: bool = True, schedule: Optional[str] = None,
+                 cascade: bool = True, warmup: bool = True, schedule: Optional[str] = None,
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
@@ -88,14 +88,17 @@ class LLM:
 
         Continuous batching: up to `max_num_seqs` requests run at once (default 64 on CPU, 256
         on CUDA); every step decodes one token of each and adds prompt chunks of at most
-        `max_num_batched_tokens` tokens (default 512 on CPU, 8192 on CUDA), so a long prefill
-        never stops the streams; prompt continuations of at most `passq_max_tokens` (default
+        `max_num_batched_tokens` tokens (default 512 on CPU; on CUDA 4096 token-equivalents,
+        where a token late in a long prompt counts more for its attention), 8x (CUDA) or 4x
+        (CPU) that while one prompt runs alone, so a long prefill never stops the streams; prompt continuations of at most `passq_max_tokens` (default
         256 / 2048) run pass-Q. `layout` ("striped" or "ring") shards prompt chunks over the
         ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA)
         replays decode-only steps as captured graphs, one per (batch bucket, table width);
-        "emulate" runs that path eagerly on any device (tests). A worker fault rebuilds the
+        "emulate" runs that path eagerly on any device (tests). `warmup` (CUDA) compiles and
+        tunes the attention kernels for every shape bucket before the first request (seconds
+        at start-up instead of mid-request). A worker fault rebuilds the
         group and in-flight requests recompute (at most `max_recoveries` times each).
         Deprecated: `schedule` (say `layout`), `extend_chunk` (`passq_max_tokens`),
         `decode_steps` (ignored), `progress_min_tokens` (ignored: progress is per chunk)."""
@@ -131,9 +134,11 @@ class LLM:
         # built once here, checked before any actor starts
         cfg = EngineConfig(layout=layout,
                            max_num_seqs=max_num_seqs or (256 if gpu else 64),
-                           max_num_batched_tokens=max_num_batched_tokens or (8192 if gpu else 512),
+                           max_num_batched_tokens=max_num_batched_tokens or (4096 if gpu else 512),
                            passq_max_tokens=passq_max_tokens or (2048 if gpu else 256),
                            cascade=cascade, cuda_graphs=bool(cuda_graphs),
+                           prefill_cost="flops" if gpu else "tokens",
+                           solo_budget_factor=8 if gpu else 4,
                            document_cache_tokens=document_cache_tokens,
                            step_timeout_s=step_timeout_s, max_recoveries=max_recoveries,
                            progress_min_tokens=progress_min_tokens)
@@ -175,6 +180,8 @@ class LLM:
                                  worker_kwargs=worker_kwargs,
                                  transport_timeout_s=transport_timeout_s)
         try:
+            if warmup and gpu:
+                self._group.call("warmup")
             self._engine = Engine(self._group, self.tokenizer, eos, cfg)
         except BaseException:
             self._group.shutdown()

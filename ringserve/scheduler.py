@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -115,6 +116,12 @@ class SchedulerConfig:
     passq_max_tokens: int = 256            # a continuation chunk this short runs pass-Q
     cascade: bool = True                   # shared-prefix decode (read a document once)
     graphs: bool = False                   # mark decode-only steps with their graph bucket
+    # prefill cost model: None counts a chunk's tokens against the budget; a number E counts
+    # a chunk of n tokens after p cached ones as n * (1 + (p + n/2) / E), E being the context
+    # length at which a token's attention costs as much as its projections and MLP (from the
+    # model's shape), so steps take about the same time early and late in a long prompt
+    attn_equiv_tokens: Optional[float] = None
+    solo_budget_factor: int = 1            # budget multiplier while a prompt runs alone
 
 
 class Scheduler:
@@ -237,6 +244,9 @@ class Scheduler:
         # wait for admission one prompt takes at most half of it, so a long prefill leaves room
         # for a new short request in the very next step
         budget = self.cfg.max_num_batched_tokens
+        alone = not self.waiting and len(self.running) == 1 and not works
+        if alone:   # nobody to keep waiting: bigger steps, less per-step overhead
+            budget *= self.cfg.solo_budget_factor
         cap = budget if not self.waiting else max(1, budget // 2)
         for req in sorted(self.running, key=lambda r: r.order):
             if budget <= 0:
@@ -246,7 +256,7 @@ class Scheduler:
             w = self._chunk(req, min(budget, cap))
             if w is not None:
                 works.append(w)
-                budget -= w.n
+                budget -= self.cost(w.start, w.n)
         # 3. admit waiting requests, FIFO, while there is room
         self._preempted = False
         while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
@@ -259,7 +269,7 @@ class Scheduler:
             w = self._chunk(req, budget)
             if w is not None:
                 works.append(w)
-                budget -= w.n
+                budget -= self.cost(w.start, w.n)
         works = [w for w in works if w.req in self.running]
         return Step(works, self._plans(works))
 
@@ -322,9 +332,25 @@ class Scheduler:
         self.requeue([req])
         self.on_preempt(req)
 
-    def _chunk(self, req: Request, budget: int) -> Optional[Work]:
+    def cost(self, start: int, n: int) -> float:
+        """Budget units of computing n prompt tokens after `start` cached ones."""
+        E = self.cfg.attn_equiv_tokens
+        return n if E is None else n * (1.0 + (start + n / 2.0) / E)
+
+    def chunk_tokens(self, start: int, budget: float) -> int:
+        """The most tokens after `start` whose cost fits the budget (at least one)."""
+        E = self.cfg.attn_equiv_tokens
+        if E is None:
+            return max(1, int(budget))
+        a = 1.0 + start / E        # cost(n) = a*n + n*n/(2E) = budget
+        n = E * (math.sqrt(a * a + 2.0 * budget / E) - a)
+        return max(1, int(n))
+
+    def _chunk(self, req: Request, budget: float) -> Optional[Work]:
         start, left = req.computed, req.remaining
-        n = min(left, budget)
+        n = min(left, self.chunk_tokens(start, budget))
+        if n <= 0:
+            return None
         N = self.world_size
         kind = "ring"
         if n < N or (start > 0 and n <= self.cfg.passq_max_tokens):

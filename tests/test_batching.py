@@ -359,3 +359,28 @@ def test_a_short_request_is_admitted_while_a_long_prompt_prefills(tmp_path_facto
         assert s_out.timings["queue_s"] < l_out.timings["prefill_s"] / 4
     finally:
         close(eng)
+
+
+def test_prefill_cost_model_keeps_steps_even():
+    """With the flops cost model a chunk late in a long prompt is shorter (its attention costs
+    more): each chunk is the longest whose cost fits the budget, the budget is met within one
+    token, and a prompt running alone gets the solo factor."""
+    from ringserve.scheduler import Scheduler, SchedulerConfig
+    from ringserve.kv_manager import KVManager
+    from ringserve.doc_cache import DocumentCache
+
+    sc = Scheduler(SchedulerConfig(max_num_batched_tokens=4096, attn_equiv_tokens=27000.0,
+                                   solo_budget_factor=8),
+                   KVManager([10 ** 6], 64), DocumentCache(10 ** 6), 1)
+    sizes = []
+    start = 0
+    for _ in range(60):
+        n = sc.chunk_tokens(start, 4096)
+        assert sc.cost(start, n) <= 4096 + 1e-6 < sc.cost(start, n + 1)
+        sizes.append(n)
+        start += n
+    assert sizes[0] > 3000 and sizes[-1] < sizes[0] / 2 and sizes == sorted(sizes, reverse=True)
+    assert sc.chunk_tokens(10 ** 7, 1) == 1          # always progress
+    plain = Scheduler(SchedulerConfig(max_num_batched_tokens=100), KVManager([100], 16),
+                      DocumentCache(100), 1)
+    assert plain.chunk_tokens(10 ** 6, 100) == 100 and plain.cost(10 ** 6, 7) == 7

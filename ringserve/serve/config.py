@@ -34,7 +34,7 @@ class ServeArgs:
     document_cache_tokens: Optional[int] = None
     api_key: Optional[str] = None         # None: no authentication
     # continuous batching: requests the engine runs at once, and prompt tokens per step (None:
-    # the engine's default, 512 on CPU, 8192 on CUDA): a long prefill goes in chunks of this
+    # the engine's default, 512 on CPU, 4096 on CUDA): a long prefill goes in chunks of this
     # size while the running requests keep decoding
     max_num_seqs: int = 64
     max_num_batched_tokens: Optional[int] = None
