@@ -138,6 +138,7 @@ class ModelShardWorker(ShardWorker):
             page_size=page_size, dtype=self.model.dtype, device=str(self.device)))
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
         self.step_times: List[float] = []
+        self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
 
     # ---- information ----
 
@@ -175,19 +176,36 @@ class ModelShardWorker(ShardWorker):
             self.step_times.append(time.perf_counter() - t0)
             del self.step_times[:-4096]
 
+    def _table(self, key: int, first: int, new: List[int]) -> torch.Tensor:
+        """A running sequence's page table on this rank (CPU int32), updated with what changed
+        from index `first` on (the driver sends only that)."""
+        t = self._tables.get(key)
+        if t is None and first:
+            raise RuntimeError(f"rank {self.rank}: no page table for sequence {key}, but the "
+                               f"step updates it from page {first}")
+        add = torch.tensor(new, dtype=torch.int32)
+        if t is not None and first == t.numel() and not add.numel():
+            return t
+        t = add if t is None or first == 0 else torch.cat([t[:first], add])
+        self._tables[key] = t
+        return t
+
     def recent_step_times(self, n: int = 4096) -> List[float]:
         """Seconds spent in the last n `execute` calls on this rank (benchmarks)."""
         return self.step_times[-n:]
 
     def _execute(self, plan: RankPlan) -> list:
+        for key in plan.drop:
+            self._tables.pop(key, None)
         self.pool.copy_pages(plan.copy_src, plan.copy_dst)
         if not plan.seqs:
             return []
+        tables = [self._table(s.seq, s.pages_from, s.pages_new) for s in plan.seqs]
         if self.cuda_graphs and plan.graph_batch:
-            logits = self._graph_step(plan)
+            logits = self._graph_step(plan, tables)
             return self._outputs(plan, None, lambda rows: logits[rows])
-        attn = StepAttention(plan, self.pool, self.rank, self.world_size, self.transport,
-                             self.softmax_scale, self.window_size, self.backend)
+        attn = StepAttention(plan, tables, self.pool, self.rank, self.world_size,
+                             self.transport, self.softmax_scale, self.window_size, self.backend)
         ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
         hidden = self.model(ids, attn.positions, attn, chunk_tokens=self.chunk_tokens,
                             seq_len=_seq_lengths(plan))
@@ -315,7 +333,7 @@ class ModelShardWorker(ShardWorker):
         self._graphs[(batch, width)] = g
         return g
 
-    def _graph_step(self, plan: RankPlan) -> torch.Tensor:
+    def _graph_step(self, plan: RankPlan, tables: List[torch.Tensor]) -> torch.Tensor:
         """Replay the bucket's graph for a step of one-token rows; returns their logits."""
         B, W = plan.graph_batch, plan.graph_width
         g = self._graphs.get((B, W)) or self._capture(B, W)
@@ -329,8 +347,8 @@ class ModelShardWorker(ShardWorker):
             tok[i], pos[i], lens[i] = s.token_ids[0], s.positions[0], s.n_after
             if s.slots:
                 slot[i] = s.slots[0]
-            if s.pages:
-                table[i, :len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
+            if tables[i].numel():
+                table[i, :tables[i].numel()] = tables[i]
         owned = torch.tensor([i for i, s in enumerate(plan.seqs) if s.slots], dtype=torch.int64)
         if owned.numel():
             self.pool.set_positions(slot[owned].to(self.device), pos[owned])

@@ -11,6 +11,7 @@ listed in the step plan).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
@@ -46,19 +47,37 @@ def balanced_counts(counts: Sequence[int], n: int) -> List[int]:
     return c
 
 
-@dataclass
+_keys = itertools.count(1)
+
+
+@dataclass(eq=False)
 class SeqKV:
-    """One sequence's cached tokens over the group."""
+    """One sequence's cached tokens over the group.
+
+    `key` names its page table on the workers, which keep a copy of each running sequence's
+    table and receive only what changed (`synced[r]`: how many leading pages rank r has as they
+    are now); the driver's lists stay the truth."""
     world_size: int
     tokens: List[int] = field(default_factory=list)     # ids, position = index
     owners: List[int] = field(default_factory=list)     # rank holding each token's K/V
     pages: List[List[int]] = field(default_factory=list)
     counts: List[int] = field(default_factory=list)     # tokens per rank
+    key: int = 0
+    synced: List[int] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.pages:
             self.pages = [[] for _ in range(self.world_size)]
             self.counts = [0] * self.world_size
+        self.key = next(_keys)
+        self.synced = [0] * self.world_size
+
+    def table_delta(self, rank: int) -> Tuple[int, List[int]]:
+        """(first index, pages from there) that rank lacks; marks them sent."""
+        a = self.synced[rank]
+        pages = self.pages[rank]
+        self.synced[rank] = len(pages)
+        return a, pages[a:]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -69,6 +88,11 @@ class KVManager:
         self.page_size = page_size
         self.world_size = len(num_pages)
         self.ranks = [PageAllocator(n, reserved) for n in num_pages]
+        self.dropped: List[int] = []     # keys of freed sequences the workers may still hold
+
+    def take_dropped(self) -> List[int]:
+        out, self.dropped = self.dropped, []
+        return out
 
     # ---- sizes ----
     @property
@@ -134,6 +158,7 @@ class KVManager:
                 copies[r].append((pages[-1], fresh))
                 a.release([pages[-1]])
                 pages[-1] = fresh
+                seq.synced[r] = min(seq.synced[r], len(pages) - 1)
             while len(pages) < pages_for(c + new[r], P):
                 pages.append(a.take())
             slots[r] = [pages[i // P] * P + i % P for i in range(c, c + new[r])]
@@ -143,6 +168,9 @@ class KVManager:
         return slots, copies
 
     def free(self, seq: SeqKV) -> None:
+        if any(seq.synced):
+            self.dropped.append(seq.key)
+        seq.synced = [0] * self.world_size
         for r, pages in enumerate(seq.pages):
             self.ranks[r].release(pages)
         seq.pages = [[] for _ in range(self.world_size)]
@@ -153,6 +181,7 @@ class KVManager:
         """Every page free (the workers were rebuilt with empty pools)."""
         reserved = self.ranks[0].num_pages - self.ranks[0].usable
         self.ranks = [PageAllocator(a.num_pages, reserved) for a in self.ranks]
+        self.dropped = []
 
     def pages_of(self, seqs: Sequence[SeqKV]) -> List[int]:
         """Pages per rank held by these sequences, shared pages counted once."""

@@ -11,8 +11,10 @@ of the step then match across ranks without talking):
   ring attention within the chunk, plus pass-Q against the sequence's tokens already cached
   (the prompt's earlier chunks), merged by the log-sum-exp rule.
 
-The driver owns the pages: a step carries the slots to write and the pages to read. Workers keep
-no per-sequence state, so a rebuilt group or a preempted request needs nothing undone on them.
+The driver owns the pages: a step carries the slots to write and what changed in each sequence's
+page table (the workers keep a copy of the tables of running sequences, so a step costs what
+changed, not the length of every document). A rebuilt group starts with no tables; the driver's
+copies are then all unsent.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ class SeqStep:
     positions: List[int]            # their global positions
     write_rows: List[int]           # rows of token_ids whose K/V this rank stores ...
     slots: List[int]                # ... in these flat slots of its pool
-    pages: List[int]                # this rank's pages of the sequence after the step
+    seq: int                        # the sequence's page-table key on the workers
+    pages_from: int                 # this rank's table from this index on is ...
+    pages_new: List[int]            # ... these pages (the rest it already has)
     n_before: int                   # this rank's cached tokens of the sequence before the step
     n_after: int                    # ... and after it
     chunk_len: int = 0              # ring: the chunk's length over all ranks
@@ -51,8 +55,10 @@ class RankPlan:
     seqs: List[SeqStep] = field(default_factory=list)
     copy_src: List[int] = field(default_factory=list)   # copy-on-write before the step
     copy_dst: List[int] = field(default_factory=list)
-    # cascade groups: (shared prefix pages, their token count) read once for all members
-    groups: List[Tuple[List[int], int]] = field(default_factory=list)
+    # cascade groups: (a member's table key, k): the first k pages of every member's table are
+    # the same pages, read once for the whole group
+    groups: List[Tuple[int, int]] = field(default_factory=list)
+    drop: List[int] = field(default_factory=list)       # tables of freed sequences
     # a step of one-token rows only: the graph bucket (batch, table width), the same on every
     # rank; 0 when the step is not graph-shaped
     graph_batch: int = 0

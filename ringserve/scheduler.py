@@ -94,7 +94,6 @@ class Work:
     before: List[int] = field(default_factory=list)     # the request's tokens per rank before
     slots: List[List[int]] = field(default_factory=list)
     copies: List[List[Tuple[int, int]]] = field(default_factory=list)
-    pages: List[List[int]] = field(default_factory=list)
     after: List[int] = field(default_factory=list)
 
 
@@ -379,7 +378,6 @@ class Scheduler:
         seq = req.seq
         w.before = list(seq.counts)
         w.slots, w.copies = self.kv.append(seq, req.token_slice(start, start + n), owners)
-        w.pages = [list(p) for p in seq.pages]
         w.after = list(seq.counts)
         return w
 
@@ -387,7 +385,8 @@ class Scheduler:
 
     def _plans(self, works: List[Work]) -> List[RankPlan]:
         N = self.world_size
-        plans = [RankPlan(self.cfg.layout) for _ in range(N)]
+        drop = self.kv.take_dropped()
+        plans = [RankPlan(self.cfg.layout, drop=list(drop)) for _ in range(N)]
         for w in works:
             toks = w.req.token_slice(w.start, w.start + w.n)
             slots, copies = w.slots, w.copies
@@ -407,9 +406,10 @@ class Scheduler:
                 else:
                     rows = [i for i in range(w.n) if w.owners[i] == r]
                     write = list(range(len(rows)))
+                first, new = w.req.seq.table_delta(r)
                 step = SeqStep(
                     w.kind, [toks[i] for i in rows], [w.start + i for i in rows], write,
-                    slots[r], w.pages[r], w.before[r], w.after[r],
+                    slots[r], w.req.seq.key, first, new, w.before[r], w.after[r],
                     chunk_len=w.n, chunk_start=w.start,
                     sample=((w.req.params, len(w.req.out_tokens))
                             if w.sample and r == w.sample_rank else None),
@@ -421,39 +421,48 @@ class Scheduler:
             while batch < len(works):
                 batch *= 2
             width = 16
-            need = max(len(p) for w in works for p in w.pages)
+            need = max(len(p) for w in works for p in w.req.seq.pages)
             while width < need:
                 width *= 2
             for plan in plans:
                 plan.graph_batch, plan.graph_width = batch, width
         elif self.cfg.cascade:
-            for plan in plans:
-                self._cascade(plan)
+            for r, plan in enumerate(plans):
+                self._cascade(r, plan, works)
         return plans
 
-    def _cascade(self, plan: RankPlan) -> None:
-        """Group one-token pass-Q steps whose first pages are the same pages (a shared cached
-        document on this rank): the shared full pages are read once for the whole group."""
+    def _cascade(self, r: int, plan: RankPlan, works: List[Work]) -> None:
+        """Group one-token pass-Q steps whose first pages on rank r are the same pages (a
+        shared cached document): those pages are read once for the whole group.
+
+        Pages are shared only by forking a prefix, and copy-on-write replaces only a partial
+        last page, so two tables holding the same page at index j share all of [0, j]: the
+        common prefix is found by comparing single entries (binary search), not whole tables."""
         P = self.kv.page_size
-        by_first: Dict[int, List[SeqStep]] = {}
-        for s in plan.seqs:
-            if s.kind == "q" and len(s.token_ids) == 1 and s.n_before >= P:
-                by_first.setdefault(s.pages[0], []).append(s)
+        by_first: Dict[int, List[int]] = {}
+        for i, (w, s) in enumerate(zip(works, plan.seqs)):
+            if s.kind == "q" and len(s.token_ids) == 1 and w.before[r] >= P:
+                by_first.setdefault(w.req.seq.pages[r][0], []).append(i)
         for members in by_first.values():
             if len(members) < 2:
                 continue
-            k = min(s.n_before // P for s in members)
-            for s in members[1:]:
-                j = 0
-                while j < k and s.pages[j] == members[0].pages[j]:
-                    j += 1
-                k = j
-            if k < 1:
-                continue
+            tables = [works[i].req.seq.pages[r] for i in members]
+            hi = min(works[i].before[r] // P for i in members)   # full pages before the step
+
+            def shared(k: int, tables=tables) -> bool:
+                return all(t[k - 1] == tables[0][k - 1] for t in tables)
+
+            lo = 1                                                # shared(1) holds by grouping
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if shared(mid):
+                    lo = mid
+                else:
+                    hi = mid - 1
             g = len(plan.groups)
-            plan.groups.append((list(members[0].pages[:k]), k * P))
-            for s in members:
-                s.group = g
+            plan.groups.append((plan.seqs[members[0]].seq, lo))
+            for i in members:
+                plan.seqs[i].group = g
 
 
 def now() -> float:

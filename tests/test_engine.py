@@ -66,6 +66,10 @@ def assert_no_leak(eng, timeout=10.0):
         assert all(a.ref[p] == n for p, n in held.items())
     free = sum(eng.kv.free_pages()) * eng.page_size
     assert eng.stats()["kv_tokens_free"] == free
+    # the workers' page tables: only live sequences', or ones whose drop the next step sends
+    live = {e.kv.key for e in entries} | set(eng.kv.dropped)
+    for w in eng.group.workers:
+        assert set(w._tables) <= live
 
 
 def make_engine(path, ws, layout, kv_tokens=1024, worker_kwargs=None, **cfg):

@@ -27,9 +27,12 @@ from .ring import ring_attention
 
 # a chunk's attention to its sequence's cached tokens: gathered PIECE_TOKENS at a time, each
 # piece split into up to SPLITS key ranges of at least MIN_SPLIT_TOKENS run as one launch
+# (only as many splits as it takes to give the GPU about TARGET_PROGRAMS query-block programs:
+# a long chunk fills it alone, and every split costs a merge)
 PIECE_TOKENS = 65536
 SPLITS = 8
 MIN_SPLIT_TOKENS = 2048
+TARGET_PROGRAMS = 512
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
@@ -60,8 +63,10 @@ def merge_rows(transport, o: torch.Tensor, lse: torch.Tensor):
 
 
 class StepAttention:
-    def __init__(self, plan: RankPlan, pool, rank: int, world_size: int, transport,
-                 softmax_scale: float, window_size: Optional[int], backend: str):
+    def __init__(self, plan: RankPlan, tables: List[torch.Tensor], pool, rank: int,
+                 world_size: int, transport, softmax_scale: float, window_size: Optional[int],
+                 backend: str):
+        """tables[i]: sequence i's page table on this rank after the step (CPU int32)."""
         self.plan, self.pool = plan, pool
         self.rank, self.world_size, self.transport = rank, world_size, transport
         self.scale, self.window, self.backend = softmax_scale, window_size, backend
@@ -90,21 +95,26 @@ class StepAttention:
         self.ext = [i for i, s in enumerate(plan.seqs) if s.kind == "q" and len(s.token_ids) > 1]
         self.ring = [i for i, s in enumerate(plan.seqs) if s.kind == "ring"]
         if self.dec:
-            skip = [len(plan.groups[plan.seqs[i].group][0]) if plan.seqs[i].group >= 0 else 0
+            # one-token rows of a cascade group read their shared pages in the group's launch
+            skip = [plan.groups[plan.seqs[i].group][1] if plan.seqs[i].group >= 0 else 0
                     for i in self.dec]
-            tabs = [plan.seqs[i].pages[k:] or [0] for i, k in zip(self.dec, skip)]
-            width = max(len(t) for t in tabs)
-            self.dec_table = torch.tensor([t + [0] * (width - len(t)) for t in tabs], **i32)
+            empty = torch.zeros(1, dtype=torch.int32)
+            tabs = [tables[i][k:] if tables[i].numel() > k else empty
+                    for i, k in zip(self.dec, skip)]
+            self.dec_table = torch.nn.utils.rnn.pad_sequence(tabs, batch_first=True).to(dev)
             self.dec_lens = torch.tensor([plan.seqs[i].n_after - k * page
                                           for i, k in zip(self.dec, skip)], **i32)
             self.dec_rows = torch.tensor([self.rows[i].start for i in self.dec], **i64)
             self.dec_qpos = torch.tensor([[plan.seqs[i].positions[0]] for i in self.dec], **i64)
             self.groups = []
-            for g, (pages, n) in enumerate(plan.groups):
+            index = {s.seq: i for i, s in enumerate(plan.seqs)}
+            for g, (key, k) in enumerate(plan.groups):
                 members = [j for j, i in enumerate(self.dec) if plan.seqs[i].group == g]
-                self.groups.append((torch.tensor([pages], **i32), torch.tensor([n], **i32),
+                self.groups.append((tables[index[key]][:k][None].to(dev),
+                                    torch.tensor([k * page], **i32),
                                     torch.tensor(members, **i64)))
-        self.tables = {i: torch.tensor([plan.seqs[i].pages or [0]], **i32)
+        self.tables = {i: (tables[i] if tables[i].numel() else
+                           torch.zeros(1, dtype=torch.int32))[None].to(dev)
                        for i in self.ext + self.ring}
         self.q_rows = [i for i in range(len(plan.seqs)) if plan.seqs[i].kind == "q"]
         self.q_index = torch.tensor([r for i in self.q_rows for r in range(
@@ -210,7 +220,9 @@ class StepAttention:
             H, Dk = self.pool.k.shape[-2:]
             k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
             v = self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
-            splits = max(1, min(SPLITS, (b - a) // MIN_SPLIT_TOKENS))
+            programs = -(-R // 128) * Hq
+            splits = max(1, min(SPLITS, (b - a) // MIN_SPLIT_TOKENS,
+                                -(-TARGET_PROGRAMS // programs)))
             L = (b - a) // splits
             parts = [(k[:splits * L].reshape(splits, L, H, Dk),
                       v[:splits * L].reshape(splits, L, H, Dk), splits)]
