@@ -257,16 +257,22 @@ class ModelShardWorker(ShardWorker):
         t0 = time.perf_counter()
         cfg, dt, dev = self.cfg, self.model.dtype, self.device
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        def attend(sq, sk, b, causal):
+            q = torch.randn(b, sq, hq, d, device=dev, dtype=dt)
+            k = torch.randn(b, sk, hkv, d, device=dev, dtype=dt)
+            kernels.attention(q, k, k, softmax_scale=self.softmax_scale, causal=causal,
+                              window_size=self.window_size if causal else None,
+                              backend=self.backend)
+
         n = 128
-        while n <= 16384:
+        while n <= 16384:   # tuning: one per sequence bucket of the autotuning key
             for causal in (True, False):
-                b = 1 if causal else max(1, min(8, 16384 // n))
-                q = torch.randn(b, n, hq, d, device=dev, dtype=dt)
-                k = torch.randn(b, n, hkv, d, device=dev, dtype=dt)
-                kernels.attention(q, k, k, softmax_scale=self.softmax_scale, causal=causal,
-                                  window_size=self.window_size if causal else None,
-                                  backend=self.backend)
+                attend(n, n, 1 if causal else max(1, min(8, 16384 // n)), causal)
             n *= 2
+        # compiling: lengths not divisible by 16 are another specialization of the kernel
+        for causal in (True, False):
+            for sq, sk in ((1000, 1000), (1000, 1024), (1024, 1000), (1000, 999)):
+                attend(sq, sk, 1, causal)
         pool = self.pool
         page = pool.page_size
         width = max(2, -(-4224 // page))         # enough key tiles for the largest split count

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                    help="max tokens of the streams that run during the prefill (cancelled "
                         "once it ends)")
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--budgets", default="2048,8192,32768",
+    p.add_argument("--budgets", default="2048,4096,8192",
                    help="prefill tokens per step to try under load")
     p.add_argument("--scenarios", default="single,concurrent,mixed,prefill")
     p.add_argument("--cuda-graphs", action="store_true")

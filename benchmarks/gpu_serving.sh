@@ -44,6 +44,14 @@ case "$PART" in
           2>&1 | tee "$OUT/e2e_$tag.log" | grep -E '^\[ringserve\] \{|Error|error' | tail -3
       done
     done ;;
+  final)   # the previous engine's single-request figures, then the serving scenarios left
+    mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
+    PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 170 python3 /tmp/old/benchmarks/bench_e2e.py \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --json "$OUT/e2e_old.json" \
+      2>&1 | tee "$OUT/e2e_old.log" | grep -E '^\[ringserve\] \{|Error' | tail -3
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 370 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios single,prefill --json "$OUT/bench_serving_final.json" "$@" 2>&1 \
+      | tee "$OUT/bench_serving_final.log" | grep -v '^(' ;;
   serving)
     PYTHONPATH=/tmp/pkg:$PYTHONPATH python3 "$REPO/benchmarks/bench_serving.py" \
       --json "$OUT/bench_serving.json" "$@" 2>&1 | tee "$OUT/bench_serving.log" | grep -v '^(' ;;

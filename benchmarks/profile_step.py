@@ -45,6 +45,10 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=8192)
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--ray", action="store_true", help="through a Ray actor (LLM) instead")
+    p.add_argument("--single", type=int, default=0,
+                   help="only time one cold prefill of this many tokens: chunked as LLM does on "
+                        "CUDA (flops cost, solo factor 8) vs one step, with a profile of a late "
+                        "chunk")
     a = p.parse_args(argv)
     import torch
     from ringserve.engine import Engine, EngineConfig
@@ -64,6 +68,8 @@ def main(argv=None):
                       chunk_tokens=8192, cuda_graphs=a.graphs)
         eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=a.budget,
                                                  passq_max_tokens=2048, cuda_graphs=a.graphs))
+    if a.single:
+        return single(a, cfg, grp)
     times = []
     real = eng._execute
 
@@ -144,6 +150,46 @@ def main(argv=None):
     print(box["done"].key_averages().table(sort_by="cpu_time_total", row_limit=25))
     print(box["done"].key_averages().table(sort_by="cuda_time_total", row_limit=12))
     eng.shutdown()
+
+
+def single(a, cfg, grp):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from ringserve.engine import Engine, EngineConfig
+
+    print(f"warmup {grp.w.warmup():.1f} s", flush=True)
+    g = torch.Generator().manual_seed(1)
+    for budget, factor in ((4096, 8), (1 << 22, 1), (4096, 8)):
+        eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=budget,
+                                                 prefill_cost="flops", solo_budget_factor=factor))
+        times, box = [], {}
+        real = eng._execute
+
+        def timed(step, real=real, times=times, box=box):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            w = step.works[0]
+            if len(times) == 10 and "p" not in box:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+                    r = real(step)
+                    torch.cuda.synchronize()
+                box["p"] = pr
+            else:
+                r = real(step)
+                torch.cuda.synchronize()
+            times.append((w.start, w.n, time.perf_counter() - t))
+            return r
+
+        eng._execute = timed
+        ids = torch.randint(0, cfg["vocab_size"], (a.single,), generator=g).tolist()
+        t = time.perf_counter()
+        eng.submit("cache_document", ids).result()
+        wall = time.perf_counter() - t
+        print(f"budget {budget} x{factor}: {a.single} tokens in {wall:.2f} s, {len(times)} steps:"
+              f" {[(s_, n, round(dt, 3)) for s_, n, dt in times]}", flush=True)
+        if "p" in box:
+            print(box["p"].key_averages().table(sort_by="cuda_time_total", row_limit=14))
+        eng.shutdown()
 
 
 if __name__ == "__main__":

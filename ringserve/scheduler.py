@@ -37,6 +37,9 @@ from .plan import RankPlan, SeqStep
 from .sampling import SamplingParams
 
 
+CHUNK_ALIGN = 64
+
+
 @dataclass(eq=False)   # identity: `req in running` must not compare prompts
 class Request:
     """One request's state, owned by the engine thread."""
@@ -348,6 +351,11 @@ class Scheduler:
     def _chunk(self, req: Request, budget: float) -> Optional[Work]:
         start, left = req.computed, req.remaining
         n = min(left, self.chunk_tokens(start, budget))
+        align = CHUNK_ALIGN * self.world_size
+        if align < n < left:
+            # a chunk that is not the prompt's last is a multiple of CHUNK_ALIGN per rank: the
+            # kernels then see a few shapes (compiled once), not a new one every step
+            n -= n % align
         if n <= 0:
             return None
         N = self.world_size
