@@ -136,6 +136,9 @@ class ActorGroup:
     def call_per_rank(self, method: str, args_list: Sequence[Sequence],
                       timeout_s: Optional[float] = None) -> list:
         """`method(*args_list[rank])` on each rank at once; results in rank order."""
+        if not self.actors:
+            raise GroupSetupError(f"the group has no actors (shut down, or its last start "
+                                  f"failed); rebuild() it before calling {method!r}")
         if len(args_list) != self.world_size:
             raise ValueError(f"args_list has {len(args_list)} entries for "
                              f"{self.world_size} ranks")

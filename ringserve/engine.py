@@ -290,7 +290,13 @@ class Engine:
                     self._recover(e.cause)
                     continue
                 t2 = time.perf_counter()
-                self._update(step, results)
+                try:
+                    self._update(step, results)
+                except Exception as e:  # noqa: BLE001 - a result the update can not use
+                    # (a worker answered garbage): the step's effects are unknown, so treat
+                    # it as a failed step, as for a dead worker
+                    self._recover(e)
+                    continue
                 t3 = time.perf_counter()
                 with self._lock:   # where the engine thread's time goes (stats)
                     self._times["schedule_s"] += t1 - t0

@@ -51,7 +51,7 @@ class Request:
     out_tokens: List[int] = field(default_factory=list)
     out_logprobs: List[float] = field(default_factory=list)
     seq: Optional[SeqKV] = None        # its KV while running
-    num_cached_tokens: int = 0         # reused from the document cache at first admission
+    num_cached_tokens: int = 0         # prompt tokens reused from the document cache
     score_lps: Optional[List[Optional[float]]] = None
     recoveries: int = 0                # worker faults survived
     preemptions: int = 0
@@ -308,7 +308,9 @@ class Scheduler:
             req.seq = self.kv.new()
         if req.first_admitted is None:
             req.first_admitted = now
-            req.num_cached_tokens = m
+        # prompt tokens whose K/V came from the cache in the run that produced the output
+        # (after a preemption or a fault, the last admission's)
+        req.num_cached_tokens = min(m, len(req.prompt))
         return True
 
     def _room_for(self, req: Request, owners: List[int]) -> bool:
