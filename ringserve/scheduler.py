@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .doc_cache import CachedSeq, DocumentCache
+from .doc_cache import CachedSeq, DocumentCache, common_prefix
 from .errors import CapacityError
 from .kv_manager import KVManager, SeqKV, balanced_counts, fewest_owner, pages_for
 from .parallel import layout as layouts
@@ -38,6 +38,7 @@ from .sampling import SamplingParams
 
 
 CHUNK_ALIGN = 64
+SHARED_PREFILL_MIN = 1024   # a shared prompt prefix worth waiting for rather than recomputing
 
 
 @dataclass(eq=False)   # identity: `req in running` must not compare prompts
@@ -63,6 +64,12 @@ class Request:
     @property
     def tokens(self) -> List[int]:
         return self.prompt + self.out_tokens
+
+    def prompt_tensor(self) -> torch.Tensor:
+        t = getattr(self, "_prompt_t", None)
+        if t is None:
+            t = self._prompt_t = torch.tensor(self.prompt, dtype=torch.int32)
+        return t
 
     def token_slice(self, a: int, b: int) -> List[int]:
         """tokens[a:b] without building the whole list (prompts can be millions of tokens)."""
@@ -136,6 +143,7 @@ class Scheduler:
         self._orders = itertools.count()
         self.on_preempt: Callable[[Request], None] = lambda r: None
         self._preempted = False
+        self._done_before_step: Dict[int, int] = {}
 
     # ---- queue ----
 
@@ -210,7 +218,7 @@ class Scheduler:
         """Pages per rank the request's KV will take beyond a reused prefix."""
         P, N = self.kv.page_size, self.world_size
         if entry is not None:
-            counts = entry.rank_counts(N, m)
+            counts = _rank_counts(entry, N, m)
             shared = [c // P for c in counts]
             final = balanced_counts(counts, len(req.prompt) - m + extra)
         else:
@@ -219,11 +227,20 @@ class Scheduler:
             final = balanced_counts(counts, extra)
         return [pages_for(f, P) - s for f, s in zip(final, shared)]
 
-    def match(self, req: Request) -> Tuple[Optional[CachedSeq], int]:
-        if req.kind == "score" or not len(self.doc_cache):
+    def match(self, req: Request, running: bool = True) -> Tuple[Optional[Any], int]:
+        """The cached sequence sharing the longest prefix with req's tokens: a document-cache
+        entry, or (running=True) a running request's sequence whose K/V for that prefix were
+        computed in earlier steps. Returns (entry or SeqKV, tokens reusable) or (None, 0)."""
+        if req.kind == "score":
             return None, 0
         toks = req.tokens
-        entry, m = self.doc_cache.match(torch.tensor(toks, dtype=torch.int32))
+        entry, m = None, 0
+        if len(self.doc_cache):
+            entry, m = self.doc_cache.match(torch.tensor(toks, dtype=torch.int32))
+        if running:
+            r, n, complete = self._shared_running(req)
+            if r is not None and complete and n > m:
+                entry, m = r.seq, n
         if entry is None:
             return None, 0
         if req.kind == "generate" and m >= len(toks):
@@ -234,6 +251,7 @@ class Scheduler:
 
     def schedule(self, now: float) -> Step:
         works: List[Work] = []
+        self._done_before_step = {id(r): r.computed for r in self.running}
         # 1. every decoding request gets its token; preempt the newest if pages run out
         for req in sorted(self.running, key=lambda r: r.order):
             if req not in self.running or not req.decoding:
@@ -259,26 +277,60 @@ class Scheduler:
             if w is not None:
                 works.append(w)
                 budget -= self.cost(w.start, w.n)
-        # 3. admit waiting requests, FIFO, while there is room
+        # 3. admit waiting requests, FIFO, while there is room; one whose prompt starts with
+        # what a running request is still prefilling waits for it (then reuses its KV instead
+        # of computing the same document twice), without holding up the requests behind it
         self._preempted = False
-        while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
-               and not self._preempted):
-            req = self.waiting[0]
+        for req in list(self.waiting):
+            if (budget <= 0 or len(self.running) >= self.cfg.max_num_seqs
+                    or self._preempted):
+                break
+            if self._shares_a_prefill(req):
+                continue
             if not self._admit(req, now):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.running.append(req)
             w = self._chunk(req, budget)
             if w is not None:
                 works.append(w)
                 budget -= self.cost(w.start, w.n)
         works = [w for w in works if w.req in self.running]
+        self._done_before_step = {}
         return Step(works, self._plans(works))
+
+    def _shared_running(self, req: Request) -> Tuple[Optional[Request], int, bool]:
+        """The running request whose prompt shares the longest prefix (at least
+        SHARED_PREFILL_MIN tokens) with req's: (it, the prefix's length, whether its K/V for
+        that prefix is complete as of the last step)."""
+        if req.kind == "score" or len(req.prompt) < SHARED_PREFILL_MIN:
+            return None, 0, False
+        best, best_n, mine = None, 0, None
+        for r in self.running:
+            if r.kind == "score" or r.seq is None or len(r.prompt) < SHARED_PREFILL_MIN:
+                continue
+            if mine is None:
+                mine = req.prompt_tensor()
+            n = common_prefix(mine, r.prompt_tensor())
+            if n > best_n:
+                best, best_n = r, n
+        if best is None or best_n < SHARED_PREFILL_MIN:
+            return None, 0, False
+        return best, best_n, self._done_before_step.get(id(best), best.computed) >= best_n
+
+    def _shares_a_prefill(self, req: Request) -> bool:
+        """Does a running request still prefill a long prefix of this request's prompt (beyond
+        what the document cache holds)? Then this one waits and forks it when it is done."""
+        r, n, complete = self._shared_running(req)
+        if r is None or complete:
+            return False
+        entry, m = self.match(req, running=False)
+        return m < n
 
     def _admit(self, req: Request, now: float) -> bool:
         entry, m = self.match(req)
         if entry is not None:
-            counts = entry.rank_counts(self.world_size, m)
+            counts = _rank_counts(entry, self.world_size, m)
             final = balanced_counts(counts, len(req.tokens) - m)
             need = [pages_for(f, self.kv.page_size) - c // self.kv.page_size
                     for f, c in zip(final, counts)]
@@ -293,17 +345,20 @@ class Scheduler:
                 for i, c in enumerate(balanced_counts([0] * self.world_size, r.remaining)):
                     claims[i] += pages_for(c, self.kv.page_size) + 1
         total = [a + b for a, b in zip(need, claims)]
-        keep = (entry.key,) if entry is not None else ()
+        cached = isinstance(entry, CachedSeq)
+        keep = (entry.key,) if cached else ()
         if not self._make_room(total, keep):
             if entry is not None or self.running:
                 return False
             # nothing else runs: it must fit alone (check_static said it can)
             if not self._make_room(need):
                 return False
-        if entry is not None:
+        if cached:
             self.doc_cache.touch(entry)
             req.seq = self.kv.fork(entry.kv, m)
             req.entry_key = entry.key
+        elif entry is not None:                  # a running request's sequence
+            req.seq = self.kv.fork(entry, m)
         else:
             req.seq = self.kv.new()
         if req.first_admitted is None:
@@ -473,6 +528,16 @@ class Scheduler:
             plan.groups.append((plan.seqs[members[0]].seq, lo))
             for i in members:
                 plan.seqs[i].group = g
+
+
+def _rank_counts(src, world_size: int, m: int) -> List[int]:
+    """Tokens per rank among the first m of a cached entry or a sequence."""
+    if isinstance(src, CachedSeq):
+        return src.rank_counts(world_size, m)
+    counts = [0] * world_size
+    for o in src.owners[:m]:
+        counts[o] += 1
+    return counts
 
 
 def now() -> float:

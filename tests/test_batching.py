@@ -387,3 +387,37 @@ def test_prefill_cost_model_keeps_steps_even():
     plain = Scheduler(SchedulerConfig(max_num_batched_tokens=100), KVManager([100], 16),
                       DocumentCache(100), 1)
     assert plain.chunk_tokens(10 ** 6, 100) == 100 and plain.cost(10 ** 6, 7) == 7
+
+
+def test_a_question_on_a_document_still_prefilling_waits_and_reuses_it(tmp_path_factory,
+                                                                       monkeypatch):
+    """A question whose prompt starts with a document that is still being prefilled waits for
+    it and reuses its KV (no second prefill of the same document); a request with another
+    prompt is not held up by the waiting one."""
+    from ringserve import scheduler
+    monkeypatch.setattr(scheduler, "SHARED_PREFILL_MIN", 64)
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 2, "striped")
+    eng = make(path, 2, "striped", max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(12)
+    doc = torch.randint(0, VOCAB_TOKENS, (300,), generator=g).tolist()
+    q = doc + torch.randint(0, VOCAB_TOKENS, (5,), generator=g).tolist()
+    other = torch.randint(0, VOCAB_TOKENS, (9,), generator=g).tolist()
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        h_doc = eng.submit("cache_document", doc)
+        while h_doc.progress().get("done", 0) < 32:
+            time.sleep(0.002)
+        h_q = eng.submit("generate", q, params)
+        h_o = eng.submit("generate", other, params)
+        o = h_o.result(60)
+        assert not h_doc.done() and not h_q.done()      # the other one went past the waiter
+        out = h_q.result(60)
+        h_doc.result(60)
+        assert out.num_cached_tokens == len(doc)
+        assert (out.token_ids, out.finish_reason) == solo(q, params)
+        assert (o.token_ids, o.finish_reason) == solo(other, params)
+        # the document was computed once (a second prefill would count 300 more)
+        assert eng.stats()["prefill_tokens"] <= len(doc) + 5 + len(other)
+    finally:
+        close(eng)
