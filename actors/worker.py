@@ -121,14 +121,14 @@ class ShardWorker:
 
     # ---- attention (tests, benchmarks) ----
 
-    def ring_attention_shard(self, q, k, v, total_len: int, schedule: str, causal: bool = True,
+    def ring_attention_shard(self, q, k, v, total_len: int, layout: str, causal: bool = True,
                              window_size=None, softmax_scale=None, backend: str = "auto"):
         """Ring attention on this rank's shard. Inputs may come from the driver on the CPU;
         returns (out, lse, stats dict) on the CPU."""
         t = self._need_transport()
         q, k, v = (x.to(self.device, non_blocking=True) for x in (q, k, v))
         stats = RingStats()
-        out, lse = ring_attention(q, k, v, total_len, schedule, t, causal, window_size,
+        out, lse = ring_attention(q, k, v, total_len, layout, t, causal, window_size,
                                   softmax_scale, backend, stats=stats)
         self.last_stats = stats
         return out.cpu(), lse.cpu(), stats.as_dict()

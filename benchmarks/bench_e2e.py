@@ -125,7 +125,7 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
     numeric = [int(x) for x in lengths if x != "max"]
     cfg = hf_config(args.preset, max(numeric + [1 << 20]) * 2)
     t0 = time.perf_counter()
-    llm = LLM({"config": cfg, "seed": 0}, world_size=args.world_size, schedule=args.schedule,
+    llm = LLM({"config": cfg, "seed": 0}, world_size=args.world_size, layout=args.schedule,
               device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,
               max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
               decode_steps=args.decode_steps, cuda_graphs=args.cuda_graphs,

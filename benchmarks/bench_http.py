@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 2, a.world_size + 3),
                  include_dashboard=False, log_to_driver=False)
         t = time.perf_counter()
-        url = run(model_dir, world_size=a.world_size, schedule=a.schedule, device=a.device,
+        url = run(model_dir, world_size=a.world_size, layout=a.schedule, device=a.device,
                   port=free_port(), blocking=False, max_kv_tokens=a.max_kv_tokens,
                   request_timeout_s=3600, max_queue=max(64, 2 * a.requests))
         started = True

@@ -87,9 +87,9 @@ def measured_table(tokens, world_sizes, heads, kv_heads, dim):
             try:
                 for schedule in ("ring", "striped"):
                     distributed_attention(q[:, :64], k[:, :64], v[:, :64], group=group,
-                                          schedule=schedule)  # warm-up
+                                          layout=schedule)  # warm-up
                     t = time.perf_counter()
-                    out, lse = distributed_attention(q, k, v, group=group, schedule=schedule)
+                    out, lse = distributed_attention(q, k, v, group=group, layout=schedule)
                     dt = time.perf_counter() - t
                     err = float((out - ref_out).norm() / ref_out.norm())
                     if err > 1e-5:

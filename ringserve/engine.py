@@ -106,7 +106,7 @@ class EngineConfig:
                               "token of every running request per step", DeprecationWarning,
                               stacklevel=3)
             self.decode_steps = None
-        layouts.check_schedule(self.layout)
+        layouts.check_layout(self.layout)
         if self.prefill_cost not in ("tokens", "flops"):
             raise ValueError(f"prefill_cost must be 'tokens' or 'flops', got "
                              f"{self.prefill_cost!r}")

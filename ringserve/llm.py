@@ -125,7 +125,7 @@ class LLM:
             raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
         if cuda_graphs is True and device != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'")
-        layouts.check_schedule(layout)
+        layouts.check_layout(layout)
         if max_kv_tokens is not None and max_kv_tokens < world_size:
             raise ValueError(f"max_kv_tokens ({max_kv_tokens}) must be >= world_size "
                              f"({world_size})")

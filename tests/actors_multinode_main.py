@@ -35,7 +35,7 @@ def main(n: int, total: int, seed: int) -> dict:
             k = torch.randn(1, total, 2, 16, generator=gen)
             v = torch.randn(1, total, 2, 16, generator=gen)
             for schedule in ("striped", "ring"):
-                out, lse = distributed_attention(q, k, v, group=g, schedule=schedule, causal=True)
+                out, lse = distributed_attention(q, k, v, group=g, layout=schedule, causal=True)
                 ref_out, ref_lse = attention_ref(q, k, v, None, True, None)
                 result[schedule] = {
                     "out_rel_err": ((out.double() - ref_out).norm() / ref_out.norm()).item(),

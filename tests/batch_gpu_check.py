@@ -33,7 +33,7 @@ def main(argv):
         assert by_id[json.dumps(rid)]["error"]["type"] == etype, by_id[json.dumps(rid)]
     from ringserve.llm import LLM
 
-    llm = LLM(model, world_size=world_size, schedule="striped", device="cuda",
+    llm = LLM(model, world_size=world_size, layout="striped", device="cuda",
               max_kv_tokens=MAX_KV, ray_address="auto")
     try:
         # bf16 on the GPU: two runs of the same requests differ by bf16 rounding of logits of

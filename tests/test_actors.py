@@ -54,7 +54,7 @@ def check(out, lse, q, k, v, causal, window, scale=None):
 def test_exact_gqa(groups, n, schedule, causal):
     total = 1027  # not divisible by 2, 3 or 4
     q, k, v = rand_qkv(100 * n + 10 * causal + (schedule == "ring"), total)
-    out, lse, stats = distributed_attention(q, k, v, group=groups(n), schedule=schedule,
+    out, lse, stats = distributed_attention(q, k, v, group=groups(n), layout=schedule,
                                             causal=causal, return_stats=True)
     assert out.shape == q.shape and lse.shape == (1, 4, total)
     check(out, lse, q, k, v, causal, None)
@@ -66,7 +66,7 @@ def test_exact_gqa(groups, n, schedule, causal):
 def test_exact_window(groups, n, schedule):
     total, window = 1000, 150
     q, k, v = rand_qkv(7 * n + (schedule == "ring"), total, hq=6, hkv=3, b=2)
-    out, lse, stats = distributed_attention(q, k, v, group=groups(n), schedule=schedule,
+    out, lse, stats = distributed_attention(q, k, v, group=groups(n), layout=schedule,
                                             causal=True, window_size=window, return_stats=True)
     check(out, lse, q, k, v, True, window)
     if schedule == "ring" and n == 4:  # 250 tokens a rank: the window reaches one neighbour
@@ -75,7 +75,7 @@ def test_exact_window(groups, n, schedule):
 
 def test_exact_noncausal_window_mha_scale(groups):
     q, k, v = rand_qkv(5, 1000, hq=2, hkv=2, d=32)
-    out, lse = distributed_attention(q, k, v, group=groups(3), schedule="striped", causal=False,
+    out, lse = distributed_attention(q, k, v, group=groups(3), layout="striped", causal=False,
                                      window_size=40, softmax_scale=0.05)
     check(out, lse, q, k, v, False, 40, 0.05)
 
@@ -83,15 +83,15 @@ def test_exact_noncausal_window_mha_scale(groups):
 def test_skipped_steps_between_actors(groups):
     q, k, v = rand_qkv(9, 1027)
     g = groups(4)
-    _, _, ring = distributed_attention(q, k, v, group=g, schedule="ring", return_stats=True)
+    _, _, ring = distributed_attention(q, k, v, group=g, layout="ring", return_stats=True)
     # contiguous causal: rank r computes r + 1 of the 4 blocks; the last rank never sends
     assert [s["steps_computed"] for s in ring] == [1, 2, 3, 4]
     assert [s["steps_skipped"] for s in ring] == [3, 2, 1, 0]
     assert ring[3]["bytes_sent"] == 0
-    _, _, striped = distributed_attention(q, k, v, group=g, schedule="striped",
+    _, _, striped = distributed_attention(q, k, v, group=g, layout="striped",
                                           return_stats=True)
     assert all(s["steps_computed"] == 4 for s in striped)
-    _, _, win = distributed_attention(q, k, v, group=g, schedule="ring", window_size=100,
+    _, _, win = distributed_attention(q, k, v, group=g, layout="ring", window_size=100,
                                       return_stats=True)
     assert all(s["steps_run"] == 2 for s in win)  # the ring stopped after the neighbour
     assert sum(s["bytes_sent"] for s in win) < sum(s["bytes_sent"] for s in ring)

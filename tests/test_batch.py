@@ -209,7 +209,7 @@ def test_batch_job_submit_stop_resume(head, ray_session, tmp_path_factory):
     # ---- good records: the same as LLM run directly
     from ringserve.llm import LLM
 
-    llm = LLM(str(model), world_size=2, schedule="striped", device="cpu", max_kv_tokens=MAX_KV)
+    llm = LLM(str(model), world_size=2, layout="striped", device="cpu", max_kv_tokens=MAX_KV)
     try:
         check_against_llm(llm, by_id, good, work)
     finally:

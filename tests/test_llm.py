@@ -42,7 +42,7 @@ def reference(tmp_path_factory, family):
 def setup(request, ray_session, tmp_path_factory):
     family, ws, schedule = request.param
     path, ref = reference(tmp_path_factory, family)
-    llm = LLM(str(path), world_size=ws, schedule=schedule, max_kv_tokens=2048,
+    llm = LLM(str(path), world_size=ws, layout=schedule, max_kv_tokens=2048,
               num_cpus_per_worker=0.5)
     yield llm, ref
     llm.shutdown()

@@ -164,7 +164,7 @@ def test_deprecated_names_still_work(llm):
     with pytest.warns(DeprecationWarning, match="passq_max_tokens"):
         assert EngineConfig(extend_chunk=7).passq_max_tokens == 7
     with pytest.warns(DeprecationWarning, match="layout"), \
-            pytest.raises(ValueError, match="schedule must be one of"):
+            pytest.raises(ValueError, match="layout must be one of"):
         LLM("/nonexistent", schedule="zigzag")
     with pytest.warns(DeprecationWarning, match="decode_steps"), \
             pytest.raises(ValueError, match=r"world_size \(0\)"):

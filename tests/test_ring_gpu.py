@@ -153,7 +153,7 @@ def test_actor_group_nccl_exact():
             assert all(h["memory"]["total"] > 0 for h in info)
             for schedule in ("striped", "ring"):
                 q, k, v = make_inputs(17, 3001, 8, 2, 128, "cpu")
-                out, lse = distributed_attention(q, k, v, group=g, schedule=schedule)
+                out, lse = distributed_attention(q, k, v, group=g, layout=schedule)
                 ref_out, ref_lse = attention_ref(q, k, v, None, True, None)
                 plain = plain_bf16(q.cuda(), k.cuda(), v.cuda(), True, None).cpu()
                 e_ring = (out.double() - ref_out).abs().max().item()

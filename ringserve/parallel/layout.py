@@ -13,7 +13,8 @@ from typing import List
 
 import torch
 
-SCHEDULES = ("ring", "striped")
+LAYOUTS = ("ring", "striped")
+SCHEDULES = LAYOUTS   # the old name
 
 
 @dataclass(frozen=True)
@@ -28,18 +29,21 @@ class Shard:
         return self.offset + self.stride * torch.arange(self.length, device=device)
 
 
-def check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def shard(total: int, world_size: int, rank: int, schedule: str) -> Shard:
-    check_schedule(schedule)
+check_schedule = check_layout   # the old name
+
+
+def shard(total: int, world_size: int, rank: int, layout: str) -> Shard:
+    check_layout(layout)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
     if total < 0:
         raise ValueError(f"sequence length ({total}) must be >= 0")
-    if schedule == "ring":
+    if layout == "ring":
         base, extra = divmod(total, world_size)
         length = base + (1 if rank < extra else 0)
         offset = rank * base + min(rank, extra)
@@ -48,27 +52,27 @@ def shard(total: int, world_size: int, rank: int, schedule: str) -> Shard:
     return Shard(rank, world_size, length, rank, world_size)
 
 
-def shards(total: int, world_size: int, schedule: str) -> List[Shard]:
-    return [shard(total, world_size, r, schedule) for r in range(world_size)]
+def shards(total: int, world_size: int, layout: str) -> List[Shard]:
+    return [shard(total, world_size, r, layout) for r in range(world_size)]
 
 
-def split(x: torch.Tensor, world_size: int, schedule: str, dim: int = 1) -> List[torch.Tensor]:
+def split(x: torch.Tensor, world_size: int, layout: str, dim: int = 1) -> List[torch.Tensor]:
     """Split a tensor along `dim` (the sequence) into the per-rank pieces."""
     total = x.shape[dim]
     out = []
-    for s in shards(total, world_size, schedule):
+    for s in shards(total, world_size, layout):
         idx = s.positions(x.device)
         out.append(x.index_select(dim, idx))
     return out
 
 
-def gather(pieces: List[torch.Tensor], schedule: str, dim: int = 1) -> torch.Tensor:
+def gather(pieces: List[torch.Tensor], layout: str, dim: int = 1) -> torch.Tensor:
     """Inverse of split."""
     n = len(pieces)
     total = sum(p.shape[dim] for p in pieces)
     shape = list(pieces[0].shape)
     shape[dim] = total
     out = pieces[0].new_empty(shape)
-    for s, p in zip(shards(total, n, schedule), pieces):
+    for s, p in zip(shards(total, n, layout), pieces):
         out.index_copy_(dim, s.positions(p.device), p)
     return out

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from ringserve import kernels
-from .layout import Shard, check_schedule, shard
+from .layout import Shard, check_layout, shard
 from .transport import Transport
 
 
@@ -64,14 +64,14 @@ class RingPlan:
         return sum(s.compute for s in self.steps)
 
 
-def plan_ring(total_len: int, world_size: int, rank: int, schedule: str, causal: bool = True,
+def plan_ring(total_len: int, world_size: int, rank: int, layout: str, causal: bool = True,
               window_size: Optional[int] = None) -> RingPlan:
     """The same plan on every rank: which blocks to compute, which transfers to make."""
-    check_schedule(schedule)
+    check_layout(layout)
     if window_size is not None and window_size < 0:
         raise ValueError(f"window_size ({window_size}) must be >= 0 or None")
     n = world_size
-    sh = tuple(shard(total_len, n, r, schedule) for r in range(n))
+    sh = tuple(shard(total_len, n, r, layout) for r in range(n))
     need = [[block_visible(sh[r], sh[j], causal, window_size) for j in range(n)]
             for r in range(n)]
     # K/V of rank j travel j -> j+1 -> ...: as far as the farthest rank that sees them
@@ -112,23 +112,23 @@ def _kv_view(buf: torch.Tensor, length: int, shape_tail) -> torch.Tensor:
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len: int,
-                   schedule: str, transport: Transport, causal: bool = True,
+                   layout: str, transport: Transport, causal: bool = True,
                    window_size: Optional[int] = None, softmax_scale: Optional[float] = None,
                    backend: str = "auto", stats: Optional[RingStats] = None):
     """This rank's shard of exact attention over the whole sequence.
 
     q (B, S_r, Hq, D), k/v (B, S_r, Hkv, D): this rank's tokens in the layout
-    `layout.shard(total_len, N, rank, schedule)`. Returns out (B, S_r, Hq, D) in q.dtype and
+    `layout.shard(total_len, N, rank, layout)`. Returns out (B, S_r, Hq, D) in q.dtype and
     lse (B, Hq, S_r) float32. `stats`, if given, is filled in.
     """
     n, rank = transport.world_size, transport.rank
-    plan = plan_ring(total_len, n, rank, schedule, causal, window_size)
+    plan = plan_ring(total_len, n, rank, layout, causal, window_size)
     me = plan.shards[rank]
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     if S != me.length or k.shape[:2] != (B, S) or v.shape != k.shape or k.shape[3] != D:
         raise ValueError(
-            f"rank {rank}/{n} ({schedule}, total {total_len}) owns {me.length} tokens: expected "
+            f"rank {rank}/{n} ({layout}, total {total_len}) owns {me.length} tokens: expected "
             f"q (B, {me.length}, Hq, D) and k, v (B, {me.length}, Hkv, D); got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if Hq % Hkv:

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional
 
-SCHEDULES = ("ring", "striped")
+LAYOUTS = ("ring", "striped")
+SCHEDULES = LAYOUTS   # the old name
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -80,8 +81,8 @@ class ServeArgs:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} ({v!r}) must be null or an integer >= 1")
-        if self.layout not in SCHEDULES:
-            raise ValueError(f"layout ({self.layout!r}) must be one of {SCHEDULES}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout ({self.layout!r}) must be one of {LAYOUTS}")
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"device ({self.device!r}) must be null or one of {DEVICES}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -140,4 +141,4 @@ class ServeArgs:
         return d
 
 
-__all__ = ["ServeArgs", "SCHEDULES", "DEVICES", "DTYPES"]
+__all__ = ["ServeArgs", "LAYOUTS", "SCHEDULES", "DEVICES", "DTYPES"]
