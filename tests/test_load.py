@@ -1,12 +1,15 @@
 """A small run of benchmarks/bench_load.py against the real service: 8 clients for 15 s against
-a replica whose queue holds 2. Nothing may be lost (every request answered, 200 or a clean 429
-with OpenAI's error body), the queue limit must hold, the server's own counts must match what the
-clients saw, and every answer to one greedy prompt must be the tokens of that prompt run alone."""
+a replica that runs 2 requests at once (max_num_seqs) and queues 2 more. Nothing may be lost
+(every request answered, 200 or a clean 429 with OpenAI's error body), the in-flight bound
+(max_num_seqs + max_queue) must hold, the server's own counts must match what the clients saw,
+and every answer to one greedy prompt must be the tokens of that prompt run alone (requests that
+ran in one batch did not mix their KV)."""
 from __future__ import annotations
 
 import importlib.util
 import random
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,6 +21,7 @@ from servehelpers import start_serve
 pytestmark = pytest.mark.timeout(600)
 
 SEED = random.SystemRandom().randrange(1 << 30)
+MAX_NUM_SEQS = 2
 MAX_QUEUE = 2
 CLIENTS = 8
 
@@ -43,7 +47,8 @@ def base(ray_session, tmp_path_factory):
     model_dir = str(tiny_model(tmp_path_factory, "llama"))
     url = start_serve()
     serve.run(build_app({"model": model_dir, "world_size": 1, "max_kv_tokens": 2048,
-                         "max_queue": MAX_QUEUE, "request_timeout_s": 120,
+                         "max_num_seqs": MAX_NUM_SEQS, "max_queue": MAX_QUEUE,
+                         "request_timeout_s": 120,
                          "model_name": "llama"}), name="rs-load", route_prefix="/")
     try:
         wait_ready(url, 300)
@@ -59,8 +64,29 @@ def test_load_nothing_lost_and_queue_limit_held(base):
     before = httpx.get(base + "/stats").json()["requests"]
     cfg = bench.LoadConfig(base, clients=CLIENTS, duration_s=15.0, max_tokens=6,
                            prompt_words=10, num_prompts=4, seed=SEED, backoff_s=0.05)
-    r = bench.run_load(cfg)
+    # the engine's own count beside bench_load's sampler (which reads the runner's): the
+    # scheduler runs requests together, never more than max_num_seqs
+    engine_seen, stop = [], threading.Event()
+
+    def sample_engine():
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    e = http.get("/stats").json()["engine"]
+                    engine_seen.append((e["running"], e["queue_depth"]))  # (running, waiting)
+                except (httpx.HTTPError, ValueError, KeyError):
+                    pass
+                stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample_engine, daemon=True)
+    sampler.start()
+    try:
+        r = bench.run_load(cfg)
+    finally:
+        stop.set()
+        sampler.join(30)
     print(bench.format_report(r))
+    print(f"engine (running, waiting) most seen: {max(engine_seen, default=None)}")
 
     assert r["lost"] == 0, r["lost_reasons"]
     assert not r["bad_bodies"], r["bad_bodies"]
@@ -70,7 +96,9 @@ def test_load_nothing_lost_and_queue_limit_held(base):
     assert r["ok"] > 0 and n429 > 0, r["by_status"]   # both paths exercised
     assert r["by_code"] == {"queue_full": n429}
     assert r["stats_samples"] > 10 and r["max_queue_seen"] <= MAX_QUEUE, r["max_queue_seen"]
-    assert r["max_running_seen"] <= 1
+    assert r["max_running_seen"] <= MAX_NUM_SEQS, r["max_running_seen"]
+    assert len(engine_seen) > 10
+    assert max(n for n, _ in engine_seen) == MAX_NUM_SEQS, engine_seen  # batched, never more
 
     # the server counted exactly what the clients saw
     after = httpx.get(base + "/stats").json()["requests"]
@@ -100,7 +128,10 @@ def test_bench_refuses_non_loopback_urls():
 
 def test_queue_limit_holds_for_a_burst_on_an_idle_runner():
     """The race test_load first caught (7 waiting with max_queue 2): requests arriving in the same
-    event-loop iteration while the engine slot is free must still be counted against the queue."""
+    event-loop iteration on an idle runner must still be counted against the in-flight bound
+    (concurrency + max_queue). Those admitted are handed to the engine at once: each work call
+    here returns only once all of them have started (a runner that ran them one at a time would
+    break the barrier)."""
     import asyncio
     import threading
     import time as _time
@@ -109,9 +140,13 @@ def test_queue_limit_holds_for_a_burst_on_an_idle_runner():
     from ringserve.serve.runner import Deadline, EngineRunner
 
     rng = random.Random(SEED)
-    max_queue, burst = rng.randint(1, 3), rng.randint(6, 10)
+    concurrency, max_queue = rng.randint(1, 3), rng.randint(0, 3)
+    bound = concurrency + max_queue
+    burst = bound + rng.randint(3, 6)
     seen = []
-    runner = EngineRunner(max_queue, 30.0, on_queue_change=lambda w, r: seen.append((w, r)))
+    runner = EngineRunner(max_queue, 30.0, on_queue_change=lambda w, r: seen.append((w, r)),
+                          concurrency=concurrency)
+    all_started = threading.Barrier(bound, timeout=20)
     lock = threading.Lock()
     running = [0, 0]  # now, most at once
 
@@ -119,7 +154,8 @@ def test_queue_limit_holds_for_a_burst_on_an_idle_runner():
         with lock:
             running[0] += 1
             running[1] = max(running[1], running[0])
-        _time.sleep(0.05)
+        all_started.wait()
+        _time.sleep(0.02)
         with lock:
             running[0] -= 1
         return "done"
@@ -137,7 +173,11 @@ def test_queue_limit_holds_for_a_burst_on_an_idle_runner():
         results = asyncio.run(main())
     finally:
         runner.shutdown()
-    assert results.count("done") == max_queue + 1, (max_queue, results)
-    assert results.count(429) == burst - max_queue - 1
-    assert max(w for w, _ in seen) <= max_queue and max(r for _, r in seen) <= 1, seen
-    assert running[1] == 1
+    assert results.count("done") == bound, (concurrency, max_queue, results)
+    assert results.count(429) == burst - bound
+    # the gauges: running is what the engine runs at once, the rest of the in-flight wait
+    assert max(w for w, _ in seen) == max_queue and max(r for _, r in seen) == concurrency, seen
+    assert all(w <= max_queue and r <= concurrency and (w == 0 or r == concurrency)
+               for w, r in seen), seen
+    assert seen[-1] == (0, 0), seen
+    assert running[1] == bound
