@@ -120,6 +120,11 @@ class StepAttention:
         self.q_index = torch.tensor([r for i in self.q_rows for r in range(
             self.rows[i].start, self.rows[i].stop)], **i64)
         self.positions = torch.tensor([p for s in plan.seqs for p in s.positions], **i64)
+        # fast paths of the common steps (a decode batch, a lone chunk): skip the gathers and
+        # scatters that would be identities; every op counts in a launch-bound eager step
+        self.write_all = w_rows == list(range(a))
+        self.only_dec = bool(self.dec) and len(self.dec) == len(plan.seqs)
+        self.ext_lens = {i: torch.tensor([plan.seqs[i].n_after], **i32) for i in self.ext}
 
     def _paged(self, layer, q, table, lens, q_pos):
         return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
@@ -129,8 +134,16 @@ class StepAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         q, k, v = q[0], k[0], v[0]                      # (T, H, D)
-        self.pool.write(layer, self.w_slots, k.index_select(0, self.w_rows),
-                        v.index_select(0, self.w_rows))
+        if self.write_all:
+            self.pool.write(layer, self.w_slots, k, v)
+        else:
+            self.pool.write(layer, self.w_slots, k.index_select(0, self.w_rows),
+                            v.index_select(0, self.w_rows))
+        if self.only_dec:                                # rows = the decode batch, in order
+            o, lse = self._pass_q(layer, q, merged=self.world_size > 1)
+            if self.world_size > 1:
+                o, lse = self._merge_ranks(o, lse)
+            return o.to(q.dtype)[None]
         out = torch.empty_like(q)
         if self.q_rows:
             o, lse = self._pass_q(layer, q)              # (Rq, Hq, D) f32, (Rq, Hq) f32
@@ -144,11 +157,15 @@ class StepAttention:
 
     # ---- pass-Q rows ----
 
-    def _pass_q(self, layer: int, q: torch.Tensor):
+    def _pass_q(self, layer: int, q: torch.Tensor, merged: bool = True):
+        """(out, lse) of the pass-Q rows in plan order; with only decode rows and merged=False
+        (one rank, no cascade) out stays in q's dtype and lse is not prepared."""
         parts_o, parts_l = {}, {}
         if self.dec:
-            qd = q.index_select(0, self.dec_rows)[:, None]          # (B, 1, Hq, D)
+            qd = q[:, None] if self.only_dec else q.index_select(0, self.dec_rows)[:, None]
             o, lse = self._paged(layer, qd, self.dec_table, self.dec_lens, self.dec_qpos)
+            if self.only_dec and not merged and not self.groups:
+                return o[:, 0], None
             o, lse = o[:, 0].float(), lse[:, :, 0].contiguous()     # (B, Hq, D), (B, Hq)
             for table, lens, members in self.groups:                # shared prefix read once
                 qg = qd.index_select(0, members)[:, 0][None]         # (1, n, Hq, D)
@@ -158,12 +175,13 @@ class StepAttention:
                 _merge(mo, ml, po[0].float(), pl[0].t().contiguous())
                 o.index_copy_(0, members, mo)
                 lse.index_copy_(0, members, ml)
+            if not self.ext:                                         # rows in plan order
+                return o, lse
             for j, i in enumerate(self.dec):
                 parts_o[i], parts_l[i] = o[j:j + 1], lse[j:j + 1]
         for i in self.ext:
-            s, r = self.plan.seqs[i], self.rows[i]
-            lens = torch.tensor([s.n_after], dtype=torch.int32, device=q.device)
-            o, lse = self._paged(layer, q[r][None], self.tables[i], lens,
+            r = self.rows[i]
+            o, lse = self._paged(layer, q[r][None], self.tables[i], self.ext_lens[i],
                                  self.positions[r][None])
             parts_o[i], parts_l[i] = o[0].float(), lse[0].t()
         order = self.q_rows
