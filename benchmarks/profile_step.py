@@ -15,26 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import hf_config  # noqa: E402
+from profile_decode import _OneRank  # noqa: E402
 
 
-class OneRank:
-    world_size = 1
+class OneRank(_OneRank):
+    """The ActorGroup interface over one in-process CUDA worker (no Ray)."""
 
     def __init__(self, **kw):
         from ringserve.actors.model_worker import ModelShardWorker
-        self.w = ModelShardWorker(0, 1, "cuda", **kw)
-
-    def call(self, m, *a, **k):
-        return [getattr(self.w, m)(*a)]
-
-    def call_per_rank(self, m, args_list, **k):
-        return [getattr(self.w, m)(*args_list[0])]
-
-    def rebuild(self):
-        raise RuntimeError("no rebuild here")
-
-    def shutdown(self):
-        pass
+        super().__init__(ModelShardWorker(0, 1, "cuda", **kw))
 
 
 def main(argv=None):

@@ -1,29 +1,54 @@
-"""Paged KV cache: allocation, positions, fork without copies, copy-on-write, trim, free; and
-paged_decode over the cache equals attention over the same tokens gathered contiguously."""
+"""Paged KV: the driver's page bookkeeping (KVManager: allocation, fork without copies,
+copy-on-write, page-table deltas, free) with the worker's tensors (KVPool); paged_decode over the
+pool equals attention over the same tokens gathered contiguously; the document cache index."""
 import pytest
 import torch
 
 from ringserve.kernels import paged_decode
 from ringserve.kernels.reference import attention_ref
-from ringserve.kv_cache import KVCacheConfig, KVCacheFullError, PagedKVCache, pages_for_budget
+from ringserve.kv_cache import KVCacheConfig, KVCacheFullError, KVPool, pages_for_budget
+from ringserve.kv_manager import KVManager, balanced_counts
 from ringserve.doc_cache import CachedSeq, DocumentCache, common_prefix, doc_key
 
 
-def make(num_pages=12, page=4, L=2, H=2, D=8):
-    return PagedKVCache(KVCacheConfig(num_layers=L, num_kv_heads=H, head_dim=D,
-                                      num_pages=num_pages, page_size=page))
+class Rank0:
+    """One rank's KV: the driver's page bookkeeping (KVManager) and the worker's tensors
+    (KVPool), used as the engine uses them."""
 
+    def __init__(self, num_pages=12, page=4, L=2, H=2, D=8):
+        self.kv = KVManager([num_pages], page)
+        self.pool = KVPool(KVCacheConfig(num_layers=L, num_kv_heads=H, head_dim=D,
+                                         num_pages=num_pages, page_size=page))
 
-def fill(cache, sid, positions, gen):
-    slots = cache.append_slots(sid, torch.as_tensor(positions))
-    n = len(positions)
-    kv = []
-    for layer in range(cache.cfg.num_layers):
-        k = torch.randn(n, cache.cfg.num_kv_heads, cache.cfg.head_dim, generator=gen)
-        v = torch.randn(n, cache.cfg.num_kv_heads, cache.cfg.head_dim, generator=gen)
-        cache.write(layer, slots, k, v)
-        kv.append((k, v))
-    return kv
+    def fill(self, seq, n, gen, positions=None):
+        """Append n tokens (K/V random), as a step does; returns [(k, v)] per layer."""
+        start = len(seq)
+        slots, copies = self.kv.append(seq, [1] * n, [0] * n)
+        if copies[0]:
+            src, dst = zip(*copies[0])
+            self.pool.copy_pages(list(src), list(dst))
+        slots = torch.tensor(slots[0], dtype=torch.int64)
+        pos = torch.arange(start, start + n) if positions is None else torch.tensor(positions)
+        self.pool.set_positions(slots, pos)
+        out = []
+        cfg = self.pool.cfg
+        for layer in range(cfg.num_layers):
+            k = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen)
+            v = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen)
+            self.pool.write(layer, slots, k, v)
+            out.append((k, v))
+        return out
+
+    def gather(self, layer, seq):
+        pages = torch.tensor(seq.pages[0], dtype=torch.int64)
+        H, D = self.pool.cfg.num_kv_heads, self.pool.cfg.head_dim
+        n = seq.counts[0]
+        return (self.pool.k[layer, pages].reshape(-1, H, D)[:n],
+                self.pool.v[layer, pages].reshape(-1, H, D)[:n])
+
+    def positions(self, seq):
+        pages = torch.tensor(seq.pages[0], dtype=torch.int64)
+        return self.pool.kv_pos[pages].reshape(-1)[:seq.counts[0]].tolist()
 
 
 def test_config_checks_show_numbers():
@@ -36,72 +61,104 @@ def test_config_checks_show_numbers():
     assert pages_for_budget(10 * 16 * cfg.bytes_per_token + 5, 16, cfg.bytes_per_token) == 10
 
 
-def test_append_gather_positions_and_free():
+def test_append_positions_and_free():
     g = torch.Generator().manual_seed(1)
-    c = make()
-    kv1 = fill(c, "a", list(range(0, 21, 2)), g)       # 11 tokens: 3 pages of 4
-    kv2 = fill(c, "a", [30, 31, 32], g)                 # crosses into a 4th page
-    assert c.seq_len("a") == 14 and c.num_free_pages == 12 - 4
-    assert c.positions("a").tolist() == list(range(0, 21, 2)) + [30, 31, 32]
+    r = Rank0()
+    s = r.kv.new()
+    kv1 = r.fill(s, 11, g, positions=list(range(0, 21, 2)))   # 3 pages of 4
+    kv2 = r.fill(s, 3, g, positions=[30, 31, 32])              # crosses into a 4th page
+    assert len(s) == 14 and r.kv.free_pages() == [12 - 4] and len(s.pages[0]) == 4
+    assert r.positions(s) == list(range(0, 21, 2)) + [30, 31, 32]
     for layer in range(2):
-        k, v = c.gather(layer, "a")
+        k, v = r.gather(layer, s)
         assert torch.equal(k, torch.cat([kv1[layer][0], kv2[layer][0]]))
         assert torch.equal(v, torch.cat([kv1[layer][1], kv2[layer][1]]))
-    assert c.block_table("a").shape == (1, 4)
-    c.free("a")
-    assert c.num_free_pages == 12 and not c.has("a")
+    s.table_delta(0)                                    # a step sent its table to the worker
+    r.kv.free(s)
+    assert r.kv.free_pages() == [12] and r.kv.take_dropped() == [1 * s.key]
+    never_sent = r.kv.new()
+    r.fill(never_sent, 2, g)
+    r.kv.free(never_sent)
+    assert r.kv.take_dropped() == []                    # no worker holds its table
 
 
 def test_full_cache_raises_before_changing_anything():
-    c = make(num_pages=2, page=4)
-    fill(c, "a", list(range(6)), torch.Generator().manual_seed(0))
-    with pytest.raises(KVCacheFullError, match="needs 2 more KV pages for 7 tokens"):
-        c.append_slots("a", torch.arange(6, 9 + 4))
-    assert c.seq_len("a") == 6 and c.num_free_pages == 0
+    r = Rank0(num_pages=2, page=4)
+    s = r.kv.new()
+    r.fill(s, 6, torch.Generator().manual_seed(0))
+    with pytest.raises(KVCacheFullError, match=r"\[2\] pages needed, \[0\] free"):
+        r.kv.append(s, [1] * 7, [0] * 7)
+    assert len(s) == 6 and r.kv.free_pages() == [0] and s.counts == [6]
 
 
 def test_fork_shares_pages_and_copy_on_write_keeps_parent_intact():
     g = torch.Generator().manual_seed(2)
-    c = make(num_pages=10, page=4)
-    fill(c, "doc", list(range(10)), g)                  # pages: 4 + 4 + 2 (partial)
-    k_doc, v_doc = c.gather(0, "doc")
-    free0 = c.num_free_pages
-    assert c.fork("doc", "req", max_position=7) == 7    # first 7 tokens, 2 pages shared
-    assert c.num_free_pages == free0                    # no page copied by the fork
-    assert c.pages_needed("req", 1) == 1                # writing into shared page 2 copies it
-    assert c.pages_needed("req", 2) == 2                # ... and a 9th token opens page 3
-    new = fill(c, "req", [7, 8], g)
-    assert c.num_free_pages == free0 - 2
-    k_req, _ = c.gather(0, "req")
+    r = Rank0(num_pages=10, page=4)
+    doc = r.kv.new()
+    r.fill(doc, 10, g)                                  # pages: 4 + 4 + 2 (partial)
+    k_doc, _ = r.gather(0, doc)
+    free0 = r.kv.free_pages()
+    req = r.kv.fork(doc, 7)                             # first 7 tokens, 2 pages shared
+    assert req.counts == [7] and req.pages[0] == doc.pages[0][:2]
+    assert r.kv.free_pages() == free0                   # no page copied by the fork
+    assert r.kv.need(req, [1]) == [1]                   # writing into shared page 1 copies it
+    assert r.kv.need(req, [2]) == [2]                   # ... and a 9th token opens page 2
+    new = r.fill(req, 2, g)
+    assert r.kv.free_pages() == [free0[0] - 2] and req.pages[0][0] == doc.pages[0][0]
+    k_req, _ = r.gather(0, req)
     assert torch.equal(k_req[:7], k_doc[:7]) and torch.equal(k_req[7:], new[0][0])
-    assert torch.equal(c.gather(0, "doc")[0], k_doc)    # the parent never sees req's tokens
-    assert c.positions("doc").tolist() == list(range(10))
-    c.free("doc")
-    assert torch.equal(c.gather(0, "req")[0][:7], k_doc[:7])  # shared pages outlive the parent
-    c.free("req")
-    assert c.num_free_pages == 10
+    assert torch.equal(r.gather(0, doc)[0], k_doc)     # the parent never sees req's tokens
+    assert r.positions(doc) == list(range(10))
+    r.kv.free(doc)
+    assert torch.equal(r.gather(0, req)[0][:7], k_doc[:7])   # shared pages outlive the parent
+    r.kv.free(req)
+    assert r.kv.free_pages() == [10]
 
 
-def test_trim_then_append_in_a_shared_page():
-    g = torch.Generator().manual_seed(3)
-    c = make(num_pages=8, page=4)
-    fill(c, "a", [0, 2, 4, 6, 8, 10], g)
-    c.fork("a", "b")
-    assert c.trim("a", max_position=5) == 3             # keeps positions 0, 2, 4
-    fill(c, "a", [20], g)                               # page 0 is shared with b: copied
-    assert c.positions("b").tolist() == [0, 2, 4, 6, 8, 10]
-    assert c.positions("a").tolist() == [0, 2, 4, 20]
+def test_page_table_deltas_after_append_and_copy_on_write():
+    """A worker's copy of a page table gets only what changed: appended pages, and from the
+    copied page on after a copy-on-write."""
+    g = torch.Generator().manual_seed(5)
+    r = Rank0(num_pages=8, page=4)
+    a = r.kv.new()
+    r.fill(a, 6, g)
+    assert a.table_delta(0) == (0, a.pages[0])          # first time: the whole table
+    r.fill(a, 1, g)                                     # same page: nothing to send
+    assert a.table_delta(0) == (2, [])
+    r.fill(a, 2, g)                                     # a new page
+    assert a.table_delta(0) == (2, a.pages[0][2:]) and len(a.pages[0]) == 3
+    b = r.kv.fork(a, 9)
+    assert b.table_delta(0) == (0, a.pages[0])
+    r.fill(b, 1, g)                                     # copy-on-write of the shared page 2
+    first, new = b.table_delta(0)
+    assert first == 2 and new == b.pages[0][2:] and b.pages[0][2] != a.pages[0][2]
 
 
-def test_paged_decode_over_cache_matches_reference():
+def test_owners_spread_over_ranks_and_reserved_pages():
+    kv = KVManager([6, 6, 6], 4, reserved=1)            # page 0 of each rank set aside
+    assert kv.capacity_tokens == 3 * 5 * 4 and kv.free_pages() == [5, 5, 5]
+    s = kv.new()
+    slots, copies = kv.append(s, list(range(9)), [0, 1, 2, 0, 1, 2, 0, 1, 2])
+    assert s.counts == [3, 3, 3] and all(not c for c in copies)
+    assert all(0 not in p for p in s.pages) and all(sl // 4 != 0 for r in slots for sl in r)
+    assert kv.pages_of([s]) == [1, 1, 1] and kv.exclusive_pages([s]) == [1, 1, 1]
+    t = kv.fork(s, 5)                                   # owners 0,1,2,0,1 -> counts 2,2,1
+    assert t.counts == [2, 2, 1] and kv.exclusive_pages([s]) == [0, 0, 0]
+    assert balanced_counts([2, 2, 1], 4) == [3, 3, 3]
+
+
+def test_paged_decode_over_the_pool_matches_reference():
     g = torch.Generator().manual_seed(4)
-    c = make(num_pages=16, page=4, L=1, H=2, D=8)
+    r = Rank0(num_pages=16, page=4, L=1, H=2, D=8)
+    s = r.kv.new()
     pos = list(range(1, 40, 3))                         # a striped shard: stride 3
-    kv = fill(c, "s", pos, g)
+    kv = r.fill(s, len(pos), g, positions=pos)
     q = torch.randn(1, 3, 4, 8, generator=g)            # 3 new queries, GQA 4/2
     q_pos = torch.tensor([[41, 42, 43]])
-    out, lse = paged_decode(q, c.k[0], c.v[0], c.block_table("s"), c.seq_lens("s"),
-                            causal=True, window_size=20, q_pos=q_pos, kv_pos=c.kv_pos)
+    table = torch.tensor([s.pages[0]], dtype=torch.int32)
+    out, lse = paged_decode(q, r.pool.k[0], r.pool.v[0], table,
+                            torch.tensor([len(s)], dtype=torch.int32),
+                            causal=True, window_size=20, q_pos=q_pos, kv_pos=r.pool.kv_pos)
     ro, rl = attention_ref(q, kv[0][0][None], kv[0][1][None], causal=True, window_size=20,
                            q_pos=q_pos[0], k_pos=torch.tensor(pos))
     torch.testing.assert_close(out.double(), ro, rtol=1e-5, atol=1e-5)
@@ -130,27 +187,3 @@ def test_document_cache_match_budget_and_eviction_order():
     dc.add(c)                                           # 11 > 10: evict LRU unpinned first
     assert [x.kv for x in dc.over_budget()] == ["sa2"]
     assert [x.kv for x in dc.eviction_order()] == ["sa2", "sc", "sb"]
-
-
-def test_block_table_rebuilt_only_when_pages_change_and_scratch_page():
-    g = torch.Generator().manual_seed(5)
-    c = make(num_pages=6, page=4)
-    fill(c, "a", [0, 1], g)
-    t1 = c.block_table("a")
-    fill(c, "a", [2], g)                      # same page: the device table is reused
-    assert c.block_table("a") is t1
-    fill(c, "a", [3, 4], g)                   # a new page: rebuilt, and correct
-    t2 = c.block_table("a")
-    assert t2 is not t1 and t2[0].tolist() == c._seqs["a"].pages and len(c._seqs["a"].pages) == 2
-    c.fork("a", "b")
-    fill(c, "b", [5], g)                      # copy-on-write of the shared last page
-    assert c.block_table("b")[0].tolist() == c._seqs["b"].pages != c._seqs["a"].pages
-    assert c.block_table("a")[0].tolist() == c._seqs["a"].pages
-    # the scratch page (CUDA-graph decode): set aside once, outside every sequence
-    free, cap = c.num_free_pages, c.capacity_tokens
-    slot = c.reserve_scratch_page()
-    assert c.reserve_scratch_page() == slot and slot % 4 == 0
-    assert c.num_free_pages == free - 1 and c.capacity_tokens == cap - 4
-    assert slot // 4 not in c._seqs["a"].pages + c._seqs["b"].pages
-    c.clear()
-    assert c.num_free_pages == 5              # still set aside after clear()

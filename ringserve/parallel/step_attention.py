@@ -38,14 +38,7 @@ TARGET_PROGRAMS = 512
 def _merge(out_a, lse_a, out_b, lse_b):
     """out (R, H, D) float32, lse (R, H) float32: merge b into a in place (the log-sum-exp
     rule; a row with lse -inf on one side takes the other side unchanged)."""
-    m = torch.maximum(lse_a, lse_b)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
-    tot = wa + wb
-    lse = torch.where(tot > 0, m_safe + torch.log(tot), torch.full_like(m, float("-inf")))
-    tot_safe = torch.where(tot > 0, tot, torch.ones_like(tot))
-    out_a.mul_((wa / tot_safe)[..., None]).add_(out_b * (wb / tot_safe)[..., None])
-    lse_a.copy_(lse)
+    kernels.merge_torch_(out_a[None], lse_a.t()[None], out_b[None], lse_b.t()[None])
 
 
 def merge_rows(transport, o: torch.Tensor, lse: torch.Tensor):
