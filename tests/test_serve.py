@@ -381,59 +381,70 @@ def test_document_in_the_chat_format(stack, rng):
 def test_upload_without_waiting(stack, rng):
     from ringserve.sample_document import sample_document
 
-    text = sample_document(n_words=600, seed=rng.randrange(1000))
-    n = len(stack.tok.encode(text))
-    r = stack.http.post("/v1/documents?wait=false", json={"text": text})  # the query form
-    assert r.status_code == 202, r.text
-    card = r.json()
-    assert card["num_tokens"] == n and card["status"] in ("prefilling", "ready")
-    # a question right away waits behind the prefill, then reuses its KV
-    a = stack.http.post(f"/v1/documents/{card['id']}/ask",
-                        json={"question": "Who signed?", "max_tokens": 3})
-    assert a.status_code == 200, a.text
-    assert a.json()["num_cached_tokens"] >= n
-    got = stack.http.get(f"/v1/documents/{card['id']}").json()
-    assert got["status"] == "ready" and got["prefill_s"] > 0
+    made = []  # every upload, deleted at the end even when an assertion failed (a
+    # pinned document left behind would take KV from the tests after this one)
+    try:
+        text = sample_document(n_words=600, seed=rng.randrange(1000))
+        n = len(stack.tok.encode(text))
+        r = stack.http.post("/v1/documents?wait=false", json={"text": text})  # the query form
+        assert r.status_code == 202, r.text
+        card = r.json()
+        made.append(card["id"])
+        assert card["num_tokens"] == n and card["status"] in ("prefilling", "ready")
+        # a question right away waits behind the prefill, then reuses its KV
+        a = stack.http.post(f"/v1/documents/{card['id']}/ask",
+                            json={"question": "Who signed?", "max_tokens": 3})
+        # (a 409 document_failed "document too large" here, for some seeds: the scheduler bug
+        # of test_a_cached_sequence_sharing_a_short_prefix_is_evicted_for_a_request)
+        assert a.status_code == 200, a.text
+        assert a.json()["num_cached_tokens"] >= n
+        got = stack.http.get(f"/v1/documents/{card['id']}").json()
+        assert got["status"] == "ready" and got["prefill_s"] > 0
 
-    # the body form; deleted while it prefills: gone, and its pinned KV freed when it finishes
-    pinned0 = stack.http.get("/stats").json()["engine"]["pinned_documents"]
-    text2 = sample_document(n_words=1300, seed=rng.randrange(1000, 2000))
-    while len(stack.tok.encode(text2)) > 3500:  # long, but within the 4096-token KV budget
-        text2 = " ".join(text2.split(" ")[: int(len(text2.split(" ")) * 0.9)])
-    r2 = stack.http.post("/v1/documents", json={"text": text2, "wait": False})
-    assert r2.status_code == 202, r2.text
-    assert stack.http.delete(f"/v1/documents/{r2.json()['id']}").status_code == 200
-    assert stack.http.get(f"/v1/documents/{r2.json()['id']}").status_code == 404
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        s = stack.http.get("/stats").json()
-        if s["running"] == 0 and s["queue_depth"] == 0:
-            break
-        time.sleep(0.2)
-    assert s["engine"]["pinned_documents"] == pinned0, s["engine"]
-    assert stack.http.delete(f"/v1/documents/{card['id']}").status_code == 200
+        # the body form; deleted while it prefills: gone, and its pinned KV freed when it finishes
+        pinned0 = stack.http.get("/stats").json()["engine"]["pinned_documents"]
+        text2 = sample_document(n_words=1300, seed=rng.randrange(1000, 2000))
+        while len(stack.tok.encode(text2)) > 3500:  # long, but within the 4096-token KV budget
+            text2 = " ".join(text2.split(" ")[: int(len(text2.split(" ")) * 0.9)])
+        r2 = stack.http.post("/v1/documents", json={"text": text2, "wait": False})
+        assert r2.status_code == 202, r2.text
+        made.append(r2.json()["id"])
+        assert stack.http.delete(f"/v1/documents/{r2.json()['id']}").status_code == 200
+        assert stack.http.get(f"/v1/documents/{r2.json()['id']}").status_code == 404
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            s = stack.http.get("/stats").json()
+            if s["running"] == 0 and s["queue_depth"] == 0:
+                break
+            time.sleep(0.2)
+        assert s["engine"]["pinned_documents"] == pinned0, s["engine"]
+        assert stack.http.delete(f"/v1/documents/{card['id']}").status_code == 200
 
-    # polled while it prefills: a card shows the prefill's progress (once one was read) until
-    # it is ready, then no more
-    r3 = stack.http.post("/v1/documents", json={"text": text2, "wait": False})
-    assert r3.status_code == 202, r3.text
-    deadline, done = time.monotonic() + 60, []
-    while time.monotonic() < deadline:
-        got = stack.http.get(f"/v1/documents/{r3.json()['id']}").json()
-        if "progress" in got:
-            assert got["status"] == "prefilling"
-            p = got["progress"]
-            assert p["state"] in ("queued", "running"), got
-            if p["state"] == "running":  # counted in prompt tokens, chunk by chunk
-                assert p["phase"] == "prefill" and p["unit"] == "tokens", p
-                assert p["total"] == got["num_tokens"] and 0 <= p["done"] <= p["total"], p
-                done.append(p["done"])
-        if got["status"] != "prefilling":
-            assert got["status"] == "ready" and "progress" not in got
-            break
-        time.sleep(0.05)
-    assert done == sorted(done), done
-    assert stack.http.delete(f"/v1/documents/{r3.json()['id']}").status_code == 200
+        # polled while it prefills: a card shows the prefill's progress (once one was read) until
+        # it is ready, then no more
+        r3 = stack.http.post("/v1/documents", json={"text": text2, "wait": False})
+        assert r3.status_code == 202, r3.text
+        made.append(r3.json()["id"])
+        deadline, done = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            got = stack.http.get(f"/v1/documents/{r3.json()['id']}").json()
+            if "progress" in got:
+                assert got["status"] == "prefilling"
+                p = got["progress"]
+                assert p["state"] in ("queued", "running"), got
+                if p["state"] == "running":  # counted in prompt tokens, chunk by chunk
+                    assert p["phase"] == "prefill" and p["unit"] == "tokens", p
+                    assert p["total"] == got["num_tokens"] and 0 <= p["done"] <= p["total"], p
+                    done.append(p["done"])
+            if got["status"] != "prefilling":
+                assert got["status"] == "ready" and "progress" not in got
+                break
+            time.sleep(0.05)
+        assert done == sorted(done), done
+        assert stack.http.delete(f"/v1/documents/{r3.json()['id']}").status_code == 200
+    finally:
+        for doc_id in made:
+            stack.http.delete(f"/v1/documents/{doc_id}")
 
 
 @pytest.mark.xfail(strict=True, reason="scheduler bug: Scheduler._admit keeps the cached entry "
