@@ -69,12 +69,12 @@ def stack(ray_session, tmp_path_factory):
                              "num_cpus_per_worker": 0.5, "num_replicas": 2,
                              "max_kv_tokens": 2048}),
                   name="rs-multi", route_prefix="/multi")
-        ref = LLM(model_dir, world_size=2, schedule="striped", device="cpu", max_kv_tokens=4096,
+        ref = LLM(model_dir, world_size=2, layout="striped", device="cpu", max_kv_tokens=4096,
                   num_cpus_per_worker=0.5)
         # the main app through run() (what `ringserve serve` calls): Serve is already up on
         # this port, so run() adds the app and returns once its model is loaded
         url = run(model_dir, world_size=2, port=int(base.rsplit(":", 1)[1]), blocking=False,
-                  name="rs-main", model_name=MODEL, num_cpus_per_worker=0.5, schedule="striped",
+                  name="rs-main", model_name=MODEL, num_cpus_per_worker=0.5, layout="striped",
                   max_kv_tokens=4096, api_key=key, max_queue=32, request_timeout_s=120)
         assert url == base
         wait_ready(base + "/tight", 300)
