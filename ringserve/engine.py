@@ -357,7 +357,8 @@ class Engine:
                 raise CapacityError(len(ids), self.doc_cache.budget_tokens,
                                     f"document of {len(ids)} tokens vs. the document cache "
                                     "budget (document_cache_tokens)")
-            e = self.doc_cache.get(doc_key(torch.tensor(ids, dtype=torch.int32)))
+            key = doc_key(torch.tensor(ids, dtype=torch.int32))
+            e = self.doc_cache.get(key)
             if e is not None:       # already cached: pin it, no work
                 e.pinned = True
                 self.doc_cache.touch(e)
@@ -365,6 +366,8 @@ class Engine:
                 h.future.set_result(e.key)
                 return None
         req = Request(self.sched.next_order(), h.kind, ids, params, h)
+        if h.kind == "cache_document":
+            req.doc_key = key
         entry, m = self.sched.match(req)
         self.sched.check_static(req, entry, m)
         if h.kind == "generate":
@@ -566,20 +569,48 @@ class Engine:
         ids = torch.tensor(seq.tokens, dtype=torch.int32)
         e = CachedSeq(doc_key(ids), seq, ids, torch.tensor(seq.owners, dtype=torch.int8),
                       pinned=pinned)
-        gone = self.doc_cache.add(e)
-        for g in self.doc_cache.over_budget(keep=(e.key,)):
-            self.doc_cache.remove(g.key)
-            gone.append(g)
-        for g in gone:
+        for g in self.doc_cache.add(e):
             self.kv.free(g.kv)
-        return e
+        return e if self._fit_budget(e) else None
+
+    def _cached_tokens(self) -> int:
+        """What the document cache holds, in tokens of pages: pages shared between entries (a
+        document and the questions forked from it) are counted once."""
+        entries = [x.kv for x in self.doc_cache.entries()]
+        return sum(self.kv.pages_of(entries)) * self.page_size
+
+    def _fit_budget(self, e: CachedSeq) -> bool:
+        """Keep the cache within document_cache_tokens after adding e: evict unpinned entries
+        (LRU first); a pinned document is evicted only to make room for another pinned one
+        (cache_document); an unpinned e that still does not fit is dropped itself. False when
+        e was dropped."""
+        budget = self.doc_cache.budget_tokens
+        for g in self.doc_cache.eviction_order(keep=(e.key,)):
+            if self._cached_tokens() <= budget:
+                break
+            if g.pinned and not e.pinned:
+                break
+            self.doc_cache.remove(g.key)
+            self.kv.free(g.kv)
+        if self._cached_tokens() > budget and not e.pinned:
+            self.doc_cache.remove(e.key)
+            self.kv.free(e.kv)
+            return False
+        return True
 
     def _drop_document(self, key: str) -> bool:
+        """Unpin and free a cached document; one still being prefilled (cache_document in
+        flight) is cancelled at once, its pages freed."""
+        found = False
+        for req in list(self.sched.running) + list(self.sched.waiting):
+            if req.kind == "cache_document" and req.doc_key == key:
+                self._fail(req, RequestCancelledError("the document was dropped while it was "
+                                                      "being prefilled"), cancelled=True)
+                found = True
         e = self.doc_cache.remove(key)
-        if e is None:
-            return False
-        self.kv.free(e.kv)
-        return True
+        if e is not None:
+            self.kv.free(e.kv)
+        return found or e is not None
 
     def _on_preempt(self, req: Request) -> None:
         with self._lock:
@@ -598,6 +629,11 @@ class Engine:
         self.sched.running.clear()
         for req in inflight:
             req.seq = None
+        # pinned means pinned: their KV went with the old actors, so they are prefilled again
+        # (in the background, ahead of the queue; a question on one waits for it and reuses it)
+        repin = [e.token_ids.tolist() for e in self.doc_cache.entries() if e.pinned
+                 and not any(r.kind == "cache_document" and r.doc_key == e.key
+                             for r in inflight + list(self.sched.waiting))]
         for e in self.doc_cache.entries():
             self.doc_cache.remove(e.key)
         detail = f"{type(err).__name__}: {err}"[:2000]
@@ -625,6 +661,12 @@ class Engine:
         with self._lock:
             self._counters["recovered_requests"] += len(back)
         self.sched.requeue(back)
+        for ids in reversed(repin):
+            h = RequestHandle("cache_document", (ids,))
+            h.future.set_running_or_notify_cancel()
+            req = Request(self.sched.next_order(), "cache_document", ids, None, h)
+            req.doc_key = doc_key(torch.tensor(ids, dtype=torch.int32))
+            self.sched.waiting.appendleft(req)
 
 
 class _StepFailed(Exception):

@@ -60,6 +60,7 @@ class Request:
     first_token_at: Optional[float] = None
     stop: Any = None                   # sampling.StopState (generate)
     entry_key: Optional[str] = None    # the cached document it forked, if any
+    doc_key: Optional[str] = None      # cache_document: the key its document will have
 
     @property
     def tokens(self) -> List[int]:
@@ -329,6 +330,13 @@ class Scheduler:
 
     def _admit(self, req: Request, now: float) -> bool:
         entry, m = self.match(req)
+        if self._try_admit(req, now, entry, m):
+            return True
+        # the reused prefix is never evicted for its own request: if the room can only come
+        # from it (a short shared prefix of a long unpinned sequence), prefill without it
+        return entry is not None and self._try_admit(req, now, None, 0)
+
+    def _try_admit(self, req: Request, now: float, entry, m: int) -> bool:
         if entry is not None:
             counts = _rank_counts(entry, self.world_size, m)
             final = balanced_counts(counts, len(req.tokens) - m)

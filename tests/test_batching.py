@@ -406,7 +406,9 @@ def test_a_question_on_a_document_still_prefilling_waits_and_reuses_it(tmp_path_
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     try:
         h_doc = eng.submit("cache_document", doc)
+        t0 = time.time()
         while h_doc.progress().get("done", 0) < 32:
+            assert time.time() - t0 < 60 and not h_doc.done(), h_doc.progress()
             time.sleep(0.002)
         h_q = eng.submit("generate", q, params)
         h_o = eng.submit("generate", other, params)
@@ -419,5 +421,59 @@ def test_a_question_on_a_document_still_prefilling_waits_and_reuses_it(tmp_path_
         assert (o.token_ids, o.finish_reason) == solo(other, params)
         # the document was computed once (a second prefill would count 300 more)
         assert eng.stats()["prefill_tokens"] <= len(doc) + 5 + len(other)
+    finally:
+        close(eng)
+
+
+def test_pinned_documents_stay_pinned(tmp_path_factory):
+    """Two pinned documents filling most of the document-cache budget: asking one many times
+    never evicts the other (an ask's cached sequence shares the document's pages: counted
+    once), and after a worker fault both are prefilled again in the background and reused."""
+    path = model_path(tmp_path_factory)
+    eng = make(path, 2, "striped", kv_tokens=1024, document_cache_tokens=320,
+               max_num_batched_tokens=64)
+    g = torch.Generator().manual_seed(31)
+    a = torch.randint(0, VOCAB_TOKENS, (140,), generator=g).tolist()
+    b = torch.randint(0, VOCAB_TOKENS, (140,), generator=g).tolist()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    try:
+        ka = eng.submit("cache_document", a).result(60)
+        kb = eng.submit("cache_document", b).result(60)
+        for i in range(4):
+            q = a + [10 + i, 20 + i]
+            assert eng.submit("generate", q, params).result(60).num_cached_tokens == len(a)
+        assert {ka, kb} <= {e.key for e in eng.doc_cache.entries() if e.pinned}
+        assert eng.submit("generate", b + [7], params).result(60).num_cached_tokens == len(b)
+        # a fault: the group is rebuilt with empty caches, the pinned documents come back
+        eng.group.fail_next("execute", rank=1)
+        out = eng.submit("generate", a + [99], params).result(60)
+        assert eng.stats()["worker_failures"] == 1 and len(out.token_ids) == 4
+        t0 = time.time()
+        while not {ka, kb} <= {e.key for e in eng.doc_cache.entries() if e.pinned}:
+            assert time.time() - t0 < 60, "the pinned documents were not prefilled again"
+            time.sleep(0.01)
+        assert eng.submit("generate", b + [8], params).result(60).num_cached_tokens == len(b)
+    finally:
+        close(eng)
+
+
+def test_dropping_a_document_still_prefilling_cancels_it(tmp_path_factory):
+    path = model_path(tmp_path_factory)
+    eng = make(path, 2, "ring", max_num_batched_tokens=16)
+    from ringserve.doc_cache import doc_key
+    doc = torch.randint(0, VOCAB_TOKENS, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    try:
+        free0 = eng.kv.free_pages()
+        h = eng.submit("cache_document", doc)
+        t0 = time.time()
+        while h.progress().get("done", 0) < 32:
+            assert time.time() - t0 < 60 and not h.done(), h.progress()
+            time.sleep(0.002)
+        key = doc_key(torch.tensor(doc, dtype=torch.int32))
+        assert eng.submit("drop_document", key).result(10) is True
+        with pytest.raises(RequestCancelledError, match="dropped"):
+            h.result(10)
+        assert eng.kv.free_pages() == free0 and key not in eng.doc_cache
+        assert eng.submit("drop_document", key).result(10) is False
     finally:
         close(eng)

@@ -447,10 +447,6 @@ def test_upload_without_waiting(stack, rng):
             stack.http.delete(f"/v1/documents/{doc_id}")
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler bug: Scheduler._admit keeps the cached entry "
-                   "it matched (keep=(entry.key,)) even when only a short prefix is shared, so "
-                   "with nothing running the request is failed by Engine._stalled instead of "
-                   "evicting that entry")
 def test_a_cached_sequence_sharing_a_short_prefix_is_evicted_for_a_request(stack, rng):
     """An idle engine takes a request that fits its KV once unpinned cached sequences are evicted,
     also when the one in the way shares a few tokens with it (a BOS, a chat template's header):
