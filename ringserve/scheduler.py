@@ -292,6 +292,8 @@ class Scheduler:
                 break
             self.waiting.remove(req)
             self.running.append(req)
+            if not works and len(self.running) == 1 and not self.waiting:
+                budget *= self.cfg.solo_budget_factor     # admitted alone
             w = self._chunk(req, budget)
             if w is not None:
                 works.append(w)
