@@ -334,9 +334,10 @@ class Scheduler:
         entry, m = self.match(req)
         if self._try_admit(req, now, entry, m):
             return True
-        # the reused prefix is never evicted for its own request: if the room can only come
-        # from it (a short shared prefix of a long unpinned sequence), prefill without it
-        return entry is not None and self._try_admit(req, now, None, 0)
+        # the reused prefix is never evicted for its own request: if, with nothing else running
+        # to free pages later, the room can only come from it (a short shared prefix of a long
+        # unpinned sequence), prefill without it
+        return entry is not None and not self.running and self._try_admit(req, now, None, 0)
 
     def _try_admit(self, req: Request, now: float, entry, m: int) -> bool:
         if entry is not None:
