@@ -34,7 +34,7 @@ import torch
 from .doc_cache import CachedSeq, DocumentCache, doc_key
 from .errors import (CapacityError, InvalidRequestError, RequestCancelledError,
                      RequestTimeoutError, RingServeError, WorkerFailedError)
-from .kv_manager import KVManager, SeqKV, balanced_counts  # noqa: F401 - balanced_counts: API
+from .kv_manager import KVManager
 from .parallel import layout as layouts
 from .sampling import SamplingParams, StopState
 from .scheduler import Request, Scheduler, SchedulerConfig, Step
@@ -554,12 +554,7 @@ class Engine:
     def _leave(self, req: Request, keep: bool, pinned: bool = False) -> Optional[CachedSeq]:
         """Take the request out of the scheduler; keep its KV as a cached sequence (within the
         document-cache budget) or free it."""
-        seq = req.seq
-        req.seq = None
-        if req in self.sched.running:
-            self.sched.running.remove(req)
-        elif req in self.sched.waiting:
-            self.sched.waiting.remove(req)
+        seq = self.sched.detach(req)
         if seq is None:
             return None
         n = len(seq)
@@ -676,4 +671,4 @@ class _StepFailed(Exception):
 
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestOutput", "StreamDelta",
-           "SamplingParams", "ScoreOutput", "SeqKV"]
+           "SamplingParams", "ScoreOutput"]

@@ -193,16 +193,6 @@ class KVManager:
             out.append(len(s))
         return out
 
-    def exclusive_pages(self, seqs: Sequence[SeqKV]) -> List[int]:
-        """Pages per rank that freeing these sequences would give back (no other holder)."""
-        out = []
-        for r in range(self.world_size):
-            held: dict = {}
-            for q in seqs:
-                for p in q.pages[r]:
-                    held[p] = held.get(p, 0) + 1
-            out.append(sum(1 for p, n in held.items() if self.ranks[r].ref[p] == n))
-        return out
 
 
 __all__ = ["KVManager", "SeqKV", "pages_for", "fewest_owner", "balanced_counts"]

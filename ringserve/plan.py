@@ -64,9 +64,5 @@ class RankPlan:
     graph_batch: int = 0
     graph_width: int = 0
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
-
 
 __all__ = ["SeqStep", "RankPlan"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -113,10 +112,6 @@ class Step:
     works: List[Work]
     plans: List[RankPlan]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(w.n for w in self.works)
-
 
 @dataclass
 class SchedulerConfig:
@@ -159,12 +154,14 @@ class Scheduler:
         for r in sorted(reqs, key=lambda r: r.order, reverse=True):
             self.waiting.appendleft(r)
 
-    def remove(self, req: Request) -> None:
+    def detach(self, req: Request) -> Optional[SeqKV]:
+        """Take req out of the queues; returns its sequence (the caller keeps or frees it)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.release(req)
+        seq, req.seq = req.seq, None
+        return seq
 
     def release(self, req: Request) -> None:
         if req.seq is not None:
@@ -549,10 +546,6 @@ def _rank_counts(src, world_size: int, m: int) -> List[int]:
     for o in src.owners[:m]:
         counts[o] += 1
     return counts
-
-
-def now() -> float:
-    return time.perf_counter()
 
 
 __all__ = ["Request", "Work", "Step", "Scheduler", "SchedulerConfig"]

@@ -141,9 +141,9 @@ def test_owners_spread_over_ranks_and_reserved_pages():
     slots, copies = kv.append(s, list(range(9)), [0, 1, 2, 0, 1, 2, 0, 1, 2])
     assert s.counts == [3, 3, 3] and all(not c for c in copies)
     assert all(0 not in p for p in s.pages) and all(sl // 4 != 0 for r in slots for sl in r)
-    assert kv.pages_of([s]) == [1, 1, 1] and kv.exclusive_pages([s]) == [1, 1, 1]
+    assert kv.pages_of([s]) == [1, 1, 1]
     t = kv.fork(s, 5)                                   # owners 0,1,2,0,1 -> counts 2,2,1
-    assert t.counts == [2, 2, 1] and kv.exclusive_pages([s]) == [0, 0, 0]
+    assert t.counts == [2, 2, 1] and kv.pages_of([s, t]) == [1, 1, 1]   # shared: once
     assert balanced_counts([2, 2, 1], 4) == [3, 3, 3]
 
 
