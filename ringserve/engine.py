@@ -279,7 +279,7 @@ class Engine:
                     continue
                 t0 = time.perf_counter()
                 step = self.sched.schedule(t0)
-                self._finish_without_compute()
+                self._finish_without_compute(step)
                 if not step.works:
                     self._stalled()
                     continue
@@ -428,10 +428,15 @@ class Engine:
         except CapacityError as e:
             self._fail(req, e)
 
-    def _finish_without_compute(self) -> None:
-        """A document already cached as a prefix of a longer sequence: forked, no compute."""
+    def _finish_without_compute(self, step: Step) -> None:
+        """A document already cached as a prefix of a longer sequence: forked, no compute.
+        (A document whose last chunk is in this step has remaining == 0 too, since the
+        scheduler counts a chunk as computed when it plans it: that one completes in
+        `_update`, once its K/V exist, not before the step runs.)"""
+        busy = {id(w.req) for w in step.works}
         for req in list(self.sched.running):
-            if req.kind == "cache_document" and req.remaining == 0:
+            if (req.kind == "cache_document" and req.remaining == 0
+                    and id(req) not in busy):
                 self._complete(req)
 
     # ---- executing a step ----

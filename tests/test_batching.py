@@ -425,6 +425,25 @@ def test_a_question_on_a_document_still_prefilling_waits_and_reuses_it(tmp_path_
         close(eng)
 
 
+def test_a_cached_document_is_ready_only_once_its_kv_is_computed(tmp_path_factory):
+    """cache_document resolves after the step that computes the document's last chunk has
+    run, not when that chunk is planned (the scheduler counts a chunk as computed when it
+    plans it): otherwise the document's time shows up in the next request's TTFT."""
+    path = model_path(tmp_path_factory)
+    for budget in (16, 4096):          # several chunks, and one step for the whole document
+        eng = make(path, 1, "striped", max_num_batched_tokens=budget)
+        doc = list(range(5, 205))
+        seen = []
+        try:
+            h = eng.submit("cache_document", doc)
+            # done callbacks run in the engine thread at the moment the result is set
+            h.future.add_done_callback(lambda f: seen.append(eng.stats()["prefill_tokens"]))
+            h.result(60)
+            assert seen == [len(doc)], (budget, seen)
+        finally:
+            close(eng)
+
+
 def test_pinned_documents_stay_pinned(tmp_path_factory):
     """Two pinned documents filling most of the document-cache budget: asking one many times
     never evicts the other (an ask's cached sequence shares the document's pages: counted
