@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,6 +103,30 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> Tuple[int
         tok = int(torch.multinomial(probs, 1, generator=gen))
     logprob = float(torch.log_softmax(logits, dim=-1)[tok])
     return tok, logprob
+
+
+def sample_rows(logits: torch.Tensor, items: Sequence[Tuple[SamplingParams, int]]
+                ) -> List[Tuple[int, float]]:
+    """`sample` for a batch of (vocab,) logits rows, (B, vocab), row j with items[j] =
+    (params, step): the same tokens and logprobs as `sample` row by row, with one host round
+    trip for the whole batch instead of two per row (the draws stay on the device until the
+    end: greedy rows take one batched argmax, seeded rows their own generator)."""
+    if not len(items):
+        return []
+    x = logits.float().reshape(len(items), -1)
+    toks = torch.argmax(x, dim=-1)
+    for j, (params, step) in enumerate(items):
+        if params.greedy:
+            continue
+        if params.seed is None:
+            raise ValueError("sample() needs a concrete seed: call params.with_seed() first")
+        probs = torch.softmax(filtered_logits(x[j], params), dim=-1)
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(_step_seed(params.seed, step))
+        toks[j] = torch.multinomial(probs, 1, generator=gen)[0]
+    lps = torch.log_softmax(x, dim=-1).gather(1, toks[:, None])[:, 0]
+    both = torch.stack([toks.double(), lps.double()]).cpu().tolist()
+    return [(int(t), float(lp)) for t, lp in zip(both[0], both[1])]
 
 
 class StopState:
