@@ -25,6 +25,12 @@ pkg() {  # $1: source tree, $2: target site dir: the tree as the installed packa
   mkdir -p "$2" && rm -rf "$2/ringserve" && cp -r "$1/ringserve" "$2/ringserve" \
     && cp -r "$1/kernels" "$2/ringserve/kernels" && cp -r "$1/actors" "$2/ringserve/actors"
 }
+if [ -f .devsite/head.tar.gz ]; then  # a committed snapshot (`git archive HEAD ringserve kernels
+  # actors benchmarks tests | gzip`): what is measured is a commit, not a tree others edit
+  rm -rf /tmp/head && mkdir -p /tmp/head && tar xzf .devsite/head.tar.gz -C /tmp/head
+  cp -n "$REPO/.devsite/"* /tmp/head/ 2>/dev/null; mkdir -p /tmp/head/.devsite
+  cp "$REPO/.devsite/"*.tar.* /tmp/head/.devsite/ 2>/dev/null; REPO=/tmp/head
+fi
 pkg "$REPO" /tmp/pkg
 export RAY_USAGE_STATS_ENABLED=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
@@ -56,6 +62,30 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 370 python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios single,prefill --json "$OUT/bench_serving_final.json" "$@" 2>&1 \
       | tee "$OUT/bench_serving_final.log" | grep -v '^(' ;;
+  s4a)   # session 4, first call (2 GPUs): profiles of the eager steps (old vs new engine) on
+         # GPU 1 beside the single-request figures of both engines on GPU 0; then world size 2
+    mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
+    (export CUDA_VISIBLE_DEVICES=1
+     PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 150 python3 /tmp/old/benchmarks/profile_decode.py \
+       --lengths 32768 --steps 32 > "$OUT/profile_decode_old.log" 2>&1
+     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 150 python3 "$REPO/benchmarks/profile_decode.py" \
+       --lengths 32768 --steps 32 > "$OUT/profile_decode_new.log" 2>&1
+     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 200 python3 "$REPO/benchmarks/profile_step.py" \
+       --preset llama3-8b --doc-len 131072 --prefill-len 65536 --budget 2048 \
+       > "$OUT/profile_step.log" 2>&1) &
+    (export CUDA_VISIBLE_DEVICES=0
+     PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 170 python3 /tmp/old/benchmarks/bench_e2e.py \
+       --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --json "$OUT/e2e_old.json" \
+       > "$OUT/e2e_old.log" 2>&1
+     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 200 python3 "$REPO/benchmarks/bench_serving.py" \
+       --scenarios single --json "$OUT/serving_single_ws1.json" > "$OUT/serving_single_ws1.log" 2>&1)
+    wait
+    grep -E '^\[ringserve\] \{' "$OUT/e2e_old.log" | tail -1
+    grep -E '^single|^\[single' "$OUT/serving_single_ws1.log"
+    grep -E 'step profile|^decode batch|^prefill|eager .* ms/token' "$OUT"/profile_*.log
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 330 python3 "$REPO/benchmarks/bench_serving.py" \
+      --world-size 2 --scenarios single,concurrent,mixed --json "$OUT/serving_ws2.json" 2>&1 \
+      | tee "$OUT/serving_ws2.log" | grep -v '^(' | tail -12 ;;
   serving)
     PYTHONPATH=/tmp/pkg:$PYTHONPATH python3 "$REPO/benchmarks/bench_serving.py" \
       --json "$OUT/bench_serving.json" "$@" 2>&1 | tee "$OUT/bench_serving.log" | grep -v '^(' ;;

@@ -23,6 +23,8 @@ PRESETS = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       head_dim=128),
+    "deep": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }

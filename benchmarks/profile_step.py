@@ -75,6 +75,28 @@ def main(argv=None):
         return r
 
     eng._execute = timed
+    from torch.profiler import ProfilerActivity, profile
+    profiled = {}
+
+    def profiled_decode(step, n_want):
+        """timed(), plus a profile of the 20th decode-only step of batch n_want: host vs device
+        time, kernels, aten ops, the ops that cost the host most."""
+        if (n_want not in profiled and len(times) == 20
+                and all(w.n == 1 for w in step.works) and len(step.works) == n_want):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+                r = timed(step)
+            ev = pr.key_averages()
+            kern = [e for e in pr.events() if e.device_type.name == "CUDA"]
+            host = sum(e.self_cpu_time_total for e in ev) / 1e3
+            dev = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / 1e3
+            aten = sum(e.count for e in ev if e.key.startswith("aten::"))
+            print(f"decode batch {n_want} step profile: host {host:.2f} ms, device {dev:.2f} ms,"
+                  f" {len(kern)} kernels, {aten} aten ops")
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=18))
+            profiled[n_want] = True
+            return r
+        return timed(step)
+
     g = torch.Generator().manual_seed(0)
     V = cfg["vocab_size"]
 
@@ -86,6 +108,7 @@ def main(argv=None):
     greedy = dict(temperature=0.0, ignore_eos=True)
     for n in (1, 1, 8, 16, 64):
         times.clear()
+        eng._execute = (lambda step, n=n: profiled_decode(step, n)) if n in (1, 8) else timed
         hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=40, **greedy))
               for _ in range(n)]
         t = time.perf_counter()
@@ -96,6 +119,7 @@ def main(argv=None):
         print(f"decode batch {n:3d}: step {statistics.median(dec) * 1e3:7.2f} ms "
               f"(driver+worker; {len(dec)} steps; in execute {statistics.median(inner) * 1e3:.2f}"
               f" ms), wall {time.perf_counter() - t:.2f} s")
+    eng._execute = timed
     for load in (0, 8):
         times.clear()
         hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=100000, **greedy))
@@ -117,7 +141,6 @@ def main(argv=None):
         eng.shutdown()
         return
     # profile one mixed step
-    from torch.profiler import ProfilerActivity, profile
     hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=100000, **greedy))
           for _ in range(8)]
     time.sleep(0.5)
