@@ -28,7 +28,7 @@ pkg() {  # $1: source tree, $2: target site dir: the tree as the installed packa
 if [ -f .devsite/head.tar.gz ]; then  # a committed snapshot (`git archive HEAD ringserve kernels
   # actors benchmarks tests | gzip`): what is measured is a commit, not a tree others edit
   rm -rf /tmp/head && mkdir -p /tmp/head && tar xzf .devsite/head.tar.gz -C /tmp/head
-  cp -n "$REPO/.devsite/"* /tmp/head/ 2>/dev/null; mkdir -p /tmp/head/.devsite
+  mkdir -p /tmp/head/.devsite
   cp "$REPO/.devsite/"*.tar.* /tmp/head/.devsite/ 2>/dev/null; REPO=/tmp/head
 fi
 pkg "$REPO" /tmp/pkg
