@@ -22,7 +22,6 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from ringserve import kernels
-from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
 from ringserve.parallel.step_attention import StepAttention, merge_rows
 from ringserve.plan import RankPlan
@@ -206,8 +205,7 @@ class ModelShardWorker(ShardWorker):
             logits = self._graph_step(plan, tables)
             return self._outputs(plan, None, lambda rows: logits[rows])
         attn = StepAttention(plan, tables, self.pool, self.rank, self.world_size,
-                             self.transport, self.softmax_scale, self.window_size, self.backend,
-                             softcap=self.model.softcap)
+                             self.transport, self.softmax_scale, self.window_size, self.backend)
         ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
         hidden = self.model(ids, attn.positions, attn, chunk_tokens=self.chunk_tokens,
                             seq_len=_seq_lengths(plan))
@@ -258,15 +256,12 @@ class ModelShardWorker(ShardWorker):
         t0 = time.perf_counter()
         cfg, dt, dev = self.cfg, self.model.dtype, self.device
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        windows = sorted(set(cfg.layer_window_sizes), key=lambda w: -1 if w is None else w)
-
         def attend(sq, sk, b, causal):
             q = torch.randn(b, sq, hq, d, device=dev, dtype=dt)
             k = torch.randn(b, sk, hkv, d, device=dev, dtype=dt)
-            for w in windows:
-                kernels.attention(q, k, k, softmax_scale=self.softmax_scale, causal=causal,
-                                  window_size=w if causal else None, backend=self.backend,
-                                  softcap=self.model.softcap)
+            kernels.attention(q, k, k, softmax_scale=self.softmax_scale, causal=causal,
+                              window_size=self.window_size if causal else None,
+                              backend=self.backend)
 
         n = 128
         while n <= 16384:   # tuning: one per sequence bucket of the autotuning key
@@ -288,11 +283,10 @@ class ModelShardWorker(ShardWorker):
                 table = torch.zeros(b, width, dtype=torch.int32, device=dev)
                 lens = torch.full((b,), page, dtype=torch.int32, device=dev)
                 pos = torch.full((b, sq), page, dtype=torch.int64, device=dev)
-                for w in windows:
-                    kernels.paged_decode(q, pool.k[0], pool.v[0], table, lens,
-                                         softmax_scale=self.softmax_scale, causal=True,
-                                         window_size=w, q_pos=pos, kv_pos=pool.kv_pos,
-                                         backend=self.backend, softcap=self.model.softcap)
+                kernels.paged_decode(q, pool.k[0], pool.v[0], table, lens,
+                                     softmax_scale=self.softmax_scale, causal=True,
+                                     window_size=self.window_size, q_pos=pos,
+                                     kv_pos=pool.kv_pos, backend=self.backend)
         torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
@@ -308,9 +302,8 @@ class ModelShardWorker(ShardWorker):
             self.pool.write(layer, g.slot, k[0], v[0])
             out, lse = kernels.paged_decode(
                 q[0][:, None], self.pool.k[layer], self.pool.v[layer], g.table, g.lens,
-                softmax_scale=self.softmax_scale, causal=True,
-                window_size=layer_window(self.window_size, layer), q_pos=g.pos[:, None],
-                kv_pos=self.pool.kv_pos, backend=self.backend, softcap=self.model.softcap)
+                softmax_scale=self.softmax_scale, causal=True, window_size=self.window_size,
+                q_pos=g.pos[:, None], kv_pos=self.pool.kv_pos, backend=self.backend)
             if self.world_size > 1:
                 o, l_ = merge_rows(self.transport, out[:, 0].float(),
                                    lse[:, :, 0].contiguous())
