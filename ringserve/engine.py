@@ -27,7 +27,7 @@ import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,7 +36,7 @@ from .errors import (CapacityError, InvalidRequestError, RequestCancelledError,
                      RequestTimeoutError, RingServeError, WorkerFailedError)
 from .kv_manager import KVManager
 from .parallel import layout as layouts
-from .sampling import SamplingParams, StopState
+from .sampling import SampleContext, SamplingParams, StopState
 from .scheduler import Request, Scheduler, SchedulerConfig, Step
 
 KINDS = ("generate", "score", "cache_document", "drop_document")
@@ -51,6 +51,10 @@ class RequestOutput:
     logprobs: Optional[List[float]] = None
     num_cached_tokens: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
+    # params.top_logprobs: per output token, the k most likely (token_id, logprob)
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None
+    # LLM.generate with n > 1 or best_of: every returned sample, this one first
+    outputs: Optional[List["RequestOutput"]] = None
 
 
 @dataclass
@@ -58,6 +62,7 @@ class StreamDelta:
     token_id: int
     text: str
     logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
 
 
 @dataclass
@@ -279,6 +284,7 @@ class Engine:
                     continue
                 t0 = time.perf_counter()
                 step = self.sched.schedule(t0)
+                self._attach_contexts(step)
                 self._finish_without_compute(step)
                 if not step.works:
                     self._stalled()
@@ -352,6 +358,7 @@ class Engine:
         self._check_ids(ids)
         if h.kind == "generate":
             params = h.args[1].with_seed()
+            self._check_sampling(params)
         if h.kind == "cache_document":
             if len(ids) > self.doc_cache.budget_tokens:
                 raise CapacityError(len(ids), self.doc_cache.budget_tokens,
@@ -379,7 +386,65 @@ class Engine:
             req.stop = StopState(params, decoder, self.eos_token_ids)
         if h.kind == "score":
             req.score_lps = [None] * len(ids)
+        if h.kind == "generate":
+            lead = self._prefilling(ids)
+            if lead is not None:     # wait for its prompt's KV, then fork it (n > 1)
+                lead.followers.append(req)
+                return None
         return req
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        vocab = self._infos[0]["vocab_size"]
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {vocab})")
+        if params.grammar is not None and self.tokenizer is None:
+            raise InvalidRequestError("structured output needs the model's tokenizer")
+
+    def _prefilling(self, ids: List[int]) -> Optional[Request]:
+        """A generate request with this prompt that has not produced its first token yet."""
+        for r in list(self.sched.running) + list(self.sched.waiting):
+            if (r.kind == "generate" and not r.out_tokens and len(r.prompt) == len(ids)
+                    and r.prompt == ids):
+                return r
+        return None
+
+    def _release_followers(self, req: Request) -> None:
+        """req's prompt is computed (or req is over): the requests waiting to share its prompt
+        go to the head of the queue, where they fork the prompt's KV from the document cache."""
+        fs, req.followers = req.followers, []
+        if not fs:
+            return
+        if not self._running:
+            for f in fs:
+                self._fail(f, RingServeError("the engine was shut down"), count=False)
+            return
+        if req.seq is not None and len(req.seq) >= len(req.prompt) > 1:
+            seq = self.kv.fork(req.seq, len(req.prompt))
+            ids = torch.tensor(seq.tokens, dtype=torch.int32)
+            e = CachedSeq(doc_key(ids), seq, ids, torch.tensor(seq.owners, dtype=torch.int8))
+            for g in self.doc_cache.add(e):
+                self.kv.free(g.kv)
+            self._fit_budget(e)
+        self.sched.requeue(fs)
+
+    def _attach_contexts(self, step: Step) -> None:
+        """Rows whose sampling needs the request's output so far (penalties, min_tokens,
+        grammar) get it with the step (the worker keeps no per-request state it relies on)."""
+        for i, w in enumerate(step.works):
+            params = w.req.params
+            if not w.sample or params is None or not params.needs_context:
+                continue
+            s = step.plans[w.sample_rank].seqs[i]
+            distinct = None
+            if params.repetition_penalty != 1.0:
+                distinct = getattr(w.req, "_distinct_prompt", None)
+                if distinct is None:
+                    distinct = w.req._distinct_prompt = torch.unique(
+                        w.req.prompt_tensor()).tolist()
+            s.sample = (s.sample[0], s.sample[1], SampleContext(
+                w.req.order, list(w.req.out_tokens), distinct, self.eos_token_ids))
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         # a token id past the embedding table would fail inside the workers, and a worker
@@ -479,18 +544,23 @@ class Engine:
                 if req.remaining == 0:
                     self._complete(req)
                 continue
-            tok, lp = results[w.sample_rank][i]
-            self._on_token(req, int(tok), float(lp), now)
+            got = results[w.sample_rank][i]
+            self._on_token(req, int(got[0]), float(got[1]), now,
+                           got[2] if len(got) > 2 else None)
 
     def _count(self, name: str, n: int) -> None:
         with self._lock:
             self._counters[name] += n
 
-    def _on_token(self, req: Request, tok: int, lp: float, now: float) -> None:
+    def _on_token(self, req: Request, tok: int, lp: float, now: float, top=None) -> None:
         if req.first_token_at is None:
             req.first_token_at = now
         req.out_tokens.append(tok)
         req.out_logprobs.append(lp)
+        if req.params.top_logprobs:
+            req.out_top.append([(int(t), float(v)) for t, v in top or ()])
+        if req.followers:
+            self._release_followers(req)
         self._count("generated_tokens", 1)
         n = len(req.out_tokens)
         req.handle._progress = {"state": "running", "phase": "decode", "done": n,
@@ -498,7 +568,9 @@ class Engine:
         delta = req.stop.update(tok, n)
         if req.handle.on_delta is not None:
             try:
-                req.handle.on_delta(StreamDelta(tok, delta, lp if req.params.logprobs else None))
+                req.handle.on_delta(StreamDelta(
+                    tok, delta, lp if req.params.logprobs else None,
+                    req.out_top[-1] if req.params.top_logprobs else None))
             except Exception:  # noqa: BLE001 - a broken consumer cancels only its request
                 req.handle.cancel()
         if req.stop.finish_reason:
@@ -521,7 +593,8 @@ class Engine:
                    "preemptions": req.preemptions, "recoveries": req.recoveries}
         out = RequestOutput(list(req.prompt), list(req.out_tokens), req.stop.text, reason,
                             list(req.out_logprobs) if req.params.logprobs else None,
-                            req.num_cached_tokens, timings)
+                            req.num_cached_tokens, timings,
+                            list(req.out_top) if req.params.top_logprobs else None)
         with self._lock:
             self._last_timings = {k: v for k, v in timings.items() if isinstance(v, float)}
             if reason == "cancelled":
@@ -560,6 +633,8 @@ class Engine:
         """Take the request out of the scheduler; keep its KV as a cached sequence (within the
         document-cache budget) or free it."""
         seq = self.sched.detach(req)
+        if req.followers:
+            self._release_followers(req)
         if seq is None:
             return None
         n = len(seq)

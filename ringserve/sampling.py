@@ -1,14 +1,25 @@
 """Sampling parameters, the token sampler, and stop-string handling on detokenized text.
 
-The sampler is a pure function of (logits, params, step): its random draw comes from a generator
-seeded with (seed, step), so a request is reproducible whatever rank or device samples it and no
-generator state has to live between decode steps.
+The sampler is a pure function of (logits, params, step, context): its random draw comes from a
+generator seeded with (seed, step), so a request is reproducible whatever rank or device samples
+it and no generator state has to live between decode steps. The context (`SampleContext`) is what
+penalties, min_tokens and structured output need besides the logits: the request's output so far
+(and, for repetition_penalty, its prompt's distinct tokens); the engine attaches it only to the
+requests that use them.
+
+Order of the logits processing (vLLM's definitions): repetition_penalty (a seen token's positive
+logit divided by it, a negative one multiplied), frequency and presence penalties (OpenAI's: the
+logit minus count * frequency_penalty minus presence_penalty once the token was generated, output
+tokens only), logit_bias (added), min_tokens (EOS and stop_token_ids banned before it), the
+grammar mask (structured output), then temperature, top-k, top-p. Reported logprobs (and
+top_logprobs) are the model's own distribution, before any of these.
 """
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +37,19 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    top_logprobs: int = 0                 # also report the k most likely tokens' logprobs
+    n: int = 1                            # LLM.generate: samples per prompt (prompt KV shared)
+    best_of: Optional[int] = None         # LLM.generate: draw this many, keep the n best
+    presence_penalty: float = 0.0         # [-2, 2]
+    frequency_penalty: float = 0.0        # [-2, 2]
+    repetition_penalty: float = 1.0       # > 0; 1 is off
+    logit_bias: Optional[Dict[int, float]] = None   # token id -> bias in [-100, 100]
+    min_tokens: int = 0                   # EOS and stop_token_ids banned before this many
+    guided_json: Any = None               # JSON schema (dict or its text)
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[Sequence[str]] = None
+    guided_grammar: Optional[str] = None  # Lark grammar (llguidance's dialect)
+    grammar: Optional[str] = field(default=None, init=False, repr=False)  # llguidance's form
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -46,6 +70,57 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.seed is not None and int(self.seed) != self.seed:
             raise ValueError(f"seed ({self.seed}) must be an integer or None")
+        self._check_extras()
+        from .structured import grammar_for
+        self.grammar = grammar_for(self.guided_json, self.guided_regex, self.guided_choice,
+                                   self.guided_grammar)
+        if self.grammar is not None and self.ignore_eos:
+            raise ValueError("ignore_eos can not be combined with structured output (the "
+                             "grammar ends the output with EOS)")
+
+    def _check_extras(self) -> None:
+        def integer(name, lo, hi=None):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < lo or (hi is not None and v > hi):
+                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise ValueError(f"{name} ({v}) must be an integer {rng}")
+            setattr(self, name, int(v))
+        integer("top_logprobs", 0, 20)
+        integer("n", 1, 128)
+        if self.best_of is not None:
+            integer("best_of", self.n, 128)
+        integer("min_tokens", 0, self.max_tokens)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = float(getattr(self, name))
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} ({v}) must be in [-2, 2]")
+            setattr(self, name, v)
+        if not (0 < self.repetition_penalty < math.inf):
+            raise ValueError(f"repetition_penalty ({self.repetition_penalty}) must be > 0 "
+                             "(1 is off)")
+        self.repetition_penalty = float(self.repetition_penalty)
+        if self.logit_bias:
+            bias = {}
+            for k, v in dict(self.logit_bias).items():
+                ok = (k.strip().isdigit() if isinstance(k, str)
+                      else isinstance(k, int) and not isinstance(k, bool) and k >= 0)
+                if not ok:
+                    raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+                t = int(k)
+                if not -100.0 <= float(v) <= 100.0:
+                    raise ValueError(f"logit_bias value for token {t} ({v}) must be in "
+                                     "[-100, 100]")
+                bias[t] = float(v)
+            self.logit_bias = bias
+        else:
+            self.logit_bias = None
+
+    @property
+    def needs_context(self) -> bool:
+        """Does sampling need the request's output so far (or its EOS ids)?"""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1 or self.min_tokens > 0
+                or self.grammar is not None)
 
     @property
     def greedy(self) -> bool:
@@ -88,34 +163,125 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return x
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> Tuple[int, float]:
-    """Pick the next token from a (vocab,) logits row. Returns (token_id, logprob) where logprob
-    is log p(token) under the model's own distribution (before temperature/top-k/top-p)."""
+@dataclass
+class SampleContext:
+    """What a row's sampling needs besides its logits (attached by the engine, per step, to the
+    requests with penalties, min_tokens or a grammar)."""
+    rid: int                                   # the request, for the worker's grammar matcher
+    out_tokens: List[int]                      # its output so far
+    prompt_ids: Optional[List[int]] = None     # distinct prompt tokens (repetition_penalty)
+    eos_token_ids: Tuple[int, ...] = ()        # banned with stop_token_ids before min_tokens
+
+
+def penalized_logits(logits: torch.Tensor, params: SamplingParams,
+                     ctx: Optional[SampleContext]) -> torch.Tensor:
+    """Repetition, frequency and presence penalties and logit_bias on a (vocab,) float32 row
+    (a new tensor when anything applies)."""
+    x = logits
+    dev = x.device
+    if ctx is not None and params.repetition_penalty != 1.0:
+        seen = set(ctx.out_tokens).union(ctx.prompt_ids or ())
+        if seen:
+            x = x.clone()
+            idx = torch.tensor(sorted(seen), dtype=torch.int64, device=dev)
+            v = x[idx]
+            p = params.repetition_penalty
+            x[idx] = torch.where(v > 0, v / p, v * p)
+    if ctx is not None and ctx.out_tokens and (params.frequency_penalty
+                                              or params.presence_penalty):
+        ids, counts = torch.unique(torch.tensor(ctx.out_tokens, dtype=torch.int64),
+                                   return_counts=True)
+        x = x.clone() if x is logits else x
+        x[ids.to(dev)] -= (counts.float() * params.frequency_penalty
+                           + params.presence_penalty).to(dev)
+    if params.logit_bias:
+        x = x.clone() if x is logits else x
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.int64, device=dev)
+        x[ids] += torch.tensor(list(params.logit_bias.values()), dtype=x.dtype, device=dev)
+    return x
+
+
+def _ban(x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    ids = [t for t in ids if 0 <= t < x.numel()]
+    if not ids:
+        return x
+    return x.index_fill(0, torch.tensor(ids, dtype=torch.int64, device=x.device), float("-inf"))
+
+
+def _spec(item: tuple) -> Tuple[SamplingParams, int, Optional[SampleContext]]:
+    return item[0], item[1], (item[2] if len(item) > 2 else None)
+
+
+def processed_logits(logits: torch.Tensor, params: SamplingParams, step: int,
+                     ctx: Optional[SampleContext] = None,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A (vocab,) float32 row after penalties, logit_bias, min_tokens and the grammar's bitmask
+    ((ceil(vocab/32),) int32), in that order; device work only (no host round trip)."""
+    x = penalized_logits(logits, params, ctx)
+    banned = x
+    if params.min_tokens and step < params.min_tokens:
+        banned = _ban(x, tuple(params.stop_token_ids) + tuple(
+            ctx.eos_token_ids if ctx is not None else ()))
+    if mask is None:
+        return banned
+    from .structured import apply_bitmask
+    y = apply_bitmask(banned[None], mask[None])[0]
+    if banned is not x:
+        # the grammar allows only what min_tokens bans (its output is complete): it wins
+        y = torch.where(torch.isfinite(y).any(), y, apply_bitmask(x[None], mask[None])[0])
+    return y
+
+
+def _plain(params: SamplingParams, ctx: Optional[SampleContext], mask) -> bool:
+    return ctx is None and mask is None and not params.logit_bias and not params.min_tokens
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, step: int,
+           ctx: Optional[SampleContext] = None, mask: Optional[torch.Tensor] = None) -> tuple:
+    """Pick the next token from a (vocab,) logits row. Returns (token_id, logprob), or with
+    params.top_logprobs (token_id, logprob, [(id, logprob), ...] the k most likely), the
+    logprobs under the model's own distribution (before penalties, the grammar mask,
+    temperature, top-k and top-p). `mask`: the grammar's (ceil(vocab/32),) int32 bitmask."""
     logits = logits.float().reshape(-1)
+    x = logits if _plain(params, ctx, mask) else processed_logits(logits, params, step, ctx,
+                                                                   mask)
     if params.greedy:
-        tok = int(torch.argmax(logits))
+        tok = int(torch.argmax(x))
     else:
         if params.seed is None:
             raise ValueError("sample() needs a concrete seed: call params.with_seed() first")
-        probs = torch.softmax(filtered_logits(logits, params), dim=-1)
+        probs = torch.softmax(filtered_logits(x, params), dim=-1)
         gen = torch.Generator(device=logits.device)
         gen.manual_seed(_step_seed(params.seed, step))
         tok = int(torch.multinomial(probs, 1, generator=gen))
-    logprob = float(torch.log_softmax(logits, dim=-1)[tok])
+    lsm = torch.log_softmax(logits, dim=-1)
+    logprob = float(lsm[tok])
+    if params.top_logprobs:
+        v, i = torch.topk(lsm, min(params.top_logprobs, lsm.numel()))
+        return tok, logprob, list(zip(i.tolist(), v.tolist()))
     return tok, logprob
 
 
-def sample_rows(logits: torch.Tensor, items: Sequence[Tuple[SamplingParams, int]]
-                ) -> List[Tuple[int, float]]:
+def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
+                masks: Optional[Dict[int, torch.Tensor]] = None) -> List[tuple]:
     """`sample` for a batch of (vocab,) logits rows, (B, vocab), row j with items[j] =
-    (params, step): the same tokens and logprobs as `sample` row by row, with one host round
-    trip for the whole batch instead of two per row (the draws stay on the device until the
-    end: greedy rows take one batched argmax, seeded rows their own generator)."""
+    (params, step) or (params, step, SampleContext) and masks.get(j) its grammar bitmask: the
+    same results as `sample` row by row, with one host round trip for the whole batch instead
+    of two per row (the draws stay on the device until the end: greedy rows take one batched
+    argmax, seeded rows their own generator)."""
     if not len(items):
         return []
-    x = logits.float().reshape(len(items), -1)
+    masks = masks or {}
+    raw = logits.float().reshape(len(items), -1)
+    x = raw
+    for j, item in enumerate(items):
+        params, step, ctx = _spec(item)
+        if not _plain(params, ctx, masks.get(j)):
+            x = raw.clone() if x is raw else x
+            x[j] = processed_logits(raw[j], params, step, ctx, masks.get(j))
     toks = torch.argmax(x, dim=-1)
-    for j, (params, step) in enumerate(items):
+    for j, item in enumerate(items):
+        params, step, _ = _spec(item)
         if params.greedy:
             continue
         if params.seed is None:
@@ -124,9 +290,87 @@ def sample_rows(logits: torch.Tensor, items: Sequence[Tuple[SamplingParams, int]
         gen = torch.Generator(device=x.device)
         gen.manual_seed(_step_seed(params.seed, step))
         toks[j] = torch.multinomial(probs, 1, generator=gen)[0]
-    lps = torch.log_softmax(x, dim=-1).gather(1, toks[:, None])[:, 0]
-    both = torch.stack([toks.double(), lps.double()]).cpu().tolist()
-    return [(int(t), float(lp)) for t, lp in zip(both[0], both[1])]
+    lsm = torch.log_softmax(raw, dim=-1)
+    lps = lsm.gather(1, toks[:, None])[:, 0]
+    rows = [toks.double(), lps.double()]
+    k = max(_spec(item)[0].top_logprobs for item in items)
+    if k:
+        v, i = torch.topk(lsm, min(k, lsm.shape[1]), dim=-1)
+        rows += [i.double().t(), v.double().t()]
+    got = torch.cat([r.reshape(-1, len(items)) for r in rows]).cpu().tolist()
+    out = []
+    for j, item in enumerate(items):
+        tok, lp = int(got[0][j]), float(got[1][j])
+        kj = _spec(item)[0].top_logprobs
+        if kj:
+            out.append((tok, lp, [(int(got[2 + a][j]), float(got[2 + k + a][j]))
+                                  for a in range(kj)]))
+        else:
+            out.append((tok, lp))
+    return out
+
+
+class Sampler:
+    """A worker's sampler for a step's sampled rows. `prepare(specs)` does the host work (the
+    grammar masks) and is called once the step's forward is queued on the device, so it runs
+    while the device computes; `sample(logits, specs, prepared)` applies it there. specs: each
+    row's `SeqStep.sample`, (params, step) or (params, step, SampleContext)."""
+
+    def __init__(self, tokenizer_source: Any, vocab_size: int):
+        self.tokenizer_source = tokenizer_source
+        self.vocab_size = vocab_size
+        self._grammar = None
+
+    def prepare(self, specs: Sequence[tuple]) -> Optional[Tuple[Dict[int, int], torch.Tensor]]:
+        rows, where = [], {}
+        for j, spec in enumerate(specs):
+            params, ctx = spec[0], (spec[2] if len(spec) > 2 else None)
+            if params.grammar is not None:
+                if ctx is None:
+                    raise ValueError("a constrained row needs its SampleContext")
+                where[j] = len(rows)
+                rows.append((ctx.rid, params.grammar, ctx.out_tokens))
+        if not rows:
+            return None
+        if self._grammar is None:
+            from .structured import GrammarMasks
+            self._grammar = GrammarMasks(self.tokenizer_source, self.vocab_size)
+        return where, self._grammar.fill(rows)
+
+    def sample(self, logits: torch.Tensor, specs: Sequence[tuple], prepared=None) -> List[tuple]:
+        masks = {}
+        if prepared is not None:
+            where, host = prepared
+            dev = host.to(logits.device, non_blocking=True)
+            masks = {j: dev[r] for j, r in where.items()}
+        return sample_rows(logits, specs, masks)
+
+
+def expand_samples(params: SamplingParams) -> List[SamplingParams]:
+    """The best_of (else n) one-sample parameters of a request with n > 1 or best_of: sample i
+    draws from its own seed (derived from the request's); with best_of > n each sample keeps
+    its logprobs, which `best_samples` ranks by."""
+    k = params.best_of or params.n
+    if k == 1:
+        return [params]
+    from dataclasses import replace
+    base = params.with_seed()
+    rank = params.best_of is not None and params.best_of > params.n
+    return [replace(base, n=1, best_of=None, logprobs=base.logprobs or rank,
+                    seed=base.seed if i == 0 else _step_seed(base.seed, -1 - i))
+            for i in range(k)]
+
+
+def best_samples(outputs: list, params: SamplingParams) -> list:
+    """The n outputs to return: all of them in order, or with best_of > n the n with the
+    highest sum of token logprobs (OpenAI's best_of), logprobs dropped when not asked for."""
+    if not params.best_of or params.best_of == params.n:
+        return list(outputs)
+    ranked = sorted(outputs, key=lambda o: -sum(o.logprobs or ()))[:params.n]
+    if not params.logprobs:
+        from dataclasses import replace
+        ranked = [replace(o, logprobs=None) for o in ranked]
+    return ranked
 
 
 class StopState:
@@ -178,4 +422,6 @@ class StopState:
         return delta
 
 
-__all__ = ["SamplingParams", "sample", "filtered_logits", "StopState"]
+__all__ = ["SamplingParams", "SampleContext", "Sampler", "sample", "sample_rows",
+           "expand_samples", "best_samples",
+           "penalized_logits", "processed_logits", "filtered_logits", "StopState"]

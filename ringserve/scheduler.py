@@ -60,6 +60,10 @@ class Request:
     stop: Any = None                   # sampling.StopState (generate)
     entry_key: Optional[str] = None    # the cached document it forked, if any
     doc_key: Optional[str] = None      # cache_document: the key its document will have
+    out_top: List[Any] = field(default_factory=list)   # top_logprobs of each output token
+    # generate requests with the same prompt submitted while this one prefills it: admitted
+    # once its prompt is computed, forking its KV (n > 1: one prefill for the n samples)
+    followers: List["Request"] = field(default_factory=list)
 
     @property
     def tokens(self) -> List[int]:
