@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import warnings
 from concurrent.futures import wait as futures_wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -18,7 +19,7 @@ from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOu
 from .errors import InvalidRequestError
 from .parallel import layout as layouts
 from .parallel.transport import DEFAULT_TIMEOUT_S
-from .sampling import SamplingParams
+from .sampling import SamplingParams, best_samples, expand_samples
 
 Prompt = Union[str, Sequence[int]]
 _DONE = object()
@@ -27,6 +28,13 @@ _DONE = object()
 def _is_ids(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(
         isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _one_sample(params: SamplingParams) -> None:
+    if params.n != 1 or params.best_of not in (None, 1):
+        raise InvalidRequestError("stream and submit run one sample: call them once per sample "
+                                  "(with its own seed), or use generate for n > 1 / best_of "
+                                  "(expand_samples gives each sample's parameters)")
 
 
 class _Stream:
@@ -218,20 +226,36 @@ class LLM:
 
     def generate(self, prompts, params: Optional[SamplingParams] = None,
                  timeout_s: Optional[float] = None) -> List[RequestOutput]:
+        """One RequestOutput per prompt. With params.n > 1 (or best_of) the samples of a
+        prompt share its prefill (the engine forks the prompt's KV) and decode together; the
+        output is the first (best) sample, with all n in `.outputs`."""
         params = params or SamplingParams()
-        handles = [self._engine.submit("generate", ids, params, timeout_s=timeout_s)
+        each = expand_samples(params)
+        handles = [[self._engine.submit("generate", ids, p, timeout_s=timeout_s) for p in each]
                    for ids in self._prompts(prompts)]
-        return [h.result() for h in handles]
+        out = []
+        for hs in handles:
+            got = [h.result() for h in hs]
+            if len(each) == 1:
+                out.append(got[0])
+                continue
+            best = best_samples(got, params)
+            out.append(replace(best[0], outputs=best))
+        return out
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                timeout_s: Optional[float] = None) -> Iterator[Union[StreamDelta, RequestOutput]]:
-        return _Stream(self._engine, self._encode(prompt), params or SamplingParams(), timeout_s)
+        params = params or SamplingParams()
+        _one_sample(params)
+        return _Stream(self._engine, self._encode(prompt), params, timeout_s)
 
     def submit(self, prompt: Prompt, params: Optional[SamplingParams] = None, on_delta=None,
                timeout_s: Optional[float] = None) -> RequestHandle:
         """Queue one generation and return at once: `.result()` waits, `.cancel()` stops it;
         `on_delta(StreamDelta)` is called from the engine thread for every token."""
-        return self._engine.submit("generate", self._encode(prompt), params or SamplingParams(),
+        params = params or SamplingParams()
+        _one_sample(params)
+        return self._engine.submit("generate", self._encode(prompt), params,
                                    on_delta=on_delta, timeout_s=timeout_s)
 
     def score(self, texts, timeout_s: Optional[float] = None) -> List[ScoreOutput]:
