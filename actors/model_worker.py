@@ -25,7 +25,7 @@ from ringserve import kernels
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
 from ringserve.parallel.step_attention import StepAttention, merge_rows
 from ringserve.plan import RankPlan
-from ringserve.sampling import sample_rows
+from ringserve.sampling import Sampler
 from .worker import ShardWorker
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -107,6 +107,7 @@ class ModelShardWorker(ShardWorker):
             raise ValueError(f"chunk_tokens ({chunk_tokens}) must be >= 1 or None")
         self.model = build_model(model, parse_dtype(dtype), self.device)
         self.cfg = self.model.config
+        self.sampler = Sampler(model, self.cfg.vocab_size)   # tokenizer read on first grammar
         self.chunk_tokens = chunk_tokens
         self.backend = backend
         self.window_size = self.model.window_size
@@ -213,16 +214,19 @@ class ModelShardWorker(ShardWorker):
                              hidden)
 
     def _outputs(self, plan: RankPlan, rows, logits_of, hidden=None) -> list:
+        want = [i for i, s in enumerate(plan.seqs) if s.sample is not None]
+        specs = [plan.seqs[i].sample for i in want]
+        # host work of the sampler (grammar masks) while the device runs the queued step
+        prepared = self.sampler.prepare(specs) if want else None
         # one deadline for the step's kernels and collectives (a hung peer raises here instead
         # of hanging the host in the sampling below)
         if self.world_size > 1:
             self.transport.synchronize()
         out: list = [None] * len(plan.seqs)
-        want = [i for i, s in enumerate(plan.seqs) if s.sample is not None]
         if want:
             last = [(rows[i].stop - 1) if rows is not None else i for i in want]
             lg = logits_of(torch.tensor(last, dtype=torch.int64, device=self.device))
-            for i, got in zip(want, sample_rows(lg, [plan.seqs[i].sample for i in want])):
+            for i, got in zip(want, self.sampler.sample(lg, specs, prepared)):
                 out[i] = got
         for i, s in enumerate(plan.seqs):
             if s.targets is not None and hidden is not None:
