@@ -1,7 +1,9 @@
 """End-to-end benchmark on GPUs: ringserve.LLM over N GPU actors vs HF transformers on one GPU.
 
-A Llama-3-8B-shaped model with random bf16 weights, built on each worker in GPU memory (nothing
-written to disk). For each context length L:
+A model of a real shape (--preset: Llama-3-8B by default; Qwen3-30B-A3B MoE, Gemma-2-9B,
+Gemma-3-12B) with random bf16 weights, built on each worker in GPU memory (nothing written to
+disk). MFU and the decode floor count the parameters a token uses (MoE: the shared part plus
+top-k of the experts). For each context length L:
   - cold prefill of L random tokens + the first token: prefill time, tokens/s, MFU, TTFT;
   - a follow-up on the cached document (L tokens + a 32-token question): TTFT without re-prefill,
     then decode ms/token at context ~L against the HBM floor (every rank reads all weights plus
@@ -14,6 +16,7 @@ actors' sys.path, and the bare `ringserve/` there lacks ringserve.kernels / ring
 
   python3 benchmarks/bench_e2e.py --world-size 2 --lengths 32768,131072,524288,max
   python3 benchmarks/bench_e2e.py --world-size 2 --lengths 4096 --preset small --no-hf  # smoke
+  python3 benchmarks/bench_e2e.py --world-size 1 --preset qwen3-moe-30b-a3b --lengths 8192,131072
 """
 from __future__ import annotations
 
@@ -25,43 +28,94 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+LLAMA3 = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+              hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+              rope_theta=500000.0, tie_word_embeddings=False, hidden_act="silu",
+              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+              bos_token_id=128000, eos_token_id=128001)
+# the released configs' shapes (config.json of each model), random weights
 PRESETS = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "llama3-8b": LLAMA3,
     # same per-layer shapes, 4 layers: a quick check of the whole path
-    "small": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                  num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8),
+    "small": dict(LLAMA3, num_hidden_layers=4),
+    # Qwen3-30B-A3B: 128 experts, top-8, 3.3B active parameters
+    "qwen3-moe-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+        hidden_act="silu", bos_token_id=151643, eos_token_id=151645),
+    # Gemma-2-9B: 4K windows on every other layer, soft-capped scores (50) and logits (30)
+    "gemma2-9b": dict(
+        architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000,
+        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+    # Gemma-3-12B (text): 1K windows on 5 of every 6 layers, RoPE 10K local / 1M x8 global
+    "gemma3-12b": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262208,
+        hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=1024, sliding_window_pattern=6, hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1),
 }
 
 
 def hf_config(preset: str, max_len: int) -> dict:
     c = dict(PRESETS[preset])
-    c.update(architectures=["LlamaForCausalLM"], model_type="llama", head_dim=128,
-             rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-             max_position_embeddings=max(131072, max_len), hidden_act="silu",
-             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-             torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001)
+    c.update(max_position_embeddings=max(131072, max_len), torch_dtype="bfloat16")
     return c
 
 
 def param_counts(c: dict) -> Dict[str, int]:
-    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    d = c.get("head_dim") or h // c["num_attention_heads"]
-    hq, hkv = c["num_attention_heads"], c["num_key_value_heads"]
-    per_layer = h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * i + 2 * h
-    embed = c["vocab_size"] * h
-    return {"layers": L * per_layer + h, "embed": embed, "lm_head": embed,
-            "total": L * per_layer + h + 2 * embed}
+    """Parameters of ringserve's model for the config (built on the meta device): "layers"
+    counts what one token uses (MoE: the shared part + top_k / num_experts of the experts),
+    "layers_stored" everything the layers hold."""
+    from ringserve.config import ModelConfig
+    from ringserve.model import CausalLM
+
+    cfg = ModelConfig.from_hf_dict(c)
+    model = CausalLM(cfg, device="meta")
+    share = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe is not None else 1.0
+    stored = active = 0
+    for name, p in model.named_parameters():
+        if name.startswith(("model.embed_tokens", "lm_head")):
+            continue
+        stored += p.numel()
+        active += p.numel() * (share if ".experts." in name else 1.0)
+    embed = cfg.vocab_size * cfg.hidden_size
+    read = int(active) + embed * (1 if cfg.tie_word_embeddings else 2)
+    return {"layers": int(active), "layers_stored": stored, "embed": embed, "lm_head": embed,
+            "decode_read": read, "total": stored + embed * (1 if cfg.tie_word_embeddings else 2)}
+
+
+def kv_bytes_per_token(c: dict, elem: int = 2) -> int:
+    from ringserve.config import ModelConfig
+    cfg = ModelConfig.from_hf_dict(c)
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
 def prefill_flops(c: dict, n: int) -> float:
-    """Matmul FLOPs of a causal prefill of n tokens: 2 * params * n for the layers (the embedding
-    is a lookup; the LM head runs on the last token only) + attention QK^T and PV (causal: half
-    of 4 * n^2 * d per head and layer)."""
-    d = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    attn = 2.0 * n * n * d * c["num_attention_heads"] * c["num_hidden_layers"]
-    return 2.0 * param_counts(c)["layers"] * n + 2.0 * param_counts(c)["lm_head"] + attn
+    """Matmul FLOPs of a causal prefill of n tokens: 2 * active params * n for the layers (the
+    embedding is a lookup; the LM head runs on the last token only) + attention QK^T and PV
+    (causal: half of 4 * n^2 * d per head and layer; a layer windowed to w keys: 4 * d per head
+    for each of the n * w - w^2 / 2 visible pairs)."""
+    from ringserve.config import ModelConfig
+    cfg = ModelConfig.from_hf_dict(c)
+    per_pair = 4.0 * cfg.head_dim * cfg.num_attention_heads
+    attn = 0.0
+    for w in cfg.layer_window_sizes:
+        w = n if w is None else min(n, w + 1)
+        attn += per_pair * (n * w - w * w / 2)
+    pc = param_counts(c)
+    return 2.0 * pc["layers"] * n + 2.0 * pc["lm_head"] + attn
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,10 +127,11 @@ def run_hf(args) -> int:
     import transformers
 
     lengths = [int(x) for x in args.hf_lengths.split(",") if x]
-    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(args.preset, max(lengths)).items()
-                                      if k not in ("architectures", "model_type", "torch_dtype")})
+    c = hf_config(args.preset, max(lengths))
+    cfg = transformers.AutoConfig.for_model(c["model_type"], **{
+        k: v for k, v in c.items() if k not in ("architectures", "model_type", "torch_dtype")})
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
@@ -85,7 +140,8 @@ def run_hf(args) -> int:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
-    model.config._attn_implementation = "sdpa"
+    # sdpa (Gemma 2's soft-capping has only eager in transformers: it runs out of memory early)
+    model.config._attn_implementation = "eager" if c["model_type"] == "gemma2" else "sdpa"
     model.eval()
     results = []
     for n in lengths:
@@ -134,8 +190,8 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
     print(f"[ringserve] group of {args.world_size} up in {time.perf_counter() - t0:.1f} s; "
           f"capacity {llm.capacity_tokens} KV tokens", flush=True)
     bw = max(llm._group.call("copy_bandwidth"))  # bytes/s counting read + write
-    w_bytes = param_counts(cfg)["total"] * 2
-    kv_tok = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 128 * 2
+    w_bytes = param_counts(cfg)["decode_read"] * 2
+    kv_tok = kv_bytes_per_token(cfg)
     g = torch.Generator().manual_seed(0)
     vocab = cfg["vocab_size"]
     greedy = dict(temperature=0.0, ignore_eos=True)

@@ -21,20 +21,21 @@ def _pick(backend: str, t) -> str:
 
 
 def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
-              q_offset=0, q_stride=1, k_offset=0, k_stride=1, backend="auto"):
-    """Exact attention returning (out, lse); see reference.py for the contract."""
+              q_offset=0, q_stride=1, k_offset=0, k_stride=1, backend="auto", softcap=None):
+    """Exact attention returning (out, lse); see reference.py for the contract (softcap:
+    Gemma 2's tanh soft-capping of the scaled scores, None or 0 for none)."""
     b = _pick(backend, q)
-    if b == "cudnn":
+    if b == "cudnn" and not softcap:   # SDPA has no soft-capping: Triton takes those models
         from .cudnn_attn import attention_cudnn
         from .flash_fwd import flash_attn_fwd
         return attention_cudnn(q, k, v, softmax_scale, causal, window_size,
                                q_offset, q_stride, k_offset, k_stride, fallback=flash_attn_fwd)
-    if b == "triton":
+    if b in ("triton", "cudnn"):
         from .flash_fwd import flash_attn_fwd
         return flash_attn_fwd(q, k, v, softmax_scale, causal, window_size,
-                              q_offset, q_stride, k_offset, k_stride)
+                              q_offset, q_stride, k_offset, k_stride, softcap=softcap)
     return attention_torch(q, k, v, softmax_scale, causal, window_size,
-                           q_offset, q_stride, k_offset, k_stride)
+                           q_offset, q_stride, k_offset, k_stride, softcap=softcap)
 
 
 def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
@@ -46,14 +47,14 @@ def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
-                 window_size=None, q_pos=None, kv_pos=None, backend="auto"):
+                 window_size=None, q_pos=None, kv_pos=None, backend="auto", softcap=None):
     """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards."""
     if _pick(backend, q) in ("triton", "cudnn"):
         from .flash_decode import paged_decode_triton
         return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                   causal, window_size, q_pos, kv_pos)
+                                   causal, window_size, q_pos, kv_pos, softcap=softcap)
     return paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                              causal, window_size, q_pos, kv_pos)
+                              causal, window_size, q_pos, kv_pos, softcap=softcap)
 
 
 def grouped_linear(x, w, counts, backend="auto"):

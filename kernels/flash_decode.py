@@ -30,17 +30,23 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _tanh(x):
+    # from exp2, as in flash_fwd (the CPU interpreter has no libdevice)
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
+
+
+@triton.jit
 def _decode_split_kernel(
         Q, Kc, Vc, BlockTable, SeqLens, QPos, KvPos, OPart, LPart,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kp, stride_ks, stride_kh, stride_kd,
         stride_vp, stride_vs, stride_vh, stride_vd,
         stride_btb, stride_qpb, stride_qps, stride_kvp, stride_kvs,
-        Sq, Hq, Hkv, GROUP, chunk, num_splits, capacity, window, qk_scale,
+        Sq, Hq, Hkv, GROUP, chunk, num_splits, capacity, window, qk_scale, softcap_in,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
-        DOT_PREC: tl.constexpr):
+        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr):
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
@@ -86,7 +92,10 @@ def _decode_split_kernel(
                     mask=ld, other=0.0)
         v = tl.load(v_base + page64[:, None] * stride_vp + slot[:, None] * stride_vs,
                     mask=ld, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale   # log2 domain
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SOFTCAP:   # c * tanh(s / c): the host passes softcap_in = scale / c, qk_scale = c log2 e
+            qk = _tanh(qk * softcap_in)
+        qk = qk * qk_scale   # log2 domain
         vis = t_ok[None, :]
         if CAUSAL or HAS_WINDOW:
             if HAS_KVPOS:
@@ -148,7 +157,8 @@ def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
              + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
-def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size):
+def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size,
+           softcap=None):
     for name, t, nd in (("q", q, 4), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
                         ("block_table", block_table, 2), ("seq_lens", seq_lens, 1)):
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
@@ -179,6 +189,8 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_siz
                          f"{(P, page)}")
     if window_size is not None and (int(window_size) != window_size or window_size < 0):
         raise ValueError(f"window_size must be None or an int >= 0, got {window_size}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be None or a finite float >= 0, got {softcap}")
     devs = {t.device for t in (q, k_cache, v_cache, block_table, seq_lens)
             + tuple(t for t in (q_pos, kv_pos) if t is not None)}
     if len(devs) != 1:
@@ -188,16 +200,18 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_siz
 def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
                         causal=False, window_size=None, q_pos=None, kv_pos=None, *,
                         max_seq_len: Optional[int] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                        num_warps: Optional[int] = None, num_stages: Optional[int] = None):
+                        num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                        softcap: Optional[float] = None):
     """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
 
     max_seq_len: an upper bound of seq_lens that sizes the KV chunks (default: the block
     table's capacity, max_pages * page_size; lengths are never read on the host, so no sync).
     num_splits / block_n / num_warps / num_stages override the launch heuristics (benchmarks).
     seq_lens beyond the capacity raise ValueError for CPU tensors; on the GPU they are clamped
-    in the kernel (no out-of-bounds reads).
+    in the kernel (no out-of-bounds reads). softcap: Gemma 2's attention-logit soft-capping c
+    (scores c * tanh(s / c)); None or 0: off.
     """
-    _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size)
+    _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size, softcap)
     B, Sq, Hq, D = q.shape
     P, page, Hkv, _ = k_cache.shape
     group = Hq // Hkv
@@ -253,11 +267,12 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         q, k_cache, v_cache, block_table, seq_lens, qp, kp, o_part, l_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *qp_strides, *kp_strides,
-        Sq, Hq, Hkv, group, chunk, num_splits, capacity, int(window_size or 0), scale * LOG2E,
+        Sq, Hq, Hkv, group, chunk, num_splits, capacity, int(window_size or 0),
+        (softcap if softcap else scale) * LOG2E, scale / softcap if softcap else 1.0,
         HEAD_DIM=D, BLOCK_D=block_d, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
         HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=bool(softcap),
         num_warps=num_warps, num_stages=num_stages)
     _decode_reduce_kernel[(B * Hq * Sq,)](
         o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),

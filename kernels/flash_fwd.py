@@ -41,6 +41,13 @@ def _floor_div(a, b):
 
 
 @triton.jit
+def _tanh(x):
+    # tanh from exp2 (also under the CPU interpreter, which has no libdevice): saturates to
+    # +-1 for large |x| (exp2 -> inf or 0), absolute error ~1 ulp of 1 near 0
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
+
+
+@triton.jit
 def _key_block_bounds(q_lo, q_hi, Sk, k_offset, k_stride, window,
                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Key-block ranges for queries at positions q_lo..q_hi.
@@ -79,12 +86,15 @@ def _key_block_bounds(q_lo, q_hi, Sk, k_offset, k_stride, window,
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, stride_vs,
                    desc_row0, desc_col, n_from, n_to, Sk, k_offset, k_stride, window, qk_scale,
-                   offs_n, offs_d,
+                   softcap_in, offs_n, offs_d,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr,
-                   IDX64: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) over key blocks [n_from, n_to)."""
+                   IDX64: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [n_from, n_to).
+
+    SOFTCAP: scores are c * tanh(q.k * scale / c); the host passes softcap_in = scale / c and
+    qk_scale = c * log2(e), so the rest of the loop is unchanged."""
     # warp specialization only on the unmasked interior loop (the hot one)
     for nb in tl.range(n_from, n_to, warp_specialize=WARP_SPEC and not MASKED):
         start = nb * BLOCK_N
@@ -110,6 +120,8 @@ def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, s
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)   # (BLOCK_M, BLOCK_N) fp32
+        if SOFTCAP:
+            qk = _tanh(qk * softcap_in)
         if MASKED:
             k_pos = k_offset + kidx * k_stride
             vis = (kidx < Sk)[None, :]
@@ -145,12 +157,12 @@ def _flash_fwd_kernel(
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
         stride_ob, stride_os, stride_oh, stride_od,
-        Sq, Sk, Hq, GROUP, q_offset, q_stride, k_offset, k_stride, window, qk_scale,
+        Sq, Sk, Hq, GROUP, q_offset, q_stride, k_offset, k_stride, window, qk_scale, softcap_in,
         SEQ_BUCKET,   # only part of the autotuning key
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        DOT_PREC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        DOT_PREC: tl.constexpr, IDX64: tl.constexpr, SOFTCAP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = num_m - 1 - tl.program_id(0)   # under a causal mask the last rows cost most: start them first
     pid_bh = tl.program_id(1)
@@ -192,21 +204,24 @@ def _flash_fwd_kernel(
     # masked leading edge (window border, or everything when no block is fully visible)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, n_lo, f_lo, Sk, k_offset,
-                                   k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
+                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d, HEAD_DIM,
+                                   BLOCK_D,
                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
-                                   IDX64)
+                                   IDX64, SOFTCAP)
     # interior: every key visible to every query, no mask
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, f_lo, f_hi, Sk, k_offset,
-                                   k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
+                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d, HEAD_DIM,
+                                   BLOCK_D,
                                    BLOCK_N, False, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
-                                   IDX64)
+                                   IDX64, SOFTCAP)
     # masked trailing edge (causal diagonal, window border, ragged end of the keys)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, f_hi, n_hi, Sk, k_offset,
-                                   k_stride, window, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D,
+                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d, HEAD_DIM,
+                                   BLOCK_D,
                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
-                                   IDX64)
+                                   IDX64, SOFTCAP)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]     # fully masked rows: acc is 0, out stays 0
@@ -251,7 +266,8 @@ def _prune(configs, nargs, **kwargs):
     return keep or configs[-1:]
 
 
-_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "IDX64", "SEQ_BUCKET"]
+_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "IDX64", "SOFTCAP",
+        "SEQ_BUCKET"]
 _tuned = {ws: triton.autotune(configs=_gpu_configs(ws), key=_KEY,
                               prune_configs_by={"early_config_prune": _prune})(_flash_fwd_kernel)
           for ws in (False, True)}
@@ -260,7 +276,7 @@ _tuned = {ws: triton.autotune(configs=_gpu_configs(ws), key=_KEY,
 CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride):
+def _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride, softcap=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got "
@@ -288,6 +304,8 @@ def _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride):
         raise ValueError(f"window_size must be None or an int >= 0, got {window_size}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be None or a finite float >= 0, got {softcap}")
 
 
 def _tma_ok(t: torch.Tensor, D: int) -> bool:
@@ -310,14 +328,15 @@ def _descriptor(t: torch.Tensor, block_n: int, D: int):
 def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
                    q_offset=0, q_stride=1, k_offset=0, k_stride=1, *,
                    use_tma: Optional[bool] = None, warp_specialize: bool = False,
-                   config: Optional[dict] = None):
+                   config: Optional[dict] = None, softcap: Optional[float] = None):
     """Attention forward. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
 
     use_tma: load K/V through tensor descriptors (Hopper copy engine); None picks it when the
     layout allows. warp_specialize: tl.range(..., warp_specialize=True) on the key loops.
     config: fixed {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+    softcap: Gemma 2's attention-logit soft-capping c (scores c * tanh(s / c)); None or 0: off.
     """
-    _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride)
+    _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride, softcap)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -348,11 +367,12 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     window = int(window_size) if window_size is not None else 0
     args = _kernel_args(q, k, v, k_arg, v_arg, out, lse, q_offset, q_stride, k_offset,
-                        k_stride, window, scale)
+                        k_stride, window, scale, softcap)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal),
                 HAS_WINDOW=window_size is not None, USE_TMA=bool(use_tma),
                 WARP_SPEC=bool(warp_specialize), DOT_PREC=dot_prec,
-                IDX64=max(Sk * max(k.stride(1), v.stride(1)), Sq * q.stride(1)) >= 2 ** 31)
+                IDX64=max(Sk * max(k.stride(1), v.stride(1)), Sq * q.stride(1)) >= 2 ** 31,
+                SOFTCAP=bool(softcap))
     if config is not None:
         grid = (triton.cdiv(Sq, config["BLOCK_M"]), B * Hq)
         _flash_fwd_kernel[grid](*args, **meta, **config)
@@ -367,13 +387,16 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
 
 
 def _kernel_args(q, k, v, k_arg, v_arg, out, lse, q_offset, q_stride, k_offset, k_stride,
-                 window, scale):
+                 window, scale, softcap=None):
     """The kernel's positional arguments (k_arg / v_arg: the tensors or their descriptors);
-    the last one, the sequence bucket, is part of the autotuning key."""
+    the last one, the sequence bucket, is part of the autotuning key. With a soft-cap c the
+    kernel computes tanh(q.k * softcap_in) * qk_scale: softcap_in = scale / c, qk_scale =
+    c * log2(e)."""
     Sq, Hq, Sk, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     return (q, k_arg, v_arg, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Sq, Sk, Hq, Hq // Hkv, int(q_offset), int(q_stride), int(k_offset), int(k_stride),
-            window, scale * LOG2E, min(triton.next_power_of_2(max(Sq, Sk)), 1 << 14))
+            window, (softcap if softcap else scale) * LOG2E,
+            scale / softcap if softcap else 1.0, min(triton.next_power_of_2(max(Sq, Sk)), 1 << 14))
 
 
 # Autotuning times every config several times (~8 runs each) on the first problem of a key. The
@@ -403,7 +426,8 @@ def _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, warp_specialize):
         else:
             pk_arg, pv_arg = pk, pv
         pargs = _kernel_args(pq, pk, pv, pk_arg, pv_arg, po, pl, 0, 1, 0, 1,
-                             1024 if meta["HAS_WINDOW"] else 0, 1.0 / math.sqrt(D))
+                             1024 if meta["HAS_WINDOW"] else 0, 1.0 / math.sqrt(D),
+                             50.0 if meta["SOFTCAP"] else None)
 
         def grid(c):
             return (triton.cdiv(n, c["BLOCK_M"]), Hq)

@@ -10,6 +10,8 @@ Conventions shared by every attention function in ringserve (kernels, torch path
   causal: key visible iff k_pos <= q_pos.
   window_size (int w >= 0, flash_attn's "left" window): key visible iff q_pos - k_pos <= w, and
   when not causal also k_pos - q_pos <= w. Mistral's sliding_window W is window_size = W - 1.
+  softcap (float c > 0, or None/0: off; Gemma 2's attn_logit_softcapping): the scaled score s
+  becomes c * tanh(s / c) before the mask and the softmax.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
 
 def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=None,
                   q_offset=0, q_stride=1, k_offset=0, k_stride=1,
-                  q_pos=None, k_pos=None, dtype=torch.float64):
+                  q_pos=None, k_pos=None, dtype=torch.float64, softcap=None):
     """Exact attention. Returns (out in `dtype`, lse float32 (B, Hq, Sq)).
 
     q_pos / k_pos (1-D int tensors) override the offset/stride description when given.
@@ -56,6 +58,8 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=None,
     qf = q.to(dtype).reshape(B, Sq, Hkv, g, D)
     kf, vf = k.to(dtype), v.to(dtype)
     s = torch.einsum("bqhgd,bkhd->bhgqk", qf, kf) * scale  # (B, Hkv, g, Sq, Sk)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     mask = visible_mask(q_pos.to(k.device), k_pos.to(k.device), causal, window_size)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, g, Sq); -inf on fully masked rows
@@ -88,7 +92,7 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
 
 def paged_decode_ref(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
                      causal=False, window_size=None, q_pos=None, kv_pos=None,
-                     dtype=torch.float64):
+                     dtype=torch.float64, softcap=None):
     """Attention of a few query tokens against a paged KV cache.
 
     q (B, Sq, Hq, D); k_cache, v_cache (num_pages, page_size, Hkv, D); block_table (B, max_pages)
@@ -106,7 +110,8 @@ def paged_decode_ref(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=N
         kp = (gather_pages(kv_pos, block_table[b], n) if kv_pos is not None
               else torch.arange(n, dtype=torch.int64))
         o, l = attention_ref(q[b:b + 1], kb, vb, softmax_scale, causal, window_size,
-                             q_pos=qp.long().cpu(), k_pos=kp.long().cpu(), dtype=dtype)
+                             q_pos=qp.long().cpu(), k_pos=kp.long().cpu(), dtype=dtype,
+                             softcap=softcap)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs), torch.cat(lses)

@@ -27,7 +27,7 @@ def key_range(q_lo: int, q_hi: int, Sk: int, causal: bool, window_size: Optional
 
 
 def attention_torch(q, k, v, softmax_scale=None, causal=False, window_size=None,
-                    q_offset=0, q_stride=1, k_offset=0, k_stride=1, block_q=None):
+                    q_offset=0, q_stride=1, k_offset=0, k_stride=1, block_q=None, softcap=None):
     """Exact attention on any device with plain torch ops. Returns (out in q.dtype, lse fp32)."""
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -50,6 +50,8 @@ def attention_torch(q, k, v, softmax_scale=None, causal=False, window_size=None,
         qb = q[:, i0:i1].float().reshape(B, i1 - i0, Hkv, g, D)
         kb, vb = k[:, j0:j1].float(), v[:, j0:j1].float()
         s = torch.einsum("bqhgd,bkhd->bhgqk", qb, kb) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         if causal or window_size is not None:
             qp = q_offset + q_stride * torch.arange(i0, i1, device=q.device)
             kp = k_offset + k_stride * torch.arange(j0, j1, device=q.device)
@@ -86,7 +88,7 @@ def merge_torch_(out_acc, lse_acc, out_b, lse_b):
 
 
 def paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
-                       causal=False, window_size=None, q_pos=None, kv_pos=None):
+                       causal=False, window_size=None, q_pos=None, kv_pos=None, softcap=None):
     """Paged flash-decoding contract (see reference.paged_decode_ref), with torch ops."""
     B, Sq, Hq, D = q.shape
     page = k_cache.shape[1]
@@ -104,6 +106,8 @@ def paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
         kb = k_cache[idx].reshape(npg * page, Hkv, D)[:n].float()
         vb = v_cache[idx].reshape(npg * page, Hkv, D)[:n].float()
         s = torch.einsum("qhgd,khd->hgqk", q[b].float().reshape(Sq, Hkv, g, D), kb) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         if causal or window_size is not None:
             # same defaults as reference.paged_decode_ref: keys at 0..n-1, queries after them
             kp = (kv_pos[idx].reshape(-1)[:n] if kv_pos is not None

@@ -1,7 +1,9 @@
 """Model configuration parsed from a HuggingFace `config.json`.
 
 Families: Llama, Mistral, Qwen2, Qwen3 (q/k RMSNorm), Phi-3 (fused projections, longrope),
-Mixtral and Qwen3-MoE (mixture-of-experts MLP). Anything a family needs that the model does not
+Mixtral and Qwen3-MoE (mixture-of-experts MLP), Gemma 2 and Gemma 3 text (sliding-window layers
+between global ones, soft-capping, GeGLU, (1 + w) norms around both sublayers, scaled embeddings;
+Gemma 3: q/k norm and a RoPE base per layer type). Anything a family needs that the model does not
 implement is refused here, by name, rather than computed differently from `transformers`.
 
 Two spellings of the RoPE settings exist in the wild: transformers 4.x writes `rope_theta` plus an
@@ -24,7 +26,12 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
+GEMMA = ("gemma2", "gemma3_text")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")   # SwiGLU, GeGLU (tanh approximation)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
@@ -175,6 +182,15 @@ class ModelConfig:
     qk_norm: bool = False                  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
     fused_projections: bool = False        # Phi-3: one qkv_proj and one gate_up_proj
     moe: Optional[MoeConfig] = None        # Mixtral, Qwen3-MoE
+    # Gemma 2/3: which layers are windowed ("sliding_attention") and which see everything
+    # ("full_attention"); None: every layer alike (sliding_window or not)
+    layer_types: Optional[Tuple[str, ...]] = None
+    attn_logit_softcap: Optional[float] = None    # Gemma 2: scores c * tanh(s / c)
+    final_logit_softcap: Optional[float] = None   # Gemma 2/3: logits c * tanh(l / c)
+    query_pre_attn_scalar: Optional[float] = None  # softmax scale = this ** -0.5 (Gemma)
+    embed_scale: Optional[float] = None           # embeddings times this (Gemma: sqrt(hidden))
+    gemma_norms: bool = False   # RMSNorm weight (1 + w) in float32; norms after attention and MLP
+    local_rope: Optional[RopeConfig] = None       # Gemma 3: the sliding layers' own RoPE
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -194,17 +210,46 @@ class ModelConfig:
             raise ValueError(f"sliding_window ({self.sliding_window}) must be >= 1 or None")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps ({self.rms_norm_eps}) must be positive")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: "
+                             f"{', '.join(ACTIVATIONS)})")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries, "
+                                 f"num_hidden_layers is {self.num_hidden_layers}")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer type(s) {', '.join(map(repr, bad))} not supported "
+                                 f"(supported: {', '.join(LAYER_TYPES)})")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            val = getattr(self, name)
+            if val is not None and not val > 0:
+                raise ValueError(f"{name} ({val}) must be positive or None")
 
     @property
     def model_type(self) -> str:
         return SUPPORTED_ARCHITECTURES[self.architecture]
 
     @property
-    def window_size(self) -> Optional[int]:
-        """The kernels' window_size (flash_attn's left window): HF sliding_window W -> W - 1."""
-        return None if self.sliding_window is None else self.sliding_window - 1
+    def layer_window_sizes(self) -> Tuple[Optional[int], ...]:
+        """The kernels' window_size of every layer (flash_attn's left window: HF sliding_window
+        W -> W - 1; None: global)."""
+        w = None if self.sliding_window is None else self.sliding_window - 1
+        if self.layer_types is None:
+            return (w,) * self.num_hidden_layers
+        return tuple(w if t == "sliding_attention" else None for t in self.layer_types)
+
+    @property
+    def window_size(self):
+        """The kernels' window_size: one int or None when every layer has the same, else the
+        tuple of `layer_window_sizes` (Gemma: windowed layers between global ones)."""
+        ws = self.layer_window_sizes
+        return ws[0] if len(set(ws)) == 1 else ws
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None
+                else self.head_dim) ** -0.5
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -229,6 +274,8 @@ class ModelConfig:
                                "num_hidden_layers", "num_attention_heads") if k not in d]
         if missing:
             raise ValueError(f"config.json lacks required keys: {', '.join(missing)}")
+        if model_type in GEMMA:
+            return cls._from_gemma(d, arch, model_type)
         heads = int(d["num_attention_heads"])
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         kv_heads = d.get("num_key_value_heads") or heads
@@ -278,6 +325,71 @@ class ModelConfig:
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             fused_projections=model_type == "phi3",
             moe=MoeConfig.from_hf(d, model_type) if model_type in ("mixtral", "qwen3_moe") else None,
+        )
+
+    @classmethod
+    def _from_gemma(cls, d: Dict[str, Any], arch: str, model_type: str) -> "ModelConfig":
+        """Gemma 2 / Gemma 3 (text). Defaults are transformers' Gemma2Config / Gemma3TextConfig
+        ones, for configs that leave keys out."""
+        gemma3 = model_type == "gemma3_text"
+        n_layers = int(d["num_hidden_layers"])
+        if d.get("use_bidirectional_attention"):
+            raise ValueError(f"{model_type} with use_bidirectional_attention is not supported "
+                             "(a causal language model only)")
+        types = d.get("layer_types")
+        if types is None:   # older configs: a pattern (Gemma 2 alternates, Gemma 3 every 6th)
+            every = int(d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6))
+                        if gemma3 else 2)
+            types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                     for i in range(n_layers)]
+        heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        params = d.get("rope_parameters")
+        base = {"model_type": model_type, "max_position_embeddings": d.get("max_position_embeddings")}
+        local_rope = None
+        if gemma3 and isinstance(params, dict) and "full_attention" in params:
+            rope = RopeConfig.from_hf(dict(base, rope_parameters=params["full_attention"]))
+            local_rope = RopeConfig.from_hf(dict(base, rope_parameters=params.get(
+                "sliding_attention") or {"rope_type": "default", "rope_theta": 10000.0}))
+        elif gemma3:   # transformers 4: rope_theta (+ rope_scaling) global, rope_local_base_freq
+            rope = RopeConfig.from_hf(dict(d, rope_theta=d.get("rope_theta", 1_000_000.0)))
+            local_rope = RopeConfig(theta=float(d.get("rope_local_base_freq", 10000.0)))
+        else:
+            rope = RopeConfig.from_hf(d)
+        soft = d.get("attn_logit_softcapping", None if gemma3 else 50.0)
+        final = d.get("final_logit_softcapping", None if gemma3 else 30.0)
+        return cls(
+            architecture=arch,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or 256),
+            max_position_embeddings=int(d.get("max_position_embeddings")
+                                        or (131072 if gemma3 else 8192)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope=rope,
+            qkv_bias=bool(d.get("attention_bias", False)),
+            o_bias=bool(d.get("attention_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            sliding_window=(int(d.get("sliding_window", 4096))
+                            if d.get("sliding_window", 4096) is not None else None),
+            hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            qk_norm=gemma3,
+            layer_types=tuple(types),
+            # transformers' Gemma 3 attention never passes its attn_logit_softcapping on (the
+            # released configs say null): the scores are not capped there, so not here either
+            attn_logit_softcap=None if gemma3 or soft is None else float(soft),
+            final_logit_softcap=None if final is None else float(final),
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+            embed_scale=hidden ** 0.5,
+            gemma_norms=True,
+            local_rope=local_rope,
         )
 
     @classmethod

@@ -1,10 +1,12 @@
-"""Llama-style decoders (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, Qwen3-MoE), with the attention
-step supplied from outside.
+"""Llama-style decoders (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, Qwen3-MoE, Gemma 2/3), with the
+attention step supplied from outside.
 
 No distributed code lives here. The engine passes `attn_fn(layer_idx, q, k, v) -> out` with
 q (1, T, Hq, D), k and v (1, T, Hkv, D) for this process's tokens (already rotated at their global
 positions); it runs ring attention, distributed decode, or plain local attention, and may keep
-k/v in its KV cache. K/V heads are never repeated for GQA/MQA.
+k/v in its KV cache. K/V heads are never repeated for GQA/MQA. What the attention must apply
+per layer is on the model: `window_size` (an int or None for all layers, or a tuple per layer:
+Gemma's windowed and global layers), `softmax_scale` and `softcap` (Gemma 2's score capping).
 
 Parameter names equal HuggingFace's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 checkpoint's tensors load by name; stacked expert weights map onto per-expert checkpoint
@@ -27,16 +29,20 @@ AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, **factory):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False, **factory):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, **factory))
         self.eps = eps
+        self.plus_one = plus_one   # Gemma: the checkpoint stores w, the scale is 1 + w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # statistics in float32 whatever the activation dtype (bf16 sums of squares overflow
         # precision long before they overflow range); cast back before the weight, as HF does
+        # for Llama, after it for Gemma (whose (1 + w) multiply is in float32)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -55,8 +61,8 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias, **factory)
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.o_bias, **factory)
         if cfg.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **factory)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms, **factory)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms, **factory)
         self.qk_norm = cfg.qk_norm
 
     def qkv(self, x: torch.Tensor):
@@ -80,21 +86,31 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(h, i, bias=b, **factory)
             self.up_proj = nn.Linear(h, i, bias=b, **factory)
         self.down_proj = nn.Linear(i, h, bias=b, **factory)
+        self.act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act == "gelu_pytorch_tanh":   # GeGLU (Gemma)
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, **factory):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        norm = {"eps": cfg.rms_norm_eps, "plus_one": cfg.gemma_norms, **factory}
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.self_attn = Attention(cfg, **factory)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        # Llama: the norm before the MLP. Gemma: the norm of the attention's output, then two
+        # more around the MLP (its input, its output)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.sandwich = cfg.gemma_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
         # the MLP is registered under the checkpoint's name for it (Mixtral: block_sparse_moe)
         self.ffn_name = "mlp"
         if cfg.moe is not None and index not in cfg.moe.dense_layers:
@@ -106,6 +122,16 @@ class DecoderLayer(nn.Module):
     def ffn(self) -> nn.Module:
         return getattr(self, self.ffn_name)
 
+    def residual_updates(self, h: torch.Tensor, o: torch.Tensor) -> None:
+        """h += the attention output o (projected) and then the MLP's, in place."""
+        a = self.self_attn.o_proj(o.to(h.dtype))
+        if self.sandwich:
+            h += self.post_attention_layernorm(a)
+            h += self.post_feedforward_layernorm(self.ffn()(self.pre_feedforward_layernorm(h)))
+        else:
+            h += a
+            h += self.ffn()(self.post_attention_layernorm(h))
+
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, **factory):
@@ -113,7 +139,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **factory)
                                     for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms, **factory)
 
 
 def _spans(n: int, chunk: Optional[int]):
@@ -135,9 +161,16 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(config.rope, config.head_dim)
-        # the kernels' window (HF sliding_window W -> W - 1), read by the engine
-        self.window_size: Optional[int] = config.window_size
-        self.softmax_scale = config.head_dim ** -0.5
+        # Gemma 3: the sliding layers rotate with their own base
+        self.local_rotary = (Rotary(config.local_rope, config.head_dim)
+                             if config.local_rope is not None else None)
+        self.layer_rotary = [self.local_rotary is not None and t == "sliding_attention"
+                             for t in (config.layer_types or ("",) * config.num_hidden_layers)]
+        # the kernels' window (HF sliding_window W -> W - 1), read by the engine: an int or None
+        # for every layer, or a tuple with one per layer
+        self.window_size: Union[Optional[int], tuple] = config.window_size
+        self.softmax_scale = config.softmax_scale
+        self.softcap: Optional[float] = config.attn_logit_softcap
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None,
@@ -203,7 +236,11 @@ class CausalLM(nn.Module):
         dev = self.device
         input_ids, positions = input_ids.to(dev), positions.to(dev)
         cos, sin = self.rotary.cos_sin(positions, seq_len)  # (T, 1, D/2) float32: O(T * D)
+        local = (self.local_rotary.cos_sin(positions, seq_len)
+                 if self.local_rotary is not None else None)
         h = self.model.embed_tokens(input_ids)     # (T, hidden), the residual stream
+        if cfg.embed_scale is not None:   # in the weights' dtype, as transformers rounds it
+            h *= torch.tensor(cfg.embed_scale, dtype=h.dtype)
         spans = list(_spans(T, chunk_tokens))
 
         def project(at, norm, hs, cs, sn):
@@ -214,8 +251,10 @@ class CausalLM(nn.Module):
                 q, k = at.q_norm(q), at.k_norm(k)
             return Rotary.apply(q, cs, sn), Rotary.apply(k, cs, sn), v.reshape(t, hkv, d)
 
+        glob = (cos, sin)
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
+            cos, sin = local if self.layer_rotary[li] else glob
             if len(spans) == 1:  # decode / short extensions: no chunk buffers, no copies
                 q, k, v = project(at, layer.input_layernorm, h, cos, sin)
             else:
@@ -232,8 +271,7 @@ class CausalLM(nn.Module):
             o = o[0].reshape(T, hq * d)
             del q, k, v
             for a, b in spans:
-                h[a:b] += at.o_proj(o[a:b].to(h.dtype))
-                h[a:b] += layer.ffn()(layer.post_attention_layernorm(h[a:b]))
+                layer.residual_updates(h[a:b], o[a:b])
             del o
         for a, b in spans:
             h[a:b] = self.model.norm(h[a:b])
@@ -241,22 +279,39 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (T, hidden) -> (T, vocab) float32."""
-        return self.lm_head(hidden.to(self.dtype)).float()
+        """hidden (T, hidden) -> (T, vocab) float32 (Gemma: soft-capped, c * tanh(l / c))."""
+        out = self.lm_head(hidden.to(self.dtype)).float()
+        cap = self.config.final_logit_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
 
 
-def local_attention_fn(causal: bool = True, window_size: Optional[int] = None,
-                       backend: str = "auto", softmax_scale: Optional[float] = None) -> AttnFn:
+def layer_window(window_size, layer: int) -> Optional[int]:
+    """The window of one layer from a model's `window_size` (an int, None, or one per layer)."""
+    return window_size[layer] if isinstance(window_size, (tuple, list)) else window_size
+
+
+def local_attention_fn(causal: bool = True, window_size=None, backend: str = "auto",
+                       softmax_scale: Optional[float] = None,
+                       softcap: Optional[float] = None) -> AttnFn:
     """Single-process attention over exactly the tokens passed in (no KV cache, no ring).
 
     Only position differences matter to the mask, so local offsets 0..T-1 serve any contiguous
-    run of global positions. Pass the model's `window_size` (None or W - 1).
+    run of global positions. Pass the model's `window_size` (None or W - 1, or one per layer),
+    `softmax_scale` and `softcap` (or use `model_attention_fn`).
     """
     from ringserve.kernels import attention
 
     def fn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out, _ = attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
-                           window_size=window_size, backend=backend)
+                           window_size=layer_window(window_size, layer_idx), backend=backend,
+                           softcap=softcap)
         return out
 
     return fn
+
+
+def model_attention_fn(model: "CausalLM", backend: str = "auto") -> AttnFn:
+    """`local_attention_fn` with everything the model's attention applies (window per layer,
+    scale, soft-cap)."""
+    return local_attention_fn(True, model.window_size, backend, model.softmax_scale,
+                              model.softcap)

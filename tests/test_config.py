@@ -28,21 +28,32 @@ def test_reads_what_transformers_writes(tmp_path, name):
     cfg = ModelConfig.from_dir(tmp_path)
     spec = TINY_MODELS[name]
     assert cfg.model_type == spec["arch"]
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (320, 64, 2)
+    gemma = spec["arch"].startswith("gemma")
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (
+        320, 64, spec.get("num_hidden_layers", 2))
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
         4, spec["num_key_value_heads"], spec.get("head_dim", 16))
-    assert cfg.rope.theta == spec.get("rope_theta", 10000.0)
+    if "rope_parameters" in spec:   # Gemma 3: one RoPE per layer type
+        glob, loc = spec["rope_parameters"]["full_attention"], spec["rope_parameters"][
+            "sliding_attention"]
+        assert (cfg.rope.theta, cfg.rope.rope_type, cfg.rope.factor) == (
+            glob["rope_theta"], glob["rope_type"], glob["factor"])
+        assert (cfg.local_rope.theta, cfg.local_rope.rope_type) == (loc["rope_theta"], "default")
+        assert cfg.layer_types == tuple(spec["layer_types"])
+    else:
+        assert cfg.rope.theta == spec.get("rope_theta", 10000.0)
     scaling = spec.get("rope_scaling")
-    assert cfg.rope.rope_type == (scaling["rope_type"] if scaling else "default")
+    if "rope_parameters" not in spec:
+        assert cfg.rope.rope_type == (scaling["rope_type"] if scaling else "default")
     if scaling and "factor" in scaling:
         assert cfg.rope.factor == scaling["factor"]
     if cfg.rope.rope_type == "longrope":   # no factor: max / original positions, as HF does
         assert cfg.rope.factor == 4096 / 64 and cfg.rope.long_factor == tuple(
             scaling["long_factor"])
     assert (cfg.moe is not None) == (spec["arch"] in ("mixtral", "qwen3_moe"))
-    assert cfg.qk_norm == (spec["arch"] in ("qwen3", "qwen3_moe"))
+    assert cfg.qk_norm == (spec["arch"] in ("qwen3", "qwen3_moe", "gemma3_text"))
     assert cfg.sliding_window == spec.get("sliding_window")
-    assert cfg.tie_word_embeddings == bool(spec.get("tie_word_embeddings", False))
+    assert cfg.tie_word_embeddings == bool(spec.get("tie_word_embeddings", gemma))
     assert cfg.qkv_bias == (spec["arch"] == "qwen2" or bool(spec.get("attention_bias")))
     assert cfg.o_bias == bool(spec.get("attention_bias"))
     assert cfg.rms_norm_eps == raw["rms_norm_eps"]

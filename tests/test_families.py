@@ -13,10 +13,11 @@ import torch
 from ringserve import LLM, SamplingParams
 from ringserve.config import ModelConfig
 from ringserve.kernels import grouped_linear
-from ringserve.model import CausalLM, local_attention_fn
+from ringserve.model import CausalLM, model_attention_fn
 from tinymodels import hf_greedy, load_hf, tiny_model
 
-FAMILIES = ["qwen3", "phi3", "phi3-window", "mixtral", "qwen3-moe", "qwen3-moe-raw"]
+FAMILIES = ["qwen3", "phi3", "phi3-window", "mixtral", "qwen3-moe", "qwen3-moe-raw", "gemma2",
+            "gemma3"]
 
 
 def _ids(vocab: int, n: int, seed: int) -> torch.Tensor:
@@ -25,9 +26,7 @@ def _ids(vocab: int, n: int, seed: int) -> torch.Tensor:
 
 def _logits(model, ids, positions=None, **kw):
     positions = torch.arange(ids.shape[0]) if positions is None else positions
-    fn = local_attention_fn(window_size=model.window_size, backend="torch",
-                            softmax_scale=model.softmax_scale)
-    return model.logits(model(ids, positions, fn, **kw))
+    return model.logits(model(ids, positions, model_attention_fn(model, "torch"), **kw))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -76,6 +75,51 @@ def test_family_features_are_live(tmp_path_factory):
     ref = blk(x)
     blk.backend = "triton"
     assert (blk(x) - ref).abs().max() <= 1e-5
+
+
+def test_gemma_features_are_live(tmp_path_factory):
+    """Every Gemma mechanism changes the logits, so test_logits_equal_transformers can fail on
+    each: windows of the sliding layers (the 77-token prompt passes the 16-token window), the
+    attention and final soft-caps, query pre-scaling, Gemma 3's local RoPE base."""
+    ids = _ids(512, 77, 8)
+    g2 = CausalLM.from_pretrained(tiny_model(tmp_path_factory, "gemma2"))
+    assert g2.window_size == (15, None, 15) and g2.softcap == 2.0
+    assert g2.softmax_scale == 24 ** -0.5 and g2.config.hidden_act == "gelu_pytorch_tanh"
+    ids = ids % g2.config.vocab_size
+    base = _logits(g2, ids)
+
+    def differs(model, **attrs):
+        old = {k: getattr(model, k) for k in attrs}
+        for k, v in attrs.items():
+            setattr(model, k, v)
+        try:
+            return (_logits(model, ids) - base).abs().max().item() > 1e-3
+        finally:
+            for k, v in old.items():
+                setattr(model, k, v)
+
+    assert differs(g2, window_size=None)                 # windows live
+    assert differs(g2, window_size=(15, 15, 15))         # the global layer is global
+    assert differs(g2, softcap=None)                     # attention soft-cap live
+    assert differs(g2, softmax_scale=16 ** -0.5)         # query_pre_attn_scalar, not head_dim
+    g2.config.final_logit_softcap = None
+    try:
+        assert (_logits(g2, ids) - base).abs().max().item() > 1e-2
+    finally:
+        g2.config.final_logit_softcap = 20.0
+    # the scores of the window's edge: the torch path equals the Triton kernel (interpreted)
+    got = g2.logits(g2(ids, torch.arange(77), model_attention_fn(g2, "triton")))
+    assert (got - base).abs().max().item() <= 1e-4
+    g3 = CausalLM.from_pretrained(tiny_model(tmp_path_factory, "gemma3"))
+    assert g3.window_size == (15, 15, None, 15) and g3.softcap is None
+    assert g3.layer_rotary == [True, True, False, True]
+    assert g3.rotary.inv_freq[1] != g3.local_rotary.inv_freq[1]
+    base = _logits(g3, ids)
+    g3.layer_rotary = [False] * 4                        # every layer on the global RoPE
+    try:
+        assert (_logits(g3, ids) - base).abs().max().item() > 1e-3
+    finally:
+        g3.layer_rotary = [True, True, False, True]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
@@ -135,6 +179,24 @@ def test_unsupported_options_are_refused_by_name(tmp_path_factory, tmp_path):
     with pytest.raises(ValueError, match=r"num_experts_per_tok \(5\) must be in 1..num_experts "
                                          r"\(4\)"):
         ModelConfig.from_hf_dict(dict(moe, num_experts_per_tok=5))
+    gemma = json.loads((tiny_model(tmp_path_factory, "gemma3") / "config.json").read_text())
+    with pytest.raises(ValueError, match="use_bidirectional_attention is not supported"):
+        ModelConfig.from_hf_dict(dict(gemma, use_bidirectional_attention=True))
+    with pytest.raises(ValueError, match="layer type\\(s\\) 'chunked_attention' not supported"):
+        ModelConfig.from_hf_dict(dict(gemma, layer_types=["chunked_attention"] * 4))
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
+        ModelConfig.from_hf_dict(dict(gemma, hidden_activation="gelu"))
+    rp = dict(gemma["rope_parameters"], full_attention={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
+        ModelConfig.from_hf_dict(dict(gemma, rope_parameters=rp))
+    # transformers 4's spelling of Gemma 3's RoPE and layer pattern reads the same
+    old = {k: v for k, v in gemma.items() if k not in ("rope_parameters", "layer_types")}
+    old.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=3,
+               rope_scaling={"rope_type": "linear", "factor": 4.0})
+    new, got = ModelConfig.from_hf_dict(gemma), ModelConfig.from_hf_dict(old)
+    assert got.layer_types == new.layer_types and got.window_size == (15, 15, None, 15)
+    assert got.rope == new.rope and got.local_rope == new.local_rope
+    assert new.rope.theta == 1e6 and new.rope.factor == 4.0 and new.local_rope.theta == 1e4
     dst = _edit_config(tmp_path, tiny_model(tmp_path_factory, "qwen3"),
                        architectures=["DeepseekV3ForCausalLM"])
     with pytest.raises(ValueError, match="unsupported architecture 'DeepseekV3ForCausalLM'"):
@@ -161,7 +223,7 @@ def test_moe_checkpoint_missing_expert_is_named(tmp_path_factory, tmp_path):
 # long factors (the worker passes each row's sequence length), while the 37-token prompt, scored
 # in the same flat batch, keeps the short ones.
 LLM_CONFIGS = [("qwen3", 3, "ring"), ("phi3", 3, "ring"), ("mixtral", 2, "striped"),
-               ("qwen3-moe", 3, "striped")]
+               ("qwen3-moe", 3, "striped"), ("gemma2", 2, "striped"), ("gemma3", 3, "ring")]
 NEW_TOKENS = 32
 _REF = {}
 # Known gap: transformers' Phi-3 recomputes a sequence's whole cache with the long factors when
@@ -217,3 +279,37 @@ def test_llm_score_and_greedy_equal_transformers(served):
         out = llm.generate([ids], params)[0]
         assert out.token_ids == gen_ref, (len(ids), out.num_cached_tokens)
     assert out.num_cached_tokens >= len(ref[0][0])   # the extension reused the cached prompt
+
+
+# ---- chunked prefill and graph decode with per-layer windows (in-process ranks) ----
+
+@pytest.mark.parametrize("family,ws,layout", [("gemma2", 3, "striped"), ("gemma3", 2, "ring"),
+                                              ("gemma3", 1, "striped")])
+def test_chunked_prefill_and_graph_decode_equal_transformers(tmp_path_factory, family, ws,
+                                                             layout):
+    """Prompts cut into 16-token chunks (each chunk attends the prompt's earlier chunks through
+    the cache: the paged kernel for windowed layers, the gathered keys for global ones) and
+    decoded through the CUDA-graph path (emulated): Gemma's log-probs and greedy tokens equal
+    transformers'; the prompt extending a cached one reuses it."""
+    from threadgroup import ThreadGroup
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.tokenizer import Tokenizer
+
+    path, ref = _reference(tmp_path_factory, family)
+    group = ThreadGroup(ws, model=str(path), kv_tokens=1024, page_size=8, cuda_graphs="emulate")
+    eng = Engine(group, Tokenizer.from_dir(path), (), EngineConfig(
+        layout=layout, max_num_batched_tokens=16, passq_max_tokens=4, cuda_graphs=True))
+    try:
+        for ids, lp_ref, _ in ref[:2]:
+            out = eng.submit("score", ids).result(120)
+            torch.testing.assert_close(torch.tensor(out.logprobs[1:], dtype=torch.float64),
+                                       lp_ref, rtol=0, atol=5e-5)
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+        for ids, _, gen_ref in ref:
+            out = eng.submit("generate", ids, params).result(120)
+            assert out.token_ids == gen_ref, (len(ids), out.num_cached_tokens)
+        assert out.num_cached_tokens >= len(ref[0][0])
+        assert any(wk._graphs for wk in group.workers)      # decode went through the graphs
+    finally:
+        eng.shutdown()
+        group.shutdown()

@@ -376,8 +376,8 @@ def test_cudnn_plan_matches_the_mask():
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
-@pytest.mark.parametrize("causal,window", [(True, None), (False, 24)])
-def test_autotune_proxy_runs_the_kernel_with_the_real_key(monkeypatch, causal, window):
+@pytest.mark.parametrize("causal,window,softcap", [(True, None, False), (False, 24, True)])
+def test_autotune_proxy_runs_the_kernel_with_the_real_key(monkeypatch, causal, window, softcap):
     """The first long problem of a key is tuned on a small proxy (GPU only; tuning at 512K took
     ~2 minutes). Here the proxy's launch runs for real under the interpreter: its arguments
     must be a valid problem (output equal to the reference) and carry the real call's key."""
@@ -398,7 +398,7 @@ def test_autotune_proxy_runs_the_kernel_with_the_real_key(monkeypatch, causal, w
     monkeypatch.setattr(flash_fwd, "_proxied", set())
     q = torch.randn(1, 8, 4, 16)
     meta = dict(HEAD_DIM=16, BLOCK_D=16, CAUSAL=causal, HAS_WINDOW=window is not None,
-                USE_TMA=False, WARP_SPEC=False, DOT_PREC="ieee", IDX64=True)
+                USE_TMA=False, WARP_SPEC=False, DOT_PREC="ieee", IDX64=True, SOFTCAP=softcap)
     flash_fwd._tune_on_proxy(q, q[:, :, :2], q[:, :, :2], 4, 2, 16, meta, False)
     flash_fwd._tune_on_proxy(q, q[:, :, :2], q[:, :, :2], 4, 2, 16, meta, False)  # cached
     assert len(calls) == 1
@@ -406,5 +406,53 @@ def test_autotune_proxy_runs_the_kernel_with_the_real_key(monkeypatch, causal, w
     assert got_meta == meta                       # the same constexpr key
     assert args[-1] == min(triton.next_power_of_2(48), 1 << 14)  # SEQ_BUCKET
     pq, pk, pv, po, pl = args[:5]
-    ref_o, ref_l = attention_ref(pq, pk, pv, None, causal, 1024 if window else None)
+    ref_o, ref_l = attention_ref(pq, pk, pv, None, causal, 1024 if window else None,
+                                 softcap=50.0 if softcap else None)
     assert (po.double() - ref_o).abs().max().item() < 1e-4
+
+
+# Gemma 2's attention-logit soft-capping: scores c * tanh(s / c). A small cap next to scores of
+# a few units (inputs scaled by 3) makes the capped and uncapped results differ visibly.
+SOFTCAP_CASES = {
+    "causal-gqa-window": (1, 77, 211, 4, 2, 32, True, 40, 134, 1, 0, 1, torch.float32),
+    "striped-causal": (1, 77, 211, 2, 1, 16, True, None, 1, 3, 2, 3, torch.float32),
+    "fp16-plain": (1, 77, 211, 4, 2, 64, False, None, 0, 1, 0, 1, torch.float16),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+def test_attention_softcap_matches_reference(case, backend):
+    B, Sq, Sk, Hq, Hkv, D, causal, window, qo, qs, ko, ks, dtype = SOFTCAP_CASES[case]
+    q, k, v = qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed=zlib.crc32(case.encode()) % 10_000)
+    q = (q.float() * 3).to(dtype)
+    cap = 2.5
+    out, lse = attention(q, k, v, None, causal, window, qo, qs, ko, ks, backend=backend,
+                         softcap=cap)
+    ref_out, ref_lse = attention_ref(q, k, v, None, causal, window, qo, qs, ko, ks, softcap=cap)
+    lowp = None
+    if dtype != torch.float32:
+        lowp, _ = attention_ref(q, k, v, None, causal, window, qo, qs, ko, ks, dtype=dtype,
+                                softcap=cap)
+    check_close(out, lse, ref_out, ref_lse, dtype, lowp)
+    plain, _ = attention_ref(q, k, v, None, causal, window, qo, qs, ko, ks)
+    assert (plain - ref_out).abs().max() > 0.1   # the cap is live in these cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_decode_softcap_matches_reference(backend):
+    for dtype in (torch.float32, torch.float16):
+        q, kc, vc, bt, sl, qp, kp = paged_case(2, 3, 8, 2, 16, 8, [131, 100], dtype, seed=91,
+                                               positions=True)
+        q = (q.float() * 3).to(dtype)
+        out, lse = paged_decode(q, kc, vc, bt, sl, None, True, 300, qp, kp, backend=backend,
+                                softcap=3.0)
+        ref_out, ref_lse = paged_decode_ref(q, kc, vc, bt, sl, None, True, 300, qp, kp,
+                                            softcap=3.0)
+        lowp = None
+        if dtype != torch.float32:
+            lowp, _ = paged_decode_ref(q, kc, vc, bt, sl, None, True, 300, qp, kp, dtype=dtype,
+                                       softcap=3.0)
+        check_close(out, lse, ref_out, ref_lse, dtype, lowp)
+        plain, _ = paged_decode_ref(q, kc, vc, bt, sl, None, True, 300, qp, kp)
+        assert (plain - ref_out).abs().max() > 0.1

@@ -25,6 +25,11 @@ tokenizer_config.json with a chat template and generation_config.json. Names:
   mixtral        4 experts, top-2 (renormalised), GQA 4/2
   qwen3-moe      8 experts, top-2 with norm_topk_prob, q/k norm, layer 1 a dense MLP
   qwen3-moe-raw  qwen3-moe without norm_topk_prob, MoE every 2nd layer (decoder_sparse_step 2)
+  gemma2         3 layers sliding (window 16) / global / sliding, attention soft-cap 2 and
+                 final soft-cap 20 (small, so that they bite on random weights), query scalar 24,
+                 GeGLU, GQA 4/2, tied embeddings
+  gemma3         4 layers (global third), q/k norm, RoPE 10K on sliding layers and 1M with
+                 linear factor 4 on the global one, final soft-cap 20, window 16
 
 Weights are re-drawn after HF's initialisation (seeded) with scales that make attention
 non-uniform and norms/biases non-trivial, so the comparisons have something to catch.
@@ -117,6 +122,19 @@ TINY_MODELS: Dict[str, dict] = {
                           rope_theta=1000000.0, num_experts=8, num_experts_per_tok=3,
                           moe_intermediate_size=48, norm_topk_prob=False,
                           decoder_sparse_step=2),
+    "gemma2": dict(arch="gemma2", tokenizer="metaspace-inst", num_key_value_heads=2,
+                   num_hidden_layers=3, sliding_window=16, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=20.0, query_pre_attn_scalar=24,
+                   hidden_activation="gelu_pytorch_tanh", pad_token_id=0),
+    "gemma3": dict(arch="gemma3_text", tokenizer="metaspace-inst", num_key_value_heads=2,
+                   num_hidden_layers=4, sliding_window=16, final_logit_softcapping=20.0,
+                   query_pre_attn_scalar=24, pad_token_id=0,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                "sliding_attention"],
+                   rope_parameters={
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                       "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                          "rope_theta": 1000000.0}}),
 }
 
 
@@ -223,7 +241,8 @@ def hf_config(name: str, vocab_size: int, bos: int = None, eos=None):
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "phi3": transformers.Phi3Config, "mixtral": transformers.MixtralConfig,
-           "qwen3_moe": transformers.Qwen3MoeConfig}[arch]
+           "qwen3_moe": transformers.Qwen3MoeConfig, "gemma2": transformers.Gemma2Config,
+           "gemma3_text": transformers.Gemma3TextConfig}[arch]
     kw = dict(COMMON, **spec)
     if arch in ("qwen2", "phi3"):
         kw.pop("head_dim")  # derived: 64 / 4 = 16
@@ -234,10 +253,12 @@ def _redraw(model: torch.nn.Module, seed: int) -> None:
     """Seeded weights with O(1) activations: attention scores of order one, norms and biases
     visibly different from their HF defaults (ones / zeros)."""
     g = torch.Generator().manual_seed(seed)
+    # Gemma's norms scale by (1 + w): w near 0 there
+    one = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(one + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
@@ -259,7 +280,8 @@ def build_tiny_model(path: Path, name: str, seed: int = 0) -> Path:
     model = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
              "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
              "phi3": transformers.Phi3ForCausalLM, "mixtral": transformers.MixtralForCausalLM,
-             "qwen3_moe": transformers.Qwen3MoeForCausalLM}[TINY_MODELS[name]["arch"]](cfg)
+             "qwen3_moe": transformers.Qwen3MoeForCausalLM, "gemma2": transformers.Gemma2ForCausalLM,
+             "gemma3_text": transformers.Gemma3ForCausalLM}[TINY_MODELS[name]["arch"]](cfg)
     _redraw(model, seed)
     model.eval()
     kw = {}

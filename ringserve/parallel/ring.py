@@ -114,12 +114,14 @@ def _kv_view(buf: torch.Tensor, length: int, shape_tail) -> torch.Tensor:
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len: int,
                    layout: str, transport: Transport, causal: bool = True,
                    window_size: Optional[int] = None, softmax_scale: Optional[float] = None,
-                   backend: str = "auto", stats: Optional[RingStats] = None):
+                   backend: str = "auto", stats: Optional[RingStats] = None,
+                   softcap: Optional[float] = None):
     """This rank's shard of exact attention over the whole sequence.
 
     q (B, S_r, Hq, D), k/v (B, S_r, Hkv, D): this rank's tokens in the layout
     `layout.shard(total_len, N, rank, layout)`. Returns out (B, S_r, Hq, D) in q.dtype and
-    lse (B, Hq, S_r) float32. `stats`, if given, is filled in.
+    lse (B, Hq, S_r) float32. `stats`, if given, is filled in. softcap: the kernels' score
+    soft-capping (Gemma 2), None for none.
     """
     n, rank = transport.world_size, transport.rank
     plan = plan_ring(total_len, n, rank, layout, causal, window_size)
@@ -164,7 +166,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
             out_b, lse_b = kernels.attention(
                 q, held[0], held[1], softmax_scale=softmax_scale, causal=causal,
                 window_size=window_size, q_offset=me.offset, q_stride=me.stride,
-                k_offset=src.offset, k_stride=src.stride, backend=backend)
+                k_offset=src.offset, k_stride=src.stride, backend=backend, softcap=softcap)
             if out_acc is None:
                 out_acc, lse_acc = out_b.float(), lse_b.float()
             else:

@@ -57,12 +57,16 @@ def merge_rows(transport, o: torch.Tensor, lse: torch.Tensor):
 
 class StepAttention:
     def __init__(self, plan: RankPlan, tables: List[torch.Tensor], pool, rank: int,
-                 world_size: int, transport, softmax_scale: float, window_size: Optional[int],
-                 backend: str):
-        """tables[i]: sequence i's page table on this rank after the step (CPU int32)."""
+                 world_size: int, transport, softmax_scale: float, window_size,
+                 backend: str, softcap: Optional[float] = None):
+        """tables[i]: sequence i's page table on this rank after the step (CPU int32).
+        window_size: an int or None for every layer, or a tuple with one per layer (Gemma);
+        softcap: the kernels' score soft-capping (Gemma 2)."""
         self.plan, self.pool = plan, pool
         self.rank, self.world_size, self.transport = rank, world_size, transport
         self.scale, self.window, self.backend = softmax_scale, window_size, backend
+        self.softcap = softcap
+        self.layer_windows = window_size if isinstance(window_size, (tuple, list)) else None
         dev = pool.k.device
         i32 = dict(dtype=torch.int32, device=dev)
         i64 = dict(dtype=torch.int64, device=dev)
@@ -123,10 +127,13 @@ class StepAttention:
         return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
                                     softmax_scale=self.scale, causal=True,
                                     window_size=self.window, q_pos=q_pos,
-                                    kv_pos=self.pool.kv_pos, backend=self.backend)
+                                    kv_pos=self.pool.kv_pos, backend=self.backend,
+                                    softcap=self.softcap)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         q, k, v = q[0], k[0], v[0]                      # (T, H, D)
+        if self.layer_windows is not None:              # this layer's window (Gemma)
+            self.window = self.layer_windows[layer]
         if self.write_all:
             self.pool.write(layer, self.w_slots, k, v)
         else:
@@ -191,11 +198,12 @@ class StepAttention:
         if self.world_size == 1:
             o, lse = kernels.attention(q[None], k[None], v[None], softmax_scale=self.scale,
                                        causal=True, window_size=self.window,
-                                       backend=self.backend)
+                                       backend=self.backend, softcap=self.softcap)
         else:
             o, lse = ring_attention(q[None], k[None], v[None], s.chunk_len, self.plan.layout,
                                     self.transport, causal=True, window_size=self.window,
-                                    softmax_scale=self.scale, backend=self.backend)
+                                    softmax_scale=self.scale, backend=self.backend,
+                                    softcap=self.softcap)
         if s.chunk_start == 0:
             return o[0]
         o, lse = o[0].float(), lse[0].t().contiguous()                 # (S, Hq, D), (S, Hq)
@@ -242,7 +250,7 @@ class StepAttention:
             for kk, vv, nb in parts:
                 o, lse = kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
                                            softmax_scale=self.scale, causal=False,
-                                           backend=self.backend)
+                                           backend=self.backend, softcap=self.softcap)
                 for j in range(nb):
                     oj, lj = o[j].float(), lse[j].t().contiguous()
                     if acc_o is None:
