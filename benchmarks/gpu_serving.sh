@@ -66,17 +66,18 @@ case "$PART" in
          # GPU 1 beside the single-request figures of both engines on GPU 0; then world size 2
     mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
     (export CUDA_VISIBLE_DEVICES=1
-     PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 150 python3 /tmp/old/benchmarks/profile_decode.py \
-       --lengths 32768 --steps 32 > "$OUT/profile_decode_old.log" 2>&1
+     [ -n "${SKIP_OLD:-}" ] || PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 150 python3 \
+       /tmp/old/benchmarks/profile_decode.py --lengths 32768 --steps 32 \
+       > "$OUT/profile_decode_old.log" 2>&1
      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 150 python3 "$REPO/benchmarks/profile_decode.py" \
        --lengths 32768 --steps 32 > "$OUT/profile_decode_new.log" 2>&1
      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 200 python3 "$REPO/benchmarks/profile_step.py" \
        --preset llama3-8b --doc-len 131072 --prefill-len 65536 --budget 2048 \
        > "$OUT/profile_step.log" 2>&1) &
     (export CUDA_VISIBLE_DEVICES=0
-     PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 170 python3 /tmp/old/benchmarks/bench_e2e.py \
-       --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --json "$OUT/e2e_old.json" \
-       > "$OUT/e2e_old.log" 2>&1
+     [ -n "${SKIP_OLD:-}" ] || PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 170 python3 \
+       /tmp/old/benchmarks/bench_e2e.py --world-size 1 --lengths 131072 --no-hf \
+       --decode-tokens 64 --json "$OUT/e2e_old.json" > "$OUT/e2e_old.log" 2>&1
      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 200 python3 "$REPO/benchmarks/bench_serving.py" \
        --scenarios single --json "$OUT/serving_single_ws1.json" > "$OUT/serving_single_ws1.log" 2>&1)
     wait
