@@ -8,6 +8,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ringserve.parallel.tp import TPGrid
 from ringserve.parallel.transport import DEFAULT_TIMEOUT_S, TransportSpec
 from .worker import ShardWorker
 
@@ -28,10 +29,13 @@ class GroupConfig:
     placement_timeout_s: float = 60.0        # how long to wait for the cluster's resources
     worker_kwargs: dict = field(default_factory=dict)
     startup_timeout_s: float = 300.0         # actors' __init__ (imports, model load)
+    tp_size: int = 1                         # GPUs per shard (tensor parallel), one node each
 
     def __post_init__(self):
         if self.world_size < 1:
             raise ValueError(f"world_size ({self.world_size}) must be >= 1")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size ({self.tp_size}) must be >= 1")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.placement_strategy not in STRATEGIES:
@@ -46,16 +50,26 @@ class GroupConfig:
 
 class ActorGroup:
     """N `worker_cls` actors, rank i pinned to bundle i of one placement group, joined by a
-    transport (gloo on CPU, NCCL on CUDA). Needs `ray.init()` done by the caller."""
+    transport (gloo on CPU, NCCL on CUDA). Needs `ray.init()` done by the caller.
+
+    With tp_size t > 1 each rank (sequence shard) is t actors, its tensor-parallel group: bundle
+    i holds t GPUs (a bundle is never split across nodes: the TP group shares a node, NVLink),
+    and the strategy places the N bundles (SPREAD: the groups over nodes). Actors are listed
+    shard-major (`actors[i * t + r]`: shard i, TP rank r); each joins the ring of its TP index
+    and its shard's TP group. Callers still see N ranks: `call` and `call_per_rank` send rank
+    i's arguments to its t actors and return TP rank 0's answer (the TP group computes the
+    same rows; `call_actors` returns every actor's)."""
 
     def __init__(self, world_size: int, device: str = "cpu", worker_cls=ShardWorker,
                  placement_strategy: str = "STRICT_PACK", num_cpus_per_worker: float = 1.0,
                  worker_kwargs: Optional[dict] = None,
                  transport_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 placement_timeout_s: float = 60.0, startup_timeout_s: float = 300.0):
+                 placement_timeout_s: float = 60.0, startup_timeout_s: float = 300.0,
+                 tp_size: int = 1):
         self.config = GroupConfig(world_size, device, placement_strategy, num_cpus_per_worker,
                                   transport_timeout_s, placement_timeout_s,
-                                  dict(worker_kwargs or {}), startup_timeout_s)
+                                  dict(worker_kwargs or {}), startup_timeout_s, tp_size)
+        self.grid = TPGrid(world_size, tp_size)
         self.worker_cls = worker_cls
         self.actors: List[Any] = []
         self.placement_group = None
@@ -66,14 +80,18 @@ class ActorGroup:
         return self.config.world_size
 
     @property
+    def tp_size(self) -> int:
+        return self.config.tp_size
+
+    @property
     def device(self) -> str:
         return self.config.device
 
     def _bundles(self):
         c = self.config
-        b = {"CPU": c.num_cpus_per_worker}
+        b = {"CPU": c.num_cpus_per_worker * c.tp_size}
         if c.device == "cuda":
-            b["GPU"] = 1
+            b["GPU"] = c.tp_size
         return [dict(b) for _ in range(c.world_size)]
 
     def _start(self) -> None:
@@ -89,11 +107,13 @@ class ActorGroup:
         self.placement_group = pg
         remote_cls = ray.remote(num_cpus=c.num_cpus_per_worker,
                                 num_gpus=1 if c.device == "cuda" else 0)(self.worker_cls)
+        def tp(r):  # workers that know nothing of TP keep working at tp_size 1
+            return {} if c.tp_size == 1 else {"tp_rank": r, "tp_size": c.tp_size}
         self.actors = [
             remote_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=rank)
-            ).remote(rank, c.world_size, c.device, **c.worker_kwargs)
-            for rank in range(c.world_size)]
+            ).remote(rank, c.world_size, c.device, **tp(r), **c.worker_kwargs)
+            for rank in range(c.world_size) for r in range(c.tp_size)]
         try:
             self._setup_transport()
         except BaseException:
@@ -109,16 +129,27 @@ class ActorGroup:
             try:
                 ray.get([a.health.remote() for a in self.actors], timeout=c.startup_timeout_s)
             except ray.exceptions.GetTimeoutError as e:
-                raise GroupSetupError(f"{c.world_size} workers did not start within "
+                raise GroupSetupError(f"{len(self.actors)} workers did not start within "
                                       f"{c.startup_timeout_s:.0f} s") from e
             if c.device == "cuda":
-                uid = ray.get(self.actors[0].nccl_unique_id.remote(), timeout=t)
-                spec = TransportSpec("nccl", unique_id=uid, timeout_s=t)
+                # one NCCL id per communicator: the ring of each TP index, then each TP group
+                n = 1 if c.tp_size == 1 else c.tp_size + c.world_size
+                ids = ray.get([self.actors[0].nccl_unique_id.remote() for _ in range(n)],
+                              timeout=t)
+                specs = [TransportSpec("nccl", unique_id=u, timeout_s=t) for u in ids]
+                if c.tp_size == 1:
+                    args = [(specs[0],)] * len(self.actors)
+                else:
+                    rings, groups = specs[:c.tp_size], specs[c.tp_size:]
+                    args = [(rings[r], groups[i]) for i in range(c.world_size)
+                            for r in range(c.tp_size)]
             else:
                 host, port = ray.get(self.actors[0].comm_address.remote(t), timeout=t)
                 spec = TransportSpec("gloo", host=host, port=port, timeout_s=t)
+                args = [(spec,) if c.tp_size == 1 else (spec, spec)] * len(self.actors)
             # every rank joins at once: communicator creation blocks until all are in
-            ray.get([a.setup_transport.remote(spec) for a in self.actors], timeout=t)
+            ray.get([a.setup_transport.remote(*x) for a, x in zip(self.actors, args)],
+                    timeout=t)
         except ray.exceptions.GetTimeoutError as e:
             raise GroupSetupError(f"transport setup of {c.world_size} ranks ({c.device}) did "
                                   f"not finish within {t:.0f} s") from e
@@ -126,7 +157,14 @@ class ActorGroup:
     # ---- calls ----
 
     def call(self, method: str, *args, timeout_s: Optional[float] = None, **kwargs) -> list:
-        """`method(*args, **kwargs)` on every rank at once; results in rank order."""
+        """`method(*args, **kwargs)` on every rank at once; results in rank order (with tensor
+        parallelism: every actor runs it, TP rank 0 of each shard answers)."""
+        return self.call_actors(method, *args, timeout_s=timeout_s, **kwargs)[::self.tp_size]
+
+    def call_actors(self, method: str, *args, timeout_s: Optional[float] = None,
+                    **kwargs) -> list:
+        """`method(*args, **kwargs)` on every actor at once; results in actor order (shard-major:
+        shard i's TP ranks at i * tp_size ...)."""
         if not self.actors:  # shut down, or a rebuild failed: [] would pass for "no results"
             raise GroupSetupError(f"the group has no actors (shut down, or its last start "
                                   f"failed); rebuild() it before calling {method!r}")
@@ -142,11 +180,13 @@ class ActorGroup:
         if len(args_list) != self.world_size:
             raise ValueError(f"args_list has {len(args_list)} entries for "
                              f"{self.world_size} ranks")
-        return ray.get([getattr(a, method).remote(*args)
-                        for a, args in zip(self.actors, args_list)], timeout=timeout_s)
+        t = self.tp_size
+        refs = [getattr(a, method).remote(*args_list[i // t]) for i, a in enumerate(self.actors)]
+        return ray.get(refs, timeout=timeout_s)[::t]
 
     def health(self, timeout_s: float = 30.0) -> List[dict]:
-        return self.call("health", timeout_s=timeout_s)
+        """Every actor's (with tensor parallelism: shard i's TP ranks at i * tp_size ...)."""
+        return self.call_actors("health", timeout_s=timeout_s)
 
     # ---- lifecycle ----
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ringserve.parallel.ring import RingStats, ring_attention
+from ringserve.parallel.tp import TPComm, TPGrid
 from ringserve.parallel.transport import (GlooTransport, NcclTransport, Transport,
                                           TransportSpec, make_store, nccl_unique_id)
 
@@ -28,12 +29,23 @@ def _node_ip() -> str:
 class ShardWorker:
     """Owns this rank's device and transport. Methods are called on every rank by the group."""
 
-    def __init__(self, rank: int, world_size: int, device: str = "cpu", **kwargs):
+    def __init__(self, rank: int, world_size: int, device: str = "cpu", tp_rank: int = 0,
+                 tp_size: int = 1, **kwargs):
+        """rank / world_size: this actor's sequence shard and the number of shards (the ring);
+        tp_rank / tp_size: its place in the shard's tensor-parallel group."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
+        if tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank ({tp_rank}) must be in [0, tp_size ({tp_size}))")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.rank, self.world_size = rank, world_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.grid = TPGrid(world_size, tp_size)
+        # the ring (self.transport) joins TP rank tp_rank of every shard; the TP group's
+        # transport reaches the model's parallel layers through tp_comm
+        self.tp_comm = TPComm()
+        self._whole: Optional[Transport] = None    # gloo with TP: the group of all actors
         if device == "cuda":
             # Ray sets CUDA_VISIBLE_DEVICES to the one GPU of this actor: it is cuda:0 here
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -49,16 +61,22 @@ class ShardWorker:
     def comm_address(self, timeout_s: float = 120.0):
         """Rank 0: start the gloo rendezvous store on a free port; returns (host, port)."""
         host = _node_ip()
-        self._store, port = make_store(host, self.world_size, timeout_s)
+        self._store, port = make_store(host, self.grid.num_gpus, timeout_s)
         return host, port
 
     def nccl_unique_id(self):
         """Rank 0: a fresh NCCL unique id for this group."""
         return nccl_unique_id()
 
-    def setup_transport(self, spec: TransportSpec) -> bool:
-        """Build the transport (blocks until every rank has joined); returns True."""
+    def setup_transport(self, spec: TransportSpec, tp_spec: Optional[TransportSpec] = None
+                        ) -> bool:
+        """Build the transport (blocks until every rank has joined); returns True. With
+        tensor parallelism, `spec` is this actor's ring (NCCL: its TP index's id; gloo: the
+        store of the whole group, cut into rings and TP groups here) and `tp_spec` its TP
+        group's."""
         self.close_transport()
+        if self.tp_size > 1:
+            return self._setup_tp_transports(spec, tp_spec)
         if spec.backend == "gloo":
             self.transport = GlooTransport(self.rank, self.world_size, spec.host, spec.port,
                                            spec.timeout_s,
@@ -69,15 +87,46 @@ class ShardWorker:
         self._store = None
         return True
 
+    def _setup_tp_transports(self, spec: TransportSpec, tp_spec: Optional[TransportSpec]
+                             ) -> bool:
+        if tp_spec is None:
+            raise ValueError(f"tp_size is {self.tp_size}: setup_transport needs tp_spec")
+        me = self.grid.actor(self.rank, self.tp_rank)
+        if spec.backend == "gloo":
+            # one torch.distributed group per process: the whole group, then its subgroups
+            self._whole = GlooTransport(me, self.grid.num_gpus, spec.host, spec.port,
+                                        spec.timeout_s, store=self._store if me == 0 else None)
+            self.transport = self._whole.subgroup(self.grid.rings())
+            tp = self._whole.subgroup(self.grid.tp_groups())
+        else:
+            # every actor joins its ring first, then its TP group: no communicator waits on
+            # an actor still blocked in the other
+            self.transport = NcclTransport(self.rank, self.world_size, spec.unique_id,
+                                           self.device, spec.timeout_s)
+            tp = NcclTransport(self.tp_rank, self.tp_size, tp_spec.unique_id, self.device,
+                               tp_spec.timeout_s)
+        if (self.transport.rank, self.transport.world_size) != (self.rank, self.world_size) or \
+                (tp.rank, tp.world_size) != (self.tp_rank, self.tp_size):
+            raise RuntimeError(f"actor {me}: ring rank {self.transport.rank}/"
+                               f"{self.transport.world_size} and TP rank {tp.rank}/"
+                               f"{tp.world_size}, expected {self.rank}/{self.world_size} and "
+                               f"{self.tp_rank}/{self.tp_size}")
+        self.tp_comm.transport = tp
+        self._store = None
+        return True
+
     def close_transport(self) -> None:
-        if self.transport is not None:
-            t, self.transport = self.transport, None
-            t.close()
+        tp, self.tp_comm.transport = self.tp_comm.transport, None
+        for t in (tp, self.transport, self._whole):
+            if t is not None:
+                t.close()
+        self.transport = self._whole = None
 
     # ---- checks ----
 
     def health(self) -> dict:
-        info = {"rank": self.rank, "world_size": self.world_size, "device": str(self.device),
+        info = {"rank": self.rank, "world_size": self.world_size, "tp_rank": self.tp_rank,
+                "tp_size": self.tp_size, "device": str(self.device),
                 "pid": os.getpid(), "host": socket.gethostname(),
                 "transport": type(self.transport).__name__ if self.transport else None}
         try:

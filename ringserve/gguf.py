@@ -327,9 +327,12 @@ def load_gguf_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
         raise GGUFError(f"{ckpt.path} has tensor(s) the model does not use: "
                         f"{', '.join(unexpected[:5])}")
     device = next(iter(params.values())).device
+    tp = getattr(model, "tp", None)    # tensor parallelism: keep this rank's slice
     with torch.no_grad():
         for n in sorted(wanted):
             t = ckpt.tensor(names[n], device)
+            if tp is not None and tp.shard(n) is not None:
+                t = tp.shard(n).take(t)
             p = params[n]
             if tuple(t.shape) != tuple(p.shape):
                 raise GGUFError(f"{ckpt.path}: tensor {names[n]} has shape {tuple(t.shape)}, "

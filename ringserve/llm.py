@@ -1,12 +1,13 @@
 """The public Python API: `ringserve.LLM` (see docs/architecture.md).
 
-One LLM = one actor group of `world_size` model shard workers (one GPU each, or CPU actors)
-plus the engine thread that runs every request in flight through it as one batch per step
-(continuous batching). Safe to call from several threads; `generate(list)` runs the list
-concurrently.
+One LLM = one actor group of context_parallel_size (world_size) sequence shards, each on
+tensor_parallel_size model workers (one GPU each, or CPU actors), plus the engine thread that
+runs every request in flight through it as one batch per step (continuous batching). Safe to
+call from several threads; `generate(list)` runs the list concurrently.
 """
 from __future__ import annotations
 
+import os
 import queue
 import warnings
 from concurrent.futures import wait as futures_wait
@@ -74,11 +75,11 @@ class _Stream:
 
 
 class LLM:
-    def __init__(self, model: Union[str, Path, dict], world_size: int = 1,
+    def __init__(self, model: Union[str, Path, dict], world_size: Optional[int] = None,
                  layout: str = "striped", device: str = "cpu", dtype: Optional[str] = None,
                  max_kv_tokens: Optional[int] = None,
                  document_cache_tokens: Optional[int] = None,
-                 ray_address: Optional[str] = None, placement_strategy: str = "STRICT_PACK",
+                 ray_address: Optional[str] = None, placement_strategy: Optional[str] = None,
                  page_size: Optional[int] = None, chunk_tokens: Optional[int] = None,
                  max_num_seqs: Optional[int] = None,
                  max_num_batched_tokens: Optional[int] = None,
@@ -90,7 +91,8 @@ class LLM:
                  step_timeout_s: Optional[float] = None, max_recoveries: int = 2,
                  cascade: bool = True, warmup: bool = True, schedule: Optional[str] = None,
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
-                 progress_min_tokens: int = 0):
+                 progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
+                 tensor_parallel_size: int = 1):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -109,7 +111,13 @@ class LLM:
         at start-up instead of mid-request). A worker fault rebuilds the
         group and in-flight requests recompute (at most `max_recoveries` times each).
         Deprecated: `schedule` (say `layout`), `extend_chunk` (`passq_max_tokens`),
-        `decode_steps` (ignored), `progress_min_tokens` (ignored: progress is per chunk)."""
+        `decode_steps` (ignored), `progress_min_tokens` (ignored: progress is per chunk).
+
+        Parallelism: `context_parallel_size` c sequence shards (the ring; `world_size` is its
+        other name while t is 1), each on `tensor_parallel_size` t GPUs that split the model's
+        heads, MLP and vocabulary (one node each): c x t GPUs in all. The default
+        `placement_strategy` is STRICT_PACK (every GPU on one node) when t is 1, SPREAD (the
+        TP groups over nodes, each group packed on one) when t > 1."""
         if schedule is not None:
             warnings.warn("LLM(schedule=...) is deprecated: the shard layout is now called "
                           "layout=...", DeprecationWarning, stacklevel=2)
@@ -122,8 +130,9 @@ class LLM:
             warnings.warn("LLM(decode_steps=...) is deprecated and ignored: each engine step "
                           "decodes one token of every running request", DeprecationWarning,
                           stacklevel=2)
-        if world_size < 1:
-            raise ValueError(f"world_size ({world_size}) must be >= 1")
+        from .parallel.tp import check_tp, parallel_sizes
+        world_size, tp_size = parallel_sizes(world_size, context_parallel_size,
+                                             tensor_parallel_size)
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         from ringserve.kernels import BACKENDS
@@ -152,8 +161,15 @@ class LLM:
                            progress_min_tokens=progress_min_tokens)
         if isinstance(model, Path):
             model = str(model)
+        if tp_size > 1:   # before any actor starts: the split must fit the model's shape
+            from .config import ModelConfig
+            check_tp(ModelConfig.from_hf_dict(model["config"]) if isinstance(model, dict)
+                     else ModelConfig.from_dir(model), tp_size)
+        if placement_strategy is None:
+            placement_strategy = "STRICT_PACK" if tp_size == 1 else "SPREAD"
         self.model = model
         self.world_size, self.layout, self.device = world_size, layout, device
+        self.context_parallel_size, self.tensor_parallel_size = world_size, tp_size
         self.config = cfg
 
         self.tokenizer = None
@@ -170,6 +186,13 @@ class LLM:
 
         if not ray.is_initialized():
             ray.init(address=ray_address)
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if (gpus < world_size * tp_size and gpu and ray_address is None
+                    and not os.environ.get("RAY_ADDRESS")):
+                # a cluster started here does not grow: say so now, not after a timeout
+                raise ValueError(
+                    f"context_parallel_size ({world_size}) x tensor_parallel_size ({tp_size}) "
+                    f"= {world_size * tp_size} GPUs, this machine's Ray cluster has {gpus:g}")
         from ringserve.actors import ActorGroup
         from ringserve.actors.model_worker import ModelShardWorker
 
@@ -186,7 +209,7 @@ class LLM:
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,
                                  worker_kwargs=worker_kwargs,
-                                 transport_timeout_s=transport_timeout_s)
+                                 transport_timeout_s=transport_timeout_s, tp_size=tp_size)
         try:
             if warmup and gpu:
                 self._group.call("warmup")

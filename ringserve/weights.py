@@ -104,11 +104,14 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
         open_dev = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     else:
         open_dev = "cpu"
+    # tensor parallelism (ringserve.parallel.tp): only this rank's slice is read
+    tp = getattr(model, "tp", None)
     with torch.no_grad():
         for fp, names in by_file.items():
             with safe_open(str(fp), framework="pt", device=open_dev) as f:
                 for n in names:
-                    t = f.get_tensor(n)
+                    spec = tp.shard(n) if tp is not None else None
+                    t = f.get_tensor(n) if spec is None else spec.take(f.get_slice(n))
                     p = params[slots[n][0]][slots[n][1]] if n in slots else params[n]
                     if tuple(t.shape) != tuple(p.shape):
                         raise ValueError(f"tensor {n!r} in {fp.name} has shape {tuple(t.shape)}, "

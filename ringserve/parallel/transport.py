@@ -102,6 +102,17 @@ class Transport:
         """
         raise NotImplementedError
 
+    def all_reduce(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
+                   blocking: bool = True) -> torch.Tensor:
+        """Sum of every rank's `tensor` (same shape and dtype everywhere), written into `tensor`
+        and returned; the same bits on every rank. blocking as in `all_gather`. This default
+        sums an all-gather in rank order (tests); the real transports use their collective."""
+        parts = self.all_gather(tensor, timeout_s, blocking)
+        acc = parts[0].clone()
+        for p in parts[1:]:
+            acc += p
+        return tensor.copy_(acc)
+
     def synchronize(self, timeout_s: Optional[float] = None) -> None:
         """Wait, with a deadline, until the work queued so far (communication included) is
         done. Nothing to do for CPU transports."""
@@ -176,7 +187,13 @@ class GlooTransport(Transport):
     """gloo over torch.distributed: isend/irecv, one process group per process.
 
     Rank 0 passes the store from `make_store`; the others pass `host`/`port` of that store.
+    `subgroup(groups)` cuts the process group into communicators of a few ranks each (tensor
+    parallelism: the ring of each TP index and each shard's TP group), each a `GlooTransport`
+    whose rank and world size are those inside its group.
     """
+
+    _group = None          # None: the whole process group; else a torch.distributed subgroup
+    _ranks: Optional[List[int]] = None   # this group's members as ranks of the whole group
 
     def __init__(self, rank: int, world_size: int, host: str = "127.0.0.1", port: int = 0,
                  timeout_s: float = DEFAULT_TIMEOUT_S, store=None):
@@ -207,24 +224,62 @@ class GlooTransport(Transport):
             return _DoneHandle()
         works = []
         if send_tensor is not None:
-            works.append(self._dist.isend(send_tensor.contiguous(), self.next_rank))
+            works.append(self._dist.isend(send_tensor.contiguous(), self._whole(self.next_rank),
+                                          group=self._group))
         if recv_tensor is not None:
             if not recv_tensor.is_contiguous():
                 raise ValueError("recv_tensor must be contiguous")
-            works.append(self._dist.irecv(recv_tensor, self.prev_rank))
+            works.append(self._dist.irecv(recv_tensor, self._whole(self.prev_rank),
+                                          group=self._group))
         return _GlooHandle(self, works, self.prev_rank if recv_tensor is not None
                            else self.next_rank)
 
     def all_gather(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
                    blocking: bool = True):
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        work = self._dist.all_gather(out, tensor.contiguous(), async_op=True)
+        work = self._dist.all_gather(out, tensor.contiguous(), group=self._group, async_op=True)
         _GlooHandle(self, [work], None, "all_gather").wait(timeout_s)
         return out
 
+    def all_reduce(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
+                   blocking: bool = True) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        if not tensor.is_contiguous():
+            raise ValueError("all_reduce needs a contiguous tensor (it sums in place)")
+        work = self._dist.all_reduce(tensor, group=self._group, async_op=True)
+        _GlooHandle(self, [work], None, "all_reduce").wait(timeout_s)
+        return tensor
+
     def barrier(self, timeout_s: Optional[float] = None) -> None:
-        work = self._dist.barrier(async_op=True)
+        work = self._dist.barrier(group=self._group, async_op=True)
         _GlooHandle(self, [work], None, "barrier").wait(timeout_s)
+
+    def _whole(self, rank: int) -> int:
+        """A rank of this group as a rank of the whole process group."""
+        return rank if self._ranks is None else self._ranks[rank]
+
+    def subgroup(self, groups: List[List[int]]) -> "GlooTransport":
+        """Every process calls this with the same `groups` (a partition of the whole group's
+        ranks, in the same order everywhere: gloo creates each subgroup collectively); returns
+        the communicator of the group holding this process. Closing it leaves the whole group
+        open; closing the whole group ends them all."""
+        if self._ranks is not None:
+            raise TransportError("subgroup() is called on the whole group, not on a subgroup")
+        mine = None
+        for ranks in groups:
+            g = self._dist.new_group(ranks=list(ranks), timeout=datetime.timedelta(
+                seconds=self.timeout_s), backend="gloo")
+            if self.rank in ranks:
+                mine = (g, list(ranks))
+        if mine is None:
+            raise ValueError(f"rank {self.rank} is in none of the groups {groups}")
+        sub = GlooTransport.__new__(GlooTransport)
+        sub._dist, sub._store, sub.broken, sub._closed = self._dist, None, False, True
+        sub._group, sub._ranks = mine
+        sub.rank, sub.world_size = mine[1].index(self.rank), len(mine[1])
+        sub.timeout_s = self.timeout_s
+        return sub
 
     def close(self) -> None:
         if not self._closed:
@@ -363,6 +418,25 @@ class NcclTransport(Transport):
             # hangs surface at the caller's synchronize(), which has the deadline
             torch.cuda.current_stream(self.device).wait_event(done)
         return list(out.unbind(0))
+
+    def all_reduce(self, tensor: torch.Tensor, timeout_s: Optional[float] = None,
+                   blocking: bool = True) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        self._check(tensor, "tensor")
+        self._enter()
+        self._comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                             self._dtype(tensor), getattr(self._nccl, "NCCL_SUM", 0),
+                             self.stream.cuda_stream)
+        if not torch.cuda.is_current_stream_capturing():
+            tensor.record_stream(self.stream)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        if blocking:
+            _NcclHandle(self, done, None, "all_reduce").wait(timeout_s)
+        else:  # stream-ordered, as all_gather(blocking=False)
+            torch.cuda.current_stream(self.device).wait_event(done)
+        return tensor
 
     def synchronize(self, timeout_s: Optional[float] = None) -> None:
         t = self._timeout(timeout_s)
