@@ -41,30 +41,46 @@ def parse_dtype(dtype) -> Optional[torch.dtype]:
     return _DTYPES[str(dtype).replace("torch.", "")]
 
 
-def build_model(source: Union[str, dict], dtype, device: torch.device):
+def build_model(source: Union[str, dict], dtype, device: torch.device, tp_rank: int = 0,
+                tp_size: int = 1, tp_comm=None):
     """A checkpoint directory, or {"config": hf_config_dict, "seed": int} for random weights
-    made on the device (benchmarks: no 16 GB checkpoint on disk)."""
+    made on the device (benchmarks: no 16 GB checkpoint on disk). With tp_size > 1 the model is
+    this rank's tensor-parallel slice (ringserve.parallel.tp), loaded slice by slice; random
+    weights are drawn full size and sliced, so every (t, c) serves the same model."""
     from ringserve.model import CausalLM
     from ringserve.config import ModelConfig
-    from ringserve.weights import resolve_dtype
+    from ringserve.parallel import tp
+    from ringserve.weights import load_weights, resolve_dtype
 
-    if not isinstance(source, dict):
+    if not isinstance(source, dict) and tp_size == 1:
         return CausalLM.from_pretrained(source, dtype=dtype, device=device)
-    cfg = ModelConfig.from_hf_dict(source["config"])
+    cfg = (ModelConfig.from_hf_dict(source["config"]) if isinstance(source, dict)
+           else ModelConfig.from_dir(source))
     dtype = resolve_dtype(dtype, device, cfg)
     model = CausalLM(cfg, dtype=dtype, device="meta")  # parameters only: no init compute
+    tp.apply_tp(model, tp_rank, tp_size, tp_comm)
     model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    tp.retie(model)
+    if not isinstance(source, dict):
+        load_weights(model, source)
+        return model.eval()
+    info = getattr(model, "tp", None)
     g = torch.Generator(device=device).manual_seed(int(source.get("seed", 0)))
     with torch.no_grad():
         for name, p in model.named_parameters():
+            shape = p.shape if info is None else info.full_shape(name, p.shape)
             if "norm" in name:
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
-            else:  # 1/sqrt(fan_in) keeps activations O(1) through the layers
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+            elif info is None:   # 1/sqrt(fan_in) keeps activations O(1) through the layers
+                p.normal_(0.0, 1.0 / math.sqrt(shape[-1]), generator=g)
+            else:
+                full = torch.empty(shape, dtype=p.dtype, device=device)
+                full.normal_(0.0, 1.0 / math.sqrt(shape[-1]), generator=g)
+                spec = info.shard(name)
+                p.copy_(full if spec is None else spec.take(full))
+                del full
     return model.eval()
 
 
@@ -105,7 +121,8 @@ class ModelShardWorker(ShardWorker):
             raise ValueError("model (a checkpoint directory or a random-weights spec) is needed")
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens ({chunk_tokens}) must be >= 1 or None")
-        self.model = build_model(model, parse_dtype(dtype), self.device)
+        self.model = build_model(model, parse_dtype(dtype), self.device, self.tp_rank,
+                                 self.tp_size, self.tp_comm)
         self.cfg = self.model.config
         self.sampler = Sampler(model, self.cfg.vocab_size)   # tokenizer read on first grammar
         self.chunk_tokens = chunk_tokens
@@ -140,6 +157,24 @@ class ModelShardWorker(ShardWorker):
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
         self.step_times: List[float] = []
         self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
+
+    def setup_transport(self, spec, tp_spec=None) -> bool:
+        super().setup_transport(spec, tp_spec)
+        if self.tp_size > 1:
+            self._agree_pages()
+        return True
+
+    def _agree_pages(self) -> None:
+        """The t ranks of a shard share the driver's page table, so they keep the same number
+        of pages: the fewest any of them could allocate."""
+        mine = torch.tensor([self.pool.num_pages], dtype=torch.int64, device=self.device)
+        least = int(min(int(x) for x in self.tp_comm.all_gather(mine)))
+        if least < self.pool.num_pages:
+            cfg = self.pool.cfg
+            self.pool = None
+            self.pool = KVPool(KVCacheConfig(
+                num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                num_pages=least, page_size=cfg.page_size, dtype=cfg.dtype, device=cfg.device))
 
     # ---- information ----
 
@@ -220,7 +255,7 @@ class ModelShardWorker(ShardWorker):
         prepared = self.sampler.prepare(specs) if want else None
         # one deadline for the step's kernels and collectives (a hung peer raises here instead
         # of hanging the host in the sampling below)
-        if self.world_size > 1:
+        if self.world_size > 1 or self.tp_size > 1:
             self.transport.synchronize()
         out: list = [None] * len(plan.seqs)
         if want:
@@ -332,7 +367,7 @@ class ModelShardWorker(ShardWorker):
         with torch.cuda.stream(side):
             self._graph_body(g)
         cur.wait_stream(side)
-        if self.world_size > 1:
+        if self.world_size > 1 or self.tp_size > 1:
             self.transport.synchronize()
         graph = torch.cuda.CUDAGraph()
         # a private memory pool per graph: no graph's output can overlap another's buffers
