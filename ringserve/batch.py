@@ -475,7 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF-format checkpoint directory or .gguf file")
     p.add_argument("--input", required=True, type=Path, help="input JSONL")
     p.add_argument("--output", required=True, type=Path, help="results JSONL (appended to)")
-    p.add_argument("--world-size", type=int, default=1, help="shards (GPUs) per actor group")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="shards (GPUs) per actor group (another name for "
+                        "--context-parallel-size, without tensor parallelism)")
+    p.add_argument("--context-parallel-size", "--cp", type=int, default=None,
+                   help="sequence shards per actor group (the ring); default 1")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=None,
+                   help="GPUs per shard splitting the model (one node each); cp x tp GPUs")
     p.add_argument("--layout", choices=("striped", "ring"), default=None,
                    help="shard layout of prompt chunks over the group (default striped)")
     p.add_argument("--schedule", choices=("striped", "ring"), default=None,
@@ -502,8 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.world_size < 1:
-        raise SystemExit(f"--world-size ({a.world_size}) must be >= 1")
+    from ringserve.parallel.tp import parallel_sizes
+    try:
+        cp, tp = parallel_sizes(a.world_size, a.context_parallel_size, a.tensor_parallel_size)
+    except ValueError as e:
+        raise SystemExit(f"ringserve.batch: {e}") from None
     if not a.input.is_file():
         raise SystemExit(f"--input {a.input} is not a file")
     ray_address = a.ray_address
@@ -536,10 +545,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.schedule is not None:
             print("[ringserve.batch] --schedule is deprecated, say --layout", file=sys.stderr)
         a.layout = a.layout or a.schedule or "striped"
-        llm = LLM(a.model, world_size=a.world_size, layout=a.layout, device=device,
-                  dtype=a.dtype, max_kv_tokens=a.max_kv_tokens, ray_address=ray_address)
+        llm = LLM(a.model, context_parallel_size=cp, tensor_parallel_size=tp, layout=a.layout,
+                  device=device, dtype=a.dtype, max_kv_tokens=a.max_kv_tokens,
+                  ray_address=ray_address)
         try:
-            print(f"[ringserve.batch] model {a.model} on {a.world_size} x {device} "
+            print(f"[ringserve.batch] model {a.model} on {cp} x {tp} x {device} "
                   f"({a.layout}) ready in {time.monotonic() - t0:.1f}s; KV capacity "
                   f"{llm.capacity_tokens} tokens", flush=True)
             prompter = Prompter(llm.tokenizer, a.prompt_format)

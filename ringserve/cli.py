@@ -11,8 +11,14 @@ def _serve(argv: List[str]) -> int:
                                 description="Start the HTTP service (Ray Serve) for one model.")
     p.add_argument("--model", required=True,
                    help="local HuggingFace-format checkpoint directory, or a .gguf file")
-    p.add_argument("--world-size", type=int, default=1,
-                   help="GPUs (or CPU actors) per actor group: the sequence is sharded over them")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="GPUs (or CPU actors) per actor group: the sequence is sharded over them "
+                        "(another name for --context-parallel-size, without tensor parallelism)")
+    p.add_argument("--context-parallel-size", "--cp", type=int, default=None,
+                   help="sequence shards per actor group (the ring); default 1")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=None,
+                   help="GPUs per shard splitting the model's heads, MLP and vocabulary (one "
+                        "node each); the group uses cp x tp GPUs. Default 1")
     p.add_argument("--layout", choices=("striped", "ring"), default=None,
                    help="shard layout of prompt chunks over the group (default striped)")
     p.add_argument("--schedule", choices=("striped", "ring"), default=None,
@@ -62,7 +68,9 @@ def _serve(argv: List[str]) -> int:
                                   max_num_batched_tokens=a.max_num_batched_tokens,
                                   body_timeout_s=a.body_timeout_s,
                                   min_body_rate=a.min_body_rate,
-                                  max_prompts=a.max_prompts).items()
+                                  max_prompts=a.max_prompts,
+                                  context_parallel_size=a.context_parallel_size,
+                                  tensor_parallel_size=a.tensor_parallel_size).items()
             if v is not None}
     try:
         run(a.model, world_size=a.world_size, layout=a.layout or "striped", host=a.host,

@@ -27,7 +27,10 @@ def _is_number(x: Any) -> bool:
 @dataclass
 class ServeArgs:
     model: str
-    world_size: int = 1
+    # sequence shards (the ring); world_size is its other name while tensor_parallel_size is 1
+    world_size: Optional[int] = None
+    context_parallel_size: Optional[int] = None
+    tensor_parallel_size: int = 1         # GPUs per shard splitting the model (one node each)
     layout: str = "striped"               # shard layout of prompt chunks ("schedule": deprecated)
     device: Optional[str] = None          # None: cuda when the Ray cluster has GPUs, else cpu
     dtype: Optional[str] = None           # None: the engine's default (bf16 on cuda, fp32 on cpu)
@@ -57,7 +60,7 @@ class ServeArgs:
     num_replicas: int = 1                 # one replica = one LLM = one actor group
     model_name: Optional[str] = None      # name in /v1/models; None: the checkpoint folder's name
     default_max_tokens: int = 256         # chat / ask requests that give no max_tokens
-    placement_strategy: str = "STRICT_PACK"
+    placement_strategy: Optional[str] = None   # None: STRICT_PACK, or SPREAD when TP > 1
     # import path of the engine class; another engine with the same interface may be plugged in
     llm_class: str = "ringserve.llm:LLM"
     replica_num_cpus: float = 0.0         # the ingress replica itself: tokenizing and HTTP only
@@ -72,7 +75,11 @@ class ServeArgs:
             self.layout, self.schedule = self.schedule, None
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty checkpoint path, got {self.model!r}")
-        for name, low in (("world_size", 1), ("num_replicas", 1), ("max_queue", 0),
+        from ringserve.parallel.tp import parallel_sizes
+        self.world_size, self.tensor_parallel_size = parallel_sizes(
+            self.world_size, self.context_parallel_size, self.tensor_parallel_size)
+        self.context_parallel_size = self.world_size
+        for name, low in (("num_replicas", 1), ("max_queue", 0),
                           ("default_max_tokens", 1), ("max_prompts", 1), ("max_num_seqs", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < low:

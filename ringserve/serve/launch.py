@@ -80,7 +80,7 @@ def _check_ray_address() -> None:
               file=sys.stderr, flush=True)
 
 
-def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 8000,
+def run(model: str, world_size: Optional[int] = None, host: str = "127.0.0.1", port: int = 8000,
         blocking: bool = True, ray_address: Optional[str] = None, name: str = APP_NAME,
         ready_timeout_s: float = 900.0, **options) -> str:
     """Start a local Ray cluster (or join `ray_address`; an already initialized Ray is used as
@@ -90,7 +90,9 @@ def run(model: str, world_size: int = 1, host: str = "127.0.0.1", port: int = 80
     options: the other build_app arguments (layout, max_num_seqs, device, dtype, max_kv_tokens, api_key,
     max_queue, request_timeout_s, max_body_mb, num_replicas, ...).
     """
-    args = {"model": model, "world_size": world_size, **options}
+    args = {"model": model, **options}
+    if world_size is not None:
+        args["world_size"] = world_size
     ServeArgs.from_dict(args)  # fail on bad arguments before starting anything
     if ray_address is None and not os.path.isdir(model):
         from ringserve.gguf import check_gguf, is_gguf

@@ -106,7 +106,10 @@ class Service:
         t0 = time.perf_counter()
         try:
             cls = import_class(self.cfg.llm_class)
-            llm = cls(self.cfg.model, world_size=self.cfg.world_size, layout=self.cfg.layout,
+            c, t = self.cfg.context_parallel_size, self.cfg.tensor_parallel_size
+            par = ({"world_size": c} if t == 1
+                   else {"context_parallel_size": c, "tensor_parallel_size": t})
+            llm = cls(self.cfg.model, **par, layout=self.cfg.layout,
                       device=self._device(), dtype=self.cfg.dtype,
                       max_num_seqs=self.cfg.max_num_seqs,
                       max_num_batched_tokens=self.cfg.max_num_batched_tokens,
@@ -143,7 +146,8 @@ class Service:
                            code="model_load_failed")
         waited = time.monotonic() - self._load_started
         raise APIError(503, f"the model is still loading ({waited:.0f} s so far: weights, and "
-                            f"{self.cfg.world_size} shard actor(s) waiting for their resources); "
+                            f"{self.cfg.world_size * self.cfg.tensor_parallel_size} shard "
+                            f"actor(s) waiting for their resources); "
                             "retry shortly", code="model_loading", headers={"Retry-After": "5"})
 
     def refresh_kv(self) -> None:
