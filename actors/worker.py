@@ -168,6 +168,19 @@ class ShardWorker:
         mine = torch.tensor([self.rank, os.getpid()], dtype=torch.int64, device=self.device)
         return [x.cpu().tolist() for x in t.all_gather(mine, timeout_s)]
 
+    def check_tp_group(self, timeout_s: Optional[float] = None) -> list:
+        """all_gather of (shard, tp_rank, pid) over this actor's TP group, and an all_reduce
+        of the TP ranks (their sum): the TP communicator as this actor sees it."""
+        t = self.tp_comm.transport
+        if t is None:
+            raise RuntimeError(f"actor (shard {self.rank}, tp rank {self.tp_rank}) has no "
+                               f"TP transport (tp_size {self.tp_size})")
+        mine = torch.tensor([self.rank, self.tp_rank, os.getpid()], dtype=torch.int64,
+                            device=self.device)
+        got = [x.cpu().tolist() for x in t.all_gather(mine, timeout_s)]
+        total = t.all_reduce(torch.tensor([float(self.tp_rank)], device=self.device), timeout_s)
+        return [got, float(total.item())]
+
     # ---- attention (tests, benchmarks) ----
 
     def ring_attention_shard(self, q, k, v, total_len: int, layout: str, causal: bool = True,
