@@ -61,9 +61,11 @@ def _tp_run(t: int, make):
 
 # (family, t): t == KV heads (llama, qwen2, phi3, qwen3, the MoEs: 2), t > KV heads (llama 4/2,
 # mistral 4/1 and 2/1: KV heads replicated), biases on q/k/v/o (llama-mha), tied embeddings
-# (qwen2, qwen3), fused projections (phi3), q/k norms (qwen3), experts (mixtral, qwen3-moe)
+# (qwen2, qwen3), fused projections (phi3), q/k norms (qwen3), experts (mixtral, qwen3-moe),
+# soft-caps, GeGLU and windowed layers between global ones (gemma2, gemma3)
 FAMILIES = [("llama", 2), ("llama", 4), ("mistral", 2), ("llama-mha", 4), ("qwen2", 2),
-            ("qwen3", 2), ("phi3", 2), ("mixtral", 2), ("qwen3-moe", 2)]
+            ("qwen3", 2), ("phi3", 2), ("mixtral", 2), ("qwen3-moe", 2), ("gemma2", 2),
+            ("gemma3", 2)]
 
 
 @pytest.mark.parametrize("family,t", FAMILIES, ids=lambda x: str(x))

@@ -107,6 +107,10 @@ def check_tp(cfg, size: int) -> None:
         raise ValueError(f"tensor_parallel_size ({size}) must be >= 1")
     if size == 1:
         return
+    if getattr(cfg, "mla", None) is not None:
+        raise ValueError(f"tensor_parallel_size ({size}): {cfg.architecture} attention (MLA, a "
+                         f"latent shared by all heads) is not split by tensor parallelism yet; "
+                         f"use tensor_parallel_size 1")
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if hq % size:
         raise ValueError(f"tensor_parallel_size ({size}) must divide num_attention_heads ({hq}): "
@@ -392,6 +396,14 @@ def apply_tp(model: nn.Module, rank: int, size: int, comm: TPComm) -> nn.Module:
     for i, layer in enumerate(model.model.layers):
         at = layer.self_attn
         p = f"model.layers.{i}.self_attn"
+        ffn = layer.ffn()
+        extra = (sorted(n for n, _ in ffn.named_children() if n not in ("gate", "experts"))
+                 if isinstance(ffn, MoE) else [])
+        if not (hasattr(at, "qkv_proj") or hasattr(at, "q_proj")) or extra:
+            # a module this function does not know would stay whole and compute wrong sums
+            raise ValueError(f"tensor parallelism does not know how to split layer {i} of "
+                             f"{cfg.architecture} ({type(at).__name__}"
+                             f"{', MoE ' + ', '.join(extra) if extra else ''})")
         for name in (("qkv_proj",) if at.fused else ("q_proj", "k_proj", "v_proj")):
             _swap_linear(at, name, f"{p}.{name}", info, "column", comm)
         _swap_linear(at, "o_proj", f"{p}.o_proj", info, "row", comm)
@@ -399,7 +411,6 @@ def apply_tp(model: nn.Module, rank: int, size: int, comm: TPComm) -> nn.Module:
             d = cfg.head_dim
             kn = local_kv_heads(cfg, size)
             at.sizes = (cfg.num_attention_heads // size * d, kn * d, kn * d)
-        ffn = layer.ffn()
         p = f"model.layers.{i}.{layer.ffn_name}"
         if isinstance(ffn, MoE):
             ex = ffn.experts
