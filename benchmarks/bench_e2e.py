@@ -65,6 +65,21 @@ PRESETS = {
         rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
         rope_scaling={"rope_type": "linear", "factor": 8.0}, tie_word_embeddings=True,
         bos_token_id=2, eos_token_id=1),
+    # DeepSeek-V2-Lite: MLA (a 512 + 64 latent per token and layer), 64 experts top-6 + 2 shared,
+    # YaRN x40 over 4K with mscale; 2.7B of 15.7B parameters active
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=102400,
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
+        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
+        rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 40.0,
+                                          "original_max_position_embeddings": 4096,
+                                          "mscale": 0.707, "mscale_all_dim": 0.707,
+                                          "beta_fast": 32, "beta_slow": 1},
+        rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+        bos_token_id=100000, eos_token_id=100001),
 }
 
 
@@ -96,20 +111,30 @@ def param_counts(c: dict) -> Dict[str, int]:
             "decode_read": read, "total": stored + embed * (1 if cfg.tie_word_embeddings else 2)}
 
 
-def kv_bytes_per_token(c: dict, elem: int = 2) -> int:
+def kv_bytes_per_token(c: dict, elem: int = 2, decompressed: bool = False) -> int:
+    """Cached bytes per token over all layers (MLA: the latent; decompressed=True: the K and V
+    of every head that transformers' expanded form would keep)."""
     from ringserve.config import ModelConfig
     cfg = ModelConfig.from_hf_dict(c)
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+    if cfg.mla is not None and decompressed:
+        m = cfg.mla
+        per_layer = cfg.num_attention_heads * (m.qk_head_dim + m.v_head_dim)
+        return cfg.num_hidden_layers * per_layer * elem
+    kv = 1 if cfg.values_are_keys else 2
+    return kv * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
 def prefill_flops(c: dict, n: int) -> float:
     """Matmul FLOPs of a causal prefill of n tokens: 2 * active params * n for the layers (the
     embedding is a lookup; the LM head runs on the last token only) + attention QK^T and PV
     (causal: half of 4 * n^2 * d per head and layer; a layer windowed to w keys: 4 * d per head
-    for each of the n * w - w^2 / 2 visible pairs)."""
+    for each of the n * w - w^2 / 2 visible pairs). MLA counts the model's own attention
+    FLOPs, those of the expanded form (d = qk_head_dim for QK^T, v_head_dim for PV), not the
+    absorbed form ringserve runs (latent_dim for both: ~1.8x more)."""
     from ringserve.config import ModelConfig
     cfg = ModelConfig.from_hf_dict(c)
-    per_pair = 4.0 * cfg.head_dim * cfg.num_attention_heads
+    d2 = (cfg.mla.qk_head_dim + cfg.mla.v_head_dim if cfg.mla is not None else 2 * cfg.head_dim)
+    per_pair = 2.0 * d2 * cfg.num_attention_heads
     attn = 0.0
     for w in cfg.layer_window_sizes:
         w = n if w is None else min(n, w + 1)
@@ -241,7 +266,9 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
                    decode_ms=dec_s * 1e3, floor_ms=floor * 1e3, decode_vs_floor=dec_s / floor)
         rows.append(row)
         print(f"[ringserve] {json.dumps(row)}", flush=True)
-    row0 = {"capacity_tokens": llm.capacity_tokens, "copy_bw_tb_s": bw / 1e12}
+    row0 = {"capacity_tokens": llm.capacity_tokens, "copy_bw_tb_s": bw / 1e12,
+            "kv_bytes_per_token": kv_tok,
+            "kv_bytes_per_token_decompressed": kv_bytes_per_token(cfg, decompressed=True)}
     llm.shutdown()
     return [row0] + rows
 
@@ -300,6 +327,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\nbench_e2e: {args.preset}, bf16, world_size {args.world_size}, {args.schedule}; "
           f"capacity {info['capacity_tokens']} KV tokens; copy bandwidth "
           f"{info['copy_bw_tb_s']:.2f} TB/s (read+write)")
+    ratio = info["kv_bytes_per_token_decompressed"] / info["kv_bytes_per_token"]
+    if ratio != 1:   # MLA: the latent cache against transformers' expanded K/V
+        print(f"KV bytes per token {info['kv_bytes_per_token']} (latent) vs "
+              f"{info['kv_bytes_per_token_decompressed']} decompressed: {ratio:.2f}x; a "
+              f"decompressed cache would hold about {info['capacity_tokens'] / ratio:.0f} tokens "
+              f"(less: the weights' share of memory is the same)")
     print(f"{'tokens':>9} | {'prefill s':>9} | {'tok/s':>8} | {'MFU':>5} | "
           f"{'follow-up TTFT':>14} | {'decode ms/tok':>13} | {'HBM floor':>9} | {'x floor':>7} | "
           f"{'HF 1 GPU s':>10}")

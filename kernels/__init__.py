@@ -10,11 +10,17 @@ from __future__ import annotations
 from .torch_ops import attention_torch, grouped_linear_torch, merge_torch_, paged_decode_torch
 
 BACKENDS = ("auto", "triton", "torch", "cudnn")
+# The Triton kernels keep a whole head row of q (and a K/V tile) in registers: head dims up to
+# 256. Wider heads (MLA's latent, kv_lora_rank + rope = 576 for DeepSeek-V2) take the torch
+# path under "auto" until a latent-attention kernel exists; "triton" asked for explicitly raises.
+MAX_TRITON_HEAD_DIM = 256
 
 
 def _pick(backend: str, t) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("auto", "cudnn") and t.shape[-1] > MAX_TRITON_HEAD_DIM:
+        return "torch"
     if backend == "auto" or (backend == "cudnn" and not t.is_cuda):
         return "triton" if t.is_cuda else "torch"
     return backend

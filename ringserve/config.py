@@ -3,7 +3,8 @@
 Families: Llama, Mistral, Qwen2, Qwen3 (q/k RMSNorm), Phi-3 (fused projections, longrope),
 Mixtral and Qwen3-MoE (mixture-of-experts MLP), Gemma 2 and Gemma 3 text (sliding-window layers
 between global ones, soft-capping, GeGLU, (1 + w) norms around both sublayers, scaled embeddings;
-Gemma 3: q/k norm and a RoPE base per layer type). Anything a family needs that the model does not
+Gemma 3: q/k norm and a RoPE base per layer type), DeepSeek-V2 (multi-head latent attention,
+a mixture of experts with shared experts and group-limited routing, YaRN with mscale). Anything a family needs that the model does not
 implement is refused here, by name, rather than computed differently from `transformers`.
 
 Two spellings of the RoPE settings exist in the wild: transformers 4.x writes `rope_theta` plus an
@@ -13,6 +14,7 @@ optional `rope_scaling` dict ({"rope_type" or "type", "factor", ...}); transform
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -28,6 +30,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
 }
 GEMMA = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -50,6 +53,10 @@ class RopeConfig:
     beta_slow: float = 1.0
     attention_factor: Optional[float] = None
     truncate: bool = True
+    # DeepSeek's yarn: cos/sin scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    # (1 when equal), and the softmax scale by mscale(factor, mscale_all_dim) ** 2 (the model)
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
     # longrope (Phi-3): per-frequency divisors, the long set used when the sequence is longer
     # than original_max_position_embeddings
     short_factor: Optional[Tuple[float, ...]] = None
@@ -118,8 +125,16 @@ class RopeConfig:
         if scaling.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor "
                              f"({scaling['partial_rotary_factor']}) != 1 is not supported")
-        if rope_type == "yarn" and (scaling.get("mscale") or scaling.get("mscale_all_dim")):
-            raise ValueError("yarn rope with mscale / mscale_all_dim is not supported")
+        if scaling.get("mscale") or scaling.get("mscale_all_dim"):
+            if rope_type != "yarn":
+                raise ValueError(f"mscale / mscale_all_dim with rope_type {rope_type!r} is not "
+                                 "supported (only with yarn)")
+            if d.get("model_type") != "deepseek_v2":
+                # transformers scales the softmax by mscale_all_dim only in DeepSeek's model
+                raise ValueError("yarn rope with mscale / mscale_all_dim is supported for "
+                                 f"deepseek_v2 only, not {d.get('model_type')!r}")
+            kw["mscale"] = float(scaling.get("mscale") or 0.0)
+            kw["mscale_all_dim"] = float(scaling.get("mscale_all_dim") or 0.0)
         return cls(**kw)
 
 
@@ -131,6 +146,14 @@ class MoeConfig:
     intermediate_size: int
     renormalize: bool              # top-k probabilities rescaled to sum to one (Mixtral: always)
     dense_layers: Tuple[int, ...] = ()   # layers that keep a dense MLP (Qwen3-MoE)
+    # DeepSeek-V2: the router in float32; the top-k chosen within the topk_group best of
+    # n_group expert groups (a group scores its best expert); weights times routed_scale;
+    # shared experts (one SwiGLU of shared_intermediate) added to every token
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scale: float = 1.0
+    shared_intermediate: int = 0
+    router_fp32: bool = False
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.num_experts:
@@ -139,6 +162,13 @@ class MoeConfig:
         if self.intermediate_size <= 0:
             raise ValueError(f"expert intermediate size ({self.intermediate_size}) must be "
                              "positive")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"n_group ({self.n_group}) must divide num_experts "
+                             f"({self.num_experts}) and topk_group ({self.topk_group}) be in "
+                             f"1..n_group")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"num_experts_per_tok ({self.top_k}) exceeds the experts of "
+                             f"topk_group ({self.topk_group}) groups")
 
     @classmethod
     def from_hf(cls, d: Dict[str, Any], model_type: str) -> "MoeConfig":
@@ -148,12 +178,55 @@ class MoeConfig:
         if model_type == "mixtral":
             return cls(n_exp, int(d.get("num_experts_per_tok", 2)), int(d["intermediate_size"]),
                        renormalize=True)
+        if model_type == "deepseek_v2":
+            method = d.get("topk_method") or "greedy"
+            if method not in ("greedy", "group_limited_greedy"):
+                raise ValueError(f"topk_method {method!r} is not supported (supported: greedy, "
+                                 "group_limited_greedy)")
+            groups = method == "group_limited_greedy"
+            inter = int(d["moe_intermediate_size"])
+            return cls(int(d["n_routed_experts"]), int(d["num_experts_per_tok"]), inter,
+                       renormalize=False,   # transformers' V2 router never renormalizes
+                       dense_layers=tuple(range(min(n_layers,
+                                                    int(d.get("first_k_dense_replace") or 0)))),
+                       n_group=int(d.get("n_group") or 1) if groups else 1,
+                       topk_group=int(d.get("topk_group") or 1) if groups else 1,
+                       routed_scale=float(d.get("routed_scaling_factor") or 1.0),
+                       shared_intermediate=inter * int(d.get("n_shared_experts") or 0),
+                       router_fp32=True)
         step = int(d.get("decoder_sparse_step", 1) or 1)
         only = set(int(i) for i in d.get("mlp_only_layers") or ())
         dense = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
         return cls(n_exp, int(d.get("num_experts_per_tok", 8)),
                    int(d.get("moe_intermediate_size") or d["intermediate_size"]),
                    renormalize=bool(d.get("norm_topk_prob", False)), dense_layers=dense)
+
+
+@dataclass
+class MlaConfig:
+    """Multi-head latent attention (DeepSeek-V2): K and V of every head are made from one
+    per-token latent c (kv_lora_rank) plus one RoPE key shared by the heads (qk_rope_head_dim);
+    the cache holds those, latent_dim values per token and layer."""
+    q_lora_rank: Optional[int]
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be positive")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even")
+
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass
@@ -191,6 +264,9 @@ class ModelConfig:
     embed_scale: Optional[float] = None           # embeddings times this (Gemma: sqrt(hidden))
     gemma_norms: bool = False   # RMSNorm weight (1 + w) in float32; norms after attention and MLP
     local_rope: Optional[RopeConfig] = None       # Gemma 3: the sliding layers' own RoPE
+    # DeepSeek-V2: attention over the latent. The kernels then see MQA: num_key_value_heads 1,
+    # head_dim mla.latent_dim, the values the first kv_lora_rank columns of the keys
+    mla: Optional[MlaConfig] = None
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -248,8 +324,19 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
+        if self.mla is not None:   # the per-head q.k of the expanded form, yarn's mscale squared
+            r = self.rope
+            m = 1.0
+            if r.rope_type != "default" and r.mscale_all_dim and r.factor > 1:
+                m = 0.1 * r.mscale_all_dim * math.log(r.factor) + 1.0
+            return self.mla.qk_head_dim ** -0.5 * m * m
         return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None
                 else self.head_dim) ** -0.5
+
+    @property
+    def values_are_keys(self) -> bool:
+        """The cache's values are the first columns of its keys (MLA's latent): one tensor."""
+        return self.mla is not None
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -276,6 +363,8 @@ class ModelConfig:
             raise ValueError(f"config.json lacks required keys: {', '.join(missing)}")
         if model_type in GEMMA:
             return cls._from_gemma(d, arch, model_type)
+        if model_type == "deepseek_v2":
+            return cls._from_deepseek(d, arch)
         heads = int(d["num_attention_heads"])
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         kv_heads = d.get("num_key_value_heads") or heads
@@ -390,6 +479,41 @@ class ModelConfig:
             embed_scale=hidden ** 0.5,
             gemma_norms=True,
             local_rope=local_rope,
+        )
+
+    @classmethod
+    def _from_deepseek(cls, d: Dict[str, Any], arch: str) -> "ModelConfig":
+        """DeepSeek-V2 / V2-Lite. Defaults are transformers' DeepseekV2Config ones."""
+        mla = MlaConfig(
+            q_lora_rank=int(d["q_lora_rank"]) if d.get("q_lora_rank") else None,
+            kv_lora_rank=int(d.get("kv_lora_rank", 512)),
+            qk_nope_head_dim=int(d.get("qk_nope_head_dim", 128)),
+            qk_rope_head_dim=int(d.get("qk_rope_head_dim", 64)),
+            v_head_dim=int(d.get("v_head_dim", 128)))
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError(f"pretraining_tp ({d['pretraining_tp']}) != 1 is not supported")
+        return cls(
+            architecture=arch,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=1,
+            head_dim=mla.latent_dim,
+            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope=RopeConfig.from_hf(d),
+            qkv_bias=bool(d.get("attention_bias", False)),
+            o_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            hidden_act=d.get("hidden_act", "silu"),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            moe=MoeConfig.from_hf(d, "deepseek_v2"),
+            mla=mla,
         )
 
     @classmethod

@@ -31,6 +31,8 @@ class KVCacheConfig:
     page_size: int = 16
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    # MLA: the values are the keys' first columns (the latent): one tensor, v is k
+    values_are_keys: bool = False
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_size"):
@@ -42,12 +44,15 @@ class KVCacheConfig:
 
     @property
     def bytes_per_token(self) -> int:
-        return bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+        return bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype,
+                               self.values_are_keys)
 
 
-def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype,
+                    values_are_keys: bool = False) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * num_kv_heads * head_dim * elem + 4  # k + v + an int32 position
+    kv = 1 if values_are_keys else 2
+    return kv * num_layers * num_kv_heads * head_dim * elem + 4  # k (+ v) + an int32 position
 
 
 def pages_for_budget(budget_bytes: int, page_size: int, per_token_bytes: int) -> int:
@@ -67,7 +72,8 @@ class KVPool:
         self.cfg = cfg
         L, P, S, H, D = cfg.num_layers, cfg.num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim
         self.k = torch.zeros(L, P, S, H, D, dtype=cfg.dtype, device=cfg.device)
-        self.v = torch.zeros(L, P, S, H, D, dtype=cfg.dtype, device=cfg.device)
+        self.v = (self.k if cfg.values_are_keys
+                  else torch.zeros(L, P, S, H, D, dtype=cfg.dtype, device=cfg.device))
         self.kv_pos = torch.zeros(P, S, dtype=torch.int32, device=cfg.device)
 
     @property
@@ -85,7 +91,8 @@ class KVPool:
         s = torch.tensor(src, dtype=torch.int64, device=self.cfg.device)
         d = torch.tensor(dst, dtype=torch.int64, device=self.cfg.device)
         self.k[:, d] = self.k[:, s]
-        self.v[:, d] = self.v[:, s]
+        if self.v is not self.k:
+            self.v[:, d] = self.v[:, s]
         self.kv_pos[d] = self.kv_pos[s]
 
     def set_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
@@ -98,7 +105,9 @@ class KVPool:
             return
         H, D = self.cfg.num_kv_heads, self.cfg.head_dim
         self.k[layer].view(-1, H, D).index_copy_(0, slots, k.reshape(-1, H, D).to(self.cfg.dtype))
-        self.v[layer].view(-1, H, D).index_copy_(0, slots, v.reshape(-1, H, D).to(self.cfg.dtype))
+        if self.v is not self.k:
+            self.v[layer].view(-1, H, D).index_copy_(0, slots,
+                                                     v.reshape(-1, H, D).to(self.cfg.dtype))
 
 
 class PageAllocator:

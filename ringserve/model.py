@@ -74,6 +74,71 @@ class Attention(nn.Module):
             return q, k, v.contiguous()
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The attention's output (t, Hq, D) -> (t, hidden)."""
+        return self.o_proj(o.reshape(o.shape[0], -1).to(dtype))
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2's multi-head latent attention, computed in the absorbed form throughout.
+
+    Per token: the latent c = norm(kv_a(x))[:kv_lora_rank] and one RoPE key k_pe shared by the
+    heads. transformers expands k_h = [W_UK_h c ; k_pe], v_h = W_UV_h c per head; since
+    q_h . k_h = (W_UK_h^T q_nope_h) . c + q_pe_h . k_pe, the query is projected into the latent
+    space instead (q_h' = [W_UK_h^T q_nope_h ; q_pe_h], latent_dim wide) and every head attends
+    the same key [c ; k_pe]: MQA with one KV head of latent_dim, whose values are the key's first
+    kv_lora_rank columns (v is k, so the cache and the ring carry latent_dim values per token).
+    The output per head, in the latent space, is projected back by W_UV_h. Exact: the same sums
+    in another order."""
+
+    def __init__(self, cfg: ModelConfig, **factory):
+        super().__init__()
+        m, H, h = cfg.mla, cfg.hidden_size, cfg.num_attention_heads
+        self.mla, self.heads = m, h
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, h * m.qk_head_dim, bias=False, **factory)
+        else:
+            self.q_a_proj = nn.Linear(H, m.q_lora_rank, bias=cfg.qkv_bias, **factory)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, cfg.rms_norm_eps, **factory)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False, **factory)
+        self.kv_a_proj_with_mqa = nn.Linear(H, m.latent_dim, bias=cfg.qkv_bias, **factory)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, cfg.rms_norm_eps, **factory)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim),
+                                   bias=False, **factory)
+        self.o_proj = nn.Linear(h * m.v_head_dim, H, bias=cfg.o_bias, **factory)
+
+    def _wkv(self):
+        """W_UK (h, nope, c), W_UV (h, v, c): views of kv_b_proj's weight, float32."""
+        m = self.mla
+        w = self.kv_b_proj.weight.float().view(self.heads, m.qk_nope_head_dim + m.v_head_dim,
+                                               m.kv_lora_rank)
+        return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (t, hidden) normed -> q (t, h, latent_dim), k (t, 1, latent_dim), v = k."""
+        m, t = self.mla, x.shape[0]
+        if m.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(t, self.heads, m.qk_head_dim).split(
+            [m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        c = self.kv_a_layernorm(c)
+        w_uk, _ = self._wkv()
+        # the absorption in float32 (a (t, h, c) product; the expanded form never exists)
+        q_lat = torch.einsum("thn,hnc->thc", q_nope.float(), w_uk).to(x.dtype)
+        q = torch.cat([q_lat, Rotary.apply_interleaved(q_pe, cos, sin)], dim=-1)
+        k = torch.cat([c, Rotary.apply_interleaved(k_pe[:, None], cos, sin)[:, 0]], dim=-1)
+        k = k[:, None]
+        return q, k, k
+
+    def output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(t, h, latent_dim) attention output in the latent space -> (t, hidden)."""
+        _, w_uv = self._wkv()
+        o = torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].float(), w_uv)
+        return self.o_proj(o.reshape(o.shape[0], -1).to(dtype))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, **factory):
@@ -103,7 +168,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         norm = {"eps": cfg.rms_norm_eps, "plus_one": cfg.gemma_norms, **factory}
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = Attention(cfg, **factory)
+        self.self_attn = (MLAttention(cfg, **factory) if cfg.mla is not None
+                          else Attention(cfg, **factory))
         # Llama: the norm before the MLP. Gemma: the norm of the attention's output, then two
         # more around the MLP (its input, its output)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
@@ -115,7 +181,8 @@ class DecoderLayer(nn.Module):
         self.ffn_name = "mlp"
         if cfg.moe is not None and index not in cfg.moe.dense_layers:
             self.ffn_name = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
-            setattr(self, self.ffn_name, MoE(cfg.hidden_size, cfg.moe, cfg.model_type, **factory))
+            setattr(self, self.ffn_name, MoE(cfg.hidden_size, cfg.moe, cfg.model_type,
+                                             cfg.mlp_bias, **factory))
         else:
             self.mlp = MLP(cfg, **factory)
 
@@ -123,8 +190,8 @@ class DecoderLayer(nn.Module):
         return getattr(self, self.ffn_name)
 
     def residual_updates(self, h: torch.Tensor, o: torch.Tensor) -> None:
-        """h += the attention output o (projected) and then the MLP's, in place."""
-        a = self.self_attn.o_proj(o.to(h.dtype))
+        """h += the attention output o (t, Hq, D) (projected) and then the MLP's, in place."""
+        a = self.self_attn.output(o, h.dtype)
         if self.sandwich:
             h += self.post_attention_layernorm(a)
             h += self.post_feedforward_layernorm(self.ffn()(self.pre_feedforward_layernorm(h)))
@@ -160,7 +227,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = Rotary(config.rope, config.head_dim)
+        # MLA rotates only its qk_rope_head_dim part (interleaved pairs)
+        self.rotary = Rotary(config.rope, config.mla.qk_rope_head_dim if config.mla is not None
+                             else config.head_dim)
         # Gemma 3: the sliding layers rotate with their own base
         self.local_rotary = (Rotary(config.local_rope, config.head_dim)
                              if config.local_rope is not None else None)
@@ -245,6 +314,8 @@ class CausalLM(nn.Module):
 
         def project(at, norm, hs, cs, sn):
             x, t = norm(hs), hs.shape[0]
+            if cfg.mla is not None:
+                return at.project(x, cs, sn)
             q, k, v = at.qkv(x)
             q, k = q.reshape(t, hq, d), k.reshape(t, hkv, d)
             if at.qk_norm:
@@ -260,15 +331,19 @@ class CausalLM(nn.Module):
             else:
                 q = torch.empty(T, hq, d, dtype=h.dtype, device=dev)
                 k = torch.empty(T, hkv, d, dtype=h.dtype, device=dev)
-                v = torch.empty(T, hkv, d, dtype=h.dtype, device=dev)
+                # MLA: the values are the keys (the latent), one tensor
+                v = k if cfg.values_are_keys else torch.empty(T, hkv, d, dtype=h.dtype,
+                                                              device=dev)
                 for a, b in spans:
-                    q[a:b], k[a:b], v[a:b] = project(at, layer.input_layernorm, h[a:b],
-                                                     cos[a:b], sin[a:b])
+                    qa, ka, va = project(at, layer.input_layernorm, h[a:b], cos[a:b], sin[a:b])
+                    q[a:b], k[a:b] = qa, ka
+                    if v is not k:
+                        v[a:b] = va
             o = attn_fn(li, q[None], k[None], v[None])  # (1, T, Hq, D)
             if tuple(o.shape) != (1, T, hq, d):
                 raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
                                  f"{(1, T, hq, d)}")
-            o = o[0].reshape(T, hq * d)
+            o = o[0]
             del q, k, v
             for a, b in spans:
                 layer.residual_updates(h[a:b], o[a:b])

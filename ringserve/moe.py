@@ -1,8 +1,11 @@
-"""Mixture-of-experts MLP (Mixtral, Qwen3-MoE): a linear router, top-k, SwiGLU experts.
+"""Mixture-of-experts MLP (Mixtral, Qwen3-MoE, DeepSeek-V2): a linear router, top-k, SwiGLU experts.
 
 Routing is transformers': softmax of the router logits in float32, the top-k experts, their
 probabilities renormalised to sum to one when the family says so; each token's output is the
-weighted sum of its experts' outputs (accumulated in float32).
+weighted sum of its experts' outputs (accumulated in float32). DeepSeek-V2 adds: router logits
+computed in float32, group-limited top-k (only experts of the topk_group groups whose best expert
+scores highest compete), the weights times routed_scaling_factor, and shared experts that every
+token goes through.
 
 The experts are stored stacked, `gate_up` (E, 2I, H) and `down` (E, H, I), so that one grouped
 GEMM (`kernels.grouped_linear`: one Triton launch on GPU, a GEMM per expert on CPU) runs them all
@@ -21,7 +24,21 @@ from .config import MoeConfig
 
 # checkpoint names of each expert's (gate, up, down) projections
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"),
-                "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+                "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+                "deepseek_v2": ("gate_proj", "up_proj", "down_proj")}
+
+
+class SharedExperts(nn.Module):
+    """DeepSeek's shared experts: one SwiGLU MLP (their intermediate sizes summed)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool, **factory):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias, **factory)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias, **factory)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Experts(nn.Module):
@@ -32,20 +49,33 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, hidden: int, moe: MoeConfig, model_type: str, **factory):
+    def __init__(self, hidden: int, moe: MoeConfig, model_type: str, bias: bool = False,
+                 **factory):
         super().__init__()
         self.cfg = moe
         self.names = EXPERT_NAMES[model_type]
         self.gate = nn.Linear(hidden, moe.num_experts, bias=False, **factory)   # the router
         self.experts = Experts(moe.num_experts, hidden, moe.intermediate_size, **factory)
+        if moe.shared_intermediate:
+            self.shared_experts = SharedExperts(hidden, moe.shared_intermediate, bias, **factory)
         self.backend = "auto"   # kernels.grouped_linear's; tests force "triton" on CPU
 
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> weights (T, k) float32, expert ids (T, k)."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        w, idx = torch.topk(probs, self.cfg.top_k, dim=-1)
-        if self.cfg.renormalize:
+        c = self.cfg
+        logits = (F.linear(x.float(), self.gate.weight.float()) if c.router_fp32
+                  else self.gate(x).float())
+        probs = torch.softmax(logits, dim=-1)
+        if c.n_group > 1:   # only the topk_group groups with the best top experts compete
+            grouped = probs.view(-1, c.n_group, c.num_experts // c.n_group)
+            best = torch.topk(grouped.amax(-1), c.topk_group, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            probs = grouped.masked_fill(~keep[..., None], 0.0).view_as(probs)
+        w, idx = torch.topk(probs, c.top_k, dim=-1)
+        if c.renormalize:
             w = w / w.sum(-1, keepdim=True)
+        if c.routed_scale != 1.0:
+            w = w * c.routed_scale
         return w, idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +95,10 @@ class MoE(nn.Module):
         ys = grouped_linear(F.silu(gate) * up, self.experts.down, counts, self.backend)  # (T*k, H)
         y = torch.empty_like(ys)
         y[order] = ys                                 # back to token-major order
-        return (y.view(T, k, H).float() * w[..., None]).sum(1).to(x.dtype)
+        out = (y.view(T, k, H).float() * w[..., None]).sum(1).to(x.dtype)
+        if self.cfg.shared_intermediate:
+            out = out + self.shared_experts(x)
+        return out
 
     def checkpoint_slots(self, prefix: str) -> Dict[str, Tuple[str, tuple]]:
         """checkpoint tensor name -> (parameter name, index into it) for every expert."""

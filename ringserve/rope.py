@@ -66,10 +66,15 @@ def inv_frequencies(rope: RopeConfig, head_dim: int,
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
         extrapolate = 1 - ramp
         inv = (inv / rope.factor) * (1 - extrapolate) + inv * extrapolate
+        def mscale(m: float) -> float:
+            return 1.0 if rope.factor <= 1 else 0.1 * m * math.log(rope.factor) + 1.0
+
         if rope.attention_factor is not None:
             scale = rope.attention_factor
+        elif rope.mscale and rope.mscale_all_dim:   # DeepSeek
+            scale = mscale(rope.mscale) / mscale(rope.mscale_all_dim)
         else:
-            scale = 1.0 if rope.factor <= 1 else 0.1 * math.log(rope.factor) + 1.0
+            scale = mscale(1.0)
     return inv, scale
 
 
@@ -137,3 +142,11 @@ class Rotary:
         xf = x.float()
         x1, x2 = xf.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    @staticmethod
+    def apply_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """As `apply`, pairing dims 2i and 2i + 1 (DeepSeek's complex-number layout)."""
+        xf = x.float().unflatten(-1, (-1, 2))
+        x1, x2 = xf[..., 0], xf[..., 1]
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).to(
+            x.dtype)

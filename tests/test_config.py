@@ -31,9 +31,18 @@ def test_reads_what_transformers_writes(tmp_path, name):
     gemma = spec["arch"].startswith("gemma")
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (
         320, 64, spec.get("num_hidden_layers", 2))
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
-        4, spec["num_key_value_heads"], spec.get("head_dim", 16))
-    if "rope_parameters" in spec:   # Gemma 3: one RoPE per layer type
+    if spec["arch"] == "deepseek_v2":   # MLA: the kernels see one KV head of the latent
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+            4, 1, spec["kv_lora_rank"] + spec["qk_rope_head_dim"])
+        assert cfg.mla.q_lora_rank == spec["q_lora_rank"] and cfg.values_are_keys
+    else:
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+            4, spec["num_key_value_heads"], spec.get("head_dim", 16))
+    if "rope_parameters" in spec and spec["arch"] == "deepseek_v2":
+        rp = spec["rope_parameters"]
+        assert (cfg.rope.rope_type, cfg.rope.factor, cfg.rope.mscale, cfg.rope.mscale_all_dim) == (
+            "yarn", rp["factor"], rp["mscale"], rp["mscale_all_dim"])
+    elif "rope_parameters" in spec:   # Gemma 3: one RoPE per layer type
         glob, loc = spec["rope_parameters"]["full_attention"], spec["rope_parameters"][
             "sliding_attention"]
         assert (cfg.rope.theta, cfg.rope.rope_type, cfg.rope.factor) == (
@@ -50,7 +59,7 @@ def test_reads_what_transformers_writes(tmp_path, name):
     if cfg.rope.rope_type == "longrope":   # no factor: max / original positions, as HF does
         assert cfg.rope.factor == 4096 / 64 and cfg.rope.long_factor == tuple(
             scaling["long_factor"])
-    assert (cfg.moe is not None) == (spec["arch"] in ("mixtral", "qwen3_moe"))
+    assert (cfg.moe is not None) == (spec["arch"] in ("mixtral", "qwen3_moe", "deepseek_v2"))
     assert cfg.qk_norm == (spec["arch"] in ("qwen3", "qwen3_moe", "gemma3_text"))
     assert cfg.sliding_window == spec.get("sliding_window")
     assert cfg.tie_word_embeddings == bool(spec.get("tie_word_embeddings", gemma))

@@ -5,6 +5,7 @@ extends a cached one (document-cache reuse) giving what a cold run gives."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -17,7 +18,7 @@ from ringserve.model import CausalLM, model_attention_fn
 from tinymodels import hf_greedy, load_hf, tiny_model
 
 FAMILIES = ["qwen3", "phi3", "phi3-window", "mixtral", "qwen3-moe", "qwen3-moe-raw", "gemma2",
-            "gemma3"]
+            "gemma3", "deepseek-v2-lite", "deepseek-v2"]
 
 
 def _ids(vocab: int, n: int, seed: int) -> torch.Tensor:
@@ -122,6 +123,82 @@ def test_gemma_features_are_live(tmp_path_factory):
         g3.layer_rotary = [True, True, False, True]
 
 
+def test_deepseek_features_are_live(tmp_path_factory):
+    """MLA's latent cache (40 values per token and layer where transformers' expanded K/V hold
+    4 x (24 + 16) = 160), group-limited routing, shared experts, routed scaling and YaRN's
+    mscale each change the logits; the KV pool keeps one tensor (values = keys)."""
+    from ringserve.kv_cache import KVCacheConfig, KVPool
+
+    ds = CausalLM.from_pretrained(tiny_model(tmp_path_factory, "deepseek-v2"))
+    cfg = ds.config
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.values_are_keys) == (1, 40, True)
+    assert cfg.mla.latent_dim == 40 and cfg.moe.n_group == 4 and cfg.moe.topk_group == 2
+    m = 0.1 * 0.707 * math.log(4.0) + 1.0
+    assert ds.softmax_scale == pytest.approx(24 ** -0.5 * m * m)
+    assert ds.rotary.scale == pytest.approx(1.0)   # mscale == mscale_all_dim
+    lite = CausalLM.from_pretrained(tiny_model(tmp_path_factory, "deepseek-v2-lite"))
+    f = math.log(4.0)
+    assert lite.rotary.scale == pytest.approx((0.1 * f + 1) / (0.08 * f + 1))
+    ids = _ids(cfg.vocab_size, 77, 9)
+    base = _logits(ds, ids)
+    moe = ds.model.layers[1].mlp
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    w, idx = moe.route(x)
+    groups = (idx // 2).tolist()           # 8 experts in 4 groups of 2
+    assert all(len(set(g)) <= 2 for g in groups) and w.sum(-1).max() > 1.0   # scaled by 2.5
+
+    def changed(fn, undo):
+        fn()
+        try:
+            return (_logits(ds, ids) - base).abs().max().item() > 1e-3
+        finally:
+            undo()
+    mc = moe.cfg
+    assert changed(lambda: setattr(mc, "n_group", 1), lambda: setattr(mc, "n_group", 4))
+    assert changed(lambda: setattr(mc, "routed_scale", 1.0),
+                   lambda: setattr(mc, "routed_scale", 2.5))
+    shared = moe.shared_experts.down_proj.weight
+    keep = shared.detach().clone()
+    assert changed(lambda: shared.data.zero_(), lambda: shared.data.copy_(keep))
+    assert changed(lambda: setattr(ds, "softmax_scale", 24 ** -0.5),
+                   lambda: setattr(ds, "softmax_scale", cfg.softmax_scale))
+    pool = KVPool(KVCacheConfig(num_layers=3, num_kv_heads=1, head_dim=40, num_pages=4,
+                                values_are_keys=True))
+    assert pool.v is pool.k and pool.cfg.bytes_per_token == 3 * 40 * 4 + 4
+
+
+def test_ring_passes_the_latent_once():
+    """ring_attention with v given as k (MLA) sends one tensor per step, not two, and gives the
+    same result as with a separate copy of the values."""
+    from ringserve.parallel.ring import RingStats, ring_attention
+    from ringserve.parallel.transport import ThreadHub
+    from ringserve.parallel import layout as lay
+    from concurrent.futures import ThreadPoolExecutor
+
+    total, n = 77, 3
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, total, 4, 40, generator=g)
+    kv = torch.randn(1, total, 1, 40, generator=g)
+
+    def run(same):
+        hub = ThreadHub(n)
+
+        def rank(r):
+            sh = lay.shard(total, n, r, "striped")
+            idx = sh.offset + sh.stride * torch.arange(sh.length)
+            k = kv[:, idx].contiguous()
+            st = RingStats()
+            o, _ = ring_attention(q[:, idx], k, k if same else k.clone(), total, "striped",
+                                  hub.transport(r, timeout_s=60), causal=True, backend="torch",
+                                  stats=st)
+            return o, st.bytes_sent
+        with ThreadPoolExecutor(n) as ex:
+            return list(ex.map(rank, range(n)))
+    one, two = run(True), run(False)
+    for (o1, b1), (o2, b2) in zip(one, two):
+        assert torch.equal(o1, o2) and b2 == 2 * b1 > 0
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_grouped_linear_triton_equals_float64(dtype, tol):
     """The MoE grouped GEMM (Triton, interpreted on CPU) and the torch path against float64:
@@ -189,6 +266,15 @@ def test_unsupported_options_are_refused_by_name(tmp_path_factory, tmp_path):
     rp = dict(gemma["rope_parameters"], full_attention={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
         ModelConfig.from_hf_dict(dict(gemma, rope_parameters=rp))
+    ds = json.loads((tiny_model(tmp_path_factory, "deepseek-v2") / "config.json").read_text())
+    with pytest.raises(ValueError, match="topk_method 'noaux_tc' is not supported"):
+        ModelConfig.from_hf_dict(dict(ds, topk_method="noaux_tc"))
+    with pytest.raises(ValueError, match="pretraining_tp"):
+        ModelConfig.from_hf_dict(dict(ds, pretraining_tp=2))
+    with pytest.raises(ValueError, match="mscale_all_dim is supported for deepseek_v2 only"):
+        ModelConfig.from_hf_dict(dict(base, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+            "rope_theta": 1e6, "mscale": 1.0, "mscale_all_dim": 1.0}))
     # transformers 4's spelling of Gemma 3's RoPE and layer pattern reads the same
     old = {k: v for k, v in gemma.items() if k not in ("rope_parameters", "layer_types")}
     old.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=3,
@@ -223,7 +309,8 @@ def test_moe_checkpoint_missing_expert_is_named(tmp_path_factory, tmp_path):
 # long factors (the worker passes each row's sequence length), while the 37-token prompt, scored
 # in the same flat batch, keeps the short ones.
 LLM_CONFIGS = [("qwen3", 3, "ring"), ("phi3", 3, "ring"), ("mixtral", 2, "striped"),
-               ("qwen3-moe", 3, "striped"), ("gemma2", 2, "striped"), ("gemma3", 3, "ring")]
+               ("qwen3-moe", 3, "striped"), ("gemma2", 2, "striped"), ("gemma3", 3, "ring"),
+               ("deepseek-v2-lite", 3, "striped"), ("deepseek-v2", 2, "ring")]
 NEW_TOKENS = 32
 _REF = {}
 # Known gap: transformers' Phi-3 recomputes a sequence's whole cache with the long factors when
@@ -284,7 +371,9 @@ def test_llm_score_and_greedy_equal_transformers(served):
 # ---- chunked prefill and graph decode with per-layer windows (in-process ranks) ----
 
 @pytest.mark.parametrize("family,ws,layout", [("gemma2", 3, "striped"), ("gemma3", 2, "ring"),
-                                              ("gemma3", 1, "striped")])
+                                              ("gemma3", 1, "striped"),
+                                              ("deepseek-v2-lite", 2, "ring"),
+                                              ("deepseek-v2", 3, "striped")])
 def test_chunked_prefill_and_graph_decode_equal_transformers(tmp_path_factory, family, ws,
                                                              layout):
     """Prompts cut into 16-token chunks (each chunk attends the prompt's earlier chunks through

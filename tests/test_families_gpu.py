@@ -13,7 +13,7 @@ from tinymodels import tiny_model
 pytestmark = pytest.mark.gpu
 N_TOKENS = 8191
 N_NEW = 16
-FAMILIES = ["qwen3-moe", "mixtral", "gemma2", "gemma3"]
+FAMILIES = ["qwen3-moe", "mixtral", "gemma2", "gemma3", "deepseek-v2-lite", "deepseek-v2"]
 
 
 def teacher_forced_logprobs(hf, ids):

@@ -30,6 +30,11 @@ tokenizer_config.json with a chat template and generation_config.json. Names:
                  GeGLU, GQA 4/2, tied embeddings
   gemma3         4 layers (global third), q/k norm, RoPE 10K on sliding layers and 1M with
                  linear factor 4 on the global one, final soft-cap 20, window 16
+  deepseek-v2-lite  MLA (kv_lora_rank 32 + rope 8 = a 40-wide latent; q_proj direct), YaRN
+                 factor 4 with mscale 1 / mscale_all_dim 0.8, 8 experts top-2 + 2 shared
+                 experts, layer 0 dense
+  deepseek-v2    MLA with q_lora_rank 24, group-limited routing (4 groups, the best 2 compete),
+                 top-3 of 8 experts x routed_scaling_factor 2.5, 3 layers, layer 0 dense
 
 Weights are re-drawn after HF's initialisation (seeded) with scales that make attention
 non-uniform and norms/biases non-trivial, so the comparisons have something to catch.
@@ -122,6 +127,25 @@ TINY_MODELS: Dict[str, dict] = {
                           rope_theta=1000000.0, num_experts=8, num_experts_per_tok=3,
                           moe_intermediate_size=48, norm_topk_prob=False,
                           decoder_sparse_step=2),
+    "deepseek-v2-lite": dict(
+        arch="deepseek_v2", tokenizer="bytelevel-llama3", num_key_value_heads=4,
+        max_position_embeddings=256,
+        q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+        moe_intermediate_size=32, first_k_dense_replace=1, topk_method="greedy",
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                         "original_max_position_embeddings": 64, "mscale": 1.0,
+                         "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}),
+    "deepseek-v2": dict(
+        arch="deepseek_v2", tokenizer="bytelevel-llama3", num_key_value_heads=4,
+        max_position_embeddings=256,
+        num_hidden_layers=3, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3,
+        n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                         "original_max_position_embeddings": 64, "mscale": 0.707,
+                         "mscale_all_dim": 0.707}),
     "gemma2": dict(arch="gemma2", tokenizer="metaspace-inst", num_key_value_heads=2,
                    num_hidden_layers=3, sliding_window=16, attn_logit_softcapping=2.0,
                    final_logit_softcapping=20.0, query_pre_attn_scalar=24,
@@ -242,7 +266,8 @@ def hf_config(name: str, vocab_size: int, bos: int = None, eos=None):
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "phi3": transformers.Phi3Config, "mixtral": transformers.MixtralConfig,
            "qwen3_moe": transformers.Qwen3MoeConfig, "gemma2": transformers.Gemma2Config,
-           "gemma3_text": transformers.Gemma3TextConfig}[arch]
+           "gemma3_text": transformers.Gemma3TextConfig,
+           "deepseek_v2": transformers.DeepseekV2Config}[arch]
     kw = dict(COMMON, **spec)
     if arch in ("qwen2", "phi3"):
         kw.pop("head_dim")  # derived: 64 / 4 = 16
@@ -281,7 +306,8 @@ def build_tiny_model(path: Path, name: str, seed: int = 0) -> Path:
              "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
              "phi3": transformers.Phi3ForCausalLM, "mixtral": transformers.MixtralForCausalLM,
              "qwen3_moe": transformers.Qwen3MoeForCausalLM, "gemma2": transformers.Gemma2ForCausalLM,
-             "gemma3_text": transformers.Gemma3ForCausalLM}[TINY_MODELS[name]["arch"]](cfg)
+             "gemma3_text": transformers.Gemma3ForCausalLM,
+             "deepseek_v2": transformers.DeepseekV2ForCausalLM}[TINY_MODELS[name]["arch"]](cfg)
     _redraw(model, seed)
     model.eval()
     kw = {}

@@ -105,10 +105,17 @@ class RingStats:
         return dict(self.__dict__)
 
 
-def _kv_view(buf: torch.Tensor, length: int, shape_tail) -> torch.Tensor:
-    """(2, B, length, Hkv, D) view on the front of a flat packed buffer."""
+def _kv_view(buf: torch.Tensor, length: int, shape_tail, kv: int = 2) -> torch.Tensor:
+    """(kv, B, length, Hkv, D) view on the front of a flat packed buffer (kv = 1: keys only,
+    which are also the values)."""
     b, hkv, d = shape_tail
-    return buf[: 2 * b * length * hkv * d].view(2, b, length, hkv, d)
+    return buf[: kv * b * length * hkv * d].view(kv, b, length, hkv, d)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are views of the same elements (v passed as k)."""
+    return (a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                       and a.stride() == b.stride() and a.dtype == b.dtype))
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len: int,
@@ -138,23 +145,26 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
     st = stats if stats is not None else RingStats()
     st.world_size = n
     # Only the Hkv heads travel, K and V packed in one buffer: one message per step, not two.
+    # When v is k (MLA's latent: the values are the keys' first columns) only K travels.
+    kv = 1 if same_tensor(k, v) else 2
     max_len = max(s.length for s in plan.shards)
-    numel = 2 * B * max_len * Hkv * D
+    numel = kv * B * max_len * Hkv * D
     bufs = [torch.empty(numel, dtype=k.dtype, device=k.device),
             torch.empty(numel if len(plan.steps) > 1 else 0, dtype=k.dtype, device=k.device)]
-    own = _kv_view(bufs[0], S, (B, Hkv, D))
+    own = _kv_view(bufs[0], S, (B, Hkv, D), kv)
     own[0].copy_(k)
-    own[1].copy_(v)
+    if kv == 2:
+        own[1].copy_(v)
 
     out_acc = lse_acc = None
     cur = 0
     for step in plan.steps:
         src = plan.shards[step.source]
-        held = _kv_view(bufs[cur], src.length, (B, Hkv, D))
+        held = _kv_view(bufs[cur], src.length, (B, Hkv, D), kv)
         handle = None
         if step.send or step.recv:  # post step + 1's transfer before computing step
             send_t = held.reshape(-1) if step.send else None
-            recv_t = (_kv_view(bufs[1 - cur], step.recv_len, (B, Hkv, D)).reshape(-1)
+            recv_t = (_kv_view(bufs[1 - cur], step.recv_len, (B, Hkv, D), kv).reshape(-1)
                       if step.recv else None)
             handle = transport.send_recv(send_t, recv_t)
             if step.send:
@@ -164,7 +174,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
                 st.bytes_received += recv_t.numel() * recv_t.element_size()
         if step.compute:
             out_b, lse_b = kernels.attention(
-                q, held[0], held[1], softmax_scale=softmax_scale, causal=causal,
+                q, held[0], held[kv - 1], softmax_scale=softmax_scale, causal=causal,
                 window_size=window_size, q_offset=me.offset, q_stride=me.stride,
                 k_offset=src.offset, k_stride=src.stride, backend=backend, softcap=softcap)
             if out_acc is None:

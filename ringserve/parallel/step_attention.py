@@ -238,7 +238,8 @@ class StepAttention:
             pages = self.tables[i][0, a // P: -(-b // P)].long()
             H, Dk = self.pool.k.shape[-2:]
             k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
-            v = self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
+            v = (k if self.pool.v is self.pool.k   # MLA: the values are the keys (latent)
+                 else self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a])
             programs = -(-R // 128) * Hq
             splits = max(1, min(SPLITS, (b - a) // MIN_SPLIT_TOKENS,
                                 -(-TARGET_PROGRAMS // programs)))
