@@ -387,10 +387,12 @@ class Engine:
         if h.kind == "score":
             req.score_lps = [None] * len(ids)
         if h.kind == "generate":
-            lead = self._prefilling(ids)
-            if lead is not None:     # wait for its prompt's KV, then fork it (n > 1)
-                lead.followers.append(req)
+            lead = self._same_prompt(ids)
+            if lead is not None and not lead.out_tokens:
+                lead.followers.append(req)   # wait for its prompt's KV, then fork it (n > 1)
                 return None
+            if lead is not None:             # computed already: fork it from the cache
+                self._cache_prompt(lead)
         return req
 
     def _check_sampling(self, params: SamplingParams) -> None:
@@ -402,13 +404,31 @@ class Engine:
         if params.grammar is not None and self.tokenizer is None:
             raise InvalidRequestError("structured output needs the model's tokenizer")
 
-    def _prefilling(self, ids: List[int]) -> Optional[Request]:
-        """A generate request with this prompt that has not produced its first token yet."""
+    def _same_prompt(self, ids: List[int]) -> Optional[Request]:
+        """A queued or running generate request with this prompt (one still prefilling it
+        first), e.g. another of n samples."""
+        found = None
         for r in list(self.sched.running) + list(self.sched.waiting):
-            if (r.kind == "generate" and not r.out_tokens and len(r.prompt) == len(ids)
-                    and r.prompt == ids):
-                return r
-        return None
+            if r.kind == "generate" and len(r.prompt) == len(ids) and r.prompt == ids:
+                if not r.out_tokens:
+                    return r
+                found = found or r
+        return found
+
+    def _cache_prompt(self, req: Request) -> None:
+        """Keep req's computed prompt in the document cache (unpinned), for requests with the
+        same prompt to fork."""
+        if req.seq is None or len(req.seq) < len(req.prompt) or len(req.prompt) < 2:
+            return
+        key = doc_key(req.prompt_tensor())
+        if self.doc_cache.get(key) is not None:
+            return
+        seq = self.kv.fork(req.seq, len(req.prompt))
+        ids = torch.tensor(seq.tokens, dtype=torch.int32)
+        e = CachedSeq(key, seq, ids, torch.tensor(seq.owners, dtype=torch.int8))
+        for g in self.doc_cache.add(e):
+            self.kv.free(g.kv)
+        self._fit_budget(e)
 
     def _release_followers(self, req: Request) -> None:
         """req's prompt is computed (or req is over): the requests waiting to share its prompt
@@ -420,13 +440,7 @@ class Engine:
             for f in fs:
                 self._fail(f, RingServeError("the engine was shut down"), count=False)
             return
-        if req.seq is not None and len(req.seq) >= len(req.prompt) > 1:
-            seq = self.kv.fork(req.seq, len(req.prompt))
-            ids = torch.tensor(seq.tokens, dtype=torch.int32)
-            e = CachedSeq(doc_key(ids), seq, ids, torch.tensor(seq.owners, dtype=torch.int8))
-            for g in self.doc_cache.add(e):
-                self.kv.free(g.kv)
-            self._fit_budget(e)
+        self._cache_prompt(req)
         self.sched.requeue(fs)
 
     def _attach_contexts(self, step: Step) -> None:

@@ -117,6 +117,16 @@ class RingServe:
         return await self._handle("chat", request, lambda: openai_routes.chat_completions(
             self.svc, request, "chat"))
 
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._handle("tokenize", request, lambda: openai_routes.tokenize(
+            self.svc, request))
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._handle("tokenize", request, lambda: openai_routes.detokenize(
+            self.svc, request))
+
     # ------------------------------------------------------------------ documents
     @api.post("/v1/documents")
     async def create_document(self, request: Request):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 DONE = b"data: [DONE]\n\n"
 
@@ -42,8 +42,15 @@ def add_usage(total: Dict[str, Any], u: Dict[str, Any]) -> Dict[str, Any]:
     return total
 
 
-def completion_logprobs(token_ids: Sequence[int], logprobs: Optional[Sequence[float]],
-                        piece: Callable[[int], str], offset: int = 0) -> Optional[Dict[str, Any]]:
+Top = Optional[Sequence[Optional[Sequence[Tuple[int, float]]]]]
+
+
+def completion_logprobs(token_ids: Sequence[int], logprobs: Optional[Sequence[Optional[float]]],
+                        piece: Callable[[int], str], offset: int = 0,
+                        top: Top = None) -> Optional[Dict[str, Any]]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (per token a dict
+    token text -> logprob of the k most likely, or null: no alternatives, e.g. echoed prompt
+    tokens), text_offset."""
     if logprobs is None:
         return None
     tokens, offsets, pos = [], [], offset
@@ -52,19 +59,30 @@ def completion_logprobs(token_ids: Sequence[int], logprobs: Optional[Sequence[fl
         tokens.append(s)
         offsets.append(pos)
         pos += len(s)
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None,
+    tops = None
+    if top is not None:
+        tops = [None if alts is None else {piece(a): lp for a, lp in alts} for alts in top]
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": tops,
             "text_offset": offsets}
 
 
+def _entry(piece: Callable[[int], str], t: int, lp: float) -> Dict[str, Any]:
+    s = piece(t)
+    return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+
 def chat_logprobs(token_ids: Sequence[int], logprobs: Optional[Sequence[float]],
-                  piece: Callable[[int], str]) -> Optional[Dict[str, Any]]:
+                  piece: Callable[[int], str], top: Top = None) -> Optional[Dict[str, Any]]:
+    """Chat's shape: content, one entry per token with its top_logprobs (the k most likely,
+    most likely first; [] when top_logprobs was not asked for)."""
     if logprobs is None:
         return None
     content = []
-    for t, lp in zip(token_ids, logprobs):
-        s = piece(t)
-        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")),
-                        "top_logprobs": []})
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs)):
+        e = _entry(piece, t, lp)
+        alts = top[i] if top is not None else None
+        e["top_logprobs"] = [_entry(piece, a, v) for a, v in alts or ()]
+        content.append(e)
     return {"content": content}
 
 

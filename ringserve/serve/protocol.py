@@ -1,9 +1,13 @@
 """Request bodies (pydantic, at the HTTP edge only) and their translation to SamplingParams.
 
-OpenAI's parameters that the engine can not honour (n > 1, penalties, logit_bias, echo, tools)
-are refused with a 400 naming the parameter rather than silently ignored; unknown extra fields
-are ignored, as OpenAI-compatible servers commonly do. Extensions: top_k, ignore_eos,
-stop_token_ids, return_token_ids (each choice then carries the generated token ids).
+OpenAI's parameters that the engine can not honour (tools, suffix, audio, ...) are refused with a
+400 naming the parameter rather than silently ignored; unknown extra fields are ignored, as
+OpenAI-compatible servers commonly do. Supported: n (and best_of on completions), penalties
+(presence, frequency in [-2, 2]), logit_bias (token id -> [-100, 100]), logprobs/top_logprobs,
+echo (completions), response_format (text, json_object, json_schema; on completions too).
+Extensions (vLLM's names): top_k, ignore_eos, min_tokens, repetition_penalty (> 0),
+stop_token_ids, guided_json, guided_regex, guided_choice, guided_grammar (Lark), and
+return_token_ids (each choice then carries the generated token ids).
 
 Integers and booleans are strict: `true` is no token id and no max_tokens, "yes" is no boolean,
 and a JSON string is never read as raw token bytes (pydantic's lax mode would take all three).
@@ -36,10 +40,17 @@ class _Sampling(BaseModel):
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: StrictInt = 1
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    n: StrictInt = Field(default=1, ge=1, le=128)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)
     logit_bias: Optional[Dict[str, float]] = None
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    response_format: Optional[Dict[str, Any]] = None
+    guided_json: Optional[Union[Dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[List[str]] = None
+    guided_grammar: Optional[str] = None
     return_token_ids: StrictBool = False
     user: Optional[str] = None
 
@@ -51,27 +62,42 @@ class _Sampling(BaseModel):
         return v
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise bad_request(f"n ({self.n}) must be 1: one choice per request", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if v not in (None, 0, 0.0):
-                raise bad_request(f"{name} ({v}) is not supported; leave it out or 0", param=name)
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", param="logit_bias")
+        for t, v in (self.logit_bias or {}).items():
+            if not t.strip().isdigit():
+                raise bad_request(f"logit_bias keys are token ids, got {t!r}", param="logit_bias")
+            if not -100 <= v <= 100:
+                raise bad_request(f"logit_bias value for token {t} ({v}) must be in [-100, 100]",
+                                  param="logit_bias")
         if self.top_k is not None and not (self.top_k == -1 or self.top_k >= 1):
             raise bad_request(f"top_k ({self.top_k}) must be -1 (off) or >= 1", param="top_k")
 
-    def sampling_kwargs(self, default_max_tokens: int, logprobs: bool) -> Dict[str, Any]:
+    def sampling_kwargs(self, default_max_tokens: int, logprobs: bool,
+                        top_logprobs: int = 0) -> Dict[str, Any]:
+        from ringserve.structured import response_format_schema
         stop = self.stop
         stop = () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
+        try:
+            schema = response_format_schema(self.response_format)
+        except ValueError as e:
+            raise bad_request(str(e), param="response_format") from None
+        if schema is not None and self.guided_json is not None:
+            raise bad_request("give response_format or guided_json, not both",
+                              param="response_format")
         return dict(max_tokens=self.max_tokens or default_max_tokens,
                     temperature=1.0 if self.temperature is None else self.temperature,
                     top_p=1.0 if self.top_p is None else self.top_p,
                     top_k=-1 if self.top_k is None else self.top_k,
                     seed=self.seed, stop=tuple(s for s in stop if s),
                     stop_token_ids=tuple(self.stop_token_ids or ()), logprobs=logprobs,
-                    ignore_eos=self.ignore_eos)
+                    ignore_eos=self.ignore_eos, top_logprobs=top_logprobs, n=self.n,
+                    presence_penalty=self.presence_penalty or 0.0,
+                    frequency_penalty=self.frequency_penalty or 0.0,
+                    repetition_penalty=(1.0 if self.repetition_penalty is None
+                                        else self.repetition_penalty),
+                    logit_bias=self.logit_bias, min_tokens=self.min_tokens,
+                    guided_json=schema if schema is not None else self.guided_json,
+                    guided_regex=self.guided_regex, guided_choice=self.guided_choice,
+                    guided_grammar=self.guided_grammar)
 
     @property
     def include_usage(self) -> bool:
@@ -92,15 +118,14 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise bad_request("echo is not supported", param="echo")
-        if self.best_of not in (None, 1):
-            raise bad_request(f"best_of ({self.best_of}) must be 1", param="best_of")
+        if self.best_of is not None and not self.n <= self.best_of <= 128:
+            raise bad_request(f"best_of ({self.best_of}) must be in [n ({self.n}), 128]",
+                              param="best_of")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise bad_request("best_of > n can not be streamed (the best are known at the end)",
+                              param="best_of")
         if self.suffix:
             raise bad_request("suffix is not supported", param="suffix")
-        if self.logprobs is not None and self.logprobs > 1:
-            raise bad_request(f"logprobs ({self.logprobs}): only the sampled token's logprob is "
-                              "available (0 or 1)", param="logprobs")
 
     def prompts(self) -> List[Union[str, List[int]]]:
         """The prompt as a list of prompts (text or token ids); OpenAI's four accepted forms."""
@@ -156,17 +181,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=20)
     tools: Optional[List[Any]] = None
-    response_format: Optional[Dict[str, Any]] = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.top_logprobs:
-            raise bad_request("top_logprobs is not supported (only the sampled token's logprob)",
-                              param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tools:
             raise bad_request("tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("response_format must be text", param="response_format")
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
 
@@ -198,5 +219,22 @@ class AskRequest(_Sampling):
     logprobs: StrictBool = False
 
 
-__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "DocumentCreate",
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the model's template."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[List[ChatMessage]] = None
+    add_special_tokens: Optional[StrictBool] = None
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    tokens: List[StrictInt]
+
+
+__all__ = ["CompletionRequest", "TokenizeRequest", "DetokenizeRequest", "ChatCompletionRequest", "ChatMessage", "DocumentCreate",
            "AskRequest", "StreamOptions"]
