@@ -9,9 +9,13 @@ Input: JSONL, one document per line:
     {"id": "a", "text": "...", "task": "qa", "questions": ["Who ...?", "When ...?"]}
     {"id": "b", "path": "docs/b.txt", "task": "summary"}
     {"id": 7, "text": "...", "task": "loglik"}
+    {"id": "c", "path": "c.txt", "task": "extract", "schema": {"type": "object", ...}}
 
 `path` is read as UTF-8 (relative paths are relative to the input file's folder). Optional per
-record: `max_tokens`. Output: JSONL, one line per input id, written as each document finishes
+record: `max_tokens`; `schema` (a JSON schema: required for `extract`, optional for `qa`, where
+every answer is then JSON matching it), `instruction` (extract: what to pull out; the schema is
+appended to it). Output with a schema is constrained by it (structured output): it parses and
+validates unless `max_tokens` cut it off (finish_reason "length", data null). Output: JSONL, one line per input id, written as each document finishes
 (flushed and fsynced): `{"id", "task", "ok": true, ...}` or `{"id", "task", "ok": false,
 "error": {"type", "message", ...}}` (CapacityError adds `requested`, `capacity`), with `elapsed_s`:
   qa:      num_document_tokens, answers: [{question, answer, finish_reason,
@@ -19,6 +23,9 @@ record: `max_tokens`. Output: JSONL, one line per input id, written as each docu
   summary: num_document_tokens, summary, finish_reason, num_generated_tokens
   loglik:  num_tokens, logprobs (per token, log p(token | previous); the first is null),
            sum_logprob, mean_logprob, perplexity = exp(-mean_logprob)
+  extract: num_document_tokens, data (the parsed JSON, null when cut off), text,
+           finish_reason, num_generated_tokens
+  (qa with a schema: each answer also has data)
 A line that is not valid JSON gets the id "<input line N>".
 
 Resumable: ids already in the output are skipped, so rerunning the same command (after a crash,
@@ -47,12 +54,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ringserve.errors import CapacityError, InvalidRequestError
 
-TASKS = ("qa", "summary", "loglik")
+TASKS = ("qa", "summary", "loglik", "extract")
 PROMPT_FORMATS = ("auto", "plain", "chat")
 QA_PLAIN = "\n\nQuestion: {question}\nAnswer:"
 SUMMARY_PLAIN = "\n\nSummary of the document above:\n"
 QA_CHAT = "Answer this question about the document above: {question}"
 SUMMARY_CHAT = "Summarize the document above in a few sentences."
+EXTRACT_DEFAULT = "Extract the information of the document above"
+EXTRACT_PLAIN = "\n\n{instruction}, as JSON matching this schema: {schema}\nJSON:"
+EXTRACT_CHAT = "{instruction}, as JSON matching this schema: {schema}"
 _SENTINEL = "\x00RINGSERVE-DOC-END\x00"
 
 
@@ -72,6 +82,8 @@ class Record:
     path: Optional[str] = None
     questions: List[str] = field(default_factory=list)
     max_tokens: Optional[int] = None
+    schema: Any = None
+    instruction: Optional[str] = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -87,6 +99,20 @@ class Record:
                     or not all(isinstance(q, str) and q.strip() for q in self.questions)):
                 raise RecordError(f"task 'qa' needs 'questions': a non-empty list of non-empty "
                                   f"strings, got {self.questions!r}")
+        if self.task == "extract" and self.schema is None:
+            raise RecordError("task 'extract' needs 'schema': the JSON schema of the output")
+        if self.schema is not None:
+            if self.task not in ("qa", "extract"):
+                raise RecordError(f"'schema' is for the qa and extract tasks, not {self.task!r}")
+            from .structured import grammar_for
+            try:
+                grammar_for(guided_json=self.schema)
+            except ValueError as e:
+                raise RecordError(f"'schema': {e}") from None
+        if self.instruction is not None and (self.task != "extract"
+                                             or not isinstance(self.instruction, str)
+                                             or not self.instruction.strip()):
+            raise RecordError("'instruction' is a non-empty string, for the extract task")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
                                             or isinstance(self.max_tokens, bool)
                                             or self.max_tokens < 1):
@@ -115,13 +141,15 @@ def parse_line(raw: bytes, line: int) -> Tuple[Any, Optional[Record], Optional[E
     if rid is None or isinstance(rid, (bool, float, list, dict)) or rid == "":
         return line_id(line), None, RecordError(
             f"line {line}: 'id' must be a non-empty string or an integer, got {rid!r}")
-    unknown = sorted(set(obj) - {"id", "task", "text", "path", "questions", "max_tokens"})
+    unknown = sorted(set(obj) - {"id", "task", "text", "path", "questions", "max_tokens",
+                                 "schema", "instruction"})
     try:
         if unknown:
             raise RecordError(f"unknown field(s) {unknown}")
         rec = Record(id=rid, task=obj.get("task"), line=line, text=obj.get("text"),
                      path=obj.get("path"), questions=obj.get("questions") or [],
-                     max_tokens=obj.get("max_tokens"))
+                     max_tokens=obj.get("max_tokens"), schema=obj.get("schema"),
+                     instruction=obj.get("instruction"))
     except RecordError as e:
         return rid, None, e
     return rid, rec, None
@@ -336,6 +364,13 @@ class Prompter:
     def summary(self, text: str) -> Tuple[List[int], List[int]]:
         return self.split(text, SUMMARY_PLAIN if self.format == "plain" else SUMMARY_CHAT)
 
+    def extract(self, text: str, schema: Any, instruction: Optional[str] = None
+                ) -> Tuple[List[int], List[int]]:
+        tmpl = EXTRACT_PLAIN if self.format == "plain" else EXTRACT_CHAT
+        schema_text = schema if isinstance(schema, str) else json.dumps(schema)
+        return self.split(text, tmpl.format(instruction=(instruction or EXTRACT_DEFAULT).strip(),
+                                            schema=schema_text))
+
 
 # --------------------------------------------------------------------------------- tasks
 
@@ -346,6 +381,8 @@ def run_record(llm, prompter: Prompter, rec: Record, text: str, params) -> Tuple
 
     if rec.max_tokens is not None:
         params = replace(params, max_tokens=rec.max_tokens)
+    if rec.schema is not None:     # structured output: the answers follow the schema
+        params = replace(params, guided_json=rec.schema)
     if rec.task == "loglik":
         (score,) = llm.score([text])
         lps = [None if x is None else float(x) for x in score.logprobs]
@@ -363,6 +400,12 @@ def run_record(llm, prompter: Prompter, rec: Record, text: str, params) -> Tuple
         return ({"num_document_tokens": len(doc), "summary": out.text,
                  "finish_reason": out.finish_reason, "num_generated_tokens": len(out.token_ids)},
                 len(doc) + len(suffix) + len(out.token_ids))
+    if rec.task == "extract":
+        doc, suffix = prompter.extract(text, rec.schema, rec.instruction)
+        (out,) = llm.generate([doc + suffix], params)
+        return ({"num_document_tokens": len(doc), "data": _parsed(out), "text": out.text,
+                 "finish_reason": out.finish_reason, "num_generated_tokens": len(out.token_ids)},
+                len(doc) + len(suffix) + len(out.token_ids))
     doc, suffixes = prompter.qa(text, rec.questions)
     key = None
     if len(suffixes) > 1:
@@ -378,11 +421,24 @@ def run_record(llm, prompter: Prompter, rec: Record, text: str, params) -> Tuple
                 "num_generated_tokens": len(o.token_ids),
                 "num_cached_tokens": int(o.num_cached_tokens or 0)}
                for q, o in zip(rec.questions, outs)]
+    if rec.schema is not None:
+        for a, o in zip(answers, outs):
+            a["data"] = _parsed(o)
     # tokens actually run: the document once (cached) or per question, plus the rest
     prefilled = sum(len(doc) + len(sfx) - a["num_cached_tokens"]
                     for sfx, a in zip(suffixes, answers)) + (len(doc) if key else 0)
     return ({"num_document_tokens": len(doc), "answers": answers},
             prefilled + sum(a["num_generated_tokens"] for a in answers))
+
+
+def _parsed(out) -> Any:
+    """A constrained output's JSON (None when max_tokens cut it off)."""
+    if out.finish_reason != "stop":
+        return None
+    try:
+        return json.loads(out.text)
+    except ValueError:   # a stop string cut it: the text is in the record
+        return None
 
 
 # Problems of the record itself: written as the record's error, no retry, the job goes on.
