@@ -118,17 +118,19 @@ COMMANDS = {
     "demo": lambda argv: __import__("ringserve.demo", fromlist=["main"]).main(argv),
     "make-demo-model": _make_demo_model,
     "convert": _convert,
+    "plan": lambda argv: __import__("ringserve.planner", fromlist=["main"]).main(argv),
 }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: ringserve {serve,batch,demo,convert,make-demo-model} [options]\n"
+        print("usage: ringserve {serve,batch,demo,convert,plan,make-demo-model} [options]\n"
               "  serve            start the HTTP service\n"
               "  batch            process a JSONL of documents (also: python -m ringserve.batch)\n"
               "  demo             the embedded default: demo model, local Ray, a long document\n"
               "  convert          write a .gguf checkpoint as a HuggingFace safetensors directory\n"
+              "  plan             (TP, CP) splits of N GPUs: weights/GPU, KV tokens, prefill time\n"
               "  make-demo-model  write the small random-weight demo checkpoint")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return int(COMMANDS[argv[0]](argv[1:]) or 0)

@@ -276,3 +276,59 @@ def test_placement_three_nodes():
     for a, (members, total) in enumerate(res["tp"]):          # TP group of shard a // 2
         j = a // 2
         assert members == [[j, r, pids[2 * j + r]] for r in range(2)] and total == 1.0
+
+
+# ---- ringserve plan ----
+
+
+def test_planner_matches_the_worker_and_the_measurements():
+    """The planner's capacity rule is the worker's: one H200 and the 8B shape give the measured
+    588,864 KV tokens (bench_e2e's 16K activation chunk); its prefill model gives the measured
+    12.3 s at 128K; weights per GPU are the TP rank's exact parameters."""
+    from ringserve.planner import GPUS, layer_params, load_config, plan
+
+    cfg = load_config("llama-3.1-8b")
+    (row,) = plan(cfg, 1, GPUS["h200"], lengths=(131072,), chunk_tokens=16384)
+    assert (row.t, row.c, row.kv_tokens) == (1, 1, 588864)
+    assert abs(row.prefill_s[0] - 12.3) / 12.3 <= 0.03, row.prefill_s
+    full = 8030261248 * 2                         # Llama-3.1-8B: 8.03e9 parameters, bf16
+    assert abs(row.weights_gib * (1 << 30) - full) <= 1 << 20
+    norms = (2 * 32 + 1) * 4096
+    assert layer_params(cfg) == full // 2 - 2 * 128256 * 4096 - norms
+
+    big = load_config("llama-3.1-70b")
+    rows = {(r.t, r.c): r for r in plan(big, 16, GPUS["h200"])}
+    assert sorted(rows) == [(1, 16), (2, 8), (4, 4), (8, 2)]
+    # sharded evenly but for the replicated norms
+    w1, w8 = rows[(1, 16)].weights_gib, rows[(8, 2)].weights_gib
+    assert w1 / 8 < w8 < w1 / 8 * 1.001
+    assert rows[(2, 8)].kv_bytes_per_token == 80 * 4 * 128 * 2 * 2 + 4
+    huge = load_config("llama-3.1-405b")
+    rows = {(r.t, r.c): r for r in plan(huge, 16, GPUS["h200"])}
+    assert rows[(4, 4)].kv_tokens == 0 and rows[(8, 2)].kv_tokens > 500_000   # 756 GiB / t
+
+
+def test_plan_command_lists_every_valid_split(tmp_path):
+    from ringserve.cli import main
+
+    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=1536,
+               intermediate_size=4608, num_hidden_layers=4, num_attention_heads=12,
+               num_key_value_heads=6, head_dim=128)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["plan", "--model", str(path), "--gpus", "12", "--gpu-memory", "80GB",
+                     "--json"]) == 0
+    rows = json.loads(buf.getvalue())
+    # t must divide 12 GPUs and 12 heads, divide 6 KV heads or be a multiple of them, and stay
+    # within a node: 1, 2, 3, 6 (4: 6 % 4 and 4 % 6; 12: more than 8 GPUs per node)
+    assert [(r["t"], r["c"]) for r in rows] == [(1, 12), (2, 6), (3, 4), (6, 2)]
+    assert all(r["kv_tokens"] > 0 and len(r["prefill_s"]) == 2 for r in rows)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["plan", "--model", "llama-3.1-70b", "--gpus", "8", "--gpu-memory", "141GB"])
+    text = buf.getvalue()
+    assert "T(S) = F(S) / (N * peak * u * e) + T_tp(S)" in text and "131.3 GiB" in text
