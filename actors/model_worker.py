@@ -84,6 +84,12 @@ def build_model(source: Union[str, dict], dtype, device: torch.device, tp_rank: 
     return model.eval()
 
 
+def fixed_reserve_bytes(cfg, chunk_tokens: Optional[int], elem: int) -> int:
+    """GPU memory kept free besides weights and KV whatever the tokens: 3 GiB of workspaces
+    plus the MLP intermediates of one activation chunk (ringserve plan uses it too)."""
+    return 3 * GiB + 3 * (chunk_tokens or 8192) * cfg.intermediate_size * elem
+
+
 def activation_bytes_per_token(cfg, elem: int) -> int:
     """Rough peak activation bytes per prefill token on one rank (hidden states, q/k/v/out,
     the float32 attention accumulator, the ring's two K/V buffers), with 25% slack."""
@@ -139,8 +145,7 @@ class ModelShardWorker(ShardWorker):
             # with the tokens this rank may hold (one token of cache ~ one token of activations)
             free, total = torch.cuda.mem_get_info(self.device)
             fixed = (memory_reserve_bytes if memory_reserve_bytes is not None
-                     else 3 * GiB + 3 * (chunk_tokens or 8192) * cfg.intermediate_size
-                     * self.model.dtype.itemsize)
+                     else fixed_reserve_bytes(cfg, chunk_tokens, self.model.dtype.itemsize))
             act = activation_bytes_per_token(cfg, self.model.dtype.itemsize)
             num_pages = pages_for_budget(max(0, free - fixed), page_size, per_tok + act)
         else:
