@@ -15,6 +15,7 @@ repository root when ringserve is not pip-installed (Ray adds the working direct
 actors' sys.path, and the bare `ringserve/` there lacks ringserve.kernels / ringserve.actors).
 
   python3 benchmarks/bench_e2e.py --world-size 2 --lengths 32768,131072,524288,max
+  python3 benchmarks/bench_e2e.py --world-size 1 --tp 2 --lengths 131072,524288  # TP x CP
   python3 benchmarks/bench_e2e.py --world-size 2 --lengths 4096 --preset small --no-hf  # smoke
   python3 benchmarks/bench_e2e.py --world-size 1 --preset qwen3-moe-30b-a3b --lengths 8192,131072
 """
@@ -206,13 +207,15 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
     numeric = [int(x) for x in lengths if x != "max"]
     cfg = hf_config(args.preset, max(numeric + [1 << 20]) * 2)
     t0 = time.perf_counter()
-    llm = LLM({"config": cfg, "seed": 0}, world_size=args.world_size, layout=args.schedule,
+    llm = LLM({"config": cfg, "seed": 0}, context_parallel_size=args.world_size,
+              tensor_parallel_size=args.tp, layout=args.schedule,
               device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,
               max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
               decode_steps=args.decode_steps, cuda_graphs=args.cuda_graphs,
               memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
                                     else None), tokenizer=None)
-    print(f"[ringserve] group of {args.world_size} up in {time.perf_counter() - t0:.1f} s; "
+    print(f"[ringserve] group of {args.world_size} x TP {args.tp} up in "
+          f"{time.perf_counter() - t0:.1f} s; "
           f"capacity {llm.capacity_tokens} KV tokens", flush=True)
     bw = max(llm._group.call("copy_bandwidth"))  # bytes/s counting read + write
     w_bytes = param_counts(cfg)["decode_read"] * 2
@@ -259,9 +262,10 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
             continue
         fl = prefill_flops(cfg, n)
         dec_s = out.timings["decode_s"] / max(1, len(out.token_ids) - 1)
-        floor = (w_bytes + kv_tok * (n + args.question_tokens) / args.world_size) / bw
+        # each GPU reads its 1/tp of the weights and of its shard's KV
+        floor = (w_bytes + kv_tok * (n + args.question_tokens) / args.world_size) / args.tp / bw
         row.update(prefill_s=wall, prefill_tok_s=n / wall,
-                   mfu=fl / wall / (args.world_size * args.peak_tflops * 1e12),
+                   mfu=fl / wall / (args.world_size * args.tp * args.peak_tflops * 1e12),
                    followup_ttft_s=out.timings["ttft_s"], cached=out.num_cached_tokens,
                    decode_ms=dec_s * 1e3, floor_ms=floor * 1e3, decode_vs_floor=dec_s / floor)
         rows.append(row)
@@ -275,7 +279,11 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--world-size", type=int, default=2,
+                   help="sequence shards (context parallel size)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="GPUs per shard splitting the model (tensor parallel size); the group "
+                        "uses world-size x tp GPUs")
     p.add_argument("--lengths", default="32768,131072,524288,max",
                    help="comma-separated token counts; 'max' = the longest that fits")
     p.add_argument("--schedule", choices=("striped", "ring"), default="striped")
@@ -324,7 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "info": info, "ringserve": rows, "hf": hf_rows}, f,
                       indent=1)
-    print(f"\nbench_e2e: {args.preset}, bf16, world_size {args.world_size}, {args.schedule}; "
+    print(f"\nbench_e2e: {args.preset}, bf16, world_size {args.world_size} x tp {args.tp}, "
+          f"{args.schedule}; "
           f"capacity {info['capacity_tokens']} KV tokens; copy bandwidth "
           f"{info['copy_bw_tb_s']:.2f} TB/s (read+write)")
     ratio = info["kv_bytes_per_token_decompressed"] / info["kv_bytes_per_token"]
