@@ -183,31 +183,40 @@ def test_broken_manifest_fails_validation(name):
 # ----------------------------------------------------------------- cluster shape and content
 
 
-def _args_world_size(m: dict) -> int:
+def _args_parallel(m: dict) -> tuple:
+    """(context_parallel_size, tensor_parallel_size) the manifest's app or job asks for."""
+    from ringserve.parallel.tp import parallel_sizes
+
     if m["kind"] == "RayJob":
         argv = shlex.split(m["spec"]["entrypoint"])
-        return int(argv[argv.index("--world-size") + 1])
-    cfg = (yaml.safe_load(m["spec"]["serveConfigV2"]) if m["kind"] == "RayService"
-           else serve_config_file())
-    (app,) = cfg["applications"]
-    return int(app["args"]["world_size"])
+        get = {k: int(argv[argv.index(f"--{k.replace('_', '-')}") + 1])
+               for k in ("world_size", "context_parallel_size", "tensor_parallel_size")
+               if f"--{k.replace('_', '-')}" in argv}
+    else:
+        cfg = (yaml.safe_load(m["spec"]["serveConfigV2"]) if m["kind"] == "RayService"
+               else serve_config_file())
+        (app,) = cfg["applications"]
+        get = app["args"]
+    return parallel_sizes(get.get("world_size"), get.get("context_parallel_size"),
+                          get.get("tensor_parallel_size"))
 
 
 @pytest.mark.parametrize("kind", sorted(CRD_FILES))
 def test_cluster_layout(kind):
     m = manifest(kind)
     spec = cluster_spec(m)
-    world_size = _args_world_size(m)
+    c, t = _args_parallel(m)
     head = spec["headGroupSpec"]["template"]["spec"]
     assert all(gpus(c) == 0 for c in head["containers"]), "the head group must not ask for GPUs"
     assert len(spec["workerGroupSpecs"]) == 1
     group = spec["workerGroupSpecs"][0]
     pod = group["template"]["spec"]
     per_pod = sum(gpus(c) for c in pod["containers"])
-    # the actor group is placed STRICT_PACK: one pod must hold all world_size GPUs
-    assert per_pod == world_size, (per_pod, world_size)
+    # without TP the actor group is placed STRICT_PACK: one pod holds all its GPUs; with TP
+    # a pod holds one shard's TP group
+    assert per_pod == (c if t == 1 else t), (per_pod, c, t)
     if kind != "RayCluster":  # RayService / RayJob: sized for exactly one actor group
-        assert group["replicas"] * per_pod == world_size
+        assert group["replicas"] * per_pod == c * t
         assert group["minReplicas"] == group["maxReplicas"] == group["replicas"]
 
     volumes = {v["name"]: v for v in pod["volumes"]}
