@@ -15,6 +15,7 @@ the batch and rows a rank does not own write their K/V to a scratch page that no
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Dict, List, Optional, Tuple, Union
@@ -175,11 +176,9 @@ class ModelShardWorker(ShardWorker):
         mine = torch.tensor([self.pool.num_pages], dtype=torch.int64, device=self.device)
         least = int(min(int(x) for x in self.tp_comm.all_gather(mine)))
         if least < self.pool.num_pages:
-            cfg = self.pool.cfg
-            self.pool = None
-            self.pool = KVPool(KVCacheConfig(
-                num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                num_pages=least, page_size=cfg.page_size, dtype=cfg.dtype, device=cfg.device))
+            cfg = dataclasses.replace(self.pool.cfg, num_pages=least)
+            self.pool = None            # its memory goes back before the smaller one is made
+            self.pool = KVPool(cfg)
 
     # ---- information ----
 

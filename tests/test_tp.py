@@ -169,6 +169,24 @@ def test_validation_names_the_arithmetic(tmp_path_factory):
     assert grid.rings() == [[0, 2, 4], [1, 3, 5]] and grid.tp_groups() == [[0, 1], [2, 3], [4, 5]]
 
 
+def test_tp_ranks_agree_on_their_pages(tmp_path_factory):
+    """A shard's TP ranks share the driver's page table: a rank that could allocate more
+    pages than another keeps only as many as the fewest (each its own heads)."""
+    from ringserve.actors.model_worker import ModelShardWorker
+
+    path = str(tiny_model(tmp_path_factory, "llama"))
+    workers = [ModelShardWorker(0, 1, "cpu", tp_rank=r, tp_size=2, model=path, page_size=16,
+                                kv_tokens=n) for r, n in enumerate((1000, 640))]
+    assert [w.pool.num_pages for w in workers] == [63, 40]
+    assert workers[0].pool.k.shape[-2] == 1                  # one of the two KV heads each
+    hub = ThreadHub(2)
+    for r, w in enumerate(workers):
+        w.tp_comm.transport = hub.transport(r, 30.0)
+    _tp_run(2, lambda r, c: workers[r]._agree_pages())
+    assert [w.pool.num_pages for w in workers] == [40, 40]
+    assert [w.kv_info()["capacity_tokens"] for w in workers] == [640, 640]
+
+
 # ---- through ringserve.LLM: gloo actors, paged KV, the continuous-batching engine ----
 
 NEW = 12
