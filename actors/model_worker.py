@@ -104,8 +104,10 @@ def _seq_lengths(plan: RankPlan) -> torch.Tensor:
     ranks, else the row's sequence's last position + 1): what longrope picks its factors by."""
     ends = [s.chunk_start + s.chunk_len if s.kind == "ring" else max(s.positions) + 1
             for s in plan.seqs]
-    return torch.repeat_interleave(torch.tensor(ends, dtype=torch.int64),
-                                   torch.tensor([len(s.token_ids) for s in plan.seqs]))
+    counts = [len(s.token_ids) for s in plan.seqs]
+    if all(c == 1 for c in counts):      # a decode batch: one row per sequence
+        return torch.tensor(ends, dtype=torch.int64)
+    return torch.repeat_interleave(torch.tensor(ends, dtype=torch.int64), torch.tensor(counts))
 
 
 class ModelShardWorker(ShardWorker):

@@ -116,3 +116,34 @@ def test_cuda_graph_decode_equals_eager(ref, ray_gpu, world_size):
         # shape round differently, so logprobs agree to bf16 precision, not bit for bit
         diff = [abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)]
         assert sum(diff) / len(diff) < 5e-3 and max(diff) < 5e-2, (max(diff), diff)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_questions_on_a_shared_document_equal_their_solo_runs(ref, ray_gpu, world_size):
+    """Six questions on one cached document decode together (cascade: the document's pages
+    read once for all of them, the Triton LSE merge, the batched sampler, and across ranks the
+    NCCL merge): in float32, each gives its solo run's tokens, logprobs to 1e-4."""
+    from ringserve import LLM, SamplingParams
+
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs")
+    path, ids = ref[0], ref[1]
+    doc = ids[:5000]
+    qs = [doc + ids[5000 + 40 * i: 5000 + 40 * i + 7 + i] for i in range(6)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=True)
+    seeded = SamplingParams(max_tokens=24, temperature=0.8, top_k=50, seed=7, ignore_eos=True,
+                            logprobs=True)
+    llm = LLM(str(path), world_size=world_size, device="cuda", dtype="float32")
+    try:
+        llm.cache_document(doc)
+        solo = [llm.generate([q], p)[0] for q, p in zip(qs, [params, seeded] * 3)]
+        steps = llm.stats()["steps"]
+        handles = [llm.submit(q, p) for q, p in zip(qs, [params, seeded] * 3)]
+        together = [h.result() for h in handles]
+        assert llm.stats()["steps"] - steps < sum(len(o.token_ids) for o in together) / 2
+        for a, b in zip(solo, together):
+            assert b.num_cached_tokens >= len(doc)
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+    finally:
+        llm.shutdown()

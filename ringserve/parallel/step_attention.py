@@ -37,8 +37,10 @@ TARGET_PROGRAMS = 512
 
 def _merge(out_a, lse_a, out_b, lse_b):
     """out (R, H, D) float32, lse (R, H) float32: merge b into a in place (the log-sum-exp
-    rule; a row with lse -inf on one side takes the other side unchanged)."""
-    kernels.merge_torch_(out_a[None], lse_a.t()[None], out_b[None], lse_b.t()[None])
+    rule; a row with lse -inf on one side takes the other side unchanged). One Triton launch
+    on the GPU (the torch path is some twenty kernels: in a launch-bound decode step, with a
+    merge per layer for every cascade group and rank, that was a tenth of the step)."""
+    kernels.merge_(out_a[None], lse_a.t()[None], out_b[None], lse_b.t()[None])
 
 
 def merge_rows(transport, o: torch.Tensor, lse: torch.Tensor):
@@ -107,9 +109,14 @@ class StepAttention:
             index = {s.seq: i for i, s in enumerate(plan.seqs)}
             for g, (key, k) in enumerate(plan.groups):
                 members = [j for j, i in enumerate(self.dec) if plan.seqs[i].group == g]
+                qpos = [[plan.seqs[self.dec[j]].positions[0] for j in members]]
+                # None: the group is every decode row, in order (the usual case: many
+                # questions on one document): no gathers and scatters of its rows per layer
                 self.groups.append((tables[index[key]][:k][None].to(dev),
                                     torch.tensor([k * page], **i32),
-                                    torch.tensor(members, **i64)))
+                                    None if members == list(range(len(self.dec)))
+                                    else torch.tensor(members, **i64),
+                                    torch.tensor(qpos, **i64)))
         self.tables = {i: (tables[i] if tables[i].numel() else
                            torch.zeros(1, dtype=torch.int32))[None].to(dev)
                        for i in self.ext + self.ring}
@@ -167,12 +174,15 @@ class StepAttention:
             if self.only_dec and not merged and not self.groups:
                 return o[:, 0], None
             o, lse = o[:, 0].float(), lse[:, :, 0].contiguous()     # (B, Hq, D), (B, Hq)
-            for table, lens, members in self.groups:                # shared prefix read once
+            for table, lens, members, qpos in self.groups:          # shared prefix read once
+                if members is None:                                  # all rows, in order
+                    po, pl = self._paged(layer, qd[:, 0][None], table, lens, qpos)
+                    _merge(o, lse, po[0], pl[0].t())
+                    continue
                 qg = qd.index_select(0, members)[:, 0][None]         # (1, n, Hq, D)
-                po, pl = self._paged(layer, qg, table, lens,
-                                     self.dec_qpos.index_select(0, members).reshape(1, -1))
+                po, pl = self._paged(layer, qg, table, lens, qpos)
                 mo, ml = o.index_select(0, members), lse.index_select(0, members)
-                _merge(mo, ml, po[0].float(), pl[0].t().contiguous())
+                _merge(mo, ml, po[0], pl[0].t())
                 o.index_copy_(0, members, mo)
                 lse.index_copy_(0, members, ml)
             if not self.ext:                                         # rows in plan order
