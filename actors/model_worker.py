@@ -242,6 +242,8 @@ class ModelShardWorker(ShardWorker):
         self.pool.copy_pages(plan.copy_src, plan.copy_dst)
         if not plan.seqs:
             return []
+        # grammar masks on a helper thread while the forward is launched and runs
+        self.sampler.start([s.sample for s in plan.seqs if s.sample is not None])
         tables = [self._table(s.seq, s.pages_from, s.pages_new) for s in plan.seqs]
         if self.cuda_graphs and plan.graph_batch:
             logits = self._graph_step(plan, tables)

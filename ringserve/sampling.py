@@ -311,17 +311,41 @@ def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
 
 
 class Sampler:
-    """A worker's sampler for a step's sampled rows. `prepare(specs)` does the host work (the
-    grammar masks) and is called once the step's forward is queued on the device, so it runs
-    while the device computes; `sample(logits, specs, prepared)` applies it there. specs: each
-    row's `SeqStep.sample`, (params, step) or (params, step, SampleContext)."""
+    """A worker's sampler for a step's sampled rows. `start(specs)` at the beginning of the step
+    computes the host work (the grammar masks) on a helper thread while the forward runs;
+    `prepare(specs)` takes it, `sample(logits, specs, prepared)` applies it on the device.
+    specs: each row's `SeqStep.sample`, (params, step) or (params, step, SampleContext)."""
 
     def __init__(self, tokenizer_source: Any, vocab_size: int):
         self.tokenizer_source = tokenizer_source
         self.vocab_size = vocab_size
         self._grammar = None
+        self._pool = None
+        self._pending = None
+
+    def start(self, specs: Sequence[tuple]) -> None:
+        """Begin `prepare(specs)` on a helper thread (called when the step begins, so the
+        masks are computed while the forward is launched and run; llguidance computes them
+        without the GIL); the next `prepare` takes its result."""
+        self._wait()
+        if not any(spec[0].grammar is not None for spec in specs):
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ringserve-masks")
+        self._pending = self._pool.submit(self._prepare, list(specs))
+
+    def _wait(self):
+        fut, self._pending = self._pending, None
+        return None if fut is None else fut.result()
 
     def prepare(self, specs: Sequence[tuple]) -> Optional[Tuple[Dict[int, int], torch.Tensor]]:
+        """The host work for these rows: what `start` began, else done now."""
+        if self._pending is not None:
+            return self._wait()
+        return self._prepare(specs)
+
+    def _prepare(self, specs: Sequence[tuple]) -> Optional[Tuple[Dict[int, int], torch.Tensor]]:
         rows, where = [], {}
         for j, spec in enumerate(specs):
             params, ctx = spec[0], (spec[2] if len(spec) > 2 else None)
