@@ -577,7 +577,7 @@ def test_400_invalid_parameters(stack):
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError):
         stack.client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
-    _err(stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2}), 400)
+    _err(stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 0}), 400)
     _err(stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "x",
                                                   "max_tokens": 0}), 400)
     e = _err(stack.http.post("/v1/completions", json={"prompt": "x"}), 400)

@@ -18,9 +18,26 @@ Endpoints (all /v1 ones need `Authorization: Bearer <api_key>` when api_key is s
   POST /v1/completions             OpenAI completions; prompt: text, ids, or a list of those
   POST /v1/chat/completions        OpenAI chat; the checkpoint's chat template
        both: stream=true -> server-sent events, OpenAI chunk format, ending `data: [DONE]`;
-       stream_options.include_usage; logprobs (the sampled token's); seed; stop; extensions:
-       top_k, ignore_eos, stop_token_ids, return_token_ids (choices carry token_ids);
-       usage.prompt_tokens_details.cached_tokens = prompt tokens served from the KV cache
+       stream_options.include_usage; seed; stop; n (1-128: the samples share the prompt's
+       prefill and decode together; streamed choices interleave by index); logprobs: chat
+       logprobs + top_logprobs (0-20), completions logprobs=k (0-5) -> the sampled token's and
+       the k most likely tokens' log-probs under the model (before penalties and masks);
+       completions: best_of (>= n; the n with the highest summed logprob; not streamed),
+       echo (the prompt's text first; with logprobs, its tokens' log-probs, the first null);
+       presence_penalty, frequency_penalty ([-2, 2], OpenAI's definitions, output tokens),
+       logit_bias ({"token id": [-100, 100]}); structured output: response_format
+       {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
+       (the output parses and validates unless max_tokens cut it: finish_reason "length";
+       an invalid schema is a 400 naming the problem); extensions (vLLM's names): top_k,
+       ignore_eos, min_tokens, repetition_penalty (> 0, prompt and output tokens),
+       guided_json, guided_regex, guided_choice, guided_grammar (Lark), stop_token_ids,
+       return_token_ids (choices carry token_ids); usage.prompt_tokens_details.cached_tokens =
+       prompt tokens served from the KV cache. Still 400: tools, suffix, audio/image parts.
+  POST /tokenize                   vLLM's: {"prompt"} or {"messages", "add_generation_prompt"},
+                                   "add_special_tokens" (default true, as the endpoints encode),
+                                   "return_token_strs" -> {"count", "max_model_len" (the KV
+                                   capacity), "tokens"[, "token_strs"]}
+  POST /detokenize                 {"tokens"} -> {"prompt"} (special tokens kept)
   POST /v1/documents               {"text"} | {"token_ids": [...]} as JSON or msgpack (in
                                    msgpack token_ids may be little-endian uint32 bytes), or a
                                    multipart upload (field "file", UTF-8 text; optional "name")

@@ -67,10 +67,28 @@ async def _merged(streams: List[AsyncIterator[Any]]) -> AsyncIterator[Tuple[int,
             t.cancel()
 
 
-async def _samples(svc: Service, endpoint: str, prompt, params, deadline, t0) -> List[Any]:
-    """The n (best of best_of) final outputs of one prompt; the samples share its prefill."""
-    outs = await asyncio.gather(*[svc.generate(endpoint, prompt, p, deadline, t0)
-                                  for p in expand_samples(params)])
+def _expand(svc: Service, params) -> List[Any]:
+    """Each sample's parameters; more samples than the replica takes in flight is a 400."""
+    each = expand_samples(params)
+    room = svc.cfg.max_num_seqs + svc.cfg.max_queue
+    if len(each) > room:
+        raise bad_request(f"{len(each)} samples (n / best_of) in one request; this server takes "
+                          f"at most {room} requests in flight (max_num_seqs + max_queue)",
+                          param="best_of" if params.best_of else "n")
+    return each
+
+
+async def _samples(svc: Service, endpoint: str, prompt, params, each, deadline, t0
+                   ) -> List[Any]:
+    """The n (best of best_of) final outputs of one prompt; the samples share its prefill.
+    One failing sample cancels the others."""
+    tasks = [asyncio.ensure_future(svc.generate(endpoint, prompt, p, deadline, t0))
+             for p in each]
+    try:
+        outs = await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
     return best_samples(list(outs), params)
 
 
@@ -117,7 +135,7 @@ async def completions(svc: Service, request: Request, endpoint: str) -> Response
     k = req.logprobs or 0
     params = svc.sampling_params(best_of=req.best_of, **req.sampling_kwargs(
         COMPLETIONS_DEFAULT_MAX_TOKENS, want_lp, k))
-    n = params.n
+    n, each = params.n, _expand(svc, params)
     deadline = svc.deadline()
     rid, created = fmt.new_id("cmpl"), fmt.now()
 
@@ -136,7 +154,7 @@ async def completions(svc: Service, request: Request, endpoint: str) -> Response
                                                            pi * n + j, text, None, lp))
                 finals = []
                 streams = [svc.stream(endpoint, prompt, p, deadline, t0)
-                           for p in expand_samples(params)]
+                           for p in each]
                 async for j, item in _merged(streams):
                     index = pi * n + j
                     if is_final(item):
@@ -166,7 +184,7 @@ async def completions(svc: Service, request: Request, endpoint: str) -> Response
     total: Dict[str, Any] = {}
     for pi, prompt in enumerate(prompts):
         echo = await _echo(svc, prompt, texts[pi], want_lp, deadline) if req.echo else None
-        outs = await _samples(svc, endpoint, prompt, params, deadline, t0)
+        outs = await _samples(svc, endpoint, prompt, params, each, deadline, t0)
         for j, out in enumerate(outs):
             lp = None
             if want_lp:
@@ -199,6 +217,7 @@ async def chat_completions(svc: Service, request: Request, endpoint: str) -> Res
     k = (req.top_logprobs or 0) if req.logprobs else 0
     params = svc.sampling_params(**req.sampling_kwargs(svc.cfg.default_max_tokens,
                                                        req.logprobs, k))
+    each = _expand(svc, params)
     deadline = svc.deadline()
     rid, created = fmt.new_id("chatcmpl"), fmt.now()
 
@@ -207,7 +226,7 @@ async def chat_completions(svc: Service, request: Request, endpoint: str) -> Res
             started = set()
             finals = []
             streams = [svc.stream(endpoint, prompt, p, deadline, t0)
-                       for p in expand_samples(params)]
+                       for p in each]
             async for j, item in _merged(streams):
                 if j not in started:  # OpenAI's first chunk of a choice announces the role
                     started.add(j)
@@ -232,7 +251,7 @@ async def chat_completions(svc: Service, request: Request, endpoint: str) -> Res
         return await sse_response(chunks(), lambda o: svc.metrics.request(endpoint, o),
                                   svc.cfg.sse_keepalive_s)
 
-    outs = await _samples(svc, endpoint, prompt, params, deadline, t0)
+    outs = await _samples(svc, endpoint, prompt, params, each, deadline, t0)
     choices = []
     for j, out in enumerate(outs):
         lp = (fmt.chat_logprobs(out.token_ids, out.logprobs, svc.piece,
