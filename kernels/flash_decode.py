@@ -35,7 +35,11 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
 
 
-@triton.jit
+# Query rows, table widths, split counts and chunk lengths vary from step to step: one compiled
+# variant for all of them (see flash_fwd), not a compile when one happens to be 1 or a multiple
+# of 16 in the middle of serving.
+@triton.jit(do_not_specialize=["stride_qb", "stride_btb", "stride_qpb", "Sq", "chunk",
+                               "num_splits", "capacity", "window"])
 def _decode_split_kernel(
         Q, Kc, Vc, BlockTable, SeqLens, QPos, KvPos, OPart, LPart,
         stride_qb, stride_qs, stride_qh, stride_qd,
@@ -127,7 +131,7 @@ def _decode_split_kernel(
              mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq", "num_splits", "stride_ob", "stride_os"])
 def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
                           stride_ob, stride_os, stride_oh, stride_od,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,

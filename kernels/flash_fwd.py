@@ -150,7 +150,11 @@ def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, s
     return acc, l_i, m_i
 
 
-@triton.jit
+# Offsets, stripes and the window vary by rank, layout and chunk: specializing on them (Triton
+# compiles another variant when an integer is 1 or a multiple of 16) would compile in the middle
+# of serving, seconds per new combination; their arithmetic is a few integer ops per block.
+@triton.jit(do_not_specialize=["q_offset", "q_stride", "k_offset", "k_stride", "window",
+                               "SEQ_BUCKET"])
 def _flash_fwd_kernel(
         Q, K, V, Out, Lse,
         stride_qb, stride_qs, stride_qh, stride_qd,

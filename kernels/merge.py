@@ -17,7 +17,10 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
-@triton.jit
+# Row counts and the strides of transposed lse views vary with every batch: one compiled variant
+# (the head-dim strides, always 1, stay specialized for vectorized loads).
+@triton.jit(do_not_specialize=["R", "S", "H", "s_oab", "s_oas", "s_oah", "s_lab", "s_lah",
+                               "s_las", "s_obb", "s_obs", "s_obh", "s_lbb", "s_lbh", "s_lbs"])
 def _merge_kernel(OutA, LseA, OutB, LseB, R, S, H, D,
                   s_oab, s_oas, s_oah, s_oad, s_lab, s_lah, s_las,
                   s_obb, s_obs, s_obh, s_obd, s_lbb, s_lbh, s_lbs,
