@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU runs of issue 18 (tensor parallelism inside each shard), one device call each:
+#   bash benchmarks/gpu_tp.sh check   # 2 GPUs: tests/test_tp_gpu.py (TP and rings over NCCL,
+#                                     # captured decode graphs with TP all-reduces)
+#   bash benchmarks/gpu_tp.sh tp2     # 2 GPUs: bench_e2e, 8B shape, (t, c) = (2, 1), 128K + 512K
+#   bash benchmarks/gpu_tp.sh cp2     # 2 GPUs: the same at (t, c) = (1, 2)
+#   bash benchmarks/gpu_tp.sh tp1     # 1 GPU: (1, 1) at 128K: unchanged speed (before TP:
+#                                     # 12.3 s prefill, docs/benchmarks.md)
+# On the device machine (repo root, .devsite carried as for gpu_serving.sh: ray-bundle.tar.xz,
+# optionally head.tar.gz = `git archive HEAD ringserve kernels actors benchmarks tests | gzip`).
+# Writes logs and JSON under $OUT (or /tmp/out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PART=${1:-check}; shift || true
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export RAY_USAGE_STATS_ENABLED=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -f .devsite/ray-bundle.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .devsite/ray-bundle.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
+fi
+if [ -f .devsite/head.tar.gz ]; then   # measure a commit, not a tree others edit
+  rm -rf /tmp/head && mkdir -p /tmp/head && tar xzf .devsite/head.tar.gz -C /tmp/head
+  REPO=/tmp/head
+fi
+# the tree as the installed package (ringserve.kernels, ringserve.actors)
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r "$REPO/ringserve" /tmp/pkg/ringserve \
+  && cp -r "$REPO/kernels" /tmp/pkg/ringserve/kernels && cp -r "$REPO/actors" /tmp/pkg/ringserve/actors
+export PYTHONPATH=/tmp/pkg:$PYTHONPATH
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
+cd /tmp   # Ray puts the driver's cwd on the actors' sys.path: not the bare repo root
+e2e() {  # $1: tag, then bench_e2e arguments
+  tag=$1; shift
+  timeout 560 python3 "$REPO/benchmarks/bench_e2e.py" --no-hf --decode-tokens 64 --cuda-graphs \
+    --json "$OUT/e2e_$tag.json" "$@" 2>&1 | tee "$OUT/e2e_$tag.log" \
+    | grep -E '^\[ringserve\] \{|^bench_e2e|^ *[0-9]+ \||Error|error' | tail -8
+}
+case "$PART" in
+  check)
+    timeout 560 python3 -m pytest -q -x -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_tp_gpu.py" 2>&1 | tee "$OUT/test_tp_gpu.log" | tail -8 ;;
+  tp2) e2e tp2_cp1 --world-size 1 --tp 2 --lengths 131072,524288 ;;
+  cp2) e2e tp1_cp2 --world-size 2 --tp 1 --lengths 131072,524288 ;;
+  tp1) e2e tp1_cp1 --world-size 1 --tp 1 --lengths 131072 ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac
