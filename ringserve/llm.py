@@ -98,8 +98,8 @@ class LLM:
 
         Continuous batching: up to `max_num_seqs` requests run at once (default 64 on CPU, 256
         on CUDA); every step decodes one token of each and adds prompt chunks of at most
-        `max_num_batched_tokens` tokens (default 512 on CPU; on CUDA 4096 token-equivalents,
-        where a token late in a long prompt counts more for its attention), 8x (CUDA) or 4x
+        `max_num_batched_tokens` tokens (default 512 on CPU; on CUDA 4096 token-equivalents per
+        rank, where a token late in a long prompt counts more for its attention), 8x (CUDA) or 4x
         (CPU) that while one prompt runs alone, so a long prefill never stops the streams; prompt continuations of at most `passq_max_tokens` (default
         256 / 2048) run pass-Q. `layout` ("striped" or "ring") shards prompt chunks over the
         ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
@@ -151,7 +151,10 @@ class LLM:
         # built once here, checked before any actor starts
         cfg = EngineConfig(layout=layout,
                            max_num_seqs=max_num_seqs or (256 if gpu else 64),
-                           max_num_batched_tokens=max_num_batched_tokens or (4096 if gpu else 512),
+                           # per rank on CUDA: a step's chunk is split over the ranks, so the
+                           # same step time (the streams' latency) takes world_size times more
+                           max_num_batched_tokens=max_num_batched_tokens
+                           or (4096 * world_size if gpu else 512),
                            passq_max_tokens=passq_max_tokens or (2048 if gpu else 256),
                            cascade=cascade, cuda_graphs=bool(cuda_graphs),
                            prefill_cost="flops" if gpu else "tokens",
