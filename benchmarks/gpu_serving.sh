@@ -87,6 +87,24 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 330 python3 "$REPO/benchmarks/bench_serving.py" \
       --world-size 2 --scenarios single,concurrent,mixed --json "$OUT/serving_ws2.json" 2>&1 \
       | tee "$OUT/serving_ws2.log" | grep -v '^(' | tail -12 ;;
+  s4b)   # session 4, second call (one GPU used): GPU tests of the step changes, the single
+         # request eager and with graphs, 16 questions with graphs, the prefill under load at
+         # the default budget
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+      "$REPO/tests/test_llm_gpu.py" -k "graph or shared_document" 2>&1 \
+      | tee "$OUT/test_llm_gpu.log" | tail -4
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios single --json "$OUT/single_eager.json" > "$OUT/single_eager.log" 2>&1
+    grep -E '^single' "$OUT/single_eager.log"
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 150 python3 "$REPO/benchmarks/bench_serving.py" \
+      --cuda-graphs --scenarios single,concurrent --concurrency 1,16 \
+      --json "$OUT/graphs_single_concurrent.json" > "$OUT/graphs_single_concurrent.log" 2>&1
+    grep -E '^single|^concurrent' "$OUT/graphs_single_concurrent.log"
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 260 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets 4096 --json "$OUT/prefill_default.json" \
+      > "$OUT/prefill_default.log" 2>&1
+    grep -E '^prefill|solo prefill' "$OUT/prefill_default.log" ;;
   serving)
     PYTHONPATH=/tmp/pkg:$PYTHONPATH python3 "$REPO/benchmarks/bench_serving.py" \
       --json "$OUT/bench_serving.json" "$@" 2>&1 | tee "$OUT/bench_serving.log" | grep -v '^(' ;;
