@@ -231,3 +231,34 @@ def test_batch_extract_task(llm, tmp_path):
     assert [a["data"] for a in got["q"]["answers"]] == [a["answer"].strip('"')
                                                         for a in got["q"]["answers"]]
     assert all(a["data"] in ("Eleanor", "Clara") for a in got["q"]["answers"])
+
+
+@pytest.mark.gpu
+def test_masked_sampler_on_the_gpu_matches_the_cpu(tok_dir):
+    """The worker's path on CUDA: masks filled into pinned host memory, copied without
+    blocking and applied on the device; the same tokens as on the CPU, every one allowed."""
+    from ringserve.sampling import Sampler
+    from ringserve.tokenizer import Tokenizer
+    V = Tokenizer.from_dir(tok_dir).vocab_size
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(8, V, generator=g)
+    specs = []
+    for j in range(8):
+        p = SamplingParams(temperature=[0, 1.0][j % 2], seed=SEED + j, max_tokens=8,
+                           guided_choice=["port", "starboard", "aft"] if j % 3 else None,
+                           frequency_penalty=0.5, top_logprobs=2)
+        specs.append((p, 0, SampleContext(j, [], None, ())))
+    s = Sampler(str(tok_dir), V)
+    s.start(specs)
+    on_gpu = s.sample(x.cuda(), specs, s.prepare(specs))
+    s.start(specs)
+    prepared = s.prepare(specs)
+    assert prepared[1].is_pinned()
+    on_cpu = s.sample(x, specs, prepared)
+    assert [r[0] for r in on_gpu] == [r[0] for r in on_cpu]
+    where, bm = prepared
+    assert sorted(where) == [j for j in range(8) if j % 3]
+    for j, ((tok, lp, top), (_, lp2, _)) in enumerate(zip(on_gpu, on_cpu)):
+        assert math.isclose(lp, lp2, abs_tol=1e-4) and len(top) == 2
+        if j in where:
+            assert (int(bm[where[j]][tok // 32]) >> (tok % 32)) & 1
