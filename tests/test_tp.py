@@ -165,6 +165,18 @@ def test_validation_names_the_arithmetic(tmp_path_factory):
     with pytest.raises(ValueError, match=r"must divide num_attention_heads \(4\)"):
         LLM(str(tiny_model(tmp_path_factory, "llama")), context_parallel_size=2,
             tensor_parallel_size=3)
+    # the same rule at the other edges: the serve config and the batch command
+    from ringserve.batch import main as batch_main
+    from ringserve.serve.config import ServeArgs
+
+    a = ServeArgs.from_dict({"model": "m", "context_parallel_size": 2, "tensor_parallel_size": 4})
+    assert (a.world_size, a.context_parallel_size, a.tensor_parallel_size) == (2, 2, 4)
+    assert ServeArgs.from_dict({"model": "m", "world_size": 3}).context_parallel_size == 3
+    with pytest.raises(ValueError, match=r"world_size \(2\) is another name"):
+        ServeArgs.from_dict({"model": "m", "world_size": 2, "context_parallel_size": 4})
+    with pytest.raises(SystemExit, match=r"world_size \(2\) with tensor_parallel_size \(2\)"):
+        batch_main(["--model", "m", "--input", "x", "--output", "y", "--world-size", "2",
+                    "--tp", "2"])
     grid = TPGrid(3, 2)
     assert grid.rings() == [[0, 2, 4], [1, 3, 5]] and grid.tp_groups() == [[0, 1], [2, 3], [4, 5]]
 
