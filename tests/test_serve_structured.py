@@ -340,3 +340,33 @@ def test_tokenize_detokenize_round_trip(svc, client, tok):
     assert httpx.post(base + "/tokenize", json={}, timeout=60).status_code == 400
     assert httpx.post(base + "/detokenize", json={"tokens": [10 ** 9]},
                       timeout=60).status_code == 400
+
+
+def test_extraction_from_an_uploaded_document(svc):
+    """The long-document case: a document uploaded once, questions with a schema on it."""
+    base = svc[0]
+    rng = random.Random(SEED + 7)
+    doc = httpx.post(base + "/v1/documents", json={"text": _phrase(rng, 300)}, timeout=300)
+    assert doc.status_code == 200, doc.text
+    did = doc.json()["id"]
+    schema = SCHEMAS[0]
+    try:
+        done = 0
+        for seed in range(3):
+            r = httpx.post(base + f"/v1/documents/{did}/ask", json={
+                "question": "Who owns the ship?", "max_tokens": 120, "temperature": 1.0,
+                "seed": SEED + seed, "response_format": {
+                    "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+                timeout=300)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["num_cached_tokens"] > 0
+            if body["finish_reason"] == "stop":
+                jsonschema.validate(json.loads(body["answer"]), schema)
+                done += 1
+        assert done >= 2
+        r = httpx.post(base + f"/v1/documents/{did}/ask", json={"question": "x", "n": 2},
+                       timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    finally:
+        httpx.delete(base + f"/v1/documents/{did}", timeout=60)

@@ -218,6 +218,11 @@ class AskRequest(_Sampling):
     model: Optional[str] = None
     logprobs: StrictBool = False
 
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.n != 1:   # one answer per question; ask the question n times for more
+            raise bad_request(f"n ({self.n}) must be 1 on a document question", param="n")
+
 
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered by the model's template."""
