@@ -100,9 +100,12 @@ class ActorGroup:
         pg = placement_group(bundles, strategy=c.placement_strategy)
         if not pg.wait(timeout_seconds=c.placement_timeout_s):
             remove_placement_group(pg)
+            need = (f" (context_parallel_size {c.world_size} x tensor_parallel_size "
+                    f"{c.tp_size} = {c.world_size * c.tp_size} actors; each bundle's "
+                    f"{c.tp_size} on one node)" if c.tp_size > 1 else "")
             raise GroupSetupError(
-                f"placement group of {c.world_size} bundles {bundles[0]} ({c.placement_strategy}) "
-                f"not ready within {c.placement_timeout_s:.0f} s; cluster has "
+                f"placement group of {c.world_size} bundles {bundles[0]} ({c.placement_strategy})"
+                f"{need} not ready within {c.placement_timeout_s:.0f} s; cluster has "
                 f"{ray.cluster_resources()} in all, {ray.available_resources()} free")
         self.placement_group = pg
         remote_cls = ray.remote(num_cpus=c.num_cpus_per_worker,

@@ -283,6 +283,17 @@ def test_tp_cp_equals_transformers(served):
         assert llm.drop_document(key)
 
 
+def test_missing_resources_name_the_arithmetic(ray_session):
+    from ringserve.actors import ActorGroup
+    from ringserve.actors.group import GroupSetupError
+
+    with pytest.raises(GroupSetupError, match=r"2 bundles \{'CPU': 200.0\} \(SPREAD\) \("
+                                              r"context_parallel_size 2 x tensor_parallel_size 2 "
+                                              r"= 4 actors; each bundle's 2 on one node\)"):
+        ActorGroup(2, placement_strategy="SPREAD", num_cpus_per_worker=100.0, tp_size=2,
+                   placement_timeout_s=1)
+
+
 def test_placement_three_nodes():
     """Each TP group on one node, the groups spread over three nodes (one Ray placement group:
     a bundle of t GPUs/CPUs per shard, SPREAD), the rings joining equal TP indices."""
