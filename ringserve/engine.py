@@ -479,6 +479,14 @@ class Engine:
     def _expire(self) -> None:
         """Cancelled and timed-out requests leave before the step; their KV is freed."""
         for req in list(self.sched.running) + list(self.sched.waiting):
+            for f in list(req.followers):   # waiting to share req's prompt: no KV yet
+                try:
+                    if f.handle.cancelled.is_set():
+                        raise RequestCancelledError("cancelled before it started")
+                    self._check_deadline(f.handle)
+                except (RequestCancelledError, RequestTimeoutError) as e:
+                    req.followers.remove(f)
+                    self._fail(f, e, cancelled=isinstance(e, RequestCancelledError))
             h = req.handle
             if h.cancelled.is_set():
                 if req.kind == "generate" and req.out_tokens:
