@@ -262,3 +262,19 @@ def test_masked_sampler_on_the_gpu_matches_the_cpu(tok_dir):
         assert math.isclose(lp, lp2, abs_tol=1e-4) and len(top) == 2
         if j in where:
             assert (int(bm[where[j]][tok // 32]) >> (tok % 32)) & 1
+
+
+def test_llm_cancelled_sample_leaves_the_others(llm):
+    from ringserve.errors import RequestCancelledError
+    rng = random.Random(SEED + 1)
+    prompt = [rng.randrange(3, 300) for _ in range(120)]
+    lead = llm.submit(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    other = llm.submit(prompt, SamplingParams(max_tokens=64, temperature=1.0, seed=1,
+                                              ignore_eos=True))
+    other.cancel()
+    try:
+        out = other.result(timeout=120)
+        assert out.finish_reason == "cancelled" and len(out.token_ids) < 64
+    except RequestCancelledError:
+        pass
+    assert len(lead.result(timeout=120).token_ids) == 6
