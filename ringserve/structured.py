@@ -16,10 +16,10 @@ idle until the logits are ready) and applies it on the device before sampling.
 
 Why llguidance (not xgrammar): no per-grammar compile step (a schema arrives with its request,
 and a compile on a worker would stall every request of that step; llguidance builds its lexer
-lazily, masks in ~50 us per token on a 128K vocabulary), masks computed with the GIL released
-over a thread pool (`LLExecutor`), errors in a schema or regex come back as messages without
-building anything, and the wheel depends on nothing (xgrammar pins torch and transformers
-versions of its own).
+lazily: 15-50 us per row's mask measured on a trained 128K-token BPE, bench_structured.py),
+masks computed with the GIL released over a thread pool (`LLExecutor`), errors in a schema or
+regex come back as messages without building anything, and the wheel depends on nothing
+(xgrammar's requires torch, transformers and more, which it would resolve beside ours).
 """
 from __future__ import annotations
 
@@ -107,9 +107,9 @@ def response_format_schema(fmt: Optional[Dict[str, Any]]) -> Any:
                      f"{kind!r}")
 
 
-def tokenizer_json(source: Any) -> Optional[str]:
-    """The tokenizer.json text of a model source (a checkpoint directory or .gguf file, or a
-    random-weights spec {"config", "seed", "tokenizer": dir}); None when it has none."""
+def tokenizer_json(source: Any) -> Optional[Tuple[str, List[int]]]:
+    """(tokenizer.json text, EOS ids) of a model source (a checkpoint directory or .gguf file,
+    or a random-weights spec {"config", "seed", "tokenizer": dir}); None when it has none."""
     from .tokenizer import Tokenizer
     path = source.get("tokenizer") if isinstance(source, dict) else source
     if path is None:
