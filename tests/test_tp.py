@@ -281,6 +281,15 @@ def test_tp_cp_equals_transformers(served):
         assert all(o.num_cached_tokens >= len(doc) for o in outs), \
             [o.num_cached_tokens for o in outs]
         assert llm.drop_document(key)
+    if (t, c) == (2, 1):
+        # a dead TP rank (not the one that answers the driver) fails the step: the whole group
+        # is rebuilt, TP communicators included, and the request recomputes to the same tokens
+        import ray
+
+        ray.kill(llm._group.actors[1])
+        out = llm.generate([prompts[0]], params)[0]
+        assert out.token_ids == greedy[0] and out.timings["recoveries"] == 1
+        assert llm.stats()["worker_failures"] == 1
 
 
 def test_missing_resources_name_the_arithmetic(ray_session):
