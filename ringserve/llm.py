@@ -318,7 +318,10 @@ class LLM:
         return self._engine.capacity_tokens
 
     def stats(self) -> Dict[str, Any]:
-        return self._engine.stats()
+        out = self._engine.stats()   # the engine counts shards: world_size is c
+        out.update(context_parallel_size=self.context_parallel_size,
+                   tensor_parallel_size=self.tensor_parallel_size)
+        return out
 
     def shutdown(self) -> None:
         eng = getattr(self, "_engine", None)

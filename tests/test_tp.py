@@ -260,7 +260,9 @@ def served(request, ray_session, tmp_path_factory):
 def test_tp_cp_equals_transformers(served):
     llm, (t, c), (path, prompts, lps, doc, questions, greedy) = served
     assert llm.tensor_parallel_size == t and llm.context_parallel_size == c
-    assert llm.stats()["world_size"] == c          # the engine sees c ranks
+    st = llm.stats()
+    assert st["world_size"] == c                   # the engine sees c ranks
+    assert (st["context_parallel_size"], st["tensor_parallel_size"]) == (c, t)
     info = llm._group.health()
     assert [(h["rank"], h["tp_rank"]) for h in info] == [(i, r) for i in range(c)
                                                           for r in range(t)]
