@@ -115,7 +115,25 @@ def tokenizer_json(source: Any) -> Optional[Tuple[str, List[int]]]:
     if path is None:
         return None
     tok = Tokenizer.from_dir(path)
-    return tok._tok.to_str(), tok.eos_token_ids
+    return _metaspace_as_replace(tok._tok.to_str()), tok.eos_token_ids
+
+
+def _metaspace_as_replace(text: str) -> str:
+    """SentencePiece-style tokenizers write spaces as "▁" and (Mistral's, ours from GGUF) may
+    decode them with a Metaspace decoder, which llguidance reads as the three bytes of "▁":
+    every space would then be refused by a grammar. Its equivalent for single tokens, Llama 2's
+    Replace("▁", " "), llguidance reads right."""
+    spec = json.loads(text)
+    dec = spec.get("decoder") or {}
+    parts = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    meta = [d for d in parts if isinstance(d, dict) and d.get("type") == "Metaspace"]
+    if not meta:
+        return text
+    rep = meta[0].get("replacement", "\u2581")
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": rep}, "content": " "}]
+        + [d for d in parts if d not in meta]}
+    return json.dumps(spec)
 
 
 class GrammarMasks:
