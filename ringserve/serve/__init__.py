@@ -23,7 +23,8 @@ Endpoints (all /v1 ones need `Authorization: Bearer <api_key>` when api_key is s
        logprobs + top_logprobs (0-20), completions logprobs=k (0-5) -> the sampled token's and
        the k most likely tokens' log-probs under the model (before penalties and masks);
        completions: best_of (>= n; the n with the highest summed logprob; not streamed),
-       echo (the prompt's text first; with logprobs, its tokens' log-probs, the first null);
+       echo (the prompt's text first; with logprobs, its tokens' log-probs from the score
+       path, the first null, and null top_logprobs: no alternatives for prompt tokens);
        presence_penalty, frequency_penalty ([-2, 2], OpenAI's definitions, output tokens),
        logit_bias ({"token id": [-100, 100]}); structured output: response_format
        {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
