@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from ringserve import kernels
+from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
 from ringserve.parallel.step_attention import StepAttention, merge_rows
 from ringserve.plan import RankPlan
@@ -100,10 +101,11 @@ def activation_bytes_per_token(cfg, elem: int) -> int:
 
 
 def _seq_lengths(plan: RankPlan) -> torch.Tensor:
-    """(rows,) each row's sequence length once the step is done (a ring chunk's end over all
-    ranks, else the row's sequence's last position + 1): what longrope picks its factors by."""
-    ends = [s.chunk_start + s.chunk_len if s.kind == "ring" else max(s.positions) + 1
-            for s in plan.seqs]
+    """(rows,) each row's sequence length: what longrope picks its factors by. The scheduler's
+    `seq_len` (the length the request's known tokens reach, so every chunk of a prompt chooses
+    alike), else a ring chunk's end over all ranks or the row's last position + 1."""
+    ends = [s.seq_len or (s.chunk_start + s.chunk_len if s.kind == "ring"
+                          else max(s.positions) + 1) for s in plan.seqs]
     counts = [len(s.token_ids) for s in plan.seqs]
     if all(c == 1 for c in counts):      # a decode batch: one row per sequence
         return torch.tensor(ends, dtype=torch.int64)
@@ -140,7 +142,7 @@ class ModelShardWorker(ShardWorker):
         self.softmax_scale = self.model.softmax_scale
         cfg = self.cfg
         per_tok = bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                  self.model.dtype)
+                                  self.model.dtype, cfg.values_are_keys)
         if kv_tokens is not None:
             num_pages = -(-int(kv_tokens) // page_size)
         elif self.device.type == "cuda":
@@ -161,7 +163,8 @@ class ModelShardWorker(ShardWorker):
         self.pool = KVPool(KVCacheConfig(
             num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, num_pages=num_pages + self.reserved_pages,
-            page_size=page_size, dtype=self.model.dtype, device=str(self.device)))
+            page_size=page_size, dtype=self.model.dtype, device=str(self.device),
+            values_are_keys=cfg.values_are_keys))
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
         self.step_times: List[float] = []
         self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
@@ -198,6 +201,7 @@ class ModelShardWorker(ShardWorker):
                 "attn_flops_per_key": 4 * self.cfg.num_attention_heads * self.cfg.head_dim
                 * self.cfg.num_hidden_layers,
                 "window_size": self.window_size,
+                "long_after": self.model.rotary.long_after,   # longrope's switch (Phi-3)
                 "max_position_embeddings": self.cfg.max_position_embeddings}
 
     # ---- the step ----
@@ -249,7 +253,8 @@ class ModelShardWorker(ShardWorker):
             logits = self._graph_step(plan, tables)
             return self._outputs(plan, None, lambda rows: logits[rows])
         attn = StepAttention(plan, tables, self.pool, self.rank, self.world_size,
-                             self.transport, self.softmax_scale, self.window_size, self.backend)
+                             self.transport, self.softmax_scale, self.window_size, self.backend,
+                             softcap=self.model.softcap)
         ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
         hidden = self.model(ids, attn.positions, attn, chunk_tokens=self.chunk_tokens,
                             seq_len=_seq_lengths(plan))
@@ -303,12 +308,16 @@ class ModelShardWorker(ShardWorker):
         t0 = time.perf_counter()
         cfg, dt, dev = self.cfg, self.model.dtype, self.device
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # every layer's window (Gemma: windowed and global layers compile apart)
+        windows = sorted(set(cfg.layer_window_sizes), key=lambda w: -1 if w is None else w)
+
         def attend(sq, sk, b, causal):
             q = torch.randn(b, sq, hq, d, device=dev, dtype=dt)
             k = torch.randn(b, sk, hkv, d, device=dev, dtype=dt)
-            kernels.attention(q, k, k, softmax_scale=self.softmax_scale, causal=causal,
-                              window_size=self.window_size if causal else None,
-                              backend=self.backend)
+            for w in windows:
+                kernels.attention(q, k, k, softmax_scale=self.softmax_scale, causal=causal,
+                                  window_size=w if causal else None, backend=self.backend,
+                                  softcap=self.model.softcap)
 
         n = 128
         while n <= 16384:   # tuning: one per sequence bucket of the autotuning key
@@ -330,10 +339,11 @@ class ModelShardWorker(ShardWorker):
                 table = torch.zeros(b, width, dtype=torch.int32, device=dev)
                 lens = torch.full((b,), page, dtype=torch.int32, device=dev)
                 pos = torch.full((b, sq), page, dtype=torch.int64, device=dev)
-                kernels.paged_decode(q, pool.k[0], pool.v[0], table, lens,
-                                     softmax_scale=self.softmax_scale, causal=True,
-                                     window_size=self.window_size, q_pos=pos,
-                                     kv_pos=pool.kv_pos, backend=self.backend)
+                for w in windows:
+                    kernels.paged_decode(q, pool.k[0], pool.v[0], table, lens,
+                                         softmax_scale=self.softmax_scale, causal=True,
+                                         window_size=w, q_pos=pos, kv_pos=pool.kv_pos,
+                                         backend=self.backend, softcap=self.model.softcap)
         torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
@@ -349,8 +359,9 @@ class ModelShardWorker(ShardWorker):
             self.pool.write(layer, g.slot, k[0], v[0])
             out, lse = kernels.paged_decode(
                 q[0][:, None], self.pool.k[layer], self.pool.v[layer], g.table, g.lens,
-                softmax_scale=self.softmax_scale, causal=True, window_size=self.window_size,
-                q_pos=g.pos[:, None], kv_pos=self.pool.kv_pos, backend=self.backend)
+                softmax_scale=self.softmax_scale, causal=True,
+                window_size=layer_window(self.window_size, layer), q_pos=g.pos[:, None],
+                kv_pos=self.pool.kv_pos, backend=self.backend, softcap=self.model.softcap)
             if self.world_size > 1:
                 o, l_ = merge_rows(self.transport, out[:, 0].float(),
                                    lse[:, :, 0].contiguous())

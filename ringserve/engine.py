@@ -128,11 +128,12 @@ class EngineConfig:
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s ({self.step_timeout_s}) must be > 0 or None")
 
-    def scheduler_config(self, attn_equiv_tokens: Optional[float] = None) -> SchedulerConfig:
+    def scheduler_config(self, attn_equiv_tokens: Optional[float] = None,
+                         long_after: Optional[int] = None) -> SchedulerConfig:
         return SchedulerConfig(self.layout, self.max_num_seqs, self.max_num_batched_tokens,
                                self.passq_max_tokens, self.cascade, bool(self.cuda_graphs),
                                attn_equiv_tokens if self.prefill_cost == "flops" else None,
-                               self.solo_budget_factor)
+                               self.solo_budget_factor, long_after)
 
 
 class _NullDecoder:
@@ -201,8 +202,8 @@ class Engine:
         info = self._infos[0]
         equiv = (info["flops_per_token"] / info["attn_flops_per_key"]
                  if info.get("attn_flops_per_key") else None)
-        self.sched = Scheduler(self.config.scheduler_config(equiv), self.kv, self.doc_cache,
-                               self.world_size)
+        self.sched = Scheduler(self.config.scheduler_config(equiv, info.get("long_after")),
+                               self.kv, self.doc_cache, self.world_size)
         self.sched.on_preempt = self._on_preempt
         self._thread = threading.Thread(target=self._loop, name="ringserve-engine", daemon=True)
         self._thread.start()

@@ -41,6 +41,9 @@ class SeqStep:
     sample: Optional[Tuple[SamplingParams, int]] = None  # (params, step): sample after last row
     targets: Optional[List[int]] = None   # score: next-token id of each row (-1: none)
     group: int = -1                 # cascade group of a one-token q step (-1: none)
+    # the sequence length that picks longrope's factors for these rows: the length the
+    # request's known tokens reach (0: each row's own position + 1)
+    seq_len: int = 0
 
     def __post_init__(self):
         if self.kind not in ("q", "ring"):

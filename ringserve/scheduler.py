@@ -64,6 +64,7 @@ class Request:
     # generate requests with the same prompt submitted while this one prefills it: admitted
     # once its prompt is computed, forking its KV (n > 1: one prefill for the n samples)
     followers: List["Request"] = field(default_factory=list)
+    long_rope: bool = False            # longrope: its KV was computed with the long factors
 
     @property
     def tokens(self) -> List[int]:
@@ -131,6 +132,10 @@ class SchedulerConfig:
     # model's shape), so steps take about the same time early and late in a long prompt
     attn_equiv_tokens: Optional[float] = None
     solo_budget_factor: int = 1            # budget multiplier while a prompt runs alone
+    # longrope (Phi-3): a sequence longer than this uses other RoPE factors for every token,
+    # so a sequence that grows past it is recomputed, and a cached prefix no longer than it is
+    # not reused for a longer one (transformers recomputes the whole sequence at that point)
+    long_after: Optional[int] = None
 
 
 class Scheduler:
@@ -247,6 +252,9 @@ class Scheduler:
             return None, 0
         if req.kind == "generate" and m >= len(toks):
             m = len(toks) - 1              # the last token must run to give logits
+        L = self.cfg.long_after
+        if L is not None and m <= L < len(toks):
+            return None, 0                 # the prefix was rotated with the short factors
         return (entry, m) if m > 0 else (None, 0)
 
     # ---- one step ----
@@ -257,6 +265,13 @@ class Scheduler:
         # 1. every decoding request gets its token; preempt the newest if pages run out
         for req in sorted(self.running, key=lambda r: r.order):
             if req not in self.running or not req.decoding:
+                continue
+            if req.computed == self.cfg.long_after and not req.long_rope:
+                # longrope: this token makes the sequence longer than the original context;
+                # transformers then recomputes every key with the long factors: so do we
+                self.running.remove(req)
+                self.release(req)
+                self.requeue([req])
                 continue
             owner = fewest_owner(req.seq.counts)
             if not self._room_for(req, [owner]):
@@ -450,6 +465,8 @@ class Scheduler:
         """The work item, with its pages taken now (room was made by `_room_for`)."""
         start = req.computed
         sample = req.kind == "generate" and start + n == len(req.prompt) + len(req.out_tokens)
+        if self.cfg.long_after is not None:   # the factors the plan's seq_len will pick
+            req.long_rope = len(req.prompt) + len(req.out_tokens) > self.cfg.long_after
         rank = owners[-1] if kind == "ring" else 0
         w = Work(req, start, n, kind, owners, sample, rank)
         seq = req.seq
@@ -490,6 +507,7 @@ class Scheduler:
                     chunk_len=w.n, chunk_start=w.start,
                     sample=((w.req.params, len(w.req.out_tokens))
                             if w.sample and r == w.sample_rank else None),
+                    seq_len=len(w.req.prompt) + len(w.req.out_tokens),
                     targets=([targets[i] for i in rows] if targets is not None
                              and (w.kind == "ring" or r == 0) else None))
                 plan.seqs.append(step)
