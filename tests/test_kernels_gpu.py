@@ -168,3 +168,42 @@ def test_cudnn_backend_exact(case, dtype):
     assert cudnn_attn._BROKEN is None, cudnn_attn._BROKEN  # cuDNN really ran (no fallback)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
     check_lowp(out, lse, ref_out, ref_lse, lowp, f"cudnn {case}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [128, 256])
+def test_softcap_gpu(D, dtype):
+    """Gemma 2's soft-capping (scores 50 * tanh(s / 50), inputs scaled so that it bites) in the
+    flash forward (fixed config and autotuned, windowed and global) and the paged decode, head
+    dims 128 and Gemma's 256; cuDNN asked for falls back to Triton."""
+    from ringserve.kernels import attention
+    from ringserve.kernels.flash_decode import paged_decode_triton
+    from ringserve.kernels.flash_fwd import flash_attn_fwd
+    cap = 50.0
+    q, k, v = make(1, 1000, 2113, 8, 4, D, dtype, seed=D)
+    q = (q.float() * 8).to(dtype)
+    for window in (None, 700):
+        ref_out, ref_lse = attention_ref(q, k, v, None, True, window, 1113, 1, 0, 1, softcap=cap)
+        lowp, _ = attention_ref(q, k, v, None, True, window, 1113, 1, 0, 1, dtype=dtype,
+                                softcap=cap)
+        plain, _ = attention_ref(q, k, v, None, True, window, 1113, 1, 0, 1)
+        assert (plain - ref_out).abs().max() > 0.05
+        cfg = ({"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2} if D == 256
+               else FIXED)
+        for out, lse in (flash_attn_fwd(q, k, v, None, True, window, 1113, 1, 0, 1, config=cfg,
+                                        softcap=cap),
+                         attention(q, k, v, None, True, window, 1113, 1, 0, 1, softcap=cap),
+                         attention(q, k, v, None, True, window, 1113, 1, 0, 1, softcap=cap,
+                                   backend="cudnn")):
+            check_lowp(out, lse, ref_out, ref_lse, lowp, f"softcap D={D} window={window}")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    B, page, P = 2, 16, 700
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    kc, vc, qd = mk(P, page, 4, D), mk(P, page, 4, D), (mk(B, 2, 8, D).float() * 8).to(dtype)
+    bt = torch.randperm(P, device="cuda", generator=g)[:B * 300].view(B, 300).int()
+    sl = torch.tensor([4700, 3001], device="cuda", dtype=torch.int32)
+    out, lse = paged_decode_triton(qd, kc, vc, bt, sl, None, True, None, softcap=cap)
+    ref_out, ref_lse = paged_decode_ref(qd, kc, vc, bt, sl, None, True, None, softcap=cap)
+    lowp, _ = paged_decode_ref(qd, kc, vc, bt, sl, None, True, None, dtype=dtype, softcap=cap)
+    check_lowp(out, lse, ref_out.to(out.device), ref_lse.to(out.device), lowp.to(out.device),
+               f"softcap decode D={D}")
