@@ -177,6 +177,11 @@ def test_validation_names_the_arithmetic(tmp_path_factory):
     with pytest.raises(SystemExit, match=r"world_size \(2\) with tensor_parallel_size \(2\)"):
         batch_main(["--model", "m", "--input", "x", "--output", "y", "--world-size", "2",
                     "--tp", "2"])
+    from ringserve.serve import run
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must divide "
+                                         r"num_attention_heads \(4\)"):
+        run(str(tiny_model(tmp_path_factory, "llama")), context_parallel_size=1,
+            tensor_parallel_size=3, blocking=False)   # before Ray or Serve start
     grid = TPGrid(3, 2)
     assert grid.rings() == [[0, 2, 4], [1, 3, 5]] and grid.tp_groups() == [[0, 1], [2, 3], [4, 5]]
 

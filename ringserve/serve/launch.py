@@ -93,12 +93,17 @@ def run(model: str, world_size: Optional[int] = None, host: str = "127.0.0.1", p
     args = {"model": model, **options}
     if world_size is not None:
         args["world_size"] = world_size
-    ServeArgs.from_dict(args)  # fail on bad arguments before starting anything
+    checked = ServeArgs.from_dict(args)  # fail on bad arguments before starting anything
     if ray_address is None and not os.path.isdir(model):
         from ringserve.gguf import check_gguf, is_gguf
         if not is_gguf(model):
             raise FileNotFoundError(f"model directory {model!r} does not exist")
         check_gguf(model)  # a bad GGUF file fails here, before any actor starts
+    if ray_address is None and checked.tensor_parallel_size > 1:
+        # the split must fit the model's heads: say so here, not in a replica's load error
+        from ringserve.config import ModelConfig
+        from ringserve.parallel.tp import check_tp
+        check_tp(ModelConfig.from_dir(model), checked.tensor_parallel_size)
     if ray_address is None:  # a local model (directory or .gguf): hand Ray its absolute path
         args["model"] = os.path.abspath(model)
         # a cluster of this machine alone: nothing outside it needs Ray's ports, whatever `host`
