@@ -179,6 +179,13 @@ class MoeConfig:
             return cls(n_exp, int(d.get("num_experts_per_tok", 2)), int(d["intermediate_size"]),
                        renormalize=True)
         if model_type == "deepseek_v2":
+            # the released configs say softmax and 1 (transformers reads neither; DeepSeek's
+            # own code would route otherwise): refused rather than computed differently
+            if (d.get("scoring_func") or "softmax") != "softmax":
+                raise ValueError(f"scoring_func {d['scoring_func']!r} is not supported (only "
+                                 "'softmax')")
+            if int(d.get("moe_layer_freq") or 1) != 1:
+                raise ValueError(f"moe_layer_freq ({d['moe_layer_freq']}) != 1 is not supported")
             method = d.get("topk_method") or "greedy"
             if method not in ("greedy", "group_limited_greedy"):
                 raise ValueError(f"topk_method {method!r} is not supported (supported: greedy, "

@@ -269,6 +269,10 @@ def test_unsupported_options_are_refused_by_name(tmp_path_factory, tmp_path):
     ds = json.loads((tiny_model(tmp_path_factory, "deepseek-v2") / "config.json").read_text())
     with pytest.raises(ValueError, match="topk_method 'noaux_tc' is not supported"):
         ModelConfig.from_hf_dict(dict(ds, topk_method="noaux_tc"))
+    with pytest.raises(ValueError, match="scoring_func 'sigmoid' is not supported"):
+        ModelConfig.from_hf_dict(dict(ds, scoring_func="sigmoid"))
+    with pytest.raises(ValueError, match=r"moe_layer_freq \(2\) != 1 is not supported"):
+        ModelConfig.from_hf_dict(dict(ds, moe_layer_freq=2))
     with pytest.raises(ValueError, match="pretraining_tp"):
         ModelConfig.from_hf_dict(dict(ds, pretraining_tp=2))
     with pytest.raises(ValueError, match="mscale_all_dim is supported for deepseek_v2 only"):
