@@ -164,7 +164,7 @@ def plan(cfg, gpus: int, gpu_memory: int, lengths: Sequence[int] = (131072, 1048
         local = local_config(cfg, t) if t > 1 else cfg
         w = weight_bytes_per_gpu(cfg, t, dtype)
         per_tok = bytes_per_token(cfg.num_hidden_layers, local.num_key_value_heads,
-                                  cfg.head_dim, dtype)
+                                  cfg.head_dim, dtype, cfg.values_are_keys)
         act = activation_bytes_per_token(local, elem)
         fixed = fixed_reserve_bytes(local, chunk_tokens, elem)
         free = gpu_memory - context_bytes - w - fixed
