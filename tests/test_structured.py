@@ -9,7 +9,6 @@ import json
 import math
 import random
 
-import jsonschema
 import pytest
 import torch
 
@@ -104,6 +103,7 @@ def _walk(masks, rid, grammar, V, rng, max_steps=300):
 def test_grammar_masks_make_random_tokens_valid(kind, tmp_path):
     from tinymodels import build_tokenizer
 
+    jsonschema = pytest.importorskip("jsonschema")
     from ringserve.structured import GrammarMasks
     from ringserve.tokenizer import Tokenizer
     tok_dir = tmp_path / "tok"
@@ -217,6 +217,7 @@ def test_llm_n_samples_share_one_prefill_and_best_of(llm):
 
 
 def test_batch_extract_task(llm, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
     from ringserve import batch
     schema = {"type": "object", "properties": {
         "owner": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}$"},
