@@ -161,6 +161,10 @@ def test_validation_names_the_arithmetic(tmp_path_factory):
         parallel_sizes(4, None, 2)
     with pytest.raises(ValueError, match=r"tensor_parallel_size \(0\) must be an integer"):
         parallel_sizes(None, 2, 0)
+    mla = ModelConfig.from_dir(tiny_model(tmp_path_factory, "deepseek-v2-lite"))
+    with pytest.raises(ValueError, match=r"DeepseekV2ForCausalLM attention \(MLA"):
+        check_tp(mla, 2)
+    check_tp(mla, 1)
     # refused before any actor starts
     with pytest.raises(ValueError, match=r"must divide num_attention_heads \(4\)"):
         LLM(str(tiny_model(tmp_path_factory, "llama")), context_parallel_size=2,
