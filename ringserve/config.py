@@ -30,11 +30,17 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3_text",   # its text model; images not supported
     "DeepseekV2ForCausalLM": "deepseek_v2",
 }
 GEMMA = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh")   # SwiGLU, GeGLU (tanh approximation)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# transformers' Gemma3TextConfig defaults, for the text_config of multimodal Gemma 3 checkpoints
+# (whose config.json states only what differs)
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                            num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                            head_dim=256)   # SwiGLU, GeGLU (tanh approximation)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
@@ -274,6 +280,10 @@ class ModelConfig:
     # DeepSeek-V2: attention over the latent. The kernels then see MQA: num_key_value_heads 1,
     # head_dim mla.latent_dim, the values the first kv_lora_rank columns of the keys
     mla: Optional[MlaConfig] = None
+    # the model's tensors sit under this prefix in the checkpoint, and tensors under these
+    # prefixes belong to parts not served (Gemma 3's multimodal checkpoints: the vision tower)
+    checkpoint_prefix: str = ""
+    checkpoint_ignore: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -364,6 +374,17 @@ class ModelConfig:
                                  f"{', '.join(SUPPORTED_ARCHITECTURES)}")
             arch = by_type[d["model_type"]]
         model_type = SUPPORTED_ARCHITECTURES[arch]
+        if arch == "Gemma3ForConditionalGeneration":   # serve its text model (text prompts)
+            text = dict(GEMMA3_TEXT_DEFAULTS, **(d.get("text_config") or {}))
+            for k in ("torch_dtype", "dtype", "tie_word_embeddings"):
+                if k in d and k not in text:
+                    text[k] = d[k]
+            cfg = cls._from_gemma(text, arch, model_type)
+            # transformers' multimodal head applies no final soft-cap (Gemma 3 says null anyway)
+            cfg.final_logit_softcap = None
+            cfg.checkpoint_prefix = "language_model."
+            cfg.checkpoint_ignore = ("vision_tower.", "multi_modal_projector.")
+            return cfg
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in d]
         if missing:

@@ -77,8 +77,21 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     if is_gguf(path):
         return load_gguf_weights(model, path)
     where = checkpoint_files(path)
+    cfg = getattr(model, "config", None)
+    # a model inside a bigger checkpoint (Gemma 3's text model in the multimodal one): its
+    # tensors under a prefix, the others' (vision tower) skipped; model name -> stored name
+    stored: Dict[str, str] = {}
+    prefix, skip = getattr(cfg, "checkpoint_prefix", ""), getattr(cfg, "checkpoint_ignore", ())
+    if prefix or skip:
+        kept = {}
+        for n, fp in where.items():
+            if skip and n.startswith(tuple(skip)):
+                continue
+            m = n[len(prefix):] if prefix and n.startswith(prefix) else n
+            kept[m], stored[m] = fp, n
+        where = kept
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    tied = getattr(cfg, "tie_word_embeddings", False)
     # checkpoint name -> (parameter, index): tensors that fill a slice of a stacked parameter
     slots = model.checkpoint_slots() if hasattr(model, "checkpoint_slots") else {}
     stacked = {pn for pn, _ in slots.values()}
@@ -111,7 +124,8 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
             with safe_open(str(fp), framework="pt", device=open_dev) as f:
                 for n in names:
                     spec = tp.shard(n) if tp is not None else None
-                    t = f.get_tensor(n) if spec is None else spec.take(f.get_slice(n))
+                    src = stored.get(n, n)
+                    t = f.get_tensor(src) if spec is None else spec.take(f.get_slice(src))
                     p = params[slots[n][0]][slots[n][1]] if n in slots else params[n]
                     if tuple(t.shape) != tuple(p.shape):
                         raise ValueError(f"tensor {n!r} in {fp.name} has shape {tuple(t.shape)}, "

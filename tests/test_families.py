@@ -123,6 +123,34 @@ def test_gemma_features_are_live(tmp_path_factory):
         g3.layer_rotary = [True, True, False, True]
 
 
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path):
+    """Gemma 3's released 4B-27B checkpoints are Gemma3ForConditionalGeneration: the text model
+    under language_model., a vision tower beside it. ringserve loads the text model (the vision
+    tensors skipped) and its logits on text equal transformers'."""
+    import transformers
+    from tinymodels import _redraw
+
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                final_logit_softcapping=20.0, query_pre_attn_scalar=24)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=319, boi_token_index=317,
+                                    eoi_token_index=318)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg)
+    _redraw(hf, 5)
+    hf.eval().save_pretrained(str(tmp_path))
+    ours = CausalLM.from_pretrained(tmp_path)
+    assert ours.config.window_size == (15, None, 15) and ours.config.checkpoint_prefix
+    ids = _ids(300, 77, 10)
+    with torch.no_grad():
+        ref = hf(input_ids=ids[None]).logits[0]
+    assert (_logits(ours, ids) - ref).abs().max().item() <= 1e-4
+
+
 def test_deepseek_features_are_live(tmp_path_factory):
     """MLA's latent cache (40 values per token and layer where transformers' expanded K/V hold
     4 x (24 + 16) = 160), group-limited routing, shared experts, routed scaling and YaRN's
