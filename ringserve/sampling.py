@@ -232,8 +232,12 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams, step: int,
     return y
 
 
-def _plain(params: SamplingParams, ctx: Optional[SampleContext], mask) -> bool:
-    return ctx is None and mask is None and not params.logit_bias and not params.min_tokens
+def _plain(params: SamplingParams, step: int, ctx: Optional[SampleContext], mask) -> bool:
+    """Nothing to do to the row's logits before temperature / top-k / top-p."""
+    penalties = ctx is not None and (params.repetition_penalty != 1.0
+                                     or params.frequency_penalty or params.presence_penalty)
+    return (mask is None and not penalties and not params.logit_bias
+            and not (params.min_tokens and step < params.min_tokens))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, step: int,
@@ -243,8 +247,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int,
     logprobs under the model's own distribution (before penalties, the grammar mask,
     temperature, top-k and top-p). `mask`: the grammar's (ceil(vocab/32),) int32 bitmask."""
     logits = logits.float().reshape(-1)
-    x = logits if _plain(params, ctx, mask) else processed_logits(logits, params, step, ctx,
-                                                                   mask)
+    x = (logits if _plain(params, step, ctx, mask)
+         else processed_logits(logits, params, step, ctx, mask))
     if params.greedy:
         tok = int(torch.argmax(x))
     else:
@@ -274,11 +278,22 @@ def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
     masks = masks or {}
     raw = logits.float().reshape(len(items), -1)
     x = raw
+    together = []    # rows whose grammar mask is applied in one batched op
     for j, item in enumerate(items):
         params, step, ctx = _spec(item)
-        if not _plain(params, ctx, masks.get(j)):
-            x = raw.clone() if x is raw else x
-            x[j] = processed_logits(raw[j], params, step, ctx, masks.get(j))
+        mask = masks.get(j)
+        if _plain(params, step, ctx, mask):
+            continue
+        x = raw.clone() if x is raw else x
+        if mask is not None and not (params.min_tokens and step < params.min_tokens):
+            together.append(j)
+            mask = None
+        if not _plain(params, step, ctx, mask):
+            x[j] = processed_logits(raw[j], params, step, ctx, mask)
+    if together:
+        from .structured import apply_bitmask
+        idx = torch.tensor(together, dtype=torch.int64, device=x.device)
+        x[idx] = apply_bitmask(x[idx], torch.stack([masks[j] for j in together]))
     toks = torch.argmax(x, dim=-1)
     for j, item in enumerate(items):
         params, step, _ = _spec(item)

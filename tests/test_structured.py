@@ -68,12 +68,17 @@ def test_batched_sampler_equals_row_sampler_with_masks_and_contexts():
         out = torch.randint(0, V, (j,), generator=g).tolist()
         p = SamplingParams(temperature=[0, 0.8, 1.3][j % 3], seed=SEED + j, top_k=[-1, 9][j % 2],
                            frequency_penalty=0.3 * j, logit_bias={j: 2.0},
-                           top_logprobs=j % 4, max_tokens=10, min_tokens=j % 3)
+                           top_logprobs=j % 4, max_tokens=10, min_tokens=[0, 8, 3][j % 3])
         items.append((p, len(out), SampleContext(j, out, None, (1,))))
         if j % 2:
             m = torch.randint(-(1 << 31), (1 << 31) - 1, (words,), generator=g, dtype=torch.int64)
             masks[j] = m.to(torch.int32)
+    # row 1: min_tokens (8) is on and the grammar allows only EOS (its output is complete): EOS
+    only_eos = torch.zeros(words, dtype=torch.int32)
+    only_eos[0] = 1 << 1
+    masks[1] = only_eos
     got = sample_rows(x, items, masks)
+    assert got[1][0] == 1
     for j, (p, step, ctx) in enumerate(items):
         want = sample(x[j], p, step, ctx, masks.get(j))
         assert got[j][0] == want[0] and math.isclose(got[j][1], want[1], rel_tol=1e-6)
