@@ -10,16 +10,20 @@ from __future__ import annotations
 from .torch_ops import attention_torch, grouped_linear_torch, merge_torch_, paged_decode_torch
 
 BACKENDS = ("auto", "triton", "torch", "cudnn")
-# The Triton kernels keep a whole head row of q (and a K/V tile) in registers: head dims up to
-# 256. Wider heads (MLA's latent, kv_lora_rank + rope = 576 for DeepSeek-V2) take the torch
-# path under "auto" until a latent-attention kernel exists; "triton" asked for explicitly raises.
+# The Triton flash forward keeps a block of query rows of one head (and a K/V tile) in
+# registers: head dims up to 256. Wider heads (MLA's latent, kv_lora_rank + rope = 576 for
+# DeepSeek-V2) take the torch path for prefill under "auto"; the paged decode kernel takes them
+# (one program holds the few query rows of a KV head), falling back to torch if it cannot
+# compile them on this GPU. "triton" asked for explicitly raises for the forward.
 MAX_TRITON_HEAD_DIM = 256
+_WIDE_DECODE_BROKEN = None   # why the wide-head Triton decode failed here, once
 
 
-def _pick(backend: str, t) -> str:
+def _pick(backend: str, t, wide_ok: bool = False) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("auto", "cudnn") and t.shape[-1] > MAX_TRITON_HEAD_DIM:
+    if (backend in ("auto", "cudnn") and t.shape[-1] > MAX_TRITON_HEAD_DIM
+            and not (wide_ok and t.is_cuda and _WIDE_DECODE_BROKEN is None)):
         return "torch"
     if backend == "auto" or (backend == "cudnn" and not t.is_cuda):
         return "triton" if t.is_cuda else "torch"
@@ -55,10 +59,22 @@ def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
                  window_size=None, q_pos=None, kv_pos=None, backend="auto", softcap=None):
     """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards."""
-    if _pick(backend, q) in ("triton", "cudnn"):
+    global _WIDE_DECODE_BROKEN
+    if _pick(backend, q, wide_ok=True) in ("triton", "cudnn"):
         from .flash_decode import paged_decode_triton
-        return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                   causal, window_size, q_pos, kv_pos, softcap=softcap)
+        if q.shape[-1] <= MAX_TRITON_HEAD_DIM or backend == "triton":
+            return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
+        try:
+            return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
+        except ValueError:   # the inputs' fault, not the compiler's
+            raise
+        except Exception as e:  # noqa: BLE001 - compile / resources: torch from now on
+            import warnings
+            _WIDE_DECODE_BROKEN = f"{type(e).__name__}: {e}"[:300]
+            warnings.warn(f"paged decode of head dim {q.shape[-1]} in Triton failed, using the "
+                          f"torch path: {_WIDE_DECODE_BROKEN}", stacklevel=2)
     return paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                               causal, window_size, q_pos, kv_pos, softcap=softcap)
 

@@ -27,6 +27,9 @@ LOG2E = 1.4426950408889634   # host side
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# up to MLA's latent (DeepSeek: 512 + 64 = 576, padded to a 1024-wide tile; small key tiles and
+# 8 warps keep the wide rows in registers)
+MAX_HEAD_DIM = 1024
 
 
 @triton.jit
@@ -176,8 +179,8 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_siz
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     if Dk != D:
         raise ValueError(f"head dim of q ({D}) and of the cache ({Dk}) differ")
-    if not 1 <= D <= 256:
-        raise ValueError(f"head dim ({D}) must be in 1..256")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim ({D}) must be in 1..{MAX_HEAD_DIM}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"num q heads ({Hq}) must be a multiple of num kv heads ({Hkv})")
     if block_table.shape[0] != B or seq_lens.shape[0] != B:
@@ -243,7 +246,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     block_m = min(128, max(16, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
     if block_n is None:
-        block_n = 32 if on_cpu else (64 if block_d <= 128 else 32)
+        block_n = 32 if on_cpu else (64 if block_d <= 128 else 32 if block_d <= 256 else 16)
     tiles = triton.cdiv(max_len, block_n)
     if num_splits is None:
         if on_cpu:
@@ -264,7 +267,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     qp_strides = q_pos.stride() if q_pos is not None else (0, 0)
     kp_strides = kv_pos.stride() if kv_pos is not None else (0, 0)
     if num_warps is None:
-        num_warps = 4
+        num_warps = 4 if block_d <= 256 else 8
     if num_stages is None:
         num_stages = 1 if on_cpu else 3
     _decode_split_kernel[(num_splits, B * Hkv, row_blocks)](

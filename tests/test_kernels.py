@@ -456,3 +456,20 @@ def test_paged_decode_softcap_matches_reference(backend):
         check_close(out, lse, ref_out, ref_lse, dtype, lowp)
         plain, _ = paged_decode_ref(q, kc, vc, bt, sl, None, True, 300, qp, kp)
         assert (plain - ref_out).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_decode_latent_heads(dtype):
+    """MLA's absorbed decode: 16 query heads on one 576-wide KV head whose values are the keys
+    (one cache tensor passed as both), through the Triton kernel (wide heads: tile 1024) and the
+    torch path, against float64."""
+    from ringserve.kernels.flash_decode import paged_decode_triton
+    q, kc, _, bt, sl, qp, kp = paged_case(2, 1, 16, 1, 576, 8, [61, 30], dtype, seed=5,
+                                          positions=True)
+    ref_out, ref_lse = paged_decode_ref(q, kc, kc, bt, sl, 0.1, True, None, qp, kp)
+    lowp = None
+    if dtype != torch.float32:
+        lowp, _ = paged_decode_ref(q, kc, kc, bt, sl, 0.1, True, None, qp, kp, dtype=dtype)
+    for out, lse in (paged_decode_triton(q, kc, kc, bt, sl, 0.1, True, None, qp, kp),
+                     paged_decode(q, kc, kc, bt, sl, 0.1, True, None, qp, kp, backend="torch")):
+        check_close(out, lse, ref_out, ref_lse, dtype, lowp)

@@ -207,3 +207,26 @@ def test_softcap_gpu(D, dtype):
     lowp, _ = paged_decode_ref(qd, kc, vc, bt, sl, None, True, None, dtype=dtype, softcap=cap)
     check_lowp(out, lse, ref_out.to(out.device), ref_lse.to(out.device), lowp.to(out.device),
                f"softcap decode D={D}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_latent_paged_decode_gpu(dtype):
+    """MLA's absorbed decode (DeepSeek-V2-Lite: 16 heads on one 576-wide latent head, values =
+    keys) compiles and is exact by the 2x rule; `paged_decode(backend="auto")` uses it (no
+    fallback warning)."""
+    import warnings
+    from ringserve import kernels
+    g = torch.Generator(device="cuda").manual_seed(11)
+    B, page, P, D = 2, 64, 300, 576
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    kc, q = mk(P, page, 1, D), mk(B, 1, 16, D)
+    bt = torch.randperm(P, device="cuda", generator=g)[:B * 140].view(B, 140).int()
+    sl = torch.tensor([8900, 4000], device="cuda", dtype=torch.int32)
+    ref_out, ref_lse = paged_decode_ref(q, kc, kc, bt, sl, 0.07, False, None)
+    lowp, _ = paged_decode_ref(q, kc, kc, bt, sl, 0.07, False, None, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = kernels.paged_decode(q, kc, kc, bt, sl, 0.07)
+    assert kernels._WIDE_DECODE_BROKEN is None
+    check_lowp(out, lse, ref_out.to(out.device), ref_lse.to(out.device), lowp.to(out.device),
+               "latent decode")
