@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU runs of issue 15 (model families), one device call each (<= 10 min):
+#   bash benchmarks/gpu_families.sh check     # 1-2 GPUs: tests/test_families_gpu.py (bf16 at 8K
+#                                             # against transformers per family) and the kernel
+#                                             # tests of soft-capping and the latent decode
+#   bash benchmarks/gpu_families.sh moe       # 1 GPU: bench_e2e Qwen3-30B-A3B shape, 8K + 128K
+#   bash benchmarks/gpu_families.sh gemma2    # 1 GPU: bench_e2e Gemma-2-9B shape, 8K + 128K
+#   bash benchmarks/gpu_families.sh gemma3    # 1 GPU: bench_e2e Gemma-3-12B shape, 8K + 128K
+#   bash benchmarks/gpu_families.sh deepseek  # 1 GPU: bench_e2e DeepSeek-V2-Lite shape, 8K + 32K
+#                                             # (prints KV tokens, latent against decompressed)
+# On the device machine (repo root, .devsite carried as for gpu_serving.sh: ray-bundle.tar.xz,
+# optionally head.tar.gz = `git archive HEAD ringserve kernels actors benchmarks tests | gzip`).
+# Extra arguments go to bench_e2e (e.g. --lengths 8192,131072,max). Logs and JSON under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PART=${1:-check}; shift || true
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export RAY_USAGE_STATS_ENABLED=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -f .devsite/ray-bundle.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .devsite/ray-bundle.tar.xz -C /tmp/site
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
+fi
+if [ -f .devsite/head.tar.gz ]; then   # measure a commit, not a tree others edit
+  rm -rf /tmp/head && mkdir -p /tmp/head && tar xzf .devsite/head.tar.gz -C /tmp/head
+  REPO=/tmp/head
+fi
+# the tree as the installed package (ringserve.kernels, ringserve.actors)
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r "$REPO/ringserve" /tmp/pkg/ringserve \
+  && cp -r "$REPO/kernels" /tmp/pkg/ringserve/kernels && cp -r "$REPO/actors" /tmp/pkg/ringserve/actors
+export PYTHONPATH=/tmp/pkg:$PYTHONPATH
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
+cd /tmp   # Ray puts the driver's cwd on the actors' sys.path: not the bare repo root
+e2e() {  # $1: preset, $2: default lengths, then bench_e2e arguments
+  preset=$1 lengths=$2; shift 2
+  timeout 560 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --preset "$preset" \
+    --lengths "$lengths" --no-hf --decode-tokens 64 --cuda-graphs \
+    --json "$OUT/e2e_$preset.json" "$@" 2>&1 | tee "$OUT/e2e_$preset.log" \
+    | grep -E '^\[ringserve\] \{|^bench_e2e|^KV bytes|^ *[0-9]+ \||Error|error' | tail -10
+}
+case "$PART" in
+  check)
+    timeout 280 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "softcap or latent" 2>&1 \
+      | tee "$OUT/test_kernels_gpu_families.log" | tail -5
+    timeout 290 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" 2>&1 | tee "$OUT/test_families_gpu.log" | tail -8 ;;
+  moe) e2e qwen3-moe-30b-a3b 8192,131072 "$@" ;;
+  gemma2) e2e gemma2-9b 8192,131072 "$@" ;;
+  gemma3) e2e gemma3-12b 8192,131072 "$@" ;;
+  deepseek) e2e deepseek-v2-lite 8192,32768 "$@" ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac
