@@ -15,8 +15,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p /tmp/site
 if [ -f .devsite/ray-bundle.tar.xz ]; then tar xJf .devsite/ray-bundle.tar.xz -C /tmp/site; fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
-python3 -m pip install -q --no-deps --no-index --target /tmp/site .devsite/llguidance-*.whl \
-  || { echo "llguidance wheel missing in .devsite/"; exit 2; }
+WHL=$(ls .devsite/llguidance-*.whl 2>/dev/null | head -1)
+[ -n "$WHL" ] || { echo "llguidance wheel missing in .devsite/"; exit 2; }
+python3 -m zipfile -e "$WHL" /tmp/site   # a wheel is a zip of the package: no pip, no network
 if [ -f .devsite/head.tar.gz ]; then  # measure a commit, not a tree others edit
   rm -rf /tmp/head && mkdir -p /tmp/head && tar xzf .devsite/head.tar.gz -C /tmp/head; REPO=/tmp/head
 fi
