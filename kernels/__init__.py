@@ -10,20 +10,18 @@ from __future__ import annotations
 from .torch_ops import attention_torch, grouped_linear_torch, merge_torch_, paged_decode_torch
 
 BACKENDS = ("auto", "triton", "torch", "cudnn")
-# The Triton flash forward keeps a block of query rows of one head (and a K/V tile) in
-# registers: head dims up to 256. Wider heads (MLA's latent, kv_lora_rank + rope = 576 for
-# DeepSeek-V2) take the torch path for prefill under "auto"; the paged decode kernel takes them
-# (one program holds the few query rows of a KV head), falling back to torch if it cannot
-# compile them on this GPU. "triton" asked for explicitly raises for the forward.
+# Heads wider than 256 (MLA's latent, kv_lora_rank + rope = 576 for DeepSeek-V2) run in Triton
+# with small tiles (a 1024-wide row); if a kernel cannot compile them on this GPU, the call warns
+# once and that kernel takes the torch path from then on (backend "auto" only).
 MAX_TRITON_HEAD_DIM = 256
-_WIDE_DECODE_BROKEN = None   # why the wide-head Triton decode failed here, once
+_WIDE_BROKEN = {}   # kernel name -> why its wide-head Triton launch failed here
 
 
-def _pick(backend: str, t, wide_ok: bool = False) -> str:
+def _pick(backend: str, t, kernel: str = "") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if (backend in ("auto", "cudnn") and t.shape[-1] > MAX_TRITON_HEAD_DIM
-            and not (wide_ok and t.is_cuda and _WIDE_DECODE_BROKEN is None)):
+            and (not t.is_cuda or kernel in _WIDE_BROKEN)):
         return "torch"
     if backend == "auto" or (backend == "cudnn" and not t.is_cuda):
         return "triton" if t.is_cuda else "torch"
@@ -34,7 +32,15 @@ def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
               q_offset=0, q_stride=1, k_offset=0, k_stride=1, backend="auto", softcap=None):
     """Exact attention returning (out, lse); see reference.py for the contract (softcap:
     Gemma 2's tanh soft-capping of the scaled scores, None or 0 for none)."""
-    b = _pick(backend, q)
+    b = _pick(backend, q, "attention")
+    if b in ("triton", "cudnn") and q.shape[-1] > MAX_TRITON_HEAD_DIM and backend != "triton":
+        from .flash_fwd import flash_attn_fwd
+        return _wide(lambda: flash_attn_fwd(q, k, v, softmax_scale, causal, window_size,
+                                            q_offset, q_stride, k_offset, k_stride,
+                                            softcap=softcap),
+                     lambda: attention_torch(q, k, v, softmax_scale, causal, window_size,
+                                             q_offset, q_stride, k_offset, k_stride,
+                                             softcap=softcap), "attention", q.shape[-1])
     if b == "cudnn" and not softcap:   # SDPA has no soft-capping: Triton takes those models
         from .cudnn_attn import attention_cudnn
         from .flash_fwd import flash_attn_fwd
@@ -59,24 +65,33 @@ def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
                  window_size=None, q_pos=None, kv_pos=None, backend="auto", softcap=None):
     """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards."""
-    global _WIDE_DECODE_BROKEN
-    if _pick(backend, q, wide_ok=True) in ("triton", "cudnn"):
+    if _pick(backend, q, "paged_decode") in ("triton", "cudnn"):
         from .flash_decode import paged_decode_triton
+
+        def run():
+            return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
         if q.shape[-1] <= MAX_TRITON_HEAD_DIM or backend == "triton":
-            return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
-        try:
-            return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
-        except ValueError:   # the inputs' fault, not the compiler's
-            raise
-        except Exception as e:  # noqa: BLE001 - compile / resources: torch from now on
-            import warnings
-            _WIDE_DECODE_BROKEN = f"{type(e).__name__}: {e}"[:300]
-            warnings.warn(f"paged decode of head dim {q.shape[-1]} in Triton failed, using the "
-                          f"torch path: {_WIDE_DECODE_BROKEN}", stacklevel=2)
+            return run()
+        return _wide(run, lambda: paged_decode_torch(
+            q, k_cache, v_cache, block_table, seq_lens, softmax_scale, causal, window_size,
+            q_pos, kv_pos, softcap=softcap), "paged_decode", q.shape[-1])
     return paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                               causal, window_size, q_pos, kv_pos, softcap=softcap)
+
+
+def _wide(triton_call, torch_call, kernel: str, head_dim: int):
+    """A wide-head Triton launch; if it cannot compile here, warn once and use torch."""
+    try:
+        return triton_call()
+    except ValueError:   # the inputs' fault, not the compiler's
+        raise
+    except Exception as e:  # noqa: BLE001 - compile / resources: torch from now on
+        import warnings
+        _WIDE_BROKEN[kernel] = f"{type(e).__name__}: {e}"[:300]
+        warnings.warn(f"{kernel} with head dim {head_dim} failed in Triton, using the torch "
+                      f"path from now on: {_WIDE_BROKEN[kernel]}", stacklevel=3)
+        return torch_call()
 
 
 def grouped_linear(x, w, counts, backend="auto"):

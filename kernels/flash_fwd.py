@@ -32,6 +32,8 @@ LOG2E = 1.4426950408889634   # host side
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# up to MLA's latent (576, in a 1024-wide tile: 16-row query blocks and 16-key tiles)
+MAX_HEAD_DIM = 1024
 
 
 @triton.jit
@@ -247,8 +249,9 @@ def _tma_block_hook(nargs):
 def _gpu_configs(warp_spec: bool):
     # (BLOCK_M, BLOCK_N, num_warps, num_stages), kept short: every entry is one compile per key
     # (checked with cuobjdump -res-usage for sm_90: BLOCK_M 128 with 4 warps spills at D=128)
+    # (16, 16, 8, 2): heads wider than 256 (MLA's 576-wide latent, a 1024-wide tile) only
     shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
-              (64, 64, 4, 3), (64, 32, 4, 2)]
+              (64, 64, 4, 3), (64, 32, 4, 2), (16, 16, 8, 2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
                           pre_hook=_tma_block_hook)
             for bm, bn, w, s in shapes
@@ -260,6 +263,8 @@ def _prune(configs, nargs, **kwargs):
     keep = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if (d > 256) != (bm == 16):
+            continue                      # the small tile is for (and only for) wide heads
         if d <= 64 and bm == 64:
             continue                      # small heads: large tiles always win
         if d >= 256 and (bm, bn) not in ((64, 64), (64, 32)):
@@ -299,8 +304,8 @@ def _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride, softc
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if not 1 <= D <= 256:
-        raise ValueError(f"head dim ({D}) must be in 1..256")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim ({D}) must be in 1..{MAX_HEAD_DIM}")
     if q_stride < 1 or k_stride < 1:
         raise ValueError(f"position strides must be >= 1, got q_stride={q_stride}, "
                          f"k_stride={k_stride}")

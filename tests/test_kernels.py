@@ -473,3 +473,20 @@ def test_paged_decode_latent_heads(dtype):
     for out, lse in (paged_decode_triton(q, kc, kc, bt, sl, 0.1, True, None, qp, kp),
                      paged_decode(q, kc, kc, bt, sl, 0.1, True, None, qp, kp, backend="torch")):
         check_close(out, lse, ref_out, ref_lse, dtype, lowp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_latent_heads(dtype):
+    """MLA's absorbed prefill block: 4 query heads on one 576-wide KV head whose values are the
+    keys (one tensor as both), striped causal, in the Triton forward (wide heads: 1024-wide
+    tile) against float64."""
+    from ringserve.kernels.flash_fwd import flash_attn_fwd
+    q, k, _ = qkv(1, 45, 70, 4, 1, 576, dtype, seed=6)
+    ref_out, ref_lse = attention_ref(q, k, k, 0.05, True, None, 1, 2, 0, 2)
+    lowp = None
+    if dtype != torch.float32:
+        lowp, _ = attention_ref(q, k, k, 0.05, True, None, 1, 2, 0, 2, dtype=dtype)
+    out, lse = flash_attn_fwd(q, k, k, 0.05, True, None, 1, 2, 0, 2,
+                              config={"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8,
+                                      "num_stages": 1})
+    check_close(out, lse, ref_out, ref_lse, dtype, lowp)

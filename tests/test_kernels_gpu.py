@@ -227,6 +227,24 @@ def test_latent_paged_decode_gpu(dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, lse = kernels.paged_decode(q, kc, kc, bt, sl, 0.07)
-    assert kernels._WIDE_DECODE_BROKEN is None
+    assert "paged_decode" not in kernels._WIDE_BROKEN
     check_lowp(out, lse, ref_out.to(out.device), ref_lse.to(out.device), lowp.to(out.device),
                "latent decode")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_latent_attention_gpu(dtype):
+    """MLA's absorbed prefill block (16 heads on one 576-wide latent head, values = keys), causal
+    and a past block, through `attention(backend="auto")`: the wide-head Triton forward compiles
+    (no fallback) and is exact by the 2x rule."""
+    import warnings
+    from ringserve import kernels
+    q, k, _ = make(1, 1000, 2113, 16, 1, 576, dtype, seed=21)
+    for causal, qo in ((True, 1113), (False, 0)):
+        ref_out, ref_lse = attention_ref(q, k, k, 0.07, causal, None, qo, 1, 0, 1)
+        lowp, _ = attention_ref(q, k, k, 0.07, causal, None, qo, 1, 0, 1, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, lse = kernels.attention(q, k, k, 0.07, causal, None, qo, 1, 0, 1)
+        assert "attention" not in kernels._WIDE_BROKEN
+        check_lowp(out, lse, ref_out, ref_lse, lowp, f"latent attention causal={causal}")
