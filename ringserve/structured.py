@@ -213,14 +213,20 @@ class GrammarMasks:
         return buf
 
 
+_BITS: Dict[torch.device, torch.Tensor] = {}
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """logits (R, V) with tokens whose bit is 0 in bitmask (R, ceil(V/32)) int32 set to -inf,
-    on logits' device."""
+    on logits' device (a few small kernels for the whole batch)."""
     R, V = logits.shape
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask.to(logits.device, non_blocking=True)[:, :, None] >> bits) & 1).bool()
-    allowed = allowed.reshape(R, -1)[:, :V]
-    return logits.masked_fill(~allowed, float("-inf"))
+    bits = _BITS.get(logits.device)
+    if bits is None:
+        bits = _BITS[logits.device] = 1 << torch.arange(32, device=logits.device,
+                                                        dtype=torch.int32)
+    m = bitmask.to(logits.device, non_blocking=True)
+    allowed = (m[:, :, None] & bits).reshape(R, -1)[:, :V] != 0
+    return torch.where(allowed, logits, float("-inf"))
 
 
 __all__ = ["grammar_for", "response_format_schema", "GrammarMasks", "apply_bitmask",
