@@ -367,7 +367,9 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {archs[0]!r}; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         if arch is None:  # a config saved on its own has no "architectures": use model_type
-            by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+            by_type: Dict[str, str] = {}
+            for k, v in SUPPORTED_ARCHITECTURES.items():   # the first (the *ForCausalLM) wins
+                by_type.setdefault(v, k)
             if d.get("model_type") not in by_type:
                 raise ValueError(f"unsupported model_type {d.get('model_type')!r} (no "
                                  "'architectures' in config.json); supported architectures: "

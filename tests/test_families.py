@@ -412,7 +412,8 @@ def test_llm_score_and_greedy_equal_transformers(served):
                                               ("gemma3", 1, "striped"),
                                               ("deepseek-v2-lite", 2, "ring"),
                                               ("deepseek-v2", 3, "striped"),
-                                              ("phi3", 2, "ring")])
+                                              ("phi3", 2, "ring"),
+                                              ("deepseek-v2-lite", 1, "striped")])
 def test_chunked_prefill_and_graph_decode_equal_transformers(tmp_path_factory, family, ws,
                                                              layout):
     """Prompts cut into 16-token chunks (each chunk attends the prompt's earlier chunks through
