@@ -108,10 +108,11 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(h * m.v_head_dim, H, bias=cfg.o_bias, **factory)
 
     def _wkv(self):
-        """W_UK (h, nope, c), W_UV (h, v, c): views of kv_b_proj's weight, float32."""
+        """W_UK (h, nope, c), W_UV (h, v, c): views of kv_b_proj's weight (no copy: decode reads
+        it once per step, as the expanded form would)."""
         m = self.mla
-        w = self.kv_b_proj.weight.float().view(self.heads, m.qk_nope_head_dim + m.v_head_dim,
-                                               m.kv_lora_rank)
+        w = self.kv_b_proj.weight.view(self.heads, m.qk_nope_head_dim + m.v_head_dim,
+                                       m.kv_lora_rank)
         return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -126,8 +127,9 @@ class MLAttention(nn.Module):
         c, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         c = self.kv_a_layernorm(c)
         w_uk, _ = self._wkv()
-        # the absorption in float32 (a (t, h, c) product; the expanded form never exists)
-        q_lat = torch.einsum("thn,hnc->thc", q_nope.float(), w_uk).to(x.dtype)
+        # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
+        # as transformers' kv_b_proj; the expanded K never exists
+        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
         q = torch.cat([q_lat, Rotary.apply_interleaved(q_pe, cos, sin)], dim=-1)
         k = torch.cat([c, Rotary.apply_interleaved(k_pe[:, None], cos, sin)[:, 0]], dim=-1)
         k = k[:, None]
@@ -136,7 +138,7 @@ class MLAttention(nn.Module):
     def output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(t, h, latent_dim) attention output in the latent space -> (t, hidden)."""
         _, w_uv = self._wkv()
-        o = torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].float(), w_uv)
+        o = torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].to(w_uv.dtype), w_uv)
         return self.o_proj(o.reshape(o.shape[0], -1).to(dtype))
 
 
