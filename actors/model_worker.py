@@ -166,6 +166,7 @@ class ModelShardWorker(ShardWorker):
             page_size=page_size, dtype=self.model.dtype, device=str(self.device),
             values_are_keys=cfg.values_are_keys))
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
+        self.graph_replays = 0
         self.step_times: List[float] = []
         self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
 
@@ -421,7 +422,12 @@ class ModelShardWorker(ShardWorker):
         g.lens.copy_(lens)
         g.table.copy_(table)
         g.graph.replay()
+        self.graph_replays += 1
         return g.logits[:n]
+
+    def graph_stats(self) -> Dict[str, int]:
+        """Captured decode graphs and how many steps replayed one (tests, benchmarks)."""
+        return {"graphs": len(self._graphs), "replays": self.graph_replays}
 
     # ---- measurements (benchmarks) ----
 

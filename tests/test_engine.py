@@ -266,6 +266,7 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws):
         assert out.token_ids == hf_greedy(hf, doc[:29] + ref[0][0][:8], 100)
         widths = {w for wk in eng.group.workers for _, w in wk._graphs}
         assert 16 in widths and (ws > 1 or 32 in widths)   # 137 tokens: 18 pages on one rank
+        assert all(wk.graph_stats()["replays"] > 0 for wk in eng.group.workers)
         assert_no_leak(eng)
     finally:
         eng.shutdown()

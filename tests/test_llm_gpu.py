@@ -94,7 +94,12 @@ def test_two_gpus_bf16_matches_transformers(ref, ray_gpu, layout):
 def test_cuda_graph_decode_equals_eager(ref, ray_gpu, world_size):
     """Batched decode replayed from captured CUDA graphs gives the eager path's tokens and
     logprobs (greedy), across block-table width buckets (the prompt crosses 128 pages of 64
-    tokens) and batch buckets (5 requests together: bucket 8, then fewer as they end)."""
+    tokens) and batch buckets (5 requests together: bucket 8, then fewer as they end).
+
+    In float32: a graph runs the batch padded to its bucket (8 rows, not 5), so its GEMMs have
+    another shape; in bf16 they round differently and a random-weight model's greedy tokens
+    can flip at a near-tie (seen on the H200), which says nothing about the graph path. In
+    float32 the two must agree to 1e-4."""
     from ringserve import LLM, SamplingParams
 
     if torch.cuda.device_count() < world_size:
@@ -105,17 +110,18 @@ def test_cuda_graph_decode_equals_eager(ref, ray_gpu, world_size):
     prompts = [ids[:8170], ids[:300], ids[100:400], ids[7:50], ids[900:1000]]
     outs = {}
     for graphs in (False, True):
-        llm = LLM(str(path), world_size=world_size, device="cuda", cuda_graphs=graphs)
+        llm = LLM(str(path), world_size=world_size, device="cuda", dtype="float32",
+                  cuda_graphs=graphs)
         try:
             outs[graphs] = llm.generate(prompts, params)
+            if graphs:
+                assert llm._group.call("graph_stats")[0]["replays"] > 0
         finally:
             llm.shutdown()
     for eager, graph in zip(outs[False], outs[True]):
         assert graph.token_ids == eager.token_ids
-        # the graph runs the batch padded to its bucket (8 rows, not 5): bf16 GEMMs of another
-        # shape round differently, so logprobs agree to bf16 precision, not bit for bit
         diff = [abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)]
-        assert sum(diff) / len(diff) < 5e-3 and max(diff) < 5e-2, (max(diff), diff)
+        assert max(diff) < 1e-4, (max(diff), diff)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
