@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs of issue 15 (model families), one device call each (<= 10 min):
+#   bash benchmarks/gpu_families.sh kernels   # 1 GPU: the kernel tests of soft-capping and of
+#                                             # MLA's 576-wide latent heads (forward, decode)
 #   bash benchmarks/gpu_families.sh check     # 1-2 GPUs: tests/test_families_gpu.py (bf16 at 8K
-#                                             # against transformers per family) and the kernel
-#                                             # tests of soft-capping and the latent decode
+#                                             # against transformers per family)
 #   bash benchmarks/gpu_families.sh moe       # 1 GPU: bench_e2e Qwen3-30B-A3B shape, 8K + 128K
 #   bash benchmarks/gpu_families.sh gemma2    # 1 GPU: bench_e2e Gemma-2-9B shape, 8K + 128K
 #   bash benchmarks/gpu_families.sh gemma3    # 1 GPU: bench_e2e Gemma-3-12B shape, 8K + 128K
@@ -40,12 +41,14 @@ e2e() {  # $1: preset, $2: default lengths, then bench_e2e arguments
     | grep -E '^\[ringserve\] \{|^bench_e2e|^KV bytes|^ *[0-9]+ \||Error|error' | tail -10
 }
 case "$PART" in
-  check)
-    timeout 280 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+  kernels)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_kernels_gpu.py" -k "softcap or latent" 2>&1 \
-      | tee "$OUT/test_kernels_gpu_families.log" | tail -5
-    timeout 290 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
-      "$REPO/tests/test_families_gpu.py" 2>&1 | tee "$OUT/test_families_gpu.log" | tail -8 ;;
+      | tee "$OUT/test_kernels_gpu_families.log" | tail -5 ;;
+  check)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" "$@" 2>&1 | tee "$OUT/test_families_gpu.log" \
+      | tail -8 ;;
   moe) e2e qwen3-moe-30b-a3b 8192,131072 "$@" ;;
   gemma2) e2e gemma2-9b 8192,131072 "$@" ;;
   gemma3) e2e gemma3-12b 8192,131072 "$@" ;;
