@@ -25,7 +25,7 @@ import torch
 from ringserve import kernels
 from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
-from ringserve.parallel.step_attention import StepAttention, merge_rows
+from ringserve.parallel.step_attention import StepAttention, _merge, merge_rows
 from ringserve.plan import RankPlan
 from ringserve.sampling import Sampler
 from .worker import ShardWorker
@@ -358,11 +358,23 @@ class ModelShardWorker(ShardWorker):
         """The batch of one-token rows through the model on static buffers; (B, vocab) logits."""
         def attn(layer: int, q, k, v):
             self.pool.write(layer, g.slot, k[0], v[0])
+            window = layer_window(self.window_size, layer)
             out, lse = kernels.paged_decode(
                 q[0][:, None], self.pool.k[layer], self.pool.v[layer], g.table, g.lens,
-                softmax_scale=self.softmax_scale, causal=True,
-                window_size=layer_window(self.window_size, layer), q_pos=g.pos[:, None],
-                kv_pos=self.pool.kv_pos, backend=self.backend, softcap=self.model.softcap)
+                softmax_scale=self.softmax_scale, causal=True, window_size=window,
+                q_pos=g.pos[:, None], kv_pos=self.pool.kv_pos, backend=self.backend,
+                softcap=self.model.softcap)
+            if g.prefix:    # the rows' shared document, read once for all of them, merged in
+                po, pl = kernels.paged_decode(
+                    q[0][None], self.pool.k[layer], self.pool.v[layer], g.ptable, g.plens,
+                    softmax_scale=self.softmax_scale, causal=True, window_size=window,
+                    q_pos=g.pos[None], kv_pos=self.pool.kv_pos, backend=self.backend,
+                    softcap=self.model.softcap)
+                o, l_ = out[:, 0].float(), lse[:, :, 0].contiguous()
+                _merge(o, l_, po[0], pl[0].t())
+                if self.world_size > 1:
+                    o, l_ = merge_rows(self.transport, o, l_)
+                return o.to(out.dtype)[None]
             if self.world_size > 1:
                 o, l_ = merge_rows(self.transport, out[:, 0].float(),
                                    lse[:, :, 0].contiguous())
@@ -373,11 +385,11 @@ class ModelShardWorker(ShardWorker):
                             seq_len=g.pos + 1)   # one-token rows: each its sequence's end
         return self.model.logits(hidden)
 
-    def _capture(self, batch: int, width: int) -> "_DecodeGraph":
-        g = _DecodeGraph(batch, width, self.device)
+    def _capture(self, batch: int, width: int, prefix: int = 0) -> "_DecodeGraph":
+        g = _DecodeGraph(batch, width, self.device, prefix)
         if self._emulate_graphs:
             g.graph = _EagerReplay(lambda: setattr(g, "logits", self._graph_body(g)))
-            self._graphs[(batch, width)] = g
+            self._graphs[(batch, width, prefix)] = g
             return g
         cur = torch.cuda.current_stream(self.device)
         # one eager run first (Triton compiles, cuBLAS workspaces); every rank captures the same
@@ -394,25 +406,32 @@ class ModelShardWorker(ShardWorker):
         with torch.cuda.graph(graph):
             g.logits = self._graph_body(g)
         g.graph = graph
-        self._graphs[(batch, width)] = g
+        self._graphs[(batch, width, prefix)] = g
         return g
 
     def _graph_step(self, plan: RankPlan, tables: List[torch.Tensor]) -> torch.Tensor:
         """Replay the bucket's graph for a step of one-token rows; returns their logits."""
-        B, W = plan.graph_batch, plan.graph_width
-        g = self._graphs.get((B, W)) or self._capture(B, W)
+        B, W, PW = plan.graph_batch, plan.graph_width, plan.graph_prefix
+        g = self._graphs.get((B, W, PW)) or self._capture(B, W, PW)
         n = len(plan.seqs)
+        lo = plan.groups[0][1] if PW else 0     # this rank's shared pages (every row has them)
+        page = self.pool.page_size
         tok = torch.zeros(B, dtype=torch.int64)
         pos = torch.zeros(B, dtype=torch.int64)
         slot = torch.zeros(B, dtype=torch.int64)        # page 0: the scratch page
         lens = torch.zeros(B, dtype=torch.int32)
         table = torch.zeros(B, W, dtype=torch.int32)
         for i, s in enumerate(plan.seqs):
-            tok[i], pos[i], lens[i] = s.token_ids[0], s.positions[0], s.n_after
+            tok[i], pos[i], lens[i] = s.token_ids[0], s.positions[0], s.n_after - lo * page
             if s.slots:
                 slot[i] = s.slots[0]
-            if tables[i].numel():
-                table[i, :tables[i].numel()] = tables[i]
+            if tables[i].numel() > lo:
+                table[i, :tables[i].numel() - lo] = tables[i][lo:]
+        if PW:
+            ptable = torch.zeros(1, PW, dtype=torch.int32)
+            ptable[0, :lo] = tables[0][:lo]
+            g.ptable.copy_(ptable)
+            g.plens.fill_(lo * page)
         owned = torch.tensor([i for i, s in enumerate(plan.seqs) if s.slots], dtype=torch.int64)
         if owned.numel():
             self.pool.set_positions(slot[owned].to(self.device), pos[owned])
@@ -456,10 +475,13 @@ class _DecodeGraph:
     """Static inputs and the captured graph of a decode step of `batch` one-token rows with
     block tables of `width` pages (entries past a row's pages are never read: lens bounds)."""
 
-    def __init__(self, batch: int, width: int, device: torch.device):
+    def __init__(self, batch: int, width: int, device: torch.device, prefix: int = 0):
         def z(dtype, *shape):
             return torch.zeros(*shape, dtype=dtype, device=device)
-        self.batch, self.width = batch, width
+        self.batch, self.width, self.prefix = batch, width, prefix
+        # the shared document's table (prefix > 0: pages read once for every row) and length
+        self.ptable = z(torch.int32, 1, max(prefix, 1))
+        self.plens = z(torch.int32, 1)
         self.tok, self.pos, self.slot = (z(torch.int64, batch), z(torch.int64, batch),
                                          z(torch.int64, batch))
         self.table = z(torch.int32, batch, width)

@@ -66,6 +66,10 @@ class RankPlan:
     # rank; 0 when the step is not graph-shaped
     graph_batch: int = 0
     graph_width: int = 0
+    # a graph step whose rows all share one cached document (every rank one cascade group of
+    # every row): the width bucket of that shared prefix's table, read once for all rows in
+    # the graph; graph_width then bounds each row's own pages after it. 0: no shared prefix
+    graph_prefix: int = 0
 
 
 __all__ = ["SeqStep", "RankPlan"]

@@ -512,19 +512,41 @@ class Scheduler:
                              and (w.kind == "ring" or r == 0) else None))
                 plan.seqs.append(step)
         if self.cfg.graphs and works and all(w.kind == "q" and w.n == 1 for w in works):
-            batch = 1
-            while batch < len(works):
-                batch *= 2
-            width = 16
-            need = max(len(p) for w in works for p in w.req.seq.pages)
-            while width < need:
-                width *= 2
-            for plan in plans:
-                plan.graph_batch, plan.graph_width = batch, width
+            self._graph_plans(plans, works)
         elif self.cfg.cascade:
             for r, plan in enumerate(plans):
                 self._cascade(r, plan, works)
         return plans
+
+    def _graph_plans(self, plans: List[RankPlan], works: List[Work]) -> None:
+        """Mark a step of one-token rows with its graph buckets, the same on every rank. When
+        every row shares one cached document (on every rank one cascade group holding every
+        row: many questions on one document), the graph reads that prefix once for all rows,
+        as the eager cascade does; otherwise each row reads its whole table."""
+        def bucket(n: int) -> int:
+            b = 16
+            while b < n:
+                b *= 2
+            return b
+
+        batch = 1
+        while batch < len(works):
+            batch *= 2
+        shared = [0] * len(plans)
+        if self.cfg.cascade and len(works) > 1:
+            for r, plan in enumerate(plans):
+                self._cascade(r, plan, works)
+            if all(len(p.groups) == 1 and all(s.group == 0 for s in p.seqs) for p in plans):
+                shared = [p.groups[0][1] for p in plans]
+            else:
+                for p in plans:
+                    p.groups = []
+                    for s in p.seqs:
+                        s.group = -1
+        need = max(len(w.req.seq.pages[r]) - shared[r] for w in works for r in range(len(plans)))
+        prefix = bucket(max(shared)) if max(shared) else 0
+        for plan in plans:
+            plan.graph_batch, plan.graph_width, plan.graph_prefix = batch, bucket(need), prefix
 
     def _cascade(self, r: int, plan: RankPlan, works: List[Work]) -> None:
         """Group one-token pass-Q steps whose first pages on rank r are the same pages (a

@@ -264,13 +264,44 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws):
             max_tokens=100, temperature=0, ignore_eos=True)).result(120)
         assert out.num_cached_tokens == 29
         assert out.token_ids == hf_greedy(hf, doc[:29] + ref[0][0][:8], 100)
-        widths = {w for wk in eng.group.workers for _, w in wk._graphs}
+        widths = {key[1] for wk in eng.group.workers for key in wk._graphs}
         assert 16 in widths and (ws > 1 or 32 in widths)   # 137 tokens: 18 pages on one rank
         assert all(wk.graph_stats()["replays"] > 0 for wk in eng.group.workers)
         assert_no_leak(eng)
     finally:
         eng.shutdown()
         eng.group.shutdown()
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_graph_decode_reads_a_shared_document_once(tmp_path_factory, ws):
+    """Questions on one cached document decoding together replay a graph that reads the
+    document's pages once for all rows (a shared-prefix table merged by log-sum-exp, as the
+    eager cascade) and give each question's solo tokens; a batch whose rows do not all share
+    it replays the plain graph."""
+    path, _, ref = reference(tmp_path_factory, "llama")
+    g = torch.Generator().manual_seed(5)
+    doc = torch.randint(0, 200, (61,), generator=g).tolist()
+    qs = [doc + torch.randint(0, 200, (1 + i % 3,), generator=g).tolist() for i in range(5)]
+    other = torch.randint(0, 200, (9,), generator=g).tolist()
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    solo_eng = make_engine(path, ws, "striped")
+    eng = make_engine(path, ws, "striped", worker_kwargs={"cuda_graphs": "emulate"})
+    try:
+        solo = [solo_eng.submit("generate", q, params).result(120).token_ids
+                for q in qs + [other]]
+        eng.submit("cache_document", doc).result(120)
+        hs = [eng.submit("generate", q, params) for q in qs]
+        assert [h.result(120).token_ids for h in hs] == solo[:-1]
+        keys = {k for wk in eng.group.workers for k in wk._graphs}
+        assert any(k[2] > 0 for k in keys), keys          # the shared-prefix graph ran
+        hs = [eng.submit("generate", q, params) for q in (qs[0], other)]
+        assert [h.result(120).token_ids for h in hs] == [solo[0], solo[-1]]
+        assert_no_leak(eng)
+    finally:
+        for e in (solo_eng, eng):
+            e.shutdown()
+            e.group.shutdown()
 
 
 def test_progress_reports_prefill_tokens_and_decode(tmp_path_factory):
