@@ -448,6 +448,10 @@ class ModelShardWorker(ShardWorker):
         """Captured decode graphs and how many steps replayed one (tests, benchmarks)."""
         return {"graphs": len(self._graphs), "replays": self.graph_replays}
 
+    def graph_keys(self) -> List[Tuple[int, int, int]]:
+        """(batch, table width, shared-prefix width) of every captured decode graph."""
+        return sorted(self._graphs)
+
     # ---- measurements (benchmarks) ----
 
     def copy_bandwidth(self, nbytes: int = 1 << 30, iters: int = 10) -> float:

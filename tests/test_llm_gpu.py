@@ -124,11 +124,13 @@ def test_cuda_graph_decode_equals_eager(ref, ray_gpu, world_size):
         assert max(diff) < 1e-4, (max(diff), diff)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_questions_on_a_shared_document_equal_their_solo_runs(ref, ray_gpu, world_size):
+def test_questions_on_a_shared_document_equal_their_solo_runs(ref, ray_gpu, world_size, graphs):
     """Six questions on one cached document decode together (cascade: the document's pages
-    read once for all of them, the Triton LSE merge, the batched sampler, and across ranks the
-    NCCL merge): in float32, each gives its solo run's tokens, logprobs to 1e-4."""
+    read once for all of them, eagerly or inside the decode graph; the Triton LSE merge, the
+    batched sampler, and across ranks the NCCL merge): in float32, each gives its solo run's
+    tokens, logprobs to 1e-4."""
     from ringserve import LLM, SamplingParams
 
     if torch.cuda.device_count() < world_size:
@@ -139,7 +141,8 @@ def test_questions_on_a_shared_document_equal_their_solo_runs(ref, ray_gpu, worl
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=True)
     seeded = SamplingParams(max_tokens=24, temperature=0.8, top_k=50, seed=7, ignore_eos=True,
                             logprobs=True)
-    llm = LLM(str(path), world_size=world_size, device="cuda", dtype="float32")
+    llm = LLM(str(path), world_size=world_size, device="cuda", dtype="float32",
+              cuda_graphs=graphs)
     try:
         llm.cache_document(doc)
         solo = [llm.generate([q], p)[0] for q, p in zip(qs, [params, seeded] * 3)]
@@ -151,5 +154,7 @@ def test_questions_on_a_shared_document_equal_their_solo_runs(ref, ray_gpu, worl
             assert b.num_cached_tokens >= len(doc)
             assert a.token_ids == b.token_ids
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+        if graphs:
+            assert any(k[2] for k in llm._group.call("graph_keys")[0])
     finally:
         llm.shutdown()
