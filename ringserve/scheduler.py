@@ -443,8 +443,13 @@ class Scheduler:
         if n <= 0:
             return None
         N = self.world_size
+        # pass-Q for a prompt's short last chunk after cached tokens (a question on a
+        # document); a long prompt's middle chunks go as ring chunks even when small (a busy
+        # step's budget makes them a few hundred tokens late in a long prompt): the flash
+        # kernel with the cached keys split over programs runs them several times faster than
+        # the paged decode kernel, whose tiles are made for a few query rows
         kind = "ring"
-        if n < N or (start > 0 and n <= self.cfg.passq_max_tokens):
+        if n < N or (start > 0 and n == left and n <= self.cfg.passq_max_tokens):
             kind = "q"
         if kind == "q":
             c, owners = list(req.seq.counts), []

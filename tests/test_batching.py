@@ -389,6 +389,37 @@ def test_prefill_cost_model_keeps_steps_even():
     assert plain.chunk_tokens(10 ** 6, 100) == 100 and plain.cost(10 ** 6, 7) == 7
 
 
+def test_only_a_prompts_short_last_chunk_runs_pass_q(tmp_path_factory, monkeypatch):
+    """A long prompt chunked by a small budget runs its middle chunks as ring chunks (flash
+    against the cached keys), even when they are shorter than passq_max_tokens; pass-Q (the
+    paged decode kernel, tiled for a few query rows) takes only a prompt's last short chunk
+    after cached tokens, as a question on a cached document."""
+    from ringserve import scheduler
+    path = model_path(tmp_path_factory)
+    eng = make(path, 2, "striped", max_num_batched_tokens=32, passq_max_tokens=64)
+    kinds = []
+    real = scheduler.Scheduler._work
+
+    def spy(self, req, n, kind, owners):
+        if req.kind == "cache_document" or n > 1:
+            kinds.append((req.kind, n, kind))
+        return real(self, req, n, kind, owners)
+
+    monkeypatch.setattr(scheduler.Scheduler, "_work", spy)
+    try:
+        doc = list(range(5, 205))
+        eng.submit("cache_document", doc).result(60)
+        out = eng.submit("generate", doc + [7, 8, 9], SamplingParams(
+            max_tokens=2, temperature=0, ignore_eos=True)).result(60)
+        assert out.num_cached_tokens == len(doc)
+    finally:
+        close(eng)
+    doc_chunks = [k for k in kinds if k[0] == "cache_document"]
+    assert len(doc_chunks) > 3 and all(n <= 64 for _, n, _ in doc_chunks)
+    assert all(kind == "ring" for _, _, kind in doc_chunks[:-1])
+    assert kinds[-1] == ("generate", 3, "q")
+
+
 def test_a_question_on_a_document_still_prefilling_waits_and_reuses_it(tmp_path_factory,
                                                                        monkeypatch):
     """A question whose prompt starts with a document that is still being prefilled waits for
