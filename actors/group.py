@@ -9,7 +9,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ringserve.parallel.tp import TPGrid
-from ringserve.parallel.transport import DEFAULT_TIMEOUT_S, TransportSpec
+from ringserve.parallel.transport import DEFAULT_TIMEOUT_S, TransportSpec, check_comm_host
 from .worker import ShardWorker
 
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
@@ -30,6 +30,10 @@ class GroupConfig:
     worker_kwargs: dict = field(default_factory=dict)
     startup_timeout_s: float = 300.0         # actors' __init__ (imports, model load)
     tp_size: int = 1                         # GPUs per shard (tensor parallel), one node each
+    # gloo: the address rank 0's rendezvous store listens on and the others dial. None: loopback
+    # when every actor runs on rank 0's Ray node, else the node address Ray reports for it
+    # (`ray start --node-ip-address`); an address of rank 0's node when neither fits
+    comm_host: Optional[str] = None
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -46,6 +50,7 @@ class GroupConfig:
         for name in ("transport_timeout_s", "placement_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
+        check_comm_host(self.comm_host)
 
 
 class ActorGroup:
@@ -65,14 +70,16 @@ class ActorGroup:
                  worker_kwargs: Optional[dict] = None,
                  transport_timeout_s: float = DEFAULT_TIMEOUT_S,
                  placement_timeout_s: float = 60.0, startup_timeout_s: float = 300.0,
-                 tp_size: int = 1):
+                 tp_size: int = 1, comm_host: Optional[str] = None):
         self.config = GroupConfig(world_size, device, placement_strategy, num_cpus_per_worker,
                                   transport_timeout_s, placement_timeout_s,
-                                  dict(worker_kwargs or {}), startup_timeout_s, tp_size)
+                                  dict(worker_kwargs or {}), startup_timeout_s, tp_size,
+                                  comm_host)
         self.grid = TPGrid(world_size, tp_size)
         self.worker_cls = worker_cls
         self.actors: List[Any] = []
         self.placement_group = None
+        self.store_address: Optional[tuple] = None   # gloo: (host, port) of rank 0's store
         self._start()
 
     @property
@@ -130,7 +137,8 @@ class ActorGroup:
             # actors import torch (and, in subclasses, build a model) before answering; that
             # start-up must not count against the communicator's timeout `t` (maybe seconds)
             try:
-                ray.get([a.health.remote() for a in self.actors], timeout=c.startup_timeout_s)
+                health = ray.get([a.health.remote() for a in self.actors],
+                                 timeout=c.startup_timeout_s)
             except ray.exceptions.GetTimeoutError as e:
                 raise GroupSetupError(f"{len(self.actors)} workers did not start within "
                                       f"{c.startup_timeout_s:.0f} s") from e
@@ -147,7 +155,9 @@ class ActorGroup:
                     args = [(rings[r], groups[i]) for i in range(c.world_size)
                             for r in range(c.tp_size)]
             else:
-                host, port = ray.get(self.actors[0].comm_address.remote(t), timeout=t)
+                host, port = ray.get(self.actors[0].comm_address.remote(
+                    t, self._store_host(health)), timeout=t)
+                self.store_address = (host, port)
                 spec = TransportSpec("gloo", host=host, port=port, timeout_s=t)
                 args = [(spec,) if c.tp_size == 1 else (spec, spec)] * len(self.actors)
             # every rank joins at once: communicator creation blocks until all are in
@@ -156,6 +166,15 @@ class ActorGroup:
         except ray.exceptions.GetTimeoutError as e:
             raise GroupSetupError(f"transport setup of {c.world_size} ranks ({c.device}) did "
                                   f"not finish within {t:.0f} s") from e
+
+    def _store_host(self, health: List[dict]) -> Optional[str]:
+        """Where rank 0's gloo store listens (None: its node's address, which rank 0 knows).
+        Actors of one Ray node share its network (one raylet: one host, pod or netns), so
+        loopback reaches them all and nothing outside the node can reach the store."""
+        if self.config.comm_host is not None:
+            return self.config.comm_host.strip()
+        nodes = {h.get("node_id") for h in health}
+        return "127.0.0.1" if len(nodes) == 1 and None not in nodes else None
 
     # ---- calls ----
 

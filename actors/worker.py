@@ -58,9 +58,10 @@ class ShardWorker:
 
     # ---- communicator setup (rank 0 first, then every rank with what rank 0 returned) ----
 
-    def comm_address(self, timeout_s: float = 120.0):
-        """Rank 0: start the gloo rendezvous store on a free port; returns (host, port)."""
-        host = _node_ip()
+    def comm_address(self, timeout_s: float = 120.0, host: Optional[str] = None):
+        """Rank 0: start the gloo rendezvous store on a free port of `host` (None: this
+        node's address as Ray reports it); returns (host, port)."""
+        host = host or _node_ip()
         self._store, port = make_store(host, self.grid.num_gpus, timeout_s)
         return host, port
 

@@ -42,6 +42,9 @@ def _serve(argv: List[str]) -> int:
                    help="a request's whole deadline (queue + prefill + decode) before 504")
     p.add_argument("--transport-timeout-s", type=float, default=None,
                    help="longest wait on a shard peer before the group is rebuilt (503)")
+    p.add_argument("--comm-host", default=None,
+                   help="CPU shard actors: the address rank 0's gloo store listens on (default "
+                        "loopback on one node, else the node's Ray address)")
     p.add_argument("--max-body-mb", type=float, default=None, help="larger bodies get 413")
     p.add_argument("--body-timeout-s", type=float, default=None,
                    help="longest pause while a request body arrives before 408 (default 30)")
@@ -62,6 +65,7 @@ def _serve(argv: List[str]) -> int:
     opts = {k: v for k, v in dict(dtype=a.dtype, max_kv_tokens=a.max_kv_tokens,
                                   max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
                                   transport_timeout_s=a.transport_timeout_s,
+                                  comm_host=a.comm_host,
                                   max_body_mb=a.max_body_mb, api_key=a.api_key, num_replicas=a.num_replicas,
                                   ray_address=a.ray_address, device=a.device,
                                   max_num_seqs=a.max_num_seqs,

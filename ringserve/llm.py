@@ -19,7 +19,7 @@ from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOu
                      StreamDelta)
 from .errors import InvalidRequestError
 from .parallel import layout as layouts
-from .parallel.transport import DEFAULT_TIMEOUT_S
+from .parallel.transport import DEFAULT_TIMEOUT_S, check_comm_host
 from .sampling import SamplingParams, best_samples, expand_samples
 
 Prompt = Union[str, Sequence[int]]
@@ -92,7 +92,7 @@ class LLM:
                  cascade: bool = True, warmup: bool = True, schedule: Optional[str] = None,
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, comm_host: Optional[str] = None):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -117,7 +117,9 @@ class LLM:
         other name while t is 1), each on `tensor_parallel_size` t GPUs that split the model's
         heads, MLP and vocabulary (one node each): c x t GPUs in all. The default
         `placement_strategy` is STRICT_PACK (every GPU on one node) when t is 1, SPREAD (the
-        TP groups over nodes, each group packed on one) when t > 1."""
+        TP groups over nodes, each group packed on one) when t > 1. `comm_host` (CPU, gloo):
+        the address rank 0's rendezvous store listens on; default loopback when every shard
+        actor runs on rank 0's node, else that node's address as Ray reports it."""
         if schedule is not None:
             warnings.warn("LLM(schedule=...) is deprecated: the shard layout is now called "
                           "layout=...", DeprecationWarning, stacklevel=2)
@@ -143,6 +145,7 @@ class LLM:
         if cuda_graphs is True and device != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'")
         layouts.check_layout(layout)
+        check_comm_host(comm_host)
         if max_kv_tokens is not None and max_kv_tokens < world_size:
             raise ValueError(f"max_kv_tokens ({max_kv_tokens}) must be >= world_size "
                              f"({world_size})")
@@ -212,7 +215,8 @@ class LLM:
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,
                                  worker_kwargs=worker_kwargs,
-                                 transport_timeout_s=transport_timeout_s, tp_size=tp_size)
+                                 transport_timeout_s=transport_timeout_s, tp_size=tp_size,
+                                 comm_host=comm_host)
         try:
             if warmup and gpu:
                 self._group.call("warmup")

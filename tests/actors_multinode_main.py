@@ -30,6 +30,10 @@ def main(n: int, total: int, seed: int) -> dict:
         try:
             result["node_ids"] = [h["node_id"] for h in g.health()]
             result["cluster_nodes"] = len([x for x in ray.nodes() if x["Alive"]])
+            # ranks on other nodes dial rank 0's store: it listens on that node's address
+            result["store_host"] = g.store_address[0]
+            result["rank0_node_ip"] = next(x["NodeManagerAddress"] for x in ray.nodes()
+                                           if x["NodeID"] == result["node_ids"][0])
             gen = torch.Generator().manual_seed(seed)
             q = torch.randn(1, total, 4, 16, generator=gen)
             k = torch.randn(1, total, 2, 16, generator=gen)

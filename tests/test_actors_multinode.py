@@ -26,6 +26,8 @@ def test_spread_over_nodes_is_exact():
     res = json.loads(lines[-1][len("RESULT "):])
     assert res["cluster_nodes"] == n + 1
     assert len(set(res["node_ids"])) == n  # one rank per node
+    # not loopback: the store must be reachable from the other nodes (on one machine here)
+    assert res["store_host"] == res["rank0_node_ip"] != "127.0.0.1", res
     for schedule in ("striped", "ring"):
         assert res[schedule]["out_rel_err"] <= 1e-5, res
         assert res[schedule]["lse_max_abs_err"] <= 1e-4, res

@@ -33,6 +33,8 @@ def test_defaults_and_served_name(tmp_path):
     ({"model": "m", "api_key": " "}, ["api_key"]),
     ({"model": ""}, ["model"]),
     ({"model": "m", "llm_class": "ringserve.llm.LLM"}, ["llm_class"]),
+    ({"model": "m", "comm_host": "0.0.0.0"}, ["comm_host ('0.0.0.0')", "not every interface"]),
+    ({"model": "m", "comm_host": ""}, ["comm_host ('')"]),
 ])
 def test_bad_arguments_name_the_value(args, words):
     with pytest.raises(ValueError) as e:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ringserve.parallel.transport import (ThreadHub, TransportSpec, TransportTimeoutError,
-                                          nccl_unique_id)
+                                          make_store, nccl_unique_id)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,14 +63,46 @@ def test_spec_checks_and_nccl_import_message():
             nccl_unique_id()
 
 
+def _listening(pid: int, port: int) -> set:
+    """The addresses process `pid` listens on at `port`."""
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def test_store_listens_on_its_host_only():
+    """torch's TCPStore alone listens on every interface whatever host it is given; the store
+    rank 0 serves listens on the one address the others dial, and works there."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    store, port = make_store("127.0.0.1", 2, timeout_s=10)
+    assert _listening(os.getpid(), port) == {"127.0.0.1"}
+    client = dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=10))
+    client.set("ring", "serve")
+    assert store.get("ring") == b"serve"
+    del client, store
+    for wide in ("0.0.0.0", "::", ""):
+        with pytest.raises(ValueError, match="interface|address"):
+            make_store(wide, 2)
+
+
 def test_gloo_timeout_then_rebuild(ray_session):
-    """A rank whose neighbour never calls raises within its deadline; rebuild() recovers."""
+    """A rank whose neighbour never calls raises within its deadline; rebuild() recovers.
+    Every actor is on this node, so rank 0's store listens on loopback only (before and after
+    the rebuild)."""
     import ray
     from ringserve.actors import ActorGroup
 
     g = ActorGroup(2, device="cpu", num_cpus_per_worker=0.25, transport_timeout_s=60)
     try:
         old_pids = {h["pid"] for h in g.health()}
+        host, port = g.store_address
+        assert host == "127.0.0.1"
+        assert _listening(g.health()[0]["pid"], port) == {"127.0.0.1"}
         start = time.monotonic()
         with pytest.raises(TransportTimeoutError) as e:
             ray.get(g.actors[0].ping_ring.remote(64, 2.0), timeout=60)  # rank 1 never calls
@@ -85,6 +117,28 @@ def test_gloo_timeout_then_rebuild(ray_session):
         gathered = g.call("check_collectives", 30.0)
         pids = [h["pid"] for h in info]
         assert gathered == [[[0, pids[0]], [1, pids[1]]]] * 2
+        host, port = g.store_address
+        assert host == "127.0.0.1" and _listening(pids[0], port) == {"127.0.0.1"}
     finally:
         g.shutdown()
     assert g.actors == [] and g.placement_group is None
+
+
+def test_comm_host_puts_the_store_on_that_address(ray_session):
+    """An explicit comm_host (here this node's address as Ray reports it, what ranks on other
+    nodes dial): the store listens there only, and the ring and collectives work over it."""
+    import ray
+    from ringserve.actors import ActorGroup
+
+    ip = ray.util.get_node_ip_address()
+    with pytest.raises(ValueError, match="comm_host"):
+        ActorGroup(2, device="cpu", comm_host="0.0.0.0")
+    g = ActorGroup(2, device="cpu", num_cpus_per_worker=0.25, transport_timeout_s=60,
+                   comm_host=ip)
+    try:
+        host, port = g.store_address
+        assert host == ip
+        assert _listening(g.health()[0]["pid"], port) == {ip}
+        assert len(g.call("ping_ring", 1 << 12, 30.0)) == 2
+    finally:
+        g.shutdown()

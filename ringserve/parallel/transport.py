@@ -171,16 +171,51 @@ class _GlooHandle(Handle):
                                      f"{who} failed (the group must be rebuilt): {e}") from e
 
 
-def make_store(host: str, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
-    """Rank 0's TCP store on a free port (port 0: the OS picks, so no race on a guessed port).
+_EVERY_INTERFACE = ("0.0.0.0", "::", "*")
 
-    Returns (store, port); the port goes to the other ranks (through Ray in the actor group).
+
+def check_comm_host(host: Optional[str]) -> None:
+    """The `comm_host` setting: None (automatic) or one address, never the wildcard."""
+    if host is None:
+        return
+    if not isinstance(host, str) or not host.strip() or host.strip() in _EVERY_INTERFACE:
+        raise ValueError(f"comm_host ({host!r}) must be null (automatic) or one address of rank "
+                         "0's node that every shard actor can reach, not every interface")
+
+
+def make_store(host: str, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Rank 0's TCP store, listening on `host` only, on a free port (port 0: the OS picks, so
+    no race on a guessed port).
+
+    torch's TCPStore listens on every interface whatever host it is given, so the socket is
+    bound here and handed over (`master_listen_fd`): loopback keeps a one-node group off the
+    network, a node's own address keeps a multi-node one on that interface. Returns (store,
+    port); the port goes to the other ranks (through Ray in the actor group).
     """
+    import socket
+
     import torch.distributed as dist
 
-    store = dist.TCPStore(host, 0, world_size, True,
-                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-    return store, store.port
+    if not host or host in _EVERY_INTERFACE:
+        raise ValueError(f"the store's host ({host!r}) must be one address that the other "
+                         "ranks can reach, not every interface")
+    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(addr[:2] if family == socket.AF_INET else addr)
+        sock.listen(128)
+        port = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    # from here the store owns the descriptor and closes it; should its constructor fail, the
+    # descriptor may be closed already, so it is left alone (a second close could hit a file
+    # that another thread has opened under the same number since)
+    fd = sock.detach()
+    store = dist.TCPStore(host, port, world_size, True,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=fd)
+    return store, port
 
 
 class GlooTransport(Transport):

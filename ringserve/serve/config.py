@@ -61,6 +61,9 @@ class ServeArgs:
     model_name: Optional[str] = None      # name in /v1/models; None: the checkpoint folder's name
     default_max_tokens: int = 256         # chat / ask requests that give no max_tokens
     placement_strategy: Optional[str] = None   # None: STRICT_PACK, or SPREAD when TP > 1
+    # CPU shard actors (gloo): the address rank 0's rendezvous store listens on. None:
+    # loopback when all actors share rank 0's node, else that node's address as Ray reports it
+    comm_host: Optional[str] = None
     # import path of the engine class; another engine with the same interface may be plugged in
     llm_class: str = "ringserve.llm:LLM"
     replica_num_cpus: float = 0.0         # the ingress replica itself: tokenizing and HTTP only
@@ -109,6 +112,8 @@ class ServeArgs:
         if self.model_name is not None and (not isinstance(self.model_name, str)
                                             or not self.model_name):
             raise ValueError(f"model_name ({self.model_name!r}) must be null or a non-empty string")
+        from ringserve.parallel.transport import check_comm_host
+        check_comm_host(self.comm_host)
         if ":" not in self.llm_class:
             raise ValueError(f"llm_class ({self.llm_class!r}) must look like "
                              "'package.module:Class'")

@@ -109,6 +109,8 @@ class Service:
             c, t = self.cfg.context_parallel_size, self.cfg.tensor_parallel_size
             par = ({"world_size": c} if t == 1
                    else {"context_parallel_size": c, "tensor_parallel_size": t})
+            if self.cfg.comm_host is not None:  # engines without the option keep loading
+                par["comm_host"] = self.cfg.comm_host
             llm = cls(self.cfg.model, **par, layout=self.cfg.layout,
                       device=self._device(), dtype=self.cfg.dtype,
                       max_num_seqs=self.cfg.max_num_seqs,
