@@ -168,6 +168,7 @@ class ModelShardWorker(ShardWorker):
         self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
         self.graph_replays = 0
         self.step_times: List[float] = []
+        self.compiles = _watch_compiles() if self.device.type == "cuda" else []
         self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
 
     def setup_transport(self, spec, tp_spec=None) -> bool:
@@ -236,6 +237,12 @@ class ModelShardWorker(ShardWorker):
         t = add if t is None or first == 0 else torch.cat([t[:first], add])
         self._tables[key] = t
         return t
+
+    def compile_events(self, since: float = 0.0) -> List[Tuple[float, str]]:
+        """(time.time(), kernel and specialization) of each Triton compile in this process
+        after `since`: a compile in the middle of serving stalls the step it falls in for
+        seconds, so benchmarks report the ones after warm-up."""
+        return [e for e in self.compiles if e[0] > since]
 
     def recent_step_times(self, n: int = 4096) -> List[float]:
         """Seconds spent in the last n `execute` calls on this rank (benchmarks)."""
@@ -473,6 +480,30 @@ class ModelShardWorker(ShardWorker):
         del a, b
         torch.cuda.empty_cache()
         return 2.0 * nbytes * iters / secs
+
+
+_COMPILES: List[Tuple[float, str]] = []
+
+
+def _watch_compiles() -> List[Tuple[float, str]]:
+    """Record every Triton compile of this process (its JIT cache hook; the list is shared by
+    the process's workers). Triton versions without the hook record nothing."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return _COMPILES
+    prev = knobs.runtime.jit_cache_hook
+    if getattr(prev, "_ringserve", False):
+        return _COMPILES
+
+    def hook(*args, **kwargs):
+        _COMPILES.append((time.time(), str(kwargs.get("repr", ""))[:300]))
+        del _COMPILES[:-1000]
+        return prev(*args, **kwargs) if prev is not None else False
+
+    hook._ringserve = True
+    knobs.runtime.jit_cache_hook = hook
+    return _COMPILES
 
 
 class _DecodeGraph:

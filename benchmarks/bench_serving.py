@@ -252,6 +252,7 @@ def main(argv=None) -> int:
         max_tokens=8, temperature=0.0, ignore_eos=True))
     llm.drop_document(k)
     print(f"[serving] warm at {time.perf_counter() - t:.1f} s", flush=True)
+    t_warm = time.time()
     res: Dict = {"args": vars(args), "default_budget": llm.config.max_num_batched_tokens}
     for sc in args.scenarios.split(","):
         t1 = time.perf_counter()
@@ -267,9 +268,15 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
     res["stats"] = llm.stats()
+    # Triton compiles after the warm-up (each stalls the step it falls in): rank 0's
+    res["compiles_after_warmup"] = llm._group.call("compile_events", t_warm)[0]
     llm.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
+    late = res["compiles_after_warmup"]
+    print(f"\n{len(late)} Triton compiles after the warm-up on rank 0"
+          + "".join(f"\n  {time.strftime('%H:%M:%S', time.localtime(ts))} {r[:160]}"
+                    for ts, r in late[:12]))
     print("\nscenario                     figure                      target   measured")
     if "concurrent" in res:
         for r in res["concurrent"]["rows"]:

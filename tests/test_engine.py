@@ -3,6 +3,8 @@ on its own thread, joined by the in-process ThreadTransport (ringserve.parallel.
 whole matrix (3 families x world sizes 1, 2, 3 x both layouts) is compared with HF transformers
 without paying Ray actor start-up per configuration. tests/test_llm*.py cover the same paths
 through Ray actors and gloo."""
+import time
+
 import pytest
 import torch
 
@@ -338,3 +340,21 @@ def test_progress_reports_prefill_tokens_and_decode(tmp_path_factory):
         eng.shutdown()
         eng.group.shutdown()
     assert {"state": "queued"} == type(h)("generate", (), None, None).progress()
+
+
+def test_compile_watch_records_and_chains_the_triton_hook(monkeypatch):
+    """The worker's Triton compile log: the JIT cache hook records each compile (time, kernel)
+    and keeps whatever hook was there before (its answer is Triton's)."""
+    knobs = pytest.importorskip("triton.knobs")
+    from ringserve.actors import model_worker
+
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook",
+                        lambda **kw: seen.append(kw["repr"]) or False)
+    monkeypatch.setattr(model_worker, "_COMPILES", [])
+    log = model_worker._watch_compiles()
+    assert model_worker._watch_compiles() is log          # installed once per process
+    t = time.time()
+    assert knobs.runtime.jit_cache_hook(key=1, repr="_flash_fwd_kernel[num_warps=8](...)") is False
+    assert seen == ["_flash_fwd_kernel[num_warps=8](...)"]
+    assert len(log) == 1 and log[0][0] >= t and log[0][1].startswith("_flash_fwd_kernel")
