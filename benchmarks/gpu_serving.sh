@@ -7,9 +7,11 @@
 #                                             # this one, eager and CUDA graphs, same machine
 #   bash benchmarks/gpu_serving.sh serving [args]  # bench_serving.py, 8B shape, all scenarios
 #   bash benchmarks/gpu_serving.sh final     # previous engine's bench_e2e 128K, then single+prefill
-# Still owed (2026-11-29, device time ran out): `serving --scenarios prefill --budgets 4096,8192`
-# (the default budget's row); `check` (the graph test at its bf16 tolerance); `final` again for
-# eager decode and follow-up TTFT after the step fast paths (47.5 vs 40.1 ms, 0.86 vs 0.12 s).
+# Still owed (2026-11-29 evening, device time spent): after the session-4 changes (graph cascade,
+# pass-Q only for last chunks, Triton merges, per-rank budget, no kernel specialization),
+# `s4b` again (GPU tests incl. the shared-document graph test; single eager/graphs; 16 questions
+# with graphs; prefill under load at 4096 with the compile log) and at world size 2:
+# `serving --world-size 2 --prefill-len 524288 --scenarios single,mixed,prefill --budgets 8192`.
 # Writes logs and JSON under $OUT (or /tmp/out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
