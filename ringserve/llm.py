@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOutput,
                      StreamDelta)
+from .doc_cache import doc_key
 from .errors import InvalidRequestError
 from .parallel import layout as layouts
 from .parallel.transport import DEFAULT_TIMEOUT_S, check_comm_host
@@ -314,7 +315,16 @@ class LLM:
                 on_progress(p)
         return h.result()
 
+    def document_key(self, document: Prompt) -> str:
+        """The key `cache_document(document)` returns, known before its prefill ends: a
+        `drop_document(key)` meanwhile cancels that prefill and frees its pages."""
+        import torch
+
+        return doc_key(torch.tensor(self._encode(document), dtype=torch.int32))
+
     def drop_document(self, key: str) -> bool:
+        """Unpin and free a cached document; one still being prefilled is cancelled (its
+        `cache_document` raises RequestCancelledError). False if nothing had that key."""
         return self._engine.submit("drop_document", key).result()
 
     @property

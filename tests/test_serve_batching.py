@@ -4,12 +4,14 @@ official `openai` client and httpx.
 - 8 concurrent streams (chat and completions) all complete, and each equals the same request
   run alone on the same service;
 - while a long document uploads with wait=false (prefilled in chunks), a short completion is
-  answered before the upload finishes.
+  answered before the upload finishes;
+- a DELETE of a document still prefilling cancels its prefill and frees its pages.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import httpx
 import openai
@@ -118,3 +120,58 @@ def test_a_short_completion_is_answered_during_a_long_upload(svc):
     assert http.delete(f"/v1/documents/{card['id']}").status_code == 200
     print(f"short completion {took:.2f} s during a {card['num_tokens']}-token upload of "
           f"{upload_s:.1f} s")
+
+
+def test_deleting_a_document_while_it_prefills_cancels_the_prefill(svc):
+    """DELETE during a long upload's prefill (wait=false) cancels it in the engine through the
+    document's key: the prefill stops short of the document, its pages are free at once, the
+    card is gone and the replica counts the prefill as cancelled, not as an error."""
+    http = httpx.Client(base_url=svc, timeout=300)
+
+    def engine():
+        return http.get("/stats", timeout=30).json()["engine"]
+
+    before = http.get("/stats", timeout=30).json()
+    eng0 = before["engine"]
+    assert eng0["running"] == 0 and eng0["queue_depth"] == 0, eng0
+    # not the other test's text: nothing of it is cached
+    doc = " ".join(WORDS[(j * 11) % len(WORDS)] + str(j % 89) for j in range(2200))
+    r = http.post("/v1/documents", json={"text": doc, "wait": False})
+    assert r.status_code == 202, r.text
+    card = r.json()
+    n = card["num_tokens"]
+    deadline = time.monotonic() + 120
+    while True:  # in the engine and computing (a delete before that has nothing to cancel yet)
+        got = http.get(f"/v1/documents/{card['id']}").json()
+        assert got["status"] == "prefilling", got  # the prefill must still be going on
+        p = got.get("progress") or {}
+        if p.get("state") == "running" and p.get("done", 0) > 0:
+            break
+        assert time.monotonic() < deadline, got
+        time.sleep(0.05)
+    gone = http.delete(f"/v1/documents/{card['id']}")
+    assert gone.status_code == 200 and gone.json()["deleted"] is True, gone.text
+    assert http.get(f"/v1/documents/{card['id']}").status_code == 404
+    assert card["id"] not in [d["id"] for d in http.get("/v1/documents").json()["data"]]
+    deadline = time.monotonic() + 60
+    while True:
+        eng = engine()
+        if eng["requests_cancelled"] > eng0["requests_cancelled"] and eng["running"] == 0:
+            break
+        assert time.monotonic() < deadline, (eng0, eng)  # before the fix: never cancelled
+        time.sleep(0.1)
+    computed = eng["prefill_tokens"] - eng0["prefill_tokens"]
+    assert 0 < computed < n, (computed, n)                       # stopped part way
+    assert eng["requests_cancelled"] == eng0["requests_cancelled"] + 1, (eng0, eng)
+    assert eng["requests_failed"] == eng0["requests_failed"], (eng0, eng)
+    assert eng["pinned_documents"] == eng0["pinned_documents"], (eng0, eng)
+    assert eng["kv_tokens_used"] <= eng0["kv_tokens_used"], (eng0, eng)  # its pages are free
+    time.sleep(1.0)
+    later = engine()
+    assert later["prefill_tokens"] == eng["prefill_tokens"], (eng, later)  # no work goes on
+    outcomes = Counter(http.get("/stats", timeout=30).json()["requests"]) - \
+        Counter(before["requests"])
+    assert outcomes.get("documents_prefill:cancelled") == 1, outcomes
+    assert not any(k.startswith("documents_prefill:") and not k.endswith(":cancelled")
+                   for k in outcomes), outcomes
+    print(f"deleted after {got['progress']['done']} of {n} tokens; {computed} computed")

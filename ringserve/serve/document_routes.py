@@ -7,7 +7,8 @@ POST /v1/documents/{id}/ask      question -> answer; the prompt is the document'
                                  the question's, so the engine serves the document part from its
                                  cached KV (reported as num_cached_tokens), streaming or not
 GET / DELETE /v1/documents/{id}, GET /v1/documents  (while prefilling, a card carries "progress":
-                                 RequestHandle.progress(), refreshed twice a second)
+                                 RequestHandle.progress(), refreshed twice a second; a DELETE
+                                 then cancels the prefill and frees its pages)
 
 A document's KV lives in the replica that prefilled it; with several replicas the shared
 registry (registry.py) lets any replica answer (see there).
@@ -130,7 +131,9 @@ async def create(svc: Service, request: Request, endpoint: str) -> Response:
         if not any(d.key == result[0] for d in list(svc.documents.values())):
             llm.drop_document(result[0])
 
-    doc = Document(id=svc.new_document_id(), key=None, name=req.name, token_ids=ids,
+    # the engine's key for this document, known now: a delete while it prefills cancels it
+    key = await svc.runner.run_free(llm.document_key, id_list)
+    doc = Document(id=svc.new_document_id(), key=key, name=req.name, token_ids=ids,
                    created=fmt.now(), prefill_s=None, status="prefilling",
                    prompt_format=req.prompt_format, question_template=template)
     doc_box.append(doc)
@@ -160,8 +163,12 @@ async def _prefill_in_background(svc: Service, doc: Document, prefill, abandon,
         key, prefill_s = await svc.runner.call(prefill, deadline, "the document's prefill",
                                                on_late_result=abandon, bounded=False)
     except Exception as exc:  # noqa: BLE001 - recorded on the document for GET / ask
+        if svc.documents.get(doc.id) is not doc:  # deleted: the delete cancelled the prefill
+            svc.metrics.request("documents_prefill", "cancelled")
+            return
         err = api_error_from(exc, document=True)
-        doc.status, doc.error = "failed", err.body()["error"]
+        # nothing of it stays pinned: an upload of the same text must not count it as a sharer
+        doc.status, doc.error, doc.key = "failed", err.body()["error"], None
         svc.metrics.request("documents_prefill", err.outcome)
     else:
         if svc.documents.get(doc.id) is not doc:  # deleted while it was prefilling

@@ -42,7 +42,9 @@ def is_final(item: Any) -> bool:
 @dataclass
 class Document:
     id: str
-    key: Optional[str]          # the engine's document-cache key (None once dropped)
+    key: Optional[str]          # the engine's document-cache key, from the upload on (while it
+                                # prefills too: dropping it cancels the prefill); None once
+                                # dropped, failed, or not pinned on this replica
     name: Optional[str]
     token_ids: np.ndarray       # int32: the prompt prefix every question is appended to
     created: int
@@ -358,7 +360,8 @@ class Service:
         return card or local.card()
 
     async def forget(self, doc: Document) -> None:
-        """Drop `doc` from this replica; unpin its KV unless another upload shares it."""
+        """Drop `doc` from this replica; unpin its KV unless another upload shares it. A
+        document still prefilling is cancelled in the engine (its pages freed at once)."""
         self.documents.pop(doc.id, None)
         llm, key = self.llm, doc.key
         if llm is None or key is None or self.key_shared(doc):
