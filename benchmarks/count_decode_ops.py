@@ -1,0 +1,229 @@
+"""How many ops one decode step launches per layer, on CPU: aten ops and Triton launches.
+
+An eager decode step is launch-bound on the GPU (docs/benchmarks.md: ~55 kernels per layer of
+the 8B shape for ~12 that the math needs), so the count of launches is the figure to cut, and it
+does not need a GPU: the same Python runs on CPU with backend="triton" under TRITON_INTERPRET=1,
+where every Triton launch goes through the interpreter. One in-process shard worker (world size
+1, no Ray) under the engine runs a narrow random-weight Llama; one batch-`--batch` decode step is
+profiled (torch.profiler), the eager step (StepAttention) and the emulated CUDA-graph body.
+Counted: Triton launches (by kernel), aten ops (all, as profile_decode.py counts them, and
+top-level: the ops the Python code calls, without the ops they call), leaving out the aten ops
+the interpreter runs inside a launch (on a GPU a launch is one kernel). Per layer = the
+difference between a `--layers` model and one of half the depth, divided by the layers between.
+
+  TRITON_INTERPRET=1 python3 benchmarks/count_decode_ops.py             # 32 vs 16 layers
+  python3 benchmarks/count_decode_ops.py --backend torch                # the CPU serving path
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+import torch
+
+
+def _config(layers: int, family: str) -> dict:
+    c = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+             rope_theta=500000.0, max_position_embeddings=1 << 16, hidden_act="silu",
+             tie_word_embeddings=False)
+    if family == "llama":
+        c.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    elif family == "qwen3":
+        c.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    else:
+        raise ValueError(family)
+    return c
+
+
+class _OneRank:
+    """The ActorGroup interface over one in-process worker (no Ray)."""
+    world_size = 1
+
+    def __init__(self, worker):
+        self.w = worker
+
+    def call(self, method, *args, **kw):
+        return [getattr(self.w, method)(*args)]
+
+    def call_per_rank(self, method, args_list, **kw):
+        return [getattr(self.w, method)(*args_list[0])]
+
+    def rebuild(self):
+        raise RuntimeError("count_decode_ops: the worker failed")
+
+    def shutdown(self):
+        self.w.shutdown()
+
+
+_LAUNCHES: Counter = Counter()
+_TAG = "triton_launch"
+
+
+def _watch_launches() -> None:
+    """Count every Triton launch and mark its extent for the profiler (interpreter: the
+    launch's own host copies are aten ops that a GPU launch does not make)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+    cls = interpreter.InterpretedFunction
+    if getattr(cls.run, "_counted", False):
+        return
+    real = cls.run
+
+    def run(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
+            _LAUNCHES[self.fn.__name__] += 1
+        with torch.profiler.record_function(_TAG):
+            return real(self, *args, **kwargs)
+
+    run._counted = True
+    cls.run = run
+
+
+def _inside_launch(ev) -> bool:
+    p = ev.cpu_parent
+    while p is not None:
+        if p.name == _TAG:
+            return True
+        p = p.cpu_parent
+    return False
+
+
+# ops that only make a view or allocate: no kernel on a GPU
+_NO_KERNEL = {"aten::" + n for n in (
+    "view", "reshape", "_reshape_alias", "select", "slice", "unsqueeze", "squeeze", "t",
+    "transpose", "expand", "permute", "as_strided", "split", "split_with_sizes", "chunk",
+    "unflatten", "flatten", "detach", "alias", "unbind", "narrow", "view_as", "_unsafe_view",
+    "lift_fresh", "empty", "empty_like", "empty_strided", "resolve_conj", "resolve_neg",
+    "to", "_to_copy", "contiguous", "clone", "numpy_T", "lift", "result_type", "is_nonzero",
+    "item", "_local_scalar_dense", "size", "stride", "dim")}
+# ops that may or may not copy: a kernel when they do (a copy_ below them)
+_MAYBE_COPY = {"aten::to", "aten::_to_copy", "aten::contiguous", "aten::reshape", "aten::clone"}
+
+
+def _copies(ev) -> bool:
+    return any(c.name == "aten::copy_" or _copies(c) for c in ev.cpu_children)
+
+
+def _kernel_like(ev) -> bool:
+    """A top-level op that would launch (at least) one GPU kernel."""
+    if ev.name in _MAYBE_COPY:
+        return _copies(ev)
+    return ev.name not in _NO_KERNEL
+
+
+def _top_level(ev) -> bool:
+    p = ev.cpu_parent
+    while p is not None:
+        if p.name.startswith("aten::"):
+            return False
+        p = p.cpu_parent
+    return True
+
+
+def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
+               dtype: str = "float16", prompt: int = 40) -> dict:
+    """Counts of one decode step of `batch` rows (the first step where every row decodes)."""
+    from ringserve.actors.model_worker import ModelShardWorker
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.sampling import SamplingParams
+
+    _watch_launches()
+    cfg = _config(layers, family)
+    w = ModelShardWorker(0, 1, "cpu", model={"config": cfg, "seed": 0}, dtype=dtype,
+                         page_size=16, kv_tokens=batch * (prompt + 16) + 64, backend=backend,
+                         cuda_graphs="emulate" if graphs else False)
+    eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=4096,
+                                                     cuda_graphs=graphs))
+    box = {}
+    real = eng._execute
+
+    def profiled(step):
+        if "prof" in box or len(step.works) < batch or any(wk.n > 1 for wk in step.works):
+            return real(step)
+        _LAUNCHES.clear()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            r = real(step)
+        box["prof"], box["launches"] = prof, Counter(_LAUNCHES)
+        return r
+
+    eng._execute = profiled
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3)
+    hs = [eng.submit("generate", torch.randint(0, cfg["vocab_size"], (prompt + i,),
+                                               generator=g).tolist(), params)
+          for i in range(batch)]
+    tokens = [h.result().token_ids for h in hs]
+    eng.shutdown()
+    w.shutdown()
+    if "prof" not in box:
+        raise RuntimeError("no all-decode step of the whole batch was seen")
+    evs = [e for e in box["prof"].events() if e.name.startswith("aten::")
+           and not _inside_launch(e)]
+    top = [e for e in evs if _top_level(e)]
+    kern = [e for e in top if _kernel_like(e)]
+    return {"aten_ops": len(evs), "aten_top": len(top), "kernel_ops": len(kern),
+            "kernel_names": dict(Counter(e.name for e in kern)),
+            "triton": sum(box["launches"].values()), "by_kernel": dict(box["launches"]),
+            "top_ops": Counter(e.name for e in top).most_common(12),
+            "tokens": tokens}
+
+
+KEYS = ("aten_ops", "aten_top", "kernel_ops", "triton")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--backend", default="triton", choices=("triton", "torch"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--family", default="llama", choices=("llama", "qwen3"))
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                   help="float16: the casts to float32 and back copy, as bf16 does on a GPU")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("backend triton on CPU needs TRITON_INTERPRET=1")
+    torch.set_num_threads(1)
+    rows = []
+    for graphs in (False, True):
+        full = count_step(a.layers, a.backend, graphs, a.batch, a.family, a.dtype)
+        half = count_step(a.layers // 2, a.backend, graphs, a.batch, a.family, a.dtype)
+        n = a.layers - a.layers // 2
+        row = {"path": "graph body" if graphs else "eager", "step": full,
+               "per_layer": {k: (full[k] - half[k]) / n for k in KEYS}}
+        row["per_layer_kernels"] = {k: (v - half["kernel_names"].get(k, 0)) / n
+                                    for k, v in full["kernel_names"].items()
+                                    if v != half["kernel_names"].get(k, 0)}
+        row["outside_layers"] = {k: full[k] - a.layers * row["per_layer"][k]
+                                 for k in row["per_layer"]}
+        rows.append(row)
+    print(f"count_decode_ops: {a.family}, {a.layers} layers (hidden 64, 4/2 heads x 16), "
+          f"batch {a.batch}, backend {a.backend}, {a.dtype} CPU"
+          f"{', TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
+    print(f"{'path':>10} | {'aten/step':>9} | {'aten/layer':>10} | {'top-level/layer':>15} | "
+          f"{'kernel ops/layer':>16} | {'triton/layer':>12} | {'triton/step':>11} | "
+          f"outside the layers (aten, top, kernel ops, triton)")
+    for r in rows:
+        s, pl, o = r["step"], r["per_layer"], r["outside_layers"]
+        print(f"{r['path']:>10} | {s['aten_ops']:>9} | {pl['aten_ops']:>10.1f} | "
+              f"{pl['aten_top']:>15.1f} | {pl['kernel_ops']:>16.1f} | {pl['triton']:>12.1f} | "
+              f"{s['triton']:>11} | {o['aten_ops']:.0f}, {o['aten_top']:.0f}, "
+              f"{o['kernel_ops']:.0f}, {o['triton']:.0f}")
+    for r in rows:
+        print(f"{r['path']}: launches {r['step']['by_kernel']}")
+        print(f"{r['path']}: torch ops that launch a kernel, per layer {r['per_layer_kernels']}")
+    same = rows[0]["step"]["tokens"] == rows[1]["step"]["tokens"]
+    print(f"eager and graph-body tokens equal: {same}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"args": vars(a), "rows": rows}, fh, indent=1)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
