@@ -212,7 +212,8 @@ def test_entrypoint_in_rayjob_parses():
     argv = shlex.split(m["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "ringserve.batch"]
     a = batch.build_parser().parse_args(argv[3:])
-    assert (a.world_size, a.device, a.layout) == (2, "cuda", "striped")
+    assert (a.world_size or a.context_parallel_size, a.tensor_parallel_size or 1, a.device,
+            a.layout) == (2, 1, "cuda", "striped")
     assert str(a.input).startswith("/data/") and str(a.output).startswith("/data/")
 
 
