@@ -50,6 +50,7 @@ class RingServe:
     async def _handle(self, endpoint: str, request: Request,
                       fn: Callable[[], Awaitable[Response]]) -> Response:
         metrics = self.svc.metrics
+        metrics.handling(endpoint, 1)  # until its response starts (/stats "in_progress")
         try:
             self.svc.check_auth(request)
             resp = await fn()
@@ -62,6 +63,8 @@ class RingServe:
             resp = err.response()
             resp.headers["x-ringserve-replica"] = self.svc.replica
             return resp
+        finally:
+            metrics.handling(endpoint, -1)
         if not isinstance(resp, StreamingResponse):  # streams count their own outcome at the end
             metrics.request(endpoint, "ok")
         resp.headers["x-ringserve-replica"] = self.svc.replica

@@ -39,15 +39,21 @@ class ServeMetrics:
         self._running = metrics.Gauge(
             "ringserve_requests_running", description="requests holding the actor group",
             tag_keys=keys)
+        self._in_progress = metrics.Gauge(
+            "ringserve_requests_in_progress", description="requests the replica works on that "
+            "have not started their response (reading the body, tokenizing, waiting for the "
+            "first token)", tag_keys=keys + ("endpoint",))
         self._kv_used = metrics.Gauge(
             "ringserve_kv_tokens_used", description="KV cache tokens in use", tag_keys=keys)
         self._kv_free = metrics.Gauge(
             "ringserve_kv_tokens_free", description="KV cache tokens free", tag_keys=keys)
         for m in (self._requests, self._ttft, self._rate, self._generated, self._prompt,
-                  self._queue, self._running, self._kv_used, self._kv_free):
+                  self._queue, self._running, self._in_progress, self._kv_used,
+                  self._kv_free):
             m.set_default_tags(self._tags)
         self._lock = threading.Lock()
         self.outcomes: _Tally = _Tally()
+        self.in_progress: _Tally = _Tally()
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
@@ -56,6 +62,14 @@ class ServeMetrics:
         self.queue_depth = 0
         self.running = 0
         self.kv: Dict[str, int] = {}
+
+    def handling(self, endpoint: str, delta: int) -> None:
+        """A request entered its route handler (+1), or left it (-1): its response starts, or
+        it ended without one."""
+        with self._lock:
+            self.in_progress[endpoint] += delta
+            n = self.in_progress[endpoint]
+        self._in_progress.set(n, {"endpoint": endpoint})
 
     def request(self, endpoint: str, outcome: str) -> None:
         self._requests.inc(1, {"endpoint": endpoint, "outcome": outcome})
@@ -105,6 +119,7 @@ class ServeMetrics:
                     "cached_prompt_tokens": self.cached_prompt_tokens,
                     "last_ttft_s": self.last_ttft_s, "last_tokens_per_s": self.last_tokens_per_s,
                     "queue_depth": self.queue_depth, "running": self.running,
+                    "in_progress": {k: v for k, v in self.in_progress.items() if v},
                     "kv_tokens": dict(self.kv)}
 
 
