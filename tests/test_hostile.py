@@ -703,6 +703,20 @@ def _listening(pids: set) -> list:
     return out
 
 
+def _grpc_code(port: int, method: str) -> str:
+    """The status of an empty call of `method` on 127.0.0.1:port without Ray's token."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(method, request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        try:
+            call(b"", timeout=20)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
 # The listener that no option of Ray 2.60 binds elsewhere (docs/deploy.md: firewall it): a
 # Serve replica's inter-deployment gRPC server, on [::]:0 whatever the node's address. The
 # gloo store of rank 0 (a ModelShardWorker) listens on loopback, as everything else here.
@@ -747,6 +761,15 @@ def test_ringserve_serve_keeps_its_ray_cluster_on_loopback(tmp_path_factory):
         assert all(KNOWN_WIDE.get(k, 0) >= n for k, n in wide.items()), (wide, ports)
         loopback = {t for t, ip, _ in ports if ip in ("127.0.0.1", "::ffff:127.0.0.1")}
         assert {"gcs_server", "raylet"} <= {t.split()[0] for t in loopback}, ports
+        # what guards the replica's wide gRPC port: Ray's token (on by default in Ray 2.60);
+        # a call without it is refused before it reaches Serve. (When a Ray release binds it
+        # elsewhere, none is found here: docs/deploy.md's firewall table must change then.)
+        grpc_ports = [p for t, ip, p in ports if t.startswith("ray::ServeReplica")
+                      and ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+        assert grpc_ports, ports
+        for port in grpc_ports:
+            assert _grpc_code(port, "/ray.serve.ASGIService/HandleRequest") == \
+                "UNAUTHENTICATED", (port, ports)
     finally:
         proc.send_signal(signal.SIGINT)  # serve.delete, then Ray's own shutdown at exit
         try:
