@@ -138,6 +138,7 @@ class ModelShardWorker(ShardWorker):
         self.sampler = Sampler(model, self.cfg.vocab_size)   # tokenizer read on first grammar
         self.chunk_tokens = chunk_tokens
         self.backend = backend
+        self.model.backend = backend   # the fused kernels of few-token steps
         self.window_size = self.model.window_size
         self.softmax_scale = self.model.softmax_scale
         cfg = self.cfg
@@ -363,8 +364,19 @@ class ModelShardWorker(ShardWorker):
 
     def _graph_body(self, g: "_DecodeGraph") -> torch.Tensor:
         """The batch of one-token rows through the model on static buffers; (B, vocab) logits."""
+        stored = [-1]
+
+        def rope_store(layer: int, q, k, v, cos, sin, **norm):
+            # the model's fused RoPE + K/V store (Triton), every row into its slot
+            from ringserve.kernels.fused import rope_store_triton
+            q, k = rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer), g.slot,
+                                     **norm)
+            stored[0] = layer
+            return q, k
+
         def attn(layer: int, q, k, v):
-            self.pool.write(layer, g.slot, k[0], v[0])
+            if stored[0] != layer:
+                self.pool.write(layer, g.slot, k[0], v[0])
             window = layer_window(self.window_size, layer)
             out, lse = kernels.paged_decode(
                 q[0][:, None], self.pool.k[layer], self.pool.v[layer], g.table, g.lens,
@@ -388,6 +400,7 @@ class ModelShardWorker(ShardWorker):
                 out = o[:, None].to(out.dtype)
             return out[:, 0][None]
 
+        attn.rope_store = rope_store
         hidden = self.model(g.tok, g.pos, attn, chunk_tokens=self.chunk_tokens,
                             seq_len=g.pos + 1)   # one-token rows: each its sequence's end
         return self.model.logits(hidden)

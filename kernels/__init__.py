@@ -94,6 +94,12 @@ def _wide(triton_call, torch_call, kernel: str, head_dim: int):
         return torch_call()
 
 
+def use_triton(backend: str, t) -> bool:
+    """Whether `backend` runs Triton for tensor t (the fused decode kernels of fused.py have no
+    torch twin here: the model keeps its own torch path)."""
+    return _pick(backend, t) in ("triton", "cudnn")
+
+
 def grouped_linear(x, w, counts, backend="auto"):
     """Mixture-of-experts GEMM: x (M, K) rows sorted by expert, w (E, N, K), counts (E,) rows per
     expert -> (M, N), each row times its expert's weight transposed (grouped_gemm.py)."""
@@ -103,5 +109,5 @@ def grouped_linear(x, w, counts, backend="auto"):
     return grouped_linear_torch(x, w, counts)
 
 
-__all__ = ["attention", "merge_", "paged_decode", "grouped_linear", "attention_torch",
+__all__ = ["attention", "merge_", "paged_decode", "grouped_linear", "use_triton", "attention_torch",
            "merge_torch_", "paged_decode_torch", "grouped_linear_torch", "BACKENDS"]

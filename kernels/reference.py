@@ -115,3 +115,28 @@ def paged_decode_ref(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=N
         outs.append(o)
         lses.append(l)
     return torch.cat(outs), torch.cat(lses)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 plus_one: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim in float64; the scale is w, or 1 + w (Gemma)."""
+    xd, w = x.double(), weight.double()
+    y = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    return y * (1.0 + w if plus_one else w)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D), cos, sin (T, 1, D/2): dim i rotates with i + D/2 (HF's rotate-half), in
+    float64."""
+    xd = x.double()
+    c, s = cos.double(), sin.double()
+    x1, x2 = xd.chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def act_mul_ref(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """SiLU(gate) * up, or GELU-tanh(gate) * up, in float64."""
+    g = gate.double()
+    a = (torch.nn.functional.gelu(g, approximate="tanh") if gelu
+         else torch.nn.functional.silu(g))
+    return a * up.double()

@@ -99,6 +99,11 @@ class KVPool:
         if slots.numel():
             self.kv_pos.view(-1)[slots] = positions.to(device=self.cfg.device, dtype=torch.int32)
 
+    def slot_views(self, layer: int):
+        """The layer's k and v pools as (num_pages * page_size, Hkv, D) views: flat slots."""
+        H, D = self.cfg.num_kv_heads, self.cfg.head_dim
+        return self.k[layer].view(-1, H, D), self.v[layer].view(-1, H, D)
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (n, Hkv, D) into flat slots (n,) int64 on the pool's device."""
         if slots.numel() == 0:

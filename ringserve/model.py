@@ -155,11 +155,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=b, **factory)
         self.act = cfg.hidden_act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused_act: bool = False) -> torch.Tensor:
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if fused_act:   # one Triton launch for act(gate) * up (few-token steps)
+            from ringserve.kernels.fused import act_mul_triton
+            return self.down_proj(act_mul_triton(gate, up, self.act == "gelu_pytorch_tanh"))
         if self.act == "gelu_pytorch_tanh":   # GeGLU (Gemma)
             return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         return self.down_proj(F.silu(gate) * up)
@@ -211,6 +214,11 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms, **factory)
 
 
+# steps of at most this many tokens (decode batches, short extensions) run the fused Triton
+# kernels when the backend is Triton (kernels/fused.py); longer ones keep the torch path
+FUSED_MAX_TOKENS = 1024
+
+
 def _spans(n: int, chunk: Optional[int]):
     step = n if not chunk else chunk
     for i in range(0, n, max(1, step)):
@@ -242,6 +250,9 @@ class CausalLM(nn.Module):
         self.window_size: Union[Optional[int], tuple] = config.window_size
         self.softmax_scale = config.softmax_scale
         self.softcap: Optional[float] = config.attn_logit_softcap
+        # kernels for few-token steps: "auto" (Triton on CUDA), "triton", "torch" (the worker
+        # sets its own backend)
+        self.backend = "auto"
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None,
@@ -313,6 +324,10 @@ class CausalLM(nn.Module):
         if cfg.embed_scale is not None:   # in the weights' dtype, as transformers rounds it
             h *= torch.tensor(cfg.embed_scale, dtype=h.dtype)
         spans = list(_spans(T, chunk_tokens))
+        if 0 < T <= FUSED_MAX_TOKENS and len(spans) == 1:
+            from ringserve import kernels
+            if kernels.use_triton(self.backend, h):
+                return self._forward_fused(h, attn_fn, (cos, sin), local)
 
         def project(at, norm, hs, cs, sn):
             x, t = norm(hs), hs.shape[0]
@@ -353,6 +368,55 @@ class CausalLM(nn.Module):
         for a, b in spans:
             h[a:b] = self.model.norm(h[a:b])
         return h
+
+    def _forward_fused(self, h: torch.Tensor, attn_fn: AttnFn, glob, local) -> torch.Tensor:
+        """`forward`'s layers for a few tokens in one span, with the fused kernels: each
+        residual add goes into the launch of the norm after it, RoPE (with the q/k norm) and
+        the KV store are one launch (when attn_fn offers `rope_store(layer, q, k, v, cos, sin,
+        **norm)`, which stores k, v for the layer, so that its call does not), act(gate) * up
+        one. The same math as the torch path, rounded at the same points."""
+        from ringserve.kernels.fused import rms_norm_triton, rope_store_triton
+
+        def norm(mod, x, residual=None, out=None):
+            return rms_norm_triton(x, mod.weight, mod.eps, mod.plus_one, residual, out)
+
+        cfg = self.config
+        T = h.shape[0]
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        store = getattr(attn_fn, "rope_store", None)
+        pending = None            # the last sublayer's output, not yet added to h
+        for li, layer in enumerate(self.model.layers):
+            at = layer.self_attn
+            cos, sin = local if self.layer_rotary[li] else glob
+            x = norm(layer.input_layernorm, h, pending)
+            if cfg.mla is not None:   # interleaved RoPE on part of the latent: the torch path
+                q, k, v = at.project(x, cos, sin)
+            else:
+                q, k, v = at.qkv(x)
+                q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
+                qk = ({"q_norm": at.q_norm.weight, "k_norm": at.k_norm.weight,
+                       "eps": at.q_norm.eps, "plus_one": at.q_norm.plus_one}
+                      if at.qk_norm else {})
+                if store is not None:
+                    q, k = store(li, q, k, v, cos, sin, **qk)
+                else:
+                    q, k = rope_store_triton(q, k, None, cos, sin, **qk)
+            o = attn_fn(li, q[None], k[None], v[None])
+            if tuple(o.shape) != (1, T, hq, d):
+                raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
+                                 f"{(1, T, hq, d)}")
+            del q, k, v
+            a = at.output(o[0], h.dtype)
+            ffn = layer.ffn()
+            if layer.sandwich:    # Gemma: h += norm(a); the MLP's input and output normed
+                x = norm(layer.pre_feedforward_layernorm, h,
+                         norm(layer.post_attention_layernorm, a))
+                m = ffn(x, fused_act=True) if isinstance(ffn, MLP) else ffn(x)
+                pending = norm(layer.post_feedforward_layernorm, m)
+            else:
+                x = norm(layer.post_attention_layernorm, h, a)
+                pending = ffn(x, fused_act=True) if isinstance(ffn, MLP) else ffn(x)
+        return norm(self.model.norm, h, pending, out=h)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,16 @@ class StepAttention:
             w_pos += [s.positions[i] for i in s.write_rows]
         self.w_rows = torch.tensor(w_rows, **i64)
         self.w_slots = torch.tensor(w_slots, **i64)
+        self.write_all = w_rows == list(range(a))
+        # every row's slot, -1 where this rank does not store it (the fused RoPE + store)
+        if self.write_all:
+            self.row_slots = self.w_slots
+        else:
+            row_slots = [-1] * a
+            for r, sl in zip(w_rows, w_slots):
+                row_slots[r] = sl
+            self.row_slots = torch.tensor(row_slots, **i64)
+        self._stored = -1     # the layer whose K/V rope_store has written
         pool.set_positions(self.w_slots, torch.tensor(w_pos, **i64))
         page = pool.page_size
         # pass-Q one-token rows: one batched decode launch (suffix tables after cascade prefix)
@@ -126,7 +136,6 @@ class StepAttention:
         self.positions = torch.tensor([p for s in plan.seqs for p in s.positions], **i64)
         # fast paths of the common steps (a decode batch, a lone chunk): skip the gathers and
         # scatters that would be identities; every op counts in a launch-bound eager step
-        self.write_all = w_rows == list(range(a))
         self.only_dec = bool(self.dec) and len(self.dec) == len(plan.seqs)
         self.ext_lens = {i: torch.tensor([plan.seqs[i].n_after], **i32) for i in self.ext}
 
@@ -137,11 +146,23 @@ class StepAttention:
                                     kv_pos=self.pool.kv_pos, backend=self.backend,
                                     softcap=self.softcap)
 
+    def rope_store(self, layer: int, q, k, v, cos, sin, **norm):
+        """The model's fused prologue (Triton): q, k (T, H, D) rotated (and q/k-normed with
+        `norm`), and this rank's rows of k, v stored into the layer's pool in the same launch;
+        the call for this layer then stores nothing. Returns the rotated q, k."""
+        from ringserve.kernels.fused import rope_store_triton
+        q, k = rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer),
+                                 self.row_slots, **norm)
+        self._stored = layer
+        return q, k
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         q, k, v = q[0], k[0], v[0]                      # (T, H, D)
         if self.layer_windows is not None:              # this layer's window (Gemma)
             self.window = self.layer_windows[layer]
-        if self.write_all:
+        if self._stored == layer:                       # rope_store wrote them
+            pass
+        elif self.write_all:
             self.pool.write(layer, self.w_slots, k, v)
         else:
             self.pool.write(layer, self.w_slots, k.index_select(0, self.w_rows),

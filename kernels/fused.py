@@ -1,0 +1,253 @@
+"""Fused elementwise kernels of the decode step: one launch where the torch path runs several.
+
+A decode step of a few rows is launch-bound: the torch RMSNorm is seven kernels (cast, square,
+mean, add, rsqrt, multiply, cast, multiply), RoPE eight per tensor, the KV write one scatter per
+tensor. Here:
+
+- `rms_norm_triton(x, w, eps, plus_one, residual=None)`: optionally x += residual in place
+  first (the residual stream), then RMSNorm of each row of x -> a new tensor;
+- `rope_store_triton(q, k, v, cos, sin, ...)`: optional per-head RMSNorm (Qwen3/Gemma 3's q/k
+  norm), RoPE of q and k (rotate-half pairs), and the store of the rotated k and of v into the
+  KV pool's flat slots (-1: not stored), in one launch of one program per token;
+- `act_mul_triton(gate, up, gelu)`: SiLU(gate) * up, or GELU-tanh(gate) * up (Gemma's GeGLU).
+
+Every result rounds where the torch path (ringserve.model, ringserve.rope) rounds: statistics
+and rotations in float32, the normalized row cast to the activation dtype before a Llama
+weight multiplies it, after a Gemma (1 + w) one; the activation cast before the product with
+up. So the fused path equals the torch path up to float32 summation order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, stride_x, stride_r, stride_o, N, eps,
+                     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
+                     PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # the residual stream's update rounds to its dtype, as torch's `h += r` does
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        if STORE_SUM:   # not when the output overwrites x anyway
+            tl.store(x_ptr + row * stride_x + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    ms = tl.sum(xf * xf, axis=0) / N
+    y = xf * (1.0 / tl.sqrt(ms + eps))
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PLUS_ONE:   # Gemma: (1 + w) in float32, one rounding at the end
+        out = y * (1.0 + w)
+    else:          # Llama: the normalized row rounds to the dtype before the weight
+        out = y.to(x.dtype).to(tl.float32) * w
+    tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False,
+                    residual: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (T, N) (rows may be strided, the last dim contiguous); with `residual` (T, N) first
+    x += residual in place. Returns RMSNorm(x) (T, N) in x's dtype (into `out` if given, which
+    may be x itself)."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be 2-D with a contiguous last dim, got {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    T, N = x.shape
+    if tuple(weight.shape) != (N,):
+        raise ValueError(f"weight {tuple(weight.shape)} must be ({N},)")
+    if residual is not None and (tuple(residual.shape) != (T, N) or residual.stride(-1) != 1):
+        raise ValueError(f"residual {tuple(residual.shape)} must be {(T, N)} with a contiguous "
+                         f"last dim")
+    if out is None:
+        out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (T, N) or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} must be {(T, N)} with a contiguous last dim")
+    if T == 0:
+        return out
+    r = residual if residual is not None else x
+    block = triton.next_power_of_2(N)
+    _rms_norm_kernel[(T,)](x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), N,
+                           float(eps), HAS_RESIDUAL=residual is not None,
+                           STORE_SUM=out.data_ptr() != x.data_ptr(),
+                           PLUS_ONE=bool(plus_one), BLOCK=block,
+                           num_warps=4 if block <= 2048 else 8)
+    return out
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_h, o_ptr, stride_oh, c_ptr, s_ptr, w_ptr, H, eps,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  QK_NORM: tl.constexpr, PLUS_ONE: tl.constexpr):
+    """One token's H heads: optional per-head RMSNorm over the head dim, then RoPE (dim i with
+    i + HALF); stores into o_ptr and returns the rotated halves (float32) and their mask."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < H) & (d < HALF)
+    x1 = tl.load(x_ptr + h * stride_h + d, mask=mask, other=0.0)
+    x2 = tl.load(x_ptr + h * stride_h + HALF + d, mask=mask, other=0.0)
+    dt = x1.dtype
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    if QK_NORM:   # RMSNorm over the whole head (both halves), rounded as the torch module
+        ms = (tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / (2 * HALF)
+        r = (1.0 / tl.sqrt(ms + eps))[:, None]
+        dm = d < HALF
+        w1 = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + d, mask=dm, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            a = (a * r * (1.0 + w1)).to(dt).to(tl.float32)
+            b = (b * r * (1.0 + w2)).to(dt).to(tl.float32)
+        else:
+            a = ((a * r).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+            b = ((b * r).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+    c = tl.load(c_ptr + d, mask=d < HALF, other=0.0)
+    s = tl.load(s_ptr + d, mask=d < HALF, other=0.0)
+    o1 = (a * c - b * s).to(dt)
+    o2 = (b * c + a * s).to(dt)
+    tl.store(o_ptr + h * stride_oh + d, o1, mask=mask)
+    tl.store(o_ptr + h * stride_oh + HALF + d, o2, mask=mask)
+    return o1, o2, mask
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr,
+                       slot_ptr, qw_ptr, kw_ptr,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_ct, stride_qot, stride_qoh, stride_kot, stride_koh,
+                       stride_kcs, stride_kch, stride_vcs, stride_vch,
+                       HQ, HKV, eps,
+                       HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                       BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr,
+                       PLUS_ONE: tl.constexpr, STORE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c_row = c_ptr + t * stride_ct
+    s_row = s_ptr + t * stride_ct
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, qo_ptr + t * stride_qot, stride_qoh,
+                  c_row, s_row, qw_ptr, HQ, eps, HALF, BLOCK_HQ, BLOCK_HALF, QK_NORM, PLUS_ONE)
+    k1, k2, kmask = _rotate_heads(k_ptr + t * stride_kt, stride_kh, ko_ptr + t * stride_kot,
+                                  stride_koh, c_row, s_row, kw_ptr, HKV, eps, HALF, BLOCK_HKV,
+                                  BLOCK_HALF, QK_NORM, PLUS_ONE)
+    if STORE:
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:   # rows another rank owns (or padding) are not stored here
+            h = tl.arange(0, BLOCK_HKV)[:, None]
+            d = tl.arange(0, BLOCK_HALF)[None, :]
+            kc = kc_ptr + slot * stride_kcs + h * stride_kch + d
+            tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=kmask)
+            tl.store(kc + HALF, k2.to(kc_ptr.dtype.element_ty), mask=kmask)
+            v = v_ptr + t * stride_vt + h * stride_vh + d
+            vc = vc_ptr + slot * stride_vcs + h * stride_vch + d
+            tl.store(vc, tl.load(v, mask=kmask, other=0.0).to(vc_ptr.dtype.element_ty),
+                     mask=kmask)
+            tl.store(vc + HALF, tl.load(v + HALF, mask=kmask, other=0.0).to(
+                vc_ptr.dtype.element_ty), mask=kmask)
+
+
+def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
+                      cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: Optional[torch.Tensor] = None,
+                      v_cache: Optional[torch.Tensor] = None,
+                      slots: Optional[torch.Tensor] = None,
+                      q_norm: Optional[torch.Tensor] = None,
+                      k_norm: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                      plus_one: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q (T, Hq, D), k, v (T, Hkv, D) (heads and tokens may be strided, the head dim
+    contiguous), cos, sin (T, 1, D/2) float32 -> rotated q, k (new contiguous tensors).
+
+    q_norm / k_norm (D,): RMSNorm of every head before the rotation (eps, plus_one as the
+    model's norms). With k_cache / v_cache (num_slots, Hkv, D) and slots (T,) int64, the
+    rotated k and v of row t go to slot slots[t] (rows with -1 are not stored)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be (T, H, D) alike")
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if D % 2 or q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError(f"head dim ({D}) must be even and contiguous")
+    half = D // 2
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or t.shape[0] != T or t.shape[-1] != half \
+                or t.stride(-1) != 1 or t.numel() != T * half:
+            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} must be (T, 1, {half}) float32")
+    if cos.stride() != sin.stride():
+        raise ValueError("cos and sin must have the same strides")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm go together")
+    store = k_cache is not None
+    if store:
+        if v is None or v_cache is None or slots is None:
+            raise ValueError("storing needs v, v_cache and slots")
+        if tuple(v.shape) != (T, Hkv, D) or v.stride(-1) != 1:
+            raise ValueError(f"v {tuple(v.shape)} must be {(T, Hkv, D)}, head dim contiguous")
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if c.dim() != 3 or tuple(c.shape[1:]) != (Hkv, D) or c.stride(-1) != 1:
+                raise ValueError(f"{name} {tuple(c.shape)} must be (slots, {Hkv}, {D})")
+        if tuple(slots.shape) != (T,) or slots.dtype != torch.int64:
+            raise ValueError(f"slots {tuple(slots.shape)} {slots.dtype} must be ({T},) int64")
+    qo = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    ko = torch.empty(T, Hkv, D, dtype=k.dtype, device=k.device)
+    if T == 0:
+        return qo, ko
+    dummy = qo
+    vv = v if store else k
+    kc, vc = (k_cache, v_cache) if store else (ko, ko)
+    _rope_store_kernel[(T,)](
+        q, k, vv, cos, sin, qo, ko, kc, vc, slots if store else dummy,
+        q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1),
+        cos.stride(0), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
+        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        Hq, Hkv, float(eps),
+        HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
+        BLOCK_HALF=triton.next_power_of_2(half), QK_NORM=q_norm is not None,
+        PLUS_ONE=bool(plus_one), STORE=store, num_warps=4)
+    return qo, ko
+
+
+# sqrt(2 / pi), GELU's tanh approximation
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@triton.jit
+def _act_mul_kernel(g_ptr, u_ptr, o_ptr, stride_g, stride_u, stride_o, N, gelu_c,
+                    GELU: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0)
+    x = g.to(tl.float32)
+    if GELU:
+        # tanh(y) = 1 - 2 / (exp(2y) + 1), from exp (the interpreter has no libdevice tanh)
+        # |y| past 15 has tanh(y) = +-1 in float32: clamped, exp never overflows
+        y = tl.minimum(tl.maximum(gelu_c * (x + 0.044715 * x * x * x), -15.0), 15.0)
+        a = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+    else:
+        a = x / (1.0 + tl.exp(-x))
+    # the activation rounds to the dtype before the product, as torch's act(gate) * up
+    out = a.to(g.dtype).to(tl.float32) * u.to(tl.float32)
+    tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def act_mul_triton(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """gate, up (T, N) (rows may be strided: halves of a fused projection) -> act(gate) * up
+    (T, N) contiguous; act SiLU, or GELU with the tanh approximation when `gelu`."""
+    if gate.dim() != 2 or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must be equal 2-D "
+                         f"shapes with a contiguous last dim")
+    T, N = gate.shape
+    out = torch.empty(T, N, dtype=gate.dtype, device=gate.device)
+    if T == 0 or N == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(N))
+    _act_mul_kernel[(T, triton.cdiv(N, block))](
+        gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N, _GELU_C,
+        GELU=bool(gelu), BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,155 @@
+"""The fused decode kernels (kernels/fused.py) under TRITON_INTERPRET=1 on CPU, fp32 and fp16,
+against float64 references (kernels/reference.py) and against the model's torch path
+(ringserve.model.RMSNorm, ringserve.rope.Rotary, F.silu / F.gelu), which they replace.
+
+fp32: ~1e-5 relative. fp16: error at most 2x the torch path's in the same dtype, both against
+float64, plus a floor of one rounding. bf16 runs on the GPU (test_kernels_gpu.py).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ringserve.kernels.fused import act_mul_triton, rms_norm_triton, rope_store_triton
+from ringserve.kernels.reference import act_mul_ref, rms_norm_ref, rope_ref
+from ringserve.model import RMSNorm
+from ringserve.rope import Rotary
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton on CPU needs TRITON_INTERPRET=1 (set by `bash dev test`)")
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def close(got, want64, torch_path, dtype):
+    """got and torch_path (same dtype) against the float64 want."""
+    err = (got.double() - want64).abs().max().item()
+    if dtype == torch.float32:
+        rel = ((got.double() - want64).norm() / want64.norm().clamp_min(1e-30)).item()
+        assert rel < 1e-5, f"relative error {rel:.3g}"
+    else:
+        base = (torch_path.double() - want64).abs().max().item()
+        floor = 2 ** -10 * want64.abs().max().item()
+        assert err <= 2 * base + floor, f"max error {err:.3g} vs torch {dtype} {base:.3g}"
+
+
+def rand(*shape, dtype, g, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,plus_one,residual", [(1, 64, False, False), (3, 77, False, True),
+                                                   (5, 211, True, True), (2, 96, True, False)])
+def test_rms_norm(dtype, T, N, plus_one, residual):
+    g = torch.Generator().manual_seed(T * 1000 + N)
+    base = rand(T, N + 5, dtype=dtype, g=g, scale=3.0)
+    x = base[:, 2:N + 2]                       # strided rows, as a chunk of the residual stream
+    r = rand(T, N, dtype=dtype, g=g) if residual else None
+    w = rand(N, dtype=dtype, g=g, scale=0.5) + (0 if plus_one else 1)
+    norm = RMSNorm(N, 1e-5, plus_one, dtype=dtype)
+    norm.weight.data.copy_(w)
+    h_torch = x.clone()
+    if residual:
+        h_torch += r
+    want_torch = norm(h_torch)
+    got = rms_norm_triton(x, w, 1e-5, plus_one, residual=r)
+    # the residual update is the torch one bit for bit (one rounding of h + r)
+    assert torch.equal(x, h_torch)
+    assert got.dtype == dtype and got.shape == (T, N)
+    close(got, rms_norm_ref(h_torch, w, 1e-5, plus_one), want_torch, dtype)
+    # in place over its input (the final norm writes the residual stream)
+    y = h_torch.clone()
+    rms_norm_triton(y, w, 1e-5, plus_one, out=y)
+    assert torch.equal(y, got)
+
+
+def test_rms_norm_checks():
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm_triton(x, torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_triton(x, torch.ones(8), 1e-5, residual=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="contiguous"):
+        rms_norm_triton(x.t(), torch.ones(2), 1e-5)
+
+
+def _cos_sin(T, D, g):
+    pos = torch.randint(0, 1 << 20, (T,), generator=g)
+    from ringserve.config import RopeConfig
+    return Rotary(RopeConfig(theta=1e6), D).cos_sin(pos)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,Hq,Hkv,D,qk_norm,plus_one", [
+    (1, 4, 2, 16, False, False), (3, 8, 1, 32, False, False), (5, 6, 3, 24, True, False),
+    (2, 4, 4, 16, True, True)])
+def test_rope_store(dtype, T, Hq, Hkv, D, qk_norm, plus_one):
+    g = torch.Generator().manual_seed(T * 100 + Hq * 10 + D)
+    # q, k, v as views of one fused projection output (Phi-3), heads strided in the row
+    fused = rand(T, (Hq + 2 * Hkv) * D, dtype=dtype, g=g, scale=2.0)
+    q = fused[:, :Hq * D].view(T, Hq, D)
+    k = fused[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
+    v = fused[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+    cos, sin = _cos_sin(T, D, g)
+    qw = kw = None
+    qn, kn = q, k
+    if qk_norm:
+        qw = rand(D, dtype=dtype, g=g, scale=0.5) + (0 if plus_one else 1)
+        kw = rand(D, dtype=dtype, g=g, scale=0.5) + (0 if plus_one else 1)
+        nq, nk = (RMSNorm(D, 1e-6, plus_one, dtype=dtype) for _ in range(2))
+        nq.weight.data.copy_(qw)
+        nk.weight.data.copy_(kw)
+        qn, kn = nq(q), nk(k)
+    slots_n = 4 * T + 3
+    kc = torch.zeros(slots_n, Hkv, D, dtype=dtype)
+    vc = torch.zeros(slots_n, Hkv, D, dtype=dtype)
+    slots = torch.randperm(slots_n, generator=g)[:T]
+    if T > 1:
+        slots[1] = -1                           # a row this rank does not store
+    qo, ko = rope_store_triton(q, k, v, cos, sin, kc, vc, slots, q_norm=qw, k_norm=kw,
+                               eps=1e-6, plus_one=plus_one)
+    tq, tk = Rotary.apply(qn, cos, sin), Rotary.apply(kn, cos, sin)
+    if qk_norm:   # the reference rotates the torch-normed rows (norm rounding is the torch one)
+        close(qo, rope_ref(qn, cos, sin), tq, dtype)
+        close(ko, rope_ref(kn, cos, sin), tk, dtype)
+    else:
+        close(qo, rope_ref(q, cos, sin), tq, dtype)
+        close(ko, rope_ref(k, cos, sin), tk, dtype)
+    keep = slots >= 0
+    assert torch.equal(kc[slots[keep]], ko[keep])
+    assert torch.equal(vc[slots[keep]], v[keep])
+    untouched = torch.ones(slots_n, dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert not kc[untouched].any() and not vc[untouched].any()
+    # without a cache: the rotation alone
+    qo2, ko2 = rope_store_triton(q, k, None, cos, sin, q_norm=qw, k_norm=kw, eps=1e-6,
+                                 plus_one=plus_one)
+    assert torch.equal(qo2, qo) and torch.equal(ko2, ko)
+
+
+def test_rope_store_checks():
+    q, k = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16)
+    cos = sin = torch.zeros(2, 1, 8)
+    with pytest.raises(ValueError, match="cos"):
+        rope_store_triton(q, k, None, cos.double(), sin)
+    with pytest.raises(ValueError, match="slots"):
+        rope_store_triton(q, k, k, cos, sin, torch.zeros(5, 2, 16), torch.zeros(5, 2, 16),
+                          torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="even"):
+        rope_store_triton(q[..., :15], k[..., :15], None, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,gelu", [(1, 128, False), (3, 77, False), (2, 1500, True),
+                                      (4, 33, True)])
+def test_act_mul(dtype, T, N, gelu):
+    g = torch.Generator().manual_seed(T * 7 + N)
+    gu = rand(T, 2 * N, dtype=dtype, g=g, scale=4.0)
+    gate, up = gu.chunk(2, dim=-1)              # halves of a fused gate_up projection
+    got = act_mul_triton(gate, up, gelu)
+    act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+    close(got, act_mul_ref(gate, up, gelu), act * up, dtype)
