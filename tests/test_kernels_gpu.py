@@ -248,3 +248,124 @@ def test_latent_attention_gpu(dtype):
             out, lse = kernels.attention(q, k, k, 0.07, causal, None, qo, 1, 0, 1)
         assert "attention" not in kernels._WIDE_BROKEN
         check_lowp(out, lse, ref_out, ref_lse, lowp, f"latent attention causal={causal}")
+
+
+# ---- the fused decode kernels (kernels/fused.py) in bf16 ----
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernels_gpu(dtype):
+    """RMSNorm (+ residual), RoPE + q/k norm + KV store, act * up at the 8B shape's widths:
+    within 2x the torch path's error against float64, the residual update and the store
+    exactly the torch ones."""
+    from ringserve.config import RopeConfig
+    from ringserve.kernels.fused import act_mul_triton, rms_norm_triton, rope_store_triton
+    from ringserve.kernels.reference import act_mul_ref, rms_norm_ref, rope_ref
+    from ringserve.model import RMSNorm
+    from ringserve.rope import Rotary
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    mk = lambda *s, sc=1.0: (torch.randn(*s, device="cuda", generator=g) * sc).to(dtype)  # noqa: E731
+
+    def ok(got, want64, torch_path, what):
+        err = (got.double() - want64).abs().max().item()
+        base = (torch_path.double() - want64).abs().max().item()
+        assert err <= 2 * base + 1e-6 * want64.abs().max().item(), f"{what}: {err} vs {base}"
+
+    for T, N, plus_one in ((1, 4096, False), (13, 4096, True), (64, 3584, False)):
+        h, r, w = mk(T, N, sc=3.0), mk(T, N), mk(N, sc=0.3) + (0 if plus_one else 1)
+        norm = RMSNorm(N, 1e-5, plus_one, dtype=dtype, device="cuda")
+        norm.weight.data.copy_(w)
+        ht = h + r
+        got = rms_norm_triton(h, w, 1e-5, plus_one, residual=r)
+        assert torch.equal(h, ht)
+        ok(got, rms_norm_ref(ht, w, 1e-5, plus_one), norm(ht), f"rms_norm {T}x{N}")
+    for T, Hq, Hkv, D, qkn in ((1, 32, 8, 128, False), (16, 32, 8, 128, True),
+                               (3, 16, 8, 256, False)):
+        q, k, v = mk(T, Hq, D, sc=2.0), mk(T, Hkv, D, sc=2.0), mk(T, Hkv, D)
+        cos, sin = Rotary(RopeConfig(theta=5e5), D).cos_sin(
+            torch.randint(0, 1 << 20, (T,), device="cuda"))
+        kc, vc = (torch.zeros(4 * T, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+        slots = torch.randperm(4 * T, device="cuda")[:T]
+        qw = kw = None
+        qn, kn = q, k
+        if qkn:
+            qw, kw = mk(D, sc=0.3) + 1, mk(D, sc=0.3) + 1
+            nq, nk = (RMSNorm(D, 1e-6, dtype=dtype, device="cuda") for _ in range(2))
+            nq.weight.data.copy_(qw)
+            nk.weight.data.copy_(kw)
+            qn, kn = nq(q), nk(k)
+        qo, ko = rope_store_triton(q, k, v, cos, sin, kc, vc, slots, q_norm=qw, k_norm=kw,
+                                   eps=1e-6)
+        ok(qo, rope_ref(qn, cos, sin), Rotary.apply(qn, cos, sin), f"rope q {T}x{Hq}x{D}")
+        ok(ko, rope_ref(kn, cos, sin), Rotary.apply(kn, cos, sin), f"rope k {T}x{Hkv}x{D}")
+        assert torch.equal(kc[slots], ko) and torch.equal(vc[slots], v)
+    for T, N, gelu in ((1, 14336, False), (9, 14336, True)):
+        gu = mk(T, 2 * N, sc=3.0)
+        gate, up = gu.chunk(2, dim=-1)
+        act = (torch.nn.functional.gelu(gate, approximate="tanh") if gelu
+               else torch.nn.functional.silu(gate))
+        ok(act_mul_triton(gate, up, gelu), act_mul_ref(gate, up, gelu), act * up, f"act {T}")
+
+
+def test_fused_decode_graph_gpu():
+    """The model's fused few-token path on the GPU (bf16): hidden states within twice the torch
+    path's error against float32 ones, and the same step captured in a CUDA graph (the store
+    into the pool included) replays to the eager result."""
+    from ringserve.config import ModelConfig
+    from ringserve.kv_cache import KVCacheConfig, KVPool
+    from ringserve.model import CausalLM
+
+    cfg = ModelConfig.from_hf_dict(dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=1000,
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=1 << 17, hidden_act="silu", tie_word_embeddings=False))
+    torch.manual_seed(0)
+    m32 = CausalLM(cfg, dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        for name, p in m32.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name
+                    else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    m = CausalLM(cfg, dtype=torch.bfloat16, device="cuda")
+    m.load_state_dict(m32.state_dict())
+    B = 8
+    ids = torch.randint(0, 1000, (B,), device="cuda")
+    pos = torch.randint(0, 100000, (B,), device="cuda")
+    pool = KVPool(KVCacheConfig(num_layers=4, num_kv_heads=8, head_dim=128, num_pages=4,
+                                page_size=16, dtype=torch.bfloat16, device="cuda"))
+    slots = torch.arange(B, device="cuda") * 3
+
+    class Attn:   # stores through rope_store; attends each row to itself (softmax of one key)
+        stored = -1
+
+        def rope_store(self, layer, q, k, v, cos, sin, **norm):
+            from ringserve.kernels.fused import rope_store_triton
+            self.stored = layer
+            return rope_store_triton(q, k, v, cos, sin, *pool.slot_views(layer), slots, **norm)
+
+        def __call__(self, layer, q, k, v):
+            assert self.stored == layer
+            return pool.v[layer].view(-1, 8, 128)[slots].repeat_interleave(2, dim=1)[None]
+
+    def run(model, backend):
+        model.backend = backend
+        return model(ids, pos, Attn())
+
+    ref = run(m32, "torch").double()
+    base = (run(m, "torch").double() - ref).abs().max().item()
+    eager = run(m, "triton")
+    assert (eager.double() - ref).abs().max().item() <= 2 * base + 1e-3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(m, "triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(m, "triton")
+    pool.k.zero_()
+    pool.v.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert pool.k[:, 0, 0].abs().sum() > 0     # the replay stored slot 0's keys again
