@@ -139,6 +139,10 @@ class ModelShardWorker(ShardWorker):
         self.chunk_tokens = chunk_tokens
         self.backend = backend
         self.model.backend = backend   # the fused kernels of few-token steps
+        if kernels.use_triton(backend, self.model.model.embed_tokens.weight):
+            self.model.join_weights()  # q|k|v and gate|up: one GEMM each on that path
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()   # the unjoined weights' blocks: before KV sizing
         self.window_size = self.model.window_size
         self.softmax_scale = self.model.softmax_scale
         cfg = self.cfg
@@ -369,10 +373,10 @@ class ModelShardWorker(ShardWorker):
         def rope_store(layer: int, q, k, v, cos, sin, **norm):
             # the model's fused RoPE + K/V store (Triton), every row into its slot
             from ringserve.kernels.fused import rope_store_triton
-            q, k = rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer), g.slot,
-                                     **norm)
+            out = rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer), g.slot,
+                                    **norm)
             stored[0] = layer
-            return q, k
+            return out
 
         def attn(layer: int, q, k, v):
             if stored[0] != layer:

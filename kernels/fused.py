@@ -7,8 +7,9 @@ tensor. Here:
 - `rms_norm_triton(x, w, eps, plus_one, residual=None)`: optionally x += residual in place
   first (the residual stream), then RMSNorm of each row of x -> a new tensor;
 - `rope_store_triton(q, k, v, cos, sin, ...)`: optional per-head RMSNorm (Qwen3/Gemma 3's q/k
-  norm), RoPE of q and k (rotate-half pairs), and the store of the rotated k and of v into the
-  KV pool's flat slots (-1: not stored), in one launch of one program per token;
+  norm), RoPE of q and k (rotate-half pairs), a contiguous copy of v, and the store of the
+  rotated k and of v into the KV pool's flat slots (-1: not stored), in one launch of one
+  program per token;
 - `act_mul_triton(gate, up, gelu)`: SiLU(gate) * up, or GELU-tanh(gate) * up (Gemma's GeGLU).
 
 Every result rounds where the torch path (ringserve.model, ringserve.rope) rounds: statistics
@@ -19,7 +20,7 @@ up. So the fused path equals the torch path up to float32 summation order.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -118,15 +119,16 @@ def _rotate_heads(x_ptr, stride_h, o_ptr, stride_oh, c_ptr, s_ptr, w_ptr, H, eps
 
 
 @triton.jit
-def _rope_store_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr,
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, vo_ptr, kc_ptr, vc_ptr,
                        slot_ptr, qw_ptr, kw_ptr,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_ct, stride_qot, stride_qoh, stride_kot, stride_koh,
+                       stride_vot, stride_voh,
                        stride_kcs, stride_kch, stride_vcs, stride_vch,
                        HQ, HKV, eps,
                        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
                        BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr,
-                       PLUS_ONE: tl.constexpr, STORE: tl.constexpr):
+                       PLUS_ONE: tl.constexpr, HAS_V: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     c_row = c_ptr + t * stride_ct
     s_row = s_ptr + t * stride_ct
@@ -135,20 +137,26 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, kc_ptr
     k1, k2, kmask = _rotate_heads(k_ptr + t * stride_kt, stride_kh, ko_ptr + t * stride_kot,
                                   stride_koh, c_row, s_row, kw_ptr, HKV, eps, HALF, BLOCK_HKV,
                                   BLOCK_HALF, QK_NORM, PLUS_ONE)
-    if STORE:
-        slot = tl.load(slot_ptr + t)
-        if slot >= 0:   # rows another rank owns (or padding) are not stored here
-            h = tl.arange(0, BLOCK_HKV)[:, None]
-            d = tl.arange(0, BLOCK_HALF)[None, :]
-            kc = kc_ptr + slot * stride_kcs + h * stride_kch + d
-            tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=kmask)
-            tl.store(kc + HALF, k2.to(kc_ptr.dtype.element_ty), mask=kmask)
-            v = v_ptr + t * stride_vt + h * stride_vh + d
-            vc = vc_ptr + slot * stride_vcs + h * stride_vch + d
-            tl.store(vc, tl.load(v, mask=kmask, other=0.0).to(vc_ptr.dtype.element_ty),
-                     mask=kmask)
-            tl.store(vc + HALF, tl.load(v + HALF, mask=kmask, other=0.0).to(
-                vc_ptr.dtype.element_ty), mask=kmask)
+    if HAS_V:
+        h = tl.arange(0, BLOCK_HKV)[:, None]
+        d = tl.arange(0, BLOCK_HALF)[None, :]
+        v = v_ptr + t * stride_vt + h * stride_vh + d
+        v1 = tl.load(v, mask=kmask, other=0.0)
+        v2 = tl.load(v + HALF, mask=kmask, other=0.0)
+        # a contiguous copy: v may be a strided view of a fused projection, and the ring
+        # sends it as it is
+        vo = vo_ptr + t * stride_vot + h * stride_voh + d
+        tl.store(vo, v1, mask=kmask)
+        tl.store(vo + HALF, v2, mask=kmask)
+        if STORE:
+            slot = tl.load(slot_ptr + t)
+            if slot >= 0:   # rows another rank owns (or padding) are not stored here
+                kc = kc_ptr + slot * stride_kcs + h * stride_kch + d
+                tl.store(kc, k1.to(kc_ptr.dtype.element_ty), mask=kmask)
+                tl.store(kc + HALF, k2.to(kc_ptr.dtype.element_ty), mask=kmask)
+                vc = vc_ptr + slot * stride_vcs + h * stride_vch + d
+                tl.store(vc, v1.to(vc_ptr.dtype.element_ty), mask=kmask)
+                tl.store(vc + HALF, v2.to(vc_ptr.dtype.element_ty), mask=kmask)
 
 
 def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
@@ -158,9 +166,10 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
                       slots: Optional[torch.Tensor] = None,
                       q_norm: Optional[torch.Tensor] = None,
                       k_norm: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                      plus_one: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                      plus_one: bool = False):
     """q (T, Hq, D), k, v (T, Hkv, D) (heads and tokens may be strided, the head dim
-    contiguous), cos, sin (T, 1, D/2) float32 -> rotated q, k (new contiguous tensors).
+    contiguous), cos, sin (T, 1, D/2) float32 -> (q, k, v): q and k rotated, v copied (None
+    if v is None), all new contiguous tensors.
 
     q_norm / k_norm (D,): RMSNorm of every head before the rotation (eps, plus_one as the
     model's norms). With k_cache / v_cache (num_slots, Hkv, D) and slots (T,) int64, the
@@ -180,12 +189,12 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
         raise ValueError("cos and sin must have the same strides")
     if (q_norm is None) != (k_norm is None):
         raise ValueError("q_norm and k_norm go together")
+    if v is not None and (tuple(v.shape) != (T, Hkv, D) or v.stride(-1) != 1):
+        raise ValueError(f"v {tuple(v.shape)} must be {(T, Hkv, D)}, head dim contiguous")
     store = k_cache is not None
     if store:
         if v is None or v_cache is None or slots is None:
             raise ValueError("storing needs v, v_cache and slots")
-        if tuple(v.shape) != (T, Hkv, D) or v.stride(-1) != 1:
-            raise ValueError(f"v {tuple(v.shape)} must be {(T, Hkv, D)}, head dim contiguous")
         for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
             if c.dim() != 3 or tuple(c.shape[1:]) != (Hkv, D) or c.stride(-1) != 1:
                 raise ValueError(f"{name} {tuple(c.shape)} must be (slots, {Hkv}, {D})")
@@ -193,22 +202,24 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
             raise ValueError(f"slots {tuple(slots.shape)} {slots.dtype} must be ({T},) int64")
     qo = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     ko = torch.empty(T, Hkv, D, dtype=k.dtype, device=k.device)
+    vo = torch.empty(T, Hkv, D, dtype=v.dtype, device=v.device) if v is not None else None
     if T == 0:
-        return qo, ko
+        return qo, ko, vo
     dummy = qo
-    vv = v if store else k
+    vv = v if v is not None else ko
+    vvo = vo if vo is not None else ko
     kc, vc = (k_cache, v_cache) if store else (ko, ko)
     _rope_store_kernel[(T,)](
-        q, k, vv, cos, sin, qo, ko, kc, vc, slots if store else dummy,
+        q, k, vv, cos, sin, qo, ko, vvo, kc, vc, slots if store else dummy,
         q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1),
         cos.stride(0), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        vvo.stride(0), vvo.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
         Hq, Hkv, float(eps),
         HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
         BLOCK_HALF=triton.next_power_of_2(half), QK_NORM=q_norm is not None,
-        PLUS_ONE=bool(plus_one), STORE=store, num_warps=4)
-    return qo, ko
+        PLUS_ONE=bool(plus_one), HAS_V=v is not None, STORE=store, num_warps=4)
+    return qo, ko, vo
 
 
 # sqrt(2 / pi), GELU's tanh approximation

@@ -46,6 +46,36 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class _Joined:
+    """Linear layers over one input joined into one weight (and bias) for a single GEMM;
+    each module's parameters become views of it, so names and loading are unchanged. Anything
+    that replaces a parameter afterwards (`.to()`, a reload into new tensors) unjoins them:
+    `holds` then says no and the callers run the modules one by one."""
+
+    def __init__(self, mods):
+        self.weight = torch.cat([m.weight.detach() for m in mods])
+        has_bias = [m.bias is not None for m in mods]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("joined linears must all have biases or none")
+        self.bias = torch.cat([m.bias.detach() for m in mods]) if all(has_bias) else None
+        a = 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(self.weight[a:a + n], requires_grad=m.weight.requires_grad)
+            if self.bias is not None:
+                m.bias = nn.Parameter(self.bias[a:a + n], requires_grad=m.bias.requires_grad)
+            a += n
+        self.ptrs = self._ptrs(mods)
+
+    @staticmethod
+    def _ptrs(mods):
+        return [(m.weight.data_ptr(), m.bias.data_ptr() if m.bias is not None else 0)
+                for m in mods]
+
+    def holds(self, *mods) -> bool:
+        return self._ptrs(mods) == self.ptrs
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, **factory):
         super().__init__()
@@ -64,6 +94,22 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms, **factory)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms, **factory)
         self.qk_norm = cfg.qk_norm
+        self.joined: Optional[_Joined] = None
+
+    def join_weights(self) -> None:
+        """q, k, v projections as one GEMM on the few-token path (`qkv_joint`)."""
+        if not self.fused:
+            self.joined = _Joined((self.q_proj, self.k_proj, self.v_proj))
+
+    def qkv_joint(self, x: torch.Tensor):
+        """As `qkv`, with one GEMM where the weights are joined (Phi-3's are), and q, k, v
+        left as views of its output."""
+        j = self.joined
+        if self.fused:
+            return self.qkv_proj(x).split(self.sizes, dim=-1)
+        if j is None or not j.holds(self.q_proj, self.k_proj, self.v_proj):
+            return self.qkv(x)
+        return F.linear(x, j.weight, j.bias).split(self.sizes, dim=-1)
 
     def qkv(self, x: torch.Tensor):
         """x (t, hidden) -> q (t, Hq*D), k, v (t, Hkv*D), unrotated, before any q/k norm."""
@@ -154,10 +200,19 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(h, i, bias=b, **factory)
         self.down_proj = nn.Linear(i, h, bias=b, **factory)
         self.act = cfg.hidden_act
+        self.joined: Optional[_Joined] = None
+
+    def join_weights(self) -> None:
+        """gate and up as one GEMM on the few-token path."""
+        if not self.fused:
+            self.joined = _Joined((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor, fused_act: bool = False) -> torch.Tensor:
+        j = self.joined
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        elif fused_act and j is not None and j.holds(self.gate_proj, self.up_proj):
+            gate, up = F.linear(x, j.weight, j.bias).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if fused_act:   # one Triton launch for act(gate) * up (few-token steps)
@@ -273,6 +328,15 @@ class CausalLM(nn.Module):
         load_weights(model, path)
         model.eval()
         return model
+
+    def join_weights(self) -> None:
+        """Join each layer's q/k/v and gate/up weights for the few-token path's single GEMMs
+        (the parameters become views of the joined tensors: no memory added once the old
+        ones are freed). The worker calls it when that path is Triton."""
+        for layer in self.model.layers:
+            for mod in (layer.self_attn, layer.ffn()):
+                if isinstance(mod, (Attention, MLP)):
+                    mod.join_weights()
 
     def checkpoint_slots(self) -> dict:
         """checkpoint tensor name -> (parameter name, index) for parameters that hold several
@@ -392,15 +456,15 @@ class CausalLM(nn.Module):
             if cfg.mla is not None:   # interleaved RoPE on part of the latent: the torch path
                 q, k, v = at.project(x, cos, sin)
             else:
-                q, k, v = at.qkv(x)
+                q, k, v = at.qkv_joint(x)   # views; the kernel copies v contiguous
                 q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
                 qk = ({"q_norm": at.q_norm.weight, "k_norm": at.k_norm.weight,
                        "eps": at.q_norm.eps, "plus_one": at.q_norm.plus_one}
                       if at.qk_norm else {})
                 if store is not None:
-                    q, k = store(li, q, k, v, cos, sin, **qk)
+                    q, k, v = store(li, q, k, v, cos, sin, **qk)
                 else:
-                    q, k = rope_store_triton(q, k, None, cos, sin, **qk)
+                    q, k, v = rope_store_triton(q, k, v, cos, sin, **qk)
             o = attn_fn(li, q[None], k[None], v[None])
             if tuple(o.shape) != (1, T, hq, d):
                 raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "

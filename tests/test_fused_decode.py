@@ -41,9 +41,23 @@ def test_fused_equals_torch_fp32(name):
     ids = torch.tensor([5, 17, 99, 3, 64, 120, 7])
     pos = torch.arange(60, 67)                 # phi3: across its 64 original positions
     want = _hidden(m, "torch", ids, pos)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.join_weights()             # q|k|v and gate|up as single GEMMs: same names, same values
+    after = m.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
     got = _hidden(m, "triton", ids, pos)
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 1e-5, rel
+    assert torch.equal(_hidden(m, "torch", ids, pos), want)
+    if name == "llama":
+        at = m.model.layers[0].self_attn
+        assert at.joined.holds(at.q_proj, at.k_proj, at.v_proj)
+        # new parameter tensors unjoin: the modules run one by one, still right
+        m.to(torch.float64).to(torch.float32)
+        assert not at.joined.holds(at.q_proj, at.k_proj, at.v_proj)
+        got = _hidden(m, "triton", ids, pos)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])

@@ -110,8 +110,9 @@ def test_rope_store(dtype, T, Hq, Hkv, D, qk_norm, plus_one):
     slots = torch.randperm(slots_n, generator=g)[:T]
     if T > 1:
         slots[1] = -1                           # a row this rank does not store
-    qo, ko = rope_store_triton(q, k, v, cos, sin, kc, vc, slots, q_norm=qw, k_norm=kw,
-                               eps=1e-6, plus_one=plus_one)
+    qo, ko, vo = rope_store_triton(q, k, v, cos, sin, kc, vc, slots, q_norm=qw, k_norm=kw,
+                                   eps=1e-6, plus_one=plus_one)
+    assert vo.is_contiguous() and torch.equal(vo, v)
     tq, tk = Rotary.apply(qn, cos, sin), Rotary.apply(kn, cos, sin)
     if qk_norm:   # the reference rotates the torch-normed rows (norm rounding is the torch one)
         close(qo, rope_ref(qn, cos, sin), tq, dtype)
@@ -126,9 +127,9 @@ def test_rope_store(dtype, T, Hq, Hkv, D, qk_norm, plus_one):
     untouched[slots[keep]] = False
     assert not kc[untouched].any() and not vc[untouched].any()
     # without a cache: the rotation alone
-    qo2, ko2 = rope_store_triton(q, k, None, cos, sin, q_norm=qw, k_norm=kw, eps=1e-6,
-                                 plus_one=plus_one)
-    assert torch.equal(qo2, qo) and torch.equal(ko2, ko)
+    qo2, ko2, vo2 = rope_store_triton(q, k, None, cos, sin, q_norm=qw, k_norm=kw, eps=1e-6,
+                                      plus_one=plus_one)
+    assert torch.equal(qo2, qo) and torch.equal(ko2, ko) and vo2 is None
 
 
 def test_rope_store_checks():

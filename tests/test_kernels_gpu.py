@@ -294,8 +294,9 @@ def test_fused_kernels_gpu(dtype):
             nq.weight.data.copy_(qw)
             nk.weight.data.copy_(kw)
             qn, kn = nq(q), nk(k)
-        qo, ko = rope_store_triton(q, k, v, cos, sin, kc, vc, slots, q_norm=qw, k_norm=kw,
-                                   eps=1e-6)
+        qo, ko, vo = rope_store_triton(q, k, v, cos, sin, kc, vc, slots, q_norm=qw,
+                                       k_norm=kw, eps=1e-6)
+        assert torch.equal(vo, v)
         ok(qo, rope_ref(qn, cos, sin), Rotary.apply(qn, cos, sin), f"rope q {T}x{Hq}x{D}")
         ok(ko, rope_ref(kn, cos, sin), Rotary.apply(kn, cos, sin), f"rope k {T}x{Hkv}x{D}")
         assert torch.equal(kc[slots], ko) and torch.equal(vc[slots], v)
@@ -341,7 +342,8 @@ def test_fused_decode_graph_gpu():
         def rope_store(self, layer, q, k, v, cos, sin, **norm):
             from ringserve.kernels.fused import rope_store_triton
             self.stored = layer
-            return rope_store_triton(q, k, v, cos, sin, *pool.slot_views(layer), slots, **norm)
+            return rope_store_triton(q, k, v, cos, sin, *pool.slot_views(layer), slots,
+                                     **norm)
 
         def __call__(self, layer, q, k, v):
             assert self.stored == layer

@@ -149,12 +149,13 @@ class StepAttention:
     def rope_store(self, layer: int, q, k, v, cos, sin, **norm):
         """The model's fused prologue (Triton): q, k (T, H, D) rotated (and q/k-normed with
         `norm`), and this rank's rows of k, v stored into the layer's pool in the same launch;
-        the call for this layer then stores nothing. Returns the rotated q, k."""
+        the call for this layer then stores nothing. Returns q, k rotated and v copied
+        contiguous."""
         from ringserve.kernels.fused import rope_store_triton
-        q, k = rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer),
-                                 self.row_slots, **norm)
+        out = rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer),
+                                self.row_slots, **norm)
         self._stored = layer
-        return q, k
+        return out
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         q, k, v = q[0], k[0], v[0]                      # (T, H, D)
