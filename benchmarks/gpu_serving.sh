@@ -12,6 +12,10 @@
 # `s4b` again (GPU tests incl. the shared-document graph test; single eager/graphs; 16 questions
 # with graphs; prefill under load at 4096 with the compile log) and at world size 2:
 # `serving --world-size 2 --prefill-len 524288 --scenarios single,mixed,prefill --budgets 8192`.
+# Owed too (issue 13, the fused few-token kernels of kernels/fused.py, commit f6de62a on, never
+# run on a GPU): `bash benchmarks/gpu_serving.sh fused` (one GPU, < 10 min): their bf16 GPU tests
+# and the graph tests, then profile_decode.py at 32K and 128K (eager and graphs against the
+# floor, kernels and aten ops per step: 1,770 and 6,119 before); then `s4b` for the requests.
 # Writes logs and JSON under $OUT (or /tmp/out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -107,6 +111,17 @@ case "$PART" in
       --scenarios prefill --budgets 4096 --json "$OUT/prefill_default.json" \
       > "$OUT/prefill_default.log" 2>&1
     grep -E '^prefill|solo prefill' "$OUT/prefill_default.log" ;;
+  fused)   # the fused decode kernels: correctness first, then the step's launches and time
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k fused 2>&1 | tee "$OUT/test_fused_gpu.log" | tail -4
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 180 python3 -m pytest -q -x -p no:cacheprovider \
+      "$REPO/tests/test_llm_gpu.py" -k "graph or shared_document" 2>&1 \
+      | tee "$OUT/test_llm_gpu.log" | tail -4
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 240 python3 "$REPO/benchmarks/profile_decode.py" \
+      --lengths 32768,131072 --steps 32 --json "$OUT/profile_decode_fused.json" \
+      > "$OUT/profile_decode_fused.log" 2>&1
+    grep -E 'eager .* ms/token|^ +[0-9]+ \|' "$OUT/profile_decode_fused.log" ;;
   serving)
     PYTHONPATH=/tmp/pkg:$PYTHONPATH python3 "$REPO/benchmarks/bench_serving.py" \
       --json "$OUT/bench_serving.json" "$@" 2>&1 | tee "$OUT/bench_serving.log" | grep -v '^(' ;;
