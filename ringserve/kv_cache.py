@@ -75,6 +75,10 @@ class KVPool:
         self.v = (self.k if cfg.values_are_keys
                   else torch.zeros(L, P, S, H, D, dtype=cfg.dtype, device=cfg.device))
         self.kv_pos = torch.zeros(P, S, dtype=torch.int32, device=cfg.device)
+        # per layer, k and v as flat slots (num_pages * page_size, Hkv, D): made once, since
+        # a launch-bound decode step would pay two view ops per layer and tensor for them
+        self._slot_views = [(self.k[i].view(-1, H, D), self.v[i].view(-1, H, D))
+                            for i in range(L)]
 
     @property
     def page_size(self) -> int:
@@ -101,8 +105,7 @@ class KVPool:
 
     def slot_views(self, layer: int):
         """The layer's k and v pools as (num_pages * page_size, Hkv, D) views: flat slots."""
-        H, D = self.cfg.num_kv_heads, self.cfg.head_dim
-        return self.k[layer].view(-1, H, D), self.v[layer].view(-1, H, D)
+        return self._slot_views[layer]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (n, Hkv, D) into flat slots (n,) int64 on the pool's device."""

@@ -369,5 +369,6 @@ def test_fused_decode_graph_gpu():
     pool.v.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    # the replay recomputed it (the attention reads the values that its own store wrote)
+    assert (out.float() - eager.float()).abs().max().item() <= 1e-3 * eager.abs().max().item()
     assert pool.k[:, 0, 0].abs().sum() > 0     # the replay stored slot 0's keys again
