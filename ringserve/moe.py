@@ -79,6 +79,7 @@ class MoE(nn.Module):
         return w, idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ringserve import kernels
         from ringserve.kernels import grouped_linear
 
         T, H = x.shape
@@ -92,7 +93,12 @@ class MoE(nn.Module):
             0, flat, torch.ones_like(flat))
         xs = x[order // k]                            # (T*k, H)
         gate, up = grouped_linear(xs, self.experts.gate_up, counts, self.backend).chunk(2, dim=-1)
-        ys = grouped_linear(F.silu(gate) * up, self.experts.down, counts, self.backend)  # (T*k, H)
+        if kernels.use_triton(self.backend, gate):   # SiLU(gate) * up in one launch
+            from ringserve.kernels.fused import act_mul_triton
+            act = act_mul_triton(gate, up)
+        else:
+            act = F.silu(gate) * up
+        ys = grouped_linear(act, self.experts.down, counts, self.backend)  # (T*k, H)
         y = torch.empty_like(ys)
         y[order] = ys                                 # back to token-major order
         out = (y.view(T, k, H).float() * w[..., None]).sum(1).to(x.dtype)

@@ -30,7 +30,11 @@ def _model(name: str, dtype=torch.float32) -> CausalLM:
 
 
 def _hidden(m: CausalLM, backend: str, ids, pos) -> torch.Tensor:
+    from ringserve.moe import MoE
     m.backend = backend
+    for mod in m.modules():   # MoE: grouped GEMMs and SiLU(gate) * up by the same backend
+        if isinstance(mod, MoE):
+            mod.backend = backend
     # the attention on the torch path in both runs: only the fused kernels differ
     return m(ids, pos, model_attention_fn(m, backend="torch"))
 
