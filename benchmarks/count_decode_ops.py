@@ -12,6 +12,7 @@ the interpreter runs inside a launch (on a GPU a launch is one kernel). Per laye
 difference between a `--layers` model and one of half the depth, divided by the layers between.
 
   TRITON_INTERPRET=1 python3 benchmarks/count_decode_ops.py             # 32 vs 16 layers
+  TRITON_INTERPRET=1 python3 benchmarks/count_decode_ops.py --unfused   # without kernels/fused.py
   python3 benchmarks/count_decode_ops.py --backend torch                # the CPU serving path
 """
 from __future__ import annotations
@@ -184,8 +185,14 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="llama", choices=("llama", "qwen3"))
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="float16: the casts to float32 and back copy, as bf16 does on a GPU")
+    p.add_argument("--unfused", action="store_true",
+                   help="the model's torch path around the Triton attention (what ran before "
+                        "the fused kernels of kernels/fused.py)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.unfused:
+        from ringserve import model
+        model.FUSED_MAX_TOKENS = 0
     if a.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("backend triton on CPU needs TRITON_INTERPRET=1")
     torch.set_num_threads(1)
@@ -203,7 +210,8 @@ def main(argv=None) -> int:
                                  for k in row["per_layer"]}
         rows.append(row)
     print(f"count_decode_ops: {a.family}, {a.layers} layers (hidden 64, 4/2 heads x 16), "
-          f"batch {a.batch}, backend {a.backend}, {a.dtype} CPU"
+          f"batch {a.batch}, backend {a.backend}{' (unfused)' if a.unfused else ''}, "
+          f"{a.dtype} CPU"
           f"{', TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
     print(f"{'path':>10} | {'aten/step':>9} | {'aten/layer':>10} | {'top-level/layer':>15} | "
           f"{'kernel ops/layer':>16} | {'triton/layer':>12} | {'triton/step':>11} | "
