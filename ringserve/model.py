@@ -58,6 +58,8 @@ class _Joined:
         if any(has_bias) and not all(has_bias):
             raise ValueError("joined linears must all have biases or none")
         self.bias = torch.cat([m.bias.detach() for m in mods]) if all(has_bias) else None
+        # the output's split, from the weights (under TP they are this rank's slices)
+        self.sizes = [m.weight.shape[0] for m in mods]
         a = 0
         for m in mods:
             n = m.weight.shape[0]
@@ -109,7 +111,7 @@ class Attention(nn.Module):
             return self.qkv_proj(x).split(self.sizes, dim=-1)
         if j is None or not j.holds(self.q_proj, self.k_proj, self.v_proj):
             return self.qkv(x)
-        return F.linear(x, j.weight, j.bias).split(self.sizes, dim=-1)
+        return F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
 
     def qkv(self, x: torch.Tensor):
         """x (t, hidden) -> q (t, Hq*D), k, v (t, Hkv*D), unrotated, before any q/k norm."""
@@ -212,7 +214,7 @@ class MLP(nn.Module):
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         elif fused_act and j is not None and j.holds(self.gate_proj, self.up_proj):
-            gate, up = F.linear(x, j.weight, j.bias).chunk(2, dim=-1)
+            gate, up = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if fused_act:   # one Triton launch for act(gate) * up (few-token steps)

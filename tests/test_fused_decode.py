@@ -152,13 +152,11 @@ def _generate_ranks(backend: str, graphs, ws: int = 2):
         group.shutdown()
 
 
-def test_two_ranks_fused(monkeypatch):
-    """Two in-process ranks, prompts in 16-token chunks (ring chunks and pass-Q extensions:
-    rows a rank does not own are not stored, slot -1), then decode batches merged across the
-    ranks: the fused path's tokens and log-probs equal the torch path's."""
+@pytest.fixture
+def one_launch_at_a_time(monkeypatch):
+    """The interpreter patches triton.language while a launch runs: ranks on threads launch
+    one at a time (a launch holds no collective, so they cannot deadlock on it)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        # the interpreter patches triton.language while a launch runs: one launch at a time
-        # (a launch holds no collective, so the ranks' threads cannot deadlock on it)
         import threading
         from triton.runtime import interpreter
         lock, real = threading.Lock(), interpreter.InterpretedFunction.run
@@ -167,6 +165,33 @@ def test_two_ranks_fused(monkeypatch):
             with lock:
                 return real(self, *args, **kwargs)
         monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+
+
+@pytest.mark.parametrize("name,t", [("llama", 4), ("qwen3", 2)])
+def test_tensor_parallel_fused(name, t, one_launch_at_a_time):
+    """TP slices (llama 4/2 at t=4: KV heads replicated) on the fused path with joined
+    weights (split by the slices' sizes) equal the whole model's torch path."""
+    from ringserve.actors.model_worker import build_model
+    from test_tp import _tp_run
+
+    spec = {"config": hf_config(name, 128).to_dict(), "seed": 0}
+    whole = build_model(spec, torch.float32, torch.device("cpu"))
+    ids, pos = torch.tensor([5, 17, 99, 3, 64]), torch.arange(30, 35)
+    want = _hidden(whole, "torch", ids, pos)
+
+    def run(r, comm):
+        m = build_model(spec, torch.float32, torch.device("cpu"), r, t, comm)
+        m.join_weights()
+        return _hidden(m, "triton", ids, pos)
+
+    for got in _tp_run(t, run):
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_two_ranks_fused(one_launch_at_a_time):
+    """Two in-process ranks, prompts in 16-token chunks (ring chunks and pass-Q extensions:
+    rows a rank does not own are not stored, slot -1), then decode batches merged across the
+    ranks: the fused path's tokens and log-probs equal the torch path's."""
     want = _generate_ranks("torch", False)
     got = _generate_ranks("triton", False)
     for a, b in zip(want, got):
