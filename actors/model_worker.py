@@ -357,8 +357,32 @@ class ModelShardWorker(ShardWorker):
                                          softmax_scale=self.softmax_scale, causal=True,
                                          window_size=w, q_pos=pos, kv_pos=pool.kv_pos,
                                          backend=self.backend, softcap=self.model.softcap)
+        self.warm_fused()
         torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def warm_fused(self) -> None:
+        """Compile the few-token path's fused kernels (kernels/fused.py: the norms, RoPE + K/V
+        store, act * up) with one one-token forward that stores nothing (slot -1) and attends
+        to nothing: a serving step would otherwise pay their compiles. No-op off that path."""
+        dev = self.device
+        if not kernels.use_triton(self.backend, self.model.model.embed_tokens.weight):
+            return
+        from ringserve.kernels.fused import rope_store_triton
+        pool = self.pool
+        none = torch.full((1,), -1, dtype=torch.int64, device=dev)
+
+        class _Attn:
+            def rope_store(self, layer, q, k, v, cos, sin, **norm):
+                return rope_store_triton(q, k, v, cos, sin, *pool.slot_views(layer), none,
+                                         **norm)
+
+            def __call__(self, layer, q, k, v):
+                return torch.zeros_like(q)
+
+        one = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.model(one, one, _Attn())
 
     def shutdown(self) -> bool:
         self._graphs.clear()  # their memory pools go back with them

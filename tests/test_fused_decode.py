@@ -14,9 +14,9 @@ from ringserve.config import ModelConfig
 from ringserve.model import CausalLM, model_attention_fn
 from tinymodels import _redraw, hf_config
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton on CPU needs TRITON_INTERPRET=1 (set by `bash dev test`)")
+# CPU tensors throughout: Triton runs them only interpreted (GPU: test_kernels_gpu.py)
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="Triton on CPU needs TRITON_INTERPRET=1 (`bash dev test`)")
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3-moe",
             "deepseek-v2"]
@@ -197,3 +197,30 @@ def test_two_ranks_fused(one_launch_at_a_time):
     for a, b in zip(want, got):
         assert a.token_ids == b.token_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_warm_fused_compiles_and_stores_nothing():
+    """The worker's warm-up of the fused kernels runs them once (every kernel launched) and
+    leaves the KV pool as it was."""
+    from ringserve.actors.model_worker import ModelShardWorker
+    from triton.runtime import interpreter
+
+    w = ModelShardWorker(0, 1, "cpu", model={"config": hf_config("qwen3", 128).to_dict(),
+                                             "seed": 0}, dtype="float32", page_size=16,
+                         kv_tokens=64, backend="triton")
+    seen = set()
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        seen.add(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    try:
+        w.warm_fused()
+    finally:
+        interpreter.InterpretedFunction.run = real
+    assert seen == {"_rms_norm_kernel", "_rope_store_kernel", "_act_mul_kernel"}
+    assert not w.pool.k.any() and not w.pool.v.any()
+    w.shutdown()
+
