@@ -163,17 +163,19 @@ class MLAttention(nn.Module):
                                        m.kv_lora_rank)
         return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (t, hidden) normed -> q (t, h, latent_dim), k (t, 1, latent_dim), v = k."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=None):
+        """x (t, hidden) normed -> q (t, h, latent_dim), k (t, 1, latent_dim), v = k.
+        norm(module, x): how to apply the RMSNorm modules (the fused path's one launch)."""
         m, t = self.mla, x.shape[0]
+        norm = norm or (lambda mod, y: mod(y))
         if m.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(norm(self.q_a_layernorm, self.q_a_proj(x)))
         q_nope, q_pe = q.view(t, self.heads, m.qk_head_dim).split(
             [m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
-        c = self.kv_a_layernorm(c)
+        c = norm(self.kv_a_layernorm, c)
         w_uk, _ = self._wkv()
         # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
         # as transformers' kv_b_proj; the expanded K never exists
@@ -456,7 +458,7 @@ class CausalLM(nn.Module):
             cos, sin = local if self.layer_rotary[li] else glob
             x = norm(layer.input_layernorm, h, pending)
             if cfg.mla is not None:   # interleaved RoPE on part of the latent: the torch path
-                q, k, v = at.project(x, cos, sin)
+                q, k, v = at.project(x, cos, sin, norm)
             else:
                 q, k, v = at.qkv_joint(x)   # views; the kernel copies v contiguous
                 q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
