@@ -31,7 +31,7 @@ import triton.language as tl
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, stride_x, stride_r, stride_o, N, eps,
                      HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
                      PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)   # row * stride may pass 2**31 on long inputs
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
