@@ -98,7 +98,7 @@ def _inside_launch(ev) -> bool:
 _NO_KERNEL = {"aten::" + n for n in (
     "view", "reshape", "_reshape_alias", "select", "slice", "unsqueeze", "squeeze", "t",
     "transpose", "expand", "permute", "as_strided", "split", "split_with_sizes", "chunk",
-    "unflatten", "flatten", "detach", "alias", "unbind", "narrow", "view_as", "_unsafe_view",
+    "unflatten", "flatten", "detach", "detach_", "alias", "unbind", "narrow", "view_as", "_unsafe_view",
     "lift_fresh", "empty", "empty_like", "empty_strided", "resolve_conj", "resolve_neg",
     "to", "_to_copy", "contiguous", "clone", "numpy_T", "lift", "result_type", "is_nonzero",
     "item", "_local_scalar_dense", "size", "stride", "dim")}
