@@ -5,7 +5,8 @@ mean, add, rsqrt, multiply, cast, multiply), RoPE eight per tensor, the KV write
 tensor. Here:
 
 - `rms_norm_triton(x, w, eps, plus_one, residual=None)`: optionally x += residual in place
-  first (the residual stream), then RMSNorm of each row of x -> a new tensor;
+  first (the residual stream; Gemma: the residual normed first), then RMSNorm of each row of
+  x -> a new tensor;
 - `rope_store_triton(q, k, v, cos, sin, ...)`: optional per-head RMSNorm (Qwen3/Gemma 3's q/k
   norm), RoPE of q and k (rotate-half pairs), a contiguous copy of v, and the store of the
   rotated k and of v into the KV pool's flat slots (-1: not stored), in one launch of one
@@ -28,36 +29,46 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, stride_x, stride_r, stride_o, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr,
-                     PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
+def _normed(xf, w_ptr, offs, mask, N, eps, dtype, PLUS_ONE: tl.constexpr):
+    """RMSNorm of one float32 row (masked lanes 0), rounded to `dtype` as the torch module."""
+    ms = tl.sum(xf * xf, axis=0) / N
+    y = xf * (1.0 / tl.sqrt(ms + eps))
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PLUS_ONE:   # Gemma: (1 + w) in float32, one rounding at the end
+        return (y * (1.0 + w)).to(dtype)
+    # Llama: the normalized row rounds to the dtype before the weight
+    return (y.to(dtype).to(tl.float32) * w).to(dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, rw_ptr, o_ptr, stride_x, stride_r, stride_o, N, eps,
+                     r_eps, HAS_RESIDUAL: tl.constexpr, RES_NORM: tl.constexpr,
+                     STORE_SUM: tl.constexpr, PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)   # row * stride may pass 2**31 on long inputs
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        # the residual stream's update rounds to its dtype, as torch's `h += r` does
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        if RES_NORM:   # Gemma's sandwich: the sublayer's output is normed before the add
+            r = _normed(r.to(tl.float32), rw_ptr, offs, mask, N, r_eps, x.dtype, PLUS_ONE)
+        # the residual stream's update rounds to its dtype, as torch's `h += r` does
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         if STORE_SUM:   # not when the output overwrites x anyway
             tl.store(x_ptr + row * stride_x + offs, x, mask=mask)
-    xf = x.to(tl.float32)
-    ms = tl.sum(xf * xf, axis=0) / N
-    y = xf * (1.0 / tl.sqrt(ms + eps))
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PLUS_ONE:   # Gemma: (1 + w) in float32, one rounding at the end
-        out = y * (1.0 + w)
-    else:          # Llama: the normalized row rounds to the dtype before the weight
-        out = y.to(x.dtype).to(tl.float32) * w
+    out = _normed(x.to(tl.float32), w_ptr, offs, mask, N, eps, x.dtype, PLUS_ONE)
     tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False,
                     residual: Optional[torch.Tensor] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None,
+                    residual_weight: Optional[torch.Tensor] = None,
+                    residual_eps: Optional[float] = None) -> torch.Tensor:
     """x (T, N) (rows may be strided, the last dim contiguous); with `residual` (T, N) first
-    x += residual in place. Returns RMSNorm(x) (T, N) in x's dtype (into `out` if given, which
-    may be x itself)."""
+    x += residual in place, the residual first normed with `residual_weight` (and
+    `residual_eps`, plus_one alike) when given. Returns RMSNorm(x) (T, N) in x's dtype (into
+    `out` if given, which may be x itself)."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be 2-D with a contiguous last dim, got {tuple(x.shape)} "
                          f"strides {x.stride()}")
@@ -67,6 +78,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one:
     if residual is not None and (tuple(residual.shape) != (T, N) or residual.stride(-1) != 1):
         raise ValueError(f"residual {tuple(residual.shape)} must be {(T, N)} with a contiguous "
                          f"last dim")
+    if residual_weight is not None and (residual is None
+                                        or tuple(residual_weight.shape) != (N,)):
+        raise ValueError(f"residual_weight {tuple(residual_weight.shape)} needs a residual and "
+                         f"must be ({N},)")
     if out is None:
         out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != (T, N) or out.stride(-1) != 1:
@@ -74,9 +89,12 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one:
     if T == 0:
         return out
     r = residual if residual is not None else x
+    rw = residual_weight if residual_weight is not None else weight
     block = triton.next_power_of_2(N)
-    _rms_norm_kernel[(T,)](x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), N,
-                           float(eps), HAS_RESIDUAL=residual is not None,
+    _rms_norm_kernel[(T,)](x, r, weight, rw, out, x.stride(0), r.stride(0), out.stride(0), N,
+                           float(eps), float(eps if residual_eps is None else residual_eps),
+                           HAS_RESIDUAL=residual is not None,
+                           RES_NORM=residual_weight is not None,
                            STORE_SUM=out.data_ptr() != x.data_ptr(),
                            PLUS_ONE=bool(plus_one), BLOCK=block,
                            num_warps=4 if block <= 2048 else 8)

@@ -448,15 +448,26 @@ class CausalLM(nn.Module):
         def norm(mod, x, residual=None, out=None):
             return rms_norm_triton(x, mod.weight, mod.eps, mod.plus_one, residual, out)
 
+        def add_norm(mod, h, pend, out=None):
+            """h += the pending sublayer output (normed first by its norm, Gemma), then
+            mod(h): one launch."""
+            if pend is None:
+                return norm(mod, h, out=out)
+            d, dn = pend
+            return rms_norm_triton(h, mod.weight, mod.eps, mod.plus_one, d, out,
+                                   None if dn is None else dn.weight,
+                                   None if dn is None else dn.eps)
+
         cfg = self.config
         T = h.shape[0]
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         store = getattr(attn_fn, "rope_store", None)
-        pending = None            # the last sublayer's output, not yet added to h
+        # the last sublayer's output, not yet added to h, and the norm it takes first (Gemma)
+        pending = None
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
             cos, sin = local if self.layer_rotary[li] else glob
-            x = norm(layer.input_layernorm, h, pending)
+            x = add_norm(layer.input_layernorm, h, pending)
             if cfg.mla is not None:   # interleaved RoPE on part of the latent: the torch path
                 q, k, v = at.project(x, cos, sin, norm)
             else:
@@ -477,14 +488,14 @@ class CausalLM(nn.Module):
             a = at.output(o[0], h.dtype)
             ffn = layer.ffn()
             if layer.sandwich:    # Gemma: h += norm(a); the MLP's input and output normed
-                x = norm(layer.pre_feedforward_layernorm, h,
-                         norm(layer.post_attention_layernorm, a))
+                x = add_norm(layer.pre_feedforward_layernorm, h,
+                             (a, layer.post_attention_layernorm))
                 m = ffn(x, fused_act=True) if isinstance(ffn, MLP) else ffn(x)
-                pending = norm(layer.post_feedforward_layernorm, m)
+                pending = (m, layer.post_feedforward_layernorm)
             else:
-                x = norm(layer.post_attention_layernorm, h, a)
-                pending = ffn(x, fused_act=True) if isinstance(ffn, MLP) else ffn(x)
-        return norm(self.model.norm, h, pending, out=h)
+                x = add_norm(layer.post_attention_layernorm, h, (a, None))
+                pending = (ffn(x, fused_act=True) if isinstance(ffn, MLP) else ffn(x), None)
+        return add_norm(self.model.norm, h, pending, out=h)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,17 @@ def test_rms_norm(dtype, T, N, plus_one, residual):
     assert torch.equal(x, h_torch)
     assert got.dtype == dtype and got.shape == (T, N)
     close(got, rms_norm_ref(h_torch, w, 1e-5, plus_one), want_torch, dtype)
+    if residual:   # Gemma's sandwich: the residual normed (its own weight) before the add
+        rw = rand(N, dtype=dtype, g=g, scale=0.5) + (0 if plus_one else 1)
+        rnorm = RMSNorm(N, 1e-6, plus_one, dtype=dtype)
+        rnorm.weight.data.copy_(rw)
+        h2, h2_torch = base[:, 2:N + 2].clone(), base[:, 2:N + 2].clone()
+        h2_torch += rnorm(r)
+        got2 = rms_norm_triton(h2, w, 1e-5, plus_one, residual=r, residual_weight=rw,
+                               residual_eps=1e-6)
+        torch.testing.assert_close(h2, h2_torch, rtol=0, atol=2 * (h2_torch.abs().max().item()
+                                                                   * torch.finfo(dtype).eps))
+        close(got2, rms_norm_ref(h2_torch, w, 1e-5, plus_one), norm(h2_torch), dtype)
     # in place over its input (the final norm writes the residual stream)
     y = h_torch.clone()
     rms_norm_triton(y, w, 1e-5, plus_one, out=y)
