@@ -279,6 +279,17 @@ def test_fused_kernels_gpu(dtype):
         got = rms_norm_triton(h, w, 1e-5, plus_one, residual=r)
         assert torch.equal(h, ht)
         ok(got, rms_norm_ref(ht, w, 1e-5, plus_one), norm(ht), f"rms_norm {T}x{N}")
+        if plus_one:   # Gemma's sandwich: the residual normed by its own weight first
+            rw = mk(N, sc=0.3)
+            rnorm = RMSNorm(N, 1e-6, True, dtype=dtype, device="cuda")
+            rnorm.weight.data.copy_(rw)
+            h2 = mk(T, N, sc=3.0)
+            ht2 = h2 + rnorm(r)
+            got2 = rms_norm_triton(h2, w, 1e-5, True, residual=r, residual_weight=rw,
+                                   residual_eps=1e-6)
+            assert (h2.float() - ht2.float()).abs().max() <= 2 * ht2.float().abs().max() \
+                * torch.finfo(dtype).eps
+            ok(got2, rms_norm_ref(ht2, w, 1e-5, True), norm(ht2), f"sandwich {T}x{N}")
     for T, Hq, Hkv, D, qkn in ((1, 32, 8, 128, False), (16, 32, 8, 128, True),
                                (3, 16, 8, 256, False)):
         q, k, v = mk(T, Hq, D, sc=2.0), mk(T, Hkv, D, sc=2.0), mk(T, Hkv, D)
