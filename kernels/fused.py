@@ -280,3 +280,69 @@ def act_mul_triton(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> 
         gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N, _GELU_C,
         GELU=bool(gelu), BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _latent_row(lat_ptr, pe_ptr, dst_ptr, c_row, s_row, C, R2,
+                BLOCK_C: tl.constexpr, BLOCK_R2: tl.constexpr):
+    """dst = [lat ; RoPE(pe)], the rotation on interleaved pairs (2i, 2i + 1) in float32."""
+    oc = tl.arange(0, BLOCK_C)
+    tl.store(dst_ptr + oc, tl.load(lat_ptr + oc, mask=oc < C), mask=oc < C)
+    i = tl.arange(0, BLOCK_R2)
+    m = i < R2
+    x1 = tl.load(pe_ptr + 2 * i, mask=m, other=0.0)
+    x2 = tl.load(pe_ptr + 2 * i + 1, mask=m, other=0.0)
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    c = tl.load(c_row + i, mask=m, other=0.0)
+    s = tl.load(s_row + i, mask=m, other=0.0)
+    tl.store(dst_ptr + C + 2 * i, (a * c - b * s).to(dst_ptr.dtype.element_ty), mask=m)
+    tl.store(dst_ptr + C + 2 * i + 1, (b * c + a * s).to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr,
+                        s_qlt, s_qlh, s_qpt, s_qph, s_ct, s_kpt, s_cst, s_qt, s_qh, s_kt,
+                        H, C, R2, BLOCK_C: tl.constexpr, BLOCK_R2: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    c_row = cos_ptr + t * s_cst
+    s_row = sin_ptr + t * s_cst
+    if j < H:    # query head j: its latent projection and its rotated rope part
+        _latent_row(ql_ptr + t * s_qlt + j * s_qlh, qp_ptr + t * s_qpt + j * s_qph,
+                    q_ptr + t * s_qt + j * s_qh, c_row, s_row, C, R2, BLOCK_C, BLOCK_R2)
+    else:        # the one key: the normed latent and the rotated shared rope key
+        _latent_row(c_ptr + t * s_ct, kp_ptr + t * s_kpt, k_ptr + t * s_kt, c_row, s_row, C,
+                    R2, BLOCK_C, BLOCK_R2)
+
+
+def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
+                       k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """MLA's query and key in one launch: q_lat (T, H, C), q_pe (T, H, R), c (T, C),
+    k_pe (T, R) (any row/head strides, the last dim contiguous), cos, sin (T, 1, R/2) float32
+    -> q (T, H, C + R) = [q_lat ; RoPE(q_pe)], k (T, 1, C + R) = [c ; RoPE(k_pe)], RoPE on
+    interleaved pairs (DeepSeek's layout), new contiguous tensors."""
+    T, H, C = q_lat.shape
+    R = q_pe.shape[-1]
+    if tuple(q_pe.shape) != (T, H, R) or tuple(c.shape) != (T, C) or tuple(k_pe.shape) != (T, R):
+        raise ValueError(f"q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, c "
+                         f"{tuple(c.shape)}, k_pe {tuple(k_pe.shape)} do not agree")
+    if R % 2 or any(x.stride(-1) != 1 for x in (q_lat, q_pe, c, k_pe)):
+        raise ValueError(f"rope width ({R}) must be even, every last dim contiguous")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if x.dtype != torch.float32 or x.shape[0] != T or x.shape[-1] != R // 2 \
+                or x.stride(-1) != 1 or x.numel() != T * (R // 2):
+            raise ValueError(f"{name} {tuple(x.shape)} {x.dtype} must be (T, 1, {R // 2}) "
+                             f"float32")
+    if cos.stride() != sin.stride():
+        raise ValueError("cos and sin must have the same strides")
+    q = torch.empty(T, H, C + R, dtype=q_lat.dtype, device=q_lat.device)
+    k = torch.empty(T, 1, C + R, dtype=c.dtype, device=c.device)
+    if T == 0:
+        return q, k
+    _latent_rope_kernel[(T, H + 1)](
+        q_lat, q_pe, c, k_pe, cos, sin, q, k, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
+        q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        k.stride(0), H, C, R // 2, BLOCK_C=triton.next_power_of_2(C),
+        BLOCK_R2=triton.next_power_of_2(R // 2), num_warps=4)
+    return q, k

@@ -163,9 +163,11 @@ class MLAttention(nn.Module):
                                        m.kv_lora_rank)
         return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=None):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=None,
+                fused: bool = False):
         """x (t, hidden) normed -> q (t, h, latent_dim), k (t, 1, latent_dim), v = k.
-        norm(module, x): how to apply the RMSNorm modules (the fused path's one launch)."""
+        norm(module, x): how to apply the RMSNorm modules; fused: the few-token path (norms
+        by `norm`, RoPE and the concatenations in one Triton launch)."""
         m, t = self.mla, x.shape[0]
         norm = norm or (lambda mod, y: mod(y))
         if m.q_lora_rank is None:
@@ -180,6 +182,10 @@ class MLAttention(nn.Module):
         # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
         # as transformers' kv_b_proj; the expanded K never exists
         q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        if fused and q_lat.stride(-1) == 1:
+            from ringserve.kernels.fused import latent_rope_triton
+            q, k = latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin)
+            return q, k, k
         q = torch.cat([q_lat, Rotary.apply_interleaved(q_pe, cos, sin)], dim=-1)
         k = torch.cat([c, Rotary.apply_interleaved(k_pe[:, None], cos, sin)[:, 0]], dim=-1)
         k = k[:, None]
@@ -469,7 +475,7 @@ class CausalLM(nn.Module):
             cos, sin = local if self.layer_rotary[li] else glob
             x = add_norm(layer.input_layernorm, h, pending)
             if cfg.mla is not None:   # interleaved RoPE on part of the latent: the torch path
-                q, k, v = at.project(x, cos, sin, norm)
+                q, k, v = at.project(x, cos, sin, norm, fused=True)
             else:
                 q, k, v = at.qkv_joint(x)   # views; the kernel copies v contiguous
                 q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)

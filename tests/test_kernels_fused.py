@@ -165,3 +165,29 @@ def test_act_mul(dtype, T, N, gelu):
     got = act_mul_triton(gate, up, gelu)
     act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
     close(got, act_mul_ref(gate, up, gelu), act * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,C,R", [(1, 4, 32, 8), (3, 5, 40, 16)])
+def test_latent_rope(dtype, T, H, C, R):
+    """MLA's q = [q_lat ; RoPE(q_pe)], k = [c ; RoPE(k_pe)] (interleaved pairs) from strided
+    views, as the torch path builds them."""
+    from ringserve.kernels.fused import latent_rope_triton
+    g = torch.Generator().manual_seed(T * 10 + H)
+    q_lat = rand(H, T, C, dtype=dtype, g=g).transpose(0, 1)          # a bmm's permuted output
+    q_pe = rand(T, H, C + R, dtype=dtype, g=g, scale=2.0)[..., C:]   # the tail of each head
+    kv = rand(T, C + R, dtype=dtype, g=g, scale=2.0)
+    c, k_pe = rand(T, C, dtype=dtype, g=g), kv[:, C:]
+    cos, sin = _cos_sin(T, R, g)
+    q, k = latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin)
+    assert q.shape == (T, H, C + R) and k.shape == (T, 1, C + R)
+    assert torch.equal(q[..., :C], q_lat) and torch.equal(k[:, 0, :C], c)
+    tq = Rotary.apply_interleaved(q_pe, cos, sin)
+    tk = Rotary.apply_interleaved(k_pe[:, None], cos, sin)[:, 0]
+
+    def ref(x):   # float64, interleaved pairs
+        xd = x.double().unflatten(-1, (-1, 2))
+        a, b, cc, ss = xd[..., 0], xd[..., 1], cos.double(), sin.double()
+        return torch.stack([a * cc - b * ss, b * cc + a * ss], dim=-1).flatten(-2)
+    close(q[..., C:], ref(q_pe), tq, dtype)
+    close(k[:, 0, C:], ref(k_pe[:, None])[:, 0], tk, dtype)

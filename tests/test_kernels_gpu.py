@@ -311,6 +311,21 @@ def test_fused_kernels_gpu(dtype):
         ok(qo, rope_ref(qn, cos, sin), Rotary.apply(qn, cos, sin), f"rope q {T}x{Hq}x{D}")
         ok(ko, rope_ref(kn, cos, sin), Rotary.apply(kn, cos, sin), f"rope k {T}x{Hkv}x{D}")
         assert torch.equal(kc[slots], ko) and torch.equal(vc[slots], v)
+    from ringserve.kernels.fused import latent_rope_triton
+    for T, H in ((1, 16), (5, 128)):       # MLA at DeepSeek-V2(-Lite)'s widths: 512 + 64
+        q_lat = mk(H, T, 512).transpose(0, 1)
+        q_pe, kv = mk(T, H, 192, sc=2.0)[..., 128:], mk(T, 576, sc=2.0)
+        c, k_pe = mk(T, 512), kv[:, 512:]
+        cos, sin = Rotary(RopeConfig(theta=1e4), 64).cos_sin(
+            torch.randint(0, 1 << 17, (T,), device="cuda"))
+        q, k = latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin)
+        assert torch.equal(q[..., :512], q_lat) and torch.equal(k[:, 0, :512], c)
+        for got, x in ((q[..., 512:], q_pe), (k[:, 0, 512:], k_pe[:, None])):
+            xd = x.double().unflatten(-1, (-1, 2))
+            a, b, cc, ss = xd[..., 0], xd[..., 1], cos.double(), sin.double()
+            want = torch.stack([a * cc - b * ss, b * cc + a * ss], dim=-1).flatten(-2)
+            tp = Rotary.apply_interleaved(x, cos, sin)
+            ok(got.reshape(tp.shape), want, tp, f"latent rope {T}x{H}")
     for T, N, gelu in ((1, 14336, False), (9, 14336, True)):
         gu = mk(T, 2 * N, sc=3.0)
         gate, up = gu.chunk(2, dim=-1)
