@@ -11,7 +11,9 @@ tensor. Here:
   norm), RoPE of q and k (rotate-half pairs), a contiguous copy of v, and the store of the
   rotated k and of v into the KV pool's flat slots (-1: not stored), in one launch of one
   program per token;
-- `act_mul_triton(gate, up, gelu)`: SiLU(gate) * up, or GELU-tanh(gate) * up (Gemma's GeGLU).
+- `act_mul_triton(gate, up, gelu)`: SiLU(gate) * up, or GELU-tanh(gate) * up (Gemma's GeGLU);
+- `latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin)`: MLA's query [q_lat ; RoPE(q_pe)] and
+  key [c ; RoPE(k_pe)], RoPE on interleaved pairs (DeepSeek's layout).
 
 Every result rounds where the torch path (ringserve.model, ringserve.rope) rounds: statistics
 and rotations in float32, the normalized row cast to the activation dtype before a Llama
