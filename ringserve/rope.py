@@ -132,8 +132,11 @@ class Rotary:
         for a in range(0, T, step):
             inv_t = inv if inv.dim() == 1 else inv[a:a + step]
             ang = positions[a:a + step].to(torch.float64)[:, None] * inv_t  # (t, D/2)
-            cos[a:a + step, 0] = torch.cos(ang) * self.scale
-            sin[a:a + step, 0] = torch.sin(ang) * self.scale
+            c, s = torch.cos(ang), torch.sin(ang)
+            if self.scale != 1.0:   # two kernels a step fewer for the usual unscaled RoPE
+                c, s = c * self.scale, s * self.scale
+            cos[a:a + step, 0] = c
+            sin[a:a + step, 0] = s
         return cos, sin
 
     @staticmethod
