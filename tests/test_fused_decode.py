@@ -224,3 +224,29 @@ def test_warm_fused_compiles_and_stores_nothing():
     assert not w.pool.k.any() and not w.pool.v.any()
     w.shutdown()
 
+
+
+def test_long_or_chunked_steps_keep_the_torch_path(monkeypatch):
+    """Only one-span steps of at most FUSED_MAX_TOKENS take the fused kernels: prefill keeps
+    the torch path whatever the backend."""
+    from ringserve import model as model_mod
+    from triton.runtime import interpreter
+
+    m = _model("llama")
+    launches = []
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    monkeypatch.setattr(model_mod, "FUSED_MAX_TOKENS", 4)
+    m.backend = "triton"
+    attn = model_attention_fn(m, backend="torch")
+    m(torch.arange(4), torch.arange(4), attn)
+    assert "_rms_norm_kernel" in launches
+    launches.clear()
+    m(torch.arange(5), torch.arange(5), attn)                    # longer than the bound
+    m(torch.arange(4), torch.arange(4), attn, chunk_tokens=2)    # two spans
+    assert launches == []
