@@ -474,7 +474,7 @@ class CausalLM(nn.Module):
             at = layer.self_attn
             cos, sin = local if self.layer_rotary[li] else glob
             x = add_norm(layer.input_layernorm, h, pending)
-            if cfg.mla is not None:   # interleaved RoPE on part of the latent: the torch path
+            if cfg.mla is not None:   # latent q and k (interleaved RoPE) in one launch
                 q, k, v = at.project(x, cos, sin, norm, fused=True)
             else:
                 q, k, v = at.qkv_joint(x)   # views; the kernel copies v contiguous
