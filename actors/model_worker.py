@@ -120,7 +120,8 @@ class ModelShardWorker(ShardWorker):
                  dtype=None, page_size: int = 16, kv_tokens: Optional[int] = None,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  chunk_tokens: Optional[int] = None, backend: str = "auto",
-                 cuda_graphs: Union[bool, str] = False, **kwargs):
+                 cuda_graphs: Union[bool, str] = False, fused_kernels: bool = False,
+                 **kwargs):
         super().__init__(rank, world_size, device, **kwargs)
         # "emulate" (tests, any device): the graph path's static buffers, scratch writes and
         # buckets, with the body run eagerly at each "replay" instead of captured
@@ -138,8 +139,12 @@ class ModelShardWorker(ShardWorker):
         self.sampler = Sampler(model, self.cfg.vocab_size)   # tokenizer read on first grammar
         self.chunk_tokens = chunk_tokens
         self.backend = backend
-        self.model.backend = backend   # the fused kernels of few-token steps
-        if kernels.use_triton(backend, self.model.model.embed_tokens.weight):
+        # the fused kernels of few-token steps (kernels/fused.py): only when asked for, until
+        # they have run on a GPU in bf16 (their tests so far: interpreted fp32/fp16 on CPU)
+        self.fused = bool(fused_kernels) and kernels.use_triton(
+            backend, self.model.model.embed_tokens.weight)
+        self.model.backend = backend if self.fused else "torch"
+        if self.fused:
             self.model.join_weights()  # q|k|v and gate|up: one GEMM each on that path
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()   # the unjoined weights' blocks: before KV sizing
@@ -367,7 +372,7 @@ class ModelShardWorker(ShardWorker):
         store, act * up) with one one-token forward that stores nothing (slot -1) and attends
         to nothing: a serving step would otherwise pay their compiles. No-op off that path."""
         dev = self.device
-        if not kernels.use_triton(self.backend, self.model.model.embed_tokens.weight):
+        if not self.fused:
             return
         from ringserve.kernels.fused import rope_store_triton
         pool = self.pool

@@ -137,7 +137,7 @@ def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
     cfg = _config(layers, family)
     w = ModelShardWorker(0, 1, "cpu", model={"config": cfg, "seed": 0}, dtype=dtype,
                          page_size=16, kv_tokens=batch * (prompt + 16) + 64, backend=backend,
-                         cuda_graphs="emulate" if graphs else False)
+                         cuda_graphs="emulate" if graphs else False, fused_kernels=True)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=4096,
                                                      cuda_graphs=graphs))
     box = {}

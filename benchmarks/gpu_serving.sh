@@ -116,10 +116,10 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
       "$REPO/tests/test_kernels_gpu.py" -k fused 2>&1 | tee "$OUT/test_fused_gpu.log" | tail -4
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 180 python3 -m pytest -q -x -p no:cacheprovider \
-      "$REPO/tests/test_llm_gpu.py" -k "graph or shared_document" 2>&1 \
+      "$REPO/tests/test_llm_gpu.py" -k "graph or shared_document or fused" 2>&1 \
       | tee "$OUT/test_llm_gpu.log" | tail -4
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 240 python3 "$REPO/benchmarks/profile_decode.py" \
-      --lengths 32768,131072 --steps 32 --json "$OUT/profile_decode_fused.json" \
+      --lengths 32768,131072 --steps 32 --fused-kernels --json "$OUT/profile_decode_fused.json" \
       > "$OUT/profile_decode_fused.log" 2>&1
     grep -E 'eager .* ms/token|^ +[0-9]+ \|' "$OUT/profile_decode_fused.log" ;;
   serving)

@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="32768,131072")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per mode")
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="the fused few-token kernels (kernels/fused.py; LLM(fused_kernels=True))")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
     dtype = "bfloat16" if a.device == "cuda" else "float32"
     w = ModelShardWorker(0, 1, a.device, model={"config": cfg, "seed": 0}, dtype=dtype,
                          page_size=a.page_size, kv_tokens=max(lengths) + 4 * a.steps + 1024,
-                         cuda_graphs=True if a.device == "cuda" else "emulate")
+                         cuda_graphs=True if a.device == "cuda" else "emulate",
+                         fused_kernels=a.fused_kernels)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=8192,
                                                      cuda_graphs=True))
     bw = w.copy_bandwidth()

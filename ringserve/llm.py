@@ -90,7 +90,8 @@ class LLM:
                  backend: str = "auto", transport_timeout_s: float = DEFAULT_TIMEOUT_S,
                  tokenizer: Any = "auto", cuda_graphs: Union[bool, str] = False,
                  step_timeout_s: Optional[float] = None, max_recoveries: int = 2,
-                 cascade: bool = True, warmup: bool = True, schedule: Optional[str] = None,
+                 cascade: bool = True, warmup: bool = True, fused_kernels: bool = False,
+                 schedule: Optional[str] = None,
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
                  tensor_parallel_size: int = 1, comm_host: Optional[str] = None):
@@ -107,7 +108,11 @@ class LLM:
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA)
         replays decode-only steps as captured graphs, one per (batch bucket, table width);
-        "emulate" runs that path eagerly on any device (tests). `warmup` (CUDA) compiles and
+        "emulate" runs that path eagerly on any device (tests). `fused_kernels` (Triton backend:
+        CUDA, or CPU under TRITON_INTERPRET=1): steps of up to 1024 tokens run fused Triton
+        kernels (residual + norm, RoPE + K/V store, act * up; q|k|v and gate|up as one GEMM
+        each), about 10 kernels a decode layer instead of ~49; off by default until they have
+        run on a GPU in bf16. `warmup` (CUDA) compiles and
         tunes the attention kernels for every shape bucket before the first request (seconds
         at start-up instead of mid-request). A worker fault rebuilds the
         group and in-flight requests recompute (at most `max_recoveries` times each).
@@ -211,7 +216,7 @@ class LLM:
                              # tokens (the MLP's intermediate would otherwise be ~3.5x the
                              # hidden states of the whole shard, unbudgeted)
                              chunk_tokens=chunk_tokens or 8192, backend=backend,
-                             cuda_graphs=cuda_graphs)
+                             cuda_graphs=cuda_graphs, fused_kernels=fused_kernels)
         self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,

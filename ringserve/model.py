@@ -315,9 +315,10 @@ class CausalLM(nn.Module):
         self.window_size: Union[Optional[int], tuple] = config.window_size
         self.softmax_scale = config.softmax_scale
         self.softcap: Optional[float] = config.attn_logit_softcap
-        # kernels for few-token steps: "auto" (Triton on CUDA), "triton", "torch" (the worker
-        # sets its own backend)
-        self.backend = "auto"
+        # kernels for few-token steps: "torch" (default), "triton", or "auto" (Triton on CUDA);
+        # the worker sets "torch" unless asked for its fused kernels (fused_kernels=True: not
+        # yet run on a GPU in bf16)
+        self.backend = "torch"
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], dtype: Optional[torch.dtype] = None,

@@ -102,7 +102,7 @@ def _generate(name: str, backend: str, graphs):
     w = ModelShardWorker(0, 1, "cpu", model={"config": hf_config(name, 128).to_dict(),
                                              "seed": 0},
                          dtype="float32", page_size=16, kv_tokens=512, backend=backend,
-                         cuda_graphs=graphs)
+                         cuda_graphs=graphs, fused_kernels=True)
     _redraw(w.model, 5)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=4096,
                                                      cuda_graphs=bool(graphs)))
@@ -137,7 +137,7 @@ def _generate_ranks(backend: str, graphs, ws: int = 2):
 
     group = ThreadGroup(ws, model={"config": hf_config("qwen3", 128).to_dict(), "seed": 0},
                         dtype="float32", page_size=8, kv_tokens=512, backend=backend,
-                        cuda_graphs=graphs)
+                        cuda_graphs=graphs, fused_kernels=True)
     for w in group.workers:
         _redraw(w.model, 5)
     eng = Engine(group, None, (), EngineConfig(max_num_batched_tokens=16, passq_max_tokens=4,
@@ -207,7 +207,7 @@ def test_warm_fused_compiles_and_stores_nothing():
 
     w = ModelShardWorker(0, 1, "cpu", model={"config": hf_config("qwen3", 128).to_dict(),
                                              "seed": 0}, dtype="float32", page_size=16,
-                         kv_tokens=64, backend="triton")
+                         kv_tokens=64, backend="triton", fused_kernels=True)
     seen = set()
     real = interpreter.InterpretedFunction.run
 
@@ -250,3 +250,19 @@ def test_long_or_chunked_steps_keep_the_torch_path(monkeypatch):
     m(torch.arange(5), torch.arange(5), attn)                    # longer than the bound
     m(torch.arange(4), torch.arange(4), attn, chunk_tokens=2)    # two spans
     assert launches == []
+
+
+def test_fused_kernels_only_when_asked_for():
+    """The fused path is opt-in (LLM(fused_kernels=True)) until it has run on a GPU in bf16: a
+    worker on the Triton backend without it keeps the model's torch path and unjoined weights."""
+    from ringserve.actors.model_worker import ModelShardWorker
+
+    spec = {"config": hf_config("qwen3", 128).to_dict(), "seed": 0}
+    plain = ModelShardWorker(0, 1, "cpu", model=spec, dtype="float32", kv_tokens=64,
+                             backend="triton")
+    fused = ModelShardWorker(0, 1, "cpu", model=spec, dtype="float32", kv_tokens=64,
+                             backend="triton", fused_kernels=True)
+    assert (plain.fused, plain.model.backend) == (False, "torch")
+    assert (fused.fused, fused.model.backend) == (True, "triton")
+    joined = [n for n, _ in fused.model.named_parameters()]
+    assert joined == [n for n, _ in plain.model.named_parameters()]   # same names either way

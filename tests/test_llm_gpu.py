@@ -158,3 +158,30 @@ def test_questions_on_a_shared_document_equal_their_solo_runs(ref, ray_gpu, worl
             assert any(k[2] for k in llm._group.call("graph_keys")[0])
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fused_kernels_equal_the_torch_path(ref, ray_gpu, world_size):
+    """LLM(fused_kernels=True) (kernels/fused.py on steps of few tokens: decode, questions)
+    gives the torch path's tokens and logprobs in float32, eager and through the decode graphs,
+    on a cached document and fresh prompts together."""
+    from ringserve import LLM, SamplingParams
+
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs")
+    path, ids = ref[0], ref[1]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=True)
+    prompts = [ids[:3000] + ids[4000:4000 + 5 * i + 3] for i in range(3)] + [ids[50:90]]
+    outs = {}
+    for fused, graphs in ((False, False), (True, False), (True, True)):
+        llm = LLM(str(path), world_size=world_size, device="cuda", dtype="float32",
+                  cuda_graphs=graphs, fused_kernels=fused)
+        try:
+            llm.cache_document(ids[:3000])
+            outs[fused, graphs] = llm.generate(prompts, params)
+        finally:
+            llm.shutdown()
+    for key in ((True, False), (True, True)):
+        for a, b in zip(outs[False, False], outs[key]):
+            assert a.token_ids == b.token_ids, key
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4, key
