@@ -25,6 +25,9 @@ from collections import Counter
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_decode import _OneRank  # noqa: E402  (the one-worker group, no Ray)
+
 
 def _config(layers: int, family: str) -> dict:
     c = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -38,26 +41,6 @@ def _config(layers: int, family: str) -> dict:
     else:
         raise ValueError(family)
     return c
-
-
-class _OneRank:
-    """The ActorGroup interface over one in-process worker (no Ray)."""
-    world_size = 1
-
-    def __init__(self, worker):
-        self.w = worker
-
-    def call(self, method, *args, **kw):
-        return [getattr(self.w, method)(*args)]
-
-    def call_per_rank(self, method, args_list, **kw):
-        return [getattr(self.w, method)(*args_list[0])]
-
-    def rebuild(self):
-        raise RuntimeError("count_decode_ops: the worker failed")
-
-    def shutdown(self):
-        self.w.shutdown()
 
 
 _LAUNCHES: Counter = Counter()

@@ -14,25 +14,8 @@
 # Extra arguments go to bench_e2e (e.g. --lengths 8192,131072,max). Logs and JSON under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 PART=${1:-check}; shift || true
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export RAY_USAGE_STATS_ENABLED=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ -f .devsite/ray-bundle.tar.xz ]; then
-  mkdir -p /tmp/site && tar xJf .devsite/ray-bundle.tar.xz -C /tmp/site
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
-fi
-if [ -f .devsite/head.tar.gz ]; then   # measure a commit, not a tree others edit
-  rm -rf /tmp/head && mkdir -p /tmp/head && tar xzf .devsite/head.tar.gz -C /tmp/head
-  REPO=/tmp/head
-fi
-# the tree as the installed package (ringserve.kernels, ringserve.actors)
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r "$REPO/ringserve" /tmp/pkg/ringserve \
-  && cp -r "$REPO/kernels" /tmp/pkg/ringserve/kernels && cp -r "$REPO/actors" /tmp/pkg/ringserve/actors
-export PYTHONPATH=/tmp/pkg:$PYTHONPATH
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
-cd /tmp   # Ray puts the driver's cwd on the actors' sys.path: not the bare repo root
+source benchmarks/gpu_setup.sh
 e2e() {  # $1: preset, $2: default lengths, then bench_e2e arguments
   preset=$1 lengths=$2; shift 2
   timeout 560 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --preset "$preset" \

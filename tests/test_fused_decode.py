@@ -75,44 +75,25 @@ def test_fused_fp16_error(name):
     assert err <= 2 * base + 1e-3, (err, base)
 
 
-class _OneRank:
-    world_size = 1
-
-    def __init__(self, worker):
-        self.w = worker
-
-    def call(self, method, *args, **kw):
-        return [getattr(self.w, method)(*args)]
-
-    def call_per_rank(self, method, args_list, **kw):
-        return [getattr(self.w, method)(*args_list[0])]
-
-    def rebuild(self):
-        raise RuntimeError("worker failed")
-
-    def shutdown(self):
-        self.w.shutdown()
-
-
 def _generate(name: str, backend: str, graphs):
-    from ringserve.actors.model_worker import ModelShardWorker
+    from threadgroup import ThreadGroup
     from ringserve.engine import Engine, EngineConfig
     from ringserve.sampling import SamplingParams
 
-    w = ModelShardWorker(0, 1, "cpu", model={"config": hf_config(name, 128).to_dict(),
-                                             "seed": 0},
-                         dtype="float32", page_size=16, kv_tokens=512, backend=backend,
-                         cuda_graphs=graphs, fused_kernels=True)
+    group = ThreadGroup(1, model={"config": hf_config(name, 128).to_dict(), "seed": 0},
+                        dtype="float32", page_size=16, kv_tokens=512, backend=backend,
+                        cuda_graphs=graphs, fused_kernels=True)
+    w = group.workers[0]
     _redraw(w.model, 5)
-    eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=4096,
-                                                     cuda_graphs=bool(graphs)))
+    eng = Engine(group, None, (), EngineConfig(max_num_batched_tokens=4096,
+                                               cuda_graphs=bool(graphs)))
     p = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4, logprobs=True)
     hs = [eng.submit("generate", [(7 * i + 3 * j) % 128 for j in range(21 + 5 * i)], p)
           for i in range(3)]
     out = [h.result() for h in hs]
     kv = w.pool.k.clone()
     eng.shutdown()
-    w.shutdown()
+    group.shutdown()
     return [o.token_ids for o in out], [o.logprobs for o in out], kv
 
 
