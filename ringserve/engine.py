@@ -560,12 +560,12 @@ class Engine:
             if req.handle.started is None:
                 req.handle.started = now
             if not w.sample:
-                done = req.computed
-                req.handle._progress = {"state": "running", "phase": "prefill",
-                                        "done": done, "total": len(req.prompt),
-                                        "unit": "tokens"}
-                if req.remaining == 0:
+                if req.remaining == 0:      # straight to done: never "running" with all done
                     self._complete(req)
+                else:
+                    req.handle._progress = {"state": "running", "phase": "prefill",
+                                            "done": req.computed, "total": len(req.prompt),
+                                            "unit": "tokens"}
                 continue
             got = results[w.sample_rank][i]
             self._on_token(req, int(got[0]), float(got[1]), now,

@@ -456,21 +456,38 @@ def test_a_question_on_a_document_still_prefilling_waits_and_reuses_it(tmp_path_
         close(eng)
 
 
-def test_a_cached_document_is_ready_only_once_its_kv_is_computed(tmp_path_factory):
+def test_a_cached_document_is_ready_only_once_its_kv_is_computed(tmp_path_factory,
+                                                                 monkeypatch):
     """cache_document resolves after the step that computes the document's last chunk has
     run, not when that chunk is planned (the scheduler counts a chunk as computed when it
-    plans it): otherwise the document's time shows up in the next request's TTFT."""
+    plans it): otherwise the document's time shows up in the next request's TTFT. Its
+    progress goes from prefill chunks straight to done: never "running" with every token
+    done (a poller saw that state between the last step and the result)."""
+    from ringserve import engine as engine_mod
+    states = []
+
+    def put(self, v):
+        states.append(dict(v))
+        self.__dict__["_progress_value"] = v
+
+    monkeypatch.setattr(engine_mod.RequestHandle, "_progress", property(
+        lambda self: self.__dict__["_progress_value"], put), raising=False)
     path = model_path(tmp_path_factory)
     for budget in (16, 4096):          # several chunks, and one step for the whole document
         eng = make(path, 1, "striped", max_num_batched_tokens=budget)
         doc = list(range(5, 205))
         seen = []
+        states.clear()
         try:
             h = eng.submit("cache_document", doc)
             # done callbacks run in the engine thread at the moment the result is set
             h.future.add_done_callback(lambda f: seen.append(eng.stats()["prefill_tokens"]))
             h.result(60)
             assert seen == [len(doc)], (budget, seen)
+            assert states[-1] == {"state": "done"} and h.progress()["state"] == "done"
+            assert not [p for p in states if p.get("done", 0) >= len(doc)], states
+            if budget == 16:
+                assert any(p.get("phase") == "prefill" for p in states), states
         finally:
             close(eng)
 
