@@ -481,7 +481,8 @@ def test_a_cached_document_is_ready_only_once_its_kv_is_computed(tmp_path_factor
         try:
             h = eng.submit("cache_document", doc)
             # done callbacks run in the engine thread at the moment the result is set
-            h.future.add_done_callback(lambda f: seen.append(eng.stats()["prefill_tokens"]))
+            h.future.add_done_callback(
+                lambda f, seen=seen, eng=eng: seen.append(eng.stats()["prefill_tokens"]))
             h.result(60)
             assert seen == [len(doc)], (budget, seen)
             assert states[-1] == {"state": "done"} and h.progress()["state"] == "done"
