@@ -362,6 +362,14 @@ class ModelShardWorker(ShardWorker):
                                          softmax_scale=self.softmax_scale, causal=True,
                                          window_size=w, q_pos=pos, kv_pos=pool.kv_pos,
                                          backend=self.backend, softcap=self.model.softcap)
+        # the LSE merge of partial results (a chunk with its cached prefix, cascade groups,
+        # ranks): float32 accumulators, the other side float32 or the model's dtype
+        for other in sorted({torch.float32, dt}, key=str):
+            acc = torch.zeros(256, hq, d, device=dev)      # enough rows for the widest tile
+            acc_lse = torch.zeros(256, hq, device=dev)
+            part = torch.zeros(256, hq, d, device=dev, dtype=other)
+            kernels.merge_(acc[None], acc_lse.t()[None], part[None],
+                           torch.zeros(256, hq, device=dev).t()[None])
         self.warm_fused()
         torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
@@ -543,7 +551,9 @@ def _watch_compiles() -> List[Tuple[float, str]]:
         return _COMPILES
 
     def hook(*args, **kwargs):
-        _COMPILES.append((time.time(), str(kwargs.get("repr", ""))[:300]))
+        # the kernel, then its constexprs (which of them changed says why it compiled)
+        name = str(kwargs.get("repr", "")).split("](")[0] + "]"
+        _COMPILES.append((time.time(), f"{name} {kwargs.get('constants', '')}"[:600]))
         del _COMPILES[:-1000]
         return prev(*args, **kwargs) if prev is not None else False
 

@@ -404,7 +404,7 @@ def test_autotune_proxy_runs_the_kernel_with_the_real_key(monkeypatch, causal, w
     assert len(calls) == 1
     args, got_meta = calls[0]
     assert got_meta == meta                       # the same constexpr key
-    assert args[-1] == min(triton.next_power_of_2(48), 1 << 14)  # SEQ_BUCKET
+    assert args[-1] == flash_fwd.seq_bucket(48, 48) == 128      # SEQ_BUCKET, floored at 128
     pq, pk, pv, po, pl = args[:5]
     ref_o, ref_l = attention_ref(pq, pk, pv, None, causal, 1024 if window else None,
                                  softcap=50.0 if softcap else None)
@@ -490,3 +490,13 @@ def test_attention_latent_heads(dtype):
                               config={"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8,
                                       "num_stages": 1})
     check_close(out, lse, ref_out, ref_lse, dtype, lowp)
+
+
+def test_sequence_bucket_of_the_autotuning_key_has_a_floor_and_a_cap():
+    """Short prompts share the 128 bucket (warmed before serving) instead of opening keys of
+    their own that autotune in the middle of serving; long ones share the 16K one."""
+    from ringserve.kernels import flash_fwd
+
+    assert [flash_fwd.seq_bucket(a, b) for a, b in ((1, 1), (40, 7), (128, 3), (129, 1),
+                                                    (100, 300), (20000, 5), (1, 1 << 20))] \
+        == [128, 128, 128, 256, 512, 16384, 16384]
