@@ -111,6 +111,19 @@ case "$PART" in
       --scenarios prefill --budgets 4096 --json "$OUT/prefill_default.json" \
       > "$OUT/prefill_default.log" 2>&1
     grep -E '^prefill|solo prefill' "$OUT/prefill_default.log" ;;
+  s5a)   # session 5, second call: the shared-document GPU tests (verbose, timed: in s4b they
+         # did not finish inside the step's limit), the fused kernels' bf16 tests, then the
+         # prefill under load again after the autotune-key floor and the merge warm-up
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 250 python3 -m pytest -v -x -p no:cacheprovider \
+      -o faulthandler_timeout=170 --durations=0 "$REPO/tests/test_llm_gpu.py" \
+      -k "shared_document" 2>&1 | tee "$OUT/test_shared_gpu.log" | grep -E "PASS|FAIL|ERROR|s call|s setup|passed|failed|Timeout|File " | head -40
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 90 python3 -m pytest -q -x -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k fused 2>&1 | tee "$OUT/test_fused_gpu.log" | tail -4
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 220 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets 4096 --json "$OUT/prefill_default.json" \
+      > "$OUT/prefill_default.log" 2>&1
+    grep -E '^prefill|solo prefill|compiles after|^  [0-9:]+ ' "$OUT/prefill_default.log" ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
