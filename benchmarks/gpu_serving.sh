@@ -124,6 +124,23 @@ case "$PART" in
       --scenarios prefill --budgets 4096 --json "$OUT/prefill_default.json" \
       > "$OUT/prefill_default.log" 2>&1
     grep -E '^prefill|solo prefill|compiles after|^  [0-9:]+ ' "$OUT/prefill_default.log" ;;
+  s5b)   # session 5, third call: the prefill under load (s5a's limit cut it), then the fused
+         # kernels under LLM (float32 equality, eager and graphs) and their decode profile
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 290 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets 4096 --json "$OUT/prefill_default.json" \
+      > "$OUT/prefill_default.log" 2>&1
+    grep -E '^prefill|solo prefill|compiles after|^  [0-9:]+ ' "$OUT/prefill_default.log"
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
+      --durations=3 "$REPO/tests/test_llm_gpu.py" -k "fused" 2>&1 \
+      | tee "$OUT/test_llm_fused.log" | tail -6
+    for f in --fused-kernels ""; do   # fused, then the torch path in the same call
+      tag=${f:+fused}; tag=${tag:-torch}
+      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 "$REPO/benchmarks/profile_decode.py" \
+        --lengths 131072 --steps 24 $f --json "$OUT/profile_decode_$tag.json" \
+        > "$OUT/profile_decode_$tag.log" 2>&1
+      echo "$tag:"; grep -E 'eager .* ms/token|^ +[0-9]+ \|' "$OUT/profile_decode_$tag.log" | cut -c1-300
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
