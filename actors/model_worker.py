@@ -551,9 +551,10 @@ def _watch_compiles() -> List[Tuple[float, str]]:
         return _COMPILES
 
     def hook(*args, **kwargs):
-        # the kernel, then its constexprs (which of them changed says why it compiled)
+        # the kernel and its launch options, then its whole cache key (its specializations and
+        # constexprs: compared with an earlier compile's, it says why this one happened)
         name = str(kwargs.get("repr", "")).split("](")[0] + "]"
-        _COMPILES.append((time.time(), f"{name} {kwargs.get('constants', '')}"[:600]))
+        _COMPILES.append((time.time(), f"{name} {kwargs.get('key', '')}"[:6000]))
         del _COMPILES[:-1000]
         return prev(*args, **kwargs) if prev is not None else False
 

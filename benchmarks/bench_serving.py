@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -204,6 +205,30 @@ def single(llm, g, vocab, cfg, args) -> Dict:
     return row
 
 
+def compile_causes(events, since: float) -> List[str]:
+    """For each compile after `since`: the parts of its cache key (specializations, constexprs)
+    that differ from the closest earlier compile of the same kernel and launch options."""
+    out = []
+    for i, (ts, r) in enumerate(events):
+        if ts <= since:
+            continue
+        name, _, key = r.partition(" ")
+        parts = re.split(r",\s*", key)
+        best = None
+        for _, r0 in events[:i]:
+            name0, _, key0 = r0.partition(" ")
+            if name0.split("[")[0] != name.split("[")[0]:
+                continue
+            p0 = re.split(r",\s*", key0)
+            diff = [f"#{j}: {a} -> {b}" for j, (a, b) in enumerate(zip(p0, parts)) if a != b]
+            if len(p0) != len(parts):
+                diff.append(f"{len(p0)} -> {len(parts)} key parts")
+            if best is None or len(diff) < len(best):
+                best = diff
+        out.append("; ".join(best)[:400] if best else "no earlier compile of this kernel")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="llama3-8b")
@@ -270,6 +295,7 @@ def main(argv=None) -> int:
     res["stats"] = llm.stats()
     # Triton compiles after the warm-up (each stalls the step it falls in): rank 0's
     res["compiles_after_warmup"] = llm._group.call("compile_events", t_warm)[0]
+    res["compile_causes"] = compile_causes(llm._group.call("compile_events", 0.0)[0], t_warm)
     llm.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
@@ -277,6 +303,8 @@ def main(argv=None) -> int:
     print(f"\n{len(late)} Triton compiles after the warm-up on rank 0"
           + "".join(f"\n  {time.strftime('%H:%M:%S', time.localtime(ts))} {r[:160]}"
                     for ts, r in late[:12]))
+    for cause in res["compile_causes"][:12]:
+        print(f"    differs from its closest earlier compile in: {cause}")
     print("\nscenario                     figure                      target   measured")
     if "concurrent" in res:
         for r in res["concurrent"]["rows"]:
