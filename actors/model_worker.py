@@ -139,8 +139,8 @@ class ModelShardWorker(ShardWorker):
         self.sampler = Sampler(model, self.cfg.vocab_size)   # tokenizer read on first grammar
         self.chunk_tokens = chunk_tokens
         self.backend = backend
-        # the fused kernels of few-token steps (kernels/fused.py): only when asked for, until
-        # they have run on a GPU in bf16 (their tests so far: interpreted fp32/fp16 on CPU)
+        # the fused kernels of few-token steps (kernels/fused.py) when asked for (LLM's default
+        # on CUDA) and the backend is Triton
         self.fused = bool(fused_kernels) and kernels.use_triton(
             backend, self.model.model.embed_tokens.weight)
         self.model.backend = backend if self.fused else "torch"
@@ -346,6 +346,11 @@ class ModelShardWorker(ShardWorker):
         for causal in (True, False):
             for sq, sk in ((1000, 1000), (1000, 1024), (1024, 1000), (1000, 999)):
                 attend(sq, sk, 1, causal)
+        # and a length of exactly 1, another specialization: the remainder of a cached prefix
+        # split over batch entries can be one key (a 256K prefill under load compiled twice
+        # mid-run on the H200, most likely this), and a one-token prompt is (1, 1)
+        for sq, sk, causal in ((1000, 1, False), (1024, 1, False), (1, 1, True)):
+            attend(sq, sk, 1, causal)
         pool = self.pool
         page = pool.page_size
         width = max(2, -(-4224 // page))         # enough key tiles for the largest split count
@@ -504,6 +509,11 @@ class ModelShardWorker(ShardWorker):
         g.graph.replay()
         self.graph_replays += 1
         return g.logits[:n]
+
+    def features(self) -> Dict[str, object]:
+        """What this rank runs with: decode graphs (captured, or emulated off CUDA) and the fused
+        few-token kernels (after the LLM's defaults and the backend's say)."""
+        return {"cuda_graphs": self.cuda_graphs, "fused_kernels": self.fused}
 
     def graph_stats(self) -> Dict[str, int]:
         """Captured decode graphs and how many steps replayed one (tests, benchmarks)."""

@@ -88,9 +88,9 @@ class LLM:
                  num_cpus_per_worker: float = 1.0,
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  backend: str = "auto", transport_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 tokenizer: Any = "auto", cuda_graphs: Union[bool, str] = False,
+                 tokenizer: Any = "auto", cuda_graphs: Union[bool, str, None] = None,
                  step_timeout_s: Optional[float] = None, max_recoveries: int = 2,
-                 cascade: bool = True, warmup: bool = True, fused_kernels: bool = False,
+                 cascade: bool = True, warmup: bool = True, fused_kernels: Optional[bool] = None,
                  schedule: Optional[str] = None,
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
@@ -106,13 +106,15 @@ class LLM:
         256 / 2048) run pass-Q. `layout` ("striped" or "ring") shards prompt chunks over the
         ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
-        `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` (CUDA)
-        replays decode-only steps as captured graphs, one per (batch bucket, table width);
-        "emulate" runs that path eagerly on any device (tests). `fused_kernels` (Triton backend:
+        `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays
+        decode-only steps as captured graphs, one per (batch bucket, table width, shared
+        prefix), each captured the first time a step needs it; default True on CUDA (2.6x
+        faster decode at 128K on an H200), False elsewhere; False is the eager path; "emulate"
+        runs the graph path eagerly on any device (tests). `fused_kernels` (Triton backend:
         CUDA, or CPU under TRITON_INTERPRET=1): steps of up to 1024 tokens run fused Triton
         kernels (residual + norm, RoPE + K/V store, act * up; q|k|v and gate|up as one GEMM
-        each), about 10 kernels a decode layer instead of ~49; off by default until they have
-        run on a GPU in bf16. `warmup` (CUDA) compiles and
+        each), about 10 kernels a decode layer instead of ~49; default True on CUDA, False
+        elsewhere (the torch path). `warmup` (CUDA) compiles and
         tunes the attention kernels for every shape bucket before the first request (seconds
         at start-up instead of mid-request). A worker fault rebuilds the
         group and in-flight requests recompute (at most `max_recoveries` times each).
@@ -146,8 +148,16 @@ class LLM:
         from ringserve.kernels import BACKENDS
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if cuda_graphs not in (False, True, "emulate"):
-            raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
+        if cuda_graphs not in (None, False, True, "emulate"):
+            raise ValueError(f"cuda_graphs must be True, False, 'emulate' or None (default: "
+                             f"True on CUDA), got {cuda_graphs!r}")
+        if fused_kernels not in (None, False, True):
+            raise ValueError(f"fused_kernels must be True, False or None (default: True on "
+                             f"CUDA), got {fused_kernels!r}")
+        if cuda_graphs is None:
+            cuda_graphs = device == "cuda"
+        if fused_kernels is None:
+            fused_kernels = device == "cuda"
         if cuda_graphs is True and device != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'")
         layouts.check_layout(layout)

@@ -316,8 +316,8 @@ class CausalLM(nn.Module):
         self.softmax_scale = config.softmax_scale
         self.softcap: Optional[float] = config.attn_logit_softcap
         # kernels for few-token steps: "torch" (default), "triton", or "auto" (Triton on CUDA);
-        # the worker sets "torch" unless asked for its fused kernels (fused_kernels=True: not
-        # yet run on a GPU in bf16)
+        # the worker sets "torch" unless asked for its fused kernels (fused_kernels=True, the
+        # LLM's default on CUDA)
         self.backend = "torch"
 
     @classmethod

@@ -234,8 +234,8 @@ def test_long_or_chunked_steps_keep_the_torch_path(monkeypatch):
 
 
 def test_fused_kernels_only_when_asked_for():
-    """The fused path is opt-in (LLM(fused_kernels=True)) until it has run on a GPU in bf16: a
-    worker on the Triton backend without it keeps the model's torch path and unjoined weights."""
+    """A worker takes the fused path only when told (the LLM tells it by default on CUDA): on
+    the Triton backend without it, the model keeps its torch path and unjoined weights."""
     from ringserve.actors.model_worker import ModelShardWorker
 
     spec = {"config": hf_config("qwen3", 128).to_dict(), "seed": 0}

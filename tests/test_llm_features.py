@@ -173,6 +173,14 @@ def test_deprecated_names_still_work(llm):
         assert llm.schedule == "striped"
 
 
+def test_off_cuda_the_defaults_are_the_eager_torch_path(llm):
+    """cuda_graphs and fused_kernels default to True on CUDA only: on CPU, eager steps and
+    the torch kernels (what every other test of this module checks against transformers)."""
+    assert llm.config.cuda_graphs is False
+    assert llm._group.call("features") == [{"cuda_graphs": False, "fused_kernels": False}] * 2
+    assert llm._group.call("graph_stats") == [{"graphs": 0, "replays": 0}] * 2
+
+
 def test_bad_options_fail_before_any_work():
     """Checked in the driver before Ray, a tokenizer or a checkpoint is touched."""
     from ringserve import LLM
@@ -181,6 +189,10 @@ def test_bad_options_fail_before_any_work():
         LLM("/nonexistent", device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="backend must be one of"):
         LLM("/nonexistent", backend="fast")
+    with pytest.raises(ValueError, match="fused_kernels must be True, False or None"):
+        LLM("/nonexistent", fused_kernels="yes")
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False, 'emulate' or None"):
+        LLM("/nonexistent", cuda_graphs="always")
     with pytest.raises(ValueError, match=r"world_size \(0\)"):
         LLM("/nonexistent", world_size=0)
 
