@@ -32,6 +32,12 @@ def _serve(argv: List[str]) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default=None,
+                   help="replay decode steps as captured CUDA graphs (default on with CUDA; "
+                        "off: eager steps)")
+    p.add_argument("--fused-kernels", choices=("on", "off"), default=None,
+                   help="fused Triton kernels for steps of few tokens (default on with CUDA; "
+                        "off: the torch path)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-replicas", type=int, default=1, help="actor groups (replicas)")
@@ -74,7 +80,9 @@ def _serve(argv: List[str]) -> int:
                                   min_body_rate=a.min_body_rate,
                                   max_prompts=a.max_prompts,
                                   context_parallel_size=a.context_parallel_size,
-                                  tensor_parallel_size=a.tensor_parallel_size).items()
+                                  tensor_parallel_size=a.tensor_parallel_size,
+                                  cuda_graphs=_on_off(a.cuda_graphs),
+                                  fused_kernels=_on_off(a.fused_kernels)).items()
             if v is not None}
     try:
         run(a.model, world_size=a.world_size, layout=a.layout or "striped", host=a.host,
@@ -83,6 +91,10 @@ def _serve(argv: List[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:  # bad arguments: a message, not a traceback
         p.error(str(exc))
     return 0
+
+
+def _on_off(v: Optional[str]) -> Optional[bool]:
+    return None if v is None else v == "on"
 
 
 def _make_demo_model(argv: List[str]) -> int:

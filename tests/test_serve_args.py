@@ -35,6 +35,8 @@ def test_defaults_and_served_name(tmp_path):
     ({"model": "m", "llm_class": "ringserve.llm.LLM"}, ["llm_class"]),
     ({"model": "m", "comm_host": "0.0.0.0"}, ["comm_host ('0.0.0.0')", "not every interface"]),
     ({"model": "m", "comm_host": ""}, ["comm_host ('')"]),
+    ({"model": "m", "cuda_graphs": "on"}, ["cuda_graphs ('on')", "true or false"]),
+    ({"model": "m", "fused_kernels": 1}, ["fused_kernels (1)", "true or false"]),
 ])
 def test_bad_arguments_name_the_value(args, words):
     with pytest.raises(ValueError) as e:

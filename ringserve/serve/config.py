@@ -42,6 +42,10 @@ class ServeArgs:
     # size while the running requests keep decoding
     max_num_seqs: int = 64
     max_num_batched_tokens: Optional[int] = None
+    # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
+    # engine's default (both on with CUDA); False: the eager / torch path
+    cuda_graphs: Optional[bool] = None
+    fused_kernels: Optional[bool] = None
     max_queue: int = 64                   # requests waiting beyond max_num_seqs; more -> 429
     request_timeout_s: float = 600.0      # queueing + prefill + decode; beyond -> 504
     max_body_mb: float = 64.0             # request bodies beyond -> 413
@@ -91,6 +95,11 @@ class ServeArgs:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} ({v!r}) must be null or an integer >= 1")
+        for name in ("cuda_graphs", "fused_kernels"):
+            v = getattr(self, name)
+            if v not in (None, True, False) or isinstance(v, int) and not isinstance(v, bool):
+                raise ValueError(f"{name} ({v!r}) must be null (the engine's default: on with "
+                                 f"CUDA), true or false")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout ({self.layout!r}) must be one of {LAYOUTS}")
         if self.device is not None and self.device not in DEVICES:
