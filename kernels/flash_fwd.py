@@ -398,8 +398,9 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
 def seq_bucket(sq: int, sk: int) -> int:
     """The sequence bucket of the autotuning key: the next power of two of the longer side,
     clamped to [128, 16384]. Below 128 every problem is one or two tiles and any config does;
-    without the floor a short prompt (say 40 tokens) opened a new key in the middle of serving
-    and paid an autotune of several compiles (3.3 s, measured on an H200 under load)."""
+    without the floor a short chunk (a 64-token first chunk of a 100-token prompt, cut by what
+    was left of a busy step's budget) opened a new key in the middle of serving and paid an
+    autotune of several compiles (3.3 s, measured on an H200 under load)."""
     return min(max(triton.next_power_of_2(max(sq, sk)), 128), 1 << 14)
 
 
