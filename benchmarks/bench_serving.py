@@ -243,7 +243,10 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="2048,4096,8192",
                    help="prefill tokens per step to try under load")
     p.add_argument("--scenarios", default="single,concurrent,mixed,prefill")
-    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps as CUDA graphs (default: the engine's, on with CUDA)")
+    p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused few-token kernels (default: the engine's, on with CUDA)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -264,7 +267,8 @@ def main(argv=None) -> int:
         cfg["head_dim"] = 16
     llm = LLM({"config": cfg, "seed": 0}, world_size=args.world_size, device=args.device,
               dtype="float32" if cpu else "bfloat16", tokenizer=None,
-              cuda_graphs=args.cuda_graphs, max_num_batched_tokens=args.max_num_batched_tokens,
+              cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels,
+              max_num_batched_tokens=args.max_num_batched_tokens,
               **({"max_kv_tokens": 4 * (args.prefill_len + args.doc_len)} if cpu else {}))
     print(f"[serving] up in {time.perf_counter() - t:.1f} s, capacity {llm.capacity_tokens} "
           f"tokens, budget {llm.config.max_num_batched_tokens}", flush=True)
@@ -278,7 +282,9 @@ def main(argv=None) -> int:
     llm.drop_document(k)
     print(f"[serving] warm at {time.perf_counter() - t:.1f} s", flush=True)
     t_warm = time.time()
-    res: Dict = {"args": vars(args), "default_budget": llm.config.max_num_batched_tokens}
+    res: Dict = {"args": vars(args), "default_budget": llm.config.max_num_batched_tokens,
+                 "features": llm._group.call("features")[0]}
+    print(f"[serving] features {res['features']}", flush=True)
     for sc in args.scenarios.split(","):
         t1 = time.perf_counter()
         if sc == "single":

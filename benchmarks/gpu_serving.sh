@@ -7,7 +7,7 @@
 #                                             # this one, eager and CUDA graphs, same machine
 #   bash benchmarks/gpu_serving.sh serving [args]  # bench_serving.py, 8B shape, all scenarios
 #   bash benchmarks/gpu_serving.sh final     # previous engine's bench_e2e 128K, then single+prefill
-# Still owed (2026-11-29 evening, device time spent): after the session-4 changes (graph cascade,
+# What is still owed, in order: benchmarks/GPU_OWED.md. Older notes:
 # pass-Q only for last chunks, Triton merges, per-rank budget, no kernel specialization),
 # `s4b` again (GPU tests incl. the shared-document graph test; single eager/graphs; 16 questions
 # with graphs; prefill under load at 4096 with the compile log) and at world size 2:
@@ -141,6 +141,24 @@ case "$PART" in
         > "$OUT/profile_decode_$tag.log" 2>&1
       echo "$tag:"; grep -E 'eager .* ms/token|^ +[0-9]+ \|' "$OUT/profile_decode_$tag.log" | cut -c1-300
     done ;;
+  s6a)   # next session, first call (one GPU): the engine's CUDA defaults (graphs + fused
+         # kernels) for the single request, 1 and 16 questions, and the 256K prefill under
+         # load (with the compile causes printed), one process at a time
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 200 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios single,concurrent --concurrency 1,16 --json "$OUT/defaults_single_concurrent.json" \
+      > "$OUT/defaults_single_concurrent.log" 2>&1
+    grep -E '^single|^concurrent|features' "$OUT/defaults_single_concurrent.log"
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 330 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets 4096 --json "$OUT/defaults_prefill.json" \
+      > "$OUT/defaults_prefill.log" 2>&1
+    grep -E '^prefill|solo prefill|compiles after|^  [0-9:]+ |differs from' "$OUT/defaults_prefill.log" | cut -c1-400 ;;
+  s6b)   # the fused kernels' decode against the floor at 32K and 512K (graphs and eager)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 560 python3 "$REPO/benchmarks/profile_decode.py" \
+      --lengths 32768,524288 --steps 24 --fused-kernels --json "$OUT/profile_decode_fused.json" \
+      > "$OUT/profile_decode_fused.log" 2>&1
+    grep -E 'eager .* ms/token|^ +[0-9]+ \|' "$OUT/profile_decode_fused.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
