@@ -7,15 +7,8 @@
 #                                             # this one, eager and CUDA graphs, same machine
 #   bash benchmarks/gpu_serving.sh serving [args]  # bench_serving.py, 8B shape, all scenarios
 #   bash benchmarks/gpu_serving.sh final     # previous engine's bench_e2e 128K, then single+prefill
-# What is still owed, in order: benchmarks/GPU_OWED.md. Older notes:
-# pass-Q only for last chunks, Triton merges, per-rank budget, no kernel specialization),
-# `s4b` again (GPU tests incl. the shared-document graph test; single eager/graphs; 16 questions
-# with graphs; prefill under load at 4096 with the compile log) and at world size 2:
-# `serving --world-size 2 --prefill-len 524288 --scenarios single,mixed,prefill --budgets 8192`.
-# Owed too (issue 13, the fused few-token kernels of kernels/fused.py, commit f6de62a on, never
-# run on a GPU): `bash benchmarks/gpu_serving.sh fused` (one GPU, < 10 min): their bf16 GPU tests
-# and the graph tests, then profile_decode.py at 32K and 128K (eager and graphs against the
-# floor, kernels and aten ops per step: 1,770 and 6,119 before); then `s4b` for the requests.
+# Parts s4a..s6b: one session's call each (see the comment of each part). What is still owed,
+# in order: benchmarks/GPU_OWED.md.
 # Writes logs and JSON under $OUT (or /tmp/out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
