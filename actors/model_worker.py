@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -112,6 +113,10 @@ def _seq_lengths(plan: RankPlan) -> torch.Tensor:
     return torch.repeat_interleave(torch.tensor(ends, dtype=torch.int64), torch.tensor(counts))
 
 
+# decode graphs kept per worker (LRU): batch buckets 1..256 times a few width buckets in use
+MAX_CUDA_GRAPHS = 64
+
+
 class ModelShardWorker(ShardWorker):
     """One rank of the model group. Construct through `ActorGroup(worker_cls=ModelShardWorker,
     worker_kwargs=...)`; the keyword arguments are those of `__init__` after `device`."""
@@ -121,7 +126,7 @@ class ModelShardWorker(ShardWorker):
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  chunk_tokens: Optional[int] = None, backend: str = "auto",
                  cuda_graphs: Union[bool, str] = False, fused_kernels: bool = False,
-                 **kwargs):
+                 max_cuda_graphs: int = MAX_CUDA_GRAPHS, **kwargs):
         super().__init__(rank, world_size, device, **kwargs)
         # "emulate" (tests, any device): the graph path's static buffers, scratch writes and
         # buckets, with the body run eagerly at each "replay" instead of captured
@@ -129,6 +134,9 @@ class ModelShardWorker(ShardWorker):
             raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {cuda_graphs!r}")
         if cuda_graphs is True and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'")
+        if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) \
+                or max_cuda_graphs < 1:
+            raise ValueError(f"max_cuda_graphs must be an integer >= 1, got {max_cuda_graphs!r}")
         if model is None:
             raise ValueError("model (a checkpoint directory or a random-weights spec) is needed")
         if chunk_tokens is not None and chunk_tokens < 1:
@@ -175,8 +183,13 @@ class ModelShardWorker(ShardWorker):
             head_dim=cfg.head_dim, num_pages=num_pages + self.reserved_pages,
             page_size=page_size, dtype=self.model.dtype, device=str(self.device),
             values_are_keys=cfg.values_are_keys))
-        self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
+        # captured decode graphs, least recently replayed first; at most max_cuda_graphs are
+        # kept (each holds its own memory pool: a service that meets many batch sizes and
+        # context lengths must not accumulate them without bound)
+        self._graphs: "OrderedDict[Tuple[int, int, int], _DecodeGraph]" = OrderedDict()
+        self.max_cuda_graphs = max_cuda_graphs
         self.graph_replays = 0
+        self.graph_evictions = 0
         self.step_times: List[float] = []
         self.compiles = _watch_compiles() if self.device.type == "cuda" else []
         self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
@@ -452,6 +465,9 @@ class ModelShardWorker(ShardWorker):
         return self.model.logits(hidden)
 
     def _capture(self, batch: int, width: int, prefix: int = 0) -> "_DecodeGraph":
+        while len(self._graphs) >= self.max_cuda_graphs:    # the least recently replayed
+            self._graphs.popitem(last=False)                 # (its pool goes back with it)
+            self.graph_evictions += 1
         g = _DecodeGraph(batch, width, self.device, prefix)
         if self._emulate_graphs:
             g.graph = _EagerReplay(lambda: setattr(g, "logits", self._graph_body(g)))
@@ -478,7 +494,10 @@ class ModelShardWorker(ShardWorker):
     def _graph_step(self, plan: RankPlan, tables: List[torch.Tensor]) -> torch.Tensor:
         """Replay the bucket's graph for a step of one-token rows; returns their logits."""
         B, W, PW = plan.graph_batch, plan.graph_width, plan.graph_prefix
-        g = self._graphs.get((B, W, PW)) or self._capture(B, W, PW)
+        g = self._graphs.get((B, W, PW))
+        if g is None:
+            g = self._capture(B, W, PW)
+        self._graphs.move_to_end((B, W, PW))
         n = len(plan.seqs)
         lo = plan.groups[0][1] if PW else 0     # this rank's shared pages (every row has them)
         page = self.pool.page_size
@@ -517,7 +536,8 @@ class ModelShardWorker(ShardWorker):
 
     def graph_stats(self) -> Dict[str, int]:
         """Captured decode graphs and how many steps replayed one (tests, benchmarks)."""
-        return {"graphs": len(self._graphs), "replays": self.graph_replays}
+        return {"graphs": len(self._graphs), "replays": self.graph_replays,
+                "evictions": self.graph_evictions}
 
     def graph_keys(self) -> List[Tuple[int, int, int]]:
         """(batch, table width, shared-prefix width) of every captured decode graph."""

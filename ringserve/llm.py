@@ -91,6 +91,7 @@ class LLM:
                  tokenizer: Any = "auto", cuda_graphs: Union[bool, str, None] = None,
                  step_timeout_s: Optional[float] = None, max_recoveries: int = 2,
                  cascade: bool = True, warmup: bool = True, fused_kernels: Optional[bool] = None,
+                 max_cuda_graphs: int = 64,
                  schedule: Optional[str] = None,
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
@@ -110,7 +111,9 @@ class LLM:
         decode-only steps as captured graphs, one per (batch bucket, table width, shared
         prefix), each captured the first time a step needs it; default True on CUDA (2.6x
         faster decode at 128K on an H200), False elsewhere; False is the eager path; "emulate"
-        runs the graph path eagerly on any device (tests). `fused_kernels` (Triton backend:
+        runs the graph path eagerly on any device (tests). Each rank keeps at most
+        `max_cuda_graphs` of them (each holds a memory pool), dropping the least recently
+        replayed. `fused_kernels` (Triton backend:
         CUDA, or CPU under TRITON_INTERPRET=1): steps of up to 1024 tokens run fused Triton
         kernels (residual + norm, RoPE + K/V store, act * up; q|k|v and gate|up as one GEMM
         each), about 10 kernels a decode layer instead of ~49; default True on CUDA, False
@@ -154,6 +157,9 @@ class LLM:
         if fused_kernels not in (None, False, True):
             raise ValueError(f"fused_kernels must be True, False or None (default: True on "
                              f"CUDA), got {fused_kernels!r}")
+        if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) \
+                or max_cuda_graphs < 1:
+            raise ValueError(f"max_cuda_graphs must be an integer >= 1, got {max_cuda_graphs!r}")
         if cuda_graphs is None:
             cuda_graphs = device == "cuda"
         if fused_kernels is None:
@@ -226,7 +232,8 @@ class LLM:
                              # tokens (the MLP's intermediate would otherwise be ~3.5x the
                              # hidden states of the whole shard, unbudgeted)
                              chunk_tokens=chunk_tokens or 8192, backend=backend,
-                             cuda_graphs=cuda_graphs, fused_kernels=fused_kernels)
+                             cuda_graphs=cuda_graphs, fused_kernels=fused_kernels,
+                             max_cuda_graphs=max_cuda_graphs)
         self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,

@@ -276,6 +276,34 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws):
         eng.group.shutdown()
 
 
+def test_captured_graphs_are_bounded_least_recently_replayed_first(tmp_path_factory):
+    """A worker keeps at most max_cuda_graphs decode graphs: batches of 1, 2 and 4 rows need
+    three buckets, with room for two the least recently replayed goes; the tokens stay HF's."""
+    path, hf, ref = reference(tmp_path_factory, "llama")
+    prompts = [ref[0][0], ref[1][0], ref[0][0][5:]]
+    want = [ref[0][2], ref[1][2], hf_greedy(hf, prompts[2], NEW_TOKENS)]
+    eng = make_engine(path, 1, "striped", worker_kwargs={"cuda_graphs": "emulate",
+                                                         "max_cuda_graphs": 2})
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    try:
+        wk = eng.group.workers[0]
+        for n in (1, 2, 3, 1):
+            hs = [eng.submit("generate", ids, params) for ids in prompts[:n]]
+            for h, gen_ref in zip(hs, want[:n]):
+                assert h.result(120).token_ids == gen_ref
+            assert len(wk._graphs) <= 2
+        st = wk.graph_stats()
+        assert st["graphs"] == 2 and st["evictions"] >= 1, st
+        assert {k[0] for k in wk._graphs} >= {1}           # the last batch's bucket is kept
+        assert_no_leak(eng)
+    finally:
+        eng.shutdown()
+        eng.group.shutdown()
+    with pytest.raises(ValueError, match="max_cuda_graphs must be an integer >= 1"):
+        make_engine(path, 1, "striped", worker_kwargs={"cuda_graphs": "emulate",
+                                                       "max_cuda_graphs": 0})
+
+
 @pytest.mark.parametrize("ws", [1, 2])
 def test_graph_decode_reads_a_shared_document_once(tmp_path_factory, ws):
     """Questions on one cached document decoding together replay a graph that reads the

@@ -178,7 +178,7 @@ def test_off_cuda_the_defaults_are_the_eager_torch_path(llm):
     the torch kernels (what every other test of this module checks against transformers)."""
     assert llm.config.cuda_graphs is False
     assert llm._group.call("features") == [{"cuda_graphs": False, "fused_kernels": False}] * 2
-    assert llm._group.call("graph_stats") == [{"graphs": 0, "replays": 0}] * 2
+    assert llm._group.call("graph_stats") == [{"graphs": 0, "replays": 0, "evictions": 0}] * 2
 
 
 def test_bad_options_fail_before_any_work():
@@ -193,6 +193,8 @@ def test_bad_options_fail_before_any_work():
         LLM("/nonexistent", fused_kernels="yes")
     with pytest.raises(ValueError, match="cuda_graphs must be True, False, 'emulate' or None"):
         LLM("/nonexistent", cuda_graphs="always")
+    with pytest.raises(ValueError, match="max_cuda_graphs must be an integer >= 1"):
+        LLM("/nonexistent", max_cuda_graphs=0)
     with pytest.raises(ValueError, match=r"world_size \(0\)"):
         LLM("/nonexistent", world_size=0)
 
