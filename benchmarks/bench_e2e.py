@@ -254,6 +254,11 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
             wall = time.perf_counter() - t0
             out = llm.generate([doc + q], SamplingParams(max_tokens=args.decode_tokens,
                                                          **greedy))[0]
+            # rank 0's execute time of each decode step (the last steps ran this request
+            # alone: its question step gave the first token, one step each gave the others):
+            # the steady state apart from the worst step (a graph capture, a compile)
+            k = len(out.token_ids) - 1
+            steps = llm._group.call("recent_step_times", k)[0] if k > 0 else []
             llm.drop_document(key)
         except Exception as e:  # noqa: BLE001 - report and go on to the table
             row["error"] = f"{type(e).__name__}: {e}"[:200]
@@ -268,6 +273,10 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
                    mfu=fl / wall / (args.world_size * args.tp * args.peak_tflops * 1e12),
                    followup_ttft_s=out.timings["ttft_s"], cached=out.num_cached_tokens,
                    decode_ms=dec_s * 1e3, floor_ms=floor * 1e3, decode_vs_floor=dec_s / floor)
+        if steps:
+            steady = sorted(steps)[len(steps) // 2]
+            row.update(decode_step_median_ms=steady * 1e3, decode_step_worst_ms=max(steps) * 1e3,
+                       steady_vs_floor=steady / floor)
         rows.append(row)
         print(f"[ringserve] {json.dumps(row)}", flush=True)
     row0 = {"capacity_tokens": llm.capacity_tokens, "copy_bw_tb_s": bw / 1e12,
