@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from ringserve import kernels
+from ringserve.errors import GraphCaptureError
 from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
 from ringserve.parallel.step_attention import StepAttention, _merge, merge_rows
@@ -496,7 +497,12 @@ class ModelShardWorker(ShardWorker):
         B, W, PW = plan.graph_batch, plan.graph_width, plan.graph_prefix
         g = self._graphs.get((B, W, PW))
         if g is None:
-            g = self._capture(B, W, PW)
+            try:
+                g = self._capture(B, W, PW)
+            except Exception as e:   # the engine goes eager on every rank (GraphCaptureError)
+                raise GraphCaptureError(f"rank {self.rank}: capturing the decode graph of "
+                                        f"batch {B}, width {W}, prefix {PW} failed: "
+                                        f"{type(e).__name__}: {e}"[:2000]) from e
         self._graphs.move_to_end((B, W, PW))
         n = len(plan.seqs)
         lo = plan.groups[0][1] if PW else 0     # this rank's shared pages (every row has them)

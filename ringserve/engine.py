@@ -21,6 +21,7 @@ The group object needs `world_size`, `call(method, *args)`, `call_per_rank(metho
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -32,12 +33,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .doc_cache import CachedSeq, DocumentCache, doc_key
-from .errors import (CapacityError, InvalidRequestError, RequestCancelledError,
-                     RequestTimeoutError, RingServeError, WorkerFailedError)
+from .errors import (CapacityError, GraphCaptureError, InvalidRequestError,
+                     RequestCancelledError, RequestTimeoutError, RingServeError,
+                     WorkerFailedError)
 from .kv_manager import KVManager
 from .parallel import layout as layouts
 from .sampling import SampleContext, SamplingParams, StopState
 from .scheduler import Request, Scheduler, SchedulerConfig, Step
+
+log = logging.getLogger(__name__)
 
 KINDS = ("generate", "score", "cache_document", "drop_document")
 
@@ -192,7 +196,7 @@ class Engine:
         self._counters = {"requests_total": 0, "requests_failed": 0, "requests_cancelled": 0,
                           "generated_tokens": 0, "prefill_tokens": 0, "cached_prompt_tokens": 0,
                           "worker_failures": 0, "preemptions": 0, "recovered_requests": 0,
-                          "steps": 0}
+                          "graph_capture_failures": 0, "steps": 0}
         self._last_timings: Dict[str, float] = {}
         self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         self._running = True
@@ -723,6 +727,14 @@ class Engine:
         stay its prefix. A request fails only past its recovery limit or if the rebuild does."""
         with self._lock:
             self._counters["worker_failures"] += 1
+        if self.sched.cfg.graphs and _is_capture_failure(err):
+            # a graph that can not be captured would fail the same way at every retry: decode
+            # eagerly from now on (every rank: the driver marks no step for graphs)
+            self.sched.cfg.graphs = False
+            with self._lock:
+                self._counters["graph_capture_failures"] += 1
+            log.warning("CUDA graph capture failed; decoding eagerly from now on: %s",
+                        str(err)[:500])
         inflight = list(self.sched.running)
         self.sched.running.clear()
         for req in inflight:
@@ -765,6 +777,19 @@ class Engine:
             req = Request(self.sched.next_order(), "cache_document", ids, None, h)
             req.doc_key = doc_key(torch.tensor(ids, dtype=torch.int32))
             self.sched.waiting.appendleft(req)
+
+
+def _is_capture_failure(err: BaseException) -> bool:
+    """The step failed capturing a decode graph (the error, or its cause through Ray or the
+    actor group's wrapping, is a GraphCaptureError)."""
+    seen = 0
+    e: Optional[BaseException] = err
+    while e is not None and seen < 8:
+        if isinstance(e, GraphCaptureError) or "GraphCaptureError" in type(e).__name__:
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return "GraphCaptureError" in str(err)
 
 
 class _StepFailed(Exception):

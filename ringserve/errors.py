@@ -32,6 +32,11 @@ class WorkerFailedError(RingServeError):
     """A shard actor died or stopped answering; the group is rebuilt for the next request."""
 
 
+class GraphCaptureError(RingServeError):
+    """A decode step's CUDA graph could not be captured on a rank. The engine then recovers
+    the step (rebuild, recompute) and decodes eagerly from there on; no request fails for it."""
+
+
 class RequestTimeoutError(RingServeError, TimeoutError):
     """The request did not finish within its deadline."""
 
@@ -41,4 +46,4 @@ class RequestCancelledError(RingServeError):
 
 
 __all__ = ["RingServeError", "InvalidRequestError", "CapacityError", "WorkerFailedError",
-           "RequestTimeoutError", "RequestCancelledError"]
+           "GraphCaptureError", "RequestTimeoutError", "RequestCancelledError"]

@@ -276,6 +276,35 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws):
         eng.group.shutdown()
 
 
+@pytest.mark.parametrize("ws", [1, 2])
+def test_a_graph_that_can_not_be_captured_costs_no_request(tmp_path_factory, monkeypatch, ws):
+    """Capturing a decode graph fails (on every rank, as it would for an op that a graph can
+    not hold): the step is recovered like a worker fault and the engine decodes eagerly from
+    then on; every request still gives HF's tokens."""
+    from ringserve.actors.model_worker import ModelShardWorker
+
+    def broken(self, *a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ModelShardWorker, "_capture", broken)
+    path, _, ref = reference(tmp_path_factory, "llama")
+    eng = make_engine(path, ws, "striped", worker_kwargs={"cuda_graphs": "emulate"})
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    try:
+        hs = [eng.submit("generate", ids, params) for ids, _, _ in ref]
+        for h, (_, _, gen_ref) in zip(hs, ref):
+            assert h.result(120).token_ids == gen_ref
+        st = eng.stats()
+        assert st["graph_capture_failures"] == 1 and st["worker_failures"] == 1, st
+        assert eng.sched.cfg.graphs is False
+        assert eng.submit("generate", ref[0][0], params).result(120).token_ids == ref[0][2]
+        assert eng.stats()["worker_failures"] == 1
+        assert_no_leak(eng)
+    finally:
+        eng.shutdown()
+        eng.group.shutdown()
+
+
 def test_captured_graphs_are_bounded_least_recently_replayed_first(tmp_path_factory):
     """A worker keeps at most max_cuda_graphs decode graphs: batches of 1, 2 and 4 rows need
     three buckets, with room for two the least recently replayed goes; the tokens stay HF's."""
