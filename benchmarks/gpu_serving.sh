@@ -152,6 +152,13 @@ case "$PART" in
       --lengths 32768,524288 --steps 24 --fused-kernels --json "$OUT/profile_decode_fused.json" \
       > "$OUT/profile_decode_fused.log" 2>&1
     grep -E 'eager .* ms/token|^ +[0-9]+ \|' "$OUT/profile_decode_fused.log" | cut -c1-300 ;;
+  s6c)   # where a late mixed step's time goes (8 decodes + a chunk after 3/4 of a 256K prompt,
+         # the LLM's CUDA scheduling): host vs device, the kernels that cost most
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 570 python3 "$REPO/benchmarks/profile_step.py" \
+      --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 4096 \
+      > "$OUT/profile_step_256k.log" 2>&1
+    grep -E '^decode batch|^prefill|late mixed step' "$OUT/profile_step_256k.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
