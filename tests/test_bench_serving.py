@@ -1,0 +1,49 @@
+"""benchmarks/bench_serving.py on CPU (a tiny model over the test session's Ray): every scenario
+but the 4K-prompt one runs and writes its figures, so a GPU call never finds the script broken;
+and the compile-cause diff it prints for compiles after the warm-up."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_serving", BENCH / "bench_serving.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_compile_causes_name_what_changed_in_the_cache_key():
+    mod = _module()
+    events = [(1.0, "k[w=4] (('i32', 'D'), ('i32', 'D')) {'C': True}"),
+              (2.0, "k[w=4] (('i32', 'D'), ('i32', '1')) {'C': True}"),   # after the warm-up
+              (3.0, "other[w=4] (x)")]
+    causes = mod.compile_causes(events, since=1.5)
+    assert len(causes) == 2 and causes[1] == "no earlier compile of this kernel"
+    assert causes[0].startswith("#3: 'D'))") and "-> '1'))" in causes[0]   # one part changed
+    assert ";" not in causes[0]
+
+
+def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
+    mod = _module()
+    out = tmp_path / "serving.json"
+    rc = mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256",
+                   "--prefill-len", "512", "--out-tokens", "4", "--stream-tokens", "16",
+                   "--concurrency", "1,2", "--budgets", "128",
+                   "--scenarios", "single,concurrent,prefill", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["features"] == {"cuda_graphs": False, "fused_kernels": False}
+    assert [r["n"] for r in res["concurrent"]["rows"]] == [1, 2]
+    assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
+    row = res["prefill"]["budgets"][0]
+    assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
+    assert res["stats"]["requests_failed"] == 0
+    assert res["compiles_after_warmup"] == [] and res["compile_causes"] == []
