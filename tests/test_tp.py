@@ -94,6 +94,52 @@ def test_tp_model_equals_whole_model(tmp_path_factory, family, t):
         assert all((o - ref).abs().max() <= 1e-4 for o in outs)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_tp_model_on_the_fused_path_equals_whole_model(tmp_path_factory, monkeypatch, family):
+    """The fused few-token kernels (the CUDA default) under TP: joined q|k|v and gate|up
+    shards, fused norms and RoPE (q/k norm, Gemma's (1 + w) sandwich norms), with the
+    row-parallel all-reduces: the logits of a 37-token step equal the whole model's (the
+    interpreted Triton kernels; fp32)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the fused kernels run interpreted on CPU (TRITON_INTERPRET=1)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ringserve.actors.model_worker import build_model
+
+    # the interpreter patches module state while a kernel runs: one kernel at a time over the
+    # test's threads (the ranks' collectives happen between kernels, never inside one)
+    lock, run = threading.Lock(), InterpretedFunction.run
+
+    def one_at_a_time(self, *a, **k):
+        with lock:
+            return run(self, *a, **k)
+
+    monkeypatch.setattr(InterpretedFunction, "run", one_at_a_time)
+
+    path = tiny_model(tmp_path_factory, family)
+    whole = CausalLM.from_pretrained(path)
+    ids = torch.randint(0, whole.config.vocab_size, (37,),
+                        generator=torch.Generator().manual_seed(5))
+    ref = _logits(whole, ids)
+
+    ran = []
+
+    def fused(r, comm):
+        m = build_model(str(path), torch.float32, torch.device("cpu"), r, 2, comm)
+        m.backend = "triton"
+        m.join_weights()
+        real = m._forward_fused
+        m._forward_fused = lambda *a: ran.append(r) or real(*a)
+        fn = local_attention_fn(window_size=m.window_size, backend="torch",
+                                softmax_scale=m.softmax_scale)
+        return m.logits(m(ids, torch.arange(ids.shape[0]), fn))   # one span: the fused path
+
+    for r, got in enumerate(_tp_run(2, fused)):
+        err = (got - ref).abs().max().item()
+        assert err <= 1e-4, f"{family} fused t=2 rank {r}: max |TP - whole| = {err}"
+    assert sorted(ran) == [0, 1]
+
+
 def test_tp_slices_differ_and_replicate_as_vllm(tmp_path_factory):
     """The comparison above can fail: ranks hold different heads; with t > KV heads the ranks
     that share a KV head hold the same K/V weights; a rank alone (no all-reduce) is wrong."""
