@@ -94,12 +94,12 @@ def test_tp_model_equals_whole_model(tmp_path_factory, family, t):
         assert all((o - ref).abs().max() <= 1e-4 for o in outs)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "qwen3-moe"])
 def test_tp_model_on_the_fused_path_equals_whole_model(tmp_path_factory, monkeypatch, family):
     """The fused few-token kernels (the CUDA default) under TP: joined q|k|v and gate|up
     shards, fused norms and RoPE (q/k norm, Gemma's (1 + w) sandwich norms), with the
-    row-parallel all-reduces: the logits of a 37-token step equal the whole model's (the
-    interpreted Triton kernels; fp32)."""
+    row-parallel all-reduces, experts' act * up (Qwen3-MoE): the logits of a 37-token step
+    equal the whole model's (the interpreted Triton kernels; fp32)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the fused kernels run interpreted on CPU (TRITON_INTERPRET=1)")
     from triton.runtime.interpreter import InterpretedFunction
