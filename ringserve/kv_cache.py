@@ -11,6 +11,7 @@ references first copies that page (copy-on-write), so a fork never sees another'
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import List
 
@@ -119,16 +120,22 @@ class KVPool:
 
 
 class PageAllocator:
-    """The driver's bookkeeping of one rank's pages: a free stack and reference counts.
+    """The driver's bookkeeping of one rank's pages: the free pages and reference counts.
 
     Pages are shared by reference (a cached document and the requests forked from it); a write
     into a shared page goes to a private copy first (copy-on-write, done by the worker when the
-    step plan lists it)."""
+    step plan lists it).
+
+    Two ends: prompt chunks take the lowest free pages, one-token rows (decode, short
+    questions) the highest, so a long prompt's pages stay one ascending run while others
+    decode beside it; the worker then reads a chunk's cached prefix as a view of its pages
+    instead of gathering them (`step_attention`)."""
 
     def __init__(self, num_pages: int, reserved: int = 0):
         self.num_pages = num_pages
         self.ref = [0] * num_pages
-        # the lowest `reserved` pages are set aside for good (a captured decode step's scratch)
+        # the lowest `reserved` pages are set aside for good (a captured decode step's scratch);
+        # free pages in descending order: the lowest at the end
         self.free = list(range(num_pages - 1, reserved - 1, -1))
         self.usable = num_pages - reserved
 
@@ -136,10 +143,11 @@ class PageAllocator:
     def num_free(self) -> int:
         return len(self.free)
 
-    def take(self) -> int:
+    def take(self, high: bool = False) -> int:
+        """The lowest free page, or with `high` the highest."""
         if not self.free:
             raise KVCacheFullError(f"no free KV page (num_pages {self.num_pages})")
-        p = self.free.pop()
+        p = self.free.pop(0 if high else -1)
         self.ref[p] = 1
         return p
 
@@ -148,10 +156,17 @@ class PageAllocator:
             self.ref[p] += 1
 
     def release(self, pages: List[int]) -> None:
+        freed = []
         for p in pages:
             self.ref[p] -= 1
             if self.ref[p] == 0:
-                self.free.append(p)
+                freed.append(p)
+        if len(freed) > 16:            # a sequence's worth: one sort of two sorted runs
+            self.free.extend(freed)
+            self.free.sort(reverse=True)
+        else:
+            for p in freed:
+                bisect.insort(self.free, p, key=lambda v: -v)
 
 
 __all__ = ["KVCacheConfig", "KVCacheFullError", "KVPool", "PageAllocator", "bytes_per_token",

@@ -136,10 +136,12 @@ class KVManager:
     def fits(self, need: Sequence[int]) -> bool:
         return all(n <= a.num_free for n, a in zip(need, self.ranks))
 
-    def append(self, seq: SeqKV, tokens: Sequence[int], owners: Sequence[int]
-               ) -> Tuple[List[List[int]], List[List[Tuple[int, int]]]]:
+    def append(self, seq: SeqKV, tokens: Sequence[int], owners: Sequence[int],
+               high: bool = False) -> Tuple[List[List[int]], List[List[Tuple[int, int]]]]:
         """Give the tokens (at positions len(seq)..) slots on their owners. Returns per rank the
-        flat slots of that rank's new tokens (in order) and the page copies to do first."""
+        flat slots of that rank's new tokens (in order) and the page copies to do first. New
+        pages come from the low end of each rank's free pages (prompt chunks: one ascending
+        run), or with `high` from the high end (one-token rows)."""
         new = [0] * self.world_size
         for o in owners:
             new[o] += 1
@@ -154,13 +156,13 @@ class KVManager:
                 continue
             a, pages, c = self.ranks[r], seq.pages[r], seq.counts[r]
             if c % P and a.ref[pages[-1]] > 1:
-                fresh = a.take()
+                fresh = a.take(high=True)   # a fork's private last page, off the low run
                 copies[r].append((pages[-1], fresh))
                 a.release([pages[-1]])
                 pages[-1] = fresh
                 seq.synced[r] = min(seq.synced[r], len(pages) - 1)
             while len(pages) < pages_for(c + new[r], P):
-                pages.append(a.take())
+                pages.append(a.take(high))
             slots[r] = [pages[i // P] * P + i % P for i in range(c, c + new[r])]
             seq.counts[r] += new[r]
         seq.tokens.extend(int(t) for t in tokens)

@@ -476,7 +476,10 @@ class Scheduler:
         w = Work(req, start, n, kind, owners, sample, rank)
         seq = req.seq
         w.before = list(seq.counts)
-        w.slots, w.copies = self.kv.append(seq, req.token_slice(start, start + n), owners)
+        # pass-Q rows (decode tokens, short questions) take pages from the high end, prompt
+        # chunks from the low end: a long prompt's pages stay one run beside decoding streams
+        w.slots, w.copies = self.kv.append(seq, req.token_slice(start, start + n), owners,
+                                           high=kind == "q")
         w.after = list(seq.counts)
         return w
 

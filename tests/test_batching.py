@@ -318,15 +318,26 @@ def test_a_request_that_keeps_failing_the_group_fails_alone(tmp_path_factory):
         close(eng)
 
 
+@pytest.mark.parametrize("views", [False, True])
 @pytest.mark.parametrize("ws", [1, 3])
 def test_chunk_attention_to_cached_tokens_in_pieces_and_splits(tmp_path_factory, monkeypatch,
-                                                               ws):
+                                                               ws, views):
     """A prompt chunk's attention to the tokens cached by earlier chunks is gathered a piece at a
-    time and split over several key ranges (merged by log-sum-exp): with tiny pieces and splits
-    the long prompt still decodes exactly as its solo run."""
+    time (or, its pages being one run, read as a view of the pool) and split over several key
+    ranges (merged by log-sum-exp): with tiny pieces and splits the long prompt still decodes
+    exactly as its solo run."""
     from ringserve.parallel import step_attention as sa
     path = model_path(tmp_path_factory)
     solo = solo_for(path, ws, "striped")
+    monkeypatch.setattr(sa, "CONTIGUOUS_VIEWS", views)
+    runs = []
+    real_init = sa.StepAttention.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        runs.append(bool(self.prefix_run))
+
+    monkeypatch.setattr(sa.StepAttention, "__init__", init)
     monkeypatch.setattr(sa, "PIECE_TOKENS", 24)
     monkeypatch.setattr(sa, "MIN_SPLIT_TOKENS", 5)
     monkeypatch.setattr(sa, "SPLITS", 3)
@@ -339,6 +350,48 @@ def test_chunk_attention_to_cached_tokens_in_pieces_and_splits(tmp_path_factory,
         assert (out.token_ids, out.finish_reason) == solo(prompt, params)
     finally:
         close(eng)
+    assert any(runs) == views          # the view path ran, or (views off) never
+
+
+def test_a_long_prompt_keeps_one_run_of_pages_beside_decoding_streams(tmp_path_factory):
+    """Prompt chunks take the low end of each rank's free pages, one-token rows the high end:
+    a long prompt chunked over many steps while three streams decode (each taking a new page
+    every few steps) still holds one ascending run of pages on every rank, so its chunks read
+    their cached prefix as a view; every output equals its solo run."""
+    from ringserve.parallel import step_attention as sa
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 2, "striped")
+    seen = []
+    real_init = sa.StepAttention.__init__
+
+    def init(self, plan, tables, *a, **k):
+        real_init(self, plan, tables, *a, **k)
+        with_prefix = [i for i in self.ring if plan.seqs[i].n_before > 0]
+        if with_prefix:
+            seen.append((len(with_prefix), len(self.prefix_run)))
+
+    g = torch.Generator().manual_seed(33)
+    streams = [torch.randint(0, VOCAB_TOKENS, (9,), generator=g).tolist() for _ in range(3)]
+    long_p = torch.randint(0, VOCAB_TOKENS, (300,), generator=g).tolist()
+    sp = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    lp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    eng = make(path, 2, "striped", max_num_batched_tokens=24)
+    sa.StepAttention.__init__ = init
+    try:
+        hs = [eng.submit("generate", p, sp) for p in streams]
+        while eng.stats()["generated_tokens"] < 6:     # the streams are decoding
+            time.sleep(0.01)
+        h = eng.submit("generate", long_p, lp)
+        out = h.result(60)
+        assert (out.token_ids, out.finish_reason) == solo(long_p, lp)
+        for p, hh in zip(streams, hs):
+            o = hh.result(60)
+            assert (o.token_ids, o.finish_reason) == solo(p, sp)
+    finally:
+        sa.StepAttention.__init__ = real_init
+        close(eng)
+    # every chunk after the first (the streams' prompts too) read its prefix as one run
+    assert len(seen) > 10 and all(r == n for n, r in seen), seen
 
 
 def test_a_short_request_is_admitted_while_a_long_prompt_prefills(tmp_path_factory):

@@ -82,6 +82,25 @@ def test_append_positions_and_free():
     assert r.kv.take_dropped() == []                    # no worker holds its table
 
 
+def test_prompt_pages_from_the_low_end_one_token_rows_from_the_high_end():
+    """Prompt chunks (append) take the lowest free pages, one-token rows (append(high=True))
+    the highest: a prompt that grows while another sequence decodes keeps one ascending run;
+    freed pages go back in order, small frees and large ones alike."""
+    m = KVManager([40], page_size=4, reserved=1)
+    doc, dec = m.new(), m.new()
+    m.append(dec, [1, 2, 3], [0, 0, 0], high=True)
+    for step in range(8):                       # 3 prompt tokens and 1 decode token a step
+        m.append(doc, [5, 6, 7], [0, 0, 0])
+        m.append(dec, [9], [0], high=True)
+    assert doc.pages[0] == list(range(1, 7))    # 24 tokens: pages 1..6, one run
+    assert dec.pages[0] == [39, 38, 37]         # 11 tokens from the top
+    free = m.ranks[0].free
+    m.free(dec)
+    assert free == sorted(free, reverse=True) and free[0] == 39
+    m.free(doc)
+    assert m.ranks[0].free == list(range(39, 0, -1))
+
+
 def test_full_cache_raises_before_changing_anything():
     r = Rank0(num_pages=2, page=4)
     s = r.kv.new()

@@ -17,7 +17,7 @@ Every collective is issued in plan order, identical on every rank.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -30,6 +30,8 @@ from .ring import ring_attention
 # (only as many splits as it takes to give the GPU about TARGET_PROGRAMS query-block programs:
 # a long chunk fills it alone, and every split costs a merge)
 PIECE_TOKENS = 65536
+# read a chunk's cached prefix as a view of the pool when its pages are one ascending run
+CONTIGUOUS_VIEWS = True
 SPLITS = 8
 MIN_SPLIT_TOKENS = 2048
 TARGET_PROGRAMS = 512
@@ -130,6 +132,15 @@ class StepAttention:
         self.tables = {i: (tables[i] if tables[i].numel() else
                            torch.zeros(1, dtype=torch.int32))[None].to(dev)
                        for i in self.ext + self.ring}
+        # a ring chunk whose cached prefix sits in one ascending run of pages (the allocator
+        # keeps a prompt's pages together) reads it as a view of the pool, not a gathered copy
+        self.prefix_run: Dict[int, int] = {}
+        for i in self.ring:
+            np_ = -(-plan.seqs[i].n_before // page)
+            t = tables[i][:np_]
+            if CONTIGUOUS_VIEWS and np_ and t.numel() == np_ and torch.equal(
+                    t, torch.arange(int(t[0]), int(t[0]) + np_, dtype=t.dtype)):
+                self.prefix_run[i] = int(t[0])
         self.q_rows = [i for i in range(len(plan.seqs)) if plan.seqs[i].kind == "q"]
         self.q_index = torch.tensor([r for i in self.q_rows for r in range(
             self.rows[i].start, self.rows[i].stop)], **i64)
@@ -264,14 +275,25 @@ class StepAttention:
             o, lse = self._paged(layer, q[None], self.tables[i], lens, q_pos[None])
             return o[0].float(), lse[0].t().contiguous()
         P = self.pool.page_size
+        H, Dk = self.pool.k.shape[-2:]
+        run = self.prefix_run.get(i)
         acc_o = acc_l = None
-        for a in range(0, n, PIECE_TOKENS):      # bounded gather buffers for long prefixes
-            b = min(n, a + PIECE_TOKENS)
-            pages = self.tables[i][0, a // P: -(-b // P)].long()
-            H, Dk = self.pool.k.shape[-2:]
-            k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
-            v = (k if self.pool.v is self.pool.k   # MLA: the values are the keys (latent)
-                 else self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a])
+        # a view needs no buffer: pieces only keep element offsets within int32 (one kernel
+        # variant); a gather is bounded to PIECE_TOKENS a piece
+        piece = (max(P, (2 ** 31 - 1) // (H * Dk) // P * P) if run is not None
+                 else PIECE_TOKENS)
+        for a in range(0, n, piece):
+            b = min(n, a + piece)
+            if run is not None:
+                k = self.pool.k[layer][run + a // P: run - (-b // P)].reshape(-1, H, Dk)[:b - a]
+                v = (k if self.pool.v is self.pool.k
+                     else self.pool.v[layer][run + a // P: run - (-b // P)]
+                     .reshape(-1, H, Dk)[:b - a])
+            else:
+                pages = self.tables[i][0, a // P: -(-b // P)].long()
+                k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
+                v = (k if self.pool.v is self.pool.k   # MLA: the values are the keys (latent)
+                     else self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a])
             programs = -(-R // 128) * Hq
             splits = max(1, min(SPLITS, (b - a) // MIN_SPLIT_TOKENS,
                                 -(-TARGET_PROGRAMS // programs)))
