@@ -41,6 +41,10 @@ PRESETS = {
     "llama3-8b": LLAMA3,
     # same per-layer shapes, 4 layers: a quick check of the whole path
     "small": dict(LLAMA3, num_hidden_layers=4),
+    # a CPU smoke of the scripts themselves (bench_serving / profile_step --device cpu)
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2,
+                 architectures=["LlamaForCausalLM"], model_type="llama"),
     # Qwen3-30B-A3B: 128 experts, top-8, 3.3B active parameters
     "qwen3-moe-30b-a3b": dict(
         architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,

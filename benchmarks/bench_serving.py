@@ -29,15 +29,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_e2e  # noqa: E402
 from bench_e2e import hf_config, prefill_flops  # noqa: E402
 
-# a CPU smoke of the script itself (python3 benchmarks/bench_serving.py --device cpu ...)
-bench_e2e.PRESETS.setdefault("tiny", dict(vocab_size=512, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2,
-                                          architectures=["LlamaForCausalLM"],
-                                          model_type="llama"))
 
 
 def _rand(g, vocab: int, n: int) -> List[int]:

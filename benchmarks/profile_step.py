@@ -16,14 +16,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import hf_config  # noqa: E402
 from profile_decode import _OneRank  # noqa: E402
+from torch.profiler import ProfilerActivity  # noqa: E402
+
+
+def sync():
+    import torch
+    torch.cuda.synchronize()
+
+
+ACTIVITIES = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
 
 
 class OneRank(_OneRank):
-    """The ActorGroup interface over one in-process CUDA worker (no Ray)."""
+    """The ActorGroup interface over one in-process worker (no Ray)."""
 
-    def __init__(self, **kw):
+    def __init__(self, device="cuda", **kw):
         from ringserve.actors.model_worker import ModelShardWorker
-        super().__init__(ModelShardWorker(0, 1, "cuda", **kw))
+        super().__init__(ModelShardWorker(0, 1, device, **kw))
 
 
 def main(argv=None):
@@ -33,6 +42,8 @@ def main(argv=None):
     p.add_argument("--prefill-len", type=int, default=65536)
     p.add_argument("--budget", type=int, default=8192)
     p.add_argument("--graphs", action="store_true")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a smoke run of the script (tiny preset, float32, no CUDA profile)")
     p.add_argument("--ray", action="store_true", help="through a Ray actor (LLM) instead")
     p.add_argument("--single", type=int, default=0,
                    help="only time one cold prefill of this many tokens: chunked as LLM does on "
@@ -44,6 +55,10 @@ def main(argv=None):
     from ringserve.sampling import SamplingParams
 
     cfg = hf_config(a.preset, 2 * (a.doc_len + a.prefill_len))
+    cpu = a.device == "cpu"
+    global sync, ACTIVITIES
+    if cpu:
+        sync, ACTIVITIES = (lambda: None), [ProfilerActivity.CPU]
     if a.ray:
         import ray
         from ringserve import LLM
@@ -53,8 +68,10 @@ def main(argv=None):
         eng = llm._engine
         grp = llm._group
     else:
-        grp = OneRank(model={"config": cfg, "seed": 0}, dtype="bfloat16", page_size=64,
-                      chunk_tokens=8192, cuda_graphs=a.graphs)
+        grp = OneRank(a.device, model={"config": cfg, "seed": 0},
+                      dtype="float32" if cpu else "bfloat16", page_size=16 if cpu else 64,
+                      chunk_tokens=8192, cuda_graphs=("emulate" if cpu else True) if a.graphs
+                      else False)
         # the LLM's CUDA scheduling defaults (flops cost model, solo factor 8)
         eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=a.budget,
                                                  passq_max_tokens=2048, cuda_graphs=a.graphs,
@@ -66,18 +83,18 @@ def main(argv=None):
 
     def timed(step):
         if not a.ray:
-            torch.cuda.synchronize()
+            sync()
         t = time.perf_counter()
         r = real(step)
         if not a.ray:
-            torch.cuda.synchronize()
+            sync()
         times.append((time.perf_counter() - t,
                       sum(1 for w in step.works if w.n == 1), sum(w.n for w in step.works
                                                                    if w.n > 1)))
         return r
 
     eng._execute = timed
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
     profiled = {}
 
     def profiled_decode(step, n_want):
@@ -85,7 +102,7 @@ def main(argv=None):
         time, kernels, aten ops, the ops that cost the host most."""
         if (n_want not in profiled and len(times) == 20
                 and all(w.n == 1 for w in step.works) and len(step.works) == n_want):
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+            with profile(activities=ACTIVITIES) as pr:
                 r = timed(step)
             ev = pr.key_averages()
             kern = [e for e in pr.events() if e.device_type.name == "CUDA"]
@@ -118,6 +135,9 @@ def main(argv=None):
             h.result()
         dec = [x[0] for x in times if x[2] == 0 and x[1] == n]
         inner = grp.call("recent_step_times", len(times))[0]
+        if not dec:   # the budget never let all n decode in one step
+            print(f"decode batch {n:3d}: no step decoded all {n} at once (budget {a.budget})")
+            continue
         print(f"decode batch {n:3d}: step {statistics.median(dec) * 1e3:7.2f} ms "
               f"(driver+worker; {len(dec)} steps; in execute {statistics.median(inner) * 1e3:.2f}"
               f" ms), wall {time.perf_counter() - t:.2f} s")
@@ -152,9 +172,9 @@ def main(argv=None):
         # a late chunk (the last quarter of the prompt): its attention reads the longest prefix
         if "done" not in box and any(w.n > 1 and w.start >= 3 * a.prefill_len // 4
                                      for w in step.works):
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+            with profile(activities=ACTIVITIES) as pr:
                 r = real(step)
-                torch.cuda.synchronize()
+                sync()
             box["done"] = pr
             return r
         return real(step)
@@ -163,6 +183,11 @@ def main(argv=None):
     eng.submit("cache_document", rnd(a.prefill_len)).result()
     for h in hs:
         h.cancel()
+    if "done" not in box:
+        print(f"no late mixed step to profile: the {a.prefill_len}-token prompt never ran in "
+              f"several chunks at budget {a.budget}")
+        eng.shutdown()
+        return
     ev = box["done"].key_averages()
     host = sum(e.self_cpu_time_total for e in ev) / 1e3
     dev = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / 1e3
@@ -175,7 +200,7 @@ def main(argv=None):
 
 def single(a, cfg, grp):
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
     from ringserve.engine import Engine, EngineConfig
 
     print(f"warmup {grp.w.warmup():.1f} s", flush=True)
@@ -187,17 +212,17 @@ def single(a, cfg, grp):
         real = eng._execute
 
         def timed(step, real=real, times=times, box=box):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             w = step.works[0]
             if len(times) == 10 and "p" not in box:
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+                with profile(activities=ACTIVITIES) as pr:
                     r = real(step)
-                    torch.cuda.synchronize()
+                    sync()
                 box["p"] = pr
             else:
                 r = real(step)
-                torch.cuda.synchronize()
+                sync()
             times.append((w.start, w.n, time.perf_counter() - t))
             return r
 

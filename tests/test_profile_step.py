@@ -1,0 +1,25 @@
+"""benchmarks/profile_step.py on CPU (tiny model, in-process worker): it runs through the decode
+batches, the prefill with and without decodes beside it, and the profile of a late mixed step,
+so the GPU call that needs it never finds it broken."""
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_profile_step_cpu_smoke(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "512",
+              "--budget", "96"])
+    out = capsys.readouterr().out
+    for n in (1, 8, 16):
+        assert f"decode batch {n:3d}: step" in out
+    assert "prefill 512 with 0 decodes" in out and "prefill 512 with 8 decodes" in out
+    assert "late mixed step (8 decodes + a chunk after 3/4 of the prompt): host" in out
