@@ -435,6 +435,11 @@ class Scheduler:
     def _chunk(self, req: Request, budget: float) -> Optional[Work]:
         start, left = req.computed, req.remaining
         n = min(left, self.chunk_tokens(start, budget))
+        if n < left and self.cost(start, left) <= budget + self.cfg.max_num_batched_tokens / 4:
+            # the whole rest fits with a little slack (a quarter of the step budget, in cost):
+            # a short prompt rides in one step instead of two (its TTFT halves under load),
+            # a long one's last bit does not take a step of its own
+            n = left
         align = CHUNK_ALIGN * self.world_size
         if align < n < left:
             # a chunk that is not the prompt's last is a multiple of CHUNK_ALIGN per rank: the

@@ -473,6 +473,36 @@ def test_only_a_prompts_short_last_chunk_runs_pass_q(tmp_path_factory, monkeypat
     assert kinds[-1] == ("generate", 3, "q")
 
 
+def test_a_prompt_whose_rest_fits_the_slack_goes_in_one_chunk(tmp_path_factory, monkeypatch):
+    """A prompt (or a prompt's rest) whose cost is within a quarter of the step budget of what
+    the step has left goes whole: at budget 32, 36 tokens in one step (its TTFT is one step,
+    not two), 41 in 32 + 9; both give their solo tokens."""
+    from ringserve import scheduler
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 1, "striped")
+    eng = make(path, 1, "striped", max_num_batched_tokens=32)
+    chunks = []
+    real = scheduler.Scheduler._work
+
+    def spy(self, req, n, kind, owners):
+        if self is eng.sched and req.computed < len(req.prompt):   # not the solo runs'
+            chunks.append((len(req.prompt), n))
+        return real(self, req, n, kind, owners)
+
+    monkeypatch.setattr(scheduler.Scheduler, "_work", spy)
+    g = torch.Generator().manual_seed(44)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        for n in (36, 41):
+            p = torch.randint(0, VOCAB_TOKENS, (n,), generator=g).tolist()
+            out = eng.submit("generate", p, params).result(60)
+            assert (out.token_ids, out.finish_reason) == solo(p, params)
+    finally:
+        close(eng)
+    assert [c for c in chunks if c[0] == 36] == [(36, 36)]
+    assert [c for c in chunks if c[0] == 41] == [(41, 32), (41, 9)]
+
+
 def test_a_question_on_a_document_still_prefilling_waits_and_reuses_it(tmp_path_factory,
                                                                        monkeypatch):
     """A question whose prompt starts with a document that is still being prefilled waits for

@@ -395,7 +395,8 @@ def test_progress_reports_prefill_tokens_and_decode(tmp_path_factory):
         box.append(h)
         h.result(60)
         pre = [p for p in seen if p.get("phase") == "prefill"]
-        assert [p["done"] for p in pre] == list(range(8, 50, 8))   # 50 tokens, chunks of 8
+        # 50 tokens in chunks of 8; the last 10 go in one (they fit the budget's quarter slack)
+        assert [p["done"] for p in pre] == list(range(8, 48, 8))
         assert all(p["total"] == 50 and p["unit"] == "tokens" for p in pre)
         decode = [p for p in seen if p.get("phase") == "decode"]
         assert [p["done"] for p in decode] == [1, 2, 3, 4]
