@@ -378,9 +378,17 @@ def test_a_long_prompt_keeps_one_run_of_pages_beside_decoding_streams(tmp_path_f
     eng = make(path, 2, "striped", max_num_batched_tokens=24)
     sa.StepAttention.__init__ = init
     try:
-        hs = [eng.submit("generate", p, sp) for p in streams]
-        while eng.stats()["generated_tokens"] < 6:     # the streams are decoding
-            time.sleep(0.01)
+        decoding = threading.Event()          # set once every stream has its second token
+        counts = [0] * len(streams)
+
+        def on_delta(i, _d):
+            counts[i] += 1
+            if min(counts) >= 2:
+                decoding.set()
+
+        hs = [eng.submit("generate", p, sp, on_delta=lambda d, i=i: on_delta(i, d))
+              for i, p in enumerate(streams)]
+        assert decoding.wait(60)
         h = eng.submit("generate", long_p, lp)
         out = h.result(60)
         assert (out.token_ids, out.finish_reason) == solo(long_p, lp)
