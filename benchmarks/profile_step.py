@@ -41,7 +41,12 @@ def main(argv=None):
     p.add_argument("--doc-len", type=int, default=16384)
     p.add_argument("--prefill-len", type=int, default=65536)
     p.add_argument("--budget", type=int, default=8192)
-    p.add_argument("--graphs", action="store_true")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA graphs for decode-only steps (default: on CUDA, as LLM)")
+    p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fused few-token kernels (default: on CUDA, as LLM)")
+    p.add_argument("--kv-tokens", type=int, default=None,
+                   help="KV capacity in tokens (default: what the device's memory holds)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: a smoke run of the script (tiny preset, float32, no CUDA profile)")
     p.add_argument("--ray", action="store_true", help="through a Ray actor (LLM) instead")
@@ -56,6 +61,10 @@ def main(argv=None):
 
     cfg = hf_config(a.preset, 2 * (a.doc_len + a.prefill_len))
     cpu = a.device == "cpu"
+    if a.graphs is None:
+        a.graphs = not cpu
+    if a.fused_kernels is None:
+        a.fused_kernels = not cpu
     global sync, ACTIVITIES
     if cpu:
         sync, ACTIVITIES = (lambda: None), [ProfilerActivity.CPU]
@@ -64,18 +73,20 @@ def main(argv=None):
         from ringserve import LLM
         ray.init(include_dashboard=False)
         llm = LLM({"config": cfg, "seed": 0}, device="cuda", dtype="bfloat16", tokenizer=None,
-                  max_num_batched_tokens=a.budget, cuda_graphs=a.graphs)
+                  max_num_batched_tokens=a.budget, cuda_graphs=a.graphs,
+                  fused_kernels=a.fused_kernels, max_kv_tokens=a.kv_tokens)
         eng = llm._engine
         grp = llm._group
     else:
         grp = OneRank(a.device, model={"config": cfg, "seed": 0},
                       dtype="float32" if cpu else "bfloat16", page_size=16 if cpu else 64,
                       chunk_tokens=8192, cuda_graphs=("emulate" if cpu else True) if a.graphs
-                      else False)
+                      else False, fused_kernels=a.fused_kernels, kv_tokens=a.kv_tokens)
         # the LLM's CUDA scheduling defaults (flops cost model, solo factor 8)
         eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=a.budget,
                                                  passq_max_tokens=2048, cuda_graphs=a.graphs,
                                                  prefill_cost="flops", solo_budget_factor=8))
+    print(f"features: cuda_graphs={a.graphs} fused_kernels={a.fused_kernels}", flush=True)
     if a.single:
         return single(a, cfg, grp)
     times = []
@@ -125,6 +136,8 @@ def main(argv=None):
     doc = rnd(a.doc_len)
     eng.submit("cache_document", doc).result()
     greedy = dict(temperature=0.0, ignore_eos=True)
+    # the streams beside a prefill decode until cancelled (each must fit the capacity alone)
+    stream_max = 100000 if a.kv_tokens is None else a.kv_tokens - a.doc_len - 32
     for n in (1, 1, 8, 16, 64):
         times.clear()
         eng._execute = (lambda step, n=n: profiled_decode(step, n)) if n in (1, 8) else timed
@@ -144,12 +157,13 @@ def main(argv=None):
     eng._execute = timed
     for load in (0, 8):
         times.clear()
-        hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=100000, **greedy))
+        hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=stream_max, **greedy))
               for _ in range(load)]
         time.sleep(0.5)
         t = time.perf_counter()
-        eng.submit("cache_document", rnd(a.prefill_len)).result()
+        key = eng.submit("cache_document", rnd(a.prefill_len)).result()
         wall = time.perf_counter() - t
+        eng.submit("drop_document", key).result()   # room for the next one
         for h in hs:
             h.cancel()
         for h in hs:
@@ -163,7 +177,7 @@ def main(argv=None):
         eng.shutdown()
         return
     # profile one mixed step
-    hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=100000, **greedy))
+    hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=stream_max, **greedy))
           for _ in range(8)]
     time.sleep(0.5)
     box = {}
@@ -180,7 +194,7 @@ def main(argv=None):
         return real(step)
 
     eng._execute = prof_step
-    eng.submit("cache_document", rnd(a.prefill_len)).result()
+    eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()).result()
     for h in hs:
         h.cancel()
     if "done" not in box:
