@@ -355,16 +355,18 @@ class ModelShardWorker(ShardWorker):
         while n <= 16384:   # tuning: one per sequence bucket of the autotuning key
             for causal in (True, False):
                 attend(n, n, 1 if causal else max(1, min(8, 16384 // n)), causal)
-            n *= 2
-        # compiling: lengths not divisible by 16 are another specialization of the kernel
-        for causal in (True, False):
-            for sq, sk in ((1000, 1000), (1000, 1024), (1024, 1000), (1000, 999)):
+            # compiling: each bucket's tuned config is compiled again for the lengths that
+            # are other specializations of the kernel: not divisible by 16 (query, keys or
+            # both; a 100-token request under load compiled (100, 100) for 1.7 s on the H200
+            # when only the 1024 bucket's config had been), and exactly 1 key (the remainder
+            # of a cached prefix split over batch entries). Configs shared between buckets
+            # compile once.
+            m = n - 3
+            for sq, sk, causal in ((m, m, True), (m, m, False), (m, n, False), (n, m, False),
+                                   (m, 1, False), (n, 1, False)):
                 attend(sq, sk, 1, causal)
-        # and a length of exactly 1, another specialization: the remainder of a cached prefix
-        # split over batch entries can be one key (a 256K prefill under load compiled twice
-        # mid-run on the H200, most likely this), and a one-token prompt is (1, 1)
-        for sq, sk, causal in ((1000, 1, False), (1024, 1, False), (1, 1, True)):
-            attend(sq, sk, 1, causal)
+            n *= 2
+        attend(1, 1, 1, True)    # a one-token prompt
         pool = self.pool
         page = pool.page_size
         width = max(2, -(-4224 // page))         # enough key tiles for the largest split count

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -143,10 +143,20 @@ class PageAllocator:
     def num_free(self) -> int:
         return len(self.free)
 
-    def take(self, high: bool = False) -> int:
-        """The lowest free page, or with `high` the highest."""
+    def take(self, high: bool = False, after: Optional[int] = None) -> int:
+        """The lowest free page, or with `high` the highest. With `after` (a sequence's last
+        page), the page right after it when that one is free: a prompt keeps its run of pages
+        even when another prompt's chunk took the pages that followed it in an earlier step."""
         if not self.free:
             raise KVCacheFullError(f"no free KV page (num_pages {self.num_pages})")
+        nxt = None if after is None else after + 1
+        if nxt is not None and nxt < self.num_pages and self.ref[nxt] == 0:
+            # free pages are in descending order; reserved pages (ref 0 too) are never in it
+            i = bisect.bisect_left(self.free, -nxt, key=lambda v: -v)
+            if i < len(self.free) and self.free[i] == nxt:
+                self.free.pop(i)
+                self.ref[nxt] = 1
+                return nxt
         p = self.free.pop(0 if high else -1)
         self.ref[p] = 1
         return p

@@ -162,7 +162,8 @@ class KVManager:
                 pages[-1] = fresh
                 seq.synced[r] = min(seq.synced[r], len(pages) - 1)
             while len(pages) < pages_for(c + new[r], P):
-                pages.append(a.take(high))
+                # a prompt's next page continues its run when it can (one view, no gather)
+                pages.append(a.take(high, after=pages[-1] if pages and not high else None))
             slots[r] = [pages[i // P] * P + i % P for i in range(c, c + new[r])]
             seq.counts[r] += new[r]
         seq.tokens.extend(int(t) for t in tokens)

@@ -636,3 +636,66 @@ def test_dropping_a_document_still_prefilling_cancels_it(tmp_path_factory):
         assert eng.submit("drop_document", key).result(10) is False
     finally:
         close(eng)
+
+
+def test_page_runs_and_view_pieces():
+    from ringserve.parallel.step_attention import page_runs, view_pieces
+    assert page_runs(torch.tensor([4, 5, 6, 9, 10, 2])) == [(4, 3), (9, 2), (2, 1)]
+    assert page_runs(torch.tensor([], dtype=torch.int32)) == []
+    # 3 runs of 4-token pages, 30 tokens, pieces of at most 8 tokens, each inside one run
+    pieces = view_pieces([(4, 3), (9, 2), (2, 3)], 30, 4, 8)
+    assert pieces == [(0, 8, 4), (8, 12, 6), (12, 20, 9), (20, 28, 2), (28, 30, 4)]
+    tokens = []
+    for a, b, first in pieces:
+        tokens += [(first + j // 4, j % 4) for j in range(b - a)]
+    pages = [4, 5, 6, 9, 10, 2, 3, 4]
+    assert tokens == [(pages[t // 4], t % 4) for t in range(30)]
+
+
+def test_a_fragmented_prefix_is_read_as_several_views(tmp_path_factory, monkeypatch):
+    """A prompt whose pages are not one run (here the allocator is made to hand out the lowest
+    and the second-lowest free page in turn: 0, 2, 1, 4, 3, ...) reads its cached prefix as one view per run of pages while
+    the runs are few (MAX_VIEW_RUNS), and gathers it beyond that: both exact against the solo
+    run of an unfragmented engine."""
+    from ringserve import kv_cache
+    from ringserve.parallel import step_attention as sa
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 1, "striped")
+    real_take = kv_cache.PageAllocator.take
+
+    def swapped(self, high=False, after=None):
+        self.turn = not getattr(self, "turn", False)
+        if not high and self.turn and len(self.free) >= 2:   # the second-lowest free page
+            p = self.free.pop(-2)
+            self.ref[p] = 1
+            return p
+        return real_take(self, high)
+
+    monkeypatch.setattr(kv_cache.PageAllocator, "take", swapped)
+    seen = []
+    real_init = sa.StepAttention.__init__
+
+    def init(self, plan, tables, *a, **k):
+        real_init(self, plan, tables, *a, **k)
+        for i in self.ring:
+            if plan.seqs[i].n_before > 0:
+                runs = self.prefix_run.get(i)
+                seen.append(None if runs is None else len(runs))
+
+    monkeypatch.setattr(sa.StepAttention, "__init__", init)
+    g = torch.Generator().manual_seed(41)
+    prompt = torch.randint(0, VOCAB_TOKENS, (200,), generator=g).tolist()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for max_runs in (64, 3):
+        seen.clear()
+        monkeypatch.setattr(sa, "MAX_VIEW_RUNS", max_runs)
+        eng = make(path, 1, "striped", max_num_batched_tokens=40)
+        try:
+            out = eng.submit("generate", prompt, params).result(60)
+            assert (out.token_ids, out.finish_reason) == solo(prompt, params)
+        finally:
+            close(eng)
+        if max_runs == 64:
+            assert seen and None not in seen and max(seen) > 3   # several views each
+        else:
+            assert None in seen                                  # too many runs: gathered

@@ -206,3 +206,22 @@ def test_document_cache_match_budget_and_eviction_order():
     dc.add(c)                                           # 11 > 10: evict LRU unpinned first
     assert [x.kv for x in dc.over_budget()] == ["sa2"]
     assert [x.kv for x in dc.eviction_order()] == ["sa2", "sc", "sb"]
+
+
+def test_a_prompt_continues_its_run_past_a_freed_hole():
+    """A prompt's next page is the one after its last when that is free, not the lowest free
+    page: a short request that took the pages after it and finished leaves a hole below the
+    prompt's end, which the prompt does not jump back into (its prefix stays few runs)."""
+    from ringserve.kv_manager import KVManager
+    m = KVManager([32], page_size=4)
+    a = m.new()
+    m.append(a, list(range(8)), [0] * 8)          # pages 0, 1
+    b = m.new()
+    m.append(b, [1, 2, 3], [0] * 3)               # page 2, right after a's
+    m.append(a, list(range(8)), [0] * 8)          # pages 3, 4
+    m.free(b)                                     # page 2 free again: a hole below a's end
+    m.append(a, list(range(8)), [0] * 8)          # 5, 6: a continues, no jump into the hole
+    assert a.pages[0] == [0, 1, 3, 4, 5, 6]
+    c = m.new()
+    m.append(c, [1], [0])                         # a new prompt takes the lowest: the hole
+    assert c.pages[0] == [2]

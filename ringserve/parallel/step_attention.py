@@ -17,7 +17,7 @@ Every collective is issued in plan order, identical on every rank.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,11 +30,41 @@ from .ring import ring_attention
 # (only as many splits as it takes to give the GPU about TARGET_PROGRAMS query-block programs:
 # a long chunk fills it alone, and every split costs a merge)
 PIECE_TOKENS = 65536
-# read a chunk's cached prefix as a view of the pool when its pages are one ascending run
+# read a chunk's cached prefix as views of the pool when its pages form at most MAX_VIEW_RUNS
+# runs of consecutive pages (one per run, no copy); more fragmented prefixes are gathered
 CONTIGUOUS_VIEWS = True
+MAX_VIEW_RUNS = 8
 SPLITS = 8
 MIN_SPLIT_TOKENS = 2048
 TARGET_PROGRAMS = 512
+
+
+def page_runs(table: torch.Tensor) -> List[Tuple[int, int]]:
+    """The runs of consecutive page numbers in a (CPU) page table: [(first, count), ...]."""
+    t = table.tolist()
+    runs: List[Tuple[int, int]] = []
+    for p in t:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
+
+
+def view_pieces(runs: List[Tuple[int, int]], n: int, page: int, cap: int):
+    """The first n tokens of a sequence whose pages are `runs`, as (a, b, first page) pieces of
+    at most `cap` tokens (a multiple of the page size), each inside one run."""
+    out, a = [], 0
+    for first, count in runs:
+        end = min(n, a + count * page)
+        while a < end:
+            b = min(end, a + cap)
+            out.append((a, b, first))
+            first += (b - a) // page
+            a = b
+        if a >= n:
+            break
+    return out
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
@@ -132,15 +162,15 @@ class StepAttention:
         self.tables = {i: (tables[i] if tables[i].numel() else
                            torch.zeros(1, dtype=torch.int32))[None].to(dev)
                        for i in self.ext + self.ring}
-        # a ring chunk whose cached prefix sits in one ascending run of pages (the allocator
-        # keeps a prompt's pages together) reads it as a view of the pool, not a gathered copy
-        self.prefix_run: Dict[int, int] = {}
+        # a ring chunk whose cached prefix sits in a few runs of consecutive pages (the
+        # allocator keeps a prompt's pages together) reads it as views of the pool, one per
+        # run, not as a gathered copy: {seq index: [(first page, pages), ...]}
+        self.prefix_run: Dict[int, List[Tuple[int, int]]] = {}
         for i in self.ring:
             np_ = -(-plan.seqs[i].n_before // page)
-            t = tables[i][:np_]
-            if CONTIGUOUS_VIEWS and np_ and t.numel() == np_ and torch.equal(
-                    t, torch.arange(int(t[0]), int(t[0]) + np_, dtype=t.dtype)):
-                self.prefix_run[i] = int(t[0])
+            runs = page_runs(tables[i][:np_]) if CONTIGUOUS_VIEWS and np_ else None
+            if runs and sum(n for _, n in runs) == np_ and len(runs) <= MAX_VIEW_RUNS:
+                self.prefix_run[i] = runs
         self.q_rows = [i for i in range(len(plan.seqs)) if plan.seqs[i].kind == "q"]
         self.q_index = torch.tensor([r for i in self.q_rows for r in range(
             self.rows[i].start, self.rows[i].stop)], **i64)
@@ -276,19 +306,20 @@ class StepAttention:
             return o[0].float(), lse[0].t().contiguous()
         P = self.pool.page_size
         H, Dk = self.pool.k.shape[-2:]
-        run = self.prefix_run.get(i)
+        runs = self.prefix_run.get(i)
         acc_o = acc_l = None
         # a view needs no buffer: pieces only keep element offsets within int32 (one kernel
         # variant); a gather is bounded to PIECE_TOKENS a piece
-        piece = (max(P, (2 ** 31 - 1) // (H * Dk) // P * P) if run is not None
-                 else PIECE_TOKENS)
-        for a in range(0, n, piece):
-            b = min(n, a + piece)
-            if run is not None:
-                k = self.pool.k[layer][run + a // P: run - (-b // P)].reshape(-1, H, Dk)[:b - a]
+        if runs is not None:
+            pieces = view_pieces(runs, n, P, max(P, (2 ** 31 - 1) // (H * Dk) // P * P))
+        else:
+            pieces = [(a, min(n, a + PIECE_TOKENS), None) for a in range(0, n, PIECE_TOKENS)]
+        for a, b, first in pieces:
+            if first is not None:   # tokens a..b sit in pages first, first + 1, ...
+                hi = first - (-(b - a) // P)
+                k = self.pool.k[layer][first:hi].reshape(-1, H, Dk)[:b - a]
                 v = (k if self.pool.v is self.pool.k
-                     else self.pool.v[layer][run + a // P: run - (-b // P)]
-                     .reshape(-1, H, Dk)[:b - a])
+                     else self.pool.v[layer][first:hi].reshape(-1, H, Dk)[:b - a])
             else:
                 pages = self.tables[i][0, a // P: -(-b // P)].long()
                 k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
