@@ -159,6 +159,15 @@ case "$PART" in
       --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 4096 \
       > "$OUT/profile_step_256k.log" 2>&1
     grep -E '^decode batch|^prefill|late mixed step' "$OUT/profile_step_256k.log" | cut -c1-300 ;;
+  s6d)   # session 6, fourth call: after the per-bucket warm-up compiles, the multi-run
+         # prefix views and the allocator's run continuation: the single request, then the
+         # 256K prefill under load at three budgets (the trade-off curve; the default is chosen
+         # from it), with the compile causes printed
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 540 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios single,prefill --budgets 2048,1536,4096 --json "$OUT/s6d.json" \
+      > "$OUT/s6d.log" 2>&1
+    grep -E '^single|^prefill|solo prefill|compiles after|^  [0-9:]+ |differs from|warm' "$OUT/s6d.log" | cut -c1-400 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
