@@ -487,8 +487,11 @@ class ModelShardWorker(ShardWorker):
         if self.world_size > 1 or self.tp_size > 1:
             self.transport.synchronize()
         graph = torch.cuda.CUDAGraph()
-        # a private memory pool per graph: no graph's output can overlap another's buffers
-        with torch.cuda.graph(graph):
+        # a private memory pool per graph: no graph's output can overlap another's buffers.
+        # thread_local: the sampler's helper thread may allocate pinned host memory for grammar
+        # masks meanwhile (cudaHostAlloc), which under the default "global" mode invalidated
+        # the capture (structured output with graphs on the H200, session 6)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             g.logits = self._graph_body(g)
         g.graph = graph
         self._graphs[(batch, width, prefix)] = g

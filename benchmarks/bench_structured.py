@@ -110,15 +110,22 @@ def mask_time_us(tok_dir: Path, vocab: int, rows: int, steps: int = 64) -> float
 
 
 def run_case(llm, prompts, params) -> Dict:
-    n0 = len(llm._group.call("recent_step_times", 1 << 16)[0])
+    s0 = llm.stats()
     times: List[List[float]] = [[] for _ in prompts]
 
     def cb(i):
         return lambda _d: times[i].append(time.perf_counter())
     handles = [llm.submit(p, params, on_delta=cb(i)) for i, p in enumerate(prompts)]
     outs = [h.result() for h in handles]
-    steps = llm._group.call("recent_step_times", 1 << 16)[0][n0:]
+    s1 = llm.stats()
+    if s1["worker_failures"] != s0["worker_failures"]:
+        raise RuntimeError(f"a step failed during the case (the group was rebuilt; graph "
+                           f"capture failures {s1['graph_capture_failures']}): see the log")
+    # this case's steps (counted by the engine: the workers keep only their last 4096)
+    steps = llm._group.call("recent_step_times", s1["steps"] - s0["steps"])[0]
     decode = steps[-(params.max_tokens - 8):]    # the last steps: decode only, all rows
+    if not decode:
+        raise RuntimeError(f"no decode steps in the case ({len(steps)} steps)")
     itl = [statistics.median([b - a for a, b in zip(ts[4:], ts[5:])]) for ts in times]
     return {"step_ms": statistics.median(decode) * 1e3, "itl_ms": statistics.median(itl) * 1e3,
             "finish": sorted({o.finish_reason for o in outs}),

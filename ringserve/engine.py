@@ -733,8 +733,9 @@ class Engine:
             self.sched.cfg.graphs = False
             with self._lock:
                 self._counters["graph_capture_failures"] += 1
+            msg = str(err)   # a remote traceback: its last lines name the cause
             log.warning("CUDA graph capture failed; decoding eagerly from now on: %s",
-                        str(err)[:500])
+                        msg if len(msg) <= 1500 else msg[:300] + " ... " + msg[-1200:])
         inflight = list(self.sched.running)
         self.sched.running.clear()
         for req in inflight:
