@@ -157,6 +157,70 @@ def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
             "tokens": tokens}
 
 
+def count_mixed_step(layers: int, backend: str, batch: int, family: str,
+                     dtype: str = "float16") -> dict:
+    """Counts of one mixed step: a ring chunk of a long prompt against its cached prefix (split
+    into 8 key ranges, as a short chunk against a long prefix is on a GPU) beside `batch`
+    decoding rows that share a cached document (what the serving benchmark's prefill under
+    load runs for hundreds of steps)."""
+    from ringserve.actors.model_worker import ModelShardWorker
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.parallel import step_attention as sa
+    from ringserve.sampling import SamplingParams
+
+    _watch_launches()
+    saved = sa.MIN_SPLIT_TOKENS, sa.TARGET_PROGRAMS
+    sa.MIN_SPLIT_TOKENS, sa.TARGET_PROGRAMS = 16, 1 << 14    # 8 splits, as on the GPU
+    cfg = _config(layers, family)
+    w = ModelShardWorker(0, 1, "cpu", model={"config": cfg, "seed": 0}, dtype=dtype,
+                         page_size=16, kv_tokens=4096, backend=backend,
+                         cuda_graphs=False, fused_kernels=True)
+    eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=64,
+                                                     passq_max_tokens=4))
+    box = {}
+    real = eng._execute
+
+    def profiled(step):
+        ring = [wk for wk in step.works if wk.kind == "ring" and wk.start >= 256]
+        dec = [wk for wk in step.works if wk.n == 1]
+        if "prof" in box or not ring or len(dec) < batch:
+            return real(step)
+        _LAUNCHES.clear()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            r = real(step)
+        box["prof"], box["launches"] = prof, Counter(_LAUNCHES)
+        return r
+
+    eng._execute = profiled
+    g = torch.Generator().manual_seed(1)
+    V = cfg["vocab_size"]
+    try:
+        doc = torch.randint(0, V, (64,), generator=g).tolist()
+        eng.submit("cache_document", doc).result()
+        hs = [eng.submit("generate", doc + torch.randint(0, V, (4,), generator=g).tolist(),
+                         SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1000))
+              for _ in range(batch)]
+        eng.submit("cache_document", torch.randint(0, V, (400,), generator=g).tolist()).result()
+        for h in hs:
+            h.cancel()
+        tokens = [h.result().token_ids[:4] for h in hs]
+    finally:
+        sa.MIN_SPLIT_TOKENS, sa.TARGET_PROGRAMS = saved
+        eng.shutdown()
+        w.shutdown()
+    if "prof" not in box:
+        raise RuntimeError("no mixed step (a late ring chunk beside every decode) was seen")
+    evs = [e for e in box["prof"].events() if e.name.startswith("aten::")
+           and not _inside_launch(e)]
+    top = [e for e in evs if _top_level(e)]
+    kern = [e for e in top if _kernel_like(e)]
+    return {"aten_ops": len(evs), "aten_top": len(top), "kernel_ops": len(kern),
+            "kernel_names": dict(Counter(e.name for e in kern)),
+            "triton": sum(box["launches"].values()), "by_kernel": dict(box["launches"]),
+            "top_ops": Counter(e.name for e in top).most_common(12),
+            "tokens": tokens}
+
+
 KEYS = ("aten_ops", "aten_top", "kernel_ops", "triton")
 
 
@@ -171,6 +235,9 @@ def main(argv=None) -> int:
     p.add_argument("--unfused", action="store_true",
                    help="the model's torch path around the Triton attention (what ran before "
                         "the fused kernels of kernels/fused.py)")
+    p.add_argument("--mixed", action="store_true",
+                   help="a mixed step instead: a late prompt chunk against its cached prefix "
+                        "beside --batch decoding rows on a shared document (eager)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.unfused:
@@ -180,11 +247,15 @@ def main(argv=None) -> int:
         sys.exit("backend triton on CPU needs TRITON_INTERPRET=1")
     torch.set_num_threads(1)
     rows = []
-    for graphs in (False, True):
-        full = count_step(a.layers, a.backend, graphs, a.batch, a.family, a.dtype)
-        half = count_step(a.layers // 2, a.backend, graphs, a.batch, a.family, a.dtype)
+    for graphs in ((None,) if a.mixed else (False, True)):
+        if a.mixed:
+            full = count_mixed_step(a.layers, a.backend, a.batch, a.family, a.dtype)
+            half = count_mixed_step(a.layers // 2, a.backend, a.batch, a.family, a.dtype)
+        else:
+            full = count_step(a.layers, a.backend, graphs, a.batch, a.family, a.dtype)
+            half = count_step(a.layers // 2, a.backend, graphs, a.batch, a.family, a.dtype)
         n = a.layers - a.layers // 2
-        row = {"path": "graph body" if graphs else "eager", "step": full,
+        row = {"path": "mixed" if a.mixed else "graph body" if graphs else "eager", "step": full,
                "per_layer": {k: (full[k] - half[k]) / n for k in KEYS}}
         row["per_layer_kernels"] = {k: (v - half["kernel_names"].get(k, 0)) / n
                                     for k, v in full["kernel_names"].items()
@@ -208,8 +279,11 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['path']}: launches {r['step']['by_kernel']}")
         print(f"{r['path']}: torch ops that launch a kernel, per layer {r['per_layer_kernels']}")
-    same = rows[0]["step"]["tokens"] == rows[1]["step"]["tokens"]
-    print(f"eager and graph-body tokens equal: {same}")
+    if a.mixed:
+        same = True
+    else:
+        same = rows[0]["step"]["tokens"] == rows[1]["step"]["tokens"]
+        print(f"eager and graph-body tokens equal: {same}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"args": vars(a), "rows": rows}, fh, indent=1)

@@ -7,7 +7,8 @@ in reference.py.
 """
 from __future__ import annotations
 
-from .torch_ops import attention_torch, grouped_linear_torch, merge_torch_, paged_decode_torch
+from .torch_ops import (attention_torch, grouped_linear_torch, merge_splits_torch, merge_torch_,
+                        paged_decode_torch)
 
 BACKENDS = ("auto", "triton", "torch", "cudnn")
 # Heads wider than 256 (MLA's latent, kv_lora_rank + rope = 576 for DeepSeek-V2) run in Triton
@@ -60,6 +61,20 @@ def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
         from .merge import merge_triton_
         return merge_triton_(out_acc, lse_acc, out_b, lse_b)
     return merge_torch_(out_acc, lse_acc, out_b, lse_b)
+
+
+def merge_splits(out, lse, backend="auto"):
+    """Merge the NB partial results of one set of queries over disjoint key ranges (the splits
+    of a long key range run as NB batch entries): out (NB, S, H, D), lse (NB, H, S) ->
+    (out (S, H, D) float32, lse (S, H) float32), one launch on the GPU."""
+    if out.dim() != 4 or lse.dim() != 3 or tuple(lse.shape) != (out.shape[0], out.shape[2],
+                                                                   out.shape[1]):
+        raise ValueError(f"out (NB, S, H, D) and lse (NB, H, S) expected, got "
+                         f"{tuple(out.shape)} and {tuple(lse.shape)}")
+    if _pick(backend, out) in ("triton", "cudnn"):
+        from .merge import merge_splits_triton
+        return merge_splits_triton(out, lse)
+    return merge_splits_torch(out, lse)
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,

@@ -349,10 +349,13 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    out = torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
-    if B == 0 or Sq == 0 or Hq == 0 or D == 0 or Sk == 0:
-        return out, lse   # nothing visible: lse -inf, out 0
+    if B == 0 or Sq == 0 or Hq == 0 or D == 0 or Sk == 0:   # nothing visible: lse -inf, out 0
+        return (torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device),
+                torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device))
+    # every program stores all its rows (a row that sees no key: out 0, lse -inf), so no fill
+    # kernels first (two launches a call, four a layer in a chunk's step)
+    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     on_cpu = q.device.type == "cpu"
     if config is None and on_cpu:

@@ -93,3 +93,55 @@ def merge_triton_(out_acc, lse_acc, out_b, lse_b):
                         *out_acc.stride(), *lse_acc.stride(), *out_b.stride(), *lse_b.stride(),
                         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return out_acc, lse_acc
+
+
+@triton.jit(do_not_specialize=["NB", "R", "S", "H", "s_on", "s_os", "s_oh", "s_ln", "s_lh",
+                               "s_ls", "s_ys", "s_yh", "s_zs", "s_zh"])
+def _merge_splits_kernel(O, L, Out, LseOut, NB, R, S, H, D,
+                         s_on, s_os, s_oh, s_od, s_ln, s_lh, s_ls,
+                         s_ys, s_yh, s_yd, s_zs, s_zh,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flat (s, h) index
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    h = (rows % H).to(tl.int64)
+    s = (rows // H).to(tl.int64)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for j in range(NB):
+        lj = tl.load(L + j * s_ln + h * s_lh + s * s_ls, mask=row_ok, other=float("-inf"))
+        m = tl.maximum(m, lj.to(tl.float32))
+    m = tl.where(m == float("-inf"), 0.0, m)   # every part -inf: weights 0, never a NaN
+    mask = row_ok[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    tot = tl.zeros([BLOCK_R], tl.float32)
+    for j in range(NB):
+        lj = tl.load(L + j * s_ln + h * s_lh + s * s_ls, mask=row_ok,
+                     other=float("-inf")).to(tl.float32)
+        w = tl.math.exp2((lj - m) * _LOG2E)
+        o = tl.load(O + j * s_on + (s * s_os + h * s_oh)[:, None] + offs_d[None, :] * s_od,
+                    mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None]
+        tot += w
+    seen = tot > 0.0
+    inv = 1.0 / tl.where(seen, tot, 1.0)
+    tl.store(Out + (s * s_ys + h * s_yh)[:, None] + offs_d[None, :] * s_yd,
+             acc * inv[:, None], mask=mask)
+    lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * _LN2, float("-inf"))
+    tl.store(LseOut + s * s_zs + h * s_zh, lse, mask=row_ok)
+
+
+def merge_splits_triton(out, lse):
+    """Merge NB partial results over disjoint key sets in one launch: out (NB, S, H, D) any
+    float dtype and strides, lse (NB, H, S) -> (out (S, H, D) float32, lse (S, H) float32)."""
+    NB, S, H, D = out.shape
+    y = torch.empty(S, H, D, dtype=torch.float32, device=out.device)
+    z = torch.empty(S, H, dtype=torch.float32, device=out.device)
+    R = S * H
+    if R == 0 or D == 0:
+        return y, z.fill_(float("-inf"))
+    block_d = max(16, triton.next_power_of_2(D))
+    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_d))
+    _merge_splits_kernel[(triton.cdiv(R, block_r),)](
+        out, lse, y, z, NB, R, S, H, D, *out.stride(), *lse.stride(), *y.stride(), *z.stride(),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return y, z

@@ -87,6 +87,22 @@ def merge_torch_(out_acc, lse_acc, out_b, lse_b):
     return out_acc, lse_acc
 
 
+def merge_splits_torch(out, lse):
+    """out (NB, S, H, D), lse (NB, H, S) partials over disjoint key sets -> (out (S, H, D)
+    float32, lse (S, H) float32); a row with every part -inf gets out 0 and lse -inf."""
+    lf = lse.float().transpose(1, 2)                       # (NB, S, H)
+    m = lf.amax(0)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(lf - m)
+    tot = w.sum(0)
+    seen = tot > 0
+    safe = torch.where(seen, tot, torch.ones_like(tot))
+    o = torch.where((w > 0)[..., None], out.float(), torch.zeros((), device=out.device))
+    y = (o * (w / safe)[..., None]).sum(0)
+    z = torch.where(seen, m + torch.log(safe), torch.full_like(m, float("-inf")))
+    return y, z
+
+
 def paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
                        causal=False, window_size=None, q_pos=None, kv_pos=None, softcap=None):
     """Paged flash-decoding contract (see reference.paged_decode_ref), with torch ops."""

@@ -197,6 +197,40 @@ def test_merge_matches_reference_and_handles_inf(backend):
     assert (oa.double() - ref_out).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_splits_equals_attention_over_the_whole_key_range(backend, dtype):
+    """A key range split into NB batch entries (as a short chunk against a long cached prefix
+    runs), merged in one call, equals attention over the whole range; a split that sees no
+    key (lse -inf) weighs nothing, and a row no split sees gets out 0, lse -inf."""
+    from ringserve.kernels import merge_splits
+    g = torch.Generator().manual_seed(31)
+    NB, L, S, Hq, Hkv, D = 4, 9, 13, 4, 2, 16
+    q = rand(1, S, Hq, D, dtype=dtype, gen=g)
+    k, v = rand(1, NB * L, Hkv, D, dtype=dtype, gen=g), rand(1, NB * L, Hkv, D, dtype=dtype,
+                                                                  gen=g)
+    o, lse = attention(q.expand(NB, S, Hq, D), k.view(NB, L, Hkv, D), v.view(NB, L, Hkv, D),
+                       backend=backend)
+    y, z = merge_splits(o, lse, backend=backend)
+    assert y.shape == (S, Hq, D) and z.shape == (S, Hq) and y.dtype == z.dtype == torch.float32
+    ref_out, ref_lse = attention_ref(q, k, v, None, False, None)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert (y.double() - ref_out[0]).abs().max() < tol
+    assert (z.double() - ref_lse[0].t()).abs().max() < tol
+    lse2 = lse.clone()
+    lse2[1] = float("-inf")                    # split 1 saw nothing
+    lse2[:, 2, 5] = float("-inf")              # head 2, row 5: no split saw anything
+    y2, z2 = merge_splits(o, lse2, backend=backend)
+    keep = torch.tensor([0, 2, 3])
+    y3, z3 = merge_splits(o[keep], lse[keep], backend=backend)
+    assert z2[5, 2] == float("-inf") and torch.all(y2[5, 2] == 0) and not y2.isnan().any()
+    z2[5, 2] = z3[5, 2]
+    y2[5, 2] = y3[5, 2]
+    assert (y2 - y3).abs().max() < 1e-6 and (z2 - z3).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="NB, H, S"):
+        merge_splits(o, lse[:, :, :-1], backend=backend)
+
+
 def test_merge_triton_low_precision_accumulator_and_nan_guard():
     g = torch.Generator().manual_seed(10)
     B, S, H, D = 1, 17, 2, 32

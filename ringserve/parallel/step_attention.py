@@ -279,10 +279,9 @@ class StepAttention:
                                     softcap=self.softcap)
         if s.chunk_start == 0:
             return o[0]
-        o, lse = o[0].float(), lse[0].t().contiguous()                 # (S, Hq, D), (S, Hq)
-        po, pl = self._prefix(layer, i, q)
-        _merge(o, lse, po, pl)
-        return o.to(q.dtype)
+        po, pl = self._prefix(layer, i, q)          # float32 (S, Hq, D), (S, Hq): fresh
+        _merge(po, pl, o[0], lse[0].t())            # the chunk's own part, read in place
+        return po.to(q.dtype)
 
     def _cached(self, layer: int, i: int, q, q_pos):
         """q (R, Hq, D) at global positions q_pos against this rank's tokens of sequence i
@@ -337,12 +336,13 @@ class StepAttention:
                 o, lse = kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
                                            softmax_scale=self.scale, causal=False,
                                            backend=self.backend, softcap=self.softcap)
-                for j in range(nb):
-                    oj, lj = o[j].float(), lse[j].t().contiguous()
-                    if acc_o is None:
-                        acc_o, acc_l = oj.clone(), lj.clone()
-                    else:
-                        _merge(acc_o, acc_l, oj, lj)
+                # the splits merged in one launch (a merge and two copies per split made a
+                # short chunk's step launch-bound on the GPU); pieces merge into the first
+                po, pl = kernels.merge_splits(o, lse, backend=self.backend)
+                if acc_o is None:
+                    acc_o, acc_l = po, pl
+                else:
+                    _merge(acc_o, acc_l, po, pl)
         return acc_o, acc_l
 
     def _prefix(self, layer: int, i: int, q):
