@@ -391,6 +391,9 @@ class ModelShardWorker(ShardWorker):
             part = torch.zeros(256, hq, d, device=dev, dtype=other)
             kernels.merge_(acc[None], acc_lse.t()[None], part[None],
                            torch.zeros(256, hq, device=dev).t()[None])
+        # the one-launch merge of a cached prefix's splits (flash outputs: the model's dtype)
+        kernels.merge_splits(torch.zeros(4, 256, hq, d, device=dev, dtype=dt),
+                             torch.zeros(4, hq, 256, device=dev))
         self.warm_fused()
         torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
