@@ -89,6 +89,9 @@ def main(argv=None):
     print(f"features: cuda_graphs={a.graphs} fused_kernels={a.fused_kernels}", flush=True)
     if a.single:
         return single(a, cfg, grp)
+    if not a.ray:   # as LLM does on CUDA (session 6's in-process run compiled mid-prefill: a
+        # 7.3 s step); on CPU there is nothing to warm
+        print(f"warmup {grp.w.warmup():.1f} s", flush=True)
     times = []
     real = eng._execute
 
