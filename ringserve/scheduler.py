@@ -36,7 +36,11 @@ from .plan import RankPlan, SeqStep
 from .sampling import SamplingParams
 
 
-CHUNK_ALIGN = 64
+# a chunk that is not its prompt's last is a multiple of CHUNK_ALIGN tokens per rank: the query
+# tile of the flash kernel on the GPU (BLOCK_M 128), so the chunk's attention to its cached
+# prefix (which dominates late in a long prompt) runs whole tiles; and the kernels see few
+# shapes (compiled once), not a new one every step
+CHUNK_ALIGN = 128
 SHARED_PREFILL_MIN = 1024   # a shared prompt prefix worth waiting for rather than recomputing
 
 
@@ -432,8 +436,10 @@ class Scheduler:
         n = E * (math.sqrt(a * a + 2.0 * budget / E) - a)
         return max(1, int(n))
 
-    def _chunk(self, req: Request, budget: float) -> Optional[Work]:
-        start, left = req.computed, req.remaining
+    def chunk_size(self, start: int, left: int, budget: float) -> int:
+        """How many of a prompt's `left` remaining tokens (after `start` computed) the next
+        chunk takes within `budget`: the cost model's fit, the whole rest when it fits with a
+        quarter-budget slack, else whole tiles of CHUNK_ALIGN per rank."""
         n = min(left, self.chunk_tokens(start, budget))
         if n < left and self.cost(start, left) <= budget + self.cfg.max_num_batched_tokens / 4:
             # the whole rest fits with a little slack (a quarter of the step budget, in cost):
@@ -441,10 +447,19 @@ class Scheduler:
             # a long one's last bit does not take a step of its own
             n = left
         align = CHUNK_ALIGN * self.world_size
-        if align < n < left:
-            # a chunk that is not the prompt's last is a multiple of CHUNK_ALIGN per rank: the
-            # kernels then see a few shapes (compiled once), not a new one every step
-            n -= n % align
+        if n < left and n % align:
+            # whole tiles: up to the next multiple when its cost still fits the slack (a tile
+            # that is paid for anyway: on the GPU 145 rows cost what 256 do), else down
+            up = n + align - n % align
+            if up < left and self.cost(start, up) <= budget + self.cfg.max_num_batched_tokens / 4:
+                n = up
+            elif n > align:
+                n -= n % align
+        return n
+
+    def _chunk(self, req: Request, budget: float) -> Optional[Work]:
+        start, left = req.computed, req.remaining
+        n = self.chunk_size(start, left, budget)
         if n <= 0:
             return None
         N = self.world_size

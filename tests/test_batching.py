@@ -450,6 +450,50 @@ def test_prefill_cost_model_keeps_steps_even():
     assert plain.chunk_tokens(10 ** 6, 100) == 100 and plain.cost(10 ** 6, 7) == 7
 
 
+@pytest.mark.parametrize("ws", [1, 2])
+def test_chunks_are_whole_query_tiles(ws):
+    """A chunk that is not its prompt's last is a whole number of CHUNK_ALIGN-token tiles per
+    rank: rounded up when the larger chunk's cost still fits the quarter-budget slack (the
+    partial tile costs the GPU a whole one anyway), else down; the cost model's fit otherwise."""
+    from ringserve.doc_cache import DocumentCache
+    from ringserve.kv_manager import KVManager
+    from ringserve.scheduler import CHUNK_ALIGN, Scheduler, SchedulerConfig
+
+    sc = Scheduler(SchedulerConfig(max_num_batched_tokens=2048 * ws, attn_equiv_tokens=26627.0),
+                   KVManager([10 ** 6] * ws, 64), DocumentCache(10 ** 6), ws)
+    B = 2048 * ws
+    align = CHUNK_ALIGN * ws
+    ups = downs = 0
+    start, N = 0, 262144
+    while start < N:
+        left = N - start
+        fit = min(left, sc.chunk_tokens(start, B))
+        n = sc.chunk_size(start, left, B)
+        if n < left:
+            assert n % align == 0
+            if n > fit:
+                ups += 1
+                assert n - fit < align and sc.cost(start, n) <= B * 1.25
+            elif n < fit:
+                downs += 1
+                assert fit - n < align
+                up = fit + align - fit % align
+                assert sc.cost(start, up) > B * 1.25   # rounding up would not have fitted
+        start += n
+    assert ups and downs
+    # a short prompt's rest that fits the slack goes whole, aligned or not
+    assert sc.chunk_size(10 ** 5, 100, B) == 100
+    # the tokens cost model (CPU): a prompt of 300 at budget 200 -> 128 * ws-aligned chunks
+    plain = Scheduler(SchedulerConfig(max_num_batched_tokens=200), KVManager([10 ** 4] * ws, 16),
+                      DocumentCache(10 ** 4), ws)
+    assert plain.chunk_size(0, 1000, 200) == (128 if ws == 1 else 200)
+    if ws == 1:
+        assert plain.chunk_size(0, 1000, 100) == 128       # up: 128 <= 100 + 200 / 4
+    small = Scheduler(SchedulerConfig(max_num_batched_tokens=100), KVManager([10 ** 4] * ws, 16),
+                      DocumentCache(10 ** 4), ws)
+    assert small.chunk_size(0, 1000, 100) == 100           # 128 > 100 + 25: as fitted
+
+
 def test_only_a_prompts_short_last_chunk_runs_pass_q(tmp_path_factory, monkeypatch):
     """A long prompt chunked by a small budget runs its middle chunks as ring chunks (flash
     against the cached keys), even when they are shorter than passq_max_tokens; pass-Q (the
