@@ -107,6 +107,26 @@ def concurrent(llm, g, vocab, args) -> Dict:
     return {"rows": rows}
 
 
+def by_prefix(steps: List[Dict], prompt_len: int, bins: int = 4) -> List[Dict]:
+    """Steps that carried a prompt chunk, binned by the cached prefix the chunk attended to
+    (quarters of the prompt): how many, the median chunk, the median and p90 step (the
+    driver's execute call) in ms."""
+    out = []
+    width = max(1, prompt_len // bins)
+    for i in range(bins):
+        lo, hi = i * width, (i + 1) * width if i < bins - 1 else float("inf")
+        sel = [s for s in steps if s["prompt_tokens"] and lo <= s["max_prefix"] < hi]
+        if not sel:
+            continue
+        ms = sorted(s["execute_s"] * 1e3 for s in sel)
+        out.append({"prefix": f"{lo}-{'end' if hi == float('inf') else int(hi)}",
+                    "steps": len(sel),
+                    "chunk_tokens": int(statistics.median(s["prompt_tokens"] for s in sel)),
+                    "step_ms": round(statistics.median(ms), 1),
+                    "step_ms_p90": round(ms[int(0.9 * (len(ms) - 1))], 1)})
+    return out
+
+
 def prefill_under_load(llm, g, vocab, args) -> Dict:
     from ringserve import SamplingParams
     eng = llm._engine
@@ -156,6 +176,11 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
                "itl_ms": s.itl_s(t0, t1) * 1e3,
                "short_ttft_s": so.timings["ttft_s"], "short_submitted_after_s": t_short - t0}
         row["itl_x"] = row["itl_ms"] / out["itl_solo_ms"]
+        row["by_prefix"] = by_prefix(eng.recent_steps(steps), args.prefill_len)
+        for b in row["by_prefix"]:
+            print(f"[prefill] budget {budget}: prefix {b['prefix']}: {b['steps']} steps, "
+                  f"chunk median {b['chunk_tokens']} tokens, step median {b['step_ms']} ms "
+                  f"(p90 {b['step_ms_p90']})", flush=True)
         out["budgets"].append(row)
         print(f"[prefill] {json.dumps(row)}", flush=True)
     eng.sched.cfg.max_num_batched_tokens = default

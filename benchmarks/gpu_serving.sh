@@ -173,7 +173,7 @@ case "$PART" in
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 560 python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets 2048,1536,4096 --json "$OUT/s6e.json" > "$OUT/s6e.log" 2>&1
-    grep -E '^prefill|solo prefill|compiles after|^  [0-9:]+ |differs from|warm' "$OUT/s6e.log" | cut -c1-400 ;;
+    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|^  [0-9:]+ |differs from|warm' "$OUT/s6e.log" | cut -c1-400 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

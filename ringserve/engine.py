@@ -21,6 +21,7 @@ The group object needs `world_size`, `call(method, *args)`, `call_per_rank(metho
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -44,6 +45,7 @@ from .scheduler import Request, Scheduler, SchedulerConfig, Step
 log = logging.getLogger(__name__)
 
 KINDS = ("generate", "score", "cache_document", "drop_document")
+STEP_LOG = 8192   # steps kept for `recent_steps`
 
 
 @dataclass
@@ -199,6 +201,10 @@ class Engine:
                           "graph_capture_failures": 0, "steps": 0}
         self._last_timings: Dict[str, float] = {}
         self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
+        # the last steps' (execute seconds, one-token rows, prompt tokens in chunks, the
+        # longest cached prefix a chunk saw): what a step's time goes with (benchmarks)
+        self._step_log: "collections.deque[Tuple[float, int, int, int]]" = \
+            collections.deque(maxlen=STEP_LOG)
         self._running = True
         self._read_info()
         budget = self.config.document_cache_tokens
@@ -225,6 +231,15 @@ class Engine:
     @property
     def capacity_tokens(self) -> int:
         return self.kv.capacity_tokens
+
+    def recent_steps(self, n: int = STEP_LOG) -> List[Dict[str, Any]]:
+        """The last n executed steps, oldest first: {"execute_s" (the group's call, driver
+        side), "decode_rows", "prompt_tokens" (in chunks), "max_prefix" (the longest cached
+        prefix a chunk attended to)}. From any thread."""
+        with self._lock:
+            rows = list(self._step_log)[-n:] if n > 0 else []
+        return [{"execute_s": a, "decode_rows": b, "prompt_tokens": c, "max_prefix": d}
+                for a, b, c, d in rows]
 
     def stats(self) -> Dict[str, Any]:
         """Counters and KV usage, from any thread (a snapshot; the engine thread moves on)."""
@@ -309,10 +324,14 @@ class Engine:
                     self._recover(e)
                     continue
                 t3 = time.perf_counter()
+                chunks = [w for w in step.works if w.n > 1 or w.kind == "ring"]
                 with self._lock:   # where the engine thread's time goes (stats)
                     self._times["schedule_s"] += t1 - t0
                     self._times["execute_s"] += t2 - t1
                     self._times["update_s"] += t3 - t2
+                    self._step_log.append((
+                        t2 - t1, len(step.works) - len(chunks), sum(w.n for w in chunks),
+                        max((w.start for w in chunks), default=0)))
         except BaseException as e:  # noqa: BLE001 - a bug here must not hang every caller
             err = RingServeError(f"engine loop failed: {type(e).__name__}: {e}")
             for req in list(self.sched.running) + list(self.sched.waiting):

@@ -45,5 +45,11 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
     row = res["prefill"]["budgets"][0]
     assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
+    # the 512-token prompt's chunks by cached prefix: every quarter seen, the chunk steps of
+    # the prompt (and of the short request riding beside it) all counted
+    bins = row["by_prefix"]
+    assert [b["prefix"] for b in bins] == ["0-128", "128-256", "256-384", "384-end"]
+    assert sum(b["steps"] for b in bins) >= 512 // 128
+    assert all(b["step_ms"] > 0 and b["chunk_tokens"] >= 1 for b in bins)
     assert res["stats"]["requests_failed"] == 0
     assert res["compiles_after_warmup"] == [] and res["compile_causes"] == []
