@@ -109,6 +109,19 @@ def _top_level(ev) -> bool:
     return True
 
 
+def _summary(box: dict, tokens) -> dict:
+    """The counts of the profiled step in box ("prof", "launches")."""
+    evs = [e for e in box["prof"].events() if e.name.startswith("aten::")
+           and not _inside_launch(e)]
+    top = [e for e in evs if _top_level(e)]
+    kern = [e for e in top if _kernel_like(e)]
+    return {"aten_ops": len(evs), "aten_top": len(top), "kernel_ops": len(kern),
+            "kernel_names": dict(Counter(e.name for e in kern)),
+            "triton": sum(box["launches"].values()), "by_kernel": dict(box["launches"]),
+            "top_ops": Counter(e.name for e in top).most_common(12),
+            "tokens": tokens}
+
+
 def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
                dtype: str = "float16", prompt: int = 40) -> dict:
     """Counts of one decode step of `batch` rows (the first step where every row decodes)."""
@@ -146,15 +159,7 @@ def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
     w.shutdown()
     if "prof" not in box:
         raise RuntimeError("no all-decode step of the whole batch was seen")
-    evs = [e for e in box["prof"].events() if e.name.startswith("aten::")
-           and not _inside_launch(e)]
-    top = [e for e in evs if _top_level(e)]
-    kern = [e for e in top if _kernel_like(e)]
-    return {"aten_ops": len(evs), "aten_top": len(top), "kernel_ops": len(kern),
-            "kernel_names": dict(Counter(e.name for e in kern)),
-            "triton": sum(box["launches"].values()), "by_kernel": dict(box["launches"]),
-            "top_ops": Counter(e.name for e in top).most_common(12),
-            "tokens": tokens}
+    return _summary(box, tokens)
 
 
 def count_mixed_step(layers: int, backend: str, batch: int, family: str,
@@ -210,15 +215,7 @@ def count_mixed_step(layers: int, backend: str, batch: int, family: str,
         w.shutdown()
     if "prof" not in box:
         raise RuntimeError("no mixed step (a late ring chunk beside every decode) was seen")
-    evs = [e for e in box["prof"].events() if e.name.startswith("aten::")
-           and not _inside_launch(e)]
-    top = [e for e in evs if _top_level(e)]
-    kern = [e for e in top if _kernel_like(e)]
-    return {"aten_ops": len(evs), "aten_top": len(top), "kernel_ops": len(kern),
-            "kernel_names": dict(Counter(e.name for e in kern)),
-            "triton": sum(box["launches"].values()), "by_kernel": dict(box["launches"]),
-            "top_ops": Counter(e.name for e in top).most_common(12),
-            "tokens": tokens}
+    return _summary(box, tokens)
 
 
 KEYS = ("aten_ops", "aten_top", "kernel_ops", "triton")

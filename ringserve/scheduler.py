@@ -441,7 +441,8 @@ class Scheduler:
         chunk takes within `budget`: the cost model's fit, the whole rest when it fits with a
         quarter-budget slack, else whole tiles of CHUNK_ALIGN per rank."""
         n = min(left, self.chunk_tokens(start, budget))
-        if n < left and self.cost(start, left) <= budget + self.cfg.max_num_batched_tokens / 4:
+        room = budget + self.cfg.max_num_batched_tokens / 4   # the slack, in cost
+        if n < left and self.cost(start, left) <= room:
             # the whole rest fits with a little slack (a quarter of the step budget, in cost):
             # a short prompt rides in one step instead of two (its TTFT halves under load),
             # a long one's last bit does not take a step of its own
@@ -451,7 +452,7 @@ class Scheduler:
             # whole tiles: up to the next multiple when its cost still fits the slack (a tile
             # that is paid for anyway: on the GPU 145 rows cost what 256 do), else down
             up = n + align - n % align
-            if up < left and self.cost(start, up) <= budget + self.cfg.max_num_batched_tokens / 4:
+            if up < left and self.cost(start, up) <= room:
                 n = up
             elif n > align:
                 n -= n % align

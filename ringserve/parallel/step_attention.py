@@ -67,6 +67,13 @@ def view_pieces(runs: List[Tuple[int, int]], n: int, page: int, cap: int):
     return out
 
 
+def _as_slice(rows: List[int]) -> Optional[slice]:
+    """rows as a slice when they are consecutive and ascending (no gather needed), else None."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return None
+
+
 def _merge(out_a, lse_a, out_b, lse_b):
     """out (R, H, D) float32, lse (R, H) float32: merge b into a in place (the log-sum-exp
     rule; a row with lse -inf on one side takes the other side unchanged). One Triton launch
@@ -145,12 +152,10 @@ class StepAttention:
             self.dec_table = torch.nn.utils.rnn.pad_sequence(tabs, batch_first=True).to(dev)
             self.dec_lens = torch.tensor([plan.seqs[i].n_after - k * page
                                           for i, k in zip(self.dec, skip)], **i32)
-            starts = [self.rows[i].start for i in self.dec]
-            self.dec_rows = torch.tensor(starts, **i64)
             # the scheduler puts the decode rows first, in order: a slice, not a gather
-            self.dec_slice = (slice(starts[0], starts[0] + len(starts))
-                              if starts == list(range(starts[0], starts[0] + len(starts)))
-                              else None)
+            starts = [self.rows[i].start for i in self.dec]
+            self.dec_slice = _as_slice(starts)
+            self.dec_rows = None if self.dec_slice else torch.tensor(starts, **i64)
             self.dec_qpos = torch.tensor([[plan.seqs[i].positions[0]] for i in self.dec], **i64)
             self.groups = []
             index = {s.seq: i for i, s in enumerate(plan.seqs)}
@@ -178,9 +183,8 @@ class StepAttention:
                 self.prefix_run[i] = runs
         self.q_rows = [i for i in range(len(plan.seqs)) if plan.seqs[i].kind == "q"]
         qi = [r for i in self.q_rows for r in range(self.rows[i].start, self.rows[i].stop)]
-        self.q_index = torch.tensor(qi, **i64)
-        self.q_slice = (slice(qi[0], qi[0] + len(qi))
-                        if qi and qi == list(range(qi[0], qi[0] + len(qi))) else None)
+        self.q_slice = _as_slice(qi)
+        self.q_index = None if self.q_slice else torch.tensor(qi, **i64)
         self.positions = torch.tensor([p for s in plan.seqs for p in s.positions], **i64)
         # fast paths of the common steps (a decode batch, a lone chunk): skip the gathers and
         # scatters that would be identities; every op counts in a launch-bound eager step
@@ -226,7 +230,7 @@ class StepAttention:
             o, lse = self._pass_q(layer, q)              # (Rq, Hq, D) f32, (Rq, Hq) f32
             if self.world_size > 1:
                 o, lse = self._merge_ranks(o, lse)
-            if self.q_slice is not None:
+            if self.q_slice:
                 out[self.q_slice] = o                    # one copy, cast in it
             else:
                 out.index_copy_(0, self.q_index, o.to(q.dtype))
@@ -242,8 +246,8 @@ class StepAttention:
         (one rank, no cascade) out stays in q's dtype and lse is not prepared."""
         parts_o, parts_l = {}, {}
         if self.dec:
-            qd = (q[:, None] if self.only_dec else q[self.dec_slice][:, None]
-                  if self.dec_slice is not None else q.index_select(0, self.dec_rows)[:, None])
+            qd = (q if self.only_dec else q[self.dec_slice] if self.dec_slice
+                  else q.index_select(0, self.dec_rows))[:, None]
             o, lse = self._paged(layer, qd, self.dec_table, self.dec_lens, self.dec_qpos)
             if self.only_dec and not merged and not self.groups:
                 return o[:, 0], None
