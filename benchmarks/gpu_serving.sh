@@ -174,6 +174,16 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 560 python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets 2048,1536,4096 --json "$OUT/s6e.json" > "$OUT/s6e.log" 2>&1
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|^  [0-9:]+ |differs from|warm' "$OUT/s6e.log" | cut -c1-400 ;;
+  s7a)   # session 7: the bf16 test of merge_splits, then where a late small-chunk mixed step's
+         # time goes (budget 1536: 128-token chunks against 200K+ cached tokens took ~85 ms in
+         # s6e, whatever the chunk: a floor)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 50 python3 -m pytest -q -rf -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k merge_splits 2>&1 | tee "$OUT/test_merge_splits.log" | tail -2
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 250 python3 "$REPO/benchmarks/profile_step.py" \
+      --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only \
+      > "$OUT/profile_late_1536.log" 2>&1
+    grep -E '^late mixed|^last quarter|^warmup' "$OUT/profile_late_1536.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

@@ -26,7 +26,8 @@ mkdir -p /tmp/pkg && rm -rf /tmp/pkg/ringserve && cp -r "$REPO/ringserve" /tmp/p
 export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/tmp/pkg:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 cd /tmp   # Ray puts the driver's cwd on the actors' sys.path: not the bare repo root
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/test_structured.py" \
-  -k "sampler or penalties or cuda_graphs" 2>&1 | tail -2
-timeout 480 python3 "$REPO/benchmarks/bench_structured.py" --json "$OUT/bench_structured.json" \
+timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_structured.py" \
+  -k "sampler or penalties or cuda_graphs" > "$OUT/test_structured_gpu.log" 2>&1
+grep -E "^FAILED|^ERROR|passed|failed" "$OUT/test_structured_gpu.log" | tail -6
+timeout ${BENCH_TIMEOUT:-480} python3 "$REPO/benchmarks/bench_structured.py" --json "$OUT/bench_structured.json" \
   "$@" 2>&1 | tee "$OUT/bench_structured.log" | grep -E '^\[structured\]|^\||Error'

@@ -50,6 +50,9 @@ def main(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: a smoke run of the script (tiny preset, float32, no CUDA profile)")
     p.add_argument("--ray", action="store_true", help="through a Ray actor (LLM) instead")
+    p.add_argument("--late-only", action="store_true",
+                   help="only the profile of a late mixed step (8 decodes + a chunk in the "
+                        "prompt's last quarter), with the last quarter's step times")
     p.add_argument("--single", type=int, default=0,
                    help="only time one cold prefill of this many tokens: chunked as LLM does on "
                         "CUDA (flops cost, solo factor 8) vs one step, with a profile of a late "
@@ -141,7 +144,7 @@ def main(argv=None):
     greedy = dict(temperature=0.0, ignore_eos=True)
     # the streams beside a prefill decode until cancelled (each must fit the capacity alone)
     stream_max = 100000 if a.kv_tokens is None else a.kv_tokens - a.doc_len - 32
-    for n in (1, 1, 8, 16, 64):
+    for n in (() if a.late_only else (1, 1, 8, 16, 64)):
         times.clear()
         eng._execute = (lambda step, n=n: profiled_decode(step, n)) if n in (1, 8) else timed
         hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=40, **greedy))
@@ -158,7 +161,7 @@ def main(argv=None):
               f"(driver+worker; {len(dec)} steps; in execute {statistics.median(inner) * 1e3:.2f}"
               f" ms), wall {time.perf_counter() - t:.2f} s")
     eng._execute = timed
-    for load in (0, 8):
+    for load in (() if a.late_only else (0, 8)):
         times.clear()
         hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=stream_max, **greedy))
               for _ in range(load)]
@@ -184,17 +187,25 @@ def main(argv=None):
           for _ in range(8)]
     time.sleep(0.5)
     box = {}
+    late = []    # (chunk tokens, ms) of the last quarter's mixed steps, the profiled one excluded
 
     def prof_step(step):
         # a late chunk (the last quarter of the prompt): its attention reads the longest prefix
-        if "done" not in box and any(w.n > 1 and w.start >= 3 * a.prefill_len // 4
-                                     for w in step.works):
+        chunk = [w for w in step.works if w.n > 1 and w.start >= 3 * a.prefill_len // 4]
+        if "done" not in box and chunk:
             with profile(activities=ACTIVITIES) as pr:
                 r = real(step)
                 sync()
             box["done"] = pr
+            box["chunk"] = (chunk[0].start, chunk[0].n)
             return r
-        return real(step)
+        sync()
+        t = time.perf_counter()
+        r = real(step)
+        sync()
+        if chunk:
+            late.append((chunk[0].n, (time.perf_counter() - t) * 1e3))
+        return r
 
     eng._execute = prof_step
     eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()).result()
@@ -208,8 +219,12 @@ def main(argv=None):
     ev = box["done"].key_averages()
     host = sum(e.self_cpu_time_total for e in ev) / 1e3
     dev = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / 1e3
-    print(f"late mixed step (8 decodes + a chunk after 3/4 of the prompt): host {host:.2f} ms, "
-          f"device {dev:.2f} ms")
+    print(f"late mixed step (8 decodes + a chunk of {box['chunk'][1]} tokens at "
+          f"{box['chunk'][0]}): host {host:.2f} ms, device {dev:.2f} ms")
+    if late:
+        print(f"last quarter's mixed steps: {len(late)}, chunk median "
+              f"{statistics.median(n for n, _ in late)} tokens, step median "
+              f"{statistics.median(t for _, t in late):.1f} ms (min {min(t for _, t in late):.1f})")
     print(box["done"].key_averages().table(sort_by="cpu_time_total", row_limit=25))
     print(box["done"].key_averages().table(sort_by="cuda_time_total", row_limit=12))
     eng.shutdown()

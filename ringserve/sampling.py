@@ -267,12 +267,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int,
 
 
 def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
-                masks: Optional[Dict[int, torch.Tensor]] = None) -> List[tuple]:
+                masks: Optional[Dict[int, torch.Tensor]] = None,
+                bitmask: Optional[torch.Tensor] = None) -> List[tuple]:
     """`sample` for a batch of (vocab,) logits rows, (B, vocab), row j with items[j] =
     (params, step) or (params, step, SampleContext) and masks.get(j) its grammar bitmask: the
     same results as `sample` row by row, with one host round trip for the whole batch instead
     of two per row (the draws stay on the device until the end: greedy rows take one batched
-    argmax, seeded rows their own generator)."""
+    argmax, seeded rows their own generator). `bitmask`: optionally every row's mask at once,
+    (B, ceil(vocab/32)) int32 with all bits set on unconstrained rows (masks[j] is then its row
+    j): the masked rows are masked in one pass over the batch, with no index built on the host
+    (building one from a host list is a blocking copy that waits for the step's forward, and the
+    sampling's launches then run after the device is idle instead of beside it)."""
     if not len(items):
         return []
     masks = masks or {}
@@ -292,8 +297,13 @@ def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
             x[j] = processed_logits(raw[j], params, step, ctx, mask)
     if together:
         from .structured import apply_bitmask
-        idx = torch.tensor(together, dtype=torch.int64, device=x.device)
-        x[idx] = apply_bitmask(x[idx], torch.stack([masks[j] for j in together]))
+        if bitmask is not None:
+            # rows that are not in `together` are unconstrained (all ones) or already masked
+            # by processed_logits (min_tokens): masking them again changes nothing
+            x = apply_bitmask(x, bitmask)
+        else:
+            idx = torch.tensor(together, dtype=torch.int64, device=x.device)
+            x[idx] = apply_bitmask(x[idx], torch.stack([masks[j] for j in together]))
     toks = torch.argmax(x, dim=-1)
     for j, item in enumerate(items):
         params, step, _ = _spec(item)
@@ -367,14 +377,16 @@ class Sampler:
             if params.grammar is not None:
                 if ctx is None:
                     raise ValueError("a constrained row needs its SampleContext")
-                where[j] = len(rows)
+                where[j] = j
                 rows.append((ctx.rid, params.grammar, ctx.out_tokens))
         if not rows:
             return None
         if self._grammar is None:
             from .structured import GrammarMasks
             self._grammar = GrammarMasks(self.tokenizer_source, self.vocab_size)
-        return where, self._grammar.fill(rows)
+        # one mask row per sampled row (all ones where unconstrained): applied to the whole
+        # batch on the device at once
+        return where, self._grammar.fill(rows, slots=list(where), n=len(specs))
 
     def sample(self, logits: torch.Tensor, specs: Sequence[tuple], prepared=None) -> List[tuple]:
         masks = {}
@@ -382,6 +394,7 @@ class Sampler:
             where, host = prepared
             dev = host.to(logits.device, non_blocking=True)
             masks = {j: dev[r] for j, r in where.items()}
+            return sample_rows(logits, specs, masks, bitmask=dev)
         return sample_rows(logits, specs, masks)
 
 

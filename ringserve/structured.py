@@ -179,21 +179,28 @@ class GrammarMasks:
             self._matchers.popitem(last=False)
         return m
 
-    def fill(self, rows: List[Tuple[int, str, Sequence[int]]]) -> Optional[torch.Tensor]:
-        """Bitmasks (len(rows), words) int32 on the host (pinned on CUDA hosts) for rows given
-        as (rid, grammar, output so far); a row whose matcher is in error gets all ones (no
+    def fill(self, rows: List[Tuple[int, str, Sequence[int]]],
+             slots: Optional[Sequence[int]] = None,
+             n: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Bitmasks (n, words) int32 on the host (pinned on CUDA hosts) for rows given as
+        (rid, grammar, output so far), row i written at slots[i] (default: i; n defaults to
+        len(rows)); every other row, and a row whose matcher is in error, gets all ones (no
         constraint rather than no token)."""
         if not rows:
             return None
         llg = _llg()
-        if self._buf is None or self._buf.shape[0] < len(rows):
-            n = max(len(rows), 2 * (0 if self._buf is None else self._buf.shape[0]))
-            self._buf = torch.empty((n, self.words), dtype=torch.int32,
+        slots = list(range(len(rows))) if slots is None else list(slots)
+        n = len(rows) if n is None else n
+        if len(slots) != len(rows) or (slots and not 0 <= min(slots) <= max(slots) < n):
+            raise ValueError(f"fill: {len(rows)} rows need as many slots within 0..{n - 1}")
+        if self._buf is None or self._buf.shape[0] < n:
+            size = max(n, 2 * (0 if self._buf is None else self._buf.shape[0]))
+            self._buf = torch.empty((size, self.words), dtype=torch.int32,
                                     pin_memory=torch.cuda.is_available())
-        buf = self._buf[:len(rows)]
+        buf = self._buf[:n]
         buf.fill_(-1)
         ms = []
-        for i, (rid, grammar, out) in enumerate(rows):
+        for i, (rid, grammar, out) in zip(slots, rows):
             try:
                 m = self.matcher(rid, grammar, out)
             except Exception:  # noqa: BLE001 - one request's grammar must not fail the step
