@@ -192,6 +192,8 @@ class ModelShardWorker(ShardWorker):
         self.graph_replays = 0
         self.graph_evictions = 0
         self.step_times: List[float] = []
+        self._profile_want: Optional[int] = None    # profile_chunk_step
+        self._profile: Optional[Dict] = None
         self.compiles = _watch_compiles() if self.device.type == "cuda" else []
         self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
 
@@ -242,11 +244,49 @@ class ModelShardWorker(ShardWorker):
         where this rank samples it, a list of next-token logprobs (float32, NaN where no
         target) for score rows this rank reports, else None."""
         t0 = time.perf_counter()
+        want = self._profile_want
+        if want is not None and any(sq.kind == "ring" and sq.chunk_start >= want
+                                    for sq in plan.seqs):
+            return self._profiled(plan, t0)
         try:
             return self._execute(plan)
         finally:
             self.step_times.append(time.perf_counter() - t0)
             del self.step_times[:-4096]
+
+    def profile_chunk_step(self, min_start: int) -> None:
+        """Profile (torch.profiler, host and device) the next step that has a prompt chunk
+        starting at token min_start or later; `take_profile` returns it (benchmarks: where a
+        mixed step's time goes inside the actor, as served)."""
+        self._profile_want, self._profile = min_start, None
+
+    def take_profile(self) -> Optional[Dict]:
+        return self._profile
+
+    def _profiled(self, plan: RankPlan, t0: float) -> list:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                         if self.device.type == "cuda" else [])
+        self._profile_want = None
+        with profile(activities=acts) as pr:
+            out = self._execute(plan)
+            self._sync()
+        wall = time.perf_counter() - t0
+        self.step_times.append(wall)
+        ev = pr.key_averages()
+        chunk = [sq for sq in plan.seqs if sq.kind == "ring"][0]
+        self._profile = {
+            "wall_ms": wall * 1e3, "chunk_start": chunk.chunk_start,
+            "chunk_tokens": len(chunk.token_ids), "rows": sum(len(sq.token_ids)
+                                                              for sq in plan.seqs),
+            "host_ms": sum(e.self_cpu_time_total for e in ev) / 1e3,
+            "device_ms": sum(e.self_device_time_total for e in ev
+                             if e.device_type.name == "CUDA") / 1e3,
+            "torch_threads": torch.get_num_threads(),
+            "by_host": ev.table(sort_by="self_cpu_time_total", row_limit=20),
+            "by_device": ev.table(sort_by="self_cuda_time_total", row_limit=14)
+            if self.device.type == "cuda" else ""}
+        return out
 
     def _table(self, key: int, first: int, new: List[int]) -> torch.Tensor:
         """A running sequence's page table on this rank (CPU int32), updated with what changed

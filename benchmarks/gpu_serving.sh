@@ -184,6 +184,18 @@ case "$PART" in
       --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only \
       > "$OUT/profile_late_1536.log" 2>&1
     grep -E '^late mixed|^last quarter|^warmup' "$OUT/profile_late_1536.log" | cut -c1-300 ;;
+  s7b)   # session 7: structured output through CUDA graphs (GPU test; needs the llguidance
+         # wheel unzipped into /tmp/site first), then the late small-chunk mixed step as served
+         # (through Ray: 79-84 ms a step in s6e's worker times vs 53 ms in s7a in-process),
+         # profiled inside the actor
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 150 python3 -m pytest -q -rf -p no:cacheprovider \
+      "$REPO/tests/test_structured.py" -k cuda_graphs > "$OUT/test_structured_graphs.log" 2>&1
+    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/test_structured_graphs.log" | tail -4
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 330 python3 "$REPO/benchmarks/profile_step.py" \
+      --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only --ray \
+      > "$OUT/profile_late_1536_ray.log" 2>&1
+    grep -E '^\[ray\]|Error' "$OUT/profile_late_1536_ray.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

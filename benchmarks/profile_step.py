@@ -75,7 +75,8 @@ def main(argv=None):
         import ray
         from ringserve import LLM
         ray.init(include_dashboard=False)
-        llm = LLM({"config": cfg, "seed": 0}, device="cuda", dtype="bfloat16", tokenizer=None,
+        llm = LLM({"config": cfg, "seed": 0}, device=a.device,
+                  dtype="float32" if cpu else "bfloat16", tokenizer=None,
                   max_num_batched_tokens=a.budget, cuda_graphs=a.graphs,
                   fused_kernels=a.fused_kernels, max_kv_tokens=a.kv_tokens)
         eng = llm._engine
@@ -179,6 +180,35 @@ def main(argv=None):
         print(f"prefill {a.prefill_len} with {load} decodes: wall {wall:.2f} s, chunk steps "
               f"{[round(x * 1e3) for x in mixed]} ms; in execute "
               f"{[round(x * 1e3) for x in inner]}")
+    if a.ray and a.late_only:
+        # as served: the same late mixed step profiled inside the Ray actor, and the last
+        # quarter's step times on the driver and in the worker
+        hs = [eng.submit("generate", doc + rnd(32), SamplingParams(max_tokens=stream_max,
+                                                                    **greedy)) for _ in range(8)]
+        time.sleep(0.5)
+        times.clear()
+        n0 = len(grp.call("recent_step_times", 4096)[0])
+        grp.call("profile_chunk_step", 3 * a.prefill_len // 4)
+        eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()
+                   ).result()
+        for h in hs:
+            h.cancel()
+        inner = grp.call("recent_step_times", 4096)[0][n0:]
+        prof = grp.call("take_profile")[0]
+        mixed = [x[0] * 1e3 for x in times if x[2] > 0]
+        q = len(mixed) // 4
+        print(f"[ray] last quarter's mixed steps: driver median "
+              f"{statistics.median(mixed[-q:]):.1f} ms, worker median "
+              f"{statistics.median(inner[-q:]) * 1e3:.1f} ms ({q} steps)")
+        if prof:
+            print(f"[ray] late mixed step in the actor ({prof['chunk_tokens']} tokens at "
+                  f"{prof['chunk_start']}, {prof['rows']} rows, torch threads "
+                  f"{prof['torch_threads']}): wall {prof['wall_ms']:.1f} ms, host "
+                  f"{prof['host_ms']:.2f} ms, device {prof['device_ms']:.2f} ms")
+            print(prof["by_host"])
+            print(prof["by_device"])
+        eng.shutdown()
+        return
     if a.ray:
         eng.shutdown()
         return
