@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +33,48 @@ import torch
 
 log = logging.getLogger(__name__)
 MAX_MATCHERS = 1024     # per worker: requests that sampled here recently
+# threads computing one step's masks (RINGSERVE_MASK_THREADS overrides): llguidance's default
+# is 80% of the CPUs the machine shows, up to 32, which inside a container with a CPU quota
+# below that (a GPU pod's 16 cores on a larger host) oversubscribes the quota beside the
+# worker's own threads
+MAX_MASK_THREADS = 8
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, bounded by a cgroup v2 or v1 CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = n or 1
+    v2 = _read("/sys/fs/cgroup/cpu.max")                       # "max 100000" or "400000 100000"
+    if v2:
+        quota, _, period = v2.partition(" ")
+    else:
+        quota = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") or "-1"
+        period = _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us") or "0"
+    try:
+        if quota not in ("max", "-1") and int(period) > 0:
+            n = min(n, max(1, int(quota) // int(period)))
+    except ValueError:
+        pass
+    return n
+
+
+def mask_threads() -> int:
+    env = os.environ.get("RINGSERVE_MASK_THREADS")
+    if env:
+        n = int(env) if env.strip().isdigit() else 0
+        if n < 1:
+            raise ValueError(f"RINGSERVE_MASK_THREADS must be a positive integer, got {env!r}")
+        return n
+    # leave a CPU to the worker's main thread (it launches the step meanwhile)
+    return max(1, min(MAX_MASK_THREADS, usable_cpus() - 1))
 
 
 def _llg():
@@ -215,7 +258,7 @@ class GrammarMasks:
             llg.torch.fill_next_token_bitmask(ms[0][0], buf, ms[0][1])
         elif ms:
             if self._executor is None:
-                self._executor = llg.LLExecutor()
+                self._executor = llg.LLExecutor(num_threads=mask_threads())
             llg.torch.fill_next_token_bitmask_par(self._executor, ms, buf)
         return buf
 

@@ -338,3 +338,27 @@ def test_llm_cancelled_sample_leaves_the_others(llm):
     except RequestCancelledError:
         pass
     assert len(lead.result(timeout=120).token_ids) == 6
+
+
+def test_mask_threads_follow_the_cpu_quota_and_the_environment(monkeypatch):
+    """llguidance's own default (80% of the CPUs the machine shows, up to 32) oversubscribes a
+    container's CPU quota; the mask executor is sized from the quota and affinity instead."""
+    from ringserve import structured
+    monkeypatch.setattr(structured.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    files = {"/sys/fs/cgroup/cpu.max": "400000 100000"}
+    monkeypatch.setattr(structured, "_read", files.get)
+    assert structured.usable_cpus() == 4
+    monkeypatch.delenv("RINGSERVE_MASK_THREADS", raising=False)
+    assert structured.mask_threads() == 3              # one CPU left to the worker's thread
+    files["/sys/fs/cgroup/cpu.max"] = "max 100000"     # no quota: the affinity, capped
+    assert structured.usable_cpus() == 64 and structured.mask_threads() == 8
+    del files["/sys/fs/cgroup/cpu.max"]                 # cgroup v1
+    files.update({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "150000",
+                  "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000"})
+    assert structured.usable_cpus() == 1 and structured.mask_threads() == 1
+    monkeypatch.setenv("RINGSERVE_MASK_THREADS", "5")
+    assert structured.mask_threads() == 5
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("RINGSERVE_MASK_THREADS", bad)
+        with pytest.raises(ValueError, match="RINGSERVE_MASK_THREADS"):
+            structured.mask_threads()
