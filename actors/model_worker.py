@@ -192,6 +192,8 @@ class ModelShardWorker(ShardWorker):
         self.graph_replays = 0
         self.graph_evictions = 0
         self.step_times: List[float] = []
+        self._timeline: Optional[List[Tuple[float, float, float, int]]] = None
+        self._t_queued = 0.0
         self._profile_want: Optional[int] = None    # profile_chunk_step
         self._profile: Optional[Dict] = None
         self.compiles = _watch_compiles() if self.device.type == "cuda" else []
@@ -248,11 +250,33 @@ class ModelShardWorker(ShardWorker):
         if want is not None and any(sq.kind == "ring" and sq.chunk_start >= want
                                     for sq in plan.seqs):
             return self._profiled(plan, t0)
+        if self._timeline is not None:
+            return self._timed(plan, t0)
         try:
             return self._execute(plan)
         finally:
             self.step_times.append(time.perf_counter() - t0)
             del self.step_times[:-4096]
+
+    def _timed(self, plan: RankPlan, t0: float) -> list:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+        self._t_queued = t0
+        out = self._execute(plan)
+        wall = time.perf_counter() - t0
+        span = 0.0
+        if cuda:
+            ev[1].record()
+            ev[1].synchronize()
+            span = ev[0].elapsed_time(ev[1]) / 1e3
+        self.step_times.append(wall)
+        del self.step_times[:-4096]
+        self._timeline.append((wall, self._t_queued - t0, span,
+                               sum(len(sq.token_ids) for sq in plan.seqs)))
+        del self._timeline[:-4096]
+        return out
 
     def profile_chunk_step(self, min_start: int) -> None:
         """Profile (torch.profiler, host and device) the next step that has a prompt chunk
@@ -345,7 +369,9 @@ class ModelShardWorker(ShardWorker):
         out: list = [None] * len(plan.seqs)
         if want:
             last = [(rows[i].stop - 1) if rows is not None else i for i in want]
-            lg = logits_of(torch.tensor(last, dtype=torch.int64, device=self.device))
+            lg = logits_of(self._row_index(last))
+            if self._timeline is not None:     # every kernel of the step is queued by now
+                self._t_queued = time.perf_counter()
             for i, got in zip(want, self.sampler.sample(lg, specs, prepared)):
                 out[i] = got
         for i, s in enumerate(plan.seqs):
@@ -354,6 +380,29 @@ class ModelShardWorker(ShardWorker):
         if not want:
             self._sync()
         return out
+
+    def _row_index(self, rows: List[int]):
+        """rows as an index of the step's rows on the device without a blocking copy: a slice
+        when consecutive (a decode batch: every row), else copied from pinned memory. A copy
+        from a Python list waits for the whole queued forward, and the sampling's launches
+        then run after the device went idle instead of beside it."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        t = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def set_step_timeline(self, on: bool = True) -> None:
+        """Record, per step, the host's wall time, when every kernel was queued, and the
+        device's span between the step's first and last work (CUDA events): a step whose
+        kernels are queued just before it ends is host-bound (benchmarks)."""
+        self._timeline = [] if on else None
+
+    def step_timeline(self, n: int = 4096) -> List[Tuple[float, float, float, int]]:
+        """(wall, queued, device span, rows): seconds and the step's token rows, of the last n
+        steps since set_step_timeline; queued is 0 for a step that sampled nothing."""
+        return list(self._timeline or [])[-n:]
 
     def _next_logprobs(self, hidden, targets: List[int], rows: int = 1024) -> torch.Tensor:
         """log p(targets[i] | hidden[i]) in float32 on the CPU (NaN where targets[i] < 0),

@@ -196,6 +196,18 @@ case "$PART" in
       --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only --ray \
       > "$OUT/profile_late_1536_ray.log" 2>&1
     grep -E '^\[ray\]|Error' "$OUT/profile_late_1536_ray.log" | cut -c1-300 ;;
+  s7c)   # next call: the late small-chunk mixed step in-process and as served in ONE call
+         # (s7a and s7b ran on different machines: 53 vs 80 ms with the same device work),
+         # with each step's timeline (wall, all kernels queued, device span), and in-process
+         # with 1 torch thread as a Ray actor has
+    export CUDA_VISIBLE_DEVICES=0
+    for v in "" "--torch-threads 1" "--ray"; do
+      tag=$(echo "inproc $v" | tr -d ' -'); [ "$v" = "--ray" ] && tag=ray
+      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 185 python3 "$REPO/benchmarks/profile_step.py" \
+        --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only $v \
+        > "$OUT/late_1536_$tag.log" 2>&1
+      echo "$tag:"; grep -E '^\[|^late mixed|^last quarter|^features' "$OUT/late_1536_$tag.log" | cut -c1-300
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

@@ -50,6 +50,9 @@ def main(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: a smoke run of the script (tiny preset, float32, no CUDA profile)")
     p.add_argument("--ray", action="store_true", help="through a Ray actor (LLM) instead")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch.set_num_threads in the worker's process (0: leave it; a Ray "
+                        "actor runs 1)")
     p.add_argument("--late-only", action="store_true",
                    help="only the profile of a late mixed step (8 decodes + a chunk in the "
                         "prompt's last quarter), with the last quarter's step times")
@@ -90,7 +93,10 @@ def main(argv=None):
         eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=a.budget,
                                                  passq_max_tokens=2048, cuda_graphs=a.graphs,
                                                  prefill_cost="flops", solo_budget_factor=8))
-    print(f"features: cuda_graphs={a.graphs} fused_kernels={a.fused_kernels}", flush=True)
+    if a.torch_threads and not a.ray:
+        torch.set_num_threads(a.torch_threads)
+    print(f"features: cuda_graphs={a.graphs} fused_kernels={a.fused_kernels} torch threads "
+          f"{torch.get_num_threads() if not a.ray else 'as Ray sets'}", flush=True)
     if a.single:
         return single(a, cfg, grp)
     if not a.ray:   # as LLM does on CUDA (session 6's in-process run compiled mid-prefill: a
@@ -188,6 +194,7 @@ def main(argv=None):
         time.sleep(0.5)
         times.clear()
         n0 = len(grp.call("recent_step_times", 4096)[0])
+        grp.call("set_step_timeline", True)
         grp.call("profile_chunk_step", 3 * a.prefill_len // 4)
         eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()
                    ).result()
@@ -195,6 +202,7 @@ def main(argv=None):
             h.cancel()
         inner = grp.call("recent_step_times", 4096)[0][n0:]
         prof = grp.call("take_profile")[0]
+        timeline_summary("ray", grp.call("step_timeline")[0])
         mixed = [x[0] * 1e3 for x in times if x[2] > 0]
         q = len(mixed) // 4
         print(f"[ray] last quarter's mixed steps: driver median "
@@ -238,7 +246,11 @@ def main(argv=None):
         return r
 
     eng._execute = prof_step
+    if a.late_only:
+        grp.call("set_step_timeline", True)
     eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()).result()
+    if a.late_only:
+        timeline_summary("in-process", grp.call("step_timeline")[0])
     for h in hs:
         h.cancel()
     if "done" not in box:
@@ -258,6 +270,19 @@ def main(argv=None):
     print(box["done"].key_averages().table(sort_by="cpu_time_total", row_limit=25))
     print(box["done"].key_averages().table(sort_by="cuda_time_total", row_limit=12))
     eng.shutdown()
+
+
+def timeline_summary(tag: str, rows) -> None:
+    """The last quarter of the mixed steps (more rows than decodes): median wall, when every
+    kernel was queued, and the device's span, in ms; queued close to wall: host-bound."""
+    mixed = [r for r in rows if r[3] > 8 and r[1] > 0]
+    late = mixed[-max(1, len(mixed) // 4):]
+    if not late:
+        print(f"[{tag}] timeline: no mixed steps")
+        return
+    med = [statistics.median(r[i] for r in late) * 1e3 for i in range(3)]
+    print(f"[{tag}] timeline of the last {len(late)} mixed steps (median ms): wall {med[0]:.1f}, "
+          f"all kernels queued at {med[1]:.1f}, device span {med[2]:.1f}")
 
 
 def single(a, cfg, grp):

@@ -24,3 +24,23 @@ def test_profile_step_cpu_smoke(capsys):
         assert f"decode batch {n:3d}: step" in out
     assert "prefill 512 with 0 decodes" in out and "prefill 512 with 8 decodes" in out
     assert "late mixed step (8 decodes + a chunk of " in out and "last quarter" in out
+
+
+def test_profile_step_late_only_reports_the_timeline(capsys):
+    """--late-only (the GPU calls' form): the late step's profile, the last quarter's step
+    times and the worker's step timeline (wall, all kernels queued, device span)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "1024",
+              "--budget", "128", "--kv-tokens", "2400", "--late-only", "--torch-threads", "1"])
+    out = capsys.readouterr().out
+    assert "torch threads 1" in out
+    assert "decode batch" not in out and "with 8 decodes" not in out     # skipped
+    assert "late mixed step (8 decodes + a chunk of " in out and "last quarter" in out
+    line = [x for x in out.splitlines() if x.startswith("[in-process] timeline")]
+    assert line and "all kernels queued at" in line[0], out[-2000:]
