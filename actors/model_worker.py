@@ -16,6 +16,7 @@ the batch and rows a rank does not own write their K/V to a scratch page that no
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import time
 from collections import OrderedDict
@@ -485,6 +486,11 @@ class ModelShardWorker(ShardWorker):
                              torch.zeros(4, hq, 256, device=dev))
         self.warm_fused()
         torch.cuda.synchronize(dev)
+        # everything alive now (the model, the kernels' caches, Ray's and torch's modules)
+        # lives as long as the process: out of the collector's reach, a full collection in
+        # the middle of a step no longer walks it (as vLLM does after its graph capture)
+        gc.collect()
+        gc.freeze()
         return time.perf_counter() - t0
 
     @torch.inference_mode()
