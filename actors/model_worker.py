@@ -343,10 +343,17 @@ class ModelShardWorker(ShardWorker):
         self.pool.copy_pages(plan.copy_src, plan.copy_dst)
         if not plan.seqs:
             return []
-        # grammar masks on a helper thread while the forward is launched and runs
-        self.sampler.start([s.sample for s in plan.seqs if s.sample is not None])
+        graph = bool(self.cuda_graphs and plan.graph_batch)
+        if not graph:
+            # grammar masks on a helper thread while the eager forward is launched and runs;
+            # a graph step launches in one call, so `_outputs` computes them right after the
+            # replay is queued, on this thread (the device is busy for the whole step then,
+            # and no thread hand-offs are paid)
+            self.sampler.start([s.sample for s in plan.seqs if s.sample is not None])
+        else:
+            self.sampler.drop_pending()
         tables = [self._table(s.seq, s.pages_from, s.pages_new) for s in plan.seqs]
-        if self.cuda_graphs and plan.graph_batch:
+        if graph:
             logits = self._graph_step(plan, tables)
             return self._outputs(plan, None, lambda rows: logits[rows])
         attn = StepAttention(plan, tables, self.pool, self.rank, self.world_size,

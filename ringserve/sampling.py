@@ -360,6 +360,11 @@ class Sampler:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="ringserve-masks")
         self._pending = self._pool.submit(self._prepare, list(specs))
 
+    def drop_pending(self) -> None:
+        """Forget what `start` began and no `prepare` took (a step that failed in between):
+        the next `prepare` computes its own rows."""
+        self._wait()
+
     def _wait(self):
         fut, self._pending = self._pending, None
         return None if fut is None else fut.result()

@@ -277,6 +277,36 @@ def test_graph_decode_path_equals_transformers(tmp_path_factory, family, ws):
 
 
 @pytest.mark.parametrize("ws", [1, 2])
+def test_structured_decode_through_graphs_equals_eager(tmp_path_factory, ws):
+    """Grammar-constrained sampled decode through the graph path (emulated on CPU: its masks
+    are computed on the worker's thread right after the replay is queued, not on the helper
+    thread) gives the eager path's tokens, draw for draw, for several requests at once."""
+    import json
+    path, _, ref = reference(tmp_path_factory, "llama")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"},
+                                               "tag": {"enum": ["port", "aft"]}},
+              "required": ["n", "tag"], "additionalProperties": False}
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=7, guided_json=schema)
+    outs = {}
+    for mode in ("emulate", False):
+        eng = make_engine(path, ws, "striped", worker_kwargs={"cuda_graphs": mode})
+        try:
+            hs = [eng.submit("generate", ids, params) for ids, _, _ in ref]
+            outs[mode] = [h.result(120) for h in hs]
+            if mode:
+                assert all(wk.graph_stats()["replays"] > 0 for wk in eng.group.workers)
+        finally:
+            eng.shutdown()
+            eng.group.shutdown()
+    assert [o.token_ids for o in outs["emulate"]] == [o.token_ids for o in outs[False]]
+    # the grammar held (a random model alone would not open a JSON object)
+    assert all(o.text.lstrip().startswith("{") for o in outs["emulate"]), outs["emulate"]
+    for o in outs["emulate"]:
+        if o.finish_reason == "stop":
+            assert set(json.loads(o.text)) == {"n", "tag"}
+
+
+@pytest.mark.parametrize("ws", [1, 2])
 def test_a_graph_that_can_not_be_captured_costs_no_request(tmp_path_factory, monkeypatch, ws):
     """Capturing a decode graph fails (on every rank, as it would for an op that a graph can
     not hold): the step is recovered like a worker fault and the engine decodes eagerly from
