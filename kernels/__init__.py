@@ -63,18 +63,31 @@ def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
     return merge_torch_(out_acc, lse_acc, out_b, lse_b)
 
 
-def merge_splits(out, lse, backend="auto"):
+def merge_splits(out, lse, backend="auto", extra=None, dest=None):
     """Merge the NB partial results of one set of queries over disjoint key ranges (the splits
     of a long key range run as NB batch entries): out (NB, S, H, D), lse (NB, H, S) ->
-    (out (S, H, D) float32, lse (S, H) float32), one launch on the GPU."""
-    if out.dim() != 4 or lse.dim() != 3 or tuple(lse.shape) != (out.shape[0], out.shape[2],
-                                                                   out.shape[1]):
+    (out (S, H, D) float32, lse (S, H) float32), one launch on the GPU.
+
+    extra: one more part over other keys, (out (S, H, D), lse (H, S)) (a prompt chunk's
+    attention to its own keys, merged with its cached prefix's splits in the same launch);
+    dest: an (S, H, D) tensor (any float dtype, e.g. the step's output rows) that receives the
+    merged output, cast; then (dest, None) is returned and no lse is computed."""
+    NB, S, H = (out.shape[0], out.shape[1], out.shape[2]) if out.dim() == 4 else (0, 0, 0)
+    if out.dim() != 4 or lse.dim() != 3 or tuple(lse.shape) != (NB, H, S):
         raise ValueError(f"out (NB, S, H, D) and lse (NB, H, S) expected, got "
                          f"{tuple(out.shape)} and {tuple(lse.shape)}")
+    if extra is not None and (tuple(extra[0].shape) != tuple(out.shape[1:])
+                              or tuple(extra[1].shape) != (H, S)):
+        raise ValueError(f"extra must be (out {tuple(out.shape[1:])}, lse {(H, S)}), got "
+                         f"{tuple(extra[0].shape)} and {tuple(extra[1].shape)}")
+    if dest is not None and (tuple(dest.shape) != tuple(out.shape[1:])
+                             or not dest.is_floating_point()):
+        raise ValueError(f"dest must be a float tensor of shape {tuple(out.shape[1:])}, got "
+                         f"{dest.dtype} {tuple(dest.shape)}")
     if _pick(backend, out) in ("triton", "cudnn"):
         from .merge import merge_splits_triton
-        return merge_splits_triton(out, lse)
-    return merge_splits_torch(out, lse)
+        return merge_splits_triton(out, lse, extra, dest)
+    return merge_splits_torch(out, lse, extra, dest)
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,

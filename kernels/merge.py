@@ -96,10 +96,13 @@ def merge_triton_(out_acc, lse_acc, out_b, lse_b):
 
 
 @triton.jit(do_not_specialize=["NB", "R", "S", "H", "s_on", "s_os", "s_oh", "s_ln", "s_lh",
-                               "s_ls", "s_ys", "s_yh", "s_zs", "s_zh"])
-def _merge_splits_kernel(O, L, Out, LseOut, NB, R, S, H, D,
+                               "s_ls", "s_es", "s_eh", "s_fh", "s_fs", "s_ys", "s_yh", "s_zs",
+                               "s_zh"])
+def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, R, S, H, D,
                          s_on, s_os, s_oh, s_od, s_ln, s_lh, s_ls,
+                         s_es, s_eh, s_ed, s_fh, s_fs,
                          s_ys, s_yh, s_yd, s_zs, s_zh,
+                         HAS_EXTRA: tl.constexpr, STORE_LSE: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flat (s, h) index
     offs_d = tl.arange(0, BLOCK_D)
@@ -110,6 +113,9 @@ def _merge_splits_kernel(O, L, Out, LseOut, NB, R, S, H, D,
     for j in range(NB):
         lj = tl.load(L + j * s_ln + h * s_lh + s * s_ls, mask=row_ok, other=float("-inf"))
         m = tl.maximum(m, lj.to(tl.float32))
+    if HAS_EXTRA:   # one more part (a chunk's own keys), its lse (H, S) any strides
+        le = tl.load(LE + h * s_fh + s * s_fs, mask=row_ok, other=float("-inf")).to(tl.float32)
+        m = tl.maximum(m, le)
     m = tl.where(m == float("-inf"), 0.0, m)   # every part -inf: weights 0, never a NaN
     mask = row_ok[:, None] & (offs_d < D)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -122,26 +128,41 @@ def _merge_splits_kernel(O, L, Out, LseOut, NB, R, S, H, D,
                     mask=mask, other=0.0).to(tl.float32)
         acc += tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None]
         tot += w
+    if HAS_EXTRA:
+        w = tl.math.exp2((le - m) * _LOG2E)
+        o = tl.load(E + (s * s_es + h * s_eh)[:, None] + offs_d[None, :] * s_ed,
+                    mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None]
+        tot += w
     seen = tot > 0.0
     inv = 1.0 / tl.where(seen, tot, 1.0)
     tl.store(Out + (s * s_ys + h * s_yh)[:, None] + offs_d[None, :] * s_yd,
-             acc * inv[:, None], mask=mask)
-    lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * _LN2, float("-inf"))
-    tl.store(LseOut + s * s_zs + h * s_zh, lse, mask=row_ok)
+             (acc * inv[:, None]).to(Out.dtype.element_ty), mask=mask)
+    if STORE_LSE:
+        lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * _LN2, float("-inf"))
+        tl.store(LseOut + s * s_zs + h * s_zh, lse, mask=row_ok)
 
 
-def merge_splits_triton(out, lse):
+def merge_splits_triton(out, lse, extra=None, dest=None):
     """Merge NB partial results over disjoint key sets in one launch: out (NB, S, H, D) any
-    float dtype and strides, lse (NB, H, S) -> (out (S, H, D) float32, lse (S, H) float32)."""
+    float dtype and strides, lse (NB, H, S) -> (out (S, H, D) float32, lse (S, H) float32).
+    extra: one more part (out (S, H, D), lse (H, S)), e.g. a chunk's attention to its own keys;
+    dest: an (S, H, D) tensor of any float dtype the merged output is written into (cast),
+    returned as (dest, None): no float32 buffer, no lse."""
     NB, S, H, D = out.shape
-    y = torch.empty(S, H, D, dtype=torch.float32, device=out.device)
-    z = torch.empty(S, H, dtype=torch.float32, device=out.device)
+    dev = out.device
+    y = dest if dest is not None else torch.empty(S, H, D, dtype=torch.float32, device=dev)
+    z = torch.empty(S, H, dtype=torch.float32, device=dev) if dest is None else None
     R = S * H
     if R == 0 or D == 0:
-        return y, z.fill_(float("-inf"))
+        return y, (z.fill_(float("-inf")) if z is not None else None)
+    e, le = extra if extra is not None else (out[0], lse[0])   # unread without HAS_EXTRA
+    zz = z if z is not None else lse[0]                        # unwritten without STORE_LSE
     block_d = max(16, triton.next_power_of_2(D))
     block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_d))
     _merge_splits_kernel[(triton.cdiv(R, block_r),)](
-        out, lse, y, z, NB, R, S, H, D, *out.stride(), *lse.stride(), *y.stride(), *z.stride(),
+        out, lse, e, le, y, zz, NB, R, S, H, D, *out.stride(), *lse.stride(), *e.stride(),
+        *le.stride(), *y.stride(), *zz.stride(),
+        HAS_EXTRA=extra is not None, STORE_LSE=z is not None,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return y, z

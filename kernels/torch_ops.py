@@ -87,9 +87,18 @@ def merge_torch_(out_acc, lse_acc, out_b, lse_b):
     return out_acc, lse_acc
 
 
-def merge_splits_torch(out, lse):
+def merge_splits_torch(out, lse, extra=None, dest=None):
     """out (NB, S, H, D), lse (NB, H, S) partials over disjoint key sets -> (out (S, H, D)
-    float32, lse (S, H) float32); a row with every part -inf gets out 0 and lse -inf."""
+    float32, lse (S, H) float32); a row with every part -inf gets out 0 and lse -inf. extra:
+    one more part (out (S, H, D), lse (H, S)); dest: (S, H, D) written (cast) with the merged
+    output, returned as (dest, None)."""
+    if extra is not None:
+        out = torch.cat([out, extra[0][None].to(out.dtype)])
+        lse = torch.cat([lse.float(), extra[1][None].float()])
+    if dest is not None:
+        y, _ = merge_splits_torch(out, lse)
+        dest.copy_(y)
+        return dest, None
     lf = lse.float().transpose(1, 2)                       # (NB, S, H)
     m = lf.amax(0)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)

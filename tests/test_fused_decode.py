@@ -247,3 +247,27 @@ def test_fused_kernels_only_when_asked_for():
     assert (fused.fused, fused.model.backend) == (True, "triton")
     joined = [n for n, _ in fused.model.named_parameters()]
     assert joined == [n for n, _ in plain.model.named_parameters()]   # same names either way
+
+
+def test_chunk_merge_in_one_launch_equals_the_torch_path():
+    """A prompt run in chunks at world size 1 on the Triton path: each later chunk's cached
+    prefix (its splits) and its own part merge in one launch straight into the step's output
+    (merge_splits with extra and dest); tokens and log-probs equal the torch path's."""
+    from triton.runtime import interpreter
+    ref = _generate_ranks("torch", False, ws=1)
+    seen = []
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        seen.append((self.fn.__name__, kwargs.get("HAS_EXTRA")))
+        return real(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    try:
+        got = _generate_ranks("triton", False, ws=1)
+    finally:
+        interpreter.InterpretedFunction.run = real
+    assert ("_merge_splits_kernel", True) in seen
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)

@@ -231,6 +231,41 @@ def test_merge_splits_equals_attention_over_the_whole_key_range(backend, dtype):
         merge_splits(o, lse[:, :, :-1], backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_splits_with_the_chunk_part_into_the_step_output(backend, dtype):
+    """The serving form: a chunk's splits of its cached prefix and its own part (causal, lse
+    as an (H, S) view) merged in one call and written, cast, into the step's output rows (a
+    slice of a wider tensor) equal attention over prefix + chunk; rows outside stay put."""
+    from ringserve.kernels import merge_splits
+    g = torch.Generator().manual_seed(37)
+    NB, L, S, Hq, Hkv, D = 4, 8, 11, 4, 2, 16
+    q = rand(1, S, Hq, D, dtype=dtype, gen=g)
+    kp, vp = rand(1, NB * L, Hkv, D, dtype=dtype, gen=g), rand(1, NB * L, Hkv, D, dtype=dtype,
+                                                                    gen=g)
+    kc, vc = rand(1, S, Hkv, D, dtype=dtype, gen=g), rand(1, S, Hkv, D, dtype=dtype, gen=g)
+    o, lse = attention(q.expand(NB, S, Hq, D), kp.view(NB, L, Hkv, D), vp.view(NB, L, Hkv, D),
+                       backend=backend)
+    oc, lc = attention(q, kc, vc, causal=True, q_offset=NB * L, k_offset=NB * L,
+                       backend=backend)
+    step = torch.full((S + 5, Hq, D), 7.0, dtype=dtype)
+    y, z = merge_splits(o, lse, backend=backend, extra=(oc[0], lc[0]), dest=step[2:2 + S])
+    assert z is None and y.data_ptr() == step[2:2 + S].data_ptr()
+    ref_out, _ = attention_ref(q, torch.cat([kp, kc], 1), torch.cat([vp, vc], 1), None, True,
+                               None, q_offset=NB * L)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert (step[2:2 + S].double() - ref_out[0]).abs().max() < tol
+    assert torch.all(step[:2] == 7) and torch.all(step[2 + S:] == 7)
+    # float32 result and lse, as without dest
+    y2, z2 = merge_splits(o, lse, backend=backend, extra=(oc[0], lc[0]))
+    assert y2.dtype == torch.float32 and z2.shape == (S, Hq)
+    assert (y2.double() - ref_out[0]).abs().max() < tol
+    with pytest.raises(ValueError, match="extra must be"):
+        merge_splits(o, lse, backend=backend, extra=(oc[0], lc[0].t()))
+    with pytest.raises(ValueError, match="dest must be"):
+        merge_splits(o, lse, backend=backend, dest=step[:S - 1])
+
+
 def test_merge_triton_low_precision_accumulator_and_nan_guard():
     g = torch.Generator().manual_seed(10)
     B, S, H, D = 1, 17, 2, 32

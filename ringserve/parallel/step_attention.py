@@ -236,7 +236,7 @@ class StepAttention:
                 out.index_copy_(0, self.q_index, o.to(q.dtype))
         for i in self.ring:
             r = self.rows[i]
-            out[r] = self._ring_chunk(layer, i, q[r], k[r], v[r])
+            self._ring_chunk(layer, i, q[r], k[r], v[r], out[r])
         return out[None]
 
     # ---- pass-Q rows ----
@@ -281,7 +281,9 @@ class StepAttention:
 
     # ---- ring rows ----
 
-    def _ring_chunk(self, layer: int, i: int, q, k, v):
+    def _ring_chunk(self, layer: int, i: int, q, k, v, dest):
+        """The chunk's attention output for this rank's rows, written into dest (the step's
+        output rows)."""
         s = self.plan.seqs[i]
         if self.world_size == 1:
             o, lse = kernels.attention(q[None], k[None], v[None], softmax_scale=self.scale,
@@ -293,10 +295,21 @@ class StepAttention:
                                     softmax_scale=self.scale, backend=self.backend,
                                     softcap=self.softcap)
         if s.chunk_start == 0:
-            return o[0]
-        po, pl = self._prefix(layer, i, q)          # float32 (S, Hq, D), (S, Hq): fresh
+            dest.copy_(o[0])
+            return
+        if self.world_size == 1 and self.window is None and s.n_before:
+            parts = self._cached_splits(layer, i, q)
+            if len(parts) == 1:
+                # the prefix's splits and the chunk's own part merged in one launch, written
+                # into the step's output (one launch a layer instead of four)
+                kernels.merge_splits(*parts[0], backend=self.backend, extra=(o[0], lse[0]),
+                                     dest=dest)
+                return
+            po, pl = self._merge_parts(parts)
+        else:
+            po, pl = self._prefix(layer, i, q)      # float32 (S, Hq, D), (S, Hq): fresh
         _merge(po, pl, o[0], lse[0].t())            # the chunk's own part, read in place
-        return po.to(q.dtype)
+        dest.copy_(po)
 
     def _cached(self, layer: int, i: int, q, q_pos):
         """q (R, Hq, D) at global positions q_pos against this rank's tokens of sequence i
@@ -318,10 +331,29 @@ class StepAttention:
             lens = torch.tensor([n], dtype=torch.int32, device=q.device)
             o, lse = self._paged(layer, q[None], self.tables[i], lens, q_pos[None])
             return o[0].float(), lse[0].t().contiguous()
+        return self._merge_parts(self._cached_splits(layer, i, q))
+
+    def _merge_parts(self, parts):
+        """[(out (NB, R, Hq, D), lse (NB, Hq, R)), ...] partials over disjoint keys -> (out
+        (R, Hq, D) f32, lse (R, Hq) f32)."""
+        acc_o = acc_l = None
+        for o, lse in parts:
+            po, pl = kernels.merge_splits(o, lse, backend=self.backend)
+            if acc_o is None:
+                acc_o, acc_l = po, pl
+            else:
+                _merge(acc_o, acc_l, po, pl)
+        return acc_o, acc_l
+
+    def _cached_splits(self, layer: int, i: int, q):
+        """The flash partials of q against sequence i's n_before (> 0) cached tokens, no
+        window: [(out (NB, R, Hq, D), lse (NB, Hq, R)), ...], each NB splits of one piece."""
+        n = self.plan.seqs[i].n_before
+        R, Hq, D = q.shape
         P = self.pool.page_size
         H, Dk = self.pool.k.shape[-2:]
         runs = self.prefix_run.get(i)
-        acc_o = acc_l = None
+        out = []
         # a view needs no buffer: pieces only keep element offsets within int32 (one kernel
         # variant); a gather is bounded to PIECE_TOKENS a piece
         if runs is not None:
@@ -348,17 +380,12 @@ class StepAttention:
             if splits * L < b - a:
                 parts.append((k[splits * L:][None], v[splits * L:][None], 1))
             for kk, vv, nb in parts:
-                o, lse = kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
-                                           softmax_scale=self.scale, causal=False,
-                                           backend=self.backend, softcap=self.softcap)
-                # the splits merged in one launch (a merge and two copies per split made a
-                # short chunk's step launch-bound on the GPU); pieces merge into the first
-                po, pl = kernels.merge_splits(o, lse, backend=self.backend)
-                if acc_o is None:
-                    acc_o, acc_l = po, pl
-                else:
-                    _merge(acc_o, acc_l, po, pl)
-        return acc_o, acc_l
+                # each piece's splits are merged in one launch by the caller (a merge and two
+                # copies per split made a short chunk's step launch-bound on the GPU)
+                out.append(kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
+                                             softmax_scale=self.scale, causal=False,
+                                             backend=self.backend, softcap=self.softcap))
+        return out
 
     def _prefix(self, layer: int, i: int, q):
         """The chunk's queries (this rank's rows) against the sequence's earlier tokens on
