@@ -195,6 +195,10 @@ class ModelShardWorker(ShardWorker):
         self.step_times: List[float] = []
         self._timeline: Optional[List[Tuple[float, float, float, int]]] = None
         self._t_queued = 0.0
+        self._pyprof_want: Optional[Tuple[int, int]] = None   # profile_python_steps
+        self._pyprof = None
+        self._pyprof_report: Optional[str] = None
+        self._pyprof_steps = 0
         self._profile_want: Optional[int] = None    # profile_chunk_step
         self._profile: Optional[Dict] = None
         self.compiles = _watch_compiles() if self.device.type == "cuda" else []
@@ -251,6 +255,10 @@ class ModelShardWorker(ShardWorker):
         if want is not None and any(sq.kind == "ring" and sq.chunk_start >= want
                                     for sq in plan.seqs):
             return self._profiled(plan, t0)
+        pp = self._pyprof_want
+        if pp is not None and any(sq.kind == "ring" and sq.chunk_start >= pp[0]
+                                  for sq in plan.seqs):
+            return self._python_profiled(plan, t0)
         if self._timeline is not None:
             return self._timed(plan, t0)
         try:
@@ -287,6 +295,50 @@ class ModelShardWorker(ShardWorker):
 
     def take_profile(self) -> Optional[Dict]:
         return self._profile
+
+    def profile_python_steps(self, min_start: int, steps: int = 32) -> None:
+        """cProfile the next `steps` steps that have a prompt chunk starting at token
+        min_start or later (where the host's Python time of a mixed step goes, function by
+        function); `take_python_profile` returns the report once they ran."""
+        import cProfile
+        self._pyprof_want, self._pyprof = (min_start, steps), cProfile.Profile()
+        self._pyprof_report, self._pyprof_steps = None, 0
+
+    def take_python_profile(self, lines: int = 45) -> Optional[str]:
+        if self._pyprof_report is None and self._pyprof is not None:
+            self._finish_python_profile(lines)
+        return self._pyprof_report
+
+    def _python_profiled(self, plan: RankPlan, t0: float) -> list:
+        self._pyprof.enable()
+        try:
+            out = self._execute(plan)
+            self._sync()
+        finally:
+            self._pyprof.disable()
+            self.step_times.append(time.perf_counter() - t0)
+            start, left = self._pyprof_want
+            self._pyprof_want = (start, left - 1) if left > 1 else None
+            self._pyprof_steps += 1
+        if self._pyprof_want is None:
+            self._finish_python_profile()
+        return out
+
+    def _finish_python_profile(self, lines: int = 45) -> None:
+        import io
+        import pstats
+        if not self._pyprof_steps:
+            start = self._pyprof_want[0] if self._pyprof_want else "?"
+            self._pyprof_report = f"no step had a prompt chunk from token {start} on"
+            self._pyprof = self._pyprof_want = None
+            return
+        buf = io.StringIO()
+        st = pstats.Stats(self._pyprof, stream=buf)
+        buf.write(f"{self._pyprof_steps} steps profiled (torch threads "
+                  f"{torch.get_num_threads()})\n")
+        st.sort_stats("tottime").print_stats(lines)
+        st.sort_stats("cumulative").print_stats(lines)
+        self._pyprof_report, self._pyprof, self._pyprof_want = buf.getvalue(), None, None
 
     def _profiled(self, plan: RankPlan, t0: float) -> list:
         from torch.profiler import ProfilerActivity, profile

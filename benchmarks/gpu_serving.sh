@@ -205,7 +205,7 @@ case "$PART" in
       tag=$(echo "inproc $v" | tr -d ' -'); [ "$v" = "--ray" ] && tag=ray
       PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 185 python3 "$REPO/benchmarks/profile_step.py" \
         --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only $v \
-        > "$OUT/late_1536_$tag.log" 2>&1
+        --python-profile 16 > "$OUT/late_1536_$tag.log" 2>&1
       echo "$tag:"; grep -E '^\[|^late mixed|^last quarter|^features' "$OUT/late_1536_$tag.log" | cut -c1-300
     done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time

@@ -53,6 +53,9 @@ def main(argv=None):
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch.set_num_threads in the worker's process (0: leave it; a Ray "
                         "actor runs 1)")
+    p.add_argument("--python-profile", type=int, default=0,
+                   help="with --late-only: cProfile this many late mixed steps in the worker "
+                        "(function by function: where the host's Python time goes)")
     p.add_argument("--late-only", action="store_true",
                    help="only the profile of a late mixed step (8 decodes + a chunk in the "
                         "prompt's last quarter), with the last quarter's step times")
@@ -196,6 +199,9 @@ def main(argv=None):
         n0 = len(grp.call("recent_step_times", 4096)[0])
         grp.call("set_step_timeline", True)
         grp.call("profile_chunk_step", 3 * a.prefill_len // 4)
+        if a.python_profile:
+            grp.call("profile_python_steps", 3 * a.prefill_len // 4 + a.prefill_len // 16,
+                     a.python_profile)
         eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()
                    ).result()
         for h in hs:
@@ -203,6 +209,8 @@ def main(argv=None):
         inner = grp.call("recent_step_times", 4096)[0][n0:]
         prof = grp.call("take_profile")[0]
         timeline_summary("ray", grp.call("step_timeline")[0])
+        if a.python_profile:
+            print(f"[ray] python profile: {grp.call('take_python_profile')[0]}")
         mixed = [x[0] * 1e3 for x in times if x[2] > 0]
         q = len(mixed) // 4
         print(f"[ray] last quarter's mixed steps: driver median "
@@ -248,9 +256,14 @@ def main(argv=None):
     eng._execute = prof_step
     if a.late_only:
         grp.call("set_step_timeline", True)
+        if a.python_profile:   # the steps after the torch-profiled one
+            grp.call("profile_python_steps", 3 * a.prefill_len // 4 + a.prefill_len // 16,
+                     a.python_profile)
     eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()).result()
     if a.late_only:
         timeline_summary("in-process", grp.call("step_timeline")[0])
+        if a.python_profile:
+            print(f"[in-process] python profile: {grp.call('take_python_profile')[0]}")
     for h in hs:
         h.cancel()
     if "done" not in box:

@@ -37,10 +37,12 @@ def test_profile_step_late_only_reports_the_timeline(capsys):
     finally:
         sys.path.remove(str(BENCH))
     mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "1024",
-              "--budget", "128", "--kv-tokens", "2400", "--late-only", "--torch-threads", "1"])
+              "--budget", "128", "--kv-tokens", "2400", "--late-only", "--torch-threads", "1",
+              "--python-profile", "2"])
     out = capsys.readouterr().out
     assert "torch threads 1" in out
     assert "decode batch" not in out and "with 8 decodes" not in out     # skipped
     assert "late mixed step (8 decodes + a chunk of " in out and "last quarter" in out
     line = [x for x in out.splitlines() if x.startswith("[in-process] timeline")]
     assert line and "all kernels queued at" in line[0], out[-2000:]
+    assert "[in-process] python profile: 2 steps profiled" in out
