@@ -128,8 +128,15 @@ class ModelShardWorker(ShardWorker):
                  cpu_kv_bytes: int = 256 << 20, memory_reserve_bytes: Optional[int] = None,
                  chunk_tokens: Optional[int] = None, backend: str = "auto",
                  cuda_graphs: Union[bool, str] = False, fused_kernels: bool = False,
-                 max_cuda_graphs: int = MAX_CUDA_GRAPHS, **kwargs):
+                 max_cuda_graphs: int = MAX_CUDA_GRAPHS, torch_threads: Optional[int] = None,
+                 **kwargs):
         super().__init__(rank, world_size, device, **kwargs)
+        if torch_threads is not None:
+            if not isinstance(torch_threads, int) or torch_threads < 1:
+                raise ValueError(f"torch_threads must be a positive integer, got "
+                                 f"{torch_threads!r}")
+            # a Ray actor starts with one intra-op thread per CPU it reserved (OMP_NUM_THREADS)
+            torch.set_num_threads(torch_threads)
         # "emulate" (tests, any device): the graph path's static buffers, scratch writes and
         # buckets, with the body run eagerly at each "replay" instead of captured
         if cuda_graphs not in (False, True, "emulate"):
@@ -696,6 +703,10 @@ class ModelShardWorker(ShardWorker):
         g.graph.replay()
         self.graph_replays += 1
         return g.logits[:n]
+
+    def torch_threads(self) -> int:
+        """torch's intra-op threads in this worker's process."""
+        return torch.get_num_threads()
 
     def features(self) -> Dict[str, object]:
         """What this rank runs with: decode graphs (captured, or emulated off CUDA) and the fused

@@ -198,11 +198,11 @@ case "$PART" in
     grep -E '^\[ray\]|Error' "$OUT/profile_late_1536_ray.log" | cut -c1-300 ;;
   s7c)   # next call: the late small-chunk mixed step in-process and as served in ONE call
          # (s7a and s7b ran on different machines: 53 vs 80 ms with the same device work),
-         # with each step's timeline (wall, all kernels queued, device span), and in-process
-         # with 1 torch thread as a Ray actor has
+         # with each step's timeline (wall, all kernels queued, device span) and a cProfile of
+         # 16 late steps; then as served with 8 torch threads in the actor (Ray gives it 1)
     export CUDA_VISIBLE_DEVICES=0
-    for v in "" "--torch-threads 1" "--ray"; do
-      tag=$(echo "inproc $v" | tr -d ' -'); [ "$v" = "--ray" ] && tag=ray
+    for v in "" "--ray" "--ray --torch-threads 8"; do
+      tag=$(echo "inproc $v" | tr -d ' -')
       PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 185 python3 "$REPO/benchmarks/profile_step.py" \
         --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only $v \
         --python-profile 16 > "$OUT/late_1536_$tag.log" 2>&1

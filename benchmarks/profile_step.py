@@ -51,8 +51,8 @@ def main(argv=None):
                    help="cpu: a smoke run of the script (tiny preset, float32, no CUDA profile)")
     p.add_argument("--ray", action="store_true", help="through a Ray actor (LLM) instead")
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch.set_num_threads in the worker's process (0: leave it; a Ray "
-                        "actor runs 1)")
+                   help="torch's intra-op threads in the worker (0: leave them; a Ray actor "
+                        "runs 1; with --ray: LLM(worker_torch_threads=))")
     p.add_argument("--python-profile", type=int, default=0,
                    help="with --late-only: cProfile this many late mixed steps in the worker "
                         "(function by function: where the host's Python time goes)")
@@ -84,7 +84,8 @@ def main(argv=None):
         llm = LLM({"config": cfg, "seed": 0}, device=a.device,
                   dtype="float32" if cpu else "bfloat16", tokenizer=None,
                   max_num_batched_tokens=a.budget, cuda_graphs=a.graphs,
-                  fused_kernels=a.fused_kernels, max_kv_tokens=a.kv_tokens)
+                  fused_kernels=a.fused_kernels, max_kv_tokens=a.kv_tokens,
+                  worker_torch_threads=a.torch_threads or None)
         eng = llm._engine
         grp = llm._group
     else:
@@ -98,8 +99,10 @@ def main(argv=None):
                                                  prefill_cost="flops", solo_budget_factor=8))
     if a.torch_threads and not a.ray:
         torch.set_num_threads(a.torch_threads)
+    threads = (torch.get_num_threads() if not a.ray else
+               a.torch_threads or "as Ray sets")
     print(f"features: cuda_graphs={a.graphs} fused_kernels={a.fused_kernels} torch threads "
-          f"{torch.get_num_threads() if not a.ray else 'as Ray sets'}", flush=True)
+          f"{threads}", flush=True)
     if a.single:
         return single(a, cfg, grp)
     if not a.ray:   # as LLM does on CUDA (session 6's in-process run compiled mid-prefill: a

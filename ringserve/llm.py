@@ -95,7 +95,8 @@ class LLM:
                  schedule: Optional[str] = None,
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
-                 tensor_parallel_size: int = 1, comm_host: Optional[str] = None):
+                 tensor_parallel_size: int = 1, comm_host: Optional[str] = None,
+                 worker_torch_threads: Optional[int] = None):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -130,7 +131,9 @@ class LLM:
         `placement_strategy` is STRICT_PACK (every GPU on one node) when t is 1, SPREAD (the
         TP groups over nodes, each group packed on one) when t > 1. `comm_host` (CPU, gloo):
         the address rank 0's rendezvous store listens on; default loopback when every shard
-        actor runs on rank 0's node, else that node's address as Ray reports it."""
+        actor runs on rank 0's node, else that node's address as Ray reports it.
+        `worker_torch_threads`: torch's intra-op threads in each worker (default: what Ray
+        gives an actor, one per CPU it reserves with `num_cpus_per_worker`)."""
         if schedule is not None:
             warnings.warn("LLM(schedule=...) is deprecated: the shard layout is now called "
                           "layout=...", DeprecationWarning, stacklevel=2)
@@ -160,6 +163,11 @@ class LLM:
         if isinstance(max_cuda_graphs, bool) or not isinstance(max_cuda_graphs, int) \
                 or max_cuda_graphs < 1:
             raise ValueError(f"max_cuda_graphs must be an integer >= 1, got {max_cuda_graphs!r}")
+        if worker_torch_threads is not None and (
+                isinstance(worker_torch_threads, bool) or not isinstance(worker_torch_threads, int)
+                or worker_torch_threads < 1):
+            raise ValueError(f"worker_torch_threads must be an integer >= 1 or None, got "
+                             f"{worker_torch_threads!r}")
         if cuda_graphs is None:
             cuda_graphs = device == "cuda"
         if fused_kernels is None:
@@ -233,7 +241,8 @@ class LLM:
                              # hidden states of the whole shard, unbudgeted)
                              chunk_tokens=chunk_tokens or 8192, backend=backend,
                              cuda_graphs=cuda_graphs, fused_kernels=fused_kernels,
-                             max_cuda_graphs=max_cuda_graphs)
+                             max_cuda_graphs=max_cuda_graphs,
+                             torch_threads=worker_torch_threads)
         self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,

@@ -195,6 +195,9 @@ def test_bad_options_fail_before_any_work():
         LLM("/nonexistent", cuda_graphs="always")
     with pytest.raises(ValueError, match="max_cuda_graphs must be an integer >= 1"):
         LLM("/nonexistent", max_cuda_graphs=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="worker_torch_threads must be an integer >= 1"):
+            LLM("/nonexistent", worker_torch_threads=bad)
     with pytest.raises(ValueError, match=r"world_size \(0\)"):
         LLM("/nonexistent", world_size=0)
 
@@ -253,3 +256,23 @@ def test_cache_document_reports_prefill_progress(llm):
     with pytest.raises(ValueError, match="progress_interval_s"):
         llm.cache_document(doc, on_progress=print, progress_interval_s=0)
     assert llm.drop_document(key)
+
+
+def test_worker_torch_threads_reach_the_actors(ray_session, tmp_path_factory):
+    """A Ray actor starts with one torch intra-op thread per CPU it reserved;
+    worker_torch_threads sets them in every worker, and generation is unchanged."""
+    from ringserve import SamplingParams
+    path = tiny_model(tmp_path_factory, "llama")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 40))
+    outs = []
+    for threads in (None, 2):
+        m = LLM(str(path), world_size=1, max_kv_tokens=512, num_cpus_per_worker=0.5,
+                worker_torch_threads=threads)
+        try:
+            if threads:
+                assert m._group.call("torch_threads") == [threads]
+            outs.append(m.generate([prompt], params)[0].token_ids)
+        finally:
+            m.shutdown()
+    assert outs[0] == outs[1] and len(outs[0]) == 6
