@@ -17,6 +17,7 @@ Every collective is issued in plan order, identical on every rank.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -299,13 +300,14 @@ class StepAttention:
             return
         if self.world_size == 1 and self.window is None and s.n_before:
             parts = self._cached_splits(layer, i, q)
-            if len(parts) == 1:
+            first, second = next(parts), next(parts, None)
+            if second is None:
                 # the prefix's splits and the chunk's own part merged in one launch, written
                 # into the step's output (one launch a layer instead of four)
-                kernels.merge_splits(*parts[0], backend=self.backend, extra=(o[0], lse[0]),
+                kernels.merge_splits(*first, backend=self.backend, extra=(o[0], lse[0]),
                                      dest=dest)
                 return
-            po, pl = self._merge_parts(parts)
+            po, pl = self._merge_parts(itertools.chain((first, second), parts))
         else:
             po, pl = self._prefix(layer, i, q)      # float32 (S, Hq, D), (S, Hq): fresh
         _merge(po, pl, o[0], lse[0].t())            # the chunk's own part, read in place
@@ -334,8 +336,8 @@ class StepAttention:
         return self._merge_parts(self._cached_splits(layer, i, q))
 
     def _merge_parts(self, parts):
-        """[(out (NB, R, Hq, D), lse (NB, Hq, R)), ...] partials over disjoint keys -> (out
-        (R, Hq, D) f32, lse (R, Hq) f32)."""
+        """(out (NB, R, Hq, D), lse (NB, Hq, R)) partials over disjoint keys, an iterable
+        consumed one at a time -> (out (R, Hq, D) f32, lse (R, Hq) f32)."""
         acc_o = acc_l = None
         for o, lse in parts:
             po, pl = kernels.merge_splits(o, lse, backend=self.backend)
@@ -347,13 +349,14 @@ class StepAttention:
 
     def _cached_splits(self, layer: int, i: int, q):
         """The flash partials of q against sequence i's n_before (> 0) cached tokens, no
-        window: [(out (NB, R, Hq, D), lse (NB, Hq, R)), ...], each NB splits of one piece."""
+        window: (out (NB, R, Hq, D), lse (NB, Hq, R)), each the NB splits of one piece, yielded
+        one at a time (a long fragmented prefix has many pieces: merged as they come, their
+        outputs are never all held at once)."""
         n = self.plan.seqs[i].n_before
         R, Hq, D = q.shape
         P = self.pool.page_size
         H, Dk = self.pool.k.shape[-2:]
         runs = self.prefix_run.get(i)
-        out = []
         # a view needs no buffer: pieces only keep element offsets within int32 (one kernel
         # variant); a gather is bounded to PIECE_TOKENS a piece
         if runs is not None:
@@ -382,10 +385,9 @@ class StepAttention:
             for kk, vv, nb in parts:
                 # each piece's splits are merged in one launch by the caller (a merge and two
                 # copies per split made a short chunk's step launch-bound on the GPU)
-                out.append(kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
-                                             softmax_scale=self.scale, causal=False,
-                                             backend=self.backend, softcap=self.softcap))
-        return out
+                yield kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
+                                        softmax_scale=self.scale, causal=False,
+                                        backend=self.backend, softcap=self.softcap)
 
     def _prefix(self, layer: int, i: int, q):
         """The chunk's queries (this rank's rows) against the sequence's earlier tokens on
