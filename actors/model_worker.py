@@ -28,7 +28,7 @@ from ringserve import kernels
 from ringserve.errors import GraphCaptureError
 from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
-from ringserve.parallel.step_attention import StepAttention, _merge, merge_rows
+from ringserve.parallel.step_attention import StepAttention, _merge, merge_rows, to_device
 from ringserve.plan import RankPlan
 from ringserve.sampling import Sampler
 from .worker import ShardWorker
@@ -455,10 +455,7 @@ class ModelShardWorker(ShardWorker):
         then run after the device went idle instead of beside it."""
         if rows == list(range(rows[0], rows[0] + len(rows))):
             return slice(rows[0], rows[0] + len(rows))
-        t = torch.tensor(rows, dtype=torch.int64)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(rows, self.device, torch.int64)
 
     def set_step_timeline(self, on: bool = True) -> None:
         """Record, per step, the host's wall time, when every kernel was queued, and the
@@ -676,11 +673,16 @@ class ModelShardWorker(ShardWorker):
         n = len(plan.seqs)
         lo = plan.groups[0][1] if PW else 0     # this rank's shared pages (every row has them)
         page = self.pool.page_size
-        tok = torch.zeros(B, dtype=torch.int64)
-        pos = torch.zeros(B, dtype=torch.int64)
-        slot = torch.zeros(B, dtype=torch.int64)        # page 0: the scratch page
-        lens = torch.zeros(B, dtype=torch.int32)
-        table = torch.zeros(B, W, dtype=torch.int32)
+        # the step's inputs in pinned host memory, copied into the graph's buffers without
+        # blocking (a copy from pageable memory waits for the device each time: five or six
+        # round trips before every replay, while the device sits idle)
+        pin = self.device.type == "cuda"
+        kw = {"pin_memory": True} if pin else {}
+        tok = torch.zeros(B, dtype=torch.int64, **kw)
+        pos = torch.zeros(B, dtype=torch.int64, **kw)
+        slot = torch.zeros(B, dtype=torch.int64, **kw)  # page 0: the scratch page
+        lens = torch.zeros(B, dtype=torch.int32, **kw)
+        table = torch.zeros(B, W, dtype=torch.int32, **kw)
         for i, s in enumerate(plan.seqs):
             tok[i], pos[i], lens[i] = s.token_ids[0], s.positions[0], s.n_after - lo * page
             if s.slots:
@@ -688,18 +690,19 @@ class ModelShardWorker(ShardWorker):
             if tables[i].numel() > lo:
                 table[i, :tables[i].numel() - lo] = tables[i][lo:]
         if PW:
-            ptable = torch.zeros(1, PW, dtype=torch.int32)
+            ptable = torch.zeros(1, PW, dtype=torch.int32, **kw)
             ptable[0, :lo] = tables[0][:lo]
-            g.ptable.copy_(ptable)
+            g.ptable.copy_(ptable, non_blocking=pin)
             g.plens.fill_(lo * page)
-        owned = torch.tensor([i for i, s in enumerate(plan.seqs) if s.slots], dtype=torch.int64)
-        if owned.numel():
-            self.pool.set_positions(slot[owned].to(self.device), pos[owned])
-        g.tok.copy_(tok)
-        g.pos.copy_(pos)
-        g.slot.copy_(slot)
-        g.lens.copy_(lens)
-        g.table.copy_(table)
+        g.tok.copy_(tok, non_blocking=pin)
+        g.pos.copy_(pos, non_blocking=pin)
+        g.slot.copy_(slot, non_blocking=pin)
+        g.lens.copy_(lens, non_blocking=pin)
+        g.table.copy_(table, non_blocking=pin)
+        owned = [i for i, s in enumerate(plan.seqs) if s.slots]
+        if owned:   # the rows this rank stores: their positions, from the graph's buffers
+            idx = self._row_index(owned)
+            self.pool.set_positions(g.slot[idx], g.pos[idx])
         g.graph.replay()
         self.graph_replays += 1
         return g.logits[:n]

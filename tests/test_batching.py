@@ -743,3 +743,21 @@ def test_a_fragmented_prefix_is_read_as_several_views(tmp_path_factory, monkeypa
             assert seen and None not in seen and max(seen) > 3   # several views each
         else:
             assert None in seen                                  # too many runs: gathered
+
+
+def test_to_device_keeps_values_and_dtypes():
+    """The step set-up's copies to the device (pinned and non-blocking on CUDA): values and
+    dtypes as torch.tensor gives them, empty lists included, CPU tensors passed through."""
+    from ringserve.parallel.step_attention import to_device
+    cpu = torch.device("cpu")
+    t = to_device([3, 1, 2], cpu, torch.int32)
+    assert t.dtype == torch.int32 and t.tolist() == [3, 1, 2]
+    assert to_device([], cpu, torch.int64).shape == (0,)
+    assert to_device([[1], [2]], cpu, torch.int64).shape == (2, 1)
+    x = torch.arange(4, dtype=torch.int32)
+    assert to_device(x, cpu) is x
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        got = to_device(list(range(1000)), dev, torch.int64)
+        assert got.device.type == "cuda" and got.cpu().tolist() == list(range(1000))
+        assert to_device([], dev, torch.int64).device.type == "cuda"

@@ -68,6 +68,16 @@ def view_pieces(runs: List[Tuple[int, int]], n: int, page: int, cap: int):
     return out
 
 
+def to_device(x, dev: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A Python list or CPU tensor on dev without a blocking copy: through pinned memory on
+    CUDA (a copy from pageable memory is a round trip that waits for the device; a step's
+    set-up makes a dozen of them)."""
+    t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
+    if dev.type != "cuda" or t.numel() == 0:
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def _as_slice(rows: List[int]) -> Optional[slice]:
     """rows as a slice when they are consecutive and ascending (no gather needed), else None."""
     if rows and rows == list(range(rows[0], rows[0] + len(rows))):
@@ -110,8 +120,10 @@ class StepAttention:
         self.softcap = softcap
         self.layer_windows = window_size if isinstance(window_size, (tuple, list)) else None
         dev = pool.k.device
-        i32 = dict(dtype=torch.int32, device=dev)
-        i64 = dict(dtype=torch.int64, device=dev)
+        i32, i64 = torch.int32, torch.int64
+
+        def on_dev(x, dtype=None):
+            return to_device(x, dev, dtype)
         # row ranges of each sequence in the flat batch
         self.rows: List[slice] = []
         a = 0
@@ -125,8 +137,8 @@ class StepAttention:
             w_rows += [r.start + i for i in s.write_rows]
             w_slots += s.slots
             w_pos += [s.positions[i] for i in s.write_rows]
-        self.w_rows = torch.tensor(w_rows, **i64)
-        self.w_slots = torch.tensor(w_slots, **i64)
+        self.w_rows = on_dev(w_rows, i64)
+        self.w_slots = on_dev(w_slots, i64)
         self.write_all = w_rows == list(range(a))
         # every row's slot, -1 where this rank does not store it (the fused RoPE + store)
         if self.write_all:
@@ -135,9 +147,9 @@ class StepAttention:
             row_slots = [-1] * a
             for r, sl in zip(w_rows, w_slots):
                 row_slots[r] = sl
-            self.row_slots = torch.tensor(row_slots, **i64)
+            self.row_slots = on_dev(row_slots, i64)
         self._stored = -1     # the layer whose K/V rope_store has written
-        pool.set_positions(self.w_slots, torch.tensor(w_pos, **i64))
+        pool.set_positions(self.w_slots, on_dev(w_pos, i64))
         page = pool.page_size
         # pass-Q one-token rows: one batched decode launch (suffix tables after cascade prefix)
         self.dec = [i for i, s in enumerate(plan.seqs) if s.kind == "q" and len(s.token_ids) == 1]
@@ -150,14 +162,14 @@ class StepAttention:
             empty = torch.zeros(1, dtype=torch.int32)
             tabs = [tables[i][k:] if tables[i].numel() > k else empty
                     for i, k in zip(self.dec, skip)]
-            self.dec_table = torch.nn.utils.rnn.pad_sequence(tabs, batch_first=True).to(dev)
-            self.dec_lens = torch.tensor([plan.seqs[i].n_after - k * page
-                                          for i, k in zip(self.dec, skip)], **i32)
+            self.dec_table = on_dev(torch.nn.utils.rnn.pad_sequence(tabs, batch_first=True))
+            self.dec_lens = on_dev([plan.seqs[i].n_after - k * page
+                                    for i, k in zip(self.dec, skip)], i32)
             # the scheduler puts the decode rows first, in order: a slice, not a gather
             starts = [self.rows[i].start for i in self.dec]
             self.dec_slice = _as_slice(starts)
-            self.dec_rows = None if self.dec_slice else torch.tensor(starts, **i64)
-            self.dec_qpos = torch.tensor([[plan.seqs[i].positions[0]] for i in self.dec], **i64)
+            self.dec_rows = None if self.dec_slice else on_dev(starts, i64)
+            self.dec_qpos = on_dev([[plan.seqs[i].positions[0]] for i in self.dec], i64)
             self.groups = []
             index = {s.seq: i for i, s in enumerate(plan.seqs)}
             for g, (key, k) in enumerate(plan.groups):
@@ -165,13 +177,13 @@ class StepAttention:
                 qpos = [[plan.seqs[self.dec[j]].positions[0] for j in members]]
                 # None: the group is every decode row, in order (the usual case: many
                 # questions on one document): no gathers and scatters of its rows per layer
-                self.groups.append((tables[index[key]][:k][None].to(dev),
-                                    torch.tensor([k * page], **i32),
+                self.groups.append((on_dev(tables[index[key]][:k][None]),
+                                    on_dev([k * page], i32),
                                     None if members == list(range(len(self.dec)))
-                                    else torch.tensor(members, **i64),
-                                    torch.tensor(qpos, **i64)))
-        self.tables = {i: (tables[i] if tables[i].numel() else
-                           torch.zeros(1, dtype=torch.int32))[None].to(dev)
+                                    else on_dev(members, i64),
+                                    on_dev(qpos, i64)))
+        self.tables = {i: on_dev((tables[i] if tables[i].numel() else
+                                  torch.zeros(1, dtype=torch.int32))[None])
                        for i in self.ext + self.ring}
         # a ring chunk whose cached prefix sits in a few runs of consecutive pages (the
         # allocator keeps a prompt's pages together) reads it as views of the pool, one per
@@ -185,12 +197,12 @@ class StepAttention:
         self.q_rows = [i for i in range(len(plan.seqs)) if plan.seqs[i].kind == "q"]
         qi = [r for i in self.q_rows for r in range(self.rows[i].start, self.rows[i].stop)]
         self.q_slice = _as_slice(qi)
-        self.q_index = None if self.q_slice else torch.tensor(qi, **i64)
-        self.positions = torch.tensor([p for s in plan.seqs for p in s.positions], **i64)
+        self.q_index = None if self.q_slice else on_dev(qi, i64)
+        self.positions = on_dev([p for s in plan.seqs for p in s.positions], i64)
         # fast paths of the common steps (a decode batch, a lone chunk): skip the gathers and
         # scatters that would be identities; every op counts in a launch-bound eager step
         self.only_dec = bool(self.dec) and len(self.dec) == len(plan.seqs)
-        self.ext_lens = {i: torch.tensor([plan.seqs[i].n_after], **i32) for i in self.ext}
+        self.ext_lens = {i: on_dev([plan.seqs[i].n_after], i32) for i in self.ext}
 
     def _paged(self, layer, q, table, lens, q_pos):
         return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
