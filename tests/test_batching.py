@@ -184,12 +184,23 @@ def test_preemption_recomputes_with_the_same_output(tmp_path_factory):
         close(eng)
 
 
-def test_shared_document_decodes_as_one_cascade(tmp_path_factory):
+@pytest.mark.parametrize("ws", [1, 2])
+def test_shared_document_decodes_as_one_cascade(tmp_path_factory, monkeypatch, ws):
     """Eight questions on one cached document: the decode steps group them (the document's
-    pages read once per rank), and each answer equals its solo run."""
+    pages read once per rank), and each answer equals its solo run. On one rank the two
+    attention parts merge in one call straight into the step's output."""
+    from ringserve.parallel import step_attention as sa
+    fused = []
+    real_into = sa.StepAttention._cascade_into
+
+    def into(self, *a, **k):
+        fused.append(1)
+        return real_into(self, *a, **k)
+
+    monkeypatch.setattr(sa.StepAttention, "_cascade_into", into)
     path = model_path(tmp_path_factory)
-    solo = solo_for(path, 2, "striped")
-    eng = make(path, 2, "striped")
+    solo = solo_for(path, ws, "striped")
+    eng = make(path, ws, "striped")
     groups = []
     real = eng._execute
 
@@ -200,8 +211,8 @@ def test_shared_document_decodes_as_one_cascade(tmp_path_factory):
             tabs = eng.group.workers[r]._tables
             for g, (key, k) in enumerate(p.groups):
                 members = [s.seq for s in p.seqs if s.group == g]
-                # the document's 35 tokens on this rank fill 4 pages of 8
-                assert len(members) >= 2 and 1 <= k <= 35 // 8
+                # the document's full pages of 8 on this rank (its tokens split over ws)
+                assert len(members) >= 2 and 1 <= k <= len(DOC) // ws // 8 + 1
                 assert all(torch.equal(tabs[m][:k], tabs[key][:k]) for m in members)
         return out
 
@@ -218,6 +229,7 @@ def test_shared_document_decodes_as_one_cascade(tmp_path_factory):
             assert out.num_cached_tokens == len(DOC)
             assert (out.token_ids, out.finish_reason) == solo(p, sp)
         assert max(groups) >= 1
+        assert bool(fused) == (ws == 1)
     finally:
         close(eng)
 

@@ -271,3 +271,48 @@ def test_chunk_merge_in_one_launch_equals_the_torch_path():
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def _questions(backend: str):
+    from threadgroup import ThreadGroup
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.sampling import SamplingParams
+
+    group = ThreadGroup(1, model={"config": hf_config("llama", 128).to_dict(), "seed": 0},
+                        dtype="float32", page_size=8, kv_tokens=512, backend=backend,
+                        fused_kernels=True)
+    _redraw(group.workers[0].model, 5)
+    eng = Engine(group, None, (), EngineConfig(max_num_batched_tokens=4096))
+    p = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5, logprobs=True)
+    doc = [(3 * j + 1) % 128 for j in range(45)]
+    try:
+        eng.submit("cache_document", doc).result(120)
+        hs = [eng.submit("generate", doc + [(i + 7) % 128, 9], p) for i in range(3)]
+        return [h.result(120) for h in hs]
+    finally:
+        eng.shutdown()
+        group.shutdown()
+
+
+def test_cascade_decode_merge_in_one_launch_equals_the_torch_path():
+    """Three questions on one cached document, one rank, Triton path: the decode rows' own
+    pages and the document's, merged in one launch into the step's output, give the torch
+    path's tokens and log-probs."""
+    from triton.runtime import interpreter
+    ref = _questions("torch")
+    seen = []
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        seen.append((self.fn.__name__, kwargs.get("HAS_EXTRA")))
+        return real(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    try:
+        got = _questions("triton")
+    finally:
+        interpreter.InterpretedFunction.run = real
+    assert ("_merge_splits_kernel", True) in seen
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)

@@ -203,6 +203,11 @@ class StepAttention:
         # scatters that would be identities; every op counts in a launch-bound eager step
         self.only_dec = bool(self.dec) and len(self.dec) == len(plan.seqs)
         self.ext_lens = {i: on_dev([plan.seqs[i].n_after], i32) for i in self.ext}
+        # the common serving step's decode rows: many questions on one cached document, one
+        # rank: both attention parts merged in one launch into the step's output
+        self.cascade_into_out = (world_size == 1 and bool(self.dec) and not self.ext
+                                 and self.dec_slice is not None
+                                 and len(self.groups) == 1 and self.groups[0][2] is None)
 
     def _paged(self, layer, q, table, lens, q_pos):
         return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
@@ -233,13 +238,19 @@ class StepAttention:
         else:
             self.pool.write(layer, self.w_slots, k.index_select(0, self.w_rows),
                             v.index_select(0, self.w_rows))
-        if self.only_dec:                                # rows = the decode batch, in order
+        if self.cascade_into_out:   # one rank, one shared document under every decode row
+            out = torch.empty_like(q)
+            self._cascade_into(layer, q, out[self.dec_slice])
+            if self.only_dec:
+                return out[None]
+        elif self.only_dec:                              # rows = the decode batch, in order
             o, lse = self._pass_q(layer, q, merged=self.world_size > 1)
             if self.world_size > 1:
                 o, lse = self._merge_ranks(o, lse)
             return o.to(q.dtype)[None]
-        out = torch.empty_like(q)
-        if self.q_rows:
+        else:
+            out = torch.empty_like(q)
+        if self.q_rows and not self.cascade_into_out:
             o, lse = self._pass_q(layer, q)              # (Rq, Hq, D) f32, (Rq, Hq) f32
             if self.world_size > 1:
                 o, lse = self._merge_ranks(o, lse)
@@ -253,6 +264,18 @@ class StepAttention:
         return out[None]
 
     # ---- pass-Q rows ----
+
+    def _cascade_into(self, layer: int, q: torch.Tensor, dest: torch.Tensor) -> None:
+        """The decode rows (one rank; all of them one cascade group): each row's own pages
+        and the shared document's pages read once for all, the two parts merged in one launch
+        written straight into dest, the step's output rows (not a cast, a merge in float32
+        and a copy: three launches a layer fewer)."""
+        qd = q if self.only_dec else q[self.dec_slice]
+        o, lse = self._paged(layer, qd[:, None], self.dec_table, self.dec_lens, self.dec_qpos)
+        table, lens, _, qpos = self.groups[0]
+        po, pl = self._paged(layer, qd[None], table, lens, qpos)      # (1, B, Hq, D), (1, Hq, B)
+        kernels.merge_splits(po, pl, backend=self.backend,
+                             extra=(o[:, 0], lse[:, :, 0].t()), dest=dest)
 
     def _pass_q(self, layer: int, q: torch.Tensor, merged: bool = True):
         """(out, lse) of the pass-Q rows in plan order; with only decode rows and merged=False
