@@ -26,6 +26,9 @@ mkdir -p /tmp/pkg && rm -rf /tmp/pkg/ringserve && cp -r "$REPO/ringserve" /tmp/p
 export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/tmp/pkg:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 cd /tmp   # Ray puts the driver's cwd on the actors' sys.path: not the bare repo root
+timeout 60 python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_kernels_gpu.py" \
+  -k merge_splits > "$OUT/test_merge_gpu.log" 2>&1   # the one-launch merges in bf16 (~20 s)
+grep -E "^FAILED|passed|failed" "$OUT/test_merge_gpu.log" | tail -3
 timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_structured.py" \
   -k "sampler or penalties or cuda_graphs" > "$OUT/test_structured_gpu.log" 2>&1
 grep -E "^FAILED|^ERROR|passed|failed" "$OUT/test_structured_gpu.log" | tail -6

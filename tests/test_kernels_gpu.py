@@ -63,6 +63,28 @@ def test_merge_splits_gpu():
     assert (y - yt).abs().max() < 1e-5 and (z - zt).abs().max() < 1e-5
 
 
+def test_merge_splits_with_the_chunk_part_into_the_output_gpu():
+    """The serving step's one-launch merge in bf16: a 192-token chunk's 8 splits of its cached
+    prefix and its own causal part, written into a slice of the step's bf16 output, equal
+    attention over prefix + chunk, and the torch path's result to bf16 rounding."""
+    from ringserve.kernels import attention, merge_splits
+    from ringserve.kernels.torch_ops import merge_splits_torch
+    NB, L, S, H, D = 8, 1000, 192, 32, 128
+    q, k, v = make(1, S, NB * L + S, H, 8, D, torch.bfloat16, seed=15)
+    kp, vp, kc, vc = k[:, :NB * L], v[:, :NB * L], k[:, NB * L:], v[:, NB * L:]
+    o, lse = attention(q.expand(NB, S, H, D), kp.reshape(NB, L, 8, D), vp.reshape(NB, L, 8, D))
+    oc, lc = attention(q, kc, vc, causal=True, q_offset=NB * L, k_offset=NB * L)
+    step = torch.zeros(S + 8, H, D, dtype=torch.bfloat16, device="cuda")
+    y, z = merge_splits(o, lse, extra=(oc[0], lc[0]), dest=step[4:4 + S])
+    assert z is None
+    ref_out, _ = attention_ref(q, k, v, None, True, None, NB * L)
+    assert (step[4:4 + S].double() - ref_out[0]).abs().max() < 2e-2
+    assert not step[:4].any() and not step[4 + S:].any()
+    want = torch.empty(S, H, D, dtype=torch.bfloat16, device="cuda")
+    merge_splits_torch(o, lse, extra=(oc[0], lc[0]), dest=want)
+    assert (step[4:4 + S].float() - want.float()).abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", list(CASES))
