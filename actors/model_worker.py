@@ -28,7 +28,8 @@ from ringserve import kernels
 from ringserve.errors import GraphCaptureError
 from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
-from ringserve.parallel.step_attention import StepAttention, _merge, merge_rows, to_device
+from ringserve.parallel.step_attention import (StepAttention, _as_slice, _merge, merge_rows,
+                                               to_device)
 from ringserve.plan import RankPlan
 from ringserve.sampling import Sampler
 from .worker import ShardWorker
@@ -101,6 +102,12 @@ def activation_bytes_per_token(cfg, elem: int) -> int:
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     per = elem * (2 * cfg.hidden_size + 3 * hq * d + 6 * hkv * d) + 4 * hq * d + 8 * hq
     return int(per * 1.25)
+
+
+def _chunk_from(plan: RankPlan, start: Optional[int]) -> bool:
+    """The plan has a prompt chunk starting at token `start` or later (None: never)."""
+    return start is not None and any(sq.kind == "ring" and sq.chunk_start >= start
+                                     for sq in plan.seqs)
 
 
 def _seq_lengths(plan: RankPlan) -> torch.Tensor:
@@ -258,21 +265,21 @@ class ModelShardWorker(ShardWorker):
         where this rank samples it, a list of next-token logprobs (float32, NaN where no
         target) for score rows this rank reports, else None."""
         t0 = time.perf_counter()
-        want = self._profile_want
-        if want is not None and any(sq.kind == "ring" and sq.chunk_start >= want
-                                    for sq in plan.seqs):
+        # benchmarks' instruments: each is off (None) unless asked for
+        if _chunk_from(plan, self._profile_want):
             return self._profiled(plan, t0)
-        pp = self._pyprof_want
-        if pp is not None and any(sq.kind == "ring" and sq.chunk_start >= pp[0]
-                                  for sq in plan.seqs):
+        if self._pyprof_want and _chunk_from(plan, self._pyprof_want[0]):
             return self._python_profiled(plan, t0)
         if self._timeline is not None:
             return self._timed(plan, t0)
         try:
             return self._execute(plan)
         finally:
-            self.step_times.append(time.perf_counter() - t0)
-            del self.step_times[:-4096]
+            self._record(time.perf_counter() - t0)
+
+    def _record(self, wall: float) -> None:
+        self.step_times.append(wall)
+        del self.step_times[:-4096]
 
     def _timed(self, plan: RankPlan, t0: float) -> list:
         cuda = self.device.type == "cuda"
@@ -287,8 +294,7 @@ class ModelShardWorker(ShardWorker):
             ev[1].record()
             ev[1].synchronize()
             span = ev[0].elapsed_time(ev[1]) / 1e3
-        self.step_times.append(wall)
-        del self.step_times[:-4096]
+        self._record(wall)
         self._timeline.append((wall, self._t_queued - t0, span,
                                sum(len(sq.token_ids) for sq in plan.seqs)))
         del self._timeline[:-4096]
@@ -311,9 +317,9 @@ class ModelShardWorker(ShardWorker):
         self._pyprof_want, self._pyprof = (min_start, steps), cProfile.Profile()
         self._pyprof_report, self._pyprof_steps = None, 0
 
-    def take_python_profile(self, lines: int = 45) -> Optional[str]:
+    def take_python_profile(self) -> Optional[str]:
         if self._pyprof_report is None and self._pyprof is not None:
-            self._finish_python_profile(lines)
+            self._finish_python_profile()
         return self._pyprof_report
 
     def _python_profiled(self, plan: RankPlan, t0: float) -> list:
@@ -323,7 +329,7 @@ class ModelShardWorker(ShardWorker):
             self._sync()
         finally:
             self._pyprof.disable()
-            self.step_times.append(time.perf_counter() - t0)
+            self._record(time.perf_counter() - t0)
             start, left = self._pyprof_want
             self._pyprof_want = (start, left - 1) if left > 1 else None
             self._pyprof_steps += 1
@@ -356,7 +362,7 @@ class ModelShardWorker(ShardWorker):
             out = self._execute(plan)
             self._sync()
         wall = time.perf_counter() - t0
-        self.step_times.append(wall)
+        self._record(wall)
         ev = pr.key_averages()
         chunk = [sq for sq in plan.seqs if sq.kind == "ring"][0]
         self._profile = {
@@ -453,9 +459,7 @@ class ModelShardWorker(ShardWorker):
         when consecutive (a decode batch: every row), else copied from pinned memory. A copy
         from a Python list waits for the whole queued forward, and the sampling's launches
         then run after the device went idle instead of beside it."""
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            return slice(rows[0], rows[0] + len(rows))
-        return to_device(rows, self.device, torch.int64)
+        return _as_slice(rows) or to_device(rows, self.device, torch.int64)
 
     def set_step_timeline(self, on: bool = True) -> None:
         """Record, per step, the host's wall time, when every kernel was queued, and the

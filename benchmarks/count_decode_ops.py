@@ -122,6 +122,25 @@ def _summary(box: dict, tokens) -> dict:
             "tokens": tokens}
 
 
+def _profile_first(eng, wanted) -> dict:
+    """Wrap the engine's step so that the first step for which wanted(step) holds runs under
+    the CPU profiler with its Triton launches counted: the box gets "prof" and "launches"."""
+    box = {}
+    real = eng._execute
+
+    def profiled(step):
+        if "prof" in box or not wanted(step):
+            return real(step)
+        _LAUNCHES.clear()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            r = real(step)
+        box["prof"], box["launches"] = prof, Counter(_LAUNCHES)
+        return r
+
+    eng._execute = profiled
+    return box
+
+
 def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
                dtype: str = "float16", prompt: int = 40) -> dict:
     """Counts of one decode step of `batch` rows (the first step where every row decodes)."""
@@ -136,19 +155,8 @@ def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
                          cuda_graphs="emulate" if graphs else False, fused_kernels=True)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=4096,
                                                      cuda_graphs=graphs))
-    box = {}
-    real = eng._execute
-
-    def profiled(step):
-        if "prof" in box or len(step.works) < batch or any(wk.n > 1 for wk in step.works):
-            return real(step)
-        _LAUNCHES.clear()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            r = real(step)
-        box["prof"], box["launches"] = prof, Counter(_LAUNCHES)
-        return r
-
-    eng._execute = profiled
+    box = _profile_first(eng, lambda step: len(step.works) >= batch
+                         and all(wk.n == 1 for wk in step.works))
     g = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3)
     hs = [eng.submit("generate", torch.randint(0, cfg["vocab_size"], (prompt + i,),
@@ -182,21 +190,9 @@ def count_mixed_step(layers: int, backend: str, batch: int, family: str,
                          cuda_graphs=False, fused_kernels=True)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=64,
                                                      passq_max_tokens=4))
-    box = {}
-    real = eng._execute
-
-    def profiled(step):
-        ring = [wk for wk in step.works if wk.kind == "ring" and wk.start >= 256]
-        dec = [wk for wk in step.works if wk.n == 1]
-        if "prof" in box or not ring or len(dec) < batch:
-            return real(step)
-        _LAUNCHES.clear()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            r = real(step)
-        box["prof"], box["launches"] = prof, Counter(_LAUNCHES)
-        return r
-
-    eng._execute = profiled
+    box = _profile_first(eng, lambda step: any(wk.kind == "ring" and wk.start >= 256
+                                               for wk in step.works)
+                         and sum(wk.n == 1 for wk in step.works) >= batch)
     g = torch.Generator().manual_seed(1)
     V = cfg["vocab_size"]
     try:

@@ -369,38 +369,37 @@ class Sampler:
         fut, self._pending = self._pending, None
         return None if fut is None else fut.result()
 
-    def prepare(self, specs: Sequence[tuple]) -> Optional[Tuple[Dict[int, int], torch.Tensor]]:
-        """The host work for these rows: what `start` began, else done now."""
+    def prepare(self, specs: Sequence[tuple]) -> Optional[Tuple[List[int], torch.Tensor]]:
+        """The host work for these rows: what `start` began, else done now. (the constrained
+        rows' indices, the host bitmask (len(specs), words) with all bits set on every other
+        row), or None when no row is constrained."""
         if self._pending is not None:
             return self._wait()
         return self._prepare(specs)
 
-    def _prepare(self, specs: Sequence[tuple]) -> Optional[Tuple[Dict[int, int], torch.Tensor]]:
-        rows, where = [], {}
+    def _prepare(self, specs: Sequence[tuple]) -> Optional[Tuple[List[int], torch.Tensor]]:
+        where, rows = [], []
         for j, spec in enumerate(specs):
             params, ctx = spec[0], (spec[2] if len(spec) > 2 else None)
             if params.grammar is not None:
                 if ctx is None:
                     raise ValueError("a constrained row needs its SampleContext")
-                where[j] = j
+                where.append(j)
                 rows.append((ctx.rid, params.grammar, ctx.out_tokens))
         if not rows:
             return None
         if self._grammar is None:
             from .structured import GrammarMasks
             self._grammar = GrammarMasks(self.tokenizer_source, self.vocab_size)
-        # one mask row per sampled row (all ones where unconstrained): applied to the whole
-        # batch on the device at once
-        return where, self._grammar.fill(rows, slots=list(where), n=len(specs))
+        # one mask row per sampled row: applied to the whole batch on the device at once
+        return where, self._grammar.fill(rows, slots=where, n=len(specs))
 
     def sample(self, logits: torch.Tensor, specs: Sequence[tuple], prepared=None) -> List[tuple]:
-        masks = {}
-        if prepared is not None:
-            where, host = prepared
-            dev = host.to(logits.device, non_blocking=True)
-            masks = {j: dev[r] for j, r in where.items()}
-            return sample_rows(logits, specs, masks, bitmask=dev)
-        return sample_rows(logits, specs, masks)
+        if prepared is None:
+            return sample_rows(logits, specs)
+        where, host = prepared
+        dev = host.to(logits.device, non_blocking=True)
+        return sample_rows(logits, specs, {j: dev[j] for j in where}, bitmask=dev)
 
 
 def expand_samples(params: SamplingParams) -> List[SamplingParams]:

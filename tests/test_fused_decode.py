@@ -249,12 +249,10 @@ def test_fused_kernels_only_when_asked_for():
     assert joined == [n for n, _ in plain.model.named_parameters()]   # same names either way
 
 
-def test_chunk_merge_in_one_launch_equals_the_torch_path():
-    """A prompt run in chunks at world size 1 on the Triton path: each later chunk's cached
-    prefix (its splits) and its own part merge in one launch straight into the step's output
-    (merge_splits with extra and dest); tokens and log-probs equal the torch path's."""
+def _launches(run_path):
+    """run_path() under the interpreter with every Triton launch recorded as (kernel name,
+    its HAS_EXTRA flag): (its result, the launches)."""
     from triton.runtime import interpreter
-    ref = _generate_ranks("torch", False, ws=1)
     seen = []
     real = interpreter.InterpretedFunction.run
 
@@ -264,13 +262,25 @@ def test_chunk_merge_in_one_launch_equals_the_torch_path():
 
     interpreter.InterpretedFunction.run = run
     try:
-        got = _generate_ranks("triton", False, ws=1)
+        return run_path(), seen
     finally:
         interpreter.InterpretedFunction.run = real
+
+
+def _assert_merged_in_one_launch_like_torch(ref, run_triton):
+    got, seen = _launches(run_triton)
     assert ("_merge_splits_kernel", True) in seen
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_chunk_merge_in_one_launch_equals_the_torch_path():
+    """A prompt run in chunks at world size 1 on the Triton path: each later chunk's cached
+    prefix (its splits) and its own part merge in one launch straight into the step's output
+    (merge_splits with extra and dest); tokens and log-probs equal the torch path's."""
+    _assert_merged_in_one_launch_like_torch(_generate_ranks("torch", False, ws=1),
+                                            lambda: _generate_ranks("triton", False, ws=1))
 
 
 def _questions(backend: str):
@@ -298,21 +308,4 @@ def test_cascade_decode_merge_in_one_launch_equals_the_torch_path():
     """Three questions on one cached document, one rank, Triton path: the decode rows' own
     pages and the document's, merged in one launch into the step's output, give the torch
     path's tokens and log-probs."""
-    from triton.runtime import interpreter
-    ref = _questions("torch")
-    seen = []
-    real = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        seen.append((self.fn.__name__, kwargs.get("HAS_EXTRA")))
-        return real(self, *args, **kwargs)
-
-    interpreter.InterpretedFunction.run = run
-    try:
-        got = _questions("triton")
-    finally:
-        interpreter.InterpretedFunction.run = real
-    assert ("_merge_splits_kernel", True) in seen
-    for a, b in zip(ref, got):
-        assert a.token_ids == b.token_ids
-        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+    _assert_merged_in_one_launch_like_torch(_questions("torch"), lambda: _questions("triton"))

@@ -8,15 +8,19 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_profile_step_cpu_smoke(capsys):
+def _profile_step():
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
+        return mod
     finally:
         sys.path.remove(str(BENCH))
-    mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "512",
+
+
+def test_profile_step_cpu_smoke(capsys):
+    _profile_step().main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "512",
               "--budget", "96", "--kv-tokens", "1600"])  # holds one 512-token document at a
     # time beside the streams: a script that keeps every prefilled one fails with CapacityError
     out = capsys.readouterr().out
@@ -29,14 +33,7 @@ def test_profile_step_cpu_smoke(capsys):
 def test_profile_step_late_only_reports_the_timeline(capsys):
     """--late-only (the GPU calls' form): the late step's profile, the last quarter's step
     times and the worker's step timeline (wall, all kernels queued, device span)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "1024",
+    _profile_step().main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "1024",
               "--budget", "128", "--kv-tokens", "2400", "--late-only", "--torch-threads", "1",
               "--python-profile", "2"])
     out = capsys.readouterr().out

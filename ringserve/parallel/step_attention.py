@@ -238,19 +238,15 @@ class StepAttention:
         else:
             self.pool.write(layer, self.w_slots, k.index_select(0, self.w_rows),
                             v.index_select(0, self.w_rows))
-        if self.cascade_into_out:   # one rank, one shared document under every decode row
-            out = torch.empty_like(q)
-            self._cascade_into(layer, q, out[self.dec_slice])
-            if self.only_dec:
-                return out[None]
-        elif self.only_dec:                              # rows = the decode batch, in order
+        if self.only_dec and not self.cascade_into_out:  # rows = the decode batch, in order
             o, lse = self._pass_q(layer, q, merged=self.world_size > 1)
             if self.world_size > 1:
                 o, lse = self._merge_ranks(o, lse)
             return o.to(q.dtype)[None]
-        else:
-            out = torch.empty_like(q)
-        if self.q_rows and not self.cascade_into_out:
+        out = torch.empty_like(q)
+        if self.cascade_into_out:   # one rank, one shared document under every decode row
+            self._cascade_into(layer, q, out[self.dec_slice])
+        elif self.q_rows:
             o, lse = self._pass_q(layer, q)              # (Rq, Hq, D) f32, (Rq, Hq) f32
             if self.world_size > 1:
                 o, lse = self._merge_ranks(o, lse)
