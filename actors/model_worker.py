@@ -548,9 +548,16 @@ class ModelShardWorker(ShardWorker):
             part = torch.zeros(256, hq, d, device=dev, dtype=other)
             kernels.merge_(acc[None], acc_lse.t()[None], part[None],
                            torch.zeros(256, hq, device=dev).t()[None])
-        # the one-launch merge of a cached prefix's splits (flash outputs: the model's dtype)
-        kernels.merge_splits(torch.zeros(4, 256, hq, d, device=dev, dtype=dt),
-                             torch.zeros(4, hq, 256, device=dev))
+        # the one-launch merges: a cached prefix's splits (flash outputs: the model's dtype)
+        # alone, with the chunk's own part into the step's output rows, and the cascade
+        # decode's float32 split partials into the output rows
+        splits = torch.zeros(4, 256, hq, d, device=dev, dtype=dt)
+        split_lse = torch.zeros(4, hq, 256, device=dev)
+        rows = torch.empty(256, hq, d, device=dev, dtype=dt)
+        kernels.merge_splits(splits, split_lse)
+        kernels.merge_splits(splits, split_lse, extra=(splits[0], split_lse[0]), dest=rows)
+        kernels.merge_splits(splits.float(), split_lse, extra=(splits.float(), split_lse),
+                             dest=rows)
         self.warm_fused()
         torch.cuda.synchronize(dev)
         # everything alive now (the model, the kernels' caches, Ray's and torch's modules)

@@ -208,6 +208,17 @@ case "$PART" in
         --python-profile 16 > "$OUT/late_1536_$tag.log" 2>&1
       echo "$tag:"; grep -E '^\[|^late mixed|^last quarter|^features' "$OUT/late_1536_$tag.log" | cut -c1-300
     done ;;
+  s8b)   # session 8: after the host cuts (plain-int launch arithmetic, device queries once, the
+         # autotuner's choice launched directly, the cascade's split partials merged without
+         # reduce launches, literal kernel constants): their GPU kernel tests, then the 256K
+         # prefill under load at 1536, 2048, 4096 (s7c: late steps 50 ms as served, host-bound)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 90 python3 -m pytest -q -rf -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k "merge_splits or cascade or autotuned" 2>&1 \
+      | tee "$OUT/test_kernels_gpu.log" | tail -3
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 470 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets 1536,2048,4096 --json "$OUT/s8b.json" > "$OUT/s8b.log" 2>&1
+    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|^  [0-9:]+ |differs from|warm' "$OUT/s8b.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

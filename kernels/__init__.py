@@ -68,18 +68,25 @@ def merge_splits(out, lse, backend="auto", extra=None, dest=None):
     of a long key range run as NB batch entries): out (NB, S, H, D), lse (NB, H, S) ->
     (out (S, H, D) float32, lse (S, H) float32), one launch on the GPU.
 
-    extra: one more part over other keys, (out (S, H, D), lse (H, S)) (a prompt chunk's
-    attention to its own keys, merged with its cached prefix's splits in the same launch);
+    extra: more parts over other keys, merged in the same launch: one, (out (S, H, D), lse
+    (H, S)) (a prompt chunk's attention to its own keys, merged with its cached prefix's
+    splits), or NE of them, (out (NE, S, H, D), lse (NE, H, S)) (the other half of a cascade);
     dest: an (S, H, D) tensor (any float dtype, e.g. the step's output rows) that receives the
     merged output, cast; then (dest, None) is returned and no lse is computed."""
     NB, S, H = (out.shape[0], out.shape[1], out.shape[2]) if out.dim() == 4 else (0, 0, 0)
     if out.dim() != 4 or lse.dim() != 3 or tuple(lse.shape) != (NB, H, S):
         raise ValueError(f"out (NB, S, H, D) and lse (NB, H, S) expected, got "
                          f"{tuple(out.shape)} and {tuple(lse.shape)}")
-    if extra is not None and (tuple(extra[0].shape) != tuple(out.shape[1:])
-                              or tuple(extra[1].shape) != (H, S)):
-        raise ValueError(f"extra must be (out {tuple(out.shape[1:])}, lse {(H, S)}), got "
-                         f"{tuple(extra[0].shape)} and {tuple(extra[1].shape)}")
+    if extra is not None:
+        eo, el = extra
+        ne = eo.shape[0] if eo.dim() == 4 else None
+        if not ((eo.dim() == 3 and tuple(eo.shape) == tuple(out.shape[1:])
+                 and tuple(el.shape) == (H, S))
+                or (eo.dim() == 4 and tuple(eo.shape[1:]) == tuple(out.shape[1:])
+                    and tuple(el.shape) == (ne, H, S))):
+            raise ValueError(f"extra must be (out {tuple(out.shape[1:])}, lse {(H, S)}) or "
+                             f"(out (NE, *{tuple(out.shape[1:])}), lse (NE, {H}, {S})), got "
+                             f"{tuple(eo.shape)} and {tuple(el.shape)}")
     if dest is not None and (tuple(dest.shape) != tuple(out.shape[1:])
                              or not dest.is_floating_point()):
         raise ValueError(f"dest must be a float tensor of shape {tuple(out.shape[1:])}, got "
@@ -91,21 +98,42 @@ def merge_splits(out, lse, backend="auto", extra=None, dest=None):
 
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
-                 window_size=None, q_pos=None, kv_pos=None, backend="auto", softcap=None):
-    """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards."""
+                 window_size=None, q_pos=None, kv_pos=None, backend="auto", softcap=None,
+                 splits=False):
+    """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards.
+
+    splits=True returns the partials unreduced, (out (B, Hq, Sq, NB, D) float32, lse
+    (B, Hq, Sq, NB) float32) (NB = 1 on the torch path), to be merged with other parts in one
+    launch: split_parts gives merge_splits' layout."""
+    def on_torch():
+        out, lse = paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                      causal, window_size, q_pos, kv_pos, softcap=softcap)
+        if splits:
+            return out.float().permute(0, 2, 1, 3)[:, :, :, None], lse.float()[..., None]
+        return out, lse
     if _pick(backend, q, "paged_decode") in ("triton", "cudnn"):
         from .flash_decode import paged_decode_triton
 
         def run():
             return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
+                                       causal, window_size, q_pos, kv_pos, softcap=softcap,
+                                       splits=splits)
         if q.shape[-1] <= MAX_TRITON_HEAD_DIM or backend == "triton":
             return run()
-        return _wide(run, lambda: paged_decode_torch(
-            q, k_cache, v_cache, block_table, seq_lens, softmax_scale, causal, window_size,
-            q_pos, kv_pos, softcap=softcap), "paged_decode", q.shape[-1])
-    return paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                              causal, window_size, q_pos, kv_pos, softcap=softcap)
+        return _wide(run, on_torch, "paged_decode", q.shape[-1])
+    return on_torch()
+
+
+def split_parts(out, lse):
+    """paged_decode(splits=True)'s partials of B queries of one token each (Sq = 1), or of one
+    batch entry's Sq queries (B = 1), as merge_splits takes them: (out (NB, R, Hq, D), lse
+    (NB, Hq, R)), R = B * Sq, views (no copy)."""
+    B, Hq, Sq, NB, D = out.shape
+    if Sq == 1:
+        return out[:, :, 0].permute(2, 0, 1, 3), lse[:, :, 0].permute(2, 1, 0)
+    if B == 1:
+        return out[0].permute(2, 1, 0, 3), lse[0].permute(2, 0, 1)
+    raise ValueError(f"split_parts needs Sq == 1 or B == 1, got partials {tuple(out.shape)}")
 
 
 def _wide(triton_call, torch_call, kernel: str, head_dim: int):

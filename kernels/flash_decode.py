@@ -22,10 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2, sm_count
+
 LOG2E = 1.4426950408889634   # host side
-# inside kernels a global must be a constexpr
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
+# log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals in the
+# kernels: a module-level constexpr is a global the launcher re-checks on every launch
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # up to MLA's latent (DeepSeek: 512 + 64 = 576, padded to a 1024-wide tile; small key tiles and
 # 8 warps keep the wide rows in registers)
@@ -35,7 +36,7 @@ MAX_HEAD_DIM = 1024
 @triton.jit
 def _tanh(x):
     # from exp2, as in flash_fwd (the CPU interpreter has no libdevice)
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
 
 
 # Query rows, table widths, split counts and chunk lengths vary from step to step: one compiled
@@ -126,7 +127,7 @@ def _decode_split_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     # partials: OPart (B, Hq, Sq, num_splits, D), LPart (B, Hq, Sq, num_splits), contiguous
     prow = ((b64 * Hq + hq) * Sq + s_idx) * num_splits + split
     tl.store(LPart + prow, lse, mask=row_ok)
@@ -151,13 +152,13 @@ def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
     lse_p = tl.load(LPart + row64 * num_splits + offs, mask=ok, other=float("-inf"))
     m = tl.max(lse_p, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2((lse_p - m) * _LOG2E)
+    w = tl.math.exp2((lse_p - m) * 1.4426950408889634)
     tot = tl.sum(w, 0)
     o_p = tl.load(OPart + (row64 * num_splits + offs)[:, None] * HEAD_DIM + offs_d[None, :],
                   mask=ok[:, None] & d_ok[None, :], other=0.0)
     inv = 1.0 / tl.where(tot > 0.0, tot, 1.0)
     out = tl.sum(o_p * (w * inv)[:, None], 0)
-    lse = tl.where(tot > 0.0, m + tl.math.log2(tl.where(tot > 0.0, tot, 1.0)) * _LN2,
+    lse = tl.where(tot > 0.0, m + tl.math.log2(tl.where(tot > 0.0, tot, 1.0)) * 0.6931471805599453,
                    float("-inf"))
     tl.store(Lse + row64, lse)
     tl.store(Out + b.to(tl.int64) * stride_ob + s * stride_os + hq * stride_oh
@@ -208,8 +209,13 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
                         causal=False, window_size=None, q_pos=None, kv_pos=None, *,
                         max_seq_len: Optional[int] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                        softcap: Optional[float] = None):
+                        softcap: Optional[float] = None, splits: bool = False):
     """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
+
+    splits=True: the unreduced partials instead, (out (B, Hq, Sq, NB, D) float32, lse
+    (B, Hq, Sq, NB) float32) over NB disjoint key ranges (a range with no visible key: lse
+    -inf, out 0), for a caller that merges them with other parts in one launch
+    (kernels.split_parts, kernels.merge_splits).
 
     max_seq_len: an upper bound of seq_lens that sizes the KV chunks (default: the block
     table's capacity, max_pages * page_size; lengths are never read on the host, so no sync).
@@ -235,29 +241,30 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         max_seq_len = capacity
     max_len = min(int(max_seq_len), capacity)
     if B == 0 or Sq == 0 or Hq == 0 or max_len <= 0:
+        if splits:
+            return (torch.zeros(B, Hq, Sq, 1, D, dtype=torch.float32, device=q.device),
+                    torch.full((B, Hq, Sq, 1), float("-inf"), dtype=torch.float32,
+                               device=q.device))
         return (torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device),
                 torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device))
-    # the reduce kernel writes every element
-    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     on_cpu = q.device.type == "cpu"
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     rows = Sq * group
-    block_m = min(128, max(16, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_m)
+    block_m = min(128, max(16, next_pow2(rows)))
+    row_blocks = cdiv(rows, block_m)
     if block_n is None:
         block_n = 32 if on_cpu else (64 if block_d <= 128 else 32 if block_d <= 256 else 16)
-    tiles = triton.cdiv(max_len, block_n)
+    tiles = cdiv(max_len, block_n)
     if num_splits is None:
         if on_cpu:
             num_splits = min(3, tiles)     # still exercises the split + reduce path
         else:
             # ~4 waves of programs over the SMs keeps enough loads in flight to stream K/V
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            num_splits = triton.cdiv(4 * sms, B * Hkv * row_blocks)
+            sms = sm_count(q.device)
+            num_splits = cdiv(4 * sms, B * Hkv * row_blocks)
     num_splits = max(1, min(num_splits, tiles))
-    chunk = triton.cdiv(tiles, num_splits) * block_n
-    num_splits = triton.cdiv(max_len, chunk)       # drop splits that would start past max_len
+    chunk = cdiv(tiles, num_splits) * block_n
+    num_splits = cdiv(max_len, chunk)       # drop splits that would start past max_len
     o_part = torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device)
     l_part = torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device)
     masked = causal or window_size is not None
@@ -281,8 +288,13 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=bool(softcap),
         num_warps=num_warps, num_stages=num_stages)
+    if splits:
+        return o_part, l_part
+    # the reduce kernel writes every element
+    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     _decode_reduce_kernel[(B * Hq * Sq,)](
         o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)),
         num_warps=4)
     return out, lse

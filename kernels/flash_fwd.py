@@ -22,15 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2, major_capability
+
 try:  # host-side TMA descriptors (triton >= 3.3); the pointer path needs nothing
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton
     TensorDescriptor = None
 
 LOG2E = 1.4426950408889634   # host side
-# inside kernels a global must be a constexpr
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
+# log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals in the
+# kernels: a module-level constexpr is a global the launcher re-checks on every launch
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # up to MLA's latent (576, in a 1024-wide tile: 16-row query blocks and 16-key tiles)
 MAX_HEAD_DIM = 1024
@@ -46,7 +47,7 @@ def _floor_div(a, b):
 def _tanh(x):
     # tanh from exp2 (also under the CPU interpreter, which has no libdevice): saturates to
     # +-1 for large |x| (exp2 -> inf or 0), absolute error ~1 ulp of 1 near 0
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
 
 
 @triton.jit
@@ -231,7 +232,7 @@ def _flash_fwd_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]     # fully masked rows: acc is 0, out stays 0
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
     o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
@@ -322,7 +323,7 @@ def _tma_ok(t: torch.Tensor, D: int) -> bool:
     B, S, H, _ = t.shape
     es = t.element_size()
     return (TensorDescriptor is not None and t.is_cuda
-            and torch.cuda.get_device_capability(t.device)[0] >= 9
+            and major_capability(t.device) >= 9
             and D >= 16 and D & (D - 1) == 0 and t.stride(3) == 1 and t.stride(2) == D
             and (B == 1 or t.stride(0) == S * t.stride(1))
             and (t.stride(1) * es) % 16 == 0 and t.data_ptr() % 16 == 0)
@@ -356,7 +357,7 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     # kernels first (two launches a call, four a layer in a chunk's step)
     out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     on_cpu = q.device.type == "cpu"
     if config is None and on_cpu:
         config = CPU_CONFIG
@@ -370,32 +371,49 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
                                                       and v.stride(0) == Sk * v.stride(1))))):
         raise ValueError(f"use_tma=True but k/v layout (strides {k.stride()}, {v.stride()}, "
                          f"head dim {D}) cannot be tiled by tensor descriptors")
-    if use_tma:
-        bn = config["BLOCK_N"] if config is not None else 64   # the pre-hook resets it per config
-        k_arg, v_arg = _descriptor(k, bn, D), _descriptor(v, bn, D)
-    else:
-        k_arg, v_arg = k, v
     # fp32 inputs get true fp32 products (the GPU would use tf32 otherwise: ~3e-4 error)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    window = int(window_size) if window_size is not None else 0
-    args = _kernel_args(q, k, v, k_arg, v_arg, out, lse, q_offset, q_stride, k_offset,
-                        k_stride, window, scale, softcap)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal),
                 HAS_WINDOW=window_size is not None, USE_TMA=bool(use_tma),
                 WARP_SPEC=bool(warp_specialize), DOT_PREC=dot_prec,
                 IDX64=max(Sk * max(k.stride(1), v.stride(1)), Sq * q.stride(1)) >= 2 ** 31,
                 SOFTCAP=bool(softcap))
+    chosen_key = None
+    if config is None:   # the autotuner's choice for this key, once it has made one
+        chosen_key = (bool(warp_specialize), q.dtype, q.device, tuple(meta.values()),
+                      seq_bucket(Sq, Sk))
+        config = _chosen.get(chosen_key)
+        if config is not None:
+            chosen_key = None
+    if use_tma:
+        bn = config["BLOCK_N"] if config is not None else 64   # the pre-hook resets it per config
+        k_arg, v_arg = _descriptor(k, bn, D), _descriptor(v, bn, D)
+    else:
+        k_arg, v_arg = k, v
+    window = int(window_size) if window_size is not None else 0
+    args = _kernel_args(q, k, v, k_arg, v_arg, out, lse, q_offset, q_stride, k_offset,
+                        k_stride, window, scale, softcap)
     if config is not None:
-        grid = (triton.cdiv(Sq, config["BLOCK_M"]), B * Hq)
+        grid = (cdiv(Sq, config["BLOCK_M"]), B * Hq)
         _flash_fwd_kernel[grid](*args, **meta, **config)
     else:
         if Sq * Sk > _PROXY_TOKENS ** 2:
             _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, bool(warp_specialize))
 
         def grid(c):
-            return (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
-        _tuned[bool(warp_specialize)][grid](*args, **meta)
+            return (cdiv(Sq, c["BLOCK_M"]), B * Hq)
+        tuner = _tuned[bool(warp_specialize)]
+        tuner[grid](*args, **meta)
+        # later calls with this key launch the chosen config directly: the autotuner's own
+        # per-call work (its key and argument dicts over ~40 arguments, the pre-hook) is
+        # ~64 calls a mixed step on the host's critical path
+        _chosen[chosen_key] = tuner.best_config.all_kwargs()
     return out, lse
+
+
+# (warp_specialize, dtype, device, meta values, sequence bucket) -> the autotuned config's
+# launch kwargs (BLOCK_M, BLOCK_N, num_warps, num_stages, ...); the key refines the autotuner's
+_chosen: dict = {}
 
 
 def seq_bucket(sq: int, sk: int) -> int:
@@ -404,7 +422,7 @@ def seq_bucket(sq: int, sk: int) -> int:
     without the floor a short chunk (a 64-token first chunk of a 100-token prompt, cut by what
     was left of a busy step's budget) opened a new key in the middle of serving and paid an
     autotune of several compiles (3.3 s, measured on an H200 under load)."""
-    return min(max(triton.next_power_of_2(max(sq, sk)), 128), 1 << 14)
+    return min(max(next_pow2(max(sq, sk)), 128), 1 << 14)
 
 
 def _kernel_args(q, k, v, k_arg, v_arg, out, lse, q_offset, q_stride, k_offset, k_stride,
@@ -451,7 +469,7 @@ def _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, warp_specialize):
                              50.0 if meta["SOFTCAP"] else None)
 
         def grid(c):
-            return (triton.cdiv(n, c["BLOCK_M"]), Hq)
+            return (cdiv(n, c["BLOCK_M"]), Hq)
         _tuned[warp_specialize][grid](*pargs, **meta)
     except Exception as e:  # noqa: BLE001 - the real call then tunes itself, as before
         warnings.warn(f"flash_attn_fwd: tuning on a proxy failed ({e!r:.200}); tuning on the "

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 
 @triton.jit
 def _normed(xf, w_ptr, offs, mask, N, eps, dtype, PLUS_ONE: tl.constexpr):
@@ -92,7 +94,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one:
         return out
     r = residual if residual is not None else x
     rw = residual_weight if residual_weight is not None else weight
-    block = triton.next_power_of_2(N)
+    block = next_pow2(N)
     _rms_norm_kernel[(T,)](x, r, weight, rw, out, x.stride(0), r.stride(0), out.stride(0), N,
                            float(eps), float(eps if residual_eps is None else residual_eps),
                            HAS_RESIDUAL=residual is not None,
@@ -236,8 +238,8 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
         cos.stride(0), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         vvo.stride(0), vvo.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
         Hq, Hkv, float(eps),
-        HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
-        BLOCK_HALF=triton.next_power_of_2(half), QK_NORM=q_norm is not None,
+        HALF=half, BLOCK_HQ=next_pow2(Hq), BLOCK_HKV=next_pow2(Hkv),
+        BLOCK_HALF=next_pow2(half), QK_NORM=q_norm is not None,
         PLUS_ONE=bool(plus_one), HAS_V=v is not None, STORE=store, num_warps=4)
     return qo, ko, vo
 
@@ -277,8 +279,8 @@ def act_mul_triton(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> 
     out = torch.empty(T, N, dtype=gate.dtype, device=gate.device)
     if T == 0 or N == 0:
         return out
-    block = min(1024, triton.next_power_of_2(N))
-    _act_mul_kernel[(T, triton.cdiv(N, block))](
+    block = min(1024, next_pow2(N))
+    _act_mul_kernel[(T, cdiv(N, block))](
         gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N, _GELU_C,
         GELU=bool(gelu), BLOCK=block, num_warps=4)
     return out
@@ -345,6 +347,6 @@ def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
     _latent_rope_kernel[(T, H + 1)](
         q_lat, q_pe, c, k_pe, cos, sin, q, k, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
         q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        k.stride(0), H, C, R // 2, BLOCK_C=triton.next_power_of_2(C),
-        BLOCK_R2=triton.next_power_of_2(R // 2), num_warps=4)
+        k.stride(0), H, C, R // 2, BLOCK_C=next_pow2(C),
+        BLOCK_R2=next_pow2(R // 2), num_warps=4)
     return q, k

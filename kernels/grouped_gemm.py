@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 
 @triton.jit
 def _grouped_gemm_kernel(X, W, Out, Starts, BlockExpert, BlockRow, N, K,
@@ -76,11 +78,11 @@ def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    max_blocks = triton.cdiv(M, block_m) + E
+    max_blocks = cdiv(M, block_m) + E
     starts, expert, row0 = block_table(counts.to(x.device), block_m, max_blocks)
     # fp32 inputs get true fp32 products (the GPU would use tf32 otherwise)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    grid = (max_blocks, triton.cdiv(N, block_n))
+    grid = (max_blocks, cdiv(N, block_n))
     _grouped_gemm_kernel[grid](x, w, out, starts, expert, row0, N, K,
                                *x.stride(), *w.stride(), *out.stride(),
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

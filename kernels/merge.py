@@ -11,10 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 LOG2E = 1.4426950408889634   # host side
-# inside kernels a global must be a constexpr
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
+# log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals in the
+# kernels: a module-level constexpr is a global the launcher re-checks on every launch
 
 
 # Row counts and the strides of transposed lse views vary with every batch: one compiled variant
@@ -39,12 +40,12 @@ def _merge_kernel(OutA, LseA, OutB, LseB, R, S, H, D,
     m = tl.maximum(la, lb)
     # both sides -inf: shift by 0 so that exp(-inf - -inf) never makes a NaN
     m = tl.where(m == float("-inf"), 0.0, m)
-    wa = tl.math.exp2((la - m) * _LOG2E)
-    wb = tl.math.exp2((lb - m) * _LOG2E)
+    wa = tl.math.exp2((la - m) * 1.4426950408889634)
+    wb = tl.math.exp2((lb - m) * 1.4426950408889634)
     tot = wa + wb
     seen = tot > 0.0
     inv = 1.0 / tl.where(seen, tot, 1.0)
-    lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * _LN2, float("-inf"))
+    lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * 0.6931471805599453, float("-inf"))
     mask = row_ok[:, None] & (offs_d < D)[None, :]
     pa = OutA + (b * s_oab + s * s_oas + h * s_oah)[:, None] + offs_d[None, :] * s_oad
     pb = OutB + (b * s_obb + s * s_obs + h * s_obh)[:, None] + offs_d[None, :] * s_obd
@@ -85,25 +86,26 @@ def merge_triton_(out_acc, lse_acc, out_b, lse_b):
     R = B * S * H
     if R == 0 or D == 0:
         return out_acc, lse_acc
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     # ~4K elements a program: enough bytes in flight per SM, few programs in the interpreter
-    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_d))
-    grid = (triton.cdiv(R, block_r),)
+    block_r = max(1, min(next_pow2(R), 4096 // block_d))
+    grid = (cdiv(R, block_r),)
     _merge_kernel[grid](out_acc, lse_acc, out_b, lse_b, R, S, H, D,
                         *out_acc.stride(), *lse_acc.stride(), *out_b.stride(), *lse_b.stride(),
                         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return out_acc, lse_acc
 
 
-@triton.jit(do_not_specialize=["NB", "R", "S", "H", "s_on", "s_os", "s_oh", "s_ln", "s_lh",
-                               "s_ls", "s_es", "s_eh", "s_fh", "s_fs", "s_ys", "s_yh", "s_zs",
-                               "s_zh"])
-def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, R, S, H, D,
+@triton.jit(do_not_specialize=["NB", "NE", "R", "S", "H", "s_on", "s_os", "s_oh", "s_ln",
+                               "s_lh", "s_ls", "s_en", "s_es", "s_eh", "s_fn", "s_fh", "s_fs",
+                               "s_ys", "s_yh", "s_zs", "s_zh"])
+def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, NE, R, S, H, D,
                          s_on, s_os, s_oh, s_od, s_ln, s_lh, s_ls,
-                         s_es, s_eh, s_ed, s_fh, s_fs,
+                         s_en, s_es, s_eh, s_ed, s_fn, s_fh, s_fs,
                          s_ys, s_yh, s_yd, s_zs, s_zh,
-                         HAS_EXTRA: tl.constexpr, STORE_LSE: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         STORE_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # two sets of parts over disjoint keys, NB in (O, L) and NE in (E, LE) (the extra parts: a
+    # chunk's own keys, or the other half of a cascade), any strides
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flat (s, h) index
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < R
@@ -113,9 +115,9 @@ def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, R, S, H, D,
     for j in range(NB):
         lj = tl.load(L + j * s_ln + h * s_lh + s * s_ls, mask=row_ok, other=float("-inf"))
         m = tl.maximum(m, lj.to(tl.float32))
-    if HAS_EXTRA:   # one more part (a chunk's own keys), its lse (H, S) any strides
-        le = tl.load(LE + h * s_fh + s * s_fs, mask=row_ok, other=float("-inf")).to(tl.float32)
-        m = tl.maximum(m, le)
+    for j in range(NE):
+        lj = tl.load(LE + j * s_fn + h * s_fh + s * s_fs, mask=row_ok, other=float("-inf"))
+        m = tl.maximum(m, lj.to(tl.float32))
     m = tl.where(m == float("-inf"), 0.0, m)   # every part -inf: weights 0, never a NaN
     mask = row_ok[:, None] & (offs_d < D)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -123,14 +125,16 @@ def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, R, S, H, D,
     for j in range(NB):
         lj = tl.load(L + j * s_ln + h * s_lh + s * s_ls, mask=row_ok,
                      other=float("-inf")).to(tl.float32)
-        w = tl.math.exp2((lj - m) * _LOG2E)
+        w = tl.math.exp2((lj - m) * 1.4426950408889634)
         o = tl.load(O + j * s_on + (s * s_os + h * s_oh)[:, None] + offs_d[None, :] * s_od,
                     mask=mask, other=0.0).to(tl.float32)
         acc += tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None]
         tot += w
-    if HAS_EXTRA:
-        w = tl.math.exp2((le - m) * _LOG2E)
-        o = tl.load(E + (s * s_es + h * s_eh)[:, None] + offs_d[None, :] * s_ed,
+    for j in range(NE):
+        lj = tl.load(LE + j * s_fn + h * s_fh + s * s_fs, mask=row_ok,
+                     other=float("-inf")).to(tl.float32)
+        w = tl.math.exp2((lj - m) * 1.4426950408889634)
+        o = tl.load(E + j * s_en + (s * s_es + h * s_eh)[:, None] + offs_d[None, :] * s_ed,
                     mask=mask, other=0.0).to(tl.float32)
         acc += tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None]
         tot += w
@@ -139,16 +143,18 @@ def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, R, S, H, D,
     tl.store(Out + (s * s_ys + h * s_yh)[:, None] + offs_d[None, :] * s_yd,
              (acc * inv[:, None]).to(Out.dtype.element_ty), mask=mask)
     if STORE_LSE:
-        lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * _LN2, float("-inf"))
+        lse = tl.where(seen, m + tl.math.log2(tl.where(seen, tot, 1.0)) * 0.6931471805599453, float("-inf"))
         tl.store(LseOut + s * s_zs + h * s_zh, lse, mask=row_ok)
 
 
 def merge_splits_triton(out, lse, extra=None, dest=None):
     """Merge NB partial results over disjoint key sets in one launch: out (NB, S, H, D) any
     float dtype and strides, lse (NB, H, S) -> (out (S, H, D) float32, lse (S, H) float32).
-    extra: one more part (out (S, H, D), lse (H, S)), e.g. a chunk's attention to its own keys;
-    dest: an (S, H, D) tensor of any float dtype the merged output is written into (cast),
-    returned as (dest, None): no float32 buffer, no lse."""
+    extra: more parts over other keys, in the same launch: one (out (S, H, D), lse (H, S)),
+    e.g. a chunk's attention to its own keys, or NE of them (out (NE, S, H, D), lse
+    (NE, H, S)), e.g. the other half of a cascade; dest: an (S, H, D) tensor of any float dtype
+    the merged output is written into (cast), returned as (dest, None): no float32 buffer, no
+    lse."""
     NB, S, H, D = out.shape
     dev = out.device
     y = dest if dest is not None else torch.empty(S, H, D, dtype=torch.float32, device=dev)
@@ -156,13 +162,17 @@ def merge_splits_triton(out, lse, extra=None, dest=None):
     R = S * H
     if R == 0 or D == 0:
         return y, (z.fill_(float("-inf")) if z is not None else None)
-    e, le = extra if extra is not None else (out[0], lse[0])   # unread without HAS_EXTRA
+    if extra is None:
+        e, le, ne = out, lse, 0                              # unread: no extra parts
+    elif extra[0].dim() == 3:
+        e, le, ne = extra[0][None], extra[1][None], 1
+    else:
+        e, le, ne = extra[0], extra[1], extra[0].shape[0]
     zz = z if z is not None else lse[0]                        # unwritten without STORE_LSE
-    block_d = max(16, triton.next_power_of_2(D))
-    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_d))
-    _merge_splits_kernel[(triton.cdiv(R, block_r),)](
-        out, lse, e, le, y, zz, NB, R, S, H, D, *out.stride(), *lse.stride(), *e.stride(),
+    block_d = max(16, next_pow2(D))
+    block_r = max(1, min(next_pow2(R), 4096 // block_d))
+    _merge_splits_kernel[(cdiv(R, block_r),)](
+        out, lse, e, le, y, zz, NB, ne, R, S, H, D, *out.stride(), *lse.stride(), *e.stride(),
         *le.stride(), *y.stride(), *zz.stride(),
-        HAS_EXTRA=extra is not None, STORE_LSE=z is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        STORE_LSE=z is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return y, z

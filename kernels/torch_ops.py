@@ -90,11 +90,12 @@ def merge_torch_(out_acc, lse_acc, out_b, lse_b):
 def merge_splits_torch(out, lse, extra=None, dest=None):
     """out (NB, S, H, D), lse (NB, H, S) partials over disjoint key sets -> (out (S, H, D)
     float32, lse (S, H) float32); a row with every part -inf gets out 0 and lse -inf. extra:
-    one more part (out (S, H, D), lse (H, S)); dest: (S, H, D) written (cast) with the merged
-    output, returned as (dest, None)."""
+    more parts, one (out (S, H, D), lse (H, S)) or NE (out (NE, S, H, D), lse (NE, H, S));
+    dest: (S, H, D) written (cast) with the merged output, returned as (dest, None)."""
     if extra is not None:
-        out = torch.cat([out, extra[0][None].to(out.dtype)])
-        lse = torch.cat([lse.float(), extra[1][None].float()])
+        eo, el = (extra[0][None], extra[1][None]) if extra[0].dim() == 3 else extra
+        out = torch.cat([out.float(), eo.float()])
+        lse = torch.cat([lse.float(), el.float()])
     if dest is not None:
         y, _ = merge_splits_torch(out, lse)
         dest.copy_(y)

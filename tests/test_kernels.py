@@ -266,6 +266,54 @@ def test_merge_splits_with_the_chunk_part_into_the_step_output(backend, dtype):
         merge_splits(o, lse, backend=backend, dest=step[:S - 1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cascade_split_partials_merge_in_one_launch(backend, dtype):
+    """The cascade decode's form: each of B one-token queries against its own pages and all B
+    against a shared document's pages, both left as paged_decode's split partials
+    (splits=True, no reduce), merged in one merge_splits (two sets of parts) into the step's
+    output rows, equal attention over own + document keys; the partials alone merge to
+    paged_decode's reduced (out, lse)."""
+    from ringserve.kernels import merge_splits, paged_decode, split_parts
+    B, Hq, Hkv, D, page = 3, 4, 2, 32, 16
+    q, kc, vc, bt, sl, _, _ = paged_case(B, 1, Hq, Hkv, D, page, [40, 7, 0], dtype, seed=41)
+    # the document: pages of the same pool, one table row read by all B queries at once
+    dlen = 150
+    dtab = torch.randperm(kc.shape[0], generator=torch.Generator().manual_seed(5))
+    dtab = dtab[:-(-dlen // page)][None].int()
+    dlens = torch.tensor([dlen], dtype=torch.int32)
+    own = paged_decode(q, kc, vc, bt, sl, backend=backend, splits=True)
+    doc = paged_decode(q.transpose(0, 1), kc, vc, dtab, dlens, backend=backend, splits=True)
+    assert own[0].dim() == 5 and own[0].shape[:3] == (B, Hq, 1) and own[0].dtype == torch.float32
+    assert doc[0].shape[:3] == (1, Hq, B)
+    step = torch.full((B + 2, Hq, D), 7.0, dtype=dtype)
+    y, z = merge_splits(*split_parts(*doc), backend=backend, extra=split_parts(*own),
+                        dest=step[1:1 + B])
+    assert z is None
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for b in range(B):
+        n = int(sl[b])
+        own_pages = bt[b, :-(-n // page)].long() if n else bt[b, :0].long()
+        keys = [kc[own_pages].reshape(-1, Hkv, D)[:n], kc[dtab[0].long()].reshape(-1, Hkv, D)[:dlen]]
+        vals = [vc[own_pages].reshape(-1, Hkv, D)[:n], vc[dtab[0].long()].reshape(-1, Hkv, D)[:dlen]]
+        ref, _ = attention_ref(q[b:b + 1], torch.cat(keys)[None], torch.cat(vals)[None], None,
+                               False, None)
+        assert (step[1 + b].double() - ref[0, 0]).abs().max() < tol, b
+    assert torch.all(step[0] == 7) and torch.all(step[1 + B:] == 7)
+    # the partials alone merge to the reduced result
+    out, lse = paged_decode(q, kc, vc, bt, sl, backend=backend)
+    mo, ml = merge_splits(*split_parts(*own), backend=backend)
+    fin = torch.isfinite(lse[:, :, 0])
+    assert (mo.double() - out[:, 0].double()).abs().max() < tol
+    assert (ml[fin] - lse[:, :, 0][fin]).abs().max() < 1e-4
+    assert torch.all(ml[2] == float("-inf")) and torch.all(mo[2] == 0)   # an empty sequence
+    with pytest.raises(ValueError, match="Sq == 1 or B == 1"):
+        split_parts(torch.zeros(2, Hq, 2, 1, D), torch.zeros(2, Hq, 2, 1))
+    with pytest.raises(ValueError, match="extra must be"):
+        merge_splits(*split_parts(*doc), backend=backend,
+                     extra=(own[0][:, :, 0].permute(2, 0, 1, 3), own[1][:, :, 0]))
+
+
 def test_merge_triton_low_precision_accumulator_and_nan_guard():
     g = torch.Generator().manual_seed(10)
     B, S, H, D = 1, 17, 2, 32

@@ -125,6 +125,43 @@ def test_autotuned_default_path(warp_specialize):
     else:
         out, lse = attention(q, k, v, None, True, None, 2048, 1, 0, 1)   # dispatch: triton on cuda
     check_lowp(out, lse, ref_out, ref_lse, lowp, f"autotuned ws={warp_specialize}")
+    # once tuned, a call with the same key launches the chosen config directly (no autotuner
+    # on the host's path): same config, same result
+    from ringserve.kernels import flash_fwd as ff
+    assert any(key[0] == warp_specialize for key in ff._chosen)
+    out2, lse2 = flash_attn_fwd(q, k, v, None, True, None, 2048, 1, 0, 1,
+                                warp_specialize=warp_specialize)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+
+
+def test_cascade_split_partials_gpu():
+    """The served decode rows' attention in bf16 (8 questions on one 32K-token document, each
+    with its own 300 tokens): both paged decodes' split partials merged in one launch into a
+    slice of the step's output equal attention over own + document keys."""
+    from ringserve.kernels import merge_splits, paged_decode, split_parts
+    B, H, Hkv, D, page, own_len, doc_len = 8, 32, 8, 128, 16, 300, 32768
+    g = torch.Generator(device="cuda").manual_seed(21)
+    P = doc_len // page + B * (own_len // page + 1) + 4
+    kc = torch.randn(P, page, Hkv, D, device="cuda", generator=g).bfloat16()
+    vc = torch.randn(P, page, Hkv, D, device="cuda", generator=g).bfloat16()
+    perm = torch.randperm(P, device="cuda", generator=g).int()
+    dtab = perm[:doc_len // page][None]
+    own_pages = -(-own_len // page)
+    bt = perm[doc_len // page:doc_len // page + B * own_pages].view(B, own_pages)
+    q = torch.randn(B, 1, H, D, device="cuda", generator=g).bfloat16()
+    lens = torch.full((B,), own_len, dtype=torch.int32, device="cuda")
+    own = paged_decode(q, kc, vc, bt, lens, splits=True)
+    doc = paged_decode(q.transpose(0, 1), kc, vc, dtab,
+                       torch.tensor([doc_len], dtype=torch.int32, device="cuda"), splits=True)
+    step = torch.zeros(B + 4, H, D, dtype=torch.bfloat16, device="cuda")
+    merge_splits(*split_parts(*doc), extra=split_parts(*own), dest=step[2:2 + B])
+    dk, dv = kc[dtab[0].long()].reshape(-1, Hkv, D), vc[dtab[0].long()].reshape(-1, Hkv, D)
+    for b in range(B):
+        ok, ov = kc[bt[b].long()].reshape(-1, Hkv, D), vc[bt[b].long()].reshape(-1, Hkv, D)
+        ref, _ = attention_ref(q[b:b + 1], torch.cat([ok, dk])[None], torch.cat([ov, dv])[None],
+                               None, False)
+        assert (step[2 + b].double() - ref[0, 0]).abs().max() < 2e-2, b
+    assert not step[:2].any() and not step[2 + B:].any()
 
 
 def test_merge_striped_ring_gpu():

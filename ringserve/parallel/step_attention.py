@@ -209,12 +209,12 @@ class StepAttention:
                                  and self.dec_slice is not None
                                  and len(self.groups) == 1 and self.groups[0][2] is None)
 
-    def _paged(self, layer, q, table, lens, q_pos):
+    def _paged(self, layer, q, table, lens, q_pos, splits=False):
         return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
                                     softmax_scale=self.scale, causal=True,
                                     window_size=self.window, q_pos=q_pos,
                                     kv_pos=self.pool.kv_pos, backend=self.backend,
-                                    softcap=self.softcap)
+                                    softcap=self.softcap, splits=splits)
 
     def rope_store(self, layer: int, q, k, v, cos, sin, **norm):
         """The model's fused prologue (Triton): q, k (T, H, D) rotated (and q/k-normed with
@@ -263,15 +263,17 @@ class StepAttention:
 
     def _cascade_into(self, layer: int, q: torch.Tensor, dest: torch.Tensor) -> None:
         """The decode rows (one rank; all of them one cascade group): each row's own pages
-        and the shared document's pages read once for all, the two parts merged in one launch
-        written straight into dest, the step's output rows (not a cast, a merge in float32
-        and a copy: three launches a layer fewer)."""
+        and the shared document's pages read once for all, both left as their kernels' split
+        partials (no reduce launches) and all merged in one launch written straight into
+        dest, the step's output rows (session 7: two reduces, a merge into a float32 buffer,
+        a cast and a copy a layer before)."""
         qd = q if self.only_dec else q[self.dec_slice]
-        o, lse = self._paged(layer, qd[:, None], self.dec_table, self.dec_lens, self.dec_qpos)
+        own = self._paged(layer, qd[:, None], self.dec_table, self.dec_lens, self.dec_qpos,
+                          splits=True)                                # B entries, 1 query
         table, lens, _, qpos = self.groups[0]
-        po, pl = self._paged(layer, qd[None], table, lens, qpos)      # (1, B, Hq, D), (1, Hq, B)
-        kernels.merge_splits(po, pl, backend=self.backend,
-                             extra=(o[:, 0], lse[:, :, 0].t()), dest=dest)
+        doc = self._paged(layer, qd[None], table, lens, qpos, splits=True)   # 1 entry, B queries
+        kernels.merge_splits(*kernels.split_parts(*doc), backend=self.backend,
+                             extra=kernels.split_parts(*own), dest=dest)
 
     def _pass_q(self, layer: int, q: torch.Tensor, merged: bool = True):
         """(out, lse) of the pass-Q rows in plan order; with only decode rows and merged=False
