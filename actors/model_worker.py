@@ -207,7 +207,7 @@ class ModelShardWorker(ShardWorker):
         self.graph_replays = 0
         self.graph_evictions = 0
         self.step_times: List[float] = []
-        self._timeline: Optional[List[Tuple[float, float, float, int]]] = None
+        self._timeline: Optional[List[Tuple[float, float, float, int, int]]] = None
         self._t_queued = 0.0
         self._pyprof_want: Optional[Tuple[int, int]] = None   # profile_python_steps
         self._pyprof = None
@@ -295,8 +295,10 @@ class ModelShardWorker(ShardWorker):
             ev[1].synchronize()
             span = ev[0].elapsed_time(ev[1]) / 1e3
         self._record(wall)
+        chunk = [sq.chunk_start for sq in plan.seqs if sq.kind == "ring"]
         self._timeline.append((wall, self._t_queued - t0, span,
-                               sum(len(sq.token_ids) for sq in plan.seqs)))
+                               sum(len(sq.token_ids) for sq in plan.seqs),
+                               chunk[0] if chunk else -1))
         del self._timeline[:-4096]
         return out
 
@@ -467,9 +469,10 @@ class ModelShardWorker(ShardWorker):
         kernels are queued just before it ends is host-bound (benchmarks)."""
         self._timeline = [] if on else None
 
-    def step_timeline(self, n: int = 4096) -> List[Tuple[float, float, float, int]]:
-        """(wall, queued, device span, rows): seconds and the step's token rows, of the last n
-        steps since set_step_timeline; queued is 0 for a step that sampled nothing."""
+    def step_timeline(self, n: int = 4096) -> List[Tuple[float, float, float, int, int]]:
+        """(wall, queued, device span, rows, chunk start): seconds, the step's token rows and
+        where its (first) prompt chunk starts (-1: none), of the last n steps since
+        set_step_timeline; queued is 0 for a step that sampled nothing."""
         return list(self._timeline or [])[-n:]
 
     def _next_logprobs(self, hidden, targets: List[int], rows: int = 1024) -> torch.Tensor:

@@ -219,6 +219,14 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 470 python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets 1536,2048,4096 --json "$OUT/s8b.json" > "$OUT/s8b.log" 2>&1
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|^  [0-9:]+ |differs from|warm' "$OUT/s8b.log" | cut -c1-300 ;;
+  s8c)   # session 8: an early mixed step (chunk at 1/8 of the 256K prompt, budget 1536): s8b
+         # had early steps at 80-90 ms, late ones at 59 ms; host- or device-bound? (its
+         # timeline, a torch profile of one step, a cProfile of 16)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 190 python3 "$REPO/benchmarks/profile_step.py" \
+      --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only \
+      --at 0.125 --python-profile 16 > "$OUT/early_1536.log" 2>&1
+    grep -E '^\[|^profiled mixed|^mixed steps|^features' "$OUT/early_1536.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

@@ -59,6 +59,10 @@ def main(argv=None):
     p.add_argument("--late-only", action="store_true",
                    help="only the profile of a late mixed step (8 decodes + a chunk in the "
                         "prompt's last quarter), with the last quarter's step times")
+    p.add_argument("--at", type=float, default=0.75,
+                   help="with --late-only: where in the prompt the profiled chunk starts, as a "
+                        "fraction (default 0.75: the last quarter; 0.125: an early chunk); the "
+                        "step times and timeline are those of the eighth of the prompt after it")
     p.add_argument("--single", type=int, default=0,
                    help="only time one cold prefill of this many tokens: chunked as LLM does on "
                         "CUDA (flops cost, solo factor 8) vs one step, with a profile of a late "
@@ -69,6 +73,11 @@ def main(argv=None):
     from ringserve.sampling import SamplingParams
 
     cfg = hf_config(a.preset, 2 * (a.doc_len + a.prefill_len))
+    if not 0.0 < a.at < 1.0:
+        p.error(f"--at must be a fraction in (0, 1), got {a.at}")
+    # the profiled chunk starts at `at`; step times come from chunks in [at, at_end)
+    at = int(a.at * a.prefill_len)
+    at_end = min(a.prefill_len, at + a.prefill_len // 4)
     cpu = a.device == "cpu"
     if a.graphs is None:
         a.graphs = not cpu
@@ -201,17 +210,16 @@ def main(argv=None):
         times.clear()
         n0 = len(grp.call("recent_step_times", 4096)[0])
         grp.call("set_step_timeline", True)
-        grp.call("profile_chunk_step", 3 * a.prefill_len // 4)
+        grp.call("profile_chunk_step", at)
         if a.python_profile:
-            grp.call("profile_python_steps", 3 * a.prefill_len // 4 + a.prefill_len // 16,
-                     a.python_profile)
+            grp.call("profile_python_steps", at + a.prefill_len // 16, a.python_profile)
         eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()
                    ).result()
         for h in hs:
             h.cancel()
         inner = grp.call("recent_step_times", 4096)[0][n0:]
         prof = grp.call("take_profile")[0]
-        timeline_summary("ray", grp.call("step_timeline")[0])
+        timeline_summary("ray", grp.call("step_timeline")[0], at, at_end)
         if a.python_profile:
             print(f"[ray] python profile: {grp.call('take_python_profile')[0]}")
         mixed = [x[0] * 1e3 for x in times if x[2] > 0]
@@ -240,7 +248,7 @@ def main(argv=None):
 
     def prof_step(step):
         # a late chunk (the last quarter of the prompt): its attention reads the longest prefix
-        chunk = [w for w in step.works if w.n > 1 and w.start >= 3 * a.prefill_len // 4]
+        chunk = [w for w in step.works if w.n > 1 and at <= w.start < at_end]
         if "done" not in box and chunk:
             with profile(activities=ACTIVITIES) as pr:
                 r = real(step)
@@ -260,27 +268,26 @@ def main(argv=None):
     if a.late_only:
         grp.call("set_step_timeline", True)
         if a.python_profile:   # the steps after the torch-profiled one
-            grp.call("profile_python_steps", 3 * a.prefill_len // 4 + a.prefill_len // 16,
-                     a.python_profile)
+            grp.call("profile_python_steps", at + a.prefill_len // 16, a.python_profile)
     eng.submit("drop_document", eng.submit("cache_document", rnd(a.prefill_len)).result()).result()
     if a.late_only:
-        timeline_summary("in-process", grp.call("step_timeline")[0])
+        timeline_summary("in-process", grp.call("step_timeline")[0], at, at_end)
         if a.python_profile:
             print(f"[in-process] python profile: {grp.call('take_python_profile')[0]}")
     for h in hs:
         h.cancel()
     if "done" not in box:
-        print(f"no late mixed step to profile: the {a.prefill_len}-token prompt never ran in "
+        print(f"no mixed step with a chunk in {at}..{at_end} to profile: the {a.prefill_len}-token prompt never ran in "
               f"several chunks at budget {a.budget}")
         eng.shutdown()
         return
     ev = box["done"].key_averages()
     host = sum(e.self_cpu_time_total for e in ev) / 1e3
     dev = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / 1e3
-    print(f"late mixed step (8 decodes + a chunk of {box['chunk'][1]} tokens at "
+    print(f"profiled mixed step (8 decodes + a chunk of {box['chunk'][1]} tokens at "
           f"{box['chunk'][0]}): host {host:.2f} ms, device {dev:.2f} ms")
     if late:
-        print(f"last quarter's mixed steps: {len(late)}, chunk median "
+        print(f"mixed steps with a chunk in {at}..{at_end}: {len(late)}, chunk median "
               f"{statistics.median(n for n, _ in late)} tokens, step median "
               f"{statistics.median(t for _, t in late):.1f} ms (min {min(t for _, t in late):.1f})")
     print(box["done"].key_averages().table(sort_by="cpu_time_total", row_limit=25))
@@ -288,17 +295,18 @@ def main(argv=None):
     eng.shutdown()
 
 
-def timeline_summary(tag: str, rows) -> None:
-    """The last quarter of the mixed steps (more rows than decodes): median wall, when every
-    kernel was queued, and the device's span, in ms; queued close to wall: host-bound."""
-    mixed = [r for r in rows if r[3] > 8 and r[1] > 0]
-    late = mixed[-max(1, len(mixed) // 4):]
-    if not late:
-        print(f"[{tag}] timeline: no mixed steps")
+def timeline_summary(tag: str, rows, lo: int, hi: int) -> None:
+    """The mixed steps (a prompt chunk beside decodes) whose chunk starts in [lo, hi): median
+    wall, when every kernel was queued, and the device's span, in ms; queued close to wall:
+    host-bound."""
+    sel = [r for r in rows if r[3] > 8 and r[1] > 0 and lo <= r[4] < hi]
+    if not sel:
+        print(f"[{tag}] timeline: no mixed steps with a chunk in {lo}..{hi}")
         return
-    med = [statistics.median(r[i] for r in late) * 1e3 for i in range(3)]
-    print(f"[{tag}] timeline of the last {len(late)} mixed steps (median ms): wall {med[0]:.1f}, "
-          f"all kernels queued at {med[1]:.1f}, device span {med[2]:.1f}")
+    med = [statistics.median(r[i] for r in sel) * 1e3 for i in range(3)]
+    print(f"[{tag}] timeline of the {len(sel)} mixed steps with a chunk in {lo}..{hi} (median "
+          f"ms): wall {med[0]:.1f}, all kernels queued at {med[1]:.1f}, device span "
+          f"{med[2]:.1f}")
 
 
 def single(a, cfg, grp):

@@ -27,19 +27,27 @@ def test_profile_step_cpu_smoke(capsys):
     for n in (1, 8, 16):
         assert f"decode batch {n:3d}: step" in out
     assert "prefill 512 with 0 decodes" in out and "prefill 512 with 8 decodes" in out
-    assert "late mixed step (8 decodes + a chunk of " in out and "last quarter" in out
+    assert "profiled mixed step (8 decodes + a chunk of " in out
+    assert "mixed steps with a chunk in 384..512" in out
 
 
 def test_profile_step_late_only_reports_the_timeline(capsys):
-    """--late-only (the GPU calls' form): the late step's profile, the last quarter's step
-    times and the worker's step timeline (wall, all kernels queued, device span)."""
+    """--late-only (the GPU calls' form) with --at: the profile of a chunk's step at that
+    point of the prompt, the step times and the worker's step timeline (wall, all kernels
+    queued, device span) of the chunks after it."""
     _profile_step().main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256", "--prefill-len", "1024",
               "--budget", "128", "--kv-tokens", "2400", "--late-only", "--torch-threads", "1",
-              "--python-profile", "2"])
+              "--python-profile", "2", "--at", "0.25"])
     out = capsys.readouterr().out
     assert "torch threads 1" in out
     assert "decode batch" not in out and "with 8 decodes" not in out     # skipped
-    assert "late mixed step (8 decodes + a chunk of " in out and "last quarter" in out
+    # --at 0.25: an early chunk (256 of 1024) is profiled, and the step times and timeline
+    # are those of the chunks starting in 256..512
+    assert "profiled mixed step (8 decodes + a chunk of " in out
+    prof = [x for x in out.splitlines() if x.startswith("profiled mixed step")][0]
+    assert 256 <= int(prof.split(" tokens at ")[1].split(")")[0]) < 512, prof
+    assert "mixed steps with a chunk in 256..512" in out
     line = [x for x in out.splitlines() if x.startswith("[in-process] timeline")]
-    assert line and "all kernels queued at" in line[0], out[-2000:]
+    assert line and "with a chunk in 256..512" in line[0], out[-2000:]
+    assert "all kernels queued at" in line[0]
     assert "[in-process] python profile: 2 steps profiled" in out
