@@ -120,7 +120,8 @@ def run_case(llm, prompts, params) -> Dict:
     s1 = llm.stats()
     if s1["worker_failures"] != s0["worker_failures"]:
         raise RuntimeError(f"a step failed during the case (the group was rebuilt; graph "
-                           f"capture failures {s1['graph_capture_failures']}): see the log")
+                           f"capture failures {s1['graph_capture_failures']}): "
+                           f"{s1.get('last_worker_failure')}")
     # this case's steps (counted by the engine: the workers keep only their last 4096)
     steps = llm._group.call("recent_step_times", s1["steps"] - s0["steps"])[0]
     decode = steps[-(params.max_tokens - 8):]    # the last steps: decode only, all rows
@@ -167,12 +168,14 @@ def main(argv=None) -> int:
         res[f"mask_host_us_batch{b}"] = us
         print(f"[structured] host mask time, {b} rows: {us:.0f} us per step", flush=True)
     g = torch.Generator().manual_seed(0)
+    import ray
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)   # no dashboard build on the GPU host: ~60 s saved
     for graphs in [bool(int(x)) for x in args.graphs.split(",")]:
-        if graphs and cpu:
-            continue
         llm = LLM({"config": cfg, "seed": 0, "tokenizer": str(tok_dir)}, world_size=1,
                   device=args.device, dtype="float32" if cpu else "bfloat16", tokenizer=tok,
-                  cuda_graphs=graphs, max_num_seqs=max(batches),
+                  cuda_graphs=("emulate" if graphs and cpu else graphs),
+                  max_num_seqs=max(batches),
                   **({"max_kv_tokens": 8 * max(batches) * (args.prompt_len + args.out_tokens)}
                      if cpu else {}))
         try:

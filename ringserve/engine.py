@@ -200,6 +200,7 @@ class Engine:
                           "worker_failures": 0, "preemptions": 0, "recovered_requests": 0,
                           "graph_capture_failures": 0, "steps": 0}
         self._last_timings: Dict[str, float] = {}
+        self._last_failure: Optional[str] = None   # the last failed step's cause (stats)
         self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         # the last steps' (execute seconds, one-token rows, prompt tokens in chunks, the
         # longest cached prefix a chunk saw): what a step's time goes with (benchmarks)
@@ -260,6 +261,7 @@ class Engine:
                 "cached_tokens": sum(e.num_tokens for e in entries),
                 "document_cache_budget_tokens": self.doc_cache.budget_tokens,
                 "last_timings": dict(self._last_timings),
+                "last_worker_failure": self._last_failure,
                 "engine_time_s": {k: round(v, 3) for k, v in self._times.items()}})
         return out
 
@@ -744,9 +746,19 @@ class Engine:
         """A step failed on the group: rebuild it (fresh actors, empty caches) and put every
         in-flight request back in the queue to recompute its KV; the tokens it has streamed
         stay its prefix. A request fails only past its recovery limit or if the rebuild does."""
+        msg = f"{type(err).__name__}: {err}"
+        # a remote traceback: its head names the actor, its last lines the cause
+        detail = msg if len(msg) <= 2000 else msg[:300] + " ... " + msg[-1700:]
         with self._lock:
             self._counters["worker_failures"] += 1
-        if self.sched.cfg.graphs and _is_capture_failure(err):
+            self._last_failure = detail
+        capture = self.sched.cfg.graphs and _is_capture_failure(err)
+        if not capture:
+            # recovered, not lost: but an operator must see why (a remote traceback's last
+            # lines name the cause)
+            log.warning("a step failed on the actor group (%d in flight); rebuilding it and "
+                        "resuming them: %s", len(self.sched.running), detail)
+        if capture:
             # a graph that can not be captured would fail the same way at every retry: decode
             # eagerly from now on (every rank: the driver marks no step for graphs)
             self.sched.cfg.graphs = False
@@ -766,7 +778,6 @@ class Engine:
                              for r in inflight + list(self.sched.waiting))]
         for e in self.doc_cache.entries():
             self.doc_cache.remove(e.key)
-        detail = f"{type(err).__name__}: {err}"[:2000]
         try:
             self.group.rebuild()
             self._read_info()

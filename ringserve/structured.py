@@ -238,8 +238,13 @@ class GrammarMasks:
             raise ValueError(f"fill: {len(rows)} rows need as many slots within 0..{n - 1}")
         if self._buf is None or self._buf.shape[0] < n:
             size = max(n, 2 * (0 if self._buf is None else self._buf.shape[0]))
-            self._buf = torch.empty((size, self.words), dtype=torch.int32,
-                                    pin_memory=torch.cuda.is_available())
+            # a normal tensor, wherever it is first made: the worker's thread fills it inside
+            # inference mode (graph steps), the sampler's helper thread outside it (eager
+            # steps), and an inference tensor may not be updated in place outside the mode
+            # (a batch-1 masked request after graph steps failed its step on the H200)
+            with torch.inference_mode(False):
+                self._buf = torch.empty((size, self.words), dtype=torch.int32,
+                                        pin_memory=torch.cuda.is_available())
         buf = self._buf[:n]
         buf.fill_(-1)
         ms = []

@@ -275,10 +275,13 @@ def test_cancel_and_deadline_leave_the_batch_and_free_their_kv(tmp_path_factory)
         close(eng)
 
 
-def test_a_failed_step_costs_no_request(tmp_path_factory):
+def test_a_failed_step_costs_no_request(tmp_path_factory, caplog):
     """A rank fails mid-batch (as a killed actor does): the group is rebuilt, every in-flight
     request recomputes its KV from prompt + the tokens already streamed and completes with
-    its fault-free output; the streams see each token once; later requests succeed."""
+    its fault-free output; the streams see each token once; later requests succeed. The
+    cause is logged and kept in the stats (an operator sees why)."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="ringserve.engine")
     path = model_path(tmp_path_factory)
     solo = solo_for(path, 3, "striped")
     eng = make(path, 3, "striped", max_num_batched_tokens=16)
@@ -299,6 +302,9 @@ def test_a_failed_step_costs_no_request(tmp_path_factory):
         st_ = eng.stats()
         assert st_["worker_failures"] == 1 and st_["recovered_requests"] >= 1
         assert st_["requests_failed"] == 0
+        assert "injected failure of rank 1 in execute" in st_["last_worker_failure"]
+        assert any("a step failed on the actor group" in r.getMessage()
+                   and "injected failure of rank 1" in r.getMessage() for r in caplog.records)
         p, sp = reqs[0]
         assert eng.submit("generate", p, sp).result(60).token_ids == solo(p, sp)[0]
     finally:

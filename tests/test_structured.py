@@ -362,3 +362,27 @@ def test_mask_threads_follow_the_cpu_quota_and_the_environment(monkeypatch):
         monkeypatch.setenv("RINGSERVE_MASK_THREADS", bad)
         with pytest.raises(ValueError, match="RINGSERVE_MASK_THREADS"):
             structured.mask_threads()
+
+
+def test_grammar_masks_buffer_made_in_inference_mode_fills_on_another_thread(tmp_path):
+    """The worker fills the masks' host buffer on its own thread inside inference mode (graph
+    steps) and on the sampler's helper thread outside it (eager steps). Made first inside the
+    mode, the buffer was an inference tensor the helper could not update in place: a batch-1
+    masked request after graph steps failed its step on the H200. Either order works."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tinymodels import build_tokenizer
+    from ringserve.structured import GrammarMasks
+    from ringserve.tokenizer import Tokenizer
+    tok_dir = tmp_path / "tok"
+    build_tokenizer(tok_dir, "bytelevel-llama3", seed=5)
+    V = Tokenizer.from_dir(tok_dir).vocab_size
+    g = SamplingParams(guided_choice=["port", "starboard"]).grammar
+    masks = GrammarMasks(str(tok_dir), V)
+    with torch.inference_mode():                       # a graph step's fill, first
+        first = masks.fill([(1, g, []), (2, g, [])]).clone()
+    with ThreadPoolExecutor(1) as pool:                # then the helper's, outside the mode
+        again = pool.submit(lambda: masks.fill([(3, g, [])]).clone()).result()
+    assert torch.equal(again[0], first[0])
+    with torch.inference_mode():                       # and back
+        assert torch.equal(masks.fill([(4, g, [])])[0], first[0])
