@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import string
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=128000)
     p.add_argument("--tokenizer", default=None, help="a tokenizer directory instead of training")
     p.add_argument("--graphs", default="0,1", help="cuda_graphs settings to run (0, 1)")
+    p.add_argument("--mask-threads", default="1,2,4,8",
+                   help="pool sizes to time the largest batch's masks with ('' : none)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -163,10 +166,29 @@ def main(argv=None) -> int:
     cfg["vocab_size"] = max(cfg["vocab_size"], tok.vocab_size)
     res: Dict = {"args": vars(args), "tokenizer_vocab": tok.vocab_size, "cases": []}
     batches = [int(b) for b in args.batches.split(",")]
+    from ringserve.structured import mask_threads, usable_cpus
+    res["mask_threads"], res["usable_cpus"] = mask_threads(), usable_cpus()
+    print(f"[structured] mask threads {res['mask_threads']} (usable CPUs {res['usable_cpus']}, "
+          f"os.cpu_count {os.cpu_count()})", flush=True)
     for b in batches:
         us = mask_time_us(tok_dir, cfg["vocab_size"], b)
         res[f"mask_host_us_batch{b}"] = us
         print(f"[structured] host mask time, {b} rows: {us:.0f} us per step", flush=True)
+    # the largest batch's mask time by llguidance pool size (RINGSERVE_MASK_THREADS)
+    res["mask_host_us_by_threads"] = {}
+    for n in [int(x) for x in args.mask_threads.split(",") if x]:
+        old_env = os.environ.get("RINGSERVE_MASK_THREADS")
+        os.environ["RINGSERVE_MASK_THREADS"] = str(n)
+        try:
+            us = mask_time_us(tok_dir, cfg["vocab_size"], max(batches))
+        finally:
+            if old_env is None:
+                os.environ.pop("RINGSERVE_MASK_THREADS")
+            else:
+                os.environ["RINGSERVE_MASK_THREADS"] = old_env
+        res["mask_host_us_by_threads"][n] = us
+        print(f"[structured] host mask time, {max(batches)} rows, {n} threads: {us:.0f} us per "
+              f"step", flush=True)
     g = torch.Generator().manual_seed(0)
     import ray
     if not ray.is_initialized():

@@ -5,7 +5,7 @@
 # `pip download llguidance==1.9.1 --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux_2_31_x86_64 -d .devsite/`, and optionally head.tar.gz = `git archive
 # HEAD ringserve kernels actors benchmarks tests | gzip`, a committed snapshot to measure):
-#   bash benchmarks/gpu_structured.sh [bench_structured.py args]
+#   bash benchmarks/gpu_structured.sh [bench_structured.py args]   (SKIP_TESTS=1: the benchmark alone)
 # Writes logs and JSON under $OUT (or /tmp/out). About 5-7 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,11 +26,13 @@ mkdir -p /tmp/pkg && rm -rf /tmp/pkg/ringserve && cp -r "$REPO/ringserve" /tmp/p
 export RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/tmp/pkg:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 cd /tmp   # Ray puts the driver's cwd on the actors' sys.path: not the bare repo root
+if [ -z "${SKIP_TESTS:-}" ]; then   # SKIP_TESTS=1: the benchmark alone
 timeout 60 python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_kernels_gpu.py" \
   -k merge_splits > "$OUT/test_merge_gpu.log" 2>&1   # the one-launch merges in bf16 (~20 s)
 grep -E "^FAILED|passed|failed" "$OUT/test_merge_gpu.log" | tail -3
 timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -rf -p no:cacheprovider "$REPO/tests/test_structured.py" \
   -k "sampler or penalties or cuda_graphs" > "$OUT/test_structured_gpu.log" 2>&1
 grep -E "^FAILED|^ERROR|passed|failed" "$OUT/test_structured_gpu.log" | tail -6
+fi
 timeout ${BENCH_TIMEOUT:-480} python3 "$REPO/benchmarks/bench_structured.py" --json "$OUT/bench_structured.json" \
   "$@" 2>&1 | tee "$OUT/bench_structured.log" | grep -E '^\[structured\]|^\||Error'

@@ -42,6 +42,10 @@ from .sampling import SamplingParams
 # shapes (compiled once), not a new one every step
 CHUNK_ALIGN = 128
 SHARED_PREFILL_MIN = 1024   # a shared prompt prefix worth waiting for rather than recomputing
+# a prompt of at most this many tokens computed whole in one step takes its pages from the
+# high end, as decode rows do: never a later chunk's prefix worth a view, and off the low
+# run a long prompt prefilling beside it grows
+SHORT_PROMPT_TOKENS = 1024
 
 
 @dataclass(eq=False)   # identity: `req in running` must not compare prompts
@@ -497,10 +501,14 @@ class Scheduler:
         w = Work(req, start, n, kind, owners, sample, rank)
         seq = req.seq
         w.before = list(seq.counts)
-        # pass-Q rows (decode tokens, short questions) take pages from the high end, prompt
-        # chunks from the low end: a long prompt's pages stay one run beside decoding streams
+        # pass-Q rows (decode tokens, short questions) and short prompts whole in this chunk
+        # take pages from the high end, longer prompts' chunks from the low end: a long
+        # prompt's pages stay one run (its chunks read their prefix as one view) beside
+        # decoding streams and the short requests that arrive while it prefills
+        whole_short = (start == 0 and n <= SHORT_PROMPT_TOKENS
+                       and n == len(req.prompt) + len(req.out_tokens))
         w.slots, w.copies = self.kv.append(seq, req.token_slice(start, start + n), owners,
-                                           high=kind == "q")
+                                           high=kind == "q" or whole_short)
         w.after = list(seq.counts)
         return w
 

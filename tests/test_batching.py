@@ -420,6 +420,57 @@ def test_a_long_prompt_keeps_one_run_of_pages_beside_decoding_streams(tmp_path_f
     assert len(seen) > 10 and all(r == n for n, r in seen), seen
 
 
+def test_short_prompts_beside_a_long_prefill_leave_its_pages_one_run(tmp_path_factory):
+    """Short prompts that arrive while a long prompt is prefilled in chunks (each short one
+    whole in one step) take their pages from the high end, as decode rows do: they never
+    take the page the long prompt's next chunk continues its run with, so every chunk of the
+    long prompt reads its cached prefix as exactly one view per rank (session 8: a 100-token
+    request landing 2 s into a 256K prefill split it in two runs, three flash launches and
+    two more merges a layer for the rest of the prompt); every output equals its solo run."""
+    from ringserve.parallel import step_attention as sa
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 2, "striped")
+    runs = []
+    real_init = sa.StepAttention.__init__
+    g = torch.Generator().manual_seed(35)
+    long_p = torch.randint(0, VOCAB_TOKENS, (320,), generator=g).tolist()
+    shorts = [torch.randint(0, VOCAB_TOKENS, (n,), generator=g).tolist() for n in (7, 12, 5)]
+
+    beside = []   # steps where a short prompt's chunk rode with one of the long prompt's
+
+    def init(self, plan, tables, *a, **k):
+        real_init(self, plan, tables, *a, **k)
+        long_rows = [i for i in self.ring if plan.seqs[i].chunk_len > 12]
+        for i in long_rows:
+            if plan.seqs[i].n_before > 0:
+                r = self.prefix_run.get(i)
+                runs.append(None if r is None else len(r))
+        if long_rows and len(self.ring) > len(long_rows):
+            beside.append(1)
+
+    lp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    eng = make(path, 2, "striped", max_num_batched_tokens=48)
+    sa.StepAttention.__init__ = init
+    try:
+        h = eng.submit("generate", long_p, lp)
+        hs = []
+        for p in shorts:                       # one at a time, while the long one prefills
+            while eng.stats()["prefill_tokens"] < 48 * (len(hs) + 1):
+                time.sleep(0.005)
+            hs.append(eng.submit("generate", p, sp))
+        out = h.result(60)
+        assert (out.token_ids, out.finish_reason) == solo(long_p, lp)
+        for p, hh in zip(shorts, hs):
+            o = hh.result(60)
+            assert (o.token_ids, o.finish_reason) == solo(p, sp)
+    finally:
+        sa.StepAttention.__init__ = real_init
+        close(eng)
+    assert len(beside) >= 2, "the short prompts never rode beside the long one's chunks"
+    assert len(runs) >= 4 and all(r == 1 for r in runs), runs
+
+
 def test_a_short_request_is_admitted_while_a_long_prompt_prefills(tmp_path_factory):
     """A long prompt in chunks of the step budget: a short request that arrives meanwhile is
     admitted at the next step (the long prompt then takes half the budget), finishes before

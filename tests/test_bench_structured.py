@@ -28,7 +28,7 @@ def test_bench_structured_runs_on_cpu(ray_session, tmp_path):
     out = tmp_path / "structured.json"
     rc = mod.main(["--device", "cpu", "--preset", "tiny", "--batches", "1,2", "--graphs", "0,1",
                    "--vocab", "2000", "--out-tokens", "24", "--prompt-len", "48",
-                   "--json", str(out)])
+                   "--mask-threads", "1,2", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     got = {(c["graphs"], c["batch"], c["case"]) for c in res["cases"]}
@@ -36,3 +36,4 @@ def test_bench_structured_runs_on_cpu(ray_session, tmp_path):
                    for c in ("plain", "json_schema", "plain_again")}
     assert len(res["table"]) == 4 and all(r[2] > 0 and r[3] > 0 for r in res["table"])
     assert res["mask_host_us_batch1"] > 0 and res["mask_host_us_batch2"] > 0
+    assert set(res["mask_host_us_by_threads"]) == {"1", "2"} and res["mask_threads"] >= 1
