@@ -127,6 +127,11 @@ def by_prefix(steps: List[Dict], prompt_len: int, bins: int = 4) -> List[Dict]:
     return out
 
 
+def _equiv_tag(equiv, default) -> str:
+    """' E=...' for a cost model other than the engine's own."""
+    return "" if equiv == default else f" E={equiv:g}"
+
+
 def prefill_under_load(llm, g, vocab, args) -> Dict:
     from ringserve import SamplingParams
     eng = llm._engine
@@ -148,8 +153,12 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
     print(f"[prefill] solo prefill {out['prefill_solo_s']:.2f} s, 8-stream ITL "
           f"{out['itl_solo_ms']:.2f} ms", flush=True)
     default = eng.sched.cfg.max_num_batched_tokens
-    for budget in args.budgets:
+    default_equiv = eng.sched.cfg.attn_equiv_tokens
+    out["attn_equiv_default"] = default_equiv
+    runs = [(b, e) for e in (args.attn_equiv or [default_equiv]) for b in args.budgets]
+    for budget, equiv in runs:
         eng.sched.cfg.max_num_batched_tokens = budget
+        eng.sched.cfg.attn_equiv_tokens = equiv
         s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)], stream_params)
         while min((len(t) for t in s.times), default=0) < 8:   # streams decoding
             time.sleep(0.01)
@@ -169,7 +178,7 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         s.cancel()
         s.wait()
         llm.drop_document(key)
-        row = {"budget": budget, "prefill_s": t1 - t0, "steps": steps,
+        row = {"budget": budget, "attn_equiv": equiv, "prefill_s": t1 - t0, "steps": steps,
                "worker_step_ms": [round(x * 1e3, 1) for x in inner[:steps]],
                "stats": {k: v for k, v in eng.stats().items() if isinstance(v, int)},
                "prefill_x": (t1 - t0) / out["prefill_solo_s"],
@@ -178,12 +187,14 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         row["itl_x"] = row["itl_ms"] / out["itl_solo_ms"]
         row["by_prefix"] = by_prefix(eng.recent_steps(steps), args.prefill_len)
         for b in row["by_prefix"]:
-            print(f"[prefill] budget {budget}: prefix {b['prefix']}: {b['steps']} steps, "
+            print(f"[prefill] budget {budget}{_equiv_tag(equiv, default_equiv)}: prefix "
+                  f"{b['prefix']}: {b['steps']} steps, "
                   f"chunk median {b['chunk_tokens']} tokens, step median {b['step_ms']} ms "
                   f"(p90 {b['step_ms_p90']})", flush=True)
         out["budgets"].append(row)
         print(f"[prefill] {json.dumps(row)}", flush=True)
     eng.sched.cfg.max_num_batched_tokens = default
+    eng.sched.cfg.attn_equiv_tokens = default_equiv
     llm.drop_document(dkey)
     return out
 
@@ -260,6 +271,10 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--budgets", default="2048,4096,8192",
                    help="prefill tokens per step to try under load")
+    p.add_argument("--attn-equiv", default="",
+                   help="prefill scenario: also sweep the flops cost model's attention-equivalent "
+                        "tokens (comma list; each with every budget; default: the engine's own, "
+                        "flops per token / attention flops per key)")
     p.add_argument("--scenarios", default="single,concurrent,mixed,prefill")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps as CUDA graphs (default: the engine's, on with CUDA)")
@@ -272,6 +287,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.budgets = [int(x) for x in args.budgets.split(",")]
+    args.attn_equiv = [float(x) for x in args.attn_equiv.split(",") if x]
+    if any(not e > 0 for e in args.attn_equiv):
+        p.error(f"--attn-equiv values must be > 0, got {args.attn_equiv}")
     import ray
     import torch
     from ringserve import LLM, SamplingParams
@@ -336,7 +354,8 @@ def main(argv=None) -> int:
                   f"  x{r['tok_s_x']:.2f}, ITL {r['itl_ms']:.2f} ms x{r['itl_x']:.2f}")
     if "prefill" in res:
         for r in res["prefill"]["budgets"]:
-            print(f"prefill budget {r['budget']:<6}        ITL x{r['itl_x']:.2f} (<=3)  prefill "
+            tag = _equiv_tag(r["attn_equiv"], res["prefill"]["attn_equiv_default"])
+            print(f"prefill budget {r['budget']:<6}{tag:9} ITL x{r['itl_x']:.2f} (<=3)  prefill "
                   f"x{r['prefill_x']:.2f} (<=1.5)  short TTFT {r['short_ttft_s']:.2f} s (<=2)")
     if "mixed" in res:
         print(f"mixed 8x4K                   speedup x{res['mixed']['speedup']:.2f} (>=3)")

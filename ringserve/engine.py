@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import threading
 import time
@@ -89,6 +90,10 @@ class EngineConfig:
     # "tokens": the budget counts prompt tokens; "flops": a chunk late in a long prompt costs
     # more (its attention), so step times stay even (see SchedulerConfig.attn_equiv_tokens)
     prefill_cost: str = "tokens"
+    # with "flops": the prompt tokens one cached key's attention is worth, per chunk token;
+    # None: the model's flops per token over its attention flops per key (~28.6K for the 8B
+    # shape). Measured rates differ by phase (docs/benchmarks.md, session 8): a benchmark knob
+    attn_equiv_tokens: Optional[float] = None
     solo_budget_factor: int = 1             # budget multiplier while one prompt runs alone
     document_cache_tokens: Optional[int] = None  # None: the group's whole KV capacity
     step_timeout_s: Optional[float] = None  # bound on one step's Ray call (None: no bound)
@@ -133,6 +138,11 @@ class EngineConfig:
             raise ValueError(f"document_cache_tokens ({self.document_cache_tokens}) must be >= 0")
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s ({self.step_timeout_s}) must be > 0 or None")
+        if self.attn_equiv_tokens is not None and not (
+                isinstance(self.attn_equiv_tokens, (int, float))
+                and math.isfinite(self.attn_equiv_tokens) and self.attn_equiv_tokens > 0):
+            raise ValueError(f"attn_equiv_tokens ({self.attn_equiv_tokens!r}) must be a finite "
+                             f"number > 0 or None")
 
     def scheduler_config(self, attn_equiv_tokens: Optional[float] = None,
                          long_after: Optional[int] = None) -> SchedulerConfig:
@@ -211,8 +221,9 @@ class Engine:
         budget = self.config.document_cache_tokens
         self.doc_cache = DocumentCache(self.capacity_tokens if budget is None else budget)
         info = self._infos[0]
-        equiv = (info["flops_per_token"] / info["attn_flops_per_key"]
-                 if info.get("attn_flops_per_key") else None)
+        equiv = self.config.attn_equiv_tokens or (
+            info["flops_per_token"] / info["attn_flops_per_key"]
+            if info.get("attn_flops_per_key") else None)
         self.sched = Scheduler(self.config.scheduler_config(equiv, info.get("long_after")),
                                self.kv, self.doc_cache, self.world_size)
         self.sched.on_preempt = self._on_preempt

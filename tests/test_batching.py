@@ -519,6 +519,31 @@ def test_prefill_cost_model_keeps_steps_even():
     assert plain.chunk_tokens(10 ** 6, 100) == 100 and plain.cost(10 ** 6, 7) == 7
 
 
+def test_engine_config_attn_equiv_tokens(tmp_path_factory):
+    """EngineConfig(attn_equiv_tokens=E) replaces the model's flops ratio in the flops cost
+    model (a knob for calibrating it to measured rates): a prompt is cut into shorter chunks
+    as its cached prefix grows, its output still equals its solo run; a value that is not a
+    finite number > 0 is refused before any work."""
+    for bad in (0, -5.0, float("nan"), float("inf"), "100"):
+        with pytest.raises(ValueError, match="attn_equiv_tokens"):
+            EngineConfig(attn_equiv_tokens=bad)
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 1, "striped")
+    eng = make(path, 1, "striped", max_num_batched_tokens=64, prefill_cost="flops",
+               attn_equiv_tokens=40.0)
+    try:
+        assert eng.sched.cfg.attn_equiv_tokens == 40.0
+        g = torch.Generator().manual_seed(41)
+        p = torch.randint(0, VOCAB_TOKENS, (300,), generator=g).tolist()
+        sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        out = eng.submit("generate", p, sp).result(60)
+        assert (out.token_ids, out.finish_reason) == solo(p, sp)
+        chunks = [r["prompt_tokens"] for r in eng.recent_steps(64) if r["prompt_tokens"]]
+        assert len(chunks) > 300 // 64 + 1 and chunks[-2] < chunks[0], chunks
+    finally:
+        close(eng)
+
+
 @pytest.mark.parametrize("ws", [1, 2])
 def test_chunks_are_whole_query_tiles(ws):
     """A chunk that is not its prompt's last is a whole number of CHUNK_ALIGN-token tiles per

@@ -36,7 +36,7 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     out = tmp_path / "serving.json"
     rc = mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256",
                    "--prefill-len", "512", "--out-tokens", "4", "--stream-tokens", "16",
-                   "--concurrency", "1,2", "--budgets", "128",
+                   "--concurrency", "1,2", "--budgets", "128", "--attn-equiv", "2000",
                    "--scenarios", "single,concurrent,prefill", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -45,6 +45,8 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
     row = res["prefill"]["budgets"][0]
     assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
+    # --attn-equiv: the cost model swept (the CPU engine counts tokens: its own E is None)
+    assert row["attn_equiv"] == 2000.0 and res["prefill"]["attn_equiv_default"] is None
     # the 512-token prompt's chunks by cached prefix: every quarter seen, the chunk steps of
     # the prompt (and of the short request riding beside it) all counted
     bins = row["by_prefix"]
