@@ -412,7 +412,8 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
 
 
 # (warp_specialize, dtype, device, meta values, sequence bucket) -> the autotuned config's
-# launch kwargs (BLOCK_M, BLOCK_N, num_warps, num_stages, ...); the key refines the autotuner's
+# launch kwargs (BLOCK_M, BLOCK_N, num_warps, num_stages, ...); a finer key than the
+# autotuner's own (its _KEY values and argument dtypes), so a hit is always its choice
 _chosen: dict = {}
 
 

@@ -763,21 +763,17 @@ class Engine:
         with self._lock:
             self._counters["worker_failures"] += 1
             self._last_failure = detail
-        capture = self.sched.cfg.graphs and _is_capture_failure(err)
-        if not capture:
-            # recovered, not lost: but an operator must see why (a remote traceback's last
-            # lines name the cause)
-            log.warning("a step failed on the actor group (%d in flight); rebuilding it and "
-                        "resuming them: %s", len(self.sched.running), detail)
-        if capture:
+        if self.sched.cfg.graphs and _is_capture_failure(err):
             # a graph that can not be captured would fail the same way at every retry: decode
             # eagerly from now on (every rank: the driver marks no step for graphs)
             self.sched.cfg.graphs = False
             with self._lock:
                 self._counters["graph_capture_failures"] += 1
-            msg = str(err)   # a remote traceback: its last lines name the cause
-            log.warning("CUDA graph capture failed; decoding eagerly from now on: %s",
-                        msg if len(msg) <= 1500 else msg[:300] + " ... " + msg[-1200:])
+            log.warning("CUDA graph capture failed; decoding eagerly from now on: %s", detail)
+        else:
+            # recovered, not lost: but an operator must see why
+            log.warning("a step failed on the actor group (%d in flight); rebuilding it and "
+                        "resuming them: %s", len(self.sched.running), detail)
         inflight = list(self.sched.running)
         self.sched.running.clear()
         for req in inflight:

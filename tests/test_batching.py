@@ -453,12 +453,9 @@ def test_short_prompts_beside_a_long_prefill_leave_its_pages_one_run(tmp_path_fa
     eng = make(path, 2, "striped", max_num_batched_tokens=48)
     sa.StepAttention.__init__ = init
     try:
-        h = eng.submit("generate", long_p, lp)
-        hs = []
-        for p in shorts:                       # one at a time, while the long one prefills
-            while eng.stats()["prefill_tokens"] < 48 * (len(hs) + 1):
-                time.sleep(0.005)
-            hs.append(eng.submit("generate", p, sp))
+        # one at a time, at engine steps 1, 2 and 3, while the long one prefills (7+ steps)
+        h, *hs = run_with_arrivals(eng, [(0, long_p, lp)]
+                                   + [(k + 1, p, sp) for k, p in enumerate(shorts)])
         out = h.result(60)
         assert (out.token_ids, out.finish_reason) == solo(long_p, lp)
         for p, hh in zip(shorts, hs):
