@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2, sm_count
+from ._host import FastLaunch, cdiv, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634   # host side
 # log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals in the
@@ -165,6 +165,10 @@ def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
              + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
+_decode_split_fast = FastLaunch(_decode_split_kernel)
+_decode_reduce_fast = FastLaunch(_decode_reduce_kernel)
+
+
 def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size,
            softcap=None):
     for name, t, nd in (("q", q, 4), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
@@ -277,7 +281,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         num_warps = 4 if block_d <= 256 else 8
     if num_stages is None:
         num_stages = 1 if on_cpu else 3
-    _decode_split_kernel[(num_splits, B * Hkv, row_blocks)](
+    _decode_split_fast((num_splits, B * Hkv, row_blocks),
         q, k_cache, v_cache, block_table, seq_lens, qp, kp, o_part, l_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         *qp_strides, *kp_strides,
@@ -293,7 +297,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     # the reduce kernel writes every element
     out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    _decode_reduce_kernel[(B * Hq * Sq,)](
+    _decode_reduce_fast((B * Hq * Sq,),
         o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)),
         num_warps=4)

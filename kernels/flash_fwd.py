@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2, major_capability
+from ._host import FastLaunch, cdiv, next_pow2, major_capability
 
 try:  # host-side TMA descriptors (triton >= 3.3); the pointer path needs nothing
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -278,6 +278,7 @@ def _prune(configs, nargs, **kwargs):
 
 _KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "IDX64", "SOFTCAP",
         "SEQ_BUCKET"]
+_flash_fwd_fast = FastLaunch(_flash_fwd_kernel)
 _tuned = {ws: triton.autotune(configs=_gpu_configs(ws), key=_KEY,
                               prune_configs_by={"early_config_prune": _prune})(_flash_fwd_kernel)
           for ws in (False, True)}
@@ -395,7 +396,7 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
                         k_stride, window, scale, softcap)
     if config is not None:
         grid = (cdiv(Sq, config["BLOCK_M"]), B * Hq)
-        _flash_fwd_kernel[grid](*args, **meta, **config)
+        _flash_fwd_fast(grid, *args, **meta, **config)
     else:
         if Sq * Sk > _PROXY_TOKENS ** 2:
             _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, bool(warp_specialize))

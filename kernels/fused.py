@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import FastLaunch, cdiv, next_pow2
 
 
 @triton.jit
@@ -64,6 +64,9 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, rw_ptr, o_ptr, stride_x, stride_r, str
     tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+_rms_norm_fast = FastLaunch(_rms_norm_kernel)
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool = False,
                     residual: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None,
@@ -95,7 +98,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one:
     r = residual if residual is not None else x
     rw = residual_weight if residual_weight is not None else weight
     block = next_pow2(N)
-    _rms_norm_kernel[(T,)](x, r, weight, rw, out, x.stride(0), r.stride(0), out.stride(0), N,
+    _rms_norm_fast((T,), x, r, weight, rw, out, x.stride(0), r.stride(0), out.stride(0), N,
                            float(eps), float(eps if residual_eps is None else residual_eps),
                            HAS_RESIDUAL=residual is not None,
                            RES_NORM=residual_weight is not None,
@@ -181,6 +184,9 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, vo_ptr
                 tl.store(vc + HALF, v2.to(vc_ptr.dtype.element_ty), mask=kmask)
 
 
+_rope_store_fast = FastLaunch(_rope_store_kernel)
+
+
 def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
                       cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: Optional[torch.Tensor] = None,
@@ -231,7 +237,7 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
     vv = v if v is not None else ko
     vvo = vo if vo is not None else ko
     kc, vc = (k_cache, v_cache) if store else (ko, ko)
-    _rope_store_kernel[(T,)](
+    _rope_store_fast((T,),
         q, k, vv, cos, sin, qo, ko, vvo, kc, vc, slots if store else dummy,
         q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1),
@@ -269,6 +275,9 @@ def _act_mul_kernel(g_ptr, u_ptr, o_ptr, stride_g, stride_u, stride_o, N, gelu_c
     tl.store(o_ptr + row * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+_act_mul_fast = FastLaunch(_act_mul_kernel)
+
+
 def act_mul_triton(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     """gate, up (T, N) (rows may be strided: halves of a fused projection) -> act(gate) * up
     (T, N) contiguous; act SiLU, or GELU with the tanh approximation when `gelu`."""
@@ -280,7 +289,7 @@ def act_mul_triton(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> 
     if T == 0 or N == 0:
         return out
     block = min(1024, next_pow2(N))
-    _act_mul_kernel[(T, cdiv(N, block))](
+    _act_mul_fast((T, cdiv(N, block)),
         gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N, _GELU_C,
         GELU=bool(gelu), BLOCK=block, num_warps=4)
     return out
@@ -320,6 +329,9 @@ def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, 
                     R2, BLOCK_C, BLOCK_R2)
 
 
+_latent_rope_fast = FastLaunch(_latent_rope_kernel)
+
+
 def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
                        k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """MLA's query and key in one launch: q_lat (T, H, C), q_pe (T, H, R), c (T, C),
@@ -344,7 +356,7 @@ def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
     k = torch.empty(T, 1, C + R, dtype=c.dtype, device=c.device)
     if T == 0:
         return q, k
-    _latent_rope_kernel[(T, H + 1)](
+    _latent_rope_fast((T, H + 1),
         q_lat, q_pe, c, k_pe, cos, sin, q, k, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
         q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),
         k.stride(0), H, C, R // 2, BLOCK_C=next_pow2(C),

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import FastLaunch, cdiv, next_pow2
 
 LOG2E = 1.4426950408889634   # host side
 # log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals in the
@@ -59,6 +59,9 @@ def _merge_kernel(OutA, LseA, OutB, LseB, R, S, H, D,
     tl.store(LseA + b * s_lab + h * s_lah + s * s_las, lse, mask=row_ok)
 
 
+_merge_fast = FastLaunch(_merge_kernel)
+
+
 def _check(out_acc, lse_acc, out_b, lse_b):
     for name, t, nd in (("out_acc", out_acc, 4), ("lse_acc", lse_acc, 3),
                         ("out_b", out_b, 4), ("lse_b", lse_b, 3)):
@@ -90,7 +93,7 @@ def merge_triton_(out_acc, lse_acc, out_b, lse_b):
     # ~4K elements a program: enough bytes in flight per SM, few programs in the interpreter
     block_r = max(1, min(next_pow2(R), 4096 // block_d))
     grid = (cdiv(R, block_r),)
-    _merge_kernel[grid](out_acc, lse_acc, out_b, lse_b, R, S, H, D,
+    _merge_fast(grid, out_acc, lse_acc, out_b, lse_b, R, S, H, D,
                         *out_acc.stride(), *lse_acc.stride(), *out_b.stride(), *lse_b.stride(),
                         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return out_acc, lse_acc
@@ -147,6 +150,9 @@ def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, NE, R, S, H, D,
         tl.store(LseOut + s * s_zs + h * s_zh, lse, mask=row_ok)
 
 
+_merge_splits_fast = FastLaunch(_merge_splits_kernel)
+
+
 def merge_splits_triton(out, lse, extra=None, dest=None):
     """Merge NB partial results over disjoint key sets in one launch: out (NB, S, H, D) any
     float dtype and strides, lse (NB, H, S) -> (out (S, H, D) float32, lse (S, H) float32).
@@ -171,7 +177,7 @@ def merge_splits_triton(out, lse, extra=None, dest=None):
     zz = z if z is not None else lse[0]                        # unwritten without STORE_LSE
     block_d = max(16, next_pow2(D))
     block_r = max(1, min(next_pow2(R), 4096 // block_d))
-    _merge_splits_kernel[(cdiv(R, block_r),)](
+    _merge_splits_fast((cdiv(R, block_r),),
         out, lse, e, le, y, zz, NB, ne, R, S, H, D, *out.stride(), *lse.stride(), *e.stride(),
         *le.stride(), *y.stride(), *zz.stride(),
         STORE_LSE=z is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)

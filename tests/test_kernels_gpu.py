@@ -475,3 +475,53 @@ def test_fused_decode_graph_gpu():
     # the replay recomputed it (the attention reads the values that its own store wrote)
     assert (out.float() - eager.float()).abs().max().item() <= 1e-3 * eager.abs().max().item()
     assert pool.k[:, 0, 0].abs().sum() > 0     # the replay stored slot 0's keys again
+
+
+def test_fast_launch_equals_triton_path():
+    """kernels._host.FastLaunch: the second launch of each hot kernel with the same
+    specialization goes straight to the compiled launcher, and gives the same bits as the
+    first (triton's path), on fresh inputs of the same shapes; a new specialization (an odd
+    length) goes through triton again and is right too."""
+    from ringserve.kernels import flash_decode, flash_fwd, fused, merge
+    from ringserve.kernels.fused import act_mul_triton, rms_norm_triton, rope_store_triton
+    g = torch.Generator(device="cuda").manual_seed(5)
+    bf = torch.bfloat16
+
+    def rnd(*s, dtype=bf):
+        return torch.randn(*s, device="cuda", generator=g).to(dtype)
+
+    def runs(call, fast):
+        a = call()
+        before = fast.direct
+        b = call()
+        assert fast.direct == before + 1, fast.fn
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), fast.fn
+        return a
+
+    q, k, v = rnd(1, 200, 8, 128), rnd(1, 1000, 2, 128), rnd(1, 1000, 2, 128)
+    o, lse = runs(lambda: flash_fwd.flash_attn_fwd(q, k, v, causal=True, config=FIXED),
+                  flash_fwd._flash_fwd_fast)
+    ro, rl = attention_ref(q, k, v, causal=True)
+    assert (o.double() - ro).abs().max().item() < 2e-2
+    runs(lambda: flash_fwd.flash_attn_fwd(q, k, v, causal=False), flash_fwd._flash_fwd_fast)
+    kc, vc = rnd(64, 16, 2, 128), rnd(64, 16, 2, 128)
+    table = torch.randperm(64, device="cuda", generator=g).to(torch.int32).view(4, 16)
+    lens = torch.tensor([250, 17, 256, 100], dtype=torch.int32, device="cuda")
+    qd = rnd(4, 1, 8, 128)
+    runs(lambda: flash_decode.paged_decode_triton(qd, kc, vc, table, lens),
+         flash_decode._decode_split_fast)
+    parts = (rnd(3, 33, 8, 128, dtype=torch.float32), rnd(3, 8, 33, dtype=torch.float32))
+    runs(lambda: merge.merge_splits_triton(*parts), merge._merge_splits_fast)
+    x, w = rnd(37, 512), rnd(512)
+    runs(lambda: (rms_norm_triton(x, w, 1e-5),), fused._rms_norm_fast)
+    cos, sin = rnd(37, 1, 64, dtype=torch.float32), rnd(37, 1, 64, dtype=torch.float32)
+    qr, kr, vr = rnd(37, 8, 128), rnd(37, 2, 128), rnd(37, 2, 128)
+    runs(lambda: rope_store_triton(qr, kr, vr, cos, sin), fused._rope_store_fast)
+    runs(lambda: (act_mul_triton(x[:, :300], x[:, 200:500]),), fused._act_mul_fast)
+    # another specialization (odd row count and strides): triton's path, then direct
+    x2 = rnd(13, 511)
+    y = runs(lambda: (rms_norm_triton(x2, w[:511], 1e-5),), fused._rms_norm_fast)[0]
+    ref = (x2.float() * torch.rsqrt(x2.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+           * w[:511].float())
+    assert ((y.float() - ref).abs() <= 0.02 * ref.abs() + 0.02).all()

@@ -1,0 +1,141 @@
+"""kernels._host.FastLaunch on CPU: the arguments it hands the compiled kernel's launcher
+(every parameter in the kernel's order, constexprs and defaults included), the key that picks
+a compiled kernel (never coarser than triton's specialization), and when it steps aside for
+triton's own path. The launch itself is checked against triton's path on a GPU
+(tests/test_kernels_gpu.py::test_fast_launch_equals_triton_path)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from ringserve.kernels import _host
+from ringserve.kernels._host import FastLaunch, _spec
+
+
+def _body(x_ptr, y_ptr, n, stride, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = 3):
+    i = tl.arange(0, BLOCK)
+    tl.store(y_ptr + i * stride, tl.load(x_ptr + i, mask=i < n) * scale, mask=i < n)
+
+
+class _Compiled:
+    """Stands for triton's CompiledKernel: records the launcher's calls."""
+    function = "fn-handle"
+    packed_metadata = ("meta",)
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+class _Jit:
+    """A JITFunction's parameters, with `fn[grid](...)` recorded instead of compiled."""
+    def __init__(self):
+        self.real = JITFunction(_body)          # parses the signature; nothing compiles
+        self.params = self.real.params
+        self.__name__ = "_body"
+        self.slow = []
+        self.compiled = _Compiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.slow.append((grid, args, kwargs))
+            return self.compiled
+        return launch
+
+
+@pytest.fixture
+def compiled_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_host, "_current_stream", lambda: 77)
+    monkeypatch.setattr(_host, "_hooked", lambda: False)
+
+
+def test_second_launch_goes_to_the_compiled_launcher_with_every_parameter(compiled_path):
+    jit = _Jit()
+    fast = FastLaunch(jit)
+    x, y = torch.zeros(64), torch.zeros(64)
+    fast((4,), x, y, 10, 2, 0.5, BLOCK=64)
+    assert len(jit.slow) == 1 and fast.direct == 0       # the first goes through triton
+    fast((5, 2), x, y, 12, 2, 1.5, BLOCK=64)
+    assert len(jit.slow) == 1 and fast.direct == 1
+    (call,) = jit.compiled.calls
+    # grid padded to 3-D, the stream, the handle and metadata, no launch metadata or hooks,
+    # then every parameter in order: the default of FLAG filled in, BLOCK from the keyword
+    assert call[:9] == (5, 2, 1, 77, "fn-handle", ("meta",), None, None, None)
+    assert call[9:] == (x, y, 12, 2, 1.5, 64, 3)
+
+
+def test_a_different_specialization_takes_triton_path(compiled_path):
+    jit = _Jit()
+    fast = FastLaunch(jit)
+    x, y = torch.zeros(64), torch.zeros(64)
+    fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    cases = [
+        ((x, y, 16, 2, 0.5), {"BLOCK": 64}),            # n divisible by 16
+        ((x, y, 10, 1, 0.5), {"BLOCK": 64}),            # stride == 1
+        ((x, y, 10, 2 ** 31, 0.5), {"BLOCK": 64}),      # a 64-bit int
+        ((x[1:], y, 10, 2, 0.5), {"BLOCK": 64}),        # a pointer not 16-byte aligned
+        ((x.half(), y, 10, 2, 0.5), {"BLOCK": 64}),     # another dtype
+        ((x, y, 10, 2, 0.5), {"BLOCK": 32}),            # another constexpr
+        ((x, y, 10, 2, 0.5), {"BLOCK": 64, "FLAG": 4}),
+        ((x, y, 10, 2, 0.5), {"BLOCK": 64, "num_warps": 8}),   # another launch option
+    ]
+    for args, kw in cases:
+        before = len(jit.slow)
+        fast((1,), *args, **kw)
+        assert len(jit.slow) == before + 1, (args, kw)
+    # values that triton does not specialize on reuse the kernel: another odd n, another float
+    fast((1,), x, y, 11, 2, 7.25, BLOCK=64)
+    assert fast.direct == 1
+
+
+def test_interpreter_and_hooks_always_take_triton_path(monkeypatch):
+    jit = _Jit()
+    fast = FastLaunch(jit)
+    x, y = torch.zeros(64), torch.zeros(64)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for _ in range(3):
+        fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    assert len(jit.slow) == 3 and fast.direct == 0 and not fast.cache
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_host, "_hooked", lambda: True)     # a profiler's launch hook
+    for _ in range(2):
+        fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    assert len(jit.slow) == 5 and fast.direct == 0
+
+
+def test_a_launcher_that_rejects_the_call_falls_back_for_good(compiled_path):
+    jit = _Jit()
+
+    def bad_run(*a):
+        raise TypeError("launcher takes other arguments")
+    jit.compiled.run = bad_run
+    fast = FastLaunch(jit)
+    x, y = torch.zeros(64), torch.zeros(64)
+    fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    with pytest.warns(UserWarning, match="direct launch of _body failed"):
+        fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    assert fast.broken and len(jit.slow) == 2
+    fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    assert len(jit.slow) == 3
+
+
+def test_missing_argument_is_named(compiled_path):
+    fast = FastLaunch(_Jit())
+    with pytest.raises(TypeError, match="missing argument 'BLOCK'"):
+        fast((1,), torch.zeros(4), torch.zeros(4), 1, 1, 1.0)
+
+
+def test_spec_of_a_tensor_descriptor():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    t = torch.zeros(64, 32, dtype=torch.float16)
+    a = _spec(TensorDescriptor(t, [64, 32], [32, 1], [16, 32]))
+    assert a == _spec(TensorDescriptor(t, [64, 32], [32, 1], [16, 32]))
+    assert a != _spec(TensorDescriptor(t, [64, 32], [32, 1], [32, 32]))    # another block
+    assert a != _spec(TensorDescriptor(t, [60, 32], [32, 1], [16, 32]))    # rows % 16
+    assert triton.__version__      # the triton whose JITFunction parsed _body above
