@@ -227,6 +227,20 @@ case "$PART" in
       --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only \
       --at 0.125 --python-profile 16 > "$OUT/early_1536.log" 2>&1
     grep -E '^\[|^profiled mixed|^mixed steps|^features' "$OUT/early_1536.log" | cut -c1-300 ;;
+  s9a)   # session 9: FastLaunch (the compiled kernels' launcher called directly): its GPU
+         # test and the kernels it launches, then the late (3/4) and early (1/8) mixed steps of
+         # the 256K prefill under load at budget 1536, in-process (s7c / s8c: late 46.6 ms with
+         # host-bound launches; early 56 ms of device work, its prompt's pages in two runs)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -rf -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k "fast_launch or fused or merge_splits or cascade or autotuned" \
+      2>&1 | tee "$OUT/test_kernels_gpu.log" | tail -3
+    for at in 0.75 0.125; do
+      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${STEP_TIMEOUT:-200} python3 "$REPO/benchmarks/profile_step.py" \
+        --preset llama3-8b --doc-len 131072 --prefill-len 262144 --budget 1536 --late-only \
+        --at $at --python-profile 16 > "$OUT/step_1536_at$at.log" 2>&1
+      echo "at $at:"; grep -E '^\[|^late mixed|^last quarter|^profiled mixed|^mixed steps|^features' "$OUT/step_1536_at$at.log" | cut -c1-300
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
