@@ -77,8 +77,9 @@ class FastLaunch:
     device look-ups: about a third of a mixed serving step's host time under cProfile in
     session 8) is skipped.
 
-    Only on CUDA and not under TRITON_INTERPRET (the interpreter has no compiled kernels):
-    otherwise every call is `jit_fn[grid](...)`. While a launch hook is set (a profiler's
+    Only on CUDA and not under TRITON_INTERPRET (the interpreter has no compiled kernels),
+    nor with RINGSERVE_DIRECT_LAUNCH=0: otherwise every call is `jit_fn[grid](...)`. While
+    a launch hook is set (a profiler's
     knobs.runtime.launch_enter_hook) triton's path runs, so the hook sees every launch. If the
     direct call fails for a reason other than the arguments (a triton whose launcher differs),
     the instance warns once and takes triton's path from then on."""
@@ -114,7 +115,7 @@ class FastLaunch:
         return full
 
     def __call__(self, grid, *args, **kwargs):
-        if self.broken is not None or _interpreting() or _hooked():
+        if self.broken is not None or _interpreting() or _disabled() or _hooked():
             return self.fn[grid](*args, **kwargs)
         full = self._full_args(args, kwargs)
         # constexprs by value, the rest by what triton specializes them on; the launch
@@ -155,7 +156,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _disabled() -> bool:
+    """RINGSERVE_DIRECT_LAUNCH=0: every launch takes triton's path (a same-run comparison, or
+    a triton whose compiled kernels launch differently)."""
+    return os.environ.get("RINGSERVE_DIRECT_LAUNCH", "1") in ("0", "false", "no")
+
+
 def _hooked() -> bool:
+    """Whether a launch hook is set. triton >= 3.4 keeps them in a HookChain (never None: its
+    `calls` list is empty when there are none); older tritons hold one callable or None."""
     if not _RUNTIME_KNOBS:
         try:
             from triton import knobs
@@ -163,4 +172,8 @@ def _hooked() -> bool:
         except ImportError:     # a triton without knobs: no hooks to honour
             _RUNTIME_KNOBS.append(None)
     rt = _RUNTIME_KNOBS[0]
-    return rt is not None and rt.launch_enter_hook is not None
+    hook = None if rt is None else rt.launch_enter_hook
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if isinstance(calls, list) else True

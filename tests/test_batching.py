@@ -852,3 +852,22 @@ def test_to_device_keeps_values_and_dtypes():
         got = to_device(list(range(1000)), dev, torch.int64)
         assert got.device.type == "cuda" and got.cpu().tolist() == list(range(1000))
         assert to_device([], dev, torch.int64).device.type == "cuda"
+
+
+def test_split_count_is_a_power_of_two_that_divides_whole_chunks():
+    """A chunk's cached prefix is split into a power-of-two count of key ranges within the
+    bounds (SPLITS, MIN_SPLIT_TOKENS), so a prefix of whole 128-token chunks leaves no
+    remainder range (session 9: 3 splits of 33,280 tokens left one token, a third launch)."""
+    from ringserve.parallel.step_attention import (MIN_SPLIT_TOKENS, SPLITS, TARGET_PROGRAMS,
+                                                   split_count)
+    for n in range(128, 300_000, 128 * 37):
+        for rows in (1, 64, 128, 300, 768, 2048, 4096):
+            for heads in (8, 32, 64):
+                s = split_count(n, rows, heads)
+                assert s & (s - 1) == 0 and 1 <= s <= SPLITS
+                assert s == 1 or n // s >= MIN_SPLIT_TOKENS
+                assert n % s == 0
+                want = min(SPLITS, -(-TARGET_PROGRAMS // (-(-rows // 128) * heads)))
+                if want >= 2 and n // MIN_SPLIT_TOKENS >= 2 * want:
+                    assert s >= want     # rounded up when the prefix is long enough
+    assert split_count(33280, 768, 32) == 4 and split_count(196608, 128, 32) == 8

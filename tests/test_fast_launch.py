@@ -109,6 +109,44 @@ def test_interpreter_and_hooks_always_take_triton_path(monkeypatch):
     assert len(jit.slow) == 5 and fast.direct == 0
 
 
+def test_launch_hooks_are_seen_in_triton_hook_chain(monkeypatch):
+    """triton >= 3.4 keeps launch hooks in a HookChain that is never None: a set hook (a
+    profiler's) must route launches through triton's path, an empty chain must not."""
+    from triton import knobs
+    assert not _host._hooked()
+
+    def hook(*a):
+        pass
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert _host._hooked()
+        finally:
+            chain.remove(hook)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+        assert _host._hooked()
+        monkeypatch.undo()
+    assert not _host._hooked()
+
+
+def test_direct_launch_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(_host, "_current_stream", lambda: 77)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("RINGSERVE_DIRECT_LAUNCH", "0")
+    jit = _Jit()
+    fast = FastLaunch(jit)
+    x, y = torch.zeros(64), torch.zeros(64)
+    for _ in range(3):
+        fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    assert len(jit.slow) == 3 and fast.direct == 0
+    monkeypatch.setenv("RINGSERVE_DIRECT_LAUNCH", "1")
+    for _ in range(2):
+        fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
+    assert len(jit.slow) == 4 and fast.direct == 1
+
+
 def test_a_launcher_that_rejects_the_call_falls_back_for_good(compiled_path):
     jit = _Jit()
 

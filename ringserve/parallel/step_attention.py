@@ -40,6 +40,17 @@ MIN_SPLIT_TOKENS = 2048
 TARGET_PROGRAMS = 512
 
 
+def split_count(n: int, rows: int, heads: int) -> int:
+    """How many equal key ranges a chunk's `rows` queries split n cached keys into: about
+    TARGET_PROGRAMS query-block programs in all, at most SPLITS, each at least MIN_SPLIT_TOKENS;
+    a power of two, so that a prefix of whole 128-token chunks splits with no remainder (an
+    odd count left a 1-token remainder: a third flash launch and merge a layer, session 9)."""
+    want = max(1, min(SPLITS, n // MIN_SPLIT_TOKENS, -(-TARGET_PROGRAMS // (-(-rows // 128)
+                                                                             * heads))))
+    up = 1 << (want - 1).bit_length()
+    return up if up <= min(SPLITS, max(1, n // MIN_SPLIT_TOKENS)) else up >> 1
+
+
 def page_runs(table: torch.Tensor) -> List[Tuple[int, int]]:
     """The runs of consecutive page numbers in a (CPU) page table: [(first, count), ...]."""
     t = table.tolist()
@@ -407,9 +418,7 @@ class StepAttention:
                 k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
                 v = (k if self.pool.v is self.pool.k   # MLA: the values are the keys (latent)
                      else self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a])
-            programs = -(-R // 128) * Hq
-            splits = max(1, min(SPLITS, (b - a) // MIN_SPLIT_TOKENS,
-                                -(-TARGET_PROGRAMS // programs)))
+            splits = split_count(b - a, R, Hq)
             L = (b - a) // splits
             parts = [(k[:splits * L].reshape(splits, L, H, Dk),
                       v[:splits * L].reshape(splits, L, H, Dk), splits)]
