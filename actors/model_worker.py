@@ -427,8 +427,11 @@ class ModelShardWorker(ShardWorker):
                              self.transport, self.softmax_scale, self.window_size, self.backend,
                              softcap=self.model.softcap)
         ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
+        # only longrope reads the rows' sequence lengths (a host op a step otherwise)
+        long = any(r is not None and r.long_after is not None
+                   for r in (self.model.rotary, self.model.local_rotary))
         hidden = self.model(ids, attn.positions, attn, chunk_tokens=self.chunk_tokens,
-                            seq_len=_seq_lengths(plan))
+                            seq_len=_seq_lengths(plan) if long else None)
         return self._outputs(plan, attn.rows, lambda rows: self.model.logits(hidden[rows]),
                              hidden)
 

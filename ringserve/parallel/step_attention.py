@@ -52,15 +52,18 @@ def split_count(n: int, rows: int, heads: int) -> int:
 
 
 def page_runs(table: torch.Tensor) -> List[Tuple[int, int]]:
-    """The runs of consecutive page numbers in a (CPU) page table: [(first, count), ...]."""
-    t = table.tolist()
-    runs: List[Tuple[int, int]] = []
-    for p in t:
-        if runs and runs[-1][0] + runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((p, 1))
-    return runs
+    """The runs of consecutive page numbers in a (CPU) page table: [(first, count), ...]
+    (vectorized: a late chunk's table has ~12K pages, a Python loop over them was ~1 ms a
+    step)."""
+    n = table.numel()
+    if n == 0:
+        return []
+    t = table.reshape(-1).to(torch.int64)
+    cut = (torch.nonzero(t[1:] - t[:-1] != 1).reshape(-1) + 1).tolist()
+    starts = [0] + cut
+    ends = cut + [n]
+    firsts = t[starts].tolist()
+    return [(f, e - a) for f, a, e in zip(firsts, starts, ends)]
 
 
 def view_pieces(runs: List[Tuple[int, int]], n: int, page: int, cap: int):
