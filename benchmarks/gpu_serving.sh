@@ -241,6 +241,21 @@ case "$PART" in
         --at $at --python-profile 16 > "$OUT/step_1536_at$at.log" 2>&1
       echo "at $at:"; grep -E '^\[|^late mixed|^last quarter|^profiled mixed|^mixed steps|^features' "$OUT/step_1536_at$at.log" | cut -c1-300
     done ;;
+  s9b)   # session 9: s9a's machine ran the host ~1.4x slower than session 8's (same cProfile
+         # calls): A/B in one call. FastLaunch's GPU test; the late mixed step with the direct
+         # launch off and on (RINGSERVE_DIRECT_LAUNCH); the early step with power-of-two splits
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 -m pytest -q -rf -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k "fast_launch or fused or merge_splits or cascade" \
+      2>&1 | tee "$OUT/test_kernels_gpu.log" | tail -3
+    for v in "0 0.75" "1 0.75" "1 0.125"; do
+      set -- $v
+      RINGSERVE_DIRECT_LAUNCH=$1 PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${STEP_TIMEOUT:-150} \
+        python3 "$REPO/benchmarks/profile_step.py" --preset llama3-8b --doc-len 131072 \
+        --prefill-len 262144 --budget 1536 --late-only --at $2 --python-profile 16 \
+        > "$OUT/step_1536_direct$1_at$2.log" 2>&1
+      echo "direct $1 at $2:"; grep -E '^\[|^late mixed|^last quarter|^profiled mixed|^mixed steps' "$OUT/step_1536_direct$1_at$2.log" | cut -c1-300
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
