@@ -55,6 +55,8 @@ def _spec(a):
     t = type(a)
     if t is int:
         return (a == 1, not a & 15, _I32[0] <= a <= _I32[1])
+    if t is bool:
+        return ("i1", a)
     if t is float:
         return float
     if isinstance(a, torch.Tensor):
@@ -68,6 +70,30 @@ def _spec(a):
     return a
 
 
+def _key(full, constexpr) -> tuple:
+    """The launch key: constexprs by value, every other argument by `_spec`, inlined for
+    the common types (a function call per argument was most of the key's cost)."""
+    out = []
+    app = out.append
+    T = torch.Tensor
+    for a, c in zip(full, constexpr):
+        t = type(a)
+        if c:               # by type and value (True == 1 == 1.0 in Python)
+            app((t, a))
+        elif t is int:
+            app((1 if a == 1 else 0 if a & 15 else 2)
+                + (0 if -2147483648 <= a <= 2147483647 else 4))
+        elif t is float:
+            app(float)
+        elif t is T or isinstance(a, T):
+            app((a.dtype, not a.data_ptr() & 15))
+        elif t is bool:     # an i1 argument: never equal to an int's code (True == 1)
+            app(("i1", a))
+        else:
+            app(_spec(a))
+    return tuple(out)
+
+
 class FastLaunch:
     """`FastLaunch(jit_fn)(grid, *args, **kwargs)` launches like `jit_fn[grid](*args,
     **kwargs)`. The first launch of a specialization goes through triton (compiling it if
@@ -77,8 +103,9 @@ class FastLaunch:
     device look-ups: about a third of a mixed serving step's host time under cProfile in
     session 8) is skipped.
 
-    Only on CUDA and not under TRITON_INTERPRET (the interpreter has no compiled kernels),
-    nor with RINGSERVE_DIRECT_LAUNCH=0: otherwise every call is `jit_fn[grid](...)`. While
+    Not under TRITON_INTERPRET (the interpreter has no compiled kernels), nor with
+    RINGSERVE_DIRECT_LAUNCH=0 (both read at a kernel's first launch): there every call is
+    `jit_fn[grid](...)`. While
     a launch hook is set (a profiler's
     knobs.runtime.launch_enter_hook) triton's path runs, so the hook sees every launch. If the
     direct call fails for a reason other than the arguments (a triton whose launcher differs),
@@ -93,6 +120,7 @@ class FastLaunch:
         self.cache: dict = {}
         self.broken: Optional[str] = None
         self.direct = 0     # launches that took the direct path (tests, benchmarks)
+        self.off: Optional[bool] = None
 
     def _full_args(self, args, kwargs) -> list:
         """Every parameter's value in the kernel's order (the compiled launcher's arguments,
@@ -115,12 +143,14 @@ class FastLaunch:
         return full
 
     def __call__(self, grid, *args, **kwargs):
-        if self.broken is not None or _interpreting() or _disabled() or _hooked():
+        if self.off is None:    # the environment, read once per kernel
+            self.off = _interpreting() or _disabled()
+        if self.off or self.broken is not None or _hooked():
             return self.fn[grid](*args, **kwargs)
         full = self._full_args(args, kwargs)
         # constexprs by value, the rest by what triton specializes them on; the launch
         # options (num_warps, ...) by value
-        key = (tuple(v if c else _spec(v) for v, c in zip(full, self.constexpr)),
+        key = (_key(full, self.constexpr),
                tuple(kv for kv in kwargs.items() if kv[0] not in self.params))
         kernel = self.cache.get(key)
         if kernel is None:

@@ -104,9 +104,26 @@ def test_interpreter_and_hooks_always_take_triton_path(monkeypatch):
     assert len(jit.slow) == 3 and fast.direct == 0 and not fast.cache
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_host, "_hooked", lambda: True)     # a profiler's launch hook
+    jit.slow.clear()
+    fast = FastLaunch(jit)
     for _ in range(2):
         fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
-    assert len(jit.slow) == 5 and fast.direct == 0
+    assert len(jit.slow) == 2 and fast.direct == 0
+
+
+def test_key_matches_spec_of_every_argument():
+    """The inlined key distinguishes exactly what `_spec` does, argument by argument."""
+    from ringserve.kernels._host import _key
+    x = torch.zeros(64)
+    values = [0, 1, 2, 16, 17, -16, -1, 2 ** 31 - 1, 2 ** 31, -2 ** 31, -2 ** 31 - 1, 0.0, 1.0,
+              2.5, x, x[1:], x[4:], x.half(), None, True, False, "ieee"]
+    for a in values:
+        for b in values:
+            same_key = _key([a], [False]) == _key([b], [False])
+            same_spec = _spec(a) == _spec(b) and type(a) is type(b)
+            assert same_key == same_spec, (a, b)
+    assert _key([32], [True]) != _key([64], [True])         # constexprs by value
+    assert len({_key([v], [True]) for v in (1, True, 1.0)}) == 3    # and by type
 
 
 def test_launch_hooks_are_seen_in_triton_hook_chain(monkeypatch):
@@ -141,10 +158,12 @@ def test_direct_launch_can_be_switched_off(monkeypatch):
     for _ in range(3):
         fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
     assert len(jit.slow) == 3 and fast.direct == 0
-    monkeypatch.setenv("RINGSERVE_DIRECT_LAUNCH", "1")
+    monkeypatch.setenv("RINGSERVE_DIRECT_LAUNCH", "1")   # read at a kernel's first launch
+    jit = _Jit()
+    fast = FastLaunch(jit)
     for _ in range(2):
         fast((1,), x, y, 10, 2, 0.5, BLOCK=64)
-    assert len(jit.slow) == 4 and fast.direct == 1
+    assert len(jit.slow) == 1 and fast.direct == 1
 
 
 def test_a_launcher_that_rejects_the_call_falls_back_for_good(compiled_path):
