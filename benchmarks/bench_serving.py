@@ -258,6 +258,23 @@ def compile_causes(events, since: float) -> List[str]:
     return out
 
 
+def host_probe(rounds: int = 7, n: int = 20000) -> float:
+    """Microseconds per unit of a fixed host workload (a small tensor made and viewed, a few
+    Python calls): the GPU machines' hosts differ by ~1.4x in speed between calls (session 9,
+    same code, same cProfile call counts), and a host-bound mixed step follows the host. The
+    median of `rounds` runs."""
+    import torch
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for i in range(n):
+            x = torch.empty(4)
+            x.view(2, 2).stride()
+            _ = (i & 15, divmod(i, 7), [i] * 2)
+        times.append((time.perf_counter() - t) / n * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="llama3-8b")
@@ -319,8 +336,9 @@ def main(argv=None) -> int:
     print(f"[serving] warm at {time.perf_counter() - t:.1f} s", flush=True)
     t_warm = time.time()
     res: Dict = {"args": vars(args), "default_budget": llm.config.max_num_batched_tokens,
-                 "features": llm._group.call("features")[0]}
-    print(f"[serving] features {res['features']}", flush=True)
+                 "features": llm._group.call("features")[0], "host_probe_us": host_probe()}
+    print(f"[serving] features {res['features']}; host probe {res['host_probe_us']:.2f} us",
+          flush=True)
     for sc in args.scenarios.split(","):
         t1 = time.perf_counter()
         if sc == "single":

@@ -256,6 +256,13 @@ case "$PART" in
         > "$OUT/step_1536_direct$1_at$2.log" 2>&1
       echo "direct $1 at $2:"; grep -E '^\[|^late mixed|^last quarter|^profiled mixed|^mixed steps' "$OUT/step_1536_direct$1_at$2.log" | cut -c1-300
     done ;;
+  s9c)   # session 9: the 256K prefill under load after FastLaunch and the power-of-two splits
+         # (s9b, one call: late step 69.6 -> 49.5 ms with the direct launch; early step device
+         # 56.4 -> 51.3 ms), at budgets 1024, 1536, 2048 (s8b: 1536 gave 1.92x / 4.05x)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-480} python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets ${BUDGETS:-1024,1536,2048} --json "$OUT/s9c.json" "$@" > "$OUT/s9c.log" 2>&1
+    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|^  [0-9:]+ |differs from|warm|host probe' "$OUT/s9c.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
