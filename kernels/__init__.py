@@ -30,9 +30,11 @@ def _pick(backend: str, t, kernel: str = "") -> str:
 
 
 def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
-              q_offset=0, q_stride=1, k_offset=0, k_stride=1, backend="auto", softcap=None):
+              q_offset=0, q_stride=1, k_offset=0, k_stride=1, backend="auto", softcap=None,
+              check=True):
     """Exact attention returning (out, lse); see reference.py for the contract (softcap:
-    Gemma 2's tanh soft-capping of the scaled scores, None or 0 for none)."""
+    Gemma 2's tanh soft-capping of the scaled scores, None or 0 for none). check=False skips
+    the Triton path's input validation (callers that built the inputs)."""
     b = _pick(backend, q, "attention")
     if b in ("triton", "cudnn") and q.shape[-1] > MAX_TRITON_HEAD_DIM and backend != "triton":
         from .flash_fwd import flash_attn_fwd
@@ -50,7 +52,8 @@ def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
     if b in ("triton", "cudnn"):
         from .flash_fwd import flash_attn_fwd
         return flash_attn_fwd(q, k, v, softmax_scale, causal, window_size,
-                              q_offset, q_stride, k_offset, k_stride, softcap=softcap)
+                              q_offset, q_stride, k_offset, k_stride, softcap=softcap,
+                              check=check)
     return attention_torch(q, k, v, softmax_scale, causal, window_size,
                            q_offset, q_stride, k_offset, k_stride, softcap=softcap)
 
@@ -63,7 +66,7 @@ def merge_(out_acc, lse_acc, out_b, lse_b, backend="auto"):
     return merge_torch_(out_acc, lse_acc, out_b, lse_b)
 
 
-def merge_splits(out, lse, backend="auto", extra=None, dest=None):
+def merge_splits(out, lse, backend="auto", extra=None, dest=None, check=True):
     """Merge the NB partial results of one set of queries over disjoint key ranges (the splits
     of a long key range run as NB batch entries): out (NB, S, H, D), lse (NB, H, S) ->
     (out (S, H, D) float32, lse (S, H) float32), one launch on the GPU.
@@ -72,7 +75,13 @@ def merge_splits(out, lse, backend="auto", extra=None, dest=None):
     (H, S)) (a prompt chunk's attention to its own keys, merged with its cached prefix's
     splits), or NE of them, (out (NE, S, H, D), lse (NE, H, S)) (the other half of a cascade);
     dest: an (S, H, D) tensor (any float dtype, e.g. the step's output rows) that receives the
-    merged output, cast; then (dest, None) is returned and no lse is computed."""
+    merged output, cast; then (dest, None) is returned and no lse is computed. check=False
+    skips the shape validation (callers that built the parts)."""
+    if not check:
+        if _pick(backend, out) in ("triton", "cudnn"):
+            from .merge import merge_splits_triton
+            return merge_splits_triton(out, lse, extra, dest)
+        return merge_splits_torch(out, lse, extra, dest)
     NB, S, H = (out.shape[0], out.shape[1], out.shape[2]) if out.dim() == 4 else (0, 0, 0)
     if out.dim() != 4 or lse.dim() != 3 or tuple(lse.shape) != (NB, H, S):
         raise ValueError(f"out (NB, S, H, D) and lse (NB, H, S) expected, got "
@@ -99,12 +108,13 @@ def merge_splits(out, lse, backend="auto", extra=None, dest=None):
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
                  window_size=None, q_pos=None, kv_pos=None, backend="auto", softcap=None,
-                 splits=False):
+                 splits=False, check=True):
     """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards.
 
     splits=True returns the partials unreduced, (out (B, Hq, Sq, NB, D) float32, lse
     (B, Hq, Sq, NB) float32) (NB = 1 on the torch path), to be merged with other parts in one
-    launch: split_parts gives merge_splits' layout."""
+    launch: split_parts gives merge_splits' layout. check=False skips the Triton path's input
+    validation (callers that built the inputs)."""
     def on_torch():
         out, lse = paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
@@ -117,7 +127,7 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
         def run():
             return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                        causal, window_size, q_pos, kv_pos, softcap=softcap,
-                                       splits=splits)
+                                       splits=splits, check=check)
         if q.shape[-1] <= MAX_TRITON_HEAD_DIM or backend == "triton":
             return run()
         return _wide(run, on_torch, "paged_decode", q.shape[-1])

@@ -213,7 +213,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
                         causal=False, window_size=None, q_pos=None, kv_pos=None, *,
                         max_seq_len: Optional[int] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                        softcap: Optional[float] = None, splits: bool = False):
+                        softcap: Optional[float] = None, splits: bool = False,
+                        check: bool = True):
     """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
 
     splits=True: the unreduced partials instead, (out (B, Hq, Sq, NB, D) float32, lse
@@ -228,7 +229,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     in the kernel (no out-of-bounds reads). softcap: Gemma 2's attention-logit soft-capping c
     (scores c * tanh(s / c)); None or 0: off.
     """
-    _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size, softcap)
+    if check:   # check=False: the engine's step, which built the inputs
+        _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size, softcap)
     B, Sq, Hq, D = q.shape
     P, page, Hkv, _ = k_cache.shape
     group = Hq // Hkv

@@ -71,11 +71,18 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one:
                     residual: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None,
                     residual_weight: Optional[torch.Tensor] = None,
-                    residual_eps: Optional[float] = None) -> torch.Tensor:
+                    residual_eps: Optional[float] = None, check: bool = True) -> torch.Tensor:
     """x (T, N) (rows may be strided, the last dim contiguous); with `residual` (T, N) first
     x += residual in place, the residual first normed with `residual_weight` (and
     `residual_eps`, plus_one alike) when given. Returns RMSNorm(x) (T, N) in x's dtype (into
-    `out` if given, which may be x itself)."""
+    `out` if given, which may be x itself). check=False skips the validation (the model's
+    fused forward, which built the inputs)."""
+    if not check:
+        T, N = x.shape
+        if out is None:
+            out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+        return _rms_norm_launch(x, weight, eps, plus_one, residual, out, residual_weight,
+                                residual_eps) if T else out
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be 2-D with a contiguous last dim, got {tuple(x.shape)} "
                          f"strides {x.stride()}")
@@ -95,16 +102,20 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one:
         raise ValueError(f"out {tuple(out.shape)} must be {(T, N)} with a contiguous last dim")
     if T == 0:
         return out
+    return _rms_norm_launch(x, weight, eps, plus_one, residual, out, residual_weight,
+                            residual_eps)
+
+
+def _rms_norm_launch(x, weight, eps, plus_one, residual, out, residual_weight, residual_eps):
+    T, N = x.shape
     r = residual if residual is not None else x
     rw = residual_weight if residual_weight is not None else weight
     block = next_pow2(N)
     _rms_norm_fast((T,), x, r, weight, rw, out, x.stride(0), r.stride(0), out.stride(0), N,
-                           float(eps), float(eps if residual_eps is None else residual_eps),
-                           HAS_RESIDUAL=residual is not None,
-                           RES_NORM=residual_weight is not None,
-                           STORE_SUM=out.data_ptr() != x.data_ptr(),
-                           PLUS_ONE=bool(plus_one), BLOCK=block,
-                           num_warps=4 if block <= 2048 else 8)
+                   float(eps), float(eps if residual_eps is None else residual_eps),
+                   HAS_RESIDUAL=residual is not None, RES_NORM=residual_weight is not None,
+                   STORE_SUM=out.data_ptr() != x.data_ptr(), PLUS_ONE=bool(plus_one),
+                   BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return out
 
 
@@ -187,21 +198,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, vo_ptr
 _rope_store_fast = FastLaunch(_rope_store_kernel)
 
 
-def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
-                      cos: torch.Tensor, sin: torch.Tensor,
-                      k_cache: Optional[torch.Tensor] = None,
-                      v_cache: Optional[torch.Tensor] = None,
-                      slots: Optional[torch.Tensor] = None,
-                      q_norm: Optional[torch.Tensor] = None,
-                      k_norm: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                      plus_one: bool = False):
-    """q (T, Hq, D), k, v (T, Hkv, D) (heads and tokens may be strided, the head dim
-    contiguous), cos, sin (T, 1, D/2) float32 -> (q, k, v): q and k rotated, v copied (None
-    if v is None), all new contiguous tensors.
-
-    q_norm / k_norm (D,): RMSNorm of every head before the rotation (eps, plus_one as the
-    model's norms). With k_cache / v_cache (num_slots, Hkv, D) and slots (T,) int64, the
-    rotated k and v of row t go to slot slots[t] (rows with -1 are not stored)."""
+def _rope_check(q, k, v, cos, sin, k_cache, v_cache, slots, q_norm, k_norm):
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be (T, H, D) alike")
     T, Hq, D = q.shape
@@ -228,6 +225,30 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
                 raise ValueError(f"{name} {tuple(c.shape)} must be (slots, {Hkv}, {D})")
         if tuple(slots.shape) != (T,) or slots.dtype != torch.int64:
             raise ValueError(f"slots {tuple(slots.shape)} {slots.dtype} must be ({T},) int64")
+
+
+def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
+                      cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: Optional[torch.Tensor] = None,
+                      v_cache: Optional[torch.Tensor] = None,
+                      slots: Optional[torch.Tensor] = None,
+                      q_norm: Optional[torch.Tensor] = None,
+                      k_norm: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                      plus_one: bool = False, check: bool = True):
+    """q (T, Hq, D), k, v (T, Hkv, D) (heads and tokens may be strided, the head dim
+    contiguous), cos, sin (T, 1, D/2) float32 -> (q, k, v): q and k rotated, v copied (None
+    if v is None), all new contiguous tensors.
+
+    q_norm / k_norm (D,): RMSNorm of every head before the rotation (eps, plus_one as the
+    model's norms). With k_cache / v_cache (num_slots, Hkv, D) and slots (T,) int64, the
+    rotated k and v of row t go to slot slots[t] (rows with -1 are not stored). check=False
+    skips the validation (the engine's step, which built the inputs)."""
+    if check:
+        _rope_check(q, k, v, cos, sin, k_cache, v_cache, slots, q_norm, k_norm)
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    half = D // 2
+    store = k_cache is not None
     qo = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     ko = torch.empty(T, Hkv, D, dtype=k.dtype, device=k.device)
     vo = torch.empty(T, Hkv, D, dtype=v.dtype, device=v.device) if v is not None else None

@@ -228,7 +228,7 @@ class StepAttention:
                                     softmax_scale=self.scale, causal=True,
                                     window_size=self.window, q_pos=q_pos,
                                     kv_pos=self.pool.kv_pos, backend=self.backend,
-                                    softcap=self.softcap, splits=splits)
+                                    softcap=self.softcap, splits=splits, check=False)
 
     def rope_store(self, layer: int, q, k, v, cos, sin, **norm):
         """The model's fused prologue (Triton): q, k (T, H, D) rotated (and q/k-normed with
@@ -237,7 +237,7 @@ class StepAttention:
         contiguous."""
         from ringserve.kernels.fused import rope_store_triton
         out = rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer),
-                                self.row_slots, **norm)
+                                self.row_slots, **norm, check=False)
         self._stored = layer
         return out
 
@@ -287,7 +287,7 @@ class StepAttention:
         table, lens, _, qpos = self.groups[0]
         doc = self._paged(layer, qd[None], table, lens, qpos, splits=True)   # 1 entry, B queries
         kernels.merge_splits(*kernels.split_parts(*doc), backend=self.backend,
-                             extra=kernels.split_parts(*own), dest=dest)
+                             extra=kernels.split_parts(*own), dest=dest, check=False)
 
     def _pass_q(self, layer: int, q: torch.Tensor, merged: bool = True):
         """(out, lse) of the pass-Q rows in plan order; with only decode rows and merged=False
@@ -336,7 +336,7 @@ class StepAttention:
         if self.world_size == 1:
             o, lse = kernels.attention(q[None], k[None], v[None], softmax_scale=self.scale,
                                        causal=True, window_size=self.window,
-                                       backend=self.backend, softcap=self.softcap)
+                                       backend=self.backend, softcap=self.softcap, check=False)
         else:
             o, lse = ring_attention(q[None], k[None], v[None], s.chunk_len, self.plan.layout,
                                     self.transport, causal=True, window_size=self.window,
@@ -352,7 +352,7 @@ class StepAttention:
                 # the prefix's splits and the chunk's own part merged in one launch, written
                 # into the step's output (one launch a layer instead of four)
                 kernels.merge_splits(*first, backend=self.backend, extra=(o[0], lse[0]),
-                                     dest=dest)
+                                     dest=dest, check=False)
                 return
             po, pl = self._merge_parts(itertools.chain((first, second), parts))
         else:
@@ -432,7 +432,8 @@ class StepAttention:
                 # copies per split made a short chunk's step launch-bound on the GPU)
                 yield kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
                                         softmax_scale=self.scale, causal=False,
-                                        backend=self.backend, softcap=self.softcap)
+                                        backend=self.backend, softcap=self.softcap,
+                                        check=False)
 
     def _prefix(self, layer: int, i: int, q):
         """The chunk's queries (this rank's rows) against the sequence's earlier tokens on
