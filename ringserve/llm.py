@@ -25,6 +25,20 @@ from .sampling import SamplingParams, best_samples, expand_samples
 
 Prompt = Union[str, Sequence[int]]
 _DONE = object()
+# CUDA scheduling defaults, per rank: the step budget (token-equivalents of the flops cost
+# model) and the least budget of a prompt running alone
+GPU_STEP_BUDGET = 1536
+GPU_SOLO_BUDGET = 32768
+
+
+def step_budgets(gpu: bool, world_size: int, max_num_batched_tokens: Optional[int] = None):
+    """(the step budget, the solo budget factor) LLM uses: on CUDA GPU_STEP_BUDGET per rank
+    unless given, and a factor that gives a lone prompt at least GPU_SOLO_BUDGET per rank (8x
+    the budget when that is more); on CPU 512 and 4x."""
+    if not gpu:
+        return max_num_batched_tokens or 512, 4
+    budget = max_num_batched_tokens or GPU_STEP_BUDGET * world_size
+    return budget, max(8, -(-GPU_SOLO_BUDGET * world_size // budget))
 
 
 def _is_ids(x) -> bool:
@@ -102,9 +116,11 @@ class LLM:
 
         Continuous batching: up to `max_num_seqs` requests run at once (default 64 on CPU, 256
         on CUDA); every step decodes one token of each and adds prompt chunks of at most
-        `max_num_batched_tokens` tokens (default 512 on CPU; on CUDA 4096 token-equivalents per
-        rank, where a token late in a long prompt counts more for its attention), 8x (CUDA) or 4x
-        (CPU) that while one prompt runs alone, so a long prefill never stops the streams; prompt continuations of at most `passq_max_tokens` (default
+        `max_num_batched_tokens` tokens (default 512 on CPU; on CUDA 1536 token-equivalents per
+        rank, where a token late in a long prompt counts more for its attention), so a long
+        prefill never stops the streams; while one prompt runs alone it takes 4x that (CPU), or
+        on CUDA 32768 per rank or 8x the budget, whichever is more; prompt continuations of at
+        most `passq_max_tokens` (default
         256 / 2048) run pass-Q. `layout` ("striped" or "ring") shards prompt chunks over the
         ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
@@ -181,17 +197,22 @@ class LLM:
                              f"({world_size})")
         gpu = device == "cuda"
         page_size = page_size or (64 if gpu else 16)
+        # the step budget: on CUDA 1536 token-equivalents per rank, where the 256K prefill
+        # beside 8 decoding streams measured 1.44x its solo time with the streams' ITL at
+        # 3.2x solo (session 9; 4096, the earlier default: 1.19x and 8.2x). A prompt alone
+        # takes at least 32768 per rank a step (8x the budget when that is more), so a lone
+        # prefill is not slowed by the smaller budget
+        budget, solo = step_budgets(gpu, world_size, max_num_batched_tokens)
         # built once here, checked before any actor starts
         cfg = EngineConfig(layout=layout,
                            max_num_seqs=max_num_seqs or (256 if gpu else 64),
                            # per rank on CUDA: a step's chunk is split over the ranks, so the
                            # same step time (the streams' latency) takes world_size times more
-                           max_num_batched_tokens=max_num_batched_tokens
-                           or (4096 * world_size if gpu else 512),
+                           max_num_batched_tokens=budget,
                            passq_max_tokens=passq_max_tokens or (2048 if gpu else 256),
                            cascade=cascade, cuda_graphs=bool(cuda_graphs),
                            prefill_cost="flops" if gpu else "tokens",
-                           solo_budget_factor=8 if gpu else 4,
+                           solo_budget_factor=solo,
                            document_cache_tokens=document_cache_tokens,
                            step_timeout_s=step_timeout_s, max_recoveries=max_recoveries,
                            progress_min_tokens=progress_min_tokens)

@@ -8,7 +8,7 @@ import torch
 
 from tinymodels import hf_greedy, load_hf, tiny_model
 from ringserve import LLM, RequestOutput, SamplingParams, StreamDelta
-from ringserve.errors import CapacityError, RequestTimeoutError, WorkerFailedError
+from ringserve.errors import CapacityError, RequestTimeoutError
 from ringserve.sample_document import sample_document
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -276,3 +276,21 @@ def test_worker_torch_threads_reach_the_actors(ray_session, tmp_path_factory):
         finally:
             m.shutdown()
     assert outs[0] == outs[1] and len(outs[0]) == 6
+
+
+def test_step_budgets_defaults():
+    """CUDA: 1536 token-equivalents per rank a step (the prefill-under-load trade-off measured
+    in session 9), a lone prompt at least 32768 per rank (the earlier default's 4096 x 8, so a
+    single request's prefill keeps its step sizes); an explicit budget keeps the 8x factor when
+    that is more; CPU: 512 and 4x."""
+    from ringserve.llm import step_budgets
+    assert step_budgets(True, 1) == (1536, 22)
+    assert step_budgets(True, 2) == (3072, 22)
+    for ws in (1, 2, 3):
+        b, f = step_budgets(True, ws)
+        assert b * f >= 32768 * ws
+    assert step_budgets(True, 1, 4096) == (4096, 8)
+    assert step_budgets(True, 1, 8192) == (8192, 8)
+    assert step_budgets(True, 1, 1000) == (1000, 33)
+    assert step_budgets(False, 1) == (512, 4)
+    assert step_budgets(False, 2, 300) == (300, 4)
