@@ -263,6 +263,13 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-480} python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets ${BUDGETS:-1024,1536,2048} --json "$OUT/s9c.json" "$@" > "$OUT/s9c.log" 2>&1
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|^  [0-9:]+ |differs from|warm|host probe' "$OUT/s9c.log" | cut -c1-300 ;;
+  s9d)   # session 9: the prefill under load after check=False and the 1536 default, at
+         # 1280 / 1536 (default) / 2048 (s9c: 1536 gave 1.44x prefill, 3.21x ITL)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-420} python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets ${BUDGETS:-1280,1536,2048} --json "$OUT/s9d.json" "$@" > "$OUT/s9d.log" 2>&1
+    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|warm|host probe' "$OUT/s9d.log" | cut -c1-300
+    python3 -c "import json; d=json.load(open('$OUT/s9d.json')); print(d.get('stats', {}).get('engine_time_s'), d.get('stats', {}).get('steps'))" ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
