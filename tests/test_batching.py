@@ -871,3 +871,41 @@ def test_split_count_is_a_power_of_two_that_divides_whole_chunks():
                 if want >= 2 and n // MIN_SPLIT_TOKENS >= 2 * want:
                     assert s >= want     # rounded up when the prefix is long enough
     assert split_count(33280, 768, 32) == 4 and split_count(196608, 128, 32) == 8
+
+
+def test_extension_positions_are_aligned_tensors(tmp_path_factory, monkeypatch):
+    """Question extensions (pass-Q rows) beside a decoding stream start at odd rows of the step's
+    flat batch; their positions reach the paged kernel as their own tensors, 16-byte aligned (a
+    slice of the step's positions at an odd row was not, and the Triton kernel specializes on
+    that: a compile in the middle of serving on an H200, session 9). Outputs equal solo runs."""
+    from ringserve.parallel import step_attention as sa
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 1, "striped")
+    seen = []
+    real = sa.kernels.paged_decode
+
+    def paged(q, *a, q_pos=None, **k):
+        if q_pos is not None and q.shape[1] > 1:       # an extension's queries
+            seen.append(q_pos.data_ptr() % 16)
+        return real(q, *a, q_pos=q_pos, **k)
+
+    monkeypatch.setattr(sa.kernels, "paged_decode", paged)
+    g = torch.Generator().manual_seed(8)
+    doc = torch.randint(0, VOCAB_TOKENS, (60,), generator=g).tolist()
+    qs = [torch.randint(0, VOCAB_TOKENS, (n,), generator=g).tolist() for n in (3, 5, 4)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    eng = make(path, 1, "striped", max_num_batched_tokens=64, passq_max_tokens=8)
+    try:
+        eng.submit("cache_document", doc).result(60)
+        got = threading.Event()
+        stream = eng.submit("generate", doc + [7], SamplingParams(
+            max_tokens=400, temperature=0, ignore_eos=True), on_delta=lambda d: got.set())
+        assert got.wait(60)
+        hs = [eng.submit("generate", doc + q, params) for q in qs]
+        for h, q in zip(hs, qs):
+            out = h.result(120)
+            assert (out.token_ids, out.finish_reason) == solo(doc + q, params)
+        stream.cancel()
+    finally:
+        close(eng)
+    assert seen and all(a == 0 for a in seen), seen

@@ -213,6 +213,10 @@ class StepAttention:
         self.q_slice = _as_slice(qi)
         self.q_index = None if self.q_slice else on_dev(qi, i64)
         self.positions = on_dev([p for s in plan.seqs for p in s.positions], i64)
+        # each extension's and chunk's positions as its own tensor: a slice of `positions` at
+        # an odd row is not 16-byte aligned, and the paged kernel specializes on its pointer's
+        # alignment (a compile in the middle of serving, seen on an H200 in session 9)
+        self.seq_pos = {i: on_dev(plan.seqs[i].positions, i64) for i in self.ext + self.ring}
         # fast paths of the common steps (a decode batch, a lone chunk): skip the gathers and
         # scatters that would be identities; every op counts in a launch-bound eager step
         self.only_dec = bool(self.dec) and len(self.dec) == len(plan.seqs)
@@ -318,7 +322,7 @@ class StepAttention:
         for i in self.ext:
             r = self.rows[i]
             o, lse = self._paged(layer, q[r][None], self.tables[i], self.ext_lens[i],
-                                 self.positions[r][None])
+                                 self.seq_pos[i][None])
             parts_o[i], parts_l[i] = o[0].float(), lse[0].t()
         order = self.q_rows
         return (torch.cat([parts_o[i] for i in order]),
@@ -438,17 +442,17 @@ class StepAttention:
     def _prefix(self, layer: int, i: int, q):
         """The chunk's queries (this rank's rows) against the sequence's earlier tokens on
         every rank: pass-Q within the ring step."""
-        s, r = self.plan.seqs[i], self.rows[i]
+        s = self.plan.seqs[i]
         dev = q.device
         if self.world_size == 1:
-            return self._cached(layer, i, q, self.positions[r])
+            return self._cached(layer, i, q, self.seq_pos[i])
         N = self.world_size
         width = -(-s.chunk_len // N)                      # the longest shard of the chunk
         S = q.shape[0]
         qp = torch.zeros(width, *q.shape[1:], dtype=q.dtype, device=dev)
         qp[:S] = q
         pp = torch.full((width,), -1, dtype=torch.int64, device=dev)   # -1: sees no key
-        pp[:S] = self.positions[r]
+        pp[:S] = self.seq_pos[i]
         got = self.transport.all_gather(torch.cat([qp.reshape(-1).float(), pp.float()]),
                                         blocking=False)
         nq = qp.numel()
