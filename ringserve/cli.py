@@ -27,8 +27,9 @@ def _serve(argv: List[str]) -> int:
                    help="requests decoded together in each step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens per step; long prompts go in chunks of this size while "
-                        "running requests keep decoding (default 512 on CPU, 4096 on CUDA, where a "
-                        "token late in a long prompt counts more for its attention)")
+                        "running requests keep decoding (default 512 on CPU, 1536 per GPU on "
+                        "CUDA, where a token late in a long prompt counts more for its "
+                        "attention; a prompt running alone takes more)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
