@@ -286,8 +286,9 @@ def main(argv=None) -> int:
                    help="max tokens of the streams that run during the prefill (cancelled "
                         "once it ends)")
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--budgets", default="2048,4096,8192",
-                   help="prefill tokens per step to try under load")
+    p.add_argument("--budgets", default="1280,1536,2048",
+                   help="prefill tokens per step to try under load (around LLM's CUDA default "
+                        "of 1536 per GPU)")
     p.add_argument("--attn-equiv", default="",
                    help="prefill scenario: also sweep the flops cost model's attention-equivalent "
                         "tokens (comma list; each with every budget; default: the engine's own, "

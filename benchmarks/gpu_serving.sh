@@ -59,7 +59,8 @@ case "$PART" in
       --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --json "$OUT/e2e_old.json" \
       2>&1 | tee "$OUT/e2e_old.log" | grep -E '^\[ringserve\] \{|Error' | tail -3
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 370 python3 "$REPO/benchmarks/bench_serving.py" \
-      --scenarios single,prefill --json "$OUT/bench_serving_final.json" "$@" 2>&1 \
+      --scenarios ${SCENARIOS:-single,mixed,prefill} --budgets ${BUDGETS:-1536} \
+      --json "$OUT/bench_serving_final.json" "$@" 2>&1 \
       | tee "$OUT/bench_serving_final.log" | grep -v '^(' ;;
   s4a)   # session 4, first call (2 GPUs): profiles of the eager steps (old vs new engine) on
          # GPU 1 beside the single-request figures of both engines on GPU 0; then world size 2
