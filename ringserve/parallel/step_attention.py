@@ -414,12 +414,11 @@ class StepAttention:
             pieces = view_pieces(runs, n, P, max(P, (2 ** 31 - 1) // (H * Dk) // P * P))
         else:
             pieces = [(a, min(n, a + PIECE_TOKENS), None) for a in range(0, n, PIECE_TOKENS)]
+        flat_k, flat_v = self.pool.slot_views(layer)     # (pages * P, H, Dk) views
         for a, b, first in pieces:
             if first is not None:   # tokens a..b sit in pages first, first + 1, ...
-                hi = first - (-(b - a) // P)
-                k = self.pool.k[layer][first:hi].reshape(-1, H, Dk)[:b - a]
-                v = (k if self.pool.v is self.pool.k
-                     else self.pool.v[layer][first:hi].reshape(-1, H, Dk)[:b - a])
+                k = flat_k[first * P:first * P + b - a]
+                v = k if self.pool.v is self.pool.k else flat_v[first * P:first * P + b - a]
             else:
                 pages = self.tables[i][0, a // P: -(-b // P)].long()
                 k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
@@ -427,8 +426,8 @@ class StepAttention:
                      else self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a])
             splits = split_count(b - a, R, Hq)
             L = (b - a) // splits
-            parts = [(k[:splits * L].reshape(splits, L, H, Dk),
-                      v[:splits * L].reshape(splits, L, H, Dk), splits)]
+            parts = [(k[:splits * L].view(splits, L, H, Dk),
+                      v[:splits * L].view(splits, L, H, Dk), splits)]
             if splits * L < b - a:
                 parts.append((k[splits * L:][None], v[splits * L:][None], 1))
             for kk, vv, nb in parts:
