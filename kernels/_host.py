@@ -1,10 +1,12 @@
-"""Host-side launch arithmetic for the kernel wrappers.
+"""Host-side launch arithmetic for the kernel wrappers, and `FastLaunch`, their launch path.
 
 A mixed serving step launches ~400 kernels from Python and is host-bound on an H200 (session 8:
 the last kernel is queued when the device finishes). triton.cdiv and triton.next_power_of_2 are
 constexpr functions on triton >= 3.5: called from host code each goes through argument
 unwrapping (~1,100 such calls a step, a few ms). These are plain-int equivalents, and the
 device queries, which the wrappers asked on every launch, are asked once per device.
+`FastLaunch` calls a compiled kernel's launcher directly once triton has compiled and launched
+that specialization (triton's own per-launch Python was a third of the step's host time).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def major_capability(device: torch.device) -> int:
 # ---- launching a compiled kernel without triton's per-launch Python ----
 
 _I32 = (-(1 << 31), (1 << 31) - 1)
+MAX_KEYS = 4096     # compiled kernels kept per kernel (past it, new keys take triton's path)
 
 
 def _spec(a):
@@ -105,11 +108,11 @@ class FastLaunch:
 
     Not under TRITON_INTERPRET (the interpreter has no compiled kernels), nor with
     RINGSERVE_DIRECT_LAUNCH=0 (both read at a kernel's first launch): there every call is
-    `jit_fn[grid](...)`. While
-    a launch hook is set (a profiler's
+    `jit_fn[grid](...)`. While a launch hook is set (a profiler's
     knobs.runtime.launch_enter_hook) triton's path runs, so the hook sees every launch. If the
     direct call fails for a reason other than the arguments (a triton whose launcher differs),
-    the instance warns once and takes triton's path from then on."""
+    the instance warns once and takes triton's path from then on. Measured on an H200 (session
+    9, one call): the late mixed serving step 69.6 ms through triton's path, 49.5 ms direct."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -155,7 +158,8 @@ class FastLaunch:
         kernel = self.cache.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **kwargs)
-            if kernel is not None and hasattr(kernel, "packed_metadata") and len(self.cache) < 4096:
+            if (kernel is not None and hasattr(kernel, "packed_metadata")
+                    and len(self.cache) < MAX_KEYS):
                 self.cache[key] = kernel
             return kernel
         n = len(grid)
