@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")      # triton's CPU path, before it loads
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -61,9 +60,9 @@ def stub_launches():
     from triton.runtime.jit import JITFunction
 
     from ringserve.kernels import _host, flash_decode, flash_fwd, fused, merge  # noqa: F401
-    saved = [(_host, "_current_stream", _host._current_stream),
+    saved = [(_host, "_device_and_stream", _host._device_and_stream),
              (_host, "_hooked", _host._hooked)]
-    _host._current_stream = lambda: 0
+    _host._device_and_stream = lambda: (0, 0)
     _host._hooked = lambda: False
     objs = [o for o in gc.get_objects() if isinstance(o, _host.FastLaunch)]
     for obj in objs:
@@ -100,9 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0, help="cProfile this many late steps")
     p.add_argument("--kv-tokens", type=int, default=None)
     a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        p.error("needs TRITON_INTERPRET=1 (set by the script when run directly)")
     import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)      # the host's one thread, as the worker's step runs
     from profile_step import OneRank
     # the 8B shape's heads and layers, narrow hidden and MLP (the GEMMs are not the subject)
     cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -113,22 +112,34 @@ def main(argv=None) -> int:
     grp = OneRank("cpu", model={"config": cfg, "seed": 0}, dtype="float32", page_size=64,
                   chunk_tokens=8192, cuda_graphs=False, fused_kernels=True, kv_tokens=kv,
                   backend="triton")
-    stubbed, undo = stub_launches()
+    threads = torch.get_num_threads()
+    undo = None
     try:
+        torch.set_num_threads(1)      # the host's one thread, as the worker's step runs
+        stubbed, undo = stub_launches()
         return _run(a, cfg, grp, stubbed)
     finally:
-        undo()
+        if undo is not None:
+            undo()
         torch.set_num_threads(threads)
 
 
 def _run(a, cfg, grp, stubbed) -> int:
-    import torch
 
     from ringserve.engine import Engine, EngineConfig
-    from ringserve.sampling import SamplingParams
     eng = Engine(grp, None, (), EngineConfig(
         max_num_batched_tokens=a.budget, passq_max_tokens=2048, prefill_cost="flops",
         solo_budget_factor=8, attn_equiv_tokens=a.attn_equiv))
+    try:
+        return _measure(a, cfg, grp, stubbed, eng)
+    finally:
+        eng.shutdown()      # also when a step failed: no engine thread left decoding
+
+
+def _measure(a, cfg, grp, stubbed, eng) -> int:
+    import torch
+
+    from ringserve.sampling import SamplingParams
     g = torch.Generator().manual_seed(0)
 
     def rnd(n):
@@ -192,7 +203,6 @@ def _run(a, cfg, grp, stubbed) -> int:
             h.result()
         except RequestCancelledError:
             pass
-    eng.shutdown()
     med = statistics.median(x[0] for x in late) * 1e3
     med_gemm = statistics.median(x[2] for x in late) * 1e3
     print(f"host_step: {a.layers} layers, {a.streams} streams, budget {a.budget}, "
@@ -210,4 +220,5 @@ def _run(a, cfg, grp, stubbed) -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")      # triton's CPU path, before it loads
     sys.exit(main())

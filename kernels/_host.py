@@ -45,19 +45,20 @@ def major_capability(device: torch.device) -> int:
 # ---- launching a compiled kernel without triton's per-launch Python ----
 
 _I32 = (-(1 << 31), (1 << 31) - 1)
+_U64 = 1 << 63      # from here triton types an int u64 (below, out of int32: i64)
 MAX_KEYS = 4096     # compiled kernels kept per kernel (past it, new keys take triton's path)
 
 
 def _spec(a):
     """What triton may specialize a launch argument on, or finer (a finer key only costs a
     lookup through triton's own path, never a wrong kernel): a tensor's dtype and 16-byte
-    alignment; an int's being 1, a multiple of 16, and its width; a float by type (triton
+    alignment; an int's being 1, a multiple of 16, and its width (i32 / i64 / u64); a float by type (triton
     never specializes float values); a tensor descriptor's element type, block, and the
     alignment of its base, shape and strides; anything else (constexpr values, None,
     bools) by value."""
     t = type(a)
     if t is int:
-        return (a == 1, not a & 15, _I32[0] <= a <= _I32[1])
+        return (a == 1, not a & 15, _I32[0] <= a <= _I32[1], a >= _U64)
     if t is bool:
         return ("i1", a)
     if t is float:
@@ -85,7 +86,7 @@ def _key(full, constexpr) -> tuple:
             app((t, a))
         elif t is int:
             app((1 if a == 1 else 0 if a & 15 else 2)
-                + (0 if -2147483648 <= a <= 2147483647 else 4))
+                + (0 if -2147483648 <= a <= 2147483647 else 8 if a >= _U64 else 4))
         elif t is float:
             app(float)
         elif t is T or isinstance(a, T):
@@ -130,11 +131,12 @@ class FastLaunch:
         constexprs included, as triton binds them)."""
         if self.names is None:
             params = self.fn.params
-            self.names = [p.name for p in params]
+            names = [p.name for p in params]
             self.constexpr = [p.is_constexpr for p in params]
-            self.params = set(self.names)
+            self.params = set(names)
             self.defaults = {p.name: p._param.default for p in params
                              if p._param.default is not p._param.empty}
+            self.names = names      # last: a thread that sees it sees the rest
         full = list(args)
         for name in self.names[len(args):]:
             if name in kwargs:
@@ -151,10 +153,12 @@ class FastLaunch:
         if self.off or self.broken is not None or _hooked():
             return self.fn[grid](*args, **kwargs)
         full = self._full_args(args, kwargs)
+        device, stream = _device_and_stream()
         # constexprs by value, the rest by what triton specializes them on; the launch
-        # options (num_warps, ...) by value
+        # options (num_warps, ...) by value; the device (a compiled kernel's function handle
+        # belongs to one)
         key = (_key(full, self.constexpr),
-               tuple(kv for kv in kwargs.items() if kv[0] not in self.params))
+               tuple(kv for kv in kwargs.items() if kv[0] not in self.params), device)
         kernel = self.cache.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **kwargs)
@@ -163,7 +167,6 @@ class FastLaunch:
                 self.cache[key] = kernel
             return kernel
         n = len(grid)
-        stream = _current_stream()
         try:
             kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
                        kernel.function, kernel.packed_metadata, None, None, None, *full)
@@ -177,10 +180,11 @@ class FastLaunch:
         return kernel
 
 
-def _current_stream() -> int:
-    """The current CUDA stream's handle (a graph capture's stream while capturing), as
-    triton's launch path asks for it."""
-    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+def _device_and_stream():
+    """The current CUDA device and its current stream's handle (a graph capture's stream
+    while capturing), as triton's launch path asks for them."""
+    device = torch.cuda.current_device()
+    return device, torch._C._cuda_getCurrentRawStream(device)
 
 
 _RUNTIME_KNOBS = []     # triton.knobs.runtime, looked up once
@@ -197,7 +201,7 @@ def _disabled() -> bool:
 
 
 def _hooked() -> bool:
-    """Whether a launch hook is set. triton >= 3.4 keeps them in a HookChain (never None: its
+    """Whether a launch hook (enter or exit) is set. triton >= 3.4 keeps them in a HookChain (never None: its
     `calls` list is empty when there are none); older tritons hold one callable or None."""
     if not _RUNTIME_KNOBS:
         try:
@@ -206,8 +210,11 @@ def _hooked() -> bool:
         except ImportError:     # a triton without knobs: no hooks to honour
             _RUNTIME_KNOBS.append(None)
     rt = _RUNTIME_KNOBS[0]
-    hook = None if rt is None else rt.launch_enter_hook
-    if hook is None:
+    if rt is None:
         return False
-    calls = getattr(hook, "calls", None)
-    return bool(calls) if isinstance(calls, list) else True
+    for hook in (rt.launch_enter_hook, getattr(rt, "launch_exit_hook", None)):
+        if hook is not None:
+            calls = getattr(hook, "calls", None)
+            if not isinstance(calls, list) or calls:
+                return True
+    return False

@@ -51,7 +51,7 @@ class _Jit:
 @pytest.fixture
 def compiled_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(_host, "_current_stream", lambda: 77)
+    monkeypatch.setattr(_host, "_device_and_stream", lambda: (0, 77))
     monkeypatch.setattr(_host, "_hooked", lambda: False)
 
 
@@ -111,17 +111,38 @@ def test_interpreter_and_hooks_always_take_triton_path(monkeypatch):
     assert len(jit.slow) == 2 and fast.direct == 0
 
 
+VALUES = [0, 1, 2, 16, 17, -16, -1, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 16, -2 ** 31, -2 ** 31 - 1,
+          2 ** 63 - 1, 2 ** 63, 2 ** 63 + 16, 0.0, 1.0, 2.5, torch.zeros(64), torch.zeros(64)[1:],
+          torch.zeros(64)[4:], torch.zeros(64).half(), None, True, False, "ieee"]
+
+
 def test_key_matches_spec_of_every_argument():
     """The inlined key distinguishes exactly what `_spec` does, argument by argument."""
     from ringserve.kernels._host import _key
-    x = torch.zeros(64)
-    values = [0, 1, 2, 16, 17, -16, -1, 2 ** 31 - 1, 2 ** 31, -2 ** 31, -2 ** 31 - 1, 0.0, 1.0,
-              2.5, x, x[1:], x[4:], x.half(), None, True, False, "ieee"]
-    for a in values:
-        for b in values:
+    for a in VALUES:
+        for b in VALUES:
             same_key = _key([a], [False]) == _key([b], [False])
             same_spec = _spec(a) == _spec(b) and type(a) is type(b)
             assert same_key == same_spec, (a, b)
+
+
+def test_key_is_never_coarser_than_triton_specialization():
+    """Two arguments that triton itself specializes differently (its own specialization
+    function: type, 1, divisibility by 16, alignment, i32 / i64 / u64) never share a key: a
+    shared key would launch a kernel compiled for the other."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from ringserve.kernels._host import _key
+
+    def triton_spec(a):
+        return native_specialize_impl(BaseBackend, a, False, True, True)
+
+    values = [v for v in VALUES if not isinstance(v, str)]    # a str is only a constexpr
+    for a in values:
+        for b in values:
+            if triton_spec(a) != triton_spec(b):
+                assert _key([a], [False]) != _key([b], [False]), (a, b)
     assert _key([32], [True]) != _key([64], [True])         # constexprs by value
     assert len({_key([v], [True]) for v in (1, True, 1.0)}) == 3    # and by type
 
@@ -136,11 +157,13 @@ def test_launch_hooks_are_seen_in_triton_hook_chain(monkeypatch):
         pass
     chain = knobs.runtime.launch_enter_hook
     if hasattr(chain, "add"):
-        chain.add(hook)
-        try:
-            assert _host._hooked()
-        finally:
-            chain.remove(hook)
+        for c in (chain, knobs.runtime.launch_exit_hook):    # either hook counts
+            c.add(hook)
+            try:
+                assert _host._hooked()
+            finally:
+                c.remove(hook)
+            assert not _host._hooked()
     else:
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
         assert _host._hooked()
@@ -149,7 +172,7 @@ def test_launch_hooks_are_seen_in_triton_hook_chain(monkeypatch):
 
 
 def test_direct_launch_can_be_switched_off(monkeypatch):
-    monkeypatch.setattr(_host, "_current_stream", lambda: 77)
+    monkeypatch.setattr(_host, "_device_and_stream", lambda: (0, 77))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("RINGSERVE_DIRECT_LAUNCH", "0")
     jit = _Jit()

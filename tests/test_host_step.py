@@ -23,7 +23,8 @@ def test_host_step_cpu_smoke(capsys):
     out = capsys.readouterr().out
     # the fused path's kernels (norm, RoPE + store, act * up, flash, paged decode split and
     # reduce, the two merges) are all stubbed
-    assert "9 kernels stubbed" in out
+    import re
+    assert int(re.search(r"(\d+) kernels stubbed", out).group(1)) >= 9
     assert "late mixed step (last 5" in out and "without them" in out
     assert "cProfile of 2 steps" in out and "_forward_fused" in out
 
@@ -40,13 +41,13 @@ def test_host_step_leaves_the_kernels_as_they_were():
         spec = importlib.util.spec_from_file_location("host_step", BENCH / "host_step.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        stream, hooked = _host._current_stream, _host._hooked
+        stream, hooked = _host._device_and_stream, _host._hooked
         n, undo = mod.stub_launches()
         assert n >= 9
         undo()
     finally:
         sys.path.remove(str(BENCH))
-    assert (_host._current_stream, _host._hooked) == (stream, hooked)
+    assert (_host._device_and_stream, _host._hooked) == (stream, hooked)
     x, w = torch.randn(3, 32), torch.randn(32)
     y = rms_norm_triton(x, w, 1e-5)
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
