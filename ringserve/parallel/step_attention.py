@@ -213,10 +213,7 @@ class StepAttention:
         self.q_slice = _as_slice(qi)
         self.q_index = None if self.q_slice else on_dev(qi, i64)
         self.positions = on_dev([p for s in plan.seqs for p in s.positions], i64)
-        # each extension's and chunk's positions as its own tensor: a slice of `positions` at
-        # an odd row is not 16-byte aligned, and the paged kernel specializes on its pointer's
-        # alignment (a compile in the middle of serving, seen on an H200 in session 9)
-        self.seq_pos = {i: on_dev(plan.seqs[i].positions, i64) for i in self.ext + self.ring}
+        self._seq_pos: Dict[int, torch.Tensor] = {}     # seq_pos(i), made at first use
         # fast paths of the common steps (a decode batch, a lone chunk): skip the gathers and
         # scatters that would be identities; every op counts in a launch-bound eager step
         self.only_dec = bool(self.dec) and len(self.dec) == len(plan.seqs)
@@ -226,6 +223,18 @@ class StepAttention:
         self.cascade_into_out = (world_size == 1 and bool(self.dec) and not self.ext
                                  and self.dec_slice is not None
                                  and len(self.groups) == 1 and self.groups[0][2] is None)
+
+    def seq_pos(self, i: int) -> torch.Tensor:
+        """Sequence i's positions in this step (int64, on the device) as a tensor of its own,
+        made once per step when first needed (extensions, windowed or multi-rank chunks; a
+        one-rank chunk without a window never reads them): a slice of `positions` at an odd
+        row is not 16-byte aligned, and the paged kernel specializes on its pointer's alignment
+        (a compile in the middle of serving, seen on an H200 in session 9)."""
+        t = self._seq_pos.get(i)
+        if t is None:
+            t = self._seq_pos[i] = to_device(self.plan.seqs[i].positions,
+                                             self.pool.k.device, torch.int64)
+        return t
 
     def _paged(self, layer, q, table, lens, q_pos, splits=False):
         return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
@@ -322,7 +331,7 @@ class StepAttention:
         for i in self.ext:
             r = self.rows[i]
             o, lse = self._paged(layer, q[r][None], self.tables[i], self.ext_lens[i],
-                                 self.seq_pos[i][None])
+                                 self.seq_pos(i)[None])
             parts_o[i], parts_l[i] = o[0].float(), lse[0].t()
         order = self.q_rows
         return (torch.cat([parts_o[i] for i in order]),
@@ -444,14 +453,14 @@ class StepAttention:
         s = self.plan.seqs[i]
         dev = q.device
         if self.world_size == 1:
-            return self._cached(layer, i, q, self.seq_pos[i])
+            return self._cached(layer, i, q, self.seq_pos(i))
         N = self.world_size
         width = -(-s.chunk_len // N)                      # the longest shard of the chunk
         S = q.shape[0]
         qp = torch.zeros(width, *q.shape[1:], dtype=q.dtype, device=dev)
         qp[:S] = q
         pp = torch.full((width,), -1, dtype=torch.int64, device=dev)   # -1: sees no key
-        pp[:S] = self.seq_pos[i]
+        pp[:S] = self.seq_pos(i)
         got = self.transport.all_gather(torch.cat([qp.reshape(-1).float(), pp.float()]),
                                         blocking=False)
         nq = qp.numel()
