@@ -240,10 +240,22 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
         wk = llm.cache_document(torch.randint(0, vocab, (first,), generator=g).tolist())
         llm.drop_document(wk)
     rows = []
-    for spec in lengths:
+    # --solo-budgets: the timed prefill again for each budget a lone prompt takes per step
+    # (per rank, token-equivalents; LLM's default is ringserve.llm.GPU_SOLO_BUDGET), set on the
+    # running engine's scheduler (a benchmark's reach into the engine: its config is read
+    # each step)
+    solos = [int(x) for x in args.solo_budgets.split(",") if x] if args.solo_budgets else [None]
+    runs = [(spec, solo) for spec in lengths for solo in solos]
+    sched = llm._engine.sched.cfg
+    for spec, solo in runs:
+        if solo is not None:
+            sched.solo_budget_factor = max(
+                1, -(-solo * args.world_size // sched.max_num_batched_tokens))
         margin = args.question_tokens + args.decode_tokens + 2 * args.page_size * args.world_size
         n = (llm.capacity_tokens - margin) // 1024 * 1024 if spec == "max" else int(spec)
         row = {"length": n}
+        if solo is not None:
+            row["solo_budget"] = solo
         if n + margin > llm.capacity_tokens:
             row["error"] = f"does not fit: capacity {llm.capacity_tokens}"
             rows.append(row)
@@ -253,9 +265,15 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
         try:
             for e in list(llm._engine.doc_cache.entries()):  # room for this length
                 llm.drop_document(e.key)
+            before = len(llm._group.call("recent_step_times")[0])
             t0 = time.perf_counter()
             key = llm.cache_document(doc)
             wall = time.perf_counter() - t0
+            # where a chunked prefill's time goes: the engine's steps (the driver's group
+            # call) and rank 0's execute, against the wall time (the rest: the engine
+            # thread's planning and updates, the Ray round trips)
+            chunks = [s for s in llm._engine.recent_steps() if s["prompt_tokens"]]
+            worker = llm._group.call("recent_step_times")[0][before:]
             out = llm.generate([doc + q], SamplingParams(max_tokens=args.decode_tokens,
                                                          **greedy))[0]
             # rank 0's execute time of each decode step (the last steps ran this request
@@ -281,6 +299,11 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
             steady = sorted(steps)[len(steps) // 2]
             row.update(decode_step_median_ms=steady * 1e3, decode_step_worst_ms=max(steps) * 1e3,
                        steady_vs_floor=steady / floor)
+        nch = len(worker)
+        drv = sum(s["execute_s"] for s in chunks[-nch:]) if nch else 0.0
+        row.update(prefill_steps=nch, prefill_driver_exec_s=drv,
+                   prefill_worker_exec_s=sum(worker),
+                   prefill_gap_ms_per_step=(wall - sum(worker)) / max(1, nch) * 1e3)
         rows.append(row)
         print(f"[ringserve] {json.dumps(row)}", flush=True)
     row0 = {"capacity_tokens": llm.capacity_tokens, "copy_bw_tb_s": bw / 1e12,
@@ -309,6 +332,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--solo-budgets", default="",
+                   help="comma-separated per-rank step budgets of a lone prompt (token-"
+                        "equivalents): each length's prefill is timed at each (default: the "
+                        "engine's)")
     p.add_argument("--max-kv-tokens", type=int, default=None)
     p.add_argument("--reserve-gb", type=float, default=None,
                    help="GPU memory per rank kept free besides weights and KV (default: "
@@ -366,7 +393,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         print(f"{r['length']:>9} | {r['prefill_s']:>9.2f} | {r['prefill_tok_s']:>8.0f} | "
               f"{r['mfu']:>5.1%} | {r['followup_ttft_s']:>12.3f} s | {r['decode_ms']:>13.2f} | "
-              f"{r['floor_ms']:>7.2f}ms | {r['decode_vs_floor']:>7.2f} | {hf_s:>10}")
+              f"{r['floor_ms']:>7.2f}ms | {r['decode_vs_floor']:>7.2f} | {hf_s:>10}"
+              + (f"  solo budget {r['solo_budget']}" if "solo_budget" in r else "")
+              + f"  ({r['prefill_steps']} steps, {r['prefill_gap_ms_per_step']:.1f} ms/step "
+                f"outside rank 0's execute)")
     return 0
 
 

@@ -271,6 +271,24 @@ case "$PART" in
       --scenarios prefill --budgets ${BUDGETS:-1280,1536,2048} --json "$OUT/s9d.json" "$@" > "$OUT/s9d.log" 2>&1
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|warm|host probe' "$OUT/s9d.log" | cut -c1-300
     python3 -c "import json; d=json.load(open('$OUT/s9d.json')); print(d.get('stats', {}).get('engine_time_s'), d.get('stats', {}).get('steps'))" ;;
+  s10a)  # session 10, first call: FastLaunch's GPU test after the review fixes, then the
+         # single-request comparison in one call and one harness (bench_e2e 128K, world size 1,
+         # CUDA graphs both): the previous engine, then this one with three budgets of a lone
+         # prompt (32768 per rank is the default; its 14 chunks of 6-23K against one pass
+         # before were the suspected +6.7% of session 6)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 110 python3 -m pytest -q -x -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k fast_launch 2>&1 | tee "$OUT/test_fast_launch.log" | tail -3
+    mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
+    PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 165 python3 /tmp/old/benchmarks/bench_e2e.py \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --json "$OUT/e2e_old_graphs.json" > "$OUT/e2e_old_graphs.log" 2>&1
+    grep -E '^\[ringserve\] \{|Error' "$OUT/e2e_old_graphs.log" | tail -2 | cut -c1-400
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${NEW_TIMEOUT:-310} python3 "$REPO/benchmarks/bench_e2e.py" \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --solo-budgets ${SOLOS:-32768,65536,131072} --json "$OUT/e2e_new_graphs.json" \
+      > "$OUT/e2e_new_graphs.log" 2>&1
+    grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_new_graphs.log" | tail -5 | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
