@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from ringserve import kernels
@@ -426,7 +427,11 @@ class ModelShardWorker(ShardWorker):
         attn = StepAttention(plan, tables, self.pool, self.rank, self.world_size,
                              self.transport, self.softmax_scale, self.window_size, self.backend,
                              softcap=self.model.softcap)
-        ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
+        if any(isinstance(s.token_ids, np.ndarray) for s in plan.seqs):   # a ring chunk's
+            ids = torch.from_numpy(np.concatenate([np.asarray(s.token_ids, dtype=np.int64)
+                                                   for s in plan.seqs]))
+        else:
+            ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
         # only longrope reads the rows' sequence lengths (a host op a step otherwise)
         long = any(r is not None and r.long_after is not None
                    for r in (self.model.rotary, self.model.local_rotary))

@@ -289,6 +289,34 @@ case "$PART" in
       --solo-budgets ${SOLOS:-32768,65536,131072} --json "$OUT/e2e_new_graphs.json" \
       > "$OUT/e2e_new_graphs.log" 2>&1
     grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_new_graphs.log" | tail -5 | cut -c1-300 ;;
+  s10b)  # session 10, second call: after the host cuts (ring chunks' plan fields as arrays,
+         # admission without Python per token): this engine first (cold compiles), at the
+         # default lone-prompt budget and at 65536, then the previous engine, both bench_e2e
+         # 128K with graphs; then the 8 different 4K prompts arriving together at the default
+         # budget (1536 since session 9)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 250 python3 "$REPO/benchmarks/bench_e2e.py" \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --solo-budgets ${SOLOS:-32768,65536} --json "$OUT/e2e_new_graphs.json" \
+      > "$OUT/e2e_new_graphs.log" 2>&1
+    grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_new_graphs.log" | tail -5 | cut -c1-300
+    mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
+    PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout 150 python3 /tmp/old/benchmarks/bench_e2e.py \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --json "$OUT/e2e_old_graphs.json" > "$OUT/e2e_old_graphs.log" 2>&1
+    grep -E '^\[ringserve\] \{|Error' "$OUT/e2e_old_graphs.log" | tail -2 | cut -c1-400
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 170 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios mixed --json "$OUT/mixed.json" > "$OUT/mixed.log" 2>&1
+    grep -E '^mixed|sooner|host probe|Error' "$OUT/mixed.log" | cut -c1-300 ;;
+  s10c)  # session 10, two GPUs: the world-size-2 cases of the graph, shared-document and
+         # fused GPU tests, then serving at world size 2 (single, 1 vs 16 questions, 8 prompts)
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -p no:cacheprovider \
+      -o faulthandler_timeout=250 "$REPO/tests/test_llm_gpu.py" -k "2 or two_gpus" 2>&1 \
+      | tee "$OUT/test_llm_gpu_ws2.log" | grep -E "passed|failed|PASS|FAIL|Error" | tail -8
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-280} python3 "$REPO/benchmarks/bench_serving.py" \
+      --world-size 2 --scenarios single,concurrent,mixed --concurrency 1,16 \
+      --json "$OUT/serving_ws2.json" > "$OUT/serving_ws2.log" 2>&1
+    grep -E '^single|^concurrent|^mixed|sooner|host probe|Error' "$OUT/serving_ws2.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

@@ -26,6 +26,12 @@ def doc_key(token_ids: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:24]
 
 
+def exact_ints(xs) -> bool:
+    """Every element is exactly an int (not a bool, float or int subclass): one C-speed pass
+    over the types (a million-token prompt), not an isinstance call per token."""
+    return set(map(type, xs)) <= {int}
+
+
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(a.numel(), b.numel())
     if n == 0:

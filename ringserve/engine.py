@@ -32,9 +32,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from .doc_cache import CachedSeq, DocumentCache, doc_key
+from .doc_cache import CachedSeq, DocumentCache, doc_key, exact_ints
 from .errors import (CapacityError, GraphCaptureError, InvalidRequestError,
                      RequestCancelledError, RequestTimeoutError, RingServeError,
                      WorkerFailedError)
@@ -386,13 +387,15 @@ class Engine:
         if h.cancelled.is_set():
             raise RequestCancelledError("cancelled before it started")
         self._check_deadline(h)
-        ids = [int(t) for t in h.args[0]]
+        raw = h.args[0]
+        # a list of exact ints is taken as it is (a million-token prompt: no Python per token)
+        ids = list(raw) if type(raw) is list and exact_ints(raw) else [int(t) for t in raw]
         params = None
         what = {"generate": "the prompt", "score": "the text to score",
                 "cache_document": "the document"}[h.kind]
         if not ids:
             raise InvalidRequestError(f"{what} is empty (0 tokens)")
-        self._check_ids(ids)
+        arr = self._check_ids(ids)
         if h.kind == "generate":
             params = h.args[1].with_seed()
             self._check_sampling(params)
@@ -401,7 +404,7 @@ class Engine:
                 raise CapacityError(len(ids), self.doc_cache.budget_tokens,
                                     f"document of {len(ids)} tokens vs. the document cache "
                                     "budget (document_cache_tokens)")
-            key = doc_key(torch.tensor(ids, dtype=torch.int32))
+            key = doc_key(torch.from_numpy(arr.astype(np.int32)))
             e = self.doc_cache.get(key)
             if e is not None:       # already cached: pin it, no work
                 e.pinned = True
@@ -410,6 +413,7 @@ class Engine:
                 h.future.set_result(e.key)
                 return None
         req = Request(self.sched.next_order(), h.kind, ids, params, h)
+        req._prompt_np = arr
         if h.kind == "cache_document":
             req.doc_key = key
         entry, m = self.sched.match(req)
@@ -461,8 +465,8 @@ class Engine:
         if self.doc_cache.get(key) is not None:
             return
         seq = self.kv.fork(req.seq, len(req.prompt))
-        ids = torch.tensor(seq.tokens, dtype=torch.int32)
-        e = CachedSeq(key, seq, ids, torch.tensor(seq.owners, dtype=torch.int8))
+        ids = torch.from_numpy(np.array(seq.tokens, dtype=np.int32))
+        e = CachedSeq(key, seq, ids, torch.from_numpy(np.array(seq.owners, dtype=np.int8)))
         for g in self.doc_cache.add(e):
             self.kv.free(g.kv)
         self._fit_budget(e)
@@ -497,15 +501,22 @@ class Engine:
             s.sample = (s.sample[0], s.sample[1], SampleContext(
                 w.req.order, list(w.req.out_tokens), distinct, self.eos_token_ids))
 
-    def _check_ids(self, ids: Sequence[int]) -> None:
-        # a token id past the embedding table would fail inside the workers, and a worker
-        # failure rebuilds the whole group: refuse it here, as the caller's mistake
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        """The ids as an int64 array, each checked to be in the vocabulary: a token id past
+        the embedding table would fail inside the workers, and a worker failure rebuilds the
+        whole group: refuse it here, as the caller's mistake."""
         vocab = self._infos[0]["vocab_size"]
-        t = torch.as_tensor(ids, dtype=torch.int64)
-        out = (t < 0) | (t >= vocab)
-        if bool(out.any()):
-            bad = int(t[out][0])
+        try:
+            a = np.array(ids, dtype=np.int64)
+        except OverflowError:
+            bad = next(t for t in ids if not -2 ** 63 <= t < 2 ** 63)
+            raise InvalidRequestError(
+                f"token id {bad} is outside the vocabulary [0, {vocab})") from None
+        out = (a < 0) | (a >= vocab)
+        if out.any():
+            bad = int(a[out][0])
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return a
 
     @staticmethod
     def _check_deadline(h: RequestHandle) -> None:
@@ -588,7 +599,7 @@ class Engine:
                     if lps is None:
                         continue
                     rows = (range(w.n) if w.kind == "q"
-                            else [j for j in range(w.n) if w.owners[j] == r])
+                            else np.flatnonzero(np.asarray(w.owners) == r).tolist())
                     for j, lp in zip(rows, lps):
                         p = w.start + j
                         if p + 1 < len(req.prompt):
@@ -673,8 +684,7 @@ class Engine:
             with self._lock:
                 self._counters["cached_prompt_tokens"] += req.num_cached_tokens
             e = self._leave(req, keep=True, pinned=True)
-            result = e.key if e is not None else doc_key(torch.tensor(req.prompt,
-                                                                      dtype=torch.int32))
+            result = e.key if e is not None else doc_key(req.prompt_tensor())
         h._progress = {"state": "done"}
         h.future.set_result(result)
 
@@ -700,9 +710,9 @@ class Engine:
         if not keep or n == 0 or n > self.doc_cache.budget_tokens:
             self.kv.free(seq)
             return None
-        ids = torch.tensor(seq.tokens, dtype=torch.int32)
-        e = CachedSeq(doc_key(ids), seq, ids, torch.tensor(seq.owners, dtype=torch.int8),
-                      pinned=pinned)
+        ids = torch.from_numpy(np.array(seq.tokens, dtype=np.int32))
+        e = CachedSeq(doc_key(ids), seq, ids,
+                      torch.from_numpy(np.array(seq.owners, dtype=np.int8)), pinned=pinned)
         for g in self.doc_cache.add(e):
             self.kv.free(g.kv)
         return e if self._fit_budget(e) else None
@@ -813,7 +823,7 @@ class Engine:
             h = RequestHandle("cache_document", (ids,))
             h.future.set_running_or_notify_cancel()
             req = Request(self.sched.next_order(), "cache_document", ids, None, h)
-            req.doc_key = doc_key(torch.tensor(ids, dtype=torch.int32))
+            req.doc_key = doc_key(req.prompt_tensor())
             self.sched.waiting.appendleft(req)
 
 

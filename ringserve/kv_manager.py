@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
+import numpy as np
+
 from .kv_cache import KVCacheFullError, PageAllocator
 
 
@@ -112,9 +114,7 @@ class KVManager:
     def fork(self, src: SeqKV, m: int) -> SeqKV:
         """A new sequence holding src's first m tokens, sharing their pages."""
         owners = src.owners[:m]
-        counts = [0] * self.world_size
-        for o in owners:
-            counts[o] += 1
+        counts = [owners.count(r) for r in range(self.world_size)]
         pages = []
         for r, c in enumerate(counts):
             p = src.pages[r][:pages_for(c, self.page_size)]
@@ -141,14 +141,16 @@ class KVManager:
         """Give the tokens (at positions len(seq)..) slots on their owners. Returns per rank the
         flat slots of that rank's new tokens (in order) and the page copies to do first. New
         pages come from the low end of each rank's free pages (prompt chunks: one ascending
-        run), or with `high` from the high end (one-token rows)."""
-        new = [0] * self.world_size
-        for o in owners:
-            new[o] += 1
+        run), or with `high` from the high end (one-token rows). `owners` (and `tokens`) as
+        int arrays (a ring chunk): the slots are int64 arrays too, else lists."""
+        arrays = isinstance(owners, np.ndarray)   # a ring chunk: int arrays, no Python per token
+        new = (np.bincount(owners, minlength=self.world_size).tolist()[:self.world_size]
+               if arrays else [owners.count(r) for r in range(self.world_size)])
         need = self.need(seq, new)
         if not self.fits(need):
             raise KVCacheFullError(f"{need} pages needed, {self.free_pages()} free")
-        slots: List[List[int]] = [[] for _ in range(self.world_size)]
+        slots: List = [np.empty(0, dtype=np.int64) if arrays else []
+                       for _ in range(self.world_size)]
         copies: List[List[Tuple[int, int]]] = [[] for _ in range(self.world_size)]
         P = self.page_size
         for r in range(self.world_size):
@@ -164,10 +166,18 @@ class KVManager:
             while len(pages) < pages_for(c + new[r], P):
                 # a prompt's next page continues its run when it can (one view, no gather)
                 pages.append(a.take(high, after=pages[-1] if pages and not high else None))
-            slots[r] = [pages[i // P] * P + i % P for i in range(c, c + new[r])]
+            if arrays:
+                i = np.arange(c, c + new[r], dtype=np.int64)
+                slots[r] = np.asarray(pages, dtype=np.int64)[i // P] * P + i % P
+            else:
+                slots[r] = [pages[i // P] * P + i % P for i in range(c, c + new[r])]
             seq.counts[r] += new[r]
-        seq.tokens.extend(int(t) for t in tokens)
-        seq.owners.extend(int(o) for o in owners)
+        if arrays:
+            seq.tokens.extend(np.asarray(tokens).tolist())
+            seq.owners.extend(owners.tolist())
+        else:
+            seq.tokens.extend(int(t) for t in tokens)
+            seq.owners.extend(int(o) for o in owners)
         return slots, copies
 
     def free(self, seq: SeqKV) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOutput,
                      StreamDelta)
-from .doc_cache import doc_key
+from .doc_cache import doc_key, exact_ints
 from .errors import InvalidRequestError
 from .parallel import layout as layouts
 from .parallel.transport import DEFAULT_TIMEOUT_S, check_comm_host
@@ -42,8 +42,9 @@ def step_budgets(gpu: bool, world_size: int, max_num_batched_tokens: Optional[in
 
 
 def _is_ids(x) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in x)
+    if not isinstance(x, (list, tuple)) or len(x) == 0:
+        return False
+    return exact_ints(x) or all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
 def _one_sample(params: SamplingParams) -> None:
@@ -292,6 +293,8 @@ class LLM:
             if self.tokenizer is None:
                 raise InvalidRequestError("this LLM has no tokenizer: pass token ids")
             return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, (list, tuple)) and prompt and exact_ints(prompt):
+            return list(prompt)     # the common case, without Python per token
         if _is_ids(prompt):
             return [int(t) for t in prompt]
         raise InvalidRequestError("a prompt is a string or a non-empty list of token ids, got "

@@ -26,6 +26,9 @@ from .sampling import SamplingParams
 
 @dataclass
 class SeqStep:
+    """One sequence's work on one rank. The per-token fields (token_ids, positions,
+    write_rows, slots) are lists, or for a ring chunk int64 numpy arrays (the scheduler's:
+    a long chunk's fields are built and read without Python per token)."""
     kind: str                       # "q" | "ring"
     token_ids: List[int]            # the tokens this rank runs (q: whole chunk; ring: its shard)
     positions: List[int]            # their global positions

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .doc_cache import CachedSeq, DocumentCache, common_prefix
@@ -78,11 +79,33 @@ class Request:
     def tokens(self) -> List[int]:
         return self.prompt + self.out_tokens
 
+    def prompt_array(self) -> np.ndarray:
+        """The prompt as an int64 array, made once (the engine may set it at admission)."""
+        a = getattr(self, "_prompt_np", None)
+        if a is None:
+            a = self._prompt_np = np.array(self.prompt, dtype=np.int64)
+        return a
+
     def prompt_tensor(self) -> torch.Tensor:
         t = getattr(self, "_prompt_t", None)
         if t is None:
-            t = self._prompt_t = torch.tensor(self.prompt, dtype=torch.int32)
+            t = self._prompt_t = torch.from_numpy(self.prompt_array().astype(np.int32))
         return t
+
+    def tokens_tensor(self) -> torch.Tensor:
+        """prompt + out_tokens as int32 (the prompt's part made once)."""
+        if not self.out_tokens:
+            return self.prompt_tensor()
+        return torch.cat([self.prompt_tensor(),
+                          torch.tensor(self.out_tokens, dtype=torch.int32)])
+
+    def token_array(self, a: int, b: int) -> np.ndarray:
+        """tokens[a:b] as an int64 array (a prompt chunk's ids, without Python per token)."""
+        P = len(self.prompt)
+        if b <= P:
+            return self.prompt_array()[a:b]
+        tail = np.array(self.out_tokens[max(0, a - P):b - P], dtype=np.int64)
+        return np.concatenate([self.prompt_array()[a:P], tail]) if a < P else tail
 
     def token_slice(self, a: int, b: int) -> List[int]:
         """tokens[a:b] without building the whole list (prompts can be millions of tokens)."""
@@ -251,7 +274,7 @@ class Scheduler:
         toks = req.tokens
         entry, m = None, 0
         if len(self.doc_cache):
-            entry, m = self.doc_cache.match(torch.tensor(toks, dtype=torch.int32))
+            entry, m = self.doc_cache.match(req.tokens_tensor())
         if running:
             r, n, complete = self._shared_running(req)
             if r is not None and complete and n > m:
@@ -406,9 +429,7 @@ class Scheduler:
     def _room_for(self, req: Request, owners: List[int]) -> bool:
         """Pages for the request's next tokens, preempting the newest running requests (maybe
         this one: then False) when evicting unpinned documents is not enough."""
-        new = [0] * self.world_size
-        for o in owners:
-            new[o] += 1
+        new = owner_counts(owners, self.world_size)
         while True:
             need = self.kv.need(req.seq, new)
             if self._make_room(need):
@@ -483,10 +504,7 @@ class Scheduler:
                 c[o] += 1
                 owners.append(o)
         else:
-            owners = [0] * n
-            for s in layouts.shards(n, N, self.cfg.layout):
-                for p in s.positions().tolist():
-                    owners[p] = s.rank
+            owners = ring_owners(n, N, self.cfg.layout)
         if not self._room_for(req, owners):
             return None
         return self._work(req, n, kind, owners)
@@ -497,7 +515,7 @@ class Scheduler:
         sample = req.kind == "generate" and start + n == len(req.prompt) + len(req.out_tokens)
         if self.cfg.long_after is not None:   # the factors the plan's seq_len will pick
             req.long_rope = len(req.prompt) + len(req.out_tokens) > self.cfg.long_after
-        rank = owners[-1] if kind == "ring" else 0
+        rank = int(owners[-1]) if kind == "ring" else 0
         w = Work(req, start, n, kind, owners, sample, rank)
         seq = req.seq
         w.before = list(seq.counts)
@@ -507,8 +525,9 @@ class Scheduler:
         # decoding streams and the short requests that arrive while it prefills
         whole_short = (start == 0 and n <= SHORT_PROMPT_TOKENS
                        and n == len(req.prompt) + len(req.out_tokens))
-        w.slots, w.copies = self.kv.append(seq, req.token_slice(start, start + n), owners,
-                                           high=kind == "q" or whole_short)
+        toks = req.token_array(start, start + n) if kind == "ring" else \
+            req.token_slice(start, start + n)
+        w.slots, w.copies = self.kv.append(seq, toks, owners, high=kind == "q" or whole_short)
         w.after = list(seq.counts)
         return w
 
@@ -519,7 +538,13 @@ class Scheduler:
         drop = self.kv.take_dropped()
         plans = [RankPlan(self.cfg.layout, drop=list(drop)) for _ in range(N)]
         for w in works:
-            toks = w.req.token_slice(w.start, w.start + w.n)
+            ring = w.kind == "ring"
+            # a ring chunk's per-token fields go as int64 arrays (vectorized here and on the
+            # workers: a 32K-token chunk's lists cost tens of ms of host time a step, with the
+            # GPU waiting); pass-Q rows (decodes, short extensions) stay lists
+            toks = w.req.token_array(w.start, w.start + w.n) if ring else \
+                w.req.token_slice(w.start, w.start + w.n)
+            owners = np.asarray(w.owners) if ring else w.owners
             slots, copies = w.slots, w.copies
             targets = None
             if w.req.kind == "score":
@@ -531,21 +556,23 @@ class Scheduler:
                 for a, b in copies[r]:
                     plan.copy_src.append(a)
                     plan.copy_dst.append(b)
-                if w.kind == "q":
+                if not ring:
                     rows = list(range(w.n))
-                    write = [i for i in rows if w.owners[i] == r]
+                    write = [i for i in rows if owners[i] == r]
+                    ids, pos = [toks[i] for i in rows], [w.start + i for i in rows]
                 else:
-                    rows = [i for i in range(w.n) if w.owners[i] == r]
-                    write = list(range(len(rows)))
+                    rows = np.flatnonzero(owners == r)
+                    write = np.arange(len(rows), dtype=np.int64)
+                    ids, pos = toks[rows], w.start + rows
                 first, new = w.req.seq.table_delta(r)
                 step = SeqStep(
-                    w.kind, [toks[i] for i in rows], [w.start + i for i in rows], write,
+                    w.kind, ids, pos, write,
                     slots[r], w.req.seq.key, first, new, w.before[r], w.after[r],
                     chunk_len=w.n, chunk_start=w.start,
                     sample=((w.req.params, len(w.req.out_tokens))
                             if w.sample and r == w.sample_rank else None),
                     seq_len=len(w.req.prompt) + len(w.req.out_tokens),
-                    targets=([targets[i] for i in rows] if targets is not None
+                    targets=([targets[int(i)] for i in rows] if targets is not None
                              and (w.kind == "ring" or r == 0) else None))
                 plan.seqs.append(step)
         if self.cfg.graphs and works and all(w.kind == "q" and w.n == 1 for w in works):
@@ -623,10 +650,22 @@ def _rank_counts(src, world_size: int, m: int) -> List[int]:
     """Tokens per rank among the first m of a cached entry or a sequence."""
     if isinstance(src, CachedSeq):
         return src.rank_counts(world_size, m)
-    counts = [0] * world_size
-    for o in src.owners[:m]:
-        counts[o] += 1
-    return counts
+    return owner_counts(src.owners[:m], world_size)
+
+
+def owner_counts(owners, world_size: int) -> List[int]:
+    """How many of `owners` (a list or an int array of ranks) each rank is."""
+    if isinstance(owners, np.ndarray):
+        return np.bincount(owners, minlength=world_size).tolist()[:world_size]
+    return [owners.count(r) for r in range(world_size)]
+
+
+def ring_owners(n: int, world_size: int, layout: str) -> np.ndarray:
+    """(n,) int64: the rank of each token of an n-token ring chunk under the layout."""
+    owners = np.empty(n, dtype=np.int64)
+    for s in layouts.shards(n, world_size, layout):
+        owners[s.offset:s.offset + s.stride * s.length:s.stride] = s.rank
+    return owners
 
 
 __all__ = ["Request", "Work", "Step", "Scheduler", "SchedulerConfig"]

@@ -909,3 +909,30 @@ def test_extension_positions_are_aligned_tensors(tmp_path_factory, monkeypatch):
     finally:
         close(eng)
     assert seen and all(a == 0 for a in seen), seen
+
+
+def test_token_ids_are_checked_before_any_work(tmp_path_factory):
+    """Ids outside the vocabulary (negative, too large, beyond int64) are refused with the id
+    named, before any step; ints of other types (numpy, bool-free subclasses) are taken as
+    their values; the fast path (a list of exact ints) gives the same output as the others."""
+    import numpy as np
+
+    from ringserve.errors import InvalidRequestError
+
+    path = model_path(tmp_path_factory)
+    eng = make(path, 1, "striped")
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    try:
+        vocab = eng._infos[0]["vocab_size"]
+        for bad in (-1, vocab, 10 ** 30, -(10 ** 30)):
+            with pytest.raises(InvalidRequestError, match=f"token id {bad} is outside"):
+                eng.submit("generate", [5, 6, bad, 7], params).result(30)
+        assert eng.stats()["steps"] == 0
+        prompt = list(range(3, 40))
+        outs = [eng.submit("generate", p, params).result(60).token_ids
+                for p in (prompt, tuple(prompt), np.array(prompt), [np.int32(t) for t in prompt])]
+        assert all(o == outs[0] for o in outs)
+        key = eng.submit("cache_document", np.array(prompt)).result(60)
+        assert key == eng.submit("cache_document", prompt).result(60)
+    finally:
+        close(eng)

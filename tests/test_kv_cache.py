@@ -225,3 +225,40 @@ def test_a_prompt_continues_its_run_past_a_freed_hole():
     c = m.new()
     m.append(c, [1], [0])                         # a new prompt takes the lowest: the hole
     assert c.pages[0] == [2]
+
+
+def test_array_append_equals_list_append():
+    """A ring chunk's owners and tokens as int arrays (the scheduler's, no Python per token)
+    give the same slots, pages, counts, tokens and copy-on-write as the list path."""
+    import numpy as np
+
+    from ringserve.scheduler import owner_counts, ring_owners
+    from ringserve.parallel import layout as layouts
+
+    for layout in ("striped", "ring"):
+        for N in (1, 2, 3):
+            for n in (N, 7, 64, 131):
+                old = [0] * n
+                for s in layouts.shards(n, N, layout):
+                    for p in s.positions().tolist():
+                        old[p] = s.rank
+                arr = ring_owners(n, N, layout)
+                assert arr.tolist() == old
+                assert owner_counts(arr, N) == owner_counts(old, N) == [old.count(r)
+                                                                       for r in range(N)]
+    runs = {}
+    for kind in ("list", "array"):
+        m = KVManager([64, 64, 64], page_size=4, reserved=1)
+        doc = m.new()
+        m.append(doc, list(range(10)), [r % 3 for r in range(10)])
+        q = m.fork(doc, 7)                  # partly filled last pages: copy-on-write next
+        toks, own = list(range(100, 150)), ring_owners(50, 3, "striped").tolist()
+        if kind == "array":
+            slots, copies = m.append(q, np.array(toks), np.array(own))
+            assert all(isinstance(s, np.ndarray) and s.dtype == np.int64 for s in slots)
+            slots = [s.tolist() for s in slots]
+        else:
+            slots, copies = m.append(q, toks, own)
+        runs[kind] = (slots, copies, q.pages, q.counts, q.tokens, q.owners, doc.pages)
+        assert all(type(t) is int for t in q.tokens + q.owners)
+    assert runs["list"] == runs["array"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ringserve import kernels
@@ -80,6 +81,11 @@ def view_pieces(runs: List[Tuple[int, int]], n: int, page: int, cap: int):
         if a >= n:
             break
     return out
+
+
+def ints(x) -> np.ndarray:
+    """A plan's per-token field (a list, or an int array for a ring chunk) as int64."""
+    return np.asarray(x, dtype=np.int64)
 
 
 def to_device(x, dev: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -146,22 +152,44 @@ class StepAttention:
             a += len(s.token_ids)
         self.num_rows = a
         # one scatter of every owned token per layer
-        w_rows, w_slots, w_pos = [], [], []
-        for s, r in zip(plan.seqs, self.rows):
-            w_rows += [r.start + i for i in s.write_rows]
-            w_slots += s.slots
-            w_pos += [s.positions[i] for i in s.write_rows]
-        self.w_rows = on_dev(w_rows, i64)
-        self.w_slots = on_dev(w_slots, i64)
-        self.write_all = w_rows == list(range(a))
-        # every row's slot, -1 where this rank does not store it (the fused RoPE + store)
-        if self.write_all:
-            self.row_slots = self.w_slots
+        if any(isinstance(s.token_ids, np.ndarray) for s in plan.seqs):
+            # a ring chunk's fields are int arrays (the scheduler's, for long chunks): the
+            # same tensors without Python per token
+            w_rows_a = np.concatenate([r.start + ints(s.write_rows)
+                                       for s, r in zip(plan.seqs, self.rows)])
+            w_slots_a = np.concatenate([ints(s.slots) for s in plan.seqs])
+            w_pos_a = np.concatenate([ints(s.positions)[ints(s.write_rows)]
+                                      for s in plan.seqs])
+            self.w_rows = on_dev(torch.from_numpy(w_rows_a))
+            self.w_slots = on_dev(torch.from_numpy(w_slots_a))
+            self.write_all = len(w_rows_a) == a and bool(
+                (w_rows_a == np.arange(a, dtype=np.int64)).all())
+            if self.write_all:
+                self.row_slots = self.w_slots
+            else:
+                row_slots = np.full(a, -1, dtype=np.int64)
+                row_slots[w_rows_a] = w_slots_a
+                self.row_slots = on_dev(torch.from_numpy(row_slots))
+            w_pos = torch.from_numpy(w_pos_a)
+            all_pos = torch.from_numpy(np.concatenate([ints(s.positions) for s in plan.seqs]))
         else:
-            row_slots = [-1] * a
-            for r, sl in zip(w_rows, w_slots):
-                row_slots[r] = sl
-            self.row_slots = on_dev(row_slots, i64)
+            w_rows, w_slots, w_pos = [], [], []
+            for s, r in zip(plan.seqs, self.rows):
+                w_rows += [r.start + i for i in s.write_rows]
+                w_slots += s.slots
+                w_pos += [s.positions[i] for i in s.write_rows]
+            self.w_rows = on_dev(w_rows, i64)
+            self.w_slots = on_dev(w_slots, i64)
+            self.write_all = w_rows == list(range(a))
+            # every row's slot, -1 where this rank does not store it (the fused RoPE + store)
+            if self.write_all:
+                self.row_slots = self.w_slots
+            else:
+                row_slots = [-1] * a
+                for r, sl in zip(w_rows, w_slots):
+                    row_slots[r] = sl
+                self.row_slots = on_dev(row_slots, i64)
+            all_pos = [p for s in plan.seqs for p in s.positions]
         self._stored = -1     # the layer whose K/V rope_store has written
         pool.set_positions(self.w_slots, on_dev(w_pos, i64))
         page = pool.page_size
@@ -212,7 +240,7 @@ class StepAttention:
         qi = [r for i in self.q_rows for r in range(self.rows[i].start, self.rows[i].stop)]
         self.q_slice = _as_slice(qi)
         self.q_index = None if self.q_slice else on_dev(qi, i64)
-        self.positions = on_dev([p for s in plan.seqs for p in s.positions], i64)
+        self.positions = on_dev(all_pos, i64)
         self._seq_pos: Dict[int, torch.Tensor] = {}     # seq_pos(i), made at first use
         # fast paths of the common steps (a decode batch, a lone chunk): skip the gathers and
         # scatters that would be identities; every op counts in a launch-bound eager step
