@@ -317,6 +317,16 @@ case "$PART" in
       --world-size 2 --scenarios single,concurrent,mixed --concurrency 1,16 \
       --json "$OUT/serving_ws2.json" > "$OUT/serving_ws2.log" 2>&1
     grep -E '^single|^concurrent|^mixed|sooner|host probe|Error' "$OUT/serving_ws2.log" | cut -c1-300 ;;
+  s10d)  # session 10, last call (two GPUs, GPU 0 for the benchmark): the 256K prefill under
+         # load at the default budget after the host cuts, on a fast host (session 9's
+         # call 3, host probe 3.58 us: 3.21x ITL), then the fused test's world-size-2 case
+         # (s10c's time limit cut it)
+    (export CUDA_VISIBLE_DEVICES=0
+     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-360} python3 "$REPO/benchmarks/bench_serving.py" \
+       --scenarios prefill --budgets ${BUDGETS:-1536} --json "$OUT/s10d.json" > "$OUT/s10d.log" 2>&1)
+    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe' "$OUT/s10d.log" | cut -c1-300
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider \
+      "$REPO/tests/test_llm_gpu.py" -k "fused and 2" 2>&1 | tee "$OUT/test_fused_ws2.log" | tail -3 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
