@@ -227,7 +227,8 @@ def single(llm, g, vocab, cfg, args) -> Dict:
         max_tokens=64, temperature=0.0, ignore_eos=True))[0]
     llm.drop_document(key)
     row = {"length": n, "prefill_s": wall,
-           "mfu": prefill_flops(cfg, n) / wall / (args.peak_tflops * 1e12),
+           # per GPU: the group's world_size GPUs share the prefill's flops
+           "mfu": prefill_flops(cfg, n) / wall / (args.world_size * args.peak_tflops * 1e12),
            "followup_ttft_s": out.timings["ttft_s"],
            "decode_ms": out.timings["decode_s"] / (len(out.token_ids) - 1) * 1e3}
     print(f"[single] {json.dumps(row)}", flush=True)
