@@ -11,6 +11,7 @@ that specialization (triton's own per-launch Python was a third of the step's ho
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from typing import Optional
 
@@ -74,28 +75,75 @@ def _spec(a):
     return a
 
 
-def _key(full, constexpr) -> tuple:
-    """The launch key: constexprs by value, every other argument by `_spec`, inlined for
-    the common types (a function call per argument was most of the key's cost)."""
+def _args_key(vals) -> tuple:
+    """The key of a launch's non-constexpr arguments, each by `_spec`, inlined for the common
+    types (a function call per argument was most of the key's cost): an aligned tensor is its
+    dtype alone (no tuple made), an int one small code."""
     out = []
     app = out.append
     T = torch.Tensor
-    for a, c in zip(full, constexpr):
+    for a in vals:
         t = type(a)
-        if c:               # by type and value (True == 1 == 1.0 in Python)
-            app((t, a))
+        if t is T:
+            app(a.dtype if not a.data_ptr() & 15 else (a.dtype, 1))
         elif t is int:
             app((1 if a == 1 else 0 if a & 15 else 2)
                 + (0 if -2147483648 <= a <= 2147483647 else 8 if a >= _U64 else 4))
         elif t is float:
             app(float)
-        elif t is T or isinstance(a, T):
-            app((a.dtype, not a.data_ptr() & 15))
+        elif isinstance(a, T):
+            app(a.dtype if not a.data_ptr() & 15 else (a.dtype, 1))
         elif t is bool:     # an i1 argument: never equal to an int's code (True == 1)
             app(("i1", a))
         else:
             app(_spec(a))
     return tuple(out)
+
+
+def _const_key(vals: tuple) -> tuple:
+    """Constexprs by type and value (True == 1 == 1.0 in Python), at C speed."""
+    return vals, tuple(map(type, vals))
+
+
+def _key(full, constexpr) -> tuple:
+    """The launch key of `full` (every parameter's value) given which are constexprs."""
+    return (_args_key([a for a, c in zip(full, constexpr) if not c]),
+            _const_key(tuple(a for a, c in zip(full, constexpr) if c)))
+
+
+def _getter(idx):
+    """A C-speed function of a sequence returning the items at `idx` as a tuple (itemgetter
+    returns a bare item for one index, and refuses none)."""
+    if not idx:
+        return lambda _x: ()
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda x: (x[i],)
+    return operator.itemgetter(*idx)
+
+
+class _CallPlan:
+    """How one call shape (number of positional arguments, keyword names in order) maps onto
+    the kernel's parameters, worked out once: where the rest of the parameters come from, which
+    keywords are launch options, which parameters are constexprs."""
+    __slots__ = ("tail", "opts", "nonconst", "const")
+
+    def __init__(self, launcher: "FastLaunch", nargs: int, kwnames: tuple):
+        names = launcher.names
+        tail = names[nargs:]
+        missing = [n for n in tail if n not in kwnames and n not in launcher.defaults]
+        if missing:
+            raise TypeError(f"{launcher.fn.__name__}: missing argument {missing[0]!r}")
+        if all(n in kwnames for n in tail):
+            self.tail = _getter(tail)
+        else:
+            d = launcher.defaults
+            self.tail = lambda kw, tail=tail, d=d: tuple(kw[n] if n in kw else d[n]
+                                                         for n in tail)
+        self.opts = _getter([k for k in kwnames if k not in launcher.params])
+        flags = launcher.constexpr
+        self.nonconst = _getter([i for i, c in enumerate(flags) if not c])
+        self.const = _getter([i for i, c in enumerate(flags) if c])
 
 
 class FastLaunch:
@@ -125,6 +173,7 @@ class FastLaunch:
         self.broken: Optional[str] = None
         self.direct = 0     # launches that took the direct path (tests, benchmarks)
         self.off: Optional[bool] = None
+        self.plans: dict = {}   # (positional count, keyword names) -> _CallPlan
 
     def _full_args(self, args, kwargs) -> list:
         """Every parameter's value in the kernel's order (the compiled launcher's arguments,
@@ -152,13 +201,19 @@ class FastLaunch:
             self.off = _interpreting() or _disabled()
         if self.off or self.broken is not None or _hooked():
             return self.fn[grid](*args, **kwargs)
-        full = self._full_args(args, kwargs)
+        if self.names is None:
+            self._full_args(args, kwargs)       # reads the kernel's parameters
+        shape = (len(args), tuple(kwargs))
+        plan = self.plans.get(shape)
+        if plan is None:
+            plan = self.plans[shape] = _CallPlan(self, *shape)
+        full = args + plan.tail(kwargs)
         device, stream = _device_and_stream()
-        # constexprs by value, the rest by what triton specializes them on; the launch
-        # options (num_warps, ...) by value; the device (a compiled kernel's function handle
-        # belongs to one)
-        key = (_key(full, self.constexpr),
-               tuple(kv for kv in kwargs.items() if kv[0] not in self.params), device)
+        # constexprs by type and value, the rest by what triton specializes them on; the
+        # launch options (num_warps, ...) by name (the call shape) and value; the device (a
+        # compiled kernel's function handle belongs to one)
+        key = (shape, _args_key(plan.nonconst(full)), _const_key(plan.const(full)),
+               plan.opts(kwargs), device)
         kernel = self.cache.get(key)
         if kernel is None:
             kernel = self.fn[grid](*args, **kwargs)

@@ -94,6 +94,27 @@ def test_a_different_specialization_takes_triton_path(compiled_path):
     assert fast.direct == 1
 
 
+def test_call_shapes_each_bind_every_parameter(compiled_path):
+    """The same launch written another way (a parameter by keyword instead of position, a
+    default given explicitly, keywords in another order) is another call shape with its own
+    binding: each reaches the launcher with every parameter in the kernel's order, and a
+    missing parameter is refused by name."""
+    jit = _Jit()
+    fast = FastLaunch(jit)
+    x, y = torch.zeros(64), torch.zeros(64)
+    shapes = [((x, y, 12, 2, 1.5), {"BLOCK": 64}),
+              ((x, y, 12), {"stride": 2, "scale": 1.5, "BLOCK": 64}),
+              ((x, y, 12, 2, 1.5), {"FLAG": 3, "BLOCK": 64}),
+              ((x, y, 12, 2, 1.5), {"BLOCK": 64, "FLAG": 3, "num_warps": 4})]
+    for args, kw in shapes:
+        fast((1,), *args, **kw)         # the first of each shape: triton's path
+        fast((2,), *args, **kw)         # then the launcher
+        assert jit.compiled.calls[-1][9:] == (x, y, 12, 2, 1.5, 64, 3), (args, kw)
+    assert fast.direct == len(shapes) and len(fast.plans) == len(shapes)
+    with pytest.raises(TypeError, match="missing argument 'BLOCK'"):
+        fast((1,), x, y, 12, 2, 1.5)
+
+
 def test_interpreter_and_hooks_always_take_triton_path(monkeypatch):
     jit = _Jit()
     fast = FastLaunch(jit)
