@@ -139,10 +139,14 @@ def split_parts(out, lse):
     batch entry's Sq queries (B = 1), as merge_splits takes them: (out (NB, R, Hq, D), lse
     (NB, Hq, R)), R = B * Sq, views (no copy)."""
     B, Hq, Sq, NB, D = out.shape
+    (ob, oh, os_, on, od), (lb, lh, ls, ln) = out.stride(), lse.stride()
+    # one as_strided op a tensor (a select and a permute each before: launch-bound steps)
     if Sq == 1:
-        return out[:, :, 0].permute(2, 0, 1, 3), lse[:, :, 0].permute(2, 1, 0)
+        return (out.as_strided((NB, B, Hq, D), (on, ob, oh, od), out.storage_offset()),
+                lse.as_strided((NB, Hq, B), (ln, lh, lb), lse.storage_offset()))
     if B == 1:
-        return out[0].permute(2, 1, 0, 3), lse[0].permute(2, 0, 1)
+        return (out.as_strided((NB, Sq, Hq, D), (on, os_, oh, od), out.storage_offset()),
+                lse.as_strided((NB, Hq, Sq), (ln, lh, ls), lse.storage_offset()))
     raise ValueError(f"split_parts needs Sq == 1 or B == 1, got partials {tuple(out.shape)}")
 
 

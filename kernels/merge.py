@@ -168,17 +168,22 @@ def merge_splits_triton(out, lse, extra=None, dest=None):
     R = S * H
     if R == 0 or D == 0:
         return y, (z.fill_(float("-inf")) if z is not None else None)
+    # strides given as numbers, not as views (a view op each in a launch-bound step)
     if extra is None:
         e, le, ne = out, lse, 0                              # unread: no extra parts
-    elif extra[0].dim() == 3:
-        e, le, ne = extra[0][None], extra[1][None], 1
+        es, les = out.stride(), lse.stride()
+    elif extra[0].dim() == 3:                                # one part: a leading 1
+        e, le, ne = extra[0], extra[1], 1
+        es, les = (0, *e.stride()), (0, *le.stride())
     else:
         e, le, ne = extra[0], extra[1], extra[0].shape[0]
-    zz = z if z is not None else lse[0]                        # unwritten without STORE_LSE
+        es, les = e.stride(), le.stride()
+    # without STORE_LSE the lse output is never written: any pointer, strides 0
+    zz, zs = (z, z.stride()) if z is not None else (lse, (0, 0))
     block_d = max(16, next_pow2(D))
     block_r = max(1, min(next_pow2(R), 4096 // block_d))
     _merge_splits_fast((cdiv(R, block_r),),
-        out, lse, e, le, y, zz, NB, ne, R, S, H, D, *out.stride(), *lse.stride(), *e.stride(),
-        *le.stride(), *y.stride(), *zz.stride(),
+        out, lse, e, le, y, zz, NB, ne, R, S, H, D, *out.stride(), *lse.stride(), *es,
+        *les, *y.stride(), *zs,
         STORE_LSE=z is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return y, z

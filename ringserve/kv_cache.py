@@ -80,6 +80,9 @@ class KVPool:
         # a launch-bound decode step would pay two view ops per layer and tensor for them
         self._slot_views = [(self.k[i].view(-1, H, D), self.v[i].view(-1, H, D))
                             for i in range(L)]
+        # per layer, k and v as (P, page, Hkv, D) views, made once (the paged kernels read a
+        # layer: a select op each, twice a call, otherwise)
+        self.layers = [(self.k[i], self.v[i]) for i in range(L)]
 
     @property
     def page_size(self) -> int:

@@ -3,7 +3,8 @@ attention step supplied from outside.
 
 No distributed code lives here. The engine passes `attn_fn(layer_idx, q, k, v) -> out` with
 q (1, T, Hq, D), k and v (1, T, Hkv, D) for this process's tokens (already rotated at their global
-positions); it runs ring attention, distributed decode, or plain local attention, and may keep
+positions), out (1, T, Hq, D); an attn_fn with `flat_batch = True` takes and returns them without
+the leading 1 (the engine's step: two view ops fewer a tensor a layer); it runs ring attention, distributed decode, or plain local attention, and may keep
 k/v in its KV cache. K/V heads are never repeated for GQA/MQA. What the attention must apply
 per layer is on the model: `window_size` (an int or None for all layers, or a tuple per layer:
 Gemma's windowed and global layers), `softmax_scale` and `softcap` (Gemma 2's score capping).
@@ -124,7 +125,8 @@ class Attention(nn.Module):
 
     def output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The attention's output (t, Hq, D) -> (t, hidden)."""
-        return self.o_proj(o.reshape(o.shape[0], -1).to(dtype))
+        o = o.reshape(o.shape[0], -1)
+        return self.o_proj(o if o.dtype == dtype else o.to(dtype))
 
 
 class MLAttention(nn.Module):
@@ -195,7 +197,8 @@ class MLAttention(nn.Module):
         """(t, h, latent_dim) attention output in the latent space -> (t, hidden)."""
         _, w_uv = self._wkv()
         o = torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].to(w_uv.dtype), w_uv)
-        return self.o_proj(o.reshape(o.shape[0], -1).to(dtype))
+        o = o.reshape(o.shape[0], -1)
+        return self.o_proj(o if o.dtype == dtype else o.to(dtype))
 
 
 class MLP(nn.Module):
@@ -431,11 +434,13 @@ class CausalLM(nn.Module):
                     q[a:b], k[a:b] = qa, ka
                     if v is not k:
                         v[a:b] = va
-            o = attn_fn(li, q[None], k[None], v[None])  # (1, T, Hq, D)
-            if tuple(o.shape) != (1, T, hq, d):
-                raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
-                                 f"{(1, T, hq, d)}")
-            o = o[0]
+            flat = getattr(attn_fn, "flat_batch", False)    # (T, Hq, D) in and out
+            o = attn_fn(li, q, k, v) if flat else attn_fn(li, q[None], k[None], v[None])
+            want = (T, hq, d) if flat else (1, T, hq, d)
+            if tuple(o.shape) != want:
+                raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected {want}")
+            if not flat:
+                o = o[0]
             del q, k, v
             for a, b in spans:
                 layer.residual_updates(h[a:b], o[a:b])
@@ -470,6 +475,8 @@ class CausalLM(nn.Module):
         T = h.shape[0]
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         store = getattr(attn_fn, "rope_store", None)
+        flat = getattr(attn_fn, "flat_batch", False)
+        want = torch.Size((T, hq, d) if flat else (1, T, hq, d))
         # the last sublayer's output, not yet added to h, and the norm it takes first (Gemma)
         pending = None
         for li, layer in enumerate(self.model.layers):
@@ -488,12 +495,15 @@ class CausalLM(nn.Module):
                     q, k, v = store(li, q, k, v, cos, sin, **qk)
                 else:
                     q, k, v = rope_store_triton(q, k, v, cos, sin, **qk)
-            o = attn_fn(li, q[None], k[None], v[None])
-            if tuple(o.shape) != (1, T, hq, d):
+            if flat:        # (T, H, D) in and out: no batch dimension made and dropped
+                o = attn_fn(li, q, k, v)
+            else:
+                o = attn_fn(li, q[None], k[None], v[None])
+            if o.shape != want:
                 raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
-                                 f"{(1, T, hq, d)}")
+                                 f"{tuple(want)}")
             del q, k, v
-            a = at.output(o[0], h.dtype)
+            a = at.output(o if flat else o[0], h.dtype)
             ffn = layer.ffn()
             if layer.sandwich:    # Gemma: h += norm(a); the MLP's input and output normed
                 x = add_norm(layer.pre_feedforward_layernorm, h,

@@ -265,7 +265,8 @@ class StepAttention:
         return t
 
     def _paged(self, layer, q, table, lens, q_pos, splits=False):
-        return kernels.paged_decode(q, self.pool.k[layer], self.pool.v[layer], table, lens,
+        k_layer, v_layer = self.pool.layers[layer]
+        return kernels.paged_decode(q, k_layer, v_layer, table, lens,
                                     softmax_scale=self.scale, causal=True,
                                     window_size=self.window, q_pos=q_pos,
                                     kv_pos=self.pool.kv_pos, backend=self.backend,
@@ -282,8 +283,13 @@ class StepAttention:
         self._stored = layer
         return out
 
+    # the model calls this with q (T, Hq, D), k, v (T, Hkv, D) and takes (T, Hq, D) back,
+    # without the batch dimension of its general attn_fn contract (two view ops a tensor a
+    # layer in a launch-bound step)
+    flat_batch = True
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        q, k, v = q[0], k[0], v[0]                      # (T, H, D)
+        """q (T, Hq, D), k, v (T, Hkv, D) -> (T, Hq, D) (`flat_batch`)."""
         if self.layer_windows is not None:              # this layer's window (Gemma)
             self.window = self.layer_windows[layer]
         if self._stored == layer:                       # rope_store wrote them
@@ -297,7 +303,7 @@ class StepAttention:
             o, lse = self._pass_q(layer, q, merged=self.world_size > 1)
             if self.world_size > 1:
                 o, lse = self._merge_ranks(o, lse)
-            return o.to(q.dtype)[None]
+            return o if o.dtype == q.dtype else o.to(q.dtype)
         out = torch.empty_like(q)
         if self.cascade_into_out:   # one rank, one shared document under every decode row
             self._cascade_into(layer, q, out[self.dec_slice])
@@ -312,7 +318,7 @@ class StepAttention:
         for i in self.ring:
             r = self.rows[i]
             self._ring_chunk(layer, i, q[r], k[r], v[r], out[r])
-        return out[None]
+        return out
 
     # ---- pass-Q rows ----
 
