@@ -114,6 +114,22 @@ class Attention(nn.Module):
             return self.qkv(x)
         return F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
 
+    def qkv_heads(self, x: torch.Tensor, d: int):
+        """As `qkv_joint`, as q (t, Hq, d), k, v (t, Hkv, d): one view and one split of the
+        joined GEMM's output (a split and three views before: view ops add up in a
+        launch-bound step)."""
+        j = self.joined
+        if self.fused:
+            y, sizes = self.qkv_proj(x), self.sizes
+        elif j is not None and j.holds(self.q_proj, self.k_proj, self.v_proj):
+            y, sizes = F.linear(x, j.weight, j.bias), j.sizes
+        else:
+            y, sizes = None, ()
+        if y is None or any(n % d for n in sizes):
+            t = x.shape[0]
+            return tuple(z.view(t, -1, d) for z in self.qkv_joint(x))
+        return y.view(y.shape[0], -1, d).split([n // d for n in sizes], dim=1)
+
     def qkv(self, x: torch.Tensor):
         """x (t, hidden) -> q (t, Hq*D), k, v (t, Hkv*D), unrotated, before any q/k norm."""
         if self.fused:
@@ -473,7 +489,7 @@ class CausalLM(nn.Module):
 
         cfg = self.config
         T = h.shape[0]
-        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        hq, d = cfg.num_attention_heads, cfg.head_dim
         store = getattr(attn_fn, "rope_store", None)
         flat = getattr(attn_fn, "flat_batch", False)
         want = torch.Size((T, hq, d) if flat else (1, T, hq, d))
@@ -486,8 +502,7 @@ class CausalLM(nn.Module):
             if cfg.mla is not None:   # latent q and k (interleaved RoPE) in one launch
                 q, k, v = at.project(x, cos, sin, norm, fused=True)
             else:
-                q, k, v = at.qkv_joint(x)   # views; the kernel copies v contiguous
-                q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
+                q, k, v = at.qkv_heads(x, d)   # views; the kernel copies v contiguous
                 qk = ({"q_norm": at.q_norm.weight, "k_norm": at.k_norm.weight,
                        "eps": at.q_norm.eps, "plus_one": at.q_norm.plus_one}
                       if at.qk_norm else {})

@@ -458,25 +458,38 @@ class StepAttention:
         else:
             pieces = [(a, min(n, a + PIECE_TOKENS), None) for a in range(0, n, PIECE_TOKENS)]
         flat_k, flat_v = self.pool.slot_views(layer)     # (pages * P, H, Dk) views
+        same = self.pool.v is self.pool.k                # MLA: the values are the keys (latent)
+        row = H * Dk
         for a, b, first in pieces:
+            splits = split_count(b - a, R, Hq)
+            L = (b - a) // splits
             if first is not None:   # tokens a..b sit in pages first, first + 1, ...
-                k = flat_k[first * P:first * P + b - a]
-                v = k if self.pool.v is self.pool.k else flat_v[first * P:first * P + b - a]
+                # the splits' (splits, L, H, Dk) views in one op each (a slice and a view
+                # before: view ops add up in a launch-bound step)
+                base = flat_k.storage_offset() + first * P * row
+                k = flat_k.as_strided((splits, L, H, Dk), (L * row, row, Dk, 1), base)
+                v = k if same else flat_v.as_strided((splits, L, H, Dk), (L * row, row, Dk, 1),
+                                                     flat_v.storage_offset() + first * P * row)
+                parts = [(k, v, splits)]
+                if splits * L < b - a:
+                    kt = flat_k[first * P + splits * L:first * P + b - a]
+                    vt = kt if same else flat_v[first * P + splits * L:first * P + b - a]
+                    parts.append((kt[None], vt[None], 1))
             else:
                 pages = self.tables[i][0, a // P: -(-b // P)].long()
                 k = self.pool.k[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a]
-                v = (k if self.pool.v is self.pool.k   # MLA: the values are the keys (latent)
+                v = (k if same
                      else self.pool.v[layer].index_select(0, pages).reshape(-1, H, Dk)[:b - a])
-            splits = split_count(b - a, R, Hq)
-            L = (b - a) // splits
-            parts = [(k[:splits * L].view(splits, L, H, Dk),
-                      v[:splits * L].view(splits, L, H, Dk), splits)]
-            if splits * L < b - a:
-                parts.append((k[splits * L:][None], v[splits * L:][None], 1))
+                parts = [(k[:splits * L].view(splits, L, H, Dk),
+                          v[:splits * L].view(splits, L, H, Dk), splits)]
+                if splits * L < b - a:
+                    parts.append((k[splits * L:][None], v[splits * L:][None], 1))
             for kk, vv, nb in parts:
                 # each piece's splits are merged in one launch by the caller (a merge and two
-                # copies per split made a short chunk's step launch-bound on the GPU)
-                yield kernels.attention(q[None].expand(nb, R, Hq, D), kk, vv,
+                # copies per split made a short chunk's step launch-bound on the GPU); q the
+                # same for every split: a stride-0 view, one op
+                qq = q.as_strided((nb, R, Hq, D), (0, *q.stride()), q.storage_offset())
+                yield kernels.attention(qq, kk, vv,
                                         softmax_scale=self.scale, causal=False,
                                         backend=self.backend, softcap=self.softcap,
                                         check=False)
