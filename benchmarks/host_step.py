@@ -13,10 +13,17 @@ GEMMs of the narrow layers still cost some CPU (printed apart from the rest).
 
   python3 benchmarks/host_step.py                       # 32 layers, 8 streams, budget 1536
   python3 benchmarks/host_step.py --profile 16          # and a cProfile of 16 late steps
+  python3 benchmarks/host_step.py --count-ops 4         # aten ops of 4 late steps, by op
+
+The aten-op count is the figure that carries over to a GPU host best: there each op (a view, a
+`torch.empty`) goes through the CUDA dispatcher at several times its CPU cost, and the late
+mixed step was host-bound there with ~2,400 of them (session 10: 2,638 counted here before its
+cuts, 256 of them the CPU-only length checks of the paged kernel on CPU tensors).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import os
@@ -97,6 +104,8 @@ def main(argv=None) -> int:
                         "chunks are the 128-token ones of a 256K prompt on the GPU")
     p.add_argument("--late", type=int, default=60, help="the last this many steps are timed")
     p.add_argument("--profile", type=int, default=0, help="cProfile this many late steps")
+    p.add_argument("--count-ops", type=int, default=0,
+                   help="count the aten ops of this many late steps (per step, by op)")
     p.add_argument("--kv-tokens", type=int, default=None)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -138,6 +147,7 @@ def _run(a, cfg, grp, stubbed) -> int:
 
 def _measure(a, cfg, grp, stubbed, eng) -> int:
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from ringserve.sampling import SamplingParams
     g = torch.Generator().manual_seed(0)
@@ -169,16 +179,27 @@ def _measure(a, cfg, grp, stubbed, eng) -> int:
 
     late_from = int(0.75 * a.prefill_len)
     profiled = [0]
+    ops = collections.Counter()
+    counted = [0]
+
+    class _CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
 
     def execute(plan):
         ring = [s for s in plan.seqs if s.kind == "ring"]
         chunk = sum(len(s.token_ids) for s in ring)
         g0 = gemm[0]
         t = time.perf_counter()
-        if (prof is not None and profiled[0] < a.profile
-                and any(s.chunk_start >= late_from for s in ring)):
+        late = any(s.chunk_start >= late_from for s in ring)
+        if prof is not None and profiled[0] < a.profile and late:
             profiled[0] += 1      # cProfiled steps are not timed
             return prof.runcall(real, plan)
+        if counted[0] < a.count_ops and late:
+            counted[0] += 1       # counted steps are not timed
+            with _CountOps():
+                return real(plan)
         r = real(plan)
         log.append((time.perf_counter() - t, chunk, gemm[0] - g0))
         return r
@@ -211,6 +232,10 @@ def _measure(a, cfg, grp, stubbed, eng) -> int:
     print(f"late mixed step (last {len(late)}, chunk median "
           f"{statistics.median(x[1] for x in late):.0f} tokens): host {med:.2f} ms median, "
           f"of which CPU GEMMs {med_gemm:.2f} ms; without them {med - med_gemm:.2f} ms")
+    if counted[0]:
+        n = counted[0]
+        print(f"aten ops per late mixed step: {sum(ops.values()) / n:.0f} (over {n} steps); "
+              "the most frequent: " + ", ".join(f"{k} {v / n:.0f}" for k, v in ops.most_common(12)))
     if prof is not None:
         print(f"cProfile of {profiled[0]} steps with a chunk past {late_from} tokens:")
         s = io.StringIO()

@@ -17,7 +17,7 @@ def test_host_step_cpu_smoke(capsys):
         spec.loader.exec_module(mod)
         assert mod.main(["--layers", "2", "--doc-len", "512", "--prefill-len", "2048",
                          "--streams", "3", "--budget", "128", "--late", "5",
-                         "--profile", "2"]) == 0
+                         "--profile", "2", "--count-ops", "2"]) == 0
     finally:
         sys.path.remove(str(BENCH))
     out = capsys.readouterr().out
@@ -27,6 +27,8 @@ def test_host_step_cpu_smoke(capsys):
     assert int(re.search(r"(\d+) kernels stubbed", out).group(1)) >= 9
     assert "late mixed step (last 5" in out and "without them" in out
     assert "cProfile of 2 steps" in out and "_forward_fused" in out
+    n = int(re.search(r"aten ops per late mixed step: (\d+) \(over 2 steps\)", out).group(1))
+    assert n > 20 and "empty" in out     # 2 layers: a few dozen ops, allocations among them
 
 
 def test_host_step_leaves_the_kernels_as_they_were():
