@@ -178,6 +178,8 @@ def merge_splits_triton(out, lse, extra=None, dest=None):
     else:
         e, le, ne = extra[0], extra[1], extra[0].shape[0]
         es, les = e.stride(), le.stride()
+        if ne == 1:     # the part index is always 0: its stride is never used, and as 0 it
+            es, les = (0, *es[1:]), (0, *les[1:])   # is no specialization of its own
     # without STORE_LSE the lse output is never written: any pointer, strides 0
     zz, zs = (z, z.stride()) if z is not None else (lse, (0, 0))
     block_d = max(16, next_pow2(D))
