@@ -265,15 +265,16 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
         try:
             for e in list(llm._engine.doc_cache.entries()):  # room for this length
                 llm.drop_document(e.key)
-            before = len(llm._group.call("recent_step_times")[0])
+            steps0 = llm.stats()["steps"]
             t0 = time.perf_counter()
             key = llm.cache_document(doc)
             wall = time.perf_counter() - t0
             # where a chunked prefill's time goes: the engine's steps (the driver's group
             # call) and rank 0's execute, against the wall time (the rest: the engine
             # thread's planning and updates, the Ray round trips)
-            chunks = [s for s in llm._engine.recent_steps() if s["prompt_tokens"]]
-            worker = llm._group.call("recent_step_times")[0][before:]
+            nsteps = llm.stats()["steps"] - steps0     # the prefill's steps (nothing else ran)
+            chunks = [s for s in llm._engine.recent_steps(nsteps) if s["prompt_tokens"]]
+            worker = llm._group.call("recent_step_times", nsteps)[0] if nsteps else []
             out = llm.generate([doc + q], SamplingParams(max_tokens=args.decode_tokens,
                                                          **greedy))[0]
             # rank 0's execute time of each decode step (the last steps ran this request

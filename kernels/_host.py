@@ -95,8 +95,8 @@ def _args_key(vals) -> tuple:
             app(a.dtype if not a.data_ptr() & 15 else (a.dtype, 1))
         elif t is bool:     # an i1 argument: never equal to an int's code (True == 1)
             app(("i1", a))
-        else:
-            app(_spec(a))
+        else:               # tagged by type: never equal to an int's code or a bare dtype
+            app((t, _spec(a)))   # (a numpy int 2 must not reuse the kernel of n % 16 == 0)
     return tuple(out)
 
 

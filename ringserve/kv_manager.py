@@ -166,9 +166,10 @@ class KVManager:
             while len(pages) < pages_for(c + new[r], P):
                 # a prompt's next page continues its run when it can (one view, no gather)
                 pages.append(a.take(high, after=pages[-1] if pages and not high else None))
-            if arrays:
+            if arrays:    # only the pages the new tokens land in, not the whole table
                 i = np.arange(c, c + new[r], dtype=np.int64)
-                slots[r] = np.asarray(pages, dtype=np.int64)[i // P] * P + i % P
+                slots[r] = (np.asarray(pages[c // P:], dtype=np.int64)[i // P - c // P] * P
+                            + i % P)
             else:
                 slots[r] = [pages[i // P] * P + i % P for i in range(c, c + new[r])]
             seq.counts[r] += new[r]

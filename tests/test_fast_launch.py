@@ -115,6 +115,23 @@ def test_call_shapes_each_bind_every_parameter(compiled_path):
         fast((1,), x, y, 12, 2, 1.5)
 
 
+def test_other_scalar_types_never_share_a_key_with_ints(compiled_path):
+    """An argument of another type (a numpy int) is keyed by its type too: a numpy 2 must not
+    reuse the kernel compiled for an int multiple of 16, whose key code is 2."""
+    import numpy as np
+
+    from ringserve.kernels._host import _args_key
+    x = torch.zeros(4)
+    assert _args_key([16]) != _args_key([np.int64(2)])
+    assert _args_key([x]) != _args_key([x.dtype])        # an aligned tensor's key is its dtype
+    jit = _Jit()
+    fast = FastLaunch(jit)
+    x, y = torch.zeros(64), torch.zeros(64)
+    fast((1,), x, y, 16, 2, 0.5, BLOCK=64)
+    fast((1,), x, y, np.int64(2), 2, 0.5, BLOCK=64)
+    assert fast.direct == 0 and len(jit.slow) == 2        # triton's path, not the 16 kernel
+
+
 def test_interpreter_and_hooks_always_take_triton_path(monkeypatch):
     jit = _Jit()
     fast = FastLaunch(jit)
