@@ -29,7 +29,7 @@ from ringserve import kernels
 from ringserve.errors import GraphCaptureError
 from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
-from ringserve.parallel.step_attention import (StepAttention, _as_slice, _merge, merge_rows,
+from ringserve.parallel.step_attention import (StepAttention, _as_slice, _merge, ints, merge_rows,
                                                to_device)
 from ringserve.plan import RankPlan
 from ringserve.sampling import Sampler
@@ -428,8 +428,7 @@ class ModelShardWorker(ShardWorker):
                              self.transport, self.softmax_scale, self.window_size, self.backend,
                              softcap=self.model.softcap)
         if any(isinstance(s.token_ids, np.ndarray) for s in plan.seqs):   # a ring chunk's
-            ids = torch.from_numpy(np.concatenate([np.asarray(s.token_ids, dtype=np.int64)
-                                                   for s in plan.seqs]))
+            ids = torch.from_numpy(np.concatenate([ints(s.token_ids) for s in plan.seqs]))
         else:
             ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], dtype=torch.int64)
         # only longrope reads the rows' sequence lengths (a host op a step otherwise)

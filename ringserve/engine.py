@@ -464,9 +464,7 @@ class Engine:
         key = doc_key(req.prompt_tensor())
         if self.doc_cache.get(key) is not None:
             return
-        seq = self.kv.fork(req.seq, len(req.prompt))
-        ids = torch.from_numpy(np.array(seq.tokens, dtype=np.int32))
-        e = CachedSeq(key, seq, ids, torch.from_numpy(np.array(seq.owners, dtype=np.int8)))
+        e = _cached_entry(key, self.kv.fork(req.seq, len(req.prompt)))
         for g in self.doc_cache.add(e):
             self.kv.free(g.kv)
         self._fit_budget(e)
@@ -710,9 +708,7 @@ class Engine:
         if not keep or n == 0 or n > self.doc_cache.budget_tokens:
             self.kv.free(seq)
             return None
-        ids = torch.from_numpy(np.array(seq.tokens, dtype=np.int32))
-        e = CachedSeq(doc_key(ids), seq, ids,
-                      torch.from_numpy(np.array(seq.owners, dtype=np.int8)), pinned=pinned)
+        e = _cached_entry(None, seq, pinned)
         for g in self.doc_cache.add(e):
             self.kv.free(g.kv)
         return e if self._fit_budget(e) else None
@@ -825,6 +821,13 @@ class Engine:
             req = Request(self.sched.next_order(), "cache_document", ids, None, h)
             req.doc_key = doc_key(req.prompt_tensor())
             self.sched.waiting.appendleft(req)
+
+
+def _cached_entry(key: Optional[str], seq, pinned: bool = False) -> CachedSeq:
+    """A document-cache entry of seq's tokens (keyed by their hash when key is None)."""
+    ids = torch.from_numpy(np.array(seq.tokens, dtype=np.int32))
+    return CachedSeq(key or doc_key(ids), seq, ids,
+                     torch.from_numpy(np.array(seq.owners, dtype=np.int8)), pinned=pinned)
 
 
 def _is_capture_failure(err: BaseException) -> bool:

@@ -29,6 +29,13 @@ def fewest_owner(counts: Sequence[int]) -> int:
     return min(range(len(counts)), key=lambda r: (counts[r], r))
 
 
+def owner_counts(owners, world_size: int) -> List[int]:
+    """How many of `owners` (a list or an int array of ranks) each rank is."""
+    if isinstance(owners, np.ndarray):
+        return np.bincount(owners, minlength=world_size).tolist()[:world_size]
+    return [owners.count(r) for r in range(world_size)]
+
+
 def balanced_counts(counts: Sequence[int], n: int) -> List[int]:
     """Per-rank token counts after n more tokens given one by one by `fewest_owner`."""
     c = list(counts)
@@ -114,7 +121,7 @@ class KVManager:
     def fork(self, src: SeqKV, m: int) -> SeqKV:
         """A new sequence holding src's first m tokens, sharing their pages."""
         owners = src.owners[:m]
-        counts = [owners.count(r) for r in range(self.world_size)]
+        counts = owner_counts(owners, self.world_size)
         pages = []
         for r, c in enumerate(counts):
             p = src.pages[r][:pages_for(c, self.page_size)]
@@ -144,8 +151,7 @@ class KVManager:
         run), or with `high` from the high end (one-token rows). `owners` (and `tokens`) as
         int arrays (a ring chunk): the slots are int64 arrays too, else lists."""
         arrays = isinstance(owners, np.ndarray)   # a ring chunk: int arrays, no Python per token
-        new = (np.bincount(owners, minlength=self.world_size).tolist()[:self.world_size]
-               if arrays else [owners.count(r) for r in range(self.world_size)])
+        new = owner_counts(owners, self.world_size)
         need = self.need(seq, new)
         if not self.fits(need):
             raise KVCacheFullError(f"{need} pages needed, {self.free_pages()} free")

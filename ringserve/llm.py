@@ -200,7 +200,8 @@ class LLM:
         page_size = page_size or (64 if gpu else 16)
         # the step budget: on CUDA 1536 token-equivalents per rank, where the 256K prefill
         # beside 8 decoding streams took 1.42x its solo time with the streams' ITL at 2.86x
-        # solo on one H200 (session 9; 4096, the earlier default: 1.19x and 8.19x). A prompt
+        # solo on one H200 (session 9; 3.08x on a faster host in session 10; 4096, the
+        # earlier default: 1.19x and 8.19x). A prompt
         # alone takes at least 32768 per rank a step (8x the budget when that is more), so a
         # lone prefill is not slowed by the smaller budget
         budget, solo = step_budgets(gpu, world_size, max_num_batched_tokens)

@@ -3,9 +3,9 @@ attention step supplied from outside.
 
 No distributed code lives here. The engine passes `attn_fn(layer_idx, q, k, v) -> out` with
 q (1, T, Hq, D), k and v (1, T, Hkv, D) for this process's tokens (already rotated at their global
-positions), out (1, T, Hq, D); an attn_fn with `flat_batch = True` takes and returns them without
-the leading 1 (the engine's step: two view ops fewer a tensor a layer); it runs ring attention, distributed decode, or plain local attention, and may keep
-k/v in its KV cache. K/V heads are never repeated for GQA/MQA. What the attention must apply
+positions), out (1, T, Hq, D); an attn_fn with `flat_batch = True` takes and returns them
+without the leading 1 (the engine's step: two view ops fewer a tensor a layer). It runs ring
+attention, distributed decode, or plain local attention, and may keep k/v in its KV cache. K/V heads are never repeated for GQA/MQA. What the attention must apply
 per layer is on the model: `window_size` (an int or None for all layers, or a tuple per layer:
 Gemma's windowed and global layers), `softmax_scale` and `softcap` (Gemma 2's score capping).
 

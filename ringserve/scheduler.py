@@ -31,7 +31,8 @@ import torch
 
 from .doc_cache import CachedSeq, DocumentCache, common_prefix
 from .errors import CapacityError
-from .kv_manager import KVManager, SeqKV, balanced_counts, fewest_owner, pages_for
+from .kv_manager import (KVManager, SeqKV, balanced_counts, fewest_owner, owner_counts,
+                         pages_for)
 from .parallel import layout as layouts
 from .plan import RankPlan, SeqStep
 from .sampling import SamplingParams
@@ -651,13 +652,6 @@ def _rank_counts(src, world_size: int, m: int) -> List[int]:
     if isinstance(src, CachedSeq):
         return src.rank_counts(world_size, m)
     return owner_counts(src.owners[:m], world_size)
-
-
-def owner_counts(owners, world_size: int) -> List[int]:
-    """How many of `owners` (a list or an int array of ranks) each rank is."""
-    if isinstance(owners, np.ndarray):
-        return np.bincount(owners, minlength=world_size).tolist()[:world_size]
-    return [owners.count(r) for r in range(world_size)]
 
 
 def ring_owners(n: int, world_size: int, layout: str) -> np.ndarray:

@@ -232,7 +232,8 @@ def test_array_append_equals_list_append():
     give the same slots, pages, counts, tokens and copy-on-write as the list path."""
     import numpy as np
 
-    from ringserve.scheduler import owner_counts, ring_owners
+    from ringserve.kv_manager import owner_counts
+    from ringserve.scheduler import ring_owners
     from ringserve.parallel import layout as layouts
 
     for layout in ("striped", "ring"):

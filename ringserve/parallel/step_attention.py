@@ -342,13 +342,13 @@ class StepAttention:
         r = self.dec_slice or slice(0, q.shape[0])
         s0, s1, s2 = q.stride()
         B, Hq, D = r.stop - r.start, q.shape[1], q.shape[2]
-        at = q.storage_offset() + r.start * s0
-        own = self._paged(layer, q.as_strided((B, 1, Hq, D), (s0, Hq * s1, s1, s2), at),
+        own = self._paged(layer, q.as_strided((B, 1, Hq, D), (s0, Hq * s1, s1, s2),
+                                              q.storage_offset() + r.start * s0),
                           self.dec_table, self.dec_lens, self.dec_qpos,
                           splits=True)                                # B entries, 1 query
         table, lens, _, qpos = self.groups[0]
-        doc = self._paged(layer, q.as_strided((1, B, Hq, D), (B * s0, s0, s1, s2), at), table,
-                          lens, qpos, splits=True)                    # 1 entry, B queries
+        doc = self._paged(layer, _rows4(q, r), table, lens, qpos,
+                          splits=True)                                # 1 entry, B queries
         kernels.merge_splits(*kernels.split_parts(*doc), backend=self.backend,
                              extra=kernels.split_parts(*own), dest=dest, check=False)
 
