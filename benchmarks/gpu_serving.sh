@@ -327,6 +327,27 @@ case "$PART" in
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe' "$OUT/s10d.log" | cut -c1-300
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider \
       "$REPO/tests/test_llm_gpu.py" -k "fused and 2" 2>&1 | tee "$OUT/test_fused_ws2.log" | tail -3 ;;
+  s11a)  # session 11, first call (two GPUs): the GPU tests of the code changed since session 10's
+         # calls (FastLaunch's call plans and type tags, the mixed step's view-op cuts, the
+         # merge strides), then the fused and graph cases of the engine at world sizes 1 and 2
+    (export CUDA_VISIBLE_DEVICES=0
+     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${KTEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider \
+       "$REPO/tests/test_kernels_gpu.py" -k "fast_launch or merge or split" 2>&1 \
+       | tee "$OUT/test_kernels_gpu.log" | grep -E "passed|failed|Error" | tail -4)
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${TEST_TIMEOUT:-380} python3 -m pytest -q -p no:cacheprovider \
+      -o faulthandler_timeout=360 "$REPO/tests/test_llm_gpu.py" -k "fused or graph" 2>&1 \
+      | tee "$OUT/test_llm_gpu.log" | grep -E "passed|failed|PASS|FAIL|Error" | tail -8 ;;
+  s11c)  # session 11 (two GPUs): the single 128K request at world size 2, the previous engine
+         # (7806572) and this one in one call and one harness (bench_e2e, CUDA graphs both)
+    mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
+    PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout ${OLD_TIMEOUT:-200} python3 /tmp/old/benchmarks/bench_e2e.py \
+      --world-size 2 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --json "$OUT/e2e_old_ws2.json" > "$OUT/e2e_old_ws2.log" 2>&1
+    grep -E '^\[ringserve\] \{|Error' "$OUT/e2e_old_ws2.log" | tail -2 | cut -c1-400
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${NEW_TIMEOUT:-300} python3 "$REPO/benchmarks/bench_e2e.py" \
+      --world-size 2 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --solo-budgets ${SOLOS:-32768,65536} --json "$OUT/e2e_new_ws2.json" > "$OUT/e2e_new_ws2.log" 2>&1
+    grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_new_ws2.log" | tail -5 | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
