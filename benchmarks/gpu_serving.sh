@@ -348,6 +348,18 @@ case "$PART" in
       --world-size 2 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
       --solo-budgets ${SOLOS:-32768,65536} --json "$OUT/e2e_new_ws2.json" > "$OUT/e2e_new_ws2.log" 2>&1
     grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_new_ws2.log" | tail -5 | cut -c1-300 ;;
+  s11d)  # session 11: merge_splits reading many parts a load (the late step's 64 merges took
+         # 3.9 ms, the cascade's ~70 decode splits merged by 8 programs): its GPU tests, the
+         # merge and doc-decode table, then the 256K prefill under load at 1280 / 1536
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k "merge or split or cascade" 2>&1 \
+      | tee "$OUT/test_kernels_gpu.log" | grep -E "passed|failed|Error" | tail -4
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 90 python3 "$REPO/benchmarks/bench_merge.py" \
+      --json "$OUT/bench_merge.json" > "$OUT/bench_merge.log" 2>&1; tail -12 "$OUT/bench_merge.log"
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-370} python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets ${BUDGETS:-1280,1536} --json "$OUT/s11d.json" > "$OUT/s11d.log" 2>&1
+    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe|Error' "$OUT/s11d.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

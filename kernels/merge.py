@@ -99,6 +99,40 @@ def merge_triton_(out_acc, lse_acc, out_b, lse_b):
     return out_acc, lse_acc
 
 
+@triton.jit
+def _parts_max(m, L, n, s_ln, row_off, row_ok, BLOCK_J: tl.constexpr):
+    """The running max of n parts' lse over BLOCK_R rows, BLOCK_J parts a load."""
+    offs_j = tl.arange(0, BLOCK_J)
+    for j0 in range(0, n, BLOCK_J):
+        jj = (j0 + offs_j).to(tl.int64)
+        ok = (jj < n)[:, None] & row_ok[None, :]
+        lj = tl.load(L + jj[:, None] * s_ln + row_off[None, :], mask=ok, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lj.to(tl.float32), axis=0))
+    return m
+
+
+@triton.jit
+def _parts_sum(acc, tot, m, O, L, n, s_on, s_ln, o_off, l_off, offs_d, s_od, row_ok, d_ok,
+               BLOCK_J: tl.constexpr):
+    """acc += sum_j exp(lse_j - m) * out_j and tot += sum_j exp(lse_j - m) over n parts,
+    BLOCK_J parts a load: a [BLOCK_J, BLOCK_R, BLOCK_D] tile of independent loads in flight."""
+    offs_j = tl.arange(0, BLOCK_J)
+    for j0 in range(0, n, BLOCK_J):
+        jj = (j0 + offs_j).to(tl.int64)
+        ok = (jj < n)[:, None] & row_ok[None, :]
+        lj = tl.load(L + jj[:, None] * s_ln + l_off[None, :], mask=ok,
+                     other=float("-inf")).to(tl.float32)
+        w = tl.math.exp2((lj - m[None, :]) * 1.4426950408889634)       # [J, R]
+        o = tl.load(O + jj[:, None, None] * s_on + o_off[None, :, None]
+                    + offs_d[None, None, :] * s_od,
+                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+        # a weight of exactly 0 must not multiply a NaN/inf in an unused part
+        o = tl.where((w > 0.0)[:, :, None], o, 0.0)
+        acc += tl.sum(o * w[:, :, None], axis=0)
+        tot += tl.sum(w, axis=0)
+    return acc, tot
+
+
 @triton.jit(do_not_specialize=["NB", "NE", "R", "S", "H", "s_on", "s_os", "s_oh", "s_ln",
                                "s_lh", "s_ls", "s_en", "s_es", "s_eh", "s_fn", "s_fh", "s_fs",
                                "s_ys", "s_yh", "s_zs", "s_zh"])
@@ -106,43 +140,31 @@ def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, NE, R, S, H, D,
                          s_on, s_os, s_oh, s_od, s_ln, s_lh, s_ls,
                          s_en, s_es, s_eh, s_ed, s_fn, s_fh, s_fs,
                          s_ys, s_yh, s_yd, s_zs, s_zh,
-                         STORE_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         STORE_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     # two sets of parts over disjoint keys, NB in (O, L) and NE in (E, LE) (the extra parts: a
-    # chunk's own keys, or the other half of a cascade), any strides
+    # chunk's own keys, or the other half of a cascade), any strides. Each program merges
+    # BLOCK_R rows, reading BLOCK_J parts at once: a cascade's ~70 decode splits of a few rows
+    # read one part at a time by 8 programs took ~0.1 ms a layer on the H200 (session 11)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flat (s, h) index
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < R
+    d_ok = offs_d < D
     h = (rows % H).to(tl.int64)
     s = (rows // H).to(tl.int64)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for j in range(NB):
-        lj = tl.load(L + j * s_ln + h * s_lh + s * s_ls, mask=row_ok, other=float("-inf"))
-        m = tl.maximum(m, lj.to(tl.float32))
-    for j in range(NE):
-        lj = tl.load(LE + j * s_fn + h * s_fh + s * s_fs, mask=row_ok, other=float("-inf"))
-        m = tl.maximum(m, lj.to(tl.float32))
+    m = _parts_max(m, L, NB, s_ln, h * s_lh + s * s_ls, row_ok, BLOCK_J)
+    m = _parts_max(m, LE, NE, s_fn, h * s_fh + s * s_fs, row_ok, BLOCK_J)
     m = tl.where(m == float("-inf"), 0.0, m)   # every part -inf: weights 0, never a NaN
-    mask = row_ok[:, None] & (offs_d < D)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     tot = tl.zeros([BLOCK_R], tl.float32)
-    for j in range(NB):
-        lj = tl.load(L + j * s_ln + h * s_lh + s * s_ls, mask=row_ok,
-                     other=float("-inf")).to(tl.float32)
-        w = tl.math.exp2((lj - m) * 1.4426950408889634)
-        o = tl.load(O + j * s_on + (s * s_os + h * s_oh)[:, None] + offs_d[None, :] * s_od,
-                    mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None]
-        tot += w
-    for j in range(NE):
-        lj = tl.load(LE + j * s_fn + h * s_fh + s * s_fs, mask=row_ok,
-                     other=float("-inf")).to(tl.float32)
-        w = tl.math.exp2((lj - m) * 1.4426950408889634)
-        o = tl.load(E + j * s_en + (s * s_es + h * s_eh)[:, None] + offs_d[None, :] * s_ed,
-                    mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None]
-        tot += w
+    acc, tot = _parts_sum(acc, tot, m, O, L, NB, s_on, s_ln, s * s_os + h * s_oh,
+                          h * s_lh + s * s_ls, offs_d, s_od, row_ok, d_ok, BLOCK_J)
+    acc, tot = _parts_sum(acc, tot, m, E, LE, NE, s_en, s_fn, s * s_es + h * s_eh,
+                          h * s_fh + s * s_fs, offs_d, s_ed, row_ok, d_ok, BLOCK_J)
     seen = tot > 0.0
     inv = 1.0 / tl.where(seen, tot, 1.0)
+    mask = row_ok[:, None] & d_ok[None, :]
     tl.store(Out + (s * s_ys + h * s_yh)[:, None] + offs_d[None, :] * s_yd,
              (acc * inv[:, None]).to(Out.dtype.element_ty), mask=mask)
     if STORE_LSE:
@@ -153,14 +175,14 @@ def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, NE, R, S, H, D,
 _merge_splits_fast = FastLaunch(_merge_splits_kernel)
 
 
-def merge_splits_triton(out, lse, extra=None, dest=None):
+def merge_splits_triton(out, lse, extra=None, dest=None, blocks=None):
     """Merge NB partial results over disjoint key sets in one launch: out (NB, S, H, D) any
     float dtype and strides, lse (NB, H, S) -> (out (S, H, D) float32, lse (S, H) float32).
     extra: more parts over other keys, in the same launch: one (out (S, H, D), lse (H, S)),
     e.g. a chunk's attention to its own keys, or NE of them (out (NE, S, H, D), lse
     (NE, H, S)), e.g. the other half of a cascade; dest: an (S, H, D) tensor of any float dtype
     the merged output is written into (cast), returned as (dest, None): no float32 buffer, no
-    lse."""
+    lse. blocks: (BLOCK_R, BLOCK_J) instead of merge_blocks' choice (benchmarks)."""
     NB, S, H, D = out.shape
     dev = out.device
     y = dest if dest is not None else torch.empty(S, H, D, dtype=torch.float32, device=dev)
@@ -183,9 +205,25 @@ def merge_splits_triton(out, lse, extra=None, dest=None):
     # without STORE_LSE the lse output is never written: any pointer, strides 0
     zz, zs = (z, z.stride()) if z is not None else (lse, (0, 0))
     block_d = max(16, next_pow2(D))
-    block_r = max(1, min(next_pow2(R), 4096 // block_d))
+    block_r, block_j = blocks or merge_blocks(R, max(NB, ne), block_d, out.device.type == "cpu")
     _merge_splits_fast((cdiv(R, block_r),),
         out, lse, e, le, y, zz, NB, ne, R, S, H, D, *out.stride(), *lse.stride(), *es,
         *les, *y.stride(), *zs,
-        STORE_LSE=z is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        STORE_LSE=z is not None, BLOCK_R=block_r, BLOCK_J=block_j, BLOCK_D=block_d,
+        num_warps=4)
     return y, z
+
+
+# elements of a [BLOCK_J, BLOCK_R, BLOCK_D] tile a program loads at once: 32 fp32 registers a
+# thread at 4 warps on the GPU; the interpreter runs each program in numpy, so fewer, larger ones
+MERGE_TILE = 4096
+MERGE_TILE_CPU = 32768
+
+
+def merge_blocks(R: int, parts: int, block_d: int, on_cpu: bool = False):
+    """(BLOCK_R, BLOCK_J) of merge_splits: all of a row's parts in one load when they fit the
+    tile (up to the tile's width in parts), then as many rows as the rest of the tile holds."""
+    tile = MERGE_TILE_CPU if on_cpu else MERGE_TILE
+    block_j = max(1, min(next_pow2(max(1, parts)), tile // block_d))
+    block_r = max(1, min(next_pow2(R), tile // (block_d * block_j)))
+    return block_r, block_j

@@ -231,6 +231,31 @@ def test_merge_splits_equals_attention_over_the_whole_key_range(backend, dtype):
         merge_splits(o, lse[:, :, :-1], backend=backend)
 
 
+@pytest.mark.parametrize("blocks", [None, (1, 1), (2, 8), (4, 16)])
+def test_merge_splits_reads_many_parts_a_load(blocks):
+    """The Triton merge reads BLOCK_J parts of BLOCK_R rows a load: with parts that do not fill
+    the last load (37 + 5, odd rows), parts whose lse is -inf (one part for every row, one row in
+    every part of one set), and a NaN in a part that weighs 0, every blocking equals the torch
+    merge."""
+    from ringserve.kernels.merge import merge_blocks, merge_splits_triton
+    from ringserve.kernels.torch_ops import merge_splits_torch
+    g = torch.Generator().manual_seed(5)
+    NB, NE, S, H, D = 37, 5, 3, 3, 16
+    o = torch.randn(NB, S, H, D, generator=g)
+    lse = torch.randn(NB, H, S, generator=g) * 4
+    eo = torch.randn(NE, S, H, D, generator=g).half()
+    el = torch.randn(NE, H, S, generator=g) * 4
+    lse[7] = float("-inf")
+    o[7] = float("nan")                     # weighs 0: must not reach the output
+    lse[:, 1, 2] = float("-inf")            # head 1, row 2 sees no key in the first set
+    want_o, want_l = merge_splits_torch(o.nan_to_num(), lse, (eo, el))
+    got_o, got_l = merge_splits_triton(o, lse, (eo, el), blocks=blocks)
+    assert not got_o.isnan().any()
+    assert (got_o - want_o).abs().max() < 1e-5 and (got_l - want_l).abs().max() < 1e-5
+    assert merge_blocks(4096, 66, 128) == (1, 32)      # a cascade: one row, 32 parts a load
+    assert merge_blocks(4096, 8, 128) == (4, 8)        # a late chunk: 8 splits, 4 rows
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_merge_splits_with_the_chunk_part_into_the_step_output(backend, dtype):
