@@ -256,7 +256,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     on_cpu = q.device.type == "cpu"
     block_d = max(16, next_pow2(D))
     rows = Sq * group
-    block_m = min(128, max(16, next_pow2(rows)))
+    # a wide head's query tile is block_m x block_d: MLA's 576-wide latent (block_d 1024) with 16
+    # heads a KV head and 4+ queries a sequence asked 128 x 1024 of shared memory for q alone
+    # (out of resources on the H200, session 11): 16 rows a tile there
+    block_m = min(128 if block_d <= 256 else 16, max(16, next_pow2(rows)))
     row_blocks = cdiv(rows, block_m)
     if block_n is None:
         block_n = 32 if on_cpu else (64 if block_d <= 128 else 32 if block_d <= 256 else 16)
@@ -282,7 +285,9 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     if num_warps is None:
         num_warps = 4 if block_d <= 256 else 8
     if num_stages is None:
-        num_stages = 1 if on_cpu else 3
+        # K and V tiles of a 1024-wide latent are 32 KB each a stage: 3 stages with the query
+        # tile pass the H200's 227 KB of shared memory
+        num_stages = 1 if on_cpu else (3 if block_d <= 512 else 2)
     _decode_split_fast((num_splits, B * Hkv, row_blocks),
         q, k_cache, v_cache, block_table, seq_lens, qp, kp, o_part, l_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
