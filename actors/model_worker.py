@@ -560,14 +560,17 @@ class ModelShardWorker(ShardWorker):
                            torch.zeros(256, hq, device=dev).t()[None])
         # the one-launch merges: a cached prefix's splits (flash outputs: the model's dtype)
         # alone, with the chunk's own part into the step's output rows, and the cascade
-        # decode's float32 split partials into the output rows
-        splits = torch.zeros(4, 256, hq, d, device=dev, dtype=dt)
-        split_lse = torch.zeros(4, hq, 256, device=dev)
+        # decode's float32 split partials into the output rows; each with 1, 8 and 32 parts,
+        # the part counts of its compiled variants (merge.MERGE_PART_BLOCKS)
+        from ringserve.kernels.merge import MERGE_PART_BLOCKS
         rows = torch.empty(256, hq, d, device=dev, dtype=dt)
-        kernels.merge_splits(splits, split_lse)
-        kernels.merge_splits(splits, split_lse, extra=(splits[0], split_lse[0]), dest=rows)
-        kernels.merge_splits(splits.float(), split_lse, extra=(splits.float(), split_lse),
-                             dest=rows)
+        for n in MERGE_PART_BLOCKS:
+            splits = torch.zeros(n, 256, hq, d, device=dev, dtype=dt)
+            split_lse = torch.zeros(n, hq, 256, device=dev)
+            kernels.merge_splits(splits, split_lse)
+            kernels.merge_splits(splits, split_lse, extra=(splits[0], split_lse[0]), dest=rows)
+            kernels.merge_splits(splits.float(), split_lse, extra=(splits.float(), split_lse),
+                                 dest=rows)
         self.warm_fused()
         torch.cuda.synchronize(dev)
         # everything alive now (the model, the kernels' caches, Ray's and torch's modules)

@@ -72,7 +72,7 @@ def merge_rows(dev, Hq=32, D=128, doc=131072, streams=8, own=512, page=64):
         want, _ = merge_splits(po, pl, backend="torch", extra=extra)
         R = po.shape[1] * po.shape[2]
         parts = max(po.shape[0], extra[0].shape[0] if extra[0].dim() == 4 else 1)
-        new = merge_blocks(R, parts, 128)
+        new = merge_blocks(parts, 128)
         old = (32, 1)
         row = {"case": name, "rows": R, "parts": parts}
         for tag, blocks in (("session 10 (32 rows, 1 part a load)", old), (f"now {new}", new)):

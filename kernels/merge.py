@@ -205,7 +205,7 @@ def merge_splits_triton(out, lse, extra=None, dest=None, blocks=None):
     # without STORE_LSE the lse output is never written: any pointer, strides 0
     zz, zs = (z, z.stride()) if z is not None else (lse, (0, 0))
     block_d = max(16, next_pow2(D))
-    block_r, block_j = blocks or merge_blocks(R, max(NB, ne), block_d, out.device.type == "cpu")
+    block_r, block_j = blocks or merge_blocks(max(NB, ne), block_d, out.device.type == "cpu")
     _merge_splits_fast((cdiv(R, block_r),),
         out, lse, e, le, y, zz, NB, ne, R, S, H, D, *out.stride(), *lse.stride(), *es,
         *les, *y.stride(), *zs,
@@ -218,12 +218,17 @@ def merge_splits_triton(out, lse, extra=None, dest=None, blocks=None):
 # thread at 4 warps on the GPU; the interpreter runs each program in numpy, so fewer, larger ones
 MERGE_TILE = 4096
 MERGE_TILE_CPU = 32768
+# the parts read at once: one, a few (a chunk's prefix splits) or many (a cascade's decode
+# splits). Three compiled variants a dtype combination, all made by the worker's warm-up: a
+# variant compiled in the middle of serving stalls the step (session 11: 4 compiles when
+# BLOCK_R and BLOCK_J followed every row and part count)
+MERGE_PART_BLOCKS = (1, 8, 32)
 
 
-def merge_blocks(R: int, parts: int, block_d: int, on_cpu: bool = False):
-    """(BLOCK_R, BLOCK_J) of merge_splits: all of a row's parts in one load when they fit the
-    tile (up to the tile's width in parts), then as many rows as the rest of the tile holds."""
+def merge_blocks(parts: int, block_d: int, on_cpu: bool = False):
+    """(BLOCK_R, BLOCK_J) of merge_splits: up to 32 parts a load, 1 / 8 / 32 as the part count
+    asks, then as many rows as the rest of the tile holds (rows past the end are masked)."""
     tile = MERGE_TILE_CPU if on_cpu else MERGE_TILE
-    block_j = max(1, min(next_pow2(max(1, parts)), tile // block_d))
-    block_r = max(1, min(next_pow2(R), tile // (block_d * block_j)))
-    return block_r, block_j
+    want = next(b for b in MERGE_PART_BLOCKS if b >= min(parts, MERGE_PART_BLOCKS[-1]))
+    block_j = max(1, min(want, tile // block_d))
+    return max(1, tile // (block_d * block_j)), block_j
