@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import pickle
+import threading
 import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
@@ -34,6 +36,8 @@ from ringserve.parallel.step_attention import (StepAttention, _as_slice, _merge,
 from ringserve.plan import RankPlan
 from ringserve.sampling import Sampler
 from .worker import ShardWorker
+
+_THREAD = threading.local()   # per thread: the CUDA device made current there
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -277,6 +281,17 @@ class ModelShardWorker(ShardWorker):
             return self._execute(plan)
         finally:
             self._record(time.perf_counter() - t0)
+
+    def execute_pickled(self, blob: bytes) -> list:
+        """`execute` of a pickled plan: the step channel of a Ray Compiled Graph
+        (`ActorGroup.execute_step`). The driver pickles the plan itself (cheaper than Ray's
+        serialization of the dataclasses), and unpickling copies its arrays out of the channel's
+        buffer, which the next step overwrites. The graph runs this on its own thread: the
+        CUDA device is made current there once."""
+        if self.device.type == "cuda" and getattr(_THREAD, "device", None) != self.device:
+            torch.cuda.set_device(self.device)
+            _THREAD.device = self.device
+        return self.execute(pickle.loads(blob))
 
     def _record(self, wall: float) -> None:
         self.step_times.append(wall)

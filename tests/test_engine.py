@@ -478,3 +478,18 @@ def test_compile_watch_records_and_chains_the_triton_hook(monkeypatch):
     assert knobs.runtime.jit_cache_hook(key=1, repr="_flash_fwd_kernel[num_warps=8](...)") is False
     assert seen == ["_flash_fwd_kernel[num_warps=8](...)"]
     assert len(log) == 1 and log[0][0] >= t and log[0][1].startswith("_flash_fwd_kernel")
+
+
+def test_step_channel_option(monkeypatch):
+    """EngineConfig.step_channel: "compiled" by default (RINGSERVE_STEP_CHANNEL sets the
+    default), "tasks" by choice, anything else refused by name."""
+    monkeypatch.delenv("RINGSERVE_STEP_CHANNEL", raising=False)
+    assert EngineConfig().step_channel == "compiled"
+    assert EngineConfig(step_channel="tasks").step_channel == "tasks"
+    monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "tasks")
+    assert EngineConfig().step_channel == "tasks"
+    with pytest.raises(ValueError, match="step_channel"):
+        EngineConfig(step_channel="grpc")
+    monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "bogus")
+    with pytest.raises(ValueError, match="step_channel"):
+        EngineConfig()

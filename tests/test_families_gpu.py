@@ -15,7 +15,8 @@ from tinymodels import tiny_model
 pytestmark = pytest.mark.gpu
 N_TOKENS = 8191
 N_NEW = 16
-FAMILIES = ["qwen3-moe", "mixtral", "gemma2", "gemma3", "deepseek-v2-lite", "deepseek-v2"]
+FAMILIES = ["qwen3", "phi3", "qwen3-moe", "mixtral", "gemma2", "gemma3", "deepseek-v2-lite",
+            "deepseek-v2"]
 
 
 def teacher_forced_logprobs(hf, ids):

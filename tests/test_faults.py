@@ -229,3 +229,38 @@ def test_a_rebuild_that_fails_fails_the_requests_in_flight(llm, rng, monkeypatch
         llm.generate(prompt, _greedy(6))
     assert llm.generate(prompt, _greedy(6))[0].token_ids == fresh
     assert len(calls) == 2
+
+
+def test_steps_take_the_compiled_graph_and_equal_the_task_path(llm, rng, monkeypatch):
+    """Steps reach the actors through a Ray Compiled Graph (ActorGroup.execute_step, the
+    default step channel); the same requests sent as one Ray task per rank a step (the "tasks"
+    channel) give the same tokens and log-probs, greedy and seeded. (Its faults: the tests
+    above, which kill and stop actors under the compiled channel.)"""
+    group, engine = llm._group, llm._engine
+    assert llm.stats()["step_channel"] == "compiled"
+    real, used = group.execute_step, []
+
+    def counted(plans, **kw):
+        used.append(len(plans))
+        return real(plans, **kw)
+
+    monkeypatch.setattr(group, "execute_step", counted)
+    prompts = [_ids(rng, n) for n in (7, 60, 333)]
+    params = [_greedy(10), SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=11,
+                                          logprobs=True)]
+    got = [[(o.token_ids, o.logprobs) for o in llm.generate(prompts, p)] for p in params]
+    assert used and set(used) == {2}
+    n = len(used)
+    monkeypatch.setattr(engine, "_compiled_steps", False)
+    try:
+        want = [[(o.token_ids, o.logprobs) for o in llm.generate(prompts, p)] for p in params]
+    finally:
+        monkeypatch.setattr(engine, "_compiled_steps", True)
+    assert len(used) == n                     # the task path did not touch the graph
+    # the second run reuses the first's cached prompts (another chunking): tokens equal,
+    # log-probs to float32 rounding
+    for g, w in zip(got, want):
+        assert [t for t, _ in g] == [t for t, _ in w]
+        for (_, a), (_, b) in zip(g, w):
+            assert (a is None) == (b is None)
+            assert a is None or max(abs(x - y) for x, y in zip(a, b)) < 1e-4
