@@ -209,6 +209,11 @@ class ActorGroup:
         refs = [getattr(a, method).remote(*args_list[i // t]) for i, a in enumerate(self.actors)]
         return ray.get(refs, timeout=timeout_s)[::t]
 
+    @property
+    def has_step_channel(self) -> bool:
+        """Whether `execute_step` can run: the workers have `execute_pickled` (model workers)."""
+        return callable(getattr(self.worker_cls, "execute_pickled", None))
+
     def execute_step(self, plans: Sequence[Any], timeout_s: Optional[float] = None) -> list:
         """One engine step: `execute(plans[rank])` on each rank (with tensor parallelism every
         actor of a shard gets its plan; TP rank 0 answers), results in rank order, through a Ray

@@ -227,9 +227,11 @@ class Engine:
         self._step_log: "collections.deque[Tuple[float, int, int, int]]" = \
             collections.deque(maxlen=STEP_LOG)
         self._running = True
-        # the step channel: a compiled graph where the group offers one (Ray actor groups)
+        # the step channel: a compiled graph where the group offers one (Ray actor groups of
+        # model workers)
         self._compiled_steps = (self.config.step_channel == "compiled"
-                                and callable(getattr(group, "execute_step", None)))
+                                and callable(getattr(group, "execute_step", None))
+                                and getattr(group, "has_step_channel", False))
         self._read_info()
         budget = self.config.document_cache_tokens
         self.doc_cache = DocumentCache(self.capacity_tokens if budget is None else budget)

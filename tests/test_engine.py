@@ -493,3 +493,30 @@ def test_step_channel_option(monkeypatch):
     monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "bogus")
     with pytest.raises(ValueError, match="step_channel"):
         EngineConfig()
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_engine_takes_the_step_channel_only_where_offered(tmp_path_factory, offered):
+    """The engine sends steps through `group.execute_step` only when the group says its
+    workers have the channel (`has_step_channel`); otherwise through `call_per_rank`, as for
+    in-process groups; the tokens are the same either way."""
+    path = tiny_model(tmp_path_factory, "llama")
+    group = ThreadGroup(1, model=str(path), kv_tokens=512, page_size=8)
+    used = []
+
+    def execute_step(plans, timeout_s=None):
+        used.append(len(plans))
+        return group.call_per_rank("execute", [(p,) for p in plans], timeout_s=timeout_s)
+
+    group.execute_step, group.has_step_channel = execute_step, offered
+    tok = Tokenizer.from_dir(path)
+    eng = Engine(group, tok, tok.eos_token_ids, EngineConfig())
+    try:
+        ids = tok.encode("the step channel")
+        out = eng.submit("generate", ids, SamplingParams(max_tokens=5, temperature=0.0,
+                                                        ignore_eos=True)).result(timeout=60)
+        assert eng.stats()["step_channel"] == ("compiled" if offered else "tasks")
+        assert bool(used) == offered
+        assert out.token_ids == hf_greedy(load_hf(path), ids, 5)
+    finally:
+        eng.shutdown()
