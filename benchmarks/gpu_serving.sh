@@ -360,6 +360,30 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-370} python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets ${BUDGETS:-1280,1536} --json "$OUT/s11d.json" > "$OUT/s11d.log" 2>&1
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe|Error' "$OUT/s11d.log" | cut -c1-300 ;;
+  s12a)  # next session, first call (one GPU): the GPU tests of session 11's CPU-only code (the
+         # merge's warmed variants, the latent tile, the engine through the compiled step
+         # channel, now the default), then the single 128K request with the step channel
+         # compiled and as Ray tasks (the decode token end to end: 12.30 ms = 1.58x its floor
+         # in session 10, rank 0's step 9.91 ms)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 -m pytest -q -p no:cacheprovider \
+      "$REPO/tests/test_kernels_gpu.py" -k "merge or split or cascade or latent_paged" 2>&1 \
+      | tee "$OUT/test_kernels_gpu.log" | grep -E "passed|failed|Error" | tail -3
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 230 python3 -m pytest -q -p no:cacheprovider \
+      "$REPO/tests/test_llm_gpu.py" -k "fused or graph" 2>&1 | tee "$OUT/test_llm_gpu.log" \
+      | grep -E "passed|failed|Error" | tail -3
+    for ch in compiled tasks; do
+      RINGSERVE_STEP_CHANNEL=$ch PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${E2E_TIMEOUT:-120} \
+        python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 131072 --no-hf \
+        --decode-tokens 64 --cuda-graphs --json "$OUT/e2e_$ch.json" > "$OUT/e2e_$ch.log" 2>&1
+      echo "channel $ch:"; grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_$ch.log" | tail -2 | cut -c1-300
+    done ;;
+  s12b)  # next session, second call: the 256K prefill under load (0 compiles expected after the
+         # merge's warm-up fix; the compiled step channel) at two budgets
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-480} python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets ${BUDGETS:-1280,1536} --json "$OUT/s12b.json" > "$OUT/s12b.log" 2>&1
+    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe|Error' "$OUT/s12b.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
