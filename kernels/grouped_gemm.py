@@ -11,6 +11,9 @@ cdiv(M, BLOCK_M) + E blocks; the spare blocks have no rows and store nothing.
 """
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -68,9 +71,30 @@ def block_table(counts: torch.Tensor, block_m: int, max_blocks: int):
     return starts, torch.where(valid, e, -1), row0
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): few rows an expert (decode, short steps)
+# take small tiles; a prefill's thousands of rows an expert take Hopper-sized ones (64 x 64
+# tiles left the 128K prefill of the Qwen3-30B-A3B shape at 37.2% MFU, session 11). The GPU's
+# choice by rows per expert; RINGSERVE_MOE_TILES=small|large forces one (benchmarks)
+SMALL_TILES = (64, 64, 32, 4, 3)
+LARGE_TILES = (128, 128, 64, 8, 3)
+LARGE_FROM_ROWS = 512     # mean rows an expert from which the large tiles are used
+
+
+def tiles_for(M: int, E: int, on_gpu: bool = True) -> tuple:
+    """The launch's tile shape for M rows over E experts."""
+    force = os.environ.get("RINGSERVE_MOE_TILES", "")
+    if force not in ("", "small", "large"):
+        raise ValueError(f"RINGSERVE_MOE_TILES must be 'small' or 'large', got {force!r}")
+    if force:
+        return LARGE_TILES if force == "large" else SMALL_TILES
+    return LARGE_TILES if on_gpu and M >= LARGE_FROM_ROWS * E else SMALL_TILES
+
+
 def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
-                          block_m: int = 64, block_n: int = 64, block_k: int = 32) -> torch.Tensor:
-    """x (M, K) rows sorted by expert, w (E, N, K), counts (E,) summing to M -> (M, N)."""
+                          block_m: Optional[int] = None, block_n: Optional[int] = None,
+                          block_k: Optional[int] = None) -> torch.Tensor:
+    """x (M, K) rows sorted by expert, w (E, N, K), counts (E,) summing to M -> (M, N).
+    block_m / block_n / block_k: override `tiles_for`'s (tests)."""
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
         raise ValueError(f"x {tuple(x.shape)} must be (M, K) and w {tuple(w.shape)} (E, N, K)")
     if counts.shape != (w.shape[0],):
@@ -82,6 +106,10 @@ def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out
+    bm, bn, bk, warps, stages = tiles_for(M, E, x.device.type == "cuda")
+    block_m, block_n, block_k = block_m or bm, block_n or bn, block_k or bk
+    if x.device.type == "cpu":
+        warps, stages = 4, 1
     max_blocks = cdiv(M, block_m) + E
     starts, expert, row0 = block_table(counts.to(x.device), block_m, max_blocks)
     # fp32 inputs get true fp32 products (the GPU would use tf32 otherwise)
@@ -90,5 +118,5 @@ def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor
     _grouped_gemm_kernel[grid](x, w, out, starts, expert, row0, N, K,
                                *x.stride(), *w.stride(), *out.stride(),
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                               DOT_PREC=prec, num_warps=4)
+                               DOT_PREC=prec, num_warps=warps, num_stages=stages)
     return out
