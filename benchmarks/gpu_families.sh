@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_families.sh check     # 1-2 GPUs: tests/test_families_gpu.py (bf16 at 8K
 #                                             # against transformers per family)
 #   bash benchmarks/gpu_families.sh moe       # 1 GPU: bench_e2e Qwen3-30B-A3B shape, 8K + 128K
+#   bash benchmarks/gpu_families.sh moe_tiles # 1 GPU: the expert GEMM's small vs default tiles
 #   bash benchmarks/gpu_families.sh gemma2    # 1 GPU: bench_e2e Gemma-2-9B shape, 8K + 128K
 #   bash benchmarks/gpu_families.sh gemma3    # 1 GPU: bench_e2e Gemma-3-12B shape, 8K + 128K
 #   bash benchmarks/gpu_families.sh deepseek  # 1 GPU: bench_e2e DeepSeek-V2-Lite shape, 8K + 32K
@@ -33,6 +34,14 @@ case "$PART" in
       "$REPO/tests/test_families_gpu.py" "$@" 2>&1 | tee "$OUT/test_families_gpu.log" \
       | tail -8 ;;
   moe) e2e qwen3-moe-30b-a3b 8192,131072 "$@" ;;
+  moe_tiles)  # the expert GEMM's tiles, A/B in one call: forced small (session 11's), then
+              # the default (large from 512 rows an expert: every prefill here)
+    for t in small ""; do
+      RINGSERVE_MOE_TILES=$t timeout 280 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 \
+        --preset qwen3-moe-30b-a3b --lengths 8192,65536 --no-hf --decode-tokens 32 --cuda-graphs \
+        --json "$OUT/e2e_moe_tiles_${t:-auto}.json" 2>&1 | tee "$OUT/e2e_moe_tiles_${t:-auto}.log" \
+        | grep -E '^ *[0-9]+ \||Error|error' | tail -3
+    done ;;
   gemma2) e2e gemma2-9b 8192,131072 "$@" ;;
   gemma3) e2e gemma3-12b 8192,131072 "$@" ;;
   deepseek) e2e deepseek-v2-lite 8192,32768 "$@" ;;
