@@ -98,7 +98,26 @@ def merge_rows(dev, Hq=32, D=128, doc=131072, streams=8, own=512, page=64):
              "TB/s": round(doc_bytes / us / 1e6, 2)}
         dec.append(d)
         log(f"doc decode {d}")
-    return rows, dec
+    # block_n 64 (the default) against 128 at the decode shapes serving meets: batch 1 at 32K
+    # and 128K (4 query rows a KV head), the cascade document for 8 and 16 streams
+    shapes = []
+    for n_tok, B, sq in ((32768, 1, 1), (131072, 1, 1), (131072, 1, 8), (131072, 1, 16)):
+        npg = n_tok // page
+        qq = torch.randn(B, sq, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
+        tb = torch.arange(npg, device=dev, dtype=torch.int32)[None].expand(B, npg).contiguous()
+        ln = torch.full((B,), n_tok, device=dev, dtype=torch.int32)
+        ref, ref_l = paged_decode_triton(qq, kc, vc, tb, ln)
+        row = {"tokens": n_tok, "batch": B, "queries": sq}
+        for bn in (64, 128):
+            o, lo = paged_decode_triton(qq, kc, vc, tb, ln, block_n=bn)
+            err = (o.float() - ref.float()).abs().max().item()
+            assert err < 2e-2 and (lo - ref_l).abs().max().item() < 1e-2, (row, bn, err)
+            us = bench(lambda bn=bn, qq=qq, tb=tb, ln=ln: paged_decode_triton(
+                qq, kc, vc, tb, ln, block_n=bn))
+            row[f"block_n {bn} us"] = round(us, 2)
+        shapes.append(row)
+        log(f"decode {row}")
+    return rows, dec, shapes
 
 
 def main():
@@ -106,7 +125,7 @@ def main():
     p.add_argument("--json", default="")
     a = p.parse_args()
     dev = torch.device("cuda")
-    rows, dec = merge_rows(dev)
+    rows, dec, shapes = merge_rows(dev)
     print(f"{'case':<48} {'parts':>5}  {'session 10 us':>13}  {'now us':>8}  {'GB/s now':>8}")
     for r in rows:
         o, n = [v for k, v in r.items() if isinstance(v, dict)]
@@ -115,8 +134,13 @@ def main():
     for d in dec:
         print(f"  splits {d['num_splits']} block_n {d['block_n']} stages {d['num_stages']}: "
               f"{d['us']} us, {d['TB/s']} TB/s")
+    print("paged decode (reduced, bf16): tokens, batch, queries -> us at block_n 64 / 128")
+    for r in shapes:
+        print(f"  {r['tokens']}, {r['batch']}, {r['queries']}: {r['block_n 64 us']} / "
+              f"{r['block_n 128 us']}")
     if a.json:
-        json.dump({"merge": rows, "doc_decode": dec, "gpu": torch.cuda.get_device_name()},
+        json.dump({"merge": rows, "doc_decode": dec, "decode_block_n": shapes,
+                   "gpu": torch.cuda.get_device_name()},
                   open(a.json, "w"), indent=1)
 
 

@@ -378,9 +378,12 @@ case "$PART" in
         --decode-tokens 64 --cuda-graphs --json "$OUT/e2e_$ch.json" > "$OUT/e2e_$ch.log" 2>&1
       echo "channel $ch:"; grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_$ch.log" | tail -2 | cut -c1-300
     done ;;
-  s12b)  # next session, second call: the 256K prefill under load (0 compiles expected after the
-         # merge's warm-up fix; the compiled step channel) at two budgets
+  s12b)  # next session, second call: the merge / decode table (block_n 64 vs 128 at the decode
+         # shapes), then the 256K prefill under load (0 compiles expected after the merge's
+         # warm-up fix; the compiled step channel) at two budgets
     export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 "$REPO/benchmarks/bench_merge.py" \
+      --json "$OUT/bench_merge.json" > "$OUT/bench_merge.log" 2>&1; tail -18 "$OUT/bench_merge.log"
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-480} python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets ${BUDGETS:-1280,1536} --json "$OUT/s12b.json" > "$OUT/s12b.log" 2>&1
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe|Error' "$OUT/s12b.log" | cut -c1-300 ;;
