@@ -232,7 +232,12 @@ class ActorGroup:
                 outs = [a.execute_pickled.bind(inp[i // t]) for i, a in enumerate(self.actors)]
             self._dag = MultiOutputNode(outs).experimental_compile()
         refs = self._dag.execute(*[pickle.dumps(p, protocol=5) for p in plans])
-        return ray.get(refs, timeout=timeout_s)[::t]
+        # a compiled graph's get waits RAY_CGRAPH_get_timeout (10 s) unless told: a step may
+        # take longer (a long prompt's chunk on CPU, a first step's compiles), so no bound
+        # unless the engine gives one (-1: block, as ray.get does for tasks); the outputs of
+        # one execution arrive together, so the later gets return at once
+        wait = -1 if timeout_s is None else timeout_s
+        return [r.get(timeout=wait) for r in refs][::t]
 
     def _teardown_step_channel(self, actors_alive: bool) -> None:
         """Close the compiled step graph. With the actors alive it ends their graph loops (they
