@@ -264,3 +264,25 @@ def test_steps_take_the_compiled_graph_and_equal_the_task_path(llm, rng, monkeyp
         for (_, a), (_, b) in zip(g, w):
             assert (a is None) == (b is None)
             assert a is None or max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_a_step_longer_than_the_graphs_default_wait_is_no_fault(llm, rng):
+    """A compiled graph's result wait defaults to RAY_CGRAPH_get_timeout (10 s): a longer step
+    (a long prompt's chunk on a slow machine) must not be taken for a hung group. With that
+    default cut to 0.2 s, a prefill whose steps take longer completes with no worker failure."""
+    from ray.dag import DAGContext
+    ctx = DAGContext.get_current()
+    group, before = llm._group, ctx.get_timeout
+    s0 = llm.stats()
+    group._teardown_step_channel(True)        # the next step compiles a graph with the context
+    ctx.get_timeout = 0.2
+    try:
+        t = time.monotonic()
+        out = llm.generate(_ids(rng, 2500), _greedy(2))[0]
+        took = time.monotonic() - t
+    finally:
+        ctx.get_timeout = before
+        group._teardown_step_channel(True)
+    s = llm.stats()
+    assert len(out.token_ids) == 2 and s["worker_failures"] == s0["worker_failures"]
+    assert took > 0.4, f"the prefill ({took:.2f} s) did not outlast the cut wait"
