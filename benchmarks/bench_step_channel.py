@@ -41,14 +41,7 @@ def main(argv=None) -> int:
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     sp = SamplingParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)
     rows = []
-    saved = os.environ.get("RINGSERVE_STEP_CHANNEL")
-    try:
-        _measure(a, LLM, path, sp, rows)
-    finally:
-        if saved is None:
-            os.environ.pop("RINGSERVE_STEP_CHANNEL", None)
-        else:
-            os.environ["RINGSERVE_STEP_CHANNEL"] = saved
+    _measure(a, LLM, path, sp, rows)
     print(f"{'world size':>10}  {'tasks ms/token':>14}  {'compiled ms/token':>17}")
     for ws in sorted({r["world_size"] for r in rows}):
         t, c = (next(r["ms_per_token"] for r in rows if r["world_size"] == ws and r["channel"] == k)
@@ -67,9 +60,8 @@ def _measure(a, LLM, path, sp, rows) -> None:
     for ws in (int(x) for x in a.world_sizes.split(",")):
         toks = {}
         for ch in ("tasks", "compiled"):
-            os.environ["RINGSERVE_STEP_CHANNEL"] = ch
             llm = LLM(path, world_size=ws, max_kv_tokens=4096, num_cpus_per_worker=0.5,
-                      tokenizer=None)
+                      tokenizer=None, step_channel=ch)
             try:
                 llm.generate([[1, 2, 3]], sp)                       # warm: the graph compiles
                 times = []

@@ -111,7 +111,7 @@ class LLM:
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
                  tensor_parallel_size: int = 1, comm_host: Optional[str] = None,
-                 worker_torch_threads: Optional[int] = None):
+                 worker_torch_threads: Optional[int] = None, step_channel: Optional[str] = None):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -139,6 +139,9 @@ class LLM:
         tunes the attention kernels for every shape bucket before the first request (seconds
         at start-up instead of mid-request). A worker fault rebuilds the
         group and in-flight requests recompute (at most `max_recoveries` times each).
+        `step_channel`: how each step reaches the actors, "compiled" (a Ray Compiled Graph's
+        shared-memory channels; the default, or the RINGSERVE_STEP_CHANNEL variable's value) or
+        "tasks" (a Ray task per actor a step).
         Deprecated: `schedule` (say `layout`), `extend_chunk` (`passq_max_tokens`),
         `decode_steps` (ignored), `progress_min_tokens` (ignored: progress is per chunk).
 
@@ -217,7 +220,8 @@ class LLM:
                            solo_budget_factor=solo,
                            document_cache_tokens=document_cache_tokens,
                            step_timeout_s=step_timeout_s, max_recoveries=max_recoveries,
-                           progress_min_tokens=progress_min_tokens)
+                           progress_min_tokens=progress_min_tokens,
+                           **({} if step_channel is None else {"step_channel": step_channel}))
         if isinstance(model, Path):
             model = str(model)
         if tp_size > 1:   # before any actor starts: the split must fit the model's shape

@@ -1,5 +1,6 @@
 """benchmarks/bench_step_channel.py on CPU with real Ray actors: both step channels decode the
-same tokens at world sizes 1 and 2 (the script asserts it), and the table comes out, so the
+same tokens at world sizes 1 and 2 (the script asserts it; `LLM(step_channel=...)` picks the
+channel, the script asserts that too), and the table comes out, so the
 measurement behind the compiled step channel never finds the script broken."""
 import importlib.util
 import json
@@ -8,8 +9,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_bench_step_channel_cpu_smoke(ray_session, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("RINGSERVE_STEP_CHANNEL", raising=False)
+def test_bench_step_channel_cpu_smoke(ray_session, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_step_channel",
                                                   BENCH / "bench_step_channel.py")
     mod = importlib.util.module_from_spec(spec)

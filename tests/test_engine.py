@@ -493,6 +493,9 @@ def test_step_channel_option(monkeypatch):
     monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "bogus")
     with pytest.raises(ValueError, match="step_channel"):
         EngineConfig()
+    from ringserve import LLM            # refused before any actor starts
+    with pytest.raises(ValueError, match="step_channel must be 'compiled' or 'tasks'"):
+        LLM({"config": {}, "seed": 0}, step_channel="grpc")
 
 
 @pytest.mark.parametrize("offered", [True, False])
