@@ -35,21 +35,15 @@ def bench(fn):
 def merge_rows(dev, Hq=32, D=128, doc=131072, streams=8, own=512, page=64):
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
-    cases = []
-    # a late chunk: 128 queries, 8 prefix splits (bf16 flash outputs) + its own part
-    S, NB = 128, 8
-    o = torch.randn(NB, S, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
-    lse = torch.randn(NB, Hq, S, device=dev, generator=g) * 3
-    oc = torch.randn(S, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
-    lc = torch.randn(Hq, S, device=dev, generator=g) * 3
-    cases.append(("chunk 128 x 8 splits + own", (o, lse), (oc, lc), S))
-    # an early chunk: 640 queries, 4 splits
-    S, NB = 640, 4
-    o2 = torch.randn(NB, S, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
-    l2 = torch.randn(NB, Hq, S, device=dev, generator=g) * 3
-    oc2 = torch.randn(S, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
-    lc2 = torch.randn(Hq, S, device=dev, generator=g) * 3
-    cases.append(("chunk 640 x 4 splits + own", (o2, l2), (oc2, lc2), S))
+
+    def chunk(S, NB):   # a chunk of S queries: NB prefix splits (bf16 flash outputs) + own
+        return ((torch.randn(NB, S, Hq, D, device=dev, dtype=torch.bfloat16, generator=g),
+                 torch.randn(NB, Hq, S, device=dev, generator=g) * 3),
+                (torch.randn(S, Hq, D, device=dev, dtype=torch.bfloat16, generator=g),
+                 torch.randn(Hq, S, device=dev, generator=g) * 3))
+
+    cases = [("chunk 128 x 8 splits + own", *chunk(128, 8)),     # a late chunk
+             ("chunk 640 x 4 splits + own", *chunk(640, 4))]     # an early chunk
     # the cascade: the document's paged-decode splits for 8 queries + 8 streams' own splits
     Hkv = 8
     npg = doc // page
@@ -67,8 +61,8 @@ def merge_rows(dev, Hq=32, D=128, doc=131072, streams=8, own=512, page=64):
     opart = paged_decode_triton(qo, kc, vc, otab, olens, splits=True)
     dp, op = split_parts(*dpart), split_parts(*opart)
     cases.append((f"cascade {streams} streams: doc {dp[0].shape[0]} splits + own "
-                  f"{op[0].shape[0]}", dp, op, streams))
-    for name, (po, pl), extra, _S in cases:
+                  f"{op[0].shape[0]}", dp, op))
+    for name, (po, pl), extra in cases:
         want, _ = merge_splits(po, pl, backend="torch", extra=extra)
         R = po.shape[1] * po.shape[2]
         parts = max(po.shape[0], extra[0].shape[0] if extra[0].dim() == 4 else 1)

@@ -78,11 +78,12 @@ def block_table(counts: torch.Tensor, block_m: int, max_blocks: int):
 SMALL_TILES = (64, 64, 32, 4, 3)
 LARGE_TILES = (128, 128, 64, 8, 3)
 LARGE_FROM_ROWS = 512     # mean rows an expert from which the large tiles are used
+FORCE_TILES = os.environ.get("RINGSERVE_MOE_TILES", "")   # read once: not per decode layer
 
 
 def tiles_for(M: int, E: int, on_gpu: bool = True) -> tuple:
     """The launch's tile shape for M rows over E experts."""
-    force = os.environ.get("RINGSERVE_MOE_TILES", "")
+    force = FORCE_TILES
     if force not in ("", "small", "large"):
         raise ValueError(f"RINGSERVE_MOE_TILES must be 'small' or 'large', got {force!r}")
     if force:

@@ -230,7 +230,6 @@ class Engine:
         # the step channel: a compiled graph where the group offers one (Ray actor groups of
         # model workers)
         self._compiled_steps = (self.config.step_channel == "compiled"
-                                and callable(getattr(group, "execute_step", None))
                                 and getattr(group, "has_step_channel", False))
         self._read_info()
         budget = self.config.document_cache_tokens

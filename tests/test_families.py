@@ -233,16 +233,17 @@ def test_grouped_linear_triton_equals_float64(dtype, tol, tiles, monkeypatch):
     """The MoE grouped GEMM (Triton, interpreted on CPU) and the torch path against float64:
     odd sizes, experts with no rows, one expert holding everything; with the small tiles and
     with the large ones a prefill takes on the GPU (RINGSERVE_MOE_TILES)."""
+    from ringserve.kernels import grouped_gemm
     from ringserve.kernels.grouped_gemm import LARGE_TILES, SMALL_TILES, tiles_for
-    monkeypatch.setenv("RINGSERVE_MOE_TILES", tiles)
+    monkeypatch.setattr(grouped_gemm, "FORCE_TILES", tiles)
     if not tiles:
         assert tiles_for(8, 128) == SMALL_TILES                  # a decode step
         assert tiles_for(128 * 1024 * 8, 128) == LARGE_TILES     # a 128K prefill, top-8
         assert tiles_for(128 * 1024 * 8, 128, on_gpu=False) == SMALL_TILES
-        monkeypatch.setenv("RINGSERVE_MOE_TILES", "huge")
+        monkeypatch.setattr(grouped_gemm, "FORCE_TILES", "huge")
         with pytest.raises(ValueError, match="RINGSERVE_MOE_TILES"):
             tiles_for(8, 128)
-        monkeypatch.setenv("RINGSERVE_MOE_TILES", "")
+        monkeypatch.setattr(grouped_gemm, "FORCE_TILES", "")
     g = torch.Generator().manual_seed(0)
     for E, M, N, K, counts in ((4, 37, 48, 32, None), (8, 130, 40, 72, None),
                                (5, 21, 17, 24, [0, 21, 0, 0, 0]), (3, 0, 16, 16, [0, 0, 0])):
