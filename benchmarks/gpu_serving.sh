@@ -360,33 +360,38 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-370} python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets ${BUDGETS:-1280,1536} --json "$OUT/s11d.json" > "$OUT/s11d.log" 2>&1
     grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe|Error' "$OUT/s11d.log" | cut -c1-300 ;;
-  s12a)  # next session, first call (one GPU): the GPU tests of session 11's CPU-only code (the
-         # merge's warmed variants, the latent tile, the engine through the compiled step
-         # channel, now the default), then the single 128K request with the step channel
-         # compiled and as Ray tasks (the decode token end to end: 12.30 ms = 1.58x its floor
-         # in session 10, rank 0's step 9.91 ms)
+  s12a)  # session 12, first call (one GPU): the GPU tests of session 11's CPU-only kernels (the
+         # merge's warmed variants, the latent tile), then the 256K prefill under load at three
+         # budgets and the 8 prompts together, the engine at budget ${DEFAULT_BUDGET:-1280}
+         # (0 compiles expected after the warm-up; the compiled step channel, now the default)
     export CUDA_VISIBLE_DEVICES=0
-    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 -m pytest -q -p no:cacheprovider \
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${KTEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider \
       "$REPO/tests/test_kernels_gpu.py" -k "merge or split or cascade or latent_paged" 2>&1 \
       | tee "$OUT/test_kernels_gpu.log" | grep -E "passed|failed|Error" | tail -3
-    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 230 python3 -m pytest -q -p no:cacheprovider \
-      "$REPO/tests/test_llm_gpu.py" -k "fused or graph" 2>&1 | tee "$OUT/test_llm_gpu.log" \
-      | grep -E "passed|failed|Error" | tail -3
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-490} python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill,mixed --budgets ${BUDGETS:-1280,1536,2048} \
+      --max-num-batched-tokens ${DEFAULT_BUDGET:-1280} --json "$OUT/s12a.json" > "$OUT/s12a.log" 2>&1
+    grep -E '^prefill|^mixed|solo prefill|\[prefill\] budget|took|compiles after|differs from|host probe|Error' \
+      "$OUT/s12a.log" | cut -c1-300 ;;
+  s12b)  # session 12, second call (one GPU): the single 128K request with the step channel
+         # compiled and as Ray tasks (the decode token end to end: 12.30 ms = 1.58x its floor in
+         # session 10), the previous engine (7806572, before TP: the (1, 1) row of the TP issue)
+         # in the same call and harness, then the engine's fused / graph GPU tests
+    export CUDA_VISIBLE_DEVICES=0
     for ch in compiled tasks; do
-      RINGSERVE_STEP_CHANNEL=$ch PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${E2E_TIMEOUT:-120} \
+      RINGSERVE_STEP_CHANNEL=$ch PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${E2E_TIMEOUT:-130} \
         python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 131072 --no-hf \
         --decode-tokens 64 --cuda-graphs --json "$OUT/e2e_$ch.json" > "$OUT/e2e_$ch.log" 2>&1
       echo "channel $ch:"; grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_$ch.log" | tail -2 | cut -c1-300
-    done ;;
-  s12b)  # next session, second call: the merge / decode table (block_n 64 vs 128 at the decode
-         # shapes), then the 256K prefill under load (0 compiles expected after the merge's
-         # warm-up fix; the compiled step channel) at two budgets
-    export CUDA_VISIBLE_DEVICES=0
-    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 "$REPO/benchmarks/bench_merge.py" \
-      --json "$OUT/bench_merge.json" > "$OUT/bench_merge.log" 2>&1; tail -18 "$OUT/bench_merge.log"
-    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-480} python3 "$REPO/benchmarks/bench_serving.py" \
-      --scenarios prefill --budgets ${BUDGETS:-1280,1536} --json "$OUT/s12b.json" > "$OUT/s12b.log" 2>&1
-    grep -E '^prefill|solo prefill|\[prefill\] budget|compiles after|differs from|host probe|Error' "$OUT/s12b.log" | cut -c1-300 ;;
+    done
+    mkdir -p /tmp/old && tar xzf "$REPO/.devsite/old.tar.gz" -C /tmp/old && pkg /tmp/old /tmp/oldpkg
+    PYTHONPATH=/tmp/oldpkg:$PYTHONPATH timeout ${OLD_TIMEOUT:-130} python3 /tmp/old/benchmarks/bench_e2e.py \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --json "$OUT/e2e_old.json" > "$OUT/e2e_old.log" 2>&1
+    echo "previous engine:"; grep -E '^\[ringserve\] \{|Error' "$OUT/e2e_old.log" | tail -2 | cut -c1-400
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider \
+      "$REPO/tests/test_llm_gpu.py" -k "fused or graph" 2>&1 | tee "$OUT/test_llm_gpu.log" \
+      | grep -E "passed|failed|Error" | tail -3 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
