@@ -208,9 +208,14 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
     import torch
     from ringserve import LLM, SamplingParams
 
+    import ray
     numeric = [int(x) for x in lengths if x != "max"]
     cfg = hf_config(args.preset, max(numeric + [1 << 20]) * 2)
     t0 = time.perf_counter()
+    if not ray.is_initialized():
+        # no dashboard: the GPU machine's Ray bundle has no dashboard build (a failed start
+        # costs ~60 s), and a benchmark does not need one
+        ray.init(include_dashboard=False)
     llm = LLM({"config": cfg, "seed": 0}, context_parallel_size=args.world_size,
               tensor_parallel_size=args.tp, layout=args.schedule,
               device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,

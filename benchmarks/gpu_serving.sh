@@ -392,6 +392,22 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider \
       "$REPO/tests/test_llm_gpu.py" -k "fused or graph" 2>&1 | tee "$OUT/test_llm_gpu.log" \
       | grep -E "passed|failed|Error" | tail -3 ;;
+  s12c)  # session 12, third call (one GPU): s12a's solo 8-stream ITL was 24.01 ms through the
+         # compiled step channel against 16.81 ms as Ray tasks in session 11: both channels
+         # side by side, the single 128K request (bench_e2e) and 1 / 8 questions on a cached
+         # 128K document (bench_serving concurrent)
+    export CUDA_VISIBLE_DEVICES=0
+    for ch in compiled tasks; do
+      RINGSERVE_STEP_CHANNEL=$ch PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout $([ $ch = compiled ] && echo 200 || echo 100) \
+        python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 131072 --no-hf \
+        --decode-tokens 64 --cuda-graphs --json "$OUT/e2e_$ch.json" > "$OUT/e2e_$ch.log" 2>&1
+      echo "e2e channel $ch:"; grep -E '^ +[0-9]+ \||Error|error' "$OUT/e2e_$ch.log" | tail -2 | cut -c1-300
+    done
+    for ch in compiled tasks; do
+      RINGSERVE_STEP_CHANNEL=$ch PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 "$REPO/benchmarks/bench_serving.py" \
+        --scenarios concurrent --concurrency 1,8 --out-tokens 64 --json "$OUT/conc_$ch.json" > "$OUT/conc_$ch.log" 2>&1
+      echo "concurrent channel $ch:"; grep -E '^\[concurrent\]|Error' "$OUT/conc_$ch.log" | cut -c1-300
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
