@@ -99,11 +99,13 @@ class EngineConfig:
     solo_budget_factor: int = 1             # budget multiplier while one prompt runs alone
     document_cache_tokens: Optional[int] = None  # None: the group's whole KV capacity
     step_timeout_s: Optional[float] = None  # bound on one step's Ray call (None: no bound)
-    # how a step reaches the actors: "compiled", a Ray Compiled Graph's channels where the group
-    # has them (ActorGroup.execute_step: ~0.1 ms a step instead of a Ray task per actor, ~0.5
-    # ms each); "tasks", a Ray task per rank. The RINGSERVE_STEP_CHANNEL variable sets the default
+    # how a step reaches the actors: "tasks", a Ray task per rank (the default); "compiled", a
+    # Ray Compiled Graph's channels where the group has them (ActorGroup.execute_step). On one
+    # H200 (session 12) the compiled channel cut the 128K decode token 14.02 -> 10.86 ms but
+    # raised the time to first token of new questions (0.048 -> 0.114 s; 8 questions at once
+    # 0.33 -> 2.41 s), so it is opt-in. The RINGSERVE_STEP_CHANNEL variable sets the default
     step_channel: str = field(default_factory=lambda: os.environ.get("RINGSERVE_STEP_CHANNEL",
-                                                                     "compiled"))
+                                                                     "tasks"))
     max_recoveries: int = 2                 # worker faults one request may survive
     progress_min_tokens: int = 0            # kept for compatibility: progress is per chunk now
     schedule: Optional[str] = None          # deprecated name of `layout`

@@ -139,9 +139,10 @@ class LLM:
         tunes the attention kernels for every shape bucket before the first request (seconds
         at start-up instead of mid-request). A worker fault rebuilds the
         group and in-flight requests recompute (at most `max_recoveries` times each).
-        `step_channel`: how each step reaches the actors, "compiled" (a Ray Compiled Graph's
-        shared-memory channels; the default, or the RINGSERVE_STEP_CHANNEL variable's value) or
-        "tasks" (a Ray task per actor a step).
+        `step_channel`: how each step reaches the actors, "tasks" (a Ray task per actor a step;
+        the default, or the RINGSERVE_STEP_CHANNEL variable's value) or "compiled" (a Ray
+        Compiled Graph's shared-memory channels: faster decode tokens, slower first tokens of
+        new requests on the GPU; docs/architecture.md, "The step channel").
         Deprecated: `schedule` (say `layout`), `extend_chunk` (`passq_max_tokens`),
         `decode_steps` (ignored), `progress_min_tokens` (ignored: progress is per chunk).
 

@@ -481,13 +481,13 @@ def test_compile_watch_records_and_chains_the_triton_hook(monkeypatch):
 
 
 def test_step_channel_option(monkeypatch):
-    """EngineConfig.step_channel: "compiled" by default (RINGSERVE_STEP_CHANNEL sets the
-    default), "tasks" by choice, anything else refused by name."""
+    """EngineConfig.step_channel: "tasks" by default (RINGSERVE_STEP_CHANNEL sets the
+    default), "compiled" by choice, anything else refused by name."""
     monkeypatch.delenv("RINGSERVE_STEP_CHANNEL", raising=False)
-    assert EngineConfig().step_channel == "compiled"
-    assert EngineConfig(step_channel="tasks").step_channel == "tasks"
-    monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "tasks")
     assert EngineConfig().step_channel == "tasks"
+    assert EngineConfig(step_channel="compiled").step_channel == "compiled"
+    monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "compiled")
+    assert EngineConfig().step_channel == "compiled"
     with pytest.raises(ValueError, match="step_channel"):
         EngineConfig(step_channel="grpc")
     monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "bogus")
@@ -498,11 +498,14 @@ def test_step_channel_option(monkeypatch):
         LLM({"config": {}, "seed": 0}, step_channel="grpc")
 
 
-@pytest.mark.parametrize("offered", [True, False])
-def test_engine_takes_the_step_channel_only_where_offered(tmp_path_factory, offered):
-    """The engine sends steps through `group.execute_step` only when the group says its
-    workers have the channel (`has_step_channel`); otherwise through `call_per_rank`, as for
-    in-process groups; the tokens are the same either way."""
+@pytest.mark.parametrize("offered,channel", [(True, "compiled"), (False, "compiled"),
+                                             (True, None)])
+def test_engine_takes_the_step_channel_only_where_offered(tmp_path_factory, offered, channel,
+                                                          monkeypatch):
+    """The engine sends steps through `group.execute_step` only when asked for the compiled
+    channel and the group says its workers have it (`has_step_channel`); otherwise (and by
+    default) through `call_per_rank`; the tokens are the same either way."""
+    monkeypatch.delenv("RINGSERVE_STEP_CHANNEL", raising=False)
     path = tiny_model(tmp_path_factory, "llama")
     group = ThreadGroup(1, model=str(path), kv_tokens=512, page_size=8)
     used = []
@@ -513,13 +516,15 @@ def test_engine_takes_the_step_channel_only_where_offered(tmp_path_factory, offe
 
     group.execute_step, group.has_step_channel = execute_step, offered
     tok = Tokenizer.from_dir(path)
-    eng = Engine(group, tok, tok.eos_token_ids, EngineConfig())
+    eng = Engine(group, tok, tok.eos_token_ids,
+                 EngineConfig(**({} if channel is None else {"step_channel": channel})))
     try:
         ids = tok.encode("the step channel")
         out = eng.submit("generate", ids, SamplingParams(max_tokens=5, temperature=0.0,
                                                         ignore_eos=True)).result(timeout=60)
-        assert eng.stats()["step_channel"] == ("compiled" if offered else "tasks")
-        assert bool(used) == offered
+        compiled = offered and channel == "compiled"
+        assert eng.stats()["step_channel"] == ("compiled" if compiled else "tasks")
+        assert bool(used) == compiled
         assert out.token_ids == hf_greedy(load_hf(path), ids, 5)
     finally:
         eng.shutdown()

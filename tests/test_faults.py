@@ -59,8 +59,11 @@ def llm(ray_session, tmp_path_factory):
                                    max_position_embeddings=8192, rope_theta=10000.0)
     torch.manual_seed(SEED)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
+    # the compiled step channel (opt-in): its faults tear a graph down as well as the actors;
+    # the default channel (Ray tasks) meets the same faults through the service in tests/test_faults_http.py
     llm = LLM(str(path), world_size=2, layout="ring", max_kv_tokens=8192,
-              num_cpus_per_worker=0.5, transport_timeout_s=TRANSPORT_TIMEOUT_S, tokenizer=None)
+              num_cpus_per_worker=0.5, transport_timeout_s=TRANSPORT_TIMEOUT_S, tokenizer=None,
+              step_channel="compiled")
     yield llm
     llm.shutdown()
 
@@ -233,7 +236,7 @@ def test_a_rebuild_that_fails_fails_the_requests_in_flight(llm, rng, monkeypatch
 
 def test_steps_take_the_compiled_graph_and_equal_the_task_path(llm, rng, monkeypatch):
     """Steps reach the actors through a Ray Compiled Graph (ActorGroup.execute_step, the
-    default step channel); the same requests sent as one Ray task per rank a step (the "tasks"
+    step channel this module's LLM asks for); the same requests sent as one Ray task per rank a step (the "tasks"
     channel) give the same tokens and log-probs, greedy and seeded. (Its faults: the tests
     above, which kill and stop actors under the compiled channel.)"""
     group, engine = llm._group, llm._engine
