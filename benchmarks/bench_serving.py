@@ -127,6 +127,20 @@ def by_prefix(steps: List[Dict], prompt_len: int, bins: int = 4) -> List[Dict]:
     return out
 
 
+def _wait_tokens(s: Streams, n: int, timeout_s: float = 600.0) -> None:
+    """Until every stream of `s` has `n` tokens (a stream that ends or fails first: an error,
+    the streams' max_tokens must exceed n)."""
+    end = time.monotonic() + timeout_s
+    while min((len(t) for t in s.times), default=0) < n:
+        done = [h for h in s.handles if h.done()]
+        if done:
+            raise RuntimeError(f"a stream ended before {n} tokens (give the streams more "
+                               f"max_tokens): {done[0].result()!r:.200}")
+        if time.monotonic() > end:
+            raise TimeoutError(f"the streams did not reach {n} tokens in {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
 def _equiv_tag(equiv, default) -> str:
     """' E=...' for a cost model other than the engine's own."""
     return "" if equiv == default else f" E={equiv:g}"
@@ -146,12 +160,21 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
     k = llm.cache_document(big)
     out["prefill_solo_s"] = time.perf_counter() - t
     llm.drop_document(k)
-    s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)],
-                SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    # the streams alone, measured as under load: from the moment each has 8 tokens (their
+    # admission and first steps left out) over the next (up to) 64 tokens of all; until
+    # session 12 this was the mean gap of 8 fresh 64-token streams from their first token,
+    # which a slow start inflated (24.01 ms in one run against 16.6-18.8 ms in others)
+    s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)], stream_params)
+    window = min(64, args.stream_tokens - 9)     # tokens; --stream-tokens >= 16
+    _wait_tokens(s, 8)
+    t0 = time.perf_counter()
+    _wait_tokens(s, 8 + window)
+    out["itl_solo_ms"] = s.itl_s(t0, time.perf_counter()) * 1e3
+    s.cancel()
     s.wait()
-    out["itl_solo_ms"] = s.itl_s() * 1e3
     print(f"[prefill] solo prefill {out['prefill_solo_s']:.2f} s, 8-stream ITL "
-          f"{out['itl_solo_ms']:.2f} ms", flush=True)
+          f"{out['itl_solo_ms']:.2f} ms (steady: {window} tokens after each stream's 8th)",
+          flush=True)
     default = eng.sched.cfg.max_num_batched_tokens
     default_equiv = eng.sched.cfg.attn_equiv_tokens
     out["attn_equiv_default"] = default_equiv
@@ -160,8 +183,7 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         eng.sched.cfg.max_num_batched_tokens = budget
         eng.sched.cfg.attn_equiv_tokens = equiv
         s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)], stream_params)
-        while min((len(t) for t in s.times), default=0) < 8:   # streams decoding
-            time.sleep(0.01)
+        _wait_tokens(s, 8)                                  # streams decoding
         n_before = len(llm._group.call("recent_step_times", 4096)[0])
         steps_before = eng.stats()["steps"]
         t0 = time.perf_counter()
@@ -304,6 +326,9 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.stream_tokens < 16:
+        p.error(f"--stream-tokens must be >= 16 (8 to start, then a window), got "
+                f"{args.stream_tokens}")
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.budgets = [int(x) for x in args.budgets.split(",")]
     args.attn_equiv = [float(x) for x in args.attn_equiv.split(",") if x]

@@ -45,6 +45,8 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
     row = res["prefill"]["budgets"][0]
     assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
+    # the streams alone: a steady window (16 tokens a stream: 8 to start, then 7)
+    assert 0 < res["prefill"]["itl_solo_ms"] < 1e4 and row["itl_x"] > 0
     # --attn-equiv: the cost model swept (the CPU engine counts tokens: its own E is None)
     assert row["attn_equiv"] == 2000.0 and res["prefill"]["attn_equiv_default"] is None
     # the 512-token prompt's chunks by cached prefix: every quarter seen, the chunk steps of
