@@ -88,6 +88,11 @@ def concurrent(llm, g, vocab, args) -> Dict:
         nst = max(1, st1["steps"] - st0["steps"])
         per_step = {k: round((st1["engine_time_s"][k] - st0["engine_time_s"][k]) / nst * 1e3, 2)
                     for k in st1["engine_time_s"]}
+        # the engine thread's own time step by step: a few slow steps or all of them
+        recent = llm._engine.recent_steps(nst)
+        spread = {f"{k}_{q}": round(f([r[f"{k}_s"] for r in recent]) * 1e3, 2)
+                  for k in ("schedule", "update")
+                  for q, f in (("median", statistics.median), ("max", max))} if recent else {}
         toks = sum(len(o.token_ids) for o in outs)
         first = min(ts[0] for ts in s.times)
         rows.append({"n": n, "tokens": toks, "wall_s": s.t1 - s.t0,
@@ -97,7 +102,8 @@ def concurrent(llm, g, vocab, args) -> Dict:
                      "ttft_s": statistics.median(o.timings["ttft_s"] for o in outs),
                      "cached": min(o.num_cached_tokens for o in outs),
                      "worker_step_ms": statistics.median(inner) * 1e3 if inner else None,
-                     "engine_ms_per_step": per_step, "steps": nst})
+                     "engine_ms_per_step": per_step, "engine_ms_spread": spread,
+                     "steps": nst})
         print(f"[concurrent] {json.dumps(rows[-1])}", flush=True)
     llm.drop_document(key)
     base = rows[0]

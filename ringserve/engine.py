@@ -226,7 +226,7 @@ class Engine:
         self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         # the last steps' (execute seconds, one-token rows, prompt tokens in chunks, the
         # longest cached prefix a chunk saw): what a step's time goes with (benchmarks)
-        self._step_log: "collections.deque[Tuple[float, int, int, int]]" = \
+        self._step_log: "collections.deque[Tuple[float, int, int, int, float, float]]" = \
             collections.deque(maxlen=STEP_LOG)
         self._running = True
         # the step channel: a compiled graph where the group offers one (Ray actor groups of
@@ -263,11 +263,12 @@ class Engine:
     def recent_steps(self, n: int = STEP_LOG) -> List[Dict[str, Any]]:
         """The last n executed steps, oldest first: {"execute_s" (the group's call, driver
         side), "decode_rows", "prompt_tokens" (in chunks), "max_prefix" (the longest cached
-        prefix a chunk attended to)}. From any thread."""
+        prefix a chunk attended to), "schedule_s" and "update_s" (the engine thread's own
+        work before and after the call)}. From any thread."""
         with self._lock:
             rows = list(self._step_log)[-n:] if n > 0 else []
-        return [{"execute_s": a, "decode_rows": b, "prompt_tokens": c, "max_prefix": d}
-                for a, b, c, d in rows]
+        return [{"execute_s": a, "decode_rows": b, "prompt_tokens": c, "max_prefix": d,
+                 "schedule_s": e, "update_s": f} for a, b, c, d, e, f in rows]
 
     def stats(self) -> Dict[str, Any]:
         """Counters and KV usage, from any thread (a snapshot; the engine thread moves on)."""
@@ -361,7 +362,7 @@ class Engine:
                     self._times["update_s"] += t3 - t2
                     self._step_log.append((
                         t2 - t1, len(step.works) - len(chunks), sum(w.n for w in chunks),
-                        max((w.start for w in chunks), default=0)))
+                        max((w.start for w in chunks), default=0), t1 - t0, t3 - t2))
         except BaseException as e:  # noqa: BLE001 - a bug here must not hang every caller
             err = RingServeError(f"engine loop failed: {type(e).__name__}: {e}")
             for req in list(self.sched.running) + list(self.sched.waiting):

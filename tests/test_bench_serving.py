@@ -42,6 +42,10 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     res = json.loads(out.read_text())
     assert res["features"] == {"cuda_graphs": False, "fused_kernels": False}
     assert [r["n"] for r in res["concurrent"]["rows"]] == [1, 2]
+    for r in res["concurrent"]["rows"]:   # the engine thread's time step by step
+        sp = r["engine_ms_spread"]
+        assert 0 <= sp["schedule_median"] <= sp["schedule_max"]
+        assert 0 <= sp["update_median"] <= sp["update_max"]
     assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
     row = res["prefill"]["budgets"][0]
     assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
