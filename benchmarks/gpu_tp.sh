@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_tp.sh check   # 2 GPUs: tests/test_tp_gpu.py (TP and rings over NCCL,
 #                                     # captured decode graphs with TP all-reduces)
 #   bash benchmarks/gpu_tp.sh tp2     # 2 GPUs: bench_e2e, 8B shape, (t, c) = (2, 1), 128K + 512K
+#                                     # (LENGTHS=131072 for 128K alone)
 #   bash benchmarks/gpu_tp.sh cp2     # 2 GPUs: the same at (t, c) = (1, 2)
 #   bash benchmarks/gpu_tp.sh tp1     # 1 GPU: (1, 1) at 128K: unchanged speed (before TP:
 #                                     # 12.3 s prefill, docs/benchmarks.md)
@@ -23,8 +24,8 @@ case "$PART" in
   check)
     timeout 560 python3 -m pytest -q -x -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_tp_gpu.py" 2>&1 | tee "$OUT/test_tp_gpu.log" | tail -8 ;;
-  tp2) e2e tp2_cp1 --world-size 1 --tp 2 --lengths 131072,524288 ;;
-  cp2) e2e tp1_cp2 --world-size 2 --tp 1 --lengths 131072,524288 ;;
+  tp2) e2e tp2_cp1 --world-size 1 --tp 2 --lengths ${LENGTHS:-131072,524288} ;;
+  cp2) e2e tp1_cp2 --world-size 2 --tp 1 --lengths ${LENGTHS:-131072,524288} ;;
   tp1) e2e tp1_cp1 --world-size 1 --tp 1 --lengths 131072 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
