@@ -1,5 +1,5 @@
-"""How a step reaches the actors: a Ray Compiled Graph (the default step channel) against one
-Ray task per actor, on any machine. A tiny random Llama decodes `--tokens` tokens of one
+"""How a step reaches the actors: a Ray Compiled Graph (`step_channel="compiled"`) against one
+Ray task per actor (the default), on any machine. A tiny random Llama decodes `--tokens` tokens of one
 request through `LLM.generate` at each world size, both channels in one process, the median of
 `--repeats` runs; the tokens must be the same both ways. What it measures is the per-step cost
 outside the model (the model is tiny): the Ray call, the plan's serialization, the engine loop.

@@ -225,7 +225,8 @@ class Engine:
         self._last_failure: Optional[str] = None   # the last failed step's cause (stats)
         self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         # the last steps' (execute seconds, one-token rows, prompt tokens in chunks, the
-        # longest cached prefix a chunk saw): what a step's time goes with (benchmarks)
+        # longest cached prefix a chunk saw, schedule and update seconds): what a step's time
+        # goes with (benchmarks)
         self._step_log: "collections.deque[Tuple[float, int, int, int, float, float]]" = \
             collections.deque(maxlen=STEP_LOG)
         self._running = True
