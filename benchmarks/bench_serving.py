@@ -11,7 +11,8 @@ Scenarios (each figure printed beside its target; raw JSON with --json):
               prefill budget in --budgets (tokens per step): the streams' ITL during the
               prefill vs their solo ITL (target <= 3x at the default budget), the prefill's
               time vs its solo time (target <= 1.5x), and the TTFT of a 100-token request
-              submitted mid-prefill (target <= 2 s).
+              submitted mid-prefill (target <= 2 s). A --budgets item B:k runs budget B
+              with interleave_decode_steps k (k decode-only steps after each mixed step).
   mixed       8 requests with different 4K prompts and 256 output tokens, arriving together,
               vs the same 8 one after another (target >= 3x sooner).
   single      one cold prefill (MFU), its follow-up TTFT and decode ms/token (compare with
@@ -72,6 +73,19 @@ class Streams:
             if len(w) >= 2:
                 per.append((w[-1] - w[0]) / (len(w) - 1))
         return statistics.median(per) if per else None
+
+    def gaps_ms(self, lo: float, hi: float) -> Dict[str, float]:
+        """The gaps between consecutive tokens arriving in [lo, hi], all streams pooled: their
+        median, 90th percentile and largest, in ms (with interleaved prefill the gaps alternate
+        between a mixed step's and a decode step's: the mean is the ITL, these show the rhythm)."""
+        gaps = sorted(b - a for ts in self.times
+                      for a, b in zip([t for t in ts if lo <= t <= hi],
+                                      [t for t in ts if lo <= t <= hi][1:]))
+        if not gaps:
+            return {}
+        return {"p50": round(gaps[len(gaps) // 2] * 1e3, 2),
+                "p90": round(gaps[int(0.9 * (len(gaps) - 1))] * 1e3, 2),
+                "max": round(gaps[-1] * 1e3, 2)}
 
 
 def concurrent(llm, g, vocab, args) -> Dict:
@@ -197,11 +211,15 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
           flush=True)
     default = eng.sched.cfg.max_num_batched_tokens
     default_equiv = eng.sched.cfg.attn_equiv_tokens
+    default_k = eng.sched.cfg.interleave_decode_steps
     out["attn_equiv_default"] = default_equiv
-    runs = [(b, e) for e in (args.attn_equiv or [default_equiv]) for b in args.budgets]
-    for budget, equiv in runs:
+    runs = [(b, e, default_k if k is None else k)
+            for e in (args.attn_equiv or [default_equiv]) for b, k in args.budgets]
+    for budget, equiv, k in runs:
         eng.sched.cfg.max_num_batched_tokens = budget
         eng.sched.cfg.attn_equiv_tokens = equiv
+        eng.sched.cfg.interleave_decode_steps = k
+        tag = _equiv_tag(equiv, default_equiv) + (f" k={k}" if k else "")
         s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)], stream_params)
         _wait_tokens(s, 8)                                  # streams decoding
         n_before = len(llm._group.call("recent_step_times", 4096)[0])
@@ -220,7 +238,8 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         s.cancel()
         s.wait()
         llm.drop_document(key)
-        row = {"budget": budget, "attn_equiv": equiv, "prefill_s": t1 - t0, "steps": steps,
+        row = {"budget": budget, "attn_equiv": equiv, "interleave_decode_steps": k,
+               "prefill_s": t1 - t0, "steps": steps, "gaps_ms": s.gaps_ms(t0, t1),
                "worker_step_ms": [round(x * 1e3, 1) for x in inner[:steps]],
                "stats": {k: v for k, v in eng.stats().items() if isinstance(v, int)},
                "prefill_x": (t1 - t0) / out["prefill_solo_s"],
@@ -229,7 +248,7 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         row["itl_x"] = row["itl_ms"] / out["itl_solo_ms"]
         row["by_prefix"] = by_prefix(eng.recent_steps(steps), args.prefill_len)
         for b in row["by_prefix"]:
-            print(f"[prefill] budget {budget}{_equiv_tag(equiv, default_equiv)}: prefix "
+            print(f"[prefill] budget {budget}{tag}: prefix "
                   f"{b['prefix']}: {b['steps']} steps, "
                   f"chunk median {b['chunk_tokens']} tokens, step median {b['step_ms']} ms "
                   f"(p90 {b['step_ms_p90']})", flush=True)
@@ -237,6 +256,7 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         print(f"[prefill] {json.dumps(row)}", flush=True)
     eng.sched.cfg.max_num_batched_tokens = default
     eng.sched.cfg.attn_equiv_tokens = default_equiv
+    eng.sched.cfg.interleave_decode_steps = default_k
     llm.drop_document(dkey)
     return out
 
@@ -331,7 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--budgets", default="1280,1536,2048",
                    help="prefill tokens per step to try under load (around LLM's CUDA default "
-                        "of 1536 per GPU)")
+                        "of 1536 per GPU); an item B:k also sets interleave_decode_steps k for "
+                        "that run (e.g. 1536,2400:1)")
     p.add_argument("--attn-equiv", default="",
                    help="prefill scenario: also sweep the flops cost model's attention-equivalent "
                         "tokens (comma list; each with every budget; default: the engine's own, "
@@ -350,7 +371,13 @@ def main(argv=None) -> int:
         p.error(f"--stream-tokens must be >= 16 (8 to start, then a window), got "
                 f"{args.stream_tokens}")
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
-    args.budgets = [int(x) for x in args.budgets.split(",")]
+    try:   # "B" or "B:k" (k: interleave_decode_steps for that run; else the engine's)
+        args.budgets = [(int(x.split(":")[0]), int(x.split(":")[1]) if ":" in x else None)
+                        for x in args.budgets.split(",")]
+    except ValueError:
+        p.error(f"--budgets takes B or B:k items, got {args.budgets!r}")
+    if any(b < 1 or (k is not None and k < 0) for b, k in args.budgets):
+        p.error(f"--budgets: budgets >= 1 and k >= 0, got {args.budgets}")
     args.attn_equiv = [float(x) for x in args.attn_equiv.split(",") if x]
     if any(not e > 0 for e in args.attn_equiv):
         p.error(f"--attn-equiv values must be > 0, got {args.attn_equiv}")
@@ -426,9 +453,13 @@ def main(argv=None) -> int:
                   f"  x{r['tok_s_x']:.2f}, ITL {r['itl_ms']:.2f} ms x{r['itl_x']:.2f}{fl}")
     if "prefill" in res:
         for r in res["prefill"]["budgets"]:
-            tag = _equiv_tag(r["attn_equiv"], res["prefill"]["attn_equiv_default"])
+            tag = _equiv_tag(r["attn_equiv"], res["prefill"]["attn_equiv_default"]) + (
+                f" k={r['interleave_decode_steps']}" if r["interleave_decode_steps"] else "")
+            gp = r["gaps_ms"]
+            gaps = f"  gaps p50/p90/max {gp['p50']}/{gp['p90']}/{gp['max']} ms" if gp else ""
             print(f"prefill budget {r['budget']:<6}{tag:9} ITL x{r['itl_x']:.2f} (<=3)  prefill "
-                  f"x{r['prefill_x']:.2f} (<=1.5)  short TTFT {r['short_ttft_s']:.2f} s (<=2)")
+                  f"x{r['prefill_x']:.2f} (<=1.5)  short TTFT {r['short_ttft_s']:.2f} s (<=2)"
+                  f"{gaps}")
     if "mixed" in res:
         print(f"mixed 8x4K                   speedup x{res['mixed']['speedup']:.2f} (>=3)")
     if "single" in res:

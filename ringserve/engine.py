@@ -97,6 +97,7 @@ class EngineConfig:
     # shape). Measured rates differ by phase (docs/benchmarks.md, session 8): a benchmark knob
     attn_equiv_tokens: Optional[float] = None
     solo_budget_factor: int = 1             # budget multiplier while one prompt runs alone
+    interleave_decode_steps: int = 0        # decode-only steps after each mixed step (0: none)
     document_cache_tokens: Optional[int] = None  # None: the group's whole KV capacity
     step_timeout_s: Optional[float] = None  # bound on one step's Ray call (None: no bound)
     # how a step reaches the actors: "tasks", a Ray task per rank (the default); "compiled", a
@@ -141,6 +142,10 @@ class EngineConfig:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
         if self.max_recoveries < 0:
             raise ValueError(f"max_recoveries ({self.max_recoveries}) must be >= 0")
+        if isinstance(self.interleave_decode_steps, bool) or not isinstance(
+                self.interleave_decode_steps, int) or self.interleave_decode_steps < 0:
+            raise ValueError(f"interleave_decode_steps ({self.interleave_decode_steps!r}) must "
+                             f"be an integer >= 0")
         if self.progress_min_tokens < 0:
             raise ValueError(f"progress_min_tokens ({self.progress_min_tokens}) must be >= 0")
         if self.document_cache_tokens is not None and self.document_cache_tokens < 0:
@@ -161,7 +166,8 @@ class EngineConfig:
         return SchedulerConfig(self.layout, self.max_num_seqs, self.max_num_batched_tokens,
                                self.passq_max_tokens, self.cascade, bool(self.cuda_graphs),
                                attn_equiv_tokens if self.prefill_cost == "flops" else None,
-                               self.solo_budget_factor, long_after)
+                               self.solo_budget_factor, long_after,
+                               interleave_decode_steps=self.interleave_decode_steps)
 
 
 class _NullDecoder:

@@ -111,7 +111,8 @@ class LLM:
                  extend_chunk: Optional[int] = None, decode_steps: Optional[int] = None,
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
                  tensor_parallel_size: int = 1, comm_host: Optional[str] = None,
-                 worker_torch_threads: Optional[int] = None, step_channel: Optional[str] = None):
+                 worker_torch_threads: Optional[int] = None, step_channel: Optional[str] = None,
+                 interleave_decode_steps: int = 0):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -122,7 +123,11 @@ class LLM:
         prefill never stops the streams; while one prompt runs alone it takes 4x that (CPU), or
         on CUDA 32768 per rank or 8x the budget, whichever is more; prompt continuations of at
         most `passq_max_tokens` (default
-        256 / 2048) run pass-Q. `layout` ("striped" or "ring") shards prompt chunks over the
+        256 / 2048) run pass-Q. `interleave_decode_steps` k (default 0): after a step that
+        carried prompt work beside decoding requests, the next k steps decode alone (replayed
+        graphs on CUDA), so a mixed step's fixed cost comes once per k + 1 tokens and a bigger
+        budget gives the same mean inter-token latency with fewer steps (prompt work and
+        admissions wait those k steps). `layout` ("striped" or "ring") shards prompt chunks over the
         ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays
@@ -222,6 +227,7 @@ class LLM:
                            document_cache_tokens=document_cache_tokens,
                            step_timeout_s=step_timeout_s, max_recoveries=max_recoveries,
                            progress_min_tokens=progress_min_tokens,
+                           interleave_decode_steps=interleave_decode_steps,
                            **({} if step_channel is None else {"step_channel": step_channel}))
         if isinstance(model, Path):
             model = str(model)

@@ -168,6 +168,12 @@ class SchedulerConfig:
     # so a sequence that grows past it is recomputed, and a cached prefix no longer than it is
     # not reused for a longer one (transformers recomputes the whole sequence at that point)
     long_after: Optional[int] = None
+    # decode-only steps after each step that carried prompt work beside decoding requests: 0,
+    # every step may carry both; k, the next k steps decode alone (no prompt chunk, no
+    # admission), so the decodes run as their own (graph-replayed) steps and a mixed step's
+    # fixed cost is paid once per k + 1 tokens; the budget then sets a bigger chunk for the
+    # same mean inter-token latency (docs/architecture.md, "Interleaved prefill")
+    interleave_decode_steps: int = 0
 
 
 class Scheduler:
@@ -181,6 +187,7 @@ class Scheduler:
         self.on_preempt: Callable[[Request], None] = lambda r: None
         self._preempted = False
         self._done_before_step: Dict[int, int] = {}
+        self._hold = 0      # decode-only steps still owed (interleave_decode_steps)
 
     # ---- queue ----
 
@@ -309,6 +316,13 @@ class Scheduler:
             if not self._room_for(req, [owner]):
                 continue
             works.append(self._work(req, 1, "q", [owner]))
+        decodes = {id(w) for w in works}
+        if decodes and self._hold > 0:
+            # interleaved: a decode-only step (prompt work waits, in order, for the next one)
+            self._hold -= 1
+            works = [w for w in works if w.req in self.running]
+            self._done_before_step = {}
+            return Step(works, self._plans(works))
         # 2. prompt chunks of running requests, FIFO, within the token budget; while requests
         # wait for admission one prompt takes at most half of it, so a long prefill leaves room
         # for a new short request in the very next step
@@ -347,6 +361,9 @@ class Scheduler:
                 works.append(w)
                 budget -= self.cost(w.start, w.n)
         works = [w for w in works if w.req in self.running]
+        if (any(id(w) in decodes for w in works)
+                and any(id(w) not in decodes for w in works)):
+            self._hold = self.cfg.interleave_decode_steps
         self._done_before_step = {}
         return Step(works, self._plans(works))
 

@@ -541,6 +541,41 @@ def test_engine_config_attn_equiv_tokens(tmp_path_factory):
         close(eng)
 
 
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_interleaved_prefill_decodes_alone_between_chunks(tmp_path_factory, k):
+    """EngineConfig(interleave_decode_steps=k): while a request decodes, each step that carries
+    a long prompt's chunk is followed by k steps of the decodes alone (k = 0: chunks back to
+    back beside the decodes); both outputs equal their solo runs; a bad value is refused."""
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="interleave_decode_steps"):
+            EngineConfig(interleave_decode_steps=bad)
+    path = model_path(tmp_path_factory)
+    solo = solo_for(path, 1, "striped")
+    eng = make(path, 1, "striped", max_num_batched_tokens=32, interleave_decode_steps=k)
+    try:
+        assert eng.sched.cfg.interleave_decode_steps == k
+        g = torch.Generator().manual_seed(7 + k)
+        short = torch.randint(0, VOCAB_TOKENS, (9,), generator=g).tolist()
+        long = torch.randint(0, VOCAB_TOKENS, (300,), generator=g).tolist()
+        stream = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        hs = run_with_arrivals(eng, [(0, short, stream), (3, long, sp)])
+        outs = [h.result(120) for h in hs]
+        assert [(o.token_ids, o.finish_reason) for o in outs] == [solo(short, stream),
+                                                                   solo(long, sp)]
+        steps = eng.recent_steps(1000)
+        mixed = [i for i, r in enumerate(steps) if r["prompt_tokens"] and r["decode_rows"]]
+        assert len(mixed) >= 300 // 32 - 1, steps     # the long prompt's chunks, beside decodes
+        for i in mixed:
+            after = steps[i + 1:i + 1 + k]
+            # the next k steps: decodes alone, while anything decodes
+            assert all(r["prompt_tokens"] == 0 for r in after if r["decode_rows"]), (i, steps)
+        back_to_back = sum(1 for i in mixed if i + 1 in mixed)
+        assert (back_to_back > 0) == (k == 0), mixed
+    finally:
+        close(eng)
+
+
 @pytest.mark.parametrize("ws", [1, 2])
 def test_chunks_are_whole_query_tiles(ws):
     """A chunk that is not its prompt's last is a whole number of CHUNK_ALIGN-token tiles per

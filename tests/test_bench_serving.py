@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -36,7 +38,7 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     out = tmp_path / "serving.json"
     rc = mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256",
                    "--prefill-len", "512", "--out-tokens", "4", "--stream-tokens", "16",
-                   "--concurrency", "1,2", "--budgets", "128", "--attn-equiv", "2000",
+                   "--concurrency", "1,2", "--budgets", "128,128:1", "--attn-equiv", "2000",
                    "--scenarios", "single,concurrent,prefill", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -49,6 +51,12 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
     row = res["prefill"]["budgets"][0]
     assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
+    # B:k: the second run interleaves one decode-only step after each mixed step, and the
+    # engine's own setting (0) is back afterwards
+    assert [r["interleave_decode_steps"] for r in res["prefill"]["budgets"]] == [0, 1]
+    for r in res["prefill"]["budgets"]:
+        gp = r["gaps_ms"]
+        assert not gp or 0 < gp["p50"] <= gp["p90"] <= gp["max"], gp
     # the streams alone: a steady window (16 tokens a stream: 8 to start, then 7)
     assert 0 < res["prefill"]["itl_solo_ms"] < 1e4 and row["itl_x"] > 0
     # --attn-equiv: the cost model swept (the CPU engine counts tokens: its own E is None)
@@ -61,3 +69,12 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     assert all(b["step_ms"] > 0 and b["chunk_tokens"] >= 1 for b in bins)
     assert res["stats"]["requests_failed"] == 0
     assert res["compiles_after_warmup"] == [] and res["compile_causes"] == []
+
+
+@pytest.mark.parametrize("bad", ["12:x", "0", "128:-1"])
+def test_bench_serving_refuses_bad_budgets(bad):
+    """--budgets items are B or B:k with B >= 1 and k >= 0: anything else is a usage error
+    before Ray or a model starts."""
+    with pytest.raises(SystemExit) as e:
+        _module().main(["--device", "cpu", "--budgets", bad])
+    assert e.value.code == 2
