@@ -408,6 +408,12 @@ case "$PART" in
         --scenarios concurrent --concurrency 1,8 --out-tokens 64 --json "$OUT/conc_$ch.json" > "$OUT/conc_$ch.log" 2>&1
       echo "concurrent channel $ch:"; grep -E '^\[concurrent\]|Error' "$OUT/conc_$ch.log" | cut -c1-300
     done ;;
+  s13a)  # next session, first call (one GPU): interleaved prefill (k decode-only steps after each
+         # mixed step) against the default, the 256K prefill beside 8 streams (steady solo ITL)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-540} python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios prefill --budgets ${BUDGETS:-1536,2400:1,2048:1} --json "$OUT/s13a.json" > "$OUT/s13a.log" 2>&1
+    grep -E '^prefill|solo prefill|took|compiles after|differs from|host probe|Error' "$OUT/s13a.log" | cut -c1-300 ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
