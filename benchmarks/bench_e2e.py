@@ -116,6 +116,13 @@ def param_counts(c: dict) -> Dict[str, int]:
             "decode_read": read, "total": stored + embed * (1 if cfg.tie_word_embeddings else 2)}
 
 
+def decode_floor_s(w_bytes: float, kv_tok: float, kv_tokens: float, bw: float,
+                   world_size: int = 1, tp: int = 1) -> float:
+    """The HBM floor of one decode step: each GPU reads its 1/tp of the weights and of its
+    shard's share of the `kv_tokens` the step attends to, at `bw` bytes/s."""
+    return (w_bytes + kv_tok * kv_tokens / world_size) / tp / bw
+
+
 def kv_bytes_per_token(c: dict, elem: int = 2, decompressed: bool = False) -> int:
     """Cached bytes per token over all layers (MLA: the latent; decompressed=True: the K and V
     of every head that transformers' expanded form would keep)."""
@@ -295,8 +302,8 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
             continue
         fl = prefill_flops(cfg, n)
         dec_s = out.timings["decode_s"] / max(1, len(out.token_ids) - 1)
-        # each GPU reads its 1/tp of the weights and of its shard's KV
-        floor = (w_bytes + kv_tok * (n + args.question_tokens) / args.world_size) / args.tp / bw
+        floor = decode_floor_s(w_bytes, kv_tok, n + args.question_tokens, bw, args.world_size,
+                               args.tp)
         row.update(prefill_s=wall, prefill_tok_s=n / wall,
                    mfu=fl / wall / (args.world_size * args.tp * args.peak_tflops * 1e12),
                    followup_ttft_s=out.timings["ttft_s"], cached=out.num_cached_tokens,

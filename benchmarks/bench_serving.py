@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import hf_config, kv_bytes_per_token, param_counts, prefill_flops  # noqa: E402
+from bench_e2e import (decode_floor_s, hf_config, kv_bytes_per_token,  # noqa: E402
+                       param_counts, prefill_flops)
 
 
 
@@ -78,9 +79,11 @@ class Streams:
         """The gaps between consecutive tokens arriving in [lo, hi], all streams pooled: their
         median, 90th percentile and largest, in ms (with interleaved prefill the gaps alternate
         between a mixed step's and a decode step's: the mean is the ITL, these show the rhythm)."""
-        gaps = sorted(b - a for ts in self.times
-                      for a, b in zip([t for t in ts if lo <= t <= hi],
-                                      [t for t in ts if lo <= t <= hi][1:]))
+        gaps = []
+        for ts in self.times:
+            w = [t for t in ts if lo <= t <= hi]
+            gaps += [b - a for a, b in zip(w, w[1:])]
+        gaps.sort()
         if not gaps:
             return {}
         return {"p50": round(gaps[len(gaps) // 2] * 1e3, 2),
@@ -113,13 +116,11 @@ def concurrent(llm, g, vocab, args) -> Dict:
         toks = sum(len(o.token_ids) for o in outs)
         first = min(ts[0] for ts in s.times)
         # the HBM floor of one step of n questions sharing the document (per-GPU-speed issue:
-        # batch 16 <= 1.5x): every rank reads the weights, its share of the document's KV once
-        # (cascade) and of each question's own KV (32 tokens + on average half the output)
-        floor_ms = None
-        if args.floor is not None:
-            w_bytes, kv_tok, bw = args.floor
-            floor_ms = (w_bytes + kv_tok * (args.doc_len + n * (32 + args.out_tokens / 2))
-                        / args.world_size) / bw * 1e3
+        # batch 16 <= 1.5x): the document's KV read once (cascade), each question's own KV (32
+        # tokens + on average half the output)
+        floor_ms = None if args.floor is None else decode_floor_s(
+            *args.floor[:2], args.doc_len + n * (32 + args.out_tokens / 2), args.floor[2],
+            args.world_size) * 1e3
         rows.append({"n": n, "tokens": toks, "wall_s": s.t1 - s.t0,
                      "tok_s": toks / (s.t1 - s.t0),
                      "decode_tok_s": (toks - n) / (s.t1 - first),
@@ -175,9 +176,10 @@ def _wait_tokens(s: Streams, n: int, timeout_s: float = 600.0) -> None:
         time.sleep(0.005)
 
 
-def _equiv_tag(equiv, default) -> str:
-    """' E=...' for a cost model other than the engine's own."""
-    return "" if equiv == default else f" E={equiv:g}"
+def _run_tag(equiv, default, k: int) -> str:
+    """' E=...' for a cost model other than the engine's own, ' k=...' for interleaved
+    prefill."""
+    return ("" if equiv == default else f" E={equiv:g}") + (f" k={k}" if k else "")
 
 
 def prefill_under_load(llm, g, vocab, args) -> Dict:
@@ -215,11 +217,11 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
     out["attn_equiv_default"] = default_equiv
     runs = [(b, e, default_k if k is None else k)
             for e in (args.attn_equiv or [default_equiv]) for b, k in args.budgets]
-    for budget, equiv, k in runs:
+    for budget, equiv, il in runs:
         eng.sched.cfg.max_num_batched_tokens = budget
         eng.sched.cfg.attn_equiv_tokens = equiv
-        eng.sched.cfg.interleave_decode_steps = k
-        tag = _equiv_tag(equiv, default_equiv) + (f" k={k}" if k else "")
+        eng.sched.cfg.interleave_decode_steps = il
+        tag = _run_tag(equiv, default_equiv, il)
         s = Streams(llm, [doc + _rand(g, vocab, 32) for _ in range(8)], stream_params)
         _wait_tokens(s, 8)                                  # streams decoding
         n_before = len(llm._group.call("recent_step_times", 4096)[0])
@@ -238,7 +240,7 @@ def prefill_under_load(llm, g, vocab, args) -> Dict:
         s.cancel()
         s.wait()
         llm.drop_document(key)
-        row = {"budget": budget, "attn_equiv": equiv, "interleave_decode_steps": k,
+        row = {"budget": budget, "attn_equiv": equiv, "interleave_decode_steps": il,
                "prefill_s": t1 - t0, "steps": steps, "gaps_ms": s.gaps_ms(t0, t1),
                "worker_step_ms": [round(x * 1e3, 1) for x in inner[:steps]],
                "stats": {k: v for k, v in eng.stats().items() if isinstance(v, int)},
@@ -453,8 +455,8 @@ def main(argv=None) -> int:
                   f"  x{r['tok_s_x']:.2f}, ITL {r['itl_ms']:.2f} ms x{r['itl_x']:.2f}{fl}")
     if "prefill" in res:
         for r in res["prefill"]["budgets"]:
-            tag = _equiv_tag(r["attn_equiv"], res["prefill"]["attn_equiv_default"]) + (
-                f" k={r['interleave_decode_steps']}" if r["interleave_decode_steps"] else "")
+            tag = _run_tag(r["attn_equiv"], res["prefill"]["attn_equiv_default"],
+                           r["interleave_decode_steps"])
             gp = r["gaps_ms"]
             gaps = f"  gaps p50/p90/max {gp['p50']}/{gp['p90']}/{gp['max']} ms" if gp else ""
             print(f"prefill budget {r['budget']:<6}{tag:9} ITL x{r['itl_x']:.2f} (<=3)  prefill "

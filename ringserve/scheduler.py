@@ -320,9 +320,7 @@ class Scheduler:
         if decodes and self._hold > 0:
             # interleaved: a decode-only step (prompt work waits, in order, for the next one)
             self._hold -= 1
-            works = [w for w in works if w.req in self.running]
-            self._done_before_step = {}
-            return Step(works, self._plans(works))
+            return self._step(works)
         # 2. prompt chunks of running requests, FIFO, within the token budget; while requests
         # wait for admission one prompt takes at most half of it, so a long prefill leaves room
         # for a new short request in the very next step
@@ -360,10 +358,15 @@ class Scheduler:
             if w is not None:
                 works.append(w)
                 budget -= self.cost(w.start, w.n)
+        step = self._step(works)
+        if (any(id(w) in decodes for w in step.works)
+                and any(id(w) not in decodes for w in step.works)):
+            self._hold = self.cfg.interleave_decode_steps     # a mixed step
+        return step
+
+    def _step(self, works: List[Work]) -> Step:
+        """The step of the works whose requests still run (preemption may have taken some)."""
         works = [w for w in works if w.req in self.running]
-        if (any(id(w) in decodes for w in works)
-                and any(id(w) not in decodes for w in works)):
-            self._hold = self.cfg.interleave_decode_steps
         self._done_before_step = {}
         return Step(works, self._plans(works))
 
