@@ -351,10 +351,11 @@ def main(argv=None) -> int:
                    help="max tokens of the streams that run during the prefill (cancelled "
                         "once it ends)")
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--budgets", default="1280,1536,2048",
+    p.add_argument("--budgets", default="1536:0,2100,3000:2",
                    help="prefill tokens per step to try under load (around LLM's CUDA default "
-                        "of 1536 per GPU); an item B:k also sets interleave_decode_steps k for "
-                        "that run (e.g. 1536,2400:1)")
+                        "of 2100 per GPU with interleave_decode_steps 1); an item B:k also sets "
+                        "interleave_decode_steps k for that run, a bare B keeps the engine's "
+                        "(e.g. 1536:0,2100,3000:2, the default: session 13's three points)")
     p.add_argument("--attn-equiv", default="",
                    help="prefill scenario: also sweep the flops cost model's attention-equivalent "
                         "tokens (comma list; each with every budget; default: the engine's own, "

@@ -26,9 +26,14 @@ from .sampling import SamplingParams, best_samples, expand_samples
 Prompt = Union[str, Sequence[int]]
 _DONE = object()
 # CUDA scheduling defaults, per rank: the step budget (token-equivalents of the flops cost
-# model) and the least budget of a prompt running alone
-GPU_STEP_BUDGET = 1536
+# model), the least budget of a prompt running alone, and the decode-only steps after each step
+# that carried prompt work beside decoding requests (interleaved prefill). On one H200, a 256K
+# prefill beside 8 decoding streams (session 13): 2100 with k = 1 kept the streams' ITL at 2.91x
+# solo with the prefill at 1.49x its solo time (targets 3x / 1.5x); 1536 with k = 0, the
+# default until then, 3.27x / 1.38x; 2150 / 1: 2.98x / 1.46x; 3000 / 2: 2.89x / 1.48x
+GPU_STEP_BUDGET = 2100
 GPU_SOLO_BUDGET = 32768
+GPU_INTERLEAVE_DECODE_STEPS = 1
 
 
 def step_budgets(gpu: bool, world_size: int, max_num_batched_tokens: Optional[int] = None):
@@ -39,6 +44,16 @@ def step_budgets(gpu: bool, world_size: int, max_num_batched_tokens: Optional[in
         return max_num_batched_tokens or 512, 4
     budget = max_num_batched_tokens or GPU_STEP_BUDGET * world_size
     return budget, max(8, -(-GPU_SOLO_BUDGET * world_size // budget))
+
+
+def interleave_steps(gpu: bool, k: Optional[int]) -> int:
+    """The decode-only steps after each mixed step LLM uses: k when given, else
+    GPU_INTERLEAVE_DECODE_STEPS on CUDA and 0 on CPU."""
+    if k is None:
+        return GPU_INTERLEAVE_DECODE_STEPS if gpu else 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"interleave_decode_steps ({k!r}) must be an integer >= 0")
+    return k
 
 
 def _is_ids(x) -> bool:
@@ -112,23 +127,22 @@ class LLM:
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
                  tensor_parallel_size: int = 1, comm_host: Optional[str] = None,
                  worker_torch_threads: Optional[int] = None, step_channel: Optional[str] = None,
-                 interleave_decode_steps: int = 0):
+                 interleave_decode_steps: Optional[int] = None):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
         Continuous batching: up to `max_num_seqs` requests run at once (default 64 on CPU, 256
         on CUDA); every step decodes one token of each and adds prompt chunks of at most
-        `max_num_batched_tokens` tokens (default 512 on CPU; on CUDA 1536 token-equivalents per
+        `max_num_batched_tokens` tokens (default 512 on CPU; on CUDA 2100 token-equivalents per
         rank, where a token late in a long prompt counts more for its attention), so a long
         prefill never stops the streams; while one prompt runs alone it takes 4x that (CPU), or
         on CUDA 32768 per rank or 8x the budget, whichever is more; prompt continuations of at
-        most `passq_max_tokens` (default
-        256 / 2048) run pass-Q. `interleave_decode_steps` k (default 0): after a step that
-        carried prompt work beside decoding requests, the next k steps decode alone (replayed
-        graphs on CUDA), so a mixed step's fixed cost comes once per k + 1 tokens and a bigger
-        budget gives the same mean inter-token latency with fewer steps (prompt work and
-        admissions wait those k steps). `layout` ("striped" or "ring") shards prompt chunks over the
-        ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
+        most `passq_max_tokens` (default 256 / 2048) run pass-Q. `interleave_decode_steps` k
+        (default 1 on CUDA, 0 on CPU): after a step that carried prompt work beside decoding
+        requests, the next k steps decode alone (replayed graphs on CUDA), so a mixed step's
+        fixed cost comes once per k + 1 tokens and a bigger budget gives the same mean
+        inter-token latency with fewer steps (prompt work and admissions wait those k steps).
+        `layout` ("striped" or "ring") shards prompt chunks over the ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays
         decode-only steps as captured graphs, one per (batch bucket, table width, shared
@@ -207,13 +221,12 @@ class LLM:
                              f"({world_size})")
         gpu = device == "cuda"
         page_size = page_size or (64 if gpu else 16)
-        # the step budget: on CUDA 1536 token-equivalents per rank, where the 256K prefill
-        # beside 8 decoding streams took 1.42x its solo time with the streams' ITL at 2.86x
-        # solo on one H200 (session 9; 3.08x on a faster host in session 10; 4096, the
-        # earlier default: 1.19x and 8.19x). A prompt
-        # alone takes at least 32768 per rank a step (8x the budget when that is more), so a
-        # lone prefill is not slowed by the smaller budget
+        # the step budget and interleaving: on CUDA 2100 token-equivalents per rank with one
+        # decode-only step after each mixed one (GPU_STEP_BUDGET above: the trade-off measured
+        # on one H200). A prompt alone takes at least 32768 per rank a step (8x the budget
+        # when that is more), so a lone prefill is not slowed by the smaller budget
         budget, solo = step_budgets(gpu, world_size, max_num_batched_tokens)
+        interleave_decode_steps = interleave_steps(gpu, interleave_decode_steps)
         # built once here, checked before any actor starts
         cfg = EngineConfig(layout=layout,
                            max_num_seqs=max_num_seqs or (256 if gpu else 64),

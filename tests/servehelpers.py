@@ -49,3 +49,13 @@ def shard_pids() -> set:
             except OSError:
                 pass
     return found
+
+
+class RecordingLLM:
+    """An `llm_class` for the serve options' path: records the keyword arguments the Serve
+    service builds its engine with, then fails the load (nothing to serve)."""
+    seen: list = []
+
+    def __init__(self, model, **kw):
+        RecordingLLM.seen.append(kw)
+        raise RuntimeError("RecordingLLM records its arguments and serves nothing")

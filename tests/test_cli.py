@@ -25,7 +25,8 @@ def test_serve_help_documents_the_options():
     r = _run("serve", "--help")
     assert r.returncode == 0
     for opt in ("--model", "--world-size", "--layout", "--max-num-seqs", "--max-num-batched-tokens",
-                "--api-key", "--transport-timeout-s", "--cuda-graphs", "--fused-kernels"):
+                "--api-key", "--transport-timeout-s", "--cuda-graphs", "--fused-kernels",
+                "--interleave-decode-steps"):
         assert opt in r.stdout
 
 
@@ -35,10 +36,12 @@ def test_serve_passes_the_graph_and_kernel_switches_only_when_given(monkeypatch,
     got = []
     monkeypatch.setattr(ringserve.serve, "run", lambda model, **kw: got.append(kw))
     cli.main(["serve", "--model", str(tmp_path), "--cuda-graphs", "off",
-              "--fused-kernels", "on"])
+              "--fused-kernels", "on", "--interleave-decode-steps", "2"])
     cli.main(["serve", "--model", str(tmp_path)])
     assert (got[0]["cuda_graphs"], got[0]["fused_kernels"]) == (False, True)
-    assert "cuda_graphs" not in got[1] and "fused_kernels" not in got[1]   # engine defaults
+    assert got[0]["interleave_decode_steps"] == 2
+    for opt in ("cuda_graphs", "fused_kernels", "interleave_decode_steps"):
+        assert opt not in got[1]   # the engine's defaults
 
 
 def test_serve_with_a_missing_model_fails_clearly(tmp_path):

@@ -279,13 +279,13 @@ def test_worker_torch_threads_reach_the_actors(ray_session, tmp_path_factory):
 
 
 def test_step_budgets_defaults():
-    """CUDA: 1536 token-equivalents per rank a step (the prefill-under-load trade-off measured
-    in session 9), a lone prompt at least 32768 per rank (the earlier default's 4096 x 8, so a
-    single request's prefill keeps its step sizes); an explicit budget keeps the 8x factor when
-    that is more; CPU: 512 and 4x."""
+    """CUDA: 2100 token-equivalents per rank a step (with one interleaved decode step: the
+    prefill-under-load trade-off measured in session 13), a lone prompt at least 32768 per rank
+    (the earlier default's 4096 x 8, so a single request's prefill keeps its step sizes); an
+    explicit budget keeps the 8x factor when that is more; CPU: 512 and 4x."""
     from ringserve.llm import step_budgets
-    assert step_budgets(True, 1) == (1536, 22)
-    assert step_budgets(True, 2) == (3072, 22)
+    assert step_budgets(True, 1) == (2100, 16)
+    assert step_budgets(True, 2) == (4200, 16)
     for ws in (1, 2, 3):
         b, f = step_budgets(True, ws)
         assert b * f >= 32768 * ws
@@ -294,3 +294,16 @@ def test_step_budgets_defaults():
     assert step_budgets(True, 1, 1000) == (1000, 33)
     assert step_budgets(False, 1) == (512, 4)
     assert step_budgets(False, 2, 300) == (300, 4)
+
+
+def test_interleave_default_follows_the_device(tmp_path):
+    """interleave_decode_steps: one decode-only step after each mixed step on CUDA (its
+    measured default, with the 2100 budget), none on CPU unless asked; a given value is kept
+    and a bad one refused before any actor starts."""
+    from ringserve.llm import interleave_steps
+    assert interleave_steps(True, None) == 1
+    assert interleave_steps(False, None) == 0
+    assert interleave_steps(True, 0) == 0 and interleave_steps(False, 2) == 2
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="interleave_decode_steps"):
+            interleave_steps(False, bad)

@@ -37,6 +37,8 @@ def test_defaults_and_served_name(tmp_path):
     ({"model": "m", "comm_host": ""}, ["comm_host ('')"]),
     ({"model": "m", "cuda_graphs": "on"}, ["cuda_graphs ('on')", "true or false"]),
     ({"model": "m", "fused_kernels": 1}, ["fused_kernels (1)", "true or false"]),
+    ({"model": "m", "interleave_decode_steps": -1}, ["interleave_decode_steps (-1)", ">= 0"]),
+    ({"model": "m", "interleave_decode_steps": 0.5}, ["interleave_decode_steps (0.5)"]),
 ])
 def test_bad_arguments_name_the_value(args, words):
     with pytest.raises(ValueError) as e:
@@ -95,3 +97,21 @@ def test_registry_never_takes_a_late_progress_card_over_the_final_one():
         assert await reg.card("d") is None
 
     asyncio.run(story())
+
+
+def test_the_service_passes_interleave_decode_steps_only_when_given(tmp_path):
+    """The scheduling option reaches the engine's constructor as given; left out, the engine
+    keeps its own device-dependent default (1 on CUDA, 0 on CPU)."""
+    from servehelpers import RecordingLLM
+    from ringserve.serve.service import Service
+
+    for extra in ({"interleave_decode_steps": 2}, {}):
+        n = len(RecordingLLM.seen)
+        svc = Service(ServeArgs.from_dict({"model": str(tmp_path), "device": "cpu",
+                                           "llm_class": "servehelpers:RecordingLLM", **extra}))
+        svc._loader.join(30)
+        assert len(RecordingLLM.seen) == n + 1 and "records its arguments" in str(svc.load_error)
+        kw = RecordingLLM.seen[-1]
+        assert kw.get("interleave_decode_steps") == extra.get("interleave_decode_steps")
+        assert kw["max_num_seqs"] == 64
+        svc.shutdown()

@@ -38,10 +38,13 @@ class ServeArgs:
     document_cache_tokens: Optional[int] = None
     api_key: Optional[str] = None         # None: no authentication
     # continuous batching: requests the engine runs at once, and prompt tokens per step (None:
-    # the engine's default, 512 on CPU, 4096 on CUDA): a long prefill goes in chunks of this
-    # size while the running requests keep decoding
+    # the engine's default, 512 on CPU, 2100 token-equivalents per GPU on CUDA): a long prefill
+    # goes in chunks of this size while the running requests keep decoding
     max_num_seqs: int = 64
     max_num_batched_tokens: Optional[int] = None
+    # decode-only steps after each step that carried prompt work beside decoding requests
+    # (None: the engine's default, 1 on CUDA, 0 on CPU)
+    interleave_decode_steps: Optional[int] = None
     # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
     # engine's default (both on with CUDA); False: the eager / torch path
     cuda_graphs: Optional[bool] = None
@@ -95,6 +98,9 @@ class ServeArgs:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} ({v!r}) must be null or an integer >= 1")
+        v = self.interleave_decode_steps
+        if v is not None and (not _is_int(v) or v < 0):
+            raise ValueError(f"interleave_decode_steps ({v!r}) must be null or an integer >= 0")
         for name in ("cuda_graphs", "fused_kernels"):
             v = getattr(self, name)
             if v not in (None, True, False) or isinstance(v, int) and not isinstance(v, bool):

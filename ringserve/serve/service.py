@@ -113,7 +113,8 @@ class Service:
                    else {"context_parallel_size": c, "tensor_parallel_size": t})
             if self.cfg.comm_host is not None:  # engines without the option keep loading
                 par["comm_host"] = self.cfg.comm_host
-            for opt in ("cuda_graphs", "fused_kernels"):   # likewise: only when set
+            for opt in ("cuda_graphs", "fused_kernels",   # likewise: only when set
+                        "interleave_decode_steps"):
                 if getattr(self.cfg, opt) is not None:
                     par[opt] = getattr(self.cfg, opt)
             llm = cls(self.cfg.model, **par, layout=self.cfg.layout,
