@@ -199,6 +199,11 @@ class ActorGroup:
     def call_per_rank(self, method: str, args_list: Sequence[Sequence],
                       timeout_s: Optional[float] = None) -> list:
         """`method(*args_list[rank])` on each rank at once; results in rank order."""
+        return self.collect(self.submit_per_rank(method, args_list), timeout_s)
+
+    def submit_per_rank(self, method: str, args_list: Sequence[Sequence]) -> list:
+        """As `call_per_rank`, without waiting: the refs for `collect` (the engine's async
+        scheduling sends the next step before it reads this one)."""
         if not self.actors:
             raise GroupSetupError(f"the group has no actors (shut down, or its last start "
                                   f"failed); rebuild() it before calling {method!r}")
@@ -206,8 +211,11 @@ class ActorGroup:
             raise ValueError(f"args_list has {len(args_list)} entries for "
                              f"{self.world_size} ranks")
         t = self.tp_size
-        refs = [getattr(a, method).remote(*args_list[i // t]) for i, a in enumerate(self.actors)]
-        return ray.get(refs, timeout=timeout_s)[::t]
+        return [getattr(a, method).remote(*args_list[i // t]) for i, a in enumerate(self.actors)]
+
+    def collect(self, refs: list, timeout_s: Optional[float] = None) -> list:
+        """The results of `submit_per_rank`'s refs, in rank order."""
+        return ray.get(refs, timeout=timeout_s)[::self.tp_size]
 
     @property
     def has_step_channel(self) -> bool:

@@ -33,7 +33,7 @@ from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
 from ringserve.parallel.step_attention import (StepAttention, _as_slice, _merge, ints, merge_rows,
                                                to_device)
-from ringserve.plan import RankPlan
+from ringserve.plan import PENDING_TOKEN, RankPlan
 from ringserve.sampling import Sampler
 from .worker import ShardWorker
 
@@ -222,6 +222,10 @@ class ModelShardWorker(ShardWorker):
         self._profile: Optional[Dict] = None
         self.compiles = _watch_compiles() if self.device.type == "cuda" else []
         self._tables: Dict[int, torch.Tensor] = {}   # running sequences' page tables (CPU)
+        # the token each sequence sampled last on this rank: a decode row whose input id is
+        # PENDING_TOKEN (the engine's async scheduling planned it before that token came back)
+        # takes it from here
+        self._last_token: Dict[int, int] = {}
 
     def setup_transport(self, spec, tp_spec=None) -> bool:
         super().setup_transport(spec, tp_spec)
@@ -423,9 +427,24 @@ class ModelShardWorker(ShardWorker):
     def _execute(self, plan: RankPlan) -> list:
         for key in plan.drop:
             self._tables.pop(key, None)
+            self._last_token.pop(key, None)
         self.pool.copy_pages(plan.copy_src, plan.copy_dst)
         if not plan.seqs:
             return []
+        for s in plan.seqs:
+            if s.kind == "q" and PENDING_TOKEN in s.token_ids:
+                last = self._last_token.get(s.seq)
+                if last is None:
+                    raise RuntimeError(f"rank {self.rank}: sequence {s.seq}'s input token is "
+                                       f"pending, but this rank sampled none for it")
+                s.token_ids = [last if t == PENDING_TOKEN else t for t in s.token_ids]
+        out = self._step_outputs(plan)
+        for s, got in zip(plan.seqs, out):
+            if s.sample is not None and got is not None:
+                self._last_token[s.seq] = int(got[0])
+        return out
+
+    def _step_outputs(self, plan: RankPlan) -> list:
         graph = bool(self.cuda_graphs and plan.graph_batch)
         if not graph:
             # grammar masks on a helper thread while the eager forward is launched and runs;

@@ -43,7 +43,7 @@ from .errors import (CapacityError, GraphCaptureError, InvalidRequestError,
 from .kv_manager import KVManager
 from .parallel import layout as layouts
 from .sampling import SampleContext, SamplingParams, StopState
-from .scheduler import Request, Scheduler, SchedulerConfig, Step
+from .scheduler import PENDING_TOKEN, Request, Scheduler, SchedulerConfig, Step
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ class EngineConfig:
     step_channel: str = field(default_factory=lambda: os.environ.get("RINGSERVE_STEP_CHANNEL",
                                                                      "tasks"))
     max_recoveries: int = 2                 # worker faults one request may survive
+    # async scheduling (world size 1, the tasks channel): while a step runs, the next one is
+    # planned and sent when it can be planned without the tokens being sampled (every running
+    # request decoding, nothing waiting; docs/architecture.md): the actor then starts it as soon
+    # as the step before ends, and the engine's own work and the channel's round trip are off
+    # the GPU's path. A request that stops has one wasted row in the step after
+    async_scheduling: bool = False
     progress_min_tokens: int = 0            # kept for compatibility: progress is per chunk now
     schedule: Optional[str] = None          # deprecated name of `layout`
     extend_chunk: Optional[int] = None      # deprecated name of `passq_max_tokens`
@@ -146,6 +152,9 @@ class EngineConfig:
                 self.interleave_decode_steps, int) or self.interleave_decode_steps < 0:
             raise ValueError(f"interleave_decode_steps ({self.interleave_decode_steps!r}) must "
                              f"be an integer >= 0")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be True or "
+                             f"False")
         if self.progress_min_tokens < 0:
             raise ValueError(f"progress_min_tokens ({self.progress_min_tokens}) must be >= 0")
         if self.document_cache_tokens is not None and self.document_cache_tokens < 0:
@@ -226,7 +235,7 @@ class Engine:
         self._counters = {"requests_total": 0, "requests_failed": 0, "requests_cancelled": 0,
                           "generated_tokens": 0, "prefill_tokens": 0, "cached_prompt_tokens": 0,
                           "worker_failures": 0, "preemptions": 0, "recovered_requests": 0,
-                          "graph_capture_failures": 0, "steps": 0}
+                          "graph_capture_failures": 0, "steps": 0, "steps_planned_ahead": 0}
         self._last_timings: Dict[str, float] = {}
         self._last_failure: Optional[str] = None   # the last failed step's cause (stats)
         self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
@@ -240,6 +249,13 @@ class Engine:
         # model workers)
         self._compiled_steps = (self.config.step_channel == "compiled"
                                 and getattr(group, "has_step_channel", False))
+        if self.config.async_scheduling and (
+                self.world_size != 1 or getattr(group, "tp_size", 1) != 1
+                or self._compiled_steps):
+            raise ValueError("async_scheduling needs world size 1, tensor_parallel_size 1 and "
+                             "the tasks step channel (with more ranks the next token's owner "
+                             "may be another rank)")
+        self._async = self.config.async_scheduling
         self._read_info()
         budget = self.config.document_cache_tokens
         self.doc_cache = DocumentCache(self.capacity_tokens if budget is None else budget)
@@ -334,48 +350,158 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            while True:
-                if not self._take_inbox(block=not self.sched.has_work()):
-                    return
-                self._expire()
-                if not self.sched.has_work():
-                    continue
-                t0 = time.perf_counter()
-                step = self.sched.schedule(t0)
-                self._attach_contexts(step)
-                self._finish_without_compute(step)
-                if not step.works:
-                    self._stalled()
-                    continue
-                t1 = time.perf_counter()
-                try:
-                    results = self._execute(step)
-                except _StepFailed as e:
-                    self._recover(e.cause)
-                    continue
-                t2 = time.perf_counter()
-                try:
-                    self._update(step, results)
-                except Exception as e:  # noqa: BLE001 - a result the update can not use
-                    # (a worker answered garbage): the step's effects are unknown, so treat
-                    # it as a failed step, as for a dead worker
-                    self._recover(e)
-                    continue
-                t3 = time.perf_counter()
-                chunks = [w for w in step.works if w.n > 1 or w.kind == "ring"]
-                with self._lock:   # where the engine thread's time goes (stats)
-                    self._times["schedule_s"] += t1 - t0
-                    self._times["execute_s"] += t2 - t1
-                    self._times["update_s"] += t3 - t2
-                    self._step_log.append((
-                        t2 - t1, len(step.works) - len(chunks), sum(w.n for w in chunks),
-                        max((w.start for w in chunks), default=0), t1 - t0, t3 - t2))
+            (self._async_loop if self._async else self._sync_loop)()
         except BaseException as e:  # noqa: BLE001 - a bug here must not hang every caller
             err = RingServeError(f"engine loop failed: {type(e).__name__}: {e}")
             for req in list(self.sched.running) + list(self.sched.waiting):
                 self._fail(req, err)
             self._running = False
             raise
+
+    def _sync_loop(self) -> None:
+        while True:
+            if not self._take_inbox(block=not self.sched.has_work()):
+                return
+            self._expire()
+            if not self.sched.has_work():
+                continue
+            t0 = time.perf_counter()
+            step = self._plan(t0)
+            if step is None:
+                continue
+            t1 = time.perf_counter()
+            try:
+                results = self._execute(step)
+            except _StepFailed as e:
+                self._recover(e.cause)
+                continue
+            self._finish_step(step, results, t0, t1)
+
+    def _plan(self, t0: float) -> Optional[Step]:
+        """The next step, or None when nothing could be scheduled (then handled)."""
+        step = self.sched.schedule(t0)
+        self._attach_contexts(step)
+        self._finish_without_compute(step)
+        if not step.works:
+            self._stalled()
+            return None
+        return step
+
+    def _finish_step(self, step: Step, results: list, t0: float, t1: float) -> bool:
+        """Update the requests with a step's results and log its times; False when the
+        update failed (the group was rebuilt)."""
+        t2 = time.perf_counter()
+        try:
+            self._update(step, results)
+        except Exception as e:  # noqa: BLE001 - a result the update can not use
+            # (a worker answered garbage): the step's effects are unknown, so treat it as a
+            # failed step, as for a dead worker
+            self._recover(e)
+            return False
+        t3 = time.perf_counter()
+        chunks = [w for w in step.works if w.n > 1 or w.kind == "ring"]
+        with self._lock:   # where the engine thread's time goes (stats)
+            self._times["schedule_s"] += t1 - t0
+            self._times["execute_s"] += t2 - t1
+            self._times["update_s"] += t3 - t2
+            self._step_log.append((
+                t2 - t1, len(step.works) - len(chunks), sum(w.n for w in chunks),
+                max((w.start for w in chunks), default=0), t1 - t0, t3 - t2))
+        return True
+
+    # ---- async scheduling (world size 1) ----
+
+    def _async_loop(self) -> None:
+        """As `_sync_loop`, with one step in flight while the next is planned and sent (when
+        `_can_plan_ahead`): the sampled tokens of the step in flight are placeholders in the
+        requests' outputs, which its results then replace."""
+        flight = None     # (step, collect, t0, t1) of the step sent and not yet read
+        while True:
+            if not self._take_inbox(block=flight is None and not self.sched.has_work()):
+                return
+            self._expire()
+            if flight is not None and not self._can_plan_ahead():
+                self._land(flight)
+                flight = None
+                continue
+            if not self.sched.has_work():
+                if flight is not None:
+                    self._land(flight)
+                    flight = None
+                continue
+            t0 = time.perf_counter()
+            step = self._plan(t0) if flight is None else self._plan_ahead(t0)
+            if step is None:
+                if flight is not None:
+                    self._land(flight)
+                    flight = None
+                continue
+            t1 = time.perf_counter()
+            try:
+                collect = self._send(step)
+            except _StepFailed as e:
+                self._recover(e.cause)    # the step in flight went with the old actors too
+                flight = None
+                continue
+            for w in step.works:          # its tokens: placeholders until its results come
+                if w.sample:
+                    w.req.out_tokens.append(PENDING_TOKEN)
+                    w.req.pending += 1
+            if flight is not None and not self._land(flight):
+                flight = None             # recovered: the step just sent is void as well
+                continue
+            flight = (step, collect, t0, t1)
+
+    def _plan_ahead(self, t0: float) -> Optional[Step]:
+        step = self.sched.schedule(t0)
+        if not step.works:
+            return None
+        with self._lock:
+            self._counters["steps_planned_ahead"] += 1
+        return step
+
+    def _can_plan_ahead(self) -> bool:
+        """Whether the next step can be planned while one is in flight: every running
+        request decodes (no prompt work, nothing waiting or arriving: those steps run after
+        the one in flight is read), none needs its output tokens in the plan (penalties,
+        min_tokens, grammars) or may switch longrope's factors, and pages are free for every
+        row without preempting anyone."""
+        if self._inbox.qsize() or self.sched.waiting or not self.sched.running:
+            return False
+        if self.sched.cfg.long_after is not None:
+            return False
+        for r in self.sched.running:
+            if (r.kind != "generate" or not r.decoding or r.pending != 1
+                    or r.params.needs_context or r.followers):
+                return False
+        # a row may need a fresh page and a copy-on-write one
+        return self.kv.free_pages()[0] >= 2 * len(self.sched.running)
+
+    def _send(self, step: Step) -> Callable[[], list]:
+        """Send a step to the group; returns what waits for its results. Groups without
+        `submit_per_rank` (in-process test groups) run it here, at once."""
+        kw = {} if self.config.step_timeout_s is None else {
+            "timeout_s": self.config.step_timeout_s}
+        submit = getattr(self.group, "submit_per_rank", None)
+        try:
+            if submit is None:
+                results = self.group.call_per_rank("execute", [(p,) for p in step.plans], **kw)
+                return lambda: results
+            refs = submit("execute", [(p,) for p in step.plans])
+        except Exception as e:  # noqa: BLE001 - any failure there leaves the ranks unknown
+            raise _StepFailed(e) from e
+        return lambda: self.group.collect(refs, **kw)
+
+    def _land(self, flight) -> bool:
+        """Read a step in flight and update its requests; False when it failed (the group
+        was rebuilt, every running request requeued)."""
+        step, collect, t0, t1 = flight
+        try:
+            results = collect()
+        except Exception as e:  # noqa: BLE001 - any failure there leaves the ranks unknown
+            self._recover(e)
+            return False
+        return self._finish_step(step, results, t0, t1)
 
     def _take_inbox(self, block: bool) -> bool:
         """Move submitted requests into the scheduler; False once shut down."""
@@ -559,7 +685,7 @@ class Engine:
                     self._fail(f, e, cancelled=isinstance(e, RequestCancelledError))
             h = req.handle
             if h.cancelled.is_set():
-                if req.kind == "generate" and req.out_tokens:
+                if req.kind == "generate" and len(req.out_tokens) > req.pending:
                     self._finish(req, "cancelled")
                 else:
                     self._fail(req, RequestCancelledError("cancelled before it finished"),
@@ -649,14 +775,13 @@ class Engine:
     def _on_token(self, req: Request, tok: int, lp: float, now: float, top=None) -> None:
         if req.first_token_at is None:
             req.first_token_at = now
-        req.out_tokens.append(tok)
+        n = req.resolve(tok)
         req.out_logprobs.append(lp)
         if req.params.top_logprobs:
             req.out_top.append([(int(t), float(v)) for t, v in top or ()])
         if req.followers:
             self._release_followers(req)
         self._count("generated_tokens", 1)
-        n = len(req.out_tokens)
         req.handle._progress = {"state": "running", "phase": "decode", "done": n,
                                 "total": req.params.max_tokens, "unit": "tokens"}
         delta = req.stop.update(tok, n)
@@ -674,6 +799,7 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> None:
         """A generate request is over: its output, its KV kept in the document cache."""
+        req.drop_pending()       # async scheduling: a token of the step in flight is dropped
         end = time.perf_counter()
         h = req.handle
         t_first = req.first_token_at or end
@@ -810,6 +936,7 @@ class Engine:
         self.sched.running.clear()
         for req in inflight:
             req.seq = None
+            req.drop_pending()   # async scheduling: tokens of the lost steps are recomputed
         # pinned means pinned: their KV went with the old actors, so they are prefilled again
         # (in the background, ahead of the queue; a question on one waits for it and reuses it)
         repin = [e.token_ids.tolist() for e in self.doc_cache.entries() if e.pinned

@@ -127,7 +127,8 @@ class LLM:
                  progress_min_tokens: int = 0, context_parallel_size: Optional[int] = None,
                  tensor_parallel_size: int = 1, comm_host: Optional[str] = None,
                  worker_torch_threads: Optional[int] = None, step_channel: Optional[str] = None,
-                 interleave_decode_steps: Optional[int] = None):
+                 interleave_decode_steps: Optional[int] = None,
+                 async_scheduling: bool = False):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -142,6 +143,10 @@ class LLM:
         requests, the next k steps decode alone (replayed graphs on CUDA), so a mixed step's
         fixed cost comes once per k + 1 tokens and a bigger budget gives the same mean
         inter-token latency with fewer steps (prompt work and admissions wait those k steps).
+        `async_scheduling` (world size 1; default False): while a step runs, the engine plans
+        and sends the next when every running request is decoding, so the actor starts it
+        as soon as the step before ends (the engine's own work and the Ray round trip leave
+        the GPU's path; a request that stops has one wasted row in the step after).
         `layout` ("striped" or "ring") shards prompt chunks over the ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays
@@ -241,9 +246,15 @@ class LLM:
                            step_timeout_s=step_timeout_s, max_recoveries=max_recoveries,
                            progress_min_tokens=progress_min_tokens,
                            interleave_decode_steps=interleave_decode_steps,
+                           async_scheduling=async_scheduling,
                            **({} if step_channel is None else {"step_channel": step_channel}))
         if isinstance(model, Path):
             model = str(model)
+        if cfg.async_scheduling and (world_size != 1 or tp_size != 1
+                                     or cfg.step_channel != "tasks"):
+            raise ValueError(f"async_scheduling needs world_size 1, tensor_parallel_size 1 and "
+                             f"the 'tasks' step channel (got {world_size}, {tp_size}, "
+                             f"{cfg.step_channel!r})")
         if tp_size > 1:   # before any actor starts: the split must fit the model's shape
             from .config import ModelConfig
             check_tp(ModelConfig.from_hf_dict(model["config"]) if isinstance(model, dict)

@@ -23,6 +23,11 @@ from typing import List, Optional, Tuple
 
 from .sampling import SamplingParams
 
+# a decode row's input id when the token was sampled by a step still in flight (the engine's
+# async scheduling plans a step before the one before it has answered): the worker puts in the
+# token it sampled last for that sequence
+PENDING_TOKEN = -1
+
 
 @dataclass
 class SeqStep:
@@ -75,4 +80,4 @@ class RankPlan:
     graph_prefix: int = 0
 
 
-__all__ = ["SeqStep", "RankPlan"]
+__all__ = ["SeqStep", "RankPlan", "PENDING_TOKEN"]

@@ -34,7 +34,7 @@ from .errors import CapacityError
 from .kv_manager import (KVManager, SeqKV, balanced_counts, fewest_owner, owner_counts,
                          pages_for)
 from .parallel import layout as layouts
-from .plan import RankPlan, SeqStep
+from .plan import PENDING_TOKEN, RankPlan, SeqStep
 from .sampling import SamplingParams
 
 
@@ -75,6 +75,31 @@ class Request:
     # once its prompt is computed, forking its KV (n > 1: one prefill for the n samples)
     followers: List["Request"] = field(default_factory=list)
     long_rope: bool = False            # longrope: its KV was computed with the long factors
+    # async scheduling: the last `pending` out_tokens are PENDING_TOKEN, sampled by steps in
+    # flight (at most two: the step being read and the one planned after it)
+    pending: int = 0
+
+    def resolve(self, tok: int) -> int:
+        """The oldest pending output token is tok (or, none pending, tok is appended); the
+        sequence's copy of it, when a later step already computed its K/V, too. Returns the
+        number of output tokens known now."""
+        if not self.pending:
+            self.out_tokens.append(tok)
+            return len(self.out_tokens)
+        i = len(self.out_tokens) - self.pending
+        self.out_tokens[i] = tok
+        self.pending -= 1
+        p = len(self.prompt) + i
+        if self.seq is not None and p < len(self.seq.tokens):
+            self.seq.tokens[p] = tok
+        return i + 1
+
+    def drop_pending(self) -> None:
+        """Forget the output tokens of steps in flight (the request ends, or recomputes what
+        it has after a fault)."""
+        if self.pending:
+            del self.out_tokens[-self.pending:]
+            self.pending = 0
 
     @property
     def tokens(self) -> List[int]:
@@ -682,4 +707,4 @@ def ring_owners(n: int, world_size: int, layout: str) -> np.ndarray:
     return owners
 
 
-__all__ = ["Request", "Work", "Step", "Scheduler", "SchedulerConfig"]
+__all__ = ["Request", "Work", "Step", "Scheduler", "SchedulerConfig", "PENDING_TOKEN"]

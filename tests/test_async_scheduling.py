@@ -1,0 +1,202 @@
+"""Async scheduling (EngineConfig / LLM `async_scheduling`, world size 1): while a step runs,
+the next is planned and sent with placeholders for the tokens being sampled. Every output must
+equal its output without it: greedy and seeded, stopped early by a stop token (a wasted row in
+the step after), cancelled mid-stream, across a failed step; pages never leak. In-process
+workers for the engine's logic, and a real Ray actor (the step really in flight) for the
+overlap."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from threadgroup import ThreadGroup
+from tinymodels import tiny_model
+from ringserve.engine import Engine, EngineConfig
+from ringserve.sampling import SamplingParams
+from ringserve.tokenizer import Tokenizer
+
+VOCAB_TOKENS = 200
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return tiny_model(tmp_path_factory, "llama")
+
+
+def make(path, **cfg):
+    group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8)
+    return Engine(group, Tokenizer.from_dir(path), (), EngineConfig(**cfg))
+
+
+def close(eng):
+    eng.shutdown()
+    eng.group.shutdown()
+
+
+def requests(n=5, seed=0, max_tokens=12):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(0, VOCAB_TOKENS, (int(torch.randint(5, 40, (1,), generator=g)),),
+                               generator=g).tolist()
+        params = (SamplingParams(max_tokens=max_tokens + i, temperature=0, ignore_eos=True)
+                  if i % 2 == 0 else
+                  SamplingParams(max_tokens=max_tokens + i, temperature=0.8, top_p=0.9,
+                                 seed=100 + i, ignore_eos=True, logprobs=True))
+        out.append((prompt, params))
+    return out
+
+
+def run(eng, reqs, on_delta=None):
+    hs = [eng.submit("generate", p, sp,
+                     on_delta=None if on_delta is None else on_delta[i].append)
+          for i, (p, sp) in enumerate(reqs)]
+    return [h.result(120) for h in hs]
+
+
+def no_leak(eng):
+    time.sleep(0.05)
+    assert not eng.sched.running and not eng.sched.waiting
+    held = eng.kv.pages_of([e.kv for e in eng.doc_cache.entries()])
+    assert eng.kv.free_pages() == [u - h for u, h in zip(eng.kv.usable_pages(), held)]
+
+
+def test_outputs_equal_the_synchronous_engine_and_steps_are_planned_ahead(path):
+    reqs = requests()
+    sync = make(path)
+    try:
+        want = run(sync, reqs)
+        assert sync.stats()["steps_planned_ahead"] == 0
+    finally:
+        close(sync)
+    eng = make(path, async_scheduling=True)
+    try:
+        streams = [[] for _ in reqs]
+        got = run(eng, reqs, streams)
+        for a, b, s in zip(got, want, streams):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            # the batches differ (what runs beside whom), so float sums may differ in the
+            # last bits: the tokens are the contract, the logprobs equal to rounding
+            assert (a.logprobs is None) == (b.logprobs is None)
+            if a.logprobs is not None:
+                assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+            assert [d.token_id for d in s] == a.token_ids     # each token streamed once
+            assert -1 not in a.token_ids
+        st = eng.stats()
+        # the decode steps of the batch were planned while the step before was in flight
+        assert st["steps_planned_ahead"] >= 10, st
+        assert st["generated_tokens"] == sum(len(o.token_ids) for o in got)
+        no_leak(eng)
+        # a later request reuses a finished one's cached KV (its last rows were computed by a
+        # step planned ahead, with the token put in by the worker): still the same output
+        p, sp = reqs[0]
+        again = p + got[0].token_ids + [7, 8]
+        sync = make(path)
+        try:
+            ref = run(sync, [(again, sp)])[0]
+        finally:
+            close(sync)
+        out = run(eng, [(again, sp)])[0]
+        assert out.num_cached_tokens >= len(p) + len(got[0].token_ids) - 1
+        assert out.token_ids == ref.token_ids
+    finally:
+        close(eng)
+
+
+def test_a_stop_token_ends_the_request_at_the_same_token(path):
+    """A stop token sampled by the step in flight: the step planned after it has a wasted row
+    for that request, dropped; the output ends where the synchronous engine's does."""
+    reqs = requests(n=3, seed=3, max_tokens=20)
+    sync = make(path)
+    try:
+        free = run(sync, reqs)
+        # stop each at the token it produces 5th (ignore_eos does not affect stop_token_ids)
+        stopped = [(p, dataclasses.replace(sp, stop_token_ids=[o.token_ids[4]]))
+                   for (p, sp), o in zip(reqs, free)]
+        want = run(sync, stopped)
+    finally:
+        close(sync)
+    assert all(o.finish_reason == "stop" and len(o.token_ids) <= 5 for o in want)
+    eng = make(path, async_scheduling=True)
+    try:
+        got = run(eng, stopped)
+        for a, b in zip(got, want):
+            assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+        assert eng.stats()["steps_planned_ahead"] > 0
+        no_leak(eng)
+    finally:
+        close(eng)
+
+
+def test_cancel_mid_stream_and_a_failed_step(path):
+    """A cancelled request leaves with the tokens it streamed (a prefix of its solo output);
+    a step that fails while the next is in flight costs no request: both are recomputed
+    after the rebuild and the outputs equal the fault-free ones."""
+    reqs = requests(n=4, seed=5, max_tokens=16)
+    sync = make(path)
+    try:
+        want = run(sync, reqs)
+    finally:
+        close(sync)
+    eng = make(path, async_scheduling=True)
+    try:
+        seen = []
+        h = eng.submit("generate", reqs[0][0], SamplingParams(
+            max_tokens=400, temperature=0, ignore_eos=True), on_delta=seen.append)
+        while len(seen) < 4:
+            time.sleep(0.002)
+        h.cancel()
+        out = h.result(60)
+        assert out.finish_reason == "cancelled" and 4 <= len(out.token_ids) < 400
+        assert out.token_ids == [d.token_id for d in seen][:len(out.token_ids)]
+        assert out.token_ids[:len(want[0].token_ids)] == \
+            want[0].token_ids[:len(out.token_ids)]
+        no_leak(eng)
+        eng.group.fail_next("execute", rank=0, after=12)     # in the decode phase
+        streams = [[] for _ in reqs]
+        got = run(eng, reqs, streams)
+        for a, b, s in zip(got, want, streams):
+            assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+            assert [d.token_id for d in s] == a.token_ids
+        st = eng.stats()
+        assert st["worker_failures"] == 1 and st["recovered_requests"] >= 1, st
+        no_leak(eng)
+    finally:
+        close(eng)
+
+
+def test_bad_settings_are_refused(path):
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(async_scheduling=1)
+    group = ThreadGroup(2, model=str(path), kv_tokens=4096, page_size=8)
+    try:
+        with pytest.raises(ValueError, match="world size 1"):
+            Engine(group, None, (), EngineConfig(async_scheduling=True))
+    finally:
+        group.shutdown()
+
+
+def test_llm_over_ray_keeps_a_step_in_flight(ray_session, path):
+    """A real Ray actor: the next step is sent before the one in flight is read, and the
+    outputs equal those of the synchronous engine. More than one rank is refused before any
+    actor starts."""
+    from ringserve import LLM
+    with pytest.raises(ValueError, match="async_scheduling needs world_size 1"):
+        LLM(str(path), world_size=2, async_scheduling=True, num_cpus_per_worker=0.25)
+    reqs = requests(n=4, seed=7)
+    outs = {}
+    for flag in (False, True):
+        llm = LLM(str(path), world_size=1, max_kv_tokens=2048, num_cpus_per_worker=0.5,
+                  async_scheduling=flag)
+        try:
+            hs = [llm.submit(p, sp) for p, sp in reqs]
+            outs[flag] = [h.result(120) for h in hs]
+            st = llm.stats()
+            assert (st["steps_planned_ahead"] > 0) == flag, st
+        finally:
+            llm.shutdown()
+    for a, b in zip(outs[True], outs[False]):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
