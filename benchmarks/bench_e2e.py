@@ -228,6 +228,7 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
               device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,
               max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
               decode_steps=args.decode_steps, cuda_graphs=args.cuda_graphs,
+              async_scheduling=args.async_scheduling,
               memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
                                     else None), tokenizer=None)
     print(f"[ringserve] group of {args.world_size} x TP {args.tp} up in "
@@ -341,6 +342,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--question-tokens", type=int, default=32)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="decode steps replayed from captured CUDA graphs (LLM(cuda_graphs=True))")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="LLM(async_scheduling=True): the next decode step planned and sent "
+                        "while one runs (world size 1)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)

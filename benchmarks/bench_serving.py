@@ -365,6 +365,9 @@ def main(argv=None) -> int:
                    help="decode steps as CUDA graphs (default: the engine's, on with CUDA)")
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="fused few-token kernels (default: the engine's, on with CUDA)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="LLM(async_scheduling=True): the next decode step planned and sent "
+                        "while one runs (world size 1)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -399,6 +402,7 @@ def main(argv=None) -> int:
               dtype="float32" if cpu else "bfloat16", tokenizer=None,
               cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels,
               max_num_batched_tokens=args.max_num_batched_tokens,
+              async_scheduling=args.async_scheduling,
               **({"max_kv_tokens": 4 * (args.prefill_len + args.doc_len)} if cpu else {}))
     print(f"[serving] up in {time.perf_counter() - t:.1f} s, capacity {llm.capacity_tokens} "
           f"tokens, budget {llm.config.max_num_batched_tokens}", flush=True)
@@ -419,8 +423,9 @@ def main(argv=None) -> int:
     bw = 0.0 if cpu else max(llm._group.call("copy_bandwidth"))
     args.floor = (param_counts(cfg)["decode_read"] * 2, kv_bytes_per_token(cfg), bw) \
         if bw > 0 else None
-    print(f"[serving] features {res['features']}; host probe {res['host_probe_us']:.2f} us",
-          flush=True)
+    print(f"[serving] features {res['features']}, async scheduling "
+          f"{'on' if args.async_scheduling else 'off'}; host probe "
+          f"{res['host_probe_us']:.2f} us", flush=True)
     for sc in args.scenarios.split(","):
         t1 = time.perf_counter()
         if sc == "single":

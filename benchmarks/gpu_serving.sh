@@ -414,6 +414,24 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-540} python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets ${BUDGETS:-1536,2400:1,2048:1} --json "$OUT/s13a.json" > "$OUT/s13a.log" 2>&1
     grep -E '^prefill|solo prefill|took|compiles after|differs from|host probe|Error' "$OUT/s13a.log" | cut -c1-300 ;;
+  s14a)  # next session, first call (one GPU): async scheduling (session 13, CPU-tested only)
+         # against the synchronous engine in one call: the 128K single request (decode vs its
+         # floor: per-GPU-speed issue, <= 1.3x) and 1 / 16 questions on a cached 128K
+         # document, each without and with it (the first start compiles: the longest limit)
+    export CUDA_VISIBLE_DEVICES=0
+    lim=190
+    for a in "" "--async-scheduling"; do
+      tag=${a:+async}; tag=${tag:-sync}
+      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout $lim python3 "$REPO/benchmarks/bench_e2e.py" \
+        --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs $a \
+        --json "$OUT/e2e_$tag.json" > "$OUT/e2e_$tag.log" 2>&1
+      grep -E '^ *[0-9]+ \|' "$OUT/e2e_$tag.log" | sed "s/^/$tag /"
+      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 100 python3 "$REPO/benchmarks/bench_serving.py" \
+        --scenarios concurrent --concurrency 1,16 $a --json "$OUT/conc_$tag.json" \
+        > "$OUT/conc_$tag.log" 2>&1
+      grep -E '^concurrent' "$OUT/conc_$tag.log" | sed "s/^/$tag /"
+      lim=130
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

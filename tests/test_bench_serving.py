@@ -39,7 +39,8 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     rc = mod.main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256",
                    "--prefill-len", "512", "--out-tokens", "4", "--stream-tokens", "16",
                    "--concurrency", "1,2", "--budgets", "128,128:1", "--attn-equiv", "2000",
-                   "--scenarios", "single,concurrent,prefill", "--json", str(out)])
+                   "--scenarios", "single,concurrent,prefill", "--async-scheduling",
+                   "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["features"] == {"cuda_graphs": False, "fused_kernels": False}
@@ -51,6 +52,8 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
     row = res["prefill"]["budgets"][0]
     assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
+    # --async-scheduling: the decode steps were planned while the step before ran
+    assert res["args"]["async_scheduling"] and row["stats"]["steps_planned_ahead"] > 0
     # B:k: the second run interleaves one decode-only step after each mixed step, and the
     # engine's own setting (0) is back afterwards
     assert [r["interleave_decode_steps"] for r in res["prefill"]["budgets"]] == [0, 1]
