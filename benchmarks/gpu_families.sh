@@ -27,7 +27,7 @@ e2e() {  # $1: preset, $2: default lengths, then bench_e2e arguments
 case "$PART" in
   kernels)
     timeout 560 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
-      "$REPO/tests/test_kernels_gpu.py" -k "softcap or latent" 2>&1 \
+      "$REPO/tests/test_kernels_gpu.py" -k "softcap or latent or moe_gemv" 2>&1 \
       | tee "$OUT/test_kernels_gpu_families.log" | tail -5 ;;
   check)
     timeout 560 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \

@@ -121,3 +121,108 @@ def grouped_linear_triton(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                DOT_PREC=prec, num_warps=warps, num_stages=stages)
     return out
+
+
+# ---- few tokens (decode): the experts as GEMVs, no sort ----
+#
+# A decode step's MoE layer has a handful of token copies (T tokens x top-k): the grouped GEMM's
+# path then costs more in its set-up than in its math (the sort, the block table: cumsums and a
+# search, ~E spare blocks a GEMM, the scatter back, the weighted sum: ~40 small launches a layer,
+# session 13's Qwen3-30B-A3B decode at 6.5x its floor at 8K). Here two launches do the layer:
+# each token copy's gate/up rows times its token (SiLU(gate) * up written at once), then each
+# token's output columns as the router-weighted sum of its k experts' down projections. Every
+# active expert's weights are read once per copy: for a few tokens that is what the grouped
+# GEMM reads too.
+MOE_GEMV_MAX_COPIES = 32    # token copies (T * top_k) up to which `moe_gemv` runs the layer
+
+
+@triton.jit
+def _moe_gate_up_kernel(X, W, Idx, Act, H, I, k,
+                        s_xt, s_we, s_wn, s_wk, s_at,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    i = tl.program_id(0)                    # token copy: token i // k, its (i % k)-th expert
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    e = tl.load(Idx + i).to(tl.int64)
+    x_row = X + (i // k).to(tl.int64) * s_xt
+    w_gate = W + e * s_we + cols[:, None] * s_wn
+    w_up = W + e * s_we + (cols[:, None] + I) * s_wn
+    g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        m = col_ok[:, None] & k_ok[None, :]
+        g += tl.sum(tl.load(w_gate + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32)
+                    * xv, axis=1)
+        u += tl.sum(tl.load(w_up + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32)
+                    * xv, axis=1)
+    # the grouped path rounds gate and up to the model's dtype before SiLU(gate) * up: so here
+    g = g.to(Act.dtype.element_ty).to(tl.float32)
+    u = u.to(Act.dtype.element_ty).to(tl.float32)
+    act = g / (1.0 + tl.exp(-g)) * u
+    tl.store(Act + i.to(tl.int64) * s_at + cols, act.to(Act.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _moe_down_kernel(Act, W, Idx, Wt, Out, H, I, k,
+                     s_at, s_we, s_wn, s_wk, s_ot,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0)                    # token
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, k):
+        i = t * k + j
+        e = tl.load(Idx + i).to(tl.int64)
+        a_row = Act + i.to(tl.int64) * s_at
+        w_rows = W + e * s_we + cols[:, None] * s_wn
+        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < I
+            av = tl.load(a_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            y += tl.sum(tl.load(w_rows + ks[None, :] * s_wk, mask=col_ok[:, None] & k_ok[None, :],
+                                other=0.0).to(tl.float32) * av, axis=1)
+        # each expert's output in the model's dtype, then weighted in float32 (as the grouped
+        # path: y in the model's dtype, the sum over experts in float32)
+        y = y.to(Out.dtype.element_ty).to(tl.float32)
+        out += tl.load(Wt + i).to(tl.float32) * y
+    tl.store(Out + t.to(tl.int64) * s_ot + cols, out.to(Out.dtype.element_ty), mask=col_ok)
+
+
+def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+    """A SwiGLU MoE layer's routed experts for a few tokens, in two launches: x (T, H), the
+    stacked weights gate_up (E, 2I, H) (gate rows, then up rows) and down (E, H, I), each
+    token's top-k expert ids idx (T, k) and router weights (T, k) -> (T, H) in x's dtype, the
+    router-weighted sum of the token's experts' outputs."""
+    if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)} and down "
+                         f"{tuple(down.shape)} must be (T, H), (E, 2I, H) and (E, H, I)")
+    T, H = x.shape
+    E, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    if gate_up.shape[2] != H or down.shape != (E, H, inter) or two_i != 2 * inter:
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)} do not "
+                         f"fit hidden size {H}")
+    if idx.shape != weights.shape or idx.dim() != 2 or idx.shape[0] != T:
+        raise ValueError(f"idx {tuple(idx.shape)} and weights {tuple(weights.shape)} must both "
+                         f"be ({T}, top_k)")
+    k = idx.shape[1]
+    x = x.contiguous()
+    idx = idx.reshape(-1).contiguous()
+    wt = weights.reshape(-1).contiguous()
+    act = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    warps = 4
+    _moe_gate_up_kernel[(T * k, cdiv(inter, 32))](
+        x, gate_up, idx, act, H, inter, k, x.stride(0), *gate_up.stride(), act.stride(0),
+        BLOCK_N=32, BLOCK_K=128, num_warps=warps)
+    _moe_down_kernel[(T, cdiv(H, 16))](
+        act, down, idx, wt, out, H, inter, k, act.stride(0), *down.stride(), out.stride(0),
+        BLOCK_N=16, BLOCK_K=128, num_warps=warps)
+    return out

@@ -9,7 +9,8 @@ token goes through.
 
 The experts are stored stacked, `gate_up` (E, 2I, H) and `down` (E, H, I), so that one grouped
 GEMM (`kernels.grouped_linear`: one Triton launch on GPU, a GEMM per expert on CPU) runs them all
-over the token copies sorted by expert. Checkpoints keep one tensor per expert and projection;
+over the token copies sorted by expert; a few tokens (decode) take two Triton launches instead,
+no sort (`kernels.grouped_gemm.moe_gemv`). Checkpoints keep one tensor per expert and projection;
 `checkpoint_slots` maps those names onto slices of the stacks for the loader.
 """
 from __future__ import annotations
@@ -80,11 +81,26 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ringserve import kernels
+        from ringserve.kernels.grouped_gemm import MOE_GEMV_MAX_COPIES, moe_gemv
+
+        T = x.shape[0]
+        w, idx = self.route(x)
+        if T * self.cfg.top_k <= MOE_GEMV_MAX_COPIES and kernels.use_triton(self.backend, x):
+            # a few tokens (decode): two launches, no sort (kernels/grouped_gemm.py)
+            out = moe_gemv(x, self.experts.gate_up, self.experts.down, idx, w)
+        else:
+            out = self._grouped(x, w, idx)
+        if self.cfg.shared_intermediate:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The routed experts as grouped GEMMs over the token copies sorted by expert."""
+        from ringserve import kernels
         from ringserve.kernels import grouped_linear
 
         T, H = x.shape
         k, E = self.cfg.top_k, self.cfg.num_experts
-        w, idx = self.route(x)
         flat = idx.reshape(-1)                        # (T*k,) token-major
         order = torch.argsort(flat, stable=True)      # token copies grouped by expert
         # scatter_add, not bincount: bincount reads the maximum on the host (a sync that would
@@ -101,10 +117,7 @@ class MoE(nn.Module):
         ys = grouped_linear(act, self.experts.down, counts, self.backend)  # (T*k, H)
         y = torch.empty_like(ys)
         y[order] = ys                                 # back to token-major order
-        out = (y.view(T, k, H).float() * w[..., None]).sum(1).to(x.dtype)
-        if self.cfg.shared_intermediate:
-            out = out + self.shared_experts(x)
-        return out
+        return (y.view(T, k, H).float() * w[..., None]).sum(1).to(x.dtype)
 
     def checkpoint_slots(self, prefix: str) -> Dict[str, Tuple[str, tuple]]:
         """checkpoint tensor name -> (parameter name, index into it) for every expert."""

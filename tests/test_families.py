@@ -266,6 +266,51 @@ def test_grouped_linear_triton_equals_float64(dtype, tol, tiles, monkeypatch):
                 assert err <= tol * max(1.0, ref.abs().max().item()), (backend, E, M, err)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_moe_gemv_equals_float64_and_the_grouped_path(dtype, tol):
+    """The few-token MoE layer (two Triton launches, interpreted on CPU) against float64 and
+    against the grouped path it stands in for: odd sizes, a token whose experts repeat across
+    tokens, renormalized and unnormalized router weights; MoE.forward takes it up to
+    MOE_GEMV_MAX_COPIES token copies and the grouped GEMMs beyond, with the same outputs."""
+    from ringserve.config import MoeConfig
+    from ringserve.kernels.grouped_gemm import MOE_GEMV_MAX_COPIES, moe_gemv
+    from ringserve.moe import MoE
+    g = torch.Generator().manual_seed(1)
+    for E, H, inter, T, k in ((6, 72, 40, 1, 2), (9, 48, 33, 3, 4), (4, 130, 20, 5, 3)):
+        x = torch.randn(T, H, generator=g).to(dtype)
+        gu = (torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5).to(dtype)
+        dn = (torch.randn(E, H, inter, generator=g) / inter ** 0.5).to(dtype)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        w = torch.rand(T, k, generator=g)
+        out = moe_gemv(x, gu, dn, idx, w)
+        xd, gud, dnd = x.double(), gu.double(), dn.double()
+        ref = torch.zeros(T, H, dtype=torch.float64)
+        for t in range(T):
+            for j in range(k):
+                e = int(idx[t, j])
+                h = gud[e] @ xd[t]
+                a = torch.nn.functional.silu(h[:inter]) * h[inter:]
+                ref[t] += w[t, j].double() * (dnd[e] @ a)
+        assert out.shape == (T, H) and out.dtype == dtype
+        err = (out.double() - ref).abs().max().item()
+        assert err <= tol * max(1.0, ref.abs().max().item()), (E, T, k, err)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_gemv(x, gu, dn, idx[:, :1], w)
+    # MoE.forward: the few-token path and the grouped one give the same layer output
+    cfg = MoeConfig(num_experts=8, top_k=4, intermediate_size=24, renormalize=True)
+    moe = MoE(32, cfg, "qwen3_moe")
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / 6)
+    moe.backend = "triton"
+    few = torch.randn(MOE_GEMV_MAX_COPIES // 4, 32, generator=g)     # 8 tokens: 32 copies
+    many = torch.cat([few, torch.randn(3, 32, generator=g)])          # 44 copies: grouped
+    a, b = moe(few), moe(many)[:len(few)]
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+    moe.backend = "torch"
+    assert (moe(few) - a).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
 def _edit_config(tmp_path, src, **changes):
     dst = tmp_path / "ckpt"
     shutil.copytree(src, dst)
