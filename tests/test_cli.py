@@ -26,7 +26,7 @@ def test_serve_help_documents_the_options():
     assert r.returncode == 0
     for opt in ("--model", "--world-size", "--layout", "--max-num-seqs", "--max-num-batched-tokens",
                 "--api-key", "--transport-timeout-s", "--cuda-graphs", "--fused-kernels",
-                "--interleave-decode-steps"):
+                "--interleave-decode-steps", "--async-scheduling"):
         assert opt in r.stdout
 
 
@@ -36,11 +36,12 @@ def test_serve_passes_the_graph_and_kernel_switches_only_when_given(monkeypatch,
     got = []
     monkeypatch.setattr(ringserve.serve, "run", lambda model, **kw: got.append(kw))
     cli.main(["serve", "--model", str(tmp_path), "--cuda-graphs", "off",
-              "--fused-kernels", "on", "--interleave-decode-steps", "2"])
+              "--fused-kernels", "on", "--interleave-decode-steps", "2",
+              "--async-scheduling"])
     cli.main(["serve", "--model", str(tmp_path)])
     assert (got[0]["cuda_graphs"], got[0]["fused_kernels"]) == (False, True)
-    assert got[0]["interleave_decode_steps"] == 2
-    for opt in ("cuda_graphs", "fused_kernels", "interleave_decode_steps"):
+    assert got[0]["interleave_decode_steps"] == 2 and got[0]["async_scheduling"] is True
+    for opt in ("cuda_graphs", "fused_kernels", "interleave_decode_steps", "async_scheduling"):
         assert opt not in got[1]   # the engine's defaults
 
 

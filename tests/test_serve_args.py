@@ -39,6 +39,8 @@ def test_defaults_and_served_name(tmp_path):
     ({"model": "m", "fused_kernels": 1}, ["fused_kernels (1)", "true or false"]),
     ({"model": "m", "interleave_decode_steps": -1}, ["interleave_decode_steps (-1)", ">= 0"]),
     ({"model": "m", "interleave_decode_steps": 0.5}, ["interleave_decode_steps (0.5)"]),
+    ({"model": "m", "async_scheduling": "yes"}, ["async_scheduling ('yes')"]),
+    ({"model": "m", "async_scheduling": True, "world_size": 2}, ["async_scheduling needs"]),
 ])
 def test_bad_arguments_name_the_value(args, words):
     with pytest.raises(ValueError) as e:
@@ -99,13 +101,13 @@ def test_registry_never_takes_a_late_progress_card_over_the_final_one():
     asyncio.run(story())
 
 
-def test_the_service_passes_interleave_decode_steps_only_when_given(tmp_path):
-    """The scheduling option reaches the engine's constructor as given; left out, the engine
-    keeps its own device-dependent default (1 on CUDA, 0 on CPU)."""
+def test_the_service_passes_the_scheduling_options_only_when_given(tmp_path):
+    """The scheduling options reach the engine's constructor as given; left out, the engine
+    keeps its own defaults (interleaving: 1 on CUDA, 0 on CPU; async scheduling off)."""
     from servehelpers import RecordingLLM
     from ringserve.serve.service import Service
 
-    for extra in ({"interleave_decode_steps": 2}, {}):
+    for extra in ({"interleave_decode_steps": 2, "async_scheduling": True}, {}):
         n = len(RecordingLLM.seen)
         svc = Service(ServeArgs.from_dict({"model": str(tmp_path), "device": "cpu",
                                            "llm_class": "servehelpers:RecordingLLM", **extra}))
@@ -113,5 +115,6 @@ def test_the_service_passes_interleave_decode_steps_only_when_given(tmp_path):
         assert len(RecordingLLM.seen) == n + 1 and "records its arguments" in str(svc.load_error)
         kw = RecordingLLM.seen[-1]
         assert kw.get("interleave_decode_steps") == extra.get("interleave_decode_steps")
+        assert kw.get("async_scheduling") == extra.get("async_scheduling")
         assert kw["max_num_seqs"] == 64
         svc.shutdown()

@@ -117,6 +117,8 @@ class Service:
                         "interleave_decode_steps"):
                 if getattr(self.cfg, opt) is not None:
                     par[opt] = getattr(self.cfg, opt)
+            if self.cfg.async_scheduling:
+                par["async_scheduling"] = True
             llm = cls(self.cfg.model, **par, layout=self.cfg.layout,
                       device=self._device(), dtype=self.cfg.dtype,
                       max_num_seqs=self.cfg.max_num_seqs,
