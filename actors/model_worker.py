@@ -442,7 +442,19 @@ class ModelShardWorker(ShardWorker):
         for s, got in zip(plan.seqs, out):
             if s.sample is not None and got is not None:
                 self._last_token[s.seq] = int(got[0])
+        if plan.share_tokens and self.world_size > 1:
+            self._share_tokens(plan, out)
         return out
+
+    def _share_tokens(self, plan: RankPlan, out: list) -> None:
+        """Every rank learns the tokens sampled on the others (one all-reduce of a row-long
+        vector: each row's token + 1 from the rank that sampled it, 0 elsewhere)."""
+        mine = [int(got[0]) + 1 if s.sample is not None and got is not None else 0
+                for s, got in zip(plan.seqs, out)]
+        t = torch.tensor(mine, dtype=torch.int64, device=self.device)
+        for s, v in zip(plan.seqs, self.transport.all_reduce(t).tolist()):
+            if v > 0:
+                self._last_token[s.seq] = v - 1
 
     def _step_outputs(self, plan: RankPlan) -> list:
         graph = bool(self.cuda_graphs and plan.graph_batch)

@@ -344,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="decode steps replayed from captured CUDA graphs (LLM(cuda_graphs=True))")
     p.add_argument("--async-scheduling", action="store_true",
                    help="LLM(async_scheduling=True): the next decode step planned and sent "
-                        "while one runs (world size 1)")
+                        "while one runs")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)

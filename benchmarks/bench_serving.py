@@ -367,7 +367,7 @@ def main(argv=None) -> int:
                    help="fused few-token kernels (default: the engine's, on with CUDA)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="LLM(async_scheduling=True): the next decode step planned and sent "
-                        "while one runs (world size 1)")
+                        "while one runs")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0)

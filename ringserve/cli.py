@@ -35,8 +35,8 @@ def _serve(argv: List[str]) -> int:
                         "decoding requests: steadier streams under a long prefill (default 1 "
                         "on CUDA, 0 on CPU)")
     p.add_argument("--async-scheduling", action="store_true",
-                   help="world size 1: plan and send the next decode step while one runs (the "
-                        "engine's own work and the Ray round trip leave the GPU's path)")
+                   help="plan and send the next decode step while one runs (the engine's own "
+                        "work and the Ray round trip leave the GPU's path; not with --tp)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)

@@ -108,7 +108,7 @@ class EngineConfig:
     step_channel: str = field(default_factory=lambda: os.environ.get("RINGSERVE_STEP_CHANNEL",
                                                                      "tasks"))
     max_recoveries: int = 2                 # worker faults one request may survive
-    # async scheduling (world size 1, the tasks channel): while a step runs, the next one is
+    # async scheduling (the tasks channel, no TP): while a step runs, the next one is
     # planned and sent when it can be planned without the tokens being sampled (every running
     # request decoding, nothing waiting; docs/architecture.md): the actor then starts it as soon
     # as the step before ends, and the engine's own work and the channel's round trip are off
@@ -249,12 +249,10 @@ class Engine:
         # model workers)
         self._compiled_steps = (self.config.step_channel == "compiled"
                                 and getattr(group, "has_step_channel", False))
-        if self.config.async_scheduling and (
-                self.world_size != 1 or getattr(group, "tp_size", 1) != 1
-                or self._compiled_steps):
-            raise ValueError("async_scheduling needs world size 1, tensor_parallel_size 1 and "
-                             "the tasks step channel (with more ranks the next token's owner "
-                             "may be another rank)")
+        if self.config.async_scheduling and (getattr(group, "tp_size", 1) != 1
+                                             or self._compiled_steps):
+            raise ValueError("async_scheduling needs tensor_parallel_size 1 and the tasks step "
+                             "channel")
         self._async = self.config.async_scheduling
         self._read_info()
         budget = self.config.document_cache_tokens
@@ -409,7 +407,7 @@ class Engine:
                 max((w.start for w in chunks), default=0), t1 - t0, t3 - t2))
         return True
 
-    # ---- async scheduling (world size 1) ----
+    # ---- async scheduling ----
 
     def _async_loop(self) -> None:
         """As `_sync_loop`, with one step in flight while the next is planned and sent (when
@@ -436,6 +434,9 @@ class Engine:
                     self._land(flight)
                     flight = None
                 continue
+            if self.world_size > 1:       # every rank learns the step's sampled tokens
+                for p in step.plans:
+                    p.share_tokens = True
             t1 = time.perf_counter()
             try:
                 collect = self._send(step)
@@ -474,8 +475,9 @@ class Engine:
             if (r.kind != "generate" or not r.decoding or r.pending != 1
                     or r.params.needs_context or r.followers):
                 return False
-        # a row may need a fresh page and a copy-on-write one
-        return self.kv.free_pages()[0] >= 2 * len(self.sched.running)
+        # a row may need a fresh page and a copy-on-write one (on its owner: any rank)
+        need = 2 * len(self.sched.running)
+        return all(f >= need for f in self.kv.free_pages())
 
     def _send(self, step: Step) -> Callable[[], list]:
         """Send a step to the group; returns what waits for its results. Groups without

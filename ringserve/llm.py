@@ -143,10 +143,11 @@ class LLM:
         requests, the next k steps decode alone (replayed graphs on CUDA), so a mixed step's
         fixed cost comes once per k + 1 tokens and a bigger budget gives the same mean
         inter-token latency with fewer steps (prompt work and admissions wait those k steps).
-        `async_scheduling` (world size 1; default False): while a step runs, the engine plans
-        and sends the next when every running request is decoding, so the actor starts it
-        as soon as the step before ends (the engine's own work and the Ray round trip leave
-        the GPU's path; a request that stops has one wasted row in the step after).
+        `async_scheduling` (default False; not with tensor parallelism): while a step runs, the
+        engine plans and sends the next when every running request is decoding, so the actors
+        start it as soon as the step before ends (the engine's own work and the Ray round trip
+        leave the GPU's path; a request that stops has one wasted row in the step after; with
+        several ranks they share each step's sampled tokens, one small all-reduce).
         `layout` ("striped" or "ring") shards prompt chunks over the ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
         `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays
@@ -250,11 +251,9 @@ class LLM:
                            **({} if step_channel is None else {"step_channel": step_channel}))
         if isinstance(model, Path):
             model = str(model)
-        if cfg.async_scheduling and (world_size != 1 or tp_size != 1
-                                     or cfg.step_channel != "tasks"):
-            raise ValueError(f"async_scheduling needs world_size 1, tensor_parallel_size 1 and "
-                             f"the 'tasks' step channel (got {world_size}, {tp_size}, "
-                             f"{cfg.step_channel!r})")
+        if cfg.async_scheduling and (tp_size != 1 or cfg.step_channel != "tasks"):
+            raise ValueError(f"async_scheduling needs tensor_parallel_size 1 and the 'tasks' "
+                             f"step channel (got {tp_size}, {cfg.step_channel!r})")
         if tp_size > 1:   # before any actor starts: the split must fit the model's shape
             from .config import ModelConfig
             check_tp(ModelConfig.from_hf_dict(model["config"]) if isinstance(model, dict)

@@ -1,5 +1,6 @@
-"""Async scheduling (EngineConfig / LLM `async_scheduling`, world size 1): while a step runs,
-the next is planned and sent with placeholders for the tokens being sampled. Every output must
+"""Async scheduling (EngineConfig / LLM `async_scheduling`): while a step runs, the next is
+planned and sent with placeholders for the tokens being sampled (with several ranks, they share
+each step's sampled tokens). Every output must
 equal its output without it: greedy and seeded, stopped early by a stop token (a wasted row in
 the step after), cancelled mid-stream, across a failed step; pages never leak. In-process
 workers for the engine's logic, and a real Ray actor (the step really in flight) for the
@@ -26,8 +27,8 @@ def path(tmp_path_factory):
     return tiny_model(tmp_path_factory, "llama")
 
 
-def make(path, **cfg):
-    group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8)
+def make(path, ws=1, **cfg):
+    group = ThreadGroup(ws, model=str(path), kv_tokens=4096, page_size=8)
     return Engine(group, Tokenizer.from_dir(path), (), EngineConfig(**cfg))
 
 
@@ -64,15 +65,18 @@ def no_leak(eng):
     assert eng.kv.free_pages() == [u - h for u, h in zip(eng.kv.usable_pages(), held)]
 
 
-def test_outputs_equal_the_synchronous_engine_and_steps_are_planned_ahead(path):
+@pytest.mark.parametrize("ws", [1, 2, 3])
+def test_outputs_equal_the_synchronous_engine_and_steps_are_planned_ahead(path, ws):
+    """At 2 and 3 ranks a decode row's token is owned by one rank and sampled on another:
+    every rank puts in the pending input from the tokens the ranks shared."""
     reqs = requests()
-    sync = make(path)
+    sync = make(path, ws)
     try:
         want = run(sync, reqs)
         assert sync.stats()["steps_planned_ahead"] == 0
     finally:
         close(sync)
-    eng = make(path, async_scheduling=True)
+    eng = make(path, ws, async_scheduling=True)
     try:
         streams = [[] for _ in reqs]
         got = run(eng, reqs, streams)
@@ -94,7 +98,7 @@ def test_outputs_equal_the_synchronous_engine_and_steps_are_planned_ahead(path):
         # step planned ahead, with the token put in by the worker): still the same output
         p, sp = reqs[0]
         again = p + got[0].token_ids + [7, 8]
-        sync = make(path)
+        sync = make(path, ws)
         try:
             ref = run(sync, [(again, sp)])[0]
         finally:
@@ -131,17 +135,18 @@ def test_a_stop_token_ends_the_request_at_the_same_token(path):
         close(eng)
 
 
-def test_cancel_mid_stream_and_a_failed_step(path):
+@pytest.mark.parametrize("ws", [1, 2])
+def test_cancel_mid_stream_and_a_failed_step(path, ws):
     """A cancelled request leaves with the tokens it streamed (a prefix of its solo output);
     a step that fails while the next is in flight costs no request: both are recomputed
     after the rebuild and the outputs equal the fault-free ones."""
     reqs = requests(n=4, seed=5, max_tokens=16)
-    sync = make(path)
+    sync = make(path, ws)
     try:
         want = run(sync, reqs)
     finally:
         close(sync)
-    eng = make(path, async_scheduling=True)
+    eng = make(path, ws, async_scheduling=True)
     try:
         seen = []
         h = eng.submit("generate", reqs[0][0], SamplingParams(
@@ -155,7 +160,7 @@ def test_cancel_mid_stream_and_a_failed_step(path):
         assert out.token_ids[:len(want[0].token_ids)] == \
             want[0].token_ids[:len(out.token_ids)]
         no_leak(eng)
-        eng.group.fail_next("execute", rank=0, after=12)     # in the decode phase
+        eng.group.fail_next("execute", rank=ws - 1, after=12)     # in the decode phase
         streams = [[] for _ in reqs]
         got = run(eng, reqs, streams)
         for a, b, s in zip(got, want, streams):
@@ -171,25 +176,28 @@ def test_cancel_mid_stream_and_a_failed_step(path):
 def test_bad_settings_are_refused(path):
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(async_scheduling=1)
-    group = ThreadGroup(2, model=str(path), kv_tokens=4096, page_size=8)
+    group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8)
+    group.tp_size = 2      # as an actor group with tensor parallelism says
     try:
-        with pytest.raises(ValueError, match="world size 1"):
+        with pytest.raises(ValueError, match="tensor_parallel_size 1"):
             Engine(group, None, (), EngineConfig(async_scheduling=True))
     finally:
         group.shutdown()
 
 
-def test_llm_over_ray_keeps_a_step_in_flight(ray_session, path):
-    """A real Ray actor: the next step is sent before the one in flight is read, and the
-    outputs equal those of the synchronous engine. More than one rank is refused before any
-    actor starts."""
+@pytest.mark.parametrize("ws", [1, 2])
+def test_llm_over_ray_keeps_a_step_in_flight(ray_session, path, ws):
+    """Real Ray actors (world size 2: over gloo, the sampled tokens shared by an all-reduce):
+    the next step is sent before the one in flight is read, and the outputs equal those of
+    the synchronous engine. Tensor parallelism is refused before any actor starts."""
     from ringserve import LLM
-    with pytest.raises(ValueError, match="async_scheduling needs world_size 1"):
-        LLM(str(path), world_size=2, async_scheduling=True, num_cpus_per_worker=0.25)
+    with pytest.raises(ValueError, match="async_scheduling needs tensor_parallel_size 1"):
+        LLM(str(path), context_parallel_size=1, tensor_parallel_size=2, async_scheduling=True,
+            num_cpus_per_worker=0.25)
     reqs = requests(n=4, seed=7)
     outs = {}
     for flag in (False, True):
-        llm = LLM(str(path), world_size=1, max_kv_tokens=2048, num_cpus_per_worker=0.5,
+        llm = LLM(str(path), world_size=ws, max_kv_tokens=2048, num_cpus_per_worker=0.5,
                   async_scheduling=flag)
         try:
             hs = [llm.submit(p, sp) for p, sp in reqs]

@@ -147,15 +147,15 @@ def mixes(draw):
 def test_every_request_equals_its_solo_run(tmp_path_factory, ws, layout, mix, small_kv,
                                            interleave, async_sched):
     """Random arrival times and mixes (documents, short and long prompts, greedy and seeded),
-    with and without preemption, interleaved prefill and (world size 1) async scheduling:
-    each output equals its solo run."""
+    with and without preemption, interleaved prefill and async scheduling: each output equals
+    its solo run."""
     path = model_path(tmp_path_factory)
     solo = solo_for(path, ws, layout)
     # small budget: 3 ranks x 72 tokens can not hold every request at once -> preemption
     kv = 72 * 3 // ws if small_kv else 4096
     eng = make(path, ws, layout, kv_tokens=kv, max_num_batched_tokens=24, passq_max_tokens=6,
                max_num_seqs=4, interleave_decode_steps=interleave,
-               async_scheduling=async_sched and ws == 1)
+               async_scheduling=async_sched)
     try:
         handles = run_with_arrivals(eng, mix)
         for h, (_, prompt, params) in zip(handles, mix):

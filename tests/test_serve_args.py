@@ -40,7 +40,8 @@ def test_defaults_and_served_name(tmp_path):
     ({"model": "m", "interleave_decode_steps": -1}, ["interleave_decode_steps (-1)", ">= 0"]),
     ({"model": "m", "interleave_decode_steps": 0.5}, ["interleave_decode_steps (0.5)"]),
     ({"model": "m", "async_scheduling": "yes"}, ["async_scheduling ('yes')"]),
-    ({"model": "m", "async_scheduling": True, "world_size": 2}, ["async_scheduling needs"]),
+    ({"model": "m", "async_scheduling": True, "tensor_parallel_size": 2},
+     ["async_scheduling needs tensor_parallel_size 1"]),
 ])
 def test_bad_arguments_name_the_value(args, words):
     with pytest.raises(ValueError) as e:

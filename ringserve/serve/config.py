@@ -45,7 +45,7 @@ class ServeArgs:
     # decode-only steps after each step that carried prompt work beside decoding requests
     # (None: the engine's default, 1 on CUDA, 0 on CPU)
     interleave_decode_steps: Optional[int] = None
-    # world size 1: plan and send the next decode step while one runs (LLM's async_scheduling)
+    # plan and send the next decode step while one runs (LLM's async_scheduling; no TP)
     async_scheduling: bool = False
     # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
     # engine's default (both on with CUDA); False: the eager / torch path
@@ -105,9 +105,9 @@ class ServeArgs:
             raise ValueError(f"interleave_decode_steps ({v!r}) must be null or an integer >= 0")
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be true or false")
-        if self.async_scheduling and (self.world_size != 1 or self.tensor_parallel_size != 1):
-            raise ValueError(f"async_scheduling needs world_size 1 and tensor_parallel_size 1 "
-                             f"(got {self.world_size} and {self.tensor_parallel_size})")
+        if self.async_scheduling and self.tensor_parallel_size != 1:
+            raise ValueError(f"async_scheduling needs tensor_parallel_size 1 (got "
+                             f"{self.tensor_parallel_size})")
         for name in ("cuda_graphs", "fused_kernels"):
             v = getattr(self, name)
             if v not in (None, True, False) or isinstance(v, int) and not isinstance(v, bool):
