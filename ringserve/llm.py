@@ -148,8 +148,8 @@ class LLM:
         start it as soon as the step before ends (the engine's own work and the Ray round trip
         leave the GPU's path; a request that stops has one wasted row in the step after; with
         several ranks they share each step's sampled tokens, one small all-reduce).
-        `layout` ("striped" or "ring") shards prompt chunks over the ranks. max_kv_tokens is for the whole group; default: from free memory (CUDA) or
-        `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
+        `layout` ("striped" or "ring") shards prompt chunks over the ranks. max_kv_tokens is
+        for the whole group; default: from free memory (CUDA) or `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays
         decode-only steps as captured graphs, one per (batch bucket, table width, shared
         prefix), each captured the first time a step needs it; default True on CUDA (2.6x
