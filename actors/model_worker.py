@@ -431,6 +431,8 @@ class ModelShardWorker(ShardWorker):
         self.pool.copy_pages(plan.copy_src, plan.copy_dst)
         if not plan.seqs:
             return []
+        if not plan.track_tokens:
+            return self._step_outputs(plan)
         for s in plan.seqs:
             if s.kind == "q" and PENDING_TOKEN in s.token_ids:
                 last = self._last_token.get(s.seq)
@@ -439,20 +441,19 @@ class ModelShardWorker(ShardWorker):
                                        f"pending, but this rank sampled none for it")
                 s.token_ids = [last if t == PENDING_TOKEN else t for t in s.token_ids]
         out = self._step_outputs(plan)
-        for s, got in zip(plan.seqs, out):
-            if s.sample is not None and got is not None:
-                self._last_token[s.seq] = int(got[0])
-        if plan.share_tokens and self.world_size > 1:
-            self._share_tokens(plan, out)
+        self._track_tokens(plan, out)
         return out
 
-    def _share_tokens(self, plan: RankPlan, out: list) -> None:
-        """Every rank learns the tokens sampled on the others (one all-reduce of a row-long
-        vector: each row's token + 1 from the rank that sampled it, 0 elsewhere)."""
+    def _track_tokens(self, plan: RankPlan, out: list) -> None:
+        """Keep each sequence's sampled token; with more than one rank every rank learns the
+        tokens sampled on the others (one all-reduce of a row-long vector: each row's token +
+        1 from the rank that sampled it, 0 elsewhere)."""
         mine = [int(got[0]) + 1 if s.sample is not None and got is not None else 0
                 for s, got in zip(plan.seqs, out)]
-        t = torch.tensor(mine, dtype=torch.int64, device=self.device)
-        for s, v in zip(plan.seqs, self.transport.all_reduce(t).tolist()):
+        if self.world_size > 1:
+            t = torch.tensor(mine, dtype=torch.int64, device=self.device)
+            mine = self.transport.all_reduce(t).tolist()
+        for s, v in zip(plan.seqs, mine):
             if v > 0:
                 self._last_token[s.seq] = v - 1
 

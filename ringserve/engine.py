@@ -434,9 +434,8 @@ class Engine:
                     self._land(flight)
                     flight = None
                 continue
-            if self.world_size > 1:       # every rank learns the step's sampled tokens
-                for p in step.plans:
-                    p.share_tokens = True
+            for p in step.plans:          # the workers keep (and share) the sampled tokens
+                p.track_tokens = True
             t1 = time.perf_counter()
             try:
                 collect = self._send(step)

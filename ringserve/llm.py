@@ -47,12 +47,10 @@ def step_budgets(gpu: bool, world_size: int, max_num_batched_tokens: Optional[in
 
 
 def interleave_steps(gpu: bool, k: Optional[int]) -> int:
-    """The decode-only steps after each mixed step LLM uses: k when given, else
-    GPU_INTERLEAVE_DECODE_STEPS on CUDA and 0 on CPU."""
+    """The decode-only steps after each mixed step LLM uses: k when given (EngineConfig
+    checks it), else GPU_INTERLEAVE_DECODE_STEPS on CUDA and 0 on CPU."""
     if k is None:
         return GPU_INTERLEAVE_DECODE_STEPS if gpu else 0
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"interleave_decode_steps ({k!r}) must be an integer >= 0")
     return k
 
 

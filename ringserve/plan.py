@@ -78,10 +78,11 @@ class RankPlan:
     # every row): the width bucket of that shared prefix's table, read once for all rows in
     # the graph; graph_width then bounds each row's own pages after it. 0: no shared prefix
     graph_prefix: int = 0
-    # async scheduling over more than one rank: after sampling, the ranks share the step's
-    # sampled tokens (a sum over ranks of each row's token + 1 from the rank that sampled it),
-    # so that every rank can put in a PENDING_TOKEN input of the next step
-    share_tokens: bool = False
+    # async scheduling: the workers keep each sequence's last sampled token and put it in for
+    # PENDING_TOKEN inputs; with more than one rank they share the step's sampled tokens after
+    # sampling (a sum over ranks of each row's token + 1 from the rank that sampled it). Off:
+    # the synchronous engine's steps do none of this
+    track_tokens: bool = False
 
 
 __all__ = ["SeqStep", "RankPlan", "PENDING_TOKEN"]

@@ -148,13 +148,16 @@ def test_cancel_mid_stream_and_a_failed_step(path, ws):
         close(sync)
     eng = make(path, ws, async_scheduling=True)
     try:
-        seen = []
-        h = eng.submit("generate", reqs[0][0], SamplingParams(
-            max_tokens=400, temperature=0, ignore_eos=True), on_delta=seen.append)
-        while len(seen) < 4:
-            time.sleep(0.002)
-        h.cancel()
-        out = h.result(60)
+        seen, handle = [], []
+
+        def on_delta(d):   # cancelled from the 4th token's delta: no race with the engine
+            seen.append(d)
+            if len(seen) == 4:
+                handle[0].cancel()
+
+        handle.append(eng.submit("generate", reqs[0][0], SamplingParams(
+            max_tokens=400, temperature=0, ignore_eos=True), on_delta=on_delta))
+        out = handle[0].result(60)
         assert out.finish_reason == "cancelled" and 4 <= len(out.token_ids) < 400
         assert out.token_ids == [d.token_id for d in seen][:len(out.token_ids)]
         assert out.token_ids[:len(want[0].token_ids)] == \

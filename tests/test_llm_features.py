@@ -298,12 +298,12 @@ def test_step_budgets_defaults():
 
 def test_interleave_default_follows_the_device(tmp_path):
     """interleave_decode_steps: one decode-only step after each mixed step on CUDA (its
-    measured default, with the 2100 budget), none on CPU unless asked; a given value is kept
-    and a bad one refused before any actor starts."""
+    measured default, with the 2100 budget), none on CPU unless asked; a given value is kept,
+    and a bad one refused by LLM before any actor starts (EngineConfig's check)."""
     from ringserve.llm import interleave_steps
     assert interleave_steps(True, None) == 1
     assert interleave_steps(False, None) == 0
     assert interleave_steps(True, 0) == 0 and interleave_steps(False, 2) == 2
-    for bad in (-1, 1.5, True, "1"):
+    for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="interleave_decode_steps"):
-            interleave_steps(False, bad)
+            LLM(str(tmp_path), interleave_decode_steps=bad)
