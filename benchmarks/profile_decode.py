@@ -30,7 +30,21 @@ PRESETS = {
 }
 
 
-def config(preset: str) -> dict:
+def _e2e():
+    """bench_e2e (beside this file): its presets of the other families, their active
+    parameters."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_e2e
+    return bench_e2e
+
+
+FAMILY_PRESETS = ("qwen3-moe-30b-a3b", "deepseek-v2-lite", "gemma2-9b", "gemma3-12b")
+
+
+def config(preset: str, max_len: int = 1 << 21) -> dict:
+    if preset in FAMILY_PRESETS:
+        return _e2e().hf_config(preset, max_len)
     c = dict(PRESETS[preset])
     c.update(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
              rope_theta=500000.0, max_position_embeddings=1 << 21, hidden_act="silu",
@@ -60,7 +74,9 @@ class _OneRank:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    p.add_argument("--preset", choices=sorted(PRESETS) + list(FAMILY_PRESETS),
+                   default="llama3-8b", help="a Llama shape here, or a family preset of "
+                   "bench_e2e (the floor then counts the parameters a token uses)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--lengths", default="32768,131072")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per mode")
@@ -76,7 +92,7 @@ def main(argv=None) -> int:
     from ringserve.sampling import SamplingParams
 
     lengths = [int(x) for x in a.lengths.split(",") if x]
-    cfg = config(a.preset)
+    cfg = config(a.preset, max(lengths) + 4 * a.steps + 1024)
     dtype = "bfloat16" if a.device == "cuda" else "float32"
     w = ModelShardWorker(0, 1, a.device, model={"config": cfg, "seed": 0}, dtype=dtype,
                          page_size=a.page_size, kv_tokens=max(lengths) + 4 * a.steps + 1024,
@@ -85,7 +101,10 @@ def main(argv=None) -> int:
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=8192,
                                                      cuda_graphs=True))
     bw = w.copy_bandwidth()
-    n_params = sum(t.numel() for t in w.model.parameters())
+    if a.preset in FAMILY_PRESETS:     # MoE: the shared part + top_k of the experts
+        n_params = _e2e().param_counts(cfg)["decode_read"]
+    else:
+        n_params = sum(t.numel() for t in w.model.parameters())
     w_bytes = n_params * w.model.dtype.itemsize
     kv_tok = w.pool.cfg.bytes_per_token
     greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.steps + 3)
@@ -147,6 +166,8 @@ def main(argv=None) -> int:
               f"{row['graphs']['ms_per_token']:.2f}, floor {row['floor_ms']:.2f}, same tokens "
               f"{row['same_tokens']}; one eager step: {row['profile']}", flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        if a.device == "cuda":    # where the device's time goes (the floor's gap, op by op)
+            print(ka.table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
     print(f"\nprofile_decode: {a.preset}, {dtype}, {a.device}, copy bandwidth "
           f"{bw / 1e12:.2f} TB/s")
     print(f"{'tokens':>9} | {'eager ms':>8} | {'graphs ms':>9} | {'floor ms':>8} | "

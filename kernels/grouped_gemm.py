@@ -12,7 +12,7 @@ cdiv(M, BLOCK_M) + E blocks; the spare blocks have no rows and store nothing.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -192,12 +192,16 @@ def _moe_down_kernel(Act, W, Idx, Wt, Out, H, I, k,
     tl.store(Out + t.to(tl.int64) * s_ot + cols, out.to(Out.dtype.element_ty), mask=col_ok)
 
 
+MOE_GEMV_BLOCKS = (32, 128, 4, 16, 128, 4)   # gate/up: BLOCK_N, BLOCK_K, warps; down: same
+
+
 def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
+             weights: torch.Tensor, blocks: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
     """A SwiGLU MoE layer's routed experts for a few tokens, in two launches: x (T, H), the
     stacked weights gate_up (E, 2I, H) (gate rows, then up rows) and down (E, H, I), each
     token's top-k expert ids idx (T, k) and router weights (T, k) -> (T, H) in x's dtype, the
-    router-weighted sum of the token's experts' outputs."""
+    router-weighted sum of the token's experts' outputs. `blocks` (benchmarks' sweeps):
+    the two launches' (BLOCK_N, BLOCK_K, num_warps), default `MOE_GEMV_BLOCKS`."""
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)} and down "
                          f"{tuple(down.shape)} must be (T, H), (E, 2I, H) and (E, H, I)")
@@ -218,11 +222,11 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    warps = 4
-    _moe_gate_up_kernel[(T * k, cdiv(inter, 32))](
+    gn, gk, gw, dn, dk, dw = blocks or MOE_GEMV_BLOCKS
+    _moe_gate_up_kernel[(T * k, cdiv(inter, gn))](
         x, gate_up, idx, act, H, inter, k, x.stride(0), *gate_up.stride(), act.stride(0),
-        BLOCK_N=32, BLOCK_K=128, num_warps=warps)
-    _moe_down_kernel[(T, cdiv(H, 16))](
+        BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
+    _moe_down_kernel[(T, cdiv(H, dn))](
         act, down, idx, wt, out, H, inter, k, act.stride(0), *down.stride(), out.stride(0),
-        BLOCK_N=16, BLOCK_K=128, num_warps=warps)
+        BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
     return out
