@@ -140,27 +140,39 @@ def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
                           stride_ob, stride_os, stride_oh, stride_od,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_S: tl.constexpr):
+    # one row's BLOCK_D columns; the splits BLOCK_S at a time with the running maximum
+    # rescaled (a wide head with hundreds of splits, MLA's 576-wide latent, would otherwise
+    # hold num_splits x 1024 floats in one program's registers: 0.76 ms a layer in session 14)
     row = tl.program_id(0)            # flat (b, hq, s) of the partial buffers
     s = row % Sq
     hq = (row // Sq) % Hq
     b = row // Sq // Hq
-    offs = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = offs < num_splits
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     row64 = row.to(tl.int64)
-    lse_p = tl.load(LPart + row64 * num_splits + offs, mask=ok, other=float("-inf"))
-    m = tl.max(lse_p, 0)
+    m = float("-inf")
+    tot = 0.0
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok = offs < num_splits
+        lse_p = tl.load(LPart + row64 * num_splits + offs, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse_p, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2((m - m_use) * 1.4426950408889634)
+        w = tl.math.exp2((lse_p - m_use) * 1.4426950408889634)
+        o_p = tl.load(OPart + (row64 * num_splits + offs)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=ok[:, None] & d_ok[None, :], other=0.0)
+        tot = tot * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(o_p * w[:, None], 0)
+        m = m_new
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2((lse_p - m) * 1.4426950408889634)
-    tot = tl.sum(w, 0)
-    o_p = tl.load(OPart + (row64 * num_splits + offs)[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=ok[:, None] & d_ok[None, :], other=0.0)
     inv = 1.0 / tl.where(tot > 0.0, tot, 1.0)
-    out = tl.sum(o_p * (w * inv)[:, None], 0)
+    out = acc * inv
     lse = tl.where(tot > 0.0, m + tl.math.log2(tl.where(tot > 0.0, tot, 1.0)) * 0.6931471805599453,
                    float("-inf"))
-    tl.store(Lse + row64, lse)
+    if tl.program_id(1) == 0:
+        tl.store(Lse + row64, lse)
     tl.store(Out + b.to(tl.int64) * stride_ob + s * stride_os + hq * stride_oh
              + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
 
@@ -271,6 +283,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
             # ~4 waves of programs over the SMs keeps enough loads in flight to stream K/V
             sms = sm_count(q.device)
             num_splits = cdiv(4 * sms, B * Hkv * row_blocks)
+            if block_d > 256:
+                # a wide head's tile holds 16 keys: a split of one or two tiles spends more on
+                # its partial (1024 floats a row, written and read back) than on its keys
+                num_splits = min(num_splits, cdiv(tiles, 4))
     num_splits = max(1, min(num_splits, tiles))
     chunk = cdiv(tiles, num_splits) * block_n
     num_splits = cdiv(max_len, chunk)       # drop splits that would start past max_len
@@ -304,8 +320,11 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     # the reduce kernel writes every element
     out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    _decode_reduce_fast((B * Hq * Sq,),
+    # a program's tile is at most 128 columns x 128 splits (what the 128-wide heads always ran
+    # in one go); wider heads take column blocks, more splits a loop
+    red_d = min(block_d, 128)
+    red_s = min(max(2, next_pow2(num_splits)), 16384 // red_d)
+    _decode_reduce_fast((B * Hq * Sq, cdiv(D, red_d)),
         o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)),
-        num_warps=4)
+        HEAD_DIM=D, BLOCK_D=red_d, BLOCK_S=red_s, num_warps=4)
     return out, lse

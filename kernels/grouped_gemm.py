@@ -192,7 +192,12 @@ def _moe_down_kernel(Act, W, Idx, Wt, Out, H, I, k,
     tl.store(Out + t.to(tl.int64) * s_ot + cols, out.to(Out.dtype.element_ty), mask=col_ok)
 
 
-MOE_GEMV_BLOCKS = (32, 128, 4, 16, 128, 4)   # gate/up: BLOCK_N, BLOCK_K, warps; down: same
+# the two launches' (BLOCK_N, BLOCK_K, num_warps), gate/up then down, by token copies: the
+# best of bench_moe_gemv.py's sweep on the H200 (session 14: Qwen3-30B-A3B's layer for one token
+# 97.5 -> 35.7 us against an 17.8 us floor, DeepSeek-V2-Lite's 112 -> 48 us; session 13's
+# (32, 128, 4, 16, 128, 4) left most SMs idle: a program per 32 rows of one copy)
+MOE_GEMV_BLOCKS = (8, 256, 8, 4, 256, 4)        # up to 8 token copies (one decode token)
+MOE_GEMV_BLOCKS_MANY = (8, 128, 4, 4, 256, 2)   # 9..MOE_GEMV_MAX_COPIES
 
 
 def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
@@ -201,7 +206,8 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     stacked weights gate_up (E, 2I, H) (gate rows, then up rows) and down (E, H, I), each
     token's top-k expert ids idx (T, k) and router weights (T, k) -> (T, H) in x's dtype, the
     router-weighted sum of the token's experts' outputs. `blocks` (benchmarks' sweeps):
-    the two launches' (BLOCK_N, BLOCK_K, num_warps), default `MOE_GEMV_BLOCKS`."""
+    the two launches' (BLOCK_N, BLOCK_K, num_warps), default `MOE_GEMV_BLOCKS` (or
+    `MOE_GEMV_BLOCKS_MANY` past 8 token copies)."""
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)} and down "
                          f"{tuple(down.shape)} must be (T, H), (E, 2I, H) and (E, H, I)")
@@ -222,7 +228,7 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    gn, gk, gw, dn, dk, dw = blocks or MOE_GEMV_BLOCKS
+    gn, gk, gw, dn, dk, dw = blocks or (MOE_GEMV_BLOCKS if T * k <= 8 else MOE_GEMV_BLOCKS_MANY)
     _moe_gate_up_kernel[(T * k, cdiv(inter, gn))](
         x, gate_up, idx, act, H, inter, k, x.stride(0), *gate_up.stride(), act.stride(0),
         BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
@@ -230,3 +236,59 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
         act, down, idx, wt, out, H, inter, k, act.stride(0), *down.stride(), out.stride(0),
         BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
     return out
+
+
+# ---- few tokens (decode): the router's softmax + top-k in one launch ----
+#
+# torch's softmax, topk (a sort and a gather at this size), sum and division cost ~24 us of
+# device time a layer for one decode token (Qwen3-30B-A3B, session 14's profile): more than the
+# experts' GEMVs after their tuning. One program a token does them in registers.
+
+@triton.jit
+def _moe_route_kernel(L, W, Idx, E, s_l, scale, K: tl.constexpr, BLOCK_E: tl.constexpr,
+                      BLOCK_K: tl.constexpr, RENORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    x = tl.load(L + t * s_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = tl.where(ok, p, 0.0)
+    p = p / tl.sum(p, 0)                       # softmax over the experts
+    left = tl.where(ok, p, -1.0)               # probabilities are >= 0: -1 marks taken / absent
+    ks = tl.arange(0, BLOCK_K)
+    ws = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    ids = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for j in tl.static_range(K):               # the largest first (torch.topk's order); the
+        best = tl.max(left, 0)                 # lowest expert id among equal probabilities
+        i = tl.min(tl.where(left == best, offs, BLOCK_E), 0)
+        ws = tl.where(ks == j, best, ws)
+        ids = tl.where(ks == j, i, ids)
+        left = tl.where(offs == i, -1.0, left)
+    if RENORM:
+        ws = ws / tl.sum(tl.where(ks < K, ws, 0.0), 0)
+    ws = ws * scale
+    tl.store(W + t * K + ks, ws, mask=ks < K)
+    tl.store(Idx + t * K + ks, ids.to(tl.int64), mask=ks < K)
+
+
+def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool,
+              scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (T, E) -> (weights (T, k) float32, expert ids (T, k) int64): the softmax
+    in float32, the top_k largest probabilities (largest first), renormalised to sum to one
+    when asked, times scale (DeepSeek's routed_scaling_factor). `MoE.route` without group
+    limits, in one launch."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (T, E), got {tuple(logits.shape)}")
+    T, E = logits.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in 1..{E}, got {top_k}")
+    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    if T == 0:
+        return w, idx
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    _moe_route_kernel[(T,)](logits, w, idx, E, logits.stride(0), float(scale), K=top_k,
+                            BLOCK_E=triton.next_power_of_2(E),
+                            BLOCK_K=triton.next_power_of_2(top_k), RENORM=bool(renormalize),
+                            num_warps=1 if E <= 256 else 4)
+    return w, idx

@@ -61,11 +61,16 @@ class MoE(nn.Module):
             self.shared_experts = SharedExperts(hidden, moe.shared_intermediate, bias, **factory)
         self.backend = "auto"   # kernels.grouped_linear's; tests force "triton" on CPU
 
-    def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x (T, H) -> weights (T, k) float32, expert ids (T, k)."""
+    def route(self, x: torch.Tensor, fused: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (T, H) -> weights (T, k) float32, expert ids (T, k). fused: the softmax and top-k
+        in one Triton launch (`kernels.grouped_gemm.moe_route`; the few-token path), where no
+        group limit applies."""
         c = self.cfg
         logits = (F.linear(x.float(), self.gate.weight.float()) if c.router_fp32
                   else self.gate(x).float())
+        if fused and c.n_group <= 1:
+            from ringserve.kernels.grouped_gemm import moe_route
+            return moe_route(logits, c.top_k, c.renormalize, c.routed_scale)
         probs = torch.softmax(logits, dim=-1)
         if c.n_group > 1:   # only the topk_group groups with the best top experts compete
             grouped = probs.view(-1, c.n_group, c.num_experts // c.n_group)
@@ -84,12 +89,13 @@ class MoE(nn.Module):
         from ringserve.kernels.grouped_gemm import MOE_GEMV_MAX_COPIES, moe_gemv
 
         T = x.shape[0]
-        w, idx = self.route(x)
         if T * self.cfg.top_k <= MOE_GEMV_MAX_COPIES and kernels.use_triton(self.backend, x):
-            # a few tokens (decode): two launches, no sort (kernels/grouped_gemm.py)
+            # a few tokens (decode): the router in one launch, the experts in two, no sort
+            # (kernels/grouped_gemm.py)
+            w, idx = self.route(x, fused=True)
             out = moe_gemv(x, self.experts.gate_up, self.experts.down, idx, w)
         else:
-            out = self._grouped(x, w, idx)
+            out = self._grouped(x, *self.route(x))
         if self.cfg.shared_intermediate:
             out = out + self.shared_experts(x)
         return out

@@ -266,6 +266,41 @@ def test_grouped_linear_triton_equals_float64(dtype, tol, tiles, monkeypatch):
                 assert err <= tol * max(1.0, ref.abs().max().item()), (backend, E, M, err)
 
 
+
+def test_moe_route_equals_the_torch_router():
+    """The few-token router (one Triton launch, interpreted on CPU): the softmax's top-k
+    experts largest first, equal probabilities in expert order (a stable descending sort),
+    renormalised or not, scaled; the same experts and weights as MoE.route's torch path."""
+    from ringserve.config import MoeConfig
+    from ringserve.kernels.grouped_gemm import moe_route
+    from ringserve.moe import MoE
+    g = torch.Generator().manual_seed(4)
+    for E, k, T, renorm, scale in ((8, 2, 3, True, 1.0), (60, 6, 2, False, 2.5),
+                                   (128, 8, 5, True, 1.0), (5, 1, 1, False, 1.0)):
+        logits = torch.randn(T, E, generator=g) * 3
+        logits[0, 1] = logits[0, 3] = logits[0].max() + 1      # a tie at the top
+        w, idx = moe_route(logits, k, renorm, scale)
+        p = torch.softmax(logits, -1)
+        ref_w, ref_i = torch.sort(p, dim=-1, descending=True, stable=True)
+        ref_w, ref_i = ref_w[:, :k], ref_i[:, :k]
+        if renorm:
+            ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+        assert idx.dtype == torch.int64 and torch.equal(idx, ref_i), (E, k, idx, ref_i)
+        torch.testing.assert_close(w, ref_w * scale, rtol=1e-6, atol=1e-7)
+        if k > 1:
+            assert idx[0, 0] == 1 and idx[0, 1] == 3
+    # MoE.route(fused=True) against its torch path on the layer's own router
+    cfg = MoeConfig(num_experts=16, top_k=4, intermediate_size=8, renormalize=True,
+                    routed_scale=1.5)
+    moe = MoE(24, cfg, "qwen3_moe")
+    x = torch.randn(3, 24, generator=g)
+    (w1, i1), (w2, i2) = moe.route(x, fused=True), moe.route(x)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(x, 0, True)
+    assert moe_route(torch.zeros(0, 16), 4, True)[0].shape == (0, 4)
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
 def test_moe_gemv_equals_float64_and_the_grouped_path(dtype, tol):
     """The few-token MoE layer (two Triton launches, interpreted on CPU) against float64 and

@@ -621,6 +621,20 @@ def test_paged_decode_latent_heads(dtype):
         check_close(out, lse, ref_out, ref_lse, dtype, lowp)
 
 
+def test_paged_decode_reduces_hundreds_of_splits_of_a_wide_head():
+    """The reduce kernel's loop: a 576-wide head split 300 ways (more than one 128-split block
+    of each 128-column slice, so the running maximum is rescaled across blocks; splits past a
+    short sequence's end are empty) equals float64, as do 3 and 129 splits."""
+    from ringserve.kernels.flash_decode import paged_decode_triton
+    q, kc, _, bt, sl, qp, kp = paged_case(2, 1, 4, 1, 576, 16, [4800, 700], torch.float32,
+                                          seed=9, positions=True)
+    ref_out, ref_lse = paged_decode_ref(q, kc, kc, bt, sl, 0.1, True, None, qp, kp)
+    for n in (3, 129, 300):
+        out, lse = paged_decode_triton(q, kc, kc, bt, sl, 0.1, True, None, qp, kp,
+                                       num_splits=n, block_n=16)
+        check_close(out, lse, ref_out, ref_lse, torch.float32, None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_attention_latent_heads(dtype):
     """MLA's absorbed prefill block: 4 query heads on one 576-wide KV head whose values are the

@@ -569,3 +569,21 @@ def test_moe_gemv_gpu(dtype):
         base = (_moe_layer(x, gu, dn, idx, w).to(dtype).double() - ref).abs().max().item()
         err = (out.double() - ref).abs().max().item()
         assert err <= 2 * base + 1e-3, (T, err, base)
+
+
+def test_moe_route_gpu():
+    """The few-token router at Qwen3-30B-A3B's 128 experts, top-8, renormalised, and
+    DeepSeek-V2-Lite's 64, top-6, not: the same experts as a stable descending sort of torch's
+    softmax, weights within float32 rounding."""
+    from ringserve.kernels.grouped_gemm import moe_route
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for E, k, renorm in ((128, 8, True), (64, 6, False)):
+        for T in (1, 4, 32):
+            logits = torch.randn(T, E, device="cuda", generator=g) * 2
+            w, idx = moe_route(logits, k, renorm)
+            rw, ri = torch.sort(torch.softmax(logits, -1), -1, descending=True, stable=True)
+            rw, ri = rw[:, :k], ri[:, :k]
+            if renorm:
+                rw = rw / rw.sum(-1, keepdim=True)
+            assert torch.equal(idx, ri), (E, T)
+            torch.testing.assert_close(w, rw, rtol=2e-6, atol=1e-7)
