@@ -211,6 +211,7 @@ class ModelShardWorker(ShardWorker):
         self.max_cuda_graphs = max_cuda_graphs
         self.graph_replays = 0
         self.graph_evictions = 0
+        self.graphs_captured_ahead = 0
         self.step_times: List[float] = []
         self._timeline: Optional[List[Tuple[float, float, float, int, int]]] = None
         self._t_queued = 0.0
@@ -432,7 +433,9 @@ class ModelShardWorker(ShardWorker):
         if not plan.seqs:
             return []
         if not plan.track_tokens:
-            return self._step_outputs(plan)
+            out = self._step_outputs(plan)
+            self._capture_ahead(plan)
+            return out
         for s in plan.seqs:
             if s.kind == "q" and PENDING_TOKEN in s.token_ids:
                 last = self._last_token.get(s.seq)
@@ -442,7 +445,24 @@ class ModelShardWorker(ShardWorker):
                 s.token_ids = [last if t == PENDING_TOKEN else t for t in s.token_ids]
         out = self._step_outputs(plan)
         self._track_tokens(plan, out)
+        self._capture_ahead(plan)
         return out
+
+    def _capture_ahead(self, plan: RankPlan) -> None:
+        """Capture the decode graph the driver marked (a lone long prompt's first decode
+        bucket) after this step's work, unless it is there: its capture then falls inside the
+        prefill instead of stalling the first decode token. A failure is a GraphCaptureError
+        like a capture on demand (every rank captures the same bucket in the same step)."""
+        key = tuple(plan.capture_ahead)
+        if not key or not self.cuda_graphs or key in self._graphs:
+            return
+        try:
+            self._capture(*key)
+        except Exception as e:
+            raise GraphCaptureError(f"rank {self.rank}: capturing the decode graph of batch "
+                                    f"{key[0]}, width {key[1]}, prefix {key[2]} ahead failed: "
+                                    f"{type(e).__name__}: {e}"[:2000]) from e
+        self.graphs_captured_ahead += 1
 
     def _track_tokens(self, plan: RankPlan, out: list) -> None:
         """Keep each sequence's sampled token; with more than one rank every rank learns the
@@ -790,7 +810,8 @@ class ModelShardWorker(ShardWorker):
     def graph_stats(self) -> Dict[str, int]:
         """Captured decode graphs and how many steps replayed one (tests, benchmarks)."""
         return {"graphs": len(self._graphs), "replays": self.graph_replays,
-                "evictions": self.graph_evictions}
+                "evictions": self.graph_evictions,
+                "captured_ahead": self.graphs_captured_ahead}
 
     def graph_keys(self) -> List[Tuple[int, int, int]]:
         """(batch, table width, shared-prefix width) of every captured decode graph."""

@@ -432,6 +432,25 @@ case "$PART" in
       grep -E '^concurrent' "$OUT/conc_$tag.log" | sed "s/^/$tag /"
       lim=130
     done ;;
+  s14b)  # session 14, last call (one GPU): the router kernel's GPU test; the 128K single
+         # request synchronously (the first decode bucket now captured inside the prefill: the
+         # worst decode step should be a step, not a capture); the MoE and MLA presets' decode
+         # with async scheduling after the MoE and wide-head decode fixes
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 60 python3 -m pytest -q -p no:cacheprovider \
+      --rootdir "$REPO" "$REPO/tests/test_kernels_gpu.py" -k "moe_route" 2>&1 | tail -1
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 170 python3 "$REPO/benchmarks/bench_e2e.py" \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --json "$OUT/e2e_sync.json" > "$OUT/e2e_sync.log" 2>&1
+    grep -E '^ *[0-9]+ \|' "$OUT/e2e_sync.log"; grep -o '"decode_step_worst_ms": [0-9.]*' "$OUT/e2e_sync.log"
+    for p in qwen3-moe-30b-a3b:8192,131072 deepseek-v2-lite:8192,32768; do
+      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 110 python3 "$REPO/benchmarks/bench_e2e.py" \
+        --world-size 1 --preset ${p%%:*} --lengths ${p##*:} --no-hf --decode-tokens 64 \
+        --cuda-graphs --async-scheduling --json "$OUT/e2e_${p%%:*}_async.json" \
+        > "$OUT/e2e_${p%%:*}_async.log" 2>&1
+      grep -E '^ *[0-9]+ \|' "$OUT/e2e_${p%%:*}_async.log" | sed "s/^/${p%%:*} /"
+      grep -o '"decode_step_median_ms": [0-9.]*, "decode_step_worst_ms": [0-9.]*' "$OUT/e2e_${p%%:*}_async.log"
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \

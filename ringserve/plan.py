@@ -83,6 +83,11 @@ class RankPlan:
     # sampling (a sum over ranks of each row's token + 1 from the rank that sampled it). Off:
     # the synchronous engine's steps do none of this
     track_tokens: bool = False
+    # a decode graph bucket (batch, width, prefix) for the worker to capture after this step's
+    # work, when it has none: the first decode bucket of a lone long prompt, marked on its
+    # first chunk, so that the capture (tens of ms) falls inside the prefill instead of
+    # stalling the request's first decode token. Empty: none
+    capture_ahead: Tuple[int, ...] = ()
 
 
 __all__ = ["SeqStep", "RankPlan", "PENDING_TOKEN"]

@@ -213,6 +213,7 @@ class Scheduler:
         self._preempted = False
         self._done_before_step: Dict[int, int] = {}
         self._hold = 0      # decode-only steps still owed (interleave_decode_steps)
+        self._captured_ahead: set = set()   # graph buckets marked for capture ahead
 
     # ---- queue ----
 
@@ -384,10 +385,35 @@ class Scheduler:
                 works.append(w)
                 budget -= self.cost(w.start, w.n)
         step = self._step(works)
+        if self.cfg.graphs and len(step.works) == 1 and not decodes:
+            self._capture_ahead(step)
         if (any(id(w) in decodes for w in step.works)
                 and any(id(w) not in decodes for w in step.works)):
             self._hold = self.cfg.interleave_decode_steps     # a mixed step
         return step
+
+    def _capture_ahead(self, step: Step) -> None:
+        """A lone prompt's first chunk, when more chunks follow and the request will decode
+        (a generation, or a document that questions will extend): mark the decode graph
+        bucket of its first token on every rank's plan, for the workers to capture inside the
+        prefill. The width assumes the prompt's tokens spread evenly over the ranks (a
+        document: plus a question of up to passq_max_tokens); a wrong guess costs one unused
+        capture, and the first decode step captures its own as before."""
+        w = step.works[0]
+        req = w.req
+        if (w.start != 0 or w.kind != "ring" or req.remaining <= 0   # (its chunk is counted)
+                or req.kind not in ("generate", "cache_document") or len(self.running) != 1):
+            return
+        total = len(req.prompt) + len(req.out_tokens) + 1
+        if req.kind == "cache_document":
+            total += self.cfg.passq_max_tokens
+        per_rank = -(-total // self.world_size) + 1
+        key = (1, graph_width_bucket(-(-per_rank // self.kv.page_size)), 0)
+        if key in self._captured_ahead:
+            return
+        self._captured_ahead.add(key)
+        for plan in step.plans:
+            plan.capture_ahead = key
 
     def _step(self, works: List[Work]) -> Step:
         """The step of the works whose requests still run (preemption may have taken some)."""
@@ -633,12 +659,7 @@ class Scheduler:
         every row shares one cached document (on every rank one cascade group holding every
         row: many questions on one document), the graph reads that prefix once for all rows,
         as the eager cascade does; otherwise each row reads its whole table."""
-        def bucket(n: int) -> int:
-            b = 16
-            while b < n:
-                b *= 2
-            return b
-
+        bucket = graph_width_bucket
         batch = 1
         while batch < len(works):
             batch *= 2
@@ -690,6 +711,15 @@ class Scheduler:
             plan.groups.append((plan.seqs[members[0]].seq, lo))
             for i in members:
                 plan.seqs[i].group = g
+
+
+def graph_width_bucket(pages: int) -> int:
+    """A decode graph's table width for rows of up to `pages` pages: powers of two from 16, so
+    a sequence growing through a long decode meets few new graphs."""
+    b = 16
+    while b < pages:
+        b *= 2
+    return b
 
 
 def _rank_counts(src, world_size: int, m: int) -> List[int]:

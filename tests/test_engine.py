@@ -357,6 +357,47 @@ def test_a_graph_that_can_not_be_captured_costs_no_request(tmp_path_factory, mon
         eng.group.shutdown()
 
 
+@pytest.mark.parametrize("ws", [1, 2])
+def test_a_lone_long_prompt_captures_its_first_decode_graph_ahead(tmp_path_factory, ws):
+    """A lone prompt of several chunks marks its first decode bucket on its first chunk: every
+    rank captures that graph inside the prefill, and the decode replays it with no capture of
+    its own (the bucket the scheduler guessed is the one the decode used); a document cached
+    the same way has its questions' bucket ready. One-chunk prompts mark nothing. Tokens stay
+    HF's."""
+    path, hf, ref = reference(tmp_path_factory, "llama")
+    prompt = (ref[1][0] * 3)[:150]          # 150 tokens in 32-token chunks
+    eng = make_engine(path, ws, "striped", worker_kwargs={"cuda_graphs": "emulate"},
+                      max_num_batched_tokens=32, passq_max_tokens=8)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    try:
+        out = eng.submit("generate", prompt, params).result(120)
+        assert out.token_ids == hf_greedy(hf, prompt, 12)
+        for wk in eng.group.workers:
+            st = wk.graph_stats()
+            assert st["captured_ahead"] == 1 and st["replays"] >= 11, (wk.rank, st)
+            assert len(wk.graph_keys()) == 1, wk.graph_keys()   # the decode captured nothing
+        # a document cached in chunks: its questions' bucket is captured with it (ws 1: a
+        # new bucket, 16 pages; ws 2: the prompt's, already there), the question captures none
+        doc = (ref[0][0] * 2)[:60]
+        key = eng.submit("cache_document", doc).result(120)
+        keys = [wk.graph_keys() for wk in eng.group.workers]
+        q = eng.submit("generate", doc + ref[1][0][:6], params).result(120)
+        assert q.num_cached_tokens == 60
+        assert q.token_ids == hf_greedy(hf, doc + ref[1][0][:6], 12)
+        assert [wk.graph_keys() for wk in eng.group.workers] == keys
+        assert all(len(k) == wk.graph_stats()["captured_ahead"] == (2 if ws == 1 else 1)
+                   for k, wk in zip(keys, eng.group.workers)), keys
+        eng.submit("drop_document", key).result(60)
+        # a one-chunk prompt marks nothing: its decode captures on demand as before
+        before = [wk.graph_stats()["captured_ahead"] for wk in eng.group.workers]
+        eng.submit("generate", ref[0][0][:20], params).result(120)
+        assert [wk.graph_stats()["captured_ahead"] for wk in eng.group.workers] == before
+        assert_no_leak(eng)
+    finally:
+        eng.shutdown()
+        eng.group.shutdown()
+
+
 def test_captured_graphs_are_bounded_least_recently_replayed_first(tmp_path_factory):
     """A worker keeps at most max_cuda_graphs decode graphs: batches of 1, 2 and 4 rows need
     three buckets, with room for two the least recently replayed goes; the tokens stay HF's."""

@@ -581,7 +581,7 @@ def test_moe_route_gpu():
         for T in (1, 4, 32):
             logits = torch.randn(T, E, device="cuda", generator=g) * 2
             w, idx = moe_route(logits, k, renorm)
-            rw, ri = torch.sort(torch.softmax(logits, -1), -1, descending=True, stable=True)
+            rw, ri = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True, stable=True)
             rw, ri = rw[:, :k], ri[:, :k]
             if renorm:
                 rw = rw / rw.sum(-1, keepdim=True)
