@@ -227,6 +227,7 @@ class ModelShardWorker(ShardWorker):
         # PENDING_TOKEN (the engine's async scheduling planned it before that token came back)
         # takes it from here
         self._last_token: Dict[int, int] = {}
+        self._stamps: Optional[List[Tuple[float, float]]] = None   # set_call_stamps
 
     def setup_transport(self, spec, tp_spec=None) -> bool:
         super().setup_transport(spec, tp_spec)
@@ -275,6 +276,16 @@ class ModelShardWorker(ShardWorker):
         where this rank samples it, a list of next-token logprobs (float32, NaN where no
         target) for score rows this rank reports, else None."""
         t0 = time.perf_counter()
+        if self._stamps is None:
+            return self._run(plan, t0)
+        w0 = time.time()
+        try:
+            return self._run(plan, t0)
+        finally:
+            self._stamps.append((w0, time.time()))
+            del self._stamps[:-4096]
+
+    def _run(self, plan: RankPlan, t0: float) -> list:
         # benchmarks' instruments: each is off (None) unless asked for
         if _chunk_from(plan, self._profile_want):
             return self._profiled(plan, t0)
@@ -297,6 +308,17 @@ class ModelShardWorker(ShardWorker):
             torch.cuda.set_device(self.device)
             _THREAD.device = self.device
         return self.execute(pickle.loads(blob))
+
+    def set_call_stamps(self, on: bool = True) -> None:
+        """Record time.time() when each `execute` begins and ends (benchmarks: against the
+        engine's `recent_steps` "sent" / "read", the Ray round trip splits into the way to
+        the worker, the worker's step and the way back; and the worker's idle time between
+        steps)."""
+        self._stamps = [] if on else None
+
+    def call_stamps(self, n: int = 4096) -> List[Tuple[float, float]]:
+        """(begin, end) time.time() of the last n `execute` calls since set_call_stamps."""
+        return list(self._stamps or [])[-n:]
 
     def _record(self, wall: float) -> None:
         self.step_times.append(wall)

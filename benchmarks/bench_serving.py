@@ -91,6 +91,27 @@ class Streams:
                 "max": round(gaps[-1] * 1e3, 2)}
 
 
+def round_trip(steps: List[Dict], stamps: List) -> Optional[Dict[str, float]]:
+    """Medians (ms) of where each step's group call went, from the engine's wall-clock
+    "sent" / "read" and rank 0's execute (begin, end), one call a step in the same order:
+    to the worker, its execute, back to the engine, and the worker's idle time between two
+    calls (what the GPU waits for the host; with async scheduling the next step is sent
+    before one ends, so "to" then includes its wait in the actor's queue). Both lists start
+    with the window's first step; a step still being read when the window closed may be in
+    one and not the other. None when the counts do not pair."""
+    k = min(len(steps), len(stamps))
+    if not k or abs(len(steps) - len(stamps)) > 1:
+        return None
+    steps, stamps = steps[:k], stamps[:k]
+    med = statistics.median
+    return {"to_worker": round(med(b - st["sent"] for st, (b, _) in zip(steps, stamps)) * 1e3, 3),
+            "execute": round(med(e - b for b, e in stamps) * 1e3, 3),
+            "back": round(med(st["read"] - e for st, (_, e) in zip(steps, stamps)) * 1e3, 3),
+            "worker_idle": round(med(stamps[i + 1][0] - stamps[i][1]
+                                     for i in range(len(stamps) - 1)) * 1e3, 3)
+            if len(stamps) > 1 else None}
+
+
 def concurrent(llm, g, vocab, args) -> Dict:
     from ringserve import SamplingParams
     doc = _rand(g, vocab, args.doc_len)
@@ -100,10 +121,13 @@ def concurrent(llm, g, vocab, args) -> Dict:
     for n in args.concurrency:
         qs = [doc + _rand(g, vocab, 32) for _ in range(n)]
         n0 = len(llm._group.call("recent_step_times", 4096)[0])
+        llm._group.call("set_call_stamps", True)
         st0 = llm.stats()
         s = Streams(llm, qs, params)
         outs = s.wait()
         st1 = llm.stats()
+        stamps = llm._group.call("call_stamps", 4096)[0]
+        llm._group.call("set_call_stamps", False)
         inner = llm._group.call("recent_step_times", 4096)[0][n0:]
         nst = max(1, st1["steps"] - st0["steps"])
         per_step = {k: round((st1["engine_time_s"][k] - st0["engine_time_s"][k]) / nst * 1e3, 2)
@@ -129,6 +153,7 @@ def concurrent(llm, g, vocab, args) -> Dict:
                      "cached": min(o.num_cached_tokens for o in outs),
                      "worker_step_ms": statistics.median(inner) * 1e3 if inner else None,
                      "engine_ms_per_step": per_step, "engine_ms_spread": spread,
+                     "round_trip_ms": round_trip(recent, stamps),
                      "steps": nst, "floor_ms": floor_ms})
         if floor_ms and rows[-1]["worker_step_ms"]:
             rows[-1]["step_vs_floor"] = rows[-1]["worker_step_ms"] / floor_ms

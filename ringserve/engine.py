@@ -240,10 +240,12 @@ class Engine:
         self._last_failure: Optional[str] = None   # the last failed step's cause (stats)
         self._times = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         # the last steps' (execute seconds, one-token rows, prompt tokens in chunks, the
-        # longest cached prefix a chunk saw, schedule and update seconds): what a step's time
-        # goes with (benchmarks)
-        self._step_log: "collections.deque[Tuple[float, int, int, int, float, float]]" = \
+        # longest cached prefix a chunk saw, schedule and update seconds, and the wall-clock
+        # times the step was sent and its results read): what a step's time goes with
+        # (benchmarks)
+        self._step_log: "collections.deque[Tuple[float, ...]]" = \
             collections.deque(maxlen=STEP_LOG)
+        self._wall_offset = time.time() - time.perf_counter()   # perf_counter -> time.time
         self._running = True
         # the step channel: a compiled graph where the group offers one (Ray actor groups of
         # model workers)
@@ -285,11 +287,14 @@ class Engine:
         """The last n executed steps, oldest first: {"execute_s" (the group's call, driver
         side), "decode_rows", "prompt_tokens" (in chunks), "max_prefix" (the longest cached
         prefix a chunk attended to), "schedule_s" and "update_s" (the engine thread's own
-        work before and after the call)}. From any thread."""
+        work before and after the call), "sent" and "read" (time.time() when the step went
+        to the group and when its results were back: against the workers' `call_stamps`,
+        where a step's round trip goes)}. From any thread."""
         with self._lock:
             rows = list(self._step_log)[-n:] if n > 0 else []
         return [{"execute_s": a, "decode_rows": b, "prompt_tokens": c, "max_prefix": d,
-                 "schedule_s": e, "update_s": f} for a, b, c, d, e, f in rows]
+                 "schedule_s": e, "update_s": f, "sent": g, "read": h}
+                for a, b, c, d, e, f, g, h in rows]
 
     def stats(self) -> Dict[str, Any]:
         """Counters and KV usage, from any thread (a snapshot; the engine thread moves on)."""
@@ -404,7 +409,8 @@ class Engine:
             self._times["update_s"] += t3 - t2
             self._step_log.append((
                 t2 - t1, len(step.works) - len(chunks), sum(w.n for w in chunks),
-                max((w.start for w in chunks), default=0), t1 - t0, t3 - t2))
+                max((w.start for w in chunks), default=0), t1 - t0, t3 - t2,
+                t1 + self._wall_offset, t2 + self._wall_offset))
         return True
 
     # ---- async scheduling ----
