@@ -955,6 +955,7 @@ class Engine:
             self.group.rebuild()
             self._read_info()
             self.sched.kv = self.kv
+            self.sched.graphs_lost()
         except Exception as e:  # noqa: BLE001
             self.kv.reset()
             fail = WorkerFailedError(f"a shard actor failed ({detail}) and the group could not "

@@ -415,6 +415,10 @@ class Scheduler:
         for plan in step.plans:
             plan.capture_ahead = key
 
+    def graphs_lost(self) -> None:
+        """The workers' graphs are gone (a rebuilt group): buckets may be marked again."""
+        self._captured_ahead.clear()
+
     def _step(self, works: List[Work]) -> Step:
         """The step of the works whose requests still run (preemption may have taken some)."""
         works = [w for w in works if w.req in self.running]
