@@ -413,7 +413,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{r['floor_ms']:>7.2f}ms | {r['decode_vs_floor']:>7.2f} | {hf_s:>10}"
               + (f"  solo budget {r['solo_budget']}" if "solo_budget" in r else "")
               + f"  ({r['prefill_steps']} steps, {r['prefill_gap_ms_per_step']:.1f} ms/step "
-                f"outside rank 0's execute)")
+                f"outside rank 0's execute)"
+              + (f"; decode steps at rank 0: median {r['decode_step_median_ms']:.2f} ms "
+                 f"({r['steady_vs_floor']:.2f}x floor), worst {r['decode_step_worst_ms']:.2f} ms"
+                 if "decode_step_median_ms" in r else ""))
     return 0
 
 
