@@ -260,13 +260,17 @@ def _moe_route_kernel(L, W, Idx, E, s_l, scale, K: tl.constexpr, BLOCK_E: tl.con
     ids = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for j in tl.static_range(K):               # the largest first (torch.topk's order); the
         best = tl.max(left, 0)                 # lowest expert id among equal probabilities
-        i = tl.min(tl.where(left == best, offs, BLOCK_E), 0)
+        # (NaN logits match nothing: the id stays in range and the weight NaN, as torch's)
+        i = tl.minimum(tl.min(tl.where(left == best, offs, BLOCK_E), 0), E - 1)
         ws = tl.where(ks == j, best, ws)
         ids = tl.where(ks == j, i, ids)
         left = tl.where(offs == i, -1.0, left)
     if RENORM:
         ws = ws / tl.sum(tl.where(ks < K, ws, 0.0), 0)
-    ws = ws * scale
+    # a NaN or infinite logit (an overflowed hidden state) makes torch's softmax NaN: so the
+    # weights here, whatever the maximum made of NaN (ids stay in range)
+    broken = tl.sum(tl.where(p != p, 1, 0), 0) > 0
+    ws = tl.where(broken, float("nan"), ws * scale)
     tl.store(W + t * K + ks, ws, mask=ks < K)
     tl.store(Idx + t * K + ks, ids.to(tl.int64), mask=ks < K)
 

@@ -299,6 +299,13 @@ def test_moe_route_equals_the_torch_router():
     torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="top_k"):
         moe_route(x, 0, True)
+    # a NaN row (an overflowed hidden state) gives NaN weights and expert ids still in range
+    # (the experts' kernel would read out of bounds otherwise)
+    bad = torch.randn(2, 12, generator=g)
+    bad[1, 4] = float("nan")
+    w, idx = moe_route(bad, 3, True)
+    assert ((idx >= 0) & (idx < 12)).all() and torch.isnan(w[1]).all()
+    assert torch.equal(idx[0], torch.sort(bad[0], descending=True, stable=True).indices[:3])
     assert moe_route(torch.zeros(0, 16), 4, True)[0].shape == (0, 4)
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
