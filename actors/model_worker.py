@@ -33,7 +33,7 @@ from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
 from ringserve.parallel.step_attention import (StepAttention, _as_slice, _merge, ints, merge_rows,
                                                to_device)
-from ringserve.plan import PENDING_TOKEN, RankPlan
+from ringserve.plan import PENDING_TOKEN, RankPlan, step_signature
 from ringserve.sampling import Sampler
 from .worker import ShardWorker
 
@@ -227,7 +227,7 @@ class ModelShardWorker(ShardWorker):
         # PENDING_TOKEN (the engine's async scheduling planned it before that token came back)
         # takes it from here
         self._last_token: Dict[int, int] = {}
-        self._stamps: Optional[List[Tuple[float, float]]] = None   # set_call_stamps
+        self._stamps: Optional[List[tuple]] = None   # set_call_stamps
 
     def setup_transport(self, spec, tp_spec=None) -> bool:
         super().setup_transport(spec, tp_spec)
@@ -278,11 +278,11 @@ class ModelShardWorker(ShardWorker):
         t0 = time.perf_counter()
         if self._stamps is None:
             return self._run(plan, t0)
-        w0 = time.time()
+        w0, sig = time.time(), step_signature(plan)
         try:
             return self._run(plan, t0)
         finally:
-            self._stamps.append((w0, time.time()))
+            self._stamps.append((sig, w0, time.time()))
             del self._stamps[:-4096]
 
     def _run(self, plan: RankPlan, t0: float) -> list:
@@ -316,8 +316,9 @@ class ModelShardWorker(ShardWorker):
         steps)."""
         self._stamps = [] if on else None
 
-    def call_stamps(self, n: int = 4096) -> List[Tuple[float, float]]:
-        """(begin, end) time.time() of the last n `execute` calls since set_call_stamps."""
+    def call_stamps(self, n: int = 4096) -> List[Tuple[Optional[tuple], float, float]]:
+        """(the plan's `step_signature`, begin, end time.time()) of the last n `execute` calls
+        since set_call_stamps."""
         return list(self._stamps or [])[-n:]
 
     def _record(self, wall: float) -> None:

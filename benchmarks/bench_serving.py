@@ -93,21 +93,21 @@ class Streams:
 
 def round_trip(steps: List[Dict], stamps: List) -> Optional[Dict[str, float]]:
     """Medians (ms) of where each step's group call went, from the engine's wall-clock
-    "sent" / "read" and rank 0's execute (begin, end), one call a step in the same order:
-    to the worker, its execute, back to the engine, and the worker's idle time between two
-    calls (what the GPU waits for the host; with async scheduling the next step is sent
-    before one ends, so "to" then includes its wait in the actor's queue). Both lists start
-    with the window's first step; a step still being read when the window closed may be in
-    one and not the other. None when the counts do not pair."""
-    k = min(len(steps), len(stamps))
-    if not k or abs(len(steps) - len(stamps)) > 1:
+    "sent" / "read" and rank 0's execute (signature, begin, end), paired by the plans'
+    signature: to the worker, its execute, back to the engine, and the worker's idle time
+    between two calls (what the GPU waits for the host; with async scheduling the next step
+    is sent before one ends, so "to" then includes its wait in the actor's queue). None when
+    nothing pairs."""
+    by_sig = {st["signature"]: st for st in steps if st.get("signature") is not None}
+    pairs = [(by_sig[sig], b, e) for sig, b, e in stamps if sig in by_sig]
+    if not pairs:
         return None
-    steps, stamps = steps[:k], stamps[:k]
     med = statistics.median
-    return {"to_worker": round(med(b - st["sent"] for st, (b, _) in zip(steps, stamps)) * 1e3, 3),
-            "execute": round(med(e - b for b, e in stamps) * 1e3, 3),
-            "back": round(med(st["read"] - e for st, (_, e) in zip(steps, stamps)) * 1e3, 3),
-            "worker_idle": round(med(stamps[i + 1][0] - stamps[i][1]
+    return {"pairs": len(pairs),
+            "to_worker": round(med(b - st["sent"] for st, b, _ in pairs) * 1e3, 3),
+            "execute": round(med(e - b for _, b, e in pairs) * 1e3, 3),
+            "back": round(med(st["read"] - e for st, _, e in pairs) * 1e3, 3),
+            "worker_idle": round(med(stamps[i + 1][1] - stamps[i][2]
                                      for i in range(len(stamps) - 1)) * 1e3, 3)
             if len(stamps) > 1 else None}
 
@@ -153,7 +153,7 @@ def concurrent(llm, g, vocab, args) -> Dict:
                      "cached": min(o.num_cached_tokens for o in outs),
                      "worker_step_ms": statistics.median(inner) * 1e3 if inner else None,
                      "engine_ms_per_step": per_step, "engine_ms_spread": spread,
-                     "round_trip_ms": round_trip(recent, stamps),
+                     "round_trip_ms": round_trip(llm._engine.recent_steps(nst + 8), stamps),
                      "steps": nst, "floor_ms": floor_ms})
         if floor_ms and rows[-1]["worker_step_ms"]:
             rows[-1]["step_vs_floor"] = rows[-1]["worker_step_ms"] / floor_ms

@@ -43,6 +43,7 @@ from .errors import (CapacityError, GraphCaptureError, InvalidRequestError,
 from .kv_manager import KVManager
 from .parallel import layout as layouts
 from .sampling import SampleContext, SamplingParams, StopState
+from .plan import step_signature
 from .scheduler import PENDING_TOKEN, Request, Scheduler, SchedulerConfig, Step
 
 log = logging.getLogger(__name__)
@@ -288,13 +289,14 @@ class Engine:
         side), "decode_rows", "prompt_tokens" (in chunks), "max_prefix" (the longest cached
         prefix a chunk attended to), "schedule_s" and "update_s" (the engine thread's own
         work before and after the call), "sent" and "read" (time.time() when the step went
-        to the group and when its results were back: against the workers' `call_stamps`,
-        where a step's round trip goes)}. From any thread."""
+        to the group and when its results were back) and "signature" (`plan.step_signature`
+        of rank 0's plan: against the workers' `call_stamps`, where a step's round trip
+        goes)}. From any thread."""
         with self._lock:
             rows = list(self._step_log)[-n:] if n > 0 else []
         return [{"execute_s": a, "decode_rows": b, "prompt_tokens": c, "max_prefix": d,
-                 "schedule_s": e, "update_s": f, "sent": g, "read": h}
-                for a, b, c, d, e, f, g, h in rows]
+                 "schedule_s": e, "update_s": f, "sent": g, "read": h, "signature": sig}
+                for a, b, c, d, e, f, g, h, sig in rows]
 
     def stats(self) -> Dict[str, Any]:
         """Counters and KV usage, from any thread (a snapshot; the engine thread moves on)."""
@@ -410,7 +412,8 @@ class Engine:
             self._step_log.append((
                 t2 - t1, len(step.works) - len(chunks), sum(w.n for w in chunks),
                 max((w.start for w in chunks), default=0), t1 - t0, t3 - t2,
-                t1 + self._wall_offset, t2 + self._wall_offset))
+                t1 + self._wall_offset, t2 + self._wall_offset,
+                step_signature(step.plans[0]) if step.plans else None))
         return True
 
     # ---- async scheduling ----

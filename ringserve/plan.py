@@ -90,4 +90,15 @@ class RankPlan:
     capture_ahead: Tuple[int, ...] = ()
 
 
-__all__ = ["SeqStep", "RankPlan", "PENDING_TOKEN"]
+def step_signature(plan: RankPlan) -> Optional[Tuple[int, int, int]]:
+    """(first sequence's table key, its first row's position, rows) of a rank's plan: the same
+    on the driver and the worker, different for every step of a sequence (benchmarks pair the
+    engine's step log with the workers' call stamps by it). None for a plan without rows."""
+    if not plan.seqs:
+        return None
+    s = plan.seqs[0]
+    return (int(s.seq), int(s.positions[0]) if len(s.positions) else -1,
+            sum(len(x.token_ids) for x in plan.seqs))
+
+
+__all__ = ["SeqStep", "RankPlan", "PENDING_TOKEN", "step_signature"]

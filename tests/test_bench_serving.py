@@ -51,7 +51,8 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
         assert 0 <= sp["update_median"] <= sp["update_max"]
         # where each step's round trip went: stamps of the engine and rank 0 paired one to one
         rt = r["round_trip_ms"]
-        assert rt is not None and rt["execute"] > 0 and rt["back"] >= 0, rt
+        assert rt is not None and rt["pairs"] >= r["steps"] and rt["execute"] > 0, rt
+        assert rt["to_worker"] > 0 and rt["back"] > 0, rt
         assert rt["worker_idle"] is not None and rt["worker_idle"] >= 0, rt
     assert res["single"]["length"] == 256 and res["single"]["decode_ms"] > 0
     row = res["prefill"]["budgets"][0]
