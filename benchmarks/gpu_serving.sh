@@ -451,6 +451,26 @@ case "$PART" in
       grep -E '^ *[0-9]+ \|' "$OUT/e2e_${p%%:*}_async.log" | sed "s/^/${p%%:*} /"
       grep -o '"decode_step_median_ms": [0-9.]*, "decode_step_worst_ms": [0-9.]*' "$OUT/e2e_${p%%:*}_async.log"
     done ;;
+  s15a)  # next session, first call (one GPU): the engine's GPU tests not run since session 11
+         # (fused, graphs) and session 14's async test (world size 1 here; 2 on the x2 kind)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 560 python3 -m pytest -v -p no:cacheprovider \
+      --durations=0 "$REPO/tests/test_llm_gpu.py" -k "async_scheduling or fused or graph" 2>&1 \
+      | tee "$OUT/test_llm_gpu.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" | tail -12 ;;
+  s15b)  # next: where each step's round trip goes (bench_serving's round_trip_ms: to the
+         # worker, execute, back, the worker's idle time), 1 and 16 questions on a cached 128K
+         # document, synchronous then async
+    export CUDA_VISIBLE_DEVICES=0
+    lim=200
+    for a in "" "--async-scheduling"; do
+      tag=${a:+async}; tag=${tag:-sync}
+      PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout $lim python3 "$REPO/benchmarks/bench_serving.py" \
+        --scenarios concurrent --concurrency 1,16 $a --json "$OUT/conc_$tag.json" \
+        > "$OUT/conc_$tag.log" 2>&1
+      grep -E '^concurrent' "$OUT/conc_$tag.log" | sed "s/^/$tag /"
+      grep -o '"n": [0-9]*\|"round_trip_ms": {[^}]*}' "$OUT/conc_$tag.log" | paste - - | sed "s/^/$tag /"
+      lim=150
+    done ;;
   fused)   # the fused decode kernels: correctness first, then the step's launches and time
     export CUDA_VISIBLE_DEVICES=0
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
