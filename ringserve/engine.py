@@ -163,6 +163,9 @@ class EngineConfig:
         if self.step_channel not in ("compiled", "tasks"):
             raise ValueError(f"step_channel must be 'compiled' or 'tasks', got "
                              f"{self.step_channel!r}")
+        if self.async_scheduling and self.step_channel != "tasks":
+            raise ValueError(f"async_scheduling needs the 'tasks' step channel (got "
+                             f"{self.step_channel!r})")
         if self.step_timeout_s is not None and not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s ({self.step_timeout_s}) must be > 0 or None")
         if self.attn_equiv_tokens is not None and not (
@@ -252,10 +255,7 @@ class Engine:
         # model workers)
         self._compiled_steps = (self.config.step_channel == "compiled"
                                 and getattr(group, "has_step_channel", False))
-        if self.config.async_scheduling and (getattr(group, "tp_size", 1) != 1
-                                             or self._compiled_steps):
-            raise ValueError("async_scheduling needs tensor_parallel_size 1 and the tasks step "
-                             "channel")
+        check_async_scheduling(self.config, getattr(group, "tp_size", 1))
         self._async = self.config.async_scheduling
         self._read_info()
         budget = self.config.document_cache_tokens
@@ -958,7 +958,6 @@ class Engine:
             self.group.rebuild()
             self._read_info()
             self.sched.kv = self.kv
-            self.sched.graphs_lost()
         except Exception as e:  # noqa: BLE001
             self.kv.reset()
             fail = WorkerFailedError(f"a shard actor failed ({detail}) and the group could not "
@@ -992,6 +991,13 @@ def _cached_entry(key: Optional[str], seq, pinned: bool = False) -> CachedSeq:
     ids = torch.from_numpy(np.array(seq.tokens, dtype=np.int32))
     return CachedSeq(key or doc_key(ids), seq, ids,
                      torch.from_numpy(np.array(seq.owners, dtype=np.int8)), pinned=pinned)
+
+
+def check_async_scheduling(cfg: EngineConfig, tp_size: int) -> None:
+    """Async scheduling shares sampled tokens over the context-parallel ranks only: refused
+    with tensor parallelism (LLM checks it before any actor starts, Engine from its group)."""
+    if cfg.async_scheduling and tp_size != 1:
+        raise ValueError(f"async_scheduling needs tensor_parallel_size 1 (got {tp_size})")
 
 
 def _is_capture_failure(err: BaseException) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOutput,
-                     StreamDelta)
+                     StreamDelta, check_async_scheduling)
 from .doc_cache import doc_key, exact_ints
 from .errors import InvalidRequestError
 from .parallel import layout as layouts
@@ -249,9 +249,7 @@ class LLM:
                            **({} if step_channel is None else {"step_channel": step_channel}))
         if isinstance(model, Path):
             model = str(model)
-        if cfg.async_scheduling and (tp_size != 1 or cfg.step_channel != "tasks"):
-            raise ValueError(f"async_scheduling needs tensor_parallel_size 1 and the 'tasks' "
-                             f"step channel (got {tp_size}, {cfg.step_channel!r})")
+        check_async_scheduling(cfg, tp_size)
         if tp_size > 1:   # before any actor starts: the split must fit the model's shape
             from .config import ModelConfig
             check_tp(ModelConfig.from_hf_dict(model["config"]) if isinstance(model, dict)

@@ -213,7 +213,6 @@ class Scheduler:
         self._preempted = False
         self._done_before_step: Dict[int, int] = {}
         self._hold = 0      # decode-only steps still owed (interleave_decode_steps)
-        self._captured_ahead: set = set()   # graph buckets marked for capture ahead
 
     # ---- queue ----
 
@@ -408,16 +407,9 @@ class Scheduler:
         if req.kind == "cache_document":
             total += self.cfg.passq_max_tokens
         per_rank = -(-total // self.world_size) + 1
-        key = (1, graph_width_bucket(-(-per_rank // self.kv.page_size)), 0)
-        if key in self._captured_ahead:
-            return
-        self._captured_ahead.add(key)
-        for plan in step.plans:
+        key = (1, graph_width_bucket(pages_for(per_rank, self.kv.page_size)), 0)
+        for plan in step.plans:     # a worker that has this graph already skips it
             plan.capture_ahead = key
-
-    def graphs_lost(self) -> None:
-        """The workers' graphs are gone (a rebuilt group): buckets may be marked again."""
-        self._captured_ahead.clear()
 
     def _step(self, works: List[Work]) -> Step:
         """The step of the works whose requests still run (preemption may have taken some)."""
@@ -663,7 +655,6 @@ class Scheduler:
         every row shares one cached document (on every rank one cascade group holding every
         row: many questions on one document), the graph reads that prefix once for all rows,
         as the eager cascade does; otherwise each row reads its whole table."""
-        bucket = graph_width_bucket
         batch = 1
         while batch < len(works):
             batch *= 2
@@ -679,9 +670,10 @@ class Scheduler:
                     for s in p.seqs:
                         s.group = -1
         need = max(len(w.req.seq.pages[r]) - shared[r] for w in works for r in range(len(plans)))
-        prefix = bucket(max(shared)) if max(shared) else 0
+        prefix = graph_width_bucket(max(shared)) if max(shared) else 0
         for plan in plans:
-            plan.graph_batch, plan.graph_width, plan.graph_prefix = batch, bucket(need), prefix
+            plan.graph_batch, plan.graph_width, plan.graph_prefix = (
+                batch, graph_width_bucket(need), prefix)
 
     def _cascade(self, r: int, plan: RankPlan, works: List[Work]) -> None:
         """Group one-token pass-Q steps whose first pages on rank r are the same pages (a

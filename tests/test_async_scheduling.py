@@ -179,6 +179,8 @@ def test_cancel_mid_stream_and_a_failed_step(path, ws):
 def test_bad_settings_are_refused(path):
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(async_scheduling=1)
+    with pytest.raises(ValueError, match="async_scheduling needs the 'tasks' step channel"):
+        EngineConfig(async_scheduling=True, step_channel="compiled")
     group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8)
     group.tp_size = 2      # as an actor group with tensor parallelism says
     try:
