@@ -457,6 +457,16 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 560 python3 -m pytest -v -p no:cacheprovider \
       --durations=0 "$REPO/tests/test_llm_gpu.py" -k "async_scheduling or fused or graph" 2>&1 \
       | tee "$OUT/test_llm_gpu.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed" | tail -12 ;;
+  s15c)  # session 15, first call: the async scheduling GPU test at world size 1, then where
+         # the batch-1 step's device time goes at 32K and 128K (fused kernels, per-op table)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 250 python3 -m pytest -v -p no:cacheprovider \
+      --durations=0 "$REPO/tests/test_llm_gpu.py" -k "async_scheduling and 1" 2>&1 \
+      | tee "$OUT/test_async.log" | grep -E "PASS|FAIL|ERROR|SKIP|passed|failed|Error" | tail -8
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 300 python3 "$REPO/benchmarks/profile_decode.py" \
+      --lengths 32768,131072 --steps 24 --fused-kernels --json "$OUT/profile_decode_llama.json" \
+      > "$OUT/profile_decode_llama.log" 2>&1
+    grep -E '^ +[0-9]+ \|' "$OUT/profile_decode_llama.log" | cut -c1-200 ;;
   s15b)  # next: where each step's round trip goes (bench_serving's round_trip_ms: to the
          # worker, execute, back, the worker's idle time), 1 and 16 questions on a cached 128K
          # document, synchronous then async
