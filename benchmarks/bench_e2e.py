@@ -233,7 +233,8 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
                                     else None), tokenizer=None)
     print(f"[ringserve] group of {args.world_size} x TP {args.tp} up in "
           f"{time.perf_counter() - t0:.1f} s; "
-          f"capacity {llm.capacity_tokens} KV tokens", flush=True)
+          f"capacity {llm.capacity_tokens} KV tokens; async scheduling "
+          f"{'on' if llm.config.async_scheduling else 'off'}", flush=True)
     bw = max(llm._group.call("copy_bandwidth"))  # bytes/s counting read + write
     w_bytes = param_counts(cfg)["decode_read"] * 2
     kv_tok = kv_bytes_per_token(cfg)
@@ -342,9 +343,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--question-tokens", type=int, default=32)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="decode steps replayed from captured CUDA graphs (LLM(cuda_graphs=True))")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="LLM(async_scheduling=True): the next decode step planned and sent "
-                        "while one runs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="LLM(async_scheduling=...): the next decode step planned and sent "
+                        "while one runs (default: the engine's, on with CUDA at world size 1; "
+                        "--no-async-scheduling: the synchronous engine)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)

@@ -390,9 +390,10 @@ def main(argv=None) -> int:
                    help="decode steps as CUDA graphs (default: the engine's, on with CUDA)")
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="fused few-token kernels (default: the engine's, on with CUDA)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="LLM(async_scheduling=True): the next decode step planned and sent "
-                        "while one runs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="LLM(async_scheduling=...): the next decode step planned and sent "
+                        "while one runs (default: the engine's, on with CUDA at world size 1; "
+                        "--no-async-scheduling: the synchronous engine)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -448,8 +449,9 @@ def main(argv=None) -> int:
     bw = 0.0 if cpu else max(llm._group.call("copy_bandwidth"))
     args.floor = (param_counts(cfg)["decode_read"] * 2, kv_bytes_per_token(cfg), bw) \
         if bw > 0 else None
+    res["async_scheduling"] = llm.config.async_scheduling   # as the engine resolved it
     print(f"[serving] features {res['features']}, async scheduling "
-          f"{'on' if args.async_scheduling else 'off'}; host probe "
+          f"{'on' if llm.config.async_scheduling else 'off'}; host probe "
           f"{res['host_probe_us']:.2f} us", flush=True)
     for sc in args.scenarios.split(","):
         t1 = time.perf_counter()

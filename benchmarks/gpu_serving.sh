@@ -420,8 +420,8 @@ case "$PART" in
          # document, each without and with it (the first start compiles: the longest limit)
     export CUDA_VISIBLE_DEVICES=0
     lim=190
-    for a in "" "--async-scheduling"; do
-      tag=${a:+async}; tag=${tag:-sync}
+    for a in "--no-async-scheduling" "--async-scheduling"; do
+      tag=async; [ "$a" = --no-async-scheduling ] && tag=sync
       PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout $lim python3 "$REPO/benchmarks/bench_e2e.py" \
         --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs $a \
         --json "$OUT/e2e_$tag.json" > "$OUT/e2e_$tag.log" 2>&1
@@ -472,8 +472,8 @@ case "$PART" in
          # document, synchronous then async
     export CUDA_VISIBLE_DEVICES=0
     lim=200
-    for a in "" "--async-scheduling"; do
-      tag=${a:+async}; tag=${tag:-sync}
+    for a in "--no-async-scheduling" "--async-scheduling"; do
+      tag=async; [ "$a" = --no-async-scheduling ] && tag=sync
       PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout $lim python3 "$REPO/benchmarks/bench_serving.py" \
         --scenarios concurrent --concurrency 1,16 $a --json "$OUT/conc_$tag.json" \
         > "$OUT/conc_$tag.log" 2>&1

@@ -34,9 +34,10 @@ def _serve(argv: List[str]) -> int:
                    help="decode-only steps after each step that carried prompt work beside "
                         "decoding requests: steadier streams under a long prefill (default 1 "
                         "on CUDA, 0 on CPU)")
-    p.add_argument("--async-scheduling", action="store_true",
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan and send the next decode step while one runs (the engine's own "
-                        "work and the Ray round trip leave the GPU's path; not with --tp)")
+                        "work and the Ray round trip leave the GPU's path; not with --tp). "
+                        "Default: on with CUDA at one GPU, off elsewhere")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
@@ -85,7 +86,7 @@ def _serve(argv: List[str]) -> int:
                                   max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
                                   interleave_decode_steps=a.interleave_decode_steps,
-                                  async_scheduling=a.async_scheduling or None,
+                                  async_scheduling=a.async_scheduling,
                                   body_timeout_s=a.body_timeout_s,
                                   min_body_rate=a.min_body_rate,
                                   max_prompts=a.max_prompts,

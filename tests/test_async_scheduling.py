@@ -176,6 +176,23 @@ def test_cancel_mid_stream_and_a_failed_step(path, ws):
         close(eng)
 
 
+def test_the_default_is_on_only_where_its_gpu_test_ran(monkeypatch, path):
+    """LLM's async scheduling left out: on with CUDA at world size 1, no TP and the tasks
+    channel; off on CPU, at several ranks, with TP and with the compiled channel (also when
+    RINGSERVE_STEP_CHANNEL picks it); a value that is not a bool is refused before any actor."""
+    from ringserve import LLM
+    from ringserve.llm import default_async_scheduling as d
+
+    monkeypatch.delenv("RINGSERVE_STEP_CHANNEL", raising=False)
+    assert d(True, 1, 1, None) and d(True, 1, 1, "tasks")
+    assert not any([d(False, 1, 1, None), d(True, 2, 1, None), d(True, 1, 2, None),
+                    d(True, 1, 1, "compiled")])
+    monkeypatch.setenv("RINGSERVE_STEP_CHANNEL", "compiled")
+    assert not d(True, 1, 1, None) and d(True, 1, 1, "tasks")
+    with pytest.raises(ValueError, match="async_scheduling must be True, False or None"):
+        LLM(str(path), async_scheduling="yes")
+
+
 def test_bad_settings_are_refused(path):
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(async_scheduling=1)

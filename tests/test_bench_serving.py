@@ -58,7 +58,8 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     row = res["prefill"]["budgets"][0]
     assert row["budget"] == 128 and row["steps"] > 1 and row["prefill_x"] > 0
     # --async-scheduling: the decode steps were planned while the step before ran
-    assert res["args"]["async_scheduling"] and row["stats"]["steps_planned_ahead"] > 0
+    assert res["args"]["async_scheduling"] and res["async_scheduling"] is True
+    assert row["stats"]["steps_planned_ahead"] > 0
     # B:k: the second run interleaves one decode-only step after each mixed step, and the
     # engine's own setting (0) is back afterwards
     assert [r["interleave_decode_steps"] for r in res["prefill"]["budgets"]] == [0, 1]

@@ -39,8 +39,10 @@ def test_serve_passes_the_graph_and_kernel_switches_only_when_given(monkeypatch,
               "--fused-kernels", "on", "--interleave-decode-steps", "2",
               "--async-scheduling"])
     cli.main(["serve", "--model", str(tmp_path)])
+    cli.main(["serve", "--model", str(tmp_path), "--no-async-scheduling"])
     assert (got[0]["cuda_graphs"], got[0]["fused_kernels"]) == (False, True)
     assert got[0]["interleave_decode_steps"] == 2 and got[0]["async_scheduling"] is True
+    assert got[2]["async_scheduling"] is False
     for opt in ("cuda_graphs", "fused_kernels", "interleave_decode_steps", "async_scheduling"):
         assert opt not in got[1]   # the engine's defaults
 

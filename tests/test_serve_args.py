@@ -104,11 +104,13 @@ def test_registry_never_takes_a_late_progress_card_over_the_final_one():
 
 def test_the_service_passes_the_scheduling_options_only_when_given(tmp_path):
     """The scheduling options reach the engine's constructor as given; left out, the engine
-    keeps its own defaults (interleaving: 1 on CUDA, 0 on CPU; async scheduling off)."""
+    keeps its own defaults (interleaving: 1 on CUDA, 0 on CPU; async scheduling on with CUDA at
+    world size 1, off elsewhere)."""
     from servehelpers import RecordingLLM
     from ringserve.serve.service import Service
 
-    for extra in ({"interleave_decode_steps": 2, "async_scheduling": True}, {}):
+    for extra in ({"interleave_decode_steps": 2, "async_scheduling": True},
+                  {"async_scheduling": False}, {}):
         n = len(RecordingLLM.seen)
         svc = Service(ServeArgs.from_dict({"model": str(tmp_path), "device": "cpu",
                                            "llm_class": "servehelpers:RecordingLLM", **extra}))

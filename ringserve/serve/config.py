@@ -45,8 +45,9 @@ class ServeArgs:
     # decode-only steps after each step that carried prompt work beside decoding requests
     # (None: the engine's default, 1 on CUDA, 0 on CPU)
     interleave_decode_steps: Optional[int] = None
-    # plan and send the next decode step while one runs (LLM's async_scheduling; no TP)
-    async_scheduling: bool = False
+    # plan and send the next decode step while one runs (LLM's async_scheduling; no TP).
+    # None: the engine's default (on with CUDA at world size 1, off elsewhere)
+    async_scheduling: Optional[bool] = None
     # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
     # engine's default (both on with CUDA); False: the eager / torch path
     cuda_graphs: Optional[bool] = None
@@ -103,8 +104,9 @@ class ServeArgs:
         v = self.interleave_decode_steps
         if v is not None and (not _is_int(v) or v < 0):
             raise ValueError(f"interleave_decode_steps ({v!r}) must be null or an integer >= 0")
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be true or false")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be true, false "
+                             f"or null (the engine's default)")
         if self.async_scheduling and self.tensor_parallel_size != 1:
             raise ValueError(f"async_scheduling needs tensor_parallel_size 1 (got "
                              f"{self.tensor_parallel_size})")

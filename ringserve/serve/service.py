@@ -114,11 +114,9 @@ class Service:
             if self.cfg.comm_host is not None:  # engines without the option keep loading
                 par["comm_host"] = self.cfg.comm_host
             for opt in ("cuda_graphs", "fused_kernels",   # likewise: only when set
-                        "interleave_decode_steps"):
+                        "interleave_decode_steps", "async_scheduling"):
                 if getattr(self.cfg, opt) is not None:
                     par[opt] = getattr(self.cfg, opt)
-            if self.cfg.async_scheduling:
-                par["async_scheduling"] = True
             llm = cls(self.cfg.model, **par, layout=self.cfg.layout,
                       device=self._device(), dtype=self.cfg.dtype,
                       max_num_seqs=self.cfg.max_num_seqs,
