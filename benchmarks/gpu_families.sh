@@ -19,7 +19,7 @@ PART=${1:-check}; shift || true
 source benchmarks/gpu_setup.sh
 e2e() {  # $1: preset, $2: default lengths, then bench_e2e arguments
   preset=$1 lengths=$2; shift 2
-  timeout 560 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --preset "$preset" \
+  timeout "${T:-560}" python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --preset "$preset" \
     --lengths "$lengths" --no-hf --decode-tokens 64 --cuda-graphs \
     --json "$OUT/e2e_$preset.json" "$@" 2>&1 | tee "$OUT/e2e_$preset.log" \
     | grep -E '^\[ringserve\] \{|^bench_e2e|^KV bytes|^ *[0-9]+ \||Error|error' | tail -10
@@ -45,5 +45,14 @@ case "$PART" in
   gemma2) e2e gemma2-9b 8192,131072 "$@" ;;
   gemma3) e2e gemma3-12b 8192,131072 "$@" ;;
   deepseek) e2e deepseek-v2-lite 8192,32768 "$@" ;;
+  s15d)  # session 15: MLA's latent decode kernel (GPU tests, against the general kernel, then
+         # DeepSeek-V2-Lite's decode), and the Gemma 2 rows (never run before)
+    timeout 130 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "latent or paged_decode or softcap" 2>&1 \
+      | tee "$OUT/test_kernels_latent.log" | tail -3
+    timeout 60 python3 "$REPO/benchmarks/bench_latent_decode.py" --lengths 8192,32768,131072 \
+      --json "$OUT/latent_decode.json" 2>&1 | tee "$OUT/latent_decode.log" | tail -32
+    T=160 e2e deepseek-v2-lite 8192,32768
+    T=210 e2e gemma2-9b 8192,131072 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

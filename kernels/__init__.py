@@ -124,13 +124,18 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
     if _pick(backend, q, "paged_decode") in ("triton", "cudnn"):
         from .flash_decode import paged_decode_triton
 
-        def run():
+        def run(latent=None):
             return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                        causal, window_size, q_pos, kv_pos, softcap=softcap,
-                                       splits=splits, check=check)
+                                       splits=splits, check=check, latent=latent)
         if q.shape[-1] <= MAX_TRITON_HEAD_DIM or backend == "triton":
             return run()
-        return _wide(run, on_torch, "paged_decode", q.shape[-1])
+        if "paged_decode_latent" not in _WIDE_BROKEN:
+            # MLA's latent kernel first; if it cannot compile here, the general wide kernel
+            return _wide(run, lambda: _wide(lambda: run(False), on_torch, "paged_decode",
+                                            q.shape[-1]),
+                         "paged_decode_latent", q.shape[-1])
+        return _wide(lambda: run(False), on_torch, "paged_decode", q.shape[-1])
     return on_torch()
 
 
@@ -151,7 +156,8 @@ def split_parts(out, lse):
 
 
 def _wide(triton_call, torch_call, kernel: str, head_dim: int):
-    """A wide-head Triton launch; if it cannot compile here, warn once and use torch."""
+    """A wide-head Triton launch; if it cannot compile here, warn once and take torch_call (the
+    torch path; for MLA's latent decode kernel, the general wide kernel first)."""
     try:
         return triton_call()
     except ValueError:   # the inputs' fault, not the compiler's
@@ -159,8 +165,9 @@ def _wide(triton_call, torch_call, kernel: str, head_dim: int):
     except Exception as e:  # noqa: BLE001 - compile / resources: torch from now on
         import warnings
         _WIDE_BROKEN[kernel] = f"{type(e).__name__}: {e}"[:300]
-        warnings.warn(f"{kernel} with head dim {head_dim} failed in Triton, using the torch "
-                      f"path from now on: {_WIDE_BROKEN[kernel]}", stacklevel=3)
+        warnings.warn(f"{kernel} with head dim {head_dim} failed in Triton, using "
+                      f"{'the general kernel' if kernel.endswith('_latent') else 'the torch path'}"
+                      f" from now on: {_WIDE_BROKEN[kernel]}", stacklevel=3)
         return torch_call()
 
 

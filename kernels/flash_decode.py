@@ -81,6 +81,8 @@ def _decode_split_kernel(
             q_pos = tl.load(QPos + b64 * stride_qpb + s_idx * stride_qps, mask=row_ok, other=0)
         else:
             q_pos = tl.zeros([BLOCK_M], tl.int32) + n   # the reference's default: after the cache
+    else:
+        q_pos = tl.zeros([BLOCK_M], tl.int32)   # unused
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -101,29 +103,10 @@ def _decode_split_kernel(
         v = tl.load(v_base + page64[:, None] * stride_vp + slot[:, None] * stride_vs,
                     mask=ld, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if SOFTCAP:   # c * tanh(s / c): the host passes softcap_in = scale / c, qk_scale = c log2 e
-            qk = _tanh(qk * softcap_in)
-        qk = qk * qk_scale   # log2 domain
-        vis = t_ok[None, :]
-        if CAUSAL or HAS_WINDOW:
-            if HAS_KVPOS:
-                k_pos = tl.load(KvPos + page64 * stride_kvp + slot * stride_kvs, mask=t_ok, other=0)
-            else:
-                k_pos = t
-            if CAUSAL:
-                vis = vis & (k_pos[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                vis = vis & (q_pos[:, None] - k_pos[None, :] <= window)
-                if not CAUSAL:
-                    vis = vis & (k_pos[None, :] - q_pos[:, None] <= window)
-        s = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # no exp2(-inf - -inf) NaNs
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = _masked_scores(qk, t, t_ok, q_pos, page64, slot, KvPos, stride_kvp, stride_kvs,
+                           window, qk_scale, softcap_in, CAUSAL, HAS_WINDOW, HAS_KVPOS, SOFTCAP)
+        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -133,6 +116,114 @@ def _decode_split_kernel(
     tl.store(LPart + prow, lse, mask=row_ok)
     tl.store(OPart + prow[:, None] * HEAD_DIM + offs_d[None, :], out,
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _masked_scores(qk, t, t_ok, q_pos, page64, slot, KvPos, stride_kvp, stride_kvs, window,
+                   qk_scale, softcap_in, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_KVPOS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """A tile's scores in the log2 domain, -inf where a key is not visible to a row."""
+    if SOFTCAP:   # c * tanh(s / c): the host passes softcap_in = scale / c, qk_scale = c log2 e
+        qk = _tanh(qk * softcap_in)
+    qk = qk * qk_scale
+    vis = t_ok[None, :]
+    if CAUSAL or HAS_WINDOW:
+        if HAS_KVPOS:
+            k_pos = tl.load(KvPos + page64 * stride_kvp + slot * stride_kvs, mask=t_ok, other=0)
+        else:
+            k_pos = t
+        if CAUSAL:
+            vis = vis & (k_pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            vis = vis & (q_pos[:, None] - k_pos[None, :] <= window)
+            if not CAUSAL:
+                vis = vis & (k_pos[None, :] - q_pos[:, None] <= window)
+    return tl.where(vis, qk, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """The running (max, sum) after a tile of scores: (p, the accumulators' rescale, l, m)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # no exp2(-inf - -inf) NaNs
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+# MLA's latent (DeepSeek: 512 + 64 = 576 columns, the values the keys' first 512) in its own
+# kernel: the general one pads the row to a 1024-wide tile and so fits only 16 keys a tile, and
+# loads the values apart from the keys; here a key tile is its DV- and DR-wide parts (powers of
+# two, no padding), 64 keys a tile, read once for the scores and the values (session 14's
+# profile: 20 us a layer at 8K for 9.4 MB of latent in the general kernel)
+@triton.jit(do_not_specialize=["stride_qb", "stride_btb", "stride_qpb", "Sq", "chunk",
+                               "num_splits", "capacity", "window"])
+def _decode_latent_split_kernel(
+        Q, Kc, BlockTable, SeqLens, QPos, KvPos, OPart, LPart,
+        stride_qb, stride_qs, stride_qh, stride_qd,
+        stride_kp, stride_ks, stride_kh, stride_kd,
+        stride_btb, stride_qpb, stride_qps, stride_kvp, stride_kvs,
+        Sq, Hq, Hkv, GROUP, chunk, num_splits, capacity, window, qk_scale, softcap_in,
+        DV: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
+        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    n = tl.minimum(tl.load(SeqLens + b), capacity)
+    t_lo = split * chunk
+    t_hi = tl.where(split == num_splits - 1, n, tl.minimum(t_lo + chunk, n))
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq * GROUP
+    s_idx = rows // GROUP
+    hq = hk * GROUP + rows % GROUP
+    offs_v = tl.arange(0, DV)            # the value columns (the latent)
+    offs_r = DV + tl.arange(0, DR)       # the rest of the key (the RoPE part)
+    offs_n = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    q_row = Q + b64 * stride_qb + s_idx[:, None] * stride_qs + hq[:, None] * stride_qh
+    q_v = tl.load(q_row + offs_v[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q_r = tl.load(q_row + offs_r[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    if CAUSAL or HAS_WINDOW:
+        if HAS_QPOS:
+            q_pos = tl.load(QPos + b64 * stride_qpb + s_idx * stride_qps, mask=row_ok, other=0)
+        else:
+            q_pos = tl.zeros([BLOCK_M], tl.int32) + n
+    else:
+        q_pos = tl.zeros([BLOCK_M], tl.int32)   # unused
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_v = tl.zeros([BLOCK_M, DV], tl.float32)
+    acc_r = tl.zeros([BLOCK_M, DR], tl.float32)
+    k_head = Kc + hk.to(tl.int64) * stride_kh
+    for start in tl.range(t_lo, t_hi, BLOCK_N):
+        t = start + offs_n
+        t_ok = t < t_hi
+        page = tl.load(BlockTable + b64 * stride_btb + t // PAGE_SIZE, mask=t_ok, other=0)
+        slot = t % PAGE_SIZE
+        page64 = page.to(tl.int64)
+        k_row = k_head + page64[:, None] * stride_kp + slot[:, None] * stride_ks
+        k_v = tl.load(k_row + offs_v[None, :] * stride_kd, mask=t_ok[:, None], other=0.0)
+        k_r = tl.load(k_row + offs_r[None, :] * stride_kd, mask=t_ok[:, None], other=0.0)
+        qk = tl.dot(q_v, tl.trans(k_v), input_precision=DOT_PREC)
+        qk = tl.dot(q_r, tl.trans(k_r), qk, input_precision=DOT_PREC)
+        s = _masked_scores(qk, t, t_ok, q_pos, page64, slot, KvPos, stride_kvp, stride_kvs,
+                           window, qk_scale, softcap_in, CAUSAL, HAS_WINDOW, HAS_KVPOS, SOFTCAP)
+        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
+        pv = p.to(k_v.dtype)
+        acc_v = tl.dot(pv, k_v, acc_v * alpha[:, None], input_precision=DOT_PREC)
+        acc_r = tl.dot(pv, k_r, acc_r * alpha[:, None], input_precision=DOT_PREC)
+
+    seen = l_i > 0.0
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    prow = ((b64 * Hq + hq) * Sq + s_idx) * num_splits + split
+    tl.store(LPart + prow, lse, mask=row_ok)
+    o_row = OPart + prow[:, None] * (DV + DR)
+    tl.store(o_row + offs_v[None, :], acc_v * inv_l[:, None], mask=row_ok[:, None])
+    tl.store(o_row + offs_r[None, :], acc_r * inv_l[:, None], mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["Sq", "num_splits", "stride_ob", "stride_os"])
@@ -178,6 +269,7 @@ def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
 
 
 _decode_split_fast = FastLaunch(_decode_split_kernel)
+_decode_latent_split_fast = FastLaunch(_decode_latent_split_kernel)
 _decode_reduce_fast = FastLaunch(_decode_reduce_kernel)
 
 
@@ -226,7 +318,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
                         max_seq_len: Optional[int] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         softcap: Optional[float] = None, splits: bool = False,
-                        check: bool = True):
+                        check: bool = True, latent: Optional[bool] = None):
     """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
 
     splits=True: the unreduced partials instead, (out (B, Hq, Sq, NB, D) float32, lse
@@ -239,7 +331,9 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     num_splits / block_n / num_warps / num_stages override the launch heuristics (benchmarks).
     seq_lens beyond the capacity raise ValueError for CPU tensors; on the GPU they are clamped
     in the kernel (no out-of-bounds reads). softcap: Gemma 2's attention-logit soft-capping c
-    (scores c * tanh(s / c)); None or 0: off.
+    (scores c * tanh(s / c)); None or 0: off. latent: MLA's latent cache (v_cache is k_cache,
+    a head of two power-of-two parts such as 512 + 64) goes through its own kernel
+    (`latent_split`); None: when the inputs are such, False: the general kernel (benchmarks).
     """
     if check:   # check=False: the engine's step, which built the inputs
         _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size, softcap)
@@ -268,6 +362,11 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     on_cpu = q.device.type == "cpu"
     block_d = max(16, next_pow2(D))
     rows = Sq * group
+    split_dims = latent_split(D, k_cache, v_cache)
+    if split_dims is not None and latent is not False:
+        return _latent_decode(q, k_cache, block_table, seq_lens, scale, causal, window_size,
+                              q_pos, kv_pos, split_dims, max_len, num_splits, block_n, num_warps,
+                              num_stages, softcap, splits)
     # a wide head's query tile is block_m x block_d: MLA's 576-wide latent (block_d 1024) with 16
     # heads a KV head and 4+ queries a sequence asked 128 x 1024 of shared memory for q alone
     # (out of resources on the H200, session 11): 16 rows a tile there
@@ -317,9 +416,17 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         num_warps=num_warps, num_stages=num_stages)
     if splits:
         return o_part, l_part
+    return _reduce(o_part, l_part, q.dtype)
+
+
+def _reduce(o_part, l_part, dtype):
+    """Merge the splits' partials (B, Hq, Sq, NB, D) / (B, Hq, Sq, NB): (out (B, Sq, Hq, D) in
+    dtype, lse (B, Hq, Sq) float32)."""
+    B, Hq, Sq, num_splits, D = o_part.shape
+    block_d = max(16, next_pow2(D))
     # the reduce kernel writes every element
-    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Sq, Hq, D, dtype=dtype, device=o_part.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=o_part.device)
     # a program's tile is at most 128 columns x 128 splits (what the 128-wide heads always ran
     # in one go); wider heads take column blocks, more splits a loop
     red_d = min(block_d, 128)
@@ -328,3 +435,66 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),
         HEAD_DIM=D, BLOCK_D=red_d, BLOCK_S=red_s, num_warps=4)
     return out, lse
+
+
+def latent_split(D: int, k_cache, v_cache):
+    """(DV, DR) when the cache is MLA's latent as the kernels see it: the values are the keys
+    (one tensor, or one storage with the same strides) and the head is DV + DR wide with both
+    powers of two, DV >= 64 and DR >= 16 (DeepSeek: 512 + 64); else None."""
+    same = v_cache is k_cache or (v_cache.data_ptr() == k_cache.data_ptr()
+                                  and v_cache.stride() == k_cache.stride())
+    if not same or D <= 256 or D & (D - 1) == 0:
+        return None
+    dv = 1 << (D.bit_length() - 1)
+    dr = D - dv
+    if dr < 16 or dr & (dr - 1) or dv < 64:
+        return None
+    return dv, dr
+
+
+def _latent_decode(q, cache, block_table, seq_lens, scale, causal, window_size, q_pos, kv_pos,
+                   split_dims, max_len, num_splits, block_n, num_warps, num_stages, softcap,
+                   splits):
+    """paged_decode_triton's MLA path (`_decode_latent_split_kernel`, then the reduce)."""
+    B, Sq, Hq, D = q.shape
+    P, page, Hkv, _ = cache.shape
+    dv, dr = split_dims
+    group = Hq // Hkv
+    rows = Sq * group
+    on_cpu = q.device.type == "cpu"
+    # the accumulator is block_m x (dv + dr) floats in registers: 32 rows x 576 with 8 warps is
+    # 72 a thread
+    block_m = min(32, max(16, next_pow2(rows)))
+    row_blocks = cdiv(rows, block_m)
+    if block_n is None:
+        block_n = 16 if on_cpu else 64
+    tiles = cdiv(max_len, block_n)
+    if num_splits is None:
+        if on_cpu:
+            num_splits = min(3, tiles)
+        else:   # ~2 waves of programs, each at least 4 tiles (a partial is 576 floats a row)
+            num_splits = min(cdiv(2 * sm_count(q.device), B * Hkv * row_blocks), cdiv(tiles, 4))
+    num_splits = max(1, min(num_splits, tiles))
+    chunk = cdiv(tiles, num_splits) * block_n
+    num_splits = cdiv(max_len, chunk)
+    o_part = torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device)
+    masked = causal or window_size is not None
+    qp = q_pos if q_pos is not None else seq_lens
+    kp = kv_pos if kv_pos is not None else seq_lens
+    qp_strides = q_pos.stride() if q_pos is not None else (0, 0)
+    kp_strides = kv_pos.stride() if kv_pos is not None else (0, 0)
+    _decode_latent_split_fast((num_splits, B * Hkv, row_blocks),
+        q, cache, block_table, seq_lens, qp, kp, o_part, l_part,
+        *q.stride(), *cache.stride(), block_table.stride(0), *qp_strides, *kp_strides,
+        Sq, Hq, Hkv, group, chunk, num_splits, block_table.shape[1] * page,
+        int(window_size or 0),
+        (softcap if softcap else scale) * LOG2E, scale / softcap if softcap else 1.0,
+        DV=dv, DR=dr, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
+        HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=bool(softcap),
+        num_warps=num_warps or 8, num_stages=num_stages or (1 if on_cpu else 2))
+    if splits:
+        return o_part, l_part
+    return _reduce(o_part, l_part, q.dtype)

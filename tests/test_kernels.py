@@ -621,6 +621,60 @@ def test_paged_decode_latent_heads(dtype):
         check_close(out, lse, ref_out, ref_lse, dtype, lowp)
 
 
+@pytest.mark.parametrize("sq,window,cap", [(1, None, None), (3, 70, 2.5)])
+def test_latent_decode_kernel_equals_the_general_one_and_float64(sq, window, cap):
+    """MLA's own decode kernel (the 576-wide head as 512 + 64, values = the keys' first 512
+    read once): one token and 3 (48 rows: two row blocks), causal with striped positions, a
+    window and soft-capping, against float64 and the general wide kernel (latent=False); the
+    splits' partials too. A cache whose values are not its keys, or a power-of-two head, is
+    not taken for a latent."""
+    from ringserve.kernels.flash_decode import latent_split, paged_decode_triton
+    q, kc, vc, bt, sl, qp, kp = paged_case(2, sq, 16, 1, 576, 16, [300, 77], torch.float32,
+                                           seed=13, positions=True)
+    ref_out, ref_lse = paged_decode_ref(q, kc, kc, bt, sl, 0.05, True, window, qp, kp,
+                                        softcap=cap)
+    got = [paged_decode_triton(q, kc, kc, bt, sl, 0.05, True, window, qp, kp, softcap=cap,
+                               latent=lat) for lat in (None, False)]
+    for out, lse in got:
+        check_close(out, lse, ref_out, ref_lse, torch.float32, None)
+    o_part, l_part = paged_decode_triton(q, kc, kc, bt, sl, 0.05, True, window, qp, kp,
+                                         softcap=cap, splits=True, num_splits=4)
+    assert o_part.shape[3] == 4 and o_part.shape[-1] == 576
+    assert latent_split(576, kc, kc) == (512, 64)
+    assert latent_split(576, kc, vc) is None and latent_split(512, kc, kc) is None
+    assert latent_split(576, kc, kc.view(kc.shape)) == (512, 64)   # same storage and strides
+
+
+def test_a_latent_kernel_that_cannot_compile_falls_back_to_the_general_one(monkeypatch):
+    """paged_decode(backend="auto") with a wide latent head: if the latent kernel fails for a
+    reason other than its inputs (the compiler, shared memory), it warns once, and this and
+    later calls take the general wide kernel, not torch; a second failure there takes torch."""
+    import warnings
+    from ringserve import kernels
+    from ringserve.kernels import flash_decode
+
+    q, kc, _, bt, sl, qp, kp = paged_case(1, 1, 4, 1, 576, 16, [90], torch.float32, seed=3)
+    ref_out, ref_lse = paged_decode_ref(q, kc, kc, bt, sl, 0.1, False, None)
+    real, seen = flash_decode.paged_decode_triton, []
+
+    def flaky(*a, latent=None, **kw):
+        seen.append(latent)
+        if latent is None:
+            raise RuntimeError("out of resources: shared memory")
+        return real(*a, latent=latent, **kw)
+    monkeypatch.setattr(flash_decode, "paged_decode_triton", flaky)
+    monkeypatch.setattr(kernels, "_WIDE_BROKEN", {})
+    monkeypatch.setattr(kernels, "_pick", lambda *a: "triton")
+    with pytest.warns(UserWarning, match="paged_decode_latent .* the general kernel"):
+        out, lse = kernels.paged_decode(q, kc, kc, bt, sl, 0.1)
+    check_close(out, lse, ref_out, ref_lse, torch.float32, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = kernels.paged_decode(q, kc, kc, bt, sl, 0.1)
+    check_close(out, lse, ref_out, ref_lse, torch.float32, None)
+    assert seen == [None, False, False] and "paged_decode" not in kernels._WIDE_BROKEN
+
+
 def test_paged_decode_reduces_hundreds_of_splits_of_a_wide_head():
     """The reduce kernel's loop: a 576-wide head split 300 ways (more than one 128-split block
     of each 128-column slice, so the running maximum is rescaled across blocks; splits past a

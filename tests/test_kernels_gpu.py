@@ -289,11 +289,13 @@ def test_softcap_gpu(D, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_latent_paged_decode_gpu(dtype, sq):
     """MLA's absorbed decode (DeepSeek-V2-Lite: 16 heads on one 576-wide latent head, values =
-    keys) compiles and is exact by the 2x rule; `paged_decode(backend="auto")` uses it (no
-    fallback warning). sq=8: 128 query rows a KV head, the engine warm-up's shape that asked
-    for more shared memory than the H200 has (session 11)."""
+    keys) compiles and is exact by the 2x rule, in its own kernel (`paged_decode(backend=
+    "auto")`, no fallback warning) and in the general wide one. sq=8: 128 query rows a KV
+    head, the engine warm-up's shape that asked for more shared memory than the H200 has
+    (session 11)."""
     import warnings
     from ringserve import kernels
+    from ringserve.kernels.flash_decode import paged_decode_triton
     g = torch.Generator(device="cuda").manual_seed(11)
     B, page, P, D = 2, 64, 300, 576
     mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
@@ -306,8 +308,12 @@ def test_latent_paged_decode_gpu(dtype, sq):
         warnings.simplefilter("error")
         out, lse = kernels.paged_decode(q, kc, kc, bt, sl, 0.07)
     assert "paged_decode" not in kernels._WIDE_BROKEN
+    assert "paged_decode_latent" not in kernels._WIDE_BROKEN
     check_lowp(out, lse, ref_out.to(out.device), ref_lse.to(out.device), lowp.to(out.device),
                "latent decode")
+    out, lse = paged_decode_triton(q, kc, kc, bt, sl, 0.07, latent=False)   # the general kernel
+    check_lowp(out, lse, ref_out.to(out.device), ref_lse.to(out.device), lowp.to(out.device),
+               "latent decode, general kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
