@@ -714,3 +714,19 @@ def test_sequence_bucket_of_the_autotuning_key_has_a_floor_and_a_cap():
     assert [flash_fwd.seq_bucket(a, b) for a, b in ((1, 1), (40, 7), (128, 3), (129, 1),
                                                     (100, 300), (20000, 5), (1, 1 << 20))] \
         == [128, 128, 128, 256, 512, 16384, 16384]
+
+
+def test_the_autotuner_candidates_per_head_width():
+    """flash_attn_fwd's tuning candidates on the GPU: 128-wide heads keep the 128-row, 8-warp
+    tiles (the 256-wide heads' 2-stage 128-row tiles are not among them), 256-wide heads get
+    the 64-row tiles and the 128-row 8-warp 2-stage ones, MLA's 576-wide latent the 16 x 16
+    tile only; warp specialization drops the 64-row 8-warp tiles."""
+    from ringserve.kernels.flash_fwd import _gpu_configs, _prune
+
+    def shapes(d, ws=False):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in _prune(_gpu_configs(ws), {}, BLOCK_D=d)}
+    assert shapes(128) == {(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2)}
+    assert shapes(256) == {(64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)}
+    assert shapes(1024) == {(16, 16, 8, 2)}
+    assert (128, 64, 4, 3) in shapes(64) and not any(bm == 64 for bm, *_ in shapes(64))
