@@ -54,5 +54,18 @@ case "$PART" in
       --json "$OUT/latent_decode.json" 2>&1 | tee "$OUT/latent_decode.log" | tail -32
     T=160 e2e deepseek-v2-lite 8192,32768
     T=210 e2e gemma2-9b 8192,131072 ;;
+  s15e)  # session 15: the Gemma 3 rows (never run before; 256-wide heads with the new 128-row
+         # tiles), then Llama-3-8B's batch-1 decode at 32K and 512K (per-GPU-speed issue: the
+         # two lengths not measured with the fused kernels; async scheduling is now the default)
+    T=215 e2e gemma3-12b 8192,131072
+    timeout 330 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 32768,524288 \
+      --no-hf --decode-tokens 64 --cuda-graphs --json "$OUT/e2e_llama_32k_512k.json" 2>&1 \
+      | tee "$OUT/e2e_llama_32k_512k.log" | grep -E '^bench_e2e|^ *[0-9]+ \||Error|error' | tail -4 ;;
+  s15f)  # session 15: soft-capping through tanh.approx (GPU tests), Gemma 2's 128K prefill with
+         # the 128-row tiles (9.7% MFU before), DeepSeek-V2-Lite with the latent decode's splits
+    timeout 80 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "softcap" 2>&1 | tee "$OUT/test_softcap.log" | tail -2
+    T=170 e2e gemma2-9b 131072
+    T=130 e2e deepseek-v2-lite 8192,32768 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
