@@ -123,6 +123,16 @@ def decode_floor_s(w_bytes: float, kv_tok: float, kv_tokens: float, bw: float,
     return (w_bytes + kv_tok * kv_tokens / world_size) / tp / bw
 
 
+def kv_tokens_read(c: dict, n: int) -> float:
+    """The cached tokens a decode step at context n must read, as a mean over the layers: n
+    for a global layer, at most window + 1 for a windowed one (Gemma's local layers). Times
+    kv_bytes_per_token, the KV bytes of the HBM floor (until session 15 the floor counted n
+    for every layer, which overstated Gemma's floors)."""
+    from ringserve.config import ModelConfig
+    ws = ModelConfig.from_hf_dict(c).layer_window_sizes
+    return sum(n if w is None else min(n, w + 1) for w in ws) / len(ws)
+
+
 def kv_bytes_per_token(c: dict, elem: int = 2, decompressed: bool = False) -> int:
     """Cached bytes per token over all layers (MLA: the latent; decompressed=True: the K and V
     of every head that transformers' expanded form would keep)."""
@@ -304,8 +314,8 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
             continue
         fl = prefill_flops(cfg, n)
         dec_s = out.timings["decode_s"] / max(1, len(out.token_ids) - 1)
-        floor = decode_floor_s(w_bytes, kv_tok, n + args.question_tokens, bw, args.world_size,
-                               args.tp)
+        floor = decode_floor_s(w_bytes, kv_tok, kv_tokens_read(cfg, n + args.question_tokens),
+                               bw, args.world_size, args.tp)
         row.update(prefill_s=wall, prefill_tok_s=n / wall,
                    mfu=fl / wall / (args.world_size * args.tp * args.peak_tflops * 1e12),
                    followup_ttft_s=out.timings["ttft_s"], cached=out.num_cached_tokens,

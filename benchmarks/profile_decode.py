@@ -128,7 +128,8 @@ def main(argv=None) -> int:
             dec = w.step_times[n0:][3:]        # after the extension and two warm-up steps
             dt = sum(dec) / len(dec)
             row[mode] = {"ms_per_token": dt * 1e3, "tokens": out.token_ids[3:]}
-        floor = (w_bytes + kv_tok * L) / bw if bw else float("nan")
+        # windowed layers read at most window + 1 of the L tokens (bench_e2e.kv_tokens_read)
+        floor = (w_bytes + kv_tok * _e2e().kv_tokens_read(cfg, L)) / bw if bw else float("nan")
         row["floor_ms"] = floor * 1e3
         row["same_tokens"] = row["eager"]["tokens"] == row["graphs"]["tokens"]
         # one eager decode step under the profiler

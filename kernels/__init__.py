@@ -108,13 +108,15 @@ def merge_splits(out, lse, backend="auto", extra=None, dest=None, check=True):
 
 def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, causal=False,
                  window_size=None, q_pos=None, kv_pos=None, backend="auto", softcap=None,
-                 splits=False, check=True):
+                 splits=False, check=True, positions_sorted=False):
     """Flash-decoding over a paged KV cache, returning (out, lse) for merging across shards.
 
     splits=True returns the partials unreduced, (out (B, Hq, Sq, NB, D) float32, lse
     (B, Hq, Sq, NB) float32) (NB = 1 on the torch path), to be merged with other parts in one
     launch: split_parts gives merge_splits' layout. check=False skips the Triton path's input
-    validation (callers that built the inputs)."""
+    validation (callers that built the inputs). positions_sorted: kv_pos increases along each
+    sequence's block table (the engine's cache), so a window lets the Triton kernel skip the
+    key tiles before it (flash_decode.paged_decode_triton)."""
     def on_torch():
         out, lse = paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                       causal, window_size, q_pos, kv_pos, softcap=softcap)
@@ -127,7 +129,8 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
         def run(latent=None):
             return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                        causal, window_size, q_pos, kv_pos, softcap=softcap,
-                                       splits=splits, check=check, latent=latent)
+                                       splits=splits, check=check, latent=latent,
+                                       positions_sorted=positions_sorted)
         if q.shape[-1] <= MAX_TRITON_HEAD_DIM or backend == "triton":
             return run()
         if "paged_decode_latent" not in _WIDE_BROKEN:

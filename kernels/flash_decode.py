@@ -54,7 +54,7 @@ def _decode_split_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
-        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_SKIP: tl.constexpr):
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
@@ -83,6 +83,10 @@ def _decode_split_kernel(
             q_pos = tl.zeros([BLOCK_M], tl.int32) + n   # the reference's default: after the cache
     else:
         q_pos = tl.zeros([BLOCK_M], tl.int32)   # unused
+    if WINDOW_SKIP:   # start at the first tile a row's window reaches
+        lo_pos = tl.min(tl.where(row_ok, q_pos, 2147483647), 0) - window
+        t_lo = _first_visible_tile(t_lo, t_hi, lo_pos, BlockTable + b64 * stride_btb, KvPos,
+                                   stride_kvp, stride_kvs, PAGE_SIZE, BLOCK_N, HAS_KVPOS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -116,6 +120,32 @@ def _decode_split_kernel(
     tl.store(LPart + prow, lse, mask=row_ok)
     tl.store(OPart + prow[:, None] * HEAD_DIM + offs_d[None, :], out,
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _first_visible_tile(t_lo, t_hi, lo_pos, Table, KvPos, stride_kvp, stride_kvs,
+                        PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KVPOS: tl.constexpr):
+    """The first tile start on the grid t_lo + k * BLOCK_N in [t_lo, t_hi) whose last key's
+    position is >= lo_pos (t_lo + the tiles' count when none): every key before it is outside
+    every row's window. Needs the positions of a sequence's keys to increase with their index
+    (the engine's cache: a rank appends its tokens in position order); without KvPos the key
+    at index t is at position t. A bisection over the tiles: ~log2(tiles) dependent loads."""
+    n_tiles = (t_hi - t_lo + BLOCK_N - 1) // BLOCK_N
+    if HAS_KVPOS:
+        lo = n_tiles * 0
+        hi = n_tiles
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t_last = tl.minimum(t_lo + mid * BLOCK_N + BLOCK_N - 1, t_hi - 1)
+            page = tl.load(Table + t_last // PAGE_SIZE).to(tl.int64)
+            pos = tl.load(KvPos + page * stride_kvp + (t_last % PAGE_SIZE) * stride_kvs)
+            before = pos < lo_pos
+            lo = tl.where(before, mid + 1, lo)
+            hi = tl.where(before, hi, mid)
+        k = lo
+    else:
+        k = tl.minimum(tl.maximum(lo_pos - t_lo, 0) // BLOCK_N, tl.maximum(n_tiles, 0))
+    return t_lo + k * BLOCK_N
 
 
 @triton.jit
@@ -318,7 +348,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
                         max_seq_len: Optional[int] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         softcap: Optional[float] = None, splits: bool = False,
-                        check: bool = True, latent: Optional[bool] = None):
+                        check: bool = True, latent: Optional[bool] = None,
+                        positions_sorted: bool = False):
     """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
 
     splits=True: the unreduced partials instead, (out (B, Hq, Sq, NB, D) float32, lse
@@ -334,6 +365,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     (scores c * tanh(s / c)); None or 0: off. latent: MLA's latent cache (v_cache is k_cache,
     a head of two power-of-two parts such as 512 + 64) goes through its own kernel
     (`latent_split`); None: when the inputs are such, False: the general kernel (benchmarks).
+    positions_sorted: with a window, kv_pos increases along each sequence's block table (the
+    engine's cache), so each program starts at the first key tile its rows' windows reach
+    instead of masking every older key (Gemma's local layers over a long document); without
+    kv_pos the positions are the indices and this holds anyway.
     """
     if check:   # check=False: the engine's step, which built the inputs
         _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_size, softcap)
@@ -413,6 +448,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
         HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=bool(softcap),
+        WINDOW_SKIP=window_size is not None and (positions_sorted or kv_pos is None),
         num_warps=num_warps, num_stages=num_stages)
     if splits:
         return o_part, l_part

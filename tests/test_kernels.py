@@ -645,6 +645,48 @@ def test_latent_decode_kernel_equals_the_general_one_and_float64(sq, window, cap
     assert latent_split(576, kc, kc.view(kc.shape)) == (512, 64)   # same storage and strides
 
 
+@pytest.mark.parametrize("sq,positions", [(1, True), (37, True), (5, False)])
+def test_a_window_over_sorted_positions_skips_the_older_keys_exactly(sq, positions):
+    """positions_sorted=True (the engine's cache: a sequence's keys in position order along its
+    block table, here a striped rank's 2t + 1): each program starts at the first key tile its
+    rows' windows reach (a bisection over the tiles) and the result equals float64, for one
+    query, 37 queries spread over the last 200 positions (several row blocks), and without
+    kv_pos; a split that lies wholly before the window writes an empty partial."""
+    from ringserve.kernels.flash_decode import paged_decode_triton
+    q, kc, vc, bt, sl, _, _ = paged_case(2, sq, 4, 2, 32, 16, [1500, 700], torch.float32,
+                                         seed=17)
+    P, page = kc.shape[:2]
+    kp = qp = None
+    if positions:
+        kp = torch.zeros(P, page, dtype=torch.int64)
+        for b, n in enumerate(sl.tolist()):
+            t = torch.arange(n)
+            kp[bt[b, t // page].long(), t % page] = 2 * t + 1
+        qp = torch.stack([2 * n + 1 - 2 * torch.arange(sq).flip(0) * (200 // sq + 1)
+                          for n in sl.tolist()])
+    ref_out, ref_lse = paged_decode_ref(q, kc, vc, bt, sl, None, True, 150, qp, kp)
+    out, lse = paged_decode_triton(q, kc, vc, bt, sl, None, True, 150, qp, kp,
+                                   positions_sorted=True, num_splits=6, block_n=32)
+    check_close(out, lse, ref_out, ref_lse, torch.float32, None)
+    o_part, l_part = paged_decode_triton(q, kc, vc, bt, sl, None, True, 150, qp, kp,
+                                         positions_sorted=True, num_splits=6, block_n=32,
+                                         splits=True)
+    assert torch.isinf(l_part[0, :, :, 0]).all() and (o_part[0, :, :, 0] == 0).all()
+    # the skipped keys are never read: NaN values two tiles and more before every window
+    # (masking alone would give 0 * NaN)
+    vn = vc.clone()
+    for b, n in enumerate(sl.tolist()):
+        first = (int(qp[b].min()) - 150) // 2 if positions else n - 150
+        t = torch.arange(max(0, first - 64))
+        vn[bt[b, t // page].long(), t % page] = float("nan")
+    out, lse = paged_decode_triton(q, kc, vn, bt, sl, None, True, 150, qp, kp,
+                                   positions_sorted=True, num_splits=6, block_n=32)
+    check_close(out, lse, ref_out, ref_lse, torch.float32, None)
+    out, _ = paged_decode_triton(q, kc, vn, bt, sl, None, True, 150, qp, kp, num_splits=6,
+                                 block_n=32)
+    assert out.isnan().any() == positions   # unsorted positions: every key is read
+
+
 def test_a_latent_kernel_that_cannot_compile_falls_back_to_the_general_one(monkeypatch):
     """paged_decode(backend="auto") with a wide latent head: if the latent kernel fails for a
     reason other than its inputs (the compiler, shared memory), it warns once, and this and

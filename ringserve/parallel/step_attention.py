@@ -279,7 +279,9 @@ class StepAttention:
                                     softmax_scale=self.scale, causal=True,
                                     window_size=self.window, q_pos=q_pos,
                                     kv_pos=self.pool.kv_pos, backend=self.backend,
-                                    softcap=self.softcap, splits=splits, check=False)
+                                    softcap=self.softcap, splits=splits, check=False,
+                                    # a rank caches a sequence's tokens in position order
+                                    positions_sorted=True)
 
     def rope_store(self, layer: int, q, k, v, cos, sin, **norm):
         """The model's fused prologue (Triton): q, k (T, H, D) rotated (and q/k-normed with
