@@ -639,7 +639,8 @@ class ModelShardWorker(ShardWorker):
                     kernels.paged_decode(q, pool.k[0], pool.v[0], table, lens,
                                          softmax_scale=self.softmax_scale, causal=True,
                                          window_size=w, q_pos=pos, kv_pos=pool.kv_pos,
-                                         backend=self.backend, softcap=self.model.softcap)
+                                         backend=self.backend, softcap=self.model.softcap,
+                                         positions_sorted=True)   # as StepAttention calls it
         # the LSE merge of partial results (a chunk with its cached prefix, cascade groups,
         # ranks): float32 accumulators, the other side float32 or the model's dtype
         for other in sorted({torch.float32, dt}, key=str):
@@ -719,13 +720,13 @@ class ModelShardWorker(ShardWorker):
                 q[0][:, None], self.pool.k[layer], self.pool.v[layer], g.table, g.lens,
                 softmax_scale=self.softmax_scale, causal=True, window_size=window,
                 q_pos=g.pos[:, None], kv_pos=self.pool.kv_pos, backend=self.backend,
-                softcap=self.model.softcap)
+                softcap=self.model.softcap, positions_sorted=True)   # the cache's order
             if g.prefix:    # the rows' shared document, read once for all of them, merged in
                 po, pl = kernels.paged_decode(
                     q[0][None], self.pool.k[layer], self.pool.v[layer], g.ptable, g.plens,
                     softmax_scale=self.softmax_scale, causal=True, window_size=window,
                     q_pos=g.pos[None], kv_pos=self.pool.kv_pos, backend=self.backend,
-                    softcap=self.model.softcap)
+                    softcap=self.model.softcap, positions_sorted=True)
                 o, l_ = out[:, 0].float(), lse[:, :, 0].contiguous()
                 _merge(o, l_, po[0], pl[0].t())
                 if self.world_size > 1:

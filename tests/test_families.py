@@ -547,3 +547,43 @@ def test_chunked_prefill_and_graph_decode_equal_transformers(tmp_path_factory, f
     finally:
         eng.shutdown()
         group.shutdown()
+
+
+def test_every_windowed_paged_call_may_skip_the_keys_before_the_window(monkeypatch):
+    """The engine's paged attention calls (prefill chunks against the cache, eager decode, the
+    decode graph's body and its warm-up) say positions_sorted, so a windowed layer's kernel
+    starts at the window instead of masking the whole cache (Gemma 3's 128K decode and prefill
+    on an H200 in session 15: the graph body did not say it, and its decode read every key)."""
+    from threadgroup import ThreadGroup
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.kernels import flash_decode
+
+    real, calls = flash_decode.paged_decode_triton, []
+
+    def spy(*a, **kw):
+        calls.append((a[7] if len(a) > 7 else kw.get("window_size"), kw.get("positions_sorted")))
+        return real(*a, **kw)
+    monkeypatch.setattr(flash_decode, "paged_decode_triton", spy)
+    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=512,
+               hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               query_pre_attn_scalar=16, sliding_window=32, sliding_window_pattern=3,
+               hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+               rope_theta=1000000.0, rope_local_base_freq=10000.0,
+               max_position_embeddings=4096, tie_word_embeddings=True)
+    for graphs in (False, "emulate"):
+        g = ThreadGroup(1, model={"config": cfg, "seed": 0}, dtype="float32", page_size=16,
+                        kv_tokens=2048, backend="triton", cuda_graphs=graphs,
+                        fused_kernels=True)
+        eng = Engine(g, None, (), EngineConfig(max_num_batched_tokens=48,
+                                               cuda_graphs=bool(graphs)))
+        try:
+            doc = [(7 * i) % 500 for i in range(90)]
+            eng.submit("cache_document", doc).result(120)
+            eng.submit("generate", doc + [3, 4], SamplingParams(
+                max_tokens=2, temperature=0, ignore_eos=True)).result(120)
+        finally:
+            eng.shutdown()
+            g.shutdown()
+    windowed = [s for w, s in calls if w is not None]
+    assert windowed and all(windowed), calls
