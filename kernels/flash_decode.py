@@ -509,10 +509,12 @@ def _latent_decode(q, cache, block_table, seq_lens, scale, causal, window_size, 
         if on_cpu:
             num_splits = min(3, tiles)
         else:
-            # ~2 waves of programs, down to one 64-key tile each: on one H200 (session 15,
+            # one wave of programs, down to one 64-key tile each: on one H200 (session 15,
             # bench_latent_decode.py, batch 1) 16 / 32 / 64 / 128 splits took 29.3 / 18.4 / 14.1
-            # / 11.1 us at 8K (one tile a split at 128) and 418 / 210 / 120 / 71.0 us at 128K
-            num_splits = cdiv(2 * sm_count(q.device), B * Hkv * row_blocks)
+            # / 11.1 us at 8K (one tile a split at 128), 102 / 54.1 / 32.3 / 21.8 us at 32K and
+            # 418 / 210 / 120 / 71.0 us at 128K; two waves (264) were no better in the engine
+            # at 32K (worker step 4.96 against 4.71 ms)
+            num_splits = cdiv(sm_count(q.device), B * Hkv * row_blocks)
     num_splits = max(1, min(num_splits, tiles))
     chunk = cdiv(tiles, num_splits) * block_n
     num_splits = cdiv(max_len, chunk)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .moe import MoE
+from .moe import MoE, SharedExperts
 from .rope import Rotary
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -237,19 +237,33 @@ class MLP(nn.Module):
             self.joined = _Joined((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor, fused_act: bool = False) -> torch.Tensor:
-        j = self.joined
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        elif fused_act and j is not None and j.holds(self.gate_proj, self.up_proj):
-            gate, up = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        if fused_act:   # one Triton launch for act(gate) * up (few-token steps)
-            from ringserve.kernels.fused import act_mul_triton
-            return self.down_proj(act_mul_triton(gate, up, self.act == "gelu_pytorch_tanh"))
-        if self.act == "gelu_pytorch_tanh":   # GeGLU (Gemma)
-            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-        return self.down_proj(F.silu(gate) * up)
+            return gated_down(self.down_proj, gate, up, fused_act,
+                              self.act == "gelu_pytorch_tanh")
+        return gated_mlp(self, x, fused_act, self.act == "gelu_pytorch_tanh")
+
+
+def gated_mlp(mod: nn.Module, x: torch.Tensor, fused_act: bool, gelu: bool) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) of a module with gate_proj, up_proj, down_proj and `joined`
+    (MLP; DeepSeek's shared experts). fused_act (few-token steps): gate and up as one GEMM when
+    joined, act * up in one Triton launch."""
+    j = mod.joined
+    if fused_act and j is not None and j.holds(mod.gate_proj, mod.up_proj):
+        gate, up = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
+    else:
+        gate, up = mod.gate_proj(x), mod.up_proj(x)
+    return gated_down(mod.down_proj, gate, up, fused_act, gelu)
+
+
+def gated_down(down: nn.Module, gate: torch.Tensor, up: torch.Tensor, fused_act: bool,
+               gelu: bool) -> torch.Tensor:
+    if fused_act:   # one Triton launch for act(gate) * up (few-token steps)
+        from ringserve.kernels.fused import act_mul_triton
+        return down(act_mul_triton(gate, up, gelu))
+    if gelu:   # GeGLU (Gemma)
+        return down(F.gelu(gate, approximate="tanh") * up)
+    return down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -360,12 +374,14 @@ class CausalLM(nn.Module):
         return model
 
     def join_weights(self) -> None:
-        """Join each layer's q/k/v and gate/up weights for the few-token path's single GEMMs
+        """Join each layer's q/k/v and gate/up weights (also DeepSeek's shared experts' gate/up)
+        for the few-token path's single GEMMs
         (the parameters become views of the joined tensors: no memory added once the old
         ones are freed). The worker calls it when that path is Triton."""
         for layer in self.model.layers:
-            for mod in (layer.self_attn, layer.ffn()):
-                if isinstance(mod, (Attention, MLP)):
+            for mod in (layer.self_attn, layer.ffn(),
+                        getattr(layer.ffn(), "shared_experts", None)):   # DeepSeek's
+                if isinstance(mod, (Attention, MLP, SharedExperts)):
                     mod.join_weights()
 
     def checkpoint_slots(self) -> dict:

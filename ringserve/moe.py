@@ -30,16 +30,24 @@ EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"),
 
 
 class SharedExperts(nn.Module):
-    """DeepSeek's shared experts: one SwiGLU MLP (their intermediate sizes summed)."""
+    """DeepSeek's shared experts: one SwiGLU MLP (their intermediate sizes summed). On the
+    few-token Triton path (`fused_act`) gate and up run as one GEMM once `join_weights` has
+    joined them, and SiLU(gate) * up as one launch, as the dense MLP's."""
 
     def __init__(self, hidden: int, inter: int, bias: bool, **factory):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=bias, **factory)
         self.up_proj = nn.Linear(hidden, inter, bias=bias, **factory)
         self.down_proj = nn.Linear(inter, hidden, bias=bias, **factory)
+        self.joined = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def join_weights(self) -> None:
+        from .model import _Joined
+        self.joined = _Joined((self.gate_proj, self.up_proj))
+
+    def forward(self, x: torch.Tensor, fused_act: bool = False) -> torch.Tensor:
+        from .model import gated_mlp
+        return gated_mlp(self, x, fused_act, gelu=False)
 
 
 class Experts(nn.Module):
@@ -94,8 +102,10 @@ class MoE(nn.Module):
             # (kernels/grouped_gemm.py)
             w, idx = self.route(x, fused=True)
             out = moe_gemv(x, self.experts.gate_up, self.experts.down, idx, w)
-        else:
-            out = self._grouped(x, *self.route(x))
+            if self.cfg.shared_intermediate:
+                out = out + self.shared_experts(x, fused_act=True)
+            return out
+        out = self._grouped(x, *self.route(x))
         if self.cfg.shared_intermediate:
             out = out + self.shared_experts(x)
         return out

@@ -54,6 +54,10 @@ def test_fused_equals_torch_fp32(name):
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 1e-5, rel
     assert torch.equal(_hidden(m, "torch", ids, pos), want)
+    from ringserve.moe import SharedExperts
+    shared = [mod for mod in m.modules() if isinstance(mod, SharedExperts)]
+    assert bool(shared) == (name == "deepseek-v2")   # DeepSeek's: one GEMM for gate|up too
+    assert all(sh.joined.holds(sh.gate_proj, sh.up_proj) for sh in shared)
     if name == "llama":
         at = m.model.layers[0].self_attn
         assert at.joined.holds(at.q_proj, at.k_proj, at.v_proj)
