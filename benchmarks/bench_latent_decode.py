@@ -50,7 +50,7 @@ def main(argv=None):
         ref, _ = paged_decode_triton(q, kc, kc, bt, sl, 0.07, latent=False)
         variants = [("general", dict(latent=False))] + [("latent default", {})] + [
             (f"latent splits {s} block_n {bn}", dict(num_splits=s, block_n=bn))
-            for bn in (32, 64) for s in (16, 32, 64, 128) if s * bn <= L]
+            for bn in (32, 64) for s in (16, 32, 64, 128, 256) if s * bn <= L]
         for name, kw in variants:
             def fn(kw=kw, q=q, kc=kc, bt=bt, sl=sl):
                 return paged_decode_triton(q, kc, kc, bt, sl, 0.07, **kw)
