@@ -113,7 +113,8 @@ class EngineConfig:
     # planned and sent when it can be planned without the tokens being sampled (every running
     # request decoding, nothing waiting; docs/architecture.md): the actor then starts it as soon
     # as the step before ends, and the engine's own work and the channel's round trip are off
-    # the GPU's path. A request that stops has one wasted row in the step after
+    # the GPU's path. A request that stops has one wasted row in the step after. Off here;
+    # LLM turns it on with CUDA at world size 1 (llm.default_async_scheduling)
     async_scheduling: bool = False
     progress_min_tokens: int = 0            # kept for compatibility: progress is per chunk now
     schedule: Optional[str] = None          # deprecated name of `layout`
