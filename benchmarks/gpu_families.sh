@@ -61,6 +61,14 @@ case "$PART" in
     timeout 330 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 32768,524288 \
       --no-hf --decode-tokens 64 --cuda-graphs --json "$OUT/e2e_llama_32k_512k.json" 2>&1 \
       | tee "$OUT/e2e_llama_32k_512k.log" | grep -E '^bench_e2e|^ *[0-9]+ \||Error|error' | tail -4 ;;
+  s16a)  # next session, first call: Gemma's decode with the window skip in the graph body
+         # (98362cf; Gemma 3 at 128K was 2.93x its floor), DeepSeek with its joined shared
+         # experts and the one-wave latent splits, and the latent split sweep with 256
+    T=170 e2e gemma3-12b 8192,131072
+    T=190 e2e gemma2-9b 8192,131072
+    T=110 e2e deepseek-v2-lite 8192,32768
+    timeout 60 python3 "$REPO/benchmarks/bench_latent_decode.py" --lengths 8192,32768,131072 \
+      --json "$OUT/latent_decode.json" 2>&1 | tee "$OUT/latent_decode.log" | tail -4 ;;
   s15g)  # session 15, last call: soft-capping through tanh.approx (GPU tests), then Gemma 3
          # and Gemma 2 with the window skip (their floors now count a windowed layer's window
          # only), DeepSeek-V2-Lite with the latent decode's ~2 waves of splits
