@@ -55,34 +55,14 @@ def _decode_split_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
         DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_SKIP: tl.constexpr):
-    split = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = pid_bk // Hkv
-    hk = pid_bk % Hkv
-    n = tl.minimum(tl.load(SeqLens + b), capacity)   # never read past the block table
-    t_lo = split * chunk
-    # the last split takes whatever is left, so a too-small max_seq_len loses no keys
-    t_hi = tl.where(split == num_splits - 1, n, tl.minimum(t_lo + chunk, n))
-
-    # row r of this program = query token r // GROUP of q head hk * GROUP + r % GROUP
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Sq * GROUP
-    s_idx = rows // GROUP
-    hq = hk * GROUP + rows % GROUP
+    b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos = _split_program(
+        SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits, capacity,
+        BLOCK_M, CAUSAL or HAS_WINDOW, HAS_QPOS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    b64 = b.to(tl.int64)
-
     q = tl.load(Q + b64 * stride_qb + s_idx[:, None] * stride_qs + hq[:, None] * stride_qh
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if CAUSAL or HAS_WINDOW:
-        if HAS_QPOS:
-            q_pos = tl.load(QPos + b64 * stride_qpb + s_idx * stride_qps, mask=row_ok, other=0)
-        else:
-            q_pos = tl.zeros([BLOCK_M], tl.int32) + n   # the reference's default: after the cache
-    else:
-        q_pos = tl.zeros([BLOCK_M], tl.int32)   # unused
     if WINDOW_SKIP:   # start at the first tile a row's window reaches
         lo_pos = tl.min(tl.where(row_ok, q_pos, 2147483647), 0) - window
         t_lo = _first_visible_tile(t_lo, t_hi, lo_pos, BlockTable + b64 * stride_btb, KvPos,
@@ -112,14 +92,50 @@ def _decode_split_kernel(
         p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    # partials: OPart (B, Hq, Sq, num_splits, D), LPart (B, Hq, Sq, num_splits), contiguous
-    prow = ((b64 * Hq + hq) * Sq + s_idx) * num_splits + split
-    tl.store(LPart + prow, lse, mask=row_ok)
-    tl.store(OPart + prow[:, None] * HEAD_DIM + offs_d[None, :], out,
+    prow, inv_l = _store_lse(LPart, m_i, l_i, b64, hq, s_idx, row_ok, Sq, Hq, num_splits)
+    tl.store(OPart + prow[:, None] * HEAD_DIM + offs_d[None, :], acc * inv_l[:, None],
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _split_program(SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits,
+                   capacity, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                   HAS_QPOS: tl.constexpr):
+    """A split program's work (grid: split, batch entry x KV head, row block): its batch
+    entry (int64) and KV head, its keys [t_lo, t_hi), and its query rows (row r = query token
+    r // GROUP of q head hk * GROUP + r % GROUP: row_ok, the token, the q head) with their
+    positions (MASKED: from QPos, or after the cache as the reference's default)."""
+    split = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    n = tl.minimum(tl.load(SeqLens + b), capacity)   # never read past the block table
+    t_lo = split * chunk
+    # the last split takes whatever is left, so a too-small max_seq_len loses no keys
+    t_hi = tl.where(split == num_splits - 1, n, tl.minimum(t_lo + chunk, n))
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq * GROUP
+    s_idx = rows // GROUP
+    hq = hk * GROUP + rows % GROUP
+    b64 = b.to(tl.int64)
+    if MASKED and HAS_QPOS:
+        q_pos = tl.load(QPos + b64 * stride_qpb + s_idx * stride_qps, mask=row_ok, other=0)
+    else:
+        q_pos = tl.zeros([BLOCK_M], tl.int32) + n   # unmasked: unused
+    return b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos
+
+
+@triton.jit
+def _store_lse(LPart, m_i, l_i, b64, hq, s_idx, row_ok, Sq, Hq, num_splits):
+    """Store a split's lse (natural log; -inf for rows that saw no key) into LPart (B, Hq, Sq,
+    num_splits); returns the rows' flat partial index and 1 / l for the caller's outputs
+    (OPart (B, Hq, Sq, num_splits, D), contiguous)."""
+    seen = l_i > 0.0
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    prow = ((b64 * Hq + hq) * Sq + s_idx) * num_splits + tl.program_id(0)
+    tl.store(LPart + prow, lse, mask=row_ok)
+    return prow, 1.0 / tl.where(seen, l_i, 1.0)
 
 
 @triton.jit
@@ -198,31 +214,15 @@ def _decode_latent_split_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
         DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr):
-    split = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = pid_bk // Hkv
-    hk = pid_bk % Hkv
-    n = tl.minimum(tl.load(SeqLens + b), capacity)
-    t_lo = split * chunk
-    t_hi = tl.where(split == num_splits - 1, n, tl.minimum(t_lo + chunk, n))
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Sq * GROUP
-    s_idx = rows // GROUP
-    hq = hk * GROUP + rows % GROUP
+    b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos = _split_program(
+        SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits, capacity,
+        BLOCK_M, CAUSAL or HAS_WINDOW, HAS_QPOS)
     offs_v = tl.arange(0, DV)            # the value columns (the latent)
     offs_r = DV + tl.arange(0, DR)       # the rest of the key (the RoPE part)
     offs_n = tl.arange(0, BLOCK_N)
-    b64 = b.to(tl.int64)
     q_row = Q + b64 * stride_qb + s_idx[:, None] * stride_qs + hq[:, None] * stride_qh
     q_v = tl.load(q_row + offs_v[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     q_r = tl.load(q_row + offs_r[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    if CAUSAL or HAS_WINDOW:
-        if HAS_QPOS:
-            q_pos = tl.load(QPos + b64 * stride_qpb + s_idx * stride_qps, mask=row_ok, other=0)
-        else:
-            q_pos = tl.zeros([BLOCK_M], tl.int32) + n
-    else:
-        q_pos = tl.zeros([BLOCK_M], tl.int32)   # unused
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_v = tl.zeros([BLOCK_M, DV], tl.float32)
@@ -246,11 +246,7 @@ def _decode_latent_split_kernel(
         acc_v = tl.dot(pv, k_v, acc_v * alpha[:, None], input_precision=DOT_PREC)
         acc_r = tl.dot(pv, k_r, acc_r * alpha[:, None], input_precision=DOT_PREC)
 
-    seen = l_i > 0.0
-    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    prow = ((b64 * Hq + hq) * Sq + s_idx) * num_splits + split
-    tl.store(LPart + prow, lse, mask=row_ok)
+    prow, inv_l = _store_lse(LPart, m_i, l_i, b64, hq, s_idx, row_ok, Sq, Hq, num_splits)
     o_row = OPart + prow[:, None] * (DV + DR)
     tl.store(o_row + offs_v[None, :], acc_v * inv_l[:, None], mask=row_ok[:, None])
     tl.store(o_row + offs_r[None, :], acc_r * inv_l[:, None], mask=row_ok[:, None])
@@ -421,38 +417,52 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
                 # a wide head's tile holds 16 keys: a split of one or two tiles spends more on
                 # its partial (1024 floats a row, written and read back) than on its keys
                 num_splits = min(num_splits, cdiv(tiles, 4))
-    num_splits = max(1, min(num_splits, tiles))
-    chunk = cdiv(tiles, num_splits) * block_n
-    num_splits = cdiv(max_len, chunk)       # drop splits that would start past max_len
-    o_part = torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device)
-    masked = causal or window_size is not None
-    dummy = seq_lens   # stands in for absent position tensors (never read)
-    qp = q_pos if q_pos is not None else dummy
-    kp = kv_pos if kv_pos is not None else dummy
-    qp_strides = q_pos.stride() if q_pos is not None else (0, 0)
-    kp_strides = kv_pos.stride() if kv_pos is not None else (0, 0)
+    num_splits, chunk, o_part, l_part = _split_plan(q, num_splits, tiles, block_n, max_len)
     if num_warps is None:
         num_warps = 4 if block_d <= 256 else 8
     if num_stages is None:
         # K and V tiles of a 1024-wide latent are 32 KB each a stage: 3 stages with the query
         # tile pass the H200's 227 KB of shared memory
         num_stages = 1 if on_cpu else (3 if block_d <= 512 else 2)
+    pos, pos_strides, tail, meta = _launch_args(q, seq_lens, q_pos, kv_pos, causal,
+                                                window_size, scale, softcap)
     _decode_split_fast((num_splits, B * Hkv, row_blocks),
-        q, k_cache, v_cache, block_table, seq_lens, qp, kp, o_part, l_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
-        *qp_strides, *kp_strides,
-        Sq, Hq, Hkv, group, chunk, num_splits, capacity, int(window_size or 0),
-        (softcap if softcap else scale) * LOG2E, scale / softcap if softcap else 1.0,
-        HEAD_DIM=D, BLOCK_D=block_d, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
-        HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=bool(softcap),
+        q, k_cache, v_cache, block_table, seq_lens, *pos, o_part, l_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0), *pos_strides,
+        Sq, Hq, Hkv, group, chunk, num_splits, capacity, *tail,
+        HEAD_DIM=D, BLOCK_D=block_d, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
         WINDOW_SKIP=window_size is not None and (positions_sorted or kv_pos is None),
         num_warps=num_warps, num_stages=num_stages)
     if splits:
         return o_part, l_part
     return _reduce(o_part, l_part, q.dtype)
+
+
+def _split_plan(q, num_splits, tiles, block_n, max_len):
+    """(splits, keys a split, the partials' out and lse buffers) for at most num_splits
+    splits of whole key tiles; splits that would start past max_len are dropped."""
+    B, Sq, Hq, D = q.shape
+    num_splits = max(1, min(num_splits, tiles))
+    chunk = cdiv(tiles, num_splits) * block_n
+    num_splits = cdiv(max_len, chunk)
+    return (num_splits, chunk,
+            torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device),
+            torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device))
+
+
+def _launch_args(q, seq_lens, q_pos, kv_pos, causal, window_size, scale, softcap):
+    """The split kernels' shared arguments: the position tensors (seq_lens stands in for an
+    absent one, never read) and their strides, (window, qk_scale, softcap_in), and the masking
+    constexprs."""
+    masked = causal or window_size is not None
+    pos = tuple(t if t is not None else seq_lens for t in (q_pos, kv_pos))
+    strides = tuple(x for t in (q_pos, kv_pos) for x in (t.stride() if t is not None else (0, 0)))
+    tail = (int(window_size or 0), (softcap if softcap else scale) * LOG2E,
+            scale / softcap if softcap else 1.0)
+    meta = dict(CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
+                HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=bool(softcap))
+    return pos, strides, tail, meta
 
 
 def _reduce(o_part, l_part, dtype):
@@ -515,26 +525,14 @@ def _latent_decode(q, cache, block_table, seq_lens, scale, causal, window_size, 
             # 418 / 210 / 120 / 71.0 us at 128K; two waves (264) were no better in the engine
             # at 32K (worker step 4.96 against 4.71 ms)
             num_splits = cdiv(sm_count(q.device), B * Hkv * row_blocks)
-    num_splits = max(1, min(num_splits, tiles))
-    chunk = cdiv(tiles, num_splits) * block_n
-    num_splits = cdiv(max_len, chunk)
-    o_part = torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device)
-    masked = causal or window_size is not None
-    qp = q_pos if q_pos is not None else seq_lens
-    kp = kv_pos if kv_pos is not None else seq_lens
-    qp_strides = q_pos.stride() if q_pos is not None else (0, 0)
-    kp_strides = kv_pos.stride() if kv_pos is not None else (0, 0)
+    num_splits, chunk, o_part, l_part = _split_plan(q, num_splits, tiles, block_n, max_len)
+    pos, pos_strides, tail, meta = _launch_args(q, seq_lens, q_pos, kv_pos, causal,
+                                                window_size, scale, softcap)
     _decode_latent_split_fast((num_splits, B * Hkv, row_blocks),
-        q, cache, block_table, seq_lens, qp, kp, o_part, l_part,
-        *q.stride(), *cache.stride(), block_table.stride(0), *qp_strides, *kp_strides,
-        Sq, Hq, Hkv, group, chunk, num_splits, block_table.shape[1] * page,
-        int(window_size or 0),
-        (softcap if softcap else scale) * LOG2E, scale / softcap if softcap else 1.0,
-        DV=dv, DR=dr, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=bool(causal), HAS_WINDOW=window_size is not None,
-        HAS_QPOS=masked and q_pos is not None, HAS_KVPOS=masked and kv_pos is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SOFTCAP=bool(softcap),
+        q, cache, block_table, seq_lens, *pos, o_part, l_part,
+        *q.stride(), *cache.stride(), block_table.stride(0), *pos_strides,
+        Sq, Hq, Hkv, group, chunk, num_splits, block_table.shape[1] * page, *tail,
+        DV=dv, DR=dr, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
         num_warps=num_warps or 8, num_stages=num_stages or (1 if on_cpu else 2))
     if splits:
         return o_part, l_part

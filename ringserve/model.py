@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .joined import _Joined, gated_down, gated_mlp
 from .moe import MoE, SharedExperts
 from .rope import Rotary
 
@@ -45,38 +46,6 @@ class RMSNorm(nn.Module):
         if self.plus_one:
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
-
-
-class _Joined:
-    """Linear layers over one input joined into one weight (and bias) for a single GEMM;
-    each module's parameters become views of it, so names and loading are unchanged. Anything
-    that replaces a parameter afterwards (`.to()`, a reload into new tensors) unjoins them:
-    `holds` then says no and the callers run the modules one by one."""
-
-    def __init__(self, mods):
-        self.weight = torch.cat([m.weight.detach() for m in mods])
-        has_bias = [m.bias is not None for m in mods]
-        if any(has_bias) and not all(has_bias):
-            raise ValueError("joined linears must all have biases or none")
-        self.bias = torch.cat([m.bias.detach() for m in mods]) if all(has_bias) else None
-        # the output's split, from the weights (under TP they are this rank's slices)
-        self.sizes = [m.weight.shape[0] for m in mods]
-        a = 0
-        for m in mods:
-            n = m.weight.shape[0]
-            m.weight = nn.Parameter(self.weight[a:a + n], requires_grad=m.weight.requires_grad)
-            if self.bias is not None:
-                m.bias = nn.Parameter(self.bias[a:a + n], requires_grad=m.bias.requires_grad)
-            a += n
-        self.ptrs = self._ptrs(mods)
-
-    @staticmethod
-    def _ptrs(mods):
-        return [(m.weight.data_ptr(), m.bias.data_ptr() if m.bias is not None else 0)
-                for m in mods]
-
-    def holds(self, *mods) -> bool:
-        return self._ptrs(mods) == self.ptrs
 
 
 class Attention(nn.Module):
@@ -242,28 +211,6 @@ class MLP(nn.Module):
             return gated_down(self.down_proj, gate, up, fused_act,
                               self.act == "gelu_pytorch_tanh")
         return gated_mlp(self, x, fused_act, self.act == "gelu_pytorch_tanh")
-
-
-def gated_mlp(mod: nn.Module, x: torch.Tensor, fused_act: bool, gelu: bool) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) of a module with gate_proj, up_proj, down_proj and `joined`
-    (MLP; DeepSeek's shared experts). fused_act (few-token steps): gate and up as one GEMM when
-    joined, act * up in one Triton launch."""
-    j = mod.joined
-    if fused_act and j is not None and j.holds(mod.gate_proj, mod.up_proj):
-        gate, up = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
-    else:
-        gate, up = mod.gate_proj(x), mod.up_proj(x)
-    return gated_down(mod.down_proj, gate, up, fused_act, gelu)
-
-
-def gated_down(down: nn.Module, gate: torch.Tensor, up: torch.Tensor, fused_act: bool,
-               gelu: bool) -> torch.Tensor:
-    if fused_act:   # one Triton launch for act(gate) * up (few-token steps)
-        from ringserve.kernels.fused import act_mul_triton
-        return down(act_mul_triton(gate, up, gelu))
-    if gelu:   # GeGLU (Gemma)
-        return down(F.gelu(gate, approximate="tanh") * up)
-    return down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoeConfig
+from .joined import _Joined, gated_mlp
 
 # checkpoint names of each expert's (gate, up, down) projections
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"),
@@ -42,11 +43,9 @@ class SharedExperts(nn.Module):
         self.joined = None
 
     def join_weights(self) -> None:
-        from .model import _Joined
         self.joined = _Joined((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor, fused_act: bool = False) -> torch.Tensor:
-        from .model import gated_mlp
         return gated_mlp(self, x, fused_act, gelu=False)
 
 
