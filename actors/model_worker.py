@@ -31,8 +31,9 @@ from ringserve import kernels
 from ringserve.errors import GraphCaptureError
 from ringserve.model import layer_window
 from ringserve.kv_cache import KVCacheConfig, KVPool, bytes_per_token, pages_for_budget
-from ringserve.parallel.step_attention import (StepAttention, _as_slice, _merge, ints, merge_rows,
-                                               to_device)
+from ringserve.parallel.step_attention import (MLA_EXPAND_MIN_TOKENS, MLA_PIECE_TOKENS,
+                                               StepAttention, _as_slice, _merge, ints,
+                                               merge_rows, to_device)
 from ringserve.plan import PENDING_TOKEN, RankPlan, step_signature
 from ringserve.sampling import Sampler
 from .worker import ShardWorker
@@ -98,7 +99,12 @@ def build_model(source: Union[str, dict], dtype, device: torch.device, tp_rank: 
 def fixed_reserve_bytes(cfg, chunk_tokens: Optional[int], elem: int) -> int:
     """GPU memory kept free besides weights and KV whatever the tokens: 3 GiB of workspaces
     plus the MLP intermediates of one activation chunk (ringserve plan uses it too)."""
-    return 3 * GiB + 3 * (chunk_tokens or 8192) * cfg.intermediate_size * elem
+    extra = 0
+    mla = getattr(cfg, "mla", None)
+    if mla is not None:   # one cached piece's expanded K and V and kv_b_proj's output
+        extra = (MLA_PIECE_TOKENS * cfg.num_attention_heads * elem
+                 * (2 * mla.qk_head_dim + mla.qk_nope_head_dim + mla.v_head_dim))
+    return 3 * GiB + 3 * (chunk_tokens or 8192) * cfg.intermediate_size * elem + extra
 
 
 def activation_bytes_per_token(cfg, elem: int) -> int:
@@ -106,6 +112,10 @@ def activation_bytes_per_token(cfg, elem: int) -> int:
     the float32 attention accumulator, the ring's two K/V buffers), with 25% slack."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     per = elem * (2 * cfg.hidden_size + 3 * hq * d + 6 * hkv * d) + 4 * hq * d + 8 * hq
+    mla = getattr(cfg, "mla", None)
+    if mla is not None:   # the expanded form: its queries, the chunk's K, V and kv_b's output
+        per += hq * (elem * (3 * mla.qk_head_dim + mla.qk_nope_head_dim + mla.v_head_dim)
+                     + 4 * mla.qk_head_dim)
     return int(per * 1.25)
 
 
@@ -141,6 +151,7 @@ class ModelShardWorker(ShardWorker):
                  chunk_tokens: Optional[int] = None, backend: str = "auto",
                  cuda_graphs: Union[bool, str] = False, fused_kernels: bool = False,
                  max_cuda_graphs: int = MAX_CUDA_GRAPHS, torch_threads: Optional[int] = None,
+                 mla_expand_min_tokens: Optional[int] = MLA_EXPAND_MIN_TOKENS,
                  **kwargs):
         super().__init__(rank, world_size, device, **kwargs)
         if torch_threads is not None:
@@ -162,6 +173,14 @@ class ModelShardWorker(ShardWorker):
             raise ValueError("model (a checkpoint directory or a random-weights spec) is needed")
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens ({chunk_tokens}) must be >= 1 or None")
+        if mla_expand_min_tokens is not None and (
+                isinstance(mla_expand_min_tokens, bool)
+                or not isinstance(mla_expand_min_tokens, int) or mla_expand_min_tokens < 1):
+            raise ValueError(f"mla_expand_min_tokens must be an integer >= 1 or None, got "
+                             f"{mla_expand_min_tokens!r}")
+        # MLA (DeepSeek-V2): prompt chunks of at least this many tokens attend in the expanded
+        # form (StepAttention.mla), shorter ones and decodes absorbed; None: always absorbed
+        self.mla_expand_min = mla_expand_min_tokens
         self.model = build_model(model, parse_dtype(dtype), self.device, self.tp_rank,
                                  self.tp_size, self.tp_comm)
         self.cfg = self.model.config
@@ -516,7 +535,7 @@ class ModelShardWorker(ShardWorker):
             return self._outputs(plan, None, lambda rows: logits[rows])
         attn = StepAttention(plan, tables, self.pool, self.rank, self.world_size,
                              self.transport, self.softmax_scale, self.window_size, self.backend,
-                             softcap=self.model.softcap)
+                             softcap=self.model.softcap, mla_expand_min=self.mla_expand_min)
         if any(isinstance(s.token_ids, np.ndarray) for s in plan.seqs):   # a ring chunk's
             ids = torch.from_numpy(np.concatenate([ints(s.token_ids) for s in plan.seqs]))
         else:

@@ -151,8 +151,10 @@ def prefill_flops(c: dict, n: int) -> float:
     embedding is a lookup; the LM head runs on the last token only) + attention QK^T and PV
     (causal: half of 4 * n^2 * d per head and layer; a layer windowed to w keys: 4 * d per head
     for each of the n * w - w^2 / 2 visible pairs). MLA counts the model's own attention
-    FLOPs, those of the expanded form (d = qk_head_dim for QK^T, v_head_dim for PV), not the
-    absorbed form ringserve runs (latent_dim for both: ~1.8x more)."""
+    FLOPs, those of the expanded form (d = qk_head_dim for QK^T, v_head_dim for PV), which
+    ringserve's prefill chunks run (session 16; before, the absorbed form: latent_dim for both,
+    ~3.4x more), not counting the keys' expansion nor the kernel's padding of qk_head_dim and
+    v_head_dim to 256."""
     from ringserve.config import ModelConfig
     cfg = ModelConfig.from_hf_dict(c)
     d2 = (cfg.mla.qk_head_dim + cfg.mla.v_head_dim if cfg.mla is not None else 2 * cfg.head_dim)

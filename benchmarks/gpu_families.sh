@@ -61,6 +61,16 @@ case "$PART" in
     timeout 330 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 32768,524288 \
       --no-hf --decode-tokens 64 --cuda-graphs --json "$OUT/e2e_llama_32k_512k.json" 2>&1 \
       | tee "$OUT/e2e_llama_32k_512k.log" | grep -E '^bench_e2e|^ *[0-9]+ \||Error|error' | tail -4 ;;
+  s16b)  # session 16: the split-decode kernels after session 15's review refactor (GPU tests),
+         # MLA's expanded form for prefill chunks (bf16 against transformers at 8K, then
+         # DeepSeek-V2-Lite's prefill: 1.4% MFU at 32K absorbed)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "latent or paged_decode" 2>&1 \
+      | tee "$OUT/test_kernels_split.log" | tail -2
+    timeout 120 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek" 2>&1 | tee "$OUT/test_families_mla.log" \
+      | tail -3
+    T=170 e2e deepseek-v2-lite 8192,32768,131072 ;;
   s16a)  # next session, first call: Gemma's decode with the window skip in the graph body
          # (98362cf; Gemma 3 at 128K was 2.93x its floor), DeepSeek with its joined shared
          # experts and the one-wave latent splits, and the latent split sweep with 256

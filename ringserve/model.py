@@ -151,10 +151,12 @@ class MLAttention(nn.Module):
         return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=None,
-                fused: bool = False):
+                fused: bool = False, expanded: bool = False):
         """x (t, hidden) normed -> q (t, h, latent_dim), k (t, 1, latent_dim), v = k.
         norm(module, x): how to apply the RMSNorm modules; fused: the few-token path (norms
-        by `norm`, RoPE and the concatenations in one Triton launch)."""
+        by `norm`, RoPE and the concatenations in one Triton launch). expanded: also return
+        the queries of the expanded form, (t, h, qk_head_dim) = [q_nope ; rotated q_pe]
+        (`expand_kv`), as a fourth value."""
         m, t = self.mla, x.shape[0]
         norm = norm or (lambda mod, y: mod(y))
         if m.q_lora_rank is None:
@@ -172,16 +174,47 @@ class MLAttention(nn.Module):
         if fused and q_lat.stride(-1) == 1:
             from ringserve.kernels.fused import latent_rope_triton
             q, k = latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin)
-            return q, k, k
-        q = torch.cat([q_lat, Rotary.apply_interleaved(q_pe, cos, sin)], dim=-1)
-        k = torch.cat([c, Rotary.apply_interleaved(k_pe[:, None], cos, sin)[:, 0]], dim=-1)
-        k = k[:, None]
+        else:
+            q = torch.cat([q_lat, Rotary.apply_interleaved(q_pe, cos, sin)], dim=-1)
+            k = torch.cat([c, Rotary.apply_interleaved(k_pe[:, None], cos, sin)[:, 0]],
+                          dim=-1)[:, None]
+        if expanded:
+            return q, k, k, torch.cat([q_nope, q[..., m.kv_lora_rank:]], dim=-1)
         return q, k, k
 
-    def output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(t, h, latent_dim) attention output in the latent space -> (t, hidden)."""
+    def expand_kv(self, latent: torch.Tensor):
+        """The expanded form's keys and values of cached latents: latent (n, 1, latent_dim)
+        (normed c, rotated k_pe: what the cache holds) -> k (n, h, qk_head_dim) = [W_UK_h c ;
+        k_pe], v (n, h, qk_head_dim) = [W_UV_h c ; 0] (zero-padded to the keys' width: the
+        flash kernels take one head dim; the output's first v_head_dim columns are the
+        attention's). One GEMM through kv_b_proj, as transformers computes them.
+
+        A prefill chunk of many queries attends faster this way: per (query, key, head)
+        qk_head_dim + v_head_dim products (320 for DeepSeek-V2) against latent_dim +
+        kv_lora_rank (1088) absorbed, in the flash kernel's large tiles rather than a 576-wide
+        head's small ones; the cost is the keys' expansion, once per chunk and layer."""
+        m, n = self.mla, latent.shape[0]
+        lat = latent.reshape(n, m.latent_dim)
+        kv = self.kv_b_proj(lat[:, :m.kv_lora_rank]).view(n, self.heads,
+                                                          m.qk_nope_head_dim + m.v_head_dim)
+        k = torch.empty(n, self.heads, m.qk_head_dim, dtype=kv.dtype, device=kv.device)
+        k[..., :m.qk_nope_head_dim] = kv[..., :m.qk_nope_head_dim]
+        k[..., m.qk_nope_head_dim:] = lat[:, None, m.kv_lora_rank:]
+        v = F.pad(kv[..., m.qk_nope_head_dim:], (0, m.qk_head_dim - m.v_head_dim))
+        return k, v
+
+    def to_values(self, o: torch.Tensor) -> torch.Tensor:
+        """(t, h, latent_dim) attention output in the latent space -> (t, h, v_head_dim): W_UV
+        per head, the values' space the expanded form's output is in."""
         _, w_uv = self._wkv()
-        o = torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].to(w_uv.dtype), w_uv)
+        return torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].to(w_uv.dtype), w_uv)
+
+    def output(self, o: torch.Tensor, dtype: torch.dtype, values: bool = False) -> torch.Tensor:
+        """(t, h, latent_dim) attention output in the latent space -> (t, hidden); values=True:
+        o is (t, h, v_head_dim) in the values' space already (`to_values`, the expanded
+        form)."""
+        if not values:
+            o = self.to_values(o)
         o = o.reshape(o.shape[0], -1)
         return self.o_proj(o if o.dtype == dtype else o.to(dtype))
 
@@ -239,9 +272,11 @@ class DecoderLayer(nn.Module):
     def ffn(self) -> nn.Module:
         return getattr(self, self.ffn_name)
 
-    def residual_updates(self, h: torch.Tensor, o: torch.Tensor) -> None:
-        """h += the attention output o (t, Hq, D) (projected) and then the MLP's, in place."""
-        a = self.self_attn.output(o, h.dtype)
+    def residual_updates(self, h: torch.Tensor, o: torch.Tensor, values: bool = False) -> None:
+        """h += the attention output o (t, Hq, D) (projected) and then the MLP's, in place
+        (values: MLA's output in the values' space, `MLAttention.output`)."""
+        a = (self.self_attn.output(o, h.dtype, values=True) if values
+             else self.self_attn.output(o, h.dtype))
         if self.sandwich:
             h += self.post_attention_layernorm(a)
             h += self.post_feedforward_layernorm(self.ffn()(self.pre_feedforward_layernorm(h)))
@@ -386,10 +421,14 @@ class CausalLM(nn.Module):
             if kernels.use_triton(self.backend, h):
                 return self._forward_fused(h, attn_fn, (cos, sin), local)
 
+        # MLA: attn_fn may take a long chunk in the expanded form (`StepAttention.mla`): the
+        # queries then come in both forms, and its output is in the values' space
+        expands = cfg.mla is not None and getattr(attn_fn, "mla_expands", False)
+
         def project(at, norm, hs, cs, sn):
             x, t = norm(hs), hs.shape[0]
             if cfg.mla is not None:
-                return at.project(x, cs, sn)
+                return at.project(x, cs, sn, expanded=expands)
             q, k, v = at.qkv(x)
             q, k = q.reshape(t, hq, d), k.reshape(t, hkv, d)
             if at.qk_norm:
@@ -400,29 +439,40 @@ class CausalLM(nn.Module):
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
             cos, sin = local if self.layer_rotary[li] else glob
+            qe = None
             if len(spans) == 1:  # decode / short extensions: no chunk buffers, no copies
-                q, k, v = project(at, layer.input_layernorm, h, cos, sin)
+                q, k, v, *qe = project(at, layer.input_layernorm, h, cos, sin)
+                qe = qe[0] if qe else None
             else:
                 q = torch.empty(T, hq, d, dtype=h.dtype, device=dev)
                 k = torch.empty(T, hkv, d, dtype=h.dtype, device=dev)
                 # MLA: the values are the keys (the latent), one tensor
                 v = k if cfg.values_are_keys else torch.empty(T, hkv, d, dtype=h.dtype,
                                                               device=dev)
+                if expands:
+                    qe = torch.empty(T, hq, cfg.mla.qk_head_dim, dtype=h.dtype, device=dev)
                 for a, b in spans:
-                    qa, ka, va = project(at, layer.input_layernorm, h[a:b], cos[a:b], sin[a:b])
+                    qa, ka, va, *qea = project(at, layer.input_layernorm, h[a:b], cos[a:b],
+                                               sin[a:b])
                     q[a:b], k[a:b] = qa, ka
                     if v is not k:
                         v[a:b] = va
-            flat = getattr(attn_fn, "flat_batch", False)    # (T, Hq, D) in and out
-            o = attn_fn(li, q, k, v) if flat else attn_fn(li, q[None], k[None], v[None])
-            want = (T, hq, d) if flat else (1, T, hq, d)
+                    if qea:
+                        qe[a:b] = qea[0]
+            if expands:     # (T, Hq, v_head_dim) in the values' space
+                o, want = attn_fn.mla(li, q, k, qe, at), (T, hq, cfg.mla.v_head_dim)
+                flat = True
+            else:
+                flat = getattr(attn_fn, "flat_batch", False)    # (T, Hq, D) in and out
+                o = attn_fn(li, q, k, v) if flat else attn_fn(li, q[None], k[None], v[None])
+                want = (T, hq, d) if flat else (1, T, hq, d)
             if tuple(o.shape) != want:
                 raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected {want}")
             if not flat:
                 o = o[0]
-            del q, k, v
+            del q, k, v, qe
             for a, b in spans:
-                layer.residual_updates(h[a:b], o[a:b])
+                layer.residual_updates(h[a:b], o[a:b], values=expands)
             del o
         for a, b in spans:
             h[a:b] = self.model.norm(h[a:b])
@@ -456,14 +506,18 @@ class CausalLM(nn.Module):
         store = getattr(attn_fn, "rope_store", None)
         flat = getattr(attn_fn, "flat_batch", False)
         want = torch.Size((T, hq, d) if flat else (1, T, hq, d))
+        expands = cfg.mla is not None and getattr(attn_fn, "mla_expands", False)
+        want_values = torch.Size((T, hq, cfg.mla.v_head_dim)) if expands else None
         # the last sublayer's output, not yet added to h, and the norm it takes first (Gemma)
         pending = None
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
             cos, sin = local if self.layer_rotary[li] else glob
             x = add_norm(layer.input_layernorm, h, pending)
+            qe = None
             if cfg.mla is not None:   # latent q and k (interleaved RoPE) in one launch
-                q, k, v = at.project(x, cos, sin, norm, fused=True)
+                q, k, v, *qe = at.project(x, cos, sin, norm, fused=True, expanded=expands)
+                qe = qe[0] if qe else None
             else:
                 q, k, v = at.qkv_heads(x, d)   # views; the kernel copies v contiguous
                 qk = ({"q_norm": at.q_norm.weight, "k_norm": at.k_norm.weight,
@@ -473,15 +527,23 @@ class CausalLM(nn.Module):
                     q, k, v = store(li, q, k, v, cos, sin, **qk)
                 else:
                     q, k, v = rope_store_triton(q, k, v, cos, sin, **qk)
-            if flat:        # (T, H, D) in and out: no batch dimension made and dropped
-                o = attn_fn(li, q, k, v)
+            if expands:     # MLA's expanded form: (T, Hq, v_head_dim) in the values' space
+                o = attn_fn.mla(li, q, k, qe, at)
+                if o.shape != want_values:
+                    raise ValueError(f"attn_fn.mla returned shape {tuple(o.shape)}, expected "
+                                     f"{tuple(want_values)}")
+                del q, k, v, qe
+                a = at.output(o, h.dtype, values=True)
             else:
-                o = attn_fn(li, q[None], k[None], v[None])
-            if o.shape != want:
-                raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
-                                 f"{tuple(want)}")
-            del q, k, v
-            a = at.output(o if flat else o[0], h.dtype)
+                if flat:    # (T, H, D) in and out: no batch dimension made and dropped
+                    o = attn_fn(li, q, k, v)
+                else:
+                    o = attn_fn(li, q[None], k[None], v[None])
+                if o.shape != want:
+                    raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
+                                     f"{tuple(want)}")
+                del q, k, v, qe
+                a = at.output(o if flat else o[0], h.dtype)
             ffn = layer.ffn()
             if layer.sandwich:    # Gemma: h += norm(a); the MLP's input and output normed
                 x = add_norm(layer.pre_feedforward_layernorm, h,

@@ -515,7 +515,13 @@ def test_llm_score_and_greedy_equal_transformers(served):
     ("deepseek-v2-lite", 1, "striped", "torch"),
     # the Triton kernels (interpreted): the paged kernel's window skip over the cache's sorted
     # positions (several ranks interpreted pass the transport's timeouts)
-    ("gemma3", 1, "striped", "triton")])
+    ("gemma3", 1, "striped", "triton"),
+    # MLA's expanded form (every 16-token chunk: the ring passing latents that each rank
+    # expands, the cached prefix expanded piece by piece); the interpreted flash kernel at
+    # qk_head_dim on one rank
+    ("deepseek-v2-lite", 2, "ring", "torch-expand"), ("deepseek-v2", 3, "striped",
+                                                       "torch-expand"),
+    ("deepseek-v2-lite", 1, "striped", "triton-expand")])
 def test_chunked_prefill_and_graph_decode_equal_transformers(tmp_path_factory, family, ws,
                                                              layout, backend):
     """Prompts cut into 16-token chunks (each chunk attends the prompt's earlier chunks through
@@ -529,8 +535,9 @@ def test_chunked_prefill_and_graph_decode_equal_transformers(tmp_path_factory, f
     from ringserve.tokenizer import Tokenizer
 
     path, ref = _reference(tmp_path_factory, family)
+    backend, _, expand = backend.partition("-")
     group = ThreadGroup(ws, model=str(path), kv_tokens=1024, page_size=8, cuda_graphs="emulate",
-                        backend=backend)
+                        backend=backend, mla_expand_min_tokens=16 if expand else None)
     eng = Engine(group, Tokenizer.from_dir(path), (), EngineConfig(
         layout=layout, max_num_batched_tokens=16, passq_max_tokens=4, cuda_graphs=True))
     try:

@@ -122,20 +122,27 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
                    layout: str, transport: Transport, causal: bool = True,
                    window_size: Optional[int] = None, softmax_scale: Optional[float] = None,
                    backend: str = "auto", stats: Optional[RingStats] = None,
-                   softcap: Optional[float] = None):
+                   softcap: Optional[float] = None, expand=None):
     """This rank's shard of exact attention over the whole sequence.
 
     q (B, S_r, Hq, D), k/v (B, S_r, Hkv, D): this rank's tokens in the layout
     `layout.shard(total_len, N, rank, layout)`. Returns out (B, S_r, Hq, D) in q.dtype and
     lse (B, Hq, S_r) float32. `stats`, if given, is filled in. softcap: the kernels' score
     soft-capping (Gemma 2), None for none.
+
+    expand: MLA's expanded form. k (v is k) holds latents (B, S_r, 1, latent_dim), which are
+    what travel; expand(latents (n, 1, latent_dim)) -> (K, V), each (n, Hq, D), gives the
+    per-head keys and values of a block before its kernel (q's D is theirs).
     """
     n, rank = transport.world_size, transport.rank
     plan = plan_ring(total_len, n, rank, layout, causal, window_size)
     me = plan.shards[rank]
     B, S, Hq, D = q.shape
-    Hkv = k.shape[2]
-    if S != me.length or k.shape[:2] != (B, S) or v.shape != k.shape or k.shape[3] != D:
+    Hkv, Dk = k.shape[2], k.shape[3]     # Dk: D, or MLA's latent_dim with expand
+    if expand is not None and not same_tensor(k, v):
+        raise ValueError("expand (MLA's expanded form) needs v to be k, the latents")
+    if (S != me.length or k.shape[:2] != (B, S) or v.shape != k.shape
+            or (expand is None and k.shape[3] != D)):
         raise ValueError(
             f"rank {rank}/{n} ({layout}, total {total_len}) owns {me.length} tokens: expected "
             f"q (B, {me.length}, Hq, D) and k, v (B, {me.length}, Hkv, D); got q {tuple(q.shape)}, "
@@ -148,10 +155,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
     # When v is k (MLA's latent: the values are the keys' first columns) only K travels.
     kv = 1 if same_tensor(k, v) else 2
     max_len = max(s.length for s in plan.shards)
-    numel = kv * B * max_len * Hkv * D
+    numel = kv * B * max_len * Hkv * Dk
     bufs = [torch.empty(numel, dtype=k.dtype, device=k.device),
             torch.empty(numel if len(plan.steps) > 1 else 0, dtype=k.dtype, device=k.device)]
-    own = _kv_view(bufs[0], S, (B, Hkv, D), kv)
+    own = _kv_view(bufs[0], S, (B, Hkv, Dk), kv)
     own[0].copy_(k)
     if kv == 2:
         own[1].copy_(v)
@@ -160,11 +167,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
     cur = 0
     for step in plan.steps:
         src = plan.shards[step.source]
-        held = _kv_view(bufs[cur], src.length, (B, Hkv, D), kv)
+        held = _kv_view(bufs[cur], src.length, (B, Hkv, Dk), kv)
         handle = None
         if step.send or step.recv:  # post step + 1's transfer before computing step
             send_t = held.reshape(-1) if step.send else None
-            recv_t = (_kv_view(bufs[1 - cur], step.recv_len, (B, Hkv, D), kv).reshape(-1)
+            recv_t = (_kv_view(bufs[1 - cur], step.recv_len, (B, Hkv, Dk), kv).reshape(-1)
                       if step.recv else None)
             handle = transport.send_recv(send_t, recv_t)
             if step.send:
@@ -173,8 +180,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
             if step.recv:
                 st.bytes_received += recv_t.numel() * recv_t.element_size()
         if step.compute:
+            kk, vv = held[0], held[kv - 1]
+            if expand is not None:    # this block's latents -> per-head K, V
+                kk, vv = expand(kk.reshape(B * src.length, Hkv, kk.shape[-1]))
+                kk, vv = (kk.view(B, src.length, *kk.shape[1:]),
+                          vv.view(B, src.length, *vv.shape[1:]))
             out_b, lse_b = kernels.attention(
-                q, held[0], held[kv - 1], softmax_scale=softmax_scale, causal=causal,
+                q, kk, vv, softmax_scale=softmax_scale, causal=causal,
                 window_size=window_size, q_offset=me.offset, q_stride=me.stride,
                 k_offset=src.offset, k_stride=src.stride, backend=backend, softcap=softcap)
             if out_acc is None:

@@ -39,6 +39,12 @@ MAX_VIEW_RUNS = 8
 SPLITS = 8
 MIN_SPLIT_TOKENS = 2048
 TARGET_PROGRAMS = 512
+# MLA (DeepSeek-V2): a ring chunk of at least this many tokens attends in the expanded form
+# (`StepAttention.mla`; fewer queries stay absorbed: the keys' expansion would cost more than it
+# saves). Its cached prefix is expanded MLA_PIECE_TOKENS at a time (a piece's expanded K and V
+# are ~12 KiB a token for V2-Lite's 16 heads)
+MLA_EXPAND_MIN_TOKENS = 128
+MLA_PIECE_TOKENS = 32768
 
 
 def split_count(n: int, rows: int, heads: int) -> int:
@@ -139,10 +145,13 @@ def merge_rows(transport, o: torch.Tensor, lse: torch.Tensor):
 class StepAttention:
     def __init__(self, plan: RankPlan, tables: List[torch.Tensor], pool, rank: int,
                  world_size: int, transport, softmax_scale: float, window_size,
-                 backend: str, softcap: Optional[float] = None):
+                 backend: str, softcap: Optional[float] = None,
+                 mla_expand_min: Optional[int] = None):
         """tables[i]: sequence i's page table on this rank after the step (CPU int32).
         window_size: an int or None for every layer, or a tuple with one per layer (Gemma);
-        softcap: the kernels' score soft-capping (Gemma 2)."""
+        softcap: the kernels' score soft-capping (Gemma 2); mla_expand_min: MLA's latent cache
+        only (the pool's values are its keys): ring chunks of at least this many tokens attend
+        in the expanded form (`mla`), None: never."""
         self.plan, self.pool = plan, pool
         self.rank, self.world_size, self.transport = rank, world_size, transport
         self.scale, self.window, self.backend = softmax_scale, window_size, backend
@@ -260,6 +269,17 @@ class StepAttention:
         self.cascade_into_out = (world_size == 1 and bool(self.dec) and not self.ext
                                  and self.dec_slice is not None
                                  and len(self.groups) == 1 and self.groups[0][2] is None)
+        # MLA: the ring chunks attended in the expanded form (decided from the chunk's whole
+        # length: the same on every rank, whose ring and pass-Q collectives must agree)
+        self.expand = frozenset(
+            i for i in self.ring
+            if mla_expand_min is not None and pool.v is pool.k and window_size is None
+            and plan.seqs[i].chunk_len >= mla_expand_min)
+
+    @property
+    def mla_expands(self) -> bool:
+        """True when the model should call `mla` (with the expanded queries) this step."""
+        return bool(self.expand)
 
     def seq_pos(self, i: int) -> torch.Tensor:
         """Sequence i's positions in this step (int64, on the device) as a tensor of its own,
@@ -301,6 +321,10 @@ class StepAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """q (T, Hq, D), k, v (T, Hkv, D) -> (T, Hq, D) (`flat_batch`)."""
+        self._store(layer, k, v)
+        return self._attend(layer, q, k, v)
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.layer_windows is not None:              # this layer's window (Gemma)
             self.window = self.layer_windows[layer]
         if self._stored == layer:                       # rope_store wrote them
@@ -310,6 +334,33 @@ class StepAttention:
         else:
             self.pool.write(layer, self.w_slots, k.index_select(0, self.w_rows),
                             v.index_select(0, self.w_rows))
+
+    def mla(self, layer: int, q: torch.Tensor, k: torch.Tensor, q_exp: torch.Tensor, mod):
+        """MLA's step (when `mla_expands`): q (T, Hq, latent_dim) absorbed, k (T, 1,
+        latent_dim) the latent (stored, and passed around the ring as it is), q_exp (T, Hq,
+        qk_head_dim) the expanded queries, mod the layer's `MLAttention` (its expand_kv and
+        to_values) -> (T, Hq, v_head_dim), the output in the values' space.
+
+        The chunks in `expand` attend in the expanded form: each rank expands the latent
+        blocks it holds or receives to per-head K and V and runs the flash kernel at
+        qk_head_dim; every other row (decodes, extensions, short chunks) attends absorbed, its
+        output then projected by W_UV."""
+        self._store(layer, k, k)
+        T, Hq = q.shape[:2]
+        out = torch.empty(T, Hq, mod.mla.v_head_dim, dtype=q.dtype, device=q.device)
+        rest = [self.rows[i] for i in range(len(self.plan.seqs)) if i not in self.expand]
+        if rest:     # the absorbed rows; the expanded chunks' rows of lat are not written
+            lat = self._attend(layer, q, k, k, skip=self.expand)
+            for r in rest:
+                out[r] = mod.to_values(lat[r])
+        for i in sorted(self.expand):
+            r = self.rows[i]
+            self._ring_chunk_expanded(layer, i, q_exp[r], k[r], out[r], mod.expand_kv)
+        return out
+
+    def _attend(self, layer: int, q, k, v, skip=frozenset()):
+        """The step's attention after the K/V store (`__call__`); the ring chunks in skip are
+        left to the caller (their rows of the output are not written)."""
         if self.only_dec and not self.cascade_into_out:  # rows = the decode batch, in order
             o, lse = self._pass_q(layer, q, merged=self.world_size > 1)
             if self.world_size > 1:
@@ -327,6 +378,8 @@ class StepAttention:
             else:
                 out.index_copy_(0, self.q_index, o.to(q.dtype))
         for i in self.ring:
+            if i in skip:
+                continue
             r = self.rows[i]
             self._ring_chunk(layer, i, q[r], _rows4(k, r), _rows4(v, r), out[r])
         return out
@@ -426,7 +479,30 @@ class StepAttention:
         _merge(po, pl, o[0], lse[0].t())            # the chunk's own part, read in place
         dest.copy_(po)
 
-    def _cached(self, layer: int, i: int, q, q_pos):
+    def _ring_chunk_expanded(self, layer: int, i: int, q, k, dest, expand):
+        """`_ring_chunk` in MLA's expanded form: q (R, Hq, qk_head_dim) expanded queries, k
+        (R, 1, latent_dim) this rank's latents of the chunk, expand(latent (n, 1, latent_dim))
+        -> per-head (K, V) (n, Hq, qk_head_dim); the output (values' space) into dest (R, Hq,
+        v_head_dim). No window (DeepSeek-V2 has none)."""
+        s = self.plan.seqs[i]
+        if self.world_size == 1:
+            ke, ve = expand(k)
+            o, lse = kernels.attention(q[None], ke[None], ve[None], softmax_scale=self.scale,
+                                       causal=True, backend=self.backend,
+                                       softcap=self.softcap, check=False)
+        else:     # the latent travels; each rank expands the blocks it attends
+            o, lse = ring_attention(q[None], k[None], k[None], s.chunk_len, self.plan.layout,
+                                    self.transport, causal=True, softmax_scale=self.scale,
+                                    backend=self.backend, softcap=self.softcap, expand=expand)
+        dv = dest.shape[-1]
+        if s.chunk_start == 0:
+            dest.copy_(o[0, ..., :dv])
+            return
+        po, pl = self._prefix(layer, i, q, expand)   # float32 (R, Hq, qk_head_dim), (R, Hq)
+        _merge(po, pl, o[0], lse[0].t())
+        dest.copy_(po[..., :dv])
+
+    def _cached(self, layer: int, i: int, q, q_pos, expand=None):
         """q (R, Hq, D) at global positions q_pos against this rank's tokens of sequence i
         cached before this step -> (out (R, Hq, D) f32, lse (R, Hq) f32).
 
@@ -446,7 +522,7 @@ class StepAttention:
             lens = torch.tensor([n], dtype=torch.int32, device=q.device)
             o, lse = self._paged(layer, q[None], self.tables[i], lens, q_pos[None])
             return o[0].float(), lse[0].t().contiguous()
-        return self._merge_parts(self._cached_splits(layer, i, q))
+        return self._merge_parts(self._cached_splits(layer, i, q, expand))
 
     def _merge_parts(self, parts):
         """(out (NB, R, Hq, D), lse (NB, Hq, R)) partials over disjoint keys, an iterable
@@ -460,11 +536,12 @@ class StepAttention:
                 _merge(acc_o, acc_l, po, pl)
         return acc_o, acc_l
 
-    def _cached_splits(self, layer: int, i: int, q):
+    def _cached_splits(self, layer: int, i: int, q, expand=None):
         """The flash partials of q against sequence i's n_before (> 0) cached tokens, no
         window: (out (NB, R, Hq, D), lse (NB, Hq, R)), each the NB splits of one piece, yielded
         one at a time (a long fragmented prefix has many pieces: merged as they come, their
-        outputs are never all held at once)."""
+        outputs are never all held at once). expand: MLA's expanded form (`mla`), each piece's
+        latents expanded to per-head K and V (pieces of at most MLA_PIECE_TOKENS)."""
         n = self.plan.seqs[i].n_before
         R, Hq, D = q.shape
         P = self.pool.page_size
@@ -472,10 +549,13 @@ class StepAttention:
         runs = self.prefix_run.get(i)
         # a view needs no buffer: pieces only keep element offsets within int32 (one kernel
         # variant); a gather is bounded to PIECE_TOKENS a piece
+        cap = PIECE_TOKENS if expand is None else MLA_PIECE_TOKENS
         if runs is not None:
-            pieces = view_pieces(runs, n, P, max(P, (2 ** 31 - 1) // (H * Dk) // P * P))
+            view_cap = max(P, (2 ** 31 - 1) // (H * Dk) // P * P)
+            pieces = view_pieces(runs, n, P, view_cap if expand is None else
+                                 max(P, min(view_cap, cap // P * P)))
         else:
-            pieces = [(a, min(n, a + PIECE_TOKENS), None) for a in range(0, n, PIECE_TOKENS)]
+            pieces = [(a, min(n, a + cap), None) for a in range(0, n, cap)]
         flat_k, flat_v = self.pool.slot_views(layer)     # (pages * P, H, Dk) views
         same = self.pool.v is self.pool.k                # MLA: the values are the keys (latent)
         row = H * Dk
@@ -504,6 +584,10 @@ class StepAttention:
                 if splits * L < b - a:
                     parts.append((k[splits * L:][None], v[splits * L:][None], 1))
             for kk, vv, nb in parts:
+                if expand is not None:     # latents (nb, L, 1, Dk) -> per-head K, V
+                    nl = kk.shape[1]
+                    kk, vv = expand(kk.reshape(nb * nl, H, Dk))
+                    kk, vv = kk.view(nb, nl, *kk.shape[1:]), vv.view(nb, nl, *vv.shape[1:])
                 # each piece's splits are merged in one launch by the caller (a merge and two
                 # copies per split made a short chunk's step launch-bound on the GPU); q the
                 # same for every split: a stride-0 view, one op
@@ -513,13 +597,13 @@ class StepAttention:
                                         backend=self.backend, softcap=self.softcap,
                                         check=False)
 
-    def _prefix(self, layer: int, i: int, q):
+    def _prefix(self, layer: int, i: int, q, expand=None):
         """The chunk's queries (this rank's rows) against the sequence's earlier tokens on
-        every rank: pass-Q within the ring step."""
+        every rank: pass-Q within the ring step (expand: MLA's expanded form)."""
         s = self.plan.seqs[i]
         dev = q.device
         if self.world_size == 1:
-            return self._cached(layer, i, q, self.seq_pos(i))
+            return self._cached(layer, i, q, self.seq_pos(i), expand)
         N = self.world_size
         width = -(-s.chunk_len // N)                      # the longest shard of the chunk
         S = q.shape[0]
@@ -532,7 +616,7 @@ class StepAttention:
         nq = qp.numel()
         qa = torch.cat([g[:nq].view(qp.shape) for g in got]).to(q.dtype)   # (N*width, Hq, D)
         pa = torch.cat([g[nq:] for g in got]).to(torch.int64)
-        o, lse = self._cached(layer, i, qa, pa)                          # (N*w, Hq, D), (N*w, Hq)
+        o, lse = self._cached(layer, i, qa, pa, expand)                  # (N*w, Hq, D), (N*w, Hq)
         parts = self.transport.all_gather(torch.cat([o.reshape(-1), lse.reshape(-1)]),
                                           blocking=False)
         n = o.numel()
