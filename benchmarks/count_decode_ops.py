@@ -38,6 +38,19 @@ def _config(layers: int, family: str) -> dict:
         c.update(architectures=["LlamaForCausalLM"], model_type="llama")
     elif family == "qwen3":
         c.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    elif family == "qwen3-moe":
+        c.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=8,
+                 num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                 decoder_sparse_step=1, mlp_only_layers=[])
+    elif family == "deepseek":
+        # DeepSeek-V2-Lite-like: MLA (a 32 + 8 = 40-wide latent, q_proj direct), 8 experts top-2
+        # + 2 shared, layer 0 dense (so both depths must be > 1), plain RoPE
+        c.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                 num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                 n_shared_experts=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                 topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
+                 n_group=1, topk_group=1)
     else:
         raise ValueError(family)
     return c
@@ -119,7 +132,17 @@ def _summary(box: dict, tokens) -> dict:
             "kernel_names": dict(Counter(e.name for e in kern)),
             "triton": sum(box["launches"].values()), "by_kernel": dict(box["launches"]),
             "top_ops": Counter(e.name for e in top).most_common(12),
+            "top_names": dict(Counter(e.name for e in top)),
             "tokens": tokens}
+
+
+def _moe_backend(w, backend: str) -> None:
+    """The MoE layers' kernels by the worker's backend: theirs is "auto" (Triton on CUDA, torch
+    on CPU), so on CPU they would take the grouped torch path that a GPU decode does not run."""
+    from ringserve.moe import MoE
+    for mod in w.model.modules():
+        if isinstance(mod, MoE):
+            mod.backend = backend
 
 
 def _profile_first(eng, wanted) -> dict:
@@ -153,6 +176,7 @@ def count_step(layers: int, backend: str, graphs: bool, batch: int, family: str,
     w = ModelShardWorker(0, 1, "cpu", model={"config": cfg, "seed": 0}, dtype=dtype,
                          page_size=16, kv_tokens=batch * (prompt + 16) + 64, backend=backend,
                          cuda_graphs="emulate" if graphs else False, fused_kernels=True)
+    _moe_backend(w, backend)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=4096,
                                                      cuda_graphs=graphs))
     box = _profile_first(eng, lambda step: len(step.works) >= batch
@@ -188,6 +212,7 @@ def count_mixed_step(layers: int, backend: str, batch: int, family: str,
     w = ModelShardWorker(0, 1, "cpu", model={"config": cfg, "seed": 0}, dtype=dtype,
                          page_size=16, kv_tokens=4096, backend=backend,
                          cuda_graphs=False, fused_kernels=True)
+    _moe_backend(w, backend)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=64,
                                                      passq_max_tokens=4))
     box = _profile_first(eng, lambda step: any(wk.kind == "ring" and wk.start >= 256
@@ -215,6 +240,17 @@ def count_mixed_step(layers: int, backend: str, batch: int, family: str,
 
 
 KEYS = ("aten_ops", "aten_top", "kernel_ops", "triton")
+FAMILIES = ("llama", "qwen3", "qwen3-moe", "deepseek")
+
+
+def _per_layer(full: dict, half: dict, n: int) -> dict:
+    """Per-layer count of each name whose count changes with the depth, most first."""
+    d = {k: (full.get(k, 0) - half.get(k, 0)) / n for k in set(full) | set(half)}
+    return dict(sorted(((k, v) for k, v in d.items() if v), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k.removeprefix('aten::')} {v:g}" for k, v in d.items())
 
 
 def main(argv=None) -> int:
@@ -222,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--backend", default="triton", choices=("triton", "torch"))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--family", default="llama", choices=("llama", "qwen3"))
+    p.add_argument("--family", default="llama", choices=FAMILIES)
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="float16: the casts to float32 and back copy, as bf16 does on a GPU")
     p.add_argument("--unfused", action="store_true",
@@ -236,6 +272,9 @@ def main(argv=None) -> int:
     if a.unfused:
         from ringserve import model
         model.FUSED_MAX_TOKENS = 0
+    if a.family == "deepseek" and a.layers // 2 <= 1:
+        p.error("--family deepseek: layer 0 is dense, so --layers must be >= 4 (both depths "
+                "of the per-layer difference > 1)")
     if a.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("backend triton on CPU needs TRITON_INTERPRET=1")
     torch.set_num_threads(1)
@@ -253,10 +292,16 @@ def main(argv=None) -> int:
         row["per_layer_kernels"] = {k: (v - half["kernel_names"].get(k, 0)) / n
                                     for k, v in full["kernel_names"].items()
                                     if v != half["kernel_names"].get(k, 0)}
+        row["per_layer_launches"] = _per_layer(full["by_kernel"], half["by_kernel"], n)
+        row["per_layer_top"] = _per_layer(full["top_names"], half["top_names"], n)
         row["outside_layers"] = {k: full[k] - a.layers * row["per_layer"][k]
                                  for k in row["per_layer"]}
         rows.append(row)
-    print(f"count_decode_ops: {a.family}, {a.layers} layers (hidden 64, 4/2 heads x 16), "
+    shape = {"deepseek": "hidden 64, MLA 4 heads, latent 32 + rope 8, 8 experts top-2 + 2 "
+                         "shared, layer 0 dense",
+             "qwen3-moe": "hidden 64, 4/2 heads x 16, 8 experts top-2"}.get(
+                 a.family, "hidden 64, 4/2 heads x 16")
+    print(f"count_decode_ops: {a.family}, {a.layers} layers ({shape}), "
           f"batch {a.batch}, backend {a.backend}{' (unfused)' if a.unfused else ''}, "
           f"{a.dtype} CPU"
           f"{', TRITON_INTERPRET=1' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
@@ -272,6 +317,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['path']}: launches {r['step']['by_kernel']}")
         print(f"{r['path']}: torch ops that launch a kernel, per layer {r['per_layer_kernels']}")
+        print(f"{r['path']}: Triton launches per layer: {_fmt(r['per_layer_launches'])}")
+        print(f"{r['path']}: top-level aten ops per layer: {_fmt(r['per_layer_top'])}")
     if a.mixed:
         same = True
     else:

@@ -71,6 +71,16 @@ case "$PART" in
       "$REPO/tests/test_families_gpu.py" -k "deepseek" 2>&1 | tee "$OUT/test_families_mla.log" \
       | tail -3
     T=170 e2e deepseek-v2-lite 8192,32768,131072 ;;
+  s16c)  # session 16: the flash kernel's own values' head dim (MLA expanded: 192 / 128, no
+         # padding of V), the warm-up tuning the expanded form's buckets (call 2's 32K prefill
+         # tuned inside the timed run: 11.7 s)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "attention_gpu or expanded_mla or latent_attention" \
+      2>&1 | tee "$OUT/test_kernels_attention.log" | tail -2
+    timeout 110 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek" 2>&1 | tee "$OUT/test_families_mla.log" \
+      | tail -3
+    T=240 e2e deepseek-v2-lite 8192,32768,131072 ;;
   s16a)  # next session, first call: Gemma's decode with the window skip in the graph body
          # (98362cf; Gemma 3 at 128K was 2.93x its floor), DeepSeek with its joined shared
          # experts and the one-wave latent splits, and the latent split sweep with 256

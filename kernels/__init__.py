@@ -44,7 +44,8 @@ def attention(q, k, v, softmax_scale=None, causal=False, window_size=None,
                      lambda: attention_torch(q, k, v, softmax_scale, causal, window_size,
                                              q_offset, q_stride, k_offset, k_stride,
                                              softcap=softcap), "attention", q.shape[-1])
-    if b == "cudnn" and not softcap:   # SDPA has no soft-capping: Triton takes those models
+    if b == "cudnn" and not softcap and v.shape[-1] == q.shape[-1]:
+        # SDPA has no soft-capping (nor, here, a values' head dim of its own): Triton takes those
         from .cudnn_attn import attention_cudnn
         from .flash_fwd import flash_attn_fwd
         return attention_cudnn(q, k, v, softmax_scale, causal, window_size,

@@ -8,8 +8,9 @@ positions: blocks the mask removes entirely are never visited, blocks every quer
 sees run without any mask arithmetic, and only the edge blocks (diagonal, window borders, the
 ragged end) pay for the mask.
 
-Contract (see reference.py): q (B, Sq, Hq, D), k, v (B, Sk, Hkv, D), Hq % Hkv == 0; returns
-out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32 (natural log); fully masked rows get
+Contract (see reference.py): q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) with
+Dv <= D (MLA's expanded form: 128 against 192; otherwise Dv = D), Hq % Hkv == 0; returns
+out (B, Sq, Hq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (natural log); fully masked rows get
 lse = -inf and out = 0.
 """
 from __future__ import annotations
@@ -98,8 +99,9 @@ def _key_block_bounds(q_lo, q_hi, Sk, k_offset, k_stride, window,
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, stride_vs,
                    desc_row0, desc_col, n_from, n_to, Sk, k_offset, k_stride, window, qk_scale,
-                   softcap_in, offs_n, offs_d,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   softcap_in, offs_n, offs_d, offs_dv, desc_col_v,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr,
                    IDX64: tl.constexpr, SOFTCAP: tl.constexpr):
@@ -115,7 +117,7 @@ def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, s
             # (B*Sk, Hkv*D) view: rows past Sk belong to the next batch or are zero-filled by
             # the copy engine; the masked path below gives them zero weight.
             k = K.load([desc_row0 + start, desc_col])
-            v = V.load([desc_row0 + start, desc_col])
+            v = V.load([desc_row0 + start, desc_col_v])
             if MASKED:
                 v = tl.where(kidx[:, None] < Sk, v, 0.0)   # never let 0 * inf/nan through
         else:
@@ -124,10 +126,11 @@ def _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks, s
             rows = kidx[:, None].to(tl.int64) if IDX64 else kidx[:, None]
             k_ptrs = k_ptrs0 + rows * stride_ks
             v_ptrs = v_ptrs0 + rows * stride_vs
-            if MASKED or BLOCK_D != HEAD_DIM:
-                ld = (kidx[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
-                k = tl.load(k_ptrs, mask=ld, other=0.0)
-                v = tl.load(v_ptrs, mask=ld, other=0.0)
+            if MASKED or BLOCK_D != HEAD_DIM or BLOCK_DV != HEAD_DIM_V:
+                k = tl.load(k_ptrs, mask=(kidx[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM),
+                            other=0.0)
+                v = tl.load(v_ptrs, mask=(kidx[:, None] < Sk) & (offs_dv[None, :] < HEAD_DIM_V),
+                            other=0.0)
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
@@ -177,7 +180,8 @@ def _flash_fwd_kernel(
         stride_ob, stride_os, stride_oh, stride_od,
         Sq, Sk, Hq, GROUP, q_offset, q_stride, k_offset, k_stride, window, qk_scale, softcap_in,
         SEQ_BUCKET,   # only part of the autotuning key
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
         DOT_PREC: tl.constexpr, IDX64: tl.constexpr, SOFTCAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -192,6 +196,7 @@ def _flash_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)     # the values' head dim (MLA's expanded form: narrower)
     q_pos = q_offset + offs_m * q_stride
     row_ok = offs_m < Sq
     d_ok = offs_d < HEAD_DIM
@@ -205,15 +210,16 @@ def _flash_fwd_kernel(
         v_ptrs0 = 0
     else:
         k_ptrs0 = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
-        v_ptrs0 = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+        v_ptrs0 = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_dv[None, :] * stride_vd
     desc_row0 = b * Sk
     desc_col = hk * HEAD_DIM
+    desc_col_v = hk * HEAD_DIM_V
 
     # fp32 statistics and accumulator whatever the input dtype; m in the log2 domain because
     # log2(e) is folded into qk_scale (exp2 is the native instruction)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     q_lo = q_offset + pid_m * BLOCK_M * q_stride
     q_hi = q_offset + (tl.minimum((pid_m + 1) * BLOCK_M, Sq) - 1) * q_stride
@@ -222,22 +228,22 @@ def _flash_fwd_kernel(
     # masked leading edge (window border, or everything when no block is fully visible)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, n_lo, f_lo, Sk, k_offset,
-                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d, HEAD_DIM,
-                                   BLOCK_D,
+                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d,
+                                   offs_dv, desc_col_v, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
                                    IDX64, SOFTCAP)
     # interior: every key visible to every query, no mask
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, f_lo, f_hi, Sk, k_offset,
-                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d, HEAD_DIM,
-                                   BLOCK_D,
+                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d,
+                                   offs_dv, desc_col_v, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                    BLOCK_N, False, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
                                    IDX64, SOFTCAP)
     # masked trailing edge (causal diagonal, window border, ragged end of the keys)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_pos, K, V, k_ptrs0, v_ptrs0, stride_ks,
                                    stride_vs, desc_row0, desc_col, f_hi, n_hi, Sk, k_offset,
-                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d, HEAD_DIM,
-                                   BLOCK_D,
+                                   k_stride, window, qk_scale, softcap_in, offs_n, offs_d,
+                                   offs_dv, desc_col_v, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                    BLOCK_N, True, CAUSAL, HAS_WINDOW, USE_TMA, WARP_SPEC, DOT_PREC,
                                    IDX64, SOFTCAP)
 
@@ -246,16 +252,17 @@ def _flash_fwd_kernel(
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=row_ok)
     o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+              + offs_m[:, None].to(tl.int64) * stride_os + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
 
 
 def _tma_block_hook(nargs):
     """Autotune pre-hook: a host descriptor's block shape must follow the config's BLOCK_N."""
-    for name in ("K", "V"):
+    for name, dim in (("K", "HEAD_DIM"), ("V", "HEAD_DIM_V")):
         d = nargs[name]
         if TensorDescriptor is not None and isinstance(d, TensorDescriptor):
-            d.block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+            d.block_shape = [nargs["BLOCK_N"], nargs[dim]]
 
 
 def _gpu_configs(warp_spec: bool):
@@ -274,9 +281,13 @@ def _gpu_configs(warp_spec: bool):
 
 def _prune(configs, nargs, **kwargs):
     d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else nargs["BLOCK_D"]   # constexprs come as kwargs
+    dv = kwargs["BLOCK_DV"] if "BLOCK_DV" in kwargs else nargs.get("BLOCK_DV", d)
     keep = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d == 256 and dv <= 128 and (bm, bn, c.num_warps, c.num_stages) == (128, 64, 8, 3):
+            keep.append(c)                # MLA's expanded form (192 / 128): room for 3 stages
+            continue
         if (d > 256) != (bm == 16):
             continue                      # the small tile is for (and only for) wide heads
         if d <= 64 and bm == 64:
@@ -292,7 +303,7 @@ def _prune(configs, nargs, **kwargs):
     return keep or [c for c in configs if c.kwargs["BLOCK_M"] == 16]
 
 
-_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "IDX64", "SOFTCAP",
+_KEY = ["HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_WINDOW", "USE_TMA", "WARP_SPEC", "DOT_PREC", "IDX64", "SOFTCAP",
         "SEQ_BUCKET"]
 _flash_fwd_fast = FastLaunch(_flash_fwd_kernel)
 _tuned = {ws: triton.autotune(configs=_gpu_configs(ws), key=_KEY,
@@ -311,8 +322,9 @@ def _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride, softc
         if t.dtype not in DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} not supported (fp16, bf16, fp32)")
     B, Sq, Hq, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape "
+                         f"but for the head dim")
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch ({B}) "
                          f"and head dim ({D})")
@@ -324,6 +336,8 @@ def _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride, softc
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim ({D}) must be in 1..{MAX_HEAD_DIM}")
+    if not 1 <= v.shape[3] <= D:
+        raise ValueError(f"the values' head dim ({v.shape[3]}) must be in 1..{D} (the keys')")
     if q_stride < 1 or k_stride < 1:
         raise ValueError(f"position strides must be >= 1, got q_stride={q_stride}, "
                          f"k_stride={k_stride}")
@@ -357,7 +371,8 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
                    use_tma: Optional[bool] = None, warp_specialize: bool = False,
                    config: Optional[dict] = None, softcap: Optional[float] = None,
                    check: bool = True):
-    """Attention forward. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
+    """Attention forward. Returns (out (B, Sq, Hq, Dv) in q.dtype, lse (B, Hq, Sq) float32);
+    v's head dim Dv may be narrower than q's and k's D (MLA's expanded form: 192 / 128).
 
     use_tma: load K/V through tensor descriptors (Hopper copy engine); None picks it when the
     layout allows. warp_specialize: tl.range(..., warp_specialize=True) on the key loops.
@@ -369,24 +384,26 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     if check:
         _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride, softcap)
     B, Sq, Hq, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
+    Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if B == 0 or Sq == 0 or Hq == 0 or D == 0 or Sk == 0:   # nothing visible: lse -inf, out 0
-        return (torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device),
+        return (torch.zeros(B, Sq, Hq, Dv, dtype=q.dtype, device=q.device),
                 torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device))
     # every program stores all its rows (a row that sees no key: out 0, lse -inf), so no fill
     # kernels first (two launches a call, four a layer in a chunk's step)
-    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, Sq, Hq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     block_d = max(16, next_pow2(D))
+    block_dv = max(16, next_pow2(Dv))
     on_cpu = q.device.type == "cpu"
     if config is None and on_cpu:
         config = CPU_CONFIG
-    can_tma = (not on_cpu) and _tma_ok(k, D) and _tma_ok(v, D)
+    can_tma = (not on_cpu) and _tma_ok(k, D) and _tma_ok(v, Dv)
     if use_tma is None:
         use_tma = can_tma
     elif use_tma and not (can_tma or (on_cpu and TensorDescriptor is not None and D == block_d
-                                      and k.stride(2) == D and v.stride(2) == D
+                                      and Dv == block_dv
+                                      and k.stride(2) == D and v.stride(2) == Dv
                                       and k.stride(3) == 1 and v.stride(3) == 1
                                       and (B == 1 or (k.stride(0) == Sk * k.stride(1)
                                                       and v.stride(0) == Sk * v.stride(1))))):
@@ -394,7 +411,8 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
                          f"head dim {D}) cannot be tiled by tensor descriptors")
     # fp32 inputs get true fp32 products (the GPU would use tf32 otherwise: ~3e-4 error)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal),
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, HEAD_DIM_V=Dv, BLOCK_DV=block_dv,
+                CAUSAL=bool(causal),
                 HAS_WINDOW=window_size is not None, USE_TMA=bool(use_tma),
                 WARP_SPEC=bool(warp_specialize), DOT_PREC=dot_prec,
                 IDX64=max(Sk * max(k.stride(1), v.stride(1)), Sq * q.stride(1)) >= 2 ** 31,
@@ -410,7 +428,7 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
             chosen_key = None
     if use_tma:
         bn = config["BLOCK_N"] if config is not None else 64   # the pre-hook resets it per config
-        k_arg, v_arg = _descriptor(k, bn, D), _descriptor(v, bn, D)
+        k_arg, v_arg = _descriptor(k, bn, D), _descriptor(v, bn, Dv)
     else:
         k_arg, v_arg = k, v
     window = int(window_size) if window_size is not None else 0
@@ -421,7 +439,7 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
         _flash_fwd_fast(grid, *args, **meta, **config)
     else:
         if Sq * Sk > _PROXY_TOKENS ** 2:
-            _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, bool(warp_specialize))
+            _tune_on_proxy(q, k, v, Hq, Hkv, D, Dv, meta, bool(warp_specialize))
 
         def grid(c):
             return (cdiv(Sq, c["BLOCK_M"]), B * Hq)
@@ -472,8 +490,8 @@ _PROXY_TOKENS = 1 << 14
 _proxied: set = set()
 
 
-def _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, warp_specialize):
-    key = (q.device, q.dtype, Hq, Hkv, D, warp_specialize, tuple(sorted(meta.items())))
+def _tune_on_proxy(q, k, v, Hq, Hkv, D, Dv, meta, warp_specialize):
+    key = (q.device, q.dtype, Hq, Hkv, D, Dv, warp_specialize, tuple(sorted(meta.items())))
     if key in _proxied:
         return
     _proxied.add(key)
@@ -481,11 +499,11 @@ def _tune_on_proxy(q, k, v, Hq, Hkv, D, meta, warp_specialize):
         n = _PROXY_TOKENS
         pq = torch.randn(1, n, Hq, D, device=q.device).to(q.dtype)
         pk = torch.randn(1, n, Hkv, D, device=q.device).to(q.dtype)
-        pv = torch.randn(1, n, Hkv, D, device=q.device).to(q.dtype)
-        po = torch.empty_like(pq)
+        pv = torch.randn(1, n, Hkv, Dv, device=q.device).to(q.dtype)
+        po = torch.empty(1, n, Hq, Dv, device=q.device, dtype=q.dtype)
         pl = torch.empty(1, Hq, n, dtype=torch.float32, device=q.device)
         if meta["USE_TMA"]:
-            pk_arg, pv_arg = _descriptor(pk, 64, D), _descriptor(pv, 64, D)
+            pk_arg, pv_arg = _descriptor(pk, 64, D), _descriptor(pv, 64, Dv)
         else:
             pk_arg, pv_arg = pk, pv
         pargs = _kernel_args(pq, pk, pv, pk_arg, pv_arg, po, pl, 0, 1, 0, 1,

@@ -65,7 +65,7 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=None,
     lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, g, Sq); -inf on fully masked rows
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     p = torch.where(mask, p, torch.zeros_like(p))
-    out = torch.einsum("bhgqk,bkhd->bqhgd", p, vf).reshape(B, Sq, Hq, D)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p, vf).reshape(B, Sq, Hq, v.shape[3])
     return out, lse.reshape(B, Hq, Sq).float()
 
 

@@ -35,7 +35,7 @@ def attention_torch(q, k, v, softmax_scale=None, causal=False, window_size=None,
         raise ValueError(f"num q heads ({Hq}) must be a multiple of num kv heads ({Hkv})")
     g = Hq // Hkv
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    out = torch.zeros(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    out = torch.zeros(B, Sq, Hq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
     if Sq == 0 or Sk == 0:
         return out, lse
@@ -61,7 +61,7 @@ def attention_torch(q, k, v, softmax_scale=None, causal=False, window_size=None,
         p = torch.exp(s - m)
         l = p.sum(dim=-1, keepdim=True)
         o = torch.einsum("bhgqk,bkhd->bqhgd", p / torch.where(l > 0, l, torch.ones_like(l)), vb)
-        out[:, i0:i1] = o.reshape(B, i1 - i0, Hq, D).to(q.dtype)
+        out[:, i0:i1] = o.reshape(B, i1 - i0, Hq, v.shape[3]).to(q.dtype)
         lse[:, :, i0:i1] = torch.where(l > 0, m + torch.log(l), torch.full_like(l, float("-inf"))
                                        ).reshape(B, Hq, i1 - i0)
     return out, lse

@@ -185,9 +185,8 @@ class MLAttention(nn.Module):
     def expand_kv(self, latent: torch.Tensor):
         """The expanded form's keys and values of cached latents: latent (n, 1, latent_dim)
         (normed c, rotated k_pe: what the cache holds) -> k (n, h, qk_head_dim) = [W_UK_h c ;
-        k_pe], v (n, h, qk_head_dim) = [W_UV_h c ; 0] (zero-padded to the keys' width: the
-        flash kernels take one head dim; the output's first v_head_dim columns are the
-        attention's). One GEMM through kv_b_proj, as transformers computes them.
+        k_pe], v (n, h, v_head_dim) = W_UV_h c. One GEMM through kv_b_proj, as transformers
+        computes them.
 
         A prefill chunk of many queries attends faster this way: per (query, key, head)
         qk_head_dim + v_head_dim products (320 for DeepSeek-V2) against latent_dim +
@@ -200,8 +199,7 @@ class MLAttention(nn.Module):
         k = torch.empty(n, self.heads, m.qk_head_dim, dtype=kv.dtype, device=kv.device)
         k[..., :m.qk_nope_head_dim] = kv[..., :m.qk_nope_head_dim]
         k[..., m.qk_nope_head_dim:] = lat[:, None, m.kv_lora_rank:]
-        v = F.pad(kv[..., m.qk_nope_head_dim:], (0, m.qk_head_dim - m.v_head_dim))
-        return k, v
+        return k, kv[..., m.qk_nope_head_dim:]
 
     def to_values(self, o: torch.Tensor) -> torch.Tensor:
         """(t, h, latent_dim) attention output in the latent space -> (t, h, v_head_dim): W_UV

@@ -125,6 +125,31 @@ def test_attention_tma_descriptor_path():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D,Dv,dtype", [(48, 32, torch.float32), (24, 16, torch.float16),
+                                        (32, 8, torch.float32)])
+def test_attention_values_narrower_than_keys(backend, D, Dv, dtype):
+    """v's head dim below q's and k's (MLA's expanded form: 192 and 128): the output has v's,
+    causal and windowed, GQA, a striped offset, keys padded (48 -> 64) and values not."""
+    g = torch.Generator().manual_seed(D * 100 + Dv)
+    q, k = rand(2, 61, 4, D, dtype=dtype, gen=g), rand(2, 97, 2, D, dtype=dtype, gen=g)
+    v = rand(2, 97, 2, Dv, dtype=dtype, gen=g)
+    for causal, window, qo, qs in ((True, None, 36, 1), (False, 30, 5, 2), (True, 20, 40, 1)):
+        out, lse = attention(q, k, v, None, causal, window, qo, qs, 0, 1, backend=backend)
+        assert out.shape == (2, 61, 4, Dv) and out.dtype == dtype
+        ref_out, ref_lse = attention_ref(q, k, v, None, causal, window, qo, qs, 0, 1)
+        lowp = (None if dtype == torch.float32 else
+                attention_ref(q, k, v, None, causal, window, qo, qs, 0, 1, dtype=dtype)[0])
+        check_close(out, lse, ref_out, ref_lse, dtype, lowp)
+    if backend == "triton" and D & (D - 1) == 0 and Dv & (Dv - 1) == 0 and Dv >= 16:
+        from ringserve.kernels.flash_fwd import flash_attn_fwd   # the descriptors' V block
+        out, lse = flash_attn_fwd(q, k, v, None, True, 20, 40, 1, 0, 1, use_tma=True)
+        ref_out, ref_lse = attention_ref(q, k, v, None, True, 20, 40, 1, 0, 1)
+        check_close(out, lse, ref_out, ref_lse, torch.float32)
+    with pytest.raises(ValueError, match="values' head dim"):
+        attention(q, k, rand(2, 97, 2, D + 1, dtype=dtype), backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_skipped_key_blocks_are_never_read(backend):
     """K/V rows that no query can see are NaN: blocks the mask removes must not be touched.
 
@@ -543,15 +568,20 @@ def test_autotune_proxy_runs_the_kernel_with_the_real_key(monkeypatch, causal, w
     monkeypatch.setattr(flash_fwd, "_tuned", {False: Recorder(), True: Recorder()})
     monkeypatch.setattr(flash_fwd, "_proxied", set())
     q = torch.randn(1, 8, 4, 16)
-    meta = dict(HEAD_DIM=16, BLOCK_D=16, CAUSAL=causal, HAS_WINDOW=window is not None,
-                USE_TMA=False, WARP_SPEC=False, DOT_PREC="ieee", IDX64=True, SOFTCAP=softcap)
-    flash_fwd._tune_on_proxy(q, q[:, :, :2], q[:, :, :2], 4, 2, 16, meta, False)
-    flash_fwd._tune_on_proxy(q, q[:, :, :2], q[:, :, :2], 4, 2, 16, meta, False)  # cached
+    # values narrower than the keys on one of the two (the proxy's V takes the real one's)
+    dv = 16 if causal else 8
+    meta = dict(HEAD_DIM=16, BLOCK_D=16, HEAD_DIM_V=dv, BLOCK_DV=16, CAUSAL=causal,
+                HAS_WINDOW=window is not None, USE_TMA=False, WARP_SPEC=False, DOT_PREC="ieee",
+                IDX64=True, SOFTCAP=softcap)
+    v = q[:, :, :2, :dv]
+    flash_fwd._tune_on_proxy(q, q[:, :, :2], v, 4, 2, 16, dv, meta, False)
+    flash_fwd._tune_on_proxy(q, q[:, :, :2], v, 4, 2, 16, dv, meta, False)  # cached
     assert len(calls) == 1
     args, got_meta = calls[0]
     assert got_meta == meta                       # the same constexpr key
     assert args[-1] == flash_fwd.seq_bucket(48, 48) == 128      # SEQ_BUCKET, floored at 128
     pq, pk, pv, po, pl = args[:5]
+    assert pv.shape[-1] == po.shape[-1] == dv
     ref_o, ref_l = attention_ref(pq, pk, pv, None, causal, 1024 if window else None,
                                  softcap=50.0 if softcap else None)
     assert (po.double() - ref_o).abs().max().item() < 1e-4

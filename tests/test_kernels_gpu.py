@@ -334,6 +334,22 @@ def test_latent_attention_gpu(dtype):
         check_lowp(out, lse, ref_out, ref_lse, lowp, f"latent attention causal={causal}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_expanded_mla_attention_gpu(dtype):
+    """MLA's expanded prefill block: 16 heads, keys 192 wide and values 128 (their own head
+    dim in the kernel), causal and a past block, autotuned (the configs of the 256-wide tile,
+    with a third stage for narrower values): exact by the 2x rule."""
+    from ringserve import kernels
+    q, k, _ = make(1, 1000, 2113, 16, 16, 192, dtype, seed=23)
+    v = make(1, 1, 2113, 1, 16, 128, dtype, seed=24)[2]
+    for causal, qo in ((True, 1113), (False, 0)):
+        ref_out, ref_lse = attention_ref(q, k, v, 0.07, causal, None, qo, 1, 0, 1)
+        lowp, _ = attention_ref(q, k, v, 0.07, causal, None, qo, 1, 0, 1, dtype=dtype)
+        out, lse = kernels.attention(q, k, v, 0.07, causal, None, qo, 1, 0, 1)
+        assert out.shape == (1, 1000, 16, 128)
+        check_lowp(out, lse, ref_out, ref_lse, lowp, f"expanded MLA causal={causal}")
+
+
 # ---- the fused decode kernels (kernels/fused.py) in bf16 ----
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
