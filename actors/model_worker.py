@@ -673,26 +673,30 @@ class ModelShardWorker(ShardWorker):
                                          backend=self.backend, softcap=self.model.softcap,
                                          positions_sorted=True)   # as StepAttention calls it
         # the LSE merge of partial results (a chunk with its cached prefix, cascade groups,
-        # ranks): float32 accumulators, the other side float32 or the model's dtype
-        for other in sorted({torch.float32, dt}, key=str):
-            acc = torch.zeros(256, hq, d, device=dev)      # enough rows for the widest tile
-            acc_lse = torch.zeros(256, hq, device=dev)
-            part = torch.zeros(256, hq, d, device=dev, dtype=other)
-            kernels.merge_(acc[None], acc_lse.t()[None], part[None],
-                           torch.zeros(256, hq, device=dev).t()[None])
-        # the one-launch merges: a cached prefix's splits (flash outputs: the model's dtype)
-        # alone, with the chunk's own part into the step's output rows, and the cascade
-        # decode's float32 split partials into the output rows; each with 1, 8 and 32 parts,
-        # the part counts of its compiled variants (merge.MERGE_PART_BLOCKS)
+        # ranks): float32 accumulators, the other side float32 or the model's dtype; at every
+        # output head dim (MLA's expanded chunks merge v_head_dim-wide outputs: compiled in the
+        # first 32K prefill on an H200, session 16, call 3)
         from ringserve.kernels.merge import MERGE_PART_BLOCKS
-        rows = torch.empty(256, hq, d, device=dev, dtype=dt)
-        for n in MERGE_PART_BLOCKS:
-            splits = torch.zeros(n, 256, hq, d, device=dev, dtype=dt)
-            split_lse = torch.zeros(n, hq, 256, device=dev)
-            kernels.merge_splits(splits, split_lse)
-            kernels.merge_splits(splits, split_lse, extra=(splits[0], split_lse[0]), dest=rows)
-            kernels.merge_splits(splits.float(), split_lse, extra=(splits.float(), split_lse),
-                                 dest=rows)
+        for dim in sorted({f[2] for f in forms}):
+            for other in sorted({torch.float32, dt}, key=str):
+                acc = torch.zeros(256, hq, dim, device=dev)   # enough rows for the widest tile
+                acc_lse = torch.zeros(256, hq, device=dev)
+                part = torch.zeros(256, hq, dim, device=dev, dtype=other)
+                kernels.merge_(acc[None], acc_lse.t()[None], part[None],
+                               torch.zeros(256, hq, device=dev).t()[None])
+            # the one-launch merges: a cached prefix's splits (flash outputs: the model's
+            # dtype) alone, with the chunk's own part into the step's output rows, and the
+            # cascade decode's float32 split partials into the output rows; each with 1, 8 and
+            # 32 parts, the part counts of its compiled variants (merge.MERGE_PART_BLOCKS)
+            rows = torch.empty(256, hq, dim, device=dev, dtype=dt)
+            for n in MERGE_PART_BLOCKS:
+                splits = torch.zeros(n, 256, hq, dim, device=dev, dtype=dt)
+                split_lse = torch.zeros(n, hq, 256, device=dev)
+                kernels.merge_splits(splits, split_lse)
+                kernels.merge_splits(splits, split_lse, extra=(splits[0], split_lse[0]),
+                                     dest=rows)
+                kernels.merge_splits(splits.float(), split_lse,
+                                     extra=(splits.float(), split_lse), dest=rows)
         self.warm_fused()
         torch.cuda.synchronize(dev)
         # everything alive now (the model, the kernels' caches, Ray's and torch's modules)
@@ -719,6 +723,9 @@ class ModelShardWorker(ShardWorker):
                 return rope_store_triton(q, k, v, cos, sin, *pool.slot_views(layer), none,
                                          **norm)
 
+            def latent_slots(self, layer):     # MLA: the key stored nowhere either
+                return pool.slot_views(layer)[0], none
+
             def __call__(self, layer, q, k, v):
                 return torch.zeros_like(q)
 
@@ -742,6 +749,11 @@ class ModelShardWorker(ShardWorker):
                                     **norm)
             stored[0] = layer
             return out
+
+        def latent_slots(layer: int):
+            # MLA: the latent key's store in the model's fused prologue, every row into its slot
+            stored[0] = layer
+            return self.pool.slot_views(layer)[0], g.slot
 
         def attn(layer: int, q, k, v):
             if stored[0] != layer:
@@ -770,6 +782,7 @@ class ModelShardWorker(ShardWorker):
             return out[:, 0][None]
 
         attn.rope_store = rope_store
+        attn.latent_slots = latent_slots
         hidden = self.model(g.tok, g.pos, attn, chunk_tokens=self.chunk_tokens,
                             seq_len=g.pos + 1)   # one-token rows: each its sequence's end
         return self.model.logits(hidden)

@@ -81,6 +81,18 @@ case "$PART" in
       "$REPO/tests/test_families_gpu.py" -k "deepseek" 2>&1 | tee "$OUT/test_families_mla.log" \
       | tail -3
     T=240 e2e deepseek-v2-lite 8192,32768,131072 ;;
+  s16d)  # session 16: DeepSeek's few-token path with fewer launches (the router's float32
+         # copy, q|kv_a joined, the shared experts' down GEMM adding into the routed output,
+         # the latent's norm and cache store in the RoPE launch), Qwen3-MoE's router without
+         # its cast; the merge warm-up at the values' head dim (call 3's 32K prefill 3.6 s)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "fused_kernels_gpu or moe" 2>&1 \
+      | tee "$OUT/test_kernels_fused.log" | tail -2
+    timeout 130 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek or qwen3-moe" 2>&1 \
+      | tee "$OUT/test_families_moe_mla.log" | tail -3
+    T=200 e2e deepseek-v2-lite 8192,32768,131072
+    T=130 e2e qwen3-moe-30b-a3b 8192 ;;
   s16a)  # next session, first call: Gemma's decode with the window skip in the graph body
          # (98362cf; Gemma 3 at 128K was 2.93x its floor), DeepSeek with its joined shared
          # experts and the one-wave latent splits, and the latent split sweep with 256

@@ -317,48 +317,66 @@ def act_mul_triton(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> 
 
 
 @triton.jit
-def _latent_row(lat_ptr, pe_ptr, dst_ptr, c_row, s_row, C, R2,
-                BLOCK_C: tl.constexpr, BLOCK_R2: tl.constexpr):
-    """dst = [lat ; RoPE(pe)], the rotation on interleaved pairs (2i, 2i + 1) in float32."""
-    oc = tl.arange(0, BLOCK_C)
-    tl.store(dst_ptr + oc, tl.load(lat_ptr + oc, mask=oc < C), mask=oc < C)
+def _rope_pairs(pe_ptr, dst_ptr, c_row, s_row, R2, BLOCK_R2: tl.constexpr):
+    """dst[2i], dst[2i + 1] = RoPE(pe) on interleaved pairs (2i, 2i + 1), in float32."""
     i = tl.arange(0, BLOCK_R2)
     m = i < R2
-    x1 = tl.load(pe_ptr + 2 * i, mask=m, other=0.0)
-    x2 = tl.load(pe_ptr + 2 * i + 1, mask=m, other=0.0)
-    a = x1.to(tl.float32)
-    b = x2.to(tl.float32)
+    a = tl.load(pe_ptr + 2 * i, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(pe_ptr + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
     c = tl.load(c_row + i, mask=m, other=0.0)
     s = tl.load(s_row + i, mask=m, other=0.0)
-    tl.store(dst_ptr + C + 2 * i, (a * c - b * s).to(dst_ptr.dtype.element_ty), mask=m)
-    tl.store(dst_ptr + C + 2 * i + 1, (b * c + a * s).to(dst_ptr.dtype.element_ty), mask=m)
+    tl.store(dst_ptr + 2 * i, (a * c - b * s).to(dst_ptr.dtype.element_ty), mask=m)
+    tl.store(dst_ptr + 2 * i + 1, (b * c + a * s).to(dst_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr,
-                        s_qlt, s_qlh, s_qpt, s_qph, s_ct, s_kpt, s_cst, s_qt, s_qh, s_kt,
-                        H, C, R2, BLOCK_C: tl.constexpr, BLOCK_R2: tl.constexpr):
+                        w_ptr, kv_ptr, slot_ptr, eps,
+                        s_qlt, s_qlh, s_qpt, s_qph, s_ct, s_kpt, s_cst, s_qt, s_qh, s_kt, s_kv,
+                        H, C, R2, BLOCK_C: tl.constexpr, BLOCK_R2: tl.constexpr,
+                        NORM: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     c_row = cos_ptr + t * s_cst
     s_row = sin_ptr + t * s_cst
+    oc = tl.arange(0, BLOCK_C)
+    mc = oc < C
     if j < H:    # query head j: its latent projection and its rotated rope part
-        _latent_row(ql_ptr + t * s_qlt + j * s_qlh, qp_ptr + t * s_qpt + j * s_qph,
-                    q_ptr + t * s_qt + j * s_qh, c_row, s_row, C, R2, BLOCK_C, BLOCK_R2)
-    else:        # the one key: the normed latent and the rotated shared rope key
-        _latent_row(c_ptr + t * s_ct, kp_ptr + t * s_kpt, k_ptr + t * s_kt, c_row, s_row, C,
-                    R2, BLOCK_C, BLOCK_R2)
+        dst = q_ptr + t * s_qt + j * s_qh
+        tl.store(dst + oc, tl.load(ql_ptr + t * s_qlt + j * s_qlh + oc, mask=mc), mask=mc)
+        _rope_pairs(qp_ptr + t * s_qpt + j * s_qph, dst + C, c_row, s_row, R2, BLOCK_R2)
+    else:        # the one key: the (normed) latent and the rotated shared rope key
+        lat = tl.load(c_ptr + t * s_ct + oc, mask=mc, other=0.0)
+        if NORM:     # kv_a_layernorm, rounded as the torch module
+            lat = _normed(lat.to(tl.float32), w_ptr, oc, mc, C, eps, lat.dtype, False)
+        lat = lat.to(k_ptr.dtype.element_ty)
+        dst = k_ptr + t * s_kt
+        tl.store(dst + oc, lat, mask=mc)
+        _rope_pairs(kp_ptr + t * s_kpt, dst + C, c_row, s_row, R2, BLOCK_R2)
+        if STORE:    # and into the token's cache slot (-1: a row this rank does not store)
+            slot = tl.load(slot_ptr + t)
+            if slot >= 0:
+                kv = kv_ptr + slot * s_kv
+                tl.store(kv + oc, lat, mask=mc)
+                _rope_pairs(kp_ptr + t * s_kpt, kv + C, c_row, s_row, R2, BLOCK_R2)
 
 
 _latent_rope_fast = FastLaunch(_latent_rope_kernel)
 
 
 def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
-                       k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+                       k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                       kv_slots: Optional[torch.Tensor] = None,
+                       slots: Optional[torch.Tensor] = None):
     """MLA's query and key in one launch: q_lat (T, H, C), q_pe (T, H, R), c (T, C),
     k_pe (T, R) (any row/head strides, the last dim contiguous), cos, sin (T, 1, R/2) float32
     -> q (T, H, C + R) = [q_lat ; RoPE(q_pe)], k (T, 1, C + R) = [c ; RoPE(k_pe)], RoPE on
-    interleaved pairs (DeepSeek's layout), new contiguous tensors."""
+    interleaved pairs (DeepSeek's layout), new contiguous tensors.
+
+    norm_weight (C,): c is RMSNorm'd first (kv_a_layernorm, eps) in the same launch.
+    kv_slots (N, 1, C + R) (a layer's flat cache slots) with slots (T,) int64: each row's key
+    also stored into its slot (slot -1: not stored), as `rope_store_triton` does."""
     T, H, C = q_lat.shape
     R = q_pe.shape[-1]
     if tuple(q_pe.shape) != (T, H, R) or tuple(c.shape) != (T, C) or tuple(k_pe.shape) != (T, R):
@@ -373,10 +391,31 @@ def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
                              f"float32")
     if cos.stride() != sin.stride():
         raise ValueError("cos and sin must have the same strides")
+    if norm_weight is not None and tuple(norm_weight.shape) != (C,):
+        raise ValueError(f"norm_weight {tuple(norm_weight.shape)} must be ({C},)")
+    if (kv_slots is None) != (slots is None):
+        raise ValueError("kv_slots and slots go together")
+    if kv_slots is not None and (kv_slots.dim() != 3 or kv_slots.shape[1:] != (1, C + R)
+                                 or kv_slots.stride(1) != C + R or kv_slots.stride(2) != 1
+                                 or tuple(slots.shape) != (T,)
+                                 or slots.dtype != torch.int64):
+        raise ValueError(f"kv_slots {tuple(kv_slots.shape)} must be (N, 1, {C + R}) with "
+                         f"contiguous rows and slots (T,) int64, got {tuple(slots.shape)} "
+                         f"{slots.dtype}")
     q = torch.empty(T, H, C + R, dtype=q_lat.dtype, device=q_lat.device)
     k = torch.empty(T, 1, C + R, dtype=c.dtype, device=c.device)
     if T == 0:
         return q, k
+    store = kv_slots is not None
+    _latent_rope_fast((T, H + 1),
+        q_lat, q_pe, c, k_pe, cos, sin, q, k,
+        norm_weight if norm_weight is not None else c, kv_slots if store else k,
+        slots if store else cos, float(eps),
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
+        q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        k.stride(0), kv_slots.stride(0) if store else 0, H, C, R // 2, BLOCK_C=next_pow2(C),
+        BLOCK_R2=next_pow2(R // 2), NORM=norm_weight is not None, STORE=store, num_warps=4)
+    return q, k
     _latent_rope_fast((T, H + 1),
         q_lat, q_pe, c, k_pe, cos, sin, q, k, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
         q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),

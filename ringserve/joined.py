@@ -3,6 +3,8 @@
 shared experts' (model.py, moe.py)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,23 +42,31 @@ class _Joined:
         return self._ptrs(mods) == self.ptrs
 
 
-def gated_mlp(mod: nn.Module, x: torch.Tensor, fused_act: bool, gelu: bool) -> torch.Tensor:
+def gated_mlp(mod: nn.Module, x: torch.Tensor, fused_act: bool, gelu: bool,
+              add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) of a module with gate_proj, up_proj, down_proj and `joined`
     (MLP; DeepSeek's shared experts). fused_act (few-token steps): gate and up as one GEMM when
-    joined, act * up in one Triton launch."""
+    joined, act * up in one Triton launch. add_to: add_to + the result instead, in place."""
     j = mod.joined
     if fused_act and j is not None and j.holds(mod.gate_proj, mod.up_proj):
         gate, up = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
     else:
         gate, up = mod.gate_proj(x), mod.up_proj(x)
-    return gated_down(mod.down_proj, gate, up, fused_act, gelu)
+    return gated_down(mod.down_proj, gate, up, fused_act, gelu, add_to)
 
 
 def gated_down(down: nn.Module, gate: torch.Tensor, up: torch.Tensor, fused_act: bool,
-               gelu: bool) -> torch.Tensor:
+               gelu: bool, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     if fused_act:   # one Triton launch for act(gate) * up (few-token steps)
         from ringserve.kernels.fused import act_mul_triton
-        return down(act_mul_triton(gate, up, gelu))
-    if gelu:   # GeGLU (Gemma)
-        return down(F.gelu(gate, approximate="tanh") * up)
-    return down(F.silu(gate) * up)
+        a = act_mul_triton(gate, up, gelu)
+    elif gelu:   # GeGLU (Gemma)
+        a = F.gelu(gate, approximate="tanh") * up
+    else:
+        a = F.silu(gate) * up
+    if add_to is None:
+        return down(a)
+    if down.bias is None and add_to.dtype == a.dtype == down.weight.dtype:
+        # add_to + a @ W^T in the GEMM (beta = 1): rounded once, one launch
+        return add_to.addmm_(a, down.weight.t())
+    return add_to.add_(down(a))

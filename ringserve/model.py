@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .joined import _Joined, gated_down, gated_mlp
-from .moe import MoE, SharedExperts
+from .moe import MoE
 from .rope import Rotary
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -141,6 +141,20 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim),
                                    bias=False, **factory)
         self.o_proj = nn.Linear(h * m.v_head_dim, H, bias=cfg.o_bias, **factory)
+        self.joined: Optional[_Joined] = None
+
+    def _x_projs(self):
+        """The two linears over x: the query's (q_proj, or q_a_proj with a q LoRA) and the
+        latent's."""
+        return (self.q_proj if self.mla.q_lora_rank is None else self.q_a_proj,
+                self.kv_a_proj_with_mqa)
+
+    def join_weights(self) -> None:
+        """The query's and the latent's projections of x as one GEMM on the few-token path
+        (not when only one of them has a bias)."""
+        a, b = self._x_projs()
+        if (a.bias is None) == (b.bias is None):
+            self.joined = _Joined((a, b))
 
     def _wkv(self):
         """W_UK (h, nope, c), W_UV (h, v, c): views of kv_b_proj's weight (no copy: decode reads
@@ -151,33 +165,46 @@ class MLAttention(nn.Module):
         return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=None,
-                fused: bool = False, expanded: bool = False):
+                fused: bool = False, expanded: bool = False, kv_dst=None):
         """x (t, hidden) normed -> q (t, h, latent_dim), k (t, 1, latent_dim), v = k.
         norm(module, x): how to apply the RMSNorm modules; fused: the few-token path (norms
-        by `norm`, RoPE and the concatenations in one Triton launch). expanded: also return
-        the queries of the expanded form, (t, h, qk_head_dim) = [q_nope ; rotated q_pe]
-        (`expand_kv`), as a fourth value."""
+        by `norm`, the latent's norm, RoPE and the concatenations in one Triton launch).
+        expanded: also return the queries of the expanded form, (t, h, qk_head_dim) = [q_nope ;
+        rotated q_pe] (`expand_kv`), as a fourth value. kv_dst (fused only): (the layer's flat
+        cache slots (N, 1, latent_dim), each row's slot (t,) int64, -1 for none): k is also
+        stored there, by the same launch."""
         m, t = self.mla, x.shape[0]
         norm = norm or (lambda mod, y: mod(y))
-        if m.q_lora_rank is None:
-            q = self.q_proj(x)
+        j = self.joined
+        if fused and j is not None and j.holds(*self._x_projs()):   # one GEMM for both
+            q, ckv = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
         else:
-            q = self.q_b_proj(norm(self.q_a_layernorm, self.q_a_proj(x)))
+            q, ckv = self._x_projs()[0](x), self.kv_a_proj_with_mqa(x)
+        if m.q_lora_rank is not None:
+            q = self.q_b_proj(norm(self.q_a_layernorm, q))
         q_nope, q_pe = q.view(t, self.heads, m.qk_head_dim).split(
             [m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
-        c = norm(self.kv_a_layernorm, c)
+        c, k_pe = ckv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         w_uk, _ = self._wkv()
         # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
         # as transformers' kv_b_proj; the expanded K never exists
         q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        ln = self.kv_a_layernorm
         if fused and q_lat.stride(-1) == 1:
             from ringserve.kernels.fused import latent_rope_triton
-            q, k = latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin)
+            q, k = latent_rope_triton(
+                q_lat, q_pe, c if not ln.plus_one else norm(ln, c), k_pe, cos, sin,
+                norm_weight=None if ln.plus_one else ln.weight, eps=ln.eps,
+                kv_slots=kv_dst[0] if kv_dst is not None else None,
+                slots=kv_dst[1] if kv_dst is not None else None)
         else:
+            c = norm(ln, c)
             q = torch.cat([q_lat, Rotary.apply_interleaved(q_pe, cos, sin)], dim=-1)
             k = torch.cat([c, Rotary.apply_interleaved(k_pe[:, None], cos, sin)[:, 0]],
                           dim=-1)[:, None]
+            if kv_dst is not None:   # the caller counts on the store (off the usual path)
+                ok = kv_dst[1] >= 0
+                kv_dst[0].index_copy_(0, kv_dst[1][ok], k[ok].to(kv_dst[0].dtype))
         if expanded:
             return q, k, k, torch.cat([q_nope, q[..., m.kv_lora_rank:]], dim=-1)
         return q, k, k
@@ -354,14 +381,13 @@ class CausalLM(nn.Module):
         return model
 
     def join_weights(self) -> None:
-        """Join each layer's q/k/v and gate/up weights (also DeepSeek's shared experts' gate/up)
-        for the few-token path's single GEMMs
-        (the parameters become views of the joined tensors: no memory added once the old
-        ones are freed). The worker calls it when that path is Triton."""
+        """Join each layer's q/k/v and gate/up weights (also DeepSeek's shared experts' gate/up,
+        MLA's two projections of x, and a float32 copy of DeepSeek's router) for the few-token
+        path's single GEMMs (the parameters become views of the joined tensors: no memory added
+        once the old ones are freed). The worker calls it when that path is Triton."""
         for layer in self.model.layers:
-            for mod in (layer.self_attn, layer.ffn(),
-                        getattr(layer.ffn(), "shared_experts", None)):   # DeepSeek's
-                if isinstance(mod, (Attention, MLP, SharedExperts)):
+            for mod in (layer.self_attn, layer.ffn()):
+                if isinstance(mod, (Attention, MLAttention, MLP, MoE)):
                     mod.join_weights()
 
     def checkpoint_slots(self) -> dict:
@@ -502,6 +528,9 @@ class CausalLM(nn.Module):
         T = h.shape[0]
         hq, d = cfg.num_attention_heads, cfg.head_dim
         store = getattr(attn_fn, "rope_store", None)
+        # MLA: latent_slots(layer) -> (the layer's flat cache slots, each row's slot); the
+        # layer's store is then done
+        latent_slots = getattr(attn_fn, "latent_slots", None)
         flat = getattr(attn_fn, "flat_batch", False)
         want = torch.Size((T, hq, d) if flat else (1, T, hq, d))
         expands = cfg.mla is not None and getattr(attn_fn, "mla_expands", False)
@@ -513,8 +542,10 @@ class CausalLM(nn.Module):
             cos, sin = local if self.layer_rotary[li] else glob
             x = add_norm(layer.input_layernorm, h, pending)
             qe = None
-            if cfg.mla is not None:   # latent q and k (interleaved RoPE) in one launch
-                q, k, v, *qe = at.project(x, cos, sin, norm, fused=True, expanded=expands)
+            if cfg.mla is not None:   # latent q and k (interleaved RoPE) in one launch, the
+                # latent normed and stored into the cache by it when attn_fn offers its slots
+                q, k, v, *qe = at.project(x, cos, sin, norm, fused=True, expanded=expands,
+                                          kv_dst=latent_slots(li) if latent_slots else None)
                 qe = qe[0] if qe else None
             else:
                 q, k, v = at.qkv_heads(x, d)   # views; the kernel copies v contiguous

@@ -15,7 +15,7 @@ no sort (`kernels.grouped_gemm.moe_gemv`). Checkpoints keep one tensor per exper
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,11 @@ class SharedExperts(nn.Module):
     def join_weights(self) -> None:
         self.joined = _Joined((self.gate_proj, self.up_proj))
 
-    def forward(self, x: torch.Tensor, fused_act: bool = False) -> torch.Tensor:
-        return gated_mlp(self, x, fused_act, gelu=False)
+    def forward(self, x: torch.Tensor, fused_act: bool = False,
+                add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """add_to: return add_to + the output, added in place by the down projection's GEMM
+        (the few-token path: one launch fewer than a GEMM and an add)."""
+        return gated_mlp(self, x, fused_act, gelu=False, add_to=add_to)
 
 
 class Experts(nn.Module):
@@ -67,17 +70,35 @@ class MoE(nn.Module):
         if moe.shared_intermediate:
             self.shared_experts = SharedExperts(hidden, moe.shared_intermediate, bias, **factory)
         self.backend = "auto"   # kernels.grouped_linear's; tests force "triton" on CPU
+        self.gate_f32: Optional[torch.Tensor] = None    # the router's float32 copy (join_weights)
+
+    def join_weights(self) -> None:
+        """The few-token path's weights (the worker calls it when that path is Triton): a
+        float32 router kept beside the model's (DeepSeek routes in float32: the cast of its
+        weight was a kernel a layer and a step) and the shared experts' gate|up."""
+        if self.cfg.router_fp32 and self.gate.weight.dtype != torch.float32:
+            self.gate_f32 = self.gate.weight.detach().float()
+        if self.cfg.shared_intermediate:
+            self.shared_experts.join_weights()
 
     def route(self, x: torch.Tensor, fused: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> weights (T, k) float32, expert ids (T, k). fused: the softmax and top-k
         in one Triton launch (`kernels.grouped_gemm.moe_route`; the few-token path), where no
         group limit applies."""
         c = self.cfg
-        logits = (F.linear(x.float(), self.gate.weight.float()) if c.router_fp32
-                  else self.gate(x).float())
         if fused and c.n_group <= 1:
             from ringserve.kernels.grouped_gemm import moe_route
+            if not c.router_fp32:     # the kernel reads the logits in float32 itself
+                logits = self.gate(x)
+            else:                     # the float32 copy, unless something replaced the weight
+                w32 = self.gate_f32
+                if w32 is None or w32.shape != self.gate.weight.shape \
+                        or w32.device != self.gate.weight.device:
+                    w32 = self.gate.weight.float()
+                logits = F.linear(x.float(), w32)
             return moe_route(logits, c.top_k, c.renormalize, c.routed_scale)
+        logits = (F.linear(x.float(), self.gate.weight.float()) if c.router_fp32
+                  else self.gate(x).float())
         probs = torch.softmax(logits, dim=-1)
         if c.n_group > 1:   # only the topk_group groups with the best top experts compete
             grouped = probs.view(-1, c.n_group, c.num_experts // c.n_group)
@@ -101,8 +122,8 @@ class MoE(nn.Module):
             # (kernels/grouped_gemm.py)
             w, idx = self.route(x, fused=True)
             out = moe_gemv(x, self.experts.gate_up, self.experts.down, idx, w)
-            if self.cfg.shared_intermediate:
-                out = out + self.shared_experts(x, fused_act=True)
+            if self.cfg.shared_intermediate:   # added by the down GEMM itself (addmm)
+                self.shared_experts(x, fused_act=True, add_to=out)
             return out
         out = self._grouped(x, *self.route(x))
         if self.cfg.shared_intermediate:

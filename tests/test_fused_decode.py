@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton on CPU needs TRITON_INTERPRET=1 (`bash dev test`)")
 
 FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3-moe",
+            "deepseek-v2-lite",
             "deepseek-v2"]
 
 
@@ -56,8 +57,12 @@ def test_fused_equals_torch_fp32(name):
     assert torch.equal(_hidden(m, "torch", ids, pos), want)
     from ringserve.moe import SharedExperts
     shared = [mod for mod in m.modules() if isinstance(mod, SharedExperts)]
-    assert bool(shared) == (name == "deepseek-v2")   # DeepSeek's: one GEMM for gate|up too
+    assert bool(shared) == name.startswith("deepseek")   # DeepSeek's: one GEMM for gate|up
     assert all(sh.joined.holds(sh.gate_proj, sh.up_proj) for sh in shared)
+    from ringserve.model import MLAttention      # and MLA's q (or q_a) with kv_a: one GEMM
+    mla = [mod for mod in m.modules() if isinstance(mod, MLAttention)]
+    assert bool(mla) == name.startswith("deepseek")
+    assert all(at.joined.holds(*at._x_projs()) for at in mla)
     if name == "llama":
         at = m.model.layers[0].self_attn
         assert at.joined.holds(at.q_proj, at.k_proj, at.v_proj)
@@ -68,13 +73,20 @@ def test_fused_equals_torch_fp32(name):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "deepseek-v2-lite"])
 def test_fused_fp16_error(name):
+    """The fused path in fp16, joined weights (DeepSeek: the router's float32 copy, the shared
+    experts' down GEMM adding into the routed output) within 2x the torch path's error."""
+    from ringserve.moe import MoE
     ids = torch.tensor([5, 17, 99, 3, 64])
     pos = torch.arange(100, 105)
     ref = _hidden(_model(name, torch.float64), "torch", ids, pos)
     m = _model(name, torch.float16)
     base = (_hidden(m, "torch", ids, pos).double() - ref).abs().max().item()
+    m.join_weights()
+    moes = [mod for mod in m.modules() if isinstance(mod, MoE)]
+    assert all(mod.gate_f32 is not None and mod.gate_f32.dtype == torch.float32
+               for mod in moes) and bool(moes) == name.startswith("deepseek")
     err = (_hidden(m, "triton", ids, pos).double() - ref).abs().max().item()
     assert err <= 2 * base + 1e-3, (err, base)
 
@@ -101,10 +113,11 @@ def _generate(name: str, backend: str, graphs):
     return [o.token_ids for o in out], [o.logprobs for o in out], kv
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "deepseek-v2-lite"])
 def test_worker_steps_fused(name):
     """Three requests (prompts, then decode batches) through the worker: the fused path's
-    tokens, log-probs and KV pool equal the torch path's, eager and emulated graphs."""
+    tokens, log-probs and KV pool equal the torch path's, eager and emulated graphs (DeepSeek:
+    the latent key normed and stored into the pool by the fused prologue's launch)."""
     tok, lp, kv = _generate(name, "torch", False)
     for graphs in (False, "emulate"):
         t2, lp2, kv2 = _generate(name, "triton", graphs)

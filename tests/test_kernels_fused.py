@@ -191,3 +191,24 @@ def test_latent_rope(dtype, T, H, C, R):
         return torch.stack([a * cc - b * ss, b * cc + a * ss], dim=-1).flatten(-2)
     close(q[..., C:], ref(q_pe), tq, dtype)
     close(k[:, 0, C:], ref(k_pe[:, None])[:, 0], tk, dtype)
+    # kv_a_layernorm in the same launch, and each row's key into its cache slot (-1: none)
+    from ringserve.model import RMSNorm
+    norm = RMSNorm(C, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(rand(C, dtype=dtype, g=g) + 1)
+    cache = torch.full((7, 1, C + R), 9.0, dtype=dtype)
+    slots = torch.tensor([5, -1, 2][:T])
+    q2, k2 = latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin, norm_weight=norm.weight,
+                                eps=1e-6, kv_slots=cache, slots=slots)
+    assert torch.equal(q2, q) and torch.equal(k2[..., C:], k[..., C:])
+    with torch.no_grad():
+        want = norm(c)
+    assert (k2[:, 0, :C].double() - want.double()).abs().max().item() <= (
+        1e-6 if dtype == torch.float32 else 2e-3), "the norm rounds as the torch module"
+    for t, sl in enumerate(slots.tolist()):
+        if sl >= 0:
+            assert torch.equal(cache[sl], k2[t])
+    untouched = [i for i in range(7) if i not in slots.tolist()]
+    assert (cache[untouched] == 9.0).all()
+    with pytest.raises(ValueError, match="go together"):
+        latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin, kv_slots=cache)

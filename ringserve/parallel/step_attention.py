@@ -314,6 +314,13 @@ class StepAttention:
         self._stored = layer
         return out
 
+    def latent_slots(self, layer: int):
+        """MLA's fused prologue (`MLAttention.project`, Triton): the layer's flat cache slots
+        (N, 1, latent_dim) and each row's slot (-1 where this rank does not store it), which
+        its launch stores the latent key into; the call for this layer then stores nothing."""
+        self._stored = layer
+        return self.pool.slot_views(layer)[0], self.row_slots
+
     # the model calls this with q (T, Hq, D), k, v (T, Hkv, D) and takes (T, Hq, D) back,
     # without the batch dimension of its general attn_fn contract (two view ops a tensor a
     # layer in a launch-bound step)
