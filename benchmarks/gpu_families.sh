@@ -93,6 +93,13 @@ case "$PART" in
       | tee "$OUT/test_families_moe_mla.log" | tail -3
     T=200 e2e deepseek-v2-lite 8192,32768,131072
     T=130 e2e qwen3-moe-30b-a3b 8192 ;;
+  s16e)  # session 16, on the x2 kind: MLA's expanded form over NCCL (bf16 against
+         # transformers at 8K, 1 and 2 ranks, both layouts), and a Llama-3-8B 32K row after the
+         # flash kernel's values' head dim (session 15: 51.1% MFU prefill, 6.88 ms decode)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek" 2>&1 | tee "$OUT/test_families_mla.log" \
+      | tail -3
+    T=150 e2e llama3-8b 32768 ;;
   s16a)  # next session, first call: Gemma's decode with the window skip in the graph body
          # (98362cf; Gemma 3 at 128K was 2.93x its floor), DeepSeek with its joined shared
          # experts and the one-wave latent splits, and the latent split sweep with 256
