@@ -594,3 +594,48 @@ def test_every_windowed_paged_call_may_skip_the_keys_before_the_window(monkeypat
             g.shutdown()
     windowed = [s for w, s in calls if w is not None]
     assert windowed and all(windowed), calls
+
+
+@pytest.mark.parametrize("ws,layout", [(1, "striped"), (2, "ring")])
+def test_mla_expanded_chunks_in_mixed_steps_equal_the_absorbed_engine(tmp_path_factory, ws,
+                                                                      layout):
+    """Requests in flight together (prompt chunks of 24 tokens sharing steps with other
+    requests' decode rows and short extensions): with every chunk of 8 tokens or more in the
+    expanded form, the tokens and log-probs equal an engine that keeps every row absorbed; and
+    the expanded form did run (StepAttention.mla was called with chunks to expand)."""
+    from threadgroup import ThreadGroup
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.parallel.step_attention import StepAttention
+
+    path = tiny_model(tmp_path_factory, "deepseek-v2-lite")
+    real, expanded = StepAttention.mla, []
+
+    def spy(self, layer, *a):
+        expanded.append((len(self.expand), len(self.plan.seqs) - len(self.expand)))
+        return real(self, layer, *a)
+
+    def run(expand_min):
+        group = ThreadGroup(ws, model=str(path), kv_tokens=1024, page_size=8,
+                            backend="torch", mla_expand_min_tokens=expand_min)
+        eng = Engine(group, None, (), EngineConfig(layout=layout, max_num_batched_tokens=24,
+                                                   passq_max_tokens=4))
+        p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
+        try:
+            hs = [eng.submit("generate", [(11 * i + 5 * j) % 200 + 3 for j in range(n)], p)
+                  for i, n in enumerate((70, 9, 41, 3))]
+            return [(o.token_ids, o.logprobs) for o in (h.result(120) for h in hs)]
+        finally:
+            eng.shutdown()
+            group.shutdown()
+
+    StepAttention.mla = spy
+    try:
+        got = run(8)
+    finally:
+        StepAttention.mla = real
+    assert expanded and all(e for e, _ in expanded)
+    assert any(rest for _, rest in expanded)     # steps with absorbed rows beside a chunk
+    want = run(None)
+    for (t1, lp1), (t2, lp2) in zip(got, want):
+        assert t1 == t2
+        torch.testing.assert_close(torch.tensor(lp1), torch.tensor(lp2), rtol=0, atol=1e-4)
