@@ -20,6 +20,7 @@ from .engine import (Engine, EngineConfig, RequestHandle, RequestOutput, ScoreOu
 from .doc_cache import doc_key, exact_ints
 from .errors import InvalidRequestError
 from .parallel import layout as layouts
+from .parallel.step_attention import MLA_EXPAND_MIN_TOKENS
 from .parallel.transport import DEFAULT_TIMEOUT_S, check_comm_host
 from .sampling import SamplingParams, best_samples, expand_samples
 
@@ -136,7 +137,8 @@ class LLM:
                  tensor_parallel_size: int = 1, comm_host: Optional[str] = None,
                  worker_torch_threads: Optional[int] = None, step_channel: Optional[str] = None,
                  interleave_decode_steps: Optional[int] = None,
-                 async_scheduling: Optional[bool] = None):
+                 async_scheduling: Optional[bool] = None,
+                 mla_expand_min_tokens: Optional[int] = MLA_EXPAND_MIN_TOKENS):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -189,7 +191,12 @@ class LLM:
         the address rank 0's rendezvous store listens on; default loopback when every shard
         actor runs on rank 0's node, else that node's address as Ray reports it.
         `worker_torch_threads`: torch's intra-op threads in each worker (default: what Ray
-        gives an actor, one per CPU it reserves with `num_cpus_per_worker`)."""
+        gives an actor, one per CPU it reserves with `num_cpus_per_worker`).
+        `mla_expand_min_tokens` (DeepSeek-V2's latent attention only): prompt chunks of at
+        least this many tokens attend in the expanded form (per-head keys and values made from
+        the latents on each rank: a long prefill ~20x faster on an H200), shorter ones and
+        decodes in the absorbed form; None keeps every step absorbed. The cache and the ring
+        hold the latent either way (docs/architecture.md, "Multi-head latent attention")."""
         if schedule is not None:
             warnings.warn("LLM(schedule=...) is deprecated: the shard layout is now called "
                           "layout=...", DeprecationWarning, stacklevel=2)
@@ -224,6 +231,11 @@ class LLM:
                 or worker_torch_threads < 1):
             raise ValueError(f"worker_torch_threads must be an integer >= 1 or None, got "
                              f"{worker_torch_threads!r}")
+        if mla_expand_min_tokens is not None and (
+                isinstance(mla_expand_min_tokens, bool)
+                or not isinstance(mla_expand_min_tokens, int) or mla_expand_min_tokens < 1):
+            raise ValueError(f"mla_expand_min_tokens must be an integer >= 1 or None, got "
+                             f"{mla_expand_min_tokens!r}")
         if cuda_graphs is None:
             cuda_graphs = device == "cuda"
         if fused_kernels is None:
@@ -312,7 +324,8 @@ class LLM:
                              chunk_tokens=chunk_tokens or 8192, backend=backend,
                              cuda_graphs=cuda_graphs, fused_kernels=fused_kernels,
                              max_cuda_graphs=max_cuda_graphs,
-                             torch_threads=worker_torch_threads)
+                             torch_threads=worker_torch_threads,
+                             mla_expand_min_tokens=mla_expand_min_tokens)
         self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
                                  placement_strategy=placement_strategy,
                                  num_cpus_per_worker=num_cpus_per_worker,

@@ -506,6 +506,39 @@ def test_llm_score_and_greedy_equal_transformers(served):
             assert out.num_cached_tokens == 0
 
 
+def test_llm_mla_expanded_prompts_equal_transformers(ray_session, tmp_path_factory):
+    """LLM(mla_expand_min_tokens=8) reaches the Ray workers: DeepSeek-V2-Lite's prompts (one
+    chunk each, 37-77 tokens) attend in the expanded form on two ranks, the latents passed
+    around the ring; scores and greedy tokens still equal transformers'."""
+    path, ref = _reference(tmp_path_factory, "deepseek-v2-lite")
+    llm = LLM(str(path), world_size=2, layout="ring", max_kv_tokens=2048,
+              num_cpus_per_worker=0.5, mla_expand_min_tokens=8)
+    try:
+        info = llm._group.call("kv_info")
+        assert [i["mla_expand_min_tokens"] for i in info] == [8, 8]
+        cfg = ModelConfig.from_dir(path)   # the scheduler's cost of a key: the expanded form's
+        m = cfg.mla
+        assert info[0]["attn_flops_per_key"] == (2 * cfg.num_attention_heads
+                                                 * cfg.num_hidden_layers
+                                                 * (m.qk_head_dim + m.v_head_dim))
+        # and of a token: the experts it runs (top_k of them), not all
+        model = CausalLM(cfg, device="meta")
+        dense = sum(p.numel() for n, p in model.named_parameters()
+                    if "embed_tokens" not in n and "lm_head" not in n and ".experts." not in n)
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        assert experts and info[0]["flops_per_token"] == pytest.approx(
+            2 * (dense + experts * cfg.moe.top_k / cfg.moe.num_experts))
+        outs = llm.score([ids for ids, _, _ in ref[:2]])
+        for (ids, lp_ref, _), out in zip(ref, outs):
+            torch.testing.assert_close(torch.tensor(out.logprobs[1:], dtype=torch.float64),
+                                       lp_ref, rtol=0, atol=5e-5)
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+        for ids, _, gen_ref in ref:
+            assert llm.generate([ids], params)[0].token_ids == gen_ref
+    finally:
+        llm.shutdown()
+
+
 # ---- chunked prefill and graph decode with per-layer windows (in-process ranks) ----
 
 @pytest.mark.parametrize("family,ws,layout,backend", [

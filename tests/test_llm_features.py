@@ -198,6 +198,8 @@ def test_bad_options_fail_before_any_work():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="worker_torch_threads must be an integer >= 1"):
             LLM("/nonexistent", worker_torch_threads=bad)
+        with pytest.raises(ValueError, match="mla_expand_min_tokens must be an integer >= 1"):
+            LLM("/nonexistent", mla_expand_min_tokens=bad)
     with pytest.raises(ValueError, match=r"world_size \(0\)"):
         LLM("/nonexistent", world_size=0)
 
