@@ -275,36 +275,18 @@ class ModelShardWorker(ShardWorker):
                 "vocab_size": self.cfg.vocab_size, "dtype": str(self.model.dtype),
                 "num_layers": self.cfg.num_hidden_layers,
                 # a token's projections + MLP, and its attention per key it sees (scheduler)
-                "flops_per_token": self._flops_per_token(),
-                "attn_flops_per_key": self._attn_flops_per_key(),
+                # (all of an MoE layer's experts, and MLA's absorbed width, counted as the
+                # cost model was fitted on the H200; their FLOP-true values, top_k experts and
+                # the expanded form's 192 + 128, would cut Qwen3-MoE's long prompts into ~5x
+                # smaller chunks, not measured: GPU_OWED)
+                "flops_per_token": 2 * sum(p.numel() for n, p in self.model.named_parameters()
+                                           if "embed_tokens" not in n and "lm_head" not in n),
+                "attn_flops_per_key": 4 * self.cfg.num_attention_heads * self.cfg.head_dim
+                * self.cfg.num_hidden_layers,
                 "mla_expand_min_tokens": self.mla_expand_min,
                 "window_size": self.window_size,
                 "long_after": self.model.rotary.long_after,   # longrope's switch (Phi-3)
                 "max_position_embeddings": self.cfg.max_position_embeddings}
-
-    def _flops_per_token(self) -> float:
-        """A token's projections and MLP FLOPs (the scheduler's cost model): 2 x the layers'
-        parameters, an MoE layer's experts counted top_k / num_experts (the ones a token
-        runs; counting them all made a DeepSeek-V2-Lite token 6.5x too dear against its
-        attention)."""
-        moe, n = self.cfg.moe, 0.0
-        for name, p in self.model.named_parameters():
-            if "embed_tokens" in name or "lm_head" in name:
-                continue
-            n += p.numel() * (moe.top_k / moe.num_experts if moe is not None
-                              and ".experts." in name else 1)
-        return 2 * n
-
-    def _attn_flops_per_key(self) -> int:
-        """A query's attention FLOPs per key it sees, all layers (the scheduler's cost model):
-        QK^T and PV at the head dim; MLA's prompt chunks at the expanded form's
-        qk_head_dim + v_head_dim when they run expanded (the absorbed form's 2 x 576 would
-        count them 3.4x too dear, and cut a long DeepSeek prompt into needlessly small
-        chunks)."""
-        cfg, m = self.cfg, self.cfg.mla
-        per_head = (m.qk_head_dim + m.v_head_dim if m is not None and self.mla_expand_min
-                    is not None else 2 * cfg.head_dim)
-        return 2 * cfg.num_attention_heads * per_head * cfg.num_hidden_layers
 
     # ---- the step ----
 

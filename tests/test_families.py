@@ -516,18 +516,6 @@ def test_llm_mla_expanded_prompts_equal_transformers(ray_session, tmp_path_facto
     try:
         info = llm._group.call("kv_info")
         assert [i["mla_expand_min_tokens"] for i in info] == [8, 8]
-        cfg = ModelConfig.from_dir(path)   # the scheduler's cost of a key: the expanded form's
-        m = cfg.mla
-        assert info[0]["attn_flops_per_key"] == (2 * cfg.num_attention_heads
-                                                 * cfg.num_hidden_layers
-                                                 * (m.qk_head_dim + m.v_head_dim))
-        # and of a token: the experts it runs (top_k of them), not all
-        model = CausalLM(cfg, device="meta")
-        dense = sum(p.numel() for n, p in model.named_parameters()
-                    if "embed_tokens" not in n and "lm_head" not in n and ".experts." not in n)
-        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-        assert experts and info[0]["flops_per_token"] == pytest.approx(
-            2 * (dense + experts * cfg.moe.top_k / cfg.moe.num_experts))
         outs = llm.score([ids for ids, _, _ in ref[:2]])
         for (ids, lp_ref, _), out in zip(ref, outs):
             torch.testing.assert_close(torch.tensor(out.logprobs[1:], dtype=torch.float64),
