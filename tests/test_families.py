@@ -621,9 +621,10 @@ def test_every_windowed_paged_call_may_skip_the_keys_before_the_window(monkeypat
 def test_mla_expanded_chunks_in_mixed_steps_equal_the_absorbed_engine(tmp_path_factory, ws,
                                                                       layout):
     """Requests in flight together (prompt chunks of 24 tokens sharing steps with other
-    requests' decode rows and short extensions): with every chunk of 8 tokens or more in the
-    expanded form, the tokens and log-probs equal an engine that keeps every row absorbed; and
-    the expanded form did run (StepAttention.mla was called with chunks to expand)."""
+    requests' decode rows and short extensions): with every prompt chunk in the expanded form
+    (a one-token prompt too: at two ranks one rank holds none of it), the tokens and log-probs
+    equal an engine that keeps every row absorbed; and the expanded form did run
+    (StepAttention.mla was called with chunks to expand)."""
     from threadgroup import ThreadGroup
     from ringserve.engine import Engine, EngineConfig
     from ringserve.parallel.step_attention import StepAttention
@@ -643,7 +644,7 @@ def test_mla_expanded_chunks_in_mixed_steps_equal_the_absorbed_engine(tmp_path_f
         p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
         try:
             hs = [eng.submit("generate", [(11 * i + 5 * j) % 200 + 3 for j in range(n)], p)
-                  for i, n in enumerate((70, 9, 41, 3))]
+                  for i, n in enumerate((70, 9, 41, 3, 1))]
             return [(o.token_ids, o.logprobs) for o in (h.result(120) for h in hs)]
         finally:
             eng.shutdown()
@@ -651,7 +652,7 @@ def test_mla_expanded_chunks_in_mixed_steps_equal_the_absorbed_engine(tmp_path_f
 
     StepAttention.mla = spy
     try:
-        got = run(8)
+        got = run(1)
     finally:
         StepAttention.mla = real
     assert expanded and all(e for e, _ in expanded)

@@ -71,6 +71,56 @@ def test_threads_exact(n, schedule, causal, window):
     assert_exact(out, lse, q, k, v, causal, window)
 
 
+@pytest.mark.parametrize("total,n,schedule", [(41, 3, "striped"), (29, 2, "ring"), (2, 4, "ring"),
+                                              (0, 2, "striped")])
+def test_threads_expand_latents(total, n, schedule):
+    """MLA's expanded form over the ring: only the latents (B, S, 1, C) travel, and each rank
+    expands every block it attends to per-head K (D) and V (Dv < D) with `expand`: equal to
+    attention over the expanded K, V of the whole sequence, the messages latent-sized; ranks
+    that own no token return an empty output of the values' width."""
+    g = torch.Generator().manual_seed(total * 10 + n)
+    H, C, D, Dv = 4, 12, 10, 6
+    lat = torch.randn(1, total, 1, C, generator=g)
+    wk, wv = torch.randn(C, H * D, generator=g) / 3, torch.randn(C, H * Dv, generator=g) / 3
+    q = torch.randn(1, total, H, D, generator=g)
+
+    def expand(x):          # (m, 1, C) -> (m, H, D), (m, H, Dv)
+        m = x.shape[0]
+        return (x.reshape(m, C) @ wk).view(m, H, D), (x.reshape(m, C) @ wv).view(m, H, Dv)
+
+    qs, ls = layout.split(q, n, schedule), layout.split(lat, n, schedule)
+    hub = ThreadHub(n)
+    results, errors = [None] * n, []
+
+    def rank_main(r):
+        try:
+            st = RingStats()
+            results[r] = (*ring_attention(qs[r], ls[r], ls[r], total, schedule,
+                                          hub.transport(r, 60.0), True, None, stats=st,
+                                          expand=expand), st)
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    for r, (o, _, st) in enumerate(results):
+        assert o.shape == (1, qs[r].shape[1], H, Dv)
+        assert st.bytes_sent % (C * 4) == 0 and st.bytes_sent <= total * C * 4 * n
+    out = layout.gather([r[0] for r in results], schedule, dim=1)
+    lse = layout.gather([r[1] for r in results], schedule, dim=2)
+    if total:
+        k, v = expand(lat[0])
+        assert_exact(out, lse, q, k[None], v[None], True, None)
+        with pytest.raises(ValueError, match="needs v to be k"):
+            ring_attention(qs[0], ls[0], ls[0].clone(), total, schedule,
+                           hub.transport(0, 1.0), expand=expand)
+
+
 @pytest.mark.parametrize("total", [0, 1, 2, 3])
 def test_threads_fewer_tokens_than_ranks(total):
     # some ranks own no token at all: they still take part (and forward) without computing

@@ -131,8 +131,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
     soft-capping (Gemma 2), None for none.
 
     expand: MLA's expanded form. k (v is k) holds latents (B, S_r, 1, latent_dim), which are
-    what travel; expand(latents (n, 1, latent_dim)) -> (K, V), each (n, Hq, D), gives the
-    per-head keys and values of a block before its kernel (q's D is theirs).
+    what travel; expand(latents (n, 1, latent_dim)) -> K (n, Hq, D) and V (n, Hq, Dv) gives
+    the per-head keys and values of a block before its kernel (q's D is the keys'; out is
+    (B, S_r, Hq, Dv)).
     """
     n, rank = transport.world_size, transport.rank
     plan = plan_ring(total_len, n, rank, layout, causal, window_size)
@@ -203,6 +204,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total_len:
     st.steps_run = len(plan.steps)
     st.steps_skipped = n - st.steps_computed
     if out_acc is None:  # no visible key at all (or no queries): out 0, lse -inf
-        return (torch.zeros_like(q),
+        dv = v.shape[3] if expand is None else expand(k.new_empty(0, Hkv, Dk))[1].shape[-1]
+        return (q.new_zeros(B, S, Hq, dv),
                 torch.full((B, Hq, S), float("-inf"), dtype=torch.float32, device=q.device))
     return out_acc.to(q.dtype), lse_acc

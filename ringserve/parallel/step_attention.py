@@ -349,8 +349,8 @@ class StepAttention:
         to_values) -> (T, Hq, v_head_dim), the output in the values' space.
 
         The chunks in `expand` attend in the expanded form: each rank expands the latent
-        blocks it holds or receives to per-head K and V and runs the flash kernel at
-        qk_head_dim; every other row (decodes, extensions, short chunks) attends absorbed, its
+        blocks it holds or receives to per-head K and V and runs the flash kernel with keys
+        qk_head_dim and values v_head_dim wide; every other row (decodes, extensions, short chunks) attends absorbed, its
         output then projected by W_UV."""
         self._store(layer, k, k)
         T, Hq = q.shape[:2]
@@ -489,8 +489,8 @@ class StepAttention:
     def _ring_chunk_expanded(self, layer: int, i: int, q, k, dest, expand):
         """`_ring_chunk` in MLA's expanded form: q (R, Hq, qk_head_dim) expanded queries, k
         (R, 1, latent_dim) this rank's latents of the chunk, expand(latent (n, 1, latent_dim))
-        -> per-head (K, V) (n, Hq, qk_head_dim); the output (values' space) into dest (R, Hq,
-        v_head_dim). No window (DeepSeek-V2 has none)."""
+        -> per-head K (n, Hq, qk_head_dim) and V (n, Hq, v_head_dim); the output (in the
+        values' space) into dest (R, Hq, v_head_dim). No window (DeepSeek-V2 has none)."""
         s = self.plan.seqs[i]
         if self.world_size == 1:
             ke, ve = expand(k)
@@ -501,13 +501,12 @@ class StepAttention:
             o, lse = ring_attention(q[None], k[None], k[None], s.chunk_len, self.plan.layout,
                                     self.transport, causal=True, softmax_scale=self.scale,
                                     backend=self.backend, softcap=self.softcap, expand=expand)
-        dv = dest.shape[-1]
         if s.chunk_start == 0:
-            dest.copy_(o[0, ..., :dv])
+            dest.copy_(o[0])
             return
-        po, pl = self._prefix(layer, i, q, expand)   # float32 (R, Hq, qk_head_dim), (R, Hq)
+        po, pl = self._prefix(layer, i, q, expand)   # float32 (R, Hq, v_head_dim), (R, Hq)
         _merge(po, pl, o[0], lse[0].t())
-        dest.copy_(po[..., :dv])
+        dest.copy_(po)
 
     def _cached(self, layer: int, i: int, q, q_pos, expand=None):
         """q (R, Hq, D) at global positions q_pos against this rank's tokens of sequence i
