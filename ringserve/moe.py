@@ -73,9 +73,11 @@ class MoE(nn.Module):
         self.gate_f32: Optional[torch.Tensor] = None    # the router's float32 copy (join_weights)
 
     def join_weights(self) -> None:
-        """The few-token path's weights (the worker calls it when that path is Triton): a
-        float32 router kept beside the model's (DeepSeek routes in float32: the cast of its
-        weight was a kernel a layer and a step) and the shared experts' gate|up."""
+        """The few-token path's weights (the worker calls it when that path is Triton, after
+        loading): a float32 router kept beside the model's (DeepSeek routes in float32: the
+        cast of its weight was a kernel a layer and a step) and the shared experts' gate|up.
+        The router's copy is a copy: whoever changes the router's weight in place afterwards
+        calls this again (a replaced weight of another shape or device is noticed)."""
         if self.cfg.router_fp32 and self.gate.weight.dtype != torch.float32:
             self.gate_f32 = self.gate.weight.detach().float()
         if self.cfg.shared_intermediate:
