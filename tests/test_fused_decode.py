@@ -328,3 +328,32 @@ def test_cascade_decode_merge_in_one_launch_equals_the_torch_path():
     pages and the document's, merged in one launch into the step's output, give the torch
     path's tokens and log-probs."""
     _assert_merged_in_one_launch_like_torch(_questions("torch"), lambda: _questions("triton"))
+
+
+def test_deepseek_decode_layer_launches(monkeypatch):
+    """benchmarks/count_decode_ops.py's count of a DeepSeek (MLA + MoE with shared experts)
+    decode layer on the fused path: 17 GPU launches (22 before session 16): the latent's norm
+    and cache store inside the RoPE launch (no norm launch of its own, no index_copy_), q and
+    kv_a one GEMM, the router's weight not cast each step, the shared experts' down GEMM adding
+    into the routed output (no add)."""
+    import importlib.util
+    from pathlib import Path
+    from triton.runtime import interpreter
+    # the script wraps the interpreter's launch to count: unwrapped again after this test
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run",
+                        interpreter.InterpretedFunction.run)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "count_decode_ops.py"
+    spec = importlib.util.spec_from_file_location("count_decode_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    full = mod.count_step(6, "triton", False, 1, "deepseek")
+    half = mod.count_step(4, "triton", False, 1, "deepseek")
+    triton = mod._per_layer(full["by_kernel"], half["by_kernel"], 2)
+    torch_ops = mod._per_layer(full["kernel_names"], half["kernel_names"], 2)
+    assert triton == {"_rms_norm_kernel": 2, "_latent_rope_kernel": 1, "_decode_split_kernel": 1,
+                      "_decode_reduce_kernel": 1, "_moe_route_kernel": 1,
+                      "_moe_gate_up_kernel": 1, "_moe_down_kernel": 1, "_act_mul_kernel": 1}
+    # min / max: the CPU-only check of the decode kernel's lengths (a GPU skips it)
+    gpu_ops = {k: v for k, v in torch_ops.items() if k not in ("aten::min", "aten::max")}
+    assert gpu_ops == {"aten::linear": 4, "aten::einsum": 2, "aten::addmm_": 1, "aten::to": 1}
+    assert sum(triton.values()) + sum(gpu_ops.values()) == 17
