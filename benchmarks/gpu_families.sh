@@ -93,6 +93,19 @@ case "$PART" in
       | tee "$OUT/test_families_moe_mla.log" | tail -3
     T=200 e2e deepseek-v2-lite 8192,32768,131072
     T=130 e2e qwen3-moe-30b-a3b 8192 ;;
+  s17a)  # next session, first call (h200): where DeepSeek's and Qwen3-MoE's decode steps go
+         # after session 16's launch cuts (worker steps 2.86x / 2.64x their floors at 8K)
+    timeout 200 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \
+      --lengths 8192 --fused-kernels --json "$OUT/prof_deepseek.json" 2>&1 \
+      | tee "$OUT/prof_deepseek.log" | tail -6
+    timeout 250 python3 "$REPO/benchmarks/profile_decode.py" --preset qwen3-moe-30b-a3b \
+      --lengths 8192 --fused-kernels --json "$OUT/prof_qwen3moe.json" 2>&1 \
+      | tee "$OUT/prof_qwen3moe.log" | tail -6 ;;
+  s17b)  # next session (x2): MLA's expanded prefill over the ring on two GPUs
+    timeout 400 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 2 --preset deepseek-v2-lite \
+      --lengths 32768,131072 --no-hf --decode-tokens 32 --cuda-graphs \
+      --json "$OUT/e2e_deepseek_ws2.json" 2>&1 | tee "$OUT/e2e_deepseek_ws2.log" \
+      | grep -E '^bench_e2e|^ *[0-9]+ \||Error|error' | tail -4 ;;
   s16e)  # session 16, on the x2 kind: MLA's expanded form over NCCL (bf16 against
          # transformers at 8K, 1 and 2 ranks, both layouts), and a Llama-3-8B 32K row after the
          # flash kernel's values' head dim (session 15: 51.1% MFU prefill, 6.88 ms decode)
