@@ -112,11 +112,23 @@ def activation_bytes_per_token(cfg, elem: int) -> int:
     the float32 attention accumulator, the ring's two K/V buffers), with 25% slack."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     per = elem * (2 * cfg.hidden_size + 3 * hq * d + 6 * hkv * d) + 4 * hq * d + 8 * hq
-    mla = getattr(cfg, "mla", None)
-    if mla is not None:   # the expanded form: its queries, the chunk's K, V and kv_b's output
-        per += hq * (elem * (3 * mla.qk_head_dim + mla.qk_nope_head_dim + mla.v_head_dim)
-                     + 4 * mla.qk_head_dim)
-    return int(per * 1.25)
+    return int(max(per, mla_expanded_bytes_per_token(cfg, elem)) * 1.25)
+
+
+def mla_expanded_bytes_per_token(cfg, elem: int) -> int:
+    """A chunk token's activations in MLA's expanded form (StepAttention.mla): the absorbed
+    queries (still made), the expanded ones, K, kv_b's output (V is a view of it), the output
+    and the flash output in the values' width, a float32 merge of the cached prefix's part;
+    0 without MLA. For DeepSeek-V2's shapes this is below the absorbed form's count, which
+    then stays the reserve (session 16 first added it on top: 23% fewer KV tokens for
+    nothing); the prefix's expanded pieces are in `fixed_reserve_bytes`."""
+    m = getattr(cfg, "mla", None)
+    if m is None:
+        return 0
+    hq, d = cfg.num_attention_heads, cfg.head_dim
+    return (elem * (2 * cfg.hidden_size + 6 * cfg.num_key_value_heads * d
+                    + hq * (d + 2 * m.qk_head_dim + m.qk_nope_head_dim + 3 * m.v_head_dim))
+            + 4 * hq * m.v_head_dim + 8 * hq)
 
 
 def _chunk_from(plan: RankPlan, start: Optional[int]) -> bool:

@@ -661,3 +661,30 @@ def test_mla_expanded_chunks_in_mixed_steps_equal_the_absorbed_engine(tmp_path_f
     for (t1, lp1), (t2, lp2) in zip(got, want):
         assert t1 == t2
         torch.testing.assert_close(torch.tensor(lp1), torch.tensor(lp2), rtol=0, atol=1e-4)
+
+
+def test_mla_expanded_form_keeps_the_kv_capacity():
+    """The expanded form's activations per chunk token stay under the absorbed form's count
+    for DeepSeek-V2-Lite's and V2's shapes, so the per-token reserve (and the KV tokens that
+    fit) is what it was (session 16 first added them on top: 23% fewer KV tokens on an
+    H200); the cached prefix's expansion pieces are a fixed reserve."""
+    import sys
+    from pathlib import Path
+    from ringserve.actors.model_worker import (activation_bytes_per_token, fixed_reserve_bytes,
+                                               mla_expanded_bytes_per_token)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_e2e
+    cfg = ModelConfig.from_hf_dict(bench_e2e.hf_config("deepseek-v2-lite", 1 << 17))
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    absorbed = 2 * (2 * cfg.hidden_size + 3 * hq * d + 6 * hkv * d) + 4 * hq * d + 8 * hq
+    assert 0 < mla_expanded_bytes_per_token(cfg, 2) < absorbed
+    assert activation_bytes_per_token(cfg, 2) == int(absorbed * 1.25)
+    llama = ModelConfig.from_hf_dict(bench_e2e.hf_config("llama3-8b", 1 << 17))
+    assert mla_expanded_bytes_per_token(llama, 2) == 0
+    # the fixed reserve holds one expanded piece of the prefix (MLA only)
+    from ringserve.parallel.step_attention import MLA_PIECE_TOKENS
+    m = cfg.mla
+    base = 3 * 2 ** 30 + 3 * 8192 * cfg.intermediate_size * 2
+    assert fixed_reserve_bytes(cfg, 8192, 2) - base == (
+        MLA_PIECE_TOKENS * hq * 2 * (2 * m.qk_head_dim + m.qk_nope_head_dim + m.v_head_dim))
+    assert fixed_reserve_bytes(llama, 8192, 2) == 3 * 2 ** 30 + 3 * 8192 * llama.intermediate_size * 2
