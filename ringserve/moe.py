@@ -88,20 +88,18 @@ class MoE(nn.Module):
         in one Triton launch (`kernels.grouped_gemm.moe_route`; the few-token path), where no
         group limit applies."""
         c = self.cfg
-        if fused and c.n_group <= 1:
+        if c.router_fp32:       # the float32 copy, unless something replaced the weight
+            w32 = self.gate_f32
+            if w32 is None or w32.shape != self.gate.weight.shape \
+                    or w32.device != self.gate.weight.device:
+                w32 = self.gate.weight.float()
+            logits = F.linear(x.float(), w32)
+        else:
+            logits = self.gate(x)
+        if fused and c.n_group <= 1:   # the kernel reads the logits in float32 itself
             from ringserve.kernels.grouped_gemm import moe_route
-            if not c.router_fp32:     # the kernel reads the logits in float32 itself
-                logits = self.gate(x)
-            else:                     # the float32 copy, unless something replaced the weight
-                w32 = self.gate_f32
-                if w32 is None or w32.shape != self.gate.weight.shape \
-                        or w32.device != self.gate.weight.device:
-                    w32 = self.gate.weight.float()
-                logits = F.linear(x.float(), w32)
             return moe_route(logits, c.top_k, c.renormalize, c.routed_scale)
-        logits = (F.linear(x.float(), self.gate.weight.float()) if c.router_fp32
-                  else self.gate(x).float())
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)
         if c.n_group > 1:   # only the topk_group groups with the best top experts compete
             grouped = probs.view(-1, c.n_group, c.num_experts // c.n_group)
             best = torch.topk(grouped.amax(-1), c.topk_group, dim=-1).indices

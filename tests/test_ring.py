@@ -14,7 +14,8 @@ from ringserve.parallel.ring import (RingStats, block_visible, plan_ring, ring_a
 from ringserve.parallel.transport import ThreadHub
 
 
-def run_threads(q, k, v, n, schedule, causal, window, timeout_s=60.0):
+def run_threads(q, k, v, n, schedule, causal, window, timeout_s=60.0, **kw):
+    """kw: more ring_attention arguments (expand)."""
     total = q.shape[1]
     qs, ks, vs = (layout.split(x, n, schedule) for x in (q, k, v))
     hub = ThreadHub(n)
@@ -23,8 +24,10 @@ def run_threads(q, k, v, n, schedule, causal, window, timeout_s=60.0):
     def rank_main(r):
         try:
             stats = RingStats()
-            out, lse = ring_attention(qs[r], ks[r], vs[r], total, schedule,
-                                      hub.transport(r, timeout_s), causal, window, stats=stats)
+            # v passed as k stays k (MLA's latents: only they travel)
+            out, lse = ring_attention(qs[r], ks[r], ks[r] if v is k else vs[r], total, schedule,
+                                      hub.transport(r, timeout_s), causal, window, stats=stats,
+                                      **kw)
             results[r] = (out, lse, stats)
         except BaseException as e:  # surfaced in the main thread below
             errors.append(e)
@@ -88,37 +91,17 @@ def test_threads_expand_latents(total, n, schedule):
         m = x.shape[0]
         return (x.reshape(m, C) @ wk).view(m, H, D), (x.reshape(m, C) @ wv).view(m, H, Dv)
 
-    qs, ls = layout.split(q, n, schedule), layout.split(lat, n, schedule)
-    hub = ThreadHub(n)
-    results, errors = [None] * n, []
-
-    def rank_main(r):
-        try:
-            st = RingStats()
-            results[r] = (*ring_attention(qs[r], ls[r], ls[r], total, schedule,
-                                          hub.transport(r, 60.0), True, None, stats=st,
-                                          expand=expand), st)
-        except BaseException as e:  # noqa: BLE001 - surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    for r, (o, _, st) in enumerate(results):
-        assert o.shape == (1, qs[r].shape[1], H, Dv)
+    # the gathered output has the values' width only if every rank's has, empty ones too
+    out, lse, stats = run_threads(q, lat, lat, n, schedule, True, None, expand=expand)
+    assert out.shape == (1, total, H, Dv)
+    for st in stats:
         assert st.bytes_sent % (C * 4) == 0 and st.bytes_sent <= total * C * 4 * n
-    out = layout.gather([r[0] for r in results], schedule, dim=1)
-    lse = layout.gather([r[1] for r in results], schedule, dim=2)
     if total:
         k, v = expand(lat[0])
         assert_exact(out, lse, q, k[None], v[None], True, None)
         with pytest.raises(ValueError, match="needs v to be k"):
-            ring_attention(qs[0], ls[0], ls[0].clone(), total, schedule,
-                           hub.transport(0, 1.0), expand=expand)
+            ring_attention(q, lat, lat.clone(), total, schedule,
+                           ThreadHub(1).transport(0, 1.0), expand=expand)
 
 
 @pytest.mark.parametrize("total", [0, 1, 2, 3])

@@ -350,16 +350,16 @@ class StepAttention:
 
         The chunks in `expand` attend in the expanded form: each rank expands the latent
         blocks it holds or receives to per-head K and V and runs the flash kernel with keys
-        qk_head_dim and values v_head_dim wide; every other row (decodes, extensions, short chunks) attends absorbed, its
-        output then projected by W_UV."""
+        qk_head_dim and values v_head_dim wide; every other row (decodes, extensions, short
+        chunks) attends absorbed, its output then projected by W_UV."""
         self._store(layer, k, k)
         T, Hq = q.shape[:2]
-        out = torch.empty(T, Hq, mod.mla.v_head_dim, dtype=q.dtype, device=q.device)
-        rest = [self.rows[i] for i in range(len(self.plan.seqs)) if i not in self.expand]
-        if rest:     # the absorbed rows; the expanded chunks' rows of lat are not written
-            lat = self._attend(layer, q, k, k, skip=self.expand)
-            for r in rest:
-                out[r] = mod.to_values(lat[r])
+        if len(self.expand) < len(self.plan.seqs):
+            # the absorbed rows, projected in one GEMM over every row (row by row, whatever
+            # the expanded chunks' unwritten rows of lat hold); those rows are written below
+            out = mod.to_values(self._attend(layer, q, k, k, skip=self.expand))
+        else:
+            out = torch.empty(T, Hq, mod.mla.v_head_dim, dtype=q.dtype, device=q.device)
         for i in sorted(self.expand):
             r = self.rows[i]
             self._ring_chunk_expanded(layer, i, q_exp[r], k[r], out[r], mod.expand_kv)
