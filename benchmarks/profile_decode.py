@@ -132,29 +132,44 @@ def main(argv=None) -> int:
         floor = (w_bytes + kv_tok * _e2e().kv_tokens_read(cfg, L)) / bw if bw else float("nan")
         row["floor_ms"] = floor * 1e3
         row["same_tokens"] = row["eager"]["tokens"] == row["graphs"]["tokens"]
-        # one eager decode step under the profiler
-        set_mode(False)
+        # one decode step under the profiler: eager (the ops, host and device), then a graph
+        # replay (its kernels' device time against the step's wall time: the gaps)
         acts = [torch.profiler.ProfilerActivity.CPU]
         if a.device == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         real = eng._execute
-        box = {}
+        profs = {}
+        for mode in ("graphs", "eager"):
+            set_mode(mode == "graphs")
+            box = {}
 
-        def profiled(step, real=real, box=box, acts=acts):
-            if "prof" in box or any(wk.n > 1 for wk in step.works):
-                return real(step)
-            with torch.profiler.profile(activities=acts) as prof:
-                r = real(step)
-                sync()
-            box["prof"] = prof
-            return r
+            def profiled(step, real=real, box=box, acts=acts):
+                # the third step: after the extension and one decode step
+                box["n"] = box.get("n", 0) + 1
+                if box["n"] != 3 or any(wk.n > 1 for wk in step.works):
+                    return real(step)
+                with torch.profiler.profile(activities=acts) as prof:
+                    r = real(step)
+                    sync()
+                box["prof"] = prof
+                return r
 
-        eng._execute = profiled
-        eng.submit("generate", ids + [2], SamplingParams(temperature=0.0, ignore_eos=True,
-                                                          max_tokens=3)).result()
-        eng._execute = real
+            eng._execute = profiled
+            eng.submit("generate", ids + [2], SamplingParams(temperature=0.0, ignore_eos=True,
+                                                              max_tokens=4)).result()
+            eng._execute = real
+            profs[mode] = box.get("prof")
         eng.submit("drop_document", key).result()
-        ka = box["prof"].key_averages()
+        if profs["graphs"] is not None and a.device == "cuda":
+            kg = [e for e in profs["graphs"].key_averages()
+                  if "cuda" in str(getattr(e, "device_type", "")).lower()]
+            row["graph_step_profile"] = {
+                "kernels": sum(e.count for e in kg),
+                "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in kg) / 1e3}
+            print(f"L={L}: one graph step's kernels: {row['graph_step_profile']}", flush=True)
+            print(profs["graphs"].key_averages().table(sort_by="self_cuda_time_total",
+                                                       row_limit=30), flush=True)
+        ka = profs["eager"].key_averages()
         row["profile"] = {
             "host_ms": sum(e.self_cpu_time_total for e in ka) / 1e3,
             "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e3,
