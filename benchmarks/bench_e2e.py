@@ -322,6 +322,10 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
                    mfu=fl / wall / (args.world_size * args.tp * args.peak_tflops * 1e12),
                    followup_ttft_s=out.timings["ttft_s"], cached=out.num_cached_tokens,
                    decode_ms=dec_s * 1e3, floor_ms=floor * 1e3, decode_vs_floor=dec_s / floor)
+        if "itl_median_s" in out.timings:   # the served rate apart from one slow step
+            row.update(itl_median_ms=out.timings["itl_median_s"] * 1e3,
+                       itl_max_ms=out.timings["itl_max_s"] * 1e3,
+                       itl_vs_floor=out.timings["itl_median_s"] / floor)
         if steps:
             steady = sorted(steps)[len(steps) // 2]
             row.update(decode_step_median_ms=steady * 1e3, decode_step_worst_ms=max(steps) * 1e3,
@@ -428,6 +432,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               + (f"  solo budget {r['solo_budget']}" if "solo_budget" in r else "")
               + f"  ({r['prefill_steps']} steps, {r['prefill_gap_ms_per_step']:.1f} ms/step "
                 f"outside rank 0's execute)"
+              + (f"; served inter-token median {r['itl_median_ms']:.2f} ms "
+                 f"({r['itl_vs_floor']:.2f}x floor), worst {r['itl_max_ms']:.2f} ms"
+                 if "itl_median_ms" in r else "")
               + (f"; decode steps at rank 0: median {r['decode_step_median_ms']:.2f} ms "
                  f"({r['steady_vs_floor']:.2f}x floor), worst {r['decode_step_worst_ms']:.2f} ms"
                  if "decode_step_median_ms" in r else ""))

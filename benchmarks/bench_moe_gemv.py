@@ -30,7 +30,8 @@ SHAPES = {   # name: (H, I, E, top_k)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", default="1,4")
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--shapes", default="qwen3-moe-30b-a3b,deepseek-v2-lite",
+                   help=f"of {', '.join(SHAPES)}")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -46,8 +47,10 @@ def main(argv=None) -> int:
     bw = 2 * src.numel() / (t * 1e-3)          # read + write bytes per second
     src = dst = None
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
-    gate_up_cfgs = list(itertools.product((8, 16, 32), (128, 256, 512), (2, 4, 8)))
-    down_cfgs = list(itertools.product((4, 8, 16, 32), (64, 128, 256), (2, 4, 8)))
+    # gate/up: (BLOCK_N, BLOCK_K, num_warps, LAZY); down: (BLOCK_N, BLOCK_K, num_warps), its
+    # tile holding all top-k experts' rows: at most 8 x 1024 floats of products
+    gate_up_cfgs = list(itertools.product((4, 8, 16), (128, 256, 512), (4, 8), (False, True)))
+    down_all = list(itertools.product((1, 2, 4, 8), (64, 128, 256), (2, 4, 8)))
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
     for name in a.shapes.split(","):
@@ -70,11 +73,14 @@ def main(argv=None) -> int:
 
             ref = layer()
             base = us(rep=40)
-            best_gu, best_dn = MOE_GEMV_BLOCKS[:3], MOE_GEMV_BLOCKS[3:]
+            best_gu = MOE_GEMV_BLOCKS[:3] + MOE_GEMV_BLOCKS[6:]
+            best_dn = MOE_GEMV_BLOCKS[3:6]
+            kp = 1 << (k - 1).bit_length()
+            down_cfgs = [c for c in down_all if kp * c[0] * c[1] <= 8192]
             # the two launches are independent in their tiles: sweep one with the other fixed
             times = {}
             for c in gate_up_cfgs:
-                blocks = tuple(c) + tuple(best_dn)
+                blocks = tuple(c[:3]) + tuple(best_dn) + (c[3],)
                 try:
                     assert torch.allclose(layer(blocks=blocks), ref, atol=2e-2, rtol=2e-2)
                     times[("gu",) + c] = us(blocks)
@@ -82,14 +88,14 @@ def main(argv=None) -> int:
                     print(f"  {name} T={T} gate/up {c}: {type(e).__name__}", flush=True)
             best_gu = min((v, kk[1:]) for kk, v in times.items() if kk[0] == "gu")[1]
             for c in down_cfgs:
-                blocks = tuple(best_gu) + tuple(c)
+                blocks = tuple(best_gu[:3]) + tuple(c) + tuple(best_gu[3:])
                 try:
                     assert torch.allclose(layer(blocks=blocks), ref, atol=2e-2, rtol=2e-2)
                     times[("dn",) + c] = us(blocks)
                 except Exception as e:
                     print(f"  {name} T={T} down {c}: {type(e).__name__}", flush=True)
             best_dn = min((v, kk[1:]) for kk, v in times.items() if kk[0] == "dn")[1]
-            best = tuple(best_gu) + tuple(best_dn)
+            best = tuple(best_gu[:3]) + tuple(best_dn) + tuple(best_gu[3:])
             tb = us(best, rep=40)
             top = sorted(times.items(), key=lambda kv: kv[1])[:6]
             row = dict(shape=name, T=T, experts=experts, floor_us=floor_us, default_us=base,

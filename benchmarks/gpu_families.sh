@@ -102,6 +102,19 @@ case "$PART" in
       --lengths 8192 --fused-kernels --json "$OUT/prof_qwen3moe.json" 2>&1 \
       | tee "$OUT/prof_qwen3moe.log" | tail -6
     T=100 e2e deepseek-v2-lite 8192 ;;  # its KV capacity after the reserve's fix (~683K?)
+  s17c)  # session 17: the MoE down kernel's (k, BLOCK_N, BLOCK_K) tiles and the decode splits
+         # shared over each sequence's own keys (GPU tests), both swept, then the two profiles
+    timeout 100 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "moe_gemv or paged_decode or latent" 2>&1 \
+      | tee "$OUT/test_kernels_moe_decode.log" | tail -2
+    timeout 130 python3 "$REPO/benchmarks/bench_moe_gemv.py" --json "$OUT/moe_gemv.json" 2>&1 \
+      | tee "$OUT/moe_gemv.log" | tail -6
+    timeout 130 python3 "$REPO/benchmarks/bench_decode_splits.py" --json "$OUT/decode_splits.json" \
+      2>&1 | tee "$OUT/decode_splits.log" | tail -14
+    for f in qwen3-moe-30b-a3b deepseek-v2-lite; do
+      timeout 100 python3 "$REPO/benchmarks/profile_decode.py" --preset $f --lengths 8192 \
+        --fused-kernels --json "$OUT/prof_$f.json" 2>&1 | tee "$OUT/prof_$f.log" | tail -2
+    done ;;
   s17b)  # next session (x2): MLA's expanded prefill over the ring on two GPUs
     timeout 400 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 2 --preset deepseek-v2-lite \
       --lengths 32768,131072 --no-hf --decode-tokens 32 --cuda-graphs \

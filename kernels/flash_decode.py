@@ -57,7 +57,7 @@ def _decode_split_kernel(
         DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_SKIP: tl.constexpr):
     b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos = _split_program(
         SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits, capacity,
-        BLOCK_M, CAUSAL or HAS_WINDOW, HAS_QPOS)
+        BLOCK_M, BLOCK_N, CAUSAL or HAS_WINDOW, HAS_QPOS)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
@@ -99,7 +99,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _split_program(SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits,
-                   capacity, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                   capacity, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                    HAS_QPOS: tl.constexpr):
     """A split program's work (grid: split, batch entry x KV head, row block): its batch
     entry (int64) and KV head, its keys [t_lo, t_hi), and its query rows (row r = query token
@@ -110,6 +110,10 @@ def _split_program(SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk,
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
     n = tl.minimum(tl.load(SeqLens + b), capacity)   # never read past the block table
+    # the splits share this sequence's own tiles: `chunk` (the host's, from max_seq_len or the
+    # block table's width) only bounds them. A decode graph's table is a power-of-two width, up
+    # to twice the sequence: chunks by the width left half the splits with nothing to do
+    chunk = tl.minimum(chunk, tl.cdiv(tl.cdiv(n, BLOCK_N), num_splits) * BLOCK_N)
     t_lo = split * chunk
     # the last split takes whatever is left, so a too-small max_seq_len loses no keys
     t_hi = tl.where(split == num_splits - 1, n, tl.minimum(t_lo + chunk, n))
@@ -216,7 +220,7 @@ def _decode_latent_split_kernel(
         DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr):
     b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos = _split_program(
         SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits, capacity,
-        BLOCK_M, CAUSAL or HAS_WINDOW, HAS_QPOS)
+        BLOCK_M, BLOCK_N, CAUSAL or HAS_WINDOW, HAS_QPOS)
     offs_v = tl.arange(0, DV)            # the value columns (the latent)
     offs_r = DV + tl.arange(0, DR)       # the rest of the key (the RoPE part)
     offs_n = tl.arange(0, BLOCK_N)
@@ -353,8 +357,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     -inf, out 0), for a caller that merges them with other parts in one launch
     (kernels.split_parts, kernels.merge_splits).
 
-    max_seq_len: an upper bound of seq_lens that sizes the KV chunks (default: the block
-    table's capacity, max_pages * page_size; lengths are never read on the host, so no sync).
+    max_seq_len: an upper bound of seq_lens that bounds the KV chunks and the number of
+    splits (default: the block table's capacity, max_pages * page_size; lengths are never read
+    on the host, so no sync). Each sequence's keys are shared evenly among the splits in the
+    kernel, from its own length.
     num_splits / block_n / num_warps / num_stages override the launch heuristics (benchmarks).
     seq_lens beyond the capacity raise ValueError for CPU tensors; on the GPU they are clamped
     in the kernel (no out-of-bounds reads). softcap: Gemma 2's attention-logit soft-capping c
@@ -379,8 +385,9 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
             raise ValueError(f"seq_lens must be in 0..max_pages*page_size "
                              f"({block_table.shape[1]}*{page}), got min {lo}, max {hi}")
     if max_seq_len is None:
-        # No host sync (decode steps run back to back, or inside a CUDA graph): chunks are
-        # sized by the block table's capacity, and splits past a sequence's end exit at once.
+        # No host sync (decode steps run back to back, or inside a CUDA graph): the split
+        # count is planned for the block table's capacity; the kernel shares each sequence's
+        # own keys among the splits.
         max_seq_len = capacity
     max_len = min(int(max_seq_len), capacity)
     if B == 0 or Sq == 0 or Hq == 0 or max_len <= 0:
@@ -439,12 +446,12 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
 
 
 def _split_plan(q, num_splits, tiles, block_n, max_len):
-    """(splits, keys a split, the partials' out and lse buffers) for at most num_splits
-    splits of whole key tiles; splits that would start past max_len are dropped."""
+    """(splits, at most so many keys a split, the partials' out and lse buffers) for at most
+    num_splits splits of whole key tiles (the kernel shares each sequence's own tiles among
+    them)."""
     B, Sq, Hq, D = q.shape
     num_splits = max(1, min(num_splits, tiles))
-    chunk = cdiv(tiles, num_splits) * block_n
-    num_splits = cdiv(max_len, chunk)
+    chunk = cdiv(tiles, num_splits) * block_n     # the kernel's bound on a split's keys
     return (num_splits, chunk,
             torch.empty(B, Hq, Sq, num_splits, D, dtype=torch.float32, device=q.device),
             torch.empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device))

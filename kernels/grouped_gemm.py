@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import cdiv, next_pow2
 
 
 @triton.jit
@@ -139,7 +139,7 @@ MOE_GEMV_MAX_COPIES = 32    # token copies (T * top_k) up to which `moe_gemv` ru
 @triton.jit
 def _moe_gate_up_kernel(X, W, Idx, Act, H, I, k,
                         s_xt, s_we, s_wn, s_wk, s_at,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAZY: tl.constexpr):
     i = tl.program_id(0)                    # token copy: token i // k, its (i % k)-th expert
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
@@ -147,17 +147,28 @@ def _moe_gate_up_kernel(X, W, Idx, Act, H, I, k,
     x_row = X + (i // k).to(tl.int64) * s_xt
     w_gate = W + e * s_we + cols[:, None] * s_wn
     w_up = W + e * s_we + (cols[:, None] + I) * s_wn
-    g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if LAZY:    # products summed once after the loop (no reduction between the loads)
+        gg = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        uu = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         m = col_ok[:, None] & k_ok[None, :]
-        g += tl.sum(tl.load(w_gate + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32)
-                    * xv, axis=1)
-        u += tl.sum(tl.load(w_up + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32)
-                    * xv, axis=1)
+        gp = tl.load(w_gate + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32) * xv
+        up = tl.load(w_up + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32) * xv
+        if LAZY:
+            gg += gp
+            uu += up
+        else:
+            g += tl.sum(gp, axis=1)
+            u += tl.sum(up, axis=1)
+    if LAZY:
+        g = tl.sum(gg, axis=1)
+        u = tl.sum(uu, axis=1)
     # the grouped path rounds gate and up to the model's dtype before SiLU(gate) * up: so here
     g = g.to(Act.dtype.element_ty).to(tl.float32)
     u = u.to(Act.dtype.element_ty).to(tl.float32)
@@ -168,36 +179,47 @@ def _moe_gate_up_kernel(X, W, Idx, Act, H, I, k,
 @triton.jit
 def _moe_down_kernel(Act, W, Idx, Wt, Out, H, I, k,
                      s_at, s_we, s_wn, s_wk, s_ot,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A program: one token's BLOCK_N output columns, all k of its experts at once (KP: k
+    # rounded up to a power of two): each step of the loop loads a (KP, BLOCK_N, BLOCK_K)
+    # tile of the experts' rows. Session 16's version walked the experts one after another,
+    # BLOCK_N x BLOCK_K at a time: 2 KB in flight a program, 30% of the H200's bandwidth
+    # (19.8 us a layer for Qwen3-30B-A3B's one decode token against a 5.9 us floor).
     t = tl.program_id(0)                    # token
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
-    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(0, k):
-        i = t * k + j
-        e = tl.load(Idx + i).to(tl.int64)
-        a_row = Act + i.to(tl.int64) * s_at
-        w_rows = W + e * s_we + cols[:, None] * s_wn
-        y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < I
-            av = tl.load(a_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            y += tl.sum(tl.load(w_rows + ks[None, :] * s_wk, mask=col_ok[:, None] & k_ok[None, :],
-                                other=0.0).to(tl.float32) * av, axis=1)
-        # each expert's output in the model's dtype, then weighted in float32 (as the grouped
-        # path: y in the model's dtype, the sum over experts in float32)
-        y = y.to(Out.dtype.element_ty).to(tl.float32)
-        out += tl.load(Wt + i).to(tl.float32) * y
+    js = tl.arange(0, KP)
+    j_ok = js < k
+    i = t * k + js                          # the token's copies
+    e = tl.load(Idx + i, mask=j_ok, other=0).to(tl.int64)
+    a_rows = Act + i.to(tl.int64) * s_at                                   # (KP,)
+    w_rows = W + e[:, None] * s_we + cols[None, :].to(tl.int64) * s_wn    # (KP, BLOCK_N)
+    row_ok = j_ok[:, None] & col_ok[None, :]
+    acc = tl.zeros((KP, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < I
+        av = tl.load(a_rows[:, None] + ks[None, :], mask=j_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)                              # (KP, BLOCK_K)
+        wv = tl.load(w_rows[:, :, None] + ks[None, None, :] * s_wk,
+                     mask=row_ok[:, :, None] & k_ok[None, None, :], other=0.0)
+        acc += wv.to(tl.float32) * av[:, None, :]
+    # each expert's output in the model's dtype, then weighted in float32 (as the grouped
+    # path: y in the model's dtype, the sum over experts in float32)
+    y = tl.sum(acc, axis=2).to(Out.dtype.element_ty).to(tl.float32)     # (KP, BLOCK_N)
+    wt = tl.load(Wt + i, mask=j_ok, other=0.0).to(tl.float32)
+    out = tl.sum(y * wt[:, None], axis=0)
     tl.store(Out + t.to(tl.int64) * s_ot + cols, out.to(Out.dtype.element_ty), mask=col_ok)
 
 
-# the two launches' (BLOCK_N, BLOCK_K, num_warps), gate/up then down, by token copies: the
-# best of bench_moe_gemv.py's sweep on the H200 (session 14: Qwen3-30B-A3B's layer for one token
-# 97.5 -> 35.7 us against an 17.8 us floor, DeepSeek-V2-Lite's 112 -> 48 us; session 13's
-# (32, 128, 4, 16, 128, 4) left most SMs idle: a program per 32 rows of one copy)
-MOE_GEMV_BLOCKS = (8, 256, 8, 4, 256, 4)        # up to 8 token copies (one decode token)
-MOE_GEMV_BLOCKS_MANY = (8, 128, 4, 4, 256, 2)   # 9..MOE_GEMV_MAX_COPIES
+# the two launches' (BLOCK_N, BLOCK_K, num_warps), gate/up then down, and whether gate/up sums
+# its products once after the loop (LAZY), by token copies: the best of bench_moe_gemv.py's
+# sweep on the H200 (session 14: Qwen3-30B-A3B's layer for one token 97.5 -> 35.7 us against an
+# 17.8 us floor, DeepSeek-V2-Lite's 112 -> 48 us; session 13's (32, 128, 4, 16, 128, 4) left
+# most SMs idle: a program per 32 rows of one copy). The down launch's tile is (k, BLOCK_N,
+# BLOCK_K) since session 17.
+MOE_GEMV_BLOCKS = (8, 256, 8, 2, 128, 4, False)        # up to 8 token copies (one decode token)
+MOE_GEMV_BLOCKS_MANY = (8, 128, 4, 2, 128, 4, False)   # 9..MOE_GEMV_MAX_COPIES
 
 
 def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
@@ -206,8 +228,8 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     stacked weights gate_up (E, 2I, H) (gate rows, then up rows) and down (E, H, I), each
     token's top-k expert ids idx (T, k) and router weights (T, k) -> (T, H) in x's dtype, the
     router-weighted sum of the token's experts' outputs. `blocks` (benchmarks' sweeps):
-    the two launches' (BLOCK_N, BLOCK_K, num_warps), default `MOE_GEMV_BLOCKS` (or
-    `MOE_GEMV_BLOCKS_MANY` past 8 token copies)."""
+    the two launches' (BLOCK_N, BLOCK_K, num_warps), then optionally gate/up's LAZY, default
+    `MOE_GEMV_BLOCKS` (or `MOE_GEMV_BLOCKS_MANY` past 8 token copies)."""
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)} and down "
                          f"{tuple(down.shape)} must be (T, H), (E, 2I, H) and (E, H, I)")
@@ -228,13 +250,15 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    gn, gk, gw, dn, dk, dw = blocks or (MOE_GEMV_BLOCKS if T * k <= 8 else MOE_GEMV_BLOCKS_MANY)
+    blocks = tuple(blocks or (MOE_GEMV_BLOCKS if T * k <= 8 else MOE_GEMV_BLOCKS_MANY))
+    gn, gk, gw, dn, dk, dw = blocks[:6]
+    lazy = bool(blocks[6]) if len(blocks) > 6 else False
     _moe_gate_up_kernel[(T * k, cdiv(inter, gn))](
         x, gate_up, idx, act, H, inter, k, x.stride(0), *gate_up.stride(), act.stride(0),
-        BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
+        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, num_warps=gw)
     _moe_down_kernel[(T, cdiv(H, dn))](
         act, down, idx, wt, out, H, inter, k, act.stride(0), *down.stride(), out.stride(0),
-        BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
+        KP=next_pow2(k), BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
     return out
 
 

@@ -786,6 +786,9 @@ class Engine:
     def _on_token(self, req: Request, tok: int, lp: float, now: float, top=None) -> None:
         if req.first_token_at is None:
             req.first_token_at = now
+        else:
+            req.itl.append(now - req.last_token_at)
+        req.last_token_at = now
         n = req.resolve(tok)
         req.out_logprobs.append(lp)
         if req.params.top_logprobs:
@@ -822,6 +825,11 @@ class Engine:
                    "prefill_tokens_per_s": (len(req.prompt) - req.num_cached_tokens)
                    / max(t_first - admitted, 1e-9),
                    "preemptions": req.preemptions, "recoveries": req.recoveries}
+        if req.itl:     # inter-token latency: the steady rate apart from one slow step
+            itl = sorted(req.itl)
+            timings.update(itl_median_s=itl[len(itl) // 2],
+                           itl_p90_s=itl[min(len(itl) - 1, (9 * len(itl)) // 10)],
+                           itl_max_s=itl[-1])
         out = RequestOutput(list(req.prompt), list(req.out_tokens), req.stop.text, reason,
                             list(req.out_logprobs) if req.params.logprobs else None,
                             req.num_cached_tokens, timings,

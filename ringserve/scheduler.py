@@ -67,6 +67,9 @@ class Request:
     preemptions: int = 0
     first_admitted: Optional[float] = None
     first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
+    # the intervals between its output tokens' arrivals (timings' itl_* figures)
+    itl: List[float] = field(default_factory=list)
     stop: Any = None                   # sampling.StopState (generate)
     entry_key: Optional[str] = None    # the cached document it forked, if any
     doc_key: Optional[str] = None      # cache_document: the key its document will have

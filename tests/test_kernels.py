@@ -453,6 +453,27 @@ def test_paged_decode_max_seq_len_bound():
         check_close(out, lse, ref_out, ref_lse, torch.float32)
 
 
+@pytest.mark.parametrize("latent", [False, True])
+def test_paged_decode_splits_share_each_sequences_own_keys(latent):
+    """A decode graph's block table is a power-of-two width, up to twice its sequences: the
+    splits still share each sequence's own keys (every split of a long enough sequence sees
+    some; none is left idle by the table's empty half), and the result is exact."""
+    from ringserve.kernels.flash_decode import paged_decode_triton
+    D = 576 if latent else 32
+    # 256 keys: 8 or 16 whole tiles (block_n 32 / 16 on CPU), two or four for each of 4 splits
+    q, kc, vc, bt, sl, _, _ = paged_case(2, 1, 4, 1 if latent else 2, D, 8, [256, 47],
+                                         torch.float32, seed=41)
+    if latent:
+        vc = kc
+    ref_out, ref_lse = paged_decode_ref(q, kc, vc, bt, sl)
+    wide = torch.cat([bt, bt.flip(1)], 1)        # twice the width; the tail never read
+    for table in (bt, wide):
+        _, lse = paged_decode_triton(q, kc, vc, table, sl, num_splits=4, splits=True)
+        assert lse.shape[3] == 4 and torch.isfinite(lse[0]).all(), lse[0]
+        out, lse = paged_decode_triton(q, kc, vc, table, sl, num_splits=4)
+        check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
 def test_launchers_reject_bad_inputs():
     from ringserve.kernels.flash_decode import paged_decode_triton
     from ringserve.kernels.flash_fwd import flash_attn_fwd

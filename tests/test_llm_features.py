@@ -42,6 +42,11 @@ def test_stream_deltas_add_up_to_the_final_output(llm):
     assert final.prompt_token_ids == llm.tokenizer.encode(text(1))
     t = final.timings
     assert 0 < t["prefill_s"] <= t["ttft_s"] and t["decode_s"] > 0
+    # 19 intervals between the 20 tokens: each within the decode time
+    assert 0 < t["itl_median_s"] <= t["itl_p90_s"] <= t["itl_max_s"] <= t["decode_s"]
+    assert t["itl_median_s"] * 9 <= t["decode_s"]     # the 9 intervals above the median
+    one = llm.generate(text(1), SamplingParams(max_tokens=1, **GREEDY))[0].timings
+    assert "itl_median_s" not in one and one["decode_s"] >= 0
 
 
 def test_document_cache_reuse_gives_cold_prefill_tokens(llm):
