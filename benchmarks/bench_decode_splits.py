@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             q = torch.randn(1, 1, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
             run = functools.partial(paged_decode_triton, q, kc, vc, table, lens, check=False)
             kv_bytes = L * hkv * d * 2 * (1 if latent else 2)
-            floor_us = kv_bytes / (bw / 2) * 1e6
+            floor_us = kv_bytes / bw * 1e6     # as bench_moe_gemv / profile_decode count it
             ref, _ = run()
             base = do_bench_cudagraph(run, rep=40) * 1e3
             per_wave = max(1, -(-sms // hkv))

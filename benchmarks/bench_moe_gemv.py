@@ -99,7 +99,8 @@ def main(argv=None) -> int:
             tb = us(best, rep=40)
             top = sorted(times.items(), key=lambda kv: kv[1])[:6]
             row = dict(shape=name, T=T, experts=experts, floor_us=floor_us, default_us=base,
-                       best_us=tb, best=best, top=[(list(kk), v) for kk, v in top])
+                       best_us=tb, best=best, top=[(list(kk), v) for kk, v in top],
+                       all=[(list(kk), v) for kk, v in times.items()])
             rows.append(row)
             print(f"{name} T={T}: floor {floor_us:.1f} us, default {MOE_GEMV_BLOCKS} {base:.1f} "
                   f"us, best {best} {tb:.1f} us; top {[(kk, round(v, 1)) for kk, v in top]}",

@@ -115,6 +115,17 @@ case "$PART" in
       timeout 100 python3 "$REPO/benchmarks/profile_decode.py" --preset $f --lengths 8192 \
         --fused-kernels --json "$OUT/prof_$f.json" 2>&1 | tee "$OUT/prof_$f.log" | tail -2
     done ;;
+  s17d)  # session 17: the decode kernel's new defaults (128-key tiles, ~2 waves) and the
+         # few-row GEMV (GPU tests), the GEMV against cuBLAS, then the served rows after the
+         # MoE / split changes: Qwen3-MoE 8K, DeepSeek 8K + 32K, Llama-3-8B 32K + 128K
+    timeout 60 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "paged_decode or latent or gemv" 2>&1 \
+      | tee "$OUT/test_kernels_decode_gemv.log" | tail -2
+    timeout 100 python3 "$REPO/benchmarks/bench_gemv.py" --json "$OUT/gemv.json" 2>&1 \
+      | tee "$OUT/gemv.log" | tail -22
+    T=100 e2e qwen3-moe-30b-a3b 8192
+    T=120 e2e deepseek-v2-lite 8192,32768
+    T=180 e2e llama3-8b 32768,131072 ;;
   s17b)  # next session (x2): MLA's expanded prefill over the ring on two GPUs
     timeout 400 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 2 --preset deepseek-v2-lite \
       --lengths 32768,131072 --no-hf --decode-tokens 32 --cuda-graphs \

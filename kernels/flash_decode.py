@@ -410,16 +410,23 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     # (out of resources on the H200, session 11): 16 rows a tile there
     block_m = min(128 if block_d <= 256 else 16, max(16, next_pow2(rows)))
     row_blocks = cdiv(rows, block_m)
+    # 128-wide heads: 128-key tiles in ~2 waves of programs over the SMs. Session 17's sweep
+    # (bench_decode_splits.py, one H200, batch 1, a graph's power-of-two table) against 64-key
+    # tiles in ~4 waves: Llama-3-8B's layer 17.4 / 50.1 / 170.2 -> 15.4 / 42.1 / 135.1 us at
+    # 8K / 32K / 128K, Qwen3-30B-A3B's 13.8 / 31.1 / 92.1 -> 10.4 / 25.1 / 71.0 us. Wider heads
+    # (Gemma's 256) were best as they were: 32-key tiles, ~4 waves. Many query rows (a
+    # 128-row tile: 3 stages of 128-key K and V tiles would fill the shared memory) keep 64.
+    long_tiles = block_d <= 128 and block_m <= 32
     if block_n is None:
-        block_n = 32 if on_cpu else (64 if block_d <= 128 else 32 if block_d <= 256 else 16)
+        block_n = 32 if on_cpu else (128 if long_tiles else 64 if block_d <= 128
+                                     else 32 if block_d <= 256 else 16)
     tiles = cdiv(max_len, block_n)
     if num_splits is None:
         if on_cpu:
             num_splits = min(3, tiles)     # still exercises the split + reduce path
         else:
-            # ~4 waves of programs over the SMs keeps enough loads in flight to stream K/V
             sms = sm_count(q.device)
-            num_splits = cdiv(4 * sms, B * Hkv * row_blocks)
+            num_splits = cdiv((2 if long_tiles else 4) * sms, B * Hkv * row_blocks)
             if block_d > 256:
                 # a wide head's tile holds 16 keys: a split of one or two tiles spends more on
                 # its partial (1024 floats a row, written and read back) than on its keys

@@ -218,8 +218,11 @@ def _moe_down_kernel(Act, W, Idx, Wt, Out, H, I, k,
 # 17.8 us floor, DeepSeek-V2-Lite's 112 -> 48 us; session 13's (32, 128, 4, 16, 128, 4) left
 # most SMs idle: a program per 32 rows of one copy). The down launch's tile is (k, BLOCK_N,
 # BLOCK_K) since session 17.
-MOE_GEMV_BLOCKS = (8, 256, 8, 2, 128, 4, False)        # up to 8 token copies (one decode token)
-MOE_GEMV_BLOCKS_MANY = (8, 128, 4, 2, 128, 4, False)   # 9..MOE_GEMV_MAX_COPIES
+# Session 17's sweep (one H200), the layer for one token / four: Qwen3-30B-A3B 22.6 / 67.2 us
+# (floor 17.9 / 62.6), DeepSeek-V2-Lite 30.9 / 89.6 us (24.6 / 82.0); session 16's kernels
+# (in its profile): 35.2 / - and 51.6 / - us.
+MOE_GEMV_BLOCKS = (4, 256, 4, 1, 128, 4, False)        # up to 8 token copies (one decode token)
+MOE_GEMV_BLOCKS_MANY = (4, 256, 4, 8, 128, 2, False)   # 9..MOE_GEMV_MAX_COPIES
 
 
 def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,

@@ -823,3 +823,29 @@ def test_the_autotuner_candidates_per_head_width():
     assert shapes(256) == {(64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)}
     assert shapes(1024) == {(16, 16, 8, 2)}
     assert (128, 64, 4, 3) in shapes(64) and not any(bm == 64 for bm, *_ in shapes(64))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_gemv_equals_float64_linear(dtype, tol):
+    """The few-row GEMV (interpreted on CPU) against F.linear in float64: 1-5 rows, ragged N and
+    K, with and without bias, a strided x, other tiles; bad shapes are refused."""
+    from ringserve.kernels.gemv import gemv
+    g = torch.Generator().manual_seed(5)
+    for M, N, K, bias in ((1, 37, 300, False), (3, 64, 129, True), (5, 10, 64, True)):
+        x = torch.randn(M, K, generator=g).to(dtype)
+        w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if bias else None
+        ref = torch.nn.functional.linear(x.double(), w.double(),
+                                         None if b is None else b.double())
+        for blocks in (None, (8, 64, 2), (1, 32, 4)):
+            y = gemv(x, w, b, blocks=blocks)
+            assert y.shape == (M, N) and y.dtype == dtype
+            err = (y.double() - ref).abs().max().item()
+            assert err <= tol * max(1.0, ref.abs().max().item()), (M, N, K, blocks, err)
+    xs = torch.randn(2, 2 * 96, generator=g)[:, ::2]       # a strided x
+    w = torch.randn(8, 96, generator=g)
+    assert torch.allclose(gemv(xs, w), xs @ w.t(), atol=1e-5)
+    with pytest.raises(ValueError, match="must be"):
+        gemv(torch.randn(2, 5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="must agree"):
+        gemv(torch.randn(2, 4), torch.randn(3, 4).half())

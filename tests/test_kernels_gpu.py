@@ -573,6 +573,28 @@ def _moe_layer(x, gu, dn, idx, w):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_gpu(dtype):
+    """The few-row GEMV in bf16 / fp16 at a Qwen3-30B-A3B o_proj's shape (2048 x 4096) and a
+    ragged one with bias, 1-4 rows and every tile bench_gemv.py sweeps: within 2x the error of
+    F.linear in the same dtype against float64."""
+    import itertools
+
+    from ringserve.kernels.gemv import gemv
+    g = torch.Generator(device="cuda").manual_seed(4)
+    for (N, K, bias), M in itertools.product(((2048, 4096, False), (1000, 1100, True)), (1, 3)):
+        x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+        w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(dtype)
+        b = torch.randn(N, device="cuda", generator=g).to(dtype) if bias else None
+        ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        base = (torch.nn.functional.linear(x, w, b).double() - ref).abs().max().item()
+        for blocks in itertools.product((1, 2, 4, 8), (256, 512), (4, 8)):
+            if (4 if M > 1 else 1) * blocks[0] * blocks[1] > 8192:
+                continue
+            err = (gemv(x, w, b, blocks=blocks).double() - ref).abs().max().item()
+            assert err <= 2 * base + 1e-3, (N, K, M, blocks, err, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_moe_gemv_gpu(dtype):
     """The few-token MoE layer in bf16 / fp16 at the Qwen3-30B-A3B shape (128 experts, top-8,
     hidden 2048, expert width 768), one and four tokens: within 2x the error of a plain torch

@@ -1,0 +1,89 @@
+"""The few-row GEMV (`kernels.gemv.gemv`) against F.linear (cuBLAS) on the GPU, at the decode
+step's projections of the families' presets, 1 and 4 rows: each timed with CUDA graphs
+(`do_bench_cudagraph`, median), its tiles swept, checked against F.linear, against the floor
+of reading the weight once at the device's copy bandwidth.
+
+  python3 benchmarks/bench_gemv.py --json out.json        # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import sys
+
+import torch
+
+SHAPES = {   # name: (N, K), the weight (out, in)
+    "llama3-8b qkv": (6144, 4096), "llama3-8b o": (4096, 4096),
+    "llama3-8b down": (4096, 14336),
+    "qwen3-moe qkv": (5120, 2048), "qwen3-moe o": (2048, 4096), "qwen3-moe router": (128, 2048),
+    "deepseek q|kv_a": (3648, 2048), "deepseek o": (2048, 2048),
+    "deepseek shared gate_up": (5632, 2048), "deepseek shared down": (2048, 2816),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default="1,4")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemv needs a CUDA device")
+    from triton.testing import do_bench_cudagraph
+
+    from ringserve.kernels.gemv import GEMV_BLOCKS, gemv
+
+    dev = torch.device("cuda")
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t = do_bench_cudagraph(functools.partial(dst.copy_, src), rep=50)
+    bw = 2 * src.numel() / (t * 1e-3)
+    src = dst = None
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
+    cfgs = list(itertools.product((1, 2, 4, 8), (256, 512), (4, 8)))
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g) * 0.02
+        floor_us = N * K * 2 / bw * 1e6
+        for M in (int(s) for s in a.rows.split(",")):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
+            ref = torch.nn.functional.linear(x, w)
+            cublas = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x, w),
+                                        rep=40) * 1e3
+            mp = 1 << (M - 1).bit_length()
+            times = {}
+            for c in cfgs:
+                if mp * c[0] * c[1] > 8192:
+                    continue
+                fn = functools.partial(gemv, x, w, blocks=c)
+                try:
+                    assert torch.allclose(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
+                    times[c] = do_bench_cudagraph(fn, rep=20) * 1e3
+                except Exception as e:   # noqa: BLE001 - a tile the compiler refuses
+                    print(f"  {name} M={M} {c}: {type(e).__name__}", flush=True)
+            best = min(times, key=times.get)
+            row = dict(shape=name, N=N, K=K, M=M, floor_us=floor_us, cublas_us=cublas,
+                       default_us=times.get(GEMV_BLOCKS), best_us=times[best], best=list(best),
+                       all=[(list(k), v) for k, v in times.items()])
+            rows.append(row)
+            print(f"{name} M={M}: floor {floor_us:.1f} us, cuBLAS {cublas:.1f}, default "
+                  f"{row['default_us'] or float('nan'):.1f}, best {best} {times[best]:.1f}",
+                  flush=True)
+    print(f"\n{'shape':>24} | {'M':>2} | {'floor':>6} | {'cuBLAS':>6} | {'x fl':>5} | "
+          f"{'default':>7} | {'best':>6} | {'x fl':>5} | best (BLOCK_N, BLOCK_K, warps)")
+    for r in rows:
+        d = r["default_us"] or float("nan")
+        print(f"{r['shape']:>24} | {r['M']:>2} | {r['floor_us']:>6.1f} | {r['cublas_us']:>6.1f} | "
+              f"{r['cublas_us'] / r['floor_us']:>5.2f} | {d:>7.1f} | {r['best_us']:>6.1f} | "
+              f"{r['best_us'] / r['floor_us']:>5.2f} | {r['best']}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"copy_bw": bw, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
