@@ -19,14 +19,19 @@ import triton.language as tl
 
 from ._host import cdiv, next_pow2
 
-GEMV_MAX_ROWS = 4          # rows up to which `gemv` is meant to stand in for the GEMM
 GEMV_BLOCKS = (4, 512, 4)  # (BLOCK_N, BLOCK_K, num_warps) by default
+# Session 17's bench_gemv.py (one H200, bf16; us, cuBLAS -> gemv, one row): Llama-3-8B o_proj
+# 4096 x 4096 10.5 -> 8.0, Qwen3-30B-A3B o_proj 2048 x 4096 7.9 -> 6.2 and its router 128 x 2048
+# 4.7 -> 2.2, DeepSeek-V2-Lite o_proj 2048 x 2048 5.0 -> 4.0, its shared experts' down 2048 x
+# 2816 6.2 -> 5.0. cuBLAS stayed ahead on wider outputs (N > K: qkv, gate|up) and on larger
+# matrices (Llama's down, 4096 x 14336: 31.9 against 37.2), and at four rows on every shape.
+GEMV_MAX_WEIGHTS = 1 << 24
 
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
                  MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ADD: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ms = tl.arange(0, MP)
@@ -44,25 +49,38 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
     y = tl.sum(acc, axis=2)                                                    # (MP, BN)
     if HAS_BIAS:
         y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + ms[:, None].to(tl.int64) * s_ym + cols[None, :], y.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & col_ok[None, :])
+    y_ptr = Y + ms[:, None].to(tl.int64) * s_ym + cols[None, :]
+    y_ok = m_ok[:, None] & col_ok[None, :]
+    if ADD:     # y += x @ w^T, rounded once (as addmm_)
+        y += tl.load(y_ptr, mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=y_ok)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
-         blocks: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T (+ b (N,)) -> (M, N) in x's dtype, float32 sums: F.linear for a
-    few rows (M <= GEMV_MAX_ROWS is what it is tuned for; any M works). `blocks`: (BLOCK_N,
-    BLOCK_K, num_warps), default GEMV_BLOCKS (benchmarks' sweeps)."""
+         blocks: Optional[Tuple[int, int, int]] = None, out_dtype: Optional[torch.dtype] = None,
+         add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T (+ b (N,)) -> (M, N), float32 sums: F.linear for a few rows (tuned
+    for one; any M works). x may be of another float dtype than w (each is read as it is and
+    multiplied in float32: a bf16 activation times a float32 router); the output is out_dtype
+    (default x's). add_to: an (M, N) tensor the product is added into (returned; as
+    `add_to.addmm_(x, w.t())`). `blocks`: (BLOCK_N, BLOCK_K, num_warps), default GEMV_BLOCKS
+    (benchmarks' sweeps)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} must be (M, K) and w {tuple(w.shape)} (N, K)")
-    if x.dtype != w.dtype or x.device != w.device:
+    if not (x.is_floating_point() and w.is_floating_point()) or x.device != w.device:
         raise ValueError(f"gemv: x ({x.dtype}, {x.device}) and w ({w.dtype}, {w.device}) "
-                         f"must agree")
+                         f"must be floating point on one device")
     if b is not None and tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"gemv: bias {tuple(b.shape)} must be ({w.shape[0]},)")
     M, K = x.shape
     N = w.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if add_to is not None:
+        if tuple(add_to.shape) != (M, N) or add_to.stride(1) != 1 or add_to.device != x.device:
+            raise ValueError(f"gemv: add_to {tuple(add_to.shape)} must be ({M}, {N}) with "
+                             f"unit column stride, on {x.device}")
+        y = add_to
+    else:
+        y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
     bn, bk, warps = blocks or GEMV_BLOCKS
@@ -70,5 +88,25 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
         warps = 4
     _gemv_kernel[(cdiv(N, bn),)](
         x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
-        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None, num_warps=warps)
+        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None,
+        ADD=add_to is not None, num_warps=warps)
     return y
+
+
+def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `gemv` is the faster way to x @ w^T: one row, a weight no wider than it is
+    long (N <= K) of at most GEMV_MAX_WEIGHTS values (bench_gemv.py's sweep, above)."""
+    return x.dim() == 2 and x.shape[0] == 1 and w.shape[0] <= w.shape[1] \
+        and w.numel() <= GEMV_MAX_WEIGHTS
+
+
+def few_rows_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """F.linear(x, w, b) (x cast to w's dtype first, the output to out_dtype), by `gemv` where
+    it `gemv_wins`: the few-token path's projections (the caller has chosen Triton)."""
+    if gemv_wins(x, w):
+        if x.dtype != w.dtype and w.dtype != torch.float32:   # else read as it is: exact
+            x = x.to(w.dtype)
+        return gemv(x, w, b, out_dtype=out_dtype or w.dtype)
+    y = torch.nn.functional.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, b)
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)

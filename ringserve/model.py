@@ -108,10 +108,15 @@ class Attention(nn.Module):
             return q, k, v.contiguous()
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The attention's output (t, Hq, D) -> (t, hidden)."""
+    def output(self, o: torch.Tensor, dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
+        """The attention's output (t, Hq, D) -> (t, hidden). fused: the few-token path's
+        projection (`few_rows_linear`: a Triton GEMV for one row)."""
         o = o.reshape(o.shape[0], -1)
-        return self.o_proj(o if o.dtype == dtype else o.to(dtype))
+        o = o if o.dtype == dtype else o.to(dtype)
+        if fused and type(self.o_proj) is nn.Linear:    # (not a tensor-parallel slice)
+            from ringserve.kernels.gemv import few_rows_linear
+            return few_rows_linear(o, self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(o)
 
 
 class MLAttention(nn.Module):
@@ -234,14 +239,19 @@ class MLAttention(nn.Module):
         _, w_uv = self._wkv()
         return torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].to(w_uv.dtype), w_uv)
 
-    def output(self, o: torch.Tensor, dtype: torch.dtype, values: bool = False) -> torch.Tensor:
+    def output(self, o: torch.Tensor, dtype: torch.dtype, values: bool = False,
+               fused: bool = False) -> torch.Tensor:
         """(t, h, latent_dim) attention output in the latent space -> (t, hidden); values=True:
         o is (t, h, v_head_dim) in the values' space already (`to_values`, the expanded
-        form)."""
+        form). fused: as Attention.output's."""
         if not values:
             o = self.to_values(o)
         o = o.reshape(o.shape[0], -1)
-        return self.o_proj(o if o.dtype == dtype else o.to(dtype))
+        o = o if o.dtype == dtype else o.to(dtype)
+        if fused and type(self.o_proj) is nn.Linear:    # (not a tensor-parallel slice)
+            from ringserve.kernels.gemv import few_rows_linear
+            return few_rows_linear(o, self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(o)
 
 
 class MLP(nn.Module):
@@ -562,7 +572,7 @@ class CausalLM(nn.Module):
                     raise ValueError(f"attn_fn.mla returned shape {tuple(o.shape)}, expected "
                                      f"{tuple(want_values)}")
                 del q, k, v, qe
-                a = at.output(o, h.dtype, values=True)
+                a = at.output(o, h.dtype, values=True, fused=True)
             else:
                 if flat:    # (T, H, D) in and out: no batch dimension made and dropped
                     o = attn_fn(li, q, k, v)
@@ -572,7 +582,7 @@ class CausalLM(nn.Module):
                     raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
                                      f"{tuple(want)}")
                 del q, k, v, qe
-                a = at.output(o if flat else o[0], h.dtype)
+                a = at.output(o if flat else o[0], h.dtype, fused=True)
             ffn = layer.ffn()
             if layer.sandwich:    # Gemma: h += norm(a); the MLP's input and output normed
                 x = add_norm(layer.pre_feedforward_layernorm, h,

@@ -93,7 +93,14 @@ class MoE(nn.Module):
             if w32 is None or w32.shape != self.gate.weight.shape \
                     or w32.device != self.gate.weight.device:
                 w32 = self.gate.weight.float()
-            logits = F.linear(x.float(), w32)
+            if fused:   # the Triton GEMV reads x as it is: no cast launch
+                from ringserve.kernels.gemv import few_rows_linear
+                logits = few_rows_linear(x, w32)
+            else:
+                logits = F.linear(x.float(), w32)
+        elif fused and type(self.gate) is nn.Linear:
+            from ringserve.kernels.gemv import few_rows_linear
+            logits = few_rows_linear(x, self.gate.weight, self.gate.bias)
         else:
             logits = self.gate(x)
         if fused and c.n_group <= 1:   # the kernel reads the logits in float32 itself

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -268,7 +268,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int,
 
 def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
                 masks: Optional[Dict[int, torch.Tensor]] = None,
-                bitmask: Optional[torch.Tensor] = None) -> List[tuple]:
+                bitmask: Optional[torch.Tensor] = None,
+                greedy_kernel: Optional[bool] = None) -> List[tuple]:
     """`sample` for a batch of (vocab,) logits rows, (B, vocab), row j with items[j] =
     (params, step) or (params, step, SampleContext) and masks.get(j) its grammar bitmask: the
     same results as `sample` row by row, with one host round trip for the whole batch instead
@@ -277,9 +278,33 @@ def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
     (B, ceil(vocab/32)) int32 with all bits set on unconstrained rows (masks[j] is then its row
     j): the masked rows are masked in one pass over the batch, with no index built on the host
     (building one from a host list is a blocking copy that waits for the step's forward, and the
-    sampling's launches then run after the device is idle instead of beside it)."""
+    sampling's launches then run after the device is idle instead of beside it).
+    greedy_kernel: a batch of plain greedy rows (no penalties, masks or top_logprobs) takes
+    `kernels.greedy.greedy_pick` (two launches: the cast, the argmax, the log-softmax and the
+    gather were ~50 us of device time a step); None: on CUDA."""
+    return sample_rows_queued(logits, items, masks, bitmask, greedy_kernel)[0]()
+
+
+def sample_rows_queued(logits: torch.Tensor, items: Sequence[tuple],
+                       masks: Optional[Dict[int, torch.Tensor]] = None,
+                       bitmask: Optional[torch.Tensor] = None,
+                       greedy_kernel: Optional[bool] = None
+                       ) -> Tuple[Callable[[], List[tuple]], Optional[torch.Tensor]]:
+    """`sample_rows` with its device work queued and nothing waited for: (read, tokens).
+    read() waits for the draws (their copy to the host was queued right after them, into
+    pinned memory on CUDA, so it waits for this work only, not for anything queued later on
+    the stream) and returns sample_rows' list; tokens: the drawn ids (B,) int64 on the device
+    (None for no rows), for a next step queued before read() is called."""
     if not len(items):
-        return []
+        return (lambda: []), None
+    if greedy_kernel is None:
+        greedy_kernel = logits.is_cuda
+    k = max(_spec(item)[0].top_logprobs for item in items)
+    if greedy_kernel and not masks and not k and all(
+            _plain(*_spec(item), None) and _spec(item)[0].greedy for item in items):
+        from ringserve.kernels.greedy import greedy_pick
+        toks, lps = greedy_pick(logits.reshape(len(items), -1))
+        return _queued_read(torch.stack([toks.double(), lps.double()]), items, 0), toks
     masks = masks or {}
     raw = logits.float().reshape(len(items), -1)
     x = raw
@@ -318,21 +343,38 @@ def sample_rows(logits: torch.Tensor, items: Sequence[tuple],
     lsm = torch.log_softmax(raw, dim=-1)
     lps = lsm.gather(1, toks[:, None])[:, 0]
     rows = [toks.double(), lps.double()]
-    k = max(_spec(item)[0].top_logprobs for item in items)
     if k:
         v, i = torch.topk(lsm, min(k, lsm.shape[1]), dim=-1)
         rows += [i.double().t(), v.double().t()]
-    got = torch.cat([r.reshape(-1, len(items)) for r in rows]).cpu().tolist()
-    out = []
-    for j, item in enumerate(items):
-        tok, lp = int(got[0][j]), float(got[1][j])
-        kj = _spec(item)[0].top_logprobs
-        if kj:
-            out.append((tok, lp, [(int(got[2 + a][j]), float(got[2 + k + a][j]))
-                                  for a in range(kj)]))
-        else:
-            out.append((tok, lp))
-    return out
+    return _queued_read(torch.cat([r.reshape(-1, len(items)) for r in rows]), items, k), toks
+
+
+def _queued_read(payload: torch.Tensor, items: Sequence[tuple],
+                 k: int) -> Callable[[], List[tuple]]:
+    """The host copy of a (2 + 2k, B) float64 payload queued now; what reads it into rows."""
+    if payload.is_cuda:
+        host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+        host.copy_(payload, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        host, done = payload, None
+
+    def read() -> List[tuple]:
+        if done is not None:
+            done.synchronize()
+        got = host.tolist()
+        out = []
+        for j, item in enumerate(items):
+            tok, lp = int(got[0][j]), float(got[1][j])
+            kj = _spec(item)[0].top_logprobs
+            if kj:
+                out.append((tok, lp, [(int(got[2 + a][j]), float(got[2 + k + a][j]))
+                                      for a in range(kj)]))
+            else:
+                out.append((tok, lp))
+        return out
+    return read
 
 
 class Sampler:
@@ -395,11 +437,15 @@ class Sampler:
         return where, self._grammar.fill(rows, slots=where, n=len(specs))
 
     def sample(self, logits: torch.Tensor, specs: Sequence[tuple], prepared=None) -> List[tuple]:
+        return self.sample_queued(logits, specs, prepared)[0]()
+
+    def sample_queued(self, logits: torch.Tensor, specs: Sequence[tuple], prepared=None):
+        """`sample` as `sample_rows_queued`: (read, the drawn ids on the device)."""
         if prepared is None:
-            return sample_rows(logits, specs)
+            return sample_rows_queued(logits, specs)
         where, host = prepared
         dev = host.to(logits.device, non_blocking=True)
-        return sample_rows(logits, specs, {j: dev[j] for j in where}, bitmask=dev)
+        return sample_rows_queued(logits, specs, {j: dev[j] for j in where}, bitmask=dev)
 
 
 def expand_samples(params: SamplingParams) -> List[SamplingParams]:
@@ -479,5 +525,5 @@ class StopState:
 
 
 __all__ = ["SamplingParams", "SampleContext", "Sampler", "sample", "sample_rows",
-           "expand_samples", "best_samples",
+           "sample_rows_queued", "expand_samples", "best_samples",
            "penalized_logits", "processed_logits", "filtered_logits", "StopState"]

@@ -847,5 +847,51 @@ def test_gemv_equals_float64_linear(dtype, tol):
     assert torch.allclose(gemv(xs, w), xs @ w.t(), atol=1e-5)
     with pytest.raises(ValueError, match="must be"):
         gemv(torch.randn(2, 5), torch.randn(3, 4))
-    with pytest.raises(ValueError, match="must agree"):
-        gemv(torch.randn(2, 4), torch.randn(3, 4).half())
+    with pytest.raises(ValueError, match="floating point"):
+        gemv(torch.randn(2, 4), torch.ones(3, 4, dtype=torch.int32))
+    # a half activation times a float32 weight (the router), float32 out: as F.linear of the
+    # activation cast up; add_to: the product added into it, rounded once
+    xh, w32 = torch.randn(1, 96, generator=g).half(), torch.randn(40, 96, generator=g)
+    ref = xh.float() @ w32.t()
+    y = gemv(xh, w32, out_dtype=torch.float32)
+    assert y.dtype == torch.float32 and (y - ref).abs().max() < 1e-4
+    base = torch.randn(1, 40, generator=g)
+    out = base.clone()
+    assert gemv(xh.float(), w32, add_to=out) is out
+    assert (out - (base + ref)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="add_to"):
+        gemv(xh.float(), w32, add_to=torch.zeros(2, 40))
+    # the few-token path's choice: one row and a weight no wider than long
+    from ringserve.kernels.gemv import few_rows_linear, gemv_wins
+    assert gemv_wins(xh, w32) and not gemv_wins(torch.randn(2, 96), w32)
+    assert not gemv_wins(torch.randn(1, 40), torch.randn(96, 40))
+    y = few_rows_linear(xh, w32)
+    assert y.dtype == torch.float32 and (y - ref).abs().max() < 1e-4
+    y = few_rows_linear(torch.randn(3, 96, generator=g), w32.half())   # F.linear's way
+    assert y.dtype == torch.float16 and y.shape == (3, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_greedy_pick_equals_argmax_and_log_softmax(dtype):
+    """The greedy pick (interpreted on CPU) against torch.argmax and log_softmax: a vocabulary
+    of several blocks and a ragged last one, ties (the first index wins, also across blocks),
+    a maximum in the last block, -inf entries, a NaN row; bad input is refused."""
+    from ringserve.kernels.greedy import greedy_pick
+    g = torch.Generator().manual_seed(9)
+    V = 1000
+    x = (torch.randn(5, V, generator=g) * 3).to(dtype)
+    x[1, 700] = x[1, 100] = x[1].max() + 1          # a tie across blocks: 100 wins
+    x[2, 999] = x[2].max() + 2                        # in the ragged last block
+    x[3, :500] = float("-inf")
+    x[4, 321] = float("nan")
+    toks, lps = greedy_pick(x, block=256)
+    want = torch.argmax(x.float(), dim=-1)
+    assert torch.equal(toks, want), (toks, want)
+    ref = torch.log_softmax(x.float(), dim=-1).gather(1, want[:, None])[:, 0]
+    assert lps.dtype == torch.float32 and torch.isnan(lps[4]) and toks[4] == 321
+    assert torch.allclose(lps[:4], ref[:4], atol=1e-5)
+    assert greedy_pick(torch.zeros(0, 7))[0].shape == (0,)
+    with pytest.raises(ValueError, match="floating point"):
+        greedy_pick(torch.zeros(2, 7, dtype=torch.int64))
+    with pytest.raises(ValueError, match="unit stride"):
+        greedy_pick(torch.randn(7, 2).t())

@@ -117,3 +117,17 @@ def test_batched_sampler_equals_the_row_sampler():
     assert sample_rows(x, items) == want
     assert len({t for t, _ in want}) > 3          # the rows really differ
     assert sample_rows(x[:0], []) == []
+    # a batch of plain greedy rows through the greedy kernel (Triton; CUDA's default): the
+    # same tokens, log-probs within float32 rounding; a row with a penalty or top_logprobs
+    # keeps the batch on the torch path
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        x[2, 10] = x[2, 900] = x[2].max() + 1      # a tie: the first index
+        greedy = [(SamplingParams(temperature=0), j) for j in range(6)]
+        want = [sample(x[j], p, s) for j, (p, s) in enumerate(greedy)]
+        got = sample_rows(x, greedy, greedy_kernel=True)
+        assert [t for t, _ in got] == [t for t, _ in want] and got[2][0] == 10
+        assert all(abs(a[1] - b[1]) < 1e-5 for a, b in zip(got, want))
+        mixed = greedy[:5] + [(SamplingParams(temperature=0, top_logprobs=2), 0)]
+        assert sample_rows(x, mixed, greedy_kernel=True) == [sample(x[j], p, s) for j, (p, s)
+                                                            in enumerate(mixed)]
