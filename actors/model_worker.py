@@ -21,7 +21,7 @@ import math
 import pickle
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -259,6 +259,13 @@ class ModelShardWorker(ShardWorker):
         # takes it from here
         self._last_token: Dict[int, int] = {}
         self._stamps: Optional[List[tuple]] = None   # set_call_stamps
+        # pipelined steps (`launch` / `finish`): the launched steps not yet finished, oldest
+        # first; the ids the last launched decode step drew, still on the device ({sequence:
+        # its row}, the ids), for the next step's pending input tokens
+        self._launched: "deque[_Launched]" = deque()
+        self._dev_tokens: Optional[Tuple[Dict[int, int], torch.Tensor]] = None
+        self._last_done = 0.0
+        self.pipelined_launches = 0
 
     def setup_transport(self, spec, tp_spec=None) -> bool:
         super().setup_transport(spec, tp_spec)
@@ -333,6 +340,104 @@ class ModelShardWorker(ShardWorker):
             return self._execute(plan)
         finally:
             self._record(time.perf_counter() - t0)
+
+    # ---- pipelined steps (the engine's async scheduling at world size 1) ----
+    #
+    # `execute` returns a step's sampled tokens, so it waits for the step's device work: between
+    # one step's end and the next one's first kernel the device idled for the actor's return
+    # and the next call's dispatch (~0.5-0.8 ms a decode step on the H200 host, session 17: the
+    # served inter-token latency against rank 0's execute). `launch` queues a step and returns
+    # at once; `finish` returns the oldest launched step's results. The engine launches step
+    # N + 1 before it asks for step N's results, so N + 1's kernels are queued behind N's while
+    # the host round trips run. A decode step of graph-replayed one-token rows takes its
+    # pending input ids from the device ids the step before drew; any other step first waits
+    # for the steps before it (their results kept for their finish calls) and then runs as
+    # `execute` runs it.
+
+    @torch.inference_mode()
+    def launch(self, plan: RankPlan) -> None:
+        """Queue a step (see above); its results, or its error, come from a later `finish`."""
+        t0 = time.perf_counter()
+        try:
+            if self._pipelined(plan):
+                entry = self._launch_decode(plan, t0)
+                self.pipelined_launches += 1
+            else:
+                self._settle()
+                self._dev_tokens = None
+                entry = _Launched(out=self.execute(plan))
+        except Exception as e:  # noqa: BLE001 - raised by this step's finish()
+            entry = _Launched(error=e)
+        self._launched.append(entry)
+
+    @torch.inference_mode()
+    def finish(self) -> list:
+        """The results of the oldest launched step not finished yet (as `execute` returns
+        them), waiting for its device work; its error if it failed."""
+        if not self._launched:
+            raise RuntimeError(f"rank {self.rank}: finish() without a launched step")
+        return self._launched.popleft().result()
+
+    def _settle(self) -> None:
+        """Wait for every launched step (their results kept for their finish calls)."""
+        for entry in self._launched:
+            entry.settle()
+
+    def _pipelined(self, plan: RankPlan) -> bool:
+        """Whether `launch` may queue this step behind the ones in flight: decode rows only
+        (one token each, sampled, no grammar), replayed from a graph already captured, at
+        world size 1 with no benchmark instruments on, and every pending input id drawn by
+        the last launched step."""
+        if not (self.cuda_graphs and plan.graph_batch and plan.track_tokens and plan.seqs) \
+                or self.world_size > 1 or self.tp_size > 1 or plan.capture_ahead:
+            return False
+        if self._timeline is not None or self._stamps is not None or self._profile_want \
+                or self._pyprof_want:
+            return False
+        if (plan.graph_batch, plan.graph_width, plan.graph_prefix) not in self._graphs:
+            return False
+        rows = self._dev_tokens[0] if self._dev_tokens is not None else {}
+        unread = any(e.read is not None for e in self._launched)
+        for s in plan.seqs:
+            if s.kind != "q" or len(s.token_ids) != 1 or s.sample is None \
+                    or s.targets is not None or s.sample[0].grammar is not None:
+                return False
+            if s.token_ids[0] == PENDING_TOKEN and s.seq not in rows \
+                    and (unread or s.seq not in self._last_token):
+                return False
+        return True
+
+    def _launch_decode(self, plan: RankPlan, t0: float) -> "_Launched":
+        for key in plan.drop:
+            self._tables.pop(key, None)
+            self._last_token.pop(key, None)
+        self.pool.copy_pages(plan.copy_src, plan.copy_dst)
+        self.sampler.drop_pending()
+        rows, prev = self._dev_tokens if self._dev_tokens is not None else ({}, None)
+        src = []
+        for s in plan.seqs:
+            if s.token_ids[0] == PENDING_TOKEN:
+                if s.seq in rows:
+                    src.append(rows[s.seq])
+                    continue
+                s.token_ids = [self._last_token[s.seq]]     # finished: on the host
+            src.append(-1)
+        tables = [self._table(s.seq, s.pages_from, s.pages_new) for s in plan.seqs]
+        logits = self._graph_step(plan, tables, (src, prev))
+        read, toks = self.sampler.sample_queued(logits[:len(plan.seqs)],
+                                                [s.sample for s in plan.seqs])
+        self._dev_tokens = ({s.seq: i for i, s in enumerate(plan.seqs)}, toks)
+
+        def done() -> list:
+            out = read()
+            self._track_tokens(plan, out)     # for a later step that is not pipelined
+            now = time.perf_counter()
+            # the step's share of the device: since the step before it was read, or since
+            # its launch when the device was idle then
+            self._record(now - max(t0, self._last_done))
+            self._last_done = now
+            return out
+        return _Launched(read=done)
 
     def execute_pickled(self, blob: bytes) -> list:
         """`execute` of a pickled plan: the step channel of a Ray Compiled Graph
@@ -834,8 +939,11 @@ class ModelShardWorker(ShardWorker):
         self._graphs[(batch, width, prefix)] = g
         return g
 
-    def _graph_step(self, plan: RankPlan, tables: List[torch.Tensor]) -> torch.Tensor:
-        """Replay the bucket's graph for a step of one-token rows; returns their logits."""
+    def _graph_step(self, plan: RankPlan, tables: List[torch.Tensor],
+                    device_ids: Optional[tuple] = None) -> torch.Tensor:
+        """Replay the bucket's graph for a step of one-token rows; returns their logits.
+        device_ids: (src, ids): row i's input id is ids[src[i]] (on the device: drawn by a
+        step still in flight) where src[i] >= 0."""
         B, W, PW = plan.graph_batch, plan.graph_width, plan.graph_prefix
         g = self._graphs.get((B, W, PW))
         if g is None:
@@ -871,6 +979,13 @@ class ModelShardWorker(ShardWorker):
             g.ptable.copy_(ptable, non_blocking=pin)
             g.plens.fill_(lo * page)
         g.tok.copy_(tok, non_blocking=pin)
+        if device_ids is not None and any(j >= 0 for j in device_ids[0]):
+            src, ids = device_ids
+            if src == list(range(n)):           # the same rows as the step before
+                g.tok[:n].copy_(ids[:n])
+            else:
+                idx = to_device(src, self.device, torch.int64)
+                g.tok[:n] = torch.where(idx >= 0, ids[idx.clamp(min=0)], g.tok[:n])
         g.pos.copy_(pos, non_blocking=pin)
         g.slot.copy_(slot, non_blocking=pin)
         g.lens.copy_(lens, non_blocking=pin)
@@ -893,10 +1008,12 @@ class ModelShardWorker(ShardWorker):
         return {"cuda_graphs": self.cuda_graphs, "fused_kernels": self.fused}
 
     def graph_stats(self) -> Dict[str, int]:
-        """Captured decode graphs and how many steps replayed one (tests, benchmarks)."""
+        """Captured decode graphs, how many steps replayed one, and how many `launch` queued
+        behind a step in flight (tests, benchmarks)."""
         return {"graphs": len(self._graphs), "replays": self.graph_replays,
                 "evictions": self.graph_evictions,
-                "captured_ahead": self.graphs_captured_ahead}
+                "captured_ahead": self.graphs_captured_ahead,
+                "pipelined": self.pipelined_launches}
 
     def graph_keys(self) -> List[Tuple[int, int, int]]:
         """(batch, table width, shared-prefix width) of every captured decode graph."""
@@ -950,6 +1067,29 @@ def _watch_compiles() -> List[Tuple[float, str]]:
     hook._ringserve = True
     knobs.runtime.jit_cache_hook = hook
     return _COMPILES
+
+
+class _Launched:
+    """A step `launch` queued: its results once read (`read`, which waits for its device
+    work), or its error."""
+    __slots__ = ("read", "out", "error")
+
+    def __init__(self, read=None, out=None, error: Optional[Exception] = None):
+        self.read, self.out, self.error = read, out, error
+
+    def settle(self) -> None:
+        if self.read is not None:
+            read, self.read = self.read, None
+            try:
+                self.out = read()
+            except Exception as e:  # noqa: BLE001 - raised by result()
+                self.error = e
+
+    def result(self):
+        self.settle()
+        if self.error is not None:
+            raise self.error
+        return self.out
 
 
 class _DecodeGraph:

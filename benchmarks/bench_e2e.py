@@ -240,13 +240,14 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
               device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,
               max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
               decode_steps=args.decode_steps, cuda_graphs=args.cuda_graphs,
-              async_scheduling=args.async_scheduling,
+              async_scheduling=args.async_scheduling, pipeline_steps=args.pipeline_steps,
               memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
                                     else None), tokenizer=None)
     print(f"[ringserve] group of {args.world_size} x TP {args.tp} up in "
           f"{time.perf_counter() - t0:.1f} s; "
           f"capacity {llm.capacity_tokens} KV tokens; async scheduling "
-          f"{'on' if llm.config.async_scheduling else 'off'}", flush=True)
+          f"{'on' if llm.config.async_scheduling else 'off'}, pipelined steps "
+          f"{'on' if llm._engine._pipeline else 'off'}", flush=True)
     bw = max(llm._group.call("copy_bandwidth"))  # bytes/s counting read + write
     w_bytes = param_counts(cfg)["decode_read"] * 2
     kv_tok = kv_bytes_per_token(cfg)
@@ -308,6 +309,22 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
             # the steady state apart from the worst step (a graph capture, a compile)
             k = len(out.token_ids) - 1
             steps = llm._group.call("recent_step_times", k)[0] if k > 0 else []
+            ab = None
+            if llm._engine._pipeline:
+                # the same question again with one blocking call a step (the engine reads the
+                # switch each step; nothing is in flight between requests): its inter-token
+                # latency and worker steps, and whether the greedy tokens are the same
+                llm._engine._pipeline = False
+                try:
+                    o2 = llm.generate([doc + q], SamplingParams(max_tokens=args.decode_tokens,
+                                                                **greedy))[0]
+                    s2 = llm._group.call("recent_step_times", len(o2.token_ids) - 1)[0]
+                finally:
+                    llm._engine._pipeline = True
+                ab = dict(unpipelined_itl_median_ms=o2.timings.get("itl_median_s", 0) * 1e3,
+                          unpipelined_step_median_ms=sorted(s2)[len(s2) // 2] * 1e3
+                          if s2 else None,
+                          pipelined_same_tokens=o2.token_ids == out.token_ids)
             llm.drop_document(key)
         except Exception as e:  # noqa: BLE001 - report and go on to the table
             row["error"] = f"{type(e).__name__}: {e}"[:200]
@@ -322,6 +339,8 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
                    mfu=fl / wall / (args.world_size * args.tp * args.peak_tflops * 1e12),
                    followup_ttft_s=out.timings["ttft_s"], cached=out.num_cached_tokens,
                    decode_ms=dec_s * 1e3, floor_ms=floor * 1e3, decode_vs_floor=dec_s / floor)
+        if ab is not None:
+            row.update(ab)
         if "itl_median_s" in out.timings:   # the served rate apart from one slow step
             row.update(itl_median_ms=out.timings["itl_median_s"] * 1e3,
                        itl_max_ms=out.timings["itl_max_s"] * 1e3,
@@ -363,6 +382,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="LLM(async_scheduling=...): the next decode step planned and sent "
                         "while one runs (default: the engine's, on with CUDA at world size 1; "
                         "--no-async-scheduling: the synchronous engine)")
+    p.add_argument("--pipeline-steps", action=argparse.BooleanOptionalAction, default=True,
+                   help="LLM(pipeline_steps=...): with async scheduling, a step launched on the "
+                        "actor before the one in flight is read (--no-pipeline-steps: one "
+                        "blocking call a step)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)
@@ -435,6 +458,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               + (f"; served inter-token median {r['itl_median_ms']:.2f} ms "
                  f"({r['itl_vs_floor']:.2f}x floor), worst {r['itl_max_ms']:.2f} ms"
                  if "itl_median_ms" in r else "")
+              + (f"; one call a step: inter-token median {r['unpipelined_itl_median_ms']:.2f}"
+                 f" ms, same tokens {r['pipelined_same_tokens']}"
+                 if "unpipelined_itl_median_ms" in r else "")
               + (f"; decode steps at rank 0: median {r['decode_step_median_ms']:.2f} ms "
                  f"({r['steady_vs_floor']:.2f}x floor), worst {r['decode_step_worst_ms']:.2f} ms"
                  if "decode_step_median_ms" in r else ""))

@@ -126,6 +126,15 @@ case "$PART" in
     T=100 e2e qwen3-moe-30b-a3b 8192
     T=120 e2e deepseek-v2-lite 8192,32768
     T=180 e2e llama3-8b 32768,131072 ;;
+  s17e)  # session 17: pipelined steps (launch / finish: the next decode step queued behind
+         # the one in flight; bench_e2e also runs the question with one call a step and
+         # compares the tokens), the one-row GEMV in the model and the greedy kernel
+    timeout 60 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "gemv or greedy" 2>&1 \
+      | tee "$OUT/test_kernels_gemv_greedy.log" | tail -2
+    T=130 e2e llama3-8b 32768
+    T=170 e2e qwen3-moe-30b-a3b 8192
+    T=140 e2e deepseek-v2-lite 8192,32768 ;;
   s17b)  # next session (x2): MLA's expanded prefill over the ring on two GPUs
     timeout 400 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 2 --preset deepseek-v2-lite \
       --lengths 32768,131072 --no-hf --decode-tokens 32 --cuda-graphs \

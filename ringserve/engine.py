@@ -116,6 +116,12 @@ class EngineConfig:
     # the GPU's path. A request that stops has one wasted row in the step after. Off here;
     # LLM turns it on with CUDA at world size 1 (llm.default_async_scheduling)
     async_scheduling: bool = False
+    # with async scheduling at world size 1 (no TP), steps go to the worker as `launch` (queue
+    # the step's device work, return at once) and `finish` (its results), the next step
+    # launched before the last one's results are asked for: its kernels are queued behind the
+    # step in flight while the actor's round trips run (ModelShardWorker.launch). False: one
+    # `execute` a step (the device idles for the round trip between steps)
+    pipeline_steps: bool = True
     progress_min_tokens: int = 0            # kept for compatibility: progress is per chunk now
     schedule: Optional[str] = None          # deprecated name of `layout`
     extend_chunk: Optional[int] = None      # deprecated name of `passq_max_tokens`
@@ -154,6 +160,8 @@ class EngineConfig:
                 self.interleave_decode_steps, int) or self.interleave_decode_steps < 0:
             raise ValueError(f"interleave_decode_steps ({self.interleave_decode_steps!r}) must "
                              f"be an integer >= 0")
+        if not isinstance(self.pipeline_steps, bool):
+            raise ValueError(f"pipeline_steps ({self.pipeline_steps!r}) must be True or False")
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be True or "
                              f"False")
@@ -258,6 +266,8 @@ class Engine:
                                 and getattr(group, "has_step_channel", False))
         check_async_scheduling(self.config, getattr(group, "tp_size", 1))
         self._async = self.config.async_scheduling
+        self._pipeline = (self._async and self.config.pipeline_steps
+                          and group.world_size == 1 and getattr(group, "tp_size", 1) == 1)
         self._read_info()
         budget = self.config.document_cache_tokens
         self.doc_cache = DocumentCache(self.capacity_tokens if budget is None else budget)
@@ -495,6 +505,14 @@ class Engine:
             "timeout_s": self.config.step_timeout_s}
         submit = getattr(self.group, "submit_per_rank", None)
         try:
+            if self._pipeline:     # launch now, ask for the results when they are read
+                if submit is None:
+                    self.group.call_per_rank("launch", [(p,) for p in step.plans], **kw)
+                    return lambda: self.group.call_per_rank(
+                        "finish", [()] * len(step.plans), **kw)
+                submit("launch", [(p,) for p in step.plans])
+                return lambda: self.group.collect(
+                    submit("finish", [()] * len(step.plans)), **kw)
             if submit is None:
                 results = self.group.call_per_rank("execute", [(p,) for p in step.plans], **kw)
                 return lambda: results

@@ -138,7 +138,8 @@ class LLM:
                  worker_torch_threads: Optional[int] = None, step_channel: Optional[str] = None,
                  interleave_decode_steps: Optional[int] = None,
                  async_scheduling: Optional[bool] = None,
-                 mla_expand_min_tokens: Optional[int] = MLA_EXPAND_MIN_TOKENS):
+                 mla_expand_min_tokens: Optional[int] = MLA_EXPAND_MIN_TOKENS,
+                 pipeline_steps: bool = True):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -159,7 +160,11 @@ class LLM:
         GPU's path; a request that stops has one wasted row in the step after; with several
         ranks they share each step's sampled tokens, one small all-reduce). Default (None): on
         with CUDA at world size 1 and the tasks channel (where its GPU test ran: 12-17% less
-        time a token on one H200), off elsewhere; True / False force it.
+        time a token on one H200), off elsewhere; True / False force it. `pipeline_steps`
+        (with async scheduling at world size 1): a step is launched on the actor before the
+        results of the one in flight are asked for, so its kernels are queued behind that
+        step's while the round trips run (EngineConfig.pipeline_steps; False: one blocking
+        call a step).
         `layout` ("striped" or "ring") shards prompt chunks over the ranks. max_kv_tokens is
         for the whole group; default: from free memory (CUDA) or `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays
@@ -275,6 +280,7 @@ class LLM:
                            progress_min_tokens=progress_min_tokens,
                            interleave_decode_steps=interleave_decode_steps,
                            async_scheduling=async_scheduling,
+                           pipeline_steps=pipeline_steps,
                            **({} if step_channel is None else {"step_channel": step_channel}))
         if isinstance(model, Path):
             model = str(model)

@@ -163,7 +163,9 @@ def test_cancel_mid_stream_and_a_failed_step(path, ws):
         assert out.token_ids[:len(want[0].token_ids)] == \
             want[0].token_ids[:len(out.token_ids)]
         no_leak(eng)
-        eng.group.fail_next("execute", rank=ws - 1, after=12)     # in the decode phase
+        # in the decode phase (one rank: steps are launched, and their results read by
+        # `finish`, which fails as when the actor dies with the next step already launched)
+        eng.group.fail_next("finish" if ws == 1 else "execute", rank=ws - 1, after=12)
         streams = [[] for _ in reqs]
         got = run(eng, reqs, streams)
         for a, b, s in zip(got, want, streams):
@@ -174,6 +176,39 @@ def test_cancel_mid_stream_and_a_failed_step(path, ws):
         no_leak(eng)
     finally:
         close(eng)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_pipelined_steps_equal_one_call_a_step(path, sampling):
+    """Decode steps launched on the worker before the step in flight is read (their pending
+    input ids taken from the ids it drew, on the device): through the graph path (emulated on
+    CPU), greedy and seeded, requests joining and leaving the batch (a row's source row moves),
+    the same outputs as one blocking call a step, and every replayed step but a graph's first
+    was pipelined; no page is left behind."""
+    reqs = requests(n=7, seed=11, max_tokens=10)    # 7..5 rows: one graph bucket
+    if sampling == "greedy":
+        reqs = [(p, dataclasses.replace(sp, temperature=0.0)) for p, sp in reqs]
+    outs, stats = {}, {}
+    for pipe in (False, True):
+        group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8,
+                            cuda_graphs="emulate")
+        eng = Engine(group, Tokenizer.from_dir(path), (), EngineConfig(
+            async_scheduling=True, pipeline_steps=pipe, cuda_graphs=True))
+        try:
+            assert eng._pipeline == pipe
+            outs[pipe] = run(eng, reqs)
+            stats[pipe] = group.workers[0].graph_stats()
+            no_leak(eng)
+        finally:
+            close(eng)
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        if a.logprobs is not None:
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert stats[False]["pipelined"] == 0
+    # every replayed step but each graph's first (its capture waits for the steps before)
+    st = stats[True]
+    assert st["replays"] >= 10 and st["pipelined"] >= st["replays"] - st["graphs"], stats
 
 
 def test_the_default_is_on_only_where_its_gpu_test_ran(monkeypatch, path):
@@ -196,6 +231,8 @@ def test_the_default_is_on_only_where_its_gpu_test_ran(monkeypatch, path):
 def test_bad_settings_are_refused(path):
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(async_scheduling=1)
+    with pytest.raises(ValueError, match="pipeline_steps"):
+        EngineConfig(pipeline_steps="yes")
     with pytest.raises(ValueError, match="async_scheduling needs the 'tasks' step channel"):
         EngineConfig(async_scheduling=True, step_channel="compiled")
     group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8)

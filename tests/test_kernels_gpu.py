@@ -572,6 +572,21 @@ def _moe_layer(x, gu, dn, idx, w):
     return y
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_pick_gpu(dtype):
+    """Greedy picks over Llama-3's 128,256-token vocabulary, a batch of 5: torch.argmax's ids
+    (ties: the first), log-probs as torch's log_softmax in float32."""
+    from ringserve.kernels.greedy import greedy_pick
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = (torch.randn(5, 128256, device="cuda", generator=g) * 4).to(dtype)
+    x[1, 100000] = x[1, 7] = x[1].max() + 1
+    toks, lps = greedy_pick(x)
+    want = torch.argmax(x.float(), dim=-1)
+    assert torch.equal(toks, want) and toks[1].item() == 7
+    ref = torch.log_softmax(x.float(), dim=-1).gather(1, want[:, None])[:, 0]
+    assert torch.allclose(lps, ref, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_gpu(dtype):
     """The few-row GEMV in bf16 / fp16 at a Qwen3-30B-A3B o_proj's shape (2048 x 4096) and a
