@@ -315,6 +315,12 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
                 # switch each step; nothing is in flight between requests): its inter-token
                 # latency and worker steps, and whether the greedy tokens are the same
                 llm._engine._pipeline = False
+                # from the same cache as the first: the document alone (that question's
+                # finished sequence is cached too, and would make this one's first token a
+                # one-row extension instead of the question's)
+                for e in list(llm._engine.doc_cache.entries()):
+                    if e.key != key:
+                        llm.drop_document(e.key)
                 try:
                     o2 = llm.generate([doc + q], SamplingParams(max_tokens=args.decode_tokens,
                                                                 **greedy))[0]

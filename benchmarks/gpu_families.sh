@@ -135,6 +135,10 @@ case "$PART" in
     T=130 e2e llama3-8b 32768
     T=170 e2e qwen3-moe-30b-a3b 8192
     T=140 e2e deepseek-v2-lite 8192,32768 ;;
+  s17f)  # session 17: the MoE rows' A/B again, the second question from the same cache as
+         # the first (call 4's came from the first's cached sequence: tokens differed)
+    T=170 e2e qwen3-moe-30b-a3b 8192
+    T=110 e2e deepseek-v2-lite 8192 ;;
   s17b)  # next session (x2): MLA's expanded prefill over the ring on two GPUs
     timeout 400 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 2 --preset deepseek-v2-lite \
       --lengths 32768,131072 --no-hf --decode-tokens 32 --cuda-graphs \
