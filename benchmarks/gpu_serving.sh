@@ -414,6 +414,17 @@ case "$PART" in
     PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout ${BENCH_TIMEOUT:-540} python3 "$REPO/benchmarks/bench_serving.py" \
       --scenarios prefill --budgets ${BUDGETS:-1536,2400:1,2048:1} --json "$OUT/s13a.json" > "$OUT/s13a.log" 2>&1
     grep -E '^prefill|solo prefill|took|compiles after|differs from|host probe|Error' "$OUT/s13a.log" | cut -c1-300 ;;
+  s17g)  # session 17, last call (one GPU): 1 and 16 questions on a cached 128K document with
+         # pipelined steps (batch-16 target <= 1.5x its floor), then the 128K single request
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 165 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios concurrent --concurrency 1,16 --json "$OUT/conc_pipelined.json" \
+      > "$OUT/conc_pipelined.log" 2>&1
+    grep -E '^concurrent|Error' "$OUT/conc_pipelined.log" | cut -c1-400
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 130 python3 "$REPO/benchmarks/bench_e2e.py" \
+      --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
+      --json "$OUT/e2e_llama_128k.json" > "$OUT/e2e_llama_128k.log" 2>&1
+    grep -E '^ *[0-9]+ \||Error' "$OUT/e2e_llama_128k.log" | cut -c1-600 ;;
   s14a)  # next session, first call (one GPU): async scheduling (session 13, CPU-tested only)
          # against the synchronous engine in one call: the 128K single request (decode vs its
          # floor: per-GPU-speed issue, <= 1.3x) and 1 / 16 questions on a cached 128K
