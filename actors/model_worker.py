@@ -391,7 +391,7 @@ class ModelShardWorker(ShardWorker):
         if not (self.cuda_graphs and plan.graph_batch and plan.track_tokens and plan.seqs) \
                 or self.world_size > 1 or self.tp_size > 1 or plan.capture_ahead:
             return False
-        if self._timeline is not None or self._stamps is not None or self._profile_want \
+        if self._timeline is not None or self._profile_want \
                 or self._pyprof_want:
             return False
         if (plan.graph_batch, plan.graph_width, plan.graph_prefix) not in self._graphs:
@@ -408,6 +408,8 @@ class ModelShardWorker(ShardWorker):
         return True
 
     def _launch_decode(self, plan: RankPlan, t0: float) -> "_Launched":
+        # call stamps (benchmarks): the launch's begin and the read's end
+        stamp = (step_signature(plan), time.time()) if self._stamps is not None else None
         for key in plan.drop:
             self._tables.pop(key, None)
             self._last_token.pop(key, None)
@@ -436,6 +438,9 @@ class ModelShardWorker(ShardWorker):
             # its launch when the device was idle then
             self._record(now - max(t0, self._last_done))
             self._last_done = now
+            if stamp is not None and self._stamps is not None:
+                self._stamps.append((*stamp, time.time()))
+                del self._stamps[:-4096]
             return out
         return _Launched(read=done)
 

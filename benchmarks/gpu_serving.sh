@@ -425,6 +425,13 @@ case "$PART" in
       --world-size 1 --lengths 131072 --no-hf --decode-tokens 64 --cuda-graphs \
       --json "$OUT/e2e_llama_128k.json" > "$OUT/e2e_llama_128k.log" 2>&1
     grep -E '^ *[0-9]+ \||Error' "$OUT/e2e_llama_128k.log" | cut -c1-600 ;;
+  s17h)  # session 17: 1 / 16 questions again, pipelined (call 6's ran unpipelined: the call
+         # stamps kept steps on the old path)
+    export CUDA_VISIBLE_DEVICES=0
+    PYTHONPATH=/tmp/pkg:$PYTHONPATH timeout 150 python3 "$REPO/benchmarks/bench_serving.py" \
+      --scenarios concurrent --concurrency 1,16 --json "$OUT/conc_pipelined.json" \
+      > "$OUT/conc_pipelined.log" 2>&1
+    grep -E '^concurrent|Error' "$OUT/conc_pipelined.log" | cut -c1-400 ;;
   s14a)  # next session, first call (one GPU): async scheduling (session 13, CPU-tested only)
          # against the synchronous engine in one call: the 128K single request (decode vs its
          # floor: per-GPU-speed issue, <= 1.3x) and 1 / 16 questions on a cached 128K
