@@ -825,6 +825,10 @@ class ModelShardWorker(ShardWorker):
                 kernels.merge_splits(splits.float(), split_lse,
                                      extra=(splits.float(), split_lse), dest=rows)
         self.warm_fused()
+        # the greedy sampler's two kernels (kernels/greedy.py: logits rows are float32, as
+        # wide as the vocabulary)
+        from ringserve.kernels.greedy import greedy_pick
+        greedy_pick(torch.zeros(1, self.model.config.vocab_size, device=dev))
         torch.cuda.synchronize(dev)
         # everything alive now (the model, the kernels' caches, Ray's and torch's modules)
         # lives as long as the process: out of the collector's reach, a full collection in
