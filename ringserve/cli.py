@@ -38,6 +38,11 @@ def _serve(argv: List[str]) -> int:
                    help="plan and send the next decode step while one runs (the engine's own "
                         "work and the Ray round trip leave the GPU's path; not with --tp). "
                         "Default: on with CUDA at one GPU, off elsewhere")
+    p.add_argument("--pipeline-steps", action=argparse.BooleanOptionalAction, default=None,
+                   help="with async scheduling at one GPU: launch each decode step on the "
+                        "worker before the one in flight is read, so the GPU does not idle "
+                        "for the round trip (default on; --no-pipeline-steps: one blocking "
+                        "call a step)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
@@ -87,6 +92,7 @@ def _serve(argv: List[str]) -> int:
                                   max_num_batched_tokens=a.max_num_batched_tokens,
                                   interleave_decode_steps=a.interleave_decode_steps,
                                   async_scheduling=a.async_scheduling,
+                                  pipeline_steps=a.pipeline_steps,
                                   body_timeout_s=a.body_timeout_s,
                                   min_body_rate=a.min_body_rate,
                                   max_prompts=a.max_prompts,

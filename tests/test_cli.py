@@ -26,7 +26,7 @@ def test_serve_help_documents_the_options():
     assert r.returncode == 0
     for opt in ("--model", "--world-size", "--layout", "--max-num-seqs", "--max-num-batched-tokens",
                 "--api-key", "--transport-timeout-s", "--cuda-graphs", "--fused-kernels",
-                "--interleave-decode-steps", "--async-scheduling"):
+                "--interleave-decode-steps", "--async-scheduling", "--pipeline-steps"):
         assert opt in r.stdout
 
 
@@ -39,11 +39,13 @@ def test_serve_passes_the_graph_and_kernel_switches_only_when_given(monkeypatch,
               "--fused-kernels", "on", "--interleave-decode-steps", "2",
               "--async-scheduling"])
     cli.main(["serve", "--model", str(tmp_path)])
-    cli.main(["serve", "--model", str(tmp_path), "--no-async-scheduling"])
+    cli.main(["serve", "--model", str(tmp_path), "--no-async-scheduling",
+              "--no-pipeline-steps"])
     assert (got[0]["cuda_graphs"], got[0]["fused_kernels"]) == (False, True)
     assert got[0]["interleave_decode_steps"] == 2 and got[0]["async_scheduling"] is True
-    assert got[2]["async_scheduling"] is False
-    for opt in ("cuda_graphs", "fused_kernels", "interleave_decode_steps", "async_scheduling"):
+    assert got[2]["async_scheduling"] is False and got[2]["pipeline_steps"] is False
+    for opt in ("cuda_graphs", "fused_kernels", "interleave_decode_steps", "async_scheduling",
+                "pipeline_steps"):
         assert opt not in got[1]   # the engine's defaults
 
 

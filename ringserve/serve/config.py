@@ -48,6 +48,9 @@ class ServeArgs:
     # plan and send the next decode step while one runs (LLM's async_scheduling; no TP).
     # None: the engine's default (on with CUDA at world size 1, off elsewhere)
     async_scheduling: Optional[bool] = None
+    # with async scheduling at world size 1: each decode step launched on the worker before the
+    # one in flight is read (LLM's pipeline_steps). None: the engine's default (on)
+    pipeline_steps: Optional[bool] = None
     # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
     # engine's default (both on with CUDA); False: the eager / torch path
     cuda_graphs: Optional[bool] = None
@@ -106,6 +109,9 @@ class ServeArgs:
             raise ValueError(f"interleave_decode_steps ({v!r}) must be null or an integer >= 0")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be true, false "
+                             f"or null (the engine's default)")
+        if self.pipeline_steps is not None and not isinstance(self.pipeline_steps, bool):
+            raise ValueError(f"pipeline_steps ({self.pipeline_steps!r}) must be true, false "
                              f"or null (the engine's default)")
         if self.async_scheduling and self.tensor_parallel_size != 1:
             raise ValueError(f"async_scheduling needs tensor_parallel_size 1 (got "
