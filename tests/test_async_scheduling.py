@@ -267,3 +267,16 @@ def test_llm_over_ray_keeps_a_step_in_flight(ray_session, path, ws):
             llm.shutdown()
     for a, b in zip(outs[True], outs[False]):
         assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+    if ws == 1:
+        # pipelined steps through a real actor: the graph path (emulated on CPU), each decode
+        # step launched before the one in flight is read
+        llm = LLM(str(path), world_size=1, max_kv_tokens=2048, num_cpus_per_worker=0.5,
+                  async_scheduling=True, cuda_graphs="emulate")
+        try:
+            got = [h.result(120) for h in [llm.submit(p, sp) for p, sp in reqs]]
+            st = llm._group.call("graph_stats")[0]
+        finally:
+            llm.shutdown()
+        for a, b in zip(got, outs[False]):
+            assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+        assert st["pipelined"] >= st["replays"] - st["graphs"] > 0, st
