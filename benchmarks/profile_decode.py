@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="32768,131072")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per mode")
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1,
+                   help="questions decoding together on the cached document (its KV shared: "
+                        "the cascade decode; the per-GPU-speed issue's batch-16 row)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="the fused few-token kernels (kernels/fused.py; LLM(fused_kernels=True))")
     p.add_argument("--json", default=None)
@@ -92,10 +95,13 @@ def main(argv=None) -> int:
     from ringserve.sampling import SamplingParams
 
     lengths = [int(x) for x in a.lengths.split(",") if x]
+    if a.batch < 1:
+        p.error(f"--batch must be >= 1, got {a.batch}")
     cfg = config(a.preset, max(lengths) + 4 * a.steps + 1024)
     dtype = "bfloat16" if a.device == "cuda" else "float32"
     w = ModelShardWorker(0, 1, a.device, model={"config": cfg, "seed": 0}, dtype=dtype,
-                         page_size=a.page_size, kv_tokens=max(lengths) + 4 * a.steps + 1024,
+                         page_size=a.page_size,
+                         kv_tokens=max(lengths) + a.batch * (4 * a.steps + 1024),
                          cuda_graphs=True if a.device == "cuda" else "emulate",
                          fused_kernels=a.fused_kernels)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=8192,
@@ -119,17 +125,30 @@ def main(argv=None) -> int:
     for L in lengths:
         ids = torch.randint(0, cfg["vocab_size"], (L,), generator=g).tolist()
         key = eng.submit("cache_document", ids).result()
-        row = {"length": L}
+        row = {"length": L, "batch": a.batch}
+
+        def questions(first: int, params) -> list:
+            """`--batch` questions on the cached document (one token each, then decoding
+            together: a shared prefix), their outputs."""
+            hs = [eng.submit("generate", ids + [first + j], params) for j in range(a.batch)]
+            return [h.result() for h in hs]
+
         for mode in ("eager", "graphs"):
             set_mode(mode == "graphs")
-            n0 = len(w.step_times)
-            out = eng.submit("generate", ids + [1], greedy).result()
+            outs = questions(1, greedy)
             sync()
-            dec = w.step_times[n0:][3:]        # after the extension and two warm-up steps
+            # the last steps decode every question (they finish together), after their
+            # extensions and two warm-up steps
+            dec = w.step_times[-a.steps:]
             dt = sum(dec) / len(dec)
-            row[mode] = {"ms_per_token": dt * 1e3, "tokens": out.token_ids[3:]}
-        # windowed layers read at most window + 1 of the L tokens (bench_e2e.kv_tokens_read)
-        floor = (w_bytes + kv_tok * _e2e().kv_tokens_read(cfg, L)) / bw if bw else float("nan")
+            row[mode] = {"ms_per_token": dt * 1e3,
+                         "tokens": [o.token_ids[3:] for o in outs] if a.batch > 1
+                         else outs[0].token_ids[3:]}
+        # windowed layers read at most window + 1 of the L tokens (bench_e2e.kv_tokens_read);
+        # with a batch, the document once and each question's own tokens
+        own = a.batch * (a.steps + 4) if a.batch > 1 else 0
+        floor = ((w_bytes + kv_tok * (_e2e().kv_tokens_read(cfg, L) + own)) / bw if bw
+                 else float("nan"))
         row["floor_ms"] = floor * 1e3
         row["same_tokens"] = row["eager"]["tokens"] == row["graphs"]["tokens"]
         # one decode step under the profiler: eager (the ops, host and device), then a graph
@@ -155,8 +174,8 @@ def main(argv=None) -> int:
                 return r
 
             eng._execute = profiled
-            eng.submit("generate", ids + [2], SamplingParams(temperature=0.0, ignore_eos=True,
-                                                              max_tokens=4)).result()
+            questions(1 + a.batch, SamplingParams(temperature=0.0, ignore_eos=True,
+                                                  max_tokens=4))
             eng._execute = real
             profs[mode] = box.get("prof")
         eng.submit("drop_document", key).result()
@@ -184,7 +203,7 @@ def main(argv=None) -> int:
         print(ka.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         if a.device == "cuda":    # where the device's time goes (the floor's gap, op by op)
             print(ka.table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
-    print(f"\nprofile_decode: {a.preset}, {dtype}, {a.device}, copy bandwidth "
+    print(f"\nprofile_decode: {a.preset}, batch {a.batch}, {dtype}, {a.device}, copy bandwidth "
           f"{bw / 1e12:.2f} TB/s")
     print(f"{'tokens':>9} | {'eager ms':>8} | {'graphs ms':>9} | {'floor ms':>8} | "
           f"{'eager/floor':>11} | {'graphs/floor':>12} | same")

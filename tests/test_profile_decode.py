@@ -20,3 +20,20 @@ def test_profile_decode_cpu_smoke(tmp_path):
         assert r["same_tokens"] and len(r["eager"]["tokens"]) == 6
         assert r["eager"]["ms_per_token"] > 0 and r["graphs"]["ms_per_token"] > 0
         assert r["profile"]["aten_ops"] > 100 and r["profile"]["host_ms"] > 0
+
+
+def test_profile_decode_batch_cpu_smoke(tmp_path):
+    """--batch: questions decoding together on the cached document (the cascade path), the
+    same tokens eager and through graphs, per question."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    rc = mod.main(["--preset", "tiny", "--device", "cpu", "--lengths", "150", "--steps", "5",
+                   "--page-size", "16", "--batch", "3", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())["rows"][0]
+    assert r["batch"] == 3 and r["same_tokens"]
+    assert len(r["graphs"]["tokens"]) == 3 and all(len(t) == 5 for t in r["graphs"]["tokens"])
+    assert r["profile"]["aten_ops"] > 100
