@@ -41,16 +41,13 @@ def main(argv=None) -> int:
         sys.exit("bench_decode_splits needs a CUDA device")
     from triton.testing import do_bench_cudagraph
 
+    from bench_moe_gemv import copy_bandwidth    # beside this file
     from ringserve.kernels._host import sm_count
     from ringserve.kernels.flash_decode import paged_decode_triton
     from ringserve.scheduler import graph_width_bucket
 
     dev = torch.device("cuda")
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    t = do_bench_cudagraph(functools.partial(dst.copy_, src), rep=50)
-    bw = 2 * src.numel() / (t * 1e-3)          # read + write bytes per second
-    src = dst = None
+    bw = copy_bandwidth(dev)                   # read + write bytes per second
     sms = sm_count(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write), {sms} SMs", flush=True)
     page = a.page_size

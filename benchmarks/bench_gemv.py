@@ -33,14 +33,11 @@ def main(argv=None) -> int:
         sys.exit("bench_gemv needs a CUDA device")
     from triton.testing import do_bench_cudagraph
 
+    from bench_moe_gemv import copy_bandwidth    # beside this file
     from ringserve.kernels.gemv import GEMV_BLOCKS, gemv
 
     dev = torch.device("cuda")
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    t = do_bench_cudagraph(functools.partial(dst.copy_, src), rep=50)
-    bw = 2 * src.numel() / (t * 1e-3)
-    src = dst = None
+    bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
     cfgs = list(itertools.product((1, 2, 4, 8), (256, 512), (4, 8)))
     g = torch.Generator(device=dev).manual_seed(0)

@@ -27,6 +27,16 @@ SHAPES = {   # name: (H, I, E, top_k)
 }
 
 
+def copy_bandwidth(dev: torch.device) -> float:
+    """The device's copy rate in bytes/s, counting bytes read and written (the decode floors'
+    rate: bench_gemv.py and bench_decode_splits.py take it from here)."""
+    from triton.testing import do_bench_cudagraph
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t = do_bench_cudagraph(functools.partial(dst.copy_, src), rep=50)
+    return 2 * src.numel() / (t * 1e-3)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", default="1,4")
@@ -41,11 +51,7 @@ def main(argv=None) -> int:
     from ringserve.kernels.grouped_gemm import MOE_GEMV_BLOCKS, moe_gemv
 
     dev = torch.device("cuda")
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    t = do_bench_cudagraph(functools.partial(dst.copy_, src), rep=50)
-    bw = 2 * src.numel() / (t * 1e-3)          # read + write bytes per second
-    src = dst = None
+    bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write)", flush=True)
     # gate/up: (BLOCK_N, BLOCK_K, num_warps, LAZY); down: (BLOCK_N, BLOCK_K, num_warps), its
     # tile holding all top-k experts' rows: at most 8 x 1024 floats of products

@@ -5,11 +5,17 @@ import json
 from pathlib import Path
 
 
-def test_profile_decode_cpu_smoke(tmp_path):
+def _script():
+    """benchmarks/profile_decode.py as a module."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
     spec = importlib.util.spec_from_file_location("profile_decode", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_decode_cpu_smoke(tmp_path):
+    mod = _script()
     out = tmp_path / "p.json"
     rc = mod.main(["--preset", "tiny", "--device", "cpu", "--lengths", "200,333", "--steps", "6",
                    "--page-size", "16", "--json", str(out)])
@@ -25,10 +31,7 @@ def test_profile_decode_cpu_smoke(tmp_path):
 def test_profile_decode_batch_cpu_smoke(tmp_path):
     """--batch: questions decoding together on the cached document (the cascade path), the
     same tokens eager and through graphs, per question."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
-    spec = importlib.util.spec_from_file_location("profile_decode", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script()
     out = tmp_path / "p.json"
     rc = mod.main(["--preset", "tiny", "--device", "cpu", "--lengths", "150", "--steps", "5",
                    "--page-size", "16", "--batch", "3", "--json", str(out)])
