@@ -1,7 +1,9 @@
 """The few-row GEMV (`kernels.gemv.gemv`) against F.linear (cuBLAS) on the GPU, at the decode
 step's projections of the families' presets, 1 and 4 rows: each timed with CUDA graphs
 (`do_bench_cudagraph`, median), its tiles swept, checked against F.linear, against the floor
-of reading the weight once at the device's copy bandwidth.
+of reading the weight once at the device's copy bandwidth. Then MLA's per-head absorption
+(`head_gemv`: DeepSeek-V2-Lite's W_UK and W_UV, views of kv_b_proj as the model passes them)
+against torch.einsum the same way (`--heads-only`: that part alone).
 
   python3 benchmarks/bench_gemv.py --json out.json        # GPU
 """
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="1,4")
     p.add_argument("--json", default=None)
+    p.add_argument("--heads-only", action="store_true")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA device")
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     cfgs = list(itertools.product((1, 2, 4, 8), (256, 512), (4, 8)))
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
-    for name, (N, K) in SHAPES.items():
+    for name, (N, K) in ({} if a.heads_only else SHAPES).items():
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g) * 0.02
         floor_us = N * K * 2 / bw * 1e6
         for M in (int(s) for s in a.rows.split(",")):
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
             print(f"{name} M={M}: floor {floor_us:.1f} us, cuBLAS {cublas:.1f}, default "
                   f"{row['default_us'] or float('nan'):.1f}, best {best} {times[best]:.1f}",
                   flush=True)
+    rows += _heads(a, dev, bw, g)
     print(f"\n{'shape':>24} | {'M':>2} | {'floor':>6} | {'cuBLAS':>6} | {'x fl':>5} | "
           f"{'default':>7} | {'best':>6} | {'x fl':>5} | best (BLOCK_N, BLOCK_K, warps)")
     for r in rows:
@@ -80,6 +84,46 @@ def main(argv=None) -> int:
         with open(a.json, "w") as fh:
             json.dump({"copy_bw": bw, "rows": rows}, fh, indent=1)
     return 0
+
+
+def _heads(a, dev, bw, g) -> list:
+    """head_gemv at DeepSeek-V2-Lite's absorption (16 heads, kv_b_proj 4096 x 512: W_UK its
+    first 128 rows a head read transposed, W_UV the last 128) against einsum; rows as the
+    GEMV's (cublas_us: the einsum's time)."""
+    from triton.testing import do_bench_cudagraph
+
+    from ringserve.kernels.gemv import HEAD_GEMV_BLOCKS, HEAD_GEMV_BLOCKS_T, head_gemv
+    cfgs = [(4, 512, 4), (8, 256, 4), (2, 512, 4), (16, 128, 4), (32, 64, 4), (64, 32, 4),
+            (128, 16, 4), (64, 64, 4), (128, 32, 8), (32, 32, 2), (8, 512, 8), (256, 16, 8)]
+    kv_b = torch.randn(16 * 256, 512, device=dev, dtype=torch.bfloat16, generator=g) * 0.04
+    w = kv_b.view(16, 256, 512)
+    rows = []
+    for name, wt, xw in (("deepseek W_UK (per head)", w[:, :128].transpose(1, 2), 192),
+                         ("deepseek W_UV (per head)", w[:, 128:], 576)):
+        default = HEAD_GEMV_BLOCKS_T if wt.stride(1) == 1 else HEAD_GEMV_BLOCKS
+        floor_us = wt.numel() * 2 / bw * 1e6
+        for M in (int(s) for s in a.rows.split(",")):
+            x = torch.randn(M, 16, xw, device=dev, dtype=torch.bfloat16,
+                            generator=g)[..., :wt.shape[2]]
+            ref = torch.einsum("thk,hnk->thn", x, wt)
+            ein = do_bench_cudagraph(functools.partial(torch.einsum, "thk,hnk->thn", x, wt),
+                                     rep=40) * 1e3
+            times = {}
+            for c in cfgs:
+                fn = functools.partial(head_gemv, x, wt, blocks=c)
+                try:
+                    assert torch.allclose(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
+                    times[c] = do_bench_cudagraph(fn, rep=20) * 1e3
+                except Exception as e:   # noqa: BLE001 - a tile the compiler refuses
+                    print(f"  {name} M={M} {c}: {type(e).__name__}", flush=True)
+            best = min(times, key=times.get)
+            rows.append(dict(shape=name, N=wt.shape[1], K=wt.shape[2], M=M, floor_us=floor_us,
+                             cublas_us=ein, default_us=times.get(default), best_us=times[best],
+                             best=list(best), all=[(list(k), v) for k, v in times.items()]))
+            print(f"{name} M={M}: floor {floor_us:.1f} us, einsum {ein:.1f}, default "
+                  f"{times.get(default, float('nan')):.1f}, best {best} {times[best]:.1f}",
+                  flush=True)
+    return rows
 
 
 if __name__ == "__main__":

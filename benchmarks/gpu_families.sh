@@ -93,6 +93,19 @@ case "$PART" in
       | tee "$OUT/test_families_moe_mla.log" | tail -3
     T=200 e2e deepseek-v2-lite 8192,32768,131072
     T=130 e2e qwen3-moe-30b-a3b 8192 ;;
+  s18a)  # session 18: MLA's absorption by head_gemv (GPU tests, against einsum), the latent
+         # decode kernel's launches and its reduce swept apart, DeepSeek's step at 128K profiled
+    timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "head_gemv or latent" 2>&1 \
+      | tee "$OUT/test_kernels_head_gemv.log" | tail -2
+    timeout 60 python3 "$REPO/benchmarks/bench_gemv.py" --heads-only --json "$OUT/head_gemv.json" \
+      2>&1 | tee "$OUT/head_gemv.log" | tail -5
+    timeout 250 python3 "$REPO/benchmarks/bench_latent_decode.py" --sweep \
+      --lengths 8192,32768,131072 --json "$OUT/latent_sweep.json" 2>&1 \
+      | tee "$OUT/latent_sweep.log" | grep -E "best|default|general|reduce of|bandwidth" | tail -30
+    timeout 130 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \
+      --lengths 131072 --fused-kernels --json "$OUT/prof_deepseek_128k.json" 2>&1 \
+      | tee "$OUT/prof_deepseek_128k.log" | grep -E "L=|kernel|Error|error" | head -30 ;;
   s17a)  # next session, first call (h200): where DeepSeek's and Qwen3-MoE's decode steps go
          # after session 16's launch cuts (worker steps 2.86x / 2.64x their floors at 8K)
     timeout 190 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \

@@ -479,9 +479,10 @@ def _launch_args(q, seq_lens, q_pos, kv_pos, causal, window_size, scale, softcap
     return pos, strides, tail, meta
 
 
-def _reduce(o_part, l_part, dtype):
+def _reduce(o_part, l_part, dtype, blocks=None):
     """Merge the splits' partials (B, Hq, Sq, NB, D) / (B, Hq, Sq, NB): (out (B, Sq, Hq, D) in
-    dtype, lse (B, Hq, Sq) float32)."""
+    dtype, lse (B, Hq, Sq) float32). blocks: (BLOCK_D, BLOCK_S, num_warps) instead of the
+    heuristic's (bench_latent_decode.py's sweep)."""
     B, Hq, Sq, num_splits, D = o_part.shape
     block_d = max(16, next_pow2(D))
     # the reduce kernel writes every element
@@ -491,9 +492,12 @@ def _reduce(o_part, l_part, dtype):
     # in one go); wider heads take column blocks, more splits a loop
     red_d = min(block_d, 128)
     red_s = min(max(2, next_pow2(num_splits)), 16384 // red_d)
+    warps = 4
+    if blocks is not None:
+        red_d, red_s, warps = blocks
     _decode_reduce_fast((B * Hq * Sq, cdiv(D, red_d)),
         o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),
-        HEAD_DIM=D, BLOCK_D=red_d, BLOCK_S=red_s, num_warps=4)
+        HEAD_DIM=D, BLOCK_D=red_d, BLOCK_S=red_s, num_warps=warps)
     return out, lse
 
 

@@ -30,9 +30,16 @@ GEMV_MAX_WEIGHTS = 1 << 24
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
+                 s_xh, s_wh, s_yh,
                  MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ADD: tl.constexpr):
+    # program (column block, head): `head_gemv`'s heads are a batch of independent products
+    # (the head strides are 0 for `gemv`'s one matrix)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    head = tl.program_id(1).to(tl.int64)
+    X += head * s_xh
+    W += head * s_wh
+    Y += head * s_yh
     col_ok = cols < N
     ms = tl.arange(0, MP)
     m_ok = ms < M
@@ -86,9 +93,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
     bn, bk, warps = blocks or GEMV_BLOCKS
     if x.device.type == "cpu":
         warps = 4
-    _gemv_kernel[(cdiv(N, bn),)](
+    _gemv_kernel[(cdiv(N, bn), 1)](
         x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
-        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None,
+        0, 0, 0, MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None,
         ADD=add_to is not None, num_warps=warps)
     return y
 
@@ -110,3 +117,42 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] 
         return gemv(x, w, b, out_dtype=out_dtype or w.dtype)
     y = torch.nn.functional.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, b)
     return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+# head_gemv's tiles by the weight's layout: (BLOCK_N, BLOCK_K, num_warps) when the reduced dim
+# is the contiguous one (DeepSeek's W_UV, (h, v, c) summed over c), and when the output dim is
+# (its W_UK, (h, n, c) read as (h, c, n): the tile is long in the output columns)
+HEAD_GEMV_BLOCKS = (4, 512, 4)
+HEAD_GEMV_BLOCKS_T = (64, 32, 4)
+HEAD_GEMV_MAX_ROWS = 4      # rows (tokens) up to which MLA's absorption takes head_gemv
+
+
+def head_gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
+              blocks: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """Per-head products for a few rows: x (M, H, K) and w (H, N, K), any strides -> y (M, H,
+    N) contiguous, y[m, h] = w[h] @ x[m, h] with float32 sums, in one launch (MLA's absorption
+    of a decode token: torch.einsum's batched GEMM of M = 1 per head took 3.3-3.5 us for 1-2 MB
+    of weights, session 17's profile). out_dtype: default x's. blocks: (BLOCK_N, BLOCK_K,
+    num_warps), default by w's layout (HEAD_GEMV_BLOCKS / _T)."""
+    if x.dim() != 3 or w.dim() != 3 or x.shape[1] != w.shape[0] or x.shape[2] != w.shape[2]:
+        raise ValueError(f"head_gemv: x {tuple(x.shape)} must be (M, H, K) and w "
+                         f"{tuple(w.shape)} (H, N, K)")
+    if not (x.is_floating_point() and w.is_floating_point()) or x.device != w.device:
+        raise ValueError(f"head_gemv: x ({x.dtype}, {x.device}) and w ({w.dtype}, {w.device}) "
+                         f"must be floating point on one device")
+    M, H, K = x.shape
+    N = w.shape[1]
+    y = torch.empty(M, H, N, dtype=out_dtype or x.dtype, device=x.device)
+    if M == 0 or H == 0 or N == 0:
+        return y
+    if blocks is None:
+        blocks = HEAD_GEMV_BLOCKS_T if w.stride(1) == 1 and w.stride(2) != 1 \
+            else HEAD_GEMV_BLOCKS
+    bn, bk, warps = blocks
+    if x.device.type == "cpu":
+        warps = 4
+    _gemv_kernel[(cdiv(N, bn), H)](
+        x, w, w, y, M, N, K, x.stride(0), x.stride(2), w.stride(1), w.stride(2), y.stride(0),
+        x.stride(1), w.stride(0), y.stride(1),
+        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=False, num_warps=warps)
+    return y

@@ -192,8 +192,9 @@ class MLAttention(nn.Module):
         c, k_pe = ckv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         w_uk, _ = self._wkv()
         # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
-        # as transformers' kv_b_proj; the expanded K never exists
-        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        # as transformers' kv_b_proj; the expanded K never exists. A decode step's few tokens:
+        # one Triton launch (`head_gemv`) instead of cuBLAS's batched GEMM
+        q_lat = self._absorb(q_nope, w_uk.transpose(1, 2), fused)
         ln = self.kv_a_layernorm
         if fused and q_lat.stride(-1) == 1:
             from ringserve.kernels.fused import latent_rope_triton
@@ -233,11 +234,21 @@ class MLAttention(nn.Module):
         k[..., m.qk_nope_head_dim:] = lat[:, None, m.kv_lora_rank:]
         return k, kv[..., m.qk_nope_head_dim:]
 
-    def to_values(self, o: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _absorb(x: torch.Tensor, w: torch.Tensor, fused: bool) -> torch.Tensor:
+        """x (t, h, k) cast to w's dtype, w (h, n, k) -> (t, h, n) in w's dtype, float32 sums:
+        torch.einsum's batched GEMM, or with fused for a decode step's few rows `head_gemv`."""
+        x = x if x.dtype == w.dtype else x.to(w.dtype)
+        from ringserve.kernels.gemv import HEAD_GEMV_MAX_ROWS, head_gemv
+        if fused and x.shape[0] <= HEAD_GEMV_MAX_ROWS:
+            return head_gemv(x, w)
+        return torch.einsum("thk,hnk->thn", x, w)
+
+    def to_values(self, o: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """(t, h, latent_dim) attention output in the latent space -> (t, h, v_head_dim): W_UV
-        per head, the values' space the expanded form's output is in."""
+        per head, the values' space the expanded form's output is in. fused: as `project`'s."""
         _, w_uv = self._wkv()
-        return torch.einsum("thc,hvc->thv", o[..., :self.mla.kv_lora_rank].to(w_uv.dtype), w_uv)
+        return self._absorb(o[..., :self.mla.kv_lora_rank], w_uv, fused)
 
     def output(self, o: torch.Tensor, dtype: torch.dtype, values: bool = False,
                fused: bool = False) -> torch.Tensor:
@@ -245,7 +256,7 @@ class MLAttention(nn.Module):
         o is (t, h, v_head_dim) in the values' space already (`to_values`, the expanded
         form). fused: as Attention.output's."""
         if not values:
-            o = self.to_values(o)
+            o = self.to_values(o, fused)
         o = o.reshape(o.shape[0], -1)
         o = o if o.dtype == dtype else o.to(dtype)
         if fused and type(self.o_proj) is nn.Linear:    # (not a tensor-parallel slice)

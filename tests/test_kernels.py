@@ -871,6 +871,37 @@ def test_gemv_equals_float64_linear(dtype, tol):
     assert y.dtype == torch.float16 and y.shape == (3, 40)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_head_gemv_equals_float64_einsum(dtype, tol):
+    """The per-head products (MLA's absorption, interpreted on CPU) against einsum in float64:
+    1-5 rows, both weight layouts (the reduced dim contiguous: W_UV (h, v, c); the output dim
+    contiguous: W_UK (h, n, c) read transposed), strided views as the model passes them, every
+    tile shape bench_gemv sweeps for them; bad shapes are refused."""
+    from ringserve.kernels.gemv import head_gemv
+    g = torch.Generator().manual_seed(6)
+    H, nope, rope, c, v = 3, 24, 8, 64, 20
+    kv_b = (torch.randn(H * (nope + v), c, generator=g) / c ** 0.5).to(dtype)
+    w = kv_b.view(H, nope + v, c)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]          # views, as MLAttention._wkv
+    for M in (1, 2, 5):
+        q = torch.randn(M, H, nope + rope, generator=g).to(dtype)
+        q_nope = q[..., :nope]                     # a strided view
+        o = torch.randn(M, H, c + rope, generator=g).to(dtype)[..., :c]
+        for x, wt in ((q_nope, w_uk.transpose(1, 2)), (o, w_uv)):
+            ref = torch.einsum("thk,hnk->thn", x.double(), wt.double())
+            for blocks in (None, (4, 512, 4), (64, 32, 4), (16, 16, 2)):
+                y = head_gemv(x, wt, blocks=blocks)
+                assert y.shape == ref.shape and y.dtype == dtype and y.is_contiguous()
+                err = (y.double() - ref).abs().max().item()
+                assert err <= tol * max(1.0, ref.abs().max().item()), (M, blocks, err)
+    y = head_gemv(q_nope.float(), w_uk.transpose(1, 2).float(), out_dtype=torch.float64)
+    assert y.dtype == torch.float64
+    with pytest.raises(ValueError, match="must be"):
+        head_gemv(torch.randn(2, 3, 5), torch.randn(3, 4, 6))
+    with pytest.raises(ValueError, match="floating point"):
+        head_gemv(torch.randn(2, 3, 4), torch.ones(3, 4, 4, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_greedy_pick_equals_argmax_and_log_softmax(dtype):
     """The greedy pick (interpreted on CPU) against torch.argmax and log_softmax: a vocabulary

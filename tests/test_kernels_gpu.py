@@ -610,6 +610,30 @@ def test_gemv_gpu(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_gemv_gpu(dtype):
+    """MLA's absorption by head_gemv at DeepSeek-V2-Lite's shape (16 heads; W_UK 128 x 512 read
+    transposed, W_UV 128 x 512), 1 and 4 rows, every tile bench_gemv.py sweeps for it: within
+    2x the error of the einsum in the same dtype against float64."""
+    from ringserve.kernels.gemv import head_gemv
+    g = torch.Generator(device="cuda").manual_seed(8)
+    kv_b = (torch.randn(16 * 256, 512, device="cuda", generator=g) / 512 ** 0.5).to(dtype)
+    w = kv_b.view(16, 256, 512)
+    for M in (1, 4):
+        q = torch.randn(M, 16, 192, device="cuda", generator=g).to(dtype)
+        o = torch.randn(M, 16, 576, device="cuda", generator=g).to(dtype)
+        for x, wt in ((q[..., :128], w[:, :128].transpose(1, 2)), (o[..., :512], w[:, 128:])):
+            ref = torch.einsum("thk,hnk->thn", x.double(), wt.double())
+            base = (torch.einsum("thk,hnk->thn", x, wt).double() - ref).abs().max().item()
+            for blocks in [None] + HEAD_GEMV_SWEEP:
+                err = (head_gemv(x, wt, blocks=blocks).double() - ref).abs().max().item()
+                assert err <= 2 * base + 1e-3, (M, blocks, err, base)
+
+
+HEAD_GEMV_SWEEP = [(4, 512, 4), (8, 256, 4), (2, 512, 4), (16, 128, 4), (32, 64, 4),
+                   (64, 32, 4), (128, 16, 4), (64, 64, 4), (128, 32, 8), (32, 32, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_moe_gemv_gpu(dtype):
     """The few-token MoE layer in bf16 / fp16 at the Qwen3-30B-A3B shape (128 experts, top-8,
     hidden 2048, expert width 768), one and four tokens: within 2x the error of a plain torch
