@@ -106,6 +106,19 @@ case "$PART" in
     timeout 130 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \
       --lengths 131072 --fused-kernels --json "$OUT/prof_deepseek_128k.json" 2>&1 \
       | tee "$OUT/prof_deepseek_128k.log" | grep -E "L=|kernel|Error|error" | head -30 ;;
+  s18b)  # session 18: DeepSeek's shared experts inside the routed experts' two launches,
+         # W_UV by head_gemv, the latent decode's new launches (GPU tests; bf16 against
+         # transformers at 8K), then DeepSeek-V2-Lite's decode at 8K / 32K / 128K
+    timeout 60 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "moe_gemv or head_gemv or latent" 2>&1 \
+      | tee "$OUT/test_kernels_moe_shared.log" | tail -2
+    timeout 150 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek or qwen3-moe" 2>&1 \
+      | tee "$OUT/test_families_moe_mla.log" | tail -3
+    T=230 e2e deepseek-v2-lite 8192,32768,131072
+    timeout 90 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \
+      --lengths 8192 --fused-kernels --json "$OUT/prof_deepseek_8k.json" 2>&1 \
+      | tee "$OUT/prof_deepseek_8k.log" | grep -E "L=|kernel|Error|error" | head -24 ;;
   s17a)  # next session, first call (h200): where DeepSeek's and Qwen3-MoE's decode steps go
          # after session 16's launch cuts (worker steps 2.86x / 2.64x their floors at 8K)
     timeout 190 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \

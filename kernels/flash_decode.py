@@ -493,6 +493,11 @@ def _reduce(o_part, l_part, dtype, blocks=None):
     red_d = min(block_d, 128)
     red_s = min(max(2, next_pow2(num_splits)), 16384 // red_d)
     warps = 4
+    if D > 256 and o_part.device.type != "cpu":
+        # MLA's 576-wide latent: 32 columns x 128 splits with 2 warps (session 18's sweep,
+        # bench_latent_decode.py --sweep, one H200: 128 / 132 / 264 splits 2.7 / 3.5 / 4.8 us;
+        # the 128 x 128 tile with 4 warps took 0.5-0.6 us more at 8K)
+        red_d, red_s, warps = 32, 128, 2
     if blocks is not None:
         red_d, red_s, warps = blocks
     _decode_reduce_fast((B * Hq * Sq, cdiv(D, red_d)),
@@ -530,12 +535,21 @@ def _latent_decode(q, cache, block_table, seq_lens, scale, causal, window_size, 
     # 72 a thread
     block_m = min(32, max(16, next_pow2(rows)))
     row_blocks = cdiv(rows, block_m)
+    # a long cache (a table of 64K+ keys): 32-key tiles in two waves of programs, 4 warps.
+    # Session 18's sweep (bench_latent_decode.py --sweep, one H200, batch 1, split kernel +
+    # reduce): 128K 70.8 us with 64-key tiles in one wave, 8 warps (the shorter caches' best:
+    # 8K 10.7, 32K 22.8 us) -> 64.9 us (32K: 24.4 us, so it stays with the former)
+    long_cache = not on_cpu and max_len >= 65536
     if block_n is None:
-        block_n = 16 if on_cpu else 64
+        block_n = 16 if on_cpu else (32 if long_cache else 64)
+    if num_warps is None and long_cache:
+        num_warps = 4
     tiles = cdiv(max_len, block_n)
     if num_splits is None:
         if on_cpu:
             num_splits = min(3, tiles)
+        elif long_cache:
+            num_splits = cdiv(2 * sm_count(q.device), B * Hkv * row_blocks)
         else:
             # one wave of programs, down to one 64-key tile each: on one H200 (session 15,
             # bench_latent_decode.py, batch 1) 16 / 32 / 64 / 128 splits took 29.3 / 18.4 / 14.1

@@ -121,10 +121,13 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] 
 
 # head_gemv's tiles by the weight's layout: (BLOCK_N, BLOCK_K, num_warps) when the reduced dim
 # is the contiguous one (DeepSeek's W_UV, (h, v, c) summed over c), and when the output dim is
-# (its W_UK, (h, n, c) read as (h, c, n): the tile is long in the output columns)
+# (its W_UK, (h, n, c) read as (h, c, n): the tile is long in the output columns). Session 18's
+# sweep (bench_gemv.py, one H200, 16 heads of 128 x 512, one row / four, us): W_UV 2.4 / 3.5 at
+# (4, 512, 4) against einsum's 3.1 / 3.1; W_UK 2.9 at (32, 64, 4), 3.2 at (64, 32, 4) / 4.0
+# against 2.8 / 2.8 (the model leaves W_UK to einsum: MLAttention._absorb)
 HEAD_GEMV_BLOCKS = (4, 512, 4)
-HEAD_GEMV_BLOCKS_T = (64, 32, 4)
-HEAD_GEMV_MAX_ROWS = 4      # rows (tokens) up to which MLA's absorption takes head_gemv
+HEAD_GEMV_BLOCKS_T = (32, 64, 4)
+HEAD_GEMV_MAX_ROWS = 1      # rows (tokens) up to which MLA's absorption takes head_gemv
 
 
 def head_gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None,

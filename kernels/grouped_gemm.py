@@ -137,16 +137,24 @@ MOE_GEMV_MAX_COPIES = 32    # token copies (T * top_k) up to which `moe_gemv` ru
 
 
 @triton.jit
-def _moe_gate_up_kernel(X, W, Idx, Act, H, I, k,
-                        s_xt, s_we, s_wn, s_wk, s_at,
+def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
+                        s_xt, s_we, s_wn, s_wk, s_wse, s_at,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAZY: tl.constexpr):
-    i = tl.program_id(0)                    # token copy: token i // k, its (i % k)-th expert
+    # token copy i: token i // kt, its (i % kt)-th expert: the k routed ones (Idx), then the
+    # kt - k shared ones (DeepSeek's shared experts as experts of the routed width: shared
+    # expert j's gate rows start at Ws + j * s_wse, its up rows up_s rows further: the shared
+    # MLP's joined gate|up weight as it is; same row and column strides as W)
+    i = tl.program_id(0)
+    t = i // kt
+    j = i % kt
+    routed = j < k
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
-    e = tl.load(Idx + i).to(tl.int64)
-    x_row = X + (i // k).to(tl.int64) * s_xt
-    w_gate = W + e * s_we + cols[:, None] * s_wn
-    w_up = W + e * s_we + (cols[:, None] + I) * s_wn
+    e = tl.load(Idx + t * k + tl.minimum(j, k - 1)).to(tl.int64)
+    base = tl.where(routed, W + e * s_we, Ws + (j - k).to(tl.int64) * s_wse)
+    x_row = X + t.to(tl.int64) * s_xt
+    w_gate = base + cols[:, None] * s_wn
+    w_up = base + (cols[:, None] + tl.where(routed, I, up_s)) * s_wn
     if LAZY:    # products summed once after the loop (no reduction between the loads)
         gg = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         uu = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -177,23 +185,28 @@ def _moe_gate_up_kernel(X, W, Idx, Act, H, I, k,
 
 
 @triton.jit
-def _moe_down_kernel(Act, W, Idx, Wt, Out, H, I, k,
-                     s_at, s_we, s_wn, s_wk, s_ot,
+def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
+                     s_at, s_we, s_wn, s_wk, s_wse, s_wsn, s_ot,
                      KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # A program: one token's BLOCK_N output columns, all k of its experts at once (KP: k
     # rounded up to a power of two): each step of the loop loads a (KP, BLOCK_N, BLOCK_K)
     # tile of the experts' rows. Session 16's version walked the experts one after another,
     # BLOCK_N x BLOCK_K at a time: 2 KB in flight a program, 30% of the H200's bandwidth
     # (19.8 us a layer for Qwen3-30B-A3B's one decode token against a 5.9 us floor).
+    # The kt - k shared experts (copies k..kt-1, weight 1): shared expert j's down columns
+    # start at Ws + j * s_wse, rows s_wsn apart (the shared MLP's down weight as it is).
     t = tl.program_id(0)                    # token
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     js = tl.arange(0, KP)
-    j_ok = js < k
-    i = t * k + js                          # the token's copies
-    e = tl.load(Idx + i, mask=j_ok, other=0).to(tl.int64)
+    j_ok = js < kt
+    routed = js < k
+    i = t * kt + js                         # the token's copies
+    e = tl.load(Idx + t * k + js, mask=routed, other=0).to(tl.int64)
     a_rows = Act + i.to(tl.int64) * s_at                                   # (KP,)
-    w_rows = W + e[:, None] * s_we + cols[None, :].to(tl.int64) * s_wn    # (KP, BLOCK_N)
+    c64 = cols[None, :].to(tl.int64)
+    w_rows = tl.where(routed[:, None], W + e[:, None] * s_we + c64 * s_wn,
+                      Ws + (js - k).to(tl.int64)[:, None] * s_wse + c64 * s_wsn)  # (KP, BN)
     row_ok = j_ok[:, None] & col_ok[None, :]
     acc = tl.zeros((KP, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
@@ -207,7 +220,8 @@ def _moe_down_kernel(Act, W, Idx, Wt, Out, H, I, k,
     # each expert's output in the model's dtype, then weighted in float32 (as the grouped
     # path: y in the model's dtype, the sum over experts in float32)
     y = tl.sum(acc, axis=2).to(Out.dtype.element_ty).to(tl.float32)     # (KP, BLOCK_N)
-    wt = tl.load(Wt + i, mask=j_ok, other=0.0).to(tl.float32)
+    wt = tl.where(routed, tl.load(Wt + t * k + js, mask=routed, other=0.0).to(tl.float32),
+                  1.0)
     out = tl.sum(y * wt[:, None], axis=0)
     tl.store(Out + t.to(tl.int64) * s_ot + cols, out.to(Out.dtype.element_ty), mask=col_ok)
 
@@ -226,13 +240,20 @@ MOE_GEMV_BLOCKS_MANY = (4, 256, 4, 8, 128, 2, False)   # 9..MOE_GEMV_MAX_COPIES
 
 
 def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-             weights: torch.Tensor, blocks: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+             weights: torch.Tensor, blocks: Optional[Tuple[int, ...]] = None,
+             shared: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
     """A SwiGLU MoE layer's routed experts for a few tokens, in two launches: x (T, H), the
     stacked weights gate_up (E, 2I, H) (gate rows, then up rows) and down (E, H, I), each
     token's top-k expert ids idx (T, k) and router weights (T, k) -> (T, H) in x's dtype, the
     router-weighted sum of the token's experts' outputs. `blocks` (benchmarks' sweeps):
     the two launches' (BLOCK_N, BLOCK_K, num_warps), then optionally gate/up's LAZY, default
-    `MOE_GEMV_BLOCKS` (or `MOE_GEMV_BLOCKS_MANY` past 8 token copies)."""
+    `MOE_GEMV_BLOCKS` (or `MOE_GEMV_BLOCKS_MANY` past 8 token copies).
+
+    shared: (gate|up (2S, H), down (H, S), n) of a shared SwiGLU MLP every token goes through
+    (DeepSeek's shared experts, S = n * I: its gate rows, then its up rows, as the joined
+    weight holds them): added to every token's output in the same two launches as n more
+    experts of width I with weight 1 (SwiGLU's intermediate units are independent, so the MLP
+    is the sum of its n slices), instead of three launches of its own."""
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)} and down "
                          f"{tuple(down.shape)} must be (T, H), (E, 2I, H) and (E, H, I)")
@@ -246,22 +267,38 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
         raise ValueError(f"idx {tuple(idx.shape)} and weights {tuple(weights.shape)} must both "
                          f"be ({T}, top_k)")
     k = idx.shape[1]
+    n_sh = 0
+    gu_s, dn_s = gate_up, down      # stand-ins when there is no shared MLP (never read)
+    if shared is not None:
+        gu_s, dn_s, n_sh = shared
+        S = n_sh * inter
+        if n_sh < 1 or gu_s.shape != (2 * S, H) or dn_s.shape != (H, S) \
+                or gu_s.stride() != (H, 1) or dn_s.stride() != (S, 1) \
+                or gate_up.stride()[1:] != (H, 1) or down.stride()[1:] != (inter, 1):
+            raise ValueError(f"shared: gate|up {tuple(gu_s.shape)} must be ({2 * S}, {H}) and "
+                             f"down {tuple(dn_s.shape)} ({H}, {S}), contiguous as the stacks, "
+                             f"for {n_sh} experts of width {inter}")
+        if gu_s.dtype != gate_up.dtype or dn_s.dtype != down.dtype:
+            raise ValueError("shared: the shared MLP's weights must have the experts' dtype")
+    kt = k + n_sh
     x = x.contiguous()
     idx = idx.reshape(-1).contiguous()
     wt = weights.reshape(-1).contiguous()
-    act = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)
+    act = torch.empty(T * kt, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    blocks = tuple(blocks or (MOE_GEMV_BLOCKS if T * k <= 8 else MOE_GEMV_BLOCKS_MANY))
+    blocks = tuple(blocks or (MOE_GEMV_BLOCKS if T * kt <= 8 else MOE_GEMV_BLOCKS_MANY))
     gn, gk, gw, dn, dk, dw = blocks[:6]
     lazy = bool(blocks[6]) if len(blocks) > 6 else False
-    _moe_gate_up_kernel[(T * k, cdiv(inter, gn))](
-        x, gate_up, idx, act, H, inter, k, x.stride(0), *gate_up.stride(), act.stride(0),
+    _moe_gate_up_kernel[(T * kt, cdiv(inter, gn))](
+        x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
+        *gate_up.stride(), inter * H, act.stride(0),
         BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, num_warps=gw)
     _moe_down_kernel[(T, cdiv(H, dn))](
-        act, down, idx, wt, out, H, inter, k, act.stride(0), *down.stride(), out.stride(0),
-        KP=next_pow2(k), BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
+        act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
+        inter, n_sh * inter, out.stride(0),
+        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
     return out
 
 

@@ -192,8 +192,7 @@ class MLAttention(nn.Module):
         c, k_pe = ckv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         w_uk, _ = self._wkv()
         # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
-        # as transformers' kv_b_proj; the expanded K never exists. A decode step's few tokens:
-        # one Triton launch (`head_gemv`) instead of cuBLAS's batched GEMM
+        # as transformers' kv_b_proj; the expanded K never exists
         q_lat = self._absorb(q_nope, w_uk.transpose(1, 2), fused)
         ln = self.kv_a_layernorm
         if fused and q_lat.stride(-1) == 1:
@@ -237,10 +236,13 @@ class MLAttention(nn.Module):
     @staticmethod
     def _absorb(x: torch.Tensor, w: torch.Tensor, fused: bool) -> torch.Tensor:
         """x (t, h, k) cast to w's dtype, w (h, n, k) -> (t, h, n) in w's dtype, float32 sums:
-        torch.einsum's batched GEMM, or with fused for a decode step's few rows `head_gemv`."""
+        torch.einsum's batched GEMM, or with fused for a decode step's few rows and a weight
+        whose summed dim is contiguous (W_UV) `head_gemv`. Session 18's bench_gemv (one H200,
+        DeepSeek-V2-Lite, one row): W_UV 3.1 -> 2.4 us; W_UK, read across its rows, 2.8 us by
+        einsum against 2.9 at head_gemv's best tile, so einsum keeps it."""
         x = x if x.dtype == w.dtype else x.to(w.dtype)
         from ringserve.kernels.gemv import HEAD_GEMV_MAX_ROWS, head_gemv
-        if fused and x.shape[0] <= HEAD_GEMV_MAX_ROWS:
+        if fused and x.shape[0] <= HEAD_GEMV_MAX_ROWS and w.stride(2) == 1:
             return head_gemv(x, w)
         return torch.einsum("thk,hnk->thn", x, w)
 

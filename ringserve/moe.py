@@ -83,6 +83,24 @@ class MoE(nn.Module):
         if self.cfg.shared_intermediate:
             self.shared_experts.join_weights()
 
+    def shared_as_experts(self) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+        """(gate|up (2S, H), down (H, S), n): the shared experts' SwiGLU MLP as n experts of
+        the routed width I (S = n * I) for `moe_gemv`, read in place (the joined gate|up of
+        `join_weights`, the down projection's weight); None where it does not split so
+        (no joined weight, biases, another width or dtype)."""
+        if not self.cfg.shared_intermediate:
+            return None
+        se, inter = self.shared_experts, self.experts.down.shape[-1]
+        n, rest = divmod(self.cfg.shared_intermediate, inter)
+        j = se.joined
+        if rest or j is None or j.bias is not None or se.down_proj.bias is not None \
+                or not j.holds(se.gate_proj, se.up_proj) \
+                or j.weight.dtype != self.experts.gate_up.dtype \
+                or se.down_proj.weight.dtype != self.experts.down.dtype \
+                or not (j.weight.is_contiguous() and se.down_proj.weight.is_contiguous()):
+            return None
+        return j.weight, se.down_proj.weight, n
+
     def route(self, x: torch.Tensor, fused: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> weights (T, k) float32, expert ids (T, k). fused: the softmax and top-k
         in one Triton launch (`kernels.grouped_gemm.moe_route`; the few-token path), where no
@@ -126,11 +144,15 @@ class MoE(nn.Module):
         T = x.shape[0]
         if T * self.cfg.top_k <= MOE_GEMV_MAX_COPIES and kernels.use_triton(self.backend, x):
             # a few tokens (decode): the router in one launch, the experts in two, no sort
-            # (kernels/grouped_gemm.py)
+            # (kernels/grouped_gemm.py); the shared experts in the same two where they split
+            # into experts of the routed width
+            shared = self.shared_as_experts()
+            if shared is not None and T * (self.cfg.top_k + shared[2]) > MOE_GEMV_MAX_COPIES:
+                shared = None
             w, idx = self.route(x, fused=True)
-            out = moe_gemv(x, self.experts.gate_up, self.experts.down, idx, w)
-            if self.cfg.shared_intermediate:   # added by the down GEMM itself (addmm)
-                self.shared_experts(x, fused_act=True, add_to=out)
+            out = moe_gemv(x, self.experts.gate_up, self.experts.down, idx, w, shared=shared)
+            if self.cfg.shared_intermediate and shared is None:
+                self.shared_experts(x, fused_act=True, add_to=out)   # added by its down GEMV
             return out
         out = self._grouped(x, *self.route(x))
         if self.cfg.shared_intermediate:

@@ -357,6 +357,72 @@ def test_moe_gemv_equals_float64_and_the_grouped_path(dtype, tol):
     assert (moe(few) - a).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_moe_gemv_with_shared_experts_as_experts(dtype, tol):
+    """DeepSeek's shared experts in moe_gemv's two launches (n more experts of the routed width,
+    weight 1, read in place from the shared MLP's joined gate|up and its down weight): equal to
+    float64's routed sum plus the whole shared MLP, 1-4 tokens, 1 and 2 shared slices, a top-k
+    whose copies fill the power-of-two tile exactly and one that does not; MoE.forward takes it
+    (no shared launches of its own: mutation-checked by breaking the joined weight's hold) with
+    the outputs of the grouped path; bad shapes are refused."""
+    from ringserve.config import MoeConfig
+    from ringserve.kernels.grouped_gemm import moe_gemv
+    from ringserve.moe import MoE
+    g = torch.Generator().manual_seed(2)
+    for E, H, inter, T, k, n in ((8, 40, 24, 1, 6, 2), (6, 72, 20, 3, 2, 1), (5, 33, 16, 4, 3, 2)):
+        x = torch.randn(T, H, generator=g).to(dtype)
+        gu = (torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5).to(dtype)
+        dn = (torch.randn(E, H, inter, generator=g) / inter ** 0.5).to(dtype)
+        S = n * inter
+        sg, su = (torch.randn(S, H, generator=g) / H ** 0.5).to(dtype), \
+            (torch.randn(S, H, generator=g) / H ** 0.5).to(dtype)
+        sd = (torch.randn(H, S, generator=g) / S ** 0.5).to(dtype)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        w = torch.rand(T, k, generator=g)
+        out = moe_gemv(x, gu, dn, idx, w, shared=(torch.cat([sg, su]), sd, n))
+        xd = x.double()
+        ref = (torch.nn.functional.silu(xd @ sg.double().t()) * (xd @ su.double().t())) \
+            @ sd.double().t()
+        for t in range(T):
+            for j in range(k):
+                e = int(idx[t, j])
+                h = gu[e].double() @ xd[t]
+                a = torch.nn.functional.silu(h[:inter]) * h[inter:]
+                ref[t] += w[t, j].double() * (dn[e].double() @ a)
+        err = (out.double() - ref).abs().max().item()
+        assert out.shape == (T, H) and err <= tol * max(1.0, ref.abs().max().item()), (n, T, err)
+    with pytest.raises(ValueError, match="shared"):
+        moe_gemv(x, gu, dn, idx, w, shared=(torch.cat([sg, su]), sd, n + 1))
+    with pytest.raises(ValueError, match="shared"):
+        moe_gemv(x, gu, dn, idx, w, shared=(torch.cat([sg, su]), sd.t().contiguous().t(), n))
+    # MoE.forward: DeepSeek's layer on the few-token path, shared experts merged
+    cfg = MoeConfig(num_experts=8, top_k=3, intermediate_size=12, renormalize=False,
+                    shared_intermediate=24, router_fp32=True)
+    moe = MoE(32, cfg, "deepseek_v2")
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / 6)
+    moe.join_weights()
+    assert moe.shared_as_experts() is not None and moe.shared_as_experts()[2] == 2
+    moe.backend = "triton"
+    xs = torch.randn(4, 32, generator=g)
+    calls = []
+    orig = moe.shared_experts.forward
+    moe.shared_experts.forward = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+    a = moe(xs)
+    assert calls == []                   # the shared MLP ran inside moe_gemv's launches
+    moe.backend = "torch"
+    b = moe(xs)
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    # a gate|up replaced after joining: no longer held, the shared MLP runs on its own again
+    moe.shared_experts.gate_proj.weight = torch.nn.Parameter(
+        moe.shared_experts.gate_proj.weight.detach().clone())
+    assert moe.shared_as_experts() is None
+    moe.backend = "triton"
+    calls.clear()
+    assert (moe(xs) - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    assert calls == [1]
+
 def _edit_config(tmp_path, src, **changes):
     dst = tmp_path / "ckpt"
     shutil.copytree(src, dst)
