@@ -119,6 +119,14 @@ case "$PART" in
     timeout 90 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \
       --lengths 8192 --fused-kernels --json "$OUT/prof_deepseek_8k.json" 2>&1 \
       | tee "$OUT/prof_deepseek_8k.log" | grep -E "L=|kernel|Error|error" | head -24 ;;
+  s18c)  # session 18: programmatic dependent launch of the decode step's Triton kernels (GPU
+         # tests: a 40-kernel chain in a graph bitwise equal without it, the fused paths),
+         # then DeepSeek-V2-Lite 8K / 32K and Qwen3-30B-A3B 8K decode (call 2: 2.83 / 3.09 ms)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "pdl or fused or gemv or greedy or paged_decode or merge_splits" \
+      2>&1 | tee "$OUT/test_kernels_pdl.log" | tail -3
+    T=150 e2e deepseek-v2-lite 8192,32768
+    T=175 e2e qwen3-moe-30b-a3b 8192 ;;
   s17a)  # next session, first call (h200): where DeepSeek's and Qwen3-MoE's decode steps go
          # after session 16's launch cuts (worker steps 2.86x / 2.64x their floors at 8K)
     timeout 190 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \

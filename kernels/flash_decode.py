@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._host import FastLaunch, cdiv, next_pow2, sm_count
+from .pdl import pdl_enter, pdl_kw
 
 LOG2E = 1.4426950408889634   # host side
 # log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals in the
@@ -54,7 +55,9 @@ def _decode_split_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
-        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_SKIP: tl.constexpr):
+        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_SKIP: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos = _split_program(
         SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits, capacity,
         BLOCK_M, BLOCK_N, CAUSAL or HAS_WINDOW, HAS_QPOS)
@@ -217,7 +220,8 @@ def _decode_latent_split_kernel(
         DV: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
-        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+        DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos = _split_program(
         SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits, capacity,
         BLOCK_M, BLOCK_N, CAUSAL or HAS_WINDOW, HAS_QPOS)
@@ -260,7 +264,8 @@ def _decode_latent_split_kernel(
 def _decode_reduce_kernel(OPart, LPart, Out, Lse, Sq, Hq, num_splits,
                           stride_ob, stride_os, stride_oh, stride_od,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
+                          BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # one row's BLOCK_D columns; the splits BLOCK_S at a time with the running maximum
     # rescaled (a wide head with hundreds of splits, MLA's 576-wide latent, would otherwise
     # hold num_splits x 1024 floats in one program's registers: 0.76 ms a layer in session 14)
@@ -446,7 +451,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
         Sq, Hq, Hkv, group, chunk, num_splits, capacity, *tail,
         HEAD_DIM=D, BLOCK_D=block_d, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
         WINDOW_SKIP=window_size is not None and (positions_sorted or kv_pos is None),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl_kw(q.device))
     if splits:
         return o_part, l_part
     return _reduce(o_part, l_part, q.dtype)
@@ -502,7 +507,8 @@ def _reduce(o_part, l_part, dtype, blocks=None):
         red_d, red_s, warps = blocks
     _decode_reduce_fast((B * Hq * Sq, cdiv(D, red_d)),
         o_part, l_part, out, lse, Sq, Hq, num_splits, *out.stride(),
-        HEAD_DIM=D, BLOCK_D=red_d, BLOCK_S=red_s, num_warps=warps)
+        HEAD_DIM=D, BLOCK_D=red_d, BLOCK_S=red_s, num_warps=warps,
+        **pdl_kw(o_part.device))
     return out, lse
 
 
@@ -565,7 +571,8 @@ def _latent_decode(q, cache, block_table, seq_lens, scale, causal, window_size, 
         *q.stride(), *cache.stride(), block_table.stride(0), *pos_strides,
         Sq, Hq, Hkv, group, chunk, num_splits, block_table.shape[1] * page, *tail,
         DV=dv, DR=dr, PAGE_SIZE=page, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
-        num_warps=num_warps or 8, num_stages=num_stages or (1 if on_cpu else 2))
+        num_warps=num_warps or 8, num_stages=num_stages or (1 if on_cpu else 2),
+        **pdl_kw(q.device))
     if splits:
         return o_part, l_part
     return _reduce(o_part, l_part, q.dtype)

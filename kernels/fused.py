@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._host import FastLaunch, cdiv, next_pow2
+from .pdl import pdl_enter, pdl_kw
 
 
 @triton.jit
@@ -47,7 +48,9 @@ def _normed(xf, w_ptr, offs, mask, N, eps, dtype, PLUS_ONE: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, rw_ptr, o_ptr, stride_x, stride_r, stride_o, N, eps,
                      r_eps, HAS_RESIDUAL: tl.constexpr, RES_NORM: tl.constexpr,
-                     STORE_SUM: tl.constexpr, PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
+                     STORE_SUM: tl.constexpr, PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)   # row * stride may pass 2**31 on long inputs
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -115,7 +118,7 @@ def _rms_norm_launch(x, weight, eps, plus_one, residual, out, residual_weight, r
                    float(eps), float(eps if residual_eps is None else residual_eps),
                    HAS_RESIDUAL=residual is not None, RES_NORM=residual_weight is not None,
                    STORE_SUM=out.data_ptr() != x.data_ptr(), PLUS_ONE=bool(plus_one),
-                   BLOCK=block, num_warps=4 if block <= 2048 else 8)
+                   BLOCK=block, num_warps=4 if block <= 2048 else 8, **pdl_kw(x.device))
     return out
 
 
@@ -164,7 +167,9 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, vo_ptr
                        HQ, HKV, eps,
                        HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
                        BLOCK_HALF: tl.constexpr, QK_NORM: tl.constexpr,
-                       PLUS_ONE: tl.constexpr, HAS_V: tl.constexpr, STORE: tl.constexpr):
+                       PLUS_ONE: tl.constexpr, HAS_V: tl.constexpr, STORE: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     c_row = c_ptr + t * stride_ct
     s_row = s_ptr + t * stride_ct
@@ -267,7 +272,8 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
         Hq, Hkv, float(eps),
         HALF=half, BLOCK_HQ=next_pow2(Hq), BLOCK_HKV=next_pow2(Hkv),
         BLOCK_HALF=next_pow2(half), QK_NORM=q_norm is not None,
-        PLUS_ONE=bool(plus_one), HAS_V=v is not None, STORE=store, num_warps=4)
+        PLUS_ONE=bool(plus_one), HAS_V=v is not None, STORE=store, num_warps=4,
+        **pdl_kw(q.device))
     return qo, ko, vo
 
 
@@ -277,7 +283,8 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 @triton.jit
 def _act_mul_kernel(g_ptr, u_ptr, o_ptr, stride_g, stride_u, stride_o, N, gelu_c,
-                    GELU: tl.constexpr, BLOCK: tl.constexpr):
+                    GELU: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -312,7 +319,7 @@ def act_mul_triton(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> 
     block = min(1024, next_pow2(N))
     _act_mul_fast((T, cdiv(N, block)),
         gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N, _GELU_C,
-        GELU=bool(gelu), BLOCK=block, num_warps=4)
+        GELU=bool(gelu), BLOCK=block, num_warps=4, **pdl_kw(gate.device))
     return out
 
 
@@ -334,7 +341,8 @@ def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, 
                         w_ptr, kv_ptr, slot_ptr, eps,
                         s_qlt, s_qlh, s_qpt, s_qph, s_ct, s_kpt, s_cst, s_qt, s_qh, s_kt, s_kv,
                         H, C, R2, BLOCK_C: tl.constexpr, BLOCK_R2: tl.constexpr,
-                        NORM: tl.constexpr, STORE: tl.constexpr):
+                        NORM: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     c_row = cos_ptr + t * s_cst
@@ -414,11 +422,7 @@ def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
         q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),
         k.stride(0), kv_slots.stride(0) if store else 0, H, C, R // 2, BLOCK_C=next_pow2(C),
-        BLOCK_R2=next_pow2(R // 2), NORM=norm_weight is not None, STORE=store, num_warps=4)
+        BLOCK_R2=next_pow2(R // 2), NORM=norm_weight is not None, STORE=store, num_warps=4,
+        **pdl_kw(q_lat.device))
     return q, k
-    _latent_rope_fast((T, H + 1),
-        q_lat, q_pe, c, k_pe, cos, sin, q, k, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
-        q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        k.stride(0), H, C, R // 2, BLOCK_C=next_pow2(C),
-        BLOCK_R2=next_pow2(R // 2), num_warps=4)
-    return q, k
+

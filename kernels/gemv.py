@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
+from .pdl import pdl_enter, pdl_kw
 
 GEMV_BLOCKS = (4, 512, 4)  # (BLOCK_N, BLOCK_K, num_warps) by default
 # Session 17's bench_gemv.py (one H200, bf16; us, cuBLAS -> gemv, one row): Llama-3-8B o_proj
@@ -32,7 +33,8 @@ GEMV_MAX_WEIGHTS = 1 << 24
 def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
                  s_xh, s_wh, s_yh,
                  MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ADD: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # program (column block, head): `head_gemv`'s heads are a batch of independent products
     # (the head strides are 0 for `gemv`'s one matrix)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,7 +98,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
     _gemv_kernel[(cdiv(N, bn), 1)](
         x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
         0, 0, 0, MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None,
-        ADD=add_to is not None, num_warps=warps)
+        ADD=add_to is not None, num_warps=warps, **pdl_kw(x.device))
     return y
 
 
@@ -157,5 +159,6 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype]
     _gemv_kernel[(cdiv(N, bn), H)](
         x, w, w, y, M, N, K, x.stride(0), x.stride(2), w.stride(1), w.stride(2), y.stride(0),
         x.stride(1), w.stride(0), y.stride(1),
-        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=False, num_warps=warps)
+        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=False, num_warps=warps,
+        **pdl_kw(x.device))
     return y

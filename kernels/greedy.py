@@ -17,12 +17,14 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
+from .pdl import pdl_enter, pdl_kw
 
 GREEDY_BLOCK = 4096
 
 
 @triton.jit
-def _greedy_part_kernel(L, PM, PI, PS, V, NB, s_l, BLOCK: tl.constexpr):
+def _greedy_part_kernel(L, PM, PI, PS, V, NB, s_l, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     offs = b * BLOCK + tl.arange(0, BLOCK)
@@ -41,7 +43,8 @@ def _greedy_part_kernel(L, PM, PI, PS, V, NB, s_l, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _greedy_merge_kernel(PM, PI, PS, Tok, Lp, NB, BLOCK_B: tl.constexpr):
+def _greedy_merge_kernel(PM, PI, PS, Tok, Lp, NB, BLOCK_B: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_B)
     ok = offs < NB
@@ -80,7 +83,9 @@ def greedy_pick(logits: torch.Tensor, block: int = GREEDY_BLOCK) -> Tuple[torch.
     pi = torch.empty(B, nb, dtype=torch.int32, device=logits.device)
     ps = torch.empty(B, nb, dtype=torch.float32, device=logits.device)
     _greedy_part_kernel[(B, nb)](logits, pm, pi, ps, V, nb, logits.stride(0), BLOCK=block,
-                                 num_warps=8 if logits.device.type == "cuda" else 4)
+                                 num_warps=8 if logits.device.type == "cuda" else 4,
+                                 **pdl_kw(logits.device))
     _greedy_merge_kernel[(B,)](pm, pi, ps, toks, lps, nb, BLOCK_B=max(2, next_pow2(nb)),
-                               num_warps=1 if logits.device.type == "cuda" else 4)
+                               num_warps=1 if logits.device.type == "cuda" else 4,
+                               **pdl_kw(logits.device))
     return toks, lps

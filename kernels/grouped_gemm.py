@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
+from .pdl import pdl_enter, pdl_kw
 
 
 @triton.jit
@@ -139,7 +140,9 @@ MOE_GEMV_MAX_COPIES = 32    # token copies (T * top_k) up to which `moe_gemv` ru
 @triton.jit
 def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
                         s_xt, s_we, s_wn, s_wk, s_wse, s_at,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAZY: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAZY: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # token copy i: token i // kt, its (i % kt)-th expert: the k routed ones (Idx), then the
     # kt - k shared ones (DeepSeek's shared experts as experts of the routed width: shared
     # expert j's gate rows start at Ws + j * s_wse, its up rows up_s rows further: the shared
@@ -187,7 +190,9 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
 @triton.jit
 def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
                      s_at, s_we, s_wn, s_wk, s_wse, s_wsn, s_ot,
-                     KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # A program: one token's BLOCK_N output columns, all k of its experts at once (KP: k
     # rounded up to a power of two): each step of the loop loads a (KP, BLOCK_N, BLOCK_K)
     # tile of the experts' rows. Session 16's version walked the experts one after another,
@@ -294,11 +299,12 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     _moe_gate_up_kernel[(T * kt, cdiv(inter, gn))](
         x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
         *gate_up.stride(), inter * H, act.stride(0),
-        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, num_warps=gw)
+        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, num_warps=gw, **pdl_kw(x.device))
     _moe_down_kernel[(T, cdiv(H, dn))](
         act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
         inter, n_sh * inter, out.stride(0),
-        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
+        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, num_warps=dw,
+        **pdl_kw(x.device))
     return out
 
 
@@ -310,7 +316,8 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
 
 @triton.jit
 def _moe_route_kernel(L, W, Idx, E, s_l, scale, K: tl.constexpr, BLOCK_E: tl.constexpr,
-                      BLOCK_K: tl.constexpr, RENORM: tl.constexpr):
+                      BLOCK_K: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
@@ -358,5 +365,5 @@ def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool,
     _moe_route_kernel[(T,)](logits, w, idx, E, logits.stride(0), float(scale), K=top_k,
                             BLOCK_E=triton.next_power_of_2(E),
                             BLOCK_K=triton.next_power_of_2(top_k), RENORM=bool(renormalize),
-                            num_warps=1 if E <= 256 else 4)
+                            num_warps=1 if E <= 256 else 4, **pdl_kw(logits.device))
     return w, idx

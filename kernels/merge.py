@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._host import FastLaunch, cdiv, next_pow2
+from .pdl import pdl_enter, pdl_kw
 
 LOG2E = 1.4426950408889634   # host side
 # log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 are written as literals in the
@@ -141,7 +142,8 @@ def _merge_splits_kernel(O, L, E, LE, Out, LseOut, NB, NE, R, S, H, D,
                          s_en, s_es, s_eh, s_ed, s_fn, s_fh, s_fs,
                          s_ys, s_yh, s_yd, s_zs, s_zh,
                          STORE_LSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # two sets of parts over disjoint keys, NB in (O, L) and NE in (E, LE) (the extra parts: a
     # chunk's own keys, or the other half of a cascade), any strides. Each program merges
     # BLOCK_R rows, reading BLOCK_J parts at once: a cascade's ~70 decode splits of a few rows
@@ -210,7 +212,7 @@ def merge_splits_triton(out, lse, extra=None, dest=None, blocks=None):
         out, lse, e, le, y, zz, NB, ne, R, S, H, D, *out.stride(), *lse.stride(), *es,
         *les, *y.stride(), *zs,
         STORE_LSE=z is not None, BLOCK_R=block_r, BLOCK_J=block_j, BLOCK_D=block_d,
-        num_warps=4)
+        num_warps=4, **pdl_kw(out.device))
     return y, z
 
 

@@ -926,3 +926,12 @@ def test_greedy_pick_equals_argmax_and_log_softmax(dtype):
         greedy_pick(torch.zeros(2, 7, dtype=torch.int64))
     with pytest.raises(ValueError, match="unit stride"):
         greedy_pick(torch.randn(7, 2).t())
+
+
+def test_pdl_is_off_off_the_gpu(monkeypatch):
+    """Programmatic dependent launch only where it exists: a CPU tensor (the interpreter) gets
+    the plain launch, and RINGSERVE_PDL=0 turns the probe down on any device."""
+    from ringserve.kernels import pdl
+    assert pdl.pdl_kw(torch.device("cpu")) is pdl.OFF
+    monkeypatch.setenv("RINGSERVE_PDL", "0")
+    assert pdl._probe(torch.device("cpu")) is False

@@ -1,0 +1,75 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the decode step's small kernels.
+
+A decode step is hundreds of kernels of a few microseconds (DeepSeek-V2-Lite at 8K: 375 in one
+graph replay, 2.43 ms of kernel time in a 2.84 ms step, session 18): the gap between one kernel's
+end and the next one's start, ~1 us each, is a seventh of the step. A kernel launched with PDL
+(`launch_pdl=True`) may be scheduled while the kernel before it still runs, once every program
+of that one has called `gdc_launch_dependents`; it then waits in `gdc_wait` until that kernel
+has finished and its writes are visible. Each kernel here calls `pdl_enter(PDL)` first: waits,
+then lets its own successor be scheduled. Nothing is read or written before the wait, so the
+order of memory accesses is the stream's, as without PDL; only the launch latency is hidden.
+
+`pdl_kw(device)`: the keyword arguments of such a launch ({"PDL": True, "launch_pdl": True} on
+a Hopper or later GPU where triton supports it, else {"PDL": False}). RINGSERVE_PDL=0 turns it
+off (read once per device); so does a triton without it (a one-time probe launch, warned).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from ._host import _interpreting, major_capability
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """The first statement of a PDL kernel: wait for the kernel before it, then allow the one
+    after it to be scheduled."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _probe_kernel(X, PDL: tl.constexpr):
+    pdl_enter(PDL)
+    tl.store(X, tl.load(X) + 1)
+
+
+ON = {"PDL": True, "launch_pdl": True}
+OFF = {"PDL": False}
+_checked: dict = {}     # device -> whether PDL launches work there
+
+
+def _probe(device: torch.device) -> bool:
+    if os.environ.get("RINGSERVE_PDL", "1") == "0" or _interpreting() \
+            or major_capability(device) < 9:
+        return False
+    try:
+        x = torch.zeros(1, dtype=torch.int32, device=device)
+        _probe_kernel[(1,)](x, **ON)
+        ok = int(x.item()) == 1
+    except Exception as e:  # noqa: BLE001 - a triton without gdc_* or launch_pdl
+        warnings.warn(f"programmatic dependent launch unavailable ({type(e).__name__}: {e}); "
+                      f"decode kernels launch without it", stacklevel=3)
+        return False
+    if not ok:
+        warnings.warn("programmatic dependent launch probe gave a wrong result; decode kernels "
+                      "launch without it", stacklevel=3)
+    return ok
+
+
+def pdl_kw(device: torch.device) -> dict:
+    """The PDL launch keywords for a kernel on `device` (see the module docstring)."""
+    if device.type != "cuda":
+        return OFF
+    on = _checked.get(device)
+    if on is None:
+        if torch.cuda.is_current_stream_capturing():
+            return OFF      # no probe inside a capture (it reads its result back)
+        on = _checked[device] = _probe(device)
+    return ON if on else OFF
