@@ -127,6 +127,18 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_pdl.log" | tail -3
     T=150 e2e deepseek-v2-lite 8192,32768
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s18d)  # session 18: PDL inside graph captures only (call 3: with every launch PDL, DeepSeek's
+         # pipelined 8K decode went 2.83 -> 3.03 ms): the PDL GPU test, then DeepSeek 8K with
+         # PDL and without (RINGSERVE_PDL=0, same machine), bf16 against transformers
+    timeout 60 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "pdl_chain or fused_decode_graph" 2>&1 \
+      | tee "$OUT/test_kernels_pdl.log" | tail -3
+    T=110 e2e deepseek-v2-lite 8192
+    cp "$OUT/e2e_deepseek-v2-lite.log" "$OUT/e2e_deepseek_pdl.log"
+    RINGSERVE_PDL=0 T=90 e2e deepseek-v2-lite 8192
+    timeout 140 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek or qwen3-moe" 2>&1 \
+      | tee "$OUT/test_families_moe_mla.log" | tail -3 ;;
   s17a)  # next session, first call (h200): where DeepSeek's and Qwen3-MoE's decode steps go
          # after session 16's launch cuts (worker steps 2.86x / 2.64x their floors at 8K)
     timeout 190 python3 "$REPO/benchmarks/profile_decode.py" --preset deepseek-v2-lite \
