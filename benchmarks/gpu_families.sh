@@ -134,8 +134,11 @@ case "$PART" in
       "$REPO/tests/test_kernels_gpu.py" -k "pdl_chain or fused_decode_graph" 2>&1 \
       | tee "$OUT/test_kernels_pdl.log" | tail -3
     T=110 e2e deepseek-v2-lite 8192
-    cp "$OUT/e2e_deepseek-v2-lite.log" "$OUT/e2e_deepseek_pdl.log"
-    RINGSERVE_PDL=0 T=90 e2e deepseek-v2-lite 8192
+    mv "$OUT/e2e_deepseek-v2-lite.log" "$OUT/e2e_deepseek_pdl.log"
+    mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_pdl.json"
+    export RINGSERVE_PDL=0
+    T=90 e2e deepseek-v2-lite 8192
+    unset RINGSERVE_PDL
     timeout 140 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_families_gpu.py" -k "deepseek or qwen3-moe" 2>&1 \
       | tee "$OUT/test_families_moe_mla.log" | tail -3 ;;
