@@ -1,8 +1,9 @@
 """Programmatic dependent launch (PDL, Hopper and later) for the decode step's small kernels.
 
-A decode step is hundreds of kernels of a few microseconds (DeepSeek-V2-Lite at 8K: 375 in one
-graph replay, 2.43 ms of kernel time in a 2.84 ms step, session 18): the gap between one kernel's
-end and the next one's start, ~1 us each, is a seventh of the step. A kernel launched with PDL
+Opt-in (RINGSERVE_PDL=1). A decode step is hundreds of kernels of a few microseconds
+(DeepSeek-V2-Lite at 8K: 375 in one graph replay, 2.43 ms of kernel time in a 2.84 ms step,
+session 18): the gap between one kernel's end and the next one's start, ~1 us each, is a
+seventh of the step. A kernel launched with PDL
 (`launch_pdl=True`) may be scheduled while the kernel before it still runs, once every program
 of that one has called `gdc_launch_dependents`; it then waits in `gdc_wait` until that kernel
 has finished and its writes are visible. Each kernel here calls `pdl_enter(PDL)` first: waits,
@@ -11,8 +12,12 @@ order of memory accesses is the stream's, as without PDL; only the launch latenc
 
 `pdl_kw(device)`: the keyword arguments of such a launch ({"PDL": True, "launch_pdl": True}
 inside a CUDA graph's capture on a Hopper or later GPU where triton supports it, else {"PDL":
-False}). RINGSERVE_PDL=0 turns it off (read once per device); so does a triton without it (a
-one-time probe launch, warned).
+False}). Off unless RINGSERVE_PDL=1 (read once per device): on one H200 (session 18) it gained
+nothing measurable. DeepSeek-V2-Lite's decode at 8K alone, one machine (calls 4, 6, 8):
+2.66 ms with it in the graphs, 2.58 and 2.67 ms without; with every launch PDL (call 3, another
+machine) the pipelined decode slowed (2.83 -> 3.03 ms) while the one-call-a-step decode and
+Qwen3-30B-A3B's gained (3.53 -> 3.36, 3.53 -> 3.30 ms). A triton without it is noticed by a
+one-time probe launch (warned) and launches without it.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ _checked: dict = {}     # device -> whether PDL launches work there
 
 
 def _probe(device: torch.device) -> bool:
-    if os.environ.get("RINGSERVE_PDL", "1") == "0" or _interpreting() \
+    if os.environ.get("RINGSERVE_PDL", "0") != "1" or _interpreting() \
             or major_capability(device) < 9:
         return False
     try:
@@ -67,10 +72,10 @@ def _probe(device: torch.device) -> bool:
 def pdl_kw(device: torch.device) -> dict:
     """The PDL launch keywords for a kernel on `device` (see the module docstring): only while
     a CUDA graph is being captured (the decode step's replays, where the gaps are); an eager
-    launch (the sampler after a replay, prompt steps) goes without it. Session 18, call 3:
-    with every launch PDL, DeepSeek-V2-Lite's pipelined decode at 8K went from 2.83 to 3.03
-    ms while its one-call-a-step decode gained (3.53 -> 3.36 ms); the sampler's eager
-    launches right behind the graph's are the one difference between the two."""
+    launch (the sampler after a replay, prompt steps) goes without it (session 18, call 3:
+    with every launch PDL, DeepSeek-V2-Lite's pipelined decode at 8K slowed from 2.83 to 3.03
+    ms while its one-call-a-step decode gained; the sampler's eager launches right behind
+    the graph's are the one difference between the two)."""
     if device.type != "cuda":
         return OFF
     capturing = torch.cuda.is_current_stream_capturing()

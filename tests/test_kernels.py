@@ -929,9 +929,14 @@ def test_greedy_pick_equals_argmax_and_log_softmax(dtype):
 
 
 def test_pdl_is_off_off_the_gpu(monkeypatch):
-    """Programmatic dependent launch only where it exists: a CPU tensor (the interpreter) gets
-    the plain launch, and RINGSERVE_PDL=0 turns the probe down on any device."""
+    """Programmatic dependent launch only where it exists and is asked for: a CPU tensor (the
+    interpreter) gets the plain launch, and without RINGSERVE_PDL=1 the probe says no on any
+    device (without launching anything)."""
     from ringserve.kernels import pdl
     assert pdl.pdl_kw(torch.device("cpu")) is pdl.OFF
-    monkeypatch.setenv("RINGSERVE_PDL", "0")
-    assert pdl._probe(torch.device("cpu")) is False
+    for v in (None, "0", "yes"):
+        if v is None:
+            monkeypatch.delenv("RINGSERVE_PDL", raising=False)
+        else:
+            monkeypatch.setenv("RINGSERVE_PDL", v)
+        assert pdl._probe(torch.device("cuda", 0)) is False

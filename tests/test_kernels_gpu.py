@@ -501,7 +501,7 @@ def test_fused_decode_graph_gpu():
     assert pool.k[:, 0, 0].abs().sum() > 0     # the replay stored slot 0's keys again
 
 
-def test_pdl_chain_in_a_graph_gpu():
+def test_pdl_chain_in_a_graph_gpu(monkeypatch):
     """Programmatic dependent launch (kernels/pdl.py, inside graph captures) on a Hopper GPU:
     the probe finds it, and a chain of 40 dependent small kernels (RMSNorm with a residual add, GEMV, the MoE router,
     the greedy pick, each reading the one before it in full), captured in a CUDA graph and
@@ -515,6 +515,8 @@ def test_pdl_chain_in_a_graph_gpu():
     dev = torch.device("cuda", torch.cuda.current_device())
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs Hopper or later")
+    monkeypatch.setenv("RINGSERVE_PDL", "1")     # opt-in
+    monkeypatch.setattr(pdl, "_checked", {})
     assert pdl.pdl_kw(dev) is pdl.OFF      # eager: no PDL (graphs only), but probed
     assert pdl._checked.get(dev) is True, "triton on this GPU launches without PDL"
     g = torch.Generator(device="cuda").manual_seed(9)
