@@ -32,8 +32,10 @@ EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"),
 
 class SharedExperts(nn.Module):
     """DeepSeek's shared experts: one SwiGLU MLP (their intermediate sizes summed). On the
-    few-token Triton path (`fused_act`) gate and up run as one GEMM once `join_weights` has
-    joined them, and SiLU(gate) * up as one launch, as the dense MLP's."""
+    few-token Triton path the MoE layer runs it inside its routed experts' two launches
+    (`MoE.shared_as_experts`, reading the joined gate|up of `join_weights` in place); where it
+    cannot (`fused_act` here), gate and up run as one GEMM and SiLU(gate) * up as one launch,
+    as the dense MLP's."""
 
     def __init__(self, hidden: int, inter: int, bias: bool, **factory):
         super().__init__()
