@@ -338,10 +338,13 @@ def _rope_pairs(pe_ptr, dst_ptr, c_row, s_row, R2, BLOCK_R2: tl.constexpr):
 
 @triton.jit
 def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr,
-                        w_ptr, kv_ptr, slot_ptr, eps,
+                        w_ptr, kv_ptr, slot_ptr, wuk_ptr, eps,
                         s_qlt, s_qlh, s_qpt, s_qph, s_ct, s_kpt, s_cst, s_qt, s_qh, s_kt, s_kv,
+                        s_wh, s_wn, NN,
                         H, C, R2, BLOCK_C: tl.constexpr, BLOCK_R2: tl.constexpr,
-                        NORM: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr = False):
+                        NORM: tl.constexpr, STORE: tl.constexpr, ABSORB: tl.constexpr = False,
+                        CB: tl.constexpr = 1, BLOCK_CC: tl.constexpr = 16,
+                        BLOCK_NN: tl.constexpr = 16, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
@@ -349,10 +352,28 @@ def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, 
     s_row = sin_ptr + t * s_cst
     oc = tl.arange(0, BLOCK_C)
     mc = oc < C
-    if j < H:    # query head j: its latent projection and its rotated rope part
-        dst = q_ptr + t * s_qt + j * s_qh
-        tl.store(dst + oc, tl.load(ql_ptr + t * s_qlt + j * s_qlh + oc, mask=mc), mask=mc)
-        _rope_pairs(qp_ptr + t * s_qpt + j * s_qph, dst + C, c_row, s_row, R2, BLOCK_R2)
+    if j < H * CB:   # query head j // CB: its latent projection and its rotated rope part
+        h = j // CB
+        cb = j % CB
+        dst = q_ptr + t * s_qt + h * s_qh
+        if ABSORB:   # the CB-th block of q_nope @ W_UK (ql_ptr: q_nope; NN its width)
+            cols = cb * BLOCK_CC + tl.arange(0, BLOCK_CC)
+            cm = cols < C
+            ns = tl.arange(0, BLOCK_NN)
+            acc = tl.zeros((BLOCK_NN, BLOCK_CC), dtype=tl.float32)
+            for n0 in range(0, NN, BLOCK_NN):
+                nm = n0 + ns < NN
+                x = tl.load(ql_ptr + t * s_qlt + h * s_qlh + n0 + ns, mask=nm,
+                            other=0.0).to(tl.float32)
+                w = tl.load(wuk_ptr + h * s_wh + (n0 + ns)[:, None] * s_wn + cols[None, :],
+                            mask=nm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                acc += w * x[:, None]
+            # rounded to the model's dtype as the einsum's output
+            tl.store(dst + cols, tl.sum(acc, axis=0).to(q_ptr.dtype.element_ty), mask=cm)
+        else:
+            tl.store(dst + oc, tl.load(ql_ptr + t * s_qlt + h * s_qlh + oc, mask=mc), mask=mc)
+        if cb == 0:
+            _rope_pairs(qp_ptr + t * s_qpt + h * s_qph, dst + C, c_row, s_row, R2, BLOCK_R2)
     else:        # the one key: the (normed) latent and the rotated shared rope key
         lat = tl.load(c_ptr + t * s_ct + oc, mask=mc, other=0.0)
         if NORM:     # kv_a_layernorm, rounded as the torch module
@@ -372,11 +393,16 @@ def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, 
 _latent_rope_fast = FastLaunch(_latent_rope_kernel)
 
 
-def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
+ABSORB_COL_BLOCKS = 4    # programs a head for the absorption in the launch (W_UK's columns)
+ABSORB_MAX_ROWS = 1      # tokens up to which MLA's project() absorbs inside this launch
+
+
+def latent_rope_triton(q_lat: Optional[torch.Tensor], q_pe: torch.Tensor, c: torch.Tensor,
                        k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                        kv_slots: Optional[torch.Tensor] = None,
-                       slots: Optional[torch.Tensor] = None):
+                       slots: Optional[torch.Tensor] = None,
+                       absorb: Optional[tuple] = None):
     """MLA's query and key in one launch: q_lat (T, H, C), q_pe (T, H, R), c (T, C),
     k_pe (T, R) (any row/head strides, the last dim contiguous), cos, sin (T, 1, R/2) float32
     -> q (T, H, C + R) = [q_lat ; RoPE(q_pe)], k (T, 1, C + R) = [c ; RoPE(k_pe)], RoPE on
@@ -384,13 +410,32 @@ def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
 
     norm_weight (C,): c is RMSNorm'd first (kv_a_layernorm, eps) in the same launch.
     kv_slots (N, 1, C + R) (a layer's flat cache slots) with slots (T,) int64: each row's key
-    also stored into its slot (slot -1: not stored), as `rope_store_triton` does."""
-    T, H, C = q_lat.shape
+    also stored into its slot (slot -1: not stored), as `rope_store_triton` does.
+    absorb: (q_nope (T, H, N), w_uk (H, N, C)), last dims contiguous, with q_lat None: the
+    launch computes q_lat = einsum("thn,hnc->thc") itself (float32 sums, rounded to q_nope's
+    dtype as the einsum's output), ABSORB_COL_BLOCKS programs a head: a decode token's
+    absorption without a batched GEMM launch of its own."""
+    if (q_lat is None) == (absorb is None):
+        raise ValueError("give q_lat or absorb=(q_nope, w_uk), not both")
+    if absorb is not None:
+        q_nope, w_uk = absorb
+        if q_nope.dim() != 3 or w_uk.dim() != 3 or w_uk.shape[:2] != q_nope.shape[1:] \
+                or q_nope.stride(-1) != 1 or w_uk.stride(-1) != 1 \
+                or q_nope.dtype != w_uk.dtype:
+            raise ValueError(f"absorb: q_nope {tuple(q_nope.shape)} (T, H, N) and w_uk "
+                             f"{tuple(w_uk.shape)} (H, N, C) must agree, last dims contiguous, "
+                             f"one dtype")
+        T, H, NN = q_nope.shape
+        C = w_uk.shape[2]
+        lat_src = q_nope
+    else:
+        T, H, C = q_lat.shape
+        lat_src = q_lat
     R = q_pe.shape[-1]
     if tuple(q_pe.shape) != (T, H, R) or tuple(c.shape) != (T, C) or tuple(k_pe.shape) != (T, R):
         raise ValueError(f"q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, c "
                          f"{tuple(c.shape)}, k_pe {tuple(k_pe.shape)} do not agree")
-    if R % 2 or any(x.stride(-1) != 1 for x in (q_lat, q_pe, c, k_pe)):
+    if R % 2 or any(x.stride(-1) != 1 for x in (lat_src, q_pe, c, k_pe)):
         raise ValueError(f"rope width ({R}) must be even, every last dim contiguous")
     for name, x in (("cos", cos), ("sin", sin)):
         if x.dtype != torch.float32 or x.shape[0] != T or x.shape[-1] != R // 2 \
@@ -410,19 +455,26 @@ def latent_rope_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
         raise ValueError(f"kv_slots {tuple(kv_slots.shape)} must be (N, 1, {C + R}) with "
                          f"contiguous rows and slots (T,) int64, got {tuple(slots.shape)} "
                          f"{slots.dtype}")
-    q = torch.empty(T, H, C + R, dtype=q_lat.dtype, device=q_lat.device)
+    q = torch.empty(T, H, C + R, dtype=lat_src.dtype, device=lat_src.device)
     k = torch.empty(T, 1, C + R, dtype=c.dtype, device=c.device)
     if T == 0:
         return q, k
     store = kv_slots is not None
-    _latent_rope_fast((T, H + 1),
-        q_lat, q_pe, c, k_pe, cos, sin, q, k,
+    if absorb is not None:
+        cb = ABSORB_COL_BLOCKS
+        extra = dict(ABSORB=True, CB=cb, BLOCK_CC=next_pow2(cdiv(C, cb)),
+                     BLOCK_NN=min(32, next_pow2(NN)))
+        w_args = (w_uk, w_uk.stride(0), w_uk.stride(1), NN)
+    else:
+        cb, extra, w_args = 1, {}, (lat_src, 0, 0, 0)
+    _latent_rope_fast((T, H * cb + 1),
+        lat_src, q_pe, c, k_pe, cos, sin, q, k,
         norm_weight if norm_weight is not None else c, kv_slots if store else k,
-        slots if store else cos, float(eps),
-        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
+        slots if store else cos, w_args[0], float(eps),
+        lat_src.stride(0), lat_src.stride(1), q_pe.stride(0),
         q_pe.stride(1), c.stride(0), k_pe.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        k.stride(0), kv_slots.stride(0) if store else 0, H, C, R // 2, BLOCK_C=next_pow2(C),
-        BLOCK_R2=next_pow2(R // 2), NORM=norm_weight is not None, STORE=store, num_warps=4,
-        **pdl_kw(q_lat.device))
+        k.stride(0), kv_slots.stride(0) if store else 0, *w_args[1:], H, C, R // 2,
+        BLOCK_C=next_pow2(C), BLOCK_R2=next_pow2(R // 2), NORM=norm_weight is not None,
+        STORE=store, num_warps=4, **extra, **pdl_kw(lat_src.device))
     return q, k
 

@@ -192,16 +192,20 @@ class MLAttention(nn.Module):
         c, k_pe = ckv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         w_uk, _ = self._wkv()
         # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
-        # as transformers' kv_b_proj; the expanded K never exists
-        q_lat = self._absorb(q_nope, w_uk.transpose(1, 2), fused)
+        # as transformers' kv_b_proj; the expanded K never exists. A decode token on the fused
+        # path: inside the RoPE launch below (no batched GEMM launch of its own)
+        from ringserve.kernels.fused import ABSORB_MAX_ROWS, latent_rope_triton
+        in_rope = fused and t <= ABSORB_MAX_ROWS and q_nope.dtype == w_uk.dtype \
+            and q_nope.stride(-1) == 1 and w_uk.stride(-1) == 1
+        q_lat = None if in_rope else self._absorb(q_nope, w_uk.transpose(1, 2), fused)
         ln = self.kv_a_layernorm
-        if fused and q_lat.stride(-1) == 1:
-            from ringserve.kernels.fused import latent_rope_triton
+        if fused and (in_rope or q_lat.stride(-1) == 1):
             q, k = latent_rope_triton(
                 q_lat, q_pe, c if not ln.plus_one else norm(ln, c), k_pe, cos, sin,
                 norm_weight=None if ln.plus_one else ln.weight, eps=ln.eps,
                 kv_slots=kv_dst[0] if kv_dst is not None else None,
-                slots=kv_dst[1] if kv_dst is not None else None)
+                slots=kv_dst[1] if kv_dst is not None else None,
+                absorb=(q_nope, w_uk) if in_rope else None)
         else:
             c = norm(ln, c)
             q = torch.cat([q_lat, Rotary.apply_interleaved(q_pe, cos, sin)], dim=-1)

@@ -212,3 +212,21 @@ def test_latent_rope(dtype, T, H, C, R):
     assert (cache[untouched] == 9.0).all()
     with pytest.raises(ValueError, match="go together"):
         latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin, kv_slots=cache)
+    # the absorption in the same launch: q_lat = q_nope @ W_UK per head (views of a projection's
+    # output and of kv_b_proj's weight, as MLAttention passes them), against float64 einsum;
+    # everything else as above
+    N = 24
+    q_full = rand(T, H, N + R, dtype=dtype, g=g)
+    w_kv = rand(H, N + 7, C, dtype=dtype, g=g, scale=N ** -0.5)
+    q_nope, w_uk = q_full[..., :N], w_kv[:, :N]
+    q3, k3 = latent_rope_triton(None, q_pe, c, k_pe, cos, sin, norm_weight=norm.weight,
+                                eps=1e-6, absorb=(q_nope, w_uk))
+    want = torch.einsum("thn,hnc->thc", q_nope.double(), w_uk.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    err = (q3[..., :C].double() - want).abs().max().item()
+    assert err <= tol * max(1.0, want.abs().max().item()), err
+    assert torch.equal(q3[..., C:], q[..., C:]) and torch.equal(k3, k2)
+    with pytest.raises(ValueError, match="not both"):
+        latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin, absorb=(q_nope, w_uk))
+    with pytest.raises(ValueError, match="absorb"):
+        latent_rope_triton(None, q_pe, c, k_pe, cos, sin, absorb=(q_nope, w_uk[:, :N - 1]))
