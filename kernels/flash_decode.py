@@ -56,7 +56,7 @@ def _decode_split_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_WINDOW: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_KVPOS: tl.constexpr,
         DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW_SKIP: tl.constexpr,
-                         PDL: tl.constexpr = False):
+        PDL: tl.constexpr = False):
     pdl_enter(PDL)
     b64, hk, t_lo, t_hi, row_ok, s_idx, hq, q_pos = _split_program(
         SeqLens, QPos, stride_qpb, stride_qps, Sq, Hkv, GROUP, chunk, num_splits, capacity,

@@ -194,9 +194,11 @@ class MLAttention(nn.Module):
         # the absorption: a (t, h, c) batched GEMM in the weights' dtype (float32 accumulation),
         # as transformers' kv_b_proj; the expanded K never exists. A decode token on the fused
         # path: inside the RoPE launch below (no batched GEMM launch of its own)
-        from ringserve.kernels.fused import ABSORB_MAX_ROWS, latent_rope_triton
-        in_rope = fused and t <= ABSORB_MAX_ROWS and q_nope.dtype == w_uk.dtype \
-            and q_nope.stride(-1) == 1 and w_uk.stride(-1) == 1
+        in_rope = False
+        if fused:
+            from ringserve.kernels.fused import ABSORB_MAX_ROWS, latent_rope_triton
+            in_rope = t <= ABSORB_MAX_ROWS and q_nope.dtype == w_uk.dtype \
+                and q_nope.stride(-1) == 1 and w_uk.stride(-1) == 1
         q_lat = None if in_rope else self._absorb(q_nope, w_uk.transpose(1, 2), fused)
         ln = self.kv_a_layernorm
         if fused and (in_rope or q_lat.stride(-1) == 1):

@@ -510,11 +510,12 @@ def test_fused_decode_graph_gpu():
 
 
 def test_pdl_chain_in_a_graph_gpu(monkeypatch):
-    """Programmatic dependent launch (kernels/pdl.py, inside graph captures) on a Hopper GPU:
-    the probe finds it, and a chain of 40 dependent small kernels (RMSNorm with a residual add, GEMV, the MoE router,
-    the greedy pick, each reading the one before it in full), captured in a CUDA graph and
-    replayed on new inputs, gives bitwise the outputs of the same chain launched without it
-    (a kernel that ran ahead of its predecessor's writes would read stale rows)."""
+    """Programmatic dependent launch (kernels/pdl.py, inside graph captures, opt-in) on a
+    Hopper GPU: the probe finds it, and a chain of 40 dependent small kernels (RMSNorm with a
+    residual add, GEMV, the MoE router, the greedy pick, each reading the one before it in
+    full), captured in a CUDA graph and replayed on new inputs, gives bitwise the outputs of
+    the same chain launched without it (a kernel that ran ahead of its predecessor's writes
+    would read stale rows)."""
     from ringserve.kernels import pdl
     from ringserve.kernels.fused import rms_norm_triton
     from ringserve.kernels.gemv import gemv
