@@ -93,6 +93,22 @@ case "$PART" in
       | tee "$OUT/test_families_moe_mla.log" | tail -3
     T=200 e2e deepseek-v2-lite 8192,32768,131072
     T=130 e2e qwen3-moe-30b-a3b 8192 ;;
+  s19a)  # next session, first call (h200): W_UK inside the latent RoPE launch (GPU tests),
+         # then DeepSeek-V2-Lite 8K three times alone and Qwen3-30B-A3B 8K (PDL off, the
+         # default; session 18: DeepSeek 8K 1.97-2.19x between runs, Qwen3-MoE 1.86x with PDL)
+    timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "fused_kernels or fused_decode_graph or moe_gemv" \
+      2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
+    for i in 1 2 3; do
+      T=130 e2e deepseek-v2-lite 8192
+      mv "$OUT/e2e_deepseek-v2-lite.log" "$OUT/e2e_deepseek_8k_$i.log"
+    done
+    T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s19b)  # next session: bf16 against transformers for every family with today's paths, and
+         # DeepSeek at 32K / 128K
+    timeout 300 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" 2>&1 | tee "$OUT/test_families_gpu.log" | tail -3
+    T=200 e2e deepseek-v2-lite 32768,131072 ;;
   s18a)  # session 18: MLA's absorption by head_gemv (GPU tests, against einsum), the latent
          # decode kernel's launches and its reduce swept apart, DeepSeek's step at 128K profiled
     timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
