@@ -94,15 +94,18 @@ case "$PART" in
     T=200 e2e deepseek-v2-lite 8192,32768,131072
     T=130 e2e qwen3-moe-30b-a3b 8192 ;;
   s19a)  # next session, first call (h200): W_UK inside the latent RoPE launch (GPU tests),
-         # then DeepSeek-V2-Lite 8K three times alone and Qwen3-30B-A3B 8K (PDL off, the
-         # default; session 18: DeepSeek 8K 1.97-2.19x between runs, Qwen3-MoE 1.86x with PDL)
+         # then DeepSeek-V2-Lite 8K alone, with it, without it (RINGSERVE_ABSORB_ROWS=0), with
+         # it again, and Qwen3-30B-A3B 8K (PDL off, the default; session 18: DeepSeek 8K
+         # 1.97-2.19x between runs, Qwen3-MoE 1.86x with PDL)
     timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_kernels_gpu.py" -k "fused_kernels or fused_decode_graph or moe_gemv" \
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
-    for i in 1 2 3; do
+    for i in 1 0 1; do
+      export RINGSERVE_ABSORB_ROWS=$i
       T=130 e2e deepseek-v2-lite 8192
-      mv "$OUT/e2e_deepseek-v2-lite.log" "$OUT/e2e_deepseek_8k_$i.log"
+      mv "$OUT/e2e_deepseek-v2-lite.log" "$OUT/e2e_deepseek_8k_absorb${i}_$RANDOM.log"
     done
+    unset RINGSERVE_ABSORB_ROWS
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
   s19b)  # next session: bf16 against transformers for every family with today's paths, and
          # DeepSeek at 32K / 128K

@@ -23,6 +23,7 @@ up. So the fused path equals the torch path up to float32 summation order.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -394,7 +395,9 @@ _latent_rope_fast = FastLaunch(_latent_rope_kernel)
 
 
 ABSORB_COL_BLOCKS = 4    # programs a head for the absorption in the launch (W_UK's columns)
-ABSORB_MAX_ROWS = 1      # tokens up to which MLA's project() absorbs inside this launch
+# tokens up to which MLA's project() absorbs inside this launch (session 18: not yet run on a
+# GPU; RINGSERVE_ABSORB_ROWS=0, read once, leaves W_UK to einsum for an A/B)
+ABSORB_MAX_ROWS = int(os.environ.get("RINGSERVE_ABSORB_ROWS", "1"))
 
 
 def latent_rope_triton(q_lat: Optional[torch.Tensor], q_pe: torch.Tensor, c: torch.Tensor,

@@ -362,3 +362,11 @@ def test_deepseek_decode_layer_launches(monkeypatch):
     gpu_ops = {k: v for k, v in torch_ops.items() if k not in ("aten::min", "aten::max")}
     assert gpu_ops == {"aten::linear": 1}     # q|kv_a (W_UK: inside the latent RoPE launch)
     assert sum(triton.values()) + sum(gpu_ops.values()) == 12
+    # RINGSERVE_ABSORB_ROWS=0 (an A/B's other side): W_UK by einsum again, 13 launches
+    from ringserve.kernels import fused
+    monkeypatch.setattr(fused, "ABSORB_MAX_ROWS", 0)
+    full = mod.count_step(6, "triton", False, 1, "deepseek")
+    half = mod.count_step(4, "triton", False, 1, "deepseek")
+    ops = mod._per_layer(full["kernel_names"], half["kernel_names"], 2)
+    assert {k: v for k, v in ops.items() if k not in ("aten::min", "aten::max")} == \
+        {"aten::linear": 1, "aten::einsum": 1}
