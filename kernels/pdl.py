@@ -78,8 +78,10 @@ def pdl_kw(device: torch.device) -> dict:
     the graph's are the one difference between the two)."""
     if device.type != "cuda":
         return OFF
-    capturing = torch.cuda.is_current_stream_capturing()
     on = _checked.get(device)
+    if on is False:         # the usual case (opt-in): no per-launch query
+        return OFF
+    capturing = torch.cuda.is_current_stream_capturing()
     if on is None:
         if capturing:
             return OFF      # no probe inside a capture (it reads its result back)
