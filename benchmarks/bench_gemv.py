@@ -54,16 +54,9 @@ def main(argv=None) -> int:
             cublas = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x, w),
                                         rep=40) * 1e3
             mp = 1 << (M - 1).bit_length()
-            times = {}
-            for c in cfgs:
-                if mp * c[0] * c[1] > 8192:
-                    continue
-                fn = functools.partial(gemv, x, w, blocks=c)
-                try:
-                    assert torch.allclose(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
-                    times[c] = do_bench_cudagraph(fn, rep=20) * 1e3
-                except Exception as e:   # noqa: BLE001 - a tile the compiler refuses
-                    print(f"  {name} M={M} {c}: {type(e).__name__}", flush=True)
+            times = _sweep([c for c in cfgs if mp * c[0] * c[1] <= 8192],
+                           lambda c, x=x, w=w: functools.partial(gemv, x, w, blocks=c), ref,
+                           f"{name} M={M}")
             best = min(times, key=times.get)
             row = dict(shape=name, N=N, K=K, M=M, floor_us=floor_us, cublas_us=cublas,
                        default_us=times.get(GEMV_BLOCKS), best_us=times[best], best=list(best),
@@ -84,6 +77,21 @@ def main(argv=None) -> int:
         with open(a.json, "w") as fh:
             json.dump({"copy_bw": bw, "rows": rows}, fh, indent=1)
     return 0
+
+
+def _sweep(cfgs, make, ref, label) -> dict:
+    """{tile: us} of make(tile)'s call for each tile, each checked against ref first (CUDA-graph
+    replays, median); a tile the compiler refuses, or a wrong output, is reported and left out."""
+    from triton.testing import do_bench_cudagraph
+    times = {}
+    for c in cfgs:
+        fn = make(c)
+        try:
+            assert torch.allclose(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
+            times[c] = do_bench_cudagraph(fn, rep=20) * 1e3
+        except Exception as e:   # noqa: BLE001 - a tile the compiler refuses
+            print(f"  {label} {c}: {type(e).__name__}", flush=True)
+    return times
 
 
 def _heads(a, dev, bw, g) -> list:
@@ -108,14 +116,9 @@ def _heads(a, dev, bw, g) -> list:
             ref = torch.einsum("thk,hnk->thn", x, wt)
             ein = do_bench_cudagraph(functools.partial(torch.einsum, "thk,hnk->thn", x, wt),
                                      rep=40) * 1e3
-            times = {}
-            for c in cfgs:
-                fn = functools.partial(head_gemv, x, wt, blocks=c)
-                try:
-                    assert torch.allclose(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
-                    times[c] = do_bench_cudagraph(fn, rep=20) * 1e3
-                except Exception as e:   # noqa: BLE001 - a tile the compiler refuses
-                    print(f"  {name} M={M} {c}: {type(e).__name__}", flush=True)
+            times = _sweep(cfgs, lambda c, x=x, wt=wt: functools.partial(head_gemv, x, wt,
+                                                                          blocks=c),
+                           ref, f"{name} M={M}")
             best = min(times, key=times.get)
             rows.append(dict(shape=name, N=wt.shape[1], K=wt.shape[2], M=M, floor_us=floor_us,
                              cublas_us=ein, default_us=times.get(default), best_us=times[best],

@@ -20,15 +20,6 @@ import json
 import torch
 
 
-def copy_bandwidth(dev) -> float:
-    """Device-to-device copy, bytes read + written per second (bench_e2e's floor measure)."""
-    import triton.testing as tt
-    n = 2 ** 28
-    a = torch.empty(n, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    return 2 * n / (tt.do_bench(lambda: b.copy_(a), rep=200) * 1e-3)
-
-
 SPLIT_SWEEP = dict(block_n=(16, 32, 64), splits=(66, 132, 264, 528), warps=(4, 8),
                    stages=(2, 3, 4))
 REDUCE_SWEEP = dict(block_d=(32, 64, 128), block_s=(16, 32, 64, 128), warps=(2, 4, 8))
@@ -44,6 +35,8 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import triton.testing as tt
+
+    from bench_moe_gemv import copy_bandwidth    # beside this file
     from ringserve.kernels.flash_decode import _reduce, paged_decode_triton
 
     dev, dt, page, D = "cuda", torch.bfloat16, 64, 576

@@ -247,9 +247,10 @@ class MLAttention(nn.Module):
         DeepSeek-V2-Lite, one row): W_UV 3.1 -> 2.4 us; W_UK, read across its rows, 2.8 us by
         einsum against 2.9 at head_gemv's best tile, so einsum keeps it."""
         x = x if x.dtype == w.dtype else x.to(w.dtype)
-        from ringserve.kernels.gemv import HEAD_GEMV_MAX_ROWS, head_gemv
-        if fused and x.shape[0] <= HEAD_GEMV_MAX_ROWS and w.stride(2) == 1:
-            return head_gemv(x, w)
+        if fused and w.stride(2) == 1:
+            from ringserve.kernels.gemv import HEAD_GEMV_MAX_ROWS, head_gemv
+            if x.shape[0] <= HEAD_GEMV_MAX_ROWS:
+                return head_gemv(x, w)
         return torch.einsum("thk,hnk->thn", x, w)
 
     def to_values(self, o: torch.Tensor, fused: bool = False) -> torch.Tensor:
