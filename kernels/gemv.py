@@ -31,9 +31,10 @@ GEMV_MAX_WEIGHTS = 1 << 24
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
-                 s_xh, s_wh, s_yh,
+                 s_xh, s_wh, s_yh, G, eps,
                  MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr = False):
+                 HAS_BIAS: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr = False,
+                 PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # program (column block, head): `head_gemv`'s heads are a batch of independent products
     # (the head strides are 0 for `gemv`'s one matrix)
@@ -46,6 +47,8 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
     ms = tl.arange(0, MP)
     m_ok = ms < M
     w_rows = W + cols.to(tl.int64)[:, None] * s_wn
+    if NORM:    # x's rows are RMSNorm's input: each row's sum of squares first (K = its width)
+        rstd = _row_rstd(X, s_xm, s_xk, ms, m_ok, K, eps, MP, BLOCK_K)
     acc = tl.zeros((MP, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -53,27 +56,64 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
         w = tl.load(w_rows + ks[None, :] * s_wk, mask=col_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)                                  # (BN, BK)
         x = tl.load(X + ms[:, None] * s_xm + ks[None, :] * s_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (MP, BK)
-        acc += w[None, :, :] * x[:, None, :]
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)             # (MP, BK)
+        if NORM:
+            x = _norm_chunk(x, rstd, G, ks, k_ok)
+        acc += w[None, :, :] * x.to(tl.float32)[:, None, :]
     y = tl.sum(acc, axis=2)                                                    # (MP, BN)
     if HAS_BIAS:
         y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptr = Y + ms[:, None].to(tl.int64) * s_ym + cols[None, :]
     y_ok = m_ok[:, None] & col_ok[None, :]
-    if ADD:     # y += x @ w^T, rounded once (as addmm_)
+    if ADD == 1:    # y += x @ w^T, rounded once (as addmm_)
         y += tl.load(y_ptr, mask=y_ok, other=0.0).to(tl.float32)
+    elif ADD == 2:  # the residual stream's update: the product rounded, then y + it rounded
+        y = y.to(Y.dtype.element_ty).to(tl.float32) \
+            + tl.load(y_ptr, mask=y_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=y_ok)
+
+
+@triton.jit
+def _row_rstd(X, s_xm, s_xk, ms, m_ok, K, eps, MP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the MP rows ms of X (K wide), float32 (RMSNorm's
+    statistic, as kernels.fused's norm: the row's squares summed in float32)."""
+    ss = tl.zeros((MP,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + ms[:, None] * s_xm + ks[None, :] * s_xk,
+                    mask=m_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _norm_chunk(x, rstd, G, ks, k_ok):
+    """RMSNorm (Llama's: the normalized row rounded to x's dtype, times the weight, rounded
+    again, as the torch module and kernels.fused's norm) of an (MP, BLOCK_K) chunk x of rows
+    whose `_row_rstd` is rstd (MP,), columns ks of the weight G."""
+    g = tl.load(G + ks, mask=k_ok, other=0.0).to(tl.float32)
+    y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * g[None, :]
+    return y.to(x.dtype)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
          blocks: Optional[Tuple[int, int, int]] = None, out_dtype: Optional[torch.dtype] = None,
-         add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+         add_to: Optional[torch.Tensor] = None,
+         norm: Optional[Tuple[torch.Tensor, float]] = None,
+         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K) @ w (N, K)^T (+ b (N,)) -> (M, N), float32 sums: F.linear for a few rows (tuned
     for one; any M works). x may be of another float dtype than w (each is read as it is and
     multiplied in float32: a bf16 activation times a float32 router); the output is out_dtype
     (default x's). add_to: an (M, N) tensor the product is added into (returned; as
     `add_to.addmm_(x, w.t())`). `blocks`: (BLOCK_N, BLOCK_K, num_warps), default GEMV_BLOCKS
-    (benchmarks' sweeps)."""
+    (benchmarks' sweeps).
+
+    norm: (weight (K,), eps): x is the input of a Llama-style RMSNorm, applied to it inside
+    this launch (each program takes its rows' statistic itself, then normalizes as it reads:
+    the norm's own launch gone), rounded as the torch module rounds (to x's dtype, then times
+    the weight, then to x's dtype again). residual: an (M, N) tensor r of the output's dtype
+    updated in place, r = round(r + round(x @ w^T + b)) (returned): the residual stream's
+    update rounded as torch's `h += linear(x)` rounds it (add_to rounds once)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} must be (M, K) and w {tuple(w.shape)} (N, K)")
     if not (x.is_floating_point() and w.is_floating_point()) or x.device != w.device:
@@ -83,13 +123,22 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
         raise ValueError(f"gemv: bias {tuple(b.shape)} must be ({w.shape[0]},)")
     M, K = x.shape
     N = w.shape[0]
-    if add_to is not None:
-        if tuple(add_to.shape) != (M, N) or add_to.stride(1) != 1 or add_to.device != x.device:
-            raise ValueError(f"gemv: add_to {tuple(add_to.shape)} must be ({M}, {N}) with "
+    if add_to is not None and residual is not None:
+        raise ValueError("gemv: add_to and residual are two ways to add: give one")
+    into = add_to if add_to is not None else residual
+    if into is not None:
+        name = "add_to" if add_to is not None else "residual"
+        if tuple(into.shape) != (M, N) or into.stride(1) != 1 or into.device != x.device:
+            raise ValueError(f"gemv: {name} {tuple(into.shape)} must be ({M}, {N}) with "
                              f"unit column stride, on {x.device}")
-        y = add_to
+        y = into
     else:
         y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    g, eps = (w, 0.0) if norm is None else norm
+    if norm is not None and (tuple(g.shape) != (K,) or g.device != x.device
+                             or not g.is_contiguous()):
+        raise ValueError(f"gemv: the norm's weight {tuple(g.shape)} must be ({K},), contiguous, "
+                         f"on {x.device}")
     if M == 0 or N == 0:
         return y
     bn, bk, warps = blocks or GEMV_BLOCKS
@@ -97,8 +146,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
         warps = 4
     _gemv_kernel[(cdiv(N, bn), 1)](
         x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
-        0, 0, 0, MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None,
-        ADD=add_to is not None, num_warps=warps, **pdl_kw(x.device))
+        0, 0, 0, g, float(eps), MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk,
+        HAS_BIAS=b is not None, ADD=1 if add_to is not None else (2 if residual is not None
+                                                                    else 0),
+        NORM=norm is not None, num_warps=warps, **pdl_kw(x.device))
     return y
 
 
@@ -106,6 +157,19 @@ def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `gemv` is the faster way to x @ w^T: one row, a weight no wider than it is
     long (N <= K) of at most GEMV_MAX_WEIGHTS values (bench_gemv.py's sweep, above)."""
     return x.dim() == 2 and x.shape[0] == 1 and w.shape[0] <= w.shape[1] \
+        and w.numel() <= GEMV_MAX_WEIGHTS
+
+
+FOLD_MAX_ROWS = 1   # rows (tokens) up to which the model takes norms and residual adds into gemv
+
+
+def folds(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the few-token path takes an RMSNorm before x @ w^T, or the residual add after
+    it, into `gemv`'s launch (norm=, residual=): at most FOLD_MAX_ROWS rows and a weight of at
+    most GEMV_MAX_WEIGHTS values, of any width (the norm's launch saved, ~2 us and a gap a
+    layer, outweighs cuBLAS's edge on wider outputs: bench_gemv.py, 0-1 us on Qwen3-30B-A3B's
+    q|k|v and DeepSeek-V2-Lite's q|kv_a)."""
+    return x.dim() == 2 and x.shape[0] <= FOLD_MAX_ROWS and w.dim() == 2 \
         and w.numel() <= GEMV_MAX_WEIGHTS
 
 
@@ -158,7 +222,7 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype]
         warps = 4
     _gemv_kernel[(cdiv(N, bn), H)](
         x, w, w, y, M, N, K, x.stride(0), x.stride(2), w.stride(1), w.stride(2), y.stride(0),
-        x.stride(1), w.stride(0), y.stride(1),
-        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=False, num_warps=warps,
+        x.stride(1), w.stride(0), y.stride(1), w, 0.0,
+        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=0, num_warps=warps,
         **pdl_kw(x.device))
     return y

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
+from .gemv import _norm_chunk, _row_rstd
 from .pdl import pdl_enter, pdl_kw
 
 
@@ -139,9 +140,9 @@ MOE_GEMV_MAX_COPIES = 32    # token copies (T * top_k) up to which `moe_gemv` ru
 
 @triton.jit
 def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
-                        s_xt, s_we, s_wn, s_wk, s_wse, s_at,
+                        s_xt, s_we, s_wn, s_wk, s_wse, s_at, G, eps,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAZY: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        NORM: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # token copy i: token i // kt, its (i % kt)-th expert: the k routed ones (Idx), then the
     # kt - k shared ones (DeepSeek's shared experts as experts of the routed width: shared
@@ -156,6 +157,9 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
     e = tl.load(Idx + t * k + tl.minimum(j, k - 1)).to(tl.int64)
     base = tl.where(routed, W + e * s_we, Ws + (j - k).to(tl.int64) * s_wse)
     x_row = X + t.to(tl.int64) * s_xt
+    if NORM:    # the token is RMSNorm's input (G, eps): its statistic first (gemv's helpers)
+        rstd = _row_rstd(x_row, 0, 1, tl.arange(0, 1), tl.full((1,), 1, tl.int1), H, eps, 1,
+                         BLOCK_K)
     w_gate = base + cols[:, None] * s_wn
     w_up = base + (cols[:, None] + tl.where(routed, I, up_s)) * s_wn
     if LAZY:    # products summed once after the loop (no reduction between the loads)
@@ -167,7 +171,10 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        xv = tl.load(x_row + ks, mask=k_ok, other=0.0)
+        if NORM:
+            xv = tl.reshape(_norm_chunk(xv[None, :], rstd, G, ks, k_ok), (BLOCK_K,))
+        xv = xv.to(tl.float32)[None, :]
         m = col_ok[:, None] & k_ok[None, :]
         gp = tl.load(w_gate + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32) * xv
         up = tl.load(w_up + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32) * xv
@@ -191,7 +198,7 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
 def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
                      s_at, s_we, s_wn, s_wk, s_wse, s_wsn, s_ot,
                      KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     ADD: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # A program: one token's BLOCK_N output columns, all k of its experts at once (KP: k
     # rounded up to a power of two): each step of the loop loads a (KP, BLOCK_N, BLOCK_K)
@@ -228,7 +235,11 @@ def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
     wt = tl.where(routed, tl.load(Wt + t * k + js, mask=routed, other=0.0).to(tl.float32),
                   1.0)
     out = tl.sum(y * wt[:, None], axis=0)
-    tl.store(Out + t.to(tl.int64) * s_ot + cols, out.to(Out.dtype.element_ty), mask=col_ok)
+    o_ptr = Out + t.to(tl.int64) * s_ot + cols
+    if ADD:     # Out is the residual stream: Out + the layer's output, each rounded (h += y)
+        out = out.to(Out.dtype.element_ty).to(tl.float32) \
+            + tl.load(o_ptr, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=col_ok)
 
 
 # the two launches' (BLOCK_N, BLOCK_K, num_warps), gate/up then down, and whether gate/up sums
@@ -246,7 +257,9 @@ MOE_GEMV_BLOCKS_MANY = (4, 256, 4, 8, 128, 2, False)   # 9..MOE_GEMV_MAX_COPIES
 
 def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
              weights: torch.Tensor, blocks: Optional[Tuple[int, ...]] = None,
-             shared: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None) -> torch.Tensor:
+             shared: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None,
+             norm: Optional[Tuple[torch.Tensor, float]] = None,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A SwiGLU MoE layer's routed experts for a few tokens, in two launches: x (T, H), the
     stacked weights gate_up (E, 2I, H) (gate rows, then up rows) and down (E, H, I), each
     token's top-k expert ids idx (T, k) and router weights (T, k) -> (T, H) in x's dtype, the
@@ -258,7 +271,12 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     (DeepSeek's shared experts, S = n * I: its gate rows, then its up rows, as the joined
     weight holds them): added to every token's output in the same two launches as n more
     experts of width I with weight 1 (SwiGLU's intermediate units are independent, so the MLP
-    is the sum of its n slices), instead of three launches of its own."""
+    is the sum of its n slices), instead of three launches of its own.
+
+    norm: (weight (H,), eps): x is the input of a Llama-style RMSNorm, applied inside the
+    gate/up launch (as `gemv`'s norm=: the norm's own launch gone). residual: a (T, H) tensor
+    of x's dtype updated in place with the output, r = round(r + round(y)) (returned: the
+    residual stream's `h += moe(x)` inside the down launch); it may be x itself."""
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)} and down "
                          f"{tuple(down.shape)} must be (T, H), (E, 2I, H) and (E, H, I)")
@@ -286,11 +304,21 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
         if gu_s.dtype != gate_up.dtype or dn_s.dtype != down.dtype:
             raise ValueError("shared: the shared MLP's weights must have the experts' dtype")
     kt = k + n_sh
+    g, eps = (x, 0.0) if norm is None else norm
+    if norm is not None and (tuple(g.shape) != (H,) or g.device != x.device
+                             or not g.is_contiguous()):
+        raise ValueError(f"norm: the weight {tuple(g.shape)} must be ({H},), contiguous, on "
+                         f"{x.device}")
+    if residual is not None and (tuple(residual.shape) != (T, H) or residual.stride(1) != 1
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual {tuple(residual.shape)} must be ({T}, {H}) of {x.dtype} with "
+                         f"unit column stride, on {x.device}")
     x = x.contiguous()
     idx = idx.reshape(-1).contiguous()
     wt = weights.reshape(-1).contiguous()
     act = torch.empty(T * kt, inter, dtype=x.dtype, device=x.device)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    out = residual if residual is not None else torch.empty(T, H, dtype=x.dtype,
+                                                            device=x.device)
     if T == 0:
         return out
     blocks = tuple(blocks or (MOE_GEMV_BLOCKS if T * kt <= 8 else MOE_GEMV_BLOCKS_MANY))
@@ -298,12 +326,13 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     lazy = bool(blocks[6]) if len(blocks) > 6 else False
     _moe_gate_up_kernel[(T * kt, cdiv(inter, gn))](
         x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
-        *gate_up.stride(), inter * H, act.stride(0),
-        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, num_warps=gw, **pdl_kw(x.device))
+        *gate_up.stride(), inter * H, act.stride(0), g, float(eps),
+        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, NORM=norm is not None, num_warps=gw,
+        **pdl_kw(x.device))
     _moe_down_kernel[(T, cdiv(H, dn))](
         act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
         inter, n_sh * inter, out.stride(0),
-        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, num_warps=dw,
+        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, ADD=residual is not None, num_warps=dw,
         **pdl_kw(x.device))
     return out
 

@@ -48,6 +48,21 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def _project_out(proj: nn.Module, o: torch.Tensor, fused: bool,
+                 residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """proj(o) for the attention's output (t, Hq * D); fused: by `few_rows_linear` (a Triton
+    GEMV for one row) when proj is a plain nn.Linear (not a tensor-parallel slice); residual:
+    residual += proj(o) in place inside the GEMV's launch (`gemv`'s residual=: rounded as
+    torch's h += y), returned (the caller has checked `gemv.folds`)."""
+    if residual is not None:
+        from ringserve.kernels.gemv import gemv
+        return gemv(o, proj.weight, proj.bias, residual=residual)
+    if fused and type(proj) is nn.Linear:
+        from ringserve.kernels.gemv import few_rows_linear
+        return few_rows_linear(o, proj.weight, proj.bias)
+    return proj(o)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, **factory):
         super().__init__()
@@ -83,12 +98,28 @@ class Attention(nn.Module):
             return self.qkv(x)
         return F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
 
-    def qkv_heads(self, x: torch.Tensor, d: int):
-        """As `qkv_joint`, as q (t, Hq, d), k, v (t, Hkv, d): one view and one split of the
-        joined GEMM's output (a split and three views before: view ops add up in a
-        launch-bound step)."""
+    def x_linear(self):
+        """(weight, bias, sizes) of the one GEMM over x (Phi-3's qkv_proj, or q|k|v joined),
+        or None (the projections run one by one, or one is a tensor-parallel slice)."""
         j = self.joined
         if self.fused:
+            p = self.qkv_proj
+            return (p.weight, p.bias, self.sizes) if type(p) is nn.Linear else None
+        if j is not None and j.holds(self.q_proj, self.k_proj, self.v_proj):
+            return j.weight, j.bias, j.sizes
+        return None
+
+    def qkv_heads(self, x: torch.Tensor, d: int, norm: Optional["RMSNorm"] = None):
+        """As `qkv_joint`, as q (t, Hq, d), k, v (t, Hkv, d): one view and one split of the
+        joined GEMM's output (a split and three views before: view ops add up in a
+        launch-bound step). norm: x is that RMSNorm's input, applied inside the GEMM's launch
+        (`kernels.gemv.gemv`'s norm=; the caller has checked `x_linear` and `gemv.folds`)."""
+        j = self.joined
+        if norm is not None:
+            from ringserve.kernels.gemv import gemv
+            w, b, sizes = self.x_linear()
+            y = gemv(x, w, b, norm=(norm.weight, norm.eps))
+        elif self.fused:
             y, sizes = self.qkv_proj(x), self.sizes
         elif j is not None and j.holds(self.q_proj, self.k_proj, self.v_proj):
             y, sizes = F.linear(x, j.weight, j.bias), j.sizes
@@ -108,15 +139,14 @@ class Attention(nn.Module):
             return q, k, v.contiguous()
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def output(self, o: torch.Tensor, dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
+    def output(self, o: torch.Tensor, dtype: torch.dtype, fused: bool = False,
+               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention's output (t, Hq, D) -> (t, hidden). fused: the few-token path's
-        projection (`few_rows_linear`: a Triton GEMV for one row)."""
+        projection (`few_rows_linear`: a Triton GEMV for one row). residual: h (t, hidden)
+        += the projection, in place inside its launch (returned; `_project_out`)."""
         o = o.reshape(o.shape[0], -1)
         o = o if o.dtype == dtype else o.to(dtype)
-        if fused and type(self.o_proj) is nn.Linear:    # (not a tensor-parallel slice)
-            from ringserve.kernels.gemv import few_rows_linear
-            return few_rows_linear(o, self.o_proj.weight, self.o_proj.bias)
-        return self.o_proj(o)
+        return _project_out(self.o_proj, o, fused, residual)
 
 
 class MLAttention(nn.Module):
@@ -169,19 +199,32 @@ class MLAttention(nn.Module):
                                        m.kv_lora_rank)
         return w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
 
+    def x_linear(self):
+        """(weight, bias, sizes) of the one GEMM over x (the query's and the latent's
+        projections joined), or None."""
+        j = self.joined
+        return (j.weight, j.bias, j.sizes) if j is not None and j.holds(*self._x_projs()) \
+            else None
+
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm=None,
-                fused: bool = False, expanded: bool = False, kv_dst=None):
+                fused: bool = False, expanded: bool = False, kv_dst=None,
+                in_norm: Optional[RMSNorm] = None):
         """x (t, hidden) normed -> q (t, h, latent_dim), k (t, 1, latent_dim), v = k.
         norm(module, x): how to apply the RMSNorm modules; fused: the few-token path (norms
         by `norm`, the latent's norm, RoPE and the concatenations in one Triton launch).
         expanded: also return the queries of the expanded form, (t, h, qk_head_dim) = [q_nope ;
         rotated q_pe] (`expand_kv`), as a fourth value. kv_dst (fused only): (the layer's flat
         cache slots (N, 1, latent_dim), each row's slot (t,) int64, -1 for none): k is also
-        stored there, by the same launch."""
+        stored there, by the same launch. in_norm (fused): x is that RMSNorm's input, applied
+        inside the joined GEMM's launch (`Attention.qkv_heads`' norm)."""
         m, t = self.mla, x.shape[0]
         norm = norm or (lambda mod, y: mod(y))
         j = self.joined
-        if fused and j is not None and j.holds(*self._x_projs()):   # one GEMM for both
+        if in_norm is not None:
+            from ringserve.kernels.gemv import gemv
+            q, ckv = gemv(x, j.weight, j.bias, norm=(in_norm.weight, in_norm.eps)).split(
+                j.sizes, dim=-1)
+        elif fused and j is not None and j.holds(*self._x_projs()):   # one GEMM for both
             q, ckv = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
         else:
             q, ckv = self._x_projs()[0](x), self.kv_a_proj_with_mqa(x)
@@ -260,18 +303,15 @@ class MLAttention(nn.Module):
         return self._absorb(o[..., :self.mla.kv_lora_rank], w_uv, fused)
 
     def output(self, o: torch.Tensor, dtype: torch.dtype, values: bool = False,
-               fused: bool = False) -> torch.Tensor:
+               fused: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(t, h, latent_dim) attention output in the latent space -> (t, hidden); values=True:
         o is (t, h, v_head_dim) in the values' space already (`to_values`, the expanded
-        form). fused: as Attention.output's."""
+        form). fused, residual: as Attention.output's."""
         if not values:
             o = self.to_values(o, fused)
         o = o.reshape(o.shape[0], -1)
         o = o if o.dtype == dtype else o.to(dtype)
-        if fused and type(self.o_proj) is nn.Linear:    # (not a tensor-parallel slice)
-            from ringserve.kernels.gemv import few_rows_linear
-            return few_rows_linear(o, self.o_proj.weight, self.o_proj.bias)
-        return self.o_proj(o)
+        return _project_out(self.o_proj, o, fused, residual)
 
 
 class MLP(nn.Module):
@@ -570,15 +610,20 @@ class CausalLM(nn.Module):
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
             cos, sin = local if self.layer_rotary[li] else glob
-            x = add_norm(layer.input_layernorm, h, pending)
+            # a decode token: the input norm inside the q|k|v (MLA: q|kv_a) GEMV's launch
+            # where h is up to date (the last MoE layer added into it) and the GEMV fits
+            in_norm = layer.input_layernorm if pending is None and _folds_in(layer, h) \
+                else None
+            x = h if in_norm is not None else add_norm(layer.input_layernorm, h, pending)
             qe = None
             if cfg.mla is not None:   # latent q and k (interleaved RoPE) in one launch, the
                 # latent normed and stored into the cache by it when attn_fn offers its slots
                 q, k, v, *qe = at.project(x, cos, sin, norm, fused=True, expanded=expands,
-                                          kv_dst=latent_slots(li) if latent_slots else None)
+                                          kv_dst=latent_slots(li) if latent_slots else None,
+                                          in_norm=in_norm)
                 qe = qe[0] if qe else None
             else:
-                q, k, v = at.qkv_heads(x, d)   # views; the kernel copies v contiguous
+                q, k, v = at.qkv_heads(x, d, in_norm)   # views; the kernel copies v contiguous
                 qk = ({"q_norm": at.q_norm.weight, "k_norm": at.k_norm.weight,
                        "eps": at.q_norm.eps, "plus_one": at.q_norm.plus_one}
                       if at.qk_norm else {})
@@ -586,13 +631,19 @@ class CausalLM(nn.Module):
                     q, k, v = store(li, q, k, v, cos, sin, **qk)
                 else:
                     q, k, v = rope_store_triton(q, k, v, cos, sin, **qk)
+            ffn = layer.ffn()
+            # a decode token through a MoE layer: h += o_proj(o) inside the o_proj GEMV, then
+            # h += moe(norm(h)) with the norm inside the router's and experts' launches and
+            # the add inside the down launch (`MoE.add_normed`): no norm launch, no add
+            fold = _folds_post(layer, h)
+            res = h if fold else None
             if expands:     # MLA's expanded form: (T, Hq, v_head_dim) in the values' space
                 o = attn_fn.mla(li, q, k, qe, at)
                 if o.shape != want_values:
                     raise ValueError(f"attn_fn.mla returned shape {tuple(o.shape)}, expected "
                                      f"{tuple(want_values)}")
                 del q, k, v, qe
-                a = at.output(o, h.dtype, values=True, fused=True)
+                a = at.output(o, h.dtype, values=True, fused=True, residual=res)
             else:
                 if flat:    # (T, H, D) in and out: no batch dimension made and dropped
                     o = attn_fn(li, q, k, v)
@@ -602,8 +653,11 @@ class CausalLM(nn.Module):
                     raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
                                      f"{tuple(want)}")
                 del q, k, v, qe
-                a = at.output(o if flat else o[0], h.dtype, fused=True)
-            ffn = layer.ffn()
+                a = at.output(o if flat else o[0], h.dtype, fused=True, residual=res)
+            if fold:
+                ffn.add_normed(h, layer.post_attention_layernorm)
+                pending = None
+                continue
             if layer.sandwich:    # Gemma: h += norm(a); the MLP's input and output normed
                 x = add_norm(layer.pre_feedforward_layernorm, h,
                              (a, layer.post_attention_layernorm))
@@ -620,6 +674,29 @@ class CausalLM(nn.Module):
         out = self.lm_head(hidden.to(self.dtype)).float()
         cap = self.config.final_logit_softcap
         return out if cap is None else torch.tanh(out / cap) * cap
+
+
+def _folds_in(layer: DecoderLayer, h: torch.Tensor) -> bool:
+    """Whether a fused step takes layer's input norm into its q|k|v GEMV (`gemv`'s norm=): a
+    Llama-style norm (not Gemma's sandwich or (1 + w)), one GEMM over x, `gemv.folds`."""
+    if layer.sandwich or layer.input_layernorm.plus_one:
+        return False
+    from ringserve.kernels.gemv import folds
+    lin = layer.self_attn.x_linear()
+    return lin is not None and folds(h, lin[0])
+
+
+def _folds_post(layer: DecoderLayer, h: torch.Tensor) -> bool:
+    """Whether a fused step takes layer's o_proj residual add and its MoE's norm and add
+    into their launches (`_project_out`'s residual, `MoE.add_normed`): a MoE layer with a
+    Llama-style norm whose router, experts and o_proj take them (`gemv.folds`)."""
+    ffn = layer.ffn()
+    if layer.sandwich or not isinstance(ffn, MoE):
+        return False
+    from ringserve.kernels.gemv import folds
+    o = layer.self_attn.o_proj
+    return type(o) is nn.Linear and folds(h, o.weight) \
+        and ffn.can_add_normed(h, layer.post_attention_layernorm)
 
 
 def layer_window(window_size, layer: int) -> Optional[int]:

@@ -103,16 +103,28 @@ class MoE(nn.Module):
             return None
         return j.weight, se.down_proj.weight, n
 
-    def route(self, x: torch.Tensor, fused: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _router_f32(self) -> torch.Tensor:
+        """The router's float32 weight: the copy, unless something replaced the weight."""
+        w32 = self.gate_f32
+        if w32 is None or w32.shape != self.gate.weight.shape \
+                or w32.device != self.gate.weight.device:
+            w32 = self.gate.weight.float()
+        return w32
+
+    def route(self, x: torch.Tensor, fused: bool = False,
+              norm=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> weights (T, k) float32, expert ids (T, k). fused: the softmax and top-k
         in one Triton launch (`kernels.grouped_gemm.moe_route`; the few-token path), where no
-        group limit applies."""
+        group limit applies. norm (an RMSNorm; `add_normed`): x is its input, applied inside
+        the router's GEMV."""
         c = self.cfg
-        if c.router_fp32:       # the float32 copy, unless something replaced the weight
-            w32 = self.gate_f32
-            if w32 is None or w32.shape != self.gate.weight.shape \
-                    or w32.device != self.gate.weight.device:
-                w32 = self.gate.weight.float()
+        if norm is not None:
+            from ringserve.kernels.gemv import gemv
+            w = self._router_f32() if c.router_fp32 else self.gate.weight
+            logits = gemv(x, w, None if c.router_fp32 else self.gate.bias, out_dtype=w.dtype,
+                          norm=(norm.weight, norm.eps))
+        elif c.router_fp32:
+            w32 = self._router_f32()
             if fused:   # the Triton GEMV reads x as it is: no cast launch
                 from ringserve.kernels.gemv import few_rows_linear
                 logits = few_rows_linear(x, w32)
@@ -138,6 +150,35 @@ class MoE(nn.Module):
         if c.routed_scale != 1.0:
             w = w * c.routed_scale
         return w, idx
+
+    def can_add_normed(self, h: torch.Tensor, norm) -> bool:
+        """Whether `add_normed` applies: at most `kernels.gemv.FOLD_MAX_ROWS` tokens, a
+        Llama-style norm (not Gemma's (1 + w)), the Triton backend, a plain linear router,
+        shared experts (if any) that merge into the routed ones."""
+        from ringserve import kernels
+        from ringserve.kernels.gemv import FOLD_MAX_ROWS
+        from ringserve.kernels.grouped_gemm import MOE_GEMV_MAX_COPIES
+        c, T = self.cfg, h.shape[0]
+        if h.dim() != 2 or T > FOLD_MAX_ROWS or norm.plus_one \
+                or type(self.gate) is not nn.Linear or not kernels.use_triton(self.backend, h):
+            return False
+        shared = self.shared_as_experts()
+        return not (c.shared_intermediate and shared is None) \
+            and T * (c.top_k + (shared[2] if shared else 0)) <= MOE_GEMV_MAX_COPIES
+
+    def add_normed(self, h: torch.Tensor, norm) -> torch.Tensor:
+        """h += self(norm(h)) in place for a decode token (returned), with the RMSNorm `norm`
+        inside the router's and the experts' launches and the add inside the down launch
+        (`gemv`'s and `moe_gemv`'s norm= and residual=): no norm launch, no add of its own.
+        Where `can_add_normed` says no it raises ValueError."""
+        from ringserve.kernels.grouped_gemm import moe_gemv
+        if not self.can_add_normed(h, norm):
+            raise ValueError(f"add_normed: not for {tuple(h.shape)} on this layer (see "
+                             f"can_add_normed)")
+        w, idx = self.route(h, fused=True, norm=norm)
+        return moe_gemv(h, self.experts.gate_up, self.experts.down, idx, w,
+                        shared=self.shared_as_experts(), norm=(norm.weight, norm.eps),
+                        residual=h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ringserve import kernels

@@ -423,6 +423,60 @@ def test_moe_gemv_with_shared_experts_as_experts(dtype, tol):
     assert (moe(xs) - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
     assert calls == [1]
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4e-3)])
+def test_moe_gemv_folds_the_norm_and_the_residual_add(dtype, tol):
+    """moe_gemv(norm=, residual=): the MLP's RMSNorm inside the gate/up launch and h += y
+    inside the down launch (h the input itself, as the model passes it), with and without
+    shared experts, equal to the norm, moe_gemv and the add done apart; MoE.add_normed does
+    that for a decode token (the router normalizing too) and refuses where it does not apply;
+    a bad norm weight or residual is refused."""
+    from ringserve.config import MoeConfig
+    from ringserve.kernels.grouped_gemm import moe_gemv
+    from ringserve.model import RMSNorm
+    from ringserve.moe import MoE
+    g = torch.Generator().manual_seed(4)
+    for E, H, inter, T, k, n in ((8, 72, 24, 1, 3, 0), (6, 40, 20, 2, 2, 1)):
+        h = (2 * torch.randn(T, H, generator=g)).to(dtype)
+        gu = (torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5).to(dtype)
+        dn = (torch.randn(E, H, inter, generator=g) / inter ** 0.5).to(dtype)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        w = torch.rand(T, k, generator=g)
+        shared = None
+        if n:
+            shared = ((torch.randn(2 * n * inter, H, generator=g) / H ** 0.5).to(dtype),
+                      (torch.randn(H, n * inter, generator=g) / inter ** 0.5).to(dtype), n)
+        norm = RMSNorm(H, 1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(1 + torch.randn(H, generator=g) / 4)
+        want = h + moe_gemv(norm(h), gu, dn, idx, w, shared=shared)
+        got = h.clone()
+        assert moe_gemv(got, gu, dn, idx, w, shared=shared, norm=(norm.weight.detach(), 1e-6),
+                        residual=got) is got
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), (T, n, err)
+    with pytest.raises(ValueError, match="norm"):
+        moe_gemv(h, gu, dn, idx, w, norm=(norm.weight.detach()[1:], 1e-6))
+    with pytest.raises(ValueError, match="residual"):
+        moe_gemv(h, gu, dn, idx, w, residual=h.float() if dtype != torch.float32 else h[:1])
+    # the layer: router, experts and add for one token; refused for two
+    cfg = MoeConfig(num_experts=8, top_k=2, intermediate_size=12, renormalize=True)
+    moe = MoE(32, cfg, "qwen3_moe").to(dtype)
+    norm = RMSNorm(32, 1e-6).to(dtype)
+    with torch.no_grad():
+        for p in list(moe.parameters()) + [norm.weight]:
+            p.copy_(torch.randn(p.shape, generator=g) / 4 + (1 if p is norm.weight else 0))
+    moe.backend = "triton"
+    h = torch.randn(1, 32, generator=g).to(dtype)
+    want = h + moe(norm(h))
+    got = h.clone()
+    assert moe.can_add_normed(got, norm) and moe.add_normed(got, norm) is got
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= 2 * tol * max(1.0, want.abs().max().item()), err
+    assert not moe.can_add_normed(torch.randn(2, 32).to(dtype), norm)
+    with pytest.raises(ValueError, match="can_add_normed"):
+        moe.add_normed(torch.randn(2, 32).to(dtype), norm)
+
+
 def _edit_config(tmp_path, src, **changes):
     dst = tmp_path / "ckpt"
     shutil.copytree(src, dst)

@@ -871,6 +871,56 @@ def test_gemv_equals_float64_linear(dtype, tol):
     assert y.dtype == torch.float16 and y.shape == (3, 40)
 
 
+def _rms_ref(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as the model's torch module rounds it (x's dtype)."""
+    xf = x.float()
+    return g * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_folds_the_norm_before_and_the_residual_add_after(dtype):
+    """gemv(norm=): RMSNorm of x inside the launch equals the norm module then the GEMV (1 and
+    3 rows, ragged K over several tiles, a bias; fp16 to the last rounding of a normalized
+    value); gemv(residual=): r = round(r + round(x @ w^T)), as torch's `h += linear(x)`;
+    both at once; bad weights refused; `folds` takes one row of a small enough weight."""
+    from ringserve.kernels.gemv import GEMV_MAX_WEIGHTS, folds, gemv
+    g = torch.Generator().manual_seed(9)
+    ulp = 1e-6 if dtype == torch.float32 else 2e-3
+    for M, N, K, bias in ((1, 40, 300, False), (3, 17, 96, True)):
+        x = (3 * torch.randn(M, K, generator=g)).to(dtype)
+        w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+        gw = (1 + torch.randn(K, generator=g) / 4).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if bias else None
+        xn = _rms_ref(x, gw, 1e-6)
+        want = gemv(xn, w, b)
+        for blocks in (None, (8, 64, 2)):
+            got = gemv(x, w, b, blocks=blocks, norm=(gw, 1e-6))
+            assert got.dtype == dtype
+            err = (got.float() - want.float()).abs().max().item()
+            # a normalized value may round the other way in fp16 (the statistic's sums are
+            # ordered differently): one ulp of it times the weights' column at most
+            assert err <= ulp * (w.float().abs().sum(1).max().item() + want.abs().max().item()), \
+                (M, K, blocks, err)
+        r0 = torch.randn(M, N, generator=g).to(dtype)
+        r = r0.clone()
+        assert gemv(xn, w, b, residual=r) is r
+        ref = r0 + torch.nn.functional.linear(xn, w, b)      # rounded twice, as torch's h += y
+        assert (r.float() - ref.float()).abs().max().item() <= 2 * ulp * (1 + ref.abs().max())
+        r = r0.clone()
+        gemv(x, w, b, norm=(gw, 1e-6), residual=r)           # both in one launch
+        assert (r.float() - ref.float()).abs().max().item() <= 4 * ulp * (1 + ref.abs().max()) \
+            + ulp * w.float().abs().sum(1).max().item()
+    with pytest.raises(ValueError, match="norm's weight"):
+        gemv(x, w, norm=(gw[:-1], 1e-6))
+    with pytest.raises(ValueError, match="give one"):
+        gemv(x, w, add_to=r, residual=r)
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, w, residual=torch.zeros(M + 1, N, dtype=dtype))
+    assert folds(torch.randn(1, 8), torch.randn(32, 8))
+    assert not folds(torch.randn(2, 8), torch.randn(32, 8))
+    assert not folds(torch.randn(1, 8), torch.empty(GEMV_MAX_WEIGHTS // 8 + 1, 8))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_head_gemv_equals_float64_einsum(dtype, tol):
     """The per-head products (MLA's absorption, interpreted on CPU) against einsum in float64:

@@ -442,19 +442,26 @@ def test_fused_kernels_gpu(dtype):
         ok(act_mul_triton(gate, up, gelu), act_mul_ref(gate, up, gelu), act * up, f"act {T}")
 
 
-def test_fused_decode_graph_gpu():
+@pytest.mark.parametrize("arch,B", [("qwen3", 8), ("qwen3", 1), ("qwen3_moe", 1)])
+def test_fused_decode_graph_gpu(arch, B):
     """The model's fused few-token path on the GPU (bf16): hidden states within twice the torch
     path's error against float32 ones, and the same step captured in a CUDA graph (the store
-    into the pool included) replays to the eager result."""
+    into the pool included) replays to the eager result. One token (B = 1): the input norm
+    inside the q|k|v GEMV; with MoE layers the o_proj's residual add and the MLP's norm and
+    add inside the router's and experts' launches too."""
     from ringserve.config import ModelConfig
     from ringserve.kv_cache import KVCacheConfig, KVPool
     from ringserve.model import CausalLM
 
+    moe = dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,
+               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     cfg = ModelConfig.from_hf_dict(dict(
-        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=1000,
+        architectures=["Qwen3MoeForCausalLM" if arch == "qwen3_moe" else "Qwen3ForCausalLM"],
+        model_type=arch, vocab_size=1000,
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
-        max_position_embeddings=1 << 17, hidden_act="silu", tie_word_embeddings=False))
+        max_position_embeddings=1 << 17, hidden_act="silu", tie_word_embeddings=False,
+        **(moe if arch == "qwen3_moe" else {})))
     torch.manual_seed(0)
     m32 = CausalLM(cfg, dtype=torch.float32, device="cuda")
     with torch.no_grad():
@@ -463,7 +470,8 @@ def test_fused_decode_graph_gpu():
                     else torch.randn_like(p) / p.shape[-1] ** 0.5)
     m = CausalLM(cfg, dtype=torch.bfloat16, device="cuda")
     m.load_state_dict(m32.state_dict())
-    B = 8
+    if B == 1:
+        m.join_weights()      # q|k|v one GEMV: the input norm folds into it
     ids = torch.randint(0, 1000, (B,), device="cuda")
     pos = torch.randint(0, 100000, (B,), device="cuda")
     pool = KVPool(KVCacheConfig(num_layers=4, num_kv_heads=8, head_dim=128, num_pages=4,
