@@ -111,6 +111,18 @@ case "$PART" in
     done
     unset RINGSERVE_ABSORB_ROWS
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s19c)  # session 19: the decode token's norms inside the consuming GEMVs and the residual
+         # adds inside o_proj's and the MoE down launch (GPU tests; bf16 against transformers
+         # for DeepSeek-V2-Lite / V2 / Qwen3-MoE), then DeepSeek 8K and Qwen3-MoE 8K (call 1:
+         # 2.63 ms = 2.00x and 3.55 ms = 2.00x)
+    timeout 80 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "fused_decode_graph or moe_gemv or fused_kernels" \
+      2>&1 | tee "$OUT/test_kernels_folds.log" | tail -2
+    timeout 130 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek or qwen3-moe" 2>&1 \
+      | tee "$OUT/test_families_moe_mla.log" | tail -2
+    T=150 e2e deepseek-v2-lite 8192
+    T=170 e2e qwen3-moe-30b-a3b 8192 ;;
   s19b)  # next session: bf16 against transformers for every family with today's paths, and
          # DeepSeek at 32K / 128K
     timeout 300 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
