@@ -123,6 +123,23 @@ case "$PART" in
       | tee "$OUT/test_families_moe_mla.log" | tail -2
     T=150 e2e deepseek-v2-lite 8192
     T=170 e2e qwen3-moe-30b-a3b 8192 ;;
+  s19d)  # session 19: the folds without their statistic's own pass (call 2's version cost
+         # ~7.7 us a MoE layer: DeepSeek 8K 2.63 -> 2.83 ms, Qwen3-MoE 3.55 -> 3.92): GPU
+         # tests, DeepSeek 8K with the folds and without (RINGSERVE_FOLD_ROWS=0), Qwen3-MoE 8K
+    timeout 80 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "fused_decode_graph or moe_gemv" \
+      2>&1 | tee "$OUT/test_kernels_folds.log" | tail -2
+    n=0
+    for i in 1 0; do
+      n=$((n + 1))
+      export RINGSERVE_FOLD_ROWS=$i
+      T=$((n == 1 ? 150 : 110)) e2e deepseek-v2-lite 8192
+      for ext in log json; do
+        mv "$OUT/e2e_deepseek-v2-lite.$ext" "$OUT/e2e_deepseek_8k_run${n}_fold$i.$ext"
+      done
+    done
+    unset RINGSERVE_FOLD_ROWS
+    T=170 e2e qwen3-moe-30b-a3b 8192 ;;
   s19b)  # next session: bf16 against transformers for every family with today's paths, and
          # DeepSeek at 32K / 128K
     timeout 300 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \

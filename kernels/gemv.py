@@ -11,6 +11,7 @@ split-K, each weight read once.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -47,20 +48,22 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
     ms = tl.arange(0, MP)
     m_ok = ms < M
     w_rows = W + cols.to(tl.int64)[:, None] * s_wn
-    if NORM:    # x's rows are RMSNorm's input: each row's sum of squares first (K = its width)
-        rstd = _row_rstd(X, s_xm, s_xk, ms, m_ok, K, eps, MP, BLOCK_K)
     acc = tl.zeros((MP, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((MP, BLOCK_K), dtype=tl.float32)      # NORM: the rows' squares
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w = tl.load(w_rows + ks[None, :] * s_wk, mask=col_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)                                  # (BN, BK)
         x = tl.load(X + ms[:, None] * s_xm + ks[None, :] * s_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)             # (MP, BK)
-        if NORM:
-            x = _norm_chunk(x, rstd, G, ks, k_ok)
-        acc += w[None, :, :] * x.to(tl.float32)[:, None, :]
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (MP, BK)
+        if NORM:    # RMSNorm's input: its weight now, its statistic after the loop
+            ss += x * x
+            x = x * tl.load(G + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc += w[None, :, :] * x[:, None, :]
     y = tl.sum(acc, axis=2)                                                    # (MP, BN)
+    if NORM:
+        y = y * _rstd(ss, K, eps)[:, None]
     if HAS_BIAS:
         y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptr = Y + ms[:, None].to(tl.int64) * s_ym + cols[None, :]
@@ -74,26 +77,10 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
 
 
 @triton.jit
-def _row_rstd(X, s_xm, s_xk, ms, m_ok, K, eps, MP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the MP rows ms of X (K wide), float32 (RMSNorm's
-    statistic, as kernels.fused's norm: the row's squares summed in float32)."""
-    ss = tl.zeros((MP,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + ms[:, None] * s_xm + ks[None, :] * s_xk,
-                    mask=m_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
-        ss += tl.sum(x * x, axis=1)
-    return 1.0 / tl.sqrt(ss / K + eps)
-
-
-@triton.jit
-def _norm_chunk(x, rstd, G, ks, k_ok):
-    """RMSNorm (Llama's: the normalized row rounded to x's dtype, times the weight, rounded
-    again, as the torch module and kernels.fused's norm) of an (MP, BLOCK_K) chunk x of rows
-    whose `_row_rstd` is rstd (MP,), columns ks of the weight G."""
-    g = tl.load(G + ks, mask=k_ok, other=0.0).to(tl.float32)
-    y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * g[None, :]
-    return y.to(x.dtype)
+def _rstd(ss, K, eps):
+    """RMSNorm's 1 / sqrt(mean(x^2) + eps) of rows whose squares, summed over the loop's
+    chunks, are ss (rows, BLOCK_K), K wide."""
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
@@ -108,10 +95,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
     `add_to.addmm_(x, w.t())`). `blocks`: (BLOCK_N, BLOCK_K, num_warps), default GEMV_BLOCKS
     (benchmarks' sweeps).
 
-    norm: (weight (K,), eps): x is the input of a Llama-style RMSNorm, applied to it inside
-    this launch (each program takes its rows' statistic itself, then normalizes as it reads:
-    the norm's own launch gone), rounded as the torch module rounds (to x's dtype, then times
-    the weight, then to x's dtype again). residual: an (M, N) tensor r of the output's dtype
+    norm: (weight (K,), eps): x is the input of a Llama-style RMSNorm, applied inside this
+    launch (the norm's own launch gone): each program multiplies x by the norm's weight as it
+    reads it and sums its squares on the way, then scales its sums by the rows' 1 / rms. The
+    normalized row is never rounded to x's dtype (the torch module rounds it twice): the
+    same math, rounded less. (Session 19's first version took the statistic in a pass of its
+    own before the loop, rounding as the module does: that pass's serial loads cost ~7.7 us a
+    MoE layer, more than the norm's launch.) residual: an (M, N) tensor r of the output's dtype
     updated in place, r = round(r + round(x @ w^T + b)) (returned): the residual stream's
     update rounded as torch's `h += linear(x)` rounds it (add_to rounds once)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
@@ -160,7 +150,9 @@ def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.numel() <= GEMV_MAX_WEIGHTS
 
 
-FOLD_MAX_ROWS = 1   # rows (tokens) up to which the model takes norms and residual adds into gemv
+# rows (tokens) up to which the model takes norms and residual adds into gemv; the environment's
+# RINGSERVE_FOLD_ROWS=0 turns it off (an A/B's other side)
+FOLD_MAX_ROWS = int(os.environ.get("RINGSERVE_FOLD_ROWS", "1"))
 
 
 def folds(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
-from .gemv import _norm_chunk, _row_rstd
+from .gemv import _rstd
 from .pdl import pdl_enter, pdl_kw
 
 
@@ -157,9 +157,6 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
     e = tl.load(Idx + t * k + tl.minimum(j, k - 1)).to(tl.int64)
     base = tl.where(routed, W + e * s_we, Ws + (j - k).to(tl.int64) * s_wse)
     x_row = X + t.to(tl.int64) * s_xt
-    if NORM:    # the token is RMSNorm's input (G, eps): its statistic first (gemv's helpers)
-        rstd = _row_rstd(x_row, 0, 1, tl.arange(0, 1), tl.full((1,), 1, tl.int1), H, eps, 1,
-                         BLOCK_K)
     w_gate = base + cols[:, None] * s_wn
     w_up = base + (cols[:, None] + tl.where(routed, I, up_s)) * s_wn
     if LAZY:    # products summed once after the loop (no reduction between the loads)
@@ -168,13 +165,14 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
     else:
         g = tl.zeros((BLOCK_N,), dtype=tl.float32)
         u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    ss = tl.zeros((1, BLOCK_K), dtype=tl.float32)     # NORM: the token's squares
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        xv = tl.load(x_row + ks, mask=k_ok, other=0.0)
-        if NORM:
-            xv = tl.reshape(_norm_chunk(xv[None, :], rstd, G, ks, k_ok), (BLOCK_K,))
-        xv = xv.to(tl.float32)[None, :]
+        xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if NORM:    # RMSNorm's input (G, eps): as gemv's norm (the weight now, 1 / rms after)
+            ss += xv * xv
+            xv = xv * tl.load(G + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         m = col_ok[:, None] & k_ok[None, :]
         gp = tl.load(w_gate + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32) * xv
         up = tl.load(w_up + ks[None, :] * s_wk, mask=m, other=0.0).to(tl.float32) * xv
@@ -187,6 +185,10 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
     if LAZY:
         g = tl.sum(gg, axis=1)
         u = tl.sum(uu, axis=1)
+    if NORM:
+        r = tl.sum(_rstd(ss, H, eps), axis=0)      # (the one row's)
+        g = g * r
+        u = u * r
     # the grouped path rounds gate and up to the model's dtype before SiLU(gate) * up: so here
     g = g.to(Act.dtype.element_ty).to(tl.float32)
     u = u.to(Act.dtype.element_ty).to(tl.float32)
@@ -274,7 +276,8 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     is the sum of its n slices), instead of three launches of its own.
 
     norm: (weight (H,), eps): x is the input of a Llama-style RMSNorm, applied inside the
-    gate/up launch (as `gemv`'s norm=: the norm's own launch gone). residual: a (T, H) tensor
+    gate/up launch as `gemv`'s norm= applies it (the norm's own launch gone; the normalized
+    row not rounded). residual: a (T, H) tensor
     of x's dtype updated in place with the output, r = round(r + round(y)) (returned: the
     residual stream's `h += moe(x)` inside the down launch); it may be x itself."""
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:

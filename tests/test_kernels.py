@@ -880,8 +880,9 @@ def _rms_ref(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv_folds_the_norm_before_and_the_residual_add_after(dtype):
     """gemv(norm=): RMSNorm of x inside the launch equals the norm module then the GEMV (1 and
-    3 rows, ragged K over several tiles, a bias; fp16 to the last rounding of a normalized
-    value); gemv(residual=): r = round(r + round(x @ w^T)), as torch's `h += linear(x)`;
+    3 rows, ragged K over several tiles, a bias; fp16 within the rounding of the normalized
+    row, which the fold skips); gemv(residual=): r = round(r + round(x @ w^T)), as torch's
+    `h += linear(x)`;
     both at once; bad weights refused; `folds` takes one row of a small enough weight."""
     from ringserve.kernels.gemv import GEMV_MAX_WEIGHTS, folds, gemv
     g = torch.Generator().manual_seed(9)
