@@ -150,17 +150,20 @@ def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.numel() <= GEMV_MAX_WEIGHTS
 
 
-# rows (tokens) up to which the model takes norms and residual adds into gemv; the environment's
-# RINGSERVE_FOLD_ROWS=0 turns it off (an A/B's other side)
-FOLD_MAX_ROWS = int(os.environ.get("RINGSERVE_FOLD_ROWS", "1"))
+# Rows (tokens) up to which the model takes norms and residual adds into gemv: off (0) unless
+# the environment's RINGSERVE_FOLD_ROWS says otherwise. Measured on one H200 (session 19,
+# benchmarks/results/2026-12-01-s19): DeepSeek-V2-Lite's 8K decode step 348 -> 296 kernels but
+# 2.45 -> 2.61 ms of device time (graphs 2.74 -> 3.03 ms a token: the MoE gate/up launch with
+# the norm 27.5 -> 33.0 us a layer, q|kv_a's normed GEMV 9.7 us against cuBLAS's 6.4 and the
+# norm's 2.0); Qwen3-30B-A3B's 8K decode 3.54 -> 3.78 ms on one machine. Fewer launches did
+# not pay for the slower kernels, so the fold is opt-in.
+FOLD_MAX_ROWS = int(os.environ.get("RINGSERVE_FOLD_ROWS", "0"))
 
 
 def folds(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the few-token path takes an RMSNorm before x @ w^T, or the residual add after
-    it, into `gemv`'s launch (norm=, residual=): at most FOLD_MAX_ROWS rows and a weight of at
-    most GEMV_MAX_WEIGHTS values, of any width (the norm's launch saved, ~2 us and a gap a
-    layer, outweighs cuBLAS's edge on wider outputs: bench_gemv.py, 0-1 us on Qwen3-30B-A3B's
-    q|k|v and DeepSeek-V2-Lite's q|kv_a)."""
+    it, into `gemv`'s launch (norm=, residual=): at most FOLD_MAX_ROWS rows (default 0: off,
+    see above) and a weight of at most GEMV_MAX_WEIGHTS values, of any width."""
     return x.dim() == 2 and x.shape[0] <= FOLD_MAX_ROWS and w.dim() == 2 \
         and w.numel() <= GEMV_MAX_WEIGHTS
 

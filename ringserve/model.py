@@ -578,6 +578,7 @@ class CausalLM(nn.Module):
         the KV store are one launch (when attn_fn offers `rope_store(layer, q, k, v, cos, sin,
         **norm)`, which stores k, v for the layer, so that its call does not), act(gate) * up
         one. The same math as the torch path, rounded at the same points."""
+        from ringserve.kernels import gemv as gemv_mod
         from ringserve.kernels.fused import rms_norm_triton, rope_store_triton
 
         def norm(mod, x, residual=None, out=None):
@@ -605,15 +606,18 @@ class CausalLM(nn.Module):
         want = torch.Size((T, hq, d) if flat else (1, T, hq, d))
         expands = cfg.mla is not None and getattr(attn_fn, "mla_expands", False)
         want_values = torch.Size((T, hq, cfg.mla.v_head_dim)) if expands else None
+        # the norms and residual adds inside the GEMVs' launches (opt-in, RINGSERVE_FOLD_ROWS:
+        # kernels/gemv.py says why it is off by default)
+        may_fold = T <= gemv_mod.FOLD_MAX_ROWS
         # the last sublayer's output, not yet added to h, and the norm it takes first (Gemma)
         pending = None
         for li, layer in enumerate(self.model.layers):
             at = layer.self_attn
             cos, sin = local if self.layer_rotary[li] else glob
-            # a decode token: the input norm inside the q|k|v (MLA: q|kv_a) GEMV's launch
-            # where h is up to date (the last MoE layer added into it) and the GEMV fits
-            in_norm = layer.input_layernorm if pending is None and _folds_in(layer, h) \
-                else None
+            # folds: the input norm inside the q|k|v (MLA: q|kv_a) GEMV's launch where h is up
+            # to date (the last MoE layer added into it) and the GEMV fits
+            in_norm = layer.input_layernorm \
+                if may_fold and pending is None and _folds_in(layer, h) else None
             x = h if in_norm is not None else add_norm(layer.input_layernorm, h, pending)
             qe = None
             if cfg.mla is not None:   # latent q and k (interleaved RoPE) in one launch, the
@@ -632,10 +636,10 @@ class CausalLM(nn.Module):
                 else:
                     q, k, v = rope_store_triton(q, k, v, cos, sin, **qk)
             ffn = layer.ffn()
-            # a decode token through a MoE layer: h += o_proj(o) inside the o_proj GEMV, then
-            # h += moe(norm(h)) with the norm inside the router's and experts' launches and
-            # the add inside the down launch (`MoE.add_normed`): no norm launch, no add
-            fold = _folds_post(layer, h)
+            # folds, a MoE layer: h += o_proj(o) inside the o_proj GEMV, then h +=
+            # moe(norm(h)) with the norm inside the router's and experts' launches and the add
+            # inside the down launch (`MoE.add_normed`): no norm launch, no add
+            fold = may_fold and _folds_post(layer, h)
             res = h if fold else None
             if expands:     # MLA's expanded form: (T, Hq, v_head_dim) in the values' space
                 o = attn_fn.mla(li, q, k, qe, at)

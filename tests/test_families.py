@@ -424,11 +424,12 @@ def test_moe_gemv_with_shared_experts_as_experts(dtype, tol):
     assert calls == [1]
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4e-3)])
-def test_moe_gemv_folds_the_norm_and_the_residual_add(dtype, tol):
+def test_moe_gemv_folds_the_norm_and_the_residual_add(dtype, tol, monkeypatch):
     """moe_gemv(norm=, residual=): the MLP's RMSNorm inside the gate/up launch and h += y
     inside the down launch (h the input itself, as the model passes it), with and without
     shared experts, equal to the norm, moe_gemv and the add done apart; MoE.add_normed does
-    that for a decode token (the router normalizing too) and refuses where it does not apply;
+    that for a decode token when the folds are on (the router normalizing too) and refuses
+    where it does not apply;
     a bad norm weight or residual is refused."""
     from ringserve.config import MoeConfig
     from ringserve.kernels.grouped_gemm import moe_gemv
@@ -469,6 +470,9 @@ def test_moe_gemv_folds_the_norm_and_the_residual_add(dtype, tol):
     h = torch.randn(1, 32, generator=g).to(dtype)
     want = h + moe(norm(h))
     got = h.clone()
+    assert not moe.can_add_normed(got, norm)            # off by default (kernels/gemv.py)
+    from ringserve.kernels import gemv as gemv_mod
+    monkeypatch.setattr(gemv_mod, "FOLD_MAX_ROWS", 1)   # RINGSERVE_FOLD_ROWS=1
     assert moe.can_add_normed(got, norm) and moe.add_normed(got, norm) is got
     err = (got.double() - want.double()).abs().max().item()
     assert err <= 2 * tol * max(1.0, want.abs().max().item()), err

@@ -74,15 +74,18 @@ def test_fused_equals_torch_fp32(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_one_token_folds_norms_and_adds(name):
-    """A decode token on the fused path: the input norm inside the q|k|v (MLA: q|kv_a) GEMV,
+def test_one_token_folds_norms_and_adds(name, monkeypatch):
+    """A decode token on the fused path with the folds on (RINGSERVE_FOLD_ROWS=1; off by
+    default: kernels/gemv.py): the input norm inside the q|k|v (MLA: q|kv_a) GEMV,
     and in MoE layers the o_proj's residual add, the MLP's norm and its add inside the
     router's and experts' launches (gemv / moe_gemv norm= and residual=). The hidden state
     equals the torch path's (fp32 to 1e-5; fp16 within 2x the torch path's error of float64),
     and the norms' own launches are gone: one a layer where the MLP is dense (its norm with the
     residual add), none in a MoE layer, Gemma's sandwich norms untouched, the final norm."""
     from triton.runtime import interpreter
+    from ringserve.kernels import gemv as gemv_mod
     from ringserve.moe import MoE
+    monkeypatch.setattr(gemv_mod, "FOLD_MAX_ROWS", 1)
     ids, pos = torch.tensor([77]), torch.tensor([41])
     m = _model(name)
     want = _hidden(m, "torch", ids, pos)
@@ -381,15 +384,15 @@ def test_cascade_decode_merge_in_one_launch_equals_the_torch_path():
 
 def test_deepseek_decode_layer_launches(monkeypatch):
     """benchmarks/count_decode_ops.py's count of a DeepSeek (MLA + MoE with shared experts)
-    decode layer on the fused path: 10 GPU launches (22 before session 16, 17 before 17, 16
-    before 18, 12 before 19): the latent's norm and cache store and W_UK's absorption inside
-    the RoPE launch (no norm launch of its own, no index_copy_, no batched GEMM), q and kv_a
-    one GEMV with the input norm inside it, the router's weight not cast each step; one-row
-    GEMVs (o_proj adding into the residual stream, the router reading the bf16 activation as
-    it is and normalizing it: no cast or norm launch), W_UV's per-head products in one launch
+    decode layer on the fused path: 12 GPU launches (22 before session 16, 17 before 17, 16
+    before 18): the latent's norm and cache store and W_UK's absorption inside the RoPE
+    launch (no norm launch of its own, no index_copy_, no batched GEMM), q and kv_a one GEMM,
+    the router's weight not cast each step; one-row GEMVs (o_proj, the router reading the
+    bf16 activation as it is: no cast launch), W_UV's per-head products in one launch
     (head_gemv), the shared experts inside the routed experts' two launches (no GEMM,
-    activation or down GEMV of their own), the MLP's norm inside them and its add inside the
-    down launch: no norm launch in the layer."""
+    activation or down GEMV of their own). With the folds on (RINGSERVE_FOLD_ROWS=1): 10, no
+    norm launch (the input norm inside the q|kv_a GEMV, the MLP's inside the router's and
+    experts' launches, the residual adds inside o_proj's and the down launch)."""
     import importlib.util
     from pathlib import Path
     from triton.runtime import interpreter
@@ -404,20 +407,31 @@ def test_deepseek_decode_layer_launches(monkeypatch):
     half = mod.count_step(4, "triton", False, 1, "deepseek")
     triton = mod._per_layer(full["by_kernel"], half["by_kernel"], 2)
     torch_ops = mod._per_layer(full["kernel_names"], half["kernel_names"], 2)
-    assert triton == {"_latent_rope_kernel": 1, "_decode_split_kernel": 1,
+    assert triton == {"_rms_norm_kernel": 2, "_latent_rope_kernel": 1, "_decode_split_kernel": 1,
                       "_decode_reduce_kernel": 1, "_moe_route_kernel": 1,
                       "_moe_gate_up_kernel": 1, "_moe_down_kernel": 1,
-                      # q|kv_a (normed), o_proj (adding), the router (normed), W_UV (head_gemv)
-                      "_gemv_kernel": 4}
+                      "_gemv_kernel": 3}    # o_proj, the router (no cast), W_UV (head_gemv)
     # min / max: the CPU-only check of the decode kernel's lengths (a GPU skips it)
     gpu_ops = {k: v for k, v in torch_ops.items() if k not in ("aten::min", "aten::max")}
-    assert gpu_ops == {}    # (W_UK: inside the latent RoPE launch)
-    assert sum(triton.values()) + sum(gpu_ops.values()) == 10
-    # RINGSERVE_ABSORB_ROWS=0 (an A/B's other side): W_UK by einsum again, 11 launches
+    assert gpu_ops == {"aten::linear": 1}     # q|kv_a (W_UK: inside the latent RoPE launch)
+    assert sum(triton.values()) + sum(gpu_ops.values()) == 12
+    # the folds on: no norm launch, q|kv_a a GEMV with the norm inside it
+    from ringserve.kernels import gemv as gemv_mod
+    monkeypatch.setattr(gemv_mod, "FOLD_MAX_ROWS", 1)
+    full = mod.count_step(6, "triton", False, 1, "deepseek")
+    half = mod.count_step(4, "triton", False, 1, "deepseek")
+    folded = mod._per_layer(full["by_kernel"], half["by_kernel"], 2)
+    assert folded == {**{k: v for k, v in triton.items() if k != "_rms_norm_kernel"},
+                      "_gemv_kernel": 4}     # + q|kv_a (normed)
+    assert {k: v for k, v in mod._per_layer(full["kernel_names"], half["kernel_names"],
+                                            2).items()
+            if k not in ("aten::min", "aten::max")} == {}
+    monkeypatch.setattr(gemv_mod, "FOLD_MAX_ROWS", 0)
+    # RINGSERVE_ABSORB_ROWS=0 (an A/B's other side): W_UK by einsum again, 13 launches
     from ringserve.kernels import fused
     monkeypatch.setattr(fused, "ABSORB_MAX_ROWS", 0)
     full = mod.count_step(6, "triton", False, 1, "deepseek")
     half = mod.count_step(4, "triton", False, 1, "deepseek")
     ops = mod._per_layer(full["kernel_names"], half["kernel_names"], 2)
     assert {k: v for k, v in ops.items() if k not in ("aten::min", "aten::max")} == \
-        {"aten::einsum": 1}
+        {"aten::linear": 1, "aten::einsum": 1}

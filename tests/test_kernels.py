@@ -878,12 +878,13 @@ def _rms_ref(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemv_folds_the_norm_before_and_the_residual_add_after(dtype):
+def test_gemv_folds_the_norm_before_and_the_residual_add_after(dtype, monkeypatch):
     """gemv(norm=): RMSNorm of x inside the launch equals the norm module then the GEMV (1 and
     3 rows, ragged K over several tiles, a bias; fp16 within the rounding of the normalized
     row, which the fold skips); gemv(residual=): r = round(r + round(x @ w^T)), as torch's
     `h += linear(x)`;
-    both at once; bad weights refused; `folds` takes one row of a small enough weight."""
+    both at once; bad weights refused; `folds` is off by default, and when turned on takes
+    one row of a small enough weight."""
     from ringserve.kernels.gemv import GEMV_MAX_WEIGHTS, folds, gemv
     g = torch.Generator().manual_seed(9)
     ulp = 1e-6 if dtype == torch.float32 else 2e-3
@@ -917,6 +918,9 @@ def test_gemv_folds_the_norm_before_and_the_residual_add_after(dtype):
         gemv(x, w, add_to=r, residual=r)
     with pytest.raises(ValueError, match="residual"):
         gemv(x, w, residual=torch.zeros(M + 1, N, dtype=dtype))
+    from ringserve.kernels import gemv as gemv_mod
+    assert not folds(torch.randn(1, 8), torch.randn(32, 8))     # off by default
+    monkeypatch.setattr(gemv_mod, "FOLD_MAX_ROWS", 1)           # RINGSERVE_FOLD_ROWS=1
     assert folds(torch.randn(1, 8), torch.randn(32, 8))
     assert not folds(torch.randn(2, 8), torch.randn(32, 8))
     assert not folds(torch.randn(1, 8), torch.empty(GEMV_MAX_WEIGHTS // 8 + 1, 8))

@@ -442,14 +442,18 @@ def test_fused_kernels_gpu(dtype):
         ok(act_mul_triton(gate, up, gelu), act_mul_ref(gate, up, gelu), act * up, f"act {T}")
 
 
-@pytest.mark.parametrize("arch,B", [("qwen3", 8), ("qwen3", 1), ("qwen3_moe", 1)])
-def test_fused_decode_graph_gpu(arch, B):
+@pytest.mark.parametrize("arch,B,fold", [("qwen3", 8, 0), ("qwen3", 1, 1), ("qwen3_moe", 1, 0),
+                                         ("qwen3_moe", 1, 1)])
+def test_fused_decode_graph_gpu(arch, B, fold, monkeypatch):
     """The model's fused few-token path on the GPU (bf16): hidden states within twice the torch
     path's error against float32 ones, and the same step captured in a CUDA graph (the store
-    into the pool included) replays to the eager result. One token (B = 1): the input norm
-    inside the q|k|v GEMV; with MoE layers the o_proj's residual add and the MLP's norm and
-    add inside the router's and experts' launches too."""
+    into the pool included) replays to the eager result. fold (one token,
+    RINGSERVE_FOLD_ROWS=1): the input norm inside the q|k|v GEMV; with MoE layers the
+    o_proj's residual add and the MLP's norm and add inside the router's and experts'
+    launches too."""
     from ringserve.config import ModelConfig
+    from ringserve.kernels import gemv as gemv_mod
+    monkeypatch.setattr(gemv_mod, "FOLD_MAX_ROWS", fold)
     from ringserve.kv_cache import KVCacheConfig, KVPool
     from ringserve.model import CausalLM
 
@@ -471,7 +475,7 @@ def test_fused_decode_graph_gpu(arch, B):
     m = CausalLM(cfg, dtype=torch.bfloat16, device="cuda")
     m.load_state_dict(m32.state_dict())
     if B == 1:
-        m.join_weights()      # q|k|v one GEMV: the input norm folds into it
+        m.join_weights()      # q|k|v one GEMM (with fold: a GEMV the input norm folds into)
     ids = torch.randint(0, 1000, (B,), device="cuda")
     pos = torch.randint(0, 100000, (B,), device="cuda")
     pool = KVPool(KVCacheConfig(num_layers=4, num_kv_heads=8, head_dim=128, num_pages=4,
