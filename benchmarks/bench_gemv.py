@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="1,4")
     p.add_argument("--json", default=None)
     p.add_argument("--heads-only", action="store_true")
+    p.add_argument("--stages", default="2,3,4",
+                   help="software-pipelining stages of the K loop tried on each shape's four "
+                        "best tiles ('' for none; a 3-element tile is 1 stage)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA device")
@@ -54,9 +57,10 @@ def main(argv=None) -> int:
             cublas = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x, w),
                                         rep=40) * 1e3
             mp = 1 << (M - 1).bit_length()
-            times = _sweep([c for c in cfgs if mp * c[0] * c[1] <= 8192],
-                           lambda c, x=x, w=w: functools.partial(gemv, x, w, blocks=c), ref,
+            make = lambda c, x=x, w=w: functools.partial(gemv, x, w, blocks=c)  # noqa: E731
+            times = _sweep([c for c in cfgs if mp * c[0] * c[1] <= 8192], make, ref,
                            f"{name} M={M}")
+            times.update(_staged(times, a.stages, make, ref, f"{name} M={M}"))
             best = min(times, key=times.get)
             row = dict(shape=name, N=N, K=K, M=M, floor_us=floor_us, cublas_us=cublas,
                        default_us=times.get(GEMV_BLOCKS), best_us=times[best], best=list(best),
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
                   flush=True)
     rows += _heads(a, dev, bw, g)
     print(f"\n{'shape':>24} | {'M':>2} | {'floor':>6} | {'cuBLAS':>6} | {'x fl':>5} | "
-          f"{'default':>7} | {'best':>6} | {'x fl':>5} | best (BLOCK_N, BLOCK_K, warps)")
+          f"{'default':>7} | {'best':>6} | {'x fl':>5} | best (BLOCK_N, BLOCK_K, warps[, stages])")
     for r in rows:
         d = r["default_us"] or float("nan")
         print(f"{r['shape']:>24} | {r['M']:>2} | {r['floor_us']:>6.1f} | {r['cublas_us']:>6.1f} | "
@@ -94,6 +98,14 @@ def _sweep(cfgs, make, ref, label) -> dict:
     return times
 
 
+def _staged(times: dict, stages: str, make, ref, label) -> dict:
+    """The four fastest tiles of `times` again with their K loop pipelined over each of
+    `stages` ("2,3,4"): {tile + (stages,): us}."""
+    ss = [int(s) for s in stages.split(",") if s.strip()]
+    top = sorted(times, key=times.get)[:4]
+    return _sweep([tuple(c) + (s,) for c in top for s in ss if s > 1], make, ref, label)
+
+
 def _heads(a, dev, bw, g) -> list:
     """head_gemv at DeepSeek-V2-Lite's absorption (16 heads, kv_b_proj 4096 x 512: W_UK its
     first 128 rows a head read transposed, W_UV the last 128) against einsum; rows as the
@@ -116,9 +128,10 @@ def _heads(a, dev, bw, g) -> list:
             ref = torch.einsum("thk,hnk->thn", x, wt)
             ein = do_bench_cudagraph(functools.partial(torch.einsum, "thk,hnk->thn", x, wt),
                                      rep=40) * 1e3
-            times = _sweep(cfgs, lambda c, x=x, wt=wt: functools.partial(head_gemv, x, wt,
-                                                                          blocks=c),
-                           ref, f"{name} M={M}")
+            make = lambda c, x=x, wt=wt: functools.partial(head_gemv, x, wt,  # noqa: E731
+                                                             blocks=c)
+            times = _sweep(cfgs, make, ref, f"{name} M={M}")
+            times.update(_staged(times, a.stages, make, ref, f"{name} M={M}"))
             best = min(times, key=times.get)
             rows.append(dict(shape=name, N=wt.shape[1], K=wt.shape[2], M=M, floor_us=floor_us,
                              cublas_us=ein, default_us=times.get(default), best_us=times[best],

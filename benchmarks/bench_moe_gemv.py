@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="qwen3-moe-30b-a3b,deepseek-v2-lite",
                    help=f"of {', '.join(SHAPES)}")
     p.add_argument("--json", default=None)
+    p.add_argument("--stages", default="2,3,4",
+                   help="software-pipelining stages of each launch's K loop tried on its four "
+                        "best tiles ('' for none)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_moe_gemv needs a CUDA device")
@@ -101,7 +104,32 @@ def main(argv=None) -> int:
                 except Exception as e:
                     print(f"  {name} T={T} down {c}: {type(e).__name__}", flush=True)
             best_dn = min((v, kk[1:]) for kk, v in times.items() if kk[0] == "dn")[1]
-            best = tuple(best_gu[:3]) + tuple(best_dn) + tuple(best_gu[3:])
+            # the K loops pipelined (kernels' STAGES): each launch's four best tiles again
+            ss = [int(v) for v in a.stages.split(",") if v.strip() and int(v) > 1]
+            st = {"gu": 1, "dn": 1}
+            for part in ("gu", "dn"):
+                top = sorted((kk for kk in times if kk[0] == part and len(kk) < 6),
+                             key=times.get)[:4]
+                for kk, s_ in itertools.product(top, ss):
+                    c = kk[1:]
+                    if part == "gu":
+                        blocks = tuple(c[:3]) + tuple(best_dn) + (c[3], s_, 1)
+                    else:
+                        blocks = tuple(best_gu[:3]) + tuple(c) + (best_gu[3], st["gu"], s_)
+                    try:
+                        assert torch.allclose(layer(blocks=blocks), ref, atol=2e-2, rtol=2e-2)
+                        times[kk + (s_,)] = us(blocks)
+                    except Exception as e:
+                        print(f"  {name} T={T} {part} {c} stages {s_}: {type(e).__name__}",
+                              flush=True)
+                v, kk = min((v, kk) for kk, v in times.items() if kk[0] == part)
+                if part == "gu":
+                    best_gu = kk[1:5]
+                else:
+                    best_dn = kk[1:4]
+                st[part] = kk[5] if part == "gu" and len(kk) > 5 else \
+                    (kk[4] if part == "dn" and len(kk) > 4 else 1)
+            best = tuple(best_gu[:3]) + tuple(best_dn) + (best_gu[3], st["gu"], st["dn"])
             tb = us(best, rep=40)
             top = sorted(times.items(), key=lambda kv: kv[1])[:6]
             row = dict(shape=name, T=T, experts=experts, floor_us=floor_us, default_us=base,
@@ -112,7 +140,7 @@ def main(argv=None) -> int:
                   f"us, best {best} {tb:.1f} us; top {[(kk, round(v, 1)) for kk, v in top]}",
                   flush=True)
     print(f"\n{'shape':>18} | {'T':>2} | {'floor us':>8} | {'default us':>10} | {'x floor':>7} | "
-          f"{'best us':>7} | {'x floor':>7} | best blocks")
+          f"{'best us':>7} | {'x floor':>7} | best blocks (gate/up, down, lazy, stages)")
     for r in rows:
         print(f"{r['shape']:>18} | {r['T']:>2} | {r['floor_us']:>8.1f} | {r['default_us']:>10.1f}"
               f" | {r['default_us'] / r['floor_us']:>7.2f} | {r['best_us']:>7.1f} | "

@@ -35,7 +35,7 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
                  s_xh, s_wh, s_yh, G, eps,
                  MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr = False,
-                 PDL: tl.constexpr = False):
+                 STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # program (column block, head): `head_gemv`'s heads are a batch of independent products
     # (the head strides are 0 for `gemv`'s one matrix)
@@ -50,7 +50,9 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
     w_rows = W + cols.to(tl.int64)[:, None] * s_wn
     acc = tl.zeros((MP, BLOCK_N, BLOCK_K), dtype=tl.float32)
     ss = tl.zeros((MP, BLOCK_K), dtype=tl.float32)      # NORM: the rows' squares
-    for k0 in range(0, K, BLOCK_K):
+    # STAGES > 1: the loop's loads software-pipelined (triton's per-loop num_stages, which
+    # since 3.5 covers loads that feed no dot); 1: each step's loads wait for the last step
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w = tl.load(w_rows + ks[None, :] * s_wk, mask=col_ok[:, None] & k_ok[None, :],
@@ -83,6 +85,16 @@ def _rstd(ss, K, eps):
     return 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
 
 
+def _tiles(blocks: Tuple[int, ...], x: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps[, stages]) -> all four (stages default 1: no pipelining;
+    CPU: 4 warps)."""
+    bn, bk, warps = blocks[:3]
+    stages = int(blocks[3]) if len(blocks) > 3 else 1
+    if stages < 1:
+        raise ValueError(f"gemv: stages ({stages}) must be >= 1")
+    return bn, bk, 4 if x.device.type == "cpu" else warps, stages
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
          blocks: Optional[Tuple[int, int, int]] = None, out_dtype: Optional[torch.dtype] = None,
          add_to: Optional[torch.Tensor] = None,
@@ -92,8 +104,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
     for one; any M works). x may be of another float dtype than w (each is read as it is and
     multiplied in float32: a bf16 activation times a float32 router); the output is out_dtype
     (default x's). add_to: an (M, N) tensor the product is added into (returned; as
-    `add_to.addmm_(x, w.t())`). `blocks`: (BLOCK_N, BLOCK_K, num_warps), default GEMV_BLOCKS
-    (benchmarks' sweeps).
+    `add_to.addmm_(x, w.t())`). `blocks`: (BLOCK_N, BLOCK_K, num_warps[, stages]), default
+    GEMV_BLOCKS (benchmarks' sweeps; stages > 1 software-pipelines the K loop's loads).
 
     norm: (weight (K,), eps): x is the input of a Llama-style RMSNorm, applied inside this
     launch (the norm's own launch gone): each program multiplies x by the norm's weight as it
@@ -131,15 +143,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
                          f"on {x.device}")
     if M == 0 or N == 0:
         return y
-    bn, bk, warps = blocks or GEMV_BLOCKS
-    if x.device.type == "cpu":
-        warps = 4
+    bn, bk, warps, stages = _tiles(blocks or GEMV_BLOCKS, x)
     _gemv_kernel[(cdiv(N, bn), 1)](
         x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
         0, 0, 0, g, float(eps), MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk,
         HAS_BIAS=b is not None, ADD=1 if add_to is not None else (2 if residual is not None
                                                                     else 0),
-        NORM=norm is not None, num_warps=warps, **pdl_kw(x.device))
+        NORM=norm is not None, STAGES=stages, num_warps=warps, **pdl_kw(x.device))
     return y
 
 
@@ -197,7 +207,7 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype]
     N) contiguous, y[m, h] = w[h] @ x[m, h] with float32 sums, in one launch (MLA's absorption
     of a decode token: torch.einsum's batched GEMM of M = 1 per head took 3.3-3.5 us for 1-2 MB
     of weights, session 17's profile). out_dtype: default x's. blocks: (BLOCK_N, BLOCK_K,
-    num_warps), default by w's layout (HEAD_GEMV_BLOCKS / _T)."""
+    num_warps[, stages]) as gemv's, default by w's layout (HEAD_GEMV_BLOCKS / _T)."""
     if x.dim() != 3 or w.dim() != 3 or x.shape[1] != w.shape[0] or x.shape[2] != w.shape[2]:
         raise ValueError(f"head_gemv: x {tuple(x.shape)} must be (M, H, K) and w "
                          f"{tuple(w.shape)} (H, N, K)")
@@ -212,12 +222,11 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype]
     if blocks is None:
         blocks = HEAD_GEMV_BLOCKS_T if w.stride(1) == 1 and w.stride(2) != 1 \
             else HEAD_GEMV_BLOCKS
-    bn, bk, warps = blocks
-    if x.device.type == "cpu":
-        warps = 4
+    bn, bk, warps, stages = _tiles(blocks, x)
     _gemv_kernel[(cdiv(N, bn), H)](
         x, w, w, y, M, N, K, x.stride(0), x.stride(2), w.stride(1), w.stride(2), y.stride(0),
         x.stride(1), w.stride(0), y.stride(1), w, 0.0,
-        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=0, num_warps=warps,
+        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=0, STAGES=stages,
+        num_warps=warps,
         **pdl_kw(x.device))
     return y

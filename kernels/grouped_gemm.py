@@ -142,7 +142,8 @@ MOE_GEMV_MAX_COPIES = 32    # token copies (T * top_k) up to which `moe_gemv` ru
 def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
                         s_xt, s_we, s_wn, s_wk, s_wse, s_at, G, eps,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAZY: tl.constexpr,
-                        NORM: tl.constexpr = False, PDL: tl.constexpr = False):
+                        NORM: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                        PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # token copy i: token i // kt, its (i % kt)-th expert: the k routed ones (Idx), then the
     # kt - k shared ones (DeepSeek's shared experts as experts of the routed width: shared
@@ -166,7 +167,7 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
         g = tl.zeros((BLOCK_N,), dtype=tl.float32)
         u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ss = tl.zeros((1, BLOCK_K), dtype=tl.float32)     # NORM: the token's squares
-    for k0 in range(0, H, BLOCK_K):
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):     # (as gemv's STAGES)
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -200,7 +201,8 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
 def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
                      s_at, s_we, s_wn, s_wk, s_wse, s_wsn, s_ot,
                      KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ADD: tl.constexpr = False, PDL: tl.constexpr = False):
+                     ADD: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                     PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # A program: one token's BLOCK_N output columns, all k of its experts at once (KP: k
     # rounded up to a power of two): each step of the loop loads a (KP, BLOCK_N, BLOCK_K)
@@ -223,7 +225,7 @@ def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
                       Ws + (js - k).to(tl.int64)[:, None] * s_wse + c64 * s_wsn)  # (KP, BN)
     row_ok = j_ok[:, None] & col_ok[None, :]
     acc = tl.zeros((KP, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in tl.range(0, I, BLOCK_K, num_stages=STAGES):     # (as gemv's STAGES)
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < I
         av = tl.load(a_rows[:, None] + ks[None, :], mask=j_ok[:, None] & k_ok[None, :],
@@ -266,8 +268,9 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     stacked weights gate_up (E, 2I, H) (gate rows, then up rows) and down (E, H, I), each
     token's top-k expert ids idx (T, k) and router weights (T, k) -> (T, H) in x's dtype, the
     router-weighted sum of the token's experts' outputs. `blocks` (benchmarks' sweeps):
-    the two launches' (BLOCK_N, BLOCK_K, num_warps), then optionally gate/up's LAZY, default
-    `MOE_GEMV_BLOCKS` (or `MOE_GEMV_BLOCKS_MANY` past 8 token copies).
+    the two launches' (BLOCK_N, BLOCK_K, num_warps), then optionally gate/up's LAZY, then
+    optionally the two K loops' software-pipelining stages (default 1, 1: none; gemv's
+    STAGES), default `MOE_GEMV_BLOCKS` (or `MOE_GEMV_BLOCKS_MANY` past 8 token copies).
 
     shared: (gate|up (2S, H), down (H, S), n) of a shared SwiGLU MLP every token goes through
     (DeepSeek's shared experts, S = n * I: its gate rows, then its up rows, as the joined
@@ -327,16 +330,19 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     blocks = tuple(blocks or (MOE_GEMV_BLOCKS if T * kt <= 8 else MOE_GEMV_BLOCKS_MANY))
     gn, gk, gw, dn, dk, dw = blocks[:6]
     lazy = bool(blocks[6]) if len(blocks) > 6 else False
+    g_st, d_st = (int(blocks[7]), int(blocks[8])) if len(blocks) > 8 else (1, 1)
+    if g_st < 1 or d_st < 1:
+        raise ValueError(f"blocks {blocks}: the loops' stages must be >= 1")
     _moe_gate_up_kernel[(T * kt, cdiv(inter, gn))](
         x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
         *gate_up.stride(), inter * H, act.stride(0), g, float(eps),
-        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, NORM=norm is not None, num_warps=gw,
+        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, NORM=norm is not None, STAGES=g_st, num_warps=gw,
         **pdl_kw(x.device))
     _moe_down_kernel[(T, cdiv(H, dn))](
         act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
         inter, n_sh * inter, out.stride(0),
-        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, ADD=residual is not None, num_warps=dw,
-        **pdl_kw(x.device))
+        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, ADD=residual is not None, STAGES=d_st,
+        num_warps=dw, **pdl_kw(x.device))
     return out
 
 

@@ -337,11 +337,14 @@ def test_moe_gemv_equals_float64_and_the_grouped_path(dtype, tol):
         err = (out.double() - ref).abs().max().item()
         assert err <= tol * max(1.0, ref.abs().max().item()), (E, T, k, err)
         # other tiles (K loops of several steps, a ragged last one) and gate/up's lazy sums
-        for blocks in ((4, 32, 4, 2, 16, 4, True), (16, 64, 4, 8, 32, 2, False)):
+        for blocks in ((4, 32, 4, 2, 16, 4, True), (16, 64, 4, 8, 32, 2, False),
+                       (4, 32, 4, 2, 16, 4, False, 3, 2)):     # (last: pipelined K loops)
             err = (moe_gemv(x, gu, dn, idx, w, blocks=blocks).double() - ref).abs().max()
             assert err.item() <= tol * max(1.0, ref.abs().max().item()), (blocks, err)
     with pytest.raises(ValueError, match="top_k"):
         moe_gemv(x, gu, dn, idx[:, :1], w)
+    with pytest.raises(ValueError, match="stages"):
+        moe_gemv(x, gu, dn, idx, w, blocks=(4, 32, 4, 2, 16, 4, False, 0, 1))
     # MoE.forward: the few-token path and the grouped one give the same layer output
     cfg = MoeConfig(num_experts=8, top_k=4, intermediate_size=24, renormalize=True)
     moe = MoE(32, cfg, "qwen3_moe")

@@ -828,7 +828,8 @@ def test_the_autotuner_candidates_per_head_width():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_gemv_equals_float64_linear(dtype, tol):
     """The few-row GEMV (interpreted on CPU) against F.linear in float64: 1-5 rows, ragged N and
-    K, with and without bias, a strided x, other tiles; bad shapes are refused."""
+    K, with and without bias, a strided x, other tiles (one with a pipelined K loop); bad
+    shapes and stages are refused."""
     from ringserve.kernels.gemv import gemv
     g = torch.Generator().manual_seed(5)
     for M, N, K, bias in ((1, 37, 300, False), (3, 64, 129, True), (5, 10, 64, True)):
@@ -837,7 +838,7 @@ def test_gemv_equals_float64_linear(dtype, tol):
         b = torch.randn(N, generator=g).to(dtype) if bias else None
         ref = torch.nn.functional.linear(x.double(), w.double(),
                                          None if b is None else b.double())
-        for blocks in (None, (8, 64, 2), (1, 32, 4)):
+        for blocks in (None, (8, 64, 2), (1, 32, 4), (4, 32, 4, 3)):   # (last: 3 stages)
             y = gemv(x, w, b, blocks=blocks)
             assert y.shape == (M, N) and y.dtype == dtype
             err = (y.double() - ref).abs().max().item()
@@ -849,6 +850,8 @@ def test_gemv_equals_float64_linear(dtype, tol):
         gemv(torch.randn(2, 5), torch.randn(3, 4))
     with pytest.raises(ValueError, match="floating point"):
         gemv(torch.randn(2, 4), torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="stages"):
+        gemv(xs, w, blocks=(4, 32, 4, 0))
     # a half activation times a float32 weight (the router), float32 out: as F.linear of the
     # activation cast up; add_to: the product added into it, rounded once
     xh, w32 = torch.randn(1, 96, generator=g).half(), torch.randn(40, 96, generator=g)
