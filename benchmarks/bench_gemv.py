@@ -70,6 +70,7 @@ def main(argv=None) -> int:
                   f"{row['default_us'] or float('nan'):.1f}, best {best} {times[best]:.1f}",
                   flush=True)
     rows += _heads(a, dev, bw, g)
+    rows += _absorb_in_rope(dev, bw, g)
     print(f"\n{'shape':>24} | {'M':>2} | {'floor':>6} | {'cuBLAS':>6} | {'x fl':>5} | "
           f"{'default':>7} | {'best':>6} | {'x fl':>5} | best (BLOCK_N, BLOCK_K, warps[, stages])")
     for r in rows:
@@ -140,6 +141,49 @@ def _heads(a, dev, bw, g) -> list:
                   f"{times.get(default, float('nan')):.1f}, best {best} {times[best]:.1f}",
                   flush=True)
     return rows
+
+
+def _absorb_in_rope(dev, bw, g) -> list:
+    """W_UK's absorption of a decode token inside the latent RoPE launch (DeepSeek-V2-Lite:
+    16 heads, q_nope 128 wide, W_UK (16, 128, 512)), its (programs a head, rows a step) tiles
+    swept, against the two launches it replaces (einsum, then the launch without it); rows as
+    the GEMV's (cublas_us: the two launches' time)."""
+    from triton.testing import do_bench_cudagraph
+
+    from ringserve.config import RopeConfig
+    from ringserve.kernels.fused import ABSORB_BLOCKS, latent_rope_triton
+    from ringserve.rope import Rotary
+    H = 16
+    q_full = torch.randn(1, H, 192, device=dev, dtype=torch.bfloat16, generator=g)
+    q_nope, q_pe = q_full[..., :128], q_full[..., 128:]
+    kv = torch.randn(1, 576, device=dev, dtype=torch.bfloat16, generator=g)
+    c, k_pe = kv[:, :512], kv[:, 512:]
+    w_uk = (torch.randn(H * 256, 512, device=dev, dtype=torch.bfloat16, generator=g)
+            * 0.04).view(H, 256, 512)[:, :128]
+    cos, sin = Rotary(RopeConfig(theta=1e4), 64).cos_sin(torch.tensor([1234], device=dev))
+    nw = torch.ones(512, device=dev, dtype=torch.bfloat16)
+
+    def apart():
+        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        return latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin, norm_weight=nw)[0]
+
+    def inside(blocks):
+        return latent_rope_triton(None, q_pe, c, k_pe, cos, sin, norm_weight=nw,
+                                  absorb=(q_nope, w_uk), absorb_blocks=blocks)[0]
+
+    ref = apart()
+    base = do_bench_cudagraph(apart, rep=40) * 1e3
+    cfgs = [(cb, rows) for cb in (2, 4, 8, 16, 32) for rows in (16, 32, 64, 128)]
+    label = "deepseek W_UK in the RoPE launch"
+    times = _sweep(cfgs, lambda cc: functools.partial(inside, cc), ref, label)
+    best = min(times, key=times.get)
+    floor_us = w_uk.numel() * 2 / bw * 1e6
+    print(f"{label} M=1: floor {floor_us:.1f} us, einsum + launch {base:.1f}, default "
+          f"{times.get(ABSORB_BLOCKS, float('nan')):.1f}, best {best} {times[best]:.1f}",
+          flush=True)
+    return [dict(shape=label, N=512, K=128, M=1, floor_us=floor_us, cublas_us=base,
+                 default_us=times.get(ABSORB_BLOCKS), best_us=times[best], best=list(best),
+                 all=[(list(k), v) for k, v in times.items()])]
 
 
 if __name__ == "__main__":

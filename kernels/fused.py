@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -394,7 +394,11 @@ def _latent_rope_kernel(ql_ptr, qp_ptr, c_ptr, kp_ptr, cos_ptr, sin_ptr, q_ptr, 
 _latent_rope_fast = FastLaunch(_latent_rope_kernel)
 
 
-ABSORB_COL_BLOCKS = 4    # programs a head for the absorption in the launch (W_UK's columns)
+# the absorption's tile in the launch: (programs a head, each a block of W_UK's columns; rows
+# of W_UK a step of its loop). Session 19's profile (one H200, DeepSeek-V2-Lite at 8K) put the
+# launch at 7.0 us a layer with (4, 32), against 2.3 us for the launch without the absorption
+# plus 3.2 us for einsum's: `bench_gemv.py --heads-only` sweeps it against them
+ABSORB_BLOCKS = (4, 32)
 # tokens up to which MLA's project() absorbs inside this launch (session 18: not yet run on a
 # GPU; RINGSERVE_ABSORB_ROWS=0, read once, leaves W_UK to einsum for an A/B)
 ABSORB_MAX_ROWS = int(os.environ.get("RINGSERVE_ABSORB_ROWS", "1"))
@@ -405,7 +409,8 @@ def latent_rope_triton(q_lat: Optional[torch.Tensor], q_pe: torch.Tensor, c: tor
                        norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                        kv_slots: Optional[torch.Tensor] = None,
                        slots: Optional[torch.Tensor] = None,
-                       absorb: Optional[tuple] = None):
+                       absorb: Optional[tuple] = None,
+                       absorb_blocks: Optional[Tuple[int, int]] = None):
     """MLA's query and key in one launch: q_lat (T, H, C), q_pe (T, H, R), c (T, C),
     k_pe (T, R) (any row/head strides, the last dim contiguous), cos, sin (T, 1, R/2) float32
     -> q (T, H, C + R) = [q_lat ; RoPE(q_pe)], k (T, 1, C + R) = [c ; RoPE(k_pe)], RoPE on
@@ -416,8 +421,9 @@ def latent_rope_triton(q_lat: Optional[torch.Tensor], q_pe: torch.Tensor, c: tor
     also stored into its slot (slot -1: not stored), as `rope_store_triton` does.
     absorb: (q_nope (T, H, N), w_uk (H, N, C)), last dims contiguous, with q_lat None: the
     launch computes q_lat = einsum("thn,hnc->thc") itself (float32 sums, rounded to q_nope's
-    dtype as the einsum's output), ABSORB_COL_BLOCKS programs a head: a decode token's
-    absorption without a batched GEMM launch of its own."""
+    dtype as the einsum's output), in ABSORB_BLOCKS' tiles (absorb_blocks: (programs a
+    head, W_UK rows a step), for sweeps): a decode token's absorption without a batched GEMM
+    launch of its own."""
     if (q_lat is None) == (absorb is None):
         raise ValueError("give q_lat or absorb=(q_nope, w_uk), not both")
     if absorb is not None:
@@ -464,9 +470,12 @@ def latent_rope_triton(q_lat: Optional[torch.Tensor], q_pe: torch.Tensor, c: tor
         return q, k
     store = kv_slots is not None
     if absorb is not None:
-        cb = ABSORB_COL_BLOCKS
+        cb, bnn = absorb_blocks or ABSORB_BLOCKS
+        if cb < 1 or bnn < 1 or bnn & (bnn - 1):
+            raise ValueError(f"absorb_blocks {(cb, bnn)}: programs a head >= 1 and a power of "
+                             f"two of rows")
         extra = dict(ABSORB=True, CB=cb, BLOCK_CC=next_pow2(cdiv(C, cb)),
-                     BLOCK_NN=min(32, next_pow2(NN)))
+                     BLOCK_NN=min(bnn, next_pow2(NN)))
         w_args = (w_uk, w_uk.stride(0), w_uk.stride(1), NN)
     else:
         cb, extra, w_args = 1, {}, (lat_src, 0, 0, 0)

@@ -226,6 +226,14 @@ def test_latent_rope(dtype, T, H, C, R):
     err = (q3[..., :C].double() - want).abs().max().item()
     assert err <= tol * max(1.0, want.abs().max().item()), err
     assert torch.equal(q3[..., C:], q[..., C:]) and torch.equal(k3, k2)
+    for blocks in ((1, 8), (3, 16), (16, 4)):   # other tiles (bench_gemv's sweep): the same
+        q4, _ = latent_rope_triton(None, q_pe, c, k_pe, cos, sin, norm_weight=norm.weight,
+                                   eps=1e-6, absorb=(q_nope, w_uk), absorb_blocks=blocks)
+        err = (q4[..., :C].double() - want).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), (blocks, err)
+    with pytest.raises(ValueError, match="absorb_blocks"):
+        latent_rope_triton(None, q_pe, c, k_pe, cos, sin, absorb=(q_nope, w_uk),
+                           absorb_blocks=(4, 24))
     with pytest.raises(ValueError, match="not both"):
         latent_rope_triton(q_lat, q_pe, c, k_pe, cos, sin, absorb=(q_nope, w_uk))
     with pytest.raises(ValueError, match="absorb"):

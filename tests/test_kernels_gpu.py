@@ -429,11 +429,13 @@ def test_fused_kernels_gpu(dtype):
         # W_UK's absorption inside the launch (DeepSeek's 128-wide q_nope, kv_b_proj's view)
         q_full, w_kv = mk(T, H, 192), mk(H, 256, 512, sc=512 ** -0.5)
         q_nope, w_uk = q_full[..., :128], w_kv[:, :128]
-        qa, ka = latent_rope_triton(None, q_pe, c, k_pe, cos, sin, absorb=(q_nope, w_uk))
         want = torch.einsum("thn,hnc->thc", q_nope.double(), w_uk.double())
-        ok(qa[..., :512], want, torch.einsum("thn,hnc->thc", q_nope, w_uk),
-           f"latent rope absorbed {T}x{H}")
-        assert torch.equal(qa[..., 512:], q[..., 512:]) and torch.equal(ka, k)
+        for blocks in (None, (8, 32), (16, 128), (32, 64)):    # (bench_gemv's sweep's tiles)
+            qa, ka = latent_rope_triton(None, q_pe, c, k_pe, cos, sin, absorb=(q_nope, w_uk),
+                                        absorb_blocks=blocks)
+            ok(qa[..., :512], want, torch.einsum("thn,hnc->thc", q_nope, w_uk),
+               f"latent rope absorbed {T}x{H} {blocks}")
+            assert torch.equal(qa[..., 512:], q[..., 512:]) and torch.equal(ka, k)
     for T, N, gelu in ((1, 14336, False), (9, 14336, True)):
         gu = mk(T, 2 * N, sc=3.0)
         gate, up = gu.chunk(2, dim=-1)
