@@ -111,6 +111,17 @@ case "$PART" in
     done
     unset RINGSERVE_ABSORB_ROWS
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s20a)  # next session, first call (h200): the K loops software-pipelined (gemv's and
+         # moe_gemv's stages; triton's per-loop num_stages) and the absorption's tile in the
+         # latent RoPE launch, swept against today's defaults (GPU tests first); a win there is
+         # the next call's default, measured end to end (DeepSeek 8K, Qwen3-MoE 8K)
+    timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "gemv or fused_kernels" 2>&1 \
+      | tee "$OUT/test_kernels_gemv.log" | tail -2
+    timeout 230 python3 "$REPO/benchmarks/bench_gemv.py" --rows 1 \
+      --json "$OUT/gemv_stages.json" 2>&1 | tee "$OUT/gemv_stages.log" | tail -14
+    timeout 230 python3 "$REPO/benchmarks/bench_moe_gemv.py" --tokens 1 \
+      --json "$OUT/moe_gemv_stages.json" 2>&1 | tee "$OUT/moe_gemv_stages.log" | tail -4 ;;
   s19c)  # session 19: the decode token's norms inside the consuming GEMVs and the residual
          # adds inside o_proj's and the MoE down launch (GPU tests; bf16 against transformers
          # for DeepSeek-V2-Lite / V2 / Qwen3-MoE), then DeepSeek 8K and Qwen3-MoE 8K (call 1:
