@@ -35,7 +35,7 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
                  s_xh, s_wh, s_yh, G, eps,
                  MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr = False,
-                 STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
+                 STAGES: tl.constexpr = None, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # program (column block, head): `head_gemv`'s heads are a batch of independent products
     # (the head strides are 0 for `gemv`'s one matrix)
@@ -51,7 +51,8 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
     acc = tl.zeros((MP, BLOCK_N, BLOCK_K), dtype=tl.float32)
     ss = tl.zeros((MP, BLOCK_K), dtype=tl.float32)      # NORM: the rows' squares
     # STAGES > 1: the loop's loads software-pipelined (triton's per-loop num_stages, which
-    # since 3.5 covers loads that feed no dot); 1: each step's loads wait for the last step
+    # since 3.5 covers loads that feed no dot); None: the plain loop (each step's loads wait
+    # for the last step's: no dot here for the kernel-wide num_stages to pipeline)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -93,6 +94,12 @@ def _tiles(blocks: Tuple[int, ...], x: torch.Tensor) -> Tuple[int, int, int, int
     if stages < 1:
         raise ValueError(f"gemv: stages ({stages}) must be >= 1")
     return bn, bk, 4 if x.device.type == "cpu" else warps, stages
+
+
+def _stages(stages: int) -> Optional[int]:
+    """A K loop's STAGES constexpr: None (the loop unannotated, as before stages existed) for
+    1, else the depth."""
+    return None if stages == 1 else stages
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
@@ -149,7 +156,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
         0, 0, 0, g, float(eps), MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk,
         HAS_BIAS=b is not None, ADD=1 if add_to is not None else (2 if residual is not None
                                                                     else 0),
-        NORM=norm is not None, STAGES=stages, num_warps=warps, **pdl_kw(x.device))
+        NORM=norm is not None, STAGES=_stages(stages), num_warps=warps, **pdl_kw(x.device))
     return y
 
 
@@ -226,7 +233,7 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype]
     _gemv_kernel[(cdiv(N, bn), H)](
         x, w, w, y, M, N, K, x.stride(0), x.stride(2), w.stride(1), w.stride(2), y.stride(0),
         x.stride(1), w.stride(0), y.stride(1), w, 0.0,
-        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=0, STAGES=stages,
-        num_warps=warps,
+        MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, ADD=0,
+        STAGES=_stages(stages), num_warps=warps,
         **pdl_kw(x.device))
     return y

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
-from .gemv import _rstd
+from .gemv import _rstd, _stages
 from .pdl import pdl_enter, pdl_kw
 
 
@@ -142,7 +142,7 @@ MOE_GEMV_MAX_COPIES = 32    # token copies (T * top_k) up to which `moe_gemv` ru
 def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
                         s_xt, s_we, s_wn, s_wk, s_wse, s_at, G, eps,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LAZY: tl.constexpr,
-                        NORM: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                        NORM: tl.constexpr = False, STAGES: tl.constexpr = None,
                         PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # token copy i: token i // kt, its (i % kt)-th expert: the k routed ones (Idx), then the
@@ -201,7 +201,7 @@ def _moe_gate_up_kernel(X, W, Ws, Idx, Act, H, I, k, kt, up_s,
 def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
                      s_at, s_we, s_wn, s_wk, s_wse, s_wsn, s_ot,
                      KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ADD: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                     ADD: tl.constexpr = False, STAGES: tl.constexpr = None,
                      PDL: tl.constexpr = False):
     pdl_enter(PDL)
     # A program: one token's BLOCK_N output columns, all k of its experts at once (KP: k
@@ -336,12 +336,12 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     _moe_gate_up_kernel[(T * kt, cdiv(inter, gn))](
         x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
         *gate_up.stride(), inter * H, act.stride(0), g, float(eps),
-        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, NORM=norm is not None, STAGES=g_st, num_warps=gw,
-        **pdl_kw(x.device))
+        BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, NORM=norm is not None, STAGES=_stages(g_st),
+        num_warps=gw, **pdl_kw(x.device))
     _moe_down_kernel[(T, cdiv(H, dn))](
         act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
         inter, n_sh * inter, out.stride(0),
-        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, ADD=residual is not None, STAGES=d_st,
+        KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, ADD=residual is not None, STAGES=_stages(d_st),
         num_warps=dw, **pdl_kw(x.device))
     return out
 

@@ -577,7 +577,8 @@ class CausalLM(nn.Module):
         residual add goes into the launch of the norm after it, RoPE (with the q/k norm) and
         the KV store are one launch (when attn_fn offers `rope_store(layer, q, k, v, cos, sin,
         **norm)`, which stores k, v for the layer, so that its call does not), act(gate) * up
-        one. The same math as the torch path, rounded at the same points."""
+        one. The same math as the torch path, rounded at the same points (with the opt-in
+        folds, RINGSERVE_FOLD_ROWS, a folded norm's normalized row is not rounded)."""
         from ringserve.kernels import gemv as gemv_mod
         from ringserve.kernels.fused import rms_norm_triton, rope_store_triton
 
