@@ -171,9 +171,9 @@ def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
 # the environment's RINGSERVE_FOLD_ROWS says otherwise. Measured on one H200 (session 19,
 # benchmarks/results/2026-12-01-s19): DeepSeek-V2-Lite's 8K decode step 348 -> 296 kernels but
 # 2.45 -> 2.61 ms of device time (graphs 2.74 -> 3.03 ms a token: the MoE gate/up launch with
-# the norm 27.5 -> 33.0 us a layer, q|kv_a's normed GEMV 9.7 us against cuBLAS's 6.4 and the
-# norm's 2.0); Qwen3-30B-A3B's 8K decode 3.54 -> 3.78 ms on one machine. Fewer launches did
-# not pay for the slower kernels, so the fold is opt-in.
+# the norm 27.5 -> 33.0 us a layer; the GEMVs with q|kv_a 571 us against 318 us plus cuBLAS's
+# q|kv_a 173 us and the norms' 111 us); Qwen3-30B-A3B's 8K decode 3.54 -> 3.78 ms on one
+# machine. Fewer launches did not pay for the slower kernels, so the fold is opt-in.
 FOLD_MAX_ROWS = int(os.environ.get("RINGSERVE_FOLD_ROWS", "0"))
 
 
