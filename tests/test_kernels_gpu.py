@@ -678,8 +678,9 @@ def test_greedy_pick_gpu(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_gpu(dtype):
     """The few-row GEMV in bf16 / fp16 at a Qwen3-30B-A3B o_proj's shape (2048 x 4096) and a
-    ragged one with bias, 1-4 rows and every tile bench_gemv.py sweeps: within 2x the error of
-    F.linear in the same dtype against float64."""
+    ragged one with bias, 1-4 rows and every tile bench_gemv.py sweeps (some with the K loop
+    pipelined over 2-4 stages): within 2x the error of F.linear in the same dtype against
+    float64."""
     import itertools
 
     from ringserve.kernels.gemv import gemv
@@ -690,7 +691,10 @@ def test_gemv_gpu(dtype):
         b = torch.randn(N, device="cuda", generator=g).to(dtype) if bias else None
         ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
         base = (torch.nn.functional.linear(x, w, b).double() - ref).abs().max().item()
-        for blocks in itertools.product((1, 2, 4, 8), (256, 512), (4, 8)):
+        tiles = list(itertools.product((1, 2, 4, 8), (256, 512), (4, 8)))
+        # and the K loop software-pipelined (bench_gemv's stages)
+        tiles += [t + (s,) for t in ((4, 512, 4), (8, 256, 4), (2, 512, 8)) for s in (2, 3, 4)]
+        for blocks in tiles:
             if (4 if M > 1 else 1) * blocks[0] * blocks[1] > 8192:
                 continue
             err = (gemv(x, w, b, blocks=blocks).double() - ref).abs().max().item()
@@ -735,11 +739,14 @@ def test_moe_gemv_gpu(dtype):
         x = torch.randn(T, H, device="cuda", generator=g).to(dtype)
         idx = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
         w = torch.softmax(torch.randn(T, k, device="cuda", generator=g), -1)
-        out = moe_gemv(x, gu, dn, idx, w)
         ref = _moe_layer(x.double(), gu.double(), dn.double(), idx, w)
         base = (_moe_layer(x, gu, dn, idx, w).to(dtype).double() - ref).abs().max().item()
-        err = (out.double() - ref).abs().max().item()
-        assert err <= 2 * base + 1e-3, (T, err, base)
+        # the default tiles, then both K loops pipelined (bench_moe_gemv's stages)
+        for blocks in (None, (4, 256, 4, 1, 128, 4, False, 3, 2),
+                       (8, 256, 4, 4, 128, 4, True, 4, 4)):
+            out = moe_gemv(x, gu, dn, idx, w, blocks=blocks)
+            err = (out.double() - ref).abs().max().item()
+            assert err <= 2 * base + 1e-3, (T, blocks, err, base)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
