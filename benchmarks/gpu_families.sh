@@ -24,6 +24,19 @@ e2e() {  # $1: preset, $2: default lengths, then bench_e2e arguments
     --json "$OUT/e2e_$preset.json" "$@" 2>&1 | tee "$OUT/e2e_$preset.log" \
     | grep -E '^\[ringserve\] \{|^bench_e2e|^KV bytes|^ *[0-9]+ \||Error|error' | tail -10
 }
+ab_deepseek_8k() {  # $1: an environment switch, $2: its name in the logs: DeepSeek 8K with
+  # $1=1, then $1=0 (the first run compiles: a cold machine ~130 s; the second is warm)
+  local n=0 i
+  for i in 1 0; do
+    n=$((n + 1))
+    export "$1=$i"
+    T=$((n == 1 ? 150 : 110)) e2e deepseek-v2-lite 8192
+    for ext in log json; do
+      mv "$OUT/e2e_deepseek-v2-lite.$ext" "$OUT/e2e_deepseek_8k_run${n}_$2$i.$ext"
+    done
+  done
+  unset "$1"
+}
 case "$PART" in
   kernels)
     timeout 560 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
@@ -100,16 +113,7 @@ case "$PART" in
     timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_kernels_gpu.py" -k "fused_kernels or fused_decode_graph or moe_gemv" \
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
-    n=0
-    for i in 1 0; do    # the first run compiles (a cold machine: ~130 s), the second is warm
-      n=$((n + 1))
-      export RINGSERVE_ABSORB_ROWS=$i
-      T=$((n == 1 ? 150 : 110)) e2e deepseek-v2-lite 8192
-      for ext in log json; do
-        mv "$OUT/e2e_deepseek-v2-lite.$ext" "$OUT/e2e_deepseek_8k_run${n}_absorb$i.$ext"
-      done
-    done
-    unset RINGSERVE_ABSORB_ROWS
+    ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
   s20a)  # next session, first call (h200): the K loops software-pipelined (gemv's and
          # moe_gemv's stages; triton's per-loop num_stages) and the absorption's tile in the
@@ -140,16 +144,7 @@ case "$PART" in
     timeout 80 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_kernels_gpu.py" -k "fused_decode_graph or moe_gemv" \
       2>&1 | tee "$OUT/test_kernels_folds.log" | tail -2
-    n=0
-    for i in 1 0; do
-      n=$((n + 1))
-      export RINGSERVE_FOLD_ROWS=$i
-      T=$((n == 1 ? 150 : 110)) e2e deepseek-v2-lite 8192
-      for ext in log json; do
-        mv "$OUT/e2e_deepseek-v2-lite.$ext" "$OUT/e2e_deepseek_8k_run${n}_fold$i.$ext"
-      done
-    done
-    unset RINGSERVE_FOLD_ROWS
+    ab_deepseek_8k RINGSERVE_FOLD_ROWS fold
     T=170 e2e qwen3-moe-30b-a3b 8192 ;;
   s19b)  # next session: bf16 against transformers for every family with today's paths, and
          # DeepSeek at 32K / 128K

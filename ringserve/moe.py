@@ -155,6 +155,11 @@ class MoE(nn.Module):
         """Whether `add_normed` applies: at most `kernels.gemv.FOLD_MAX_ROWS` tokens, a
         Llama-style norm (not Gemma's (1 + w)), the Triton backend, a plain linear router,
         shared experts (if any) that merge into the routed ones."""
+        return self._normed_plan(h, norm) is not False
+
+    def _normed_plan(self, h: torch.Tensor, norm):
+        """False where `add_normed` does not apply, else the shared experts it merges (or
+        None): one look at them for the check and the launch."""
         from ringserve import kernels
         from ringserve.kernels.gemv import FOLD_MAX_ROWS
         from ringserve.kernels.grouped_gemm import MOE_GEMV_MAX_COPIES
@@ -163,8 +168,10 @@ class MoE(nn.Module):
                 or type(self.gate) is not nn.Linear or not kernels.use_triton(self.backend, h):
             return False
         shared = self.shared_as_experts()
-        return not (c.shared_intermediate and shared is None) \
-            and T * (c.top_k + (shared[2] if shared else 0)) <= MOE_GEMV_MAX_COPIES
+        if (c.shared_intermediate and shared is None) \
+                or T * (c.top_k + (shared[2] if shared else 0)) > MOE_GEMV_MAX_COPIES:
+            return False
+        return shared
 
     def add_normed(self, h: torch.Tensor, norm) -> torch.Tensor:
         """h += self(norm(h)) in place for a decode token (returned), with the RMSNorm `norm`
@@ -172,13 +179,13 @@ class MoE(nn.Module):
         (`gemv`'s and `moe_gemv`'s norm= and residual=): no norm launch, no add of its own.
         Where `can_add_normed` says no it raises ValueError."""
         from ringserve.kernels.grouped_gemm import moe_gemv
-        if not self.can_add_normed(h, norm):
+        shared = self._normed_plan(h, norm)
+        if shared is False:
             raise ValueError(f"add_normed: not for {tuple(h.shape)} on this layer (see "
                              f"can_add_normed)")
         w, idx = self.route(h, fused=True, norm=norm)
-        return moe_gemv(h, self.experts.gate_up, self.experts.down, idx, w,
-                        shared=self.shared_as_experts(), norm=(norm.weight, norm.eps),
-                        residual=h)
+        return moe_gemv(h, self.experts.gate_up, self.experts.down, idx, w, shared=shared,
+                        norm=(norm.weight, norm.eps), residual=h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ringserve import kernels

@@ -82,7 +82,6 @@ def test_one_token_folds_norms_and_adds(name, monkeypatch):
     equals the torch path's (fp32 to 1e-5; fp16 within 2x the torch path's error of float64),
     and the norms' own launches are gone: one a layer where the MLP is dense (its norm with the
     residual add), none in a MoE layer, Gemma's sandwich norms untouched, the final norm."""
-    from triton.runtime import interpreter
     from ringserve.kernels import gemv as gemv_mod
     from ringserve.moe import MoE
     monkeypatch.setattr(gemv_mod, "FOLD_MAX_ROWS", 1)
@@ -90,18 +89,8 @@ def test_one_token_folds_norms_and_adds(name, monkeypatch):
     m = _model(name)
     want = _hidden(m, "torch", ids, pos)
     m.join_weights()
-    launches = []
-    real = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        return real(self, *args, **kwargs)
-
-    interpreter.InterpretedFunction.run = run
-    try:
-        got = _hidden(m, "triton", ids, pos)
-    finally:
-        interpreter.InterpretedFunction.run = real
+    got, seen = _launches(lambda: _hidden(m, "triton", ids, pos))
+    launches = [kernel for kernel, _ in seen]
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     # Gemma's four norms a layer as before (two launches: one with each residual add); else
     # an input norm launch only after a dense MLP (with its residual add), the MLP's norm
