@@ -19,7 +19,7 @@ import torch
 
 SHAPES = {   # name: (N, K), the weight (out, in)
     "llama3-8b qkv": (6144, 4096), "llama3-8b o": (4096, 4096),
-    "llama3-8b down": (4096, 14336),
+    "llama3-8b down": (4096, 14336), "llama3-8b gate_up": (28672, 4096),
     "qwen3-moe qkv": (5120, 2048), "qwen3-moe o": (2048, 4096), "qwen3-moe router": (128, 2048),
     "deepseek q|kv_a": (3648, 2048), "deepseek o": (2048, 2048),
     "deepseek shared gate_up": (5632, 2048), "deepseek shared down": (2048, 2816),
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench_cudagraph
 
     from bench_moe_gemv import copy_bandwidth    # beside this file
-    from ringserve.kernels.gemv import GEMV_BLOCKS, gemv
+    from ringserve.kernels.gemv import gemv, gemv_blocks
 
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
@@ -61,9 +61,13 @@ def main(argv=None) -> int:
             times = _sweep([c for c in cfgs if mp * c[0] * c[1] <= 8192], make, ref,
                            f"{name} M={M}")
             times.update(_staged(times, a.stages, make, ref, f"{name} M={M}"))
+            default = tuple(gemv_blocks(N, K))
+            if default not in times:     # the shape's default tile, timed even where the
+                times.update(_sweep([default], make, ref, f"{name} M={M}"))   # sweep missed it
             best = min(times, key=times.get)
             row = dict(shape=name, N=N, K=K, M=M, floor_us=floor_us, cublas_us=cublas,
-                       default_us=times.get(GEMV_BLOCKS), best_us=times[best], best=list(best),
+                       default=list(default), default_us=times.get(default),
+                       best_us=times[best], best=list(best),
                        all=[(list(k), v) for k, v in times.items()])
             rows.append(row)
             print(f"{name} M={M}: floor {floor_us:.1f} us, cuBLAS {cublas:.1f}, default "

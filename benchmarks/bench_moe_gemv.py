@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         sys.exit("bench_moe_gemv needs a CUDA device")
     from triton.testing import do_bench_cudagraph
 
-    from ringserve.kernels.grouped_gemm import MOE_GEMV_BLOCKS, moe_gemv
+    from ringserve.kernels.grouped_gemm import moe_gemv, moe_gemv_blocks
 
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
@@ -82,8 +82,9 @@ def main(argv=None) -> int:
 
             ref = layer()
             base = us(rep=40)
-            best_gu = MOE_GEMV_BLOCKS[:3] + MOE_GEMV_BLOCKS[6:]
-            best_dn = MOE_GEMV_BLOCKS[3:6]
+            default = moe_gemv_blocks(H, inter, T * k)
+            best_gu = default[:3] + default[6:7]
+            best_dn = default[3:6]
             kp = 1 << (k - 1).bit_length()
             down_cfgs = [c for c in down_all if kp * c[0] * c[1] <= 8192]
             # the two launches are independent in their tiles: sweep one with the other fixed
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
                        best_us=tb, best=best, top=[(list(kk), v) for kk, v in top],
                        all=[(list(kk), v) for kk, v in times.items()])
             rows.append(row)
-            print(f"{name} T={T}: floor {floor_us:.1f} us, default {MOE_GEMV_BLOCKS} {base:.1f} "
+            print(f"{name} T={T}: floor {floor_us:.1f} us, default {default} {base:.1f} "
                   f"us, best {best} {tb:.1f} us; top {[(kk, round(v, 1)) for kk, v in top]}",
                   flush=True)
     print(f"\n{'shape':>18} | {'T':>2} | {'floor us':>8} | {'default us':>10} | {'x floor':>7} | "

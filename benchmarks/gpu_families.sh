@@ -115,7 +115,19 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
-  s20a)  # next session, first call (h200): the K loops software-pipelined (gemv's and
+  s21a)  # session 21, first call (h200): session 20's swept winners as defaults (gemv's tile
+         # by shape over 3 stages and gemv for every one-row projection of at most 2^26
+         # values, moe_gemv's tiles by shape, the absorption's (8, 128)): GPU tests, the sweeps
+         # again (the default's row against cuBLAS and the best), DeepSeek-V2-Lite 8K
+    timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_kernels_gpu.py" -k "gemv or fused_kernels" 2>&1 \
+      | tee "$OUT/test_kernels_gemv.log" | tail -2
+    timeout 150 python3 "$REPO/benchmarks/bench_gemv.py" --rows 1 \
+      --json "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | tail -16
+    timeout 110 python3 "$REPO/benchmarks/bench_moe_gemv.py" --tokens 1 \
+      --json "$OUT/moe_gemv.json" 2>&1 | tee "$OUT/moe_gemv.log" | tail -4
+    T=150 e2e deepseek-v2-lite 8192 ;;
+  s20a)  # session 20, first call (h200): the K loops software-pipelined (gemv's and
          # moe_gemv's stages; triton's per-loop num_stages) and the absorption's tile in the
          # latent RoPE launch, swept against today's defaults (GPU tests first); a win there is
          # the next call's default, measured end to end (DeepSeek 8K, Qwen3-MoE 8K)

@@ -397,8 +397,9 @@ _latent_rope_fast = FastLaunch(_latent_rope_kernel)
 # the absorption's tile in the launch: (programs a head, each a block of W_UK's columns; rows
 # of W_UK a step of its loop). Session 19's profile (one H200, DeepSeek-V2-Lite at 8K) put the
 # launch at 7.0 us a layer with (4, 32), against 2.3 us for the launch without the absorption
-# plus 3.2 us for einsum's: `bench_gemv.py --heads-only` sweeps it against them
-ABSORB_BLOCKS = (4, 32)
+# plus 3.2 us for einsum's. Session 20's sweep (`bench_gemv.py`'s last row, one H200): 4.3 us
+# at (4, 32), 2.7 at (8, 128), against 4.5 us for einsum and the launch apart
+ABSORB_BLOCKS = (8, 128)
 # tokens up to which MLA's project() absorbs inside this launch (session 18: not yet run on a
 # GPU; RINGSERVE_ABSORB_ROWS=0, read once, leaves W_UK to einsum for an A/B)
 ABSORB_MAX_ROWS = int(os.environ.get("RINGSERVE_ABSORB_ROWS", "1"))

@@ -21,13 +21,19 @@ import triton.language as tl
 from ._host import cdiv, next_pow2
 from .pdl import pdl_enter, pdl_kw
 
-GEMV_BLOCKS = (4, 512, 4)  # (BLOCK_N, BLOCK_K, num_warps) by default
-# Session 17's bench_gemv.py (one H200, bf16; us, cuBLAS -> gemv, one row): Llama-3-8B o_proj
-# 4096 x 4096 10.5 -> 8.0, Qwen3-30B-A3B o_proj 2048 x 4096 7.9 -> 6.2 and its router 128 x 2048
-# 4.7 -> 2.2, DeepSeek-V2-Lite o_proj 2048 x 2048 5.0 -> 4.0, its shared experts' down 2048 x
-# 2816 6.2 -> 5.0. cuBLAS stayed ahead on wider outputs (N > K: qkv, gate|up) and on larger
-# matrices (Llama's down, 4096 x 14336: 31.9 against 37.2), and at four rows on every shape.
-GEMV_MAX_WEIGHTS = 1 << 24
+# The default tile, by the weight's shape: `gemv_blocks`. Session 17's bench_gemv.py (one H200,
+# bf16, one row, us, cuBLAS -> gemv at (4, 512, 4) without pipelining): Llama-3-8B o_proj 4096 x
+# 4096 10.5 -> 8.0, Qwen3-30B-A3B o_proj 7.9 -> 6.2, its router 4.7 -> 2.2; cuBLAS stayed ahead
+# on wider outputs (N > K) and larger matrices (Llama's down 31.9 against 37.2). Session 20's
+# sweep with the K loop pipelined (2-4 stages; best tile, against cuBLAS in the same run):
+# Llama-3-8B qkv 6144 x 4096 12.3 / 13.9 (BLOCK_N 8, 256, 4 warps, 4 stages), o 7.1 / 10.3,
+# down 4096 x 14336 29.3 / 32.1, Qwen3-30B-A3B qkv 5.6 / 6.5, o 4.9 / 7.8, router 2.0 / 4.7,
+# DeepSeek-V2-Lite q|kv_a 4.8 / 5.8, o 3.5 / 5.1, shared gate|up 6.1 / 6.6, down 4.2 / 6.4:
+# with pipelining the GEMV is ahead on every one-row shape, wide or long. The best tiles were
+# (8, 512, 4, 3) or near it, with BLOCK_N 4 or 2 where fewer columns leave SMs idle.
+GEMV_BLOCKS: Optional[Tuple[int, ...]] = None   # a tile for every shape (sweeps), or None
+GEMV_STAGES = 3
+GEMV_MAX_WEIGHTS = 1 << 26     # the largest weight swept: Llama-3-8B's down, 58.7M values
 
 
 @triton.jit
@@ -96,6 +102,16 @@ def _tiles(blocks: Tuple[int, ...], x: torch.Tensor) -> Tuple[int, int, int, int
     return bn, bk, 4 if x.device.type == "cpu" else warps, stages
 
 
+def gemv_blocks(n: int, k: int) -> Tuple[int, int, int, int]:
+    """gemv's default tile for an (n, k) weight: (BLOCK_N, 512, 4 warps, GEMV_STAGES), BLOCK_N
+    the widest of 8, 4, 2 that still gives 256 programs (two per SM of an H200) where it can
+    (a 128-wide router: 2). GEMV_BLOCKS, when set, overrides it for every shape."""
+    if GEMV_BLOCKS is not None:
+        return tuple(GEMV_BLOCKS)
+    bn = 8 if n >= 8 * 256 else (4 if n >= 4 * 256 else 2)
+    return bn, 512, 4, GEMV_STAGES
+
+
 def _stages(stages: int) -> Optional[int]:
     """A K loop's STAGES constexpr: None (the loop unannotated, as before stages existed) for
     1, else the depth."""
@@ -112,7 +128,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
     multiplied in float32: a bf16 activation times a float32 router); the output is out_dtype
     (default x's). add_to: an (M, N) tensor the product is added into (returned; as
     `add_to.addmm_(x, w.t())`). `blocks`: (BLOCK_N, BLOCK_K, num_warps[, stages]), default
-    GEMV_BLOCKS (benchmarks' sweeps; stages > 1 software-pipelines the K loop's loads).
+    `gemv_blocks(N, K)` (benchmarks' sweeps; stages > 1 software-pipelines the K loop's loads).
 
     norm: (weight (K,), eps): x is the input of a Llama-style RMSNorm, applied inside this
     launch (the norm's own launch gone): each program multiplies x by the norm's weight as it
@@ -150,7 +166,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
                          f"on {x.device}")
     if M == 0 or N == 0:
         return y
-    bn, bk, warps, stages = _tiles(blocks or GEMV_BLOCKS, x)
+    bn, bk, warps, stages = _tiles(blocks or gemv_blocks(N, K), x)
     _gemv_kernel[(cdiv(N, bn), 1)](
         x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
         0, 0, 0, g, float(eps), MP=next_pow2(M), BLOCK_N=bn, BLOCK_K=bk,
@@ -161,9 +177,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
 
 
 def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `gemv` is the faster way to x @ w^T: one row, a weight no wider than it is
-    long (N <= K) of at most GEMV_MAX_WEIGHTS values (bench_gemv.py's sweep, above)."""
-    return x.dim() == 2 and x.shape[0] == 1 and w.shape[0] <= w.shape[1] \
+    """Whether `gemv` is the faster way to x @ w^T: one row and a weight of at most
+    GEMV_MAX_WEIGHTS values, of any width (session 20's sweep, above; until then, N <= K and
+    2^24 values: cuBLAS was ahead on wide outputs without the pipelined loop)."""
+    return x.dim() == 2 and x.shape[0] == 1 and w.dim() == 2 \
         and w.numel() <= GEMV_MAX_WEIGHTS
 
 

@@ -255,8 +255,26 @@ def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
 # Session 17's sweep (one H200), the layer for one token / four: Qwen3-30B-A3B 22.6 / 67.2 us
 # (floor 17.9 / 62.6), DeepSeek-V2-Lite 30.9 / 89.6 us (24.6 / 82.0); session 16's kernels
 # (in its profile): 35.2 / - and 51.6 / - us.
-MOE_GEMV_BLOCKS = (4, 256, 4, 1, 128, 4, False)        # up to 8 token copies (one decode token)
+# Session 20's sweep with the K loops pipelined (one H200, one token, us; the default then ->
+# the best): Qwen3-30B-A3B 24.4 -> 23.2 (floor 17.8), DeepSeek-V2-Lite 32.1 -> 29.8 (24.5); the
+# best tiles differ by shape (gate/up (8, 128, 8) summing once after the loop against
+# (4, 256, 4) pipelined over 2 stages), the down launch's is one: (2, 128, 4) over 3 stages.
+# Tuples: gate/up (BLOCK_N, BLOCK_K, warps), down's, LAZY, gate/up's stages, down's stages.
+MOE_GEMV_BLOCKS = (4, 256, 4, 2, 128, 4, False, 1, 3)  # up to 8 token copies (one decode token)
 MOE_GEMV_BLOCKS_MANY = (4, 256, 4, 8, 128, 2, False)   # 9..MOE_GEMV_MAX_COPIES
+MOE_GEMV_TUNED = {    # (hidden, expert width): the sweep's best for one token (8 copies)
+    (2048, 768): (8, 128, 8, 2, 128, 4, True, 1, 3),      # Qwen3-30B-A3B
+    (2048, 1408): (4, 256, 4, 2, 128, 4, False, 2, 3),    # DeepSeek-V2-Lite
+}
+
+
+def moe_gemv_blocks(hidden: int, inter: int, copies: int) -> Tuple:
+    """moe_gemv's default tiles for `copies` token copies (tokens x experts each) of experts
+    (inter, hidden): the sweep's best for the shape where it was swept (MOE_GEMV_TUNED), else
+    MOE_GEMV_BLOCKS, MOE_GEMV_BLOCKS_MANY past 8 copies."""
+    if copies > 8:
+        return MOE_GEMV_BLOCKS_MANY
+    return MOE_GEMV_TUNED.get((hidden, inter), MOE_GEMV_BLOCKS)
 
 
 def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
@@ -270,7 +288,7 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     router-weighted sum of the token's experts' outputs. `blocks` (benchmarks' sweeps):
     the two launches' (BLOCK_N, BLOCK_K, num_warps), then optionally gate/up's LAZY, then
     optionally the two K loops' software-pipelining stages (default 1, 1: none; gemv's
-    STAGES), default `MOE_GEMV_BLOCKS` (or `MOE_GEMV_BLOCKS_MANY` past 8 token copies).
+    STAGES), default `moe_gemv_blocks` (the shape's swept tiles).
 
     shared: (gate|up (2S, H), down (H, S), n) of a shared SwiGLU MLP every token goes through
     (DeepSeek's shared experts, S = n * I: its gate rows, then its up rows, as the joined
@@ -327,7 +345,7 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
                                                             device=x.device)
     if T == 0:
         return out
-    blocks = tuple(blocks or (MOE_GEMV_BLOCKS if T * kt <= 8 else MOE_GEMV_BLOCKS_MANY))
+    blocks = tuple(blocks or moe_gemv_blocks(H, inter, T * kt))
     gn, gk, gw, dn, dk, dw = blocks[:6]
     lazy = bool(blocks[6]) if len(blocks) > 6 else False
     g_st, d_st = (int(blocks[7]), int(blocks[8])) if len(blocks) > 8 else (1, 1)

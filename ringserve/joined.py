@@ -49,7 +49,8 @@ def gated_mlp(mod: nn.Module, x: torch.Tensor, fused_act: bool, gelu: bool,
     joined, act * up in one Triton launch. add_to: add_to + the result instead, in place."""
     j = mod.joined
     if fused_act and j is not None and j.holds(mod.gate_proj, mod.up_proj):
-        gate, up = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
+        from ringserve.kernels.gemv import few_rows_linear    # a Triton GEMV for one row
+        gate, up = few_rows_linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
     else:
         gate, up = mod.gate_proj(x), mod.up_proj(x)
     return gated_down(mod.down_proj, gate, up, fused_act, gelu, add_to)

@@ -114,17 +114,14 @@ class Attention(nn.Module):
         joined GEMM's output (a split and three views before: view ops add up in a
         launch-bound step). norm: x is that RMSNorm's input, applied inside the GEMM's launch
         (`kernels.gemv.gemv`'s norm=; the caller has checked `x_linear` and `gemv.folds`)."""
-        j = self.joined
-        if norm is not None:
-            from ringserve.kernels.gemv import gemv
-            w, b, sizes = self.x_linear()
-            y = gemv(x, w, b, norm=(norm.weight, norm.eps))
-        elif self.fused:
-            y, sizes = self.qkv_proj(x), self.sizes
-        elif j is not None and j.holds(self.q_proj, self.k_proj, self.v_proj):
-            y, sizes = F.linear(x, j.weight, j.bias), j.sizes
-        else:
+        from ringserve.kernels.gemv import few_rows_linear, gemv
+        lin = self.x_linear()
+        if lin is None:     # a tensor-parallel slice: the projections one by one
             y, sizes = None, ()
+        elif norm is not None:
+            y, sizes = gemv(x, lin[0], lin[1], norm=(norm.weight, norm.eps)), lin[2]
+        else:               # one GEMM: a Triton GEMV for one row
+            y, sizes = few_rows_linear(x, lin[0], lin[1]), lin[2]
         if y is None or any(n % d for n in sizes):
             t = x.shape[0]
             return tuple(z.view(t, -1, d) for z in self.qkv_joint(x))
@@ -225,7 +222,8 @@ class MLAttention(nn.Module):
             q, ckv = gemv(x, j.weight, j.bias, norm=(in_norm.weight, in_norm.eps)).split(
                 j.sizes, dim=-1)
         elif fused and j is not None and j.holds(*self._x_projs()):   # one GEMM for both
-            q, ckv = F.linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
+            from ringserve.kernels.gemv import few_rows_linear    # (a Triton GEMV for one row)
+            q, ckv = few_rows_linear(x, j.weight, j.bias).split(j.sizes, dim=-1)
         else:
             q, ckv = self._x_projs()[0](x), self.kv_a_proj_with_mqa(x)
         if m.q_lora_rank is not None:

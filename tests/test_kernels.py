@@ -864,10 +864,17 @@ def test_gemv_equals_float64_linear(dtype, tol):
     assert (out - (base + ref)).abs().max() < 1e-4
     with pytest.raises(ValueError, match="add_to"):
         gemv(xh.float(), w32, add_to=torch.zeros(2, 40))
-    # the few-token path's choice: one row and a weight no wider than long
-    from ringserve.kernels.gemv import few_rows_linear, gemv_wins
+    # the few-token path's choice: one row and a weight of at most GEMV_MAX_WEIGHTS values,
+    # wide or long
+    from ringserve.kernels.gemv import GEMV_MAX_WEIGHTS, few_rows_linear, gemv_blocks, gemv_wins
     assert gemv_wins(xh, w32) and not gemv_wins(torch.randn(2, 96), w32)
-    assert not gemv_wins(torch.randn(1, 40), torch.randn(96, 40))
+    assert gemv_wins(torch.randn(1, 40), torch.randn(96, 40))
+    assert not gemv_wins(torch.randn(1, 8), torch.empty(GEMV_MAX_WEIGHTS // 8 + 1, 8))
+    # the default tile by shape: 256 programs where the columns allow, 3 stages
+    assert gemv_blocks(6144, 4096) == (8, 512, 4, 3) and gemv_blocks(1536, 4096)[0] == 4
+    assert gemv_blocks(128, 2048)[0] == 2
+    xw, ww = torch.randn(1, 40, generator=g), torch.randn(96, 40, generator=g)
+    assert (few_rows_linear(xw, ww) - xw @ ww.t()).abs().max() < 1e-4   # wide: gemv, 3 stages
     y = few_rows_linear(xh, w32)
     assert y.dtype == torch.float32 and (y - ref).abs().max() < 1e-4
     y = few_rows_linear(torch.randn(3, 96, generator=g), w32.half())   # F.linear's way
