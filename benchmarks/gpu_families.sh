@@ -115,6 +115,22 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s21b)  # session 21: the device-time A/B of s21a's defaults against the commit before them
+         # (0079b78, .devsite/old.tar.gz): one graph replay's kernels of DeepSeek-V2-Lite's and
+         # Qwen3-30B-A3B's 8K decode step, each tree in turn; then bf16 against transformers
+    for f in deepseek-v2-lite qwen3-moe-30b-a3b; do
+      for tree in head old; do
+        use_tree $tree.tar.gz || continue
+        timeout $([ $f = deepseek-v2-lite ] && echo 90 || echo 110) python3 \
+          "$REPO/benchmarks/profile_decode.py" --preset $f --lengths 8192 --fused-kernels \
+          --json "$OUT/prof_${f}_$tree.json" 2>&1 | tee "$OUT/prof_${f}_$tree.log" \
+          | grep -E "one graph step|^ *8192 \|" | cut -c1-300 | head -3
+      done
+    done
+    use_tree head.tar.gz
+    timeout 140 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_families_gpu.py" -k "deepseek or qwen3-moe" 2>&1 \
+      | tee "$OUT/test_families_moe_mla.log" | tail -3 ;;
   s21a)  # session 21, first call (h200): session 20's swept winners as defaults (gemv's tile
          # by shape over 3 stages and gemv for every one-row projection of at most 2^26
          # values, moe_gemv's tiles by shape, the absorption's (8, 128)): GPU tests, the sweeps

@@ -4,6 +4,7 @@
 # the tree installed as the package under /tmp/pkg, and the GPUs in $OUT/gpus.txt. Leaves the
 # shell in /tmp: Ray puts the driver's cwd on the actors' sys.path, not the bare repo root.
 REPO=$PWD
+ROOT=$PWD   # the carried tree's root (.devsite), whatever REPO becomes
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export RAY_USAGE_STATS_ENABLED=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,5 +20,15 @@ fi
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r "$REPO/ringserve" /tmp/pkg/ringserve \
   && cp -r "$REPO/kernels" /tmp/pkg/ringserve/kernels && cp -r "$REPO/actors" /tmp/pkg/ringserve/actors
 export PYTHONPATH=/tmp/pkg:$PYTHONPATH
+use_tree() {  # $1: .devsite/<name>.tar.gz (git archive of ringserve kernels actors benchmarks
+  # [tests]): unpacked to /tmp/tree_<name>, installed as the package, REPO pointed at it
+  local name=${1%.tar.gz}
+  rm -rf "/tmp/tree_$name" && mkdir -p "/tmp/tree_$name" \
+    && tar xzf "$ROOT/.devsite/$1" -C "/tmp/tree_$name" || return 1
+  REPO=/tmp/tree_$name
+  rm -rf /tmp/pkg/ringserve && cp -r "$REPO/ringserve" /tmp/pkg/ringserve \
+    && cp -r "$REPO/kernels" /tmp/pkg/ringserve/kernels \
+    && cp -r "$REPO/actors" /tmp/pkg/ringserve/actors
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 cd /tmp
