@@ -115,6 +115,11 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s21c)  # session 21: the served rows with s21a's defaults (pipelined decode): DeepSeek-V2-Lite
+         # 8K + 32K, Qwen3-30B-A3B 8K, Gemma-3-12B 8K
+    T=190 e2e deepseek-v2-lite 8192,32768
+    T=150 e2e qwen3-moe-30b-a3b 8192
+    T=160 e2e gemma3-12b 8192 ;;
   s21b)  # session 21: the device-time A/B of s21a's defaults against the commit before them
          # (0079b78, .devsite/old.tar.gz): one graph replay's kernels of DeepSeek-V2-Lite's and
          # Qwen3-30B-A3B's 8K decode step, each tree in turn; then bf16 against transformers
