@@ -241,6 +241,7 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
               max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
               decode_steps=args.decode_steps, cuda_graphs=args.cuda_graphs,
               async_scheduling=args.async_scheduling, pipeline_steps=args.pipeline_steps,
+              pipeline_depth=args.pipeline_depth,
               memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
                                     else None), tokenizer=None)
     print(f"[ringserve] group of {args.world_size} x TP {args.tp} up in "
@@ -392,6 +393,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="LLM(pipeline_steps=...): with async scheduling, a step launched on the "
                         "actor before the one in flight is read (--no-pipeline-steps: one "
                         "blocking call a step)")
+    p.add_argument("--pipeline-depth", type=int, default=2,
+                   help="LLM(pipeline_depth=...): pipelined steps in flight at once")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)

@@ -115,6 +115,17 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s21d)  # session 21: two pipelined steps in flight (LLM(pipeline_depth=2), the new default)
+         # against one, DeepSeek-V2-Lite 8K + 32K on one machine (s21c: 2.88 / 3.06 ms a token
+         # with one against 2.28 ms of device time a step at 8K: the round trip showed), then
+         # Qwen3-30B-A3B 8K with two
+    for d in 1 2; do
+      T=$((d == 1 ? 200 : 130)) e2e deepseek-v2-lite 8192,32768 --pipeline-depth $d
+      for ext in log json; do
+        mv "$OUT/e2e_deepseek-v2-lite.$ext" "$OUT/e2e_deepseek_depth$d.$ext"
+      done
+    done
+    T=150 e2e qwen3-moe-30b-a3b 8192 ;;
   s21c)  # session 21: the served rows with s21a's defaults (pipelined decode): DeepSeek-V2-Lite
          # 8K + 32K, Qwen3-30B-A3B 8K, Gemma-3-12B 8K
     T=190 e2e deepseek-v2-lite 8192,32768

@@ -43,6 +43,9 @@ def _serve(argv: List[str]) -> int:
                         "worker before the one in flight is read, so the GPU does not idle "
                         "for the round trip (default on; --no-pipeline-steps: one blocking "
                         "call a step)")
+    p.add_argument("--pipeline-depth", type=int, default=None, metavar="N",
+                   help="pipelined decode steps in flight at once, 1..4 (default 2: the next "
+                        "step is already queued while the engine reads one's results)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
@@ -93,6 +96,7 @@ def _serve(argv: List[str]) -> int:
                                   interleave_decode_steps=a.interleave_decode_steps,
                                   async_scheduling=a.async_scheduling,
                                   pipeline_steps=a.pipeline_steps,
+                                  pipeline_depth=a.pipeline_depth,
                                   body_timeout_s=a.body_timeout_s,
                                   min_body_rate=a.min_body_rate,
                                   max_prompts=a.max_prompts,

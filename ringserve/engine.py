@@ -122,6 +122,12 @@ class EngineConfig:
     # step in flight while the actor's round trips run (ModelShardWorker.launch). False: one
     # `execute` a step (the device idles for the round trip between steps)
     pipeline_steps: bool = True
+    # pipelined steps (above) in flight at once: the engine plans and launches up to this many
+    # before it reads the oldest one's results. 1: the next step is queued behind the one
+    # running, and the device idles whenever the round trip (results back, update, plan, the
+    # launch's way to the actor and its host work) outlasts a step; 2: a step more of slack.
+    # A request that stops has up to this many wasted rows after its last token
+    pipeline_depth: int = 2
     progress_min_tokens: int = 0            # kept for compatibility: progress is per chunk now
     schedule: Optional[str] = None          # deprecated name of `layout`
     extend_chunk: Optional[int] = None      # deprecated name of `passq_max_tokens`
@@ -162,6 +168,10 @@ class EngineConfig:
                              f"be an integer >= 0")
         if not isinstance(self.pipeline_steps, bool):
             raise ValueError(f"pipeline_steps ({self.pipeline_steps!r}) must be True or False")
+        if isinstance(self.pipeline_depth, bool) or not isinstance(self.pipeline_depth, int) \
+                or not 1 <= self.pipeline_depth <= 4:
+            raise ValueError(f"pipeline_depth ({self.pipeline_depth!r}) must be an integer in "
+                             f"1..4")
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be True or "
                              f"False")
@@ -430,29 +440,27 @@ class Engine:
     # ---- async scheduling ----
 
     def _async_loop(self) -> None:
-        """As `_sync_loop`, with one step in flight while the next is planned and sent (when
-        `_can_plan_ahead`): the sampled tokens of the step in flight are placeholders in the
-        requests' outputs, which its results then replace."""
-        flight = None     # (step, collect, t0, t1) of the step sent and not yet read
+        """As `_sync_loop`, with steps in flight while the next is planned and sent (when
+        `_can_plan_ahead`): up to `_depth` of them (pipelined steps; else one). The sampled
+        tokens of the steps in flight are placeholders in the requests' outputs, which their
+        results then replace, oldest first."""
+        flights: "collections.deque" = collections.deque()   # (step, collect, t0, t1), oldest
+        # first: the steps sent and not yet read
         while True:
-            if not self._take_inbox(block=flight is None and not self.sched.has_work()):
+            if not self._take_inbox(block=not flights and not self.sched.has_work()):
                 return
             self._expire()
-            if flight is not None and not self._can_plan_ahead():
-                self._land(flight)
-                flight = None
+            if flights and (not self._can_plan_ahead() or not self.sched.has_work()):
+                if not self._land(flights.popleft()):
+                    flights.clear()       # recovered: the later steps went with the old actors
                 continue
             if not self.sched.has_work():
-                if flight is not None:
-                    self._land(flight)
-                    flight = None
                 continue
             t0 = time.perf_counter()
-            step = self._plan(t0) if flight is None else self._plan_ahead(t0)
+            step = self._plan_ahead(t0) if flights else self._plan(t0)
             if step is None:
-                if flight is not None:
-                    self._land(flight)
-                    flight = None
+                if flights and not self._land(flights.popleft()):
+                    flights.clear()
                 continue
             for p in step.plans:          # the workers keep (and share) the sampled tokens
                 p.track_tokens = True
@@ -460,17 +468,23 @@ class Engine:
             try:
                 collect = self._send(step)
             except _StepFailed as e:
-                self._recover(e.cause)    # the step in flight went with the old actors too
-                flight = None
+                self._recover(e.cause)    # the steps in flight went with the old actors too
+                flights.clear()
                 continue
             for w in step.works:          # its tokens: placeholders until its results come
                 if w.sample:
                     w.req.out_tokens.append(PENDING_TOKEN)
                     w.req.pending += 1
-            if flight is not None and not self._land(flight):
-                flight = None             # recovered: the step just sent is void as well
-                continue
-            flight = (step, collect, t0, t1)
+            flights.append((step, collect, t0, t1))
+            if len(flights) > self._depth and not self._land(flights.popleft()):
+                flights.clear()           # recovered: the steps sent after it are void too
+
+    @property
+    def _depth(self) -> int:
+        """Steps sent and not yet read, at most, in the async loop: pipeline_depth with
+        pipelined steps, else one (the next planned while one runs). Read each step (a
+        benchmark may switch `_pipeline` between requests)."""
+        return self.config.pipeline_depth if self._pipeline else 1
 
     def _plan_ahead(self, t0: float) -> Optional[Step]:
         step = self.sched.schedule(t0)
@@ -491,7 +505,7 @@ class Engine:
         if self.sched.cfg.long_after is not None:
             return False
         for r in self.sched.running:
-            if (r.kind != "generate" or not r.decoding or r.pending != 1
+            if (r.kind != "generate" or not r.decoding or not 1 <= r.pending <= self._depth
                     or r.params.needs_context or r.followers):
                 return False
         # a row may need a fresh page and a copy-on-write one (on its owner: any rank)

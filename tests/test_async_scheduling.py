@@ -178,29 +178,42 @@ def test_cancel_mid_stream_and_a_failed_step(path, ws):
         close(eng)
 
 
-@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
-def test_pipelined_steps_equal_one_call_a_step(path, sampling):
-    """Decode steps launched on the worker before the step in flight is read (their pending
-    input ids taken from the ids it drew, on the device): through the graph path (emulated on
-    CPU), greedy and seeded, requests joining and leaving the batch (a row's source row moves),
-    the same outputs as one blocking call a step, and every replayed step but a graph's first
-    was pipelined; no page is left behind."""
+@pytest.mark.parametrize("sampling,depth", [("greedy", 1), ("seeded", 1), ("greedy", 2),
+                                            ("seeded", 3)])
+def test_pipelined_steps_equal_one_call_a_step(path, sampling, depth):
+    """Decode steps launched on the worker before the steps in flight are read (their pending
+    input ids taken from the ids the last one drew, on the device), `depth` of them in flight:
+    through the graph path (emulated on CPU), greedy and seeded, requests joining and leaving
+    the batch (a row's source row moves), the same outputs as one blocking call a step, and
+    every replayed step but a graph's first was pipelined; the worker held depth + 1 launched
+    steps unread at once (the engine sends one, then reads the oldest); no page is left
+    behind."""
     reqs = requests(n=7, seed=11, max_tokens=10)    # 7..5 rows: one graph bucket
     if sampling == "greedy":
         reqs = [(p, dataclasses.replace(sp, temperature=0.0)) for p, sp in reqs]
-    outs, stats = {}, {}
+    outs, stats, unread = {}, {}, {}
     for pipe in (False, True):
         group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8,
                             cuda_graphs="emulate")
         eng = Engine(group, Tokenizer.from_dir(path), (), EngineConfig(
-            async_scheduling=True, pipeline_steps=pipe, cuda_graphs=True))
+            async_scheduling=True, pipeline_steps=pipe, cuda_graphs=True,
+            pipeline_depth=depth))
+        worker, seen = group.workers[0], [0]
+        launch = worker.launch
+
+        def counted(plan, launch=launch, worker=worker, seen=seen):
+            launch(plan)
+            seen[0] = max(seen[0], len(worker._launched))
+        worker.launch = counted
         try:
-            assert eng._pipeline == pipe
+            assert eng._pipeline == pipe and eng._depth == (depth if pipe else 1)
             outs[pipe] = run(eng, reqs)
-            stats[pipe] = group.workers[0].graph_stats()
+            stats[pipe] = worker.graph_stats()
+            unread[pipe] = seen[0]
             no_leak(eng)
         finally:
             close(eng)
+    assert unread == {False: 0, True: depth + 1}, unread
     for a, b in zip(outs[True], outs[False]):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         if a.logprobs is not None:
@@ -233,6 +246,9 @@ def test_bad_settings_are_refused(path):
         EngineConfig(async_scheduling=1)
     with pytest.raises(ValueError, match="pipeline_steps"):
         EngineConfig(pipeline_steps="yes")
+    for bad in (0, 5, True, 1.5):
+        with pytest.raises(ValueError, match=r"pipeline_depth .* 1\.\.4"):
+            EngineConfig(pipeline_depth=bad)
     with pytest.raises(ValueError, match="async_scheduling needs the 'tasks' step channel"):
         EngineConfig(async_scheduling=True, step_channel="compiled")
     group = ThreadGroup(1, model=str(path), kv_tokens=4096, page_size=8)

@@ -40,12 +40,13 @@ def test_serve_passes_the_graph_and_kernel_switches_only_when_given(monkeypatch,
               "--async-scheduling"])
     cli.main(["serve", "--model", str(tmp_path)])
     cli.main(["serve", "--model", str(tmp_path), "--no-async-scheduling",
-              "--no-pipeline-steps"])
+              "--no-pipeline-steps", "--pipeline-depth", "3"])
     assert (got[0]["cuda_graphs"], got[0]["fused_kernels"]) == (False, True)
     assert got[0]["interleave_decode_steps"] == 2 and got[0]["async_scheduling"] is True
     assert got[2]["async_scheduling"] is False and got[2]["pipeline_steps"] is False
+    assert got[2]["pipeline_depth"] == 3
     for opt in ("cuda_graphs", "fused_kernels", "interleave_decode_steps", "async_scheduling",
-                "pipeline_steps"):
+                "pipeline_steps", "pipeline_depth"):
         assert opt not in got[1]   # the engine's defaults
 
 

@@ -41,6 +41,8 @@ def test_defaults_and_served_name(tmp_path):
     ({"model": "m", "interleave_decode_steps": 0.5}, ["interleave_decode_steps (0.5)"]),
     ({"model": "m", "async_scheduling": "yes"}, ["async_scheduling ('yes')"]),
     ({"model": "m", "pipeline_steps": 1}, ["pipeline_steps (1)"]),
+    ({"model": "m", "pipeline_depth": 0}, ["pipeline_depth (0)", "1..4"]),
+    ({"model": "m", "pipeline_depth": True}, ["pipeline_depth (True)"]),
     ({"model": "m", "async_scheduling": True, "tensor_parallel_size": 2},
      ["async_scheduling needs tensor_parallel_size 1"]),
 ])
@@ -111,7 +113,8 @@ def test_the_service_passes_the_scheduling_options_only_when_given(tmp_path):
     from ringserve.serve.service import Service
 
     for extra in ({"interleave_decode_steps": 2, "async_scheduling": True},
-                  {"async_scheduling": False, "pipeline_steps": False}, {}):
+                  {"async_scheduling": False, "pipeline_steps": False, "pipeline_depth": 1},
+                  {}):
         n = len(RecordingLLM.seen)
         svc = Service(ServeArgs.from_dict({"model": str(tmp_path), "device": "cpu",
                                            "llm_class": "servehelpers:RecordingLLM", **extra}))
@@ -121,5 +124,6 @@ def test_the_service_passes_the_scheduling_options_only_when_given(tmp_path):
         assert kw.get("interleave_decode_steps") == extra.get("interleave_decode_steps")
         assert kw.get("async_scheduling") == extra.get("async_scheduling")
         assert kw.get("pipeline_steps") == extra.get("pipeline_steps")
+        assert kw.get("pipeline_depth") == extra.get("pipeline_depth")
         assert kw["max_num_seqs"] == 64
         svc.shutdown()

@@ -51,6 +51,9 @@ class ServeArgs:
     # with async scheduling at world size 1: each decode step launched on the worker before the
     # one in flight is read (LLM's pipeline_steps). None: the engine's default (on)
     pipeline_steps: Optional[bool] = None
+    # pipelined decode steps in flight at once, 1..4 (LLM's pipeline_depth). None: the
+    # engine's default (2)
+    pipeline_depth: Optional[int] = None
     # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
     # engine's default (both on with CUDA); False: the eager / torch path
     cuda_graphs: Optional[bool] = None
@@ -113,6 +116,9 @@ class ServeArgs:
         if self.pipeline_steps is not None and not isinstance(self.pipeline_steps, bool):
             raise ValueError(f"pipeline_steps ({self.pipeline_steps!r}) must be true, false "
                              f"or null (the engine's default)")
+        v = self.pipeline_depth
+        if v is not None and (not _is_int(v) or not 1 <= v <= 4):
+            raise ValueError(f"pipeline_depth ({v!r}) must be null or an integer in 1..4")
         if self.async_scheduling and self.tensor_parallel_size != 1:
             raise ValueError(f"async_scheduling needs tensor_parallel_size 1 (got "
                              f"{self.tensor_parallel_size})")

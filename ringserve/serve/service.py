@@ -114,7 +114,8 @@ class Service:
             if self.cfg.comm_host is not None:  # engines without the option keep loading
                 par["comm_host"] = self.cfg.comm_host
             for opt in ("cuda_graphs", "fused_kernels",   # likewise: only when set
-                        "interleave_decode_steps", "async_scheduling", "pipeline_steps"):
+                        "interleave_decode_steps", "async_scheduling", "pipeline_steps",
+                        "pipeline_depth"):
                 if getattr(self.cfg, opt) is not None:
                     par[opt] = getattr(self.cfg, opt)
             llm = cls(self.cfg.model, **par, layout=self.cfg.layout,
