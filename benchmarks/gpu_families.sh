@@ -115,6 +115,15 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s21e)  # session 21: the device-time A/B of s21a's defaults for Llama-3-8B's 32K decode step
+         # (gemv now also takes qkv, gate|up and down at one row) against 0079b78
+    for tree in head old; do
+      use_tree $tree.tar.gz || continue
+      timeout 110 python3 "$REPO/benchmarks/profile_decode.py" --preset llama3-8b \
+        --lengths 32768 --fused-kernels --json "$OUT/prof_llama_32k_$tree.json" 2>&1 \
+        | tee "$OUT/prof_llama_32k_$tree.log" | grep -E "one graph step|^ *32768 \|" \
+        | cut -c1-300 | head -3
+    done ;;
   s21d)  # session 21: two pipelined steps in flight (LLM(pipeline_depth=2), the new default)
          # against one, DeepSeek-V2-Lite 8K + 32K on one machine (s21c: 2.88 / 3.06 ms a token
          # with one against 2.28 ms of device time a step at 8K: the round trip showed), then
