@@ -393,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="LLM(pipeline_steps=...): with async scheduling, a step launched on the "
                         "actor before the one in flight is read (--no-pipeline-steps: one "
                         "blocking call a step)")
-    p.add_argument("--pipeline-depth", type=int, default=2,
+    p.add_argument("--pipeline-depth", type=int, default=1,
                    help="LLM(pipeline_depth=...): pipelined steps in flight at once")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")

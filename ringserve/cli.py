@@ -44,8 +44,8 @@ def _serve(argv: List[str]) -> int:
                         "for the round trip (default on; --no-pipeline-steps: one blocking "
                         "call a step)")
     p.add_argument("--pipeline-depth", type=int, default=None, metavar="N",
-                   help="pipelined decode steps in flight at once, 1..4 (default 2: the next "
-                        "step is already queued while the engine reads one's results)")
+                   help="pipelined decode steps in flight at once, 1..4 (default 1; 2 keeps "
+                        "one more queued while the engine reads a step's results)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)

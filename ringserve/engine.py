@@ -126,8 +126,11 @@ class EngineConfig:
     # before it reads the oldest one's results. 1: the next step is queued behind the one
     # running, and the device idles whenever the round trip (results back, update, plan, the
     # launch's way to the actor and its host work) outlasts a step; 2: a step more of slack.
-    # A request that stops has up to this many wasted rows after its last token
-    pipeline_depth: int = 2
+    # A request that stops has up to this many wasted rows after its last token. Session 21
+    # (one H200, DeepSeek-V2-Lite, bench_e2e, one machine): 8K 2.74 ms a token with 1 against
+    # 2.80 with 2, 32K 2.78 against 2.82: the round trip did not hold the device up there, so
+    # the default stays 1
+    pipeline_depth: int = 1
     progress_min_tokens: int = 0            # kept for compatibility: progress is per chunk now
     schedule: Optional[str] = None          # deprecated name of `layout`
     extend_chunk: Optional[int] = None      # deprecated name of `passq_max_tokens`

@@ -139,7 +139,7 @@ class LLM:
                  interleave_decode_steps: Optional[int] = None,
                  async_scheduling: Optional[bool] = None,
                  mla_expand_min_tokens: Optional[int] = MLA_EXPAND_MIN_TOKENS,
-                 pipeline_steps: bool = True, pipeline_depth: int = 2):
+                 pipeline_steps: bool = True, pipeline_depth: int = 1):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -164,9 +164,10 @@ class LLM:
         (with async scheduling at world size 1): a step is launched on the actor before the
         results of the one in flight are asked for, so its kernels are queued behind that
         step's while the round trips run (EngineConfig.pipeline_steps; False: one blocking
-        call a step); `pipeline_depth` (default 2) of them are in flight at once, so the
-        device has the next step queued while the engine reads a step's results, updates,
-        plans and launches (1: the round trip shows whenever it outlasts a step).
+        call a step); `pipeline_depth` (default 1) steps are launched behind the one whose
+        results the engine reads: 2 keeps one more queued while it reads, updates, plans and
+        launches (for hosts whose round trip outlasts a step; no gain measured on one H200:
+        EngineConfig.pipeline_depth).
         `layout` ("striped" or "ring") shards prompt chunks over the ranks. max_kv_tokens is
         for the whole group; default: from free memory (CUDA) or `cpu_kv_bytes` per rank (CPU). `page_size` default 16 on CPU, 64 on CUDA;
         `chunk_tokens` (activation chunk of the model) default 8192. `cuda_graphs` replays

@@ -52,7 +52,7 @@ class ServeArgs:
     # one in flight is read (LLM's pipeline_steps). None: the engine's default (on)
     pipeline_steps: Optional[bool] = None
     # pipelined decode steps in flight at once, 1..4 (LLM's pipeline_depth). None: the
-    # engine's default (2)
+    # engine's default (1)
     pipeline_depth: Optional[int] = None
     # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
     # engine's default (both on with CUDA); False: the eager / torch path
