@@ -115,6 +115,22 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s22a)  # next session, first call (h200): DeepSeek-V2-Lite's and Qwen3-30B-A3B's 8K step
+         # with the norm / residual folds (RINGSERVE_FOLD_ROWS=1: 52 launches fewer a DeepSeek
+         # step) and without, now that the GEMV is pipelined: each replay's kernels and its
+         # back-to-back wall time (the gaps: s21 served DeepSeek at 2.74-2.88 ms a token
+         # against 2.28 ms of kernels); then the engine's GPU test of async scheduling
+    for f in deepseek-v2-lite qwen3-moe-30b-a3b; do
+      for fold in 0 1; do
+        RINGSERVE_FOLD_ROWS=$fold timeout 100 python3 "$REPO/benchmarks/profile_decode.py" \
+          --preset $f --lengths 8192 --fused-kernels --json "$OUT/prof_${f}_fold$fold.json" \
+          2>&1 | tee "$OUT/prof_${f}_fold$fold.log" \
+          | grep -E "one graph step|back to back|^ *8192 \|" | cut -c1-200 | head -3
+      done
+    done
+    timeout 180 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+      "$REPO/tests/test_llm_gpu.py" -k "async and 1" 2>&1 | tee "$OUT/test_llm_gpu_async.log" \
+      | tail -2 ;;
   s21e)  # session 21: the device-time A/B of s21a's defaults for Llama-3-8B's 32K decode step
          # (gemv now also takes qkv, gate|up and down at one row) against 0079b78
     for tree in head old; do

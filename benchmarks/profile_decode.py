@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         key = eng.submit("cache_document", ids).result()
         row = {"length": L, "batch": a.batch}
 
-        def questions(first: int, params) -> list:
+        def questions(first: int, params, ids=ids) -> list:
             """`--batch` questions on the cached document (one token each, then decoding
             together: a shared prefix), their outputs."""
             hs = [eng.submit("generate", ids + [first + j], params) for j in range(a.batch)]
@@ -178,6 +178,8 @@ def main(argv=None) -> int:
                                                   max_tokens=4))
             eng._execute = real
             profs[mode] = box.get("prof")
+        if a.device == "cuda" and w._graphs:
+            row["replay_ms"] = _replay_ms(next(reversed(w._graphs.values())).graph)
         eng.submit("drop_document", key).result()
         if profs["graphs"] is not None and a.device == "cuda":
             kg = [e for e in profs["graphs"].key_averages()
@@ -186,6 +188,9 @@ def main(argv=None) -> int:
                 "kernels": sum(e.count for e in kg),
                 "device_ms": sum(getattr(e, "self_device_time_total", 0) for e in kg) / 1e3}
             print(f"L={L}: one graph step's kernels: {row['graph_step_profile']}", flush=True)
+            if "replay_ms" in row:      # the gaps between the graph's kernels, on the device
+                print(f"L={L}: one replay back to back {row['replay_ms']:.3f} ms against its "
+                      f"kernels' {row['graph_step_profile']['device_ms']:.3f} ms", flush=True)
             print(profs["graphs"].key_averages().table(sort_by="self_cuda_time_total",
                                                        row_limit=30), flush=True)
         ka = profs["eager"].key_averages()
@@ -217,6 +222,23 @@ def main(argv=None) -> int:
     eng.shutdown()
     w.shutdown()
     return 0 if all(r["same_tokens"] for r in rows) else 1
+
+
+def _replay_ms(graph, n: int = 50) -> float:
+    """The device's wall time of one replay of a captured decode step, replayed n times back
+    to back (CUDA events; the host queues them faster than they run): against the sum of its
+    kernels' times, what the gaps between them cost. The replays rewrite the last step's KV
+    slot and outputs with the same values."""
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(n):
+        graph.replay()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / n
 
 
 if __name__ == "__main__":
