@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import FastLaunch, cdiv, next_pow2
 from .gemv import _rstd, _stages
 from .pdl import pdl_enter, pdl_kw
 
@@ -246,6 +246,11 @@ def _moe_down_kernel(Act, W, Ws, Idx, Wt, Out, H, I, k, kt,
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=col_ok)
 
 
+# moe_gemv's launches without triton's per-launch Python (kernels/_host.py)
+_moe_gate_up_fast = FastLaunch(_moe_gate_up_kernel)
+_moe_down_fast = FastLaunch(_moe_down_kernel)
+
+
 # the two launches' (BLOCK_N, BLOCK_K, num_warps), gate/up then down, and whether gate/up sums
 # its products once after the loop (LAZY), by token copies: the best of bench_moe_gemv.py's
 # sweep on the H200 (session 14: Qwen3-30B-A3B's layer for one token 97.5 -> 35.7 us against an
@@ -351,12 +356,12 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     g_st, d_st = (int(blocks[7]), int(blocks[8])) if len(blocks) > 8 else (1, 1)
     if g_st < 1 or d_st < 1:
         raise ValueError(f"blocks {blocks}: the loops' stages must be >= 1")
-    _moe_gate_up_kernel[(T * kt, cdiv(inter, gn))](
+    _moe_gate_up_fast((T * kt, cdiv(inter, gn)),
         x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
         *gate_up.stride(), inter * H, act.stride(0), g, float(eps),
         BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, NORM=norm is not None, STAGES=_stages(g_st),
         num_warps=gw, **pdl_kw(x.device))
-    _moe_down_kernel[(T, cdiv(H, dn))](
+    _moe_down_fast((T, cdiv(H, dn)),
         act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
         inter, n_sh * inter, out.stride(0),
         KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, ADD=residual is not None, STAGES=_stages(d_st),
@@ -402,6 +407,9 @@ def _moe_route_kernel(L, W, Idx, E, s_l, scale, K: tl.constexpr, BLOCK_E: tl.con
     tl.store(Idx + t * K + ks, ids.to(tl.int64), mask=ks < K)
 
 
+_moe_route_fast = FastLaunch(_moe_route_kernel)
+
+
 def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool,
               scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Router logits (T, E) -> (weights (T, k) float32, expert ids (T, k) int64): the softmax
@@ -418,7 +426,7 @@ def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool,
     if T == 0:
         return w, idx
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    _moe_route_kernel[(T,)](logits, w, idx, E, logits.stride(0), float(scale), K=top_k,
+    _moe_route_fast((T,), logits, w, idx, E, logits.stride(0), float(scale), K=top_k,
                             BLOCK_E=triton.next_power_of_2(E),
                             BLOCK_K=triton.next_power_of_2(top_k), RENORM=bool(renormalize),
                             num_warps=1 if E <= 256 else 4, **pdl_kw(logits.device))

@@ -636,6 +636,15 @@ def test_fast_launch_equals_triton_path():
     qr, kr, vr = rnd(37, 8, 128), rnd(37, 2, 128), rnd(37, 2, 128)
     runs(lambda: rope_store_triton(qr, kr, vr, cos, sin), fused._rope_store_fast)
     runs(lambda: (act_mul_triton(x[:, :300], x[:, 200:500]),), fused._act_mul_fast)
+    from ringserve.kernels import gemv as gemv_mod, grouped_gemm
+    xr, wg = rnd(1, 2048), rnd(3648, 2048)    # one row, DeepSeek's q|kv_a: 3 stages
+    y = runs(lambda: (gemv_mod.gemv(xr, wg),), gemv_mod._gemv_fast)[0]
+    assert (y.float() - xr.float() @ wg.float().t()).abs().max().item() < 5e-2
+    gu, dn = rnd(8, 2 * 256, 512) * 0.05, rnd(8, 512, 256) * 0.05
+    idx = torch.tensor([[1, 5]], device="cuda")
+    wt = torch.tensor([[0.7, 0.3]], device="cuda")
+    runs(lambda: (grouped_gemm.moe_gemv(xr[:, :512], gu, dn, idx, wt),),
+         grouped_gemm._moe_down_fast)
     # another specialization (odd row count and strides): triton's path, then direct
     x2 = rnd(13, 511)
     y = runs(lambda: (rms_norm_triton(x2, w[:511], 1e-5),), fused._rms_norm_fast)[0]
