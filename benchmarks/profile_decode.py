@@ -4,8 +4,11 @@ One in-process shard worker (world size 1) under the engine, with a random-weigh
 context length L: cache L random tokens, then time `--steps` greedy decode steps (the worker's
 `execute` time) eagerly and from captured CUDA graphs (`cuda_graphs`; on CPU the "emulate" mode, which only checks the path), both against the
 HBM floor (all weights plus the KV of L tokens read once per token at the measured copy
-bandwidth). Last, torch.profiler over one eager step: the number of kernels launched, host vs
-device time, and the ops that cost the host most. Tokens from both modes must be equal.
+bandwidth); then pipelined (the served engine's launch / finish at world size 1, in-process: the
+period between two steps' reads). Last, torch.profiler over one eager step and one graph
+replay: the number of kernels launched, host vs device time, the ops that cost the host most,
+and (CUDA) one replay's back-to-back wall time against its kernels' sum. Tokens from every mode
+must be equal.
 
   python3 benchmarks/profile_decode.py --lengths 32768,131072          # GPU, Llama-3-8B shape
   python3 benchmarks/profile_decode.py --preset tiny --device cpu --lengths 300 --steps 8   # smoke
@@ -104,8 +107,12 @@ def main(argv=None) -> int:
                          kv_tokens=max(lengths) + a.batch * (4 * a.steps + 1024),
                          cuda_graphs=True if a.device == "cuda" else "emulate",
                          fused_kernels=a.fused_kernels)
+    # async scheduling with pipelined steps switched per mode (`_pipeline`): off for the eager
+    # and graph rows (each step's execute timed alone), on for the pipelined row (the served
+    # engine's way at world size 1, here without Ray: the period between steps' reads)
     eng = Engine(_OneRank(w), None, (), EngineConfig(max_num_batched_tokens=8192,
-                                                     cuda_graphs=True))
+                                                     cuda_graphs=True, async_scheduling=True))
+    eng._pipeline = False
     bw = w.copy_bandwidth()
     if a.preset in FAMILY_PRESETS:     # MoE: the shared part + top_k of the experts
         n_params = _e2e().param_counts(cfg)["decode_read"]
@@ -118,9 +125,10 @@ def main(argv=None) -> int:
     sync = (lambda: torch.cuda.synchronize()) if a.device == "cuda" else (lambda: None)
     rows = []
 
-    def set_mode(graphs: bool):
+    def set_mode(graphs: bool, pipelined: bool = False):
         w.cuda_graphs = graphs
         eng.sched.cfg.graphs = graphs
+        eng._pipeline = pipelined
 
     for L in lengths:
         ids = torch.randint(0, cfg["vocab_size"], (L,), generator=g).tolist()
@@ -133,8 +141,8 @@ def main(argv=None) -> int:
             hs = [eng.submit("generate", ids + [first + j], params) for j in range(a.batch)]
             return [h.result() for h in hs]
 
-        for mode in ("eager", "graphs"):
-            set_mode(mode == "graphs")
+        for mode in ("eager", "graphs", "pipelined"):
+            set_mode(mode != "eager", mode == "pipelined")
             outs = questions(1, greedy)
             sync()
             # the last steps decode every question (they finish together), after their
@@ -150,16 +158,18 @@ def main(argv=None) -> int:
         floor = ((w_bytes + kv_tok * (_e2e().kv_tokens_read(cfg, L) + own)) / bw if bw
                  else float("nan"))
         row["floor_ms"] = floor * 1e3
-        row["same_tokens"] = row["eager"]["tokens"] == row["graphs"]["tokens"]
+        row["same_tokens"] = row["eager"]["tokens"] == row["graphs"]["tokens"] \
+            == row["pipelined"]["tokens"]
+        row["pipelined_launches"] = w.pipelined_launches
         # one decode step under the profiler: eager (the ops, host and device), then a graph
         # replay (its kernels' device time against the step's wall time: the gaps)
         acts = [torch.profiler.ProfilerActivity.CPU]
         if a.device == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        real = eng._execute
+        real = eng._send   # the async loop (not pipelined here) executes inside it
         profs = {}
         for mode in ("graphs", "eager"):
-            set_mode(mode == "graphs")
+            set_mode(mode == "graphs")   # one step at a time under the profiler
             box = {}
 
             def profiled(step, real=real, box=box, acts=acts):
@@ -173,10 +183,10 @@ def main(argv=None) -> int:
                 box["prof"] = prof
                 return r
 
-            eng._execute = profiled
+            eng._send = profiled
             questions(1 + a.batch, SamplingParams(temperature=0.0, ignore_eos=True,
                                                   max_tokens=4))
-            eng._execute = real
+            eng._send = real
             profs[mode] = box.get("prof")
         if a.device == "cuda" and w._graphs:
             row["replay_ms"] = _replay_ms(next(reversed(w._graphs.values())).graph)
@@ -203,7 +213,8 @@ def main(argv=None) -> int:
         }
         rows.append(row)
         print(f"L={L}: eager {row['eager']['ms_per_token']:.2f} ms/token, graphs "
-              f"{row['graphs']['ms_per_token']:.2f}, floor {row['floor_ms']:.2f}, same tokens "
+              f"{row['graphs']['ms_per_token']:.2f}, pipelined "
+              f"{row['pipelined']['ms_per_token']:.2f}, floor {row['floor_ms']:.2f}, same tokens "
               f"{row['same_tokens']}; one eager step: {row['profile']}", flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         if a.device == "cuda":    # where the device's time goes (the floor's gap, op by op)
@@ -211,11 +222,13 @@ def main(argv=None) -> int:
     print(f"\nprofile_decode: {a.preset}, batch {a.batch}, {dtype}, {a.device}, copy bandwidth "
           f"{bw / 1e12:.2f} TB/s")
     print(f"{'tokens':>9} | {'eager ms':>8} | {'graphs ms':>9} | {'floor ms':>8} | "
-          f"{'eager/floor':>11} | {'graphs/floor':>12} | same")
+          f"{'eager/floor':>11} | {'graphs/floor':>12} | {'pipelined ms':>12} | "
+          f"{'pipel./floor':>12} | same")
     for r in rows:
         e, gr, f = r["eager"]["ms_per_token"], r["graphs"]["ms_per_token"], r["floor_ms"]
+        pl = r["pipelined"]["ms_per_token"]
         print(f"{r['length']:>9} | {e:>8.2f} | {gr:>9.2f} | {f:>8.2f} | {e / f:>11.2f} | "
-              f"{gr / f:>12.2f} | {r['same_tokens']}")
+              f"{gr / f:>12.2f} | {pl:>12.2f} | {pl / f:>12.2f} | {r['same_tokens']}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"args": vars(a), "rows": rows}, fh, indent=1)

@@ -1,5 +1,5 @@
-"""benchmarks/profile_decode.py on CPU (tiny model, emulated graphs): it runs, the eager and the
-graph paths give the same greedy tokens, and the profile of one step is filled in."""
+"""benchmarks/profile_decode.py on CPU (tiny model, emulated graphs): it runs, the eager, graph
+and pipelined paths give the same greedy tokens, and the profile of one step is filled in."""
 import importlib.util
 import json
 from pathlib import Path
@@ -26,6 +26,10 @@ def test_profile_decode_cpu_smoke(tmp_path):
         assert r["same_tokens"] and len(r["eager"]["tokens"]) == 6
         assert r["eager"]["ms_per_token"] > 0 and r["graphs"]["ms_per_token"] > 0
         assert r["profile"]["aten_ops"] > 100 and r["profile"]["host_ms"] > 0
+        # the pipelined row (the served engine's launch / finish, in-process) really was:
+        # the worker queued its steps behind the ones in flight, and drew the same tokens
+        assert r["pipelined"]["ms_per_token"] > 0 and r["pipelined_launches"] >= 6
+        assert r["pipelined"]["tokens"] == r["eager"]["tokens"]
 
 
 def test_profile_decode_batch_cpu_smoke(tmp_path):
