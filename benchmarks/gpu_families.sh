@@ -119,7 +119,8 @@ case "$PART" in
          # with the norm / residual folds (RINGSERVE_FOLD_ROWS=1: 52 launches fewer a DeepSeek
          # step) and without, now that the GEMV is pipelined: each replay's kernels and its
          # back-to-back wall time (the gaps: s21 served DeepSeek at 2.74-2.88 ms a token
-         # against 2.28 ms of kernels); then the engine's GPU test of async scheduling.
+         # against 2.28 ms of kernels), and the pipelined row in-process (no Ray); then the
+         # engine's GPU test of async scheduling.
          # First the GPU tests of gemv / moe_gemv through FastLaunch (not run on a GPU yet)
     timeout 80 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_kernels_gpu.py" -k "gemv or fast_launch" 2>&1 \
