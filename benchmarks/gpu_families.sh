@@ -37,6 +37,12 @@ ab_deepseek_8k() {  # $1: an environment switch, $2: its name in the logs: DeepS
   done
   unset "$1"
 }
+prof() {  # $1: preset, $2: length, $3: name, $4: timeout: profile_decode --fused-kernels at
+  # one length (one replay's kernels, its back-to-back time, the rows), the head printed
+  timeout "$4" python3 "$REPO/benchmarks/profile_decode.py" --preset "$1" --lengths "$2" \
+    --fused-kernels --json "$OUT/prof_$3.json" 2>&1 | tee "$OUT/prof_$3.log" \
+    | grep -E "one graph step|back to back|^ *$2 \|" | cut -c1-300 | head -3
+}
 case "$PART" in
   kernels)
     timeout 560 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
@@ -127,10 +133,7 @@ case "$PART" in
       | tee "$OUT/test_kernels_fast.log" | tail -2
     for f in deepseek-v2-lite qwen3-moe-30b-a3b; do
       for fold in 0 1; do
-        RINGSERVE_FOLD_ROWS=$fold timeout 100 python3 "$REPO/benchmarks/profile_decode.py" \
-          --preset $f --lengths 8192 --fused-kernels --json "$OUT/prof_${f}_fold$fold.json" \
-          2>&1 | tee "$OUT/prof_${f}_fold$fold.log" \
-          | grep -E "one graph step|back to back|^ *8192 \|" | cut -c1-200 | head -3
+        RINGSERVE_FOLD_ROWS=$fold prof $f 8192 "${f}_fold$fold" 100
       done
     done
     timeout 180 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
@@ -139,11 +142,7 @@ case "$PART" in
   s21e)  # session 21: the device-time A/B of s21a's defaults for Llama-3-8B's 32K decode step
          # (gemv now also takes qkv, gate|up and down at one row) against 0079b78
     for tree in head old; do
-      use_tree $tree.tar.gz || continue
-      timeout 110 python3 "$REPO/benchmarks/profile_decode.py" --preset llama3-8b \
-        --lengths 32768 --fused-kernels --json "$OUT/prof_llama_32k_$tree.json" 2>&1 \
-        | tee "$OUT/prof_llama_32k_$tree.log" | grep -E "one graph step|^ *32768 \|" \
-        | cut -c1-300 | head -3
+      use_tree $tree.tar.gz && prof llama3-8b 32768 "llama_32k_$tree" 110
     done ;;
   s21d)  # session 21: two pipelined steps in flight (LLM(pipeline_depth=2), the new default)
          # against one, DeepSeek-V2-Lite 8K + 32K on one machine (s21c: 2.88 / 3.06 ms a token
@@ -166,18 +165,16 @@ case "$PART" in
          # Qwen3-30B-A3B's 8K decode step, each tree in turn; then bf16 against transformers
     for f in deepseek-v2-lite qwen3-moe-30b-a3b; do
       for tree in head old; do
-        use_tree $tree.tar.gz || continue
-        timeout $([ $f = deepseek-v2-lite ] && echo 90 || echo 110) python3 \
-          "$REPO/benchmarks/profile_decode.py" --preset $f --lengths 8192 --fused-kernels \
-          --json "$OUT/prof_${f}_$tree.json" 2>&1 | tee "$OUT/prof_${f}_$tree.log" \
-          | grep -E "one graph step|^ *8192 \|" | cut -c1-300 | head -3
+        use_tree $tree.tar.gz && prof $f 8192 "${f}_$tree" \
+          $([ $f = deepseek-v2-lite ] && echo 90 || echo 110)
       done
     done
     use_tree head.tar.gz
     timeout 140 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
       "$REPO/tests/test_families_gpu.py" -k "deepseek or qwen3-moe" 2>&1 \
       | tee "$OUT/test_families_moe_mla.log" | tail -3 ;;
-  s21a)  # session 21, first call (h200): session 20's swept winners as defaults (gemv's tile
+  s21a|s20a)  # session 21, first call (h200; s20a, session 20's sweep of the pipelined K
+         # loops, was its first three steps): session 20's swept winners as defaults (gemv's tile
          # by shape over 3 stages and gemv for every one-row projection of at most 2^26
          # values, moe_gemv's tiles by shape, the absorption's (8, 128)): GPU tests, the sweeps
          # again (the default's row against cuBLAS and the best), DeepSeek-V2-Lite 8K
@@ -189,17 +186,6 @@ case "$PART" in
     timeout 110 python3 "$REPO/benchmarks/bench_moe_gemv.py" --tokens 1 \
       --json "$OUT/moe_gemv.json" 2>&1 | tee "$OUT/moe_gemv.log" | tail -4
     T=150 e2e deepseek-v2-lite 8192 ;;
-  s20a)  # session 20, first call (h200): the K loops software-pipelined (gemv's and
-         # moe_gemv's stages; triton's per-loop num_stages) and the absorption's tile in the
-         # latent RoPE launch, swept against today's defaults (GPU tests first); a win there is
-         # the next call's default, measured end to end (DeepSeek 8K, Qwen3-MoE 8K)
-    timeout 70 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
-      "$REPO/tests/test_kernels_gpu.py" -k "gemv or fused_kernels" 2>&1 \
-      | tee "$OUT/test_kernels_gemv.log" | tail -2
-    timeout 230 python3 "$REPO/benchmarks/bench_gemv.py" --rows 1 \
-      --json "$OUT/gemv_stages.json" 2>&1 | tee "$OUT/gemv_stages.log" | tail -14
-    timeout 230 python3 "$REPO/benchmarks/bench_moe_gemv.py" --tokens 1 \
-      --json "$OUT/moe_gemv_stages.json" 2>&1 | tee "$OUT/moe_gemv_stages.log" | tail -4 ;;
   s19c)  # session 19: the decode token's norms inside the consuming GEMVs and the residual
          # adds inside o_proj's and the MoE down launch (GPU tests; bf16 against transformers
          # for DeepSeek-V2-Lite / V2 / Qwen3-MoE), then DeepSeek 8K and Qwen3-MoE 8K (call 1:

@@ -356,13 +356,13 @@ def moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: to
     g_st, d_st = (int(blocks[7]), int(blocks[8])) if len(blocks) > 8 else (1, 1)
     if g_st < 1 or d_st < 1:
         raise ValueError(f"blocks {blocks}: the loops' stages must be >= 1")
-    _moe_gate_up_fast((T * kt, cdiv(inter, gn)),
-        x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
+    _moe_gate_up_fast(
+        (T * kt, cdiv(inter, gn)), x, gate_up, gu_s, idx, act, H, inter, k, kt, n_sh * inter, x.stride(0),
         *gate_up.stride(), inter * H, act.stride(0), g, float(eps),
         BLOCK_N=gn, BLOCK_K=gk, LAZY=lazy, NORM=norm is not None, STAGES=_stages(g_st),
         num_warps=gw, **pdl_kw(x.device))
-    _moe_down_fast((T, cdiv(H, dn)),
-        act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
+    _moe_down_fast(
+        (T, cdiv(H, dn)), act, down, dn_s, idx, wt, out, H, inter, k, kt, act.stride(0), *down.stride(),
         inter, n_sh * inter, out.stride(0),
         KP=next_pow2(kt), BLOCK_N=dn, BLOCK_K=dk, ADD=residual is not None, STAGES=_stages(d_st),
         num_warps=dw, **pdl_kw(x.device))
@@ -427,7 +427,6 @@ def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool,
         return w, idx
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     _moe_route_fast((T,), logits, w, idx, E, logits.stride(0), float(scale), K=top_k,
-                            BLOCK_E=triton.next_power_of_2(E),
-                            BLOCK_K=triton.next_power_of_2(top_k), RENORM=bool(renormalize),
-                            num_warps=1 if E <= 256 else 4, **pdl_kw(logits.device))
+                    BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), RENORM=bool(renormalize),
+                    num_warps=1 if E <= 256 else 4, **pdl_kw(logits.device))
     return w, idx

@@ -116,7 +116,7 @@ class Attention(nn.Module):
         (`kernels.gemv.gemv`'s norm=; the caller has checked `x_linear` and `gemv.folds`)."""
         from ringserve.kernels.gemv import few_rows_linear, gemv
         lin = self.x_linear()
-        if lin is None:     # a tensor-parallel slice: the projections one by one
+        if lin is None:     # not joined, or a tensor-parallel slice: one by one below
             y, sizes = None, ()
         elif norm is not None:
             y, sizes = gemv(x, lin[0], lin[1], norm=(norm.weight, norm.eps)), lin[2]
