@@ -12,13 +12,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ringserve.parallel.tp import TPGrid
 from ringserve.parallel.transport import DEFAULT_TIMEOUT_S, TransportSpec, check_comm_host
+from .errors import GroupSetupError
 from .worker import ShardWorker
 
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
-
-
-class GroupSetupError(RuntimeError):
-    """The group could not be created (resources missing, an actor failed to start or join)."""
 
 
 @dataclass

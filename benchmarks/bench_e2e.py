@@ -231,7 +231,7 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
     numeric = [int(x) for x in lengths if x != "max"]
     cfg = hf_config(args.preset, max(numeric + [1 << 20]) * 2)
     t0 = time.perf_counter()
-    if not ray.is_initialized():
+    if not ray.is_initialized() and not args.in_process:
         # no dashboard: the GPU machine's Ray bundle has no dashboard build (a failed start
         # costs ~60 s), and a benchmark does not need one
         ray.init(include_dashboard=False)
@@ -241,14 +241,15 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
               max_kv_tokens=args.max_kv_tokens, page_size=args.page_size,
               decode_steps=args.decode_steps, cuda_graphs=args.cuda_graphs,
               async_scheduling=args.async_scheduling, pipeline_steps=args.pipeline_steps,
-              pipeline_depth=args.pipeline_depth,
+              pipeline_depth=args.pipeline_depth, in_process=args.in_process,
               memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
                                     else None), tokenizer=None)
     print(f"[ringserve] group of {args.world_size} x TP {args.tp} up in "
           f"{time.perf_counter() - t0:.1f} s; "
           f"capacity {llm.capacity_tokens} KV tokens; async scheduling "
           f"{'on' if llm.config.async_scheduling else 'off'}, pipelined steps "
-          f"{'on' if llm._engine._pipeline else 'off'}", flush=True)
+          f"{'on' if llm._engine._pipeline else 'off'}"
+          f"{'; worker in process' if args.in_process else ''}", flush=True)
     bw = max(llm._group.call("copy_bandwidth"))  # bytes/s counting read + write
     w_bytes = param_counts(cfg)["decode_read"] * 2
     kv_tok = kv_bytes_per_token(cfg)
@@ -395,6 +396,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "blocking call a step)")
     p.add_argument("--pipeline-depth", type=int, default=1,
                    help="LLM(pipeline_depth=...): pipelined steps in flight at once")
+    p.add_argument("--in-process", action="store_true",
+                   help="LLM(in_process=True): world size 1, the worker in this process (no "
+                        "Ray actor: each step a direct call)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per Ray call (LLM(decode_steps=...))")
     p.add_argument("--chunk-tokens", type=int, default=16384)

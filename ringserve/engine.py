@@ -342,7 +342,8 @@ class Engine:
                 "document_cache_budget_tokens": self.doc_cache.budget_tokens,
                 "last_timings": dict(self._last_timings),
                 "last_worker_failure": self._last_failure,
-                "step_channel": "compiled" if self._compiled_steps else "tasks",
+                "step_channel": ("compiled" if self._compiled_steps
+                                 else getattr(self.group, "step_channel", "tasks")),
                 "engine_time_s": {k: round(v, 3) for k, v in self._times.items()}})
         return out
 

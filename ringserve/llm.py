@@ -139,7 +139,8 @@ class LLM:
                  interleave_decode_steps: Optional[int] = None,
                  async_scheduling: Optional[bool] = None,
                  mla_expand_min_tokens: Optional[int] = MLA_EXPAND_MIN_TOKENS,
-                 pipeline_steps: bool = True, pipeline_depth: int = 1):
+                 pipeline_steps: bool = True, pipeline_depth: int = 1,
+                 in_process: bool = False):
         """`model`: a local HF checkpoint directory, or {"config": hf_config_dict, "seed": int}
         for random weights built on each worker (benchmarks; no tokenizer then).
 
@@ -204,7 +205,17 @@ class LLM:
         least this many tokens attend in the expanded form (per-head keys and values made from
         the latents on each rank: a long prefill ~20x faster on an H200), shorter ones and
         decodes in the absorbed form; None keeps every step absorbed. The cache and the ring
-        hold the latent either way (docs/architecture.md, "Multi-head latent attention")."""
+        hold the latent either way (docs/architecture.md, "Multi-head latent attention").
+
+        `in_process` (world size 1, tensor parallel size 1): the one shard's worker runs in
+        this process, called by the engine's thread, instead of in a Ray actor; Ray is not
+        started at all. Each step is then a Python call instead of Ray tasks (two a pipelined
+        decode step), which DeepSeek-V2-Lite's 8K decode on one H200 measured at about 0.4 ms
+        a token. Given up: the actor's isolation (a failed worker is rebuilt in this process;
+        a fault that breaks the process's CUDA context cannot be recovered there) and
+        `step_timeout_s` (refused: a call in the engine's thread cannot be abandoned);
+        `ray_address`, `placement_strategy`, `num_cpus_per_worker` and `comm_host` do not
+        apply. Default False (Ray actors)."""
         if schedule is not None:
             warnings.warn("LLM(schedule=...) is deprecated: the shard layout is now called "
                           "layout=...", DeprecationWarning, stacklevel=2)
@@ -244,6 +255,19 @@ class LLM:
                 or not isinstance(mla_expand_min_tokens, int) or mla_expand_min_tokens < 1):
             raise ValueError(f"mla_expand_min_tokens must be an integer >= 1 or None, got "
                              f"{mla_expand_min_tokens!r}")
+        if not isinstance(in_process, bool):
+            raise ValueError(f"in_process must be True or False, got {in_process!r}")
+        if in_process and (world_size, tp_size) != (1, 1):
+            raise ValueError(f"in_process=True runs one worker in this process: it needs "
+                             f"context_parallel_size 1 and tensor_parallel_size 1 (got "
+                             f"{world_size} and {tp_size}); larger groups run as Ray actors")
+        if in_process and step_timeout_s is not None:
+            raise ValueError("step_timeout_s cannot be enforced with in_process=True (the "
+                             "step runs in the engine's own thread); leave it None or use "
+                             "Ray actors")
+        if in_process and step_channel == "compiled":
+            raise ValueError("step_channel='compiled' is a Ray Compiled Graph between actors; "
+                             "with in_process=True each step is a direct call")
         if cuda_graphs is None:
             cuda_graphs = device == "cuda"
         if fused_kernels is None:
@@ -309,9 +333,9 @@ class LLM:
         if self.tokenizer is not None:
             eos = list(getattr(self.tokenizer, "eos_token_ids", []) or [])
 
-        import ray  # only now: `import ringserve` stays light
-
-        if not ray.is_initialized():
+        if not in_process:
+            import ray  # only now: `import ringserve` stays light
+        if not in_process and not ray.is_initialized():
             ray.init(address=ray_address)
             gpus = ray.cluster_resources().get("GPU", 0)
             if (gpus < world_size * tp_size and gpu and ray_address is None
@@ -320,7 +344,6 @@ class LLM:
                 raise ValueError(
                     f"context_parallel_size ({world_size}) x tensor_parallel_size ({tp_size}) "
                     f"= {world_size * tp_size} GPUs, this machine's Ray cluster has {gpus:g}")
-        from ringserve.actors import ActorGroup
         from ringserve.actors.model_worker import ModelShardWorker
 
         kv_tokens = None if max_kv_tokens is None else -(-max_kv_tokens // world_size)
@@ -335,12 +358,18 @@ class LLM:
                              max_cuda_graphs=max_cuda_graphs,
                              torch_threads=worker_torch_threads,
                              mla_expand_min_tokens=mla_expand_min_tokens)
-        self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
-                                 placement_strategy=placement_strategy,
-                                 num_cpus_per_worker=num_cpus_per_worker,
-                                 worker_kwargs=worker_kwargs,
-                                 transport_timeout_s=transport_timeout_s, tp_size=tp_size,
-                                 comm_host=comm_host)
+        self.in_process = in_process
+        if in_process:
+            from ringserve.actors.local_group import LocalGroup
+            self._group = LocalGroup(device, ModelShardWorker, worker_kwargs)
+        else:
+            from ringserve.actors import ActorGroup
+            self._group = ActorGroup(world_size, device=device, worker_cls=ModelShardWorker,
+                                     placement_strategy=placement_strategy,
+                                     num_cpus_per_worker=num_cpus_per_worker,
+                                     worker_kwargs=worker_kwargs,
+                                     transport_timeout_s=transport_timeout_s, tp_size=tp_size,
+                                     comm_host=comm_host)
         try:
             if warmup and gpu:
                 self._group.call("warmup")
@@ -459,7 +488,7 @@ class LLM:
     def stats(self) -> Dict[str, Any]:
         out = self._engine.stats()   # the engine counts shards: world_size is c
         out.update(context_parallel_size=self.context_parallel_size,
-                   tensor_parallel_size=self.tensor_parallel_size)
+                   tensor_parallel_size=self.tensor_parallel_size, in_process=self.in_process)
         return out
 
     def shutdown(self) -> None:

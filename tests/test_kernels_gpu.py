@@ -639,7 +639,8 @@ def test_fast_launch_equals_triton_path():
     from ringserve.kernels import gemv as gemv_mod, grouped_gemm
     xr, wg = rnd(1, 2048), rnd(3648, 2048)    # one row, DeepSeek's q|kv_a: 3 stages
     y = runs(lambda: (gemv_mod.gemv(xr, wg),), gemv_mod._gemv_fast)[0]
-    assert (y.float() - xr.float() @ wg.float().t()).abs().max().item() < 5e-2
+    # y is rounded to bf16: |y| reaches ~4 sqrt(2048), whose bf16 step is 0.25
+    torch.testing.assert_close(y.float(), xr.float() @ wg.float().t(), rtol=1e-2, atol=2e-2)
     gu, dn = rnd(8, 2 * 256, 512) * 0.05, rnd(8, 512, 256) * 0.05
     idx = torch.tensor([[1, 5]], device="cuda")
     wt = torch.tensor([[0.7, 0.3]], device="cuda")

@@ -54,6 +54,10 @@ class ServeArgs:
     # pipelined decode steps in flight at once, 1..4 (LLM's pipeline_depth). None: the
     # engine's default (1)
     pipeline_depth: Optional[int] = None
+    # one shard on one GPU: its worker inside this replica instead of a Ray actor of its own
+    # (LLM's in_process): each step a direct call instead of Ray tasks. The replica then
+    # reserves the device (a GPU with device cuda), so device must be given. None/False: actors
+    in_process: Optional[bool] = None
     # decode steps replayed as CUDA graphs, and the fused few-token Triton kernels. None: the
     # engine's default (both on with CUDA); False: the eager / torch path
     cuda_graphs: Optional[bool] = None
@@ -119,6 +123,15 @@ class ServeArgs:
         v = self.pipeline_depth
         if v is not None and (not _is_int(v) or not 1 <= v <= 4):
             raise ValueError(f"pipeline_depth ({v!r}) must be null or an integer in 1..4")
+        if self.in_process is not None and not isinstance(self.in_process, bool):
+            raise ValueError(f"in_process ({self.in_process!r}) must be true, false or null")
+        if self.in_process and (self.world_size, self.tensor_parallel_size) != (1, 1):
+            raise ValueError(f"in_process runs one worker inside the replica: it needs "
+                             f"world_size 1 and tensor_parallel_size 1 (got {self.world_size} "
+                             f"and {self.tensor_parallel_size})")
+        if self.in_process and self.device is None:
+            raise ValueError("in_process needs device (cuda or cpu): the replica reserves the "
+                             "GPU itself when it holds the worker")
         if self.async_scheduling and self.tensor_parallel_size != 1:
             raise ValueError(f"async_scheduling needs tensor_parallel_size 1 (got "
                              f"{self.tensor_parallel_size})")

@@ -31,8 +31,19 @@ def build_app(args: Optional[Dict[str, Any]] = None):
     return RingServe.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_queue + 1 + _EXTRA_ONGOING,
-        ray_actor_options={"num_cpus": cfg.replica_num_cpus},
+        ray_actor_options=replica_resources(cfg),
     ).bind(cfg.to_dict(), registry)
+
+
+def replica_resources(cfg) -> Dict[str, Any]:
+    """The serving replica's Ray resources: its own CPUs, plus the worker's when it holds the
+    worker in process (in_process: the GPU with device cuda, and num_cpus_per_worker)."""
+    if not cfg.in_process:
+        return {"num_cpus": cfg.replica_num_cpus}
+    out = {"num_cpus": cfg.replica_num_cpus + cfg.num_cpus_per_worker}
+    if cfg.device == "cuda":
+        out["num_gpus"] = 1
+    return out
 
 
 def wait_ready(url: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> Dict[str, Any]:

@@ -115,7 +115,7 @@ class Service:
                 par["comm_host"] = self.cfg.comm_host
             for opt in ("cuda_graphs", "fused_kernels",   # likewise: only when set
                         "interleave_decode_steps", "async_scheduling", "pipeline_steps",
-                        "pipeline_depth"):
+                        "pipeline_depth", "in_process"):
                 if getattr(self.cfg, opt) is not None:
                     par[opt] = getattr(self.cfg, opt)
             llm = cls(self.cfg.model, **par, layout=self.cfg.layout,
