@@ -121,6 +121,20 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s22c)  # session 22: the Gluon forward kernel (kernels/flash_fwd_gluon.py) as flash_attn_fwd's
+         # default on sm_90: its GPU tests and the routing test, then Llama-3-8B's 128K prefill
+         # at world size 1 with it (and HF transformers in the same run), then with the Triton
+         # kernel (RINGSERVE_FLASH_IMPL=triton), the worker in process (no Ray start)
+    timeout 110 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
+      "$REPO/tests/test_flash_gluon_gpu.py" "$REPO/tests/test_kernels_gpu.py" \
+      -k "gluon" 2>&1 | tee "$OUT/test_gluon.log" | grep -E "^E |passed|failed|rror" | head -8
+    for impl in auto triton; do
+      RINGSERVE_FLASH_IMPL=$impl timeout $([ $impl = auto ] && echo 230 || echo 150) \
+        python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 131072 \
+        --decode-tokens 16 --cuda-graphs --in-process $([ $impl = triton ] && echo --no-hf) \
+        --json "$OUT/e2e_llama_128k_$impl.json" 2>&1 | tee "$OUT/e2e_llama_128k_$impl.log" \
+        | grep -E '^ *[0-9]+ \||^\[hf\]|Error|error' | cut -c1-200 | tail -4
+    done ;;
   s22b)  # session 22: test_fast_launch_equals_triton_path (s22a: it failed, its log cut by
          # the 80 s timeout; the gemv check's absolute tolerance was below bf16's step since
          # widened); then the served DeepSeek-V2-Lite 8K row through the Ray actor and with

@@ -16,6 +16,7 @@ lse = -inf and out = 0.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Optional
 
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import FastLaunch, cdiv, next_pow2, major_capability
+from ._host import FastLaunch, _props, cdiv, next_pow2, major_capability
 
 try:  # host-side TMA descriptors (triton >= 3.3); the pointer path needs nothing
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -366,11 +367,42 @@ def _descriptor(t: torch.Tensor, block_n: int, D: int):
     return TensorDescriptor(t, [B * S, H * D], [t.stride(1), 1], [block_n, D])
 
 
+# The Hopper kernel in Gluon (flash_fwd_gluon.py: a TMA producer warp, two consumer
+# warpgroups whose softmax runs under their own in-flight wgmma) where it applies: sm_90, bf16 /
+# fp16, head dim 64 / 128 for q, k and v, one sequence (B = 1: rows past a batch's keys are
+# never read as another batch's values), unit position strides, no window, no soft-cap, and
+# problems of at least GLUON_MIN_WORK query x key pairs (below, its host work, three
+# descriptors and triton's launch path, is not paid back). On one H200 (session 22,
+# bench_gluon_fwd.py, bf16 D128, 16K / 32K, MHA / GQA, causal and not) it ran 607-645 TFLOP/s
+# against cuDNN's 580-626 and this file's Triton kernel's 508-569. RINGSERVE_FLASH_IMPL=triton
+# (or impl="triton") keeps the Triton kernel; "gluon" asks for the Gluon one wherever it applies.
+IMPLS = ("auto", "triton", "gluon")
+GLUON_MIN_WORK = 1 << 22
+_IMPL_DEFAULT = os.environ.get("RINGSERVE_FLASH_IMPL", "auto")
+_gluon_broken: dict = {}   # (dtype, D, causal) -> why its Gluon launch failed here (then Triton)
+
+
+def _gluon_applies(q, k, v, causal, window_size, softcap, q_stride, k_stride,
+                   min_work: int) -> bool:
+    B, Sq, Hq, D = q.shape
+    if not (q.is_cuda and B == 1 and window_size is None and not softcap
+            and q_stride == 1 and k_stride == 1 and D in (64, 128)
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and k.shape == v.shape and Sq * k.shape[1] >= min_work
+            and (q.dtype, D, bool(causal)) not in _gluon_broken):
+        return False
+    p = _props(q.device)
+    if (p.major, p.minor) != (9, 0):
+        return False
+    from . import flash_fwd_gluon as fg
+    return fg.GLUON_AVAILABLE and all(fg._tma_layout_ok(t) for t in (q, k, v))
+
+
 def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
                    q_offset=0, q_stride=1, k_offset=0, k_stride=1, *,
                    use_tma: Optional[bool] = None, warp_specialize: bool = False,
                    config: Optional[dict] = None, softcap: Optional[float] = None,
-                   check: bool = True):
+                   check: bool = True, impl: Optional[str] = None):
     """Attention forward. Returns (out (B, Sq, Hq, Dv) in q.dtype, lse (B, Hq, Sq) float32);
     v's head dim Dv may be narrower than q's and k's D (MLA's expanded form: 192 / 128).
 
@@ -380,9 +412,30 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     softcap: Gemma 2's attention-logit soft-capping c (scores c * tanh(s / c)); None or 0: off.
     check=False skips the input validation (the engine's step, whose inputs it built: the
     checks are a few us a call on the host-bound mixed step's critical path).
+    impl: "auto" (the default, or the RINGSERVE_FLASH_IMPL variable's value): the Hopper Gluon
+    kernel (flash_fwd_gluon.py) where it applies to a problem of at least GLUON_MIN_WORK
+    query x key pairs and no Triton knob (use_tma, warp_specialize, config) is given, else the
+    Triton kernel; "triton": always the Triton kernel; "gluon": the Gluon kernel wherever it
+    applies, whatever the size (ValueError where it does not).
     """
     if check:
         _check_inputs(q, k, v, softmax_scale, window_size, q_stride, k_stride, softcap)
+    impl = _IMPL_DEFAULT if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "gluon" or (impl == "auto" and use_tma is None and not warp_specialize
+                           and config is None):
+        if _gluon_applies(q, k, v, causal, window_size, softcap, q_stride, k_stride,
+                          GLUON_MIN_WORK if impl == "auto" else 1):
+            out = _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset)
+            if out is not None:
+                return out
+        elif impl == "gluon":
+            from .flash_fwd_gluon import gluon_unsupported_reason
+            why = gluon_unsupported_reason(q, k, v, causal, window_size, softcap, q_stride,
+                                           k_stride) or "one sequence (B = 1) only"
+            raise ValueError(f"flash_attn_fwd(impl='gluon'): the Gluon kernel does not apply: "
+                             f"{why}")
     B, Sq, Hq, D = q.shape
     Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -450,6 +503,20 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
         # ~64 calls a mixed step on the host's critical path
         _chosen[chosen_key] = tuner.best_config.all_kwargs()
     return out, lse
+
+
+def _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset):
+    """The Gluon kernel's (out, lse); None (and a warning, once per dtype / head dim / mask)
+    when it fails to compile or launch here: that key takes the Triton kernel from then on."""
+    from .flash_fwd_gluon import flash_attn_fwd_gluon
+    key = (q.dtype, q.shape[3], bool(causal))
+    try:
+        return flash_attn_fwd_gluon(q, k, v, softmax_scale, causal, q_offset, k_offset)
+    except Exception as e:  # noqa: BLE001 - a compile or launch failure: Triton from now on
+        _gluon_broken[key] = repr(e)[:300]
+        warnings.warn(f"flash_attn_fwd: the Gluon kernel failed for {key} ({e!r:.200}); the "
+                      f"Triton kernel takes these calls from now on", stacklevel=3)
+        return None
 
 
 # (warp_specialize, dtype, device, meta values, sequence bucket) -> the autotuned config's

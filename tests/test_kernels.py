@@ -1005,3 +1005,38 @@ def test_pdl_is_off_off_the_gpu(monkeypatch):
         else:
             monkeypatch.setenv("RINGSERVE_PDL", v)
         assert pdl._probe(torch.device("cuda", 0)) is False
+
+
+def test_flash_impl_choice_and_the_gluon_fallback(monkeypatch):
+    """flash_attn_fwd's impl: a bad name is refused; "gluon" where the Gluon kernel cannot run
+    (here: CPU tensors) says why; "auto" with a Gluon launch that fails (a compile error on
+    some GPU) warns once, answers with the Triton kernel, and sends that key's later calls to
+    Triton without trying again."""
+    import warnings
+    from ringserve.kernels import flash_fwd, flash_fwd_gluon
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (rand(1, 40, 2, 64, gen=g) for _ in range(3))
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        flash_fwd.flash_attn_fwd(q, k, v, causal=True, impl="cutlass")
+    with pytest.raises(ValueError, match="Gluon kernel does not apply"):
+        flash_fwd.flash_attn_fwd(q, k, v, causal=True, impl="gluon")
+    assert not flash_fwd._gluon_applies(q, k, v, True, None, None, 1, 1, 1)   # CPU tensors
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(a)
+        raise RuntimeError("PassManager::run failed")
+    monkeypatch.setattr(flash_fwd, "_gluon_broken", {})
+    monkeypatch.setattr(flash_fwd_gluon, "flash_attn_fwd_gluon", broken)
+    monkeypatch.setattr(flash_fwd, "_gluon_applies",
+                        lambda q, *a: (q.dtype, q.shape[3], a[2]) not in flash_fwd._gluon_broken)
+    with pytest.warns(UserWarning, match="Gluon kernel failed .* Triton kernel takes"):
+        out, lse = flash_fwd.flash_attn_fwd(q, k, v, causal=True)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = flash_fwd.flash_attn_fwd(q, k, v, causal=True)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+    assert len(calls) == 1 and (torch.float32, 64, True) in flash_fwd._gluon_broken

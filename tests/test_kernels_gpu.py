@@ -804,3 +804,36 @@ def test_moe_route_gpu():
                 rw = rw / rw.sum(-1, keepdim=True)
             assert torch.equal(idx, ri), (E, T)
             torch.testing.assert_close(w, rw, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_default_takes_the_gluon_kernel_on_hopper(causal, monkeypatch):
+    """flash_attn_fwd's default on an H100 / H200: a long chunk (one sequence, GQA, a causal
+    chunk at the end of its keys) runs the Gluon kernel and meets the 2x rule against float64,
+    as the Triton kernel (impl="triton") does on the same inputs; two sequences (B = 2), a
+    window, or a short problem stay on the Triton kernel."""
+    from ringserve.kernels import flash_fwd, flash_fwd_gluon
+    if not flash_fwd_gluon.GLUON_AVAILABLE or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"needs sm_90 and Gluon: {flash_fwd_gluon.GLUON_UNAVAILABLE_REASON}")
+    real, seen = flash_fwd_gluon.flash_attn_fwd_gluon, []
+
+    def spy(q, *a, **kw):
+        seen.append(tuple(q.shape))
+        return real(q, *a, **kw)
+    monkeypatch.setattr(flash_fwd_gluon, "flash_attn_fwd_gluon", spy)
+    q, k, v = make(1, 3001, 5003, 32, 8, 128, torch.bfloat16, seed=31)
+    off = 5003 - 3001
+    out, lse = flash_fwd.flash_attn_fwd(q, k, v, causal=causal, q_offset=off)
+    assert seen == [(1, 3001, 32, 128)] and not flash_fwd._gluon_broken
+    ref_out, ref_lse = attention_ref(q, k, v, None, causal, None, off)
+    lowp, _ = attention_ref(q, k, v, None, causal, None, off, dtype=torch.bfloat16)
+    check_lowp(out, lse, ref_out, ref_lse, lowp, "gluon")
+    t_out, t_lse = flash_fwd.flash_attn_fwd(q, k, v, causal=causal, q_offset=off,
+                                            impl="triton")
+    check_lowp(t_out, t_lse, ref_out, ref_lse, lowp, "triton")
+    assert out.is_contiguous() and out.shape == t_out.shape
+    q2, k2, v2 = make(2, 3001, 3001, 8, 8, 128, torch.bfloat16, seed=32)
+    flash_fwd.flash_attn_fwd(q2, k2, v2, causal=causal)
+    flash_fwd.flash_attn_fwd(q, k, v, causal=causal, window_size=512, q_offset=off)
+    flash_fwd.flash_attn_fwd(q[:, :64], k[:, :64], v[:, :64], causal=causal)
+    assert len(seen) == 1
