@@ -160,7 +160,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", action="store_true", help="also time decode launch variants")
     ap.add_argument("--fwd-variants", action="store_true",
-                    help="also time the forward's pointer-load and warp-specialized variants")
+                    help="also time the Triton forward's pointer-load and warp-specialized "
+                         "variants")
     ap.add_argument("--quick", action="store_true", help="32K forward and 128K/1M decode only")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -169,7 +170,9 @@ def main():
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
 
-    fwd_variants = {"ours": {}}
+    # "ours" is flash_attn_fwd's default: on an H100 / H200 the Gluon kernel for these
+    # one-sequence problems (kernels/flash_fwd_gluon.py); "triton" the Triton kernel beside it
+    fwd_variants = {"ours": {}, "triton": {"impl": "triton"}}
     if args.fwd_variants:
         fwd_variants.update({"ptr": {"use_tma": False}, "ws": {"warp_specialize": True}})
     sizes = [32768] if args.quick else [16384, 32768, 65536]
