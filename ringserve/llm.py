@@ -210,8 +210,7 @@ class LLM:
         `in_process` (world size 1, tensor parallel size 1): the one shard's worker runs in
         this process, called by the engine's thread, instead of in a Ray actor; Ray is not
         started at all. Each step is then a Python call instead of Ray tasks (two a pipelined
-        decode step), which DeepSeek-V2-Lite's 8K decode on one H200 measured at about 0.4 ms
-        a token. Given up: the actor's isolation (a failed worker is rebuilt in this process;
+        decode step): DeepSeek-V2-Lite's 8K decode on one H200 2.72 -> 2.35 ms a token. Given up: the actor's isolation (a failed worker is rebuilt in this process;
         a fault that breaks the process's CUDA context cannot be recovered there) and
         `step_timeout_s` (refused: a call in the engine's thread cannot be abandoned);
         `ray_address`, `placement_strategy`, `num_cpus_per_worker` and `comm_host` do not
@@ -333,17 +332,8 @@ class LLM:
         if self.tokenizer is not None:
             eos = list(getattr(self.tokenizer, "eos_token_ids", []) or [])
 
-        if not in_process:
-            import ray  # only now: `import ringserve` stays light
-        if not in_process and not ray.is_initialized():
-            ray.init(address=ray_address)
-            gpus = ray.cluster_resources().get("GPU", 0)
-            if (gpus < world_size * tp_size and gpu and ray_address is None
-                    and not os.environ.get("RAY_ADDRESS")):
-                # a cluster started here does not grow: say so now, not after a timeout
-                raise ValueError(
-                    f"context_parallel_size ({world_size}) x tensor_parallel_size ({tp_size}) "
-                    f"= {world_size * tp_size} GPUs, this machine's Ray cluster has {gpus:g}")
+        if not in_process:   # (in process: no Ray at all)
+            self._start_ray(ray_address, world_size, tp_size, gpu)
         from ringserve.actors.model_worker import ModelShardWorker
 
         kv_tokens = None if max_kv_tokens is None else -(-max_kv_tokens // world_size)
@@ -377,6 +367,22 @@ class LLM:
         except BaseException:
             self._group.shutdown()
             raise
+
+    @staticmethod
+    def _start_ray(ray_address: Optional[str], world_size: int, tp_size: int,
+                   gpu: bool) -> None:
+        import ray  # only now: `import ringserve` stays light
+
+        if ray.is_initialized():
+            return
+        ray.init(address=ray_address)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if (gpus < world_size * tp_size and gpu and ray_address is None
+                and not os.environ.get("RAY_ADDRESS")):
+            # a cluster started here does not grow: say so now, not after a timeout
+            raise ValueError(
+                f"context_parallel_size ({world_size}) x tensor_parallel_size ({tp_size}) "
+                f"= {world_size * tp_size} GPUs, this machine's Ray cluster has {gpus:g}")
 
     @property
     def schedule(self) -> str:
