@@ -431,9 +431,7 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
             if out is not None:
                 return out
         elif impl == "gluon":
-            from .flash_fwd_gluon import gluon_unsupported_reason
-            why = gluon_unsupported_reason(q, k, v, causal, window_size, softcap, q_stride,
-                                           k_stride) or "one sequence (B = 1) only"
+            why = _gluon_refusal(q, k, v, causal, window_size, softcap, q_stride, k_stride)
             raise ValueError(f"flash_attn_fwd(impl='gluon'): the Gluon kernel does not apply: "
                              f"{why}")
     B, Sq, Hq, D = q.shape
@@ -503,6 +501,21 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
         # ~64 calls a mixed step on the host's critical path
         _chosen[chosen_key] = tuner.best_config.all_kwargs()
     return out, lse
+
+
+def _gluon_refusal(q, k, v, causal, window_size, softcap, q_stride, k_stride) -> str:
+    """Why `_gluon_applies` said no, for impl="gluon"'s error."""
+    if (q_stride, k_stride) != (1, 1) or window_size is not None or softcap:
+        # flash_fwd_gluon.py has these paths (STRIDED, HAS_WINDOW, SOFTCAP) but they have not
+        # run on a GPU yet: until they have, the Triton kernel takes them
+        return "strided positions, windows and soft-caps stay on the Triton kernel"
+    if q.dim() == 4 and q.shape[0] != 1:
+        return f"one sequence (B = 1) only, got B = {q.shape[0]}"
+    if (q.dtype, q.shape[-1], bool(causal)) in _gluon_broken:
+        return f"it failed here before: {_gluon_broken[(q.dtype, q.shape[-1], bool(causal))]}"
+    from .flash_fwd_gluon import gluon_unsupported_reason
+    return (gluon_unsupported_reason(q, k, v, causal) or "values narrower than keys (MLA's "
+            "expanded form) stay on the Triton kernel")
 
 
 def _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset):

@@ -1020,8 +1020,10 @@ def test_flash_impl_choice_and_the_gluon_fallback(monkeypatch):
     ref_out, ref_lse = attention_ref(q, k, v, causal=True)
     with pytest.raises(ValueError, match="impl must be one of"):
         flash_fwd.flash_attn_fwd(q, k, v, causal=True, impl="cutlass")
-    with pytest.raises(ValueError, match="Gluon kernel does not apply"):
+    with pytest.raises(ValueError, match="Gluon kernel does not apply: q is not on a CUDA"):
         flash_fwd.flash_attn_fwd(q, k, v, causal=True, impl="gluon")
+    with pytest.raises(ValueError, match="windows and soft-caps stay on the Triton kernel"):
+        flash_fwd.flash_attn_fwd(q, k, v, causal=True, window_size=8, impl="gluon")
     assert not flash_fwd._gluon_applies(q, k, v, True, None, None, 1, 1, 1)   # CPU tensors
     calls = []
 
