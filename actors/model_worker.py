@@ -266,6 +266,7 @@ class ModelShardWorker(ShardWorker):
         self._dev_tokens: Optional[Tuple[Dict[int, int], torch.Tensor]] = None
         self._last_done = 0.0
         self.pipelined_launches = 0
+        self.advances = 0      # `advance` calls (a pipelined step's launch + an older finish)
 
     def setup_transport(self, spec, tp_spec=None) -> bool:
         super().setup_transport(spec, tp_spec)
@@ -377,6 +378,16 @@ class ModelShardWorker(ShardWorker):
         if not self._launched:
             raise RuntimeError(f"rank {self.rank}: finish() without a launched step")
         return self._launched.popleft().result()
+
+    def advance(self, plan: RankPlan) -> list:
+        """`launch(plan)`, then `finish()`: one call a pipelined step through Ray (the
+        engine's `pipeline_one_call`): the results returned are those of the oldest step
+        launched before this one."""
+        if not self._launched:
+            raise RuntimeError(f"rank {self.rank}: advance() without a launched step")
+        self.advances += 1
+        self.launch(plan)
+        return self.finish()
 
     def _settle(self) -> None:
         """Wait for every launched step (their results kept for their finish calls)."""
@@ -1017,12 +1028,12 @@ class ModelShardWorker(ShardWorker):
         return {"cuda_graphs": self.cuda_graphs, "fused_kernels": self.fused}
 
     def graph_stats(self) -> Dict[str, int]:
-        """Captured decode graphs, how many steps replayed one, and how many `launch` queued
-        behind a step in flight (tests, benchmarks)."""
+        """Captured decode graphs, how many steps replayed one, how many `launch` queued
+        behind a step in flight, and how many came by `advance` (tests, benchmarks)."""
         return {"graphs": len(self._graphs), "replays": self.graph_replays,
                 "evictions": self.graph_evictions,
                 "captured_ahead": self.graphs_captured_ahead,
-                "pipelined": self.pipelined_launches}
+                "pipelined": self.pipelined_launches, "advances": self.advances}
 
     def graph_keys(self) -> List[Tuple[int, int, int]]:
         """(batch, table width, shared-prefix width) of every captured decode graph."""

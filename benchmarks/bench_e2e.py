@@ -235,6 +235,8 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
         # no dashboard: the GPU machine's Ray bundle has no dashboard build (a failed start
         # costs ~60 s), and a benchmark does not need one
         ray.init(include_dashboard=False)
+    if args.pipeline_one_call is not None:
+        os.environ["RINGSERVE_PIPELINE_ONE_CALL"] = "1" if args.pipeline_one_call else "0"
     llm = LLM({"config": cfg, "seed": 0}, context_parallel_size=args.world_size,
               tensor_parallel_size=args.tp, layout=args.schedule,
               device="cuda", dtype="bfloat16", chunk_tokens=args.chunk_tokens,
@@ -244,12 +246,15 @@ def run_ringserve(args, lengths: List[str]) -> List[dict]:
               pipeline_depth=args.pipeline_depth, in_process=args.in_process,
               memory_reserve_bytes=(int(args.reserve_gb * 2**30) if args.reserve_gb is not None
                                     else None), tokenizer=None)
+    one_call = "on" if llm._engine.config.pipeline_one_call else "off"
     print(f"[ringserve] group of {args.world_size} x TP {args.tp} up in "
           f"{time.perf_counter() - t0:.1f} s; "
           f"capacity {llm.capacity_tokens} KV tokens; async scheduling "
           f"{'on' if llm.config.async_scheduling else 'off'}, pipelined steps "
           f"{'on' if llm._engine._pipeline else 'off'}"
-          f"{'; worker in process' if args.in_process else ''}", flush=True)
+          f"{'; worker in process' if args.in_process else ''}"
+          f"{'' if args.in_process else '; one call a pipelined step: ' + one_call}",
+          flush=True)
     bw = max(llm._group.call("copy_bandwidth"))  # bytes/s counting read + write
     w_bytes = param_counts(cfg)["decode_read"] * 2
     kv_tok = kv_bytes_per_token(cfg)
@@ -396,6 +401,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "blocking call a step)")
     p.add_argument("--pipeline-depth", type=int, default=1,
                    help="LLM(pipeline_depth=...): pipelined steps in flight at once")
+    p.add_argument("--pipeline-one-call", action=argparse.BooleanOptionalAction, default=None,
+                   help="pipelined steps through the Ray actor as one call a step (`advance`; "
+                        "the engine's default) or two (--no-pipeline-one-call: launch, finish); "
+                        "sets RINGSERVE_PIPELINE_ONE_CALL")
     p.add_argument("--in-process", action="store_true",
                    help="LLM(in_process=True): world size 1, the worker in this process (no "
                         "Ray actor: each step a direct call)")

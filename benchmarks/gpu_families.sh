@@ -121,6 +121,25 @@ case "$PART" in
       2>&1 | tee "$OUT/test_kernels_fused.log" | tail -2
     ab_deepseek_8k RINGSERVE_ABSORB_ROWS absorb
     T=175 e2e qwen3-moe-30b-a3b 8192 ;;
+  s23a)  # next session, first call (h200, ~8 min): the Gluon kernel's unrouted paths
+         # (strided ring shards, windows, soft-caps: tests and --striped bench), then
+         # DeepSeek-V2-Lite 8K served three ways on one machine: through the actor with one
+         # call a pipelined step (`advance`, the new default), with two (launch + finish, as
+         # measured in s22b: 2.72 ms), and in process (s22b: 2.35 ms)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
+      "$REPO/tests/test_flash_gluon_gpu.py" -k "masks or says_no" 2>&1 \
+      | tee "$OUT/test_gluon_masks.log" | grep -E "^E |passed|failed|rror" | head -8
+    timeout 110 python3 "$REPO/benchmarks/bench_gluon_fwd.py" --striped \
+      --json "$OUT/bench_gluon_striped.json" 2>&1 | tail -8
+    for mode in one two local; do
+      case $mode in
+        one) T=170 e2e deepseek-v2-lite 8192 --pipeline-one-call ;;
+        two) T=110 e2e deepseek-v2-lite 8192 --no-pipeline-one-call ;;
+        local) T=110 e2e deepseek-v2-lite 8192 --in-process ;;
+      esac
+      mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
+      rm -f "$OUT/e2e_deepseek-v2-lite.log"
+    done ;;
   s22c)  # session 22: the Gluon forward kernel (kernels/flash_fwd_gluon.py) as flash_attn_fwd's
          # default on sm_90: its GPU tests and the routing test, then Llama-3-8B's 128K prefill
          # at world size 1 with it (and HF transformers in the same run), then with the Triton

@@ -131,6 +131,14 @@ class EngineConfig:
     # 2.80 with 2, 32K 2.78 against 2.82: the round trip did not hold the device up there, so
     # the default stays 1
     pipeline_depth: int = 1
+    # pipelined steps through Ray actors: one task a step, `advance` (launch this step, return
+    # the oldest launched step's results), instead of `launch` now and that step's own `finish`
+    # later (two tasks a step). A step with no later step to carry its results (the last
+    # before a prompt's step, a pause) still asks with `finish`. In-process groups call the
+    # worker directly either way. The RINGSERVE_PIPELINE_ONE_CALL variable (0 / 1) sets the
+    # default (on)
+    pipeline_one_call: bool = field(default_factory=lambda: os.environ.get(
+        "RINGSERVE_PIPELINE_ONE_CALL", "1") != "0")
     progress_min_tokens: int = 0            # kept for compatibility: progress is per chunk now
     schedule: Optional[str] = None          # deprecated name of `layout`
     extend_chunk: Optional[int] = None      # deprecated name of `passq_max_tokens`
@@ -291,6 +299,9 @@ class Engine:
         self.sched = Scheduler(self.config.scheduler_config(equiv, info.get("long_after")),
                                self.kv, self.doc_cache, self.world_size)
         self.sched.on_preempt = self._on_preempt
+        # pipelined steps sent to Ray actors whose results no call has asked for yet, oldest
+        # first (`_send_pipelined`)
+        self._unasked: "collections.deque" = collections.deque()
         self._thread = threading.Thread(target=self._loop, name="ringserve-engine", daemon=True)
         self._thread.start()
 
@@ -528,9 +539,7 @@ class Engine:
                     self.group.call_per_rank("launch", [(p,) for p in step.plans], **kw)
                     return lambda: self.group.call_per_rank(
                         "finish", [()] * len(step.plans), **kw)
-                submit("launch", [(p,) for p in step.plans])
-                return lambda: self.group.collect(
-                    submit("finish", [()] * len(step.plans)), **kw)
+                return self._send_pipelined(step, submit, kw)
             if submit is None:
                 results = self.group.call_per_rank("execute", [(p,) for p in step.plans], **kw)
                 return lambda: results
@@ -538,6 +547,33 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - any failure there leaves the ranks unknown
             raise _StepFailed(e) from e
         return lambda: self.group.collect(refs, **kw)
+
+    def _send_pipelined(self, step: Step, submit, kw) -> Callable[[], list]:
+        """A pipelined step to Ray actors (`_send`): with `pipeline_one_call`, the oldest step
+        sent whose results were not asked for yet gets them from this step's `advance` call
+        (the workers launch this step, then return that one's results: tasks to one actor run
+        in the order sent, and both sides keep their steps oldest first), else this step is
+        launched alone. Its own results come from a later step's `advance`, or, when it is read
+        before one is sent, from its own `finish`."""
+        args = [(p,) for p in step.plans]
+        if self.config.pipeline_one_call and self._unasked:
+            self._unasked.popleft()["refs"] = submit("advance", args)
+        else:
+            submit("launch", args)
+        slot = {"refs": None}
+        if self.config.pipeline_one_call:
+            self._unasked.append(slot)
+        nranks = len(step.plans)
+
+        def collect() -> list:
+            if slot["refs"] is None:     # read before a later step asked: its own finish
+                if self._unasked and self._unasked[0] is slot:
+                    self._unasked.popleft()
+                elif any(x is slot for x in self._unasked):   # a `finish` would pop another
+                    raise RuntimeError("pipelined steps read out of order (engine bug)")
+                slot["refs"] = submit("finish", [()] * nranks)
+            return self.group.collect(slot["refs"], **kw)
+        return collect
 
     def _land(self, flight) -> bool:
         """Read a step in flight and update its requests; False when it failed (the group
@@ -970,6 +1006,7 @@ class Engine:
         """A step failed on the group: rebuild it (fresh actors, empty caches) and put every
         in-flight request back in the queue to recompute its KV; the tokens it has streamed
         stay its prefix. A request fails only past its recovery limit or if the rebuild does."""
+        self._unasked.clear()     # the steps in flight went with the old actors
         msg = f"{type(err).__name__}: {err}"
         # a remote traceback: its head names the actor, its last lines the cause
         detail = msg if len(msg) <= 2000 else msg[:300] + " ... " + msg[-1700:]

@@ -285,14 +285,83 @@ def test_llm_over_ray_keeps_a_step_in_flight(ray_session, path, ws):
         assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
     if ws == 1:
         # pipelined steps through a real actor: the graph path (emulated on CPU), each decode
-        # step launched before the one in flight is read
-        llm = LLM(str(path), world_size=1, max_kv_tokens=2048, num_cpus_per_worker=0.5,
-                  async_scheduling=True, cuda_graphs="emulate")
+        # step launched before the one in flight is read; with pipeline_one_call (the
+        # default) a step's launch carries the results of the one before (`advance`: one Ray
+        # task a step), without it each step is two (`launch`, `finish`)
+        for one_call in (True, False):
+            llm = LLM(str(path), world_size=1, max_kv_tokens=2048, num_cpus_per_worker=0.5,
+                      async_scheduling=True, cuda_graphs="emulate")
+            llm._engine.config.pipeline_one_call = one_call
+            try:
+                got = [h.result(120) for h in [llm.submit(p, sp) for p, sp in reqs]]
+                st = llm._group.call("graph_stats")[0]
+                steps = llm.stats()["steps"]
+            finally:
+                llm.shutdown()
+            for a, b in zip(got, outs[False]):
+                assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+            assert st["pipelined"] >= st["replays"] - st["graphs"] > 0, st
+            if one_call:   # most steps came by advance (each carried an older step's results)
+                assert st["advances"] >= st["pipelined"] // 2, (st, steps)
+            else:
+                assert st["advances"] == 0, st
+
+
+class OrderedGroup(ThreadGroup):
+    """ThreadGroup with ActorGroup's submit_per_rank / collect: each call runs when submitted,
+    in order (as Ray runs one caller's tasks to an actor), its result or error kept for
+    collect (as a Ray ref holds a remote error until it is read)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.sent = []
+
+    def submit_per_rank(self, method, args_list):
+        self.sent.append(method)
         try:
-            got = [h.result(120) for h in [llm.submit(p, sp) for p, sp in reqs]]
-            st = llm._group.call("graph_stats")[0]
+            return ("ok", self.call_per_rank(method, args_list))
+        except Exception as e:  # noqa: BLE001 - re-raised by collect
+            return ("err", e)
+
+    def collect(self, refs, timeout_s=None):
+        kind, val = refs
+        if kind == "err":
+            raise val
+        return val
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_one_call_a_pipelined_step_through_submitted_calls(path, depth):
+    """With a group that submits (Ray actors), each pipelined step after the first is one
+    call, `advance`, carrying the oldest unread step's results; a step read before a later one
+    was sent asks with `finish`. Outputs equal the synchronous engine's, with depth 1 and 2,
+    and after an `advance` that fails mid-stream (the group rebuilt, requests recomputed); no
+    page is left behind."""
+    reqs = requests(n=6, seed=5, max_tokens=12)
+    sync = make(path)
+    try:
+        want = run(sync, reqs)
+    finally:
+        close(sync)
+    for fail in (False, True):
+        group = OrderedGroup(1, model=str(path), kv_tokens=4096, page_size=8,
+                             cuda_graphs="emulate")
+        eng = Engine(group, Tokenizer.from_dir(path), (), EngineConfig(
+            async_scheduling=True, cuda_graphs=True, pipeline_depth=depth))
+        if fail:
+            group.fail_next("advance", 0, after=4)
+        try:
+            assert eng._pipeline and eng.config.pipeline_one_call
+            got = run(eng, reqs)
+            no_leak(eng)
+            assert group.rebuilds == (1 if fail else 0)
         finally:
-            llm.shutdown()
-        for a, b in zip(got, outs[False]):
+            close(eng)
+        for a, b in zip(got, want):
             assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
-        assert st["pipelined"] >= st["replays"] - st["graphs"] > 0, st
+            if a.logprobs is not None:
+                assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        n = {m: group.sent.count(m) for m in ("launch", "advance", "finish", "execute")}
+        assert n["execute"] == 0 and n["advance"] >= 10, n
+        if not fail:   # every launched step is read once: by a later advance or its own finish
+            assert n["launch"] + n["advance"] == n["advance"] + n["finish"], n
