@@ -524,7 +524,9 @@ def _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset):
     from .flash_fwd_gluon import flash_attn_fwd_gluon
     key = (q.dtype, q.shape[3], bool(causal))
     try:
-        return flash_attn_fwd_gluon(q, k, v, softmax_scale, causal, q_offset, k_offset)
+        # the routing (_gluon_applies) checked what the wrapper would check again
+        return flash_attn_fwd_gluon(q, k, v, softmax_scale, causal, q_offset, k_offset,
+                                    check=False)
     except Exception as e:  # noqa: BLE001 - a compile or launch failure: Triton from now on
         _gluon_broken[key] = repr(e)[:300]
         warnings.warn(f"flash_attn_fwd: the Gluon kernel failed for {key} ({e!r:.200}); the "

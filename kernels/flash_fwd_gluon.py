@@ -555,16 +555,19 @@ def _descriptor(t: torch.Tensor, block_rows: int):
 
 def flash_attn_fwd_gluon(q, k, v, softmax_scale=None, causal=False, q_offset=0, k_offset=0,
                          *, q_stride=1, k_stride=1, window_size=None, softcap=None,
-                         config: Optional[dict] = None):
+                         config: Optional[dict] = None, check: bool = True):
     """Attention forward on Hopper through the Gluon kernel. Returns (out (B, Sq, Hq, D) in
     q.dtype, lse (B, Hq, Sq) float32, natural log). Query row i sits at position
     q_offset + i * q_stride, key row j at k_offset + j * k_stride. Causal: key visible iff
     k_pos <= q_pos; window_size w: also q_pos - k_pos <= w (not causal: |q_pos - k_pos| <= w);
     softcap c: scores c * tanh(s * scale / c) (None or 0: off). Raises ValueError where
-    `gluon_supported` is False. config: {"BLOCK_N", "STAGES", "PINGPONG"} overrides."""
-    why = gluon_unsupported_reason(q, k, v, causal, window_size, softcap, q_stride, k_stride)
-    if why is not None:
-        raise ValueError(f"flash_attn_fwd_gluon: unsupported input: {why}")
+    `gluon_supported` is False. config: {"BLOCK_N", "STAGES", "PINGPONG"} overrides.
+    check=False skips those checks (flash_fwd.flash_attn_fwd, whose routing made them)."""
+    if check:
+        why = gluon_unsupported_reason(q, k, v, causal, window_size, softcap, q_stride,
+                                       k_stride)
+        if why is not None:
+            raise ValueError(f"flash_attn_fwd_gluon: unsupported input: {why}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     B, Sq, Hq, D = q.shape
