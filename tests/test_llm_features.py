@@ -184,7 +184,8 @@ def test_off_cuda_the_defaults_are_the_eager_torch_path(llm):
     assert llm.config.cuda_graphs is False
     assert llm._group.call("features") == [{"cuda_graphs": False, "fused_kernels": False}] * 2
     assert llm._group.call("graph_stats") == [{"graphs": 0, "replays": 0, "evictions": 0,
-                                               "captured_ahead": 0, "pipelined": 0}] * 2
+                                               "captured_ahead": 0, "pipelined": 0,
+                                               "advances": 0}] * 2
 
 
 def test_bad_options_fail_before_any_work():
