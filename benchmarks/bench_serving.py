@@ -394,6 +394,9 @@ def main(argv=None) -> int:
                    help="LLM(async_scheduling=...): the next decode step planned and sent "
                         "while one runs (default: the engine's, on with CUDA at world size 1; "
                         "--no-async-scheduling: the synchronous engine)")
+    p.add_argument("--in-process", action="store_true",
+                   help="LLM(in_process=True): world size 1, the worker in this process (no "
+                        "Ray actor: each step a direct call)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -417,7 +420,7 @@ def main(argv=None) -> int:
     import torch
     from ringserve import LLM, SamplingParams
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() and not args.in_process:
         ray.init(include_dashboard=False)
     cfg = hf_config(args.preset, max(args.prefill_len, args.doc_len) * 2)
     t = time.perf_counter()
@@ -428,7 +431,7 @@ def main(argv=None) -> int:
               dtype="float32" if cpu else "bfloat16", tokenizer=None,
               cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              async_scheduling=args.async_scheduling,
+              async_scheduling=args.async_scheduling, in_process=args.in_process,
               **({"max_kv_tokens": 4 * (args.prefill_len + args.doc_len)} if cpu else {}))
     print(f"[serving] up in {time.perf_counter() - t:.1f} s, capacity {llm.capacity_tokens} "
           f"tokens, budget {llm.config.max_num_batched_tokens}", flush=True)

@@ -80,6 +80,21 @@ def test_bench_serving_runs_on_cpu(ray_session, tmp_path):
     assert res["compiles_after_warmup"] == [] and res["compile_causes"] == []
 
 
+def test_bench_serving_with_the_worker_in_process(tmp_path):
+    """--in-process: the same scenarios with LLM(in_process=True) (no Ray actor), its
+    round-trip stamps paired as through an actor."""
+    out = tmp_path / "serving.json"
+    rc = _module().main(["--device", "cpu", "--preset", "tiny", "--doc-len", "256",
+                         "--out-tokens", "4", "--stream-tokens", "16", "--concurrency", "2",
+                         "--scenarios", "single,concurrent", "--in-process",
+                         "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["args"]["in_process"] is True and res["single"]["decode_ms"] > 0
+    (r,) = res["concurrent"]["rows"]
+    assert r["n"] == 2 and r["round_trip_ms"]["pairs"] >= r["steps"], r
+
+
 @pytest.mark.parametrize("bad", ["12:x", "0", "128:-1"])
 def test_bench_serving_refuses_bad_budgets(bad):
     """--budgets items are B or B:k with B >= 1 and k >= 0: anything else is a usage error
