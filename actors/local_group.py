@@ -18,6 +18,8 @@ from __future__ import annotations
 import gc
 from typing import Any, List, Optional, Sequence
 
+from .errors import GroupSetupError
+
 
 class LocalGroup:
     """`worker_cls(0, 1, device, **worker_kwargs)` in this process, with ActorGroup's calls:
@@ -53,7 +55,6 @@ class LocalGroup:
 
     def _need(self, method: str):
         if self.worker is None:
-            from .errors import GroupSetupError
             raise GroupSetupError(f"the in-process worker is shut down (or its last start "
                                   f"failed); rebuild() it before calling {method!r}")
         return getattr(self.worker, method)

@@ -77,6 +77,18 @@ def slice_ref(q, k, v, causal, n=1024):
     return (torch.softmax(s, -1) @ vv).transpose(1, 2)
 
 
+def time_fns(fns, res, flops, rep):
+    """res[name] = TFLOP/s and res[name + "_ms"] (median of do_bench) for every fn whose
+    output was checked (res[name + "_err_ref"] set); nan for one that failed."""
+    for n, fn in fns.items():
+        if n + "_err_ref" not in res:
+            res[n] = float("nan")
+            continue
+        ms = do_bench(fn, warmup=50, rep=rep, return_mode="median")
+        res[n] = flops / ms * 1e-9
+        res[n + "_ms"] = ms
+
+
 def make_fns(q, k, v, causal, tcfg, gl_variants):
     fns = {"cudnn": cudnn_fn(q, k, v, causal),
            "triton": lambda: flash_attn_fwd(q, k, v, None, causal, config=tcfg,
@@ -168,13 +180,7 @@ def run_masks(args, tcfg):
             res["gluon_vs_triton"] = (outs["gluon"].float() - outs["triton"].float()
                                       ).abs().max().item()
         outs.clear()
-        for n, fn in fns.items():
-            if n + "_err_ref" not in res:
-                res[n] = float("nan")
-                continue
-            ms = do_bench(fn, warmup=50, rep=args.rep, return_mode="median")
-            res[n] = flops / ms * 1e-9
-            res[n + "_ms"] = ms
+        time_fns(fns, res, flops, args.rep)
         log(f"  {name}: triton={res['triton']:.0f} gluon={res['gluon']:.0f} TFLOP/s; errs vs "
             f"ref triton={res.get('triton_err_ref', float('nan')):.1e} "
             f"gluon={res.get('gluon_err_ref', float('nan')):.1e}")
@@ -257,13 +263,7 @@ def main():
                         if m in outs and m != n:
                             res[f"{n}_vs_{m}"] = (o.float() - outs[m].float()).abs().max().item()
                 outs.clear()
-                for n, fn in fns.items():
-                    if n + "_err_ref" not in res:
-                        res[n] = float("nan")
-                        continue
-                    ms = do_bench(fn, warmup=50, rep=args.rep, return_mode="median")
-                    res[n] = flops / ms * 1e-9
-                    res[n + "_ms"] = ms
+                time_fns(fns, res, flops, args.rep)
                 log("  " + " ".join(f"{n}={res[n]:.0f}" for n in fns) + " TFLOP/s; errs vs ref "
                     + " ".join(f"{n}={res.get(n + '_err_ref', float('nan')):.1e}" for n in fns))
                 rows.append(res)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from threadgroup import ThreadGroup
-from tinymodels import hf_greedy, load_hf, tiny_model
+from tinymodels import hf_greedy, hf_reference, load_hf, tiny_model
 from ringserve.doc_cache import doc_key
 from ringserve.engine import Engine, EngineConfig
 from ringserve.kv_manager import balanced_counts
@@ -34,18 +34,7 @@ def reference(tmp_path_factory, family):
     if family not in _REF:
         path = tiny_model(tmp_path_factory, family)
         hf = load_hf(path)
-        hf.generation_config.eos_token_id = None
-        hf.generation_config.pad_token_id = 0
-        g = torch.Generator().manual_seed(7 + sum(map(ord, family)))
-        prompts = [torch.randint(0, hf.config.vocab_size, (n,), generator=g).tolist()
-                   for n in PROMPT_LENS]
-        out = []
-        with torch.no_grad():
-            for ids in prompts:
-                x = torch.tensor([ids])
-                lp = torch.log_softmax(hf(x).logits[0].double(), -1)[:-1]
-                lp = lp.gather(1, x[0, 1:, None])[:, 0]
-                out.append((ids, lp, hf_greedy(hf, ids, NEW_TOKENS)))
+        out = hf_reference(hf, 7 + sum(map(ord, family)), PROMPT_LENS, NEW_TOKENS)
         _REF[family] = (path, hf, out)
     return _REF[family]
 

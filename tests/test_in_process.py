@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from tinymodels import hf_greedy, load_hf, tiny_model
+from tinymodels import hf_reference, load_hf, tiny_model
 from ringserve import LLM, SamplingParams
 
 NEW_TOKENS = 24
@@ -24,19 +24,7 @@ PROMPT_LENS = (29, 45)
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     path = tiny_model(tmp_path_factory, "qwen2")
-    hf = load_hf(path)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, hf.config.vocab_size, (n,), generator=g).tolist()
-               for n in PROMPT_LENS]
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            lp = torch.log_softmax(hf(x).logits[0].double(), -1)[:-1].gather(1, x[0, 1:, None])
-            out.append((ids, lp[:, 0], hf_greedy(hf, ids, NEW_TOKENS)))
-    return path, out
+    return path, hf_reference(load_hf(path), 11, PROMPT_LENS, NEW_TOKENS)
 
 
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)

@@ -4,7 +4,7 @@ sliding window 16, prompts longer than the window) and Qwen2 (QKV bias, tied emb
 import pytest
 import torch
 
-from tinymodels import hf_greedy, load_hf, tiny_model
+from tinymodels import hf_reference, load_hf, tiny_model
 from ringserve import LLM, SamplingParams
 
 # The full matrix (3 families x world sizes 1-3 x both schedules) runs in-process in
@@ -21,19 +21,7 @@ def reference(tmp_path_factory, family):
     """HF's prompt logprobs and greedy continuations, computed once per family."""
     if family not in _REF:
         path = tiny_model(tmp_path_factory, family)
-        hf = load_hf(path)
-        hf.generation_config.eos_token_id = None  # compare exactly NEW_TOKENS tokens
-        hf.generation_config.pad_token_id = 0
-        g = torch.Generator().manual_seed(sum(map(ord, family)))
-        vocab = hf.config.vocab_size
-        prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
-        out = []
-        with torch.no_grad():
-            for ids in prompts:
-                x = torch.tensor([ids])
-                lp = torch.log_softmax(hf(x).logits[0].double(), -1)
-                lp = lp[:-1].gather(1, x[0, 1:, None])[:, 0]
-                out.append((ids, lp, hf_greedy(hf, ids, NEW_TOKENS)))
+        out = hf_reference(load_hf(path), sum(map(ord, family)), PROMPT_LENS, NEW_TOKENS)
         _REF[family] = (path, out)
     return _REF[family]
 

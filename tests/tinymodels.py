@@ -353,3 +353,21 @@ def hf_greedy(hf, ids, n, full_forward=False):
         for _ in range(n):
             x.append(int(hf(torch.tensor([x])).logits[0, -1].argmax()))
         return x[len(ids):]
+
+
+def hf_reference(hf, seed: int, prompt_lens, new_tokens: int):
+    """Random prompts of `prompt_lens` tokens (a generator seeded with `seed`) and, for each,
+    transformers' float64 log-probs of its tokens and its `new_tokens` greedy continuation
+    (no EOS: exactly that many): [(ids, logprobs (len - 1,), greedy ids)]."""
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, hf.config.vocab_size, (n,), generator=g).tolist()
+               for n in prompt_lens]
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            lp = torch.log_softmax(hf(x).logits[0].double(), -1)[:-1]
+            out.append((ids, lp.gather(1, x[0, 1:, None])[:, 0], hf_greedy(hf, ids, new_tokens)))
+    return out
