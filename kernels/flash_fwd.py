@@ -370,32 +370,51 @@ def _descriptor(t: torch.Tensor, block_n: int, D: int):
 # The Hopper kernel in Gluon (flash_fwd_gluon.py: a TMA producer warp, two consumer
 # warpgroups whose softmax runs under their own in-flight wgmma) where it applies: sm_90, bf16 /
 # fp16, head dim 64 / 128 for q, k and v, one sequence (B = 1: rows past a batch's keys are
-# never read as another batch's values), unit position strides, no window, no soft-cap, and
-# problems of at least GLUON_MIN_WORK query x key pairs (below, its host work, three
-# descriptors and triton's launch path, is not paid back). On one H200 (session 22,
-# bench_gluon_fwd.py, bf16 D128, 16K / 32K, MHA / GQA, causal and not) it ran 607-645 TFLOP/s
-# against cuDNN's 580-626 and this file's Triton kernel's 508-569. RINGSERVE_FLASH_IMPL=triton
+# never read as another batch's values), and problems of at least GLUON_MIN_WORK query x key
+# pairs (below, its host work, three descriptors and triton's launch path, is not paid back).
+# On one H200 (session 22, bench_gluon_fwd.py, bf16 D128, 16K / 32K, MHA / GQA, causal and
+# not) it ran 607-645 TFLOP/s against cuDNN's 580-626 and this file's Triton kernel's 508-569.
+# Strided (striped-ring) positions, windows and soft-caps too since session 23 (their GPU
+# tests passed; bench_gluon_fwd.py --striped at 32K: 1.09-1.14x the Triton kernel on striped
+# shards, windows of 4096 causal and two-sided, and a 50.0 soft-cap). RINGSERVE_FLASH_IMPL=triton
 # (or impl="triton") keeps the Triton kernel; "gluon" asks for the Gluon one wherever it applies.
 IMPLS = ("auto", "triton", "gluon")
 GLUON_MIN_WORK = 1 << 22
 _IMPL_DEFAULT = os.environ.get("RINGSERVE_FLASH_IMPL", "auto")
-_gluon_broken: dict = {}   # (dtype, D, causal) -> why its Gluon launch failed here (then Triton)
+_gluon_broken: dict = {}   # `_gluon_key` -> why its Gluon launch failed here (then Triton)
+
+
+def _gluon_key(q, causal, window_size, softcap, q_stride, k_stride) -> tuple:
+    """`_gluon_broken`'s key: dtype, head dim, causal, and which mask paths (strided
+    positions, a window, a soft-cap) the program has: one failing variant leaves the others."""
+    return (q.dtype, q.shape[3], bool(causal), q_stride != 1 or k_stride != 1,
+            window_size is not None, bool(softcap))
 
 
 def _gluon_applies(q, k, v, causal, window_size, softcap, q_stride, k_stride,
-                   min_work: int) -> bool:
+                   min_work: int, q_offset: int = 0, k_offset: int = 0) -> bool:
     B, Sq, Hq, D = q.shape
-    if not (q.is_cuda and B == 1 and window_size is None and not softcap
-            and q_stride == 1 and k_stride == 1 and D in (64, 128)
+    if not (q.is_cuda and B == 1 and D in (64, 128)
             and q.dtype in (torch.bfloat16, torch.float16)
             and k.shape == v.shape and Sq * k.shape[1] >= min_work
-            and (q.dtype, D, bool(causal)) not in _gluon_broken):
+            and _gluon_key(q, causal, window_size, softcap, q_stride, k_stride)
+            not in _gluon_broken):
         return False
+    if (q_stride != 1 or k_stride != 1 or window_size is not None) and _gluon_span(
+            q, k, q_offset, k_offset, q_stride, k_stride) >= 2 ** 30:
+        return False      # its position arithmetic is int32 (the Triton kernel's is not)
     p = _props(q.device)
     if (p.major, p.minor) != (9, 0):
         return False
     from . import flash_fwd_gluon as fg
     return fg.GLUON_AVAILABLE and all(fg._tma_layout_ok(t) for t in (q, k, v))
+
+
+def _gluon_span(q, k, q_offset, k_offset, q_stride, k_stride) -> int:
+    """The position range the Gluon kernel's strided / windowed bounds compute in (as
+    flash_attn_fwd_gluon checks)."""
+    return (abs(int(q_offset)) + abs(int(k_offset)) + q.shape[1] * int(q_stride)
+            + k.shape[1] * int(k_stride))
 
 
 def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
@@ -426,12 +445,14 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     if impl == "gluon" or (impl == "auto" and use_tma is None and not warp_specialize
                            and config is None):
         if _gluon_applies(q, k, v, causal, window_size, softcap, q_stride, k_stride,
-                          GLUON_MIN_WORK if impl == "auto" else 1):
-            out = _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset)
+                          GLUON_MIN_WORK if impl == "auto" else 1, q_offset, k_offset):
+            out = _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride,
+                             k_stride, window_size, softcap)
             if out is not None:
                 return out
         elif impl == "gluon":
-            why = _gluon_refusal(q, k, v, causal, window_size, softcap, q_stride, k_stride)
+            why = _gluon_refusal(q, k, v, causal, window_size, softcap, q_stride, k_stride,
+                                 q_offset, k_offset)
             raise ValueError(f"flash_attn_fwd(impl='gluon'): the Gluon kernel does not apply: "
                              f"{why}")
     B, Sq, Hq, D = q.shape
@@ -503,30 +524,33 @@ def flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, window_size=None,
     return out, lse
 
 
-def _gluon_refusal(q, k, v, causal, window_size, softcap, q_stride, k_stride) -> str:
+def _gluon_refusal(q, k, v, causal, window_size, softcap, q_stride, k_stride, q_offset=0,
+                   k_offset=0) -> str:
     """Why `_gluon_applies` said no, for impl="gluon"'s error."""
-    if (q_stride, k_stride) != (1, 1) or window_size is not None or softcap:
-        # flash_fwd_gluon.py has these paths (STRIDED, HAS_WINDOW, SOFTCAP) but they have not
-        # run on a GPU yet: until they have, the Triton kernel takes them
-        return "strided positions, windows and soft-caps stay on the Triton kernel"
     if q.dim() == 4 and q.shape[0] != 1:
         return f"one sequence (B = 1) only, got B = {q.shape[0]}"
-    if (q.dtype, q.shape[-1], bool(causal)) in _gluon_broken:
-        return f"it failed here before: {_gluon_broken[(q.dtype, q.shape[-1], bool(causal))]}"
+    key = _gluon_key(q, causal, window_size, softcap, q_stride, k_stride)
+    if key in _gluon_broken:
+        return f"it failed here before: {_gluon_broken[key]}"
     from .flash_fwd_gluon import gluon_unsupported_reason
-    return (gluon_unsupported_reason(q, k, v, causal) or "values narrower than keys (MLA's "
-            "expanded form) stay on the Triton kernel")
+    why = gluon_unsupported_reason(q, k, v, causal, window_size, softcap, q_stride, k_stride)
+    if why is None and (q_stride != 1 or k_stride != 1 or window_size is not None):
+        if _gluon_span(q, k, q_offset, k_offset, q_stride, k_stride) >= 2 ** 30:
+            why = "positions out of its int32 range"
+    return why or "values narrower than keys (MLA's expanded form) stay on the Triton kernel"
 
 
-def _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset):
+def _gluon_fwd(q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride=1, k_stride=1,
+               window_size=None, softcap=None):
     """The Gluon kernel's (out, lse); None (and a warning, once per dtype / head dim / mask)
     when it fails to compile or launch here: that key takes the Triton kernel from then on."""
     from .flash_fwd_gluon import flash_attn_fwd_gluon
-    key = (q.dtype, q.shape[3], bool(causal))
+    key = _gluon_key(q, causal, window_size, softcap, q_stride, k_stride)
     try:
         # the routing (_gluon_applies) checked what the wrapper would check again
         return flash_attn_fwd_gluon(q, k, v, softmax_scale, causal, q_offset, k_offset,
-                                    check=False)
+                                    q_stride=q_stride, k_stride=k_stride,
+                                    window_size=window_size, softcap=softcap, check=False)
     except Exception as e:  # noqa: BLE001 - a compile or launch failure: Triton from now on
         _gluon_broken[key] = repr(e)[:300]
         warnings.warn(f"flash_attn_fwd: the Gluon kernel failed for {key} ({e!r:.200}); the "

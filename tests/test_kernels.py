@@ -1022,9 +1022,14 @@ def test_flash_impl_choice_and_the_gluon_fallback(monkeypatch):
         flash_fwd.flash_attn_fwd(q, k, v, causal=True, impl="cutlass")
     with pytest.raises(ValueError, match="Gluon kernel does not apply: q is not on a CUDA"):
         flash_fwd.flash_attn_fwd(q, k, v, causal=True, impl="gluon")
-    with pytest.raises(ValueError, match="windows and soft-caps stay on the Triton kernel"):
+    with pytest.raises(ValueError, match="Gluon kernel does not apply: q is not on a CUDA"):
         flash_fwd.flash_attn_fwd(q, k, v, causal=True, window_size=8, impl="gluon")
     assert not flash_fwd._gluon_applies(q, k, v, True, None, None, 1, 1, 1)   # CPU tensors
+    # one failing program (dtype, head dim, causal, mask paths) leaves the others to Gluon
+    assert flash_fwd._gluon_key(q, True, None, None, 1, 1) \
+        != flash_fwd._gluon_key(q, True, 8, None, 1, 1) \
+        != flash_fwd._gluon_key(q, True, 8, 30.0, 1, 1) \
+        != flash_fwd._gluon_key(q, True, 8, 30.0, 2, 2)
     calls = []
 
     def broken(*a, **kw):
@@ -1033,7 +1038,8 @@ def test_flash_impl_choice_and_the_gluon_fallback(monkeypatch):
     monkeypatch.setattr(flash_fwd, "_gluon_broken", {})
     monkeypatch.setattr(flash_fwd_gluon, "flash_attn_fwd_gluon", broken)
     monkeypatch.setattr(flash_fwd, "_gluon_applies",
-                        lambda q, *a: (q.dtype, q.shape[3], a[2]) not in flash_fwd._gluon_broken)
+                        lambda q, k, v, c, w, sc, qs, ks, *a:
+                        flash_fwd._gluon_key(q, c, w, sc, qs, ks) not in flash_fwd._gluon_broken)
     with pytest.warns(UserWarning, match="Gluon kernel failed .* Triton kernel takes"):
         out, lse = flash_fwd.flash_attn_fwd(q, k, v, causal=True)
     check_close(out, lse, ref_out, ref_lse, torch.float32)
@@ -1041,4 +1047,12 @@ def test_flash_impl_choice_and_the_gluon_fallback(monkeypatch):
         warnings.simplefilter("error")
         out, lse = flash_fwd.flash_attn_fwd(q, k, v, causal=True)
     check_close(out, lse, ref_out, ref_lse, torch.float32)
-    assert len(calls) == 1 and (torch.float32, 64, True) in flash_fwd._gluon_broken
+    assert len(calls) == 1 and list(flash_fwd._gluon_broken) == [
+        (torch.float32, 64, True, False, False, False)]
+    # a windowed call is another program: tried once (the wrapper gets the window), then
+    # Triton for it too
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True, window_size=8)
+    with pytest.warns(UserWarning, match="Gluon kernel failed"):
+        out, lse = flash_fwd.flash_attn_fwd(q, k, v, causal=True, window_size=8)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+    assert len(calls) == 2 and len(flash_fwd._gluon_broken) == 2

@@ -810,8 +810,9 @@ def test_moe_route_gpu():
 def test_flash_default_takes_the_gluon_kernel_on_hopper(causal, monkeypatch):
     """flash_attn_fwd's default on an H100 / H200: a long chunk (one sequence, GQA, a causal
     chunk at the end of its keys) runs the Gluon kernel and meets the 2x rule against float64,
-    as the Triton kernel (impl="triton") does on the same inputs; two sequences (B = 2), a
-    window, or a short problem stay on the Triton kernel."""
+    as the Triton kernel (impl="triton") does on the same inputs, and so do a window and a
+    striped ring shard's positions (session 23); two sequences (B = 2) or a short problem stay
+    on the Triton kernel."""
     from ringserve.kernels import flash_fwd, flash_fwd_gluon
     if not flash_fwd_gluon.GLUON_AVAILABLE or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"needs sm_90 and Gluon: {flash_fwd_gluon.GLUON_UNAVAILABLE_REASON}")
@@ -834,6 +835,14 @@ def test_flash_default_takes_the_gluon_kernel_on_hopper(causal, monkeypatch):
     assert out.is_contiguous() and out.shape == t_out.shape
     q2, k2, v2 = make(2, 3001, 3001, 8, 8, 128, torch.bfloat16, seed=32)
     flash_fwd.flash_attn_fwd(q2, k2, v2, causal=causal)
-    flash_fwd.flash_attn_fwd(q, k, v, causal=causal, window_size=512, q_offset=off)
     flash_fwd.flash_attn_fwd(q[:, :64], k[:, :64], v[:, :64], causal=causal)
     assert len(seen) == 1
+    for kw in (dict(window_size=512, q_offset=off),
+               dict(q_offset=1, q_stride=2, k_stride=2)):    # rank 1's shard of a 2-rank ring
+        out, lse = flash_fwd.flash_attn_fwd(q, k, v, causal=causal, **kw)
+        args = (kw.get("window_size"), kw["q_offset"], kw.get("q_stride", 1), 0,
+                kw.get("k_stride", 1))
+        ref_out, ref_lse = attention_ref(q, k, v, None, causal, *args)
+        lowp, _ = attention_ref(q, k, v, None, causal, *args, dtype=torch.bfloat16)
+        check_lowp(out, lse, ref_out, ref_lse, lowp, f"gluon {kw}")
+    assert len(seen) == 3 and not flash_fwd._gluon_broken
