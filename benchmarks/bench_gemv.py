@@ -6,6 +6,7 @@ of reading the weight once at the device's copy bandwidth. Then MLA's per-head a
 against torch.einsum the same way (`--heads-only`: that part alone).
 
   python3 benchmarks/bench_gemv.py --json out.json        # GPU
+  python3 benchmarks/bench_gemv.py --few --rows 4,16 --shapes llama3-8b   # gemm_few's sweep
 """
 from __future__ import annotations
 
@@ -34,13 +35,19 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default="2,3,4",
                    help="software-pipelining stages of the K loop tried on each shape's four "
                         "best tiles ('' for none; a 3-element tile is 1 stage)")
+    p.add_argument("--few", action="store_true",
+                   help="the tensor-core few-row GEMM (gemm_few: 2-64 rows, the batch-16 "
+                        "decode step's projections) swept instead of the GEMV, and no per-head "
+                        "rows")
+    p.add_argument("--shapes", default="",
+                   help="only the shapes whose name contains this (e.g. llama3-8b)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA device")
     from triton.testing import do_bench_cudagraph
 
     from bench_moe_gemv import copy_bandwidth    # beside this file
-    from ringserve.kernels.gemv import gemv, gemv_blocks
+    from ringserve.kernels.gemv import gemm_few, gemm_few_blocks, gemv, gemv_blocks
 
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
@@ -48,7 +55,11 @@ def main(argv=None) -> int:
     cfgs = list(itertools.product((1, 2, 4, 8), (256, 512), (4, 8)))
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
+    few_cfgs = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256)
+                for st in (3, 4, 5)]
     for name, (N, K) in ({} if a.heads_only else SHAPES).items():
+        if a.shapes not in name:
+            continue
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=g) * 0.02
         floor_us = N * K * 2 / bw * 1e6
         for M in (int(s) for s in a.rows.split(",")):
@@ -57,11 +68,17 @@ def main(argv=None) -> int:
             cublas = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x, w),
                                         rep=40) * 1e3
             mp = 1 << (M - 1).bit_length()
-            make = lambda c, x=x, w=w: functools.partial(gemv, x, w, blocks=c)  # noqa: E731
-            times = _sweep([c for c in cfgs if mp * c[0] * c[1] <= 8192], make, ref,
-                           f"{name} M={M}")
-            times.update(_staged(times, a.stages, make, ref, f"{name} M={M}"))
-            default = tuple(gemv_blocks(N, K))
+            if a.few:
+                make = lambda c, x=x, w=w: functools.partial(gemm_few, x, w,  # noqa: E731
+                                                             blocks=c)
+                times = _sweep(few_cfgs, make, ref, f"{name} M={M} few")
+                default = tuple(gemm_few_blocks(N, K))
+            else:
+                make = lambda c, x=x, w=w: functools.partial(gemv, x, w, blocks=c)  # noqa: E731
+                times = _sweep([c for c in cfgs if mp * c[0] * c[1] <= 8192], make, ref,
+                               f"{name} M={M}")
+                times.update(_staged(times, a.stages, make, ref, f"{name} M={M}"))
+                default = tuple(gemv_blocks(N, K))
             if default not in times:     # the shape's default tile, timed even where the
                 times.update(_sweep([default], make, ref, f"{name} M={M}"))   # sweep missed it
             best = min(times, key=times.get)
@@ -73,8 +90,9 @@ def main(argv=None) -> int:
             print(f"{name} M={M}: floor {floor_us:.1f} us, cuBLAS {cublas:.1f}, default "
                   f"{row['default_us'] or float('nan'):.1f}, best {best} {times[best]:.1f}",
                   flush=True)
-    rows += _heads(a, dev, bw, g)
-    rows += _absorb_in_rope(dev, bw, g)
+    if not a.few:
+        rows += _heads(a, dev, bw, g)
+        rows += _absorb_in_rope(dev, bw, g)
     print(f"\n{'shape':>24} | {'M':>2} | {'floor':>6} | {'cuBLAS':>6} | {'x fl':>5} | "
           f"{'default':>7} | {'best':>6} | {'x fl':>5} | best (BLOCK_N, BLOCK_K, warps[, stages])")
     for r in rows:

@@ -140,6 +140,19 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s23c)  # session 23: the batch-16 decode step (per-GPU-speed issue, 1.61x its floor): the
+         # tensor-core few-row GEMM (kernels/gemv.py gemm_few) swept against cuBLAS at Llama-3-8B's
+         # projections, 4 and 16 rows; then profile_decode at 128K with 16 questions on the
+         # document, with gemm_few (RINGSERVE_GEMM_FEW_ROWS=16) and without (cuBLAS, the default)
+    timeout 150 python3 "$REPO/benchmarks/bench_gemv.py" --few --rows 4,16 --shapes llama3-8b \
+      --json "$OUT/bench_gemm_few.json" 2>&1 | tee "$OUT/bench_gemm_few.log" \
+      | grep -E "^ *llama|shape" | tail -9
+    for few in 16 0; do
+      RINGSERVE_GEMM_FEW_ROWS=$few timeout $((few ? 200 : 150)) python3 \
+        "$REPO/benchmarks/profile_decode.py" --lengths 131072 --batch 16 --fused-kernels \
+        --json "$OUT/prof_b16_few$few.json" 2>&1 | tee "$OUT/prof_b16_few$few.log" \
+        | grep -E "one graph step|back to back|^ *131072 \|" | cut -c1-250 | head -3
+    done ;;
   s23b)  # session 23: the Gluon routing test (windows and striped shards now routed), the
          # bench_kernels table with the Gluon default (its 64K rows never ran with it), where a
          # 128K prefill's late chunk spends its time (profile_step --single: chunked as LLM does

@@ -192,6 +192,126 @@ def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.numel() <= GEMV_MAX_WEIGHTS
 
 
+# ------------------------------------------------------------------------------------------
+# A few rows (2-64) on the tensor cores: the batch-16 decode step's projections (a shared
+# document's 16 questions). `gemv` above multiplies on the CUDA cores, its (rows, BLOCK_N,
+# BLOCK_K) products in registers: fine for one row, too many registers for 16. Here each
+# program owns BLOCK_N output columns over the whole K as gemv's do (each weight read once, no
+# split-K), and multiplies the rows, padded to MP >= 16 (tl.dot's smallest M), with tl.dot;
+# the loads of its K loop are software-pipelined (STAGES). Until measured on a GPU against
+# cuBLAS (benchmarks/bench_gemv.py --few), the model takes it only where
+# RINGSERVE_GEMM_FEW_ROWS says (its largest row count; default 0: off).
+FEW_ROWS_MAX = int(os.environ.get("RINGSERVE_GEMM_FEW_ROWS", "0"))
+FEW_ROWS_LIMIT = 64     # gemm_few's largest row count (MP = 64: a (64, BLOCK_N) accumulator)
+
+
+@triton.jit
+def _gemm_few_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
+                     MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ADD: tl.constexpr, DOT_PREC: tl.constexpr,
+                     STAGES: tl.constexpr = None, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ms = tl.arange(0, MP)
+    m_ok = ms < M
+    w_rows = W + cols.to(tl.int64)[:, None] * s_wn
+    acc = tl.zeros((MP, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w = tl.load(w_rows + ks[None, :] * s_wk, mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0)                                                 # (BN, BK)
+        x = tl.load(X + ms[:, None] * s_xm + ks[None, :] * s_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)             # (MP, BK)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptr = Y + ms[:, None].to(tl.int64) * s_ym + cols[None, :]
+    y_ok = m_ok[:, None] & col_ok[None, :]
+    if ADD == 1:    # y += x @ w^T, rounded once (as addmm_)
+        y += tl.load(y_ptr, mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=y_ok)
+
+
+_gemm_few_fast = FastLaunch(_gemm_few_kernel)
+
+
+def gemm_few_blocks(n: int, k: int) -> Tuple[int, int, int, int]:
+    """gemm_few's default tile for an (n, k) weight: (BLOCK_N, 256, 4 warps, 4 stages),
+    BLOCK_N 32 where that still gives 264 programs (two per SM of an H200), else 16."""
+    return (32 if n >= 32 * 264 else 16), 256, 4, 4
+
+
+def gemm_few(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
+             blocks: Optional[Tuple[int, ...]] = None, out_dtype: Optional[torch.dtype] = None,
+             add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T (+ b (N,)) -> (M, N) for 1 <= M <= FEW_ROWS_LIMIT rows on the
+    tensor cores (float32 sums), x and w of one dtype; the output is out_dtype (default x's).
+    add_to: an (M, N) tensor with unit column stride the product is added into (returned; as
+    `add_to.addmm_(x, w.t())`). blocks: (BLOCK_N >= 16, BLOCK_K >= 16, num_warps[, stages]),
+    default `gemm_few_blocks(N, K)`."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemm_few: x {tuple(x.shape)} must be (M, K) and w "
+                         f"{tuple(w.shape)} (N, K)")
+    if not x.is_floating_point() or x.dtype != w.dtype or x.device != w.device:
+        raise ValueError(f"gemm_few: x ({x.dtype}, {x.device}) and w ({w.dtype}, {w.device}) "
+                         f"must be of one floating dtype on one device")
+    M, K = x.shape
+    N = w.shape[0]
+    if M > FEW_ROWS_LIMIT:
+        raise ValueError(f"gemm_few: {M} rows (at most {FEW_ROWS_LIMIT}; F.linear beyond)")
+    if b is not None and (tuple(b.shape) != (N,) or b.device != x.device):
+        raise ValueError(f"gemm_few: bias {tuple(b.shape)} must be ({N},) on {x.device}")
+    if add_to is not None:
+        if tuple(add_to.shape) != (M, N) or add_to.stride(1) != 1 or add_to.device != x.device:
+            raise ValueError(f"gemm_few: add_to {tuple(add_to.shape)} must be ({M}, {N}) with "
+                             f"unit column stride, on {x.device}")
+        y = add_to
+    else:
+        y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    bn, bk, warps, stages = _tiles(blocks or gemm_few_blocks(N, K), x)
+    if bn < 16 or bk < 16:
+        raise ValueError(f"gemm_few: BLOCK_N and BLOCK_K must be >= 16 (tl.dot), got {bn}, {bk}")
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        return y if add_to is not None else (y.zero_() if b is None else y.copy_(
+            b.to(y.dtype).expand(M, N)))
+    _gemm_few_fast((cdiv(N, bn),),
+        x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
+        MP=max(16, next_pow2(M)), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None,
+        ADD=1 if add_to is not None else 0,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        STAGES=_stages(stages), num_warps=warps, **pdl_kw(x.device))
+    return y
+
+
+def gemm_few_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the few-token path takes `gemm_few` for x @ w^T: 2 to FEW_ROWS_MAX rows
+    (RINGSERVE_GEMM_FEW_ROWS; default 0: never) and a weight of at most GEMV_MAX_WEIGHTS
+    values (one row is `gemv`'s)."""
+    return x.dim() == 2 and 2 <= x.shape[0] <= min(FEW_ROWS_MAX, FEW_ROWS_LIMIT) \
+        and w.dim() == 2 and w.numel() <= GEMV_MAX_WEIGHTS
+
+
+def few_rows_down(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
+                  add_to: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """a @ w^T (+ b), or add_to += a @ w^T, by `gemv` (one row) or `gemm_few` (a few) where
+    it wins and a, w (and add_to) share a dtype; None: not taken (the caller's cuBLAS)."""
+    if a.dtype != w.dtype:
+        return None
+    fn = gemv if gemv_wins(a, w) else (gemm_few if gemm_few_wins(a, w) else None)
+    if fn is None:
+        return None
+    if add_to is None:
+        return fn(a, w, b)
+    if b is None and add_to.dtype == a.dtype and add_to.stride(1) == 1:
+        return fn(a, w, add_to=add_to)
+    return None
+
+
 # Rows (tokens) up to which the model takes norms and residual adds into gemv: off (0) unless
 # the environment's RINGSERVE_FOLD_ROWS says otherwise. Measured on one H200 (session 19,
 # benchmarks/results/2026-12-01-s19): DeepSeek-V2-Lite's 8K decode step 348 -> 296 kernels but
@@ -213,11 +333,15 @@ def folds(x: torch.Tensor, w: torch.Tensor) -> bool:
 def few_rows_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """F.linear(x, w, b) (x cast to w's dtype first, the output to out_dtype), by `gemv` where
-    it `gemv_wins`: the few-token path's projections (the caller has chosen Triton)."""
+    it `gemv_wins` (one row) or `gemm_few` where it `gemm_few_wins` (a few): the few-token
+    path's projections (the caller has chosen Triton)."""
     if gemv_wins(x, w):
         if x.dtype != w.dtype and w.dtype != torch.float32:   # else read as it is: exact
             x = x.to(w.dtype)
         return gemv(x, w, b, out_dtype=out_dtype or w.dtype)
+    if gemm_few_wins(x, w):
+        return gemm_few(x if x.dtype == w.dtype else x.to(w.dtype), w, b,
+                        out_dtype=out_dtype or w.dtype)
     y = torch.nn.functional.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, b)
     return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
 

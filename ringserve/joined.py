@@ -65,13 +65,11 @@ def gated_down(down: nn.Module, gate: torch.Tensor, up: torch.Tensor, fused_act:
         a = F.gelu(gate, approximate="tanh") * up
     else:
         a = F.silu(gate) * up
-    if fused_act and type(down) is nn.Linear:   # one row: a Triton GEMV where it beats
-        from ringserve.kernels.gemv import gemv, gemv_wins    # cuBLAS (kernels/gemv.py)
-        if gemv_wins(a, down.weight) and a.dtype == down.weight.dtype:
-            if add_to is None:
-                return gemv(a, down.weight, down.bias)
-            if down.bias is None and add_to.dtype == a.dtype and add_to.stride(1) == 1:
-                return gemv(a, down.weight, add_to=add_to)
+    if fused_act and type(down) is nn.Linear:   # a few rows: Triton where it beats cuBLAS
+        from ringserve.kernels.gemv import few_rows_down    # (kernels/gemv.py)
+        y = few_rows_down(a, down.weight, down.bias, add_to)
+        if y is not None:
+            return y
     if add_to is None:
         return down(a)
     if down.bias is None and add_to.dtype == a.dtype == down.weight.dtype:

@@ -73,6 +73,25 @@ def test_fused_equals_torch_fp32(name):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("name", ["llama", "phi3", "qwen3-moe", "deepseek-v2-lite"])
+def test_few_rows_take_the_tensor_core_gemm(name, monkeypatch):
+    """A 7-token few-token step with RINGSERVE_GEMM_FEW_ROWS=16 (off by default:
+    kernels/gemv.py): q|k|v (Phi-3: qkv_proj; MLA: q|kv_a), o_proj, gate|up and down run as
+    `gemm_few` launches, and the hidden state equals the torch path's (fp32 to 1e-5)."""
+    from ringserve.kernels import gemv as gemv_mod
+    monkeypatch.setattr(gemv_mod, "FEW_ROWS_MAX", 16)
+    ids, pos = torch.tensor([5, 17, 99, 3, 64, 120, 7]), torch.arange(60, 67)
+    m = _model(name)
+    want = _hidden(m, "torch", ids, pos)
+    m.join_weights()
+    got, seen = _launches(lambda: _hidden(m, "triton", ids, pos))
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    few = [k for k, _ in seen].count("_gemm_few_kernel")
+    # a layer: the attention's input and output projections, and a dense MLP's (or the
+    # shared experts') gate|up and down
+    assert few >= 2 * len(m.model.layers), (few, [k for k, _ in seen][:40])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_one_token_folds_norms_and_adds(name, monkeypatch):
     """A decode token on the fused path with the folds on (RINGSERVE_FOLD_ROWS=1; off by

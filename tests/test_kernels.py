@@ -881,6 +881,66 @@ def test_gemv_equals_float64_linear(dtype, tol):
     assert y.dtype == torch.float16 and y.shape == (3, 40)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_gemm_few_equals_float64_linear(dtype, tol, monkeypatch):
+    """The few-row tensor-core GEMM (interpreted on CPU) against F.linear in float64: 1-17
+    rows (padded to 16 / 32), ragged N and K, bias, add_to, a strided x, other tiles (one
+    pipelined); bad inputs refused; the few-token path takes it for 2..RINGSERVE_GEMM_FEW_ROWS
+    rows only (one row stays gemv's), the MLP's down projection too."""
+    from ringserve.kernels import gemv as gm
+    g = torch.Generator().manual_seed(6)
+    for M, N, K, bias in ((1, 37, 300, False), (2, 64, 129, True), (16, 40, 64, True),
+                          (17, 24, 96, False)):
+        x = torch.randn(M, K, generator=g).to(dtype)
+        w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if bias else None
+        ref = torch.nn.functional.linear(x.double(), w.double(),
+                                         None if b is None else b.double())
+        for blocks in (None, (32, 64, 4), (16, 32, 4, 3)):
+            y = gm.gemm_few(x, w, b, blocks=blocks)
+            assert y.shape == (M, N) and y.dtype == dtype
+            err = (y.double() - ref).abs().max().item()
+            assert err <= tol * max(1.0, ref.abs().max().item()), (M, N, K, blocks, err)
+        base = torch.randn(M, N, generator=g).to(dtype)
+        out = base.clone()
+        assert gm.gemm_few(x, w, add_to=out) is out
+        ref0 = torch.nn.functional.linear(x.double(), w.double())
+        assert (out.double() - (base.double() + ref0)).abs().max() <= 2 * tol * max(
+            1.0, ref0.abs().max().item())
+    xs = torch.randn(3, 2 * 48, generator=g)[:, ::2].to(dtype)      # a strided x
+    w = torch.randn(20, 48, generator=g).to(dtype)
+    assert (gm.gemm_few(xs, w).double() - xs.double() @ w.double().t()).abs().max() < 50 * tol
+    y = gm.gemm_few(xs, w, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    with pytest.raises(ValueError, match="one floating dtype"):
+        gm.gemm_few(xs.double(), w)
+    with pytest.raises(ValueError, match="at most 64"):
+        gm.gemm_few(torch.randn(65, 48).to(dtype), w)
+    with pytest.raises(ValueError, match=">= 16"):
+        gm.gemm_few(xs, w, blocks=(8, 64, 4))
+    with pytest.raises(ValueError, match="add_to"):
+        gm.gemm_few(xs, w, add_to=torch.zeros(3, 21, dtype=dtype))
+    # the routing: off by default (RINGSERVE_GEMM_FEW_ROWS unset), then up to 16 rows
+    x4 = torch.randn(4, 48, generator=g).to(dtype)
+    assert not gm.gemm_few_wins(x4, w) and gm.few_rows_down(x4, w) is None
+    monkeypatch.setattr(gm, "FEW_ROWS_MAX", 16)
+    assert gm.gemm_few_wins(x4, w) and not gm.gemm_few_wins(x4[:1], w)
+    assert not gm.gemm_few_wins(torch.randn(17, 48).to(dtype), w)
+    calls = []
+    real = gm.gemm_few
+    monkeypatch.setattr(gm, "gemm_few", lambda *a, **kw: calls.append(a[0].shape) or
+                        real(*a, **kw))
+    want = x4.double() @ w.double().t()
+    assert (gm.few_rows_linear(x4, w).double() - want).abs().max() < 50 * tol
+    acc = torch.zeros(4, 20, dtype=dtype)
+    assert gm.few_rows_down(x4, w, add_to=acc) is acc
+    assert (acc.double() - want).abs().max() < 50 * tol
+    assert gm.few_rows_down(x4, w, b=torch.ones(20, dtype=dtype), add_to=acc) is None
+    assert calls == [(4, 48), (4, 48)]
+    gm.few_rows_linear(x4[:1], w)                       # one row: gemv
+    assert len(calls) == 2
+
+
 def _rms_ref(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm as the model's torch module rounds it (x's dtype)."""
     xf = x.float()
