@@ -163,6 +163,7 @@ def main():
                     help="also time the Triton forward's pointer-load and warp-specialized "
                          "variants")
     ap.add_argument("--quick", action="store_true", help="32K forward and 128K/1M decode only")
+    ap.add_argument("--no-decode", action="store_true", help="the forward table only")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
@@ -190,7 +191,8 @@ def main():
             "bn128-split2x": {"block_n": 128, "num_splits": torch.cuda.get_device_properties(0).multi_processor_count},
             "split2x": {"num_splits": 8 * torch.cuda.get_device_properties(0).multi_processor_count // 8},
         })
-    counts = [131072, 1048576] if args.quick else [32768, 131072, 524288, 1048576]
+    counts = ([] if args.no_decode else [131072, 1048576] if args.quick
+              else [32768, 131072, 524288, 1048576])
     dec = bench_decode(counts, copy_bw, dec_variants)
 
     print(f"\n## {name}, torch {torch.__version__}, triton {triton.__version__}, "

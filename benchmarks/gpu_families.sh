@@ -154,23 +154,23 @@ case "$PART" in
         | grep -E "one graph step|back to back|^ *131072 \|" | cut -c1-250 | head -3
     done ;;
   s23b)  # session 23: the Gluon routing test (windows and striped shards now routed), the
-         # bench_kernels table with the Gluon default (its 64K rows never ran with it), where a
-         # 128K prefill's late chunk spends its time (profile_step --single: chunked as LLM does
-         # vs one step, a torch profile of a late chunk), then Llama-3-8B's 512K prefill at
-         # world size 1 in process (53.4% MFU with the Triton kernel in session 15)
+         # bench_kernels forward table with the Gluon default (its 64K rows never ran with it),
+         # then Llama-3-8B's 512K prefill at world size 1 in process (53.4% MFU with the Triton
+         # kernel in session 15); the profile of a 128K prefill's late chunk with SINGLE=1
     timeout 90 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
       "$REPO/tests/test_kernels_gpu.py" -k "gluon_kernel_on_hopper" 2>&1 \
       | tee "$OUT/test_gluon_routing.log" | grep -E "^E |passed|failed|rror" | head -6
-    timeout 170 python3 "$REPO/benchmarks/bench_kernels.py" > "$OUT/bench_kernels.md" \
-      2> "$OUT/bench_kernels.err"; grep -E "^\| (16|32|64)K" "$OUT/bench_kernels.md"
-    timeout 150 python3 "$REPO/benchmarks/profile_step.py" --preset llama3-8b \
-      --single 131072 2>&1 | tee "$OUT/profile_prefill_128k.log" \
-      | awk '/tokens in/ {print substr($0, 1, 140)} /^---/ {t++} t >= 1 && t <= 3' \
-      | cut -c1-150 | head -26
-    timeout 230 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 524288 \
+    timeout 150 python3 "$REPO/benchmarks/bench_kernels.py" --no-decode \
+      > "$OUT/bench_kernels.md" 2> "$OUT/bench_kernels.err"
+    grep -E "^\| (16|32|64)K" "$OUT/bench_kernels.md"
+    timeout 240 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 524288 \
       --decode-tokens 8 --cuda-graphs --in-process --no-hf \
       --json "$OUT/e2e_llama_512k.json" 2>&1 | tee "$OUT/e2e_llama_512k.log" \
-      | grep -E '^ *[0-9]+ \||Error|error' | cut -c1-250 | tail -3 ;;
+      | grep -E '^ *[0-9]+ \||Error|error' | cut -c1-250 | tail -3
+    [ "${SINGLE:-0}" = 1 ] && timeout 150 python3 "$REPO/benchmarks/profile_step.py" \
+      --preset llama3-8b --single 131072 2>&1 | tee "$OUT/profile_prefill_128k.log" \
+      | awk '/tokens in/ {print substr($0, 1, 140)} /^---/ {t++} t >= 1 && t <= 3' \
+      | cut -c1-150 | head -26 ;;
   s22c)  # session 22: the Gluon forward kernel (kernels/flash_fwd_gluon.py) as flash_attn_fwd's
          # default on sm_90: its GPU tests and the routing test, then Llama-3-8B's 128K prefill
          # at world size 1 with it (and HF transformers in the same run), then with the Triton
