@@ -10,6 +10,7 @@ sequence's K and V (or latent) read once at the device's copy bandwidth.
 
   python3 benchmarks/bench_decode_splits.py                 # GPU
   python3 benchmarks/bench_decode_splits.py --lengths 8192,32768 --json out.json
+  python3 benchmarks/bench_decode_splits.py --shapes llama3-8b --lengths 131072 --queries 16
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def main(argv=None) -> int:
                    help="context lengths; 96 tokens are added (a question and some decode)")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--json", default=None)
+    p.add_argument("--queries", type=int, default=1,
+                   help="questions decoding together on one cached document (the cascade "
+                        "decode's shared part: one sequence, this many query tokens, every key "
+                        "visible); > 1 sweeps the row tile (block_m), warps and splits per SM "
+                        "too and prints the best as RINGSERVE_DECODE_MANY_ROWS")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode_splits needs a CUDA device")
@@ -64,9 +70,13 @@ def main(argv=None) -> int:
             vc = kc if latent else torch.randn_like(kc)
             table = torch.randperm(width, device=dev, generator=g).view(1, width).int()
             lens = torch.tensor([L], dtype=torch.int32, device=dev)
-            q = torch.randn(1, 1, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
-            run = functools.partial(paged_decode_triton, q, kc, vc, table, lens, check=False)
-            kv_bytes = L * hkv * d * 2 * (1 if latent else 2)
+            nq = a.queries
+            q = torch.randn(1, nq, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
+            # as the cascade calls it: causal, the questions' positions after the document
+            qpos = torch.arange(L, L + nq, device=dev, dtype=torch.int32)[None]
+            run = functools.partial(paged_decode_triton, q, kc, vc, table, lens, causal=True,
+                                    q_pos=qpos, check=False, positions_sorted=True)
+            kv_bytes = L * hkv * d * 2 * (1 if latent else 2)   # read once for all queries
             floor_us = kv_bytes / bw * 1e6     # as bench_moe_gemv / profile_decode count it
             ref, _ = run()
             base = do_bench_cudagraph(run, rep=40) * 1e3
@@ -75,6 +85,24 @@ def main(argv=None) -> int:
             tiles = (None, 32, 128) if not latent else (None, 32)
             stages = (None, 4) if d <= 256 else (None,)
             times = {}
+            if nq > 1 and not latent:     # many rows: (block_m, block_n, splits per SM,
+                # stages, warps), as RINGSERVE_DECODE_MANY_ROWS takes them (0: the default)
+                many = list(itertools.product((0, 32), (0, 32, 128), (1, 2, 4), (0, 4),
+                                              (0, 8)))
+                for c in many:
+                    bm, bn, per_sm, st, wp = c
+                    rb = -(-(nq * (hq // hkv)) // (bm or min(128, max(16, 1 << (
+                        nq * (hq // hkv) - 1).bit_length()))))
+                    fn = functools.partial(run, block_m=bm or None, block_n=bn or None,
+                                           num_splits=-(-per_sm * sms // (hkv * rb)),
+                                           num_stages=st or None, num_warps=wp or None)
+                    try:
+                        out, _ = fn()
+                        assert torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+                        times[c] = do_bench_cudagraph(fn, rep=20) * 1e3
+                    except Exception as e:   # noqa: BLE001 - a launch the compiler refuses
+                        print(f"  {name} {L0} {c}: {type(e).__name__}", flush=True)
+                splits, tiles, stages = (), (), ()
             for s, bn, st in itertools.product(splits, tiles, stages):
                 fn = functools.partial(run, num_splits=s, block_n=bn, num_stages=st)
                 try:
@@ -91,6 +119,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name} {L0}: floor {floor_us:.1f} us, default {base:.1f}, best {best} "
                   f"{times[best]:.1f}; top {[(k, round(v, 1)) for k, v in top]}", flush=True)
+            if nq > 1 and not latent:
+                print(f"BEST_MANY_ROWS {name} {L0} {','.join(map(str, best))}", flush=True)
             del kc, vc
     print(f"\n{'shape':>18} | {'length':>7} | {'floor us':>8} | {'default':>7} | {'x floor':>7} "
           f"| {'best':>6} | {'x floor':>7} | best (splits, block_n, stages)")

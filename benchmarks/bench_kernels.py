@@ -164,6 +164,8 @@ def main():
                          "variants")
     ap.add_argument("--quick", action="store_true", help="32K forward and 128K/1M decode only")
     ap.add_argument("--no-decode", action="store_true", help="the forward table only")
+    ap.add_argument("--sizes", default="", help="forward sequence lengths (default "
+                    "16384,32768,65536)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
@@ -176,7 +178,8 @@ def main():
     fwd_variants = {"ours": {}, "triton": {"impl": "triton"}}
     if args.fwd_variants:
         fwd_variants.update({"ptr": {"use_tma": False}, "ws": {"warp_specialize": True}})
-    sizes = [32768] if args.quick else [16384, 32768, 65536]
+    sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes else [32768] if args.quick
+             else [16384, 32768, 65536])
     fwd = bench_forward(sizes, fwd_variants, args)
 
     from ringserve.kernels import flash_fwd as ff

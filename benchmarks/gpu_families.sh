@@ -140,6 +140,32 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s23d)  # session 23, last call: the Gluon routing test (windows, striped shards); the
+         # cascade's shared-document decode kernel at 16 questions on 128K (57% of the batch-16
+         # step in s23c: 7.19 of 12.5 ms) swept, its best exported (RINGSERVE_DECODE_MANY_ROWS)
+         # into profile_decode's batch-16 step with gemm_few's tuned tiles on and off; the
+         # forward table's 64K rows with the Gluon default; Llama-3-8B's 512K prefill in process
+    timeout 90 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
+      "$REPO/tests/test_kernels_gpu.py" -k "gluon_kernel_on_hopper" 2>&1 \
+      | tee "$OUT/test_gluon_routing.log" | grep -E "^E |passed|failed|rror" | head -6
+    timeout 120 python3 "$REPO/benchmarks/bench_decode_splits.py" --shapes llama3-8b \
+      --lengths 131072 --queries 16 > "$OUT/decode_16q.log" 2>&1
+    grep -E "^llama3-8b 131072|BEST" "$OUT/decode_16q.log" | cut -c1-300
+    best=$(awk '/^BEST_MANY_ROWS/ {print $4}' "$OUT/decode_16q.log")
+    for few in 16 0; do
+      RINGSERVE_DECODE_MANY_ROWS=$best RINGSERVE_GEMM_FEW_ROWS=$few timeout 100 python3 \
+        "$REPO/benchmarks/profile_decode.py" --lengths 131072 --batch 16 --fused-kernels \
+        > "$OUT/prof_b16_tuned_few$few.log" 2>&1
+      echo "many_rows=$best few=$few"; grep -E "one graph step|^ *131072 \|" \
+        "$OUT/prof_b16_tuned_few$few.log" | cut -c1-250 | head -2
+    done
+    timeout 100 python3 "$REPO/benchmarks/bench_kernels.py" --no-decode --sizes 65536 \
+      > "$OUT/bench_kernels_64k.log" 2>&1
+    grep -E "^\| 64K" "$OUT/bench_kernels_64k.log"
+    timeout 230 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 524288 \
+      --decode-tokens 8 --cuda-graphs --in-process --no-hf \
+      --json "$OUT/e2e_llama_512k.json" 2>&1 | grep -E '^ *[0-9]+ \||Error|error' \
+      | cut -c1-200 | tail -3 ;;
   s23c)  # session 23: the batch-16 decode step (per-GPU-speed issue, 1.61x its floor): the
          # tensor-core few-row GEMM (kernels/gemv.py gemm_few) swept against cuBLAS at Llama-3-8B's
          # projections, 4 and 16 rows; then profile_decode at 128K with 16 questions on the

@@ -16,6 +16,7 @@ q_pos (B, Sq) and kv_pos (num_pages, page_size) global positions for causal/wind
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -348,13 +349,34 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_siz
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
+def _many_rows_tile():
+    """RINGSERVE_DECODE_MANY_ROWS="block_m,block_n,splits_per_sm,stages,warps" (0: the
+    heuristic's value): the launch of a program's tile when more than 32 query rows share a KV
+    head (the cascade decode's shared document: 16 questions x a GQA group of 4 = 64 rows),
+    from a sweep (benchmarks/bench_decode_splits.py --queries 16); unset: the heuristics."""
+    v = os.environ.get("RINGSERVE_DECODE_MANY_ROWS", "").strip()
+    if not v:
+        return None
+    try:
+        t = tuple(int(x) for x in v.split(","))
+    except ValueError:
+        t = ()
+    if len(t) != 5 or min(t) < 0:
+        raise ValueError(f"RINGSERVE_DECODE_MANY_ROWS must be five ints >= 0 "
+                         f"(block_m,block_n,splits_per_sm,stages,warps), got {v!r}")
+    return t
+
+
+MANY_ROWS_TILE = _many_rows_tile()
+
+
 def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None,
                         causal=False, window_size=None, q_pos=None, kv_pos=None, *,
                         max_seq_len: Optional[int] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         softcap: Optional[float] = None, splits: bool = False,
                         check: bool = True, latent: Optional[bool] = None,
-                        positions_sorted: bool = False):
+                        positions_sorted: bool = False, block_m: Optional[int] = None):
     """Paged flash-decoding. Returns (out (B, Sq, Hq, D) in q.dtype, lse (B, Hq, Sq) float32).
 
     splits=True: the unreduced partials instead, (out (B, Hq, Sq, NB, D) float32, lse
@@ -366,7 +388,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     splits (default: the block table's capacity, max_pages * page_size; lengths are never read
     on the host, so no sync). Each sequence's keys are shared evenly among the splits in the
     kernel, from its own length.
-    num_splits / block_n / num_warps / num_stages override the launch heuristics (benchmarks).
+    num_splits / block_n / num_warps / num_stages / block_m (query rows a program, a power of
+    two >= 16) override the launch heuristics (benchmarks; MANY_ROWS_TILE for many rows).
     seq_lens beyond the capacity raise ValueError for CPU tensors; on the GPU they are clamped
     in the kernel (no out-of-bounds reads). softcap: Gemma 2's attention-logit soft-capping c
     (scores c * tanh(s / c)); None or 0: off. latent: MLA's latent cache (v_cache is k_cache,
@@ -413,7 +436,17 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     # a wide head's query tile is block_m x block_d: MLA's 576-wide latent (block_d 1024) with 16
     # heads a KV head and 4+ queries a sequence asked 128 x 1024 of shared memory for q alone
     # (out of resources on the H200, session 11): 16 rows a tile there
-    block_m = min(128 if block_d <= 256 else 16, max(16, next_pow2(rows)))
+    many = (MANY_ROWS_TILE if MANY_ROWS_TILE is not None and rows > 32 and block_d <= 256
+            and not on_cpu else None)
+    if many is not None:     # (block_m, block_n, splits per SM, stages, warps); 0: as below
+        block_m = block_m or many[0] or None
+        block_n = block_n or many[1] or None
+        num_stages = num_stages or many[3] or None
+        num_warps = num_warps or many[4] or None
+    if block_m is None:
+        block_m = min(128 if block_d <= 256 else 16, max(16, next_pow2(rows)))
+    elif block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     row_blocks = cdiv(rows, block_m)
     # 128-wide heads: 128-key tiles in ~2 waves of programs over the SMs. Session 17's sweep
     # (bench_decode_splits.py, one H200, batch 1, a graph's power-of-two table) against 64-key
@@ -431,7 +464,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
             num_splits = min(3, tiles)     # still exercises the split + reduce path
         else:
             sms = sm_count(q.device)
-            num_splits = cdiv((2 if long_tiles else 4) * sms, B * Hkv * row_blocks)
+            per_sm = many[2] if many is not None and many[2] else (2 if long_tiles else 4)
+            num_splits = cdiv(per_sm * sms, B * Hkv * row_blocks)
             if block_d > 256:
                 # a wide head's tile holds 16 keys: a split of one or two tiles spends more on
                 # its partial (1024 floats a row, written and read back) than on its keys

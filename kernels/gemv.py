@@ -198,8 +198,10 @@ def gemv_wins(x: torch.Tensor, w: torch.Tensor) -> bool:
 # BLOCK_K) products in registers: fine for one row, too many registers for 16. Here each
 # program owns BLOCK_N output columns over the whole K as gemv's do (each weight read once, no
 # split-K), and multiplies the rows, padded to MP >= 16 (tl.dot's smallest M), with tl.dot;
-# the loads of its K loop are software-pipelined (STAGES). Until measured on a GPU against
-# cuBLAS (benchmarks/bench_gemv.py --few), the model takes it only where
+# the loads of its K loop are software-pipelined (STAGES). Against cuBLAS on one H200 (session
+# 23, bench_gemv.py --few, Llama-3-8B's four projections at 16 rows) it is 0.1-2.1 us ahead on
+# three and even on gate|up at its best tiles (`gemm_few_blocks`): ~3 us a layer, under 1% of
+# the batch-16 step, whose time is in its attention (57%). The model takes it only where
 # RINGSERVE_GEMM_FEW_ROWS says (its largest row count; default 0: off).
 FEW_ROWS_MAX = int(os.environ.get("RINGSERVE_GEMM_FEW_ROWS", "0"))
 FEW_ROWS_LIMIT = 64     # gemm_few's largest row count (MP = 64: a (64, BLOCK_N) accumulator)
@@ -239,9 +241,19 @@ _gemm_few_fast = FastLaunch(_gemm_few_kernel)
 
 
 def gemm_few_blocks(n: int, k: int) -> Tuple[int, int, int, int]:
-    """gemm_few's default tile for an (n, k) weight: (BLOCK_N, 256, 4 warps, 4 stages),
-    BLOCK_N 32 where that still gives 264 programs (two per SM of an H200), else 16."""
-    return (32 if n >= 32 * 264 else 16), 256, 4, 4
+    """gemm_few's default tile for an (n, k) weight, (BLOCK_N, BLOCK_K, warps, stages), from
+    session 23's sweep (bench_gemv.py --few, one H200, bf16, 4 / 16 rows, us, against cuBLAS
+    in the same run): Llama-3-8B down 4096 x 14336 31.2 / 33.3 at (32, 256, 4, 5), gate|up
+    28672 x 4096 57.7 / 57.6 at (32, 128, 4, 3), qkv 6144 x 4096 12.6 / 12.7 at (64, 256, 4,
+    5), o 4096 x 4096 9.0 / 9.6 at (32, 256, 4, 3). (Its first default, 16-wide column blocks,
+    ran 1.1-1.4x slower than these.)"""
+    if k >= 8192:
+        return 32, 256, 4, 5
+    if n >= 16384:
+        return 32, 128, 4, 3
+    if n >= 6144:
+        return 64, 256, 4, 5
+    return 32, 256, 4, 3
 
 
 def gemm_few(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,

@@ -453,6 +453,28 @@ def test_paged_decode_max_seq_len_bound():
         check_close(out, lse, ref_out, ref_lse, torch.float32)
 
 
+def test_paged_decode_row_tile_override(monkeypatch):
+    """Many query rows on one KV head (the cascade's shared document: questions x the GQA
+    group): block_m splits them over row blocks, exact at 16, 32 and the default; a bad
+    block_m and a malformed RINGSERVE_DECODE_MANY_ROWS are refused."""
+    from ringserve.kernels import flash_decode as fd
+    q, kc, vc, bt, sl, _, _ = paged_case(1, 12, 8, 2, 16, 8, [140], torch.float32, seed=41)
+    qp = torch.arange(140, 152, dtype=torch.int32)[None]     # 48 rows a KV head, after the doc
+    ref_out, ref_lse = paged_decode_ref(q, kc, vc, bt, sl, None, True, None, qp)
+    for bm in (None, 16, 32):
+        out, lse = fd.paged_decode_triton(q, kc, vc, bt, sl, None, True, q_pos=qp, block_m=bm)
+        check_close(out, lse, ref_out, ref_lse, torch.float32)
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        fd.paged_decode_triton(q, kc, vc, bt, sl, block_m=24)
+    monkeypatch.setenv("RINGSERVE_DECODE_MANY_ROWS", "32,128,2,4")
+    with pytest.raises(ValueError, match="five ints"):
+        fd._many_rows_tile()
+    monkeypatch.setenv("RINGSERVE_DECODE_MANY_ROWS", "32,128,2,4,8")
+    assert fd._many_rows_tile() == (32, 128, 2, 4, 8)
+    monkeypatch.delenv("RINGSERVE_DECODE_MANY_ROWS")
+    assert fd._many_rows_tile() is None
+
+
 @pytest.mark.parametrize("latent", [False, True])
 def test_paged_decode_splits_share_each_sequences_own_keys(latent):
     """A decode graph's block table is a power-of-two width, up to twice its sequences: the
