@@ -472,7 +472,7 @@ def test_paged_decode_row_tile_override(monkeypatch):
     monkeypatch.setenv("RINGSERVE_DECODE_MANY_ROWS", "32,128,2,4,8")
     assert fd._many_rows_tile() == (32, 128, 2, 4, 8)
     monkeypatch.delenv("RINGSERVE_DECODE_MANY_ROWS")
-    assert fd._many_rows_tile() is None
+    assert fd._many_rows_tile() == fd.MANY_ROWS_DEFAULT == (0, 0, 2, 4, 0)
 
 
 @pytest.mark.parametrize("latent", [False, True])
