@@ -901,6 +901,24 @@ class ModelShardWorker(ShardWorker):
             if stored[0] != layer:
                 self.pool.write(layer, g.slot, k[0], v[0])
             window = layer_window(self.window_size, layer)
+            if g.prefix and self.world_size == 1:
+                # the rows' own pages and the shared document's, both left as their kernels'
+                # split partials and merged in one launch into the output (as the eager
+                # step's StepAttention._cascade_into): no reduce launches, no float32 merge
+                # buffer, no casts (session 23's batch-16 graph step: two reduces, a merge
+                # and three elementwise copies a layer before)
+                kw = dict(softmax_scale=self.softmax_scale, causal=True, window_size=window,
+                          kv_pos=self.pool.kv_pos, backend=self.backend,
+                          softcap=self.model.softcap, positions_sorted=True, splits=True)
+                own = kernels.paged_decode(q[0][:, None], self.pool.k[layer],
+                                           self.pool.v[layer], g.table, g.lens,
+                                           q_pos=g.pos[:, None], **kw)
+                doc = kernels.paged_decode(q[0][None], self.pool.k[layer], self.pool.v[layer],
+                                           g.ptable, g.plens, q_pos=g.pos[None], **kw)
+                dest = torch.empty_like(q[0])
+                kernels.merge_splits(*kernels.split_parts(*doc), backend=self.backend,
+                                     extra=kernels.split_parts(*own), dest=dest, check=False)
+                return dest[None]
             out, lse = kernels.paged_decode(
                 q[0][:, None], self.pool.k[layer], self.pool.v[layer], g.table, g.lens,
                 softmax_scale=self.softmax_scale, causal=True, window_size=window,

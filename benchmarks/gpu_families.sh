@@ -140,6 +140,17 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s23e)  # session 23: the batch-16 graph step with its cascade merged in one launch a layer
+         # (the graph body as the eager step: no reduces, no merge buffer, no casts) and the
+         # many-row decode tile as default, then bf16 against transformers at 8K for the dense
+         # and Mixtral / Gemma families at world size 1 (the Gluon forward default's first run
+         # under them; DeepSeek / Qwen3-MoE ran in s21b)
+    timeout 90 python3 "$REPO/benchmarks/profile_decode.py" --lengths 131072 --batch 16 \
+      --fused-kernels > "$OUT/prof_b16_merged.log" 2>&1
+    grep -E "one graph step|^ *131072 \|" "$OUT/prof_b16_merged.log" | cut -c1-250 | head -2
+    timeout 170 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
+      "$REPO/tests/test_families_gpu.py" -k "striped and not deepseek and not moe" 2>&1 \
+      | tee "$OUT/test_families_gpu.log" | grep -E "^E |passed|failed|rror" | head -8 ;;
   s23d)  # session 23, last call: the Gluon routing test (windows, striped shards); the
          # cascade's shared-document decode kernel at 16 questions on 128K (57% of the batch-16
          # step in s23c: 7.19 of 12.5 ms) swept, its best exported (RINGSERVE_DECODE_MANY_ROWS)

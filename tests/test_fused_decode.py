@@ -187,6 +187,57 @@ def test_worker_steps_fused(name):
         assert torch.allclose(kv2[:, 1:] if graphs else kv2, kv, atol=1e-5)
 
 
+def _questions_on_a_document(backend: str, graphs):
+    """Three questions on one cached document, decoding together (the first step waits until
+    all are queued): their tokens, log-probs, and the worker's graph keys."""
+    import threading
+
+    from threadgroup import ThreadGroup
+    from ringserve.engine import Engine, EngineConfig
+    from ringserve.sampling import SamplingParams
+
+    group = ThreadGroup(1, model={"config": hf_config("llama", 128).to_dict(), "seed": 0},
+                        dtype="float32", page_size=16, kv_tokens=512, backend=backend,
+                        cuda_graphs=graphs, fused_kernels=True)
+    w = group.workers[0]
+    _redraw(w.model, 5)
+    eng = Engine(group, None, (), EngineConfig(max_num_batched_tokens=4096,
+                                               cuda_graphs=bool(graphs)))
+    p = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5, logprobs=True)
+    doc = [(11 * j + 5) % 128 for j in range(70)]
+    try:
+        eng.submit("cache_document", doc).result(120)
+        queued, real = threading.Event(), eng.group.call_per_rank
+
+        def held(*args, **kw):
+            assert queued.wait(60)
+            return real(*args, **kw)
+
+        eng.group.call_per_rank = held
+        hs = [eng.submit("generate", doc + [3 + i] * (1 + i), p) for i in range(3)]
+        queued.set()
+        out = [h.result(120) for h in hs]
+        return [o.token_ids for o in out], [o.logprobs for o in out], set(w._graphs)
+    finally:
+        eng.shutdown()
+        group.shutdown()
+
+
+def test_shared_document_graph_merges_in_one_launch():
+    """Questions on one cached document through the emulated graph body at world size 1 with
+    the Triton kernels: its attention leaves both parts (each row's own pages, the document's
+    pages read once) as split partials merged by one merge_splits launch a layer into the
+    output, and the tokens and log-probs equal the torch path's eager cascade."""
+    tok, lp, _ = _questions_on_a_document("torch", False)
+    (t2, lp2, keys), seen = _launches(lambda: _questions_on_a_document("triton", "emulate"))
+    assert any(k[2] > 0 for k in keys), keys          # the shared-prefix graph ran
+    assert t2 == tok
+    for a, b in zip(lp, lp2):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+    names = [k for k, _ in seen]
+    assert ("_merge_splits_kernel", True) in seen and "_merge_kernel" not in names
+
+
 def _generate_ranks(backend: str, graphs, ws: int = 2):
     from threadgroup import ThreadGroup
     from ringserve.engine import Engine, EngineConfig
