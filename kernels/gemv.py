@@ -75,6 +75,15 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
     y = tl.sum(acc, axis=2)                                                    # (MP, BN)
     if NORM:
         y = y * _rstd(ss, K, eps)[:, None]
+    _store_rows(y, Bias, Y, ms, cols, m_ok, col_ok, s_ym, HAS_BIAS, ADD)
+
+
+@triton.jit
+def _store_rows(y, Bias, Y, ms, cols, m_ok, col_ok, s_ym, HAS_BIAS: tl.constexpr,
+                ADD: tl.constexpr):
+    """The epilogue of gemv's and gemm_few's programs: y (rows, BLOCK_N) float32 sums, + the
+    bias, stored into Y's rows ms, columns cols (ADD 1: added to what Y holds, rounded once;
+    ADD 2: rounded, then added and rounded again, as torch's h += linear(x))."""
     if HAS_BIAS:
         y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptr = Y + ms[:, None].to(tl.int64) * s_ym + cols[None, :]
@@ -227,14 +236,7 @@ def _gemm_few_kernel(X, W, Bias, Y, M, N, K, s_xm, s_xk, s_wn, s_wk, s_ym,
         x = tl.load(X + ms[:, None] * s_xm + ks[None, :] * s_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)             # (MP, BK)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
-    y = acc
-    if HAS_BIAS:
-        y += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptr = Y + ms[:, None].to(tl.int64) * s_ym + cols[None, :]
-    y_ok = m_ok[:, None] & col_ok[None, :]
-    if ADD == 1:    # y += x @ w^T, rounded once (as addmm_)
-        y += tl.load(y_ptr, mask=y_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr, y.to(Y.dtype.element_ty), mask=y_ok)
+    _store_rows(acc, Bias, Y, ms, cols, m_ok, col_ok, s_ym, HAS_BIAS, ADD)
 
 
 _gemm_few_fast = FastLaunch(_gemm_few_kernel)

@@ -3,13 +3,12 @@ on its own thread, joined by the in-process ThreadTransport (ringserve.parallel.
 whole matrix (3 families x world sizes 1, 2, 3 x both layouts) is compared with HF transformers
 without paying Ray actor start-up per configuration. tests/test_llm*.py cover the same paths
 through Ray actors and gloo."""
-import threading
 import time
 
 import pytest
 import torch
 
-from threadgroup import ThreadGroup
+from threadgroup import ThreadGroup, submit_together
 from tinymodels import hf_greedy, hf_reference, load_hf, tiny_model
 from ringserve.doc_cache import doc_key
 from ringserve.engine import Engine, EngineConfig
@@ -434,15 +433,7 @@ def test_graph_decode_reads_a_shared_document_once(tmp_path_factory, ws):
                 for q in qs + [other]]
         eng.submit("cache_document", doc).result(120)
         # the first step waits until all five are queued: they then decode together
-        queued, real = threading.Event(), eng.group.call_per_rank
-
-        def held(*args, **kw):
-            assert queued.wait(60)
-            return real(*args, **kw)
-
-        eng.group.call_per_rank = held
-        hs = [eng.submit("generate", q, params) for q in qs]
-        queued.set()
+        hs = submit_together(eng, [("generate", q, params) for q in qs])
         assert [h.result(120).token_ids for h in hs] == solo[:-1]
         keys = {k for wk in eng.group.workers for k in wk._graphs}
         assert any(k[2] > 0 for k in keys), keys          # the shared-prefix graph ran

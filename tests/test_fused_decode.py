@@ -150,10 +150,11 @@ def test_fused_fp16_error(name):
     assert err <= 2 * base + 1e-3, (err, base)
 
 
-def _generate(name: str, backend: str, graphs):
+def _fused_engine(name: str, backend: str, graphs):
+    """(group, its worker, an engine) at world size 1 over the family's tiny random model
+    (float32, fused kernels on, the backend's kernels, graphs as asked)."""
     from threadgroup import ThreadGroup
     from ringserve.engine import Engine, EngineConfig
-    from ringserve.sampling import SamplingParams
 
     group = ThreadGroup(1, model={"config": hf_config(name, 128).to_dict(), "seed": 0},
                         dtype="float32", page_size=16, kv_tokens=512, backend=backend,
@@ -162,6 +163,13 @@ def _generate(name: str, backend: str, graphs):
     _redraw(w.model, 5)
     eng = Engine(group, None, (), EngineConfig(max_num_batched_tokens=4096,
                                                cuda_graphs=bool(graphs)))
+    return group, w, eng
+
+
+def _generate(name: str, backend: str, graphs):
+    from ringserve.sampling import SamplingParams
+
+    group, w, eng = _fused_engine(name, backend, graphs)
     p = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4, logprobs=True)
     hs = [eng.submit("generate", [(7 * i + 3 * j) % 128 for j in range(21 + 5 * i)], p)
           for i in range(3)]
@@ -190,32 +198,15 @@ def test_worker_steps_fused(name):
 def _questions_on_a_document(backend: str, graphs):
     """Three questions on one cached document, decoding together (the first step waits until
     all are queued): their tokens, log-probs, and the worker's graph keys."""
-    import threading
-
-    from threadgroup import ThreadGroup
-    from ringserve.engine import Engine, EngineConfig
+    from threadgroup import submit_together
     from ringserve.sampling import SamplingParams
 
-    group = ThreadGroup(1, model={"config": hf_config("llama", 128).to_dict(), "seed": 0},
-                        dtype="float32", page_size=16, kv_tokens=512, backend=backend,
-                        cuda_graphs=graphs, fused_kernels=True)
-    w = group.workers[0]
-    _redraw(w.model, 5)
-    eng = Engine(group, None, (), EngineConfig(max_num_batched_tokens=4096,
-                                               cuda_graphs=bool(graphs)))
+    group, w, eng = _fused_engine("llama", backend, graphs)
     p = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5, logprobs=True)
     doc = [(11 * j + 5) % 128 for j in range(70)]
     try:
         eng.submit("cache_document", doc).result(120)
-        queued, real = threading.Event(), eng.group.call_per_rank
-
-        def held(*args, **kw):
-            assert queued.wait(60)
-            return real(*args, **kw)
-
-        eng.group.call_per_rank = held
-        hs = [eng.submit("generate", doc + [3 + i] * (1 + i), p) for i in range(3)]
-        queued.set()
+        hs = submit_together(eng, [("generate", doc + [3 + i] * (1 + i), p) for i in range(3)])
         out = [h.result(120) for h in hs]
         return [o.token_ids for o in out], [o.logprobs for o in out], set(w._graphs)
     finally:

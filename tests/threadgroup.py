@@ -2,6 +2,7 @@
 ringserve.parallel.transport.ThreadTransport): engine tests without Ray actor start-up."""
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from ringserve.actors.model_worker import ModelShardWorker
@@ -52,3 +53,19 @@ class ThreadGroup:
 
     def shutdown(self):
         self._pool.shutdown()
+
+
+def submit_together(eng, requests):
+    """eng.submit(*r) for each r in requests, the engine's first step held until all are
+    queued (they then decode together: one batch from the start). Returns the handles; the
+    group's call_per_rank stays wrapped (a pass-through once released)."""
+    queued, real = threading.Event(), eng.group.call_per_rank
+
+    def held(*args, **kw):
+        assert queued.wait(60)
+        return real(*args, **kw)
+
+    eng.group.call_per_rank = held
+    hs = [eng.submit(*r) for r in requests]
+    queued.set()
+    return hs
