@@ -195,13 +195,13 @@ def test_worker_steps_fused(name):
         assert torch.allclose(kv2[:, 1:] if graphs else kv2, kv, atol=1e-5)
 
 
-def _questions_on_a_document(backend: str, graphs):
+def _questions_on_a_document(backend: str, graphs, name: str = "llama"):
     """Three questions on one cached document, decoding together (the first step waits until
     all are queued): their tokens, log-probs, and the worker's graph keys."""
     from threadgroup import submit_together
     from ringserve.sampling import SamplingParams
 
-    group, w, eng = _fused_engine("llama", backend, graphs)
+    group, w, eng = _fused_engine(name, backend, graphs)
     p = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5, logprobs=True)
     doc = [(11 * j + 5) % 128 for j in range(70)]
     try:
@@ -214,13 +214,16 @@ def _questions_on_a_document(backend: str, graphs):
         group.shutdown()
 
 
-def test_shared_document_graph_merges_in_one_launch():
+@pytest.mark.parametrize("name", ["llama", "gemma2", "deepseek-v2-lite"])
+def test_shared_document_graph_merges_in_one_launch(name):
     """Questions on one cached document through the emulated graph body at world size 1 with
     the Triton kernels: its attention leaves both parts (each row's own pages, the document's
     pages read once) as split partials merged by one merge_splits launch a layer into the
-    output, and the tokens and log-probs equal the torch path's eager cascade."""
-    tok, lp, _ = _questions_on_a_document("torch", False)
-    (t2, lp2, keys), seen = _launches(lambda: _questions_on_a_document("triton", "emulate"))
+    output, and the tokens and log-probs equal the torch path's eager cascade (Gemma 2: its
+    windowed layers and soft-cap; DeepSeek: the latent cache's 576-wide partials)."""
+    tok, lp, _ = _questions_on_a_document("torch", False, name)
+    (t2, lp2, keys), seen = _launches(lambda: _questions_on_a_document("triton", "emulate",
+                                                                       name))
     assert any(k[2] > 0 for k in keys), keys          # the shared-prefix graph ran
     assert t2 == tok
     for a, b in zip(lp, lp2):
