@@ -129,6 +129,18 @@ def gemv_blocks(n: int, k: int) -> Tuple[int, int, int, int]:
     return bn, 512, 4, GEMV_STAGES
 
 
+def _output_rows(fn: str, name: str, into: Optional[torch.Tensor], M: int, N: int,
+                 x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The (M, N) tensor a product goes into: `into` (add_to / residual), checked, or a new
+    one of out_dtype (default x's)."""
+    if into is None:
+        return torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    if tuple(into.shape) != (M, N) or into.stride(1) != 1 or into.device != x.device:
+        raise ValueError(f"{fn}: {name} {tuple(into.shape)} must be ({M}, {N}) with unit "
+                         f"column stride, on {x.device}")
+    return into
+
+
 def _stages(stages: int) -> Optional[int]:
     """A K loop's STAGES constexpr: None (the loop unannotated, as before stages existed) for
     1, else the depth."""
@@ -167,15 +179,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
     N = w.shape[0]
     if add_to is not None and residual is not None:
         raise ValueError("gemv: add_to and residual are two ways to add: give one")
-    into = add_to if add_to is not None else residual
-    if into is not None:
-        name = "add_to" if add_to is not None else "residual"
-        if tuple(into.shape) != (M, N) or into.stride(1) != 1 or into.device != x.device:
-            raise ValueError(f"gemv: {name} {tuple(into.shape)} must be ({M}, {N}) with "
-                             f"unit column stride, on {x.device}")
-        y = into
-    else:
-        y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    y = _output_rows("gemv", "add_to" if add_to is not None else "residual",
+                     add_to if add_to is not None else residual, M, N, x, out_dtype)
     g, eps = (w, 0.0) if norm is None else norm
     if norm is not None and (tuple(g.shape) != (K,) or g.device != x.device
                              or not g.is_contiguous()):
@@ -278,13 +283,7 @@ def gemm_few(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
         raise ValueError(f"gemm_few: {M} rows (at most {FEW_ROWS_LIMIT}; F.linear beyond)")
     if b is not None and (tuple(b.shape) != (N,) or b.device != x.device):
         raise ValueError(f"gemm_few: bias {tuple(b.shape)} must be ({N},) on {x.device}")
-    if add_to is not None:
-        if tuple(add_to.shape) != (M, N) or add_to.stride(1) != 1 or add_to.device != x.device:
-            raise ValueError(f"gemm_few: add_to {tuple(add_to.shape)} must be ({M}, {N}) with "
-                             f"unit column stride, on {x.device}")
-        y = add_to
-    else:
-        y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    y = _output_rows("gemm_few", "add_to", add_to, M, N, x, out_dtype)
     bn, bk, warps, stages = _tiles(blocks or gemm_few_blocks(N, K), x)
     if bn < 16 or bk < 16:
         raise ValueError(f"gemm_few: BLOCK_N and BLOCK_K must be >= 16 (tl.dot), got {bn}, {bk}")
