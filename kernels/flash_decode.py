@@ -349,8 +349,9 @@ def _check(q, k_cache, v_cache, block_table, seq_lens, q_pos, kv_pos, window_siz
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
-# The launch when more than 32 query rows share a KV head of width <= 128 (the cascade
-# decode's shared document: 16 questions x a GQA group of 4 = 64 rows): (block_m, block_n,
+# The launch when 33 to 64 query rows share a KV head of width <= 128 (the cascade decode's
+# shared document: 9-16 questions x a GQA group of 4; more rows, a prompt chunk's, keep the
+# general heuristic, not swept with it): (block_m, block_n,
 # splits per SM, stages, warps), 0 = the general heuristic's value. Session 23's sweep
 # (bench_decode_splits.py --queries 16, one H200, Llama-3-8B's layer, 16 questions on 128K):
 # 2 splits per SM and 4 stages 166.6 us against the heuristic's 4 and 3, 174.6 us (floor
@@ -445,7 +446,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scal
     # a wide head's query tile is block_m x block_d: MLA's 576-wide latent (block_d 1024) with 16
     # heads a KV head and 4+ queries a sequence asked 128 x 1024 of shared memory for q alone
     # (out of resources on the H200, session 11): 16 rows a tile there
-    many = MANY_ROWS_TILE if rows > 32 and block_d <= 128 and not on_cpu else None
+    many = MANY_ROWS_TILE if 32 < rows <= 64 and block_d <= 128 and not on_cpu else None
     if many is not None:     # (block_m, block_n, splits per SM, stages, warps); 0: as below
         block_m = block_m or many[0] or None
         block_n = block_n or many[1] or None
