@@ -900,41 +900,28 @@ class ModelShardWorker(ShardWorker):
         def attn(layer: int, q, k, v):
             if stored[0] != layer:
                 self.pool.write(layer, g.slot, k[0], v[0])
-            window = layer_window(self.window_size, layer)
+            kw = dict(softmax_scale=self.softmax_scale, causal=True,
+                      window_size=layer_window(self.window_size, layer),
+                      kv_pos=self.pool.kv_pos, softcap=self.model.softcap,
+                      positions_sorted=True)   # the cache's order
+            k_layer, v_layer = self.pool.k[layer], self.pool.v[layer]
             if g.prefix and self.world_size == 1:
-                # the rows' own pages and the shared document's, both left as their kernels'
-                # split partials and merged in one launch into the output (as the eager
-                # step's StepAttention._cascade_into): no reduce launches, no float32 merge
-                # buffer, no casts (session 23's batch-16 graph step: two reduces, a merge
-                # and three elementwise copies a layer before)
-                kw = dict(softmax_scale=self.softmax_scale, causal=True, window_size=window,
-                          kv_pos=self.pool.kv_pos, backend=self.backend,
-                          softcap=self.model.softcap, positions_sorted=True, splits=True)
-                own = kernels.paged_decode(q[0][:, None], self.pool.k[layer],
-                                           self.pool.v[layer], g.table, g.lens,
-                                           q_pos=g.pos[:, None], **kw)
-                doc = kernels.paged_decode(q[0][None], self.pool.k[layer], self.pool.v[layer],
-                                           g.ptable, g.plens, q_pos=g.pos[None], **kw)
-                dest = torch.empty_like(q[0])
-                kernels.merge_splits(*kernels.split_parts(*doc), backend=self.backend,
-                                     extra=kernels.split_parts(*own), dest=dest, check=False)
-                return dest[None]
-            out, lse = kernels.paged_decode(
-                q[0][:, None], self.pool.k[layer], self.pool.v[layer], g.table, g.lens,
-                softmax_scale=self.softmax_scale, causal=True, window_size=window,
-                q_pos=g.pos[:, None], kv_pos=self.pool.kv_pos, backend=self.backend,
-                softcap=self.model.softcap, positions_sorted=True)   # the cache's order
+                # one rank: the rows' own pages and the shared document's merged in one
+                # launch into the output, as the eager step's cascade (session 23's batch-16
+                # graph step: two reduces, a merge and three copies a layer before)
+                return kernels.cascade_decode_into(
+                    q[0][:, None], q[0][None], k_layer, v_layer, (g.table, g.lens,
+                    g.pos[:, None]), (g.ptable, g.plens, g.pos[None]), torch.empty_like(q[0]),
+                    backend=self.backend, **kw)[None]
+            out, lse = kernels.paged_decode(q[0][:, None], k_layer, v_layer, g.table, g.lens,
+                                            q_pos=g.pos[:, None], backend=self.backend, **kw)
             if g.prefix:    # the rows' shared document, read once for all of them, merged in
-                po, pl = kernels.paged_decode(
-                    q[0][None], self.pool.k[layer], self.pool.v[layer], g.ptable, g.plens,
-                    softmax_scale=self.softmax_scale, causal=True, window_size=window,
-                    q_pos=g.pos[None], kv_pos=self.pool.kv_pos, backend=self.backend,
-                    softcap=self.model.softcap, positions_sorted=True)
+                po, pl = kernels.paged_decode(q[0][None], k_layer, v_layer, g.ptable, g.plens,
+                                              q_pos=g.pos[None], backend=self.backend, **kw)
                 o, l_ = out[:, 0].float(), lse[:, :, 0].contiguous()
                 _merge(o, l_, po[0], pl[0].t())
-                if self.world_size > 1:
-                    o, l_ = merge_rows(self.transport, o, l_)
-                return o.to(out.dtype)[None]
+                merged = merge_rows(self.transport, o, l_)[0]   # world size > 1 here
+                return merged.to(out.dtype)[None]
             if self.world_size > 1:
                 o, l_ = merge_rows(self.transport, out[:, 0].float(),
                                    lse[:, :, 0].contiguous())

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench_cudagraph
 
     from bench_moe_gemv import copy_bandwidth    # beside this file
-    from ringserve.kernels._host import sm_count
+    from ringserve.kernels._host import cdiv, next_pow2, sm_count
     from ringserve.kernels.flash_decode import paged_decode_triton
     from ringserve.scheduler import graph_width_bucket
 
@@ -89,12 +89,12 @@ def main(argv=None) -> int:
                 # stages, warps), as RINGSERVE_DECODE_MANY_ROWS takes them (0: the default)
                 many = list(itertools.product((0, 32), (0, 32, 128), (1, 2, 4), (0, 4),
                                               (0, 8)))
+                rows_kv = nq * (hq // hkv)             # query rows a KV head
                 for c in many:
                     bm, bn, per_sm, st, wp = c
-                    rb = -(-(nq * (hq // hkv)) // (bm or min(128, max(16, 1 << (
-                        nq * (hq // hkv) - 1).bit_length()))))
-                    fn = functools.partial(run, block_m=bm or None, block_n=bn or None,
-                                           num_splits=-(-per_sm * sms // (hkv * rb)),
+                    bm = bm or min(128, max(16, next_pow2(rows_kv)))   # the kernel's default
+                    fn = functools.partial(run, block_m=bm, block_n=bn or None,
+                                           num_splits=cdiv(per_sm * sms, hkv * cdiv(rows_kv, bm)),
                                            num_stages=st or None, num_warps=wp or None)
                     try:
                         out, _ = fn()

@@ -159,6 +159,23 @@ def split_parts(out, lse):
     raise ValueError(f"split_parts needs Sq == 1 or B == 1, got partials {tuple(out.shape)}")
 
 
+def cascade_decode_into(q_own, q_doc, k_cache, v_cache, own, doc, dest, backend="auto", **kw):
+    """Cascade attention of B one-token rows sharing one cached document, into dest (B, Hq,
+    Dv): each row's own pages (q_own: the rows as (B, 1, Hq, D); own = (block_table (B, W),
+    seq_lens (B,), q_pos (B, 1))) and the document's pages read once for all rows (q_doc: the
+    same rows as (1, B, Hq, D); doc = (block_table (1, W'), seq_lens (1,), q_pos (1, B))), both
+    left as paged_decode's split partials and merged by log-sum-exp in one launch written into
+    dest: no reduce launches, no float32 buffer, no casts. kw: paged_decode's other arguments
+    (softmax_scale, causal, window_size, kv_pos, softcap, positions_sorted)."""
+    o_own = paged_decode(q_own, k_cache, v_cache, own[0], own[1], q_pos=own[2],
+                         backend=backend, splits=True, check=False, **kw)
+    o_doc = paged_decode(q_doc, k_cache, v_cache, doc[0], doc[1], q_pos=doc[2],
+                         backend=backend, splits=True, check=False, **kw)
+    merge_splits(*split_parts(*o_doc), backend=backend, extra=split_parts(*o_own), dest=dest,
+                 check=False)
+    return dest
+
+
 def _wide(triton_call, torch_call, kernel: str, head_dim: int):
     """A wide-head Triton launch; if it cannot compile here, warn once and take torch_call (the
     torch path; for MLA's latent decode kernel, the general wide kernel first)."""
@@ -190,5 +207,5 @@ def grouped_linear(x, w, counts, backend="auto"):
     return grouped_linear_torch(x, w, counts)
 
 
-__all__ = ["attention", "merge_", "paged_decode", "grouped_linear", "use_triton", "attention_torch",
+__all__ = ["attention", "merge_", "paged_decode", "cascade_decode_into", "grouped_linear", "use_triton", "attention_torch",
            "merge_torch_", "paged_decode_torch", "grouped_linear_torch", "BACKENDS"]

@@ -289,9 +289,6 @@ def gemm_few(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
         raise ValueError(f"gemm_few: BLOCK_N and BLOCK_K must be >= 16 (tl.dot), got {bn}, {bk}")
     if M == 0 or N == 0:
         return y
-    if K == 0:
-        return y if add_to is not None else (y.zero_() if b is None else y.copy_(
-            b.to(y.dtype).expand(M, N)))
     _gemm_few_fast((cdiv(N, bn),),
         x, w, b if b is not None else w, y, M, N, K, *x.stride(), *w.stride(), y.stride(0),
         MP=max(16, next_pow2(M)), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b is not None,

@@ -293,15 +293,17 @@ class StepAttention:
                                              self.pool.k.device, torch.int64)
         return t
 
-    def _paged(self, layer, q, table, lens, q_pos, splits=False):
+    @property
+    def _paged_kw(self) -> dict:
+        """paged_decode's arguments besides the rows, tables, lengths and positions (a rank
+        caches a sequence's tokens in position order: positions_sorted)."""
+        return dict(softmax_scale=self.scale, causal=True, window_size=self.window,
+                    kv_pos=self.pool.kv_pos, softcap=self.softcap, positions_sorted=True)
+
+    def _paged(self, layer, q, table, lens, q_pos):
         k_layer, v_layer = self.pool.layers[layer]
-        return kernels.paged_decode(q, k_layer, v_layer, table, lens,
-                                    softmax_scale=self.scale, causal=True,
-                                    window_size=self.window, q_pos=q_pos,
-                                    kv_pos=self.pool.kv_pos, backend=self.backend,
-                                    softcap=self.softcap, splits=splits, check=False,
-                                    # a rank caches a sequence's tokens in position order
-                                    positions_sorted=True)
+        return kernels.paged_decode(q, k_layer, v_layer, table, lens, q_pos=q_pos,
+                                    backend=self.backend, check=False, **self._paged_kw)
 
     def rope_store(self, layer: int, q, k, v, cos, sin, **norm):
         """The model's fused prologue (Triton): q, k (T, H, D) rotated (and q/k-normed with
@@ -404,15 +406,14 @@ class StepAttention:
         r = self.dec_slice or slice(0, q.shape[0])
         s0, s1, s2 = q.stride()
         B, Hq, D = r.stop - r.start, q.shape[1], q.shape[2]
-        own = self._paged(layer, q.as_strided((B, 1, Hq, D), (s0, Hq * s1, s1, s2),
-                                              q.storage_offset() + r.start * s0),
-                          self.dec_table, self.dec_lens, self.dec_qpos,
-                          splits=True)                                # B entries, 1 query
         table, lens, _, qpos = self.groups[0]
-        doc = self._paged(layer, _rows4(q, r), table, lens, qpos,
-                          splits=True)                                # 1 entry, B queries
-        kernels.merge_splits(*kernels.split_parts(*doc), backend=self.backend,
-                             extra=kernels.split_parts(*own), dest=dest, check=False)
+        k_layer, v_layer = self.pool.layers[layer]
+        kernels.cascade_decode_into(
+            q.as_strided((B, 1, Hq, D), (s0, Hq * s1, s1, s2),
+                         q.storage_offset() + r.start * s0),      # B entries, 1 query
+            _rows4(q, r), k_layer, v_layer,                       # 1 entry, B queries
+            (self.dec_table, self.dec_lens, self.dec_qpos), (table, lens, qpos), dest,
+            backend=self.backend, **self._paged_kw)
 
     def _pass_q(self, layer: int, q: torch.Tensor, merged: bool = True):
         """(out, lse) of the pass-Q rows in plan order; with only decode rows and merged=False
