@@ -140,6 +140,19 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s24b)  # session 24: the served (pipelined) batch-16 step ran at 20-32 ms against the
+         # graph step's 13 ms (s23c-s24a): the engine thread's stack sampled during it
+         # (--host-sample) and its schedule / update ms a step; then Llama-3-8B's 512K prefill
+         # in process with the Gluon forward default (s23d's was cut at 230 s)
+    timeout 110 python3 "$REPO/benchmarks/profile_decode.py" --lengths 131072 --batch 16 \
+      --fused-kernels --host-sample --json "$OUT/prof_b16_host.json" \
+      > "$OUT/prof_b16_host.log" 2>&1
+    grep -E "^ *131072 \||engine thread, pipelined" "$OUT/prof_b16_host.log" | cut -c1-250
+    grep -A16 "innermost ringserve" "$OUT/prof_b16_host.log" | head -12
+    timeout 340 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 524288 \
+      --decode-tokens 8 --cuda-graphs --in-process --no-hf \
+      --json "$OUT/e2e_llama_512k.json" > "$OUT/e2e_llama_512k.log" 2>&1
+    grep -E '^ *[0-9]+ \||Error|error' "$OUT/e2e_llama_512k.log" | cut -c1-200 | tail -3 ;;
   s23e)  # session 23: the batch-16 graph step with its cascade merged in one launch a layer
          # (the graph body as the eager step: no reduces, no merge buffer, no casts) and the
          # many-row decode tile as default, then bf16 against transformers at 8K for the dense

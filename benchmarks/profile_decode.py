@@ -89,6 +89,10 @@ def main(argv=None) -> int:
                         "the cascade decode; the per-GPU-speed issue's batch-16 row)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="the fused few-token kernels (kernels/fused.py; LLM(fused_kernels=True))")
+    p.add_argument("--host-sample", action="store_true",
+                   help="sample the engine thread's Python stack every 0.5 ms during the "
+                        "pipelined mode: where a pipelined step's host time goes (the served "
+                        "period is the longer of the host's work and the device's)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -143,8 +147,15 @@ def main(argv=None) -> int:
 
         for mode in ("eager", "graphs", "pipelined"):
             set_mode(mode != "eager", mode == "pipelined")
+            sampler = _HostSampler(eng._thread) if a.host_sample and mode == "pipelined" \
+                else None
+            before = eng.stats()
             outs = questions(1, greedy)
             sync()
+            if sampler is not None:
+                row["host_sample"] = sampler.stop()
+                _print_host_sample(L, row["host_sample"])
+            row.setdefault("engine", {})[mode] = _engine_delta(before, eng.stats())
             # the last steps decode every question (they finish together), after their
             # extensions and two warm-up steps
             dec = w.step_times[-a.steps:]
@@ -216,6 +227,8 @@ def main(argv=None) -> int:
               f"{row['graphs']['ms_per_token']:.2f}, pipelined "
               f"{row['pipelined']['ms_per_token']:.2f}, floor {row['floor_ms']:.2f}, same tokens "
               f"{row['same_tokens']}; one eager step: {row['profile']}", flush=True)
+        for mode, d in row["engine"].items():
+            print(f"L={L}: engine thread, {mode}: {d}", flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         if a.device == "cuda":    # where the device's time goes (the floor's gap, op by op)
             print(ka.table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
@@ -235,6 +248,82 @@ def main(argv=None) -> int:
     eng.shutdown()
     w.shutdown()
     return 0 if all(r["same_tokens"] for r in rows) else 1
+
+
+def _engine_delta(before: dict, after: dict) -> dict:
+    """The engine's steps and its thread's schedule / execute / update seconds between two
+    `stats()` (per step, ms), and the steps planned while one was in flight."""
+    out = {}
+    for k in ("steps", "steps_planned_ahead"):
+        out[k] = _num(after, k) - _num(before, k)
+    n = max(out["steps"], 1)
+    for k in ("schedule_s", "execute_s", "update_s"):
+        out[k[:-2] + "_ms_per_step"] = (_num(after, k) - _num(before, k)) * 1e3 / n
+    return out
+
+
+def _num(stats: dict, key: str) -> float:
+    """A counter or time from `Engine.stats()` (flat or under its sections)."""
+    if key in stats and isinstance(stats[key], (int, float)):
+        return stats[key]
+    for v in stats.values():
+        if isinstance(v, dict) and isinstance(v.get(key), (int, float)):
+            return v[key]
+    return 0
+
+
+class _HostSampler:
+    """A poor man's sampling profiler of one thread (the engine's): its stack every 0.5 ms,
+    from a daemon thread, counted by innermost frame and by innermost ringserve frame."""
+
+    def __init__(self, thread, period_s: float = 5e-4):
+        import collections
+        import threading
+        import time
+        self.leaf = collections.Counter()
+        self.own = collections.Counter()
+        self.n = 0
+        self._stop = threading.Event()
+        tid = thread.ident
+
+        def run():
+            while not self._stop.is_set():
+                f = sys._current_frames().get(tid)
+                if f is not None:
+                    self.n += 1
+                    self.leaf[_where(f)] += 1
+                    g = f
+                    while g is not None and not any(
+                            d in g.f_code.co_filename for d in ("/ringserve/", "/actors/")):
+                        g = g.f_back
+                    if g is not None:
+                        self.own[_where(g)] += 1
+                time.sleep(period_s)
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        n = max(self.n, 1)
+        return {"samples": self.n,
+                "leaf": [(k, round(100 * c / n, 1)) for k, c in self.leaf.most_common(15)],
+                "ringserve": [(k, round(100 * c / n, 1)) for k, c in self.own.most_common(15)]}
+
+
+def _where(frame) -> str:
+    c = frame.f_code
+    return f"{c.co_filename.rsplit('/', 2)[-2:][-1]}:{frame.f_lineno} {c.co_name}"
+
+
+def _print_host_sample(L: int, hs: dict) -> None:
+    print(f"L={L}: pipelined mode, the engine thread sampled {hs['samples']} times; "
+          "innermost frames (% of samples):", flush=True)
+    for k, pct in hs["leaf"]:
+        print(f"   {pct:5.1f}%  {k}", flush=True)
+    print(f"L={L}: innermost ringserve / actors frames:", flush=True)
+    for k, pct in hs["ringserve"]:
+        print(f"   {pct:5.1f}%  {k}", flush=True)
 
 
 def _replay_ms(graph, n: int = 50) -> float:
