@@ -140,6 +140,21 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s24c)  # session 24: the pipelined batch-16 step again: the worker's launch (host) and finish
+         # (waiting) ms, the engine thread's medians a step, a profile of the pipelined mode (the
+         # runtime calls by host time, the device's busy share); then the 512K prefill without
+         # the untimed full-length warm-up (s24b's was cut at 340 s: 62 s init + two prefills)
+    timeout 130 python3 "$REPO/benchmarks/profile_decode.py" --lengths 131072 --batch 16 \
+      --fused-kernels --pipeline-trace "$OUT/pipelined_b16.trace.json" \
+      --json "$OUT/prof_b16_calls.json" > "$OUT/prof_b16_calls.log" 2>&1
+    gzip -f "$OUT/pipelined_b16.trace.json"
+    grep -E "^ *131072 \||engine thread, (graphs|pipelined)" "$OUT/prof_b16_calls.log" \
+      | cut -c1-330
+    grep -A13 "pipelined under the profiler" "$OUT/prof_b16_calls.log" | head -14
+    timeout 330 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 524288 \
+      --decode-tokens 8 --cuda-graphs --in-process --no-hf --no-warmup-first \
+      --json "$OUT/e2e_llama_512k.json" > "$OUT/e2e_llama_512k.log" 2>&1
+    grep -E '^ *[0-9]+ \||Error|error' "$OUT/e2e_llama_512k.log" | cut -c1-200 | tail -3 ;;
   s24b)  # session 24: the served (pipelined) batch-16 step ran at 20-32 ms against the
          # graph step's 13 ms (s23c-s24a): the engine thread's stack sampled during it
          # (--host-sample) and its schedule / update ms a step; then Llama-3-8B's 512K prefill

@@ -93,6 +93,11 @@ def main(argv=None) -> int:
                    help="sample the engine thread's Python stack every 0.5 ms during the "
                         "pipelined mode: where a pipelined step's host time goes (the served "
                         "period is the longer of the host's work and the device's)")
+    p.add_argument("--pipeline-trace", default=None, metavar="FILE",
+                   help="after the timed modes, the pipelined mode once more under "
+                        "torch.profiler (every thread's CUDA runtime calls, the kernels): "
+                        "the runtime calls that cost the host most, the device's busy share, "
+                        "and the trace written to FILE (Chrome format)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -149,13 +154,17 @@ def main(argv=None) -> int:
             set_mode(mode != "eager", mode == "pipelined")
             sampler = _HostSampler(eng._thread) if a.host_sample and mode == "pipelined" \
                 else None
+            timer = _CallTimer(w, ("launch", "finish", "execute")) if mode == "pipelined" \
+                else None
             before = eng.stats()
             outs = questions(1, greedy)
             sync()
             if sampler is not None:
                 row["host_sample"] = sampler.stop()
                 _print_host_sample(L, row["host_sample"])
-            row.setdefault("engine", {})[mode] = _engine_delta(before, eng.stats())
+            row.setdefault("engine", {})[mode] = _engine_delta(eng, before, eng.stats())
+            if timer is not None:
+                row["engine"][mode]["worker_calls"] = timer.stop()
             # the last steps decode every question (they finish together), after their
             # extensions and two warm-up steps
             dec = w.step_times[-a.steps:]
@@ -163,6 +172,17 @@ def main(argv=None) -> int:
             row[mode] = {"ms_per_token": dt * 1e3,
                          "tokens": [o.token_ids[3:] for o in outs] if a.batch > 1
                          else outs[0].token_ids[3:]}
+        if a.pipeline_trace:
+            set_mode(True, True)
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if a.device == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=acts) as prof:
+                questions(1, greedy)
+                sync()
+            row["pipeline_trace"] = _trace_summary(prof)
+            _print_trace_summary(L, row["pipeline_trace"])
+            prof.export_chrome_trace(a.pipeline_trace)
         # windowed layers read at most window + 1 of the L tokens (bench_e2e.kv_tokens_read);
         # with a batch, the document once and each question's own tokens
         own = a.batch * (a.steps + 4) if a.batch > 1 else 0
@@ -250,26 +270,55 @@ def main(argv=None) -> int:
     return 0 if all(r["same_tokens"] for r in rows) else 1
 
 
-def _engine_delta(before: dict, after: dict) -> dict:
-    """The engine's steps and its thread's schedule / execute / update seconds between two
-    `stats()` (per step, ms), and the steps planned while one was in flight."""
-    out = {}
-    for k in ("steps", "steps_planned_ahead"):
-        out[k] = _num(after, k) - _num(before, k)
-    n = max(out["steps"], 1)
-    for k in ("schedule_s", "execute_s", "update_s"):
-        out[k[:-2] + "_ms_per_step"] = (_num(after, k) - _num(before, k)) * 1e3 / n
+def _engine_delta(eng, before: dict, after: dict) -> dict:
+    """The engine thread's steps between two `stats()`: how many (and planned while one was in
+    flight), and over the decode steps of every row (the steady state) the medians of its
+    own schedule and update ms a step, of the period between two steps' results (read to
+    read) and of the host's gap from a step's read to the next step's send."""
+    import statistics
+    out = {k: _num(after, k) - _num(before, k) for k in ("steps", "steps_planned_ahead")}
+    steps = eng.recent_steps(int(out["steps"]))
+    full = max((s["decode_rows"] for s in steps), default=0)
+    dec = [s for s in steps if s["decode_rows"] == full and not s["prompt_tokens"]]
+    med = (lambda xs: round(statistics.median(xs) * 1e3, 3) if xs else float("nan"))
+    out.update(decode_steps=len(dec), schedule_ms=med([s["schedule_s"] for s in dec]),
+               update_ms=med([s["update_s"] for s in dec]),
+               period_ms=med([b["read"] - a["read"] for a, b in zip(dec, dec[1:])]),
+               execute_ms=med([s["execute_s"] for s in dec]))
     return out
 
 
+class _CallTimer:
+    """Times the worker's calls (its methods wrapped on the instance until `stop`): per name,
+    the count and the median and longest ms; for the pipelined mode, the host's time to
+    launch a step against the time a finish waits for one."""
+
+    def __init__(self, worker, names):
+        import time
+        self.w, self.names, self.t = worker, names, {n: [] for n in names}
+        for n in names:
+            real = getattr(worker, n)
+
+            def timed(*args, _real=real, _n=n, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _real(*args, **kw)
+                finally:
+                    self.t[_n].append(time.perf_counter() - t0)
+            setattr(worker, n, timed)
+
+    def stop(self) -> dict:
+        import statistics
+        for n in self.names:
+            delattr(self.w, n)
+        return {n: (len(v), round(statistics.median(v) * 1e3, 3), round(max(v) * 1e3, 3))
+                for n, v in self.t.items() if v}
+
+
 def _num(stats: dict, key: str) -> float:
-    """A counter or time from `Engine.stats()` (flat or under its sections)."""
-    if key in stats and isinstance(stats[key], (int, float)):
-        return stats[key]
-    for v in stats.values():
-        if isinstance(v, dict) and isinstance(v.get(key), (int, float)):
-            return v[key]
-    return 0
+    """A counter from `Engine.stats()`."""
+    v = stats.get(key, 0)
+    return v if isinstance(v, (int, float)) else 0
 
 
 class _HostSampler:
@@ -324,6 +373,46 @@ def _print_host_sample(L: int, hs: dict) -> None:
     print(f"L={L}: innermost ringserve / actors frames:", flush=True)
     for k, pct in hs["ringserve"]:
         print(f"   {pct:5.1f}%  {k}", flush=True)
+
+
+def _trace_summary(prof) -> dict:
+    """From a profile of the pipelined mode: the CUDA runtime / driver calls by total host
+    time (count, total and longest ms), and the device's busy share of the span from its first
+    kernel to its last (the union of the kernels' intervals)."""
+    import collections
+    calls = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    spans = []
+    for e in prof.events():
+        dev = "cuda" in str(getattr(e, "device_type", "")).lower()
+        dur = e.time_range.elapsed_us() / 1e3
+        if dev:
+            spans.append((e.time_range.start, e.time_range.end))
+        elif e.name.startswith(("cuda", "cu")) and not e.name.startswith("cudnn"):
+            c = calls[e.name]
+            c[0] += 1
+            c[1] += dur
+            c[2] = max(c[2], dur)
+    busy, end = 0.0, None
+    for a0, a1 in sorted(spans):
+        if end is None or a0 > end:
+            busy += a1 - a0
+            end = a1
+        elif a1 > end:
+            busy += a1 - end
+            end = a1
+    span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0
+    top = sorted(calls.items(), key=lambda kv: -kv[1][1])[:12]
+    return {"device_busy": round(busy / span, 3) if span else None,
+            "device_span_ms": span / 1e3,
+            "runtime_calls": [(k, n, round(t, 3), round(m, 3)) for k, (n, t, m) in top]}
+
+
+def _print_trace_summary(L: int, t: dict) -> None:
+    print(f"L={L}: pipelined under the profiler: device busy {t['device_busy']} of "
+          f"{t['device_span_ms']:.1f} ms; runtime calls (count, total ms, longest ms):",
+          flush=True)
+    for name, n, tot, mx in t["runtime_calls"]:
+        print(f"   {name[:40]:40} {n:6d} {tot:10.3f} {mx:9.3f}", flush=True)
 
 
 def _replay_ms(graph, n: int = 50) -> float:
