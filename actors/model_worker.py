@@ -917,7 +917,8 @@ class ModelShardWorker(ShardWorker):
                                             q_pos=g.pos[:, None], backend=self.backend, **kw)
             if g.prefix:    # the rows' shared document, read once for all of them, merged in
                 po, pl = kernels.paged_decode(q[0][None], k_layer, v_layer, g.ptable, g.plens,
-                                              q_pos=g.pos[None], backend=self.backend, **kw)
+                                              q_pos=g.pos[None], backend=self.backend,
+                                              **kernels.shared_prefix_kw(kw))
                 o, l_ = out[:, 0].float(), lse[:, :, 0].contiguous()
                 _merge(o, l_, po[0], pl[0].t())
                 merged = merge_rows(self.transport, o, l_)[0]   # world size > 1 here

@@ -140,6 +140,23 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s24d)  # session 24: the batch-16 step with the shared document's part unmasked
+         # (kernels.shared_prefix_kw: every document key precedes every row; s24c's trace had
+         # that part at 203 us a layer with the causal mask and key positions, against 166.6
+         # in the sweep without key positions): the graph / pipelined steps, their kernels by
+         # launch shape from the pipelined mode's trace, the same tokens eager / graphs /
+         # pipelined; then the cascade and decode kernel tests in bf16
+    timeout 130 python3 "$REPO/benchmarks/profile_decode.py" --lengths 131072 --batch 16 \
+      --fused-kernels --pipeline-trace "$OUT/pipelined_b16_nomask.trace.json" \
+      --json "$OUT/prof_b16_nomask.json" > "$OUT/prof_b16_nomask.log" 2>&1
+    python3 "$REPO/benchmarks/trace_kernels.py" "$OUT/pipelined_b16_nomask.trace.json" 8 \
+      | tee "$OUT/pipelined_b16_nomask.kernels.txt"
+    gzip -f "$OUT/pipelined_b16_nomask.trace.json"
+    grep -E "^ *131072 \||engine thread, (graphs|pipelined)|back to back" \
+      "$OUT/prof_b16_nomask.log" | cut -c1-330
+    timeout 200 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
+      "$REPO/tests/test_kernels_gpu.py" -k "decode or cascade or merge" 2>&1 \
+      | tee "$OUT/test_kernels_gpu_decode.log" | grep -E "^E |passed|failed|rror" | head -6 ;;
   s24c)  # session 24: the pipelined batch-16 step again: the worker's launch (host) and finish
          # (waiting) ms, the engine thread's medians a step, a profile of the pipelined mode (the
          # runtime calls by host time, the device's busy share); then the 512K prefill without

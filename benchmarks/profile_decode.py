@@ -170,6 +170,8 @@ def main(argv=None) -> int:
             dec = w.step_times[-a.steps:]
             dt = sum(dec) / len(dec)
             row[mode] = {"ms_per_token": dt * 1e3,
+                         "median_ms": sorted(dec)[len(dec) // 2] * 1e3,
+                         "worst_ms": max(dec) * 1e3,
                          "tokens": [o.token_ids[3:] for o in outs] if a.batch > 1
                          else outs[0].token_ids[3:]}
         if a.pipeline_trace:
@@ -284,6 +286,8 @@ def _engine_delta(eng, before: dict, after: dict) -> dict:
     out.update(decode_steps=len(dec), schedule_ms=med([s["schedule_s"] for s in dec]),
                update_ms=med([s["update_s"] for s in dec]),
                period_ms=med([b["read"] - a["read"] for a, b in zip(dec, dec[1:])]),
+               worst_period_ms=round(max((b["read"] - a["read"] for a, b in zip(dec, dec[1:])),
+                                         default=float("nan")) * 1e3, 3),
                execute_ms=med([s["execute_s"] for s in dec]))
     return out
 

@@ -368,6 +368,37 @@ def test_cascade_split_partials_merge_in_one_launch(backend, dtype):
                      extra=(own[0][:, :, 0].permute(2, 0, 1, 3), own[1][:, :, 0]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_document_part_drops_only_an_all_true_mask(backend):
+    """kernels.shared_prefix_kw: the document's part of a cascade under rows that decode after
+    it runs without the causal mask (nor key positions) and equals the masked call; a window
+    keeps the mask (it does cut those keys); a non-causal call is left as it is."""
+    from ringserve.kernels import paged_decode, shared_prefix_kw
+    B, Hq, Hkv, D, page, dlen = 4, 8, 2, 32, 16, 150
+    q, kc, vc, _, _, _, _ = paged_case(B, 1, Hq, Hkv, D, page, [dlen], torch.float32, seed=43)
+    P = kc.shape[0]
+    dtab = torch.randperm(P, generator=torch.Generator().manual_seed(6))[:-(-dlen // page)]
+    dtab, dlens = dtab[None].int(), torch.tensor([dlen], dtype=torch.int32)
+    kv_pos = torch.zeros(P, page, dtype=torch.int64)          # the document at 0..dlen-1
+    kv_pos[dtab[0].long()] = torch.arange(dtab.shape[1] * page).view(-1, page)
+    qd = q.transpose(0, 1)                                    # (1, B, Hq, D): B rows
+    qpos = torch.tensor([[dlen + 3, dlen + 9, dlen + 40, dlen + 41]])
+    kw = dict(softmax_scale=0.3, causal=True, window_size=None, kv_pos=kv_pos,
+              positions_sorted=True)
+    assert shared_prefix_kw(kw)["causal"] is False and shared_prefix_kw(kw)["kv_pos"] is None
+    masked = paged_decode(qd, kc, vc, dtab, dlens, q_pos=qpos, backend=backend, **kw)
+    free = paged_decode(qd, kc, vc, dtab, dlens, q_pos=qpos, backend=backend,
+                        **shared_prefix_kw(kw))
+    assert (masked[0] - free[0]).abs().max() < 1e-5
+    assert (masked[1] - free[1]).abs().max() < 1e-5
+    win = dict(kw, window_size=64)
+    assert shared_prefix_kw(win) is win and shared_prefix_kw(dict(kw, causal=False))["kv_pos"] \
+        is kv_pos
+    cut = paged_decode(qd, kc, vc, dtab, dlens, q_pos=qpos, backend=backend,
+                       **shared_prefix_kw(win))
+    assert (cut[0] - masked[0]).abs().max() > 1e-2          # the window's mask still applies
+
+
 def test_merge_triton_low_precision_accumulator_and_nan_guard():
     g = torch.Generator().manual_seed(10)
     B, S, H, D = 1, 17, 2, 32

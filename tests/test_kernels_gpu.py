@@ -164,6 +164,43 @@ def test_cascade_split_partials_gpu():
     assert not step[:2].any() and not step[2 + B:].any()
 
 
+def test_cascade_document_part_unmasked_gpu():
+    """kernels.cascade_decode_into in bf16 at the batch-16 step's shapes (16 questions x 4
+    query heads a KV head on a 32K-token document, positions from the cache): its document
+    part runs unmasked (shared_prefix_kw) and equals the same cascade with the causal mask and
+    key positions kept, within a bf16 rounding of the output."""
+    from ringserve import kernels
+    B, H, Hkv, D, page, own_len, doc_len = 16, 32, 8, 128, 64, 40, 32768
+    g = torch.Generator(device="cuda").manual_seed(24)
+    P = doc_len // page + B + 4
+    kc = torch.randn(P, page, Hkv, D, device="cuda", generator=g).bfloat16()
+    vc = torch.randn(P, page, Hkv, D, device="cuda", generator=g).bfloat16()
+    perm = torch.randperm(P, device="cuda", generator=g).int()
+    dtab = perm[:doc_len // page][None]
+    bt = perm[doc_len // page:doc_len // page + B][:, None]
+    kv_pos = torch.zeros(P, page, dtype=torch.int32, device="cuda")
+    kv_pos[dtab[0].long()] = torch.arange(doc_len, device="cuda", dtype=torch.int32).view(-1, page)
+    kv_pos[bt[:, 0].long()] = doc_len + torch.arange(page, device="cuda", dtype=torch.int32)
+    qpos = torch.full((B,), doc_len + own_len - 1, device="cuda", dtype=torch.int64)
+    q = torch.randn(B, H, D, device="cuda", generator=g).bfloat16()
+    lens = torch.full((B,), own_len, dtype=torch.int32, device="cuda")
+    own = (bt, lens, qpos[:, None])
+    doc = (dtab, torch.tensor([doc_len], dtype=torch.int32, device="cuda"), qpos[None])
+    kw = dict(softmax_scale=D ** -0.5, causal=True, window_size=None, kv_pos=kv_pos,
+              positions_sorted=True)
+    out = kernels.cascade_decode_into(q[:, None], q[None], kc, vc, own, doc,
+                                      torch.empty_like(q), **kw)
+    o_own = kernels.paged_decode(q[:, None], kc, vc, *own[:2], q_pos=own[2], splits=True, **kw)
+    o_doc = kernels.paged_decode(q[None], kc, vc, *doc[:2], q_pos=doc[2], splits=True, **kw)
+    masked = torch.empty_like(q)
+    kernels.merge_splits(*kernels.split_parts(*o_doc), extra=kernels.split_parts(*o_own),
+                         dest=masked)
+    # one bf16 rounding apart at most, element by element (the partials agree in fp32)
+    diff = (out.float() - masked.float()).abs()
+    assert bool((diff <= masked.float().abs() * 2 ** -7 + 1e-6).all()), diff.max().item()
+    assert masked.float().abs().max().item() > 1e-3    # not an empty output
+
+
 def test_merge_striped_ring_gpu():
     from ringserve.kernels import attention, merge_
     N, total, H, D = 4, 3001, 8, 128

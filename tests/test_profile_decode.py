@@ -37,10 +37,22 @@ def test_profile_decode_batch_cpu_smoke(tmp_path):
     same tokens eager and through graphs, per question."""
     mod = _script()
     out = tmp_path / "p.json"
+    trace = tmp_path / "trace.json"
     rc = mod.main(["--preset", "tiny", "--device", "cpu", "--lengths", "150", "--steps", "5",
-                   "--page-size", "16", "--batch", "3", "--json", str(out)])
+                   "--page-size", "16", "--batch", "3", "--host-sample",
+                   "--pipeline-trace", str(trace), "--json", str(out)])
     assert rc == 0
     r = json.loads(out.read_text())["rows"][0]
     assert r["batch"] == 3 and r["same_tokens"]
     assert len(r["graphs"]["tokens"]) == 3 and all(len(t) == 5 for t in r["graphs"]["tokens"])
     assert r["profile"]["aten_ops"] > 100
+    # the engine thread's steady state per mode, and the worker's calls in the pipelined one
+    for mode in ("eager", "graphs", "pipelined"):
+        e = r["engine"][mode]
+        assert e["decode_steps"] >= 4 and e["period_ms"] > 0 and e["schedule_ms"] > 0
+        assert r[mode]["median_ms"] <= r[mode]["worst_ms"]
+    calls = r["engine"]["pipelined"]["worker_calls"]
+    assert calls["launch"][0] >= 5 and calls["finish"][0] >= 5
+    # the host sampler saw the engine thread; the pipelined mode's trace was written
+    assert r["host_sample"]["samples"] > 0 and r["host_sample"]["ringserve"]
+    assert "device_busy" in r["pipeline_trace"] and trace.exists()

@@ -300,10 +300,13 @@ class StepAttention:
         return dict(softmax_scale=self.scale, causal=True, window_size=self.window,
                     kv_pos=self.pool.kv_pos, softcap=self.softcap, positions_sorted=True)
 
-    def _paged(self, layer, q, table, lens, q_pos):
+    def _paged(self, layer, q, table, lens, q_pos, shared: bool = False):
+        """paged_decode of rows q over tables; shared: a shared document's pages under rows
+        that decode after it (`kernels.shared_prefix_kw`: no mask without a window)."""
         k_layer, v_layer = self.pool.layers[layer]
+        kw = kernels.shared_prefix_kw(self._paged_kw) if shared else self._paged_kw
         return kernels.paged_decode(q, k_layer, v_layer, table, lens, q_pos=q_pos,
-                                    backend=self.backend, check=False, **self._paged_kw)
+                                    backend=self.backend, check=False, **kw)
 
     def rope_store(self, layer: int, q, k, v, cos, sin, **norm):
         """The model's fused prologue (Triton): q, k (T, H, D) rotated (and q/k-normed with
@@ -428,11 +431,12 @@ class StepAttention:
             o, lse = o[:, 0].float(), lse[:, :, 0].contiguous()     # (B, Hq, D), (B, Hq)
             for table, lens, members, qpos in self.groups:          # shared prefix read once
                 if members is None:                                  # all rows, in order
-                    po, pl = self._paged(layer, qd[:, 0][None], table, lens, qpos)
+                    po, pl = self._paged(layer, qd[:, 0][None], table, lens, qpos,
+                                         shared=True)
                     _merge(o, lse, po[0], pl[0].t())
                     continue
                 qg = qd.index_select(0, members)[:, 0][None]         # (1, n, Hq, D)
-                po, pl = self._paged(layer, qg, table, lens, qpos)
+                po, pl = self._paged(layer, qg, table, lens, qpos, shared=True)
                 mo, ml = o.index_select(0, members), lse.index_select(0, members)
                 _merge(mo, ml, po[0], pl[0].t())
                 o.index_copy_(0, members, mo)
