@@ -140,6 +140,19 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s25a)  # session 25: where a 128K prefill's time goes (57.4% MFU; >= 60% wanted): chunked
+         # with LLM's budgets, in one step, then chunked under the profiler as a whole (kernels
+         # by kind with TFLOP/s, the device's busy share); then cuBLAS alone on the chunk's
+         # projection shapes
+    timeout 320 python3 "$REPO/benchmarks/profile_step.py" --preset llama3-8b --single 131072 \
+      --trace "$OUT/prefill_128k.trace.json" > "$OUT/profile_prefill_128k.log" 2>&1
+    grep -E "tokens in|^device busy|^ +(kind|gemm|attention|merge|norm|other)|^GEMM FLOPs|rror" \
+      "$OUT/profile_prefill_128k.log" | cut -c1-300
+    python3 "$REPO/benchmarks/trace_kernels.py" "$OUT/prefill_128k.trace.json" 14 \
+      | tee "$OUT/prefill_128k.kernels.txt" | cut -c1-110
+    gzip -f "$OUT/prefill_128k.trace.json"
+    timeout 90 python3 "$REPO/benchmarks/bench_prefill_gemms.py" --json "$OUT/gemms.json" \
+      2>&1 | tee "$OUT/gemms.log" | cut -c1-200 ;;
   s24d)  # session 24: the batch-16 step with the shared document's part unmasked
          # (kernels.shared_prefix_kw: every document key precedes every row; s24c's trace had
          # that part at 203 us a layer with the causal mask and key positions, against 166.6

@@ -65,8 +65,12 @@ def main(argv=None):
                         "step times and timeline are those of the eighth of the prompt after it")
     p.add_argument("--single", type=int, default=0,
                    help="only time one cold prefill of this many tokens: chunked as LLM does on "
-                        "CUDA (flops cost, solo factor 8) vs one step, with a profile of a late "
-                        "chunk")
+                        "CUDA (flops cost, its step budget and solo factor) vs one step, then "
+                        "chunked under the profiler: kernels by kind, TFLOP/s, device busy")
+    p.add_argument("--trace", default=None,
+                   help="with --single: write the profiled prefill's Chrome trace here")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     a = p.parse_args(argv)
     import torch
     from ringserve.engine import Engine, EngineConfig
@@ -310,43 +314,75 @@ def timeline_summary(tag: str, rows, lo: int, hi: int) -> None:
 
 
 def single(a, cfg, grp):
+    """A cold prefill of a.single tokens: chunked with LLM's CUDA budgets (the step budget and
+    its solo factor), in one step, then chunked again under the profiler as a whole: the
+    kernels by kind (GEMM, attention, ...) with their TFLOP/s, and the device's busy share."""
+    import os
+    import tempfile
+
     import torch
     from torch.profiler import profile
+    from trace_kernels import category_totals
+
+    from ringserve.config import ModelConfig
     from ringserve.engine import Engine, EngineConfig
+    from ringserve.llm import step_budgets
+    from ringserve.planner import layer_params, prefill_flops
 
     print(f"warmup {grp.w.warmup():.1f} s", flush=True)
+    mc = ModelConfig.from_hf_dict(cfg)
+    n = a.single
+    gemm_fl = 2.0 * layer_params(mc) * n
+    attn_fl = prefill_flops(mc, n) - gemm_fl
+    budget, factor = step_budgets(True, 1)
     g = torch.Generator().manual_seed(1)
-    for budget, factor in ((4096, 8), (1 << 22, 1), (4096, 8)):
-        eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=budget,
-                                                 prefill_cost="flops", solo_budget_factor=factor))
-        times, box = [], {}
+    trace = a.trace or os.path.join(tempfile.mkdtemp(), "prefill.trace.json")
+    for i, (bud, fac) in enumerate(((budget, factor), (1 << 22, 1), (budget, factor))):
+        eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=bud,
+                                                 prefill_cost="flops", solo_budget_factor=fac))
+        times = []
         real = eng._execute
 
-        def timed(step, real=real, times=times, box=box):
+        def timed(step, real=real, times=times):
             sync()
             t = time.perf_counter()
             w = step.works[0]
-            if len(times) == 10 and "p" not in box:
-                with profile(activities=ACTIVITIES) as pr:
-                    r = real(step)
-                    sync()
-                box["p"] = pr
-            else:
-                r = real(step)
-                sync()
+            r = real(step)
+            sync()
             times.append((w.start, w.n, time.perf_counter() - t))
             return r
 
         eng._execute = timed
-        ids = torch.randint(0, cfg["vocab_size"], (a.single,), generator=g).tolist()
+        ids = torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist()
+        pr = profile(activities=ACTIVITIES) if i == 2 else None
+        if pr is not None:
+            pr.__enter__()
         t = time.perf_counter()
-        eng.submit("cache_document", ids).result()
-        wall = time.perf_counter() - t
-        print(f"budget {budget} x{factor}: {a.single} tokens in {wall:.2f} s, {len(times)} steps:"
-              f" {[(s_, n, round(dt, 3)) for s_, n, dt in times]}", flush=True)
-        if "p" in box:
-            print(box["p"].key_averages().table(sort_by="cuda_time_total", row_limit=14))
+        try:
+            eng.submit("cache_document", ids).result()
+        finally:
+            wall = time.perf_counter() - t
+            if pr is not None:
+                pr.__exit__(None, None, None)
+        mfu = (gemm_fl + attn_fl) / wall / (a.peak_tflops * 1e12)
+        tag = " (under the profiler)" if pr is not None else ""
+        print(f"budget {bud} x{fac}{tag}: {n} tokens in {wall:.2f} s = {mfu:.1%} MFU, "
+              f"{len(times)} steps: {[(s_, m, round(dt, 3)) for s_, m, dt in times]}",
+              flush=True)
         eng.shutdown()
+    print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+    pr.export_chrome_trace(trace)
+    tot = category_totals(trace)
+    fl = {"gemm": gemm_fl, "attention": attn_fl}
+    print(f"device busy {tot['busy_ms']:.0f} ms of a {tot['span_ms']:.0f} ms kernel span "
+          f"({tot['busy_ms'] / max(tot['span_ms'], 1e-9):.1%}); wall {wall * 1e3:.0f} ms")
+    print(f"{'kind':>14} | {'kernels':>7} | {'ms':>8} | {'share':>6} | {'TFLOP/s':>7} | top names")
+    for k, (c, ms) in sorted(tot["kinds"].items(), key=lambda kv: -kv[1][1]):
+        tf = f"{fl[k] / (ms / 1e3) / 1e12:7.0f}" if k in fl and ms > 0 else " " * 7
+        print(f"{k:>14} | {c:>7} | {ms:8.1f} | {ms / max(tot['busy_ms'], 1e-9):6.1%} | {tf} | "
+              f"{', '.join(tot['names'][k])}")
+    print(f"GEMM FLOPs {gemm_fl / 1e15:.3f} PF, attention {attn_fl / 1e15:.3f} PF (peak "
+          f"{a.peak_tflops:.0f} TFLOP/s)", flush=True)
 
 
 if __name__ == "__main__":
