@@ -140,6 +140,23 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s25b)  # session 25: the prefill's elementwise work on the fused span path and a late
+         # chunk's attention in one launch over its run of pages (no merge): the GPU test of
+         # both against transformers in bf16, the 8K family checks at world size 1 (the span
+         # path under every family's norms / RoPE / MLP), then the 128K prefill profile again
+    timeout 120 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
+      "$REPO/tests/test_llm_gpu.py" -k "chunked_prefill_in_one_launch or one_gpu_bf16" 2>&1 \
+      | tee "$OUT/test_llm_gpu_chunked.log" | grep -E "^E |passed|failed|rror" | head -6
+    timeout 200 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --tb=short \
+      "$REPO/tests/test_families_gpu.py" -k "striped and not deepseek and not moe" 2>&1 \
+      | tee "$OUT/test_families_gpu.log" | grep -E "^E |passed|failed|rror" | head -8
+    timeout 240 python3 "$REPO/benchmarks/profile_step.py" --preset llama3-8b --single 131072 \
+      --trace "$OUT/prefill_128k.trace.json" > "$OUT/profile_prefill_128k.log" 2>&1
+    grep -E "tokens in|^device busy|^ +(kind|gemm|attention|merge|norm|other)|^GEMM FLOPs|rror" \
+      "$OUT/profile_prefill_128k.log" | cut -c1-300
+    python3 "$REPO/benchmarks/trace_kernels.py" "$OUT/prefill_128k.trace.json" 10 \
+      | tee "$OUT/prefill_128k.kernels.txt" | cut -c1-110
+    gzip -f "$OUT/prefill_128k.trace.json" ;;
   s25a)  # session 25: where a 128K prefill's time goes (57.4% MFU; >= 60% wanted): chunked
          # with LLM's budgets, in one step, then chunked under the profiler as a whole (kernels
          # by kind with TFLOP/s, the device's busy share); then cuBLAS alone on the chunk's

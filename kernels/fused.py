@@ -240,10 +240,13 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
                       slots: Optional[torch.Tensor] = None,
                       q_norm: Optional[torch.Tensor] = None,
                       k_norm: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                      plus_one: bool = False, check: bool = True):
+                      plus_one: bool = False, check: bool = True,
+                      out: Optional[Tuple[torch.Tensor, ...]] = None):
     """q (T, Hq, D), k, v (T, Hkv, D) (heads and tokens may be strided, the head dim
     contiguous), cos, sin (T, 1, D/2) float32 -> (q, k, v): q and k rotated, v copied (None
-    if v is None), all new contiguous tensors.
+    if v is None), all new contiguous tensors, or written into `out` = (q_out, k_out, v_out)
+    of those shapes (rows and heads may be strided, the head dim contiguous: a span's rows of
+    a whole step's buffers), which are returned.
 
     q_norm / k_norm (D,): RMSNorm of every head before the rotation (eps, plus_one as the
     model's norms). With k_cache / v_cache (num_slots, Hkv, D) and slots (T,) int64, the
@@ -255,9 +258,20 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor
     Hkv = k.shape[1]
     half = D // 2
     store = k_cache is not None
-    qo = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
-    ko = torch.empty(T, Hkv, D, dtype=k.dtype, device=k.device)
-    vo = torch.empty(T, Hkv, D, dtype=v.dtype, device=v.device) if v is not None else None
+    if out is not None:
+        qo, ko, vo = out
+        if check:
+            for name, o, want in (("q", qo, q), ("k", ko, k), ("v", vo, v)):
+                if want is None:
+                    continue
+                if o is None or o.shape != want.shape or o.stride(-1) != 1 \
+                        or o.dtype != want.dtype or o.device != want.device:
+                    raise ValueError(f"out's {name} must be {tuple(want.shape)} {want.dtype} "
+                                     f"with a contiguous head dim")
+    else:
+        qo = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+        ko = torch.empty(T, Hkv, D, dtype=k.dtype, device=k.device)
+        vo = torch.empty(T, Hkv, D, dtype=v.dtype, device=v.device) if v is not None else None
     if T == 0:
         return qo, ko, vo
     dummy = qo

@@ -387,8 +387,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms, **factory)
 
 
-# steps of at most this many tokens (decode batches, short extensions) run the fused Triton
-# kernels when the backend is Triton (kernels/fused.py); longer ones keep the torch path
+# steps of at most this many tokens (decode batches, short extensions) in one span run the
+# few-token fused path when the backend is Triton (kernels/fused.py); longer ones take its
+# span-by-span form (`_forward_spans_fused`; MLA: the torch path)
 FUSED_MAX_TOKENS = 1024
 
 
@@ -508,10 +509,12 @@ class CausalLM(nn.Module):
         if cfg.embed_scale is not None:   # in the weights' dtype, as transformers rounds it
             h *= torch.tensor(cfg.embed_scale, dtype=h.dtype)
         spans = list(_spans(T, chunk_tokens))
-        if 0 < T <= FUSED_MAX_TOKENS and len(spans) == 1:
-            from ringserve import kernels
-            if kernels.use_triton(self.backend, h):
+        from ringserve import kernels
+        if T > 0 and kernels.use_triton(self.backend, h):
+            if T <= FUSED_MAX_TOKENS and len(spans) == 1:
                 return self._forward_fused(h, attn_fn, (cos, sin), local)
+            if cfg.mla is None:
+                return self._forward_spans_fused(h, attn_fn, (cos, sin), local, spans)
 
         # MLA: attn_fn may take a long chunk in the expanded form (`StepAttention.mla`): the
         # queries then come in both forms, and its output is in the values' space
@@ -670,6 +673,96 @@ class CausalLM(nn.Module):
                 x = add_norm(layer.post_attention_layernorm, h, (a, None))
                 pending = (ffn(x, fused_act=True) if isinstance(ffn, MLP) else ffn(x), None)
         return add_norm(self.model.norm, h, pending, out=h)
+
+    def _forward_spans_fused(self, h: torch.Tensor, attn_fn: AttnFn, glob, local,
+                             spans) -> torch.Tensor:
+        """`forward`'s layers for a long step (a prefill chunk) with the fused kernels, the
+        norms, projections and MLP over `spans` of the rows (activation memory as the torch
+        path's), the attention over all of them. Per span: the residual add goes into the
+        norm after it, RoPE (with the q/k norm), the copy into the layer's q/k/v buffers and
+        the K/V store are one launch (`attn_fn.rope_store_rows` where it offers it), act(gate)
+        * up one. A span's MLP output is added by the next layer's input norm, which runs on
+        that span right after it (its q/k/v then wait in the next layer's buffers). Session
+        25: the torch path's ~8 elementwise launches a norm, ~8 for RoPE and the copies took
+        ~1 s of a 128K prefill's 11.1 s on an H200. Rounds where the torch path rounds (the
+        kernels' docstring in kernels/fused.py); not for MLA (its projection differs)."""
+        from ringserve.kernels.fused import rms_norm_triton, rope_store_triton
+
+        def add_norm(mod, x, pend, out=None):
+            """x += the pending sublayer output (normed first by its norm, Gemma), then
+            mod(x): one launch."""
+            if pend is None:
+                return rms_norm_triton(x, mod.weight, mod.eps, mod.plus_one, None, out,
+                                       check=False)
+            d, dn = pend
+            return rms_norm_triton(x, mod.weight, mod.eps, mod.plus_one, d, out,
+                                   None if dn is None else dn.weight,
+                                   None if dn is None else dn.eps, check=False)
+
+        cfg = self.config
+        T = h.shape[0]
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        layers = self.model.layers
+        L = len(layers)
+        store = getattr(attn_fn, "rope_store_rows", None)
+        flat = getattr(attn_fn, "flat_batch", False)
+        want = torch.Size((T, hq, d) if flat else (1, T, hq, d))
+
+        def buffers():
+            kw = {"dtype": h.dtype, "device": h.device}
+            return (torch.empty(T, hq, d, **kw), torch.empty(T, hkv, d, **kw),
+                    torch.empty(T, hkv, d, **kw))
+
+        def qkv_into(li: int, x: torch.Tensor, a: int, b: int, bufs) -> None:
+            at = layers[li].self_attn
+            cos, sin = local if self.layer_rotary[li] else glob
+            q, k, v = at.qkv_heads(x, d)
+            qk = ({"q_norm": at.q_norm.weight, "k_norm": at.k_norm.weight,
+                   "eps": at.q_norm.eps, "plus_one": at.q_norm.plus_one}
+                  if at.qk_norm else {})
+            out = tuple(t[a:b] for t in bufs)
+            if store is not None:
+                store(li, slice(a, b), q, k, v, cos[a:b], sin[a:b], out, **qk)
+            else:
+                rope_store_triton(q, k, v, cos[a:b], sin[a:b], **qk, check=False, out=out)
+
+        bufs = buffers()
+        for a, b in spans:
+            qkv_into(0, add_norm(layers[0].input_layernorm, h[a:b], None), a, b, bufs)
+        pending = [None] * len(spans)
+        for li, layer in enumerate(layers):
+            q, k, v = bufs
+            o = attn_fn(li, q, k, v) if flat else attn_fn(li, q[None], k[None], v[None])
+            if o.shape != want:
+                raise ValueError(f"attn_fn returned shape {tuple(o.shape)}, expected "
+                                 f"{tuple(want)}")
+            if not flat:
+                o = o[0]
+            del q, k, v
+            bufs = buffers() if li + 1 < L else None
+            ffn = layer.ffn()
+            for j, (a, b) in enumerate(spans):
+                hs = h[a:b]
+                out = layer.self_attn.output(o[a:b], h.dtype)
+                if layer.sandwich:    # Gemma: h += norm(a); the MLP's input and output normed
+                    x = add_norm(layer.pre_feedforward_layernorm, hs,
+                                 (out, layer.post_attention_layernorm))
+                    dn = layer.post_feedforward_layernorm
+                else:
+                    x = add_norm(layer.post_attention_layernorm, hs, (out, None))
+                    dn = None
+                del out
+                pend = (ffn(x, fused_act=True) if isinstance(ffn, MLP) else ffn(x), dn)
+                del x
+                if li + 1 < L:
+                    qkv_into(li + 1, add_norm(layers[li + 1].input_layernorm, hs, pend), a, b,
+                             bufs)
+                else:
+                    pending[j] = pend
+            del o
+        for j, (a, b) in enumerate(spans):
+            add_norm(self.model.norm, h[a:b], pending[j], out=h[a:b])
+        return h
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

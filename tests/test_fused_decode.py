@@ -232,14 +232,14 @@ def test_shared_document_graph_merges_in_one_launch(name):
     assert ("_merge_splits_kernel", True) in seen and "_merge_kernel" not in names
 
 
-def _generate_ranks(backend: str, graphs, ws: int = 2):
+def _generate_ranks(backend: str, graphs, ws: int = 2, **worker_kw):
     from threadgroup import ThreadGroup
     from ringserve.engine import Engine, EngineConfig
     from ringserve.sampling import SamplingParams
 
     group = ThreadGroup(ws, model={"config": hf_config("qwen3", 128).to_dict(), "seed": 0},
                         dtype="float32", page_size=8, kv_tokens=512, backend=backend,
-                        cuda_graphs=graphs, fused_kernels=True)
+                        cuda_graphs=graphs, fused_kernels=True, **worker_kw)
     for w in group.workers:
         _redraw(w.model, 5)
     eng = Engine(group, None, (), EngineConfig(max_num_batched_tokens=16, passq_max_tokens=4,
@@ -329,9 +329,10 @@ def test_warm_fused_compiles_and_stores_nothing():
 
 
 
-def test_long_or_chunked_steps_keep_the_torch_path(monkeypatch):
-    """Only one-span steps of at most FUSED_MAX_TOKENS take the fused kernels: prefill keeps
-    the torch path whatever the backend."""
+def test_long_or_chunked_steps_take_the_span_path(monkeypatch):
+    """One-span steps of at most FUSED_MAX_TOKENS take the few-token fused path; longer or
+    chunked ones its span-by-span form (the same kernels, no GEMVs); MLA keeps the torch
+    path for long steps, and the torch backend never launches Triton."""
     from ringserve import model as model_mod
     from triton.runtime import interpreter
 
@@ -345,14 +346,80 @@ def test_long_or_chunked_steps_keep_the_torch_path(monkeypatch):
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
     monkeypatch.setattr(model_mod, "FUSED_MAX_TOKENS", 4)
+    spans = []
+    monkeypatch.setattr(m, "_forward_spans_fused",
+                        lambda *a, real=m._forward_spans_fused: spans.append(a[-1]) or real(*a))
     m.backend = "triton"
     attn = model_attention_fn(m, backend="torch")
     m(torch.arange(4), torch.arange(4), attn)
-    assert "_rms_norm_kernel" in launches
+    assert "_rms_norm_kernel" in launches and spans == []
     launches.clear()
     m(torch.arange(5), torch.arange(5), attn)                    # longer than the bound
-    m(torch.arange(4), torch.arange(4), attn, chunk_tokens=2)    # two spans
+    m(torch.arange(4), torch.arange(4), attn, chunk_tokens=3)    # two spans
+    assert spans == [[(0, 5)], [(0, 3), (3, 4)]]
+    assert {"_rms_norm_kernel", "_rope_store_kernel", "_act_mul_kernel"} <= set(launches)
+    m.backend = "torch"
+    launches.clear()
+    m(torch.arange(9), torch.arange(9), attn, chunk_tokens=4)
+    assert launches == [] and len(spans) == 2
+    mla = _model("deepseek-v2-lite")
+    mla.backend = "triton"
+    mla(torch.arange(5), torch.arange(5), model_attention_fn(mla, backend="torch"))
     assert launches == []
+
+
+@pytest.mark.parametrize("name", [f for f in FAMILIES if not f.startswith("deepseek")])
+def test_span_path_equals_torch_fp32(name, monkeypatch):
+    """A long step on the fused span path (three spans, odd lengths, positions past Phi-3's
+    original 64 and every window) gives the torch path's hidden states (fp32 to 1e-5)."""
+    from ringserve import model as model_mod
+    monkeypatch.setattr(model_mod, "FUSED_MAX_TOKENS", 4)
+    m = _model(name)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 128, (23,), generator=g)
+    pos = torch.arange(50, 73)
+    m.backend = "torch"
+    want = m(ids, pos, model_attention_fn(m, backend="torch"), chunk_tokens=9)
+    m.join_weights()
+    for chunk in (9, None):
+        got = _hidden_chunked(m, ids, pos, chunk)
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 1e-5, (chunk, rel)
+
+
+def _hidden_chunked(m, ids, pos, chunk):
+    from ringserve.moe import MoE
+    m.backend = "triton"
+    for mod in m.modules():
+        if isinstance(mod, MoE):
+            mod.backend = "triton"
+    return m(ids, pos, model_attention_fn(m, backend="torch"), chunk_tokens=chunk)
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_engine_span_path_stores_each_span(ws, monkeypatch, one_launch_at_a_time):
+    """Prompts run in chunks longer than FUSED_MAX_TOKENS, projected in spans of 5 rows: each
+    span's keys and values reach the pool in its RoPE launch (`rope_store_rows`, the layer's
+    call then stores nothing), at world sizes 1 and 2; greedy tokens and log-probs equal the
+    torch path's."""
+    from ringserve import model as model_mod
+    from ringserve.parallel.step_attention import StepAttention
+    monkeypatch.setattr(model_mod, "FUSED_MAX_TOKENS", 4)
+    rows = []
+    real = StepAttention.rope_store_rows
+
+    def spy(self, layer, r, *a, **kw):
+        rows.append((r.start, r.stop))
+        return real(self, layer, r, *a, **kw)
+
+    monkeypatch.setattr(StepAttention, "rope_store_rows", spy)
+    want = _generate_ranks("torch", False, ws=ws, chunk_tokens=5)
+    assert rows == []
+    got = _generate_ranks("triton", False, ws=ws, chunk_tokens=5)
+    assert (0, 5) in rows and (5, 10) in rows
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
 def test_fused_kernels_only_when_asked_for():
@@ -399,12 +466,44 @@ def _assert_merged_in_one_launch_like_torch(ref, run_triton):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
-def test_chunk_merge_in_one_launch_equals_the_torch_path():
-    """A prompt run in chunks at world size 1 on the Triton path: each later chunk's cached
-    prefix (its splits) and its own part merge in one launch straight into the step's output
-    (merge_splits with extra and dest); tokens and log-probs equal the torch path's."""
+def test_chunk_merge_in_one_launch_equals_the_torch_path(monkeypatch):
+    """A prompt run in chunks at world size 1 on the Triton path, its pages not read as one
+    run (WHOLE_RUN_CHUNKS off): each later chunk's cached prefix (its splits) and its own part
+    merge in one launch straight into the step's output (merge_splits with extra and dest);
+    tokens and log-probs equal the torch path's."""
+    from ringserve.parallel import step_attention
+    monkeypatch.setattr(step_attention, "WHOLE_RUN_CHUNKS", False)
     _assert_merged_in_one_launch_like_torch(_generate_ranks("torch", False, ws=1),
                                             lambda: _generate_ranks("triton", False, ws=1))
+
+
+def test_chunk_over_one_run_of_pages_attends_in_one_launch(monkeypatch):
+    """A later chunk whose prefix and own tokens are one run of pages attends in one causal
+    launch with its queries offset by the prefix (no prefix launch, no merge): greedy tokens
+    and log-probs equal the split-and-merge path's, on the Triton and the torch backends."""
+    from ringserve import kernels
+    from ringserve.parallel import step_attention
+    offsets = []
+    real = kernels.attention
+
+    def spy(q, k, v, *a, q_offset=0, **kw):
+        offsets.append(int(q_offset))
+        return real(q, k, v, *a, q_offset=q_offset, **kw)
+
+    monkeypatch.setattr(kernels, "attention", spy)
+    for backend in ("triton", "torch"):
+        monkeypatch.setattr(step_attention, "WHOLE_RUN_CHUNKS", False)
+        want = _generate_ranks(backend, False, ws=1)
+        assert not any(offsets)
+        monkeypatch.setattr(step_attention, "WHOLE_RUN_CHUNKS", True)
+        got, seen = _launches(lambda b=backend: _generate_ranks(b, False, ws=1))
+        assert any(o > 0 for o in offsets), backend        # a later chunk, offset by its prefix
+        assert ("_merge_splits_kernel", True) not in seen
+        offsets.clear()
+        for a, b in zip(want, got):
+            assert a.token_ids == b.token_ids
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs),
+                                  atol=1e-4)
 
 
 def _questions(backend: str):

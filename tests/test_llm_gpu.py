@@ -187,6 +187,39 @@ def test_fused_kernels_equal_the_torch_path(ref, ray_gpu, world_size):
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4, key
 
 
+def test_chunked_prefill_in_one_launch_a_chunk_and_spans(ref, monkeypatch):
+    """A prompt prefilled in several chunks on one GPU, in process (a small step budget):
+    every later chunk attends in one causal launch over its run of pages
+    (`StepAttention._whole_run`, no merge) and its projections run on the fused span path
+    (`CausalLM._forward_spans_fused`); bf16 log-probs within 2x transformers' error."""
+    from ringserve import LLM
+    from ringserve import llm as llm_mod
+    from ringserve.model import CausalLM
+    from ringserve.parallel import step_attention as sa
+
+    monkeypatch.setattr(llm_mod, "GPU_SOLO_BUDGET", 512)      # a lone prompt: 4096 a step
+    whole, spans = [], []
+    real_whole, real_spans = sa.StepAttention._whole_run, CausalLM._forward_spans_fused
+
+    def whole_run(self, *a):
+        whole.append(real_whole(self, *a))
+        return whole[-1]
+
+    def forward_spans(self, *a):
+        spans.append(len(a[-1]))
+        return real_spans(self, *a)
+
+    monkeypatch.setattr(sa.StepAttention, "_whole_run", whole_run)
+    monkeypatch.setattr(CausalLM, "_forward_spans_fused", forward_spans)
+    llm = LLM(str(ref[0]), world_size=1, device="cuda", max_num_batched_tokens=512,
+              in_process=True)
+    try:
+        check(llm, ref)
+    finally:
+        llm.shutdown()
+    assert whole.count(True) >= 2 and spans, (whole, spans)
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_async_scheduling_equals_the_synchronous_engine(ref, ray_gpu, world_size):
     """LLM(async_scheduling=True) on the CUDA defaults (graphs, fused kernels) gives the

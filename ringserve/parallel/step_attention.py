@@ -38,6 +38,11 @@ CONTIGUOUS_VIEWS = True
 MAX_VIEW_RUNS = 8
 SPLITS = 8
 MIN_SPLIT_TOKENS = 2048
+# one rank, no window: a chunk whose prefix and own tokens sit in one run of pages and that
+# fills the GPU alone (one split) attends in one causal launch over both, its queries offset
+# by the prefix: no second launch for the prefix, no merge. Session 25: the merge of a 128K
+# prefill's late chunks took 267 ms of its 11.1 s on an H200 (0.2-1.2 ms a layer)
+WHOLE_RUN_CHUNKS = True
 TARGET_PROGRAMS = 512
 # MLA (DeepSeek-V2): a ring chunk of at least this many tokens attends in the expanded form
 # (`StepAttention.mla`; fewer queries stay absorbed: the keys' expansion would cost more than it
@@ -254,6 +259,18 @@ class StepAttention:
             runs = page_runs(tables[i][:np_]) if CONTIGUOUS_VIEWS and np_ else None
             if runs and sum(n for _, n in runs) == np_ and len(runs) <= MAX_VIEW_RUNS:
                 self.prefix_run[i] = runs
+        # {seq index: first page} of the ring chunks (one rank) whose prefix and own tokens
+        # are one run of pages from that page: token t at slot first * page + t
+        self.whole_run: Dict[int, int] = {}
+        if WHOLE_RUN_CHUNKS and world_size == 1 and pool.v is not pool.k:
+            for i in self.ring:
+                sq = plan.seqs[i]
+                n = sq.n_before + len(sq.token_ids)
+                run = page_runs(tables[i][:-(-n // page)]) if sq.n_before else None
+                if run and len(run) == 1 and run[0][1] * page >= n and len(sq.slots) \
+                        and int(sq.slots[0]) == run[0][0] * page + sq.n_before \
+                        and int(sq.slots[-1]) == run[0][0] * page + n - 1:
+                    self.whole_run[i] = run[0][0]
         self.q_rows = [i for i in range(len(plan.seqs)) if plan.seqs[i].kind == "q"]
         qi = [r for i in self.q_rows for r in range(self.rows[i].start, self.rows[i].stop)]
         self.q_slice = _as_slice(qi)
@@ -318,6 +335,17 @@ class StepAttention:
                                 self.row_slots, **norm, check=False)
         self._stored = layer
         return out
+
+    def rope_store_rows(self, layer: int, rows: slice, q, k, v, cos, sin, out, **norm):
+        """`rope_store` for the step's rows `rows` only (the model's long steps run their
+        projections span by span): q, k, v, cos, sin are those rows', rotated into `out` =
+        (q, k, v) (the rows of the layer's whole-step buffers), and the rows' keys and values
+        stored into the layer's pool. The call for this layer stores nothing once the model
+        has stored every span."""
+        from ringserve.kernels.fused import rope_store_triton
+        rope_store_triton(q, k, v, cos, sin, *self.pool.slot_views(layer),
+                          self.row_slots[rows], **norm, check=False, out=out)
+        self._stored = layer
 
     def latent_slots(self, layer: int):
         """MLA's fused prologue (`MLAttention.project`, Triton): the layer's flat cache slots
@@ -463,6 +491,8 @@ class StepAttention:
         """The chunk's attention output for this rank's rows (q (R, Hq, D); k, v (1, R, Hkv,
         D)), written into dest (the step's output rows)."""
         s = self.plan.seqs[i]
+        if self.window is None and self._whole_run(layer, i, q, dest):
+            return
         if self.world_size == 1:
             o, lse = kernels.attention(q[None], k, v, softmax_scale=self.scale,
                                        causal=True, window_size=self.window,
@@ -490,6 +520,27 @@ class StepAttention:
             po, pl = self._prefix(layer, i, q)      # float32 (S, Hq, D), (S, Hq): fresh
         _merge(po, pl, o[0], lse[0].t())            # the chunk's own part, read in place
         dest.copy_(po)
+
+    def _whole_run(self, layer: int, i: int, q, dest) -> bool:
+        """The chunk's attention (q (R, Hq, D), world size 1, no window) as one causal launch
+        over its prefix and its own tokens, read from the pool as one view (`whole_run`),
+        written into dest: where the chunk fills the GPU alone (`split_count` 1) and the view
+        stays within int32 element offsets. False where it does not apply."""
+        first = self.whole_run.get(i)
+        if first is None:
+            return False
+        s = self.plan.seqs[i]
+        R, Hq, _ = q.shape
+        flat_k, flat_v = self.pool.slot_views(layer)     # (pages * P, H, Dk) views
+        n = s.n_before + R
+        if split_count(s.n_before, R, Hq) != 1 or n * flat_k[0].numel() >= 2 ** 31:
+            return False
+        a = first * self.pool.page_size
+        o, _ = kernels.attention(q[None], flat_k[a:a + n][None], flat_v[a:a + n][None],
+                                 softmax_scale=self.scale, causal=True, q_offset=s.n_before,
+                                 backend=self.backend, softcap=self.softcap, check=False)
+        dest.copy_(o[0])
+        return True
 
     def _ring_chunk_expanded(self, layer: int, i: int, q, k, dest, expand):
         """`_ring_chunk` in MLA's expanded form: q (R, Hq, qk_head_dim) expanded queries, k
