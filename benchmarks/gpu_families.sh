@@ -140,6 +140,16 @@ case "$PART" in
       mv "$OUT/e2e_deepseek-v2-lite.json" "$OUT/e2e_deepseek_8k_$mode.json"
       rm -f "$OUT/e2e_deepseek-v2-lite.log"
     done ;;
+  s25c)  # session 25: Llama-3-8B's prefill MFU with the fused span path and one-launch
+         # chunks: 128K with HF transformers in the same run, then 512K (no HF: out of memory)
+    timeout 230 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 131072 \
+      --decode-tokens 16 --cuda-graphs --in-process --json "$OUT/e2e_llama_128k.json" 2>&1 \
+      | tee "$OUT/e2e_llama_128k.log" | grep -E '^ *[0-9]+ \||^\[hf\]|Error|error' \
+      | cut -c1-200 | tail -4
+    timeout 330 python3 "$REPO/benchmarks/bench_e2e.py" --world-size 1 --lengths 524288 \
+      --decode-tokens 8 --cuda-graphs --in-process --no-hf --no-warmup-first \
+      --json "$OUT/e2e_llama_512k.json" > "$OUT/e2e_llama_512k.log" 2>&1
+    grep -E '^ *[0-9]+ \||Error|error' "$OUT/e2e_llama_512k.log" | cut -c1-200 | tail -3 ;;
   s25b)  # session 25: the prefill's elementwise work on the fused span path and a late
          # chunk's attention in one launch over its run of pages (no merge): the GPU test of
          # both against transformers in bf16, the 8K family checks at world size 1 (the span

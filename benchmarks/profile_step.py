@@ -67,6 +67,10 @@ def main(argv=None):
                    help="only time one cold prefill of this many tokens: chunked as LLM does on "
                         "CUDA (flops cost, its step budget and solo factor) vs one step, then "
                         "chunked under the profiler: kernels by kind, TFLOP/s, device busy")
+    p.add_argument("--passes", default="chunked,one,profiled",
+                   help="with --single: the prefills to run, in order: chunked (LLM's CUDA "
+                        "budgets), one (one step), profiled (chunked under the profiler; ends "
+                        "the run)")
     p.add_argument("--trace", default=None,
                    help="with --single: write the profiled prefill's Chrome trace here")
     p.add_argument("--peak-tflops", type=float, default=989.0,
@@ -337,7 +341,14 @@ def single(a, cfg, grp):
     budget, factor = step_budgets(True, 1)
     g = torch.Generator().manual_seed(1)
     trace = a.trace or os.path.join(tempfile.mkdtemp(), "prefill.trace.json")
-    for i, (bud, fac) in enumerate(((budget, factor), (1 << 22, 1), (budget, factor))):
+    passes = {"chunked": (budget, factor, False), "one": (1 << 22, 1, False),
+              "profiled": (budget, factor, True)}
+    for name in a.passes.split(","):
+        if name not in passes:
+            raise SystemExit(f"--passes: unknown pass {name!r} (chunked, one, profiled)")
+    pr = None
+    for name in a.passes.split(","):
+        bud, fac, profiled = passes[name]
         eng = Engine(grp, None, (), EngineConfig(max_num_batched_tokens=bud,
                                                  prefill_cost="flops", solo_budget_factor=fac))
         times = []
@@ -354,7 +365,7 @@ def single(a, cfg, grp):
 
         eng._execute = timed
         ids = torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist()
-        pr = profile(activities=ACTIVITIES) if i == 2 else None
+        pr = profile(activities=ACTIVITIES) if profiled else None
         if pr is not None:
             pr.__enter__()
         t = time.perf_counter()
@@ -370,6 +381,10 @@ def single(a, cfg, grp):
               f"{len(times)} steps: {[(s_, m, round(dt, 3)) for s_, m, dt in times]}",
               flush=True)
         eng.shutdown()
+        if pr is not None:
+            break
+    if pr is None:
+        return
     print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=20))
     pr.export_chrome_trace(trace)
     tot = category_totals(trace)
